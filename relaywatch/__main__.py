@@ -1,0 +1,3 @@
+from relaywatch.cli import main
+
+main()

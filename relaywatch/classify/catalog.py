@@ -1,0 +1,287 @@
+"""The catalog of delivery failures: what each code means and what to do.
+
+Codes 4.4.312–4.4.318 and 4.7.320 are the ones Exchange Online's mail flow
+intelligence uses, so admins who know that product recognise them; the texts
+are ours.  Causes and fixes are written twice: for an ``on_premises``
+connector (the admin owns the destination) and for a ``partner`` connector or
+the internet (the admin has to ask someone else).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str                       # stable dotted id shared by JSON, alerts and logs
+    code: str                     # enhanced status code shown to users
+    smtp_code: int
+    title: str
+    explanation: str
+    causes: dict[str, tuple[str, ...]]    # audience ("on_premises" | "partner") -> causes
+    fixes: dict[str, tuple[str, ...]]
+    permanent: bool = False
+
+    def causes_for(self, connector_type: str | None) -> tuple[str, ...]:
+        return self.causes["on_premises" if connector_type == "on_premises" else "partner"]
+
+    def fixes_for(self, connector_type: str | None) -> tuple[str, ...]:
+        return self.fixes["on_premises" if connector_type == "on_premises" else "partner"]
+
+
+AUDIENCES = ("on_premises", "partner")
+
+CATALOG: dict[str, Entry] = {e.id: e for e in (
+    Entry(
+        id="dns.failed", code="4.4.312", smtp_code=450, title="DNS query failed",
+        explanation=(
+            "relaywatch could not turn the destination's host name (the connector's smart host, "
+            "or an MX host of the recipient domain) into an IP address, so it never tried to "
+            "connect. The subtype says how the lookup failed: the name does not exist (nxdomain), "
+            "it exists without an address record (no_address), the name servers answered with an "
+            "error (servfail, refused), or they did not answer in time (timeout)."),
+        causes={
+            "on_premises": (
+                "The smart host name in the connector is misspelt, or the record for it was removed.",
+                "The company's DNS hosting has a problem: its name servers fail or do not answer.",
+                "The domain registration lapsed, so the whole domain stopped resolving.",
+                "The record was changed recently and resolvers still serve the old answer.",
+            ),
+            "partner": (
+                "The partner's mail host name no longer resolves: renamed, removed or mistyped in the connector.",
+                "The partner's DNS hosting is failing or unreachable.",
+                "The partner's domain registration lapsed.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Look the name up yourself (`dig A <host>` against the configured nameservers) and compare it with the connector's smart_hosts.",
+                "If the name is wrong, correct smart_hosts in the connector and reload relaywatch.",
+                "If the name servers fail, fix the zone with your DNS provider; check the domain's registration has not expired.",
+                "After a recent change, wait for the old record's TTL to pass or point smart_hosts at the new address.",
+            ),
+            "partner": (
+                "Send the partner the failing name, the nameserver and the DNS answer from this error, and ask them to fix their DNS.",
+                "Ask the partner whether their mail host name changed; if so, update the connector's smart_hosts.",
+            ),
+        }),
+    Entry(
+        id="connect.timeout", code="4.4.315", smtp_code=450, title="Connection timed out",
+        explanation=(
+            "relaywatch resolved the destination but could not open a TCP connection to it: nothing "
+            "answered before the connect timeout, or the network said the host is unreachable. Nothing "
+            "was refused; the packets went unanswered."),
+        causes={
+            "on_premises": (
+                "The mail server is down or switched off.",
+                "A firewall drops (rather than rejects) connections on the SMTP port.",
+                "The connector points at the wrong address, for example after a change of internet provider or public IP.",
+                "A network outage between relaywatch and the server.",
+            ),
+            "partner": (
+                "The partner's mail server is down, or their firewall silently drops our connections.",
+                "The connector still points at an address the partner no longer uses.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "If the address in the error is not your server's current address, correct the connector's smart_hosts.",
+                "Otherwise check the server is running and listening on the port (`ss -ltn` on the server).",
+                "Check firewalls and NAT forward the port to the server and allow relaywatch's address.",
+                "Run `relaywatch connector test <name>` to watch the connection step by step.",
+            ),
+            "partner": (
+                "Tell the partner which host, IP and port time out and since when; ask whether their server is up and whether they block our address.",
+                "Ask the partner for their current mail host and update the connector if it changed.",
+            ),
+        }),
+    Entry(
+        id="connect.refused", code="4.4.316", smtp_code=450, title="Connection refused",
+        explanation=(
+            "The destination host answered, but actively refused the TCP connection: no program "
+            "listens on that port, or a firewall rejects connections from relaywatch."),
+        causes={
+            "on_premises": (
+                "The mail service on the server is stopped or listens on another port.",
+                "A firewall rule rejects connections from relaywatch's address.",
+                "The server was decommissioned on purpose (mailboxes moved elsewhere) but the connector still sends to it.",
+            ),
+            "partner": (
+                "The partner's mail service is stopped, or their firewall rejects our address.",
+                "The partner moved to another mail host and retired this one.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Start the mail service, or correct the port in smart_hosts.",
+                "Allow relaywatch's address to the SMTP port in the firewall.",
+                "If the server was retired on purpose, disable the connector and make the domain authoritative so mail for unknown recipients is rejected at once instead of queued.",
+            ),
+            "partner": (
+                "Tell the partner the host, IP and port that refuse connections and ask them to allow relaywatch's address.",
+                "Ask whether their mail host changed, and update the connector.",
+            ),
+        }),
+    Entry(
+        id="connect.rejected", code="4.4.317", smtp_code=450, title="Cannot connect to remote server",
+        explanation=(
+            "relaywatch connected, but the server turned the session down or could not meet the "
+            "connector's requirements: it greeted with an error (421 or 554), refused EHLO, did not "
+            "offer STARTTLS although the connector requires TLS, refused STARTTLS, or the TLS "
+            "handshake failed for a reason other than the certificate (no common protocol or cipher)."),
+        causes={
+            "on_premises": (
+                "The mail server is overloaded, in maintenance, or rejects relaywatch's address (its greeting says which).",
+                "The connector requires TLS but STARTTLS is not enabled on the server, or a firewall strips it.",
+                "The server only allows TLS versions or ciphers relaywatch will not use.",
+            ),
+            "partner": (
+                "The partner's server rejects our connection (its greeting text says why) or is overloaded.",
+                "The connector requires TLS but the partner's server does not offer it.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Read the server's reply in the error; if it rejects relaywatch's address, allow it in the server's connection filter.",
+                "For TLS: enable STARTTLS with a valid certificate on the server, check no firewall strips it, or set the connector's tls to \"opportunistic\" if encryption is not required.",
+                "Enable TLS 1.2 or later on the server.",
+            ),
+            "partner": (
+                "Send the partner the greeting or reply from the error and ask them to accept our connections.",
+                "If they do not support TLS, agree with them whether tls may be \"opportunistic\" for this connector.",
+            ),
+        }),
+    Entry(
+        id="connection.dropped", code="4.4.318", smtp_code=450, title="Connection closed abruptly",
+        explanation=(
+            "relaywatch was connected and talking SMTP when the server closed or reset the "
+            "connection, or stopped answering until the phase's timeout ran out. The phase says "
+            "where in the conversation it happened."),
+        causes={
+            "on_premises": (
+                "A firewall or appliance that inspects SMTP interferes with the session (a masked '220 ****' greeting or a garbled EHLO reply is a sign of it).",
+                "The mail server is failing: crashing, hung, out of disk or memory.",
+                "An unstable network path between relaywatch and the server.",
+            ),
+            "partner": (
+                "The partner's server or a firewall in front of it drops the session.",
+                "The network path to the partner is unstable.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Turn off SMTP inspection ('fixup', 'ESMTP inspection') on firewalls between relaywatch and the server.",
+                "Check the mail server's logs, disk space and memory at the time of the error.",
+                "If it happens after the final dot, check content filters on the server that may time out on large messages.",
+                "Ask the network team to check the path if drops happen at random phases.",
+            ),
+            "partner": (
+                "Tell the partner the phase, time and IP of the drop and ask them to check their server and firewall.",
+            ),
+        }),
+    Entry(
+        id="tls.certificate_invalid", code="4.7.320", smtp_code=450, title="Certificate validation failed",
+        explanation=(
+            "The destination's TLS certificate does not pass the connector's tls_verify policy, so "
+            "relaywatch did not send the message. The subtype says why: expired, not_yet_valid, "
+            "name_mismatch, self_signed, untrusted_issuer or revoked; the evidence shows the "
+            "certificate's names, issuer and dates."),
+        causes={
+            "on_premises": (
+                "The server's certificate expired or was renewed but not installed.",
+                "The certificate is for another name than the connector expects (tls_name or the smart host).",
+                "The certificate is self-signed or from a private CA that relaywatch does not trust.",
+                "The certificate was revoked by its issuer.",
+            ),
+            "partner": (
+                "The partner's certificate expired, is for another name, or comes from a CA we do not trust.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Install a current certificate on the server (check its dates in the error).",
+                "Make the certificate cover the name relaywatch expects, or set the connector's tls_name to a name it covers.",
+                "For a private CA, point the connector's ca_file at the CA certificate.",
+                "As a stopgap, lower tls_verify (\"ca\" skips the name, \"none\" only encrypts) and plan to restore it.",
+            ),
+            "partner": (
+                "Send the partner the certificate facts from the error (names, issuer, expiry) and ask them to renew or fix it.",
+                "If they use a private CA, ask for its certificate and set it as the connector's ca_file.",
+            ),
+        }),
+    Entry(
+        id="dns.domain_not_found", code="5.1.2", smtp_code=550, title="Recipient domain does not exist",
+        explanation=(
+            "The recipient's domain does not exist in DNS (NXDOMAIN for its MX lookup), so no "
+            "server can receive mail for it. This is permanent: the sender gets an NDR at once."),
+        causes={
+            "on_premises": ("The address is mistyped.", "The domain registration expired."),
+            "partner": ("The address is mistyped.", "The domain registration expired."),
+        },
+        fixes={
+            "on_premises": ("Tell the sender to check the address.",),
+            "partner": ("Tell the sender to check the address, or ask the recipient organisation whether the domain moved.",),
+        }, permanent=True),
+    Entry(
+        id="dns.null_mx", code="5.1.10", smtp_code=556, title="Recipient domain does not accept mail",
+        explanation=(
+            "The recipient's domain publishes a null MX record (RFC 7505): it declares that it "
+            "receives no mail. This is permanent: the sender gets an NDR at once."),
+        causes={
+            "on_premises": ("The address is mistyped, or the domain is used only for sending or for the web.",),
+            "partner": ("The address is mistyped, or the domain is used only for sending or for the web.",),
+        },
+        fixes={
+            "on_premises": ("Tell the sender to check the address.",),
+            "partner": ("Tell the sender to use the recipient's real mail domain.",),
+        }, permanent=True),
+    Entry(
+        id="local.delivery_failed", code="4.3.0", smtp_code=451, title="Local mailbox could not be written",
+        explanation=(
+            "relaywatch could not write the message into the recipient's local Maildir under the "
+            "data directory. The message stays queued and is retried."),
+        causes={
+            "on_premises": ("The disk holding data_dir is full or read-only.",
+                            "File permissions under data_dir/mailboxes were changed."),
+            "partner": ("The disk holding data_dir is full or read-only.",
+                        "File permissions under data_dir/mailboxes were changed."),
+        },
+        fixes={
+            "on_premises": ("Free disk space or fix permissions under data_dir/mailboxes, then run `relaywatch queue retry --connector local`.",),
+            "partner": ("Free disk space or fix permissions under data_dir/mailboxes, then run `relaywatch queue retry --connector local`.",),
+        }),
+    Entry(
+        id="smtp.transient_reply", code="4.0.0", smtp_code=450, title="Destination deferred the message",
+        explanation=(
+            "The destination server accepted the connection but answered a command with a temporary "
+            "(4xx) error. The code shown is the server's own; relaywatch will retry."),
+        causes={
+            "on_premises": ("The server is busy, greylisting, out of storage, or a mailbox is over quota.",),
+            "partner": ("The partner's server is busy, greylisting, or a mailbox is over quota.",),
+        },
+        fixes={
+            "on_premises": ("Read the server's reply in the error and check that server's logs for the same time.",),
+            "partner": ("If it persists, send the partner the reply text and time and ask what it means.",),
+        }),
+    Entry(
+        id="smtp.permanent_reply", code="5.0.0", smtp_code=550, title="Destination rejected the message",
+        explanation=(
+            "The destination server answered with a permanent (5xx) error, such as an unknown "
+            "recipient or a policy rejection. relaywatch does not retry; the sender gets an NDR."),
+        causes={
+            "on_premises": ("The recipient does not exist on the server, or a server-side rule rejected the message.",),
+            "partner": ("The recipient does not exist at the partner, or their policy rejected the message.",),
+        },
+        fixes={
+            "on_premises": ("Check the recipient exists on the server; read the reply for the rule that rejected it.",),
+            "partner": ("Tell the sender to check the address; for policy rejections, send the partner the reply text.",),
+        }, permanent=True),
+)}
+
+
+def lookup(code_or_id: str) -> Entry | None:
+    """Find an entry by id ("connect.refused") or code ("4.4.316")."""
+    if code_or_id in CATALOG:
+        return CATALOG[code_or_id]
+    return next((e for e in CATALOG.values() if e.code == code_or_id), None)

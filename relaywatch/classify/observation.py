@@ -1,0 +1,79 @@
+"""What the transport saw when an attempt failed: facts, no judgement.
+
+The delivery driver records the phase it was in and turns the exception (or
+reply) it got into one ``Observation`` in exactly one place
+(deliver/transport.py ``observe``).  classify.classify() turns an observation
+into a catalog entry.  Message text is never inspected.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from relaywatch.model import Destination
+
+
+class Phase(str, enum.Enum):
+    DNS = "dns"
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    STARTTLS = "starttls"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"              # the DATA command and sending the body
+    AFTER_DATA = "after-data"  # waiting for the reply to the final dot
+    LOCAL = "local"            # writing into a local Maildir
+
+
+class Outcome(str, enum.Enum):
+    # DNS, for a host name (smart host or MX target)
+    DNS_NXDOMAIN = "nxdomain"
+    DNS_NO_ADDRESS = "no_address"      # the name exists but has no A/AAAA
+    DNS_SERVFAIL = "servfail"          # SERVFAIL, REFUSED or another error rcode
+    DNS_TIMEOUT = "dns_timeout"
+    # DNS, for the recipient domain's MX (internet route)
+    DOMAIN_NOT_FOUND = "domain_not_found"
+    NULL_MX = "null_mx"
+    # TCP
+    CONNECT_TIMEOUT = "connect_timeout"
+    UNREACHABLE = "unreachable"        # EHOSTUNREACH / ENETUNREACH
+    REFUSED = "refused"
+    # after connecting
+    CLOSED = "closed"                  # EOF or reset
+    SILENT = "silent"                  # the phase's timeout expired waiting for a reply
+    STALLED = "stalled"                # the peer stopped reading our body
+    REPLY = "reply"                    # an error reply (see .reply_code)
+    TLS_NOT_OFFERED = "tls_not_offered"
+    TLS_HANDSHAKE = "tls_handshake"    # TLS failed for a non-certificate reason
+    CERTIFICATE = "certificate"        # the certificate failed verification
+    PROTOCOL = "protocol"              # the peer spoke something that is not SMTP
+    LOCAL_ERROR = "local_error"        # the local mailbox could not be written
+
+
+@dataclass(frozen=True)
+class Observation:
+    phase: Phase
+    outcome: Outcome
+    destination: Destination | None = None
+    reply_code: int | None = None
+    reply_enhanced: str | None = None
+    reply_text: str | None = None
+    errno: str | None = None
+    dns: dict[str, Any] | None = None        # name, type, rcode, nameserver
+    tls: dict[str, Any] | None = None        # verify_code, subject, sans, issuer, dates, expected name
+    note: str | None = None                  # a low-level fact for the detail line
+
+    @property
+    def reply(self) -> str | None:
+        if self.reply_code is None:
+            return None
+        parts = [str(self.reply_code)]
+        if self.reply_enhanced:
+            parts.append(self.reply_enhanced)
+        if self.reply_text:
+            parts.append(self.reply_text)
+        return " ".join(parts)
+

@@ -1,0 +1,377 @@
+"""The relaywatch command line.
+
+    relaywatch serve -c FILE
+    relaywatch config check -c FILE
+    relaywatch queue list|show|retry|hold|release|delete|bounce
+    relaywatch errors [CODE]
+    relaywatch reload -c FILE
+
+Queue commands open the store of a (possibly running) server directly; SQLite
+locking makes that safe, and the server sees changes within a second.
+JSON output (``--json``) is documented in docs/json.md and kept stable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from relaywatch import events
+from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
+from relaywatch.config import Config, load_config
+from relaywatch.errors import ConfigError, RelaywatchError
+from relaywatch.model import Entry, RecipientOutcome, RecipientStatus, iso
+from relaywatch.store.base import QueueQuery, Selector
+from relaywatch.store.sqlite import SqliteStore
+
+DEFAULT_CONFIG = "/etc/relaywatch/relaywatch.toml"
+STATUSES = ("queued", "deferred", "held", "active")
+
+console = Console(highlight=False)
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"relaywatch: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        lines = "\n".join(f"  {p}" for p in exc.problems)
+        _fail(f"invalid configuration in {path}:\n{lines}", 2)
+
+
+config_option = click.option("-c", "--config", "config_path", envvar="RELAYWATCH_CONFIG",
+                             default=DEFAULT_CONFIG, show_default=True, help="Config file (TOML).")
+
+
+@click.group()
+def main():
+    """relaywatch: an SMTP relay that tells you why mail is stuck."""
+
+
+@main.command()
+@config_option
+def serve(config_path):
+    """Run the relay (SMTP server and delivery) in the foreground."""
+    from relaywatch.app import Relaywatch
+    config = _load(config_path)
+    events.configure(config.server.log_format)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        runner(Relaywatch(config).serve_forever())
+    except OSError as exc:
+        _fail(f"cannot start: {exc.strerror or exc}")
+    except RelaywatchError as exc:
+        _fail(str(exc))
+
+
+@main.command()
+@config_option
+def reload(config_path):
+    """Tell the running server to re-read its config (SIGHUP)."""
+    config = _load(config_path)
+    pid_file = config.server.data_dir / "relaywatch.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        _fail(f"no running server found (no usable {pid_file})")
+    click.echo(f"asked relaywatch (pid {pid}) to reload {config_path}")
+
+
+@main.group("config")
+def config_group():
+    """Check configuration."""
+
+
+@config_group.command("check")
+@config_option
+def config_check(config_path):
+    """Validate a config file; list every problem with its key."""
+    config = _load(config_path)
+    click.echo(f"{config_path}: OK ({len(config.domains)} domain(s), {len(config.connectors)} connector(s), "
+               f"listening on {', '.join(f'{h}:{p}' for h, p in config.server.listen)})")
+
+
+# -- queue ------------------------------------------------------------------------
+
+def _with_store(config: Config, fn):
+    async def run():
+        if not config.store_path.exists():
+            _fail(f"no queue at {config.store_path} (has relaywatch run with this config?)")
+        store = SqliteStore(config.store_path)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+    try:
+        return asyncio.run(run())
+    except RelaywatchError as exc:
+        _fail(str(exc))
+
+
+def _age(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    seconds = int(now - ts)
+    sign = "" if seconds >= 0 else "in "
+    seconds = abs(seconds)
+    if seconds < 120:
+        text = f"{seconds}s"
+    elif seconds < 7200:
+        text = f"{seconds // 60}m"
+    elif seconds < 172800:
+        text = f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    else:
+        text = f"{seconds // 86400}d"
+    return sign + text
+
+
+@main.group()
+def queue():
+    """Inspect and act on queued mail."""
+
+
+@queue.command("list")
+@config_option
+@click.option("--connector", help="Only this connector (or local / internet).")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--limit", default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
+def queue_list(config_path, connector, status, limit, as_json):
+    """List queued messages, oldest first."""
+    config = _load(config_path)
+    entries = _with_store(config, lambda s: s.list(QueueQuery(connector, status, limit)))
+    if as_json:
+        click.echo(json.dumps({"messages": [e.to_dict() for e in entries]}, indent=2))
+        return
+    if not entries:
+        click.echo("The queue is empty." if not (connector or status) else "No messages match.")
+        return
+    now = time.time()
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "Status", "Connector", "Age", "Tries", "Next try", "From", "To", "Last error"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        err = e.last_error
+        pending = [r.address for r in e.recipients if not r.status.is_final]
+        table.add_row(e.id, e.status.value, e.route.name + (f" ({e.route.domain})" if e.route.domain else ""),
+                      _age(e.received_at, now), str(e.attempts),
+                      "-" if e.status.value in ("held", "active") else _age(e.next_attempt_at, now),
+                      e.sender or "<>", ", ".join(pending[:3]) + (f" +{len(pending) - 3}" if len(pending) > 3 else ""),
+                      f"{err.code} {err.detail}" if err else "")
+    console.print(table)
+    click.echo(f"{len(entries)} message(s)")
+
+
+@queue.command("show")
+@config_option
+@click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True)
+def queue_show(config_path, entry_id, as_json):
+    """Everything about one message: recipients, errors, every attempt."""
+    config = _load(config_path)
+    entry = _with_store(config, lambda s: s.get(entry_id))
+    if entry is None:
+        _fail(f"no queued message with id {entry_id} (delivered, bounced or deleted messages leave the queue; "
+              f"grep the log for the id)")
+    if as_json:
+        data = entry.to_dict()
+        data["attempt_history"] = [_history_json(a) for a in entry.history]
+        click.echo(json.dumps(data, indent=2))
+        return
+    _print_entry(entry)
+
+
+def _history_json(a: dict) -> dict:
+    out = dict(a)
+    out["at"] = iso(a["at"])
+    for r in out["recipients"]:
+        if r.get("error"):
+            r["error"] = dict(r["error"], at=iso(r["error"]["at"]))
+    out["hosts_tried"] = [dict(f, at=iso(f["at"])) for f in a.get("hosts_tried", [])]
+    return out
+
+
+def _print_entry(e: Entry) -> None:
+    now = time.time()
+    click.echo(f"Message {e.id}  ({e.status.value})")
+    click.echo(f"  From:        {e.sender or '<>'}")
+    click.echo(f"  Message-ID:  {e.message_id or '-'}")
+    click.echo(f"  Route:       {e.route.kind.value} {e.route.name}" + (f" ({e.route.domain})" if e.route.domain else ""))
+    click.echo(f"  Received:    {iso(e.received_at)} ({_age(e.received_at, now)} ago), {e.size} bytes")
+    click.echo(f"  Expires:     {iso(e.expires_at)} ({_age(e.expires_at, now)})")
+    if e.status.value not in ("held", "active"):
+        click.echo(f"  Next try:    {iso(e.next_attempt_at)} ({_age(e.next_attempt_at, now)})")
+    click.echo(f"  Attempts:    {e.attempts}")
+    click.echo("  Recipients:")
+    for r in e.recipients:
+        click.echo(f"    {r.address}  {r.status.value}")
+        if r.last_error:
+            f = r.last_error
+            click.echo(f"      {f.smtp_code} {f.code} {f.title}" + (f" [{f.subtype}]" if f.subtype else ""))
+            click.echo(f"      {f.detail}")
+    if e.history:
+        click.echo("  Attempts (oldest first):")
+    for n, a in enumerate(e.history, 1):
+        dest = a.get("destination") or {}
+        host = dest.get("host") or "-"
+        if dest.get("ip") and dest.get("ip") != host:
+            host += f"[{dest['ip']}]"
+        if dest.get("port"):
+            host += f":{dest['port']}"
+        click.echo(f"   #{n} {iso(a['at'])} {host} ({a['duration']:.2f}s)")
+        for r in a["recipients"]:
+            err = r.get("error")
+            if err:
+                click.echo(f"      {r['address']}: {err['code']} {err['title']} [{err.get('subtype') or '-'}] "
+                           f"phase={err['phase']}")
+                click.echo(f"        {err['detail']}")
+                for key in ("reply", "errno"):
+                    if err.get(key):
+                        click.echo(f"        {key}: {err[key]}")
+                if err.get("dns"):
+                    d = err["dns"]
+                    click.echo(f"        dns: {d.get('name')} {d.get('type')} rcode={d.get('rcode')} "
+                               f"nameserver={d.get('nameserver')}")
+                if err.get("tls"):
+                    t = err["tls"]
+                    click.echo(f"        certificate: subject={t.get('subject')} sans={','.join(t.get('sans') or [])} "
+                               f"issuer={t.get('issuer')} valid {t.get('not_before')} .. {t.get('not_after')} "
+                               f"expected={t.get('expected_name')} verify_code={t.get('verify_code')}")
+            else:
+                click.echo(f"      {r['address']}: {r['status']} {r.get('reply') or ''}")
+        for f in a.get("hosts_tried", []):
+            d = f.get("destination") or {}
+            click.echo(f"      also tried {d.get('host')}: {f['code']} {f['detail']}")
+
+
+def _selector(ids, connector, all_) -> Selector:
+    chosen = sum(bool(x) for x in (ids, connector, all_))
+    if chosen != 1:
+        _fail("name message ids, or --connector NAME, or --all (exactly one of them)")
+    return Selector(ids=tuple(ids), connector=connector, all=all_)
+
+
+@queue.command("retry")
+@config_option
+@click.argument("ids", nargs=-1)
+@click.option("--connector")
+@click.option("--all", "all_", is_flag=True)
+def queue_retry(config_path, ids, connector, all_):
+    """Make messages due now (the server tries them within a second)."""
+    config = _load(config_path)
+    sel = _selector(ids, connector, all_)
+    n = _with_store(config, lambda s: s.retry(sel, time.time()))
+    click.echo(f"{n} message(s) will be tried now")
+    if ids and n < len(ids):
+        sys.exit(1)
+
+
+@queue.command("hold")
+@config_option
+@click.argument("entry_id")
+def queue_hold(config_path, entry_id):
+    """Stop delivery attempts for a message until released."""
+    config = _load(config_path)
+    if not _with_store(config, lambda s: s.hold(entry_id)):
+        _fail(f"no queued message with id {entry_id}")
+    click.echo(f"{entry_id} is held")
+
+
+@queue.command("release")
+@config_option
+@click.argument("entry_id")
+def queue_release(config_path, entry_id):
+    """Release a held message; it is tried at once."""
+    config = _load(config_path)
+    if not _with_store(config, lambda s: s.release(entry_id, time.time())):
+        _fail(f"no held message with id {entry_id}")
+    click.echo(f"{entry_id} released")
+
+
+@queue.command("delete")
+@config_option
+@click.argument("entry_id")
+def queue_delete(config_path, entry_id):
+    """Remove a message without telling the sender."""
+    config = _load(config_path)
+    if not _with_store(config, lambda s: s.delete(entry_id)):
+        _fail(f"no queued message with id {entry_id}")
+    click.echo(f"{entry_id} deleted")
+
+
+@queue.command("bounce")
+@config_option
+@click.argument("entry_id")
+def queue_bounce(config_path, entry_id):
+    """Give up on a message now: NDR to the sender, then remove it."""
+    from relaywatch.deliver.scheduler import finish_attempt
+    config = _load(config_path)
+
+    async def bounce(store):
+        entry = await store.get(entry_id)
+        if entry is None:
+            _fail(f"no queued message with id {entry_id}")
+        now = time.time()
+        entry.expires_at = min(entry.expires_at, now)
+        outcomes = [RecipientOutcome(r.address, RecipientStatus.EXPIRED, r.last_error) for r in entry.pending]
+        await finish_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now,
+                             count_attempt=False)
+        return entry
+    entry = _with_store(config, bounce)
+    click.echo(f"{entry.id} returned to {entry.sender or '<> (no NDR for a bounce)'}")
+
+
+# -- the catalog --------------------------------------------------------------------------
+
+@main.command()
+@click.argument("code", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def errors(code, as_json):
+    """Explain delivery error codes: causes and fixes."""
+    entries = list(CATALOG.values())
+    if code:
+        entry = lookup(code)
+        if entry is None:
+            _fail(f"unknown code {code!r}; known: {', '.join(e.code for e in entries)}")
+        entries = [entry]
+    if as_json:
+        click.echo(json.dumps([{"id": e.id, "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
+                                "permanent": e.permanent, "explanation": e.explanation,
+                                "causes": {a: list(e.causes[a]) for a in AUDIENCES},
+                                "fixes": {a: list(e.fixes[a]) for a in AUDIENCES}} for e in entries], indent=2))
+        return
+    for i, e in enumerate(entries):
+        if i:
+            click.echo("")
+        console.print(f"[bold]{e.smtp_code} {e.code}  {e.title}[/bold]  ({e.id})")
+        click.echo(f"  {e.explanation}")
+        for audience, label in (("on_premises", "your own server (on_premises)"),
+                                ("partner", "a partner or the internet (partner)")):
+            click.echo(f"  Likely causes, {label}:")
+            for c in e.causes[audience]:
+                click.echo(f"    - {c}")
+            click.echo("  What to do:")
+            for f in e.fixes[audience]:
+                click.echo(f"    - {f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""Configuration: a TOML file read into frozen dataclasses.
+
+Validation is ours rather than a schema library's so that every error names the
+TOML key the admin has to edit (``connectors[1].tls``) and says what is wrong
+with it in one sentence.  All errors are collected and reported together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relaywatch.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.I)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
+               "kib": 1024, "mib": 1024**2, "gib": 1024**3, None: 1}
+
+DOMAIN_TYPES = ("authoritative", "internal_relay")
+CONNECTOR_TYPES = ("on_premises", "partner")
+TLS_MODES = ("none", "opportunistic", "required")
+TLS_VERIFY = ("none", "ca", "ca_and_name")
+LOG_FORMATS = ("text", "json")
+
+
+def parse_duration(value: Any) -> float:
+    """``"90s"``, ``"5m"``, ``"24h"``, ``"1d"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"90s\", \"5m\" or \"24h\"")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a duration; use a number with a unit, such as \"90s\", \"5m\" or \"24h\"")
+
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as \"36MB\"")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    raise ValueError(f"{value!r} is not a size; use bytes or a unit, such as \"36MB\"")
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, ""
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} has an invalid port")
+        return host, int(port)
+    return host, default_port
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = "relaywatch.localdomain"
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    data_dir: Path = Path("data")
+    max_message_size: int = 36_000_000
+    max_connections: int = 500
+    max_connections_per_ip: int = 50
+    idle_timeout: float = 300.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    log_format: str = "text"
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    message_expiration: float = 24 * 3600.0
+    retry_intervals: tuple[float, ...] = (60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0)
+    lease_time: float = 600.0
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[tuple[str, int], ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    concurrency: int = 100
+    per_destination: int = 10
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 180.0
+    final_timeout: float = 600.0
+    # How long an idle connection to a destination stays open waiting for more
+    # mail; short, since the scheduler hands mail over as soon as it is due.
+    connection_idle: float = 2.0
+    messages_per_connection: int = 100
+    # The port MX hosts are contacted on (Postfix's smtp_tcp_port); smart hosts
+    # carry their own port.
+    smtp_port: int = 25
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    type: str
+    mailboxes: frozenset[str] = frozenset()
+
+    def has_mailbox(self, local_part: str) -> bool:
+        return local_part.lower() in self.mailboxes
+
+
+@dataclass(frozen=True)
+class Connector:
+    name: str
+    type: str
+    domains: tuple[str, ...]
+    smart_hosts: tuple[tuple[str, int], ...] = ()
+    tls: str = "opportunistic"
+    tls_verify: str = "ca_and_name"
+    tls_name: str | None = None
+    ca_file: Path | None = None
+    enabled: bool = True
+
+    def serves(self, domain: str) -> bool:
+        return any(domain_matches(pattern, domain) for pattern in self.domains)
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """``*.fabrikam.test`` matches any subdomain (not the apex), else exact."""
+    pattern, domain = pattern.lower(), domain.lower()
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return pattern == domain
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    domains: tuple[Domain, ...] = ()
+    connectors: tuple[Connector, ...] = ()
+    source: Path | None = None
+
+    def connector(self, name: str) -> Connector | None:
+        return next((c for c in self.connectors if c.name == name), None)
+
+    def domain(self, name: str) -> Domain | None:
+        name = name.lower()
+        return next((d for d in self.domains if d.name == name), None)
+
+    @property
+    def store_path(self) -> Path:
+        return self.server.data_dir / "queue.sqlite3"
+
+
+class _Reader:
+    """Pulls typed values out of a TOML table, collecting errors by key path."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+
+    def table(self, data: dict, key: str, path: str) -> dict:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.problems.append(f"{path}: must be a table ([{key}])")
+            return {}
+        return value
+
+    def unknown(self, data: dict, known: set[str], path: str) -> None:
+        for key in data:
+            if key not in known:
+                where = f"{path}.{key}" if path else key
+                hint = ""
+                close = [k for k in known if k.replace("_", "") == key.replace("_", "").replace("-", "")]
+                if close:
+                    hint = f"; did you mean {close[0]!r}?"
+                self.problems.append(f"{where}: unknown key{hint}")
+
+    def get(self, data: dict, key: str, path: str, convert, default):
+        if key not in data:
+            return default
+        try:
+            return convert(data[key])
+        except (ValueError, TypeError) as exc:
+            self.problems.append(f"{path}.{key}: {exc}")
+            return default
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value.strip()
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"must be a positive whole number (got {value!r})")
+    return value
+
+
+def _choice(options: tuple[str, ...]):
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)} (got {value!r})")
+        return value
+    return convert
+
+
+def _string_list(value: Any) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings, such as [\"a\", \"b\"]")
+    return [v.strip() for v in value]
+
+
+def _network_list(value: Any):
+    nets = []
+    for item in _string_list(value):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network such as \"10.0.0.0/8\"") from None
+    return tuple(nets)
+
+
+def _hostport_list(default_port: int):
+    def convert(value: Any) -> tuple[tuple[str, int], ...]:
+        return tuple(parse_hostport(v, default_port) for v in _string_list(value))
+    return convert
+
+
+def _durations(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of durations, such as [\"1m\", \"5m\"]")
+    out = tuple(parse_duration(v) for v in value)
+    if any(v <= 0 for v in out):
+        raise ValueError("every interval must be longer than zero")
+    return out
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def _domain_name(value: Any) -> str:
+    name = _string(value).lower().rstrip(".")
+    if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*", name):
+        raise ValueError(f"{value!r} is not a domain name")
+    return name
+
+
+def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    _apply_env(raw, os.environ if env is None else env)
+    return parse_config(raw, base_dir=path.parent, source=path)
+
+
+def _apply_env(raw: dict, env) -> None:
+    """``RELAYWATCH_SECTION__KEY=value`` overrides a scalar in a table.
+
+    Values are parsed as TOML values when they can be (numbers, booleans,
+    lists), otherwise taken as strings.
+    """
+    for name, value in env.items():
+        if not name.startswith("RELAYWATCH_") or "__" not in name:
+            continue
+        section, _, key = name[len("RELAYWATCH_"):].lower().partition("__")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):
+            table[key] = parsed
+
+
+def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = None) -> Config:
+    problems: list[str] = []
+    r = _Reader(problems)
+    r.unknown(raw, {"server", "queue", "dns", "delivery", "domains", "connectors"}, "")
+
+    s = r.table(raw, "server", "server")
+    r.unknown(s, {"hostname", "listen", "trusted_networks", "data_dir", "max_message_size",
+                  "max_connections", "max_connections_per_ip", "idle_timeout", "tls_cert",
+                  "tls_key", "log_format", "shutdown_grace"}, "server")
+    d = ServerConfig()
+
+    def rel(p: Any) -> Path:
+        p = Path(_string(p))
+        return p if p.is_absolute() else (base_dir / p)
+
+    tls_cert = r.get(s, "tls_cert", "server", rel, None)
+    tls_key = r.get(s, "tls_key", "server", rel, None)
+    if (tls_cert is None) != (tls_key is None):
+        problems.append("server.tls_key: tls_cert and tls_key must be set together")
+    for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if value is not None and not value.is_file():
+            problems.append(f"server.{key}: file {value} does not exist")
+    server = ServerConfig(
+        hostname=r.get(s, "hostname", "server", _string, d.hostname),
+        listen=r.get(s, "listen", "server", _hostport_list(25), d.listen),
+        trusted_networks=r.get(s, "trusted_networks", "server", _network_list, d.trusted_networks),
+        data_dir=r.get(s, "data_dir", "server", rel, base_dir / "data"),
+        max_message_size=r.get(s, "max_message_size", "server", parse_size, d.max_message_size),
+        max_connections=r.get(s, "max_connections", "server", _positive_int, d.max_connections),
+        max_connections_per_ip=r.get(s, "max_connections_per_ip", "server", _positive_int,
+                                     d.max_connections_per_ip),
+        idle_timeout=r.get(s, "idle_timeout", "server", _positive_duration, d.idle_timeout),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_format=r.get(s, "log_format", "server", _choice(LOG_FORMATS), d.log_format),
+        shutdown_grace=r.get(s, "shutdown_grace", "server", parse_duration, d.shutdown_grace),
+    )
+    if not server.listen:
+        problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")
+
+    q = r.table(raw, "queue", "queue")
+    r.unknown(q, {"message_expiration", "retry_intervals", "lease_time"}, "queue")
+    dq = QueueConfig()
+    queue = QueueConfig(
+        message_expiration=r.get(q, "message_expiration", "queue", _positive_duration, dq.message_expiration),
+        retry_intervals=r.get(q, "retry_intervals", "queue", _durations, dq.retry_intervals),
+        lease_time=r.get(q, "lease_time", "queue", _positive_duration, dq.lease_time),
+    )
+
+    n = r.table(raw, "dns", "dns")
+    r.unknown(n, {"nameservers", "timeout"}, "dns")
+    dns = DnsConfig(
+        nameservers=r.get(n, "nameservers", "dns", _hostport_list(53), ()),
+        timeout=r.get(n, "timeout", "dns", _positive_duration, DnsConfig.timeout),
+    )
+    for host, _ in dns.nameservers:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            problems.append(f"dns.nameservers: {host!r} must be an IP address, not a name")
+
+    v = r.table(raw, "delivery", "delivery")
+    known_delivery = {"concurrency", "per_destination", "connect_timeout", "command_timeout",
+                      "data_timeout", "final_timeout", "connection_idle", "messages_per_connection",
+                      "smtp_port"}
+    r.unknown(v, known_delivery, "delivery")
+    dd = DeliveryConfig()
+    delivery = DeliveryConfig(**{
+        key: r.get(v, key, "delivery",
+                   _positive_int if key in ("concurrency", "per_destination", "messages_per_connection", "smtp_port")
+                   else _positive_duration, getattr(dd, key))
+        for key in known_delivery
+    })
+
+    domains: list[Domain] = []
+    raw_domains = raw.get("domains", [])
+    if not isinstance(raw_domains, list):
+        problems.append("domains: must be an array of tables ([[domains]])")
+        raw_domains = []
+    for i, item in enumerate(raw_domains):
+        p = f"domains[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{p}: must be a table")
+            continue
+        r.unknown(item, {"name", "type", "mailboxes"}, p)
+        if "name" not in item:
+            problems.append(f"{p}.name: missing")
+            continue
+        name = r.get(item, "name", p, _domain_name, None)
+        dtype = r.get(item, "type", p, _choice(DOMAIN_TYPES), "authoritative")
+        boxes = r.get(item, "mailboxes", p, _string_list, [])
+        if name:
+            if any(dm.name == name for dm in domains):
+                problems.append(f"{p}.name: {name} is listed twice")
+            domains.append(Domain(name, dtype, frozenset(b.lower() for b in boxes)))
+
+    connectors: list[Connector] = []
+    raw_connectors = raw.get("connectors", [])
+    if not isinstance(raw_connectors, list):
+        problems.append("connectors: must be an array of tables ([[connectors]])")
+        raw_connectors = []
+    for i, item in enumerate(raw_connectors):
+        p = f"connectors[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{p}: must be a table")
+            continue
+        r.unknown(item, {"name", "type", "domains", "smart_hosts", "tls", "tls_verify", "tls_name",
+                         "ca_file", "enabled"}, p)
+        for required in ("name", "type", "domains"):
+            if required not in item:
+                problems.append(f"{p}.{required}: missing")
+        name = r.get(item, "name", p, _string, None)
+        if name in ("local", "internet"):
+            problems.append(f"{p}.name: {name!r} is reserved for a built-in route")
+        if name and any(c.name == name for c in connectors):
+            problems.append(f"{p}.name: another connector is already called {name!r}")
+        ca_file = r.get(item, "ca_file", p, rel, None)
+        if ca_file is not None and not ca_file.is_file():
+            problems.append(f"{p}.ca_file: file {ca_file} does not exist")
+        pats = r.get(item, "domains", p, lambda v: [_domain_name(x) for x in _string_list(v)], [])
+        if "domains" in item and not pats:
+            problems.append(f"{p}.domains: must list at least one domain")
+        conn = Connector(
+            name=name or f"connector{i}",
+            type=r.get(item, "type", p, _choice(CONNECTOR_TYPES), "partner"),
+            domains=tuple(pats),
+            smart_hosts=r.get(item, "smart_hosts", p, _hostport_list(25), ()),
+            tls=r.get(item, "tls", p, _choice(TLS_MODES), "opportunistic"),
+            # Verifying by default only where TLS is required: opportunistic TLS
+            # exists to encrypt when possible, not to block on a certificate.
+            tls_verify=r.get(item, "tls_verify", p, _choice(TLS_VERIFY),
+                             "ca_and_name" if item.get("tls") == "required" else "none"),
+            tls_name=r.get(item, "tls_name", p, _string, None),
+            ca_file=ca_file,
+            enabled=r.get(item, "enabled", p, _bool, True),
+        )
+        connectors.append(conn)
+
+    if problems:
+        raise ConfigError("\n".join(problems), problems=problems)
+    return Config(server=server, queue=queue, dns=dns, delivery=delivery,
+                  domains=tuple(domains), connectors=tuple(connectors), source=source)

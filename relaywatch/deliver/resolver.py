@@ -1,0 +1,113 @@
+"""DNS for delivery: MX of a recipient domain (RFC 5321 5.1) and host addresses.
+
+dnspython with our own nameservers (``[dns] nameservers``, host:port) and our
+own deadline: dnspython's ``lifetime`` overshoots, so every lookup also runs
+under ``asyncio.timeout``.  Failures are returned as Observations, so DNS time
+is never mistaken for connect time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rcode
+import dns.resolver
+
+from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.config import DnsConfig
+
+
+class DnsFailure(Exception):
+    def __init__(self, observation: Observation):
+        super().__init__(observation.outcome.value)
+        self.observation = observation
+
+
+@dataclass(frozen=True)
+class MxHost:
+    preference: int
+    host: str
+    implicit: bool = False      # no MX record: the domain itself (RFC 5321 5.1)
+
+
+class Resolver:
+    def __init__(self, config: DnsConfig):
+        self.timeout = config.timeout
+        if config.nameservers:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in config.nameservers]
+            self.nameserver_label = ", ".join(f"{h}:{p}" for h, p in config.nameservers)
+        else:
+            self._resolver = dns.asyncresolver.Resolver()
+            self.nameserver_label = ", ".join(str(n) for n in self._resolver.nameservers)
+        self._resolver.lifetime = config.timeout
+        self._resolver.timeout = min(config.timeout, 2.0)
+
+    def _facts(self, name: str, qtype: str, rcode: str | None = None) -> dict:
+        return {"name": name, "type": qtype, "rcode": rcode, "nameserver": self.nameserver_label}
+
+    async def _query(self, name: str, qtype: str, domain_level: bool):
+        """Returns an answer or None (NODATA); raises DnsFailure otherwise."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._resolver.resolve(name, qtype, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            outcome = Outcome.DOMAIN_NOT_FOUND if domain_level else Outcome.DNS_NXDOMAIN
+            raise DnsFailure(Observation(Phase.DNS, outcome, dns=self._facts(name, qtype, "NXDOMAIN"))) from None
+        except dns.resolver.NoNameservers as exc:
+            rcode = _rcode_of(exc)
+            raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_SERVFAIL,
+                                         dns=self._facts(name, qtype, rcode))) from None
+        except (TimeoutError, dns.exception.Timeout):
+            raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_TIMEOUT,
+                                         dns=self._facts(name, qtype, None))) from None
+        except dns.exception.DNSException as exc:
+            raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_SERVFAIL, dns=self._facts(name, qtype, None),
+                                         note=type(exc).__name__)) from None
+
+    async def mx(self, domain: str) -> list[MxHost]:
+        answer = await self._query(domain, "MX", domain_level=True)
+        if answer is None or answer.rrset is None:
+            return [MxHost(0, domain, implicit=True)]
+        records = sorted(answer.rrset, key=lambda r: r.preference)
+        hosts = [MxHost(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in records]
+        if any(h.host in ("", ".") for h in hosts):
+            # RFC 7505: a null MX means the domain accepts no mail at all.
+            raise DnsFailure(Observation(Phase.DNS, Outcome.NULL_MX, dns=self._facts(domain, "MX", "NOERROR")))
+        return hosts
+
+    async def addresses(self, host: str) -> list[str]:
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        if host == "localhost":
+            return ["127.0.0.1"]
+        # AAAA is asked only when there is no A record: one round trip in the
+        # common case, and an AAAA problem never hides usable A records.
+        found: list[str] = []
+        for qtype in ("A", "AAAA"):
+            answer = await self._query(host, qtype, domain_level=False)
+            if answer is not None and answer.rrset is not None:
+                found = [r.address for r in answer.rrset]
+                break
+        if not found:
+            raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_NO_ADDRESS, dns=self._facts(host, "A/AAAA", "NOERROR")))
+        return found
+
+
+def _rcode_of(exc: dns.resolver.NoNameservers) -> str:
+    """The rcode the nameservers answered with (SERVFAIL, REFUSED, ...).
+
+    dnspython records each failed server as (server, tcp, port, error, response)
+    where error is the rcode's text when the server answered with one.
+    """
+    for error in exc.kwargs.get("errors", []) or []:
+        if len(error) > 3 and isinstance(error[3], str) and error[3].isupper():
+            return error[3]
+    return "SERVFAIL"

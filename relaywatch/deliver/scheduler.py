@@ -1,0 +1,353 @@
+"""The queue manager: lease due entries, deliver them, record what happened.
+
+One loop leases due entries in batches and hands each to its destination's
+queue.  Per destination, up to ``per_destination`` workers each hold one
+connection and deliver entry after entry over it (bounded overall by
+``concurrency``).  When a destination cannot be reached, every entry waiting
+for it is deferred with that one observation instead of each trying again,
+and the destination is treated as down for a few seconds (Postfix's "dead
+destination").
+
+Only this module and the operator commands (cli) change an entry's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from relaywatch import events
+from relaywatch.classify.classify import classify, where
+from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.config import Config
+from relaywatch.deliver.local import deliver_local
+from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TransactionResult, reply_observation
+from relaywatch.errors import LeaseLost, StoreError
+from relaywatch.model import (
+    Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, RouteKind, StoredBody,
+)
+from relaywatch.notify.dsn import FailedRecipient, build_ndr, header_block
+from relaywatch.receive.spool import open_body
+from relaywatch.route import decide, split_address
+from relaywatch.store.base import QueueStore
+
+log = logging.getLogger("relaywatch.scheduler")
+
+LEASE_BATCH = 256
+DEAD_DESTINATION_SECONDS = 5.0
+PROBE_IDLE_CONNECTION_AFTER = 1.0
+
+
+def next_attempt_at(attempts: int, now: float, expires_at: float, intervals: tuple[float, ...]) -> float:
+    """After the ``attempts``-th failed attempt: the schedule's interval (the last
+    one repeating), but never later than the expiry, so the last try is made then."""
+    interval = intervals[min(attempts, len(intervals)) - 1]
+    return min(now + interval, max(expires_at, now))
+
+
+def settle(outcomes: list[RecipientOutcome], now: float, expires_at: float) -> list[RecipientOutcome]:
+    """Deferred recipients of an entry past its expiry become EXPIRED."""
+    if now < expires_at:
+        return outcomes
+    return [RecipientOutcome(o.address, RecipientStatus.EXPIRED, o.failure, o.reply)
+            if o.status is RecipientStatus.DEFERRED else o for o in outcomes]
+
+
+def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
+    status = RecipientStatus.FAILED if failure.permanent else RecipientStatus.DEFERRED
+    return RecipientOutcome(address, status, failure)
+
+
+def transaction_outcomes(result: TransactionResult, recipients: list[str], dest: Destination,
+                         now: float) -> list[RecipientOutcome]:
+    """Per-recipient outcomes of one MAIL/RCPT/DATA exchange."""
+    if not result.mail.is_success:
+        failure = classify(reply_observation(Phase.MAIL, result.mail, dest), now)
+        return [failed_outcome(r, failure) for r in recipients]
+    out: list[RecipientOutcome] = []
+    accepted: list[str] = []
+    for r in recipients:
+        reply = result.rcpts.get(r)
+        if reply is not None and reply.is_success:
+            accepted.append(r)
+        elif reply is not None:
+            out.append(failed_outcome(r, classify(reply_observation(Phase.RCPT, reply, dest), now)))
+    if not accepted:
+        return out
+    data = result.data
+    if data is not None and result.data_phase is Phase.AFTER_DATA and data.is_success:
+        out += [RecipientOutcome(r, RecipientStatus.DELIVERED, reply=str(data)) for r in accepted]
+    elif data is not None:
+        failure = classify(reply_observation(result.data_phase or Phase.DATA, data, dest), now)
+        out += [failed_outcome(r, failure) for r in accepted]
+    return out
+
+
+@dataclass
+class DestinationQueue:
+    key: str
+    entries: collections.deque = field(default_factory=collections.deque)
+    workers: int = 0
+    more: asyncio.Event = field(default_factory=asyncio.Event)
+    down_until: float = 0.0
+    down_failure: Failure | None = None
+    down_tried: tuple[Failure, ...] = ()
+
+
+class Scheduler:
+    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, routes: SmtpRoutes,
+                 clock: Callable[[], float] = time.time):
+        self.config_ref = config_ref
+        self.store = store
+        self.routes = routes
+        self.clock = clock
+        self.node = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.wake = asyncio.Event()
+        self.destinations: dict[str, DestinationQueue] = {}
+        self.inflight = 0
+        self._stopping = False
+        self._workers: set[asyncio.Task] = set()
+        self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
+
+    def notify(self) -> None:
+        """Called when new work may be due (enqueue, retry, release)."""
+        self.wake.set()
+
+    # -- the loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self._stopping:
+            config = self.config_ref()
+            room = config.delivery.concurrency * 4 - self.inflight
+            leased = []
+            if room > 0:
+                self.wake.clear()
+                try:
+                    leased = await self.store.lease(self.node, min(room, LEASE_BATCH),
+                                                    config.queue.lease_time, self.clock())
+                except StoreError as exc:
+                    log.error("cannot lease from the queue: %s", exc)
+                for entry in leased:
+                    self._dispatch(entry)
+            if len(leased) == LEASE_BATCH:
+                await asyncio.sleep(0)
+                continue
+            # Poll at least every second: operator commands from another process
+            # (queue retry, release) are seen within a second.
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+
+    async def stop(self, grace: float) -> None:
+        """Stop leasing; let deliveries finish within ``grace``; return the rest."""
+        self._stopping = True
+        self.wake.set()
+        for dq in self.destinations.values():
+            dq.more.set()
+        if self._workers:
+            done, pending = await asyncio.wait(self._workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            await self.store.release_leases(self.node, self.clock())
+        except StoreError as exc:
+            log.error("could not return leases at shutdown (they lapse by themselves): %s", exc)
+
+    def _dispatch(self, entry: Entry) -> None:
+        key = entry.route.key
+        dq = self.destinations.get(key)
+        if dq is None:
+            dq = self.destinations[key] = DestinationQueue(key)
+        dq.entries.append(entry)
+        self.inflight += 1
+        dq.more.set()
+        if dq.workers < self.config_ref().delivery.per_destination and (dq.workers == 0 or len(dq.entries) > 1):
+            dq.workers += 1
+            task = asyncio.create_task(self._worker(dq), name=f"deliver:{key}")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _next_entry(self, dq: DestinationQueue) -> Entry | None:
+        idle = self.config_ref().delivery.connection_idle
+        deadline = time.monotonic() + idle
+        while not dq.entries:
+            if self._stopping:
+                return None
+            dq.more.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(dq.more.wait(), remaining)
+            except TimeoutError:
+                return None
+        return dq.entries.popleft()
+
+    async def _worker(self, dq: DestinationQueue) -> None:
+        conn: SmtpConnection | None = None
+        try:
+            async with self._connections:
+                while True:
+                    entry = await self._next_entry(dq)
+                    if entry is None:
+                        return
+                    try:
+                        conn = await self._deliver(dq, entry, conn)
+                    except (LeaseLost, StoreError) as exc:
+                        log.error("could not record the attempt for %s: %s", entry.id, exc)
+                    except Exception:
+                        log.exception("delivery of %s failed unexpectedly; it stays queued", entry.id)
+                        if conn is not None:
+                            conn.close()
+                            conn = None
+                    finally:
+                        self.inflight -= 1
+        finally:
+            dq.workers -= 1
+            if conn is not None:
+                await conn.quit()
+            if not dq.entries and dq.workers == 0 and self.destinations.get(dq.key) is dq:
+                del self.destinations[dq.key]
+
+    # -- one entry ------------------------------------------------------------------
+
+    async def _deliver(self, dq: DestinationQueue, entry: Entry,
+                       conn: SmtpConnection | None) -> SmtpConnection | None:
+        started = self.clock()
+        recipients = [r.address for r in entry.pending]
+        if not recipients:
+            await self.store.record(entry.id, self.node, None, [], None)
+            return conn
+        body = await self.store.read_body(entry.body_id)
+
+        if entry.route.kind is RouteKind.LOCAL:
+            outcomes = [await self._deliver_local(address, body) for address in recipients]
+            await self._finish(entry, outcomes, Destination("local"), started, body)
+            return conn
+
+        if dq.down_until > time.monotonic() and dq.down_failure is not None:
+            outcomes = [failed_outcome(r, dq.down_failure) for r in recipients]
+            await self._finish(entry, outcomes, dq.down_failure.destination, started, body, dq.down_tried)
+            return conn
+
+        if conn is not None and (conn.broken or conn.transactions >= self.config_ref().delivery.messages_per_connection):
+            await conn.quit()
+            conn = None
+        if conn is not None and time.monotonic() - conn.last_used > PROBE_IDLE_CONNECTION_AFTER:
+            if not await conn.probe():
+                conn.close()
+                conn = None
+        if conn is None:
+            try:
+                conn = await self.routes.connect(entry.route, split_address(recipients[0])[1])
+            except AllTargetsFailed as failed:
+                now = self.clock()
+                failures = [classify(o, now) for o in failed.observations]
+                primary, tried = failures[0], tuple(failures[1:])
+                dq.down_until, dq.down_failure, dq.down_tried = (
+                    time.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
+                outcomes = [failed_outcome(r, primary) for r in recipients]
+                await self._finish(entry, outcomes, primary.destination, started, body, tried)
+                return None
+            dq.down_until, dq.down_failure = 0.0, None
+        try:
+            result = await conn.transaction(entry.sender, recipients, body)
+        except SessionFailure as failure:
+            conn.close()
+            f = classify(failure.observation, self.clock())
+            await self._finish(entry, [failed_outcome(r, f) for r in recipients], conn.dest, started, body)
+            return None
+        outcomes = transaction_outcomes(result, recipients, conn.dest, self.clock())
+        await self._finish(entry, outcomes, conn.dest, started, body)
+        return conn
+
+    async def _deliver_local(self, address: str, body: StoredBody) -> RecipientOutcome:
+        try:
+            name = await deliver_local(self.config_ref().server.data_dir, address, body)
+            return RecipientOutcome(address, RecipientStatus.DELIVERED, reply=f"maildir {name}")
+        except OSError as exc:
+            obs = Observation(Phase.LOCAL, Outcome.LOCAL_ERROR, Destination("local"),
+                              errno=None, note=exc.strerror or str(exc))
+            return failed_outcome(address, classify(obs, self.clock()))
+
+    async def _finish(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
+                      started: float, body: StoredBody, tried: tuple[Failure, ...] = ()) -> None:
+        await finish_attempt(self.store, self.config_ref(), entry, outcomes, dest, started, body,
+                             owner=self.node, tried=tried, now=self.clock())
+
+
+async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],
+                         dest: Destination | None, started: float, body: StoredBody | None, *,
+                         owner: str | None, tried: tuple[Failure, ...] = (), now: float,
+                         count_attempt: bool = True) -> None:
+    """Record an attempt's outcomes, queue the NDR they call for, log them."""
+    outcomes = settle(outcomes, now, entry.expires_at)
+    attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
+                      tried=tried) if count_attempt else None
+    attempts = entry.attempts + (1 if count_attempt else 0)
+    next_at = next_attempt_at(max(attempts, 1), now, entry.expires_at, config.queue.retry_intervals)
+    bounced = [o for o in outcomes if o.status in (RecipientStatus.FAILED, RecipientStatus.EXPIRED)]
+    notices = []
+    if bounced:
+        notice = await _ndr(store, config, entry, bounced, body, attempts, now)
+        if notice is not None:
+            notices.append(notice)
+    await store.record(entry.id, owner, attempt, outcomes, next_at, notices)
+    _log_outcomes(entry, outcomes, dest, now, next_at, notified=bool(notices))
+
+
+async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[RecipientOutcome],
+               body: StoredBody | None, attempts: int, now: float) -> NewMessage | None:
+    if not entry.sender:
+        return None    # never bounce a bounce
+    route = decide(config, entry.sender).route
+    if route is None:
+        events.emit("bounced", id=entry.id, to=entry.sender,
+                    detail="no NDR: the sender's mailbox does not exist here")
+        return None
+    if body is None:
+        body = await store.read_body(entry.body_id)
+    with open_body(body) as f:
+        head = header_block(f.read(64 * 1024))
+    data = build_ndr(
+        reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
+        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
+        first_failure_at=entry.first_failure_at, attempts=attempts,
+        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in bounced], now=now)
+    return NewMessage(sender="", recipients=((entry.sender, route),),
+                      body=StoredBody(size=len(data), data=data), received_at=now,
+                      expires_at=now + config.queue.message_expiration, is_dsn=True,
+                      message_id="", client="relaywatch")
+
+
+def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None, now: float,
+                  next_at: float, notified: bool) -> None:
+    relay = where(dest) if dest is not None else None
+    delay = now - entry.received_at
+    for o in outcomes:
+        fields = {"id": entry.id, "msgid": entry.message_id or None, "from": entry.sender or "<>",
+                  "to": o.address, "connector": entry.route.name, "relay": relay, "delay": delay}
+        if o.status is RecipientStatus.DELIVERED:
+            events.emit("delivered", **fields, status="sent", detail=o.reply)
+            continue
+        f = o.failure
+        fields.update(code=f.code if f else None, detail=f.detail if f else None)
+        if o.status is RecipientStatus.DEFERRED:
+            events.emit("deferred", **fields, status="deferred", retry_at=_stamp(next_at))
+        elif o.status is RecipientStatus.EXPIRED:
+            events.emit("expired", **fields, status="expired", ndr="queued" if notified else "none")
+        else:
+            events.emit("bounced", **fields, status="bounced", ndr="queued" if notified else "none")
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -1,0 +1,94 @@
+"""Where a route's mail goes: smart hosts or MX, and opening a session there.
+
+Targets are tried in order (smart hosts as listed, MX by preference) and, for
+each, its addresses; the first that completes greeting, EHLO and STARTTLS is
+used.  When all fail, the primary target's failure is the one reported (it is
+the one that should have worked); every other is kept in the attempt's
+``hosts_tried``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from relaywatch.classify.observation import Observation
+from relaywatch.config import Config, Connector
+from relaywatch.deliver.resolver import DnsFailure, Resolver
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
+from relaywatch.model import Destination, Route, RouteKind
+
+MAX_ADDRESSES_PER_HOST = 2
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str
+    port: int
+    index: int
+    count: int
+
+
+class AllTargetsFailed(Exception):
+    def __init__(self, observations: list[Observation]):
+        super().__init__(f"{len(observations)} destination(s) failed")
+        self.observations = observations
+
+    @property
+    def primary(self) -> Observation:
+        return self.observations[0]
+
+
+class SmtpRoutes:
+    def __init__(self, config_ref: Callable[[], Config], resolver: Resolver):
+        self.config_ref = config_ref
+        self.resolver = resolver
+
+    def connector_for(self, route: Route) -> Connector | None:
+        if route.kind is not RouteKind.CONNECTOR:
+            return None
+        connector = self.config_ref().connector(route.name)
+        return connector if connector is not None and connector.enabled else None
+
+    def tls_policy(self, route: Route, host: str) -> TlsPolicy:
+        connector = self.connector_for(route)
+        if connector is None:
+            # The internet: encrypt when offered, never block on a certificate.
+            return TlsPolicy(mode="opportunistic", verify="none")
+        return TlsPolicy(mode=connector.tls, verify=connector.tls_verify,
+                         expected_name=connector.tls_name or host,
+                         ca_file=str(connector.ca_file) if connector.ca_file else None)
+
+    async def targets(self, route: Route, recipient_domain: str) -> list[Target]:
+        connector = self.connector_for(route)
+        if connector is not None and connector.smart_hosts:
+            n = len(connector.smart_hosts)
+            return [Target(h, p, i + 1, n) for i, (h, p) in enumerate(connector.smart_hosts)]
+        port = self.config_ref().delivery.smtp_port
+        hosts = await self.resolver.mx(route.domain or recipient_domain)
+        return [Target(mx.host, port, i + 1, len(hosts)) for i, mx in enumerate(hosts)]
+
+    async def connect(self, route: Route, recipient_domain: str) -> SmtpConnection:
+        config = self.config_ref()
+        try:
+            targets = await self.targets(route, recipient_domain)
+        except DnsFailure as failure:
+            raise AllTargetsFailed([failure.observation]) from None
+        seen: list[Observation] = []
+        for target in targets:
+            try:
+                addresses = await self.resolver.addresses(target.host)
+            except DnsFailure as failure:
+                obs = failure.observation
+                seen.append(Observation(obs.phase, obs.outcome, Destination(
+                    target.host, None, target.port, target.index, target.count), dns=obs.dns, note=obs.note))
+                continue
+            for ip in addresses[:MAX_ADDRESSES_PER_HOST]:
+                dest = Destination(target.host, ip, target.port, target.index, target.count)
+                conn = SmtpConnection(dest, config.delivery, config.server.hostname)
+                try:
+                    await conn.open(self.tls_policy(route, target.host), target.host)
+                    return conn
+                except SessionFailure as failure:
+                    seen.append(failure.observation)
+        raise AllTargetsFailed(seen)

@@ -1,0 +1,36 @@
+"""The relaywatch exception tree.
+
+    RelaywatchError
+      ConfigError        an invalid setting; .problems lists one line per key
+      StoreError         the queue store failed (driver errors are wrapped in store/*)
+        LeaseLost        our lease on a queue entry was taken over (we were too slow)
+      UnknownEntry       no queue entry with that id
+
+Delivery failures are not exceptions that travel far: the transport turns what
+it saw into an ``Observation`` (deliver/observe.py) and classify/ maps it to a
+catalog entry.
+"""
+
+
+class RelaywatchError(Exception):
+    """Base of every error relaywatch raises on purpose."""
+
+
+class ConfigError(RelaywatchError):
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = problems or [message]
+
+
+class StoreError(RelaywatchError):
+    """The queue store could not do what was asked; nothing was half-done."""
+
+
+class LeaseLost(StoreError):
+    """The entry's lease expired and another worker may have it."""
+
+
+class UnknownEntry(RelaywatchError):
+    def __init__(self, entry_id: str):
+        super().__init__(f"no queued message with id {entry_id}")
+        self.entry_id = entry_id

@@ -1,0 +1,234 @@
+"""The nouns every stage shares: queue entries, recipients, routes, failures.
+
+A *message* as received may fan out to several routes (a connector, the local
+mailboxes, the internet by MX).  The queue keeps one **entry** per (message,
+route): each entry has its own id, retry timer and status, and one status per
+recipient.  The entries of one message share the stored body.
+
+Entry status graph (only the scheduler and the operator commands move it):
+
+    QUEUED ──lease──▶ ACTIVE ──all recipients done──▶ (removed; NDR queued if any failed)
+       ▲                 │
+       │                 └──some deferred──▶ DEFERRED ──next_attempt_at──▶ (leasable again)
+    release ◀── HELD ◀── hold (from QUEUED or DEFERRED)
+
+ACTIVE is not stored: an entry is active while it holds an unexpired lease.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class EntryStatus(str, enum.Enum):
+    QUEUED = "queued"        # due now, never failed
+    DEFERRED = "deferred"    # failed before; waits for next_attempt_at
+    HELD = "held"            # an operator stopped delivery
+    ACTIVE = "active"        # leased by a delivery worker (derived)
+
+
+class RecipientStatus(str, enum.Enum):
+    PENDING = "pending"      # not tried yet
+    DEFERRED = "deferred"    # a transient failure; will be retried
+    DELIVERED = "delivered"
+    FAILED = "failed"        # permanent failure; an NDR was queued
+    EXPIRED = "expired"      # gave up after message_expiration; an NDR was queued
+
+    @property
+    def is_final(self) -> bool:
+        return self in (RecipientStatus.DELIVERED, RecipientStatus.FAILED, RecipientStatus.EXPIRED)
+
+
+class RouteKind(str, enum.Enum):
+    CONNECTOR = "connector"  # a configured [[connectors]] entry
+    LOCAL = "local"          # a Maildir under data_dir
+    INTERNET = "internet"    # MX lookup of the recipient domain
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: RouteKind
+    name: str                # connector name, "local" or "internet"
+    domain: str = ""         # set when delivery looks up this domain's MX (no smart hosts)
+
+    @property
+    def key(self) -> str:
+        """Recipients with the same key travel in one queue entry."""
+        return f"{self.name}:{self.domain}" if self.domain else self.name
+
+
+@dataclass(frozen=True)
+class Destination:
+    host: str
+    ip: str | None = None
+    port: int | None = None
+    index: int | None = None     # 1-based: which smart host / MX was this
+    count: int | None = None     # of how many
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one attempt did not deliver: the ``last_error`` of the JSON output.
+
+    Built only by classify.classify(); the fields are documented in
+    docs/json.md and are a stable interface.
+    """
+    code: str                    # enhanced status code, e.g. "4.4.316"
+    smtp_code: int               # basic reply code, e.g. 450
+    title: str
+    subtype: str | None
+    detail: str                  # one sentence naming the host and what happened
+    phase: str
+    permanent: bool
+    at: float
+    kind: str                    # catalog id, e.g. "connect.refused"
+    destination: Destination | None = None
+    reply: str | None = None     # the server's last reply, verbatim
+    errno: str | None = None
+    dns: dict[str, Any] | None = None
+    tls: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Failure":
+        data = dict(data)
+        dest = data.get("destination")
+        data["destination"] = Destination(**dest) if dest else None
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+    status: RecipientStatus = RecipientStatus.PENDING
+    last_error: Failure | None = None
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class RecipientOutcome:
+    """What one delivery attempt did for one recipient."""
+    address: str
+    status: RecipientStatus          # DELIVERED, DEFERRED, FAILED or EXPIRED
+    failure: Failure | None = None
+    reply: str | None = None         # the destination's reply on success (its queue id)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    at: float
+    duration: float
+    destination: Destination | None
+    outcomes: tuple[RecipientOutcome, ...]
+    tried: tuple[Failure, ...] = ()   # earlier hosts of the same attempt that failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "duration": round(self.duration, 4),
+            "destination": asdict(self.destination) if self.destination else None,
+            "recipients": [
+                {"address": o.address, "status": o.status.value,
+                 "error": o.failure.to_dict() if o.failure else None, "reply": o.reply}
+                for o in self.outcomes
+            ],
+            "hosts_tried": [f.to_dict() for f in self.tried],
+        }
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A received message, ready to be committed to the queue."""
+    sender: str                                    # "" for the null sender <>
+    recipients: tuple[tuple[str, Route], ...]
+    body: "StoredBody"
+    received_at: float
+    expires_at: float
+    message_id: str = ""
+    client: str = ""
+    is_dsn: bool = False
+
+
+@dataclass(frozen=True)
+class StoredBody:
+    """The message content: small bodies inline (committed with the row), big
+    ones as a spool file already fsync'd (the row only points at it)."""
+    size: int
+    data: bytes | None = None
+    path: str | None = None
+
+
+@dataclass
+class Entry:
+    id: str
+    sender: str
+    received_at: float
+    expires_at: float
+    status: EntryStatus
+    attempts: int
+    next_attempt_at: float | None
+    route: Route
+    size: int
+    message_id: str
+    body_id: str
+    client: str = ""
+    is_dsn: bool = False
+    first_failure_at: float | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    lease_owner: str | None = None
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.status.is_final]
+
+    @property
+    def last_error(self) -> Failure | None:
+        errors = [r.last_error for r in self.recipients if r.last_error]
+        return max(errors, key=lambda f: f.at) if errors else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON shape of ``queue list/show --json`` (docs/json.md)."""
+        return {
+            "id": self.id,
+            "sender": self.sender,
+            "message_id": self.message_id,
+            "received_at": iso(self.received_at),
+            "expires_at": iso(self.expires_at),
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "next_attempt_at": iso(self.next_attempt_at) if self.status is not EntryStatus.HELD else None,
+            "connector": self.route.name,
+            "route": self.route.kind.value,
+            "domain": self.route.domain or None,
+            "size": self.size,
+            "recipients": [
+                {"address": r.address, "status": r.status.value,
+                 "last_error": failure_json(r.last_error)}
+                for r in self.recipients
+            ],
+        }
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def failure_json(f: Failure | None) -> dict[str, Any] | None:
+    if f is None:
+        return None
+    d = f.to_dict()
+    d["at"] = iso(f.at)
+    return d
+

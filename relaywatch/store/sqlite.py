@@ -1,0 +1,490 @@
+"""SQLite queue store (the embedded default).
+
+One writer thread owns the only write connection.  Concurrent writes queue up
+behind it and are committed together (group commit): the thread takes every
+operation waiting, runs each in its own SAVEPOINT inside one ``BEGIN
+IMMEDIATE`` transaction, commits once (``synchronous=FULL``: fsync'd) and only
+then resolves the callers' futures.  A failing operation rolls back to its
+savepoint and fails alone.
+
+Reads (``get``, ``list``) run on other threads with their own WAL connections,
+so they never wait for the writer.  Other processes (the CLI) open their own
+store on the same file; SQLite's locking keeps them consistent.
+
+Leasing moves ``next_attempt_at`` to the lease's end, so an entry whose worker
+died simply becomes due again: there is no separate reclaim pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
+from relaywatch.model import (
+    Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome,
+    RecipientStatus, Route, RouteKind, StoredBody,
+)
+from relaywatch.store.base import QueueQuery, Selector
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS bodies (
+    id    TEXT PRIMARY KEY,
+    data  BLOB,              -- small bodies live here, committed with the entry
+    path  TEXT,              -- big bodies: an fsync'd spool file
+    size  INTEGER NOT NULL,
+    refs  INTEGER NOT NULL   -- entries still pointing at this body
+);
+CREATE TABLE IF NOT EXISTS entries (
+    id               TEXT PRIMARY KEY,
+    body_id          TEXT NOT NULL,
+    sender           TEXT NOT NULL,
+    received_at      REAL NOT NULL,
+    expires_at       REAL NOT NULL,
+    status           TEXT NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL,
+    route_kind       TEXT NOT NULL,
+    route_name       TEXT NOT NULL,
+    route_domain     TEXT NOT NULL DEFAULT '',
+    size             INTEGER NOT NULL,
+    message_id       TEXT NOT NULL DEFAULT '',
+    client           TEXT NOT NULL DEFAULT '',
+    is_dsn           INTEGER NOT NULL DEFAULT 0,
+    first_failure_at REAL,
+    lease_owner      TEXT,
+    lease_until      REAL
+);
+-- Due entries are found through this index without scanning held ones.
+CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
+    WHERE status IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status);
+CREATE TABLE IF NOT EXISTS recipients (
+    entry_id   TEXT NOT NULL,
+    position   INTEGER NOT NULL,
+    address    TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    last_error TEXT,
+    PRIMARY KEY (entry_id, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    entry_id TEXT NOT NULL,
+    n        INTEGER NOT NULL,
+    data     TEXT NOT NULL,
+    PRIMARY KEY (entry_id, n)
+) WITHOUT ROWID;
+"""
+
+_ENTRY_COLUMNS = ("id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, "
+                  "route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
+                  "first_failure_at, lease_owner, lease_until")
+
+_MAX_BATCH = 256
+
+
+def new_id() -> str:
+    return secrets.token_hex(6).upper()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class SqliteStore:
+    def __init__(self, path: str | os.PathLike, on_work: Callable[[], None] | None = None):
+        self.path = Path(path)
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        # Called (on the event loop) after a commit that made work due, so the
+        # scheduler wakes at once instead of at its next poll.
+        self.on_work = on_work
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = _connect(self.path)
+            conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open queue store {self.path}: {exc}") from exc
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,),
+                                        name="relaywatch-store-writer", daemon=True)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        while True:
+            first = self._ops.get()
+            if first is None:
+                conn.close()
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            self._run_batch(conn, batch)
+            if stop:
+                conn.close()
+                return
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list) -> None:
+        results: list[tuple[bool, Any]] = []
+        cleanup: list[str] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _loop, _fut in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = fn(conn, cleanup)
+                    conn.execute("RELEASE op")
+                    results.append((True, result))
+                except Exception as exc:  # the op fails alone
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            err = StoreError(f"queue store write failed: {exc}")
+            results = [(False, err)] * len(batch)
+            cleanup = []
+        for path in cleanup:  # only after the commit that dropped the last reference
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        for (fn, loop, fut), (ok, value) in zip(batch, results):
+            loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection, list], Any]) -> Any:
+        if self._writer is None:
+            raise StoreError("queue store is not open")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._ops.put((fn, loop, fut))
+        return await fut
+
+    # -- readers ---------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        def run():
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise StoreError(f"queue store read failed: {exc}") from exc
+        return await asyncio.to_thread(run)
+
+    def _notify(self) -> None:
+        if self.on_work is not None:
+            self.on_work()
+
+    # -- queue operations --------------------------------------------------------
+
+    async def enqueue(self, msg: NewMessage) -> list[str]:
+        def op(conn: sqlite3.Connection, cleanup: list) -> list[str]:
+            return _insert_message(conn, msg)
+        ids = await self._write(op)
+        self._notify()
+        return ids
+
+    async def lease(self, owner: str, limit: int, ttl: float, now: float) -> list[Entry]:
+        def op(conn: sqlite3.Connection, cleanup: list) -> list[Entry]:
+            rows = conn.execute(
+                f"UPDATE entries SET lease_owner = ?, lease_until = ?, next_attempt_at = ? "
+                f"WHERE id IN (SELECT id FROM entries WHERE status IN ('queued', 'deferred') "
+                f"AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?) "
+                f"RETURNING {_ENTRY_COLUMNS}",
+                (owner, now + ttl, now + ttl, now, limit)).fetchall()
+            entries = [_entry(row) for row in rows]
+            _attach_recipients(conn, entries)
+            return entries
+        return await self._write(op)
+
+    async def read_body(self, body_id: str) -> StoredBody:
+        def q(conn: sqlite3.Connection) -> StoredBody:
+            row = conn.execute("SELECT data, path, size FROM bodies WHERE id = ?", (body_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"message body {body_id} is missing from the store")
+            return StoredBody(size=row[2], data=row[0], path=row[1])
+        return await self._read(q)
+
+    async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
+                     outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
+                     notices: Sequence[NewMessage] = ()) -> None:
+        def op(conn: sqlite3.Connection, cleanup: list) -> None:
+            now = time.time()
+            row = conn.execute("SELECT lease_owner, lease_until, body_id, attempts, first_failure_at "
+                               "FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                raise UnknownEntry(entry_id)
+            lease_owner, lease_until, body_id, attempts, first_failure_at = row
+            leased = lease_owner is not None and (lease_until or 0) > now
+            if owner is not None and lease_owner != owner:
+                raise LeaseLost(f"entry {entry_id} is now leased by {lease_owner}")
+            if owner is None and leased:
+                raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            by_address = {o.address: o for o in outcomes}
+            failed_now = False
+            for position, address, status in conn.execute(
+                    "SELECT position, address, status FROM recipients WHERE entry_id = ?", (entry_id,)).fetchall():
+                o = by_address.get(address)
+                if o is None or RecipientStatus(status).is_final:
+                    continue
+                if o.status is not RecipientStatus.DELIVERED:
+                    failed_now = True
+                conn.execute("UPDATE recipients SET status = ?, last_error = COALESCE(?, last_error) "
+                             "WHERE entry_id = ? AND position = ?",
+                             (o.status.value, o.failure.to_json() if o.failure else None, entry_id, position))
+            if attempt is not None:
+                attempts += 1
+                conn.execute("INSERT INTO attempts (entry_id, n, data) VALUES (?, ?, ?)",
+                             (entry_id, attempts, json.dumps(attempt.to_dict(), separators=(",", ":"))))
+            for notice in notices:
+                _insert_message(conn, notice)
+            pending = conn.execute("SELECT count(*) FROM recipients WHERE entry_id = ? AND status IN "
+                                   "('pending', 'deferred')", (entry_id,)).fetchone()[0]
+            if pending == 0:
+                _remove(conn, entry_id, body_id, cleanup)
+                return
+            if failed_now and first_failure_at is None:
+                first_failure_at = now
+            conn.execute(
+                "UPDATE entries SET status = CASE WHEN status = 'held' THEN 'held' ELSE 'deferred' END, "
+                "attempts = ?, next_attempt_at = ?, first_failure_at = ?, lease_owner = NULL, "
+                "lease_until = NULL WHERE id = ?",
+                (attempts, next_attempt_at if next_attempt_at is not None else now,
+                 first_failure_at, entry_id))
+        await self._write(op)
+        if notices:
+            self._notify()
+
+    async def release_leases(self, owner: str | None, now: float) -> int:
+        def op(conn: sqlite3.Connection, cleanup: list) -> int:
+            where, args = ("lease_owner = ?", (owner,)) if owner else ("lease_owner IS NOT NULL", ())
+            return conn.execute(f"UPDATE entries SET lease_owner = NULL, lease_until = NULL, "
+                                f"next_attempt_at = MIN(next_attempt_at, ?) WHERE {where}",
+                                (now, *args)).rowcount
+        n = await self._write(op)
+        if n:
+            self._notify()
+        return n
+
+    async def get(self, entry_id: str) -> Entry | None:
+        def q(conn: sqlite3.Connection) -> Entry | None:
+            row = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ?",
+                               (entry_id.upper(),)).fetchone()
+            if row is None:
+                return None
+            entry = _entry(row)
+            _attach_recipients(conn, [entry], include_final=True)
+            entry.history = [json.loads(data) for (data,) in conn.execute(
+                "SELECT data FROM attempts WHERE entry_id = ? ORDER BY n", (entry.id,))]
+            return entry
+        return await self._read(q)
+
+    async def list(self, query: QueueQuery) -> list[Entry]:
+        def q(conn: sqlite3.Connection) -> list[Entry]:
+            where, args = [], []
+            if query.connector:
+                where.append("route_name = ?")
+                args.append(query.connector)
+            if query.status == "active":
+                where.append("lease_until > ?")
+                args.append(time.time())
+            elif query.status:
+                where.append("status = ? AND (lease_until IS NULL OR lease_until <= ?)")
+                args += [query.status, time.time()]
+            sql = f"SELECT {_ENTRY_COLUMNS} FROM entries"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY received_at, id LIMIT ?"
+            entries = [_entry(r) for r in conn.execute(sql, (*args, query.limit))]
+            _attach_recipients(conn, entries, include_final=True)
+            return entries
+        return await self._read(q)
+
+    async def retry(self, selector: Selector, now: float) -> int:
+        def op(conn: sqlite3.Connection, cleanup: list) -> int:
+            where, args = _select(selector)
+            return conn.execute(
+                f"UPDATE entries SET next_attempt_at = ? WHERE status != 'held' "
+                f"AND (lease_until IS NULL OR lease_until <= ?) AND {where}", (now, now, *args)).rowcount
+        n = await self._write(op)
+        if n:
+            self._notify()
+        return n
+
+    async def hold(self, entry_id: str) -> bool:
+        def op(conn: sqlite3.Connection, cleanup: list) -> bool:
+            return conn.execute("UPDATE entries SET status = 'held' WHERE id = ?",
+                                (entry_id.upper(),)).rowcount == 1
+        return await self._write(op)
+
+    async def release(self, entry_id: str, now: float) -> bool:
+        def op(conn: sqlite3.Connection, cleanup: list) -> bool:
+            return conn.execute(
+                "UPDATE entries SET status = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
+                "next_attempt_at = ? WHERE id = ? AND status = 'held'", (now, entry_id.upper())).rowcount == 1
+        ok = await self._write(op)
+        if ok:
+            self._notify()
+        return ok
+
+    async def delete(self, entry_id: str) -> bool:
+        def op(conn: sqlite3.Connection, cleanup: list) -> bool:
+            row = conn.execute("SELECT body_id, lease_until FROM entries WHERE id = ?",
+                               (entry_id.upper(),)).fetchone()
+            if row is None:
+                return False
+            if row[1] and row[1] > time.time():
+                raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            _remove(conn, entry_id.upper(), row[0], cleanup)
+            return True
+        return await self._write(op)
+
+    async def next_due(self) -> float | None:
+        def q(conn: sqlite3.Connection) -> float | None:
+            return conn.execute("SELECT min(next_attempt_at) FROM entries "
+                                "WHERE status IN ('queued', 'deferred')").fetchone()[0]
+        return await self._read(q)
+
+    async def spool_paths(self) -> set[str]:
+        """Every body file a queue row points at (the rest are crash leftovers)."""
+        def q(conn: sqlite3.Connection) -> set[str]:
+            return {p for (p,) in conn.execute("SELECT path FROM bodies WHERE path IS NOT NULL")}
+        return await self._read(q)
+
+    async def counts(self) -> dict[str, int]:
+        def q(conn: sqlite3.Connection) -> dict[str, int]:
+            return dict(conn.execute("SELECT status, count(*) FROM entries GROUP BY status").fetchall())
+        return await self._read(q)
+
+
+def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def _insert_message(conn: sqlite3.Connection, msg: NewMessage) -> list[str]:
+    groups: dict[str, tuple[Route, list[str]]] = {}
+    for address, route in msg.recipients:
+        groups.setdefault(route.key, (route, []))[1].append(address)
+    body_id = new_id()
+    conn.execute("INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, ?, ?, ?)",
+                 (body_id, msg.body.data, msg.body.path, msg.body.size, len(groups)))
+    ids = []
+    for route, addresses in groups.values():
+        entry_id = new_id()
+        conn.execute(
+            "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+            "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at,
+             route.kind.value, route.name, route.domain, msg.body.size, msg.message_id, msg.client,
+             int(msg.is_dsn)))
+        conn.executemany("INSERT INTO recipients (entry_id, position, address, status) "
+                         "VALUES (?, ?, ?, 'pending')",
+                         [(entry_id, i, a) for i, a in enumerate(addresses)])
+        ids.append(entry_id)
+    return ids
+
+
+def _remove(conn: sqlite3.Connection, entry_id: str, body_id: str, cleanup: list) -> None:
+    conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    conn.execute("DELETE FROM recipients WHERE entry_id = ?", (entry_id,))
+    conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
+    row = conn.execute("UPDATE bodies SET refs = refs - 1 WHERE id = ? RETURNING refs, path",
+                       (body_id,)).fetchone()
+    if row is not None and row[0] <= 0:
+        conn.execute("DELETE FROM bodies WHERE id = ?", (body_id,))
+        if row[1]:
+            cleanup.append(row[1])
+
+
+def _select(selector: Selector) -> tuple[str, tuple]:
+    if selector.all:
+        return "1", ()
+    if selector.connector:
+        return "route_name = ?", (selector.connector,)
+    marks = ",".join("?" * len(selector.ids))
+    return f"id IN ({marks})", tuple(i.upper() for i in selector.ids)
+
+
+def _entry(row: tuple) -> Entry:
+    (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
+     route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
+     lease_until) = row
+    leased = lease_owner is not None and (lease_until or 0) > time.time()
+    return Entry(
+        id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
+        status=EntryStatus.ACTIVE if leased else EntryStatus(status),
+        attempts=attempts, next_attempt_at=next_attempt_at,
+        route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
+        message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
+        first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None)
+
+
+def _attach_recipients(conn: sqlite3.Connection, entries: list[Entry], include_final: bool = False) -> None:
+    if not entries:
+        return
+    by_id = {e.id: e for e in entries}
+    marks = ",".join("?" * len(by_id))
+    sql = (f"SELECT entry_id, position, address, status, last_error FROM recipients "
+           f"WHERE entry_id IN ({marks})")
+    if not include_final:
+        sql += " AND status IN ('pending', 'deferred')"
+    for entry_id, position, address, status, last_error in conn.execute(sql + " ORDER BY entry_id, position",
+                                                                        tuple(by_id)):
+        by_id[entry_id].recipients.append(Recipient(
+            address=address, status=RecipientStatus(status), position=position,
+            last_error=Failure.from_dict(json.loads(last_error)) if last_error else None))
