@@ -60,8 +60,9 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size; use bytes or a unit, such as \"36MB\"")
 
 
-def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+def parse_hostport(value: str, default_port: int, allow_zero: bool = False) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address.
+    Port 0 (the OS picks one) only where ``allow_zero``: for listeners."""
     value = value.strip()
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
@@ -73,7 +74,7 @@ def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
     if not host:
         raise ValueError(f"{value!r} has no host")
     if port:
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
             raise ValueError(f"{value!r} has an invalid port")
         return host, int(port)
     return host, default_port
@@ -257,9 +258,9 @@ def _network_list(value: Any):
     return tuple(nets)
 
 
-def _hostport_list(default_port: int):
+def _hostport_list(default_port: int, allow_zero: bool = False):
     def convert(value: Any) -> tuple[tuple[str, int], ...]:
-        return tuple(parse_hostport(v, default_port) for v in _string_list(value))
+        return tuple(parse_hostport(v, default_port, allow_zero) for v in _string_list(value))
     return convert
 
 
@@ -344,7 +345,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"server.{key}: file {value} does not exist")
     server = ServerConfig(
         hostname=r.get(s, "hostname", "server", _string, d.hostname),
-        listen=r.get(s, "listen", "server", _hostport_list(25), d.listen),
+        listen=r.get(s, "listen", "server", _hostport_list(25, allow_zero=True), d.listen),
         trusted_networks=r.get(s, "trusted_networks", "server", _network_list, d.trusted_networks),
         data_dir=r.get(s, "data_dir", "server", rel, base_dir / "data"),
         max_message_size=r.get(s, "max_message_size", "server", parse_size, d.max_message_size),

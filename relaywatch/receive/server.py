@@ -61,7 +61,9 @@ class ReceivePolicy:
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, options):
-        envelope.mail_from = "" if address == "<>" else address
+        # aiosmtpd needs a truthy mail_from to accept RCPT, so the null sender
+        # stays "<>" in the envelope and becomes "" only in the queue.
+        envelope.mail_from = address
         envelope.mail_options.extend(options)
         envelope.routes = []
         return "250 2.1.0 Sender OK"
@@ -108,20 +110,20 @@ class ReceivePolicy:
         message_id = match.group(1).decode("ascii", "replace") if match else ""
         body = await spool.finish()
         msg = NewMessage(
-            sender=envelope.mail_from,
+            sender="" if envelope.mail_from == "<>" else envelope.mail_from,
             recipients=tuple(zip(envelope.rcpt_tos, envelope.routes)),
             body=body, received_at=now, expires_at=now + config.queue.message_expiration,
             message_id=message_id, client=session.peer[0] if session.peer else "")
         try:
             ids = await self.store.enqueue(msg)
         except StoreError as exc:
-            log.error("could not queue a message from %s: %s", envelope.mail_from or "<>", exc)
+            log.error("could not queue a message from %s: %s", envelope.mail_from, exc)
             if body.path:
                 Path(body.path).unlink(missing_ok=True)
             return "451 4.3.0 Could not queue the message; please try again later"
         for entry_id, route in zip(ids, _unique_routes(envelope.routes)):
             rcpts = [a for a, r in zip(envelope.rcpt_tos, envelope.routes) if r.key == route.key]
-            events.emit("received", **{"id": entry_id, "msgid": message_id, "from": envelope.mail_from or "<>",
+            events.emit("received", **{"id": entry_id, "msgid": message_id, "from": envelope.mail_from,
                                        "to": rcpts, "connector": route.name, "size": body.size,
                                        "client": msg.client})
         return f"250 2.0.0 Queued as {' '.join(ids)}"
@@ -134,6 +136,26 @@ def _unique_routes(routes: list[Route]) -> list[Route]:
     return list(seen.values())
 
 
+# aiosmtpd's own replies carry no enhanced status code; since we advertise
+# ENHANCEDSTATUSCODES, every reply must (RFC 2034), except to HELO/EHLO.
+_ENHANCED_DEFAULTS = {250: "2.0.0", 221: "2.0.0", 421: "4.3.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1",
+                      503: "5.5.1", 504: "5.5.4", 530: "5.7.0", 552: "5.3.4", 553: "5.1.3", 554: "5.3.0",
+                      555: "5.5.4"}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+def with_enhanced_code(status: str) -> str:
+    if _HAS_ENHANCED.match(status) or len(status) < 4 or not status[:3].isdigit():
+        return status
+    default = _ENHANCED_DEFAULTS.get(int(status[:3]))
+    if default is None:
+        return status
+    text = status[4:]
+    if text.startswith("Error: "):
+        text = text[len("Error: "):]
+    return f"{status[:3]}{status[3]}{default} {text[:1].upper()}{text[1:]}"
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with a streaming, durable DATA."""
 
@@ -142,6 +164,26 @@ class RelaySMTP(SMTP):
         self.policy = policy
         self.spool_dir = spool_dir
         self._on_close = on_close
+        self._greeting = False
+
+    async def push(self, status):
+        if isinstance(status, str) and not self._greeting:
+            status = with_enhanced_code(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname):
+        self._greeting = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._greeting = False
+
+    async def smtp_HELO(self, hostname):
+        self._greeting = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._greeting = False
 
     def connection_lost(self, error):
         if self._on_close is not None:
@@ -205,7 +247,7 @@ class RelaySMTP(SMTP):
             spool.discard()
             raise
         if problem:
-            events.emit("rejected", **{"from": self.envelope.mail_from or "<>", "to": self.envelope.rcpt_tos,
+            events.emit("rejected", **{"from": self.envelope.mail_from, "to": self.envelope.rcpt_tos,
                                        "client": self.session.peer[0], "detail": problem})
             self._set_post_data_state()
             await self.push(problem)

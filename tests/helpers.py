@@ -1,0 +1,395 @@
+"""Test parts: real servers on loopback, a DNS server, a TOML writer, waiting.
+
+Every server listens on 127.0.0.1 with an OS-chosen port; nothing here talks
+to any other address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import smtplib
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+from aiosmtpd.smtp import SMTP
+from click.testing import CliRunner
+
+from relaywatch.app import Relaywatch
+from relaywatch.cli import main as cli_main
+from relaywatch.config import load_config
+
+LOOPBACK = "127.0.0.1"
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition"):
+    """Wait for ``predicate()`` (sync or async) to be truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released): connecting is refused."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+# -- destination SMTP servers --------------------------------------------------------
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+
+
+class SinkHandler:
+    """An aiosmtpd destination that keeps what it receives (or answers as told)."""
+
+    def __init__(self, rcpt_reply: Callable[[str], str | None] | None = None,
+                 data_reply: str | None = None, keep_content: bool = True):
+        self.messages: list[Received] = []
+        self.rcpt_reply = rcpt_reply
+        self.data_reply = data_reply
+        self.keep_content = keep_content
+        self.bytes_received = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        reply = self.rcpt_reply(address) if self.rcpt_reply else None
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply:
+            return self.data_reply
+        content = envelope.original_content or b""
+        self.bytes_received += len(content)
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                      content if self.keep_content else b""))
+        return f"250 2.0.0 Ok: queued as SINK{len(self.messages)}"
+
+
+class Sink:
+    def __init__(self, handler: SinkHandler | None = None, tls_context=None, port: int = 0,
+                 data_size_limit: int = 64 * 1024 * 1024):
+        self.handler = handler or SinkHandler()
+        self.tls_context = tls_context
+        self.port = port
+        self.server: asyncio.base_events.Server | None = None
+        self.data_size_limit = data_size_limit
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    async def start(self) -> "Sink":
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: SMTP(self.handler, hostname="sink.test", tls_context=self.tls_context,
+                         data_size_limit=self.data_size_limit, timeout=30),
+            LOOPBACK, self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+
+class Scripted:
+    """A destination that misbehaves as its script says (asyncio.start_server)."""
+
+    def __init__(self, script: Callable[["Conversation"], Awaitable[None]]):
+        self.script = script
+        self.server = None
+        self.port = 0
+        self.connections = 0
+        self._tasks: set = set()
+
+    async def start(self) -> "Scripted":
+        async def handle(reader, writer):
+            self.connections += 1
+            task = asyncio.current_task()
+            self._tasks.add(task)
+            try:
+                await self.script(Conversation(reader, writer))
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                self._tasks.discard(task)
+                writer.close()
+        self.server = await asyncio.start_server(handle, LOOPBACK, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await self.server.wait_closed()
+
+
+class Conversation:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    async def say(self, *lines: str) -> None:
+        self.writer.write("".join(line + "\r\n" for line in lines).encode())
+        await self.writer.drain()
+
+    async def hear(self) -> str:
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionError("client closed")
+        return line.decode().rstrip("\r\n")
+
+    async def greet_and_ehlo(self, extensions=("8BITMIME",)) -> None:
+        await self.say("220 scripted.test ESMTP")
+        await self.hear()
+        await self.say("250-scripted.test", *[f"250-{e}" for e in extensions[:-1]], f"250 {extensions[-1]}")
+
+    async def until_data(self) -> None:
+        """Answer MAIL and RCPTs with 250 until DATA, answer 354."""
+        while True:
+            cmd = await self.hear()
+            if cmd.upper() == "DATA":
+                await self.say("354 go ahead")
+                return
+            await self.say("250 2.0.0 OK")
+
+    async def read_body(self) -> bytes:
+        data = await self.reader.readuntil(b"\r\n.\r\n")
+        return data
+
+    def reset(self) -> None:
+        """Close with RST instead of FIN."""
+        sock = self.writer.get_extra_info("socket")
+        import struct
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+    async def hang(self) -> None:
+        await asyncio.sleep(3600)
+
+
+class FullBacklog:
+    """A listening socket whose accept queue is full, so new SYNs are dropped:
+    connecting to it times out (no root needed)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect((LOOPBACK, self.port))
+            except BlockingIOError:
+                pass
+            self.fillers.append(s)
+
+    def close(self) -> None:
+        for s in self.fillers:
+            s.close()
+        self.sock.close()
+
+
+# -- DNS on loopback ---------------------------------------------------------------------
+
+class DnsServer(asyncio.DatagramProtocol):
+    """Answers from ``zone``: {(name, TYPE): [rdata, ...] | "NXDOMAIN" | "SERVFAIL" |
+    "REFUSED" | "DROP"}.  A name present under another type answers NODATA."""
+
+    def __init__(self, zone: dict[tuple[str, str], Any]):
+        self.zone = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in zone.items()}
+        self.transport = None
+        self.port = 0
+        self.queries: list[tuple[str, str]] = []
+
+    async def start(self) -> "DnsServer":
+        loop = asyncio.get_running_loop()
+        self.transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=(LOOPBACK, 0))
+        self.port = self.transport.get_extra_info("sockname")[1]
+        return self
+
+    def stop(self) -> None:
+        self.transport.close()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries.append((name, qtype))
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        entry = self.zone.get((name, qtype))
+        if entry == "DROP":
+            return
+        if entry in ("NXDOMAIN", "SERVFAIL", "REFUSED"):
+            response.set_rcode(dns.rcode.from_text(entry))
+        elif entry is None:
+            if not any(n == name for n, _ in self.zone):
+                response.set_rcode(dns.rcode.NXDOMAIN)
+        else:
+            response.answer.append(dns.rrset.from_text(question.name, 300, "IN", qtype, *entry))
+        self.transport.sendto(response.to_wire(), addr)
+
+
+# -- the relay under test ---------------------------------------------------------------------
+
+def to_toml(data: dict) -> str:
+    """Enough TOML for test configs: scalars, lists, tables, arrays of tables."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(v)
+    out = []
+    for key, v in data.items():
+        if v == []:
+            continue   # an empty array of tables is no key at all
+        if isinstance(v, dict):
+            out.append(f"[{key}]")
+            out += [f"{k} = {value(x)}" for k, x in v.items()]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                out.append(f"[[{key}]]")
+                out += [f"{k} = {value(x)}" for k, x in item.items()]
+        else:
+            out.append(f"{key} = {value(v)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def base_config(tmp_path: Path, **sections) -> dict:
+    config = {
+        "server": {"hostname": "relay.test", "listen": [f"{LOOPBACK}:0"], "data_dir": str(tmp_path / "data"),
+                   "shutdown_grace": "2s"},
+        "queue": {"retry_intervals": ["1s"], "message_expiration": "1h"},
+        "delivery": {"connect_timeout": "2s", "command_timeout": "2s", "data_timeout": "2s",
+                     "final_timeout": "2s", "connection_idle": "0.2s"},
+        "domains": [{"name": "contoso.test", "type": "authoritative", "mailboxes": ["alice", "postmaster"]}],
+        "connectors": [],
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+class Relay:
+    """relaywatch itself, in this event loop, with a config file on disk."""
+
+    def __init__(self, tmp_path: Path, config: dict):
+        self.tmp_path = tmp_path
+        self.raw = config
+        self.config_path = tmp_path / "relaywatch.toml"
+        self.app: Relaywatch | None = None
+
+    def write_config(self) -> None:
+        self.config_path.write_text(to_toml(self.raw))
+
+    async def start(self) -> "Relay":
+        self.write_config()
+        self.app = Relaywatch(load_config(self.config_path))
+        await self.app.start()
+        return self
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            await self.app.stop()
+            self.app = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    @property
+    def port(self) -> int:
+        return self.app.receiver.addresses[0][1]
+
+    @property
+    def store(self):
+        return self.app.store
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.raw["server"]["data_dir"])
+
+    async def send(self, sender: str, recipients: list[str], body: bytes | str) -> dict:
+        """Submit over SMTP (stdlib smtplib, in a thread); returns refused recipients."""
+        if isinstance(body, str):
+            body = body.encode()
+        port = self.port
+
+        def submit():
+            with smtplib.SMTP(LOOPBACK, port, timeout=30) as client:
+                return client.sendmail(sender, recipients, body)
+        return await asyncio.to_thread(submit)
+
+    async def cli(self, *args: str, expect: int | None = 0):
+        result = await asyncio.to_thread(CliRunner().invoke, cli_main, [*args, "-c", str(self.config_path)])
+        if expect is not None:
+            assert result.exit_code == expect, (result.output, result.exception)
+        return result
+
+    async def cli_json(self, *args: str):
+        result = await self.cli(*args, "--json")
+        return json.loads(result.output)
+
+    async def queue(self) -> list[dict]:
+        return (await self.cli_json("queue", "list"))["messages"]
+
+    async def show(self, entry_id: str) -> dict:
+        return await self.cli_json("queue", "show", entry_id)
+
+    def maildir(self, address: str) -> list[bytes]:
+        local, _, domain = address.partition("@")
+        new = self.data_dir / "mailboxes" / domain / local / "new"
+        return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
+
+
+def message(subject: str = "test", body: str = "hello\r\n", message_id: str | None = None) -> bytes:
+    mid = message_id or f"<{time.time_ns()}@client.test>"
+    return (f"From: sender@example.org\r\nTo: someone\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n"
+            f"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n{body}").encode()
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)

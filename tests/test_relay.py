@@ -1,0 +1,265 @@
+"""End to end: SMTP in over loopback, real SQLite queue, SMTP out to real servers."""
+
+import asyncio
+import email
+import smtplib
+
+import pytest
+from flufl.bounce import scan_message
+
+from helpers import LOOPBACK, Sink, SinkHandler, eventually, free_port, message
+
+
+def connector(name, port, domains, **kw):
+    return {"name": name, "type": kw.pop("type", "on_premises"), "domains": domains,
+            "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": kw.pop("tls", "none"), **kw}
+
+
+async def test_relays_to_a_healthy_smart_host(relay_factory, sink):
+    relay = await relay_factory(connectors=[connector("fabrikam", sink.port, ["fabrikam.test"])])
+    await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("hello", "line\r\n.starts with dot\r\n"))
+    await eventually(lambda: sink.messages, what="delivery to the sink")
+    got = sink.messages[0]
+    assert got.sender == "alice@contoso.test"
+    assert got.recipients == ["bob@fabrikam.test"]
+    assert got.content.startswith(b"Received: from ")
+    assert b"Subject: hello\r\n" in got.content
+    assert got.content.endswith(b"line\r\n.starts with dot\r\n")
+    await eventually(lambda: relay.queue() if False else _empty(relay), what="queue to empty")
+
+
+async def _empty(relay):
+    return (await relay.store.counts()) == {}
+
+
+async def test_recipients_are_split_per_route_with_status_per_recipient(relay_factory, tmp_path):
+    a = await Sink().start()
+    b = await Sink(SinkHandler(rcpt_reply=lambda addr: "550 5.1.1 No such user" if addr.startswith("ghost") else None)).start()
+    try:
+        relay = await relay_factory(connectors=[connector("a", a.port, ["a.test"]),
+                                                connector("b", b.port, ["b.test", "*.b.test"], type="partner")])
+        await relay.send("alice@contoso.test", ["x@a.test", "y@sub.b.test", "ghost@b.test", "postmaster@contoso.test"],
+                         message("split"))
+        await eventually(lambda: a.messages and b.messages and relay.maildir("postmaster@contoso.test"),
+                         what="all three routes to deliver")
+        assert a.messages[0].recipients == ["x@a.test"]
+        assert b.messages[0].recipients == ["y@sub.b.test"]
+        # ghost@b.test was refused with 5.1.1: an NDR goes back to alice, who is local.
+        ndr = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR"))[0]
+        report = email.message_from_bytes(ndr)
+        assert report.get_content_type() == "multipart/report"
+        assert scan_message(report) == {b"ghost@b.test"} or scan_message(report) == {"ghost@b.test"}
+        assert b"550 5.1.1 No such user" in ndr
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_authoritative_and_internal_relay_recipients(relay_factory, sink):
+    relay = await relay_factory(
+        domains=[{"name": "contoso.test", "type": "authoritative", "mailboxes": ["alice"]},
+                 {"name": "hybrid.test", "type": "internal_relay", "mailboxes": ["local"]}],
+        connectors=[connector("onprem", sink.port, ["hybrid.test"])])
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await relay.send("x@example.org", ["nobody@contoso.test"], message())
+    assert refused.value.recipients["nobody@contoso.test"] == (550, b"5.1.10 Recipient not found")
+    await relay.send("x@example.org", ["alice@contoso.test", "local@hybrid.test", "remote@hybrid.test"], message("mixed"))
+    await eventually(lambda: relay.maildir("alice@contoso.test") and relay.maildir("local@hybrid.test") and sink.messages,
+                     what="local and relayed delivery")
+    assert sink.messages[0].recipients == ["remote@hybrid.test"]
+
+
+async def test_relaying_is_denied_to_untrusted_clients(relay_factory, sink):
+    relay = await relay_factory(server={"trusted_networks": ["192.0.2.0/24"]},
+                                connectors=[connector("onprem", sink.port, ["elsewhere.test"])])
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        await relay.send("x@example.org", ["someone@elsewhere.test"], message())
+    assert refused.value.recipients["someone@elsewhere.test"] == (554, b"5.7.1 Relaying denied")
+    # Our own domains are still open to anyone.
+    await relay.send("x@example.org", ["alice@contoso.test"], message())
+    await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery")
+
+
+async def test_deferred_while_down_then_delivered_when_back(relay_factory):
+    port = free_port()
+    relay = await relay_factory(queue={"retry_intervals": ["1s"]},
+                                connectors=[connector("onprem", port, ["fabrikam.test"])])
+    await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("later"))
+    queued = await eventually(_deferred(relay), what="a deferral")
+    rcpt = queued["recipients"][0]
+    assert queued["status"] == "deferred" and queued["attempts"] >= 1 and queued["next_attempt_at"]
+    assert rcpt["status"] == "deferred"
+    assert rcpt["last_error"]["code"] == "4.4.316"
+    sink = await Sink(port=port).start()
+    try:
+        await eventually(lambda: sink.messages, what="delivery once the destination is back")
+        await eventually(lambda: _empty(relay), what="the queue to empty")
+    finally:
+        await sink.stop()
+
+
+def _deferred(relay):
+    async def check():
+        q = await relay.queue()
+        return q[0] if q and q[0]["status"] == "deferred" else None
+    return check
+
+
+async def test_expiry_sends_exactly_one_rfc3464_ndr(relay_factory):
+    port = free_port()
+    relay = await relay_factory(queue={"retry_intervals": ["0.3s"], "message_expiration": "1.5s"},
+                                connectors=[connector("onprem", port, ["fabrikam.test"])])
+    await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("will expire", message_id="<exp@client.test>"))
+    ndrs = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+    await eventually(lambda: _empty(relay), what="the expired message to leave the queue")
+    await asyncio.sleep(0.5)  # not a wait for the system: proves nothing more arrives
+    ndrs = relay.maildir("alice@contoso.test")
+    assert len(ndrs) == 1
+    report = email.message_from_bytes(ndrs[0])
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    human, status, headers = report.get_payload()
+    text = human.get_payload(decode=True).decode()
+    assert "bob@fabrikam.test" in text and "gave up" in text and "4.4.316" in text
+    blocks = status.get_payload()
+    per_rcpt = blocks[1]
+    assert per_rcpt["Action"] == "failed"
+    assert per_rcpt["Status"] == "4.4.7"
+    assert per_rcpt["Final-Recipient"] == "rfc822; bob@fabrikam.test"
+    assert "4.4.316" in per_rcpt["Diagnostic-Code"]
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert "Subject: will expire" in headers.get_payload()
+    assert report["To"] == "alice@contoso.test"
+    found = scan_message(report)
+    assert {a.decode() if isinstance(a, bytes) else a for a in found} == {"bob@fabrikam.test"}
+
+
+async def test_permanent_reply_bounces_at_once(relay_factory):
+    sink = await Sink(SinkHandler(data_reply="554 5.7.1 Rejected by content policy")).start()
+    try:
+        relay = await relay_factory(queue={"retry_intervals": ["1h"]},
+                                    connectors=[connector("onprem", sink.port, ["fabrikam.test"])])
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("rejected"))
+        ndr = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR"))[0]
+        report = email.message_from_bytes(ndr)
+        per_rcpt = report.get_payload()[1].get_payload()[1]
+        assert per_rcpt["Status"] == "5.7.1"
+        assert per_rcpt["Diagnostic-Code"] == "smtp; 554 5.7.1 Rejected by content policy"
+        await eventually(lambda: _empty(relay), what="the queue to empty")
+    finally:
+        await sink.stop()
+
+
+async def test_a_bounce_is_never_bounced(relay_factory, caplog):
+    sink = await Sink(SinkHandler(data_reply="554 5.7.1 Rejected")).start()
+    try:
+        relay = await relay_factory(connectors=[connector("onprem", sink.port, ["fabrikam.test"])])
+        await relay.send("<>", ["bob@fabrikam.test"], message("a bounce"))
+        await eventually(lambda: _empty(relay), what="the failed bounce to leave the queue")
+        assert relay.maildir("postmaster@contoso.test") == []
+        # Nothing else was queued in its place.
+        assert await relay.store.counts() == {}
+    finally:
+        await sink.stop()
+
+
+async def test_messages_survive_a_restart(relay_factory):
+    port = free_port()
+    relay = await relay_factory(queue={"retry_intervals": ["1h"]},
+                                connectors=[connector("onprem", port, ["fabrikam.test"])])
+    for i in range(3):
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"restart {i}"))
+    await eventually(lambda: _all_deferred(relay, 3), what="three deferrals")
+    await relay.stop()
+    sink = await Sink(port=port).start()
+    try:
+        await relay.start()
+        await relay.cli("queue", "retry", "--all")
+        await eventually(lambda: len(sink.messages) == 3, what="all three after the restart")
+        assert sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in sink.messages) == [
+            b"restart 0", b"restart 1", b"restart 2"]
+    finally:
+        await sink.stop()
+
+
+async def _all_deferred(relay, n):
+    q = await relay.queue()
+    return len(q) == n and all(m["status"] == "deferred" for m in q)
+
+
+async def test_bare_lf_smuggling_is_refused(relay_factory, sink):
+    relay = await relay_factory(connectors=[connector("onprem", sink.port, ["fabrikam.test"])])
+    reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+
+    async def cmd(line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        return await reader.readline()
+    await reader.readline()
+    await cmd(b"HELO client.test\r\n")
+    assert (await cmd(b"MAIL FROM:<alice@contoso.test>\r\n")).startswith(b"250")
+    assert (await cmd(b"RCPT TO:<bob@fabrikam.test>\r\n")).startswith(b"250")
+    assert (await cmd(b"DATA\r\n")).startswith(b"354")
+    smuggled = (b"Subject: innocent\r\n\r\nhello\n.\r\nMAIL FROM:<evil@evil.test>\r\n"
+                b"RCPT TO:<bob@fabrikam.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
+    reply = await cmd(smuggled)
+    assert reply.startswith(b"554 5.6.11"), reply
+    writer.close()
+    await asyncio.sleep(0.3)
+    assert sink.messages == [] and await relay.store.counts() == {}
+
+
+async def test_too_big_is_refused_with_552(relay_factory):
+    relay = await relay_factory(server={"max_message_size": 2000})
+    big = message(body=("x" * 900 + "\r\n") * 3)
+    # Declared with SIZE: refused at MAIL FROM.
+    with pytest.raises(smtplib.SMTPSenderRefused) as err:
+        await relay.send("x@example.org", ["alice@contoso.test"], big)
+    assert err.value.smtp_code == 552 and err.value.smtp_error.startswith(b"5.3.4")
+
+    # Not declared (plain HELO): refused after the upload, nothing queued.
+    def undeclared():
+        with smtplib.SMTP(LOOPBACK, relay.port) as c:
+            c.helo("client.test")
+            return c.sendmail("x@example.org", ["alice@contoso.test"], big)
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await asyncio.to_thread(undeclared)
+    assert err.value.smtp_code == 552 and err.value.smtp_error.startswith(b"5.3.4")
+    assert await relay.store.counts() == {}
+
+
+async def test_store_failure_answers_451_never_5xx(relay_factory):
+    relay = await relay_factory()
+    await relay.store.close()   # the writer is gone: every commit fails
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        await relay.send("x@example.org", ["alice@contoso.test"], message())
+    assert err.value.smtp_code == 451 and err.value.smtp_error.startswith(b"4.3.0")
+    await relay.store.open()
+
+
+async def test_connection_limit_per_ip(relay_factory):
+    relay = await relay_factory(server={"max_connections_per_ip": 1})
+    first = await asyncio.to_thread(smtplib.SMTP, LOOPBACK, relay.port)
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+        assert (await reader.readline()).startswith(b"421 4.7.0")
+        assert await reader.read() == b""   # and the relay hung up
+        writer.close()
+    finally:
+        await asyncio.to_thread(first.quit)
+    # The slot is free again once the first client left.
+    await eventually(lambda: relay.app.receiver.limiter.total == 0, what="the slot to be released")
+    await relay.send("x@example.org", ["alice@contoso.test"], message())
+
+
+async def test_ehlo_advertises_what_the_relay_supports(relay_factory):
+    relay = await relay_factory()
+
+    def ehlo():
+        with smtplib.SMTP(LOOPBACK, relay.port) as c:
+            c.ehlo("client.test")
+            return c.esmtp_features
+    features = await asyncio.to_thread(ehlo)
+    for ext in ("size", "8bitmime", "pipelining", "enhancedstatuscodes"):
+        assert ext in features
+    assert "starttls" not in features   # no certificate configured
