@@ -1,0 +1,383 @@
+"""Every failure kind through a real relay: message in over SMTP, evidence out of
+``relaywatch queue show --json``.  Destinations misbehave on loopback; DNS is
+served on loopback; certificates are made here."""
+
+import asyncio
+import datetime
+import email
+import ssl
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from helpers import LOOPBACK, DnsServer, FullBacklog, Scripted, Sink, SinkHandler, eventually, free_port, message
+
+PARTNER = "mail.partner.test"
+
+
+async def deferred_error(relay, timeout=15.0):
+    """Send one message to bob@partner.test and return its first recorded error."""
+    await relay.send("alice@contoso.test", ["bob@partner.test"], message("classify me"))
+
+    async def first_error():
+        q = await relay.queue()
+        if q and q[0]["attempts"] >= 1:
+            return q[0]
+    entry = await eventually(first_error, timeout=timeout, what="a recorded attempt")
+    shown = await relay.show(entry["id"])
+    error = shown["recipients"][0]["last_error"]
+    assert shown["attempt_history"][0]["recipients"][0]["error"]["code"] == error["code"]
+    return error
+
+
+def smart_host(port, host=LOOPBACK, **kw):
+    return [{"name": "partner", "type": kw.pop("type", "partner"), "domains": ["partner.test"],
+             "smart_hosts": [f"{host}:{port}"], "tls": kw.pop("tls", "none"), **kw}]
+
+
+async def dns_relay(relay_factory, zone, port, **kw):
+    dns_server = await DnsServer(zone).start()
+    relay = await relay_factory(dns={"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+                                connectors=smart_host(port, host=PARTNER, **kw))
+    return relay, dns_server
+
+
+# -- DNS ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer, subtype, rcode", [
+    ("NXDOMAIN", "nxdomain", "NXDOMAIN"),
+    ("SERVFAIL", "servfail", "SERVFAIL"),
+    ("REFUSED", "refused", "REFUSED"),
+    ("DROP", "timeout", None),
+    ("NODATA", "no_address", "NOERROR"),
+])
+async def test_smart_host_dns_failures_are_4_4_312(relay_factory, answer, subtype, rcode):
+    zone = {(PARTNER, "TXT"): ['"only a text record"']} if answer == "NODATA" else {(PARTNER, "A"): answer}
+    relay, dns_server = await dns_relay(relay_factory, zone, 25)
+    try:
+        error = await deferred_error(relay)
+    finally:
+        dns_server.stop()
+    assert (error["code"], error["smtp_code"], error["subtype"], error["phase"]) == ("4.4.312", 450, subtype, "dns")
+    assert error["dns"]["name"] == PARTNER
+    assert error["dns"]["rcode"] == rcode
+    assert error["dns"]["nameserver"] == f"{LOOPBACK}:{dns_server.port}"
+    assert PARTNER in error["detail"]
+
+
+async def test_smart_host_resolved_through_dns_delivers(relay_factory, sink):
+    relay, dns_server = await dns_relay(relay_factory, {(PARTNER, "A"): [LOOPBACK]}, sink.port)
+    try:
+        await relay.send("alice@contoso.test", ["bob@partner.test"], message())
+        await eventually(lambda: sink.messages, what="delivery via the resolved name")
+    finally:
+        dns_server.stop()
+
+
+@pytest.mark.parametrize("zone, code, subtype", [
+    ({}, "5.1.2", "nxdomain"),
+    ({("nomail.test", "MX"): ["0 ."]}, "5.1.10", "null_mx"),
+])
+async def test_mx_route_nonexistent_or_null_mx_domain_bounces_at_once(relay_factory, zone, code, subtype):
+    dns_server = await DnsServer(zone).start()
+    try:
+        relay = await relay_factory(dns={"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"})
+        await relay.send("alice@contoso.test", ["bob@nomail.test"], message())
+        ndr = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR"))[0]
+    finally:
+        dns_server.stop()
+    per_rcpt = email.message_from_bytes(ndr).get_payload()[1].get_payload()[1]
+    assert per_rcpt["Status"] == code
+    assert per_rcpt["Action"] == "failed"
+
+
+async def test_mx_route_servfail_is_transient_4_4_312(relay_factory):
+    dns_server = await DnsServer({("partner.test", "MX"): "SERVFAIL"}).start()
+    try:
+        relay = await relay_factory(dns={"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"})
+        error = await deferred_error(relay)
+    finally:
+        dns_server.stop()
+    assert (error["code"], error["subtype"], error["dns"]["type"]) == ("4.4.312", "servfail", "MX")
+
+
+async def test_mx_route_delivers_by_preference_with_implicit_mx(relay_factory, sink):
+    dns_server = await DnsServer({("partner.test", "MX"): ["10 mx2.partner.test.", "5 mx1.partner.test."],
+                                  ("mx1.partner.test", "A"): [LOOPBACK],
+                                  ("mx2.partner.test", "A"): ["127.0.0.9"],
+                                  ("implicit.test", "A"): [LOOPBACK]}).start()
+    try:
+        relay = await relay_factory(dns={"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+                                    delivery={"smtp_port": sink.port})
+        await relay.send("alice@contoso.test", ["bob@partner.test", "carol@implicit.test"], message())
+        await eventually(lambda: len(sink.messages) == 2, what="both MX deliveries")
+        assert ("mx2.partner.test", "A") not in dns_server.queries   # the preferred MX took it
+    finally:
+        dns_server.stop()
+
+
+# -- TCP --------------------------------------------------------------------------------
+
+async def test_connect_timeout_is_4_4_315(relay_factory):
+    backlog = FullBacklog()
+    try:
+        relay = await relay_factory(delivery={"connect_timeout": "1s"}, connectors=smart_host(backlog.port))
+        error = await deferred_error(relay)
+    finally:
+        backlog.close()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.315", "timeout", "connect")
+    assert error["destination"] == {"host": LOOPBACK, "ip": LOOPBACK, "port": backlog.port, "index": 1, "count": 1}
+
+
+async def test_refused_is_4_4_316(relay_factory):
+    port = free_port()
+    relay = await relay_factory(connectors=smart_host(port))
+    error = await deferred_error(relay)
+    assert (error["code"], error["subtype"], error["phase"], error["errno"]) == (
+        "4.4.316", "refused", "connect", "ECONNREFUSED")
+    assert f"{LOOPBACK}:{port}" in error["detail"]
+
+
+async def test_second_smart_host_is_tried_and_first_failure_reported(relay_factory, sink):
+    dead = free_port()
+    relay = await relay_factory(connectors=[{"name": "partner", "type": "partner", "domains": ["partner.test"],
+                                             "smart_hosts": [f"{LOOPBACK}:{dead}", f"{LOOPBACK}:{sink.port}"],
+                                             "tls": "none"}])
+    await relay.send("alice@contoso.test", ["bob@partner.test"], message())
+    await eventually(lambda: sink.messages, what="delivery through the second smart host")
+
+
+# -- after connecting ------------------------------------------------------------------------
+
+async def greeting_421(c):
+    await c.say("421 4.3.2 Service not available, closing channel")
+
+
+async def greeting_554(c):
+    await c.say("554 5.7.1 No SMTP service here for you")
+
+
+async def starttls_454(c):
+    await c.greet_and_ehlo(("8BITMIME", "STARTTLS"))
+    assert (await c.hear()).upper() == "STARTTLS"
+    await c.say("454 4.7.0 TLS not available due to temporary reason")
+    await c.hear()
+
+
+async def close_after_greeting(c):
+    await c.say("220 scripted.test ESMTP")
+
+
+async def reset_after_ehlo(c):
+    await c.greet_and_ehlo()
+    await c.hear()
+    c.reset()
+
+
+async def silent_after_ehlo(c):
+    await c.greet_and_ehlo()
+    await c.hear()
+    await c.hang()
+
+
+async def silent_after_dot(c):
+    await c.greet_and_ehlo()
+    await c.until_data()
+    await c.read_body()
+    await c.hang()
+
+
+async def drop_during_data(c):
+    await c.greet_and_ehlo()
+    await c.until_data()
+    await c.reader.readexactly(64 * 1024)
+    c.reset()
+
+
+async def firewall_mangled_ehlo(c):
+    await c.say("220 ****************************")
+    await c.hear()
+    await c.say("XXXX unrecognized")
+
+
+@pytest.mark.parametrize("script, code, subtype, phase", [
+    (greeting_421, "4.4.317", "greeting_421", "greeting"),
+    (greeting_554, "4.4.317", "greeting_554", "greeting"),
+    (close_after_greeting, "4.4.318", "closed", "ehlo"),
+    (reset_after_ehlo, "4.4.318", "closed", "mail"),
+    (silent_after_ehlo, "4.4.318", "silent", "mail"),
+    (silent_after_dot, "4.4.318", "silent", "after-data"),
+    (firewall_mangled_ehlo, "4.4.318", "protocol", "ehlo"),
+])
+async def test_session_failures(relay_factory, script, code, subtype, phase):
+    server = await Scripted(script).start()
+    try:
+        relay = await relay_factory(delivery={"command_timeout": "1s", "final_timeout": "1s"},
+                                    connectors=smart_host(server.port))
+        error = await deferred_error(relay)
+    finally:
+        await server.stop()
+    assert (error["code"], error["smtp_code"], error["subtype"], error["phase"]) == (code, 450, subtype, phase)
+    if script in (greeting_421, greeting_554):
+        assert error["reply"].startswith(subtype[-3:])
+    assert error["destination"]["port"] == server.port
+
+
+async def test_drop_in_the_middle_of_data_is_4_4_318_in_data(relay_factory):
+    server = await Scripted(drop_during_data).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(server.port))
+        big = message(body=("z" * 998 + "\r\n") * 8000)   # 8 MB: our writes outlast the peer
+        await relay.send("alice@contoso.test", ["bob@partner.test"], big)
+
+        async def first_error():
+            q = await relay.queue()
+            return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
+        error = await eventually(first_error, what="the attempt")
+    finally:
+        await server.stop()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.318", "closed", "data")
+    assert error["errno"] in ("ECONNRESET", "EPIPE", None)   # asyncio may report the loss without an errno
+
+
+async def test_tls_required_but_not_offered_sends_nothing_in_clear(relay_factory):
+    heard = []
+
+    async def no_starttls(c):
+        await c.greet_and_ehlo(("8BITMIME", "PIPELINING"))
+        while True:
+            heard.append(await c.hear())
+            await c.say("221 bye")
+
+    server = await Scripted(no_starttls).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(server.port, tls="required"))
+        error = await deferred_error(relay)
+    finally:
+        await server.stop()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.317", "tls_not_offered", "starttls")
+    assert all(not line.upper().startswith(("MAIL", "RCPT", "DATA")) for line in heard), heard
+
+
+async def test_starttls_refused_is_4_4_317(relay_factory):
+    server = await Scripted(starttls_454).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(server.port, tls="required", tls_verify="none"))
+        error = await deferred_error(relay)
+    finally:
+        await server.stop()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.317", "starttls_refused", "starttls")
+    assert error["reply"] == "454 4.7.0 TLS not available due to temporary reason"
+
+
+# -- destination replies ------------------------------------------------------------------------
+
+async def test_rcpt_550_5_1_1_fails_that_recipient_with_an_ndr(relay_factory):
+    sink = await Sink(SinkHandler(rcpt_reply=lambda a: "550 5.1.1 <bob@partner.test>: user unknown")).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(sink.port))
+        await relay.send("alice@contoso.test", ["bob@partner.test"], message())
+        ndr = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR"))[0]
+    finally:
+        await sink.stop()
+    per_rcpt = email.message_from_bytes(ndr).get_payload()[1].get_payload()[1]
+    assert per_rcpt["Status"] == "5.1.1"
+    assert per_rcpt["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@partner.test>: user unknown"
+    assert per_rcpt["Remote-MTA"] == f"dns; {LOOPBACK}"
+
+
+async def test_rcpt_4xx_keeps_the_destination_code(relay_factory):
+    sink = await Sink(SinkHandler(rcpt_reply=lambda a: "452 4.2.2 Mailbox full")).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(sink.port))
+        error = await deferred_error(relay)
+    finally:
+        await sink.stop()
+    assert (error["code"], error["smtp_code"], error["phase"], error["permanent"]) == ("4.2.2", 452, "rcpt", False)
+    assert error["reply"] == "452 4.2.2 Mailbox full"
+
+
+# -- certificates -------------------------------------------------------------------------------
+
+def _self_signed(name: str) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def _server_context(cert_pem: bytes, key_pem: bytes, tmp_path) -> ssl.SSLContext:
+    (tmp_path / "srv.pem").write_bytes(cert_pem + key_pem)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "srv.pem")
+    return ctx
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+CERT_CASES = {
+    "expired": lambda ca: ca.issue_cert(PARTNER, not_before=_now() - datetime.timedelta(days=60),
+                                        not_after=_now() - datetime.timedelta(days=2)),
+    "not_yet_valid": lambda ca: ca.issue_cert(PARTNER, not_before=_now() + datetime.timedelta(days=3),
+                                              not_after=_now() + datetime.timedelta(days=90)),
+    "name_mismatch": lambda ca: ca.issue_cert("other.example.test"),
+    "untrusted_issuer": lambda ca: trustme.CA().issue_cert(PARTNER),
+}
+
+
+@pytest.mark.parametrize("subtype", [*CERT_CASES, "self_signed"])
+async def test_certificate_failures_are_4_7_320_with_facts(relay_factory, tmp_path, subtype):
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    if subtype == "self_signed":
+        cert_pem, key_pem = _self_signed(PARTNER)
+    else:
+        leaf = CERT_CASES[subtype](ca)
+        cert_pem = b"".join(b.bytes() for b in leaf.cert_chain_pems)
+        key_pem = leaf.private_key_pem.bytes()
+    sink = await Sink(tls_context=_server_context(cert_pem, key_pem, tmp_path)).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(sink.port, tls="required", tls_verify="ca_and_name",
+                                                          tls_name=PARTNER, ca_file=str(ca_file)))
+        error = await deferred_error(relay)
+    finally:
+        await sink.stop()
+    assert (error["code"], error["smtp_code"], error["subtype"], error["phase"]) == ("4.7.320", 450, subtype, "starttls")
+    tls = error["tls"]
+    assert tls["expected_name"] == PARTNER
+    assert tls["verify_code"] in (9, 10, 18, 19, 20, 21, 62)
+    assert tls["subject"] and tls["issuer"] and tls["not_before"] and tls["not_after"]
+    assert tls["sans"] == (["other.example.test"] if subtype == "name_mismatch" else [PARTNER])
+    if subtype == "expired":
+        assert tls["not_after"][:10] in error["detail"]
+    assert sink.messages == []
+
+
+async def test_valid_certificate_delivers_over_tls(relay_factory, tmp_path):
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf = ca.issue_cert(PARTNER)
+    sink = await Sink(tls_context=_server_context(b"".join(b.bytes() for b in leaf.cert_chain_pems),
+                                                  leaf.private_key_pem.bytes(), tmp_path)).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(sink.port, tls="required", tls_verify="ca_and_name",
+                                                          tls_name=PARTNER, ca_file=str(ca_file)))
+        await relay.send("alice@contoso.test", ["bob@partner.test"], message())
+        await eventually(lambda: sink.messages, what="delivery over verified TLS")
+    finally:
+        await sink.stop()
