@@ -166,7 +166,9 @@ def queue_list(config_path, connector, status, limit, as_json):
         return
     now = time.time()
     table = Table(box=None, pad_edge=False)
-    for col in ("ID", "Status", "Connector", "Age", "Tries", "Next try", "From", "To", "Last error"):
+    for col in ("ID", "Status", "Connector", "Age", "Tries", "Next try", "Last error"):
+        table.add_column(col, no_wrap=True)
+    for col in ("From", "To"):
         table.add_column(col, overflow="fold")
     for e in entries:
         err = e.last_error
@@ -174,10 +176,11 @@ def queue_list(config_path, connector, status, limit, as_json):
         table.add_row(e.id, e.status.value, e.route.name + (f" ({e.route.domain})" if e.route.domain else ""),
                       _age(e.received_at, now), str(e.attempts),
                       "-" if e.status.value in ("held", "active") else _age(e.next_attempt_at, now),
-                      e.sender or "<>", ", ".join(pending[:3]) + (f" +{len(pending) - 3}" if len(pending) > 3 else ""),
-                      f"{err.code} {err.detail}" if err else "")
+                      f"{err.code} {err.subtype or ''}".strip() if err else "",
+                      e.sender or "<>", ", ".join(pending[:3]) + (f" +{len(pending) - 3}" if len(pending) > 3 else ""))
     console.print(table)
-    click.echo(f"{len(entries)} message(s)")
+    click.echo(f"{len(entries)} message(s); `relaywatch queue show ID` explains an error, "
+               f"`relaywatch errors CODE` what to do about it")
 
 
 @queue.command("show")
@@ -196,7 +199,7 @@ def queue_show(config_path, entry_id, as_json):
         data["attempt_history"] = [_history_json(a) for a in entry.history]
         click.echo(json.dumps(data, indent=2))
         return
-    _print_entry(entry)
+    _print_entry(entry, config)
 
 
 def _history_json(a: dict) -> dict:
@@ -209,7 +212,7 @@ def _history_json(a: dict) -> dict:
     return out
 
 
-def _print_entry(e: Entry) -> None:
+def _print_entry(e: Entry, config: Config) -> None:
     now = time.time()
     click.echo(f"Message {e.id}  ({e.status.value})")
     click.echo(f"  From:        {e.sender or '<>'}")
@@ -219,7 +222,7 @@ def _print_entry(e: Entry) -> None:
     click.echo(f"  Expires:     {iso(e.expires_at)} ({_age(e.expires_at, now)})")
     if e.status.value not in ("held", "active"):
         click.echo(f"  Next try:    {iso(e.next_attempt_at)} ({_age(e.next_attempt_at, now)})")
-    click.echo(f"  Attempts:    {e.attempts}")
+    click.echo(f"  Attempts:    {e.attempts}" + (f", failing since {iso(e.first_failure_at)}" if e.first_failure_at else ""))
     click.echo("  Recipients:")
     for r in e.recipients:
         click.echo(f"    {r.address}  {r.status.value}")
@@ -227,39 +230,58 @@ def _print_entry(e: Entry) -> None:
             f = r.last_error
             click.echo(f"      {f.smtp_code} {f.code} {f.title}" + (f" [{f.subtype}]" if f.subtype else ""))
             click.echo(f"      {f.detail}")
+    last = e.last_error
+    if last is not None and e.pending:
+        entry = CATALOG.get(last.kind)
+        connector = config.connector(e.route.name)
+        if entry is not None:
+            click.echo(f"  What to do ({connector.type if connector else 'internet'}):")
+            for fix in entry.fixes_for(connector.type if connector else None)[:3]:
+                click.echo(f"    - {fix}")
+            click.echo(f"    (all causes and fixes: relaywatch errors {entry.code})")
     if e.history:
         click.echo("  Attempts (oldest first):")
     for n, a in enumerate(e.history, 1):
-        dest = a.get("destination") or {}
-        host = dest.get("host") or "-"
-        if dest.get("ip") and dest.get("ip") != host:
-            host += f"[{dest['ip']}]"
-        if dest.get("port"):
-            host += f":{dest['port']}"
-        click.echo(f"   #{n} {iso(a['at'])} {host} ({a['duration']:.2f}s)")
+        click.echo(f"   #{n} {iso(a['at'])} {_host(a.get('destination'))} ({a['duration']:.2f}s)")
+        # Recipients that failed the same way are shown once.
+        groups: dict[str, list[dict]] = {}
         for r in a["recipients"]:
             err = r.get("error")
-            if err:
-                click.echo(f"      {r['address']}: {err['code']} {err['title']} [{err.get('subtype') or '-'}] "
-                           f"phase={err['phase']}")
-                click.echo(f"        {err['detail']}")
-                for key in ("reply", "errno"):
-                    if err.get(key):
-                        click.echo(f"        {key}: {err[key]}")
-                if err.get("dns"):
-                    d = err["dns"]
-                    click.echo(f"        dns: {d.get('name')} {d.get('type')} rcode={d.get('rcode')} "
-                               f"nameserver={d.get('nameserver')}")
-                if err.get("tls"):
-                    t = err["tls"]
-                    click.echo(f"        certificate: subject={t.get('subject')} sans={','.join(t.get('sans') or [])} "
-                               f"issuer={t.get('issuer')} valid {t.get('not_before')} .. {t.get('not_after')} "
-                               f"expected={t.get('expected_name')} verify_code={t.get('verify_code')}")
-            else:
-                click.echo(f"      {r['address']}: {r['status']} {r.get('reply') or ''}")
+            key = json.dumps(err, sort_keys=True) if err else f"ok {r['status']} {r.get('reply')}"
+            groups.setdefault(key, []).append(r)
+        for rs in groups.values():
+            names = ", ".join(r["address"] for r in rs)
+            err = rs[0].get("error")
+            if not err:
+                click.echo(f"      {names}: {rs[0]['status']} {rs[0].get('reply') or ''}")
+                continue
+            click.echo(f"      {names}: {err['code']} {err['title']} [{err.get('subtype') or '-'}] phase={err['phase']}")
+            click.echo(f"        {err['detail']}")
+            for key in ("reply", "errno"):
+                if err.get(key):
+                    click.echo(f"        {key}: {err[key]}")
+            if err.get("dns"):
+                d = err["dns"]
+                click.echo(f"        dns: {d.get('name')} {d.get('type')} rcode={d.get('rcode')} "
+                           f"nameserver={d.get('nameserver')}")
+            if err.get("tls"):
+                t = err["tls"]
+                click.echo(f"        certificate: subject={t.get('subject')} names={','.join(t.get('sans') or [])} "
+                           f"issuer={t.get('issuer')}")
+                click.echo(f"          valid {t.get('not_before')} .. {t.get('not_after')}; expected name "
+                           f"{t.get('expected_name')}; OpenSSL verify code {t.get('verify_code')}")
         for f in a.get("hosts_tried", []):
-            d = f.get("destination") or {}
-            click.echo(f"      also tried {d.get('host')}: {f['code']} {f['detail']}")
+            click.echo(f"      also tried {_host(f.get('destination'))}: {f['code']} {f['detail']}")
+
+
+def _host(dest: dict | None) -> str:
+    dest = dest or {}
+    host = dest.get("host") or "-"
+    if dest.get("ip") and dest.get("ip") != host:
+        host += f"[{dest['ip']}]"
+    if dest.get("port"):
+        host += f":{dest['port']}"
+    return host
 
 
 def _selector(ids, connector, all_) -> Selector:

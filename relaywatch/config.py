@@ -7,6 +7,7 @@ with it in one sentence.  All errors are collected and reported together.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -200,10 +201,8 @@ class _Reader:
         for key in data:
             if key not in known:
                 where = f"{path}.{key}" if path else key
-                hint = ""
-                close = [k for k in known if k.replace("_", "") == key.replace("_", "").replace("-", "")]
-                if close:
-                    hint = f"; did you mean {close[0]!r}?"
+                close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
                 self.problems.append(f"{where}: unknown key{hint}")
 
     def get(self, data: dict, key: str, path: str, convert, default):

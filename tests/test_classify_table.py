@@ -1,0 +1,100 @@
+"""The pure classifier, by table; and the catalog's completeness."""
+
+import pytest
+
+from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
+from relaywatch.classify.classify import VERIFY_SUBTYPES, classify
+from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.model import Destination
+
+D = Destination("mail.contoso.test", "192.0.2.5", 25, 1, 2)
+DNS = {"name": "mail.contoso.test", "type": "A", "rcode": None, "nameserver": "127.0.0.1:53"}
+
+
+def obs(phase, outcome, **kw):
+    return Observation(Phase(phase), Outcome(outcome), kw.pop("destination", D), **kw)
+
+
+TABLE = [
+    # observation                                                          code       subtype            permanent
+    (obs("dns", "nxdomain", dns=DNS, destination=None),                   "4.4.312", "nxdomain", False),
+    (obs("dns", "servfail", dns={**DNS, "rcode": "SERVFAIL"}),            "4.4.312", "servfail", False),
+    (obs("dns", "servfail", dns={**DNS, "rcode": "REFUSED"}),             "4.4.312", "refused", False),
+    (obs("dns", "dns_timeout", dns=DNS),                                  "4.4.312", "timeout", False),
+    (obs("dns", "no_address", dns=DNS),                                   "4.4.312", "no_address", False),
+    (obs("dns", "domain_not_found", dns={**DNS, "type": "MX"}),           "5.1.2", "nxdomain", True),
+    (obs("dns", "null_mx", dns={**DNS, "type": "MX"}),                    "5.1.10", "null_mx", True),
+    (obs("connect", "connect_timeout"),                                   "4.4.315", "timeout", False),
+    (obs("connect", "unreachable", errno="EHOSTUNREACH"),                 "4.4.315", "host_unreachable", False),
+    (obs("connect", "unreachable", errno="ENETUNREACH"),                  "4.4.315", "network_unreachable", False),
+    (obs("connect", "refused", errno="ECONNREFUSED"),                     "4.4.316", "refused", False),
+    (obs("connect", "closed", errno="ECONNRESET"),                        "4.4.318", "closed", False),
+    (obs("greeting", "reply", reply_code=421, reply_text="busy"),         "4.4.317", "greeting_421", False),
+    (obs("greeting", "reply", reply_code=554, reply_text="go away"),      "4.4.317", "greeting_554", False),
+    (obs("ehlo", "reply", reply_code=421, reply_text="closing"),          "4.4.317", "ehlo_rejected", False),
+    (obs("starttls", "tls_not_offered"),                                  "4.4.317", "tls_not_offered", False),
+    (obs("starttls", "reply", reply_code=454, reply_enhanced="4.7.0"),    "4.4.317", "starttls_refused", False),
+    (obs("starttls", "tls_handshake", note="NO_SHARED_CIPHER"),           "4.4.317", "tls_handshake", False),
+    (obs("greeting", "closed"),                                           "4.4.318", "closed", False),
+    (obs("greeting", "silent"),                                           "4.4.318", "silent", False),
+    (obs("ehlo", "protocol", note="not an SMTP reply"),                   "4.4.318", "protocol", False),
+    (obs("mail", "closed", errno="ECONNRESET"),                           "4.4.318", "closed", False),
+    (obs("rcpt", "silent"),                                               "4.4.318", "silent", False),
+    (obs("data", "stalled"),                                              "4.4.318", "stalled", False),
+    (obs("after-data", "silent"),                                         "4.4.318", "silent", False),
+    (obs("starttls", "certificate", tls={"verify_code": 10, "not_after": "2026-01-01T00:00:00+00:00"}),
+     "4.7.320", "expired", False),
+    (obs("starttls", "certificate", tls={"verify_code": 9}),              "4.7.320", "not_yet_valid", False),
+    (obs("starttls", "certificate", tls={"verify_code": 62, "expected_name": "x.test", "sans": ["y.test"]}),
+     "4.7.320", "name_mismatch", False),
+    (obs("starttls", "certificate", tls={"verify_code": 18}),             "4.7.320", "self_signed", False),
+    (obs("starttls", "certificate", tls={"verify_code": 20}),             "4.7.320", "untrusted_issuer", False),
+    (obs("starttls", "certificate", tls={"verify_code": 23}),             "4.7.320", "revoked", False),
+    (obs("starttls", "certificate", tls={"verify_code": 999}),            "4.7.320", "invalid", False),
+    (obs("rcpt", "reply", reply_code=550, reply_enhanced="5.1.1", reply_text="unknown"), "5.1.1", None, True),
+    (obs("rcpt", "reply", reply_code=452, reply_enhanced="4.2.2"),        "4.2.2", None, False),
+    (obs("mail", "reply", reply_code=451),                                "4.0.0", None, False),
+    (obs("after-data", "reply", reply_code=554, reply_enhanced="5.7.1"),  "5.7.1", None, True),
+    (obs("data", "reply", reply_code=554),                                "5.0.0", None, True),
+    (obs("local", "local_error", note="No space left on device"),         "4.3.0", "io_error", False),
+]
+
+
+@pytest.mark.parametrize("observation, code, subtype, permanent", TABLE)
+def test_classify(observation, code, subtype, permanent):
+    failure = classify(observation, at=1000.0)
+    assert (failure.code, failure.subtype, failure.permanent) == (code, subtype, permanent)
+    assert failure.phase == observation.phase.value
+    assert failure.detail.endswith(".")
+    if observation.destination and observation.outcome not in (Outcome.DNS_NXDOMAIN, Outcome.LOCAL_ERROR):
+        assert "mail.contoso.test" in failure.detail or "192.0.2.5" in failure.detail
+
+
+def test_catalog_codes_have_450_for_the_connector_codes():
+    for code in ("4.4.312", "4.4.315", "4.4.316", "4.4.317", "4.4.318", "4.7.320"):
+        assert lookup(code).smtp_code == 450
+
+
+def test_every_outcome_in_every_phase_has_a_catalog_entry():
+    """Like httpx's test that every httpcore exception is mapped: a new Outcome
+    or Phase without a classification fails here."""
+    for outcome in Outcome:
+        for phase in Phase:
+            o = Observation(phase, outcome, D, reply_code=451 if outcome is Outcome.REPLY else None,
+                            tls={"verify_code": 10}, dns=DNS)
+            failure = classify(o, at=0.0)
+            assert failure.kind in CATALOG
+
+
+@pytest.mark.parametrize("entry", CATALOG.values(), ids=lambda e: e.id)
+def test_every_entry_explains_causes_and_fixes_for_both_audiences(entry):
+    assert entry.title and len(entry.explanation) > 40
+    for audience in AUDIENCES:
+        assert entry.causes[audience], f"{entry.id} has no causes for {audience}"
+        assert entry.fixes[audience], f"{entry.id} has no fixes for {audience}"
+        assert all(c.strip() for c in entry.causes[audience] + entry.fixes[audience])
+
+
+def test_verify_codes_map_to_documented_subtypes():
+    assert set(VERIFY_SUBTYPES.values()) <= {"expired", "not_yet_valid", "name_mismatch", "self_signed",
+                                             "untrusted_issuer", "revoked"}

@@ -1,0 +1,139 @@
+"""The operator commands, against the store of a running relay."""
+
+import asyncio
+import email
+
+from click.testing import CliRunner
+
+from helpers import LOOPBACK, Sink, eventually, free_port, message
+from relaywatch.cli import main
+
+FIELDS = {"id", "sender", "received_at", "expires_at", "status", "attempts", "next_attempt_at", "connector"}
+ERROR_FIELDS = {"code", "smtp_code", "title", "subtype", "detail", "phase", "destination", "at", "reply", "errno",
+                "dns", "tls", "permanent", "kind"}
+
+
+def down_connector(port):
+    return [{"name": "onprem", "type": "on_premises", "domains": ["fabrikam.test"],
+             "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}]
+
+
+async def deferred_relay(relay_factory, n=1, **queue):
+    port = free_port()
+    relay = await relay_factory(queue={"retry_intervals": ["1h"], **queue}, connectors=down_connector(port))
+    for i in range(n):
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"m{i}"))
+
+    async def all_tried():
+        q = await relay.queue()
+        return q if len(q) == n and all(m["attempts"] >= 1 for m in q) else None
+    return relay, port, await eventually(all_tried, what="the first attempts")
+
+
+async def test_queue_list_and_show_json_is_the_documented_shape(relay_factory):
+    relay, port, [entry] = await deferred_relay(relay_factory)
+    assert FIELDS <= entry.keys()
+    assert entry["connector"] == "onprem" and entry["status"] == "deferred" and entry["sender"] == "alice@contoso.test"
+    assert entry["received_at"].endswith("Z") and entry["expires_at"].endswith("Z")
+    rcpt = entry["recipients"][0]
+    assert rcpt["address"] == "bob@fabrikam.test" and rcpt["status"] == "deferred"
+    error = rcpt["last_error"]
+    assert ERROR_FIELDS <= error.keys()
+    assert (error["code"], error["smtp_code"], error["phase"]) == ("4.4.316", 450, "connect")
+    assert error["destination"]["host"] == LOOPBACK and error["destination"]["port"] == port
+    shown = await relay.show(entry["id"])
+    assert shown["attempt_history"][0]["recipients"][0]["error"]["code"] == "4.4.316"
+    text = (await relay.cli("queue", "show", entry["id"])).output
+    assert "4.4.316 Connection refused [refused]" in text and f"{LOOPBACK}:{port} refused" in text
+    listing = (await relay.cli("queue", "list")).output
+    assert entry["id"] in listing and "4.4.316" in listing
+
+
+async def test_filters(relay_factory):
+    relay, _, _ = await deferred_relay(relay_factory)
+    assert len((await relay.cli_json("queue", "list", "--connector", "onprem"))["messages"]) == 1
+    assert (await relay.cli_json("queue", "list", "--connector", "other"))["messages"] == []
+    assert (await relay.cli_json("queue", "list", "--status", "queued"))["messages"] == []
+
+
+async def test_hold_release_and_retry_reach_the_running_server(relay_factory):
+    relay, port, [entry] = await deferred_relay(relay_factory)
+    await relay.cli("queue", "hold", entry["id"])
+    assert (await relay.show(entry["id"]))["status"] == "held"
+    await relay.cli("queue", "retry", entry["id"], expect=1)     # held: not retried
+    sink = await Sink(port=port).start()
+    try:
+        await relay.cli("queue", "release", entry["id"])
+        await eventually(lambda: sink.messages, what="delivery after release")
+    finally:
+        await sink.stop()
+
+
+async def test_retry_by_connector_runs_the_next_attempt_now(relay_factory):
+    relay, port, entries = await deferred_relay(relay_factory, n=2)
+    sink = await Sink(port=port).start()
+    try:
+        out = (await relay.cli("queue", "retry", "--connector", "onprem")).output
+        assert "2 message(s)" in out
+        await eventually(lambda: len(sink.messages) == 2, what="both delivered within the poll interval")
+    finally:
+        await sink.stop()
+
+
+async def test_delete_and_bounce(relay_factory):
+    relay, _, entries = await deferred_relay(relay_factory, n=2)
+    first, second = (e["id"] for e in entries)
+    await relay.cli("queue", "delete", first)
+    await relay.cli("queue", "show", first, expect=1)
+    out = (await relay.cli("queue", "bounce", second)).output
+    assert "returned to alice@contoso.test" in out
+    ndr = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR"))[0]
+    report = email.message_from_bytes(ndr)
+    per_rcpt = report.get_payload()[1].get_payload()[1]
+    assert per_rcpt["Action"] == "failed" and "4.4.316" in per_rcpt["Diagnostic-Code"]
+    await eventually(lambda: _queue_empty(relay), what="the queue to empty")
+    await relay.cli("queue", "delete", "NOSUCHID", expect=1)
+
+
+async def _queue_empty(relay):
+    return await relay.queue() == []
+
+
+def test_config_check_names_every_bad_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nlisten = ["127.0.0.1:x"]\n[queue]\nmessage_expiration = "soon"\n'
+                   '[[connectors]]\nname = "p"\ntype = "partner"\ndomains = ["p.test"]\ntls = "always"\n')
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(bad)])
+    assert result.exit_code == 2
+    assert "server.listen: '127.0.0.1:x' has an invalid port" in result.output
+    assert "queue.message_expiration: 'soon' is not a duration" in result.output
+    assert "connectors[0].tls: must be one of none, opportunistic, required (got 'always')" in result.output
+    assert "Traceback" not in result.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\n")
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(broken)])
+    assert result.exit_code == 2 and "not valid TOML" in result.output
+    missing = CliRunner().invoke(main, ["config", "check", "-c", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+def test_example_config_is_valid():
+    result = CliRunner().invoke(main, ["config", "check", "-c", "examples/relaywatch.toml"])
+    assert result.exit_code == 0, result.output
+
+
+def test_errors_prints_the_catalog():
+    result = CliRunner().invoke(main, ["errors", "4.7.320"])
+    assert result.exit_code == 0
+    assert "Certificate validation failed" in result.output and "What to do" in result.output
+    everything = CliRunner().invoke(main, ["errors"]).output
+    for code in ("4.4.312", "4.4.315", "4.4.316", "4.4.317", "4.4.318", "4.7.320"):
+        assert code in everything
+    assert CliRunner().invoke(main, ["errors", "9.9.9"]).exit_code == 1
+
+
+async def test_queue_commands_without_a_queue_say_so(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "nothing"}"\n')
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["queue", "list", "-c", str(cfg)])
+    assert result.exit_code == 1 and "no queue at" in result.output

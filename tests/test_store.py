@@ -1,0 +1,116 @@
+"""The SQLite queue store against its contract (real SQLite files)."""
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from relaywatch.errors import LeaseLost, StoreError
+from relaywatch.model import (
+    Attempt, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
+)
+from relaywatch.store.base import QueueQuery, Selector
+from relaywatch.store.sqlite import SqliteStore
+
+A = Route(RouteKind.CONNECTOR, "a")
+B = Route(RouteKind.CONNECTOR, "b")
+
+
+def msg(recipients, data=b"Subject: x\r\n\r\nbody\r\n", path=None, now=None):
+    now = now or time.time()
+    body = StoredBody(size=len(data), data=None if path else data, path=path)
+    return NewMessage(sender="s@x.test", recipients=tuple(recipients), body=body, received_at=now,
+                      expires_at=now + 3600, message_id="<m@x>")
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = SqliteStore(tmp_path / "q.sqlite3")
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_enqueue_splits_per_route_and_many_commits_group(store):
+    ids = await store.enqueue(msg([("1@a", A), ("2@b", B), ("3@a", A)]))
+    assert len(ids) == 2
+    entries = {e.route.name: e for e in await store.list(QueueQuery())}
+    assert [r.address for r in entries["a"].recipients] == ["1@a", "3@a"]
+    assert entries["a"].body_id == entries["b"].body_id
+    # 500 concurrent enqueues all commit (in a handful of transactions).
+    results = await asyncio.gather(*(store.enqueue(msg([(f"{i}@a", A)])) for i in range(500)))
+    assert len({i for r in results for i in r}) == 500
+    assert (await store.counts())["queued"] == 502
+
+
+async def test_a_lease_is_exclusive_until_it_lapses(store):
+    [entry_id] = await store.enqueue(msg([("1@a", A)]))
+    now = time.time()
+    first = await store.lease("w1", 10, ttl=30, now=now)
+    assert [e.id for e in first] == [entry_id]
+    assert await store.lease("w2", 10, ttl=30, now=now + 1) == []
+    # w1 died: after the lease time the entry is due again for anyone.
+    again = await store.lease("w2", 10, ttl=30, now=now + 31)
+    assert [e.id for e in again] == [entry_id]
+    with pytest.raises(LeaseLost):
+        await store.record(entry_id, "w1", None, [RecipientOutcome("1@a", RecipientStatus.DELIVERED)], None)
+    await store.record(entry_id, "w2", None, [RecipientOutcome("1@a", RecipientStatus.DELIVERED)], None)
+    assert await store.get(entry_id) is None
+
+
+async def test_record_keeps_per_recipient_status_and_history(store):
+    [entry_id] = await store.enqueue(msg([("1@a", A), ("2@a", A)]))
+    [entry] = await store.lease("w", 10, 30, time.time())
+    outcomes = [RecipientOutcome("1@a", RecipientStatus.DELIVERED, reply="250 ok"),
+                RecipientOutcome("2@a", RecipientStatus.DEFERRED)]
+    attempt = Attempt(at=time.time(), duration=0.1, destination=None, outcomes=tuple(outcomes))
+    await store.record(entry_id, "w", attempt, outcomes, time.time() + 60)
+    e = await store.get(entry_id)
+    assert e.status.value == "deferred" and e.attempts == 1 and len(e.history) == 1
+    assert {r.address: r.status.value for r in e.recipients} == {"1@a": "delivered", "2@a": "deferred"}
+    # Only the deferred one is offered again.
+    [again] = await store.lease("w", 10, 30, time.time() + 61)
+    assert [r.address for r in again.recipients] == ["2@a"]
+
+
+async def test_hold_release_retry_delete(store, tmp_path):
+    spool = tmp_path / "body"
+    spool.write_bytes(b"big body")
+    [e1] = await store.enqueue(msg([("1@a", A)], path=str(spool)))
+    [e2] = await store.enqueue(msg([("2@b", B)]))
+    assert await store.hold(e1)
+    assert [e.id for e in await store.lease("w", 10, 30, time.time())] == [e2]
+    assert await store.release(e1, time.time())
+    await store.release_leases("w", time.time())
+    assert await store.retry(Selector(connector="b"), time.time()) == 1
+    assert await store.delete(e1)
+    assert not spool.exists()                      # the last reference removed the spool file
+    assert not await store.delete(e1)
+
+
+async def test_a_failed_operation_does_not_spoil_its_batch(store):
+    good = store.enqueue(msg([("1@a", A)]))
+    bad = store.record("NOSUCHID", None, None, [], None)
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert isinstance(results[0], list) and isinstance(results[1], Exception)
+    assert (await store.counts())["queued"] == 1
+
+
+async def test_a_closed_store_raises_store_error(tmp_path):
+    s = SqliteStore(tmp_path / "q.sqlite3")
+    with pytest.raises(StoreError):
+        await s.enqueue(msg([("1@a", A)]))
+
+
+async def test_another_process_sees_and_changes_the_same_queue(store, tmp_path):
+    [entry_id] = await store.enqueue(msg([("1@a", A)]))
+    other = SqliteStore(tmp_path / "q.sqlite3")
+    await other.open()
+    try:
+        assert (await other.get(entry_id)).id == entry_id
+        assert await other.hold(entry_id)
+    finally:
+        await other.close()
+    assert (await store.get(entry_id)).status.value == "held"
+    assert os.path.exists(tmp_path / "q.sqlite3-wal")

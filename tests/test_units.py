@@ -1,0 +1,196 @@
+"""Pure parts: SMTP client protocol, config validation, retry schedule, routing, NDR."""
+
+import email
+import email.policy
+
+import pytest
+from flufl.bounce import scan_message
+
+from relaywatch.config import parse_config, parse_duration, parse_size
+from relaywatch.deliver.scheduler import next_attempt_at, settle
+from relaywatch.errors import ConfigError
+from relaywatch.model import Destination, Failure, RecipientOutcome, RecipientStatus, RouteKind
+from relaywatch.notify.dsn import FailedRecipient, build_ndr
+from relaywatch.receive.server import with_enhanced_code
+from relaywatch.route import decide
+from relaywatch.smtpclient.protocol import (
+    DotStuffer, RemoteProtocolError, ReplyReader, mail_from, parse_ehlo, rcpt_to,
+)
+
+
+# -- replies -------------------------------------------------------------------------------
+
+def feed(script: bytes):
+    reader, replies = ReplyReader(), []
+    for line in script.splitlines(keepends=True):
+        r = reader.feed_line(line)
+        if r:
+            replies.append(r)
+    return replies
+
+
+def test_multiline_reply_with_enhanced_code():
+    [r] = feed(b"250-mx.test hello\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 STARTTLS\r\n")
+    assert r.code == 250 and parse_ehlo(r) == {"PIPELINING": "", "SIZE": "1000", "STARTTLS": ""}
+    [r] = feed(b"550 5.1.1 <x@y>: user unknown\r\n")
+    assert (r.enhanced, r.text, str(r)) == ("5.1.1", "<x@y>: user unknown", "550 5.1.1 <x@y>: user unknown")
+    [r] = feed(b"421 Service closing\r\n")
+    assert r.enhanced is None and r.text == "Service closing"
+    [r] = feed(b"220\r\n")
+    assert r.code == 220 and r.text == ""
+
+
+@pytest.mark.parametrize("bad", [b"XXXX unrecognized\r\n", b"2500 x\r\n", b"999 x\r\n", b"25\r\n",
+                                 b"250-a\r\n251 b\r\n"])
+def test_garbage_is_a_remote_protocol_error(bad):
+    with pytest.raises(RemoteProtocolError):
+        feed(bad)
+
+
+def test_enhanced_code_must_match_the_reply_class():
+    [r] = feed(b"450 5.1.1 mixed up\r\n")
+    assert r.enhanced is None
+
+
+def test_commands_refuse_crlf_injection():
+    assert mail_from("a@b.test", 10, True) == b"MAIL FROM:<a@b.test> SIZE=10 BODY=8BITMIME\r\n"
+    assert mail_from("") == b"MAIL FROM:<>\r\n"
+    with pytest.raises(ValueError):
+        rcpt_to("a@b.test>\r\nRCPT TO:<evil@x")
+
+
+@pytest.mark.parametrize("chunks, wire", [
+    ([b"a\r\n.b\r\n"], b"a\r\n..b\r\n.\r\n"),
+    ([b".first\r\n"], b"..first\r\n.\r\n"),
+    ([b"a\r\n", b".b\r\n"], b"a\r\n..b\r\n.\r\n"),
+    ([b"a\r", b"\n.b\r\n"], b"a\r\n..b\r\n.\r\n"),
+    ([b"no newline at end"], b"no newline at end\r\n.\r\n"),
+    ([b"a\r\n..\r\n"], b"a\r\n...\r\n.\r\n"),
+])
+def test_dot_stuffing_across_chunk_boundaries(chunks, wire):
+    s = DotStuffer()
+    assert b"".join(s.stuff(c) for c in chunks) + s.end() == wire
+
+
+# -- receive replies ------------------------------------------------------------------------
+
+def test_aiosmtpd_replies_gain_enhanced_codes():
+    assert with_enhanced_code("503 Error: need MAIL command") == "503 5.5.1 Need MAIL command"
+    assert with_enhanced_code("250 2.1.5 Recipient OK") == "250 2.1.5 Recipient OK"
+    assert with_enhanced_code("354 End data with <CR><LF>.<CR><LF>") == "354 End data with <CR><LF>.<CR><LF>"
+
+
+# -- config ---------------------------------------------------------------------------------
+
+def problems(raw):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    return err.value.problems
+
+
+def test_config_errors_name_the_key_and_the_problem():
+    found = problems({
+        "server": {"listen": ["127.0.0.1:99999"], "max_message_size": "lots", "trusted_networks": ["10.0.0.300/8"],
+                   "hostnmae": "x"},
+        "queue": {"message_expiration": "a day", "retry_intervals": []},
+        "dns": {"nameservers": ["ns.example:53"]},
+        "domains": [{"name": "contoso.test", "type": "authorative"}],
+        "connectors": [{"name": "a", "type": "cloud", "domains": ["x.test"], "tls": "yes", "smart_hosts": "h"},
+                       {"name": "a", "type": "partner", "domains": []}],
+    })
+    text = "\n".join(found)
+    for expected in [
+        "server.listen: '127.0.0.1:99999' has an invalid port",
+        "server.max_message_size: 'lots' is not a size",
+        "server.trusted_networks: '10.0.0.300/8' is not an IP network",
+        "server.hostnmae: unknown key; did you mean 'hostname'?",
+        "queue.message_expiration: 'a day' is not a duration",
+        "queue.retry_intervals: must be a non-empty list",
+        "dns.nameservers: 'ns.example' must be an IP address",
+        "domains[0].type: must be one of authoritative, internal_relay (got 'authorative')",
+        "connectors[0].type: must be one of on_premises, partner (got 'cloud')",
+        "connectors[0].tls: must be one of none, opportunistic, required (got 'yes')",
+        "connectors[0].smart_hosts: must be a list of strings",
+        "connectors[1].name: another connector is already called 'a'",
+        "connectors[1].domains: must list at least one domain",
+    ]:
+        assert expected in text, f"missing: {expected}\n{text}"
+
+
+def test_durations_and_sizes():
+    assert parse_duration("90s") == 90 and parse_duration("24h") == 86400 and parse_duration("1.5m") == 90
+    assert parse_duration(5) == 5
+    assert parse_size("36MB") == 36_000_000 and parse_size("1MiB") == 1048576 and parse_size(10) == 10
+
+
+def test_tls_verify_defaults_to_strict_only_when_tls_is_required():
+    c = parse_config({"connectors": [
+        {"name": "a", "type": "partner", "domains": ["a.test"], "tls": "required"},
+        {"name": "b", "type": "partner", "domains": ["b.test"]}]})
+    assert [x.tls_verify for x in c.connectors] == ["ca_and_name", "none"]
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+def test_routing_order():
+    config = parse_config({
+        "domains": [{"name": "contoso.test", "type": "authoritative", "mailboxes": ["alice"]},
+                    {"name": "hybrid.test", "type": "internal_relay", "mailboxes": ["bob"]}],
+        "connectors": [{"name": "onprem", "type": "on_premises", "domains": ["hybrid.test"], "smart_hosts": ["h:25"]},
+                       {"name": "fab", "type": "partner", "domains": ["*.fabrikam.test"]},
+                       {"name": "off", "type": "partner", "domains": ["off.test"], "enabled": False}]})
+    assert decide(config, "Alice@Contoso.test").route.kind is RouteKind.LOCAL
+    assert decide(config, "nobody@contoso.test").route is None
+    assert decide(config, "bob@hybrid.test").route.kind is RouteKind.LOCAL
+    r = decide(config, "carol@hybrid.test")
+    assert (r.route.name, r.route.domain, r.accepted_domain) == ("onprem", "", True)
+    r = decide(config, "x@eu.fabrikam.test")
+    assert (r.route.name, r.route.domain, r.accepted_domain) == ("fab", "eu.fabrikam.test", False)
+    assert decide(config, "x@fabrikam.test").route.kind is RouteKind.INTERNET   # wildcard is not the apex
+    assert decide(config, "x@off.test").route.kind is RouteKind.INTERNET        # disabled connector
+
+
+# -- retry schedule -----------------------------------------------------------------------------
+
+def test_retry_schedule_repeats_the_last_interval_and_stops_at_expiry():
+    intervals = (60.0, 300.0, 600.0)
+    assert next_attempt_at(1, 0, 10_000, intervals) == 60
+    assert next_attempt_at(3, 0, 10_000, intervals) == 600
+    assert next_attempt_at(9, 0, 10_000, intervals) == 600
+    assert next_attempt_at(9, 9_900, 10_000, intervals) == 10_000   # the last try is at expiry
+
+
+def test_deferred_recipients_expire_after_the_deadline():
+    f = Failure("4.4.316", 450, "Connection refused", "refused", "x", "connect", False, 0.0, "connect.refused")
+    out = [RecipientOutcome("a@x", RecipientStatus.DEFERRED, f), RecipientOutcome("b@x", RecipientStatus.DELIVERED)]
+    assert [o.status for o in settle(out, 99, 100)] == [RecipientStatus.DEFERRED, RecipientStatus.DELIVERED]
+    assert [o.status for o in settle(out, 100, 100)] == [RecipientStatus.EXPIRED, RecipientStatus.DELIVERED]
+
+
+# -- NDR ---------------------------------------------------------------------------------------------
+
+def test_ndr_is_rfc3464_and_readable():
+    f = Failure("4.4.316", 450, "Connection refused", "refused",
+                "mail.contoso.test[192.0.2.5]:25 refused the TCP connection (ECONNREFUSED).", "connect", False,
+                1_800_000_000.0, "connect.refused", Destination("mail.contoso.test", "192.0.2.5", 25))
+    raw = build_ndr(reporting_mta="relay.test", original_sender="alice@contoso.test",
+                    original_headers=b"Subject: quarterly report\r\nMessage-ID: <1@x>\r\n\r\n",
+                    original_message_id="<1@x>", received_at=1_799_913_600.0, expires_at=1_800_000_000.0,
+                    first_failure_at=1_799_913_601.0, attempts=31,
+                    recipients=[FailedRecipient("bob@contoso.test", RecipientStatus.EXPIRED, f)],
+                    now=1_800_000_000.0)
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == "Undeliverable: quarterly report"
+    assert msg["In-Reply-To"] == "<1@x>"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    human, status, headers = msg.iter_parts()
+    text = human.get_content()
+    assert "bob@contoso.test" in text and "31 attempts" in text
+    assert "mail.contoso.test[192.0.2.5]:25 refused the TCP connection" in text
+    blocks = status.get_payload()
+    assert blocks[0]["Reporting-MTA"] == "dns; relay.test"
+    assert blocks[1]["Status"] == "4.4.7" and blocks[1]["Action"] == "failed"
+    assert blocks[1]["Remote-MTA"] == "dns; mail.contoso.test"
+    assert blocks[1]["Diagnostic-Code"].startswith("smtp; 450 4.4.316 Connection refused")
+    assert scan_message(email.message_from_bytes(raw)) in ({b"bob@contoso.test"}, {"bob@contoso.test"})
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
