@@ -148,6 +148,9 @@ class Connector:
     tls_verify: str = "ca_and_name"
     tls_name: str | None = None
     ca_file: Path | None = None
+    # A CRL (PEM) to check the destination's certificate against; without one
+    # a revoked certificate cannot be told from a good one.
+    crl_file: Path | None = None
     enabled: bool = True
 
     def serves(self, domain: str) -> bool:
@@ -427,7 +430,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"{p}: must be a table")
             continue
         r.unknown(item, {"name", "type", "domains", "smart_hosts", "tls", "tls_verify", "tls_name",
-                         "ca_file", "enabled"}, p)
+                         "ca_file", "crl_file", "enabled"}, p)
         for required in ("name", "type", "domains"):
             if required not in item:
                 problems.append(f"{p}.{required}: missing")
@@ -437,8 +440,10 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         if name and any(c.name == name for c in connectors):
             problems.append(f"{p}.name: another connector is already called {name!r}")
         ca_file = r.get(item, "ca_file", p, rel, None)
-        if ca_file is not None and not ca_file.is_file():
-            problems.append(f"{p}.ca_file: file {ca_file} does not exist")
+        crl_file = r.get(item, "crl_file", p, rel, None)
+        for key, value in (("ca_file", ca_file), ("crl_file", crl_file)):
+            if value is not None and not value.is_file():
+                problems.append(f"{p}.{key}: file {value} does not exist")
         pats = r.get(item, "domains", p, lambda v: [_domain_name(x) for x in _string_list(v)], [])
         if "domains" in item and not pats:
             problems.append(f"{p}.domains: must list at least one domain")
@@ -454,6 +459,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
                              "ca_and_name" if item.get("tls") == "required" else "none"),
             tls_name=r.get(item, "tls_name", p, _string, None),
             ca_file=ca_file,
+            crl_file=crl_file,
             enabled=r.get(item, "enabled", p, _bool, True),
         )
         connectors.append(conn)

@@ -381,3 +381,93 @@ async def test_valid_certificate_delivers_over_tls(relay_factory, tmp_path):
         await eventually(lambda: sink.messages, what="delivery over verified TLS")
     finally:
         await sink.stop()
+
+
+async def test_revoked_certificate_with_a_crl_is_4_7_320_revoked(relay_factory, tmp_path):
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf = ca.issue_cert(PARTNER)
+    cert_pem = b"".join(b.bytes() for b in leaf.cert_chain_pems)
+    serial = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+           .last_update(_now() - datetime.timedelta(hours=1)).next_update(_now() + datetime.timedelta(days=7))
+           .add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                    .revocation_date(_now() - datetime.timedelta(hours=1)).build())
+           .sign(ca_key, hashes.SHA256()))
+    crl_file = tmp_path / "crl.pem"
+    crl_file.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    sink = await Sink(tls_context=_server_context(cert_pem, leaf.private_key_pem.bytes(), tmp_path)).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(sink.port, tls="required", tls_verify="ca_and_name",
+                                                          tls_name=PARTNER, ca_file=str(ca_file),
+                                                          crl_file=str(crl_file)))
+        error = await deferred_error(relay)
+    finally:
+        await sink.stop()
+    assert (error["code"], error["subtype"], error["tls"]["verify_code"]) == ("4.7.320", "revoked", 23)
+    assert error["tls"]["serial"] == format(serial, "x")
+
+
+async def test_tls_handshake_failure_is_4_4_317(relay_factory, tmp_path):
+    ca = trustme.CA()
+    leaf = ca.issue_cert(PARTNER)
+    ctx = _server_context(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(), tmp_path)
+    # A server stuck on TLS 1.1 answers our TLS 1.2+ hello with a protocol_version alert.
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    sink = await Sink(tls_context=ctx).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(sink.port, tls="required", tls_verify="none"))
+        error = await deferred_error(relay)
+    finally:
+        await sink.stop()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.317", "tls_handshake", "starttls"), error
+
+
+def slow_reader(per_read: int, pause: float, stop_after: int | None = None):
+    async def script(c):
+        await c.greet_and_ehlo()
+        await c.until_data()
+        got = b""
+        while not got.endswith(b"\r\n.\r\n"):
+            if stop_after is not None and len(got) >= stop_after:
+                await c.hang()
+            got = (got + await c.reader.read(per_read))[-8:] if stop_after is None else got + await c.reader.read(per_read)
+            await asyncio.sleep(pause)
+        await c.say("250 2.0.0 took a while")
+        await c.hear()
+    return script
+
+
+async def test_a_slow_but_moving_upload_does_not_time_out(relay_factory):
+    # 4 MB read at ~1.3 MB/s: about 3 s in all, far longer than the 0.5 s stall timeout.
+    server = await Scripted(slow_reader(128 * 1024, 0.1)).start()
+    try:
+        relay = await relay_factory(delivery={"data_timeout": "0.5s", "final_timeout": "10s"},
+                                    connectors=smart_host(server.port))
+        await relay.send("alice@contoso.test", ["bob@partner.test"], message(body=("s" * 998 + "\r\n") * 4000))
+
+        async def gone():
+            return await relay.store.counts() == {}
+        await eventually(gone, timeout=30, what="delivery of the slow upload")
+    finally:
+        await server.stop()
+
+
+async def test_a_stalled_upload_is_4_4_318_stalled(relay_factory):
+    server = await Scripted(slow_reader(64 * 1024, 0, stop_after=256 * 1024)).start()
+    try:
+        relay = await relay_factory(delivery={"data_timeout": "0.5s"}, connectors=smart_host(server.port))
+        await relay.send("alice@contoso.test", ["bob@partner.test"], message(body=("s" * 998 + "\r\n") * 16000))
+
+        async def first_error():
+            q = await relay.queue()
+            return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
+        error = await eventually(first_error, what="the stall to be classified")
+    finally:
+        await server.stop()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.318", "stalled", "data")

@@ -98,3 +98,52 @@ def test_every_entry_explains_causes_and_fixes_for_both_audiences(entry):
 def test_verify_codes_map_to_documented_subtypes():
     assert set(VERIFY_SUBTYPES.values()) <= {"expired", "not_yet_valid", "name_mismatch", "self_signed",
                                              "untrusted_issuer", "revoked"}
+
+
+# -- the one place exceptions become observations --------------------------------------------
+
+import asyncio  # noqa: E402
+import errno  # noqa: E402
+import ssl  # noqa: E402
+
+from relaywatch.deliver.transport import PeerClosed, observe  # noqa: E402
+from relaywatch.smtpclient.protocol import RemoteProtocolError  # noqa: E402
+
+
+def _cert_error(code):
+    e = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    e.verify_code, e.verify_message = code, "x"
+    return e
+
+
+OBSERVE_TABLE = [
+    # phase        exception                                           flags                 outcome
+    ("connect", TimeoutError(),                                        {},                   "connect_timeout"),
+    ("connect", ConnectionRefusedError(errno.ECONNREFUSED, "x"),       {},                   "refused"),
+    ("connect", OSError(errno.EHOSTUNREACH, "x"),                      {},                   "unreachable"),
+    ("connect", OSError(errno.ENETUNREACH, "x"),                       {},                   "unreachable"),
+    ("connect", OSError(errno.ETIMEDOUT, "x"),                         {},                   "connect_timeout"),
+    ("connect", ConnectionResetError(errno.ECONNRESET, "x"),           {},                   "closed"),
+    ("greeting", TimeoutError(),                                       {},                   "silent"),
+    ("greeting", PeerClosed(),                                         {},                   "closed"),
+    ("ehlo", RemoteProtocolError("XXXX"),                              {},                   "protocol"),
+    ("mail", asyncio.IncompleteReadError(b"", 10),                     {},                   "closed"),
+    ("data", TimeoutError(),                                           {"writing": True},    "stalled"),
+    ("data", BrokenPipeError(errno.EPIPE, "x"),                        {"writing": True},    "closed"),
+    ("after-data", TimeoutError(),                                     {},                   "silent"),
+    ("starttls", _cert_error(10),                                      {"handshake": True},  "certificate"),
+    ("starttls", ssl.SSLError(1, "no shared cipher"),                  {"handshake": True},  "tls_handshake"),
+    ("starttls", ConnectionResetError(errno.ECONNRESET, "x"),          {"handshake": True},  "tls_handshake"),
+    ("starttls", PeerClosed(),                                         {},                   "closed"),
+    ("mail", ssl.SSLEOFError(8, "EOF"),                                {},                   "closed"),
+]
+
+
+@pytest.mark.parametrize("phase, exc, flags, outcome", OBSERVE_TABLE)
+def test_observe_maps_exceptions_by_phase(phase, exc, flags, outcome):
+    assert observe(Phase(phase), exc, D, **flags).outcome is Outcome(outcome)
+
+
+def test_certificate_observation_keeps_the_verify_code():
+    o = observe(Phase.STARTTLS, _cert_error(62), D, handshake=True, tls={"subject": "x"})
+    assert o.tls == {"subject": "x", "verify_code": 62, "verify_message": "x"}

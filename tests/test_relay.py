@@ -263,3 +263,61 @@ async def test_ehlo_advertises_what_the_relay_supports(relay_factory):
     for ext in ("size", "8bitmime", "pipelining", "enhancedstatuscodes"):
         assert ext in features
     assert "starttls" not in features   # no certificate configured
+
+
+async def test_starttls_is_offered_and_works_when_a_certificate_is_configured(relay_factory, tmp_path):
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    leaf = ca.issue_cert("relay.test", LOOPBACK)
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "relay.pem"))
+    relay = await relay_factory(server={"tls_cert": str(tmp_path / "relay.pem"), "tls_key": str(tmp_path / "relay.pem")})
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    def over_tls():
+        with smtplib.SMTP(LOOPBACK, relay.port) as c:
+            c.ehlo("client.test")
+            assert c.has_extn("starttls")
+            c.starttls(context=client_ctx)
+            c.ehlo("client.test")
+            assert not c.has_extn("starttls")
+            c.sendmail("x@example.org", ["alice@contoso.test"], message("secret"))
+    await asyncio.to_thread(over_tls)
+    mail = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery"))[0]
+    assert b"with ESMTPS" in mail
+
+
+async def test_global_connection_limit(relay_factory):
+    relay = await relay_factory(server={"max_connections": 1})
+    first = await asyncio.to_thread(smtplib.SMTP, LOOPBACK, relay.port)
+    try:
+        reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+        assert (await reader.readline()) == b"421 4.7.0 Too many connections, try again later\r\n"
+        writer.close()
+    finally:
+        await asyncio.to_thread(first.quit)
+
+
+async def test_json_mail_log_lines(relay_factory, sink):
+    import io
+    import json as json_module
+
+    from relaywatch import events
+    stream = io.StringIO()
+    events.configure("json", stream=stream)
+    try:
+        relay = await relay_factory(connectors=[connector("onprem", sink.port, ["fabrikam.test"])])
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(message_id="<json@client.test>"))
+        await eventually(lambda: '"delivered"' in stream.getvalue(), what="the delivered line")
+    finally:
+        import logging
+        logging.getLogger("relaywatch").handlers[:] = []
+        logging.getLogger("relaywatch").propagate = True
+    lines = [x for x in map(json_module.loads, stream.getvalue().splitlines()) if "event" in x]
+    received = next(x for x in lines if x["event"] == "received")
+    delivered = next(x for x in lines if x["event"] == "delivered")
+    assert received["msgid"] == delivered["msgid"] == "<json@client.test>"
+    assert received["id"] == delivered["id"]
+    assert delivered["relay"] == f"{LOOPBACK}:{sink.port}" and delivered["status"] == "sent"

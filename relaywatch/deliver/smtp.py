@@ -57,7 +57,8 @@ class SmtpRoutes:
             return TlsPolicy(mode="opportunistic", verify="none")
         return TlsPolicy(mode=connector.tls, verify=connector.tls_verify,
                          expected_name=connector.tls_name or host,
-                         ca_file=str(connector.ca_file) if connector.ca_file else None)
+                         ca_file=str(connector.ca_file) if connector.ca_file else None,
+                         crl_file=str(connector.crl_file) if connector.crl_file else None)
 
     async def targets(self, route: Route, recipient_domain: str) -> list[Target]:
         connector = self.connector_for(route)

@@ -51,6 +51,7 @@ class TlsPolicy:
     verify: str = "none"              # none | ca | ca_and_name
     expected_name: str | None = None  # the name the certificate must carry (ca_and_name)
     ca_file: str | None = None
+    crl_file: str | None = None
 
     def context(self) -> ssl.SSLContext:
         if self.verify == "none":
@@ -60,6 +61,9 @@ class TlsPolicy:
         else:
             ctx = ssl.create_default_context(cafile=self.ca_file)
             ctx.check_hostname = self.verify == "ca_and_name"
+            if self.crl_file:
+                ctx.load_verify_locations(self.crl_file)
+                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
@@ -70,8 +74,14 @@ def _errno_name(exc: BaseException) -> str | None:
 
 
 def observe(phase: Phase, exc: BaseException, dest: Destination | None, *, writing: bool = False,
-            tls: dict | None = None) -> Observation:
-    """Map what was raised in ``phase`` to an Observation, most specific first."""
+            handshake: bool = False, tls: dict | None = None) -> Observation:
+    """Map what was raised in ``phase`` to an Observation, most specific first.
+
+    ``handshake``: raised by the TLS handshake itself (after the server's 220
+    to STARTTLS).  A server that cannot agree on a protocol or cipher often
+    just hangs up instead of sending an alert, so a close there is a TLS
+    failure (4.4.317), not a dropped connection.
+    """
     if isinstance(exc, SessionFailure):
         return exc.observation
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -80,9 +90,12 @@ def observe(phase: Phase, exc: BaseException, dest: Destination | None, *, writi
         facts.setdefault("verify_message", exc.verify_message)
         return Observation(phase, Outcome.CERTIFICATE, dest, tls=facts)
     if isinstance(exc, ssl.SSLError):
-        if phase is Phase.STARTTLS:
-            return Observation(phase, Outcome.TLS_HANDSHAKE, dest, note=exc.reason or type(exc).__name__)
-        return Observation(phase, Outcome.CLOSED, dest, note=exc.reason)
+        if handshake:
+            return Observation(phase, Outcome.TLS_HANDSHAKE, dest, note=getattr(exc, "reason", None) or type(exc).__name__)
+        return Observation(phase, Outcome.CLOSED, dest, note=getattr(exc, "reason", None))
+    if handshake and isinstance(exc, (ConnectionError, EOFError)):
+        return Observation(phase, Outcome.TLS_HANDSHAKE, dest, errno=_errno_name(exc),
+                           note="the server closed the connection during the handshake")
     if isinstance(exc, TimeoutError):
         if phase is Phase.CONNECT:
             return Observation(phase, Outcome.CONNECT_TIMEOUT, dest)
@@ -231,7 +244,7 @@ class SmtpConnection:
             if isinstance(exc, ssl.SSLCertVerificationError):
                 self.close()
                 facts = await fetch_certificate(self.dest, self.timeouts, self.helo, expected)
-            raise SessionFailure(observe(Phase.STARTTLS, exc, self.dest, tls=facts)) from exc
+            raise SessionFailure(observe(Phase.STARTTLS, exc, self.dest, handshake=True, tls=facts)) from exc
         ssl_object = self.writer.get_extra_info("ssl_object")
         self.tls = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0],
                     **certificate_facts(ssl_object.getpeercert(binary_form=True), expected)}
