@@ -114,7 +114,7 @@ class DnsConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     concurrency: int = 100
-    per_destination: int = 10
+    per_destination: int = 20
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     data_timeout: float = 180.0

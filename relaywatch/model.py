@@ -186,6 +186,7 @@ class Entry:
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     lease_owner: str | None = None
+    body: StoredBody | None = None      # filled in by lease(), so delivery needs no extra read
 
     @property
     def pending(self) -> list[Recipient]:

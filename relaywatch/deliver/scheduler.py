@@ -29,7 +29,7 @@ from relaywatch.config import Config
 from relaywatch.deliver.local import deliver_local
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TransactionResult, reply_observation
-from relaywatch.errors import LeaseLost, StoreError
+from relaywatch.errors import StoreError
 from relaywatch.model import (
     Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, RouteKind, StoredBody,
 )
@@ -114,6 +114,8 @@ class Scheduler:
         self.inflight = 0
         self._stopping = False
         self._workers: set[asyncio.Task] = set()
+        self._recording: set[str] = set()          # entry ids whose outcome is being committed
+        self._record_tasks: set[asyncio.Task] = set()
         self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
 
     def notify(self) -> None:
@@ -157,6 +159,8 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._record_tasks:
+            await asyncio.wait(self._record_tasks, timeout=grace)
         try:
             await self.store.release_leases(self.node, self.clock())
         except StoreError as exc:
@@ -202,15 +206,14 @@ class Scheduler:
                         return
                     try:
                         conn = await self._deliver(dq, entry, conn)
-                    except (LeaseLost, StoreError) as exc:
-                        log.error("could not record the attempt for %s: %s", entry.id, exc)
                     except Exception:
                         log.exception("delivery of %s failed unexpectedly; it stays queued", entry.id)
                         if conn is not None:
                             conn.close()
                             conn = None
                     finally:
-                        self.inflight -= 1
+                        if entry.id not in self._recording:
+                            self.inflight -= 1
         finally:
             dq.workers -= 1
             if conn is not None:
@@ -227,16 +230,16 @@ class Scheduler:
         if not recipients:
             await self.store.record(entry.id, self.node, None, [], None)
             return conn
-        body = await self.store.read_body(entry.body_id)
+        body = entry.body or await self.store.read_body(entry.body_id)
 
         if entry.route.kind is RouteKind.LOCAL:
             outcomes = [await self._deliver_local(address, body) for address in recipients]
-            await self._finish(entry, outcomes, Destination("local"), started, body)
+            self._finish(entry, outcomes, Destination("local"), started, body)
             return conn
 
         if dq.down_until > time.monotonic() and dq.down_failure is not None:
             outcomes = [failed_outcome(r, dq.down_failure) for r in recipients]
-            await self._finish(entry, outcomes, dq.down_failure.destination, started, body, dq.down_tried)
+            self._finish(entry, outcomes, dq.down_failure.destination, started, body, dq.down_tried)
             return conn
 
         if conn is not None and (conn.broken or conn.transactions >= self.config_ref().delivery.messages_per_connection):
@@ -256,7 +259,7 @@ class Scheduler:
                 dq.down_until, dq.down_failure, dq.down_tried = (
                     time.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
                 outcomes = [failed_outcome(r, primary) for r in recipients]
-                await self._finish(entry, outcomes, primary.destination, started, body, tried)
+                self._finish(entry, outcomes, primary.destination, started, body, tried)
                 return None
             dq.down_until, dq.down_failure = 0.0, None
         try:
@@ -264,10 +267,10 @@ class Scheduler:
         except SessionFailure as failure:
             conn.close()
             f = classify(failure.observation, self.clock())
-            await self._finish(entry, [failed_outcome(r, f) for r in recipients], conn.dest, started, body)
+            self._finish(entry, [failed_outcome(r, f) for r in recipients], conn.dest, started, body)
             return None
         outcomes = transaction_outcomes(result, recipients, conn.dest, self.clock())
-        await self._finish(entry, outcomes, conn.dest, started, body)
+        self._finish(entry, outcomes, conn.dest, started, body)
         return conn
 
     async def _deliver_local(self, address: str, body: StoredBody) -> RecipientOutcome:
@@ -279,10 +282,25 @@ class Scheduler:
                               errno=None, note=exc.strerror or str(exc))
             return failed_outcome(address, classify(obs, self.clock()))
 
-    async def _finish(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
-                      started: float, body: StoredBody, tried: tuple[Failure, ...] = ()) -> None:
-        await finish_attempt(self.store, self.config_ref(), entry, outcomes, dest, started, body,
-                             owner=self.node, tried=tried, now=self.clock())
+    def _finish(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
+                started: float, body: StoredBody, tried: tuple[Failure, ...] = ()) -> None:
+        """Record the attempt in the background: the connection moves on to the
+        next message while the store commits.  The lease is held until the
+        record is durable; if we crash before that, the message is tried again
+        (at-least-once, as in every MTA)."""
+        self._recording.add(entry.id)
+        task = asyncio.create_task(finish_attempt(
+            self.store, self.config_ref(), entry, outcomes, dest, started, body,
+            owner=self.node, tried=tried, now=self.clock()), name=f"record:{entry.id}")
+
+        def done(t: asyncio.Task) -> None:
+            self._recording.discard(entry.id)
+            self._record_tasks.discard(t)
+            self.inflight -= 1
+            if not t.cancelled() and t.exception() is not None:
+                log.error("could not record the attempt for %s (it will be retried): %s", entry.id, t.exception())
+        self._record_tasks.add(task)
+        task.add_done_callback(done)
 
 
 async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],

@@ -243,6 +243,7 @@ class SqliteStore:
                 (owner, now + ttl, now + ttl, now, limit)).fetchall()
             entries = [_entry(row) for row in rows]
             _attach_recipients(conn, entries)
+            _attach_bodies(conn, entries)
             return entries
         return await self._write(op)
 
@@ -472,6 +473,17 @@ def _entry(row: tuple) -> Entry:
         route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
         message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
         first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None)
+
+
+def _attach_bodies(conn: sqlite3.Connection, entries: list[Entry]) -> None:
+    if not entries:
+        return
+    ids = list({e.body_id for e in entries})
+    marks = ",".join("?" * len(ids))
+    bodies = {id_: StoredBody(size=size, data=data, path=path) for id_, data, path, size in conn.execute(
+        f"SELECT id, data, path, size FROM bodies WHERE id IN ({marks})", ids)}
+    for e in entries:
+        e.body = bodies.get(e.body_id)
 
 
 def _attach_recipients(conn: sqlite3.Connection, entries: list[Entry], include_final: bool = False) -> None:
