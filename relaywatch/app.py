@@ -1,8 +1,18 @@
 """Relaywatch: wires the store, the receiver and the scheduler together.
 
+Two roles share one queue: *receive* (the SMTP server, committing to the
+store) and *deliver* (the scheduler).  With ``server.delivery_process``
+(default: when the machine has more than one core) ``serve`` runs the
+receiver and supervises a child process for delivery, so each role gets a
+core, as Postfix's smtpd and qmgr/smtp are separate processes.  The parent
+wakes the child through a pipe after each commit, so a new message waits for
+no poll.  Otherwise both roles run in one process.
+
 Lifecycle: SIGTERM/SIGINT stop accepting, let deliveries in flight finish
 within ``server.shutdown_grace`` and return the rest of the leases; SIGHUP
-re-reads the config (routing, limits, timeouts) without dropping connections.
+re-reads the config (routing, limits, timeouts) without dropping
+connections; SIGUSR1 (sent by ``relaywatch queue retry``) wakes the
+scheduler at once.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,19 +37,29 @@ from relaywatch.store.sqlite import SqliteStore
 
 log = logging.getLogger("relaywatch.app")
 
+ALL, RECEIVE, DELIVER = "all", "receive", "deliver"
+
 
 class Relaywatch:
-    def __init__(self, config: Config, clock=time.time):
+    def __init__(self, config: Config, clock=time.time, role: str = ALL, wake_fd: int | None = None):
         self.config = config
         self.clock = clock
+        self.role = role
         self.store = SqliteStore(config.store_path)
-        self.resolver = Resolver(config.dns)
-        self.routes = SmtpRoutes(self.get_config, self.resolver)
-        self.scheduler = Scheduler(self.get_config, self.store, self.routes, clock)
-        self.store.on_work = self.scheduler.notify
-        self.receiver = Receiver(self.get_config, self.store, clock)
+        self.receiver: Receiver | None = None
+        self.scheduler: Scheduler | None = None
+        if role in (ALL, DELIVER):
+            self.resolver = Resolver(config.dns)
+            self.routes = SmtpRoutes(self.get_config, self.resolver)
+            self.scheduler = Scheduler(self.get_config, self.store, self.routes, clock)
+            self.store.on_work = self.scheduler.notify
+        if role in (ALL, RECEIVE):
+            self.receiver = Receiver(self.get_config, self.store, clock)
+        self._wake_fd = wake_fd        # DELIVER: read end; RECEIVE: write end
         self._scheduler_task: asyncio.Task | None = None
-        self._stopped = asyncio.Event()
+        self._child: subprocess.Popen | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._stopping = False
 
     def get_config(self) -> Config:
         return self.config
@@ -50,34 +72,72 @@ class Relaywatch:
         data_dir = self.config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
-        # One node owns an SQLite queue: leases left by an earlier run of it are
-        # stale, so its messages are due again right away, not after lease_time.
-        returned = await self.store.release_leases(None, self.clock())
-        if returned:
-            log.info("returned %d message(s) leased by a previous run", returned)
-        spool = data_dir / "spool"
-        spool.mkdir(parents=True, exist_ok=True)
-        swept = sweep_orphans(spool, await self.store.spool_paths())
-        if swept:
-            log.info("removed %d incomplete spool file(s) left by a crash", swept)
-        await self.receiver.start()
-        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
-        self.pid_file.write_text(str(os.getpid()))
-        log.info("relaywatch listening on %s; queue %s",
-                 ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.config.store_path)
+        if self.receiver is not None:
+            # Only the receiving side may sweep: the spool is where it writes.
+            spool = data_dir / "spool"
+            spool.mkdir(parents=True, exist_ok=True)
+            swept = sweep_orphans(spool, await self.store.spool_paths())
+            if swept:
+                log.info("removed %d incomplete spool file(s) left by a crash", swept)
+        if self.scheduler is not None:
+            # One delivering process owns an SQLite queue: leases left by an
+            # earlier run are stale, so their messages are due again right away.
+            returned = await self.store.release_leases(None, self.clock())
+            if returned:
+                log.info("returned %d message(s) leased by a previous run", returned)
+            self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+            if self._wake_fd is not None:
+                os.set_blocking(self._wake_fd, False)
+                asyncio.get_running_loop().add_reader(self._wake_fd, self._woken)
+        if self.receiver is not None:
+            if self._wake_fd is not None:
+                self.store.on_work = self._wake_child
+            await self.receiver.start()
+            log.info("relaywatch listening on %s; queue %s",
+                     ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.config.store_path)
+
+    def _woken(self) -> None:
+        try:
+            while os.read(self._wake_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        except OSError:
+            asyncio.get_running_loop().remove_reader(self._wake_fd)
+        self.scheduler.notify()
+
+    def _wake_child(self) -> None:
+        try:
+            os.write(self._wake_fd, b"!")
+        except (BlockingIOError, BrokenPipeError):
+            pass   # a full pipe already means "wake up"; a dead child is restarted
+
+    def notify(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify()
+        if self._child is not None:
+            self._child.send_signal(signal.SIGUSR1)
 
     async def stop(self) -> None:
-        await self.receiver.stop()
-        await self.scheduler.stop(self.config.server.shutdown_grace)
+        self._stopping = True
+        if self.receiver is not None:
+            await self.receiver.stop()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._child is not None:
+            self._child.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self._child.wait, self.config.server.shutdown_grace + 10)
+            except subprocess.TimeoutExpired:
+                log.error("the delivery process did not stop in time; killing it (its leases lapse)")
+                self._child.kill()
+        if self.scheduler is not None:
+            await self.scheduler.stop(self.config.server.shutdown_grace)
         if self._scheduler_task is not None:
             self._scheduler_task.cancel()
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
         await self.store.close()
-        try:
-            self.pid_file.unlink()
-        except OSError:
-            pass
-        self._stopped.set()
 
     def reload(self) -> bool:
         if self.config.source is None:
@@ -90,9 +150,32 @@ class Relaywatch:
         if new.server.listen != self.config.server.listen or new.server.data_dir != self.config.server.data_dir:
             log.warning("server.listen and server.data_dir changes take effect at the next restart")
         self.config = new
-        self.scheduler.notify()
+        if self.scheduler is not None:
+            self.scheduler.notify()
+        if self._child is not None:
+            self._child.send_signal(signal.SIGHUP)
         log.info("configuration reloaded from %s", new.source)
         return True
+
+    # -- the delivery child ------------------------------------------------------------
+
+    def _spawn_child(self, read_fd: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "relaywatch", "serve", "--role", DELIVER, "--wake-fd", str(read_fd),
+             "-c", str(self.config.source)],
+            pass_fds=(read_fd,))
+
+    async def _supervise(self, read_fd: int) -> None:
+        """Restart the delivery process if it dies; its leases lapse or are returned."""
+        backoff = 1.0
+        while not self._stopping:
+            code = await asyncio.to_thread(self._child.wait)
+            if self._stopping:
+                return
+            log.error("the delivery process exited with %s; restarting it in %.0fs", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 60)
+            self._child = self._spawn_child(read_fd)
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -100,10 +183,34 @@ class Relaywatch:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.notify)
+        if self.role == RECEIVE:
+            read_fd, self._wake_fd = os.pipe()
+            os.set_blocking(self._wake_fd, False)
+            self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
+            self._child = self._spawn_child(read_fd)
         await self.start()
+        if self.role == RECEIVE:
+            self._supervisor = asyncio.create_task(self._supervise(read_fd))
+        if self.role != DELIVER:
+            self.pid_file.write_text(str(os.getpid()))
         try:
             await stop.wait()
-            log.info("stopping: no new connections; waiting up to %.0fs for deliveries in flight",
-                     self.config.server.shutdown_grace)
+            if self.role != DELIVER:
+                log.info("stopping: no new connections; waiting up to %.0fs for deliveries in flight",
+                         self.config.server.shutdown_grace)
         finally:
             await self.stop()
+            if self.role != DELIVER:
+                try:
+                    self.pid_file.unlink()
+                except OSError:
+                    pass
+
+
+def default_role(config: Config) -> str:
+    """Split receiving and delivering over two processes when there are two cores."""
+    split = config.server.delivery_process
+    if split == "auto":
+        split = (os.cpu_count() or 1) > 1 and config.source is not None
+    return RECEIVE if split else ALL

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -62,9 +63,12 @@ def main():
 
 @main.command()
 @config_option
-def serve(config_path):
+@click.option("--role", type=click.Choice(["all", "receive", "deliver"]), hidden=True,
+              help="Internal: run one half of the relay (serve starts the delivery half itself).")
+@click.option("--wake-fd", type=int, hidden=True)
+def serve(config_path, role, wake_fd):
     """Run the relay (SMTP server and delivery) in the foreground."""
-    from relaywatch.app import Relaywatch
+    from relaywatch.app import Relaywatch, default_role
     config = _load(config_path)
     events.configure(config.server.log_format)
     try:
@@ -73,7 +77,7 @@ def serve(config_path):
     except ImportError:
         runner = asyncio.run
     try:
-        runner(Relaywatch(config).serve_forever())
+        runner(Relaywatch(config, role=role or default_role(config), wake_fd=wake_fd).serve_forever())
     except OSError as exc:
         _fail(f"cannot start: {exc.strerror or exc}")
     except RelaywatchError as exc:
@@ -124,6 +128,17 @@ def _with_store(config: Config, fn):
         return asyncio.run(run())
     except RelaywatchError as exc:
         _fail(str(exc))
+
+
+def _wake_server(config: Config) -> None:
+    """SIGUSR1 to a running server: look at the queue now (it polls every second anyway)."""
+    try:
+        pid = int((config.server.data_dir / "relaywatch.pid").read_text())
+        # A stale pid file must not make us signal an unrelated process.
+        if b"relaywatch" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        pass
 
 
 def _age(ts: float | None, now: float) -> str:
@@ -301,6 +316,7 @@ def queue_retry(config_path, ids, connector, all_):
     config = _load(config_path)
     sel = _selector(ids, connector, all_)
     n = _with_store(config, lambda s: s.retry(sel, time.time()))
+    _wake_server(config)
     click.echo(f"{n} message(s) will be tried now")
     if ids and n < len(ids):
         sys.exit(1)
@@ -325,6 +341,7 @@ def queue_release(config_path, entry_id):
     config = _load(config_path)
     if not _with_store(config, lambda s: s.release(entry_id, time.time())):
         _fail(f"no held message with id {entry_id}")
+    _wake_server(config)
     click.echo(f"{entry_id} released")
 
 

@@ -96,6 +96,7 @@ class ServerConfig:
     tls_key: Path | None = None
     log_format: str = "text"
     shutdown_grace: float = 30.0
+    delivery_process: bool | str = "auto"   # deliver from a second process (see app.py)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,12 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _auto_bool(value: Any) -> bool | str:
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise ValueError(f"must be true, false or \"auto\" (got {value!r})")
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"must be a positive whole number (got {value!r})")
@@ -331,7 +338,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     s = r.table(raw, "server", "server")
     r.unknown(s, {"hostname", "listen", "trusted_networks", "data_dir", "max_message_size",
                   "max_connections", "max_connections_per_ip", "idle_timeout", "tls_cert",
-                  "tls_key", "log_format", "shutdown_grace"}, "server")
+                  "tls_key", "log_format", "shutdown_grace", "delivery_process"}, "server")
     d = ServerConfig()
 
     def rel(p: Any) -> Path:
@@ -359,6 +366,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         tls_key=tls_key,
         log_format=r.get(s, "log_format", "server", _choice(LOG_FORMATS), d.log_format),
         shutdown_grace=r.get(s, "shutdown_grace", "server", parse_duration, d.shutdown_grace),
+        delivery_process=r.get(s, "delivery_process", "server", _auto_bool, d.delivery_process),
     )
     if not server.listen:
         problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")
