@@ -1,26 +1,73 @@
 """The mail log: one line per event, greppable by queue id and Message-ID.
 
-Events: received, attempt, delivered, deferred, bounced, expired, rejected,
-notice (an NDR was queued).  Text lines look like Postfix's ``key=value``
+Events: received, delivered, deferred, bounced, expired (the last two say
+whether an NDR was queued), rejected (at RCPT, DATA or connect).  Text lines look like Postfix's ``key=value``
 lines; with ``server.log_format = "json"`` each line is one JSON object with
 the same keys.
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import sys
 import time
 
-logger = logging.getLogger("relaywatch.mail")
-
 _ORDER = ("id", "msgid", "from", "to", "connector", "relay", "delay", "code", "status", "detail")
 
 
+class _Writer:
+    """Formats events straight to a buffered stream, without logging's
+    per-record machinery (it was a tenth of the receive path's CPU).  The
+    buffer is flushed within 100 ms, and at exit."""
+
+    def __init__(self, fmt: str, stream):
+        self.json = fmt == "json"
+        self.stream = stream
+        self._flush_pending = False
+
+    def write(self, event: str, fields: dict) -> None:
+        now = time.time()
+        if self.json:
+            out = {"ts": round(now, 3), "event": event}
+            out.update((k, v) for k, v in fields.items() if v is not None)
+            line = json.dumps(out, separators=(",", ":"), default=str)
+        else:
+            line = _text_line(now, event, fields)
+        self.stream.write(line + "\n")
+        if not self._flush_pending:
+            self._flush_pending = True
+            try:
+                asyncio.get_running_loop().call_later(0.1, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+_writer: _Writer | None = None
+logger = logging.getLogger("relaywatch.mail")
+
+
 def emit(event: str, **fields) -> None:
-    if logger.isEnabledFor(logging.INFO):
+    if _writer is not None:
+        _writer.write(event, fields)
+    elif logger.isEnabledFor(logging.INFO):
+        # Not configured (library use, tests): through logging.
         logger.info(event, extra={"mail_event": event, "mail_fields": fields})
+
+
+def _text_line(ts: float, event: str, fields: dict) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    keys = [k for k in _ORDER if k in fields] + [k for k in fields if k not in _ORDER]
+    return f"{stamp} {event} " + " ".join(f"{k}={_text(fields[k])}" for k in keys if fields[k] is not None)
 
 
 class TextFormatter(logging.Formatter):
@@ -30,10 +77,7 @@ class TextFormatter(logging.Formatter):
         if event is None:
             return f"{stamp} {record.levelname.lower()} {record.name}: {record.getMessage()}" + (
                 "\n" + self.formatException(record.exc_info) if record.exc_info else "")
-        fields = record.mail_fields
-        keys = [k for k in _ORDER if k in fields] + [k for k in fields if k not in _ORDER]
-        parts = [f"{k}={_text(fields[k])}" for k in keys if fields[k] is not None]
-        return f"{stamp} {event} " + " ".join(parts)
+        return _text_line(record.created, event, record.mail_fields)
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,9 +102,24 @@ def _text(value) -> str:
 
 
 def configure(fmt: str = "text", level: int = logging.INFO, stream=None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
+    """Mail events to ``stream`` (default stderr, buffered); other logs too, unbuffered."""
+    global _writer
+    stream = stream or sys.stderr
+    _writer = _Writer(fmt, stream)
+    atexit.register(_writer.flush)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("relaywatch")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def unconfigure() -> None:
+    global _writer
+    if _writer is not None:
+        _writer.flush()
+    _writer = None
+    root = logging.getLogger("relaywatch")
+    root.handlers[:] = []
+    root.propagate = True

@@ -312,9 +312,7 @@ async def test_json_mail_log_lines(relay_factory, sink):
         await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(message_id="<json@client.test>"))
         await eventually(lambda: '"delivered"' in stream.getvalue(), what="the delivered line")
     finally:
-        import logging
-        logging.getLogger("relaywatch").handlers[:] = []
-        logging.getLogger("relaywatch").propagate = True
+        events.unconfigure()
     lines = [x for x in map(json_module.loads, stream.getvalue().splitlines()) if "event" in x]
     received = next(x for x in lines if x["event"] == "received")
     delivered = next(x for x in lines if x["event"] == "delivered")
