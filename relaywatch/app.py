@@ -114,7 +114,7 @@ class Relaywatch:
 
     def notify(self) -> None:
         if self.scheduler is not None:
-            self.scheduler.notify()
+            self.scheduler.retry_now()
         if self._child is not None:
             self._child.send_signal(signal.SIGUSR1)
 

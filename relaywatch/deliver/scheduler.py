@@ -122,12 +122,19 @@ class Scheduler:
         """Called when new work may be due (enqueue, retry, release)."""
         self.wake.set()
 
+    def retry_now(self) -> None:
+        """An operator (or a passing probe) asked for delivery now: forget that
+        destinations were down a moment ago, so the next message really tries."""
+        for dq in self.destinations.values():
+            dq.down_until, dq.down_failure = 0.0, None
+        self.wake.set()
+
     # -- the loop ------------------------------------------------------------
 
     async def run(self) -> None:
         while not self._stopping:
             config = self.config_ref()
-            room = config.delivery.concurrency * 4 - self.inflight
+            room = self._max_inflight() - self.inflight
             leased = []
             if room > 0:
                 self.wake.clear()
@@ -165,6 +172,16 @@ class Scheduler:
             await self.store.release_leases(self.node, self.clock())
         except StoreError as exc:
             log.error("could not return leases at shutdown (they lapse by themselves): %s", exc)
+
+    def _finished_one(self) -> None:
+        self.inflight -= 1
+        # Room for more: lease the next batch now.  Without this a backlog
+        # drained at one batch per poll interval (400 messages a second).
+        if self.inflight == self._max_inflight() // 2:
+            self.wake.set()
+
+    def _max_inflight(self) -> int:
+        return self.config_ref().delivery.concurrency * 4
 
     def _dispatch(self, entry: Entry) -> None:
         key = entry.route.key
@@ -213,7 +230,7 @@ class Scheduler:
                             conn = None
                     finally:
                         if entry.id not in self._recording:
-                            self.inflight -= 1
+                            self._finished_one()
         finally:
             dq.workers -= 1
             if conn is not None:
@@ -296,7 +313,7 @@ class Scheduler:
         def done(t: asyncio.Task) -> None:
             self._recording.discard(entry.id)
             self._record_tasks.discard(t)
-            self.inflight -= 1
+            self._finished_one()
             if not t.cancelled() and t.exception() is not None:
                 log.error("could not record the attempt for %s (it will be retried): %s", entry.id, t.exception())
         self._record_tasks.add(task)

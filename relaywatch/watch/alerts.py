@@ -1,0 +1,188 @@
+"""Telling admins: alert email and a signed webhook, each at most once per transition.
+
+Alert email never goes through the queue: the queue's path may be the one in
+trouble.  It is sent directly to ``[alerts] smtp`` (a relay of the admin's
+choosing) or, without one, to the MX of each admin address — never through
+the connector of the incident it reports.  A channel that fails is retried
+with backoff and its failure recorded (``relaywatch incidents show``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import hmac
+import json
+import ssl
+import time
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from email import policy as email_policy
+from urllib.parse import urlsplit
+
+from relaywatch.config import Config
+from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
+from relaywatch.model import Destination, Route, RouteKind, StoredBody
+from relaywatch.watch.incidents import headline
+
+MAX_ATTEMPTS = 10
+
+
+def retry_at(attempts: int, now: float) -> float | None:
+    if attempts + 1 >= MAX_ATTEMPTS:
+        return None
+    return now + min(15 * 2 ** attempts, 3600)
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _span(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def incident_text(inc: dict, now: float, transition: str = "") -> str:
+    """The human summary used in alert email, webhooks and the CLI."""
+    lines = [headline(inc), ""]
+    e = inc.get("latest_error") or {}
+    if inc["code"].startswith("watch:"):
+        lines.append(inc.get("detail", ""))
+    elif inc["state"] == "resolved":
+        lines.append(f"Connector {inc['connector']} ({inc['connector_type']}) delivers again. "
+                     f"The incident lasted {_span((inc['resolved_at'] or now) - inc['opened_at'])} "
+                     f"({_when(inc['opened_at'])} to {_when(inc['resolved_at'])}).")
+        lines.append(f"Messages delayed: {inc.get('peak_messages', 0)} at the peak; delivered late since it opened: "
+                     f"{inc.get('delivered_late', 0)}; expired and returned to senders: {inc.get('expired', 0)}.")
+    else:
+        lines.append(f"Connector {inc['connector']} ({inc['connector_type']}): {inc['messages']} message(s), "
+                     f"{inc['recipients']} recipient(s) waiting since {_when(inc['first_seen'])}; "
+                     f"the oldest is {_span(now - inc['oldest_received_at'])} old.")
+        lines.append(f"First messages expire (NDR to senders) in {_span(inc['first_expires_at'] - now)}, "
+                     f"at {_when(inc['first_expires_at'])}, unless mail flows again.")
+        if transition.startswith("escalate:"):
+            lines.append(f"Escalated: {transition.split(':', 1)[1].replace('count-', 'backlog passed ')}.")
+        lines.append(f"Destination: {', '.join(inc.get('destinations') or []) or '-'}")
+        if e.get("detail"):
+            lines.append(f"Last error: {e['detail']}" + (f" (reply: {e['reply']})" if e.get("reply") else ""))
+        diag = inc.get("diagnosis") or {}
+        if diag.get("text"):
+            lines += ["", f"Likely cause: {diag['text']}"]
+        if inc.get("fixes"):
+            lines += ["", "What to do:"] + [f"  - {f}" for f in inc["fixes"]]
+        if inc.get("actions"):
+            lines += ["", "Fix now (relaywatch incidents fix " + str(inc["id"]) + " ACTION [--dry-run]): "
+                      + ", ".join(inc["actions"])]
+    return "\n".join(lines) + "\n"
+
+
+def payload(inc: dict, transition: str, now: float) -> dict:
+    event = {"open": "incident.opened", "resolve": "incident.resolved"}.get(transition, "incident.escalated")
+    return {"event": event, "transition": transition, "at": now, "incident": inc,
+            "summary": headline(inc), "text": incident_text(inc, now, transition)}
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+async def send_webhook(config: Config, data: dict, timeout: float = 10.0) -> None:
+    """POST the JSON; raise with a readable reason unless the answer is 2xx."""
+    url = urlsplit(config.alerts.webhook_url)
+    body = json.dumps(data, separators=(",", ":"), default=str).encode()
+    headers = {"Host": url.netloc, "Content-Type": "application/json", "Content-Length": str(len(body)),
+               "User-Agent": "relaywatch", "Connection": "close",
+               "X-Relaywatch-Event": data["event"], "X-Relaywatch-Delivery": f"{data['incident']['id']}:{data['transition']}"}
+    if config.alerts.webhook_secret:
+        headers["X-Relaywatch-Signature"] = signature(config.alerts.webhook_secret, body)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            url.hostname, port, ssl=ssl.create_default_context() if url.scheme == "https" else None)
+        try:
+            writer.write(request.encode() + body)
+            await writer.drain()
+            status = await reader.readline()
+        finally:
+            writer.close()
+    parts = status.decode("latin-1").split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
+        raise RuntimeError(f"webhook answered {status.decode('latin-1').strip() or 'nothing'}")
+
+
+def alert_email(config: Config, data: dict) -> bytes:
+    msg = EmailMessage(policy=email_policy.SMTP)
+    msg["From"] = f"relaywatch <{config.alerts.sender}>"
+    msg["To"] = ", ".join(config.alerts.notify)
+    msg["Subject"] = f"[relaywatch] {data['summary']}"
+    msg["Date"] = email.utils.formatdate(data["at"])
+    msg["Message-ID"] = email.utils.make_msgid(domain=config.server.hostname)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Relaywatch-Incident"] = f"{data['incident']['id']} {data['transition']}"
+    msg.set_content(data["text"])
+    return msg.as_bytes()
+
+
+async def send_email(config: Config, routes: SmtpRoutes, data: dict, avoid_connector: str) -> None:
+    """Straight to the alert relay or the admins' MX; raise on failure."""
+    body = alert_email(config, data)
+    stored = StoredBody(size=len(body), data=body)
+    if config.alerts.smtp:
+        host, port = config.alerts.smtp
+        groups = {(host, port): list(config.alerts.notify)}
+    else:
+        groups = {}
+        for address in config.alerts.notify:
+            groups.setdefault((address.rsplit("@", 1)[1], None), []).append(address)
+    problems = []
+    for (host, port), recipients in groups.items():
+        try:
+            if port is not None:
+                ips = await routes.resolver.addresses(host)
+                conn = SmtpConnection(Destination(host, ips[0], port), config.delivery, config.server.hostname)
+                await conn.open(TlsPolicy(mode="opportunistic", verify="none"), host)
+            else:
+                # The internet route: MX of the admins' domain, never the connector in trouble.
+                conn = await routes.connect(Route(RouteKind.INTERNET, "internet", host), host)
+            try:
+                result = await conn.transaction(config.alerts.sender, recipients, stored)
+            finally:
+                await conn.quit()
+            if result.data is None or not result.data.is_success:
+                problems.append(f"{host}: {result.data or result.mail}")
+        except (SessionFailure, AllTargetsFailed, OSError) as exc:
+            obs = getattr(exc, "observation", None) or getattr(exc, "primary", None)
+            problems.append(f"{host}: {obs.outcome.value if obs else exc}")
+    if problems:
+        raise RuntimeError("; ".join(problems))
+
+
+async def deliver_notification(config: Config, routes: SmtpRoutes, note: dict) -> None:
+    if note["channel"] == "webhook":
+        await send_webhook(config, note["payload"])
+    else:
+        await send_email(config, routes, note["payload"], note["payload"]["incident"]["connector"])
+
+
+def channels(config: Config) -> list[str]:
+    out = []
+    if config.alerts.notify:
+        out.append("email")
+    if config.alerts.webhook_url:
+        out.append("webhook")
+    return out
+
+
+def now() -> float:
+    return time.time()

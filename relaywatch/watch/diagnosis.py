@@ -1,0 +1,108 @@
+"""Pick the likely cause from the evidence, instead of listing every cause.
+
+Pure: the incident's latest evidence, the connector's last-known-good
+delivery (time, host, IP, certificate) and the latest probe in; one
+sentence and the facts behind it out.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "?"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _date(iso: str | None) -> str:
+    return (iso or "?")[:10]
+
+
+_MASKED_GREETING = re.compile(r"^220[ -]\**\s*$|^220[ -][\s*]{6,}")
+
+
+def diagnose(incident: dict, last_good: dict | None, probe: dict | None = None) -> dict:
+    e = incident.get("latest_error") or {}
+    code, subtype = incident["code"], e.get("subtype")
+    dest = e.get("destination") or {}
+    ip, host = dest.get("ip"), dest.get("host")
+    good_ip = (last_good or {}).get("ip")
+    good_since = _when((last_good or {}).get("at"))
+    facts: dict = {"last_good": last_good}
+
+    def out(cause: str, text: str) -> dict:
+        return {"cause": cause, "text": text, "facts": facts}
+
+    if code == "4.4.312":
+        dns = e.get("dns") or {}
+        name = dns.get("name", host)
+        if subtype == "nxdomain":
+            return out("name_gone", f"{name} does not exist in DNS any more (NXDOMAIN from {dns.get('nameserver')}): "
+                                    "the record was removed or renamed, or the domain's registration lapsed.")
+        if subtype in ("servfail", "refused"):
+            return out("dns_hosting", f"The name servers fail to answer for {name} ({dns.get('rcode')}): "
+                                      "a problem at the DNS hosting, not at the mail server.")
+        if subtype == "timeout":
+            return out("dns_unreachable", f"No name server answered for {name}: the DNS servers "
+                                          f"({dns.get('nameserver')}) are down or unreachable from relaywatch.")
+        if subtype == "no_address":
+            return out("record_removed", f"{name} exists but has no address record: the A/AAAA record was "
+                                         "removed or never published.")
+    if code == "4.4.315":
+        if good_ip and ip and good_ip != ip:
+            facts["address_changed"] = {"was": good_ip, "now": ip}
+            return out("address_changed", f"Mail last went to {good_ip} ({good_since}); relaywatch now connects to "
+                                          f"{ip}, which does not answer: the smart host setting, DNS or the "
+                                          "provider's addresses changed.")
+        if good_ip:
+            return out("server_silent", f"{ip or host} took mail until {good_since} and now does not answer: the "
+                                        "server is down, or a firewall drops connections.")
+        return out("never_reached", f"relaywatch has never delivered to {host}: check the address and port in "
+                                    "the connector and that a firewall lets relaywatch in.")
+    if code == "4.4.316":
+        if last_good:
+            return out("stopped_accepting", f"{ip or host} accepted mail until {good_since} and now refuses "
+                                            "connections: a firewall change, the mail service stopped, or the "
+                                            "server was decommissioned.")
+        return out("nothing_listening", f"Nothing accepts connections on {host}:{dest.get('port')}: wrong port, "
+                                        "service not running, or a firewall rejects relaywatch.")
+    if code == "4.4.317":
+        if subtype == "tls_not_offered":
+            return out("starttls_missing", f"{host} does not offer STARTTLS, and the connector requires TLS "
+                                           "(or a firewall strips STARTTLS from the server's EHLO reply).")
+        if subtype and subtype.startswith("greeting_"):
+            return out("greeting_rejected", f"{host} turns relaywatch away at the greeting: \"{e.get('reply')}\".")
+        if subtype == "starttls_refused":
+            return out("starttls_refused", f"{host} offers STARTTLS but refuses it: \"{e.get('reply')}\".")
+        if subtype == "tls_handshake":
+            return out("tls_incompatible", f"relaywatch and {host} share no TLS version or cipher.")
+        return out("session_rejected", f"{host} rejects the session: \"{e.get('reply')}\".")
+    if code == "4.4.318":
+        greeting = (probe or {}).get("greeting") or ""
+        if _MASKED_GREETING.match(greeting) or subtype == "protocol":
+            facts["firewall_signature"] = greeting or e.get("detail")
+            return out("smtp_inspection", f"The session is mangled between relaywatch and {host} (greeting "
+                                          f"\"{greeting or '?'}\"): a firewall inspecting SMTP is the likely cause.")
+        return out("server_failing", f"{host} drops the session at phase {e.get('phase')}: the server hangs, "
+                                     "crashes or runs out of resources, or the network path is unstable.")
+    if code == "4.7.320":
+        tls = e.get("tls") or {}
+        if subtype == "expired":
+            return out("cert_expired", f"The certificate of {host} expired on {_date(tls.get('not_after'))}.")
+        if subtype == "not_yet_valid":
+            return out("cert_future", f"The certificate of {host} is valid only from {_date(tls.get('not_before'))} "
+                                      "(or the server's clock is wrong).")
+        if subtype == "name_mismatch":
+            names = ", ".join(tls.get("sans") or []) or tls.get("subject")
+            return out("cert_name", f"The certificate is for {names}; the connector expects {tls.get('expected_name')}.")
+        if subtype in ("untrusted_issuer", "self_signed"):
+            return out("cert_issuer", f"The certificate was issued by {tls.get('issuer')}, which relaywatch does "
+                                      "not trust (set the connector's ca_file for a private CA).")
+        if subtype == "revoked":
+            return out("cert_revoked", f"The certificate of {host} (serial {tls.get('serial')}) has been revoked.")
+    if code == "watch:cert_expiring":
+        return out("cert_expiring", incident.get("detail", ""))
+    return out("destination_reply", f"{host} answers \"{e.get('reply') or e.get('detail')}\".")

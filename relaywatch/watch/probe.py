@@ -1,0 +1,117 @@
+"""Connector probes: the whole path, step by step, without sending a message.
+
+DNS, TCP, greeting, EHLO, STARTTLS, certificate, MAIL FROM / RCPT TO for a
+test address, then RSET and QUIT.  Each step has its outcome and timing; the
+first failing step carries the catalog code, classified exactly as a real
+delivery attempt would be.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from relaywatch.classify.classify import classify, where
+from relaywatch.classify.observation import Phase
+from relaywatch.config import Config, Connector
+from relaywatch.deliver.resolver import DnsFailure
+from relaywatch.deliver.smtp import SmtpRoutes
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection, reply_observation
+from relaywatch.model import Destination, Route, RouteKind
+
+
+def test_address(connector: Connector) -> str:
+    domain = next((d for d in connector.domains if not d.startswith("*.")), connector.domains[0].lstrip("*."))
+    return f"postmaster@{domain}"
+
+
+async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connector) -> dict:
+    steps: list[dict] = []
+    rcpt = test_address(connector)
+    domain = rcpt.split("@", 1)[1]
+    route = Route(RouteKind.CONNECTOR, connector.name, "" if connector.smart_hosts else domain)
+    result: dict = {"connector": connector.name, "type": connector.type, "test_address": rcpt,
+                    "at": time.time(), "steps": steps, "ok": False, "error": None, "greeting": None,
+                    "certificate": None}
+
+    def step(name: str, started: float, ok: bool, detail: str) -> None:
+        steps.append({"step": name, "ok": ok, "ms": round((time.monotonic() - started) * 1000, 1),
+                      "detail": detail})
+
+    def fail(name: str, started: float, failure) -> dict:
+        step(name, started, False, failure.detail)
+        result["error"] = failure.to_dict()
+        return result
+
+    started = time.monotonic()
+    try:
+        targets = await routes.targets(route, domain)
+    except DnsFailure as exc:
+        return fail("dns", started, classify(exc.observation, time.time()))
+    if not connector.smart_hosts:
+        step("dns", started, True, f"MX of {domain}: " + ", ".join(t.host for t in targets))
+    target = targets[0]
+    started = time.monotonic()
+    try:
+        addresses = await routes.resolver.addresses(target.host)
+    except DnsFailure as exc:
+        return fail("dns", started, classify(exc.observation, time.time()))
+    step("dns", started, True, f"{target.host} -> {', '.join(addresses)}")
+
+    dest = Destination(target.host, addresses[0], target.port, target.index, target.count)
+    conn = SmtpConnection(dest, config.delivery, config.server.hostname)
+    policy = routes.tls_policy(route, target.host)
+    phase_name = "tcp"
+    try:
+        started = time.monotonic()
+        await conn.connect()
+        step("tcp", started, True, f"connected to {where(dest)}")
+        phase_name, started = "greeting", time.monotonic()
+        try:
+            await conn.greet()
+        finally:
+            result["greeting"] = str(conn.greeting) if conn.greeting else None
+        step("greeting", started, True, str(conn.greeting))
+        phase_name, started = "ehlo", time.monotonic()
+        await conn.ehlo()
+        step("ehlo", started, True, " ".join(sorted(conn.capabilities)) or "(no extensions)")
+        if policy.mode != "none":
+            phase_name, started = "starttls", time.monotonic()
+            await conn.starttls(policy, target.host)
+            if conn.tls:
+                step("starttls", started, True, f"{conn.tls['version']} {conn.tls['cipher']}")
+                result["certificate"] = cert = {k: conn.tls.get(k) for k in (
+                    "subject", "sans", "issuer", "not_before", "not_after", "expected_name")}
+                days = _days_left(cert.get("not_after"))
+                cert["days_left"] = days
+                step("certificate", started, True,
+                     f"{cert['subject']} (names {', '.join(cert['sans'] or [])}), issued by {cert['issuer']}, "
+                     f"valid until {cert['not_after']} ({days} days); verified: {policy.verify}")
+            else:
+                step("starttls", started, True, "not offered; continuing in clear (tls = opportunistic)")
+        phase_name, started = "mail", time.monotonic()
+        reply = await conn.command(Phase.MAIL, f"MAIL FROM:<{config.alerts.sender}>")
+        if not reply.is_success:
+            return fail("mail", started, classify(reply_observation(Phase.MAIL, reply, dest), time.time()))
+        step("mail", started, True, str(reply))
+        phase_name, started = "rcpt", time.monotonic()
+        reply = await conn.command(Phase.RCPT, f"RCPT TO:<{rcpt}>")
+        # The destination is reachable and talking SMTP: a refusal of our made-up
+        # test address is reported, but does not fail the probe.
+        step("rcpt", started, True, str(reply) + ("" if reply.is_success else " (test address refused)"))
+        phase_name, started = "rset", time.monotonic()
+        reply = await conn.command(Phase.MAIL, "RSET")
+        step("rset", started, reply.is_success, str(reply))
+        result["ok"] = True
+        return result
+    except SessionFailure as exc:
+        return fail(phase_name, started, classify(exc.observation, time.time()))
+    finally:
+        await conn.quit()
+
+
+def _days_left(not_after: str | None) -> float | None:
+    if not not_after:
+        return None
+    end = datetime.fromisoformat(not_after)
+    return round((end - datetime.now(timezone.utc)).total_seconds() / 86400, 1)
