@@ -58,6 +58,7 @@ class Relaywatch:
         self._wake_fd = wake_fd        # DELIVER: read end; RECEIVE: write end
         self._scheduler_task: asyncio.Task | None = None
         self._child: subprocess.Popen | None = None
+        self._child_started = 0.0
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
 
@@ -115,7 +116,9 @@ class Relaywatch:
     def notify(self) -> None:
         if self.scheduler is not None:
             self.scheduler.retry_now()
-        if self._child is not None:
+        # A child still starting up has no handler yet (SIGUSR1 would kill it);
+        # it looks at the queue within a second of starting anyway.
+        if self._child is not None and time.monotonic() - self._child_started > 3:
             self._child.send_signal(signal.SIGUSR1)
 
     async def stop(self) -> None:
@@ -160,6 +163,7 @@ class Relaywatch:
     # -- the delivery child ------------------------------------------------------------
 
     def _spawn_child(self, read_fd: int) -> subprocess.Popen:
+        self._child_started = time.monotonic()
         return subprocess.Popen(
             [sys.executable, "-m", "relaywatch", "serve", "--role", DELIVER, "--wake-fd", str(read_fd),
              "-c", str(self.config.source)],
