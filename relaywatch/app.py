@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from relaywatch.config import Config, load_config
+from relaywatch.config import Config, apply_overrides, load_config
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.scheduler import Scheduler
 from relaywatch.deliver.smtp import SmtpRoutes
@@ -34,6 +34,7 @@ from relaywatch.errors import ConfigError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
 from relaywatch.store.sqlite import SqliteStore
+from relaywatch.watch.monitor import Monitor
 
 log = logging.getLogger("relaywatch.app")
 
@@ -42,7 +43,8 @@ ALL, RECEIVE, DELIVER = "all", "receive", "deliver"
 
 class Relaywatch:
     def __init__(self, config: Config, clock=time.time, role: str = ALL, wake_fd: int | None = None):
-        self.config = config
+        self.file_config = config      # as read from the file
+        self.config = config           # the running config: file + Fix-now overrides
         self.clock = clock
         self.role = role
         self.store = SqliteStore(config.store_path)
@@ -53,10 +55,14 @@ class Relaywatch:
             self.routes = SmtpRoutes(self.get_config, self.resolver)
             self.scheduler = Scheduler(self.get_config, self.store, self.routes, clock)
             self.store.on_work = self.scheduler.notify
+            self.monitor = Monitor(self.get_config, self.store, self.routes, self.scheduler.retry_now, clock)
+            self.scheduler.observer = self.monitor.on_attempt
         if role in (ALL, RECEIVE):
             self.receiver = Receiver(self.get_config, self.store, clock)
         self._wake_fd = wake_fd        # DELIVER: read end; RECEIVE: write end
         self._scheduler_task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._overrides_seen: tuple | None = None
         self._child: subprocess.Popen | None = None
         self._child_started = 0.0
         self._supervisor: asyncio.Task | None = None
@@ -73,6 +79,8 @@ class Relaywatch:
         data_dir = self.config.server.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
+        await self.refresh_overrides()
+        self._tasks.append(asyncio.create_task(self._watch_overrides(), name="overrides"))
         if self.receiver is not None:
             # Only the receiving side may sweep: the spool is where it writes.
             spool = data_dir / "spool"
@@ -87,6 +95,7 @@ class Relaywatch:
             if returned:
                 log.info("returned %d message(s) leased by a previous run", returned)
             self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+            self._tasks.append(asyncio.create_task(self.monitor.run(), name="monitor"))
             if self._wake_fd is not None:
                 os.set_blocking(self._wake_fd, False)
                 asyncio.get_running_loop().add_reader(self._wake_fd, self._woken)
@@ -121,8 +130,36 @@ class Relaywatch:
         if self._child is not None and time.monotonic() - self._child_started > 3:
             self._child.send_signal(signal.SIGUSR1)
 
+    async def refresh_overrides(self) -> bool:
+        """Apply Fix-now overrides from the store if they changed; True if they did."""
+        version = await self.store.overrides_version()
+        if version == self._overrides_seen:
+            return False
+        self._overrides_seen = version
+        self.config = apply_overrides(self.file_config, await self.store.overrides())
+        return True
+
+    async def _watch_overrides(self) -> None:
+        # Fixes are written by the CLI into the store; both processes pick them
+        # up within two seconds (no signal needed, none can be lost).
+        while True:
+            await asyncio.sleep(2)
+            try:
+                if await self.refresh_overrides():
+                    log.info("applied changed overrides (relaywatch config show lists them)")
+                    if self.scheduler is not None:
+                        self.scheduler.retry_now()
+            except Exception as exc:
+                log.error("could not read overrides: %s", exc)
+
     async def stop(self) -> None:
         self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.scheduler is not None:
+            self.monitor.stop()
         if self.receiver is not None:
             await self.receiver.stop()
         if self._supervisor is not None:
@@ -152,7 +189,10 @@ class Relaywatch:
             return False
         if new.server.listen != self.config.server.listen or new.server.data_dir != self.config.server.data_dir:
             log.warning("server.listen and server.data_dir changes take effect at the next restart")
+        self.file_config = new
+        self._overrides_seen = None     # re-apply the overrides on top of the new file
         self.config = new
+        asyncio.get_running_loop().create_task(self.refresh_overrides())
         if self.scheduler is not None:
             self.scheduler.notify()
         if self._child is not None:

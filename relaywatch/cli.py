@@ -29,7 +29,7 @@ from relaywatch import events
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
 from relaywatch.config import Config, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
-from relaywatch.model import Entry, RecipientOutcome, RecipientStatus, iso
+from relaywatch.model import Entry, iso
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.sqlite import SqliteStore
 
@@ -361,21 +361,223 @@ def queue_delete(config_path, entry_id):
 @click.argument("entry_id")
 def queue_bounce(config_path, entry_id):
     """Give up on a message now: NDR to the sender, then remove it."""
-    from relaywatch.deliver.scheduler import finish_attempt
+    from relaywatch.watch.fixes import return_to_sender
     config = _load(config_path)
 
     async def bounce(store):
         entry = await store.get(entry_id)
         if entry is None:
             _fail(f"no queued message with id {entry_id}")
-        now = time.time()
-        entry.expires_at = min(entry.expires_at, now)
-        outcomes = [RecipientOutcome(r.address, RecipientStatus.EXPIRED, r.last_error) for r in entry.pending]
-        await finish_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now,
-                             count_attempt=False)
+        await return_to_sender(store, config, entry.id, None)
         return entry
     entry = _with_store(config, bounce)
     click.echo(f"{entry.id} returned to {entry.sender or '<> (no NDR for a bounce)'}")
+
+
+# -- incidents -------------------------------------------------------------------------------
+
+def _effective(config: Config):
+    from relaywatch.config import apply_overrides
+
+    async def run(store):
+        return apply_overrides(config, await store.overrides()), await store.overrides()
+    return run
+
+
+@main.group()
+def incidents():
+    """Mail flow incidents: what is wrong per connector, and Fix now."""
+
+
+def _incident_json(inc: dict) -> dict:
+    out = dict(inc)
+    for key in ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
+                "first_expires_at"):
+        if isinstance(out.get(key), (int, float)):
+            out[key] = iso(out[key])
+    return out
+
+
+@incidents.command("list")
+@config_option
+@click.option("--all", "all_", is_flag=True, help="Include resolved incidents.")
+@click.option("--json", "as_json", is_flag=True)
+def incidents_list(config_path, all_, as_json):
+    """Open incidents (with --all, the history too)."""
+    config = _load(config_path)
+    found = _with_store(config, lambda s: s.incidents(include_resolved=all_))
+    if as_json:
+        click.echo(json.dumps({"incidents": [_incident_json(i) for i in found]}, indent=2))
+        return
+    if not found:
+        click.echo("No open incidents: mail is flowing." if not all_ else "No incidents recorded.")
+        return
+    now = time.time()
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "State", "Connector", "Code", "What", "Messages", "Since", "NDRs in"):
+        table.add_column(col, no_wrap=col != "What")
+    for i in found:
+        state = i["state"] if i["state"] != "open" else ("critical" if i.get("severity") == "critical" else "open")
+        cliff = _age(now, i["first_expires_at"]) if i["state"] == "open" and i.get("messages") else "-"
+        table.add_row(str(i["id"]), state, i["connector"], i["code"].replace("watch:", ""), i["title"],
+                      str(i.get("messages", 0)), _age(i["opened_at"], now), cliff)
+    console.print(table)
+    click.echo("`relaywatch incidents show ID` explains one and lists its Fix now actions")
+
+
+@incidents.command("show")
+@config_option
+@click.argument("incident_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def incidents_show(config_path, incident_id, as_json):
+    """One incident: evidence, likely cause, what to do, actions, notifications."""
+    from relaywatch.watch.alerts import incident_text
+    config = _load(config_path)
+    inc = _with_store(config, lambda s: s.incident(incident_id))
+    if inc is None:
+        _fail(f"no incident {incident_id}")
+    if as_json:
+        click.echo(json.dumps(_incident_json(inc), indent=2))
+        return
+    click.echo(f"Incident {inc['id']}  " + incident_text(inc, time.time()))
+    probe = inc.get("probe")
+    if probe:
+        click.echo(f"Last probe ({iso(probe['at'])}): {'passed' if probe['ok'] else 'failed'}")
+        for st in probe["steps"]:
+            click.echo(f"  {'ok  ' if st['ok'] else 'FAIL'} {st['step']:<11} {st['ms']:>7.1f} ms  {st['detail']}")
+    for n in inc.get("notifications", []):
+        click.echo(f"Notified {n['transition']} by {n['channel']}: {n['state']}"
+                   + (f" at {iso(n['sent_at'])}" if n["sent_at"] else "")
+                   + (f" (last error: {n['last_error']})" if n["last_error"] and n["state"] != "sent" else ""))
+    for a in inc.get("audit", []):
+        click.echo(f"Action {a['action']} by {a['who']} at {iso(a['at'])}" + (" (undone)" if a["undone_at"] else ""))
+
+
+@incidents.command("fix")
+@config_option
+@click.argument("incident_id", type=int)
+@click.argument("action", type=click.Choice(["decommission", "retry-now", "pause", "expire"]))
+@click.option("--dry-run", is_flag=True, help="Show what would be done, change nothing.")
+@click.option("--reason", help="Why (kept in the audit log).")
+def incidents_fix(config_path, incident_id, action, dry_run, reason):
+    """Fix now: act on an incident (see `incidents show` for the actions offered)."""
+    from relaywatch.watch import fixes
+    config = _load(config_path)
+    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+
+    async def run(store):
+        inc = await store.incident(incident_id)
+        if inc is None:
+            _fail(f"no incident {incident_id}")
+        try:
+            p = fixes.plan(action, inc, config, await store.overrides())
+        except fixes.FixError as exc:
+            _fail(str(exc))
+        click.echo(f"{'Would' if dry_run else 'Will'} {action} for incident {incident_id} "
+                   f"({inc['code']} on connector {inc['connector']}):")
+        for step in p.steps:
+            click.echo(f"  - {step}")
+        if dry_run:
+            click.echo("Dry run: nothing changed.")
+            return
+        for line in await fixes.apply(store, config, inc, p, who, reason):
+            click.echo(f"  done: {line}")
+        click.echo(f"Undo with: relaywatch incidents undo {incident_id}" if p.undo else f"({p.undo_note})")
+    _with_store(config, run)
+    _wake_server(config)
+
+
+@incidents.command("undo")
+@config_option
+@click.argument("incident_id", type=int)
+def incidents_undo(config_path, incident_id):
+    """Undo the last Fix now action taken on an incident."""
+    from relaywatch.watch import fixes
+    config = _load(config_path)
+    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+
+    async def run(store):
+        inc = await store.incident(incident_id)
+        if inc is None:
+            _fail(f"no incident {incident_id}")
+        try:
+            for line in await fixes.undo(store, inc, who):
+                click.echo(line)
+        except fixes.FixError as exc:
+            _fail(str(exc))
+    _with_store(config, run)
+
+
+# -- connectors and the running config --------------------------------------------------------------
+
+@main.group()
+def connector():
+    """Connectors: test the path to a destination."""
+
+
+@connector.command("test")
+@config_option
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def connector_test(config_path, name, as_json):
+    """Walk the whole path (DNS, TCP, greeting, EHLO, STARTTLS, certificate, MAIL/RCPT) without sending mail."""
+    from relaywatch.deliver.resolver import Resolver
+    from relaywatch.deliver.smtp import SmtpRoutes
+    from relaywatch.watch.probe import probe_connector
+    config = _load(config_path)
+    spec = config.connector(name)
+    if spec is None:
+        _fail(f"no connector {name!r}; configured: {', '.join(c.name for c in config.connectors) or 'none'}")
+    routes = SmtpRoutes(lambda: config, Resolver(config.dns))
+    result = asyncio.run(probe_connector(config, routes, spec))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"Connector {name} ({spec.type}), test address {result['test_address']}:")
+        for st in result["steps"]:
+            click.echo(f"  {'ok  ' if st['ok'] else 'FAIL'} {st['step']:<11} {st['ms']:>7.1f} ms  {st['detail']}")
+        if result["error"]:
+            e = result["error"]
+            click.echo(f"Failed: {e['smtp_code']} {e['code']} {e['title']}" + (f" [{e['subtype']}]" if e["subtype"] else ""))
+            click.echo(f"  relaywatch errors {e['code']}  explains causes and fixes")
+        else:
+            click.echo("Passed: mail can flow through this connector.")
+    sys.exit(0 if result["ok"] else 1)
+
+
+@config_group.command("show")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def config_show(config_path, as_json):
+    """The running configuration: the file plus Fix now overrides (marked)."""
+    config = _load(config_path)
+    if config.store_path.exists():
+        effective, overrides = _with_store(config, _effective(config))
+    else:
+        effective, overrides = config, {}
+    if as_json:
+        click.echo(json.dumps({
+            "source": str(config.source),
+            "overrides": {k: {"value": v["value"], "set_at": iso(v["set_at"]), "incident_id": v["incident_id"]}
+                          for k, v in overrides.items()},
+            "domains": [{"name": d.name, "type": d.type, "mailboxes": sorted(d.mailboxes)} for d in effective.domains],
+            "connectors": [{"name": c.name, "type": c.type, "domains": list(c.domains), "enabled": c.enabled,
+                            "paused": c.paused, "smart_hosts": [f"{h}:{p}" for h, p in c.smart_hosts],
+                            "tls": c.tls, "tls_verify": c.tls_verify} for c in effective.connectors]}, indent=2))
+        return
+    click.echo(f"# {config.source}" + (" with overrides from Fix now actions" if overrides else ""))
+
+    def mark(key: str) -> str:
+        o = overrides.get(key)
+        return f"   # override since {iso(o['set_at'])} (incident {o['incident_id']}; undo: relaywatch incidents undo {o['incident_id']})" if o else ""
+    for d in effective.domains:
+        click.echo(f"domain {d.name}: {d.type}{mark(f'domain:{d.name}:type')}; mailboxes {', '.join(sorted(d.mailboxes)) or '-'}")
+    for c in effective.connectors:
+        hosts = ", ".join(f"{h}:{p}" for h, p in c.smart_hosts) or "MX"
+        click.echo(f"connector {c.name} ({c.type}) -> {hosts}; domains {', '.join(c.domains)}; tls {c.tls}/{c.tls_verify}")
+        click.echo(f"  enabled = {str(c.enabled).lower()}{mark(f'connector:{c.name}:enabled')}")
+        if c.paused or f"connector:{c.name}:paused" in overrides:
+            click.echo(f"  paused = {str(c.paused).lower()}{mark(f'connector:{c.name}:paused')}")
 
 
 # -- the catalog --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,11 @@ class Connector:
     # a revoked certificate cannot be told from a good one.
     crl_file: Path | None = None
     enabled: bool = True
+    # Send the sender one "delayed" DSN once a message has waited this long
+    # (None: never).
+    delay_notice_after: float | None = 4 * 3600.0
+    # Set only by a "pause" fix (an override in the store), never in the file.
+    paused: bool = False
 
     def serves(self, domain: str) -> bool:
         return any(domain_matches(pattern, domain) for pattern in self.domains)
@@ -167,6 +172,24 @@ def domain_matches(pattern: str, domain: str) -> bool:
 
 
 @dataclass(frozen=True)
+class AlertsConfig:
+    notify: tuple[str, ...] = ()                   # admin addresses for alert email
+    smtp: tuple[str, int] | None = None            # relay for alert email; None: the recipients' MX
+    sender: str = ""                               # From of alert email; default relaywatch@hostname
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    open_after: float = 300.0                      # oldest deferred message at least this old...
+    min_messages: int = 1                          # ...and at least this many deferred
+    escalate_before_expiry: float = 4 * 3600.0
+    escalate_steps: tuple[int, ...] = (100, 1000)
+    probe_interval: float = 30.0
+    cert_probe_interval: float = 900.0
+    cert_warning_days: float = 14.0
+    invalid_recipient_quota: int = 0               # per rolling 24 h; 0: not watched
+    evaluate_interval: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -174,6 +197,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     domains: tuple[Domain, ...] = ()
     connectors: tuple[Connector, ...] = ()
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
     source: Path | None = None
 
     def connector(self, name: str) -> Connector | None:
@@ -186,6 +210,24 @@ class Config:
     @property
     def store_path(self) -> Path:
         return self.server.data_dir / "queue.sqlite3"
+
+
+def apply_overrides(config: Config, overrides: dict[str, dict]) -> Config:
+    """The running config: the file's, with the store's "Fix now" overrides on top.
+
+    Keys: ``connector:<name>:enabled``, ``connector:<name>:paused``,
+    ``domain:<name>:type``.  Overrides for names no longer in the file are
+    ignored.
+    """
+    if not overrides:
+        return config
+    values = {k: v["value"] for k, v in overrides.items()}
+    connectors = tuple(
+        replace(c, enabled=values.get(f"connector:{c.name}:enabled", c.enabled),
+                paused=values.get(f"connector:{c.name}:paused", c.paused))
+        for c in config.connectors)
+    domains = tuple(replace(d, type=values.get(f"domain:{d.name}:type", d.type)) for d in config.domains)
+    return replace(config, connectors=connectors, domains=domains)
 
 
 class _Reader:
@@ -282,6 +324,12 @@ def _durations(value: Any) -> tuple[float, ...]:
     return out
 
 
+def _duration_or_off(value: Any) -> float | None:
+    if value == "off":
+        return None
+    return _positive_duration(value)
+
+
 def _positive_duration(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -333,7 +381,7 @@ def _apply_env(raw: dict, env) -> None:
 def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = None) -> Config:
     problems: list[str] = []
     r = _Reader(problems)
-    r.unknown(raw, {"server", "queue", "dns", "delivery", "domains", "connectors"}, "")
+    r.unknown(raw, {"server", "queue", "dns", "delivery", "domains", "connectors", "alerts"}, "")
 
     s = r.table(raw, "server", "server")
     r.unknown(s, {"hostname", "listen", "trusted_networks", "data_dir", "max_message_size",
@@ -438,7 +486,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"{p}: must be a table")
             continue
         r.unknown(item, {"name", "type", "domains", "smart_hosts", "tls", "tls_verify", "tls_name",
-                         "ca_file", "crl_file", "enabled"}, p)
+                         "ca_file", "crl_file", "enabled", "delay_notice_after"}, p)
         for required in ("name", "type", "domains"):
             if required not in item:
                 problems.append(f"{p}.{required}: missing")
@@ -469,10 +517,64 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             ca_file=ca_file,
             crl_file=crl_file,
             enabled=r.get(item, "enabled", p, _bool, True),
+            delay_notice_after=r.get(item, "delay_notice_after", p, _duration_or_off, 4 * 3600.0),
         )
         connectors.append(conn)
 
+    alerts = _alerts(r, r.table(raw, "alerts", "alerts"), server, problems)
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
     return Config(server=server, queue=queue, dns=dns, delivery=delivery,
-                  domains=tuple(domains), connectors=tuple(connectors), source=source)
+                  domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, source=source)
+
+
+def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> AlertsConfig:
+    d = AlertsConfig()
+    r.unknown(a, {"notify", "smtp", "from", "webhook_url", "webhook_secret", "open_after", "min_messages",
+                  "escalate_before_expiry", "escalate_steps", "probe_interval", "cert_probe_interval",
+                  "cert_warning_days", "invalid_recipient_quota", "evaluate_interval"}, "alerts")
+
+    def addresses(v):
+        out = _string_list(v)
+        for x in out:
+            if "@" not in x:
+                raise ValueError(f"{x!r} is not an email address")
+        return tuple(out)
+
+    def url(v):
+        v = _string(v)
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v
+
+    def steps(v):
+        if not isinstance(v, list) or not all(isinstance(x, int) and x > 0 for x in v):
+            raise ValueError("must be a list of positive whole numbers, such as [100, 1000]")
+        return tuple(sorted(v))
+
+    def non_negative_int(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"must be a whole number, 0 or more (got {v!r})")
+        return v
+
+    def days(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError(f"must be a number of days (got {v!r})")
+        return float(v)
+
+    return AlertsConfig(
+        notify=r.get(a, "notify", "alerts", addresses, ()),
+        smtp=r.get(a, "smtp", "alerts", lambda v: parse_hostport(_string(v), 25), None),
+        sender=r.get(a, "from", "alerts", _string, f"relaywatch@{server.hostname}"),
+        webhook_url=r.get(a, "webhook_url", "alerts", url, None),
+        webhook_secret=r.get(a, "webhook_secret", "alerts", _string, None),
+        open_after=r.get(a, "open_after", "alerts", parse_duration, d.open_after),
+        min_messages=r.get(a, "min_messages", "alerts", _positive_int, d.min_messages),
+        escalate_before_expiry=r.get(a, "escalate_before_expiry", "alerts", parse_duration, d.escalate_before_expiry),
+        escalate_steps=r.get(a, "escalate_steps", "alerts", steps, d.escalate_steps),
+        probe_interval=r.get(a, "probe_interval", "alerts", _positive_duration, d.probe_interval),
+        cert_probe_interval=r.get(a, "cert_probe_interval", "alerts", _positive_duration, d.cert_probe_interval),
+        cert_warning_days=r.get(a, "cert_warning_days", "alerts", days, d.cert_warning_days),
+        invalid_recipient_quota=r.get(a, "invalid_recipient_quota", "alerts", non_negative_int, 0),
+        evaluate_interval=r.get(a, "evaluate_interval", "alerts", _positive_duration, d.evaluate_interval),
+    )

@@ -187,6 +187,7 @@ class Entry:
     history: list[dict[str, Any]] = field(default_factory=list)
     lease_owner: str | None = None
     body: StoredBody | None = None      # filled in by lease(), so delivery needs no extra read
+    delay_notified: bool = False        # the sender already got a "delayed" DSN
 
     @property
     def pending(self) -> list[Recipient]:

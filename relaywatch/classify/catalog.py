@@ -252,6 +252,20 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
             "partner": ("Free disk space or fix permissions under data_dir/mailboxes, then run `relaywatch queue retry --connector local`.",),
         }),
     Entry(
+        id="recipient.not_found", code="5.1.10", smtp_code=550, title="Recipient not found",
+        explanation=(
+            "The recipient's domain is authoritative here and has no such mailbox, for example "
+            "after its on-premises server was decommissioned and the domain switched to authoritative. "
+            "The sender gets an NDR; new mail to that address is rejected at RCPT."),
+        causes={
+            "on_premises": ("The mailbox never existed, or was not migrated when the on-premises server was retired.",),
+            "partner": ("The mailbox never existed here.",),
+        },
+        fixes={
+            "on_premises": ("If the mailbox should exist, add it to the domain's mailboxes and ask the sender to resend.",),
+            "partner": ("Tell the sender to check the address.",),
+        }, permanent=True),
+    Entry(
         id="smtp.transient_reply", code="4.0.0", smtp_code=450, title="Destination deferred the message",
         explanation=(
             "The destination server accepted the connection but answered a command with a temporary "

@@ -33,7 +33,7 @@ from relaywatch.errors import StoreError
 from relaywatch.model import (
     Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, RouteKind, StoredBody,
 )
-from relaywatch.notify.dsn import FailedRecipient, build_ndr, header_block
+from relaywatch.notify.dsn import FailedRecipient, build_delay_notice, build_ndr, header_block
 from relaywatch.receive.spool import open_body
 from relaywatch.route import decide, split_address
 from relaywatch.store.base import QueueStore
@@ -42,6 +42,7 @@ log = logging.getLogger("relaywatch.scheduler")
 
 LEASE_BATCH = 256
 DEAD_DESTINATION_SECONDS = 5.0
+PAUSED_RECHECK = 30.0
 PROBE_IDLE_CONNECTION_AFTER = 1.0
 
 
@@ -115,6 +116,8 @@ class Scheduler:
         self._stopping = False
         self._workers: set[asyncio.Task] = set()
         self._recording: set[str] = set()          # entry ids whose outcome is being committed
+        # Told of every recorded attempt (the watch monitor): (entry, outcomes, destination, tls facts).
+        self.observer: Callable[[Entry, list[RecipientOutcome], Destination | None, dict | None], None] | None = None
         self._record_tasks: set[asyncio.Task] = set()
         self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
 
@@ -254,6 +257,12 @@ class Scheduler:
             self._finish(entry, outcomes, Destination("local"), started, body)
             return conn
 
+        connector = self.routes.connector_for(entry.route)
+        if connector is not None and connector.paused:
+            # Paused by an operator: keep the message, make no attempt.
+            await self.store.record(entry.id, self.node, None, [], self.clock() + PAUSED_RECHECK)
+            return conn
+
         if dq.down_until > time.monotonic() and dq.down_failure is not None:
             outcomes = [failed_outcome(r, dq.down_failure) for r in recipients]
             self._finish(entry, outcomes, dq.down_failure.destination, started, body, dq.down_tried)
@@ -287,7 +296,7 @@ class Scheduler:
             self._finish(entry, [failed_outcome(r, f) for r in recipients], conn.dest, started, body)
             return None
         outcomes = transaction_outcomes(result, recipients, conn.dest, self.clock())
-        self._finish(entry, outcomes, conn.dest, started, body)
+        self._finish(entry, outcomes, conn.dest, started, body, tls=conn.tls)
         return conn
 
     async def _deliver_local(self, address: str, body: StoredBody) -> RecipientOutcome:
@@ -300,7 +309,7 @@ class Scheduler:
             return failed_outcome(address, classify(obs, self.clock()))
 
     def _finish(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
-                started: float, body: StoredBody, tried: tuple[Failure, ...] = ()) -> None:
+                started: float, body: StoredBody, tried: tuple[Failure, ...] = (), tls: dict | None = None) -> None:
         """Record the attempt in the background: the connection moves on to the
         next message while the store commits.  The lease is held until the
         record is durable; if we crash before that, the message is tried again
@@ -316,6 +325,8 @@ class Scheduler:
             self._finished_one()
             if not t.cancelled() and t.exception() is not None:
                 log.error("could not record the attempt for %s (it will be retried): %s", entry.id, t.exception())
+            elif not t.cancelled() and self.observer is not None:
+                self.observer(entry, t.result(), dest, tls)
         self._record_tasks.add(task)
         task.add_done_callback(done)
 
@@ -323,8 +334,9 @@ class Scheduler:
 async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],
                          dest: Destination | None, started: float, body: StoredBody | None, *,
                          owner: str | None, tried: tuple[Failure, ...] = (), now: float,
-                         count_attempt: bool = True) -> None:
-    """Record an attempt's outcomes, queue the NDR they call for, log them."""
+                         count_attempt: bool = True) -> list[RecipientOutcome]:
+    """Record an attempt's outcomes, queue the NDR (or delay notice) they call
+    for, log them; return the outcomes as recorded."""
     outcomes = settle(outcomes, now, entry.expires_at)
     attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
                       tried=tried) if count_attempt else None
@@ -336,8 +348,45 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
         notice = await _ndr(store, config, entry, bounced, body, attempts, now)
         if notice is not None:
             notices.append(notice)
-    await store.record(entry.id, owner, attempt, outcomes, next_at, notices)
-    _log_outcomes(entry, outcomes, dest, now, next_at, notified=bool(notices))
+    delayed = [o for o in outcomes if o.status is RecipientStatus.DEFERRED]
+    delay_notified = False
+    if delayed and _delay_notice_due(config, entry, now):
+        notice = await _delay_notice(store, config, entry, delayed, body, now)
+        if notice is not None:
+            notices.append(notice)
+        delay_notified = True
+    await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified)
+    _log_outcomes(entry, outcomes, dest, now, next_at, notified=bool(bounced and notices))
+    if delay_notified:
+        events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,
+                    delay=now - entry.received_at, status="queued" if notices else "none")
+    return outcomes
+
+
+def _delay_notice_due(config: Config, entry: Entry, now: float) -> bool:
+    if entry.delay_notified or not entry.sender or entry.is_dsn:
+        return False
+    connector = config.connector(entry.route.name)
+    after = connector.delay_notice_after if connector is not None else None
+    return after is not None and now - entry.received_at >= after
+
+
+async def _delay_notice(store: QueueStore, config: Config, entry: Entry, delayed: list[RecipientOutcome],
+                        body: StoredBody | None, now: float) -> NewMessage | None:
+    route = decide(config, entry.sender).route
+    if route is None:
+        return None
+    if body is None:
+        body = await store.read_body(entry.body_id)
+    with open_body(body) as f:
+        head = header_block(f.read(64 * 1024))
+    data = build_delay_notice(
+        reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
+        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
+        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in delayed], now=now)
+    return NewMessage(sender="", recipients=((entry.sender, route),), body=StoredBody(size=len(data), data=data),
+                      received_at=now, expires_at=now + config.queue.message_expiration, is_dsn=True,
+                      client="relaywatch")
 
 
 async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[RecipientOutcome],

@@ -206,6 +206,12 @@ class SmtpConnection:
 
     async def open(self, tls: TlsPolicy, server_name: str) -> None:
         """Connect, read the greeting, EHLO, STARTTLS as the policy says."""
+        await self.connect()
+        await self.greet()
+        await self._ehlo()
+        await self.starttls(tls, server_name)
+
+    async def connect(self) -> None:
         try:
             async with asyncio.timeout(self.timeouts.connect_timeout):
                 self.reader, self.writer = await asyncio.open_connection(self.dest.ip, self.dest.port)
@@ -213,11 +219,17 @@ class SmtpConnection:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise SessionFailure(observe(Phase.CONNECT, exc, self.dest)) from exc
+
+    async def greet(self) -> None:
         self.greeting = await self._read_reply(Phase.GREETING, self.timeouts.command_timeout)
         if self.greeting.code != 220:
             await self._quit_quietly()
             raise SessionFailure(reply_observation(Phase.GREETING, self.greeting, self.dest))
+
+    async def ehlo(self) -> None:
         await self._ehlo()
+
+    async def starttls(self, tls: TlsPolicy, server_name: str) -> None:
         if tls.mode == "none":
             return
         if "STARTTLS" not in self.capabilities:
@@ -249,6 +261,9 @@ class SmtpConnection:
         self.tls = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0],
                     **certificate_facts(ssl_object.getpeercert(binary_form=True), expected)}
         await self._ehlo()
+
+    async def command(self, phase: Phase, line: str) -> Reply:
+        return await self._command(phase, line.encode() + b"\r\n")
 
     async def _ehlo(self) -> None:
         reply = await self._command(Phase.EHLO, f"EHLO {self.helo}\r\n".encode())

@@ -132,3 +132,57 @@ def header_block(head: bytes) -> bytes:
     if end < 0:
         end = head.find(b"\n\n")
     return head[: end + 2] if end >= 0 else head
+
+
+def build_delay_notice(*, reporting_mta: str, original_sender: str, original_headers: bytes,
+                       original_message_id: str, received_at: float, expires_at: float,
+                       recipients: list[FailedRecipient], now: float) -> bytes:
+    """An RFC 3464 ``Action: delayed`` notice: not a failure, a heads-up."""
+    original = BytesHeaderParser(policy=policy.default).parsebytes(original_headers)
+    subject = str(original.get("Subject", "") or "")
+    msg = EmailMessage(policy=_SMTP_POLICY)
+    msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    msg["To"] = original_sender
+    msg["Subject"] = ("Delayed: " + subject) if subject else "Delivery delayed"
+    msg["Date"] = email.utils.formatdate(now)
+    msg["Message-ID"] = email.utils.make_msgid(domain=reporting_mta)
+    msg["Auto-Submitted"] = "auto-replied"
+    if original_message_id:
+        msg["In-Reply-To"] = original_message_id
+        msg["References"] = original_message_id
+    lines = ["Your message has not been delivered yet to the recipient(s) below. You do not need to "
+             "send it again: relaywatch keeps trying until " + _when(expires_at) + ".", ""]
+    for r in recipients:
+        lines.append(f"  {r.address}")
+        if r.failure is not None:
+            lines.append(f"    What is wrong: {r.failure.detail}")
+            lines.append(f"    Error: {r.failure.code} {r.failure.title}")
+    lines += ["", f"Sent: {_when(received_at)}. If it cannot be delivered by {_when(expires_at)} you will get "
+                  "a final report.", f"-- relaywatch at {reporting_mta}"]
+    msg.set_content("\n".join(lines) + "\n")
+    msg.make_mixed()
+    msg.set_type("multipart/report")
+    msg.set_param("report-type", "delivery-status")
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["Arrival-Date"] = email.utils.formatdate(received_at)
+    blocks = [per_message]
+    for r in recipients:
+        block = Message()
+        block["Final-Recipient"] = f"rfc822; {r.address}"
+        block["Action"] = "delayed"
+        block["Status"] = r.failure.code if r.failure is not None and r.failure.code[:1] == "4" else "4.0.0"
+        if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
+            block["Remote-MTA"] = f"dns; {r.failure.destination.host}"
+        block["Diagnostic-Code"] = _diagnostic(r.failure)
+        block["Will-Retry-Until"] = email.utils.formatdate(expires_at)
+        blocks.append(block)
+    status_part = Message()
+    status_part["Content-Type"] = "message/delivery-status"
+    status_part.set_payload(blocks)
+    msg.attach(status_part)
+    headers_part = Message()
+    headers_part["Content-Type"] = "text/rfc822-headers"
+    headers_part.set_payload(original_headers.decode("utf-8", "replace"))
+    msg.attach(headers_part)
+    return msg.as_bytes(policy=_SMTP_POLICY)

@@ -85,6 +85,12 @@ class ReceivePolicy:
         if decision.route is None:
             events.emit("rejected", **{"to": address, "from": envelope.mail_from, "client": session.peer[0],
                                       "code": "5.1.10", "detail": "recipient not found"})
+            if config.alerts.invalid_recipient_quota:
+                try:
+                    await self.store.add_invalid_recipients(
+                        [(self.clock(), address.rsplit("@", 1)[1].lower(), "rcpt", "rcpt")])
+                except StoreError:
+                    pass   # counting must never affect the SMTP answer
             return "550 5.1.10 Recipient not found"
         if not decision.accepted_domain and not self.is_trusted(session.peer):
             events.emit("rejected", **{"to": address, "from": envelope.mail_from, "client": session.peer[0],

@@ -61,12 +61,14 @@ CREATE TABLE IF NOT EXISTS entries (
     is_dsn           INTEGER NOT NULL DEFAULT 0,
     first_failure_at REAL,
     lease_owner      TEXT,
-    lease_until      REAL
+    lease_until      REAL,
+    last_code        TEXT,              -- code of the latest deferral (incidents group by it)
+    delay_notified   INTEGER NOT NULL DEFAULT 0
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
     WHERE status IN ('queued', 'deferred');
-CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status);
+CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
 CREATE TABLE IF NOT EXISTS recipients (
     entry_id   TEXT NOT NULL,
     position   INTEGER NOT NULL,
@@ -75,6 +77,56 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_error TEXT,
     PRIMARY KEY (entry_id, position)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS incidents (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    connector   TEXT NOT NULL,
+    code        TEXT NOT NULL,
+    state       TEXT NOT NULL,      -- open | resolved
+    opened_at   REAL NOT NULL,
+    resolved_at REAL,
+    data        TEXT NOT NULL       -- the rest, as JSON (watch/incidents.py Incident)
+);
+CREATE INDEX IF NOT EXISTS incidents_open ON incidents (state, connector, code);
+CREATE TABLE IF NOT EXISTS notifications (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    incident_id INTEGER NOT NULL,
+    transition  TEXT NOT NULL,      -- open | escalate:<n> | resolve
+    channel     TEXT NOT NULL,      -- email | webhook
+    state       TEXT NOT NULL,      -- pending | sent | failed
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_try    REAL NOT NULL,
+    last_error  TEXT,
+    sent_at     REAL,
+    payload     TEXT NOT NULL,
+    UNIQUE (incident_id, transition, channel)   -- never twice per transition
+);
+CREATE TABLE IF NOT EXISTS last_good (
+    connector TEXT PRIMARY KEY,
+    at        REAL NOT NULL,
+    data      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS overrides (
+    key         TEXT PRIMARY KEY,   -- connector:<name>:enabled | connector:<name>:paused | domain:<name>:type
+    value       TEXT NOT NULL,      -- JSON
+    set_at      REAL NOT NULL,
+    incident_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          REAL NOT NULL,
+    who         TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    incident_id INTEGER,
+    detail      TEXT NOT NULL,      -- JSON: what was done, and how to undo it
+    undone_at   REAL
+);
+CREATE TABLE IF NOT EXISTS invalid_recipients (
+    at        REAL NOT NULL,
+    domain    TEXT NOT NULL,
+    connector TEXT NOT NULL,
+    source    TEXT NOT NULL         -- rcpt | destination | expired
+);
+CREATE INDEX IF NOT EXISTS invalid_recipients_at ON invalid_recipients (at);
 CREATE TABLE IF NOT EXISTS attempts (
     entry_id TEXT NOT NULL,
     n        INTEGER NOT NULL,
@@ -85,7 +137,7 @@ CREATE TABLE IF NOT EXISTS attempts (
 
 _ENTRY_COLUMNS = ("id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, "
                   "route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
-                  "first_failure_at, lease_owner, lease_until")
+                  "first_failure_at, lease_owner, lease_until, delay_notified")
 
 _MAX_BATCH = 256
 _LOCK_WAIT_LIMIT = 30.0
@@ -281,7 +333,7 @@ class SqliteStore:
 
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
-                     notices: Sequence[NewMessage] = ()) -> None:
+                     notices: Sequence[NewMessage] = (), delay_notified: bool = False) -> None:
         def op(conn: sqlite3.Connection, cleanup: list) -> None:
             now = time.time()
             row = conn.execute("SELECT lease_owner, lease_until, body_id, attempts, first_failure_at "
@@ -319,12 +371,15 @@ class SqliteStore:
                 return
             if failed_now and first_failure_at is None:
                 first_failure_at = now
+            last_code = next((o.failure.code for o in outcomes
+                              if o.status is RecipientStatus.DEFERRED and o.failure), None)
             conn.execute(
                 "UPDATE entries SET status = CASE WHEN status = 'held' THEN 'held' ELSE 'deferred' END, "
                 "attempts = ?, next_attempt_at = ?, first_failure_at = ?, lease_owner = NULL, "
-                "lease_until = NULL WHERE id = ?",
+                "lease_until = NULL, last_code = COALESCE(?, last_code), "
+                "delay_notified = MAX(delay_notified, ?) WHERE id = ?",
                 (attempts, next_attempt_at if next_attempt_at is not None else now,
-                 first_failure_at, entry_id))
+                 first_failure_at, last_code, int(delay_notified), entry_id))
         await self._write(op)
         if notices:
             self._notify()
@@ -431,6 +486,226 @@ class SqliteStore:
         return await self._read(q)
 
 
+    # -- mail flow watch: incidents, notifications, overrides -------------------------
+    # Kept beside the queue so one file holds all state and the CLI can read
+    # it while the server runs; none of it is on the message path.
+
+    async def deferred_summary(self) -> list[dict]:
+        """Deferred mail grouped by (connector, code), with the newest evidence."""
+        def q(conn: sqlite3.Connection) -> list[dict]:
+            rows = conn.execute(
+                "SELECT route_name, last_code, count(*), min(received_at), min(expires_at), "
+                "min(first_failure_at), max(id) FROM entries "
+                "WHERE status = 'deferred' AND last_code IS NOT NULL GROUP BY route_name, last_code").fetchall()
+            out = []
+            for connector, code, messages, oldest, first_expiry, first_failure, sample in rows:
+                recipients, latest = conn.execute(
+                    "SELECT count(*), max(last_error) FROM recipients r JOIN entries e ON e.id = r.entry_id "
+                    "WHERE e.status = 'deferred' AND e.route_name = ? AND e.last_code = ? AND r.status = 'deferred'",
+                    (connector, code)).fetchone()
+                errors = [json.loads(x) for (x,) in conn.execute(
+                    "SELECT last_error FROM recipients r JOIN entries e ON e.id = r.entry_id "
+                    "WHERE e.status = 'deferred' AND e.route_name = ? AND e.last_code = ? "
+                    "AND r.last_error IS NOT NULL ORDER BY e.rowid DESC LIMIT 20", (connector, code))]
+                errors.sort(key=lambda e: e.get("at") or 0)
+                out.append({"connector": connector, "code": code, "messages": messages, "recipients": recipients,
+                            "oldest_received_at": oldest, "first_expires_at": first_expiry,
+                            "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
+                            "destinations": sorted({_dest_label(e) for e in errors if e.get("destination")})})
+            return out
+        return await self._read(q)
+
+    async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:
+        def q(conn: sqlite3.Connection) -> list[str]:
+            sql = "SELECT id FROM entries WHERE route_name = ? AND status = ?"
+            args: list = [connector, status]
+            if code is not None:
+                sql += " AND last_code = ?"
+                args.append(code)
+            return [i for (i,) in conn.execute(sql + " ORDER BY received_at", args)]
+        return await self._read(q)
+
+    async def move_recipients(self, entry_id: str, addresses: Sequence[str], route: Route, now: float) -> str | None:
+        """Give some recipients of an (unleased) entry a new route, as a new entry
+        sharing the body.  Returns the new entry id (None if nothing moved)."""
+        def op(conn: sqlite3.Connection, cleanup: list) -> str | None:
+            row = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None or not addresses:
+                return None
+            entry = _entry(row)
+            if entry.lease_owner is not None:
+                raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            marks = ",".join("?" * len(addresses))
+            moved = conn.execute(f"DELETE FROM recipients WHERE entry_id = ? AND address IN ({marks}) "
+                                 f"AND status IN ('pending', 'deferred') RETURNING address",
+                                 (entry_id, *addresses)).fetchall()
+            if not moved:
+                return None
+            new = new_id()
+            conn.execute(
+                "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+                "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new, entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
+                 route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn)))
+            conn.executemany("INSERT INTO recipients (entry_id, position, address, status) VALUES (?, ?, ?, 'pending')",
+                             [(new, i, a) for i, (a,) in enumerate(moved)])
+            conn.execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (entry.body_id,))
+            if not conn.execute("SELECT 1 FROM recipients WHERE entry_id = ? LIMIT 1", (entry_id,)).fetchone():
+                _remove(conn, entry_id, entry.body_id, cleanup)
+            return new
+        new = await self._write(op)
+        if new:
+            self._notify()
+        return new
+
+    async def open_incidents(self) -> list[dict]:
+        return await self._read(lambda conn: [_incident(r) for r in conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE state = 'open' ORDER BY id")])
+
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
+        where = "" if include_resolved else "WHERE state = 'open'"
+        return await self._read(lambda conn: [_incident(r) for r in conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents {where} ORDER BY id DESC LIMIT ?", (limit,))])
+
+    async def incident(self, incident_id: int) -> dict | None:
+        def q(conn: sqlite3.Connection) -> dict | None:
+            row = conn.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            if row is None:
+                return None
+            inc = _incident(row)
+            inc["notifications"] = [
+                {"transition": t, "channel": c, "state": st, "attempts": a, "last_error": e, "sent_at": sa}
+                for t, c, st, a, e, sa in conn.execute(
+                    "SELECT transition, channel, state, attempts, last_error, sent_at FROM notifications "
+                    "WHERE incident_id = ? ORDER BY id", (incident_id,))]
+            inc["audit"] = [{"id": i, "at": at, "who": who, "action": act, "detail": json.loads(d), "undone_at": u}
+                            for i, at, who, act, d, u in conn.execute(
+                                "SELECT id, at, who, action, detail, undone_at FROM audit WHERE incident_id = ? "
+                                "ORDER BY id", (incident_id,))]
+            return inc
+        return await self._read(q)
+
+    async def save_incident(self, incident: dict) -> int:
+        """Insert (no id) or update an incident; returns its id."""
+        def op(conn: sqlite3.Connection, cleanup: list) -> int:
+            data = {k: v for k, v in incident.items()
+                    if k not in ("id", "connector", "code", "state", "opened_at", "resolved_at",
+                                 "notifications", "audit")}
+            blob = json.dumps(data, separators=(",", ":"))
+            if incident.get("id") is None:
+                return conn.execute(
+                    "INSERT INTO incidents (connector, code, state, opened_at, resolved_at, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (incident["connector"], incident["code"], incident["state"], incident["opened_at"],
+                     incident.get("resolved_at"), blob)).lastrowid
+            conn.execute("UPDATE incidents SET state = ?, resolved_at = ?, data = ? WHERE id = ?",
+                         (incident["state"], incident.get("resolved_at"), blob, incident["id"]))
+            return incident["id"]
+        return await self._write(op)
+
+    async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
+                               now: float) -> bool:
+        """Queue one notification; False if this transition was already notified."""
+        def op(conn: sqlite3.Connection, cleanup: list) -> bool:
+            return conn.execute(
+                "INSERT OR IGNORE INTO notifications (incident_id, transition, channel, state, next_try, payload) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)",
+                (incident_id, transition, channel, now, json.dumps(payload))).rowcount == 1
+        return await self._write(op)
+
+    async def due_notifications(self, now: float) -> list[dict]:
+        return await self._read(lambda conn: [
+            {"id": i, "incident_id": inc, "transition": t, "channel": c, "attempts": a, "payload": json.loads(p)}
+            for i, inc, t, c, a, p in conn.execute(
+                "SELECT id, incident_id, transition, channel, attempts, payload FROM notifications "
+                "WHERE state = 'pending' AND next_try <= ? ORDER BY id", (now,))])
+
+    async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
+                                  retry_at: float | None) -> None:
+        def op(conn: sqlite3.Connection, cleanup: list) -> None:
+            state = "sent" if ok else ("pending" if retry_at is not None else "failed")
+            conn.execute("UPDATE notifications SET state = ?, attempts = attempts + 1, last_error = ?, "
+                         "sent_at = ?, next_try = COALESCE(?, next_try) WHERE id = ?",
+                         (state, error, now if ok else None, retry_at, notification_id))
+        await self._write(op)
+
+    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
+        def op(conn: sqlite3.Connection, cleanup: list) -> None:
+            conn.execute("INSERT INTO last_good (connector, at, data) VALUES (?, ?, ?) ON CONFLICT (connector) "
+                         "DO UPDATE SET at = excluded.at, data = excluded.data",
+                         (connector, at, json.dumps(facts)))
+        await self._write(op)
+
+    async def last_good(self) -> dict[str, dict]:
+        return await self._read(lambda conn: {c: dict(json.loads(d), at=at) for c, at, d in conn.execute(
+            "SELECT connector, at, data FROM last_good")})
+
+    async def overrides(self) -> dict[str, dict]:
+        return await self._read(lambda conn: {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
+                                              for k, v, at, i in conn.execute(
+                                                  "SELECT key, value, set_at, incident_id FROM overrides")})
+
+    async def overrides_version(self) -> tuple:
+        return await self._read(lambda conn: conn.execute(
+            "SELECT count(*), max(set_at) FROM overrides").fetchone())
+
+    async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
+                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+        """Change overrides and write the audit record in one transaction."""
+        def op(conn: sqlite3.Connection, cleanup: list) -> int:
+            for key, value in set_overrides.items():
+                conn.execute("INSERT INTO overrides (key, value, set_at, incident_id) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
+                             "incident_id = excluded.incident_id", (key, json.dumps(value), now, incident_id))
+            for key in clear_overrides:
+                conn.execute("DELETE FROM overrides WHERE key = ?", (key,))
+            return conn.execute("INSERT INTO audit (at, who, action, incident_id, detail) VALUES (?, ?, ?, ?, ?)",
+                                (now, who, action, incident_id, json.dumps(detail))).lastrowid
+        return await self._write(op)
+
+    async def last_undoable(self, incident_id: int) -> dict | None:
+        def q(conn: sqlite3.Connection) -> dict | None:
+            row = conn.execute("SELECT id, action, detail FROM audit WHERE incident_id = ? AND undone_at IS NULL "
+                               "AND action NOT LIKE 'undo %' ORDER BY id DESC LIMIT 1", (incident_id,)).fetchone()
+            return {"id": row[0], "action": row[1], "detail": json.loads(row[2])} if row else None
+        return await self._read(q)
+
+    async def mark_undone(self, audit_id: int, now: float) -> None:
+        await self._write(lambda conn, cleanup: conn.execute(
+            "UPDATE audit SET undone_at = ? WHERE id = ?", (now, audit_id)))
+
+    async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
+        if rows:
+            await self._write(lambda conn, cleanup: conn.executemany(
+                "INSERT INTO invalid_recipients (at, domain, connector, source) VALUES (?, ?, ?, ?)", rows))
+
+    async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
+        def q(conn: sqlite3.Connection):
+            return conn.execute("SELECT domain, connector, source, count(*) FROM invalid_recipients WHERE at >= ? "
+                                "GROUP BY domain, connector, source ORDER BY count(*) DESC", (since,)).fetchall()
+        return await self._read(q)
+
+
+_INCIDENT_COLUMNS = "id, connector, code, state, opened_at, resolved_at, data"
+
+
+def _incident(row: tuple) -> dict:
+    id_, connector, code, state, opened_at, resolved_at, data = row
+    return {"id": id_, "connector": connector, "code": code, "state": state, "opened_at": opened_at,
+            "resolved_at": resolved_at, **json.loads(data)}
+
+
+def _dest_label(error: dict) -> str:
+    d = error.get("destination") or {}
+    label = d.get("host") or "?"
+    if d.get("ip") and d.get("ip") != label:
+        label += f"[{d['ip']}]"
+    if d.get("port"):
+        label += f":{d['port']}"
+    return label
+
+
 def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
     if fut.cancelled():
         return
@@ -488,7 +763,7 @@ def _select(selector: Selector) -> tuple[str, tuple]:
 def _entry(row: tuple) -> Entry:
     (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
      route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
-     lease_until) = row
+     lease_until, delay_notified) = row
     leased = lease_owner is not None and (lease_until or 0) > time.time()
     return Entry(
         id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
@@ -496,7 +771,8 @@ def _entry(row: tuple) -> Entry:
         attempts=attempts, next_attempt_at=next_attempt_at,
         route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
         message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
-        first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None)
+        first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
+        delay_notified=bool(delay_notified))
 
 
 def _attach_bodies(conn: sqlite3.Connection, entries: list[Entry]) -> None:

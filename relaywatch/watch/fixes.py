@@ -1,0 +1,172 @@
+""""Fix now": remediation actions on an incident, audited and undoable.
+
+Each action first builds a plan (what it will do, in words), which
+``--dry-run`` prints and stops at.  Applying it writes overrides (never the
+TOML file) and an audit record in one transaction, then acts on the queue.
+``undo`` reverses the overrides of the last action; mail already delivered or
+returned stays so, and the undo says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from relaywatch.classify.catalog import CATALOG
+from relaywatch.config import Config, apply_overrides
+from relaywatch.deliver.scheduler import finish_attempt
+from relaywatch.errors import RelaywatchError, StoreError
+from relaywatch.model import Failure, RecipientOutcome, RecipientStatus
+from relaywatch.route import LOCAL, split_address
+from relaywatch.store.base import Selector
+
+ACTIONS = ("decommission", "retry-now", "pause", "expire")
+
+
+class FixError(RelaywatchError):
+    pass
+
+
+@dataclass
+class Plan:
+    action: str
+    steps: list[str]
+    set_overrides: dict = field(default_factory=dict)
+    clear_overrides: list[str] = field(default_factory=list)
+    undo: dict = field(default_factory=dict)      # overrides to restore on undo (key -> value or None)
+    undo_note: str = ""
+
+
+def plan(action: str, incident: dict, config: Config, overrides: dict) -> Plan:
+    if incident["state"] != "open":
+        raise FixError(f"incident {incident['id']} is resolved; there is nothing to fix")
+    if action not in incident.get("actions", []):
+        raise FixError(f"{action!r} is not offered for incident {incident['id']}; "
+                       f"choose one of: {', '.join(incident.get('actions', [])) or 'none'}")
+    name = incident["connector"]
+    connector = config.connector(name)
+
+    def previous(key: str):
+        return overrides[key]["value"] if key in overrides else None
+
+    if action == "retry-now":
+        return Plan(action, [f"Make every deferred message for connector {name} due now."],
+                    undo_note="nothing to undo: the messages are simply tried again")
+    if action == "pause":
+        key = f"connector:{name}:paused"
+        return Plan(action, [f"Pause delivery through connector {name}: mail is still accepted and kept, "
+                             "but no attempts are made until undone."],
+                    set_overrides={key: True}, undo={key: previous(key)})
+    if action == "expire":
+        return Plan(action, [f"Return every message deferred with {incident['code']} on connector {name} to its "
+                             f"sender now (NDR), and remove it from the queue ({incident['messages']} message(s))."],
+                    undo_note="returned messages cannot be taken back")
+    if action == "decommission":
+        if connector is None or connector.type != "on_premises":
+            raise FixError("decommission applies to an on_premises connector only")
+        domains = [d for d in config.domains if d.type == "internal_relay" and connector.serves(d.name)]
+        steps = [f"Disable connector {name} (it stops being used for routing)."]
+        sets = {f"connector:{name}:enabled": False}
+        undo = {f"connector:{name}:enabled": previous(f"connector:{name}:enabled")}
+        for d in domains:
+            key = f"domain:{d.name}:type"
+            steps.append(f"Make {d.name} authoritative: only its listed mailboxes "
+                         f"({', '.join(sorted(d.mailboxes)) or 'none'}) exist; other recipients are rejected at "
+                         "RCPT with 550 5.1.10.")
+            sets[key] = "authoritative"
+            undo[key] = previous(key)
+        steps.append(f"Queued mail for connector {name}: recipients with a listed mailbox are delivered to it "
+                     "now; all others are returned to their senders (5.1.10).")
+        return Plan(action, steps, set_overrides=sets, undo=undo,
+                    undo_note="mail already delivered locally or returned stays so")
+    raise FixError(f"unknown action {action!r}; choose one of: {', '.join(ACTIONS)}")
+
+
+async def apply(store, config: Config, incident: dict, p: Plan, who: str, reason: str | None) -> list[str]:
+    """Do it; return what was done, line by line."""
+    now = time.time()
+    done: list[str] = []
+    audit_id = await store.apply_fix(who, p.action, incident["id"],
+                                     {"steps": p.steps, "undo": p.undo, "reason": reason, "undo_note": p.undo_note},
+                                     p.set_overrides, p.clear_overrides, now)
+    done.append(f"recorded as audit entry {audit_id} by {who}")
+    name = incident["connector"]
+    effective = apply_overrides(config, await store.overrides())
+    if p.action == "retry-now":
+        n = await store.retry(Selector(connector=name), now)
+        done.append(f"{n} message(s) due now")
+    elif p.action == "pause":
+        done.append(f"connector {name} paused")
+    elif p.action == "expire":
+        n = 0
+        for entry_id in await store.entry_ids(name, incident["code"]):
+            n += await return_to_sender(store, effective, entry_id, None)
+        done.append(f"{n} message(s) returned to their senders")
+    elif p.action == "decommission":
+        moved = returned = 0
+        for entry_id in await store.entry_ids(name, None, status="deferred") + await store.entry_ids(name, None, status="queued"):
+            entry = await _get_unleased(store, entry_id)
+            if entry is None:
+                continue
+            local = [r.address for r in entry.pending if _has_mailbox(effective, r.address)]
+            if local:
+                await store.move_recipients(entry_id, local, LOCAL, time.time())
+                moved += len(local)
+            returned += await return_to_sender(store, effective, entry_id, _not_found_failure(time.time()))
+        done.append(f"{moved} recipient(s) moved to their local mailboxes; {returned} message(s) returned (5.1.10)")
+    return done
+
+
+async def undo(store, incident: dict, who: str) -> list[str]:
+    last = await store.last_undoable(incident["id"])
+    if last is None:
+        raise FixError(f"incident {incident['id']} has no action to undo")
+    restore = last["detail"].get("undo") or {}
+    sets = {k: v for k, v in restore.items() if v is not None}
+    clears = [k for k, v in restore.items() if v is None]
+    now = time.time()
+    await store.apply_fix(who, f"undo {last['action']}", incident["id"], {"undoes": last["id"]}, sets, clears, now)
+    await store.mark_undone(last["id"], now)
+    lines = [f"undid {last['action']} (audit entry {last['id']})"]
+    lines += [f"restored {k}" for k in restore] or ["no settings to restore"]
+    if last["detail"].get("undo_note"):
+        lines.append(f"note: {last['detail']['undo_note']}")
+    return lines
+
+
+def _has_mailbox(config: Config, address: str) -> bool:
+    local, domain = split_address(address)
+    d = config.domain(domain)
+    return d is not None and d.has_mailbox(local)
+
+
+def _not_found_failure(now: float) -> Failure:
+    e = CATALOG["recipient.not_found"]
+    return Failure(code=e.code, smtp_code=e.smtp_code, title=e.title, subtype="decommissioned",
+                   detail="The recipient's server was decommissioned and the domain is now authoritative; "
+                          "there is no such mailbox.", phase="rcpt", permanent=True, at=now, kind=e.id)
+
+
+async def _get_unleased(store, entry_id: str, tries: int = 50):
+    """The entry, once no delivery holds it (the server stops using the connector within seconds)."""
+    import asyncio
+    for _ in range(tries):
+        entry = await store.get(entry_id)
+        if entry is None or entry.lease_owner is None:
+            return entry
+        await asyncio.sleep(0.2)
+    raise StoreError(f"message {entry_id} stayed in delivery; run the action again")
+
+
+async def return_to_sender(store, config: Config, entry_id: str, failure: Failure | None) -> int:
+    entry = await _get_unleased(store, entry_id)
+    if entry is None or not entry.pending:
+        return 0
+    now = time.time()
+    if failure is None:   # expire: give up now, with the last error seen
+        entry.expires_at = min(entry.expires_at, now)
+        outcomes = [RecipientOutcome(r.address, RecipientStatus.EXPIRED, r.last_error) for r in entry.pending]
+    else:
+        outcomes = [RecipientOutcome(r.address, RecipientStatus.FAILED, failure) for r in entry.pending]
+    await finish_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now, count_attempt=False)
+    return 1
