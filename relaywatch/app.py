@@ -33,6 +33,7 @@ from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import ConfigError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
+from relaywatch.store.base import Selector
 from relaywatch.store.sqlite import SqliteStore
 from relaywatch.watch.monitor import Monitor
 
@@ -123,6 +124,8 @@ class Relaywatch:
             pass   # a full pipe already means "wake up"; a dead child is restarted
 
     def notify(self) -> None:
+        """SIGUSR1: an operator changed the queue or the overrides; look now."""
+        asyncio.get_running_loop().create_task(self.refresh_overrides())
         if self.scheduler is not None:
             self.scheduler.retry_now()
         # A child still starting up has no handler yet (SIGUSR1 would kill it);
@@ -136,7 +139,15 @@ class Relaywatch:
         if version == self._overrides_seen:
             return False
         self._overrides_seen = version
+        before = self.config
         self.config = apply_overrides(self.file_config, await self.store.overrides())
+        if self.scheduler is not None:
+            # A connector un-paused: its held-back mail is due now, not at the next recheck.
+            for c in self.config.connectors:
+                old = before.connector(c.name)
+                if old is not None and old.paused and not c.paused:
+                    await self.store.retry(Selector(connector=c.name), self.clock())
+            self.scheduler.retry_now()
         return True
 
     async def _watch_overrides(self) -> None:
@@ -147,8 +158,6 @@ class Relaywatch:
             try:
                 if await self.refresh_overrides():
                     log.info("applied changed overrides (relaywatch config show lists them)")
-                    if self.scheduler is not None:
-                        self.scheduler.retry_now()
             except Exception as exc:
                 log.error("could not read overrides: %s", exc)
 

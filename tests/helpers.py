@@ -31,7 +31,7 @@ from relaywatch.config import load_config
 LOOPBACK = "127.0.0.1"
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition"):
+async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str | Callable[[], str] = "condition"):
     """Wait for ``predicate()`` (sync or async) to be truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -41,7 +41,7 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.02)
 
 
