@@ -29,7 +29,7 @@ from relaywatch import events
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
 from relaywatch.config import Config, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
-from relaywatch.model import Entry, iso
+from relaywatch.model import Entry, dest_label, iso
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.sqlite import SqliteStore
 
@@ -257,7 +257,7 @@ def _print_entry(e: Entry, config: Config) -> None:
     if e.history:
         click.echo("  Attempts (oldest first):")
     for n, a in enumerate(e.history, 1):
-        click.echo(f"   #{n} {iso(a['at'])} {_host(a.get('destination'))} ({a['duration']:.2f}s)")
+        click.echo(f"   #{n} {iso(a['at'])} {dest_label(a.get('destination'))} ({a['duration']:.2f}s)")
         # Recipients that failed the same way are shown once.
         groups: dict[str, list[dict]] = {}
         for r in a["recipients"]:
@@ -286,17 +286,7 @@ def _print_entry(e: Entry, config: Config) -> None:
                 click.echo(f"          valid {t.get('not_before')} .. {t.get('not_after')}; expected name "
                            f"{t.get('expected_name')}; OpenSSL verify code {t.get('verify_code')}")
         for f in a.get("hosts_tried", []):
-            click.echo(f"      also tried {_host(f.get('destination'))}: {f['code']} {f['detail']}")
-
-
-def _host(dest: dict | None) -> str:
-    dest = dest or {}
-    host = dest.get("host") or "-"
-    if dest.get("ip") and dest.get("ip") != host:
-        host += f"[{dest['ip']}]"
-    if dest.get("port"):
-        host += f":{dest['port']}"
-    return host
+            click.echo(f"      also tried {dest_label(f.get('destination'))}: {f['code']} {f['detail']}")
 
 
 def _selector(ids, connector, all_) -> Selector:
@@ -398,6 +388,11 @@ def _incident_json(inc: dict) -> dict:
     return out
 
 
+def _operator() -> str:
+    """Who acts, for the audit log."""
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+
+
 @incidents.command("list")
 @config_option
 @click.option("--all", "all_", is_flag=True, help="Include resolved incidents.")
@@ -463,7 +458,7 @@ def incidents_fix(config_path, incident_id, action, dry_run, reason):
     """Fix now: act on an incident (see `incidents show` for the actions offered)."""
     from relaywatch.watch import fixes
     config = _load(config_path)
-    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+    who = _operator()
 
     async def run(store):
         inc = await store.incident(incident_id)
@@ -494,7 +489,7 @@ def incidents_undo(config_path, incident_id):
     """Undo the last Fix now action taken on an incident."""
     from relaywatch.watch import fixes
     config = _load(config_path)
-    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+    who = _operator()
 
     async def run(store):
         inc = await store.incident(incident_id)

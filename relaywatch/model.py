@@ -221,6 +221,17 @@ class Entry:
         }
 
 
+def dest_label(dest: dict | None) -> str:
+    """``host[ip]:port`` from a destination as stored in JSON."""
+    dest = dest or {}
+    label = dest.get("host") or "-"
+    if dest.get("ip") and dest.get("ip") != label:
+        label += f"[{dest['ip']}]"
+    if dest.get("port"):
+        label += f":{dest['port']}"
+    return label
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None

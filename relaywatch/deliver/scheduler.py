@@ -373,44 +373,39 @@ def _delay_notice_due(config: Config, entry: Entry, now: float) -> bool:
 
 async def _delay_notice(store: QueueStore, config: Config, entry: Entry, delayed: list[RecipientOutcome],
                         body: StoredBody | None, now: float) -> NewMessage | None:
-    route = decide(config, entry.sender).route
-    if route is None:
-        return None
-    if body is None:
-        body = await store.read_body(entry.body_id)
-    with open_body(body) as f:
-        head = header_block(f.read(64 * 1024))
-    data = build_delay_notice(
+    return await _notice(store, config, entry, body, now, lambda head: build_delay_notice(
         reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
         original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
-        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in delayed], now=now)
-    return NewMessage(sender="", recipients=((entry.sender, route),), body=StoredBody(size=len(data), data=data),
-                      received_at=now, expires_at=now + config.queue.message_expiration, is_dsn=True,
-                      client="relaywatch")
+        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in delayed], now=now))
 
 
 async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[RecipientOutcome],
                body: StoredBody | None, attempts: int, now: float) -> NewMessage | None:
     if not entry.sender:
         return None    # never bounce a bounce
+    return await _notice(store, config, entry, body, now, lambda head: build_ndr(
+        reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
+        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
+        first_failure_at=entry.first_failure_at, attempts=attempts,
+        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in bounced], now=now))
+
+
+async def _notice(store: QueueStore, config: Config, entry: Entry, body: StoredBody | None, now: float,
+                  build) -> NewMessage | None:
+    """A DSN to the entry's sender, queued like any message with the null sender."""
     route = decide(config, entry.sender).route
     if route is None:
         events.emit("bounced", id=entry.id, to=entry.sender,
-                    detail="no NDR: the sender's mailbox does not exist here")
+                    detail="no DSN: the sender's mailbox does not exist here")
         return None
     if body is None:
         body = await store.read_body(entry.body_id)
     with open_body(body) as f:
         head = header_block(f.read(64 * 1024))
-    data = build_ndr(
-        reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
-        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
-        first_failure_at=entry.first_failure_at, attempts=attempts,
-        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in bounced], now=now)
-    return NewMessage(sender="", recipients=((entry.sender, route),),
-                      body=StoredBody(size=len(data), data=data), received_at=now,
-                      expires_at=now + config.queue.message_expiration, is_dsn=True,
-                      message_id="", client="relaywatch")
+    data = build(head)
+    return NewMessage(sender="", recipients=((entry.sender, route),), body=StoredBody(size=len(data), data=data),
+                      received_at=now, expires_at=now + config.queue.message_expiration, is_dsn=True,
+                      client="relaywatch")
 
 
 def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None, now: float,

@@ -63,25 +63,62 @@ def _human(r: FailedRecipient, first_failure_at: float | None, expires_at: float
     return "\n".join(lines)
 
 
-def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: bytes,
-              original_message_id: str, received_at: float, expires_at: float,
-              first_failure_at: float | None, attempts: int,
-              recipients: list[FailedRecipient], now: float) -> bytes:
-    expired = any(r.status is RecipientStatus.EXPIRED for r in recipients)
+def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: str,
+            reporting_mta: str, original_sender: str, original_headers: bytes, original_message_id: str,
+            received_at: float, recipients: list[FailedRecipient], now: float,
+            status_of, extra_fields) -> bytes:
+    """The multipart/report both kinds of DSN share (RFC 3464, recipe in shared/STACK.md §6)."""
     original = BytesHeaderParser(policy=policy.default).parsebytes(original_headers)
     subject = str(original.get("Subject", "") or "")
-
     msg = EmailMessage(policy=_SMTP_POLICY)
     msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
     msg["To"] = original_sender
-    msg["Subject"] = ("Undeliverable: " + subject) if subject else "Undeliverable message"
+    msg["Subject"] = (subject_prefix + subject) if subject else fallback_subject
     msg["Date"] = email.utils.formatdate(now)
     msg["Message-ID"] = email.utils.make_msgid(domain=reporting_mta)
     msg["Auto-Submitted"] = "auto-replied"
     if original_message_id:
         msg["In-Reply-To"] = original_message_id
         msg["References"] = original_message_id
+    msg.set_content(text)
+    msg.make_mixed()
+    msg.set_type("multipart/report")
+    msg.set_param("report-type", "delivery-status")
 
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["Arrival-Date"] = email.utils.formatdate(received_at)
+    blocks = [per_message]
+    for r in recipients:
+        block = Message()
+        block["Final-Recipient"] = f"rfc822; {r.address}"
+        block["Action"] = action
+        block["Status"] = status_of(r)
+        if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
+            block["Remote-MTA"] = f"dns; {r.failure.destination.host}"
+        block["Diagnostic-Code"] = _diagnostic(r.failure)
+        for name, value in extra_fields(r).items():
+            block[name] = value
+        blocks.append(block)
+    status_part = Message()
+    status_part["Content-Type"] = "message/delivery-status"
+    status_part.set_payload(blocks)
+    msg.attach(status_part)
+
+    headers_part = Message()
+    headers_part["Content-Type"] = "text/rfc822-headers"
+    headers_part["Content-Description"] = "Headers of the message"
+    headers_part.set_payload(original_headers.decode("utf-8", "replace"))
+    msg.attach(headers_part)
+    return msg.as_bytes(policy=_SMTP_POLICY)
+
+
+def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: bytes,
+              original_message_id: str, received_at: float, expires_at: float,
+              first_failure_at: float | None, attempts: int,
+              recipients: list[FailedRecipient], now: float) -> bytes:
+    """``Action: failed``: the message is given up for these recipients."""
+    expired = any(r.status is RecipientStatus.EXPIRED for r in recipients)
     intro = ("Your message could not be delivered to the recipient(s) below. "
              + ("relaywatch retried for as long as it is allowed to and then gave up."
                 if expired else "The destination rejected it."))
@@ -94,62 +131,18 @@ def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: byt
              "keeps happening, forward this report to your mail administrator. The technical "
              "details and the original message's headers are attached.",
              f"-- relaywatch at {reporting_mta}"]
-    msg.set_content("\n".join(body) + "\n")
-    msg.make_mixed()
-    msg.set_type("multipart/report")
-    msg.set_param("report-type", "delivery-status")
-
-    per_message = Message()
-    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
-    per_message["Arrival-Date"] = email.utils.formatdate(received_at)
-    blocks = [per_message]
-    for r in recipients:
-        block = Message()
-        block["Final-Recipient"] = f"rfc822; {r.address}"
-        block["Action"] = "failed"
-        block["Status"] = _status(r)
-        if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
-            block["Remote-MTA"] = f"dns; {r.failure.destination.host}"
-        block["Diagnostic-Code"] = _diagnostic(r.failure)
-        block["Last-Attempt-Date"] = email.utils.formatdate(r.failure.at if r.failure else now)
-        blocks.append(block)
-    status_part = Message()
-    status_part["Content-Type"] = "message/delivery-status"
-    status_part.set_payload(blocks)
-    msg.attach(status_part)
-
-    headers_part = Message()
-    headers_part["Content-Type"] = "text/rfc822-headers"
-    headers_part["Content-Description"] = "Headers of the undelivered message"
-    headers_part.set_payload(original_headers.decode("utf-8", "replace"))
-    msg.attach(headers_part)
-    return msg.as_bytes(policy=_SMTP_POLICY)
-
-
-def header_block(head: bytes) -> bytes:
-    """The header section of a message (up to the first empty line)."""
-    end = head.find(b"\r\n\r\n")
-    if end < 0:
-        end = head.find(b"\n\n")
-    return head[: end + 2] if end >= 0 else head
+    return _report(
+        subject_prefix="Undeliverable: ", fallback_subject="Undeliverable message", text="\n".join(body) + "\n",
+        action="failed", reporting_mta=reporting_mta, original_sender=original_sender,
+        original_headers=original_headers, original_message_id=original_message_id, received_at=received_at,
+        recipients=recipients, now=now, status_of=_status,
+        extra_fields=lambda r: {"Last-Attempt-Date": email.utils.formatdate(r.failure.at if r.failure else now)})
 
 
 def build_delay_notice(*, reporting_mta: str, original_sender: str, original_headers: bytes,
                        original_message_id: str, received_at: float, expires_at: float,
                        recipients: list[FailedRecipient], now: float) -> bytes:
-    """An RFC 3464 ``Action: delayed`` notice: not a failure, a heads-up."""
-    original = BytesHeaderParser(policy=policy.default).parsebytes(original_headers)
-    subject = str(original.get("Subject", "") or "")
-    msg = EmailMessage(policy=_SMTP_POLICY)
-    msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
-    msg["To"] = original_sender
-    msg["Subject"] = ("Delayed: " + subject) if subject else "Delivery delayed"
-    msg["Date"] = email.utils.formatdate(now)
-    msg["Message-ID"] = email.utils.make_msgid(domain=reporting_mta)
-    msg["Auto-Submitted"] = "auto-replied"
-    if original_message_id:
-        msg["In-Reply-To"] = original_message_id
-        msg["References"] = original_message_id
+    """``Action: delayed``: not a failure, a heads-up with the deadline."""
     lines = ["Your message has not been delivered yet to the recipient(s) below. You do not need to "
              "send it again: relaywatch keeps trying until " + _when(expires_at) + ".", ""]
     for r in recipients:
@@ -159,30 +152,19 @@ def build_delay_notice(*, reporting_mta: str, original_sender: str, original_hea
             lines.append(f"    Error: {r.failure.code} {r.failure.title}")
     lines += ["", f"Sent: {_when(received_at)}. If it cannot be delivered by {_when(expires_at)} you will get "
                   "a final report.", f"-- relaywatch at {reporting_mta}"]
-    msg.set_content("\n".join(lines) + "\n")
-    msg.make_mixed()
-    msg.set_type("multipart/report")
-    msg.set_param("report-type", "delivery-status")
-    per_message = Message()
-    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
-    per_message["Arrival-Date"] = email.utils.formatdate(received_at)
-    blocks = [per_message]
-    for r in recipients:
-        block = Message()
-        block["Final-Recipient"] = f"rfc822; {r.address}"
-        block["Action"] = "delayed"
-        block["Status"] = r.failure.code if r.failure is not None and r.failure.code[:1] == "4" else "4.0.0"
-        if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
-            block["Remote-MTA"] = f"dns; {r.failure.destination.host}"
-        block["Diagnostic-Code"] = _diagnostic(r.failure)
-        block["Will-Retry-Until"] = email.utils.formatdate(expires_at)
-        blocks.append(block)
-    status_part = Message()
-    status_part["Content-Type"] = "message/delivery-status"
-    status_part.set_payload(blocks)
-    msg.attach(status_part)
-    headers_part = Message()
-    headers_part["Content-Type"] = "text/rfc822-headers"
-    headers_part.set_payload(original_headers.decode("utf-8", "replace"))
-    msg.attach(headers_part)
-    return msg.as_bytes(policy=_SMTP_POLICY)
+    return _report(
+        subject_prefix="Delayed: ", fallback_subject="Delivery delayed", text="\n".join(lines) + "\n",
+        action="delayed", reporting_mta=reporting_mta, original_sender=original_sender,
+        original_headers=original_headers, original_message_id=original_message_id, received_at=received_at,
+        recipients=recipients, now=now,
+        status_of=lambda r: r.failure.code if r.failure is not None and r.failure.code[:1] == "4" else "4.0.0",
+        extra_fields=lambda r: {"Will-Retry-Until": email.utils.formatdate(expires_at)})
+
+
+def header_block(head: bytes) -> bytes:
+    """The header section of a message (up to the first empty line)."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        end = head.find(b"\n\n")
+    return head[: end + 2] if end >= 0 else head
+

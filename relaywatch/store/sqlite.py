@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
     Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome,
-    RecipientStatus, Route, RouteKind, StoredBody,
+    RecipientStatus, Route, RouteKind, StoredBody, dest_label,
 )
 from relaywatch.store.base import QueueQuery, Selector
 
@@ -511,7 +511,7 @@ class SqliteStore:
                 out.append({"connector": connector, "code": code, "messages": messages, "recipients": recipients,
                             "oldest_received_at": oldest, "first_expires_at": first_expiry,
                             "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
-                            "destinations": sorted({_dest_label(e) for e in errors if e.get("destination")})})
+                            "destinations": sorted({dest_label(e.get("destination")) for e in errors if e.get("destination")})})
             return out
         return await self._read(q)
 
@@ -694,16 +694,6 @@ def _incident(row: tuple) -> dict:
     id_, connector, code, state, opened_at, resolved_at, data = row
     return {"id": id_, "connector": connector, "code": code, "state": state, "opened_at": opened_at,
             "resolved_at": resolved_at, **json.loads(data)}
-
-
-def _dest_label(error: dict) -> str:
-    d = error.get("destination") or {}
-    label = d.get("host") or "?"
-    if d.get("ip") and d.get("ip") != label:
-        label += f"[{d['ip']}]"
-    if d.get("port"):
-        label += f":{d['port']}"
-    return label
 
 
 def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
