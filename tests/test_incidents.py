@@ -290,3 +290,44 @@ async def test_connector_test_walks_the_path(relay_factory, sink):
     relay.write_config()
     failed = await relay.cli("connector", "test", "onprem", expect=1)
     assert "FAIL tcp" in failed.output and "4.4.316 Connection refused" in failed.output
+
+
+async def test_a_short_outage_recovers_by_probe_without_an_incident(relay_factory, watchers):
+    alert_sink, webhook = watchers
+    port = free_port()
+    relay = await relay_factory(domains=HYBRID, queue={"retry_intervals": ["1h"]}, connectors=onprem(port),
+                                alerts=alerts_config(alert_sink, webhook, open_after="1h"))
+    for i in range(3):
+        await relay.send("alice@contoso.test", [f"u{i}@hybrid.test"], message(f"m{i}"))
+    await eventually(lambda: _all_tried(relay, 3), what="three deferrals")
+    sink = await Sink(port=port).start()
+    try:
+        await eventually(lambda: len(sink.messages) == 3, what="release by the probe, long before the 1h retry")
+        subjects = [m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in sink.messages]
+        assert subjects == [b"m0", b"m1", b"m2"]     # oldest first
+        assert await incidents(relay, all_=True) == [] and webhook.events() == []
+    finally:
+        await sink.stop()
+
+
+async def _all_tried(relay, n):
+    q = await relay.queue()
+    return len(q) == n and all(m["attempts"] for m in q)
+
+
+async def test_invalid_recipient_quota_warns_at_80_and_100_percent(relay_factory, watchers):
+    alert_sink, webhook = watchers
+    relay = await relay_factory(alerts=alerts_config(alert_sink, webhook, invalid_recipient_quota=5))
+
+    async def reject(n):
+        for i in range(n):
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                await relay.send("x@example.org", [f"nobody{i}-{n}@contoso.test"], message())
+    await reject(4)
+    [inc] = await eventually(lambda: incidents(relay), what="the 80% warning")
+    assert inc["code"] == "watch:invalid_recipients" and inc["level"] == 80 and inc["count"] == 4
+    assert inc["top"][0]["domain"] == "contoso.test" and "80% of the quota of 5" in inc["detail"]
+    await reject(1)
+    await eventually(lambda: "escalate:100%" in webhook.events(), what="the 100% escalation")
+    [inc] = await incidents(relay)
+    assert inc["level"] == 100 and inc["severity"] == "critical"

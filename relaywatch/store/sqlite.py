@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
     WHERE status IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
+CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
 CREATE TABLE IF NOT EXISTS recipients (
     entry_id   TEXT NOT NULL,
     position   INTEGER NOT NULL,
@@ -432,8 +433,10 @@ class SqliteStore:
     async def retry(self, selector: Selector, now: float) -> int:
         def op(conn: sqlite3.Connection, cleanup: list) -> int:
             where, args = _select(selector)
+            # Due at once, and in order of age: leasing takes the smallest
+            # next_attempt_at first, so the oldest message goes first.
             return conn.execute(
-                f"UPDATE entries SET next_attempt_at = ? WHERE status != 'held' "
+                f"UPDATE entries SET next_attempt_at = MIN(received_at, ?) WHERE status != 'held' "
                 f"AND (lease_until IS NULL OR lease_until <= ?) AND {where}", (now, now, *args)).rowcount
         n = await self._write(op)
         if n:

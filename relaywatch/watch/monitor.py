@@ -100,7 +100,7 @@ class Monitor:
             inc["id"] = await self.store.save_incident(inc)
             if t.notify:
                 await self._notify(inc, t.notify, now)
-        await self._probe_open_incidents(config, now)
+        await self._probe_backlogs(config, summaries, now)
         await self._check_certificates(config, now)
         await self._check_invalid_quota(config, now)
         await self.send_due()
@@ -131,20 +131,27 @@ class Monitor:
             log.warning("probe of %s failed to run: %s", connector_name, exc)
             return None
 
-    async def _probe_open_incidents(self, config: Config, now: float) -> None:
-        """While an incident is open, probe its connector; release the backlog at the first pass."""
+    async def _probe_backlogs(self, config: Config, summaries: list[dict], now: float) -> None:
+        """Probe every connector with deferred mail (not only those with an open
+        incident: a short outage never opens one); the moment a probe passes,
+        release that connector's backlog instead of waiting out retry timers."""
+        open_by_connector: dict[str, list[dict]] = {}
         for inc in await self.store.open_incidents():
-            name = inc["connector"]
-            if inc["code"].startswith("watch:") or config.connector(name) is None:
+            open_by_connector.setdefault(inc["connector"], []).append(inc)
+        for name in sorted({s["connector"] for s in summaries}):
+            connector = config.connector(name)
+            if connector is None or not connector.enabled or connector.paused:
                 continue
             if now - self._last_probe.get(name, 0) < config.alerts.probe_interval:
                 continue
             probe = await self._probe(name)
             if probe is None:
                 continue
-            inc["probe"] = probe
-            await self.store.save_incident(inc)
-            if probe["ok"] and not config.connector(name).paused:
+            for inc in open_by_connector.get(name, []):
+                if not inc["code"].startswith("watch:"):
+                    inc["probe"] = probe
+                    await self.store.save_incident(inc)
+            if probe["ok"]:
                 released = await self.store.retry(Selector(connector=name), self.clock())
                 if released:
                     self.wake_scheduler()
