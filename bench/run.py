@@ -109,16 +109,23 @@ class SmtpSink:
 class Relaywatch:
     name = "relaywatch"
 
-    def __init__(self, sink_port: int, extra: str = ""):
+    def __init__(self, sink_port: int, extra: str = "", extra_connectors: str = "", queue_extra: str = ""):
         self.port = free_port()
         self.dir = WORK / f"relaywatch-{self.port}"
         self.sink_port = sink_port
         self.extra = extra
+        self.extra_connectors = extra_connectors
+        self.queue_extra = queue_extra or 'retry_intervals = ["1m", "5m", "10m", "15m", "30m", "60m"]'
         self.proc = None
 
     def start(self) -> "Relaywatch":
+        self.prepare()
+        self.launch()
+        return self
+
+    def prepare(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
+        (self.dir / "data").mkdir(parents=True)
         (self.dir / "relaywatch.toml").write_text(f"""
 [server]
 hostname = "bench.relaywatch"
@@ -126,7 +133,7 @@ listen = ["{HOST}:{self.port}"]
 data_dir = "data"
 max_connections_per_ip = 1000
 [queue]
-retry_intervals = ["1m", "5m", "10m", "15m", "30m", "60m"]
+{self.queue_extra}
 [delivery]
 connection_idle = "2s"
 {self.extra}
@@ -136,14 +143,16 @@ type = "partner"
 domains = ["sink.test"]
 smart_hosts = ["{HOST}:{self.sink_port}"]
 tls = "none"
+{self.extra_connectors}
 """)
+
+    def launch(self) -> None:
         self.log = open(self.dir / "relaywatch.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c",
                                       str(self.dir / "relaywatch.toml")],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
         wait_port(self.port)
-        return self
 
     def flush(self) -> None:
         subprocess.run([sys.executable, "-m", "relaywatch", "queue", "retry", "--all", "-c",
@@ -276,7 +285,7 @@ def backlog(relay_cls, messages: int, sessions: int, flush: bool) -> dict:
         t0 = time.monotonic()
         if flush:
             relay.flush()
-        done = sink.wait_for(messages, timeout=900)
+        done = sink.wait_for(messages, timeout=1200)
         return {"drain_s": done - t0}
     except RuntimeError as exc:
         return {"drain_s": None, "note": str(exc)}
@@ -284,6 +293,103 @@ def backlog(relay_cls, messages: int, sessions: int, flush: bool) -> dict:
         relay.stop()
         if sink:
             sink.stop()
+
+
+def backlog_default(relay_cls, messages: int, sessions: int) -> dict:
+    """As backlog_flush, but nobody intervenes: relaywatch's probe (30 s) against
+    Postfix's own timers (queue_run_delay / minimal_backoff_time, 300 s)."""
+    return backlog(relay_cls, messages, sessions, flush=False)
+
+
+def fill_deferred(db: Path, count: int, connector: str) -> float:
+    """Put `count` deferred messages straight into a relaywatch queue (as a long
+    outage would leave them); returns seconds taken."""
+    import sqlite3
+    sys.path.insert(0, str(ROOT))
+    from relaywatch.store.sqlite import SCHEMA
+    started = time.monotonic()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    now = time.time()
+    body = b"Subject: backlog\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    error = json.dumps({"code": "4.4.316", "smtp_code": 450, "title": "Connection refused", "subtype": "refused",
+                        "detail": "refused", "phase": "connect", "permanent": False, "at": now,
+                        "kind": "connect.refused", "destination": {"host": HOST, "ip": HOST, "port": 1,
+                                                                   "index": 1, "count": 1},
+                        "reply": None, "errno": "ECONNREFUSED", "dns": None, "tls": None})
+    batch = 20000
+    for start in range(0, count, batch):
+        n = min(batch, count - start)
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, NULL, ?, 1)",
+                         ((f"B{start + i:011d}", body, len(body)) for i in range(n)))
+        conn.executemany(
+            "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, "
+            "route_kind, route_name, route_domain, size, message_id, first_failure_at, last_code) "
+            "VALUES (?, ?, 'bench@client.test', ?, ?, 'deferred', 1, ?, 'connector', ?, '', ?, '', ?, '4.4.316')",
+            ((f"E{start + i:011d}", f"B{start + i:011d}", now - 3600 + (start + i) / count, now + 80000,
+              now + 80000, connector, len(body), now - 3600) for i in range(n)))
+        conn.executemany("INSERT INTO recipients (entry_id, position, address, status, last_error) "
+                         "VALUES (?, 0, 'rcpt@backlog.test', 'deferred', ?)",
+                         ((f"E{start + i:011d}", error) for i in range(n)))
+        conn.execute("COMMIT")
+    conn.close()
+    return time.monotonic() - started
+
+
+def big_queue(relay_cls, size: int, probe_messages: int, sessions: int) -> dict:
+    """A queue holding `size` deferred messages: server memory, `queue list`
+    latency, and the enqueue rate compared with an empty queue."""
+    if relay_cls is not Relaywatch:
+        return {}
+    out: dict = {}
+    for label, fill in (("empty", 0), ("full", size)):
+        sink = SmtpSink().start()
+        relay = Relaywatch(sink.port, extra_connectors=f"""
+[[connectors]]
+name = "backlog"
+type = "on_premises"
+domains = ["backlog.test"]
+smart_hosts = ["{HOST}:1"]
+tls = "none"
+""", queue_extra='retry_intervals = ["24h"]')
+        relay.prepare()
+        if fill:
+            out["fill_s"] = fill_deferred(relay.dir / "data" / "queue.sqlite3", fill, "backlog")
+        relay.launch()
+        try:
+            time.sleep(2)
+            t0 = time.monotonic()
+            inject = smtp_source(relay.port, probe_messages, sessions, 1024)
+            sink.wait_for(probe_messages, timeout=600)
+            out[f"inject_per_s_{label}"] = probe_messages / inject
+            out[f"end_to_end_per_s_{label}"] = probe_messages / (time.monotonic() - t0)
+            if fill:
+                started = time.monotonic()
+                subprocess.run([sys.executable, "-m", "relaywatch", "queue", "list", "--limit", "50", "--json",
+                                "-c", str(relay.dir / "relaywatch.toml")], cwd=ROOT, check=True,
+                               stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                out["queue_list_50_s"] = time.monotonic() - started
+                time.sleep(6)    # at least one watch evaluation over the whole queue
+                pids = [relay.proc.pid] + [int(p) for p in subprocess.run(
+                    ["pgrep", "-P", str(relay.proc.pid)], capture_output=True, text=True).stdout.split()]
+                out["peak_rss_mb"] = max(_proc_status(p, "VmHWM") for p in pids) / 1024
+                out["due_query_plan"] = _due_plan(relay.dir / "data" / "queue.sqlite3")
+        finally:
+            relay.stop()
+            sink.stop()
+    out["enqueue_ratio_full_over_empty"] = out["inject_per_s_full"] / out["inject_per_s_empty"]
+    return out
+
+
+def _due_plan(db: Path) -> str:
+    import sqlite3
+    conn = sqlite3.connect(db)
+    plan = conn.execute("EXPLAIN QUERY PLAN SELECT id FROM entries WHERE status IN ('queued', 'deferred') "
+                        "AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT 256", (time.time(),)).fetchall()
+    conn.close()
+    return "; ".join(row[-1] for row in plan)
 
 
 def big_messages(relay_cls, count: int, size: int) -> dict:
@@ -379,6 +485,9 @@ SCENARIOS = {
     "throughput_1k": lambda cls, a: throughput(cls, a.messages, a.sessions, 1024),
     "throughput_50k": lambda cls, a: throughput(cls, max(a.messages // 10, 10), a.sessions, 50 * 1024),
     "backlog_flush": lambda cls, a: backlog(cls, max(a.messages // 4, 10), a.sessions, flush=True),
+    "backlog_default": lambda cls, a: backlog_default(cls, max(a.messages // 4, 10), a.sessions),
+    "big_queue": lambda cls, a: big_queue(cls, a.big_queue if not a.smoke else 2000, max(a.messages // 4, 10),
+                                          a.sessions),
     "big_messages": lambda cls, a: big_messages(cls, 10 if not a.smoke else 2, 35_000_000 if not a.smoke else 1_000_000),
     "latency": lambda cls, a: latency(cls, 200, 10 if not a.smoke else 1),
 }
@@ -388,6 +497,8 @@ HEADLINE = {
     "throughput_1k": ("end_to_end_per_s", True),
     "throughput_50k": ("end_to_end_per_s", True),
     "backlog_flush": ("drain_s", False),
+    "backlog_default": ("drain_s", False),
+    "big_queue": ("enqueue_ratio_full_over_empty", True),
     "big_messages": ("end_to_end_s", False),
     "latency": ("p99_ms", False),
 }
@@ -396,9 +507,11 @@ HEADLINE = {
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for key in runs[0]:
-        values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        values = [r[key] for r in runs if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
         if values:
             out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
+        elif isinstance(runs[0].get(key), str):
+            out.setdefault("notes", {})[key] = runs[0][key]
     return out
 
 
@@ -410,6 +523,7 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny numbers: checks the harness, measures nothing")
     ap.add_argument("--only", choices=["relaywatch", "postfix"])
+    ap.add_argument("--big-queue", type=int, default=1_000_000, help="deferred messages for big_queue")
     a = ap.parse_args()
     if a.smoke:
         a.repeat, a.messages, a.sessions = 1, 40, 4
@@ -417,7 +531,8 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     relays = [cls for cls in (Relaywatch, Postfix) if a.only in (None, cls.name)]
-    scenarios = a.scenario or list(SCENARIOS)
+    # backlog_default waits out Postfix's 300 s timers: run it on purpose, not by default.
+    scenarios = a.scenario or [s for s in SCENARIOS if s != "backlog_default"]
     results: dict = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                                  "kernel": platform.release()},
                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -427,8 +542,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {cls.name: [] for cls in relays}
         for i in range(a.repeat):
             for cls in relays:      # alternate, so drift hits both alike
-                if name == "big_messages" and cls is Postfix:
-                    continue        # the RSS target is relaywatch's own; Postfix is not measured here
+                if name in ("big_messages", "big_queue") and cls is Postfix:
+                    continue        # targets on relaywatch's own memory and queue; Postfix is not measured here
                 r = SCENARIOS[name](cls, a)
                 print(f"{name} #{i + 1} {cls.name}: {json.dumps(r)}", flush=True)
                 runs[cls.name].append(r)
@@ -439,8 +554,17 @@ def main() -> None:
             entry["ratio_relaywatch_over_postfix"] = rw / pf if more_is_better else pf / rw
         except (KeyError, ZeroDivisionError, TypeError):
             pass
+        entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        entry["params"] = dict(results["params"])
         results["scenarios"][name] = entry
-    (RESULTS / ("smoke.json" if a.smoke else "latest.json")).write_text(json.dumps(results, indent=2))
+    out = RESULTS / ("smoke.json" if a.smoke else "latest.json")
+    if out.exists() and a.scenario:
+        # A run of some scenarios updates those and keeps the others' last results.
+        previous = json.loads(out.read_text())
+        previous["scenarios"].update(results["scenarios"])
+        previous.update(machine=results["machine"], when=results["when"])
+        results = previous
+    out.write_text(json.dumps(results, indent=2))
     md = render(results)
     (RESULTS / ("smoke.md" if a.smoke else "latest.md")).write_text(md)
     print(md)
@@ -448,14 +572,18 @@ def main() -> None:
 
 def render(results: dict) -> str:
     lines = [f"# Benchmark results ({results['when']})", "",
-             f"{results['machine']['cores']} cores, Python {results['machine']['python']}; "
-             f"{results['params']['messages']} messages, {results['params']['sessions']} sessions, "
-             f"{results['params']['repeat']} runs each, alternating.", "",
+             f"{results['machine']['cores']} cores, Python {results['machine']['python']}. Each scenario: "
+             "relaywatch and Postfix alternately in the same run; medians (min–max) of the runs.", "",
+             "| scenario | when | messages | sessions | runs |", "|---|---|---|---|---|"]
+    for name, entry in results["scenarios"].items():
+        p = entry.get("params", results["params"])
+        lines.append(f"| {name} | {entry.get('when', results['when'])} | {p['messages']} | {p['sessions']} | {p['repeat']} |")
+    lines += ["",
              "| scenario | metric | relaywatch median (min–max) | Postfix median (min–max) | ratio (>1: relaywatch better) |",
              "|---|---|---|---|---|"]
     for name, entry in results["scenarios"].items():
         key, _ = HEADLINE[name]
-        metrics = sorted({k for relay in ("relaywatch", "postfix") for k in entry.get(relay, {})})
+        metrics = sorted({k for relay in ("relaywatch", "postfix") for k in entry.get(relay, {}) if k != "notes"})
         for metric in metrics:
             cells = []
             for relay in ("relaywatch", "postfix"):
@@ -463,7 +591,9 @@ def render(results: dict) -> str:
                 cells.append(f"{m['median']:.1f} ({m['min']:.1f}–{m['max']:.1f})" if m else "–")
             ratio = entry.get("ratio_relaywatch_over_postfix") if metric == key else None
             lines.append(f"| {name} | {metric} | {cells[0]} | {cells[1]} | {f'{ratio:.2f}×' if ratio else ''} |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {name}: {k}: {v}" for name, entry in results["scenarios"].items()
+             for k, v in entry.get("relaywatch", {}).get("notes", {}).items()]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 if __name__ == "__main__":
