@@ -194,3 +194,66 @@ def test_ndr_is_rfc3464_and_readable():
     assert blocks[1]["Diagnostic-Code"].startswith("smtp; 450 4.4.316 Connection refused")
     assert scan_message(email.message_from_bytes(raw)) in ({b"bob@contoso.test"}, {"bob@contoso.test"})
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+# -- DATA parsing ---------------------------------------------------------------------------
+
+from relaywatch.receive.data import BARE_CR_LF, MAX_LINE, DataParser  # noqa: E402
+
+
+def parse(chunks, limit=None):
+    """Feed until the end; p.leftover also gets what was never fed (as the socket would keep it)."""
+    p = DataParser(limit)
+    out = b""
+    for i, c in enumerate(chunks):
+        out += p.feed(c)
+        if p.done:
+            p.leftover += b"".join(chunks[i + 1:])
+            break
+    return p, out
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"Subject: x\r\n\r\n..dot\r\nline\r\n.\r\nQUIT\r\n"],
+    [b"Subject: x\r\n\r\n", b"..dot\r\nline\r\n.\r\nQUIT\r\n"],
+    [b"Subject: x\r", b"\n\r\n.", b".dot\r\nli", b"ne\r\n.", b"\r\nQUIT\r\n"],
+    [bytes([b]) for b in b"Subject: x\r\n\r\n..dot\r\nline\r\n.\r\nQUIT\r\n"],
+])
+def test_data_is_unstuffed_and_ends_at_the_dot_line_however_it_is_split(chunks):
+    p, out = parse(chunks)
+    assert p.done and p.problem is None
+    assert out == b"Subject: x\r\n\r\n.dot\r\nline\r\n"
+    assert p.leftover == b"QUIT\r\n"
+
+
+def test_an_empty_message_and_a_dot_inside_a_line():
+    p, out = parse([b".\r\n"])
+    assert p.done and out == b""
+    p, out = parse([b"a.\r\nb . c\r\n.\r\n"])
+    assert out == b"a.\r\nb . c\r\n"
+
+
+@pytest.mark.parametrize("smuggle", [
+    b"hello\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
+    b"hello\r\n.\nMAIL FROM:<evil@x>\r\n.\r\n",
+    b"hello\n.\r\nMAIL FROM:<evil@x>\r\n.\r\n",
+    b"hello\r.\r\nx\r\n.\r\n",
+])
+def test_bare_cr_or_lf_is_refused_and_the_real_end_still_found(smuggle):
+    p, out = parse([smuggle])
+    assert p.problem == BARE_CR_LF
+    assert p.done and out == b""
+
+
+def test_size_limit_is_enforced_while_reading():
+    p, _ = parse([b"x" * 500 + b"\r\n", b"y" * 600 + b"\r\n", b".\r\n"], limit=1000)
+    assert p.done and p.problem.startswith("552 5.3.4")
+
+
+def test_an_endless_line_is_refused_without_holding_it():
+    p = DataParser(None)
+    for _ in range(40):
+        p.feed(b"z" * 4096)
+    assert p.problem.startswith("500 5.5.2") and len(p._pending) <= MAX_LINE
+    p.feed(b"\r\n.\r\n")
+    assert p.done

@@ -28,6 +28,7 @@ from relaywatch import events
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.model import NewMessage, Route
+from relaywatch.receive.data import DataParser
 from relaywatch.receive.spool import BodySpool
 from relaywatch.route import decide
 from relaywatch.store.base import QueueStore
@@ -36,6 +37,7 @@ log = logging.getLogger("relaywatch.receive")
 
 MAX_RECIPIENTS = 1000
 _HEADER_SCAN_LIMIT = 64 * 1024
+_READ_SIZE = 256 * 1024
 # <local@domain> as nearly every client sends it: a dot-atom local part and a
 # plain domain.  Anything else (quoted local parts, comments...) goes through
 # aiosmtpd's full RFC 5322 parser, which builds a class per call and costs
@@ -119,7 +121,9 @@ class ReceivePolicy:
     async def commit(self, session, envelope, spool: BodySpool, header_block: bytes) -> str:
         config = self.config_ref()
         now = self.clock()
-        match = _MESSAGE_ID.search(header_block)
+        # Only the header section: the first block read may run into the body.
+        headers = (b"\r\n" + header_block).split(b"\r\n\r\n", 1)[0]
+        match = _MESSAGE_ID.search(headers)
         message_id = match.group(1).decode("ascii", "replace") if match else ""
         body = await spool.finish()
         msg = NewMessage(
@@ -229,44 +233,27 @@ class RelaySMTP(SMTP):
         tls = self.session.ssl is not None
         spool.write(self.policy.received_header(self.session, self.envelope, tls))
         header_block = bytearray()
-        in_headers = True
-        limit = self.data_size_limit
-        problem: str | None = None
+        parser = DataParser(self.data_size_limit)
         try:
-            while True:
-                try:
-                    line = await self._reader.readuntil(b"\r\n")
-                except asyncio.LimitOverrunError as exc:
-                    # Longer than RFC 5321's 1000 octets: keep reading, answer at the end.
-                    await self._reader.read(exc.consumed)
-                    problem = problem or "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)"
-                    continue
-                if line == b".\r\n":
-                    break
-                if problem:
-                    continue
-                content = line[:-2]
-                if b"\n" in content or b"\r" in content:
-                    # A bare CR or LF could end DATA for another server and smuggle a
-                    # second message past us.
-                    problem = "554 5.6.11 Bare CR or LF in message; lines must end with CRLF"
+            while not parser.done:
+                data = await self._reader.read(_READ_SIZE)
+                if not data:
+                    raise ConnectionResetError("connection closed during DATA")
+                content = parser.feed(data)
+                if parser.problem:
                     spool.discard()
                     continue
-                if line.startswith(b"."):
-                    line = line[1:]
-                if limit and spool.size + len(line) > limit:
-                    problem = f"552 5.3.4 Message too big (the limit is {limit} bytes)"
-                    spool.discard()
-                    continue
-                spool.write(line)
-                if in_headers:
-                    if line == b"\r\n":
-                        in_headers = False
-                    elif len(header_block) < _HEADER_SCAN_LIMIT:
-                        header_block += line
+                spool.write(content)
+                if len(header_block) < _HEADER_SCAN_LIMIT and b"\r\n\r\n" not in header_block:
+                    header_block += content[:_HEADER_SCAN_LIMIT]
         except BaseException:
             spool.discard()
             raise
+        if parser.leftover:
+            # Commands the client pipelined after the final dot: give them back to
+            # aiosmtpd's reader (it reads lines from this buffer; no public unread).
+            self._reader._buffer[0:0] = parser.leftover
+        problem = parser.problem
         if problem:
             events.emit("rejected", **{"from": self.envelope.mail_from, "to": self.envelope.rcpt_tos,
                                        "client": self.session.peer[0], "detail": problem})
