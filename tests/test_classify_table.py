@@ -147,3 +147,44 @@ def test_observe_maps_exceptions_by_phase(phase, exc, flags, outcome):
 def test_certificate_observation_keeps_the_verify_code():
     o = observe(Phase.STARTTLS, _cert_error(62), D, handshake=True, tls={"subject": "x"})
     assert o.tls == {"subject": "x", "verify_code": 62, "verify_message": "x"}
+
+
+# -- diagnosis ----------------------------------------------------------------------------------
+
+from relaywatch.watch.diagnosis import diagnose  # noqa: E402
+
+
+def _inc(code, subtype=None, **error):
+    return {"code": code, "latest_error": {"subtype": subtype, "destination": {"host": "mail.contoso.test",
+            "ip": error.pop("ip", "192.0.2.9"), "port": 25}, **error}}
+
+
+GOOD = {"ip": "192.0.2.5", "host": "mail.contoso.test", "at": 1_800_000_000.0}
+
+
+@pytest.mark.parametrize("incident, last_good, probe, cause, words", [
+    (_inc("4.4.312", "nxdomain", dns={"name": "mail.contoso.test", "nameserver": "ns"}), None, None,
+     "name_gone", "does not exist in DNS"),
+    (_inc("4.4.312", "servfail", dns={"name": "mail.contoso.test", "rcode": "SERVFAIL"}), None, None,
+     "dns_hosting", "DNS hosting"),
+    (_inc("4.4.315", "timeout", dns={"name": "mail.contoso.test", "answer": ["192.0.2.9"], "ttl": 300,
+                                     "nameserver": "ns"}), GOOD, None,
+     "address_changed", "now answers 192.0.2.9 (TTL 300 s"),
+    (_inc("4.4.315", "timeout", ip="192.0.2.5"), GOOD, None, "server_silent", "does not answer"),
+    (_inc("4.4.316", "refused", ip="192.0.2.5"), GOOD, None, "stopped_accepting", "decommissioned"),
+    (_inc("4.4.316", "refused"), None, None, "nothing_listening", "Nothing accepts connections"),
+    (_inc("4.4.317", "tls_not_offered"), None, None, "starttls_missing", "does not offer STARTTLS"),
+    (_inc("4.4.317", "greeting_554", reply="554 go away"), None, None, "greeting_rejected", "554 go away"),
+    (_inc("4.4.318", "closed", phase="ehlo"), None, {"greeting": "220 ************************"},
+     "smtp_inspection", "firewall inspecting SMTP"),
+    (_inc("4.4.318", "closed", phase="after-data"), None, {"greeting": "220 mail ESMTP"},
+     "server_failing", "phase after-data"),
+    (_inc("4.7.320", "expired", tls={"not_after": "2026-01-02T00:00:00+00:00"}), None, None,
+     "cert_expired", "expired on 2026-01-02"),
+    (_inc("4.7.320", "name_mismatch", tls={"sans": ["old.test"], "expected_name": "mail.contoso.test"}), None, None,
+     "cert_name", "is for old.test; the connector expects mail.contoso.test"),
+    (_inc("4.7.320", "untrusted_issuer", tls={"issuer": "Corp CA"}), None, None, "cert_issuer", "issued by Corp CA"),
+])
+def test_diagnosis_picks_one_cause(incident, last_good, probe, cause, words):
+    d = diagnose(incident, last_good, probe)
+    assert d["cause"] == cause and words in d["text"], d["text"]

@@ -47,6 +47,9 @@ class Resolver:
             self.nameserver_label = ", ".join(str(n) for n in self._resolver.nameservers)
         self._resolver.lifetime = config.timeout
         self._resolver.timeout = min(config.timeout, 2.0)
+        # The last answer per host name, with its TTL: evidence for "the address
+        # changed" diagnoses (a connection failure names the answer it used).
+        self.answers: dict[str, dict] = {}
 
     def _facts(self, name: str, qtype: str, rcode: str | None = None) -> dict:
         return {"name": name, "type": qtype, "rcode": rcode, "nameserver": self.nameserver_label}
@@ -95,6 +98,8 @@ class Resolver:
             answer = await self._query(host, qtype, domain_level=False)
             if answer is not None and answer.rrset is not None:
                 found = [r.address for r in answer.rrset]
+                self.answers[host] = {"name": host, "type": qtype, "rcode": "NOERROR", "answer": found,
+                                      "ttl": answer.rrset.ttl, "nameserver": self.nameserver_label}
                 break
         if not found:
             raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_NO_ADDRESS, dns=self._facts(host, "A/AAAA", "NOERROR")))

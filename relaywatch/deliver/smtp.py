@@ -9,7 +9,7 @@ the one that should have worked); every other is kept in the attempt's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from relaywatch.classify.observation import Observation
@@ -91,5 +91,9 @@ class SmtpRoutes:
                     await conn.open(self.tls_policy(route, target.host), target.host)
                     return conn
                 except SessionFailure as failure:
-                    seen.append(failure.observation)
+                    obs = failure.observation
+                    if obs.dns is None and target.host in self.resolver.answers:
+                        # Which DNS answer led here (and its TTL): "the address changed" evidence.
+                        obs = replace(obs, dns=self.resolver.answers[target.host])
+                    seen.append(obs)
         raise AllTargetsFailed(seen)

@@ -51,12 +51,19 @@ def diagnose(incident: dict, last_good: dict | None, probe: dict | None = None) 
         if subtype == "no_address":
             return out("record_removed", f"{name} exists but has no address record: the A/AAAA record was "
                                          "removed or never published.")
+    dns_answer = e.get("dns") or {}
+    if code in ("4.4.315", "4.4.316") and good_ip and ip and good_ip != ip:
+        facts["address_changed"] = {"was": good_ip, "now": ip, "dns": dns_answer or None}
+        if dns_answer.get("answer") is not None:
+            how = (f"DNS for {dns_answer.get('name')} now answers {', '.join(dns_answer['answer'])} "
+                   f"(TTL {dns_answer.get('ttl')} s, from {dns_answer.get('nameserver')}): the record changed "
+                   "recently, or a resolver still serves an old answer.")
+        else:
+            how = "the connector's smart host setting changed."
+        verb = "does not answer" if code == "4.4.315" else "refuses connections"
+        return out("address_changed", f"Mail last went to {good_ip} ({good_since}); relaywatch now connects to "
+                                      f"{ip}, which {verb}: {how}")
     if code == "4.4.315":
-        if good_ip and ip and good_ip != ip:
-            facts["address_changed"] = {"was": good_ip, "now": ip}
-            return out("address_changed", f"Mail last went to {good_ip} ({good_since}); relaywatch now connects to "
-                                          f"{ip}, which does not answer: the smart host setting, DNS or the "
-                                          "provider's addresses changed.")
         if good_ip:
             return out("server_silent", f"{ip or host} took mail until {good_since} and now does not answer: the "
                                         "server is down, or a firewall drops connections.")
