@@ -188,3 +188,41 @@ GOOD = {"ip": "192.0.2.5", "host": "mail.contoso.test", "at": 1_800_000_000.0}
 def test_diagnosis_picks_one_cause(incident, last_good, probe, cause, words):
     d = diagnose(incident, last_good, probe)
     assert d["cause"] == cause and words in d["text"], d["text"]
+
+
+# -- incident rules -------------------------------------------------------------------------------
+
+from relaywatch.config import parse_config  # noqa: E402
+from relaywatch.watch.incidents import evaluate  # noqa: E402
+
+RULES = parse_config({"alerts": {"open_after": "5m", "min_messages": 2, "escalate_before_expiry": "4h",
+                                 "escalate_steps": [100, 1000]},
+                      "connectors": [{"name": "onprem", "type": "on_premises", "domains": ["c.test"]}]})
+NOW = 1_800_000_000.0
+
+
+def summary(messages, oldest_age, expires_in, code="4.4.316"):
+    return {"connector": "onprem", "code": code, "messages": messages, "recipients": messages,
+            "oldest_received_at": NOW - oldest_age, "first_expires_at": NOW + expires_in, "first_failure_at": NOW - 60,
+            "latest_error": {"kind": "connect.refused", "subtype": "refused", "at": NOW}, "destinations": ["h:25"]}
+
+
+@pytest.mark.parametrize("summaries, open_, expected", [
+    ([summary(5, 60, 86000)], [], []),                                     # too young: not yet
+    ([summary(1, 600, 86000)], [], []),                                    # too few
+    ([summary(5, 600, 86000)], [], [("open", "open")]),
+    ([summary(150, 600, 86000)], [dict(id=1, **{**summary(5, 600, 86000), "state": "open", "escalations": [],
+                                               "last_seen": NOW})], [("escalate", "escalate:count-100")]),
+    ([summary(5, 600, 3600)], [dict(id=1, **{**summary(5, 600, 86000), "state": "open", "escalations": [],
+                                             "last_seen": NOW})], [("escalate", "escalate:expiry")]),
+    ([summary(5, 600, 3600)], [dict(id=1, **{**summary(5, 600, 86000), "state": "open",
+                                             "escalations": ["expiry"], "last_seen": NOW})], [("update", None)]),
+    ([], [dict(id=1, **{**summary(5, 600, 86000), "state": "open", "escalations": [], "last_seen": NOW,
+                        "opened_at": NOW - 900})], [("resolve", "resolve")]),
+    ([summary(5, 600, 86000, code="4.7.320")],
+     [dict(id=1, **{**summary(5, 600, 86000), "state": "open", "escalations": [], "last_seen": NOW,
+                    "opened_at": NOW - 900})], [("resolve", "resolve"), ("open", "open")]),
+])
+def test_incident_rules(summaries, open_, expected):
+    got = [(t.kind, t.notify) for t in evaluate(summaries, open_, RULES, NOW)]
+    assert got == expected

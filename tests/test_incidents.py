@@ -331,3 +331,24 @@ async def test_invalid_recipient_quota_warns_at_80_and_100_percent(relay_factory
     await eventually(lambda: "escalate:100%" in webhook.events(), what="the 100% escalation")
     [inc] = await incidents(relay)
     assert inc["level"] == 100 and inc["severity"] == "critical"
+
+
+async def test_a_failing_webhook_is_retried_and_its_failure_recorded(relay_factory):
+    webhook = await WebhookReceiver(status=500).start()
+    try:
+        relay = await relay_factory(domains=HYBRID, queue={"retry_intervals": ["1h"]}, connectors=onprem(free_port()),
+                                    alerts={"webhook_url": f"http://{LOOPBACK}:{webhook.port}/hook",
+                                            "open_after": "0s", "evaluate_interval": "0.2s", "probe_interval": "1h"})
+        await relay.send("alice@contoso.test", ["bob@hybrid.test"], message())
+        [inc] = await eventually(lambda: incidents(relay), what="the incident")
+        await eventually(lambda: len(webhook.posts) >= 1, what="the first try")
+        shown = await eventually(lambda: _shown_with(relay, inc["id"], "last error: webhook answered HTTP/1.1 500"),
+                                 what="the recorded failure")
+        assert "Notified open by webhook: pending" in shown
+    finally:
+        await webhook.stop()
+
+
+async def _shown_with(relay, incident_id, text):
+    out = (await relay.cli("incidents", "show", str(incident_id))).output
+    return out if text in out else None
