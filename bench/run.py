@@ -563,8 +563,8 @@ def main() -> None:
         entry["params"] = dict(results["params"])
         results["scenarios"][name] = entry
     out = RESULTS / ("smoke.json" if a.smoke else "latest.json")
-    if out.exists() and a.scenario:
-        # A run of some scenarios updates those and keeps the others' last results.
+    if out.exists():
+        # A run updates the scenarios it ran and keeps the others' last results.
         previous = json.loads(out.read_text())
         previous["scenarios"].update(results["scenarios"])
         previous.update(machine=results["machine"], when=results["when"])

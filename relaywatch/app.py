@@ -64,6 +64,7 @@ class Relaywatch:
         self._scheduler_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._overrides_seen: tuple | None = None
+        self._overrides: dict = {}
         self._child: subprocess.Popen | None = None
         self._child_started = 0.0
         self._supervisor: asyncio.Task | None = None
@@ -140,7 +141,8 @@ class Relaywatch:
             return False
         self._overrides_seen = version
         before = self.config
-        self.config = apply_overrides(self.file_config, await self.store.overrides())
+        self._overrides = await self.store.overrides()
+        self.config = apply_overrides(self.file_config, self._overrides)
         if self.scheduler is not None:
             # A connector un-paused: its held-back mail is due now, not at the next recheck.
             for c in self.config.connectors:
@@ -199,9 +201,8 @@ class Relaywatch:
         if new.server.listen != self.config.server.listen or new.server.data_dir != self.config.server.data_dir:
             log.warning("server.listen and server.data_dir changes take effect at the next restart")
         self.file_config = new
-        self._overrides_seen = None     # re-apply the overrides on top of the new file
-        self.config = new
-        asyncio.get_running_loop().create_task(self.refresh_overrides())
+        # The new file with the overrides already in force: no moment without them.
+        self.config = apply_overrides(new, self._overrides)
         if self.scheduler is not None:
             self.scheduler.notify()
         if self._child is not None:

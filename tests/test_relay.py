@@ -319,3 +319,26 @@ async def test_json_mail_log_lines(relay_factory, sink):
     assert received["msgid"] == delivered["msgid"] == "<json@client.test>"
     assert received["id"] == delivered["id"]
     assert delivered["relay"] == f"{LOOPBACK}:{sink.port}" and delivered["status"] == "sent"
+
+
+async def test_a_slow_upload_that_keeps_moving_is_not_cut_off(relay_factory):
+    relay = await relay_factory(server={"idle_timeout": "1s"})
+    reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+
+    async def cmd(line: bytes) -> bytes:
+        writer.write(line)
+        await writer.drain()
+        return await reader.readline()
+    await reader.readline()
+    await cmd(b"HELO client.test\r\n")
+    await cmd(b"MAIL FROM:<x@example.org>\r\n")
+    await cmd(b"RCPT TO:<alice@contoso.test>\r\n")
+    assert (await cmd(b"DATA\r\n")).startswith(b"354")
+    writer.write(b"Subject: slow\r\n\r\n")
+    for _ in range(10):                     # 3 s in all, three times the idle timeout
+        writer.write(b"still coming\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+    assert (await cmd(b".\r\n")).startswith(b"250 2.0.0")
+    writer.close()
+    await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery")

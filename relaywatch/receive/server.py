@@ -239,6 +239,9 @@ class RelaySMTP(SMTP):
                 data = await self._reader.read(_READ_SIZE)
                 if not data:
                     raise ConnectionResetError("connection closed during DATA")
+                # aiosmtpd's idle timer restarts only on commands; a long upload
+                # that keeps moving must not be cut off (the timer bounds a stall).
+                self._reset_timeout()
                 content = parser.feed(data)
                 if parser.problem:
                     spool.discard()

@@ -498,12 +498,12 @@ class SqliteStore:
         def q(conn: sqlite3.Connection) -> list[dict]:
             rows = conn.execute(
                 "SELECT route_name, last_code, count(*), min(received_at), min(expires_at), "
-                "min(first_failure_at), max(id) FROM entries "
+                "min(first_failure_at) FROM entries "
                 "WHERE status = 'deferred' AND last_code IS NOT NULL GROUP BY route_name, last_code").fetchall()
             out = []
-            for connector, code, messages, oldest, first_expiry, first_failure, sample in rows:
-                recipients, latest = conn.execute(
-                    "SELECT count(*), max(last_error) FROM recipients r JOIN entries e ON e.id = r.entry_id "
+            for connector, code, messages, oldest, first_expiry, first_failure in rows:
+                (recipients,) = conn.execute(
+                    "SELECT count(*) FROM recipients r JOIN entries e ON e.id = r.entry_id "
                     "WHERE e.status = 'deferred' AND e.route_name = ? AND e.last_code = ? AND r.status = 'deferred'",
                     (connector, code)).fetchone()
                 errors = [json.loads(x) for (x,) in conn.execute(

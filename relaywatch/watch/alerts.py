@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import ssl
-import time
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email import policy as email_policy
@@ -134,7 +133,7 @@ def alert_email(config: Config, data: dict) -> bytes:
     return msg.as_bytes()
 
 
-async def send_email(config: Config, routes: SmtpRoutes, data: dict, avoid_connector: str) -> None:
+async def send_email(config: Config, routes: SmtpRoutes, data: dict) -> None:
     """Straight to the alert relay or the admins' MX; raise on failure."""
     body = alert_email(config, data)
     stored = StoredBody(size=len(body), data=body)
@@ -172,7 +171,7 @@ async def deliver_notification(config: Config, routes: SmtpRoutes, note: dict) -
     if note["channel"] == "webhook":
         await send_webhook(config, note["payload"])
     else:
-        await send_email(config, routes, note["payload"], note["payload"]["incident"]["connector"])
+        await send_email(config, routes, note["payload"])
 
 
 def channels(config: Config) -> list[str]:
@@ -182,7 +181,3 @@ def channels(config: Config) -> list[str]:
     if config.alerts.webhook_url:
         out.append("webhook")
     return out
-
-
-def now() -> float:
-    return time.time()
