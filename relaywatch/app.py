@@ -34,7 +34,7 @@ from relaywatch.errors import ConfigError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
 from relaywatch.store.base import Selector
-from relaywatch.store.sqlite import SqliteStore
+from relaywatch.store import open_store
 from relaywatch.watch.monitor import Monitor
 
 log = logging.getLogger("relaywatch.app")
@@ -48,7 +48,7 @@ class Relaywatch:
         self.config = config           # the running config: file + Fix-now overrides
         self.clock = clock
         self.role = role
-        self.store = SqliteStore(config.store_path)
+        self.store = open_store(config)
         self.receiver: Receiver | None = None
         self.scheduler: Scheduler | None = None
         if role in (ALL, DELIVER):
@@ -91,11 +91,13 @@ class Relaywatch:
             if swept:
                 log.info("removed %d incomplete spool file(s) left by a crash", swept)
         if self.scheduler is not None:
-            # One delivering process owns an SQLite queue: leases left by an
-            # earlier run are stale, so their messages are due again right away.
-            returned = await self.store.release_leases(None, self.clock())
-            if returned:
-                log.info("returned %d message(s) leased by a previous run", returned)
+            if self.store.single_node:
+                # One delivering process owns an SQLite queue: leases left by an
+                # earlier run are stale, so their messages are due again right away.
+                # (With PostgreSQL other nodes' leases are live; a dead node's lapse.)
+                returned = await self.store.release_leases(None, self.clock())
+                if returned:
+                    log.info("returned %d message(s) leased by a previous run", returned)
             self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="monitor"))
             if self._wake_fd is not None:
@@ -106,7 +108,7 @@ class Relaywatch:
                 self.store.on_work = self._wake_child
             await self.receiver.start()
             log.info("relaywatch listening on %s; queue %s",
-                     ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.config.store_path)
+                     ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.store.where)
 
     def _woken(self) -> None:
         try:

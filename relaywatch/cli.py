@@ -31,7 +31,7 @@ from relaywatch.config import Config, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.model import Entry, dest_label, iso
 from relaywatch.store.base import QueueQuery, Selector
-from relaywatch.store.sqlite import SqliteStore
+from relaywatch.store import open_store
 
 DEFAULT_CONFIG = "/etc/relaywatch/relaywatch.toml"
 STATUSES = ("queued", "deferred", "held", "active")
@@ -116,9 +116,9 @@ def config_check(config_path):
 
 def _with_store(config: Config, fn):
     async def run():
-        if not config.store_path.exists():
+        if config.server.store == "sqlite" and not config.store_path.exists():
             _fail(f"no queue at {config.store_path} (has relaywatch run with this config?)")
-        store = SqliteStore(config.store_path)
+        store = open_store(config)
         await store.open()
         try:
             return await fn(store)
@@ -546,7 +546,7 @@ def connector_test(config_path, name, as_json):
 def config_show(config_path, as_json):
     """The running configuration: the file plus Fix now overrides (marked)."""
     config = _load(config_path)
-    if config.store_path.exists():
+    if config.server.store != "sqlite" or config.store_path.exists():
         effective, overrides = _with_store(config, _effective(config))
     else:
         effective, overrides = config, {}

@@ -97,6 +97,7 @@ class ServerConfig:
     log_format: str = "text"
     shutdown_grace: float = 30.0
     delivery_process: bool | str = "auto"   # deliver from a second process (see app.py)
+    store: str = "sqlite"                    # or a postgresql:// URL (store/postgres.py)
 
 
 @dataclass(frozen=True)
@@ -273,6 +274,13 @@ def _bool(value: Any) -> bool:
     return value
 
 
+def _store_url(value: Any) -> str:
+    value = _string(value)
+    if value != "sqlite" and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"must be \"sqlite\" or a postgresql:// URL (got {value!r})")
+    return value
+
+
 def _auto_bool(value: Any) -> bool | str:
     if value == "auto" or isinstance(value, bool):
         return value
@@ -386,7 +394,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     s = r.table(raw, "server", "server")
     r.unknown(s, {"hostname", "listen", "trusted_networks", "data_dir", "max_message_size",
                   "max_connections", "max_connections_per_ip", "idle_timeout", "tls_cert",
-                  "tls_key", "log_format", "shutdown_grace", "delivery_process"}, "server")
+                  "tls_key", "log_format", "shutdown_grace", "delivery_process", "store"}, "server")
     d = ServerConfig()
 
     def rel(p: Any) -> Path:
@@ -415,6 +423,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         log_format=r.get(s, "log_format", "server", _choice(LOG_FORMATS), d.log_format),
         shutdown_grace=r.get(s, "shutdown_grace", "server", parse_duration, d.shutdown_grace),
         delivery_process=r.get(s, "delivery_process", "server", _auto_bool, d.delivery_process),
+        store=r.get(s, "store", "server", _store_url, d.store),
     )
     if not server.listen:
         problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")

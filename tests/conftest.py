@@ -1,4 +1,6 @@
+import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,3 +29,24 @@ async def relay_factory(tmp_path):
     yield make
     for relay in started:
         await relay.stop()
+
+
+PG_DSN = os.environ.get("RELAYWATCH_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_dsn():
+    """A DSN whose search_path is a fresh schema (dropped afterwards) on a real PostgreSQL."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(PG_DSN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise    # CI has PostgreSQL: its absence is a failure, not a skip
+        pytest.skip(f"no PostgreSQL at {PG_DSN}: {exc}")
+    schema = f"rw_test_{uuid.uuid4().hex[:12]}"
+    admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in PG_DSN else "?"
+    yield f"{PG_DSN}{sep}options=-csearch_path%3D{schema}"
+    admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    admin.close()

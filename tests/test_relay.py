@@ -342,3 +342,34 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_off(relay_factory):
     assert (await cmd(b".\r\n")).startswith(b"250 2.0.0")
     writer.close()
     await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery")
+
+
+async def test_the_relay_on_postgresql(pg_dsn, relay_factory):
+    """The same relay with its queue in PostgreSQL: deliver, defer, show, retry, incidents."""
+    port = free_port()
+    sink = await Sink().start()
+    try:
+        relay = await relay_factory(
+            server={"store": pg_dsn}, queue={"retry_intervals": ["1h"]},
+            connectors=[connector("ok", sink.port, ["fabrikam.test"]), connector("down", port, ["down.test"])],
+            alerts={"open_after": "0s", "evaluate_interval": "0.2s", "probe_interval": "1h"})
+        big = message("big", ("b" * 998 + "\r\n") * 200)     # over the inline limit: stored in the database too
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test", "carol@down.test"], big)
+        await eventually(lambda: sink.messages, what="delivery through PostgreSQL")
+        assert sink.messages[0].content.endswith(("b" * 998 + "\r\n").encode())
+        [entry] = await eventually(_deferred(relay), what="the deferral") and await relay.queue()
+        assert entry["recipients"][0]["last_error"]["code"] == "4.4.316"
+        [inc] = await eventually(lambda: _incidents(relay), what="the incident")
+        assert inc["code"] == "4.4.316" and inc["connector"] == "down"
+        down = await Sink(port=port).start()
+        try:
+            await relay.cli("queue", "retry", "--connector", "down")
+            await eventually(lambda: down.messages, what="delivery after retry")
+        finally:
+            await down.stop()
+    finally:
+        await sink.stop()
+
+
+async def _incidents(relay):
+    return (await relay.cli_json("incidents", "list"))["incidents"]

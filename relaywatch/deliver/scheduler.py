@@ -146,6 +146,9 @@ class Scheduler:
                                                     config.queue.lease_time, self.clock())
                 except StoreError as exc:
                     log.error("cannot lease from the queue: %s", exc)
+                except Exception:
+                    # The loop must outlive any one failure: mail waits, it is not lost.
+                    log.exception("leasing failed unexpectedly; trying again in a second")
                 for entry in leased:
                     self._dispatch(entry)
             if len(leased) == LEASE_BATCH:

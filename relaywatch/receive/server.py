@@ -125,7 +125,7 @@ class ReceivePolicy:
         headers = (b"\r\n" + header_block).split(b"\r\n\r\n", 1)[0]
         match = _MESSAGE_ID.search(headers)
         message_id = match.group(1).decode("ascii", "replace") if match else ""
-        body = await spool.finish()
+        body = await spool.finish(inline=getattr(self.store, "inline_bodies", False))
         msg = NewMessage(
             sender="" if envelope.mail_from == "<>" else envelope.mail_from,
             recipients=tuple(zip(envelope.rcpt_tos, envelope.routes)),

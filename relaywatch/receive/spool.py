@@ -54,10 +54,26 @@ class BodySpool:
                 pass
             self._tmp_path = None
 
-    async def finish(self) -> StoredBody:
-        """Make the body durable; return what the queue row should hold."""
+    async def finish(self, inline: bool = False) -> StoredBody:
+        """Make the body durable; return what the queue row should hold.
+
+        ``inline``: the store keeps every body itself (PostgreSQL, so that any
+        node can deliver it); a spilled body is read back once for the commit.
+        """
         if self._file is None:
             return StoredBody(size=self.size, data=bytes(self._buffer))
+        if inline:
+            f, tmp = self._file, self._tmp_path
+            self._file, self._tmp_path = None, None
+
+            def read_back() -> bytes:
+                f.close()
+                try:
+                    with open(tmp, "rb") as src:
+                        return src.read()
+                finally:
+                    os.unlink(tmp)
+            return StoredBody(size=self.size, data=await asyncio.to_thread(read_back))
         f, tmp = self._file, self._tmp_path
         final = str(self.spool_dir / f"body-{secrets.token_hex(8)}")
 

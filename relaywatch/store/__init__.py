@@ -1,0 +1,14 @@
+"""Queue stores: SQLite (embedded default) or PostgreSQL (several nodes), one interface."""
+
+from __future__ import annotations
+
+from relaywatch.config import Config
+
+
+def open_store(config: Config, on_work=None):
+    """The store ``server.store`` names: "sqlite" (a file in data_dir) or a postgresql:// URL."""
+    if config.server.store.startswith(("postgresql://", "postgres://")):
+        from relaywatch.store.postgres import PostgresStore
+        return PostgresStore(config.server.store, on_work)
+    from relaywatch.store.sqlite import SqliteStore
+    return SqliteStore(config.store_path, on_work)

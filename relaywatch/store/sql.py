@@ -1,0 +1,686 @@
+"""The SQL queue store: every queue and watch operation, for SQLite and PostgreSQL.
+
+One writer thread owns the only write connection.  Concurrent writes queue up
+behind it and are committed together (group commit): the thread takes every
+operation waiting, runs each in its own SAVEPOINT inside one transaction,
+commits once (durably) and only then resolves the callers' futures.  A failing
+operation rolls back to its savepoint and fails alone.
+
+Reads (``get``, ``list``) run on other threads with their own connections, so
+they never wait for the writer.  Other processes (the CLI, a second node) open
+their own store on the same database.
+
+Leasing moves ``next_attempt_at`` to the lease's end, so an entry whose worker
+died simply becomes due again: there is no separate reclaim pass.
+
+The SQL is written once, with ``?`` placeholders, in the dialect both
+databases share (``ON CONFLICT``, ``RETURNING``, ``CASE``); what differs —
+connecting, the schema's types, taking the write lock, leasing with ``SKIP
+LOCKED`` — is in the two subclasses (store/sqlite.py, store/postgres.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import secrets
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
+from relaywatch.model import (
+    Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome,
+    RecipientStatus, Route, RouteKind, StoredBody, dest_label,
+)
+from relaywatch.store.base import QueueQuery, Selector
+
+_ENTRY_COLUMNS = ("id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, "
+                  "route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
+                  "first_failure_at, lease_owner, lease_until, delay_notified")
+
+_MAX_BATCH = 256
+
+
+def new_id() -> str:
+    return secrets.token_hex(6).upper()
+
+
+class SqlStore:
+    # Set by the backends:
+    db_errors: tuple = ()        # the driver's exception classes
+    single_node = True           # one delivering process owns the queue (leases of a dead run are stale)
+    inline_bodies = False        # bodies always in the database (no node-local spool files)
+    LEASE_SQL = ""               # UPDATE ... RETURNING _ENTRY_COLUMNS, params (owner, until, until, now, limit)
+
+    def _writer_connection(self):
+        raise NotImplementedError
+
+    def _reader_connection(self):
+        raise NotImplementedError
+
+    def _begin(self, conn) -> None:
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        raise NotImplementedError
+
+    def __init__(self, on_work: Callable[[], None] | None = None):
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[Any] = []
+        self._readers_lock = threading.Lock()
+        # Called (on the event loop) after a commit that made work due, so the
+        # scheduler wakes at once instead of at its next poll.
+        self.on_work = on_work
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            conn = await asyncio.to_thread(self._writer_connection)
+        except self.db_errors as exc:
+            raise StoreError(f"cannot open queue store {self.where}: {exc}") from exc
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,),
+                                        name="relaywatch-store-writer", daemon=True)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_loop(self, conn: Any) -> None:
+        while True:
+            first = self._ops.get()
+            if first is None:
+                conn.close()
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _MAX_BATCH:
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            self._run_batch(conn, batch)
+            if stop:
+                conn.close()
+                return
+
+    def _run_batch(self, conn: Any, batch: list) -> None:
+        results: list[tuple[bool, Any]] = []
+        cleanup: list[str] = []
+        try:
+            self._begin(conn)
+            for fn, _loop, _fut in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = fn(conn, cleanup)
+                    conn.execute("RELEASE op")
+                    results.append((True, result))
+                except Exception as exc:  # the op fails alone
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    if isinstance(exc, self.db_errors):
+                        # Driver errors stay inside the store (errors.py): callers see StoreError.
+                        wrapped = StoreError(f"queue store operation failed: {exc}")
+                        wrapped.__cause__ = exc
+                        exc = wrapped
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except self.db_errors as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except self.db_errors:
+                pass
+            err = StoreError(f"queue store write failed: {exc}")
+            results = [(False, err)] * len(batch)
+            cleanup = []
+        for path in cleanup:  # only after the commit that dropped the last reference
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        for (fn, loop, fut), (ok, value) in zip(batch, results):
+            loop.call_soon_threadsafe(_settle, fut, ok, value)
+
+    async def _write(self, fn: Callable[[Any, list], Any]) -> Any:
+        if self._writer is None:
+            raise StoreError("queue store is not open")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._ops.put((fn, loop, fut))
+        return await fut
+
+    # -- readers ---------------------------------------------------------------
+
+    def _reader(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._reader_connection()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[Any], Any]) -> Any:
+        def run():
+            try:
+                return fn(self._reader())
+            except self.db_errors as exc:
+                raise StoreError(f"queue store read failed: {exc}") from exc
+        return await asyncio.to_thread(run)
+
+    def _notify(self) -> None:
+        if self.on_work is not None:
+            self.on_work()
+
+    # -- queue operations --------------------------------------------------------
+
+    async def enqueue(self, msg: NewMessage) -> list[str]:
+        def op(conn: Any, cleanup: list) -> list[str]:
+            return _insert_message(conn, msg)
+        ids = await self._write(op)
+        self._notify()
+        return ids
+
+    async def lease(self, owner: str, limit: int, ttl: float, now: float) -> list[Entry]:
+        def op(conn: Any, cleanup: list) -> list[Entry]:
+            rows = conn.execute(self.LEASE_SQL, (owner, now + ttl, now + ttl, now, limit)).fetchall()
+            entries = [_entry(row) for row in rows]
+            _attach_recipients(conn, entries)
+            _attach_bodies(conn, entries)
+            return entries
+        return await self._write(op)
+
+    async def read_body(self, body_id: str) -> StoredBody:
+        def q(conn: Any) -> StoredBody:
+            row = conn.execute("SELECT data, path, size FROM bodies WHERE id = ?", (body_id,)).fetchone()
+            if row is None:
+                raise StoreError(f"message body {body_id} is missing from the store")
+            return StoredBody(size=row[2], data=_bytes(row[0]), path=row[1])
+        return await self._read(q)
+
+    async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
+                     outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
+                     notices: Sequence[NewMessage] = (), delay_notified: bool = False) -> None:
+        def op(conn: Any, cleanup: list) -> None:
+            now = time.time()
+            row = conn.execute("SELECT lease_owner, lease_until, body_id, attempts, first_failure_at "
+                               "FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None:
+                raise UnknownEntry(entry_id)
+            lease_owner, lease_until, body_id, attempts, first_failure_at = row
+            leased = lease_owner is not None and (lease_until or 0) > now
+            if owner is not None and lease_owner != owner:
+                raise LeaseLost(f"entry {entry_id} is now leased by {lease_owner}")
+            if owner is None and leased:
+                raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            by_address = {o.address: o for o in outcomes}
+            failed_now = False
+            for position, address, status in conn.execute(
+                    "SELECT position, address, status FROM recipients WHERE entry_id = ?", (entry_id,)).fetchall():
+                o = by_address.get(address)
+                if o is None or RecipientStatus(status).is_final:
+                    continue
+                if o.status is not RecipientStatus.DELIVERED:
+                    failed_now = True
+                conn.execute("UPDATE recipients SET status = ?, last_error = COALESCE(?, last_error) "
+                             "WHERE entry_id = ? AND position = ?",
+                             (o.status.value, o.failure.to_json() if o.failure else None, entry_id, position))
+            if attempt is not None:
+                attempts += 1
+                conn.execute("INSERT INTO attempts (entry_id, n, data) VALUES (?, ?, ?)",
+                             (entry_id, attempts, json.dumps(attempt.to_dict(), separators=(",", ":"))))
+            for notice in notices:
+                _insert_message(conn, notice)
+            pending = conn.execute("SELECT count(*) FROM recipients WHERE entry_id = ? AND status IN "
+                                   "('pending', 'deferred')", (entry_id,)).fetchone()[0]
+            if pending == 0:
+                _remove(conn, entry_id, body_id, cleanup)
+                return
+            if failed_now and first_failure_at is None:
+                first_failure_at = now
+            last_code = next((o.failure.code for o in outcomes
+                              if o.status is RecipientStatus.DEFERRED and o.failure), None)
+            conn.execute(
+                "UPDATE entries SET status = CASE WHEN status = 'held' THEN 'held' ELSE 'deferred' END, "
+                "attempts = ?, next_attempt_at = ?, first_failure_at = ?, lease_owner = NULL, "
+                "lease_until = NULL, last_code = COALESCE(?, last_code), "
+                "delay_notified = CASE WHEN ? > delay_notified THEN ? ELSE delay_notified END WHERE id = ?",
+                (attempts, next_attempt_at if next_attempt_at is not None else now,
+                 first_failure_at, last_code, int(delay_notified), int(delay_notified), entry_id))
+        await self._write(op)
+        if notices:
+            self._notify()
+
+    async def release_leases(self, owner: str | None, now: float) -> int:
+        def op(conn: Any, cleanup: list) -> int:
+            where, args = ("lease_owner = ?", (owner,)) if owner else ("lease_owner IS NOT NULL", ())
+            return conn.execute(f"UPDATE entries SET lease_owner = NULL, lease_until = NULL, "
+                                f"next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END "
+                                f"WHERE {where}", (now, now, *args)).rowcount
+        n = await self._write(op)
+        if n:
+            self._notify()
+        return n
+
+    async def get(self, entry_id: str) -> Entry | None:
+        def q(conn: Any) -> Entry | None:
+            row = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ?",
+                               (entry_id.upper(),)).fetchone()
+            if row is None:
+                return None
+            entry = _entry(row)
+            _attach_recipients(conn, [entry], include_final=True)
+            entry.history = [json.loads(data) for (data,) in conn.execute(
+                "SELECT data FROM attempts WHERE entry_id = ? ORDER BY n", (entry.id,))]
+            return entry
+        return await self._read(q)
+
+    async def list(self, query: QueueQuery) -> list[Entry]:
+        def q(conn: Any) -> list[Entry]:
+            where, args = [], []
+            if query.connector:
+                where.append("route_name = ?")
+                args.append(query.connector)
+            if query.status == "active":
+                where.append("lease_until > ?")
+                args.append(time.time())
+            elif query.status:
+                where.append("status = ? AND (lease_until IS NULL OR lease_until <= ?)")
+                args += [query.status, time.time()]
+            sql = f"SELECT {_ENTRY_COLUMNS} FROM entries"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY received_at, id LIMIT ?"
+            entries = [_entry(r) for r in conn.execute(sql, (*args, query.limit))]
+            _attach_recipients(conn, entries, include_final=True)
+            return entries
+        return await self._read(q)
+
+    async def retry(self, selector: Selector, now: float) -> int:
+        def op(conn: Any, cleanup: list) -> int:
+            where, args = _select(selector)
+            # Due at once, and in order of age: leasing takes the smallest
+            # next_attempt_at first, so the oldest message goes first.
+            return conn.execute(
+                f"UPDATE entries SET next_attempt_at = CASE WHEN received_at < ? THEN received_at ELSE ? END "
+                f"WHERE status != 'held' AND (lease_until IS NULL OR lease_until <= ?) AND {where}",
+                (now, now, now, *args)).rowcount
+        n = await self._write(op)
+        if n:
+            self._notify()
+        return n
+
+    async def hold(self, entry_id: str) -> bool:
+        def op(conn: Any, cleanup: list) -> bool:
+            return conn.execute("UPDATE entries SET status = 'held' WHERE id = ?",
+                                (entry_id.upper(),)).rowcount == 1
+        return await self._write(op)
+
+    async def release(self, entry_id: str, now: float) -> bool:
+        def op(conn: Any, cleanup: list) -> bool:
+            return conn.execute(
+                "UPDATE entries SET status = CASE WHEN attempts = 0 THEN 'queued' ELSE 'deferred' END, "
+                "next_attempt_at = ? WHERE id = ? AND status = 'held'", (now, entry_id.upper())).rowcount == 1
+        ok = await self._write(op)
+        if ok:
+            self._notify()
+        return ok
+
+    async def delete(self, entry_id: str) -> bool:
+        def op(conn: Any, cleanup: list) -> bool:
+            row = conn.execute("SELECT body_id, lease_until FROM entries WHERE id = ?",
+                               (entry_id.upper(),)).fetchone()
+            if row is None:
+                return False
+            if row[1] and row[1] > time.time():
+                raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            _remove(conn, entry_id.upper(), row[0], cleanup)
+            return True
+        return await self._write(op)
+
+    async def next_due(self) -> float | None:
+        def q(conn: Any) -> float | None:
+            return conn.execute("SELECT min(next_attempt_at) FROM entries "
+                                "WHERE status IN ('queued', 'deferred')").fetchone()[0]
+        return await self._read(q)
+
+    async def spool_paths(self) -> set[str]:
+        """Every body file a queue row points at (the rest are crash leftovers)."""
+        def q(conn: Any) -> set[str]:
+            return {p for (p,) in conn.execute("SELECT path FROM bodies WHERE path IS NOT NULL")}
+        return await self._read(q)
+
+    async def counts(self) -> dict[str, int]:
+        def q(conn: Any) -> dict[str, int]:
+            return dict(conn.execute("SELECT status, count(*) FROM entries GROUP BY status").fetchall())
+        return await self._read(q)
+
+
+    # -- mail flow watch: incidents, notifications, overrides -------------------------
+    # Kept beside the queue so one file holds all state and the CLI can read
+    # it while the server runs; none of it is on the message path.
+
+    async def deferred_summary(self) -> list[dict]:
+        """Deferred mail grouped by (connector, code), with the newest evidence."""
+        def q(conn: Any) -> list[dict]:
+            rows = conn.execute(
+                "SELECT route_name, last_code, count(*), min(received_at), min(expires_at), "
+                "min(first_failure_at) FROM entries "
+                "WHERE status = 'deferred' AND last_code IS NOT NULL GROUP BY route_name, last_code").fetchall()
+            out = []
+            for connector, code, messages, oldest, first_expiry, first_failure in rows:
+                (recipients,) = conn.execute(
+                    "SELECT count(*) FROM recipients r JOIN entries e ON e.id = r.entry_id "
+                    "WHERE e.status = 'deferred' AND e.route_name = ? AND e.last_code = ? AND r.status = 'deferred'",
+                    (connector, code)).fetchone()
+                errors = [json.loads(x) for (x,) in conn.execute(
+                    "SELECT last_error FROM recipients r JOIN entries e ON e.id = r.entry_id "
+                    "WHERE e.status = 'deferred' AND e.route_name = ? AND e.last_code = ? "
+                    "AND r.last_error IS NOT NULL ORDER BY e.received_at DESC LIMIT 20", (connector, code))]
+                errors.sort(key=lambda e: e.get("at") or 0)
+                out.append({"connector": connector, "code": code, "messages": messages, "recipients": recipients,
+                            "oldest_received_at": oldest, "first_expires_at": first_expiry,
+                            "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
+                            "destinations": sorted({dest_label(e.get("destination")) for e in errors if e.get("destination")})})
+            return out
+        return await self._read(q)
+
+    async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:
+        def q(conn: Any) -> list[str]:
+            sql = "SELECT id FROM entries WHERE route_name = ? AND status = ?"
+            args: list = [connector, status]
+            if code is not None:
+                sql += " AND last_code = ?"
+                args.append(code)
+            return [i for (i,) in conn.execute(sql + " ORDER BY received_at", args)]
+        return await self._read(q)
+
+    async def move_recipients(self, entry_id: str, addresses: Sequence[str], route: Route, now: float) -> str | None:
+        """Give some recipients of an (unleased) entry a new route, as a new entry
+        sharing the body.  Returns the new entry id (None if nothing moved)."""
+        def op(conn: Any, cleanup: list) -> str | None:
+            row = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE id = ?", (entry_id,)).fetchone()
+            if row is None or not addresses:
+                return None
+            entry = _entry(row)
+            if entry.lease_owner is not None:
+                raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            marks = ",".join("?" * len(addresses))
+            moved = conn.execute(f"DELETE FROM recipients WHERE entry_id = ? AND address IN ({marks}) "
+                                 f"AND status IN ('pending', 'deferred') RETURNING address",
+                                 (entry_id, *addresses)).fetchall()
+            if not moved:
+                return None
+            new = new_id()
+            conn.execute(
+                "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+                "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
+                "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new, entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
+                 route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn)))
+            conn.executemany("INSERT INTO recipients (entry_id, position, address, status) VALUES (?, ?, ?, 'pending')",
+                             [(new, i, a) for i, (a,) in enumerate(moved)])
+            conn.execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (entry.body_id,))
+            if not conn.execute("SELECT 1 FROM recipients WHERE entry_id = ? LIMIT 1", (entry_id,)).fetchone():
+                _remove(conn, entry_id, entry.body_id, cleanup)
+            return new
+        new = await self._write(op)
+        if new:
+            self._notify()
+        return new
+
+    async def open_incidents(self) -> list[dict]:
+        return await self._read(lambda conn: [_incident(r) for r in conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE state = 'open' ORDER BY id")])
+
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
+        where = "" if include_resolved else "WHERE state = 'open'"
+        return await self._read(lambda conn: [_incident(r) for r in conn.execute(
+            f"SELECT {_INCIDENT_COLUMNS} FROM incidents {where} ORDER BY id DESC LIMIT ?", (limit,))])
+
+    async def incident(self, incident_id: int) -> dict | None:
+        def q(conn: Any) -> dict | None:
+            row = conn.execute(f"SELECT {_INCIDENT_COLUMNS} FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            if row is None:
+                return None
+            inc = _incident(row)
+            inc["notifications"] = [
+                {"transition": t, "channel": c, "state": st, "attempts": a, "last_error": e, "sent_at": sa}
+                for t, c, st, a, e, sa in conn.execute(
+                    "SELECT transition, channel, state, attempts, last_error, sent_at FROM notifications "
+                    "WHERE incident_id = ? ORDER BY id", (incident_id,))]
+            inc["audit"] = [{"id": i, "at": at, "who": who, "action": act, "detail": json.loads(d), "undone_at": u}
+                            for i, at, who, act, d, u in conn.execute(
+                                "SELECT id, at, who, action, detail, undone_at FROM audit WHERE incident_id = ? "
+                                "ORDER BY id", (incident_id,))]
+            return inc
+        return await self._read(q)
+
+    async def save_incident(self, incident: dict) -> int:
+        """Insert (no id) or update an incident; returns its id."""
+        def op(conn: Any, cleanup: list) -> int:
+            data = {k: v for k, v in incident.items()
+                    if k not in ("id", "connector", "code", "state", "opened_at", "resolved_at",
+                                 "notifications", "audit")}
+            blob = json.dumps(data, separators=(",", ":"))
+            if incident.get("id") is None:
+                return conn.execute(
+                    "INSERT INTO incidents (connector, code, state, opened_at, resolved_at, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                    (incident["connector"], incident["code"], incident["state"], incident["opened_at"],
+                     incident.get("resolved_at"), blob)).fetchone()[0]
+            conn.execute("UPDATE incidents SET state = ?, resolved_at = ?, data = ? WHERE id = ?",
+                         (incident["state"], incident.get("resolved_at"), blob, incident["id"]))
+            return incident["id"]
+        return await self._write(op)
+
+    async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
+                               now: float) -> bool:
+        """Queue one notification; False if this transition was already notified."""
+        def op(conn: Any, cleanup: list) -> bool:
+            return conn.execute(
+                "INSERT INTO notifications (incident_id, transition, channel, state, next_try, payload) "
+                "VALUES (?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING",
+                (incident_id, transition, channel, now, json.dumps(payload))).rowcount == 1
+        return await self._write(op)
+
+    async def due_notifications(self, now: float) -> list[dict]:
+        return await self._read(lambda conn: [
+            {"id": i, "incident_id": inc, "transition": t, "channel": c, "attempts": a, "payload": json.loads(p)}
+            for i, inc, t, c, a, p in conn.execute(
+                "SELECT id, incident_id, transition, channel, attempts, payload FROM notifications "
+                "WHERE state = 'pending' AND next_try <= ? ORDER BY id", (now,))])
+
+    async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
+                                  retry_at: float | None) -> None:
+        def op(conn: Any, cleanup: list) -> None:
+            state = "sent" if ok else ("pending" if retry_at is not None else "failed")
+            conn.execute("UPDATE notifications SET state = ?, attempts = attempts + 1, last_error = ?, "
+                         "sent_at = ?, next_try = COALESCE(?, next_try) WHERE id = ?",
+                         (state, error, now if ok else None, retry_at, notification_id))
+        await self._write(op)
+
+    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
+        def op(conn: Any, cleanup: list) -> None:
+            conn.execute("INSERT INTO last_good (connector, at, data) VALUES (?, ?, ?) ON CONFLICT (connector) "
+                         "DO UPDATE SET at = excluded.at, data = excluded.data",
+                         (connector, at, json.dumps(facts)))
+        await self._write(op)
+
+    async def last_good(self) -> dict[str, dict]:
+        return await self._read(lambda conn: {c: dict(json.loads(d), at=at) for c, at, d in conn.execute(
+            "SELECT connector, at, data FROM last_good")})
+
+    async def overrides(self) -> dict[str, dict]:
+        return await self._read(lambda conn: {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
+                                              for k, v, at, i in conn.execute(
+                                                  "SELECT key, value, set_at, incident_id FROM overrides")})
+
+    async def overrides_version(self) -> tuple:
+        return await self._read(lambda conn: conn.execute(
+            "SELECT count(*), max(set_at) FROM overrides").fetchone())
+
+    async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
+                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+        """Change overrides and write the audit record in one transaction."""
+        def op(conn: Any, cleanup: list) -> int:
+            for key, value in set_overrides.items():
+                conn.execute("INSERT INTO overrides (key, value, set_at, incident_id) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value, set_at = excluded.set_at, "
+                             "incident_id = excluded.incident_id", (key, json.dumps(value), now, incident_id))
+            for key in clear_overrides:
+                conn.execute("DELETE FROM overrides WHERE key = ?", (key,))
+            return conn.execute("INSERT INTO audit (at, who, action, incident_id, detail) VALUES (?, ?, ?, ?, ?) "
+                                "RETURNING id", (now, who, action, incident_id, json.dumps(detail))).fetchone()[0]
+        return await self._write(op)
+
+    async def last_undoable(self, incident_id: int) -> dict | None:
+        def q(conn: Any) -> dict | None:
+            row = conn.execute("SELECT id, action, detail FROM audit WHERE incident_id = ? AND undone_at IS NULL "
+                               "AND action NOT LIKE 'undo %' ORDER BY id DESC LIMIT 1", (incident_id,)).fetchone()
+            return {"id": row[0], "action": row[1], "detail": json.loads(row[2])} if row else None
+        return await self._read(q)
+
+    async def mark_undone(self, audit_id: int, now: float) -> None:
+        await self._write(lambda conn, cleanup: conn.execute(
+            "UPDATE audit SET undone_at = ? WHERE id = ?", (now, audit_id)))
+
+    async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
+        if rows:
+            await self._write(lambda conn, cleanup: conn.executemany(
+                "INSERT INTO invalid_recipients (at, domain, connector, source) VALUES (?, ?, ?, ?)", rows))
+
+    async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
+        def q(conn: Any):
+            return conn.execute("SELECT domain, connector, source, count(*) FROM invalid_recipients WHERE at >= ? "
+                                "GROUP BY domain, connector, source ORDER BY count(*) DESC", (since,)).fetchall()
+        return await self._read(q)
+
+
+_INCIDENT_COLUMNS = "id, connector, code, state, opened_at, resolved_at, data"
+
+
+def _incident(row: tuple) -> dict:
+    id_, connector, code, state, opened_at, resolved_at, data = row
+    return {"id": id_, "connector": connector, "code": code, "state": state, "opened_at": opened_at,
+            "resolved_at": resolved_at, **json.loads(data)}
+
+
+def _bytes(data) -> bytes | None:
+    """BLOB (sqlite3: bytes) or BYTEA (psycopg: memoryview) as bytes."""
+    return None if data is None else bytes(data)
+
+
+def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
+    groups: dict[str, tuple[Route, list[str]]] = {}
+    for address, route in msg.recipients:
+        groups.setdefault(route.key, (route, []))[1].append(address)
+    body_id = new_id()
+    conn.execute("INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, ?, ?, ?)",
+                 (body_id, msg.body.data, msg.body.path, msg.body.size, len(groups)))
+    ids = []
+    for route, addresses in groups.values():
+        entry_id = new_id()
+        conn.execute(
+            "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+            "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (entry_id, body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at,
+             route.kind.value, route.name, route.domain, msg.body.size, msg.message_id, msg.client,
+             int(msg.is_dsn)))
+        conn.executemany("INSERT INTO recipients (entry_id, position, address, status) "
+                         "VALUES (?, ?, ?, 'pending')",
+                         [(entry_id, i, a) for i, a in enumerate(addresses)])
+        ids.append(entry_id)
+    return ids
+
+
+def _remove(conn: Any, entry_id: str, body_id: str, cleanup: list) -> None:
+    conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    conn.execute("DELETE FROM recipients WHERE entry_id = ?", (entry_id,))
+    conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
+    row = conn.execute("UPDATE bodies SET refs = refs - 1 WHERE id = ? RETURNING refs, path",
+                       (body_id,)).fetchone()
+    if row is not None and row[0] <= 0:
+        conn.execute("DELETE FROM bodies WHERE id = ?", (body_id,))
+        if row[1]:
+            cleanup.append(row[1])
+
+
+def _select(selector: Selector) -> tuple[str, tuple]:
+    if selector.all:
+        return "1", ()
+    if selector.connector:
+        return "route_name = ?", (selector.connector,)
+    marks = ",".join("?" * len(selector.ids))
+    return f"id IN ({marks})", tuple(i.upper() for i in selector.ids)
+
+
+def _entry(row: tuple) -> Entry:
+    (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
+     route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
+     lease_until, delay_notified) = row
+    leased = lease_owner is not None and (lease_until or 0) > time.time()
+    return Entry(
+        id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
+        status=EntryStatus.ACTIVE if leased else EntryStatus(status),
+        attempts=attempts, next_attempt_at=next_attempt_at,
+        route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
+        message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
+        first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
+        delay_notified=bool(delay_notified))
+
+
+def _attach_bodies(conn: Any, entries: list[Entry]) -> None:
+    if not entries:
+        return
+    ids = list({e.body_id for e in entries})
+    marks = ",".join("?" * len(ids))
+    bodies = {id_: StoredBody(size=size, data=_bytes(data), path=path) for id_, data, path, size in conn.execute(
+        f"SELECT id, data, path, size FROM bodies WHERE id IN ({marks})", ids)}
+    for e in entries:
+        e.body = bodies.get(e.body_id)
+
+
+def _attach_recipients(conn: Any, entries: list[Entry], include_final: bool = False) -> None:
+    if not entries:
+        return
+    by_id = {e.id: e for e in entries}
+    marks = ",".join("?" * len(by_id))
+    sql = (f"SELECT entry_id, position, address, status, last_error FROM recipients "
+           f"WHERE entry_id IN ({marks})")
+    if not include_final:
+        sql += " AND status IN ('pending', 'deferred')"
+    for entry_id, position, address, status, last_error in conn.execute(sql + " ORDER BY entry_id, position",
+                                                                        tuple(by_id)):
+        by_id[entry_id].recipients.append(Recipient(
+            address=address, status=RecipientStatus(status), position=position,
+            last_error=Failure.from_dict(json.loads(last_error)) if last_error else None))
