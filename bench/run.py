@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "work"
 RESULTS = ROOT / "bench" / "results"
+POSTFIX_WORK = Path("/var/tmp/relaywatch-bench")
 HOST = "127.0.0.1"
 
 
@@ -181,7 +182,9 @@ class Postfix:
 
     def __init__(self, sink_port: int, extra: str = ""):
         self.port = free_port()
-        self.dir = WORK / f"postfix-{self.port}"
+        # Postfix's daemons run as the postfix user: their directories must be
+        # reachable by it, which a checkout in a private (0700) folder is not.
+        self.dir = POSTFIX_WORK / f"postfix-{self.port}"
         self.sink_port = sink_port
         self.extra = extra
 
@@ -190,6 +193,8 @@ class Postfix:
 
     def start(self) -> "Postfix":
         shutil.rmtree(self.dir, ignore_errors=True)
+        POSTFIX_WORK.mkdir(parents=True, exist_ok=True)
+        POSTFIX_WORK.chmod(0o755)
         conf = self.dir / "conf"
         conf.mkdir(parents=True)
         (self.dir / "queue").mkdir()

@@ -74,6 +74,9 @@ class SqlStore:
         self._local = threading.local()
         self._readers: list[Any] = []
         self._readers_lock = threading.Lock()
+        self._readers_idle = threading.Condition()
+        self._reads_in_flight = 0
+        self._closed = False
         # Called (on the event loop) after a commit that made work due, so the
         # scheduler wakes at once instead of at its next poll.
         self.on_work = on_work
@@ -81,6 +84,8 @@ class SqlStore:
     # -- lifecycle -----------------------------------------------------------
 
     async def open(self) -> None:
+        self._closed = False
+        self._local = threading.local()    # no reader connection from an earlier open
         try:
             conn = await asyncio.to_thread(self._writer_connection)
         except self.db_errors as exc:
@@ -94,10 +99,17 @@ class SqlStore:
             self._ops.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
-        with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+        # A read still running on an executor thread (its task was cancelled, the
+        # thread was not) must finish before its connection is closed: closing a
+        # connection another thread is using crashes the interpreter.
+        def close_readers() -> None:
+            with self._readers_idle:
+                self._closed = True
+                self._readers_idle.wait_for(lambda: self._reads_in_flight == 0, timeout=30)
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+        await asyncio.to_thread(close_readers)
 
     # -- the writer thread ---------------------------------------------------
 
@@ -181,10 +193,18 @@ class SqlStore:
 
     async def _read(self, fn: Callable[[Any], Any]) -> Any:
         def run():
+            with self._readers_idle:
+                if self._closed:
+                    raise StoreError("queue store is closed")
+                self._reads_in_flight += 1
             try:
                 return fn(self._reader())
             except self.db_errors as exc:
                 raise StoreError(f"queue store read failed: {exc}") from exc
+            finally:
+                with self._readers_idle:
+                    self._reads_in_flight -= 1
+                    self._readers_idle.notify_all()
         return await asyncio.to_thread(run)
 
     def _notify(self) -> None:
