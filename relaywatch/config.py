@@ -399,7 +399,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
 
     def rel(p: Any) -> Path:
         p = Path(_string(p))
-        return p if p.is_absolute() else (base_dir / p)
+        return (p if p.is_absolute() else (base_dir / p)).resolve()
 
     tls_cert = r.get(s, "tls_cert", "server", rel, None)
     tls_key = r.get(s, "tls_key", "server", rel, None)
@@ -412,7 +412,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         hostname=r.get(s, "hostname", "server", _string, d.hostname),
         listen=r.get(s, "listen", "server", _hostport_list(25, allow_zero=True), d.listen),
         trusted_networks=r.get(s, "trusted_networks", "server", _network_list, d.trusted_networks),
-        data_dir=r.get(s, "data_dir", "server", rel, base_dir / "data"),
+        data_dir=r.get(s, "data_dir", "server", rel, (base_dir / "data").resolve()),
         max_message_size=r.get(s, "max_message_size", "server", parse_size, d.max_message_size),
         max_connections=r.get(s, "max_connections", "server", _positive_int, d.max_connections),
         max_connections_per_ip=r.get(s, "max_connections_per_ip", "server", _positive_int,

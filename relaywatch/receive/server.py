@@ -140,7 +140,7 @@ class ReceivePolicy:
             return "451 4.3.0 Could not queue the message; please try again later"
         for entry_id, route in zip(ids, _unique_routes(envelope.routes)):
             rcpts = [a for a, r in zip(envelope.rcpt_tos, envelope.routes) if r.key == route.key]
-            events.emit("received", **{"id": entry_id, "msgid": message_id, "from": envelope.mail_from,
+            events.emit("received", **{"id": entry_id, "msgid": message_id or None, "from": envelope.mail_from,
                                        "to": rcpts, "connector": route.name, "size": body.size,
                                        "client": msg.client})
         return f"250 2.0.0 Queued as {' '.join(ids)}"
