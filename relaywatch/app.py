@@ -69,6 +69,7 @@ class Relaywatch:
         self._child_started = 0.0
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
+        self._stop_event = asyncio.Event()
 
     def get_config(self) -> Config:
         return self.config
@@ -112,12 +113,18 @@ class Relaywatch:
 
     def _woken(self) -> None:
         try:
-            while os.read(self._wake_fd, 4096):
-                pass
+            while True:
+                data = os.read(self._wake_fd, 4096)
+                if not data:
+                    # End of file: the receiving process is gone (even killed with
+                    # SIGKILL).  A delivering child must not outlive it: the next
+                    # run starts its own and takes over the queue.
+                    asyncio.get_running_loop().remove_reader(self._wake_fd)
+                    log.error("the receiving process is gone; the delivery process stops")
+                    self._stop_event.set()
+                    return
         except BlockingIOError:
             pass
-        except OSError:
-            asyncio.get_running_loop().remove_reader(self._wake_fd)
         self.scheduler.notify()
 
     def _wake_child(self) -> None:
@@ -235,7 +242,7 @@ class Relaywatch:
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop_event
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -133,3 +133,34 @@ async def test_sighup_reloads_the_config(tmp_path, sink):
 def _send(port):
     with smtplib.SMTP(LOOPBACK, port) as c:
         c.sendmail("alice@contoso.test", ["bob@fabrikam.test"], message("restart", message_id="<restart@client.test>"))
+
+
+async def test_sigkill_loses_nothing_and_leaves_no_orphan(tmp_path):
+    port = free_port()
+    server = await Server(tmp_path, queue={"retry_intervals": ["1h"]}, connectors=[{
+        "name": "onprem", "type": "on_premises", "domains": ["fabrikam.test"],
+        "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}]).start()
+    children = await eventually(lambda: _children(server.proc.pid), what="the delivery process")
+    await asyncio.to_thread(_send, server.port)
+    await eventually(lambda: "deferred id=" in server.log_path.read_text(), what="the deferral")
+    server.proc.kill()                                  # no chance to clean up
+    await asyncio.to_thread(server.proc.wait)
+    server.log.close()
+    # The delivery child notices its parent is gone and stops by itself.
+    await eventually(lambda: not any(Path(f"/proc/{c}").exists() for c in children), what="the child to exit")
+    sink = await Sink(port=port).start()
+    try:
+        await server.start()
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relaywatch", "queue", "retry", "--all",
+                                                 "-c", str(server.config_path)], env=env, check=True)
+        await eventually(lambda: sink.messages, what="delivery after the crash")
+        assert len(sink.messages) == 1
+    finally:
+        await server.stop()
+        await sink.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
