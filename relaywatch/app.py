@@ -48,7 +48,8 @@ class Relaywatch:
         self.config = config           # the running config: file + Fix-now overrides
         self.clock = clock
         self.role = role
-        self.store = open_store(config)
+        # Only a delivering process that receives nothing may skip fsync (see SqliteStore).
+        self.store = open_store(config, sync_commits=role != DELIVER)
         self.receiver: Receiver | None = None
         self.scheduler: Scheduler | None = None
         if role in (ALL, DELIVER):

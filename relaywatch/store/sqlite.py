@@ -122,9 +122,13 @@ class SqliteStore(SqlStore):
                  f"AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?) "
                  f"RETURNING {_ENTRY_COLUMNS}")
 
-    def __init__(self, path: str | os.PathLike, on_work=None):
+    def __init__(self, path: str | os.PathLike, on_work=None, sync_commits: bool = True):
         super().__init__(on_work)
         self.path = Path(path)
+        # False only for the delivering process: what it commits (leases,
+        # outcomes) may be lost to a power cut, which means a redelivery, never a
+        # lost message, and the receiver's FULL commits still sync the shared WAL.
+        self.sync_commits = sync_commits
 
     @property
     def where(self) -> str:
@@ -135,6 +139,8 @@ class SqliteStore(SqlStore):
         conn = _connect(self.path)
         conn.executescript(SCHEMA)
         conn.execute("PRAGMA busy_timeout=0")   # the writer waits for the lock itself (_begin)
+        if not self.sync_commits:
+            conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
     def _reader_connection(self) -> sqlite3.Connection:
