@@ -110,6 +110,21 @@ def config_check(config_path):
     config = _load(config_path)
     click.echo(f"{config_path}: OK ({len(config.domains)} domain(s), {len(config.connectors)} connector(s), "
                f"listening on {', '.join(f'{h}:{p}' for h, p in config.server.listen)})")
+    for warning in config_warnings(config):
+        click.echo(f"warning: {warning}")
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Valid, but likely to hurt when it matters."""
+    from relaywatch.route import decide
+    out = []
+    if config.alerts.notify and config.alerts.smtp is None:
+        for address in config.alerts.notify:
+            route = decide(config, address).route
+            if route is not None and route.kind.value == "connector":
+                out.append(f"alerts.notify: {address} is delivered through connector {route.name}; set alerts.smtp "
+                           f"so that alerts still arrive when {route.name} is the one failing")
+    return out
 
 
 # -- queue ------------------------------------------------------------------------

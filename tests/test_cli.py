@@ -137,3 +137,13 @@ async def test_queue_commands_without_a_queue_say_so(tmp_path):
     cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "nothing"}"\n')
     result = await asyncio.to_thread(CliRunner().invoke, main, ["queue", "list", "-c", str(cfg)])
     assert result.exit_code == 1 and "no queue at" in result.output
+
+
+def test_config_check_warns_when_alerts_would_take_the_failing_path(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[alerts]\nnotify = ["admin@contoso.test"]\n'
+                   '[[connectors]]\nname = "onprem"\ntype = "on_premises"\ndomains = ["contoso.test"]\n'
+                   'smart_hosts = ["127.0.0.1:2526"]\n')
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(cfg)])
+    assert result.exit_code == 0
+    assert "warning: alerts.notify: admin@contoso.test is delivered through connector onprem" in result.output
