@@ -453,8 +453,7 @@ def incidents_show(config_path, incident_id, as_json):
     probe = inc.get("probe")
     if probe:
         click.echo(f"Last probe ({iso(probe['at'])}): {'passed' if probe['ok'] else 'failed'}")
-        for st in probe["steps"]:
-            click.echo(f"  {'ok  ' if st['ok'] else 'FAIL'} {st['step']:<11} {st['ms']:>7.1f} ms  {st['detail']}")
+        _print_steps(probe["steps"])
     for n in inc.get("notifications", []):
         click.echo(f"Notified {n['transition']} by {n['channel']}: {n['state']}"
                    + (f" at {iso(n['sent_at'])}" if n["sent_at"] else "")
@@ -544,8 +543,7 @@ def connector_test(config_path, name, as_json):
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"Connector {name} ({spec.type}), test address {result['test_address']}:")
-        for st in result["steps"]:
-            click.echo(f"  {'ok  ' if st['ok'] else 'FAIL'} {st['step']:<11} {st['ms']:>7.1f} ms  {st['detail']}")
+        _print_steps(result["steps"])
         if result["error"]:
             e = result["error"]
             click.echo(f"Failed: {e['smtp_code']} {e['code']} {e['title']}" + (f" [{e['subtype']}]" if e["subtype"] else ""))
@@ -553,6 +551,11 @@ def connector_test(config_path, name, as_json):
         else:
             click.echo("Passed: mail can flow through this connector.")
     sys.exit(0 if result["ok"] else 1)
+
+
+def _print_steps(steps: list[dict]) -> None:
+    for st in steps:
+        click.echo(f"  {'ok  ' if st['ok'] else 'FAIL'} {st['step']:<11} {st['ms']:>7.1f} ms  {st['detail']}")
 
 
 @config_group.command("show")
