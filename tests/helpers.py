@@ -393,3 +393,29 @@ def message(subject: str = "test", body: str = "hello\r\n", message_id: str | No
 
 def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+class RawClient:
+    """Speaks SMTP byte by byte, for what smtplib will not send (bare LF, slow uploads)."""
+
+    @classmethod
+    async def connect(cls, port: int) -> "RawClient":
+        self = cls()
+        self.reader, self.writer = await asyncio.open_connection(LOOPBACK, port)
+        await self.reader.readline()
+        return self
+
+    async def cmd(self, line: bytes) -> bytes:
+        self.writer.write(line)
+        await self.writer.drain()
+        return await self.reader.readline()
+
+    async def envelope(self, sender: str, rcpt: str) -> bytes:
+        """HELO, MAIL, RCPT, DATA; returns the reply to DATA."""
+        await self.cmd(b"HELO client.test\r\n")
+        assert (await self.cmd(f"MAIL FROM:<{sender}>\r\n".encode())).startswith(b"250")
+        assert (await self.cmd(f"RCPT TO:<{rcpt}>\r\n".encode())).startswith(b"250")
+        return await self.cmd(b"DATA\r\n")
+
+    def close(self) -> None:
+        self.writer.close()

@@ -40,6 +40,12 @@ class Server:
         except OSError:
             return False
 
+    async def cli(self, *args: str) -> None:
+        """A relaywatch command in its own process, as an admin would run it."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relaywatch", *args,
+                                                 "-c", str(self.config_path)], env=env, check=True)
+
     def status(self, key: str) -> int:
         """VmHWM / VmRSS of the server process, in kB."""
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -104,9 +110,7 @@ async def test_sigterm_finishes_and_a_restart_delivers_what_was_queued(tmp_path)
     try:
         # Deferred for an hour, but a restart plus `queue retry` sends it now.
         await server.start()
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relaywatch", "queue", "retry", "--all",
-                                                 "-c", str(server.config_path)], env=env, check=True)
+        await server.cli("queue", "retry", "--all")
         await eventually(lambda: sink.messages, what="delivery after restart")
         log = server.log_path.read_text()
         assert "delivered id=" in log and "msgid=<restart@client.test>" in log
@@ -151,9 +155,7 @@ async def test_sigkill_loses_nothing_and_leaves_no_orphan(tmp_path):
     sink = await Sink(port=port).start()
     try:
         await server.start()
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relaywatch", "queue", "retry", "--all",
-                                                 "-c", str(server.config_path)], env=env, check=True)
+        await server.cli("queue", "retry", "--all")
         await eventually(lambda: sink.messages, what="delivery after the crash")
         assert len(sink.messages) == 1
     finally:

@@ -7,7 +7,7 @@ import smtplib
 import pytest
 from flufl.bounce import scan_message
 
-from helpers import LOOPBACK, Sink, SinkHandler, eventually, free_port, message
+from helpers import LOOPBACK, RawClient, Sink, SinkHandler, eventually, free_port, message
 
 
 def connector(name, port, domains, **kw):
@@ -189,22 +189,13 @@ async def _all_deferred(relay, n):
 
 async def test_bare_lf_smuggling_is_refused(relay_factory, sink):
     relay = await relay_factory(connectors=[connector("onprem", sink.port, ["fabrikam.test"])])
-    reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
-
-    async def cmd(line: bytes) -> bytes:
-        writer.write(line)
-        await writer.drain()
-        return await reader.readline()
-    await reader.readline()
-    await cmd(b"HELO client.test\r\n")
-    assert (await cmd(b"MAIL FROM:<alice@contoso.test>\r\n")).startswith(b"250")
-    assert (await cmd(b"RCPT TO:<bob@fabrikam.test>\r\n")).startswith(b"250")
-    assert (await cmd(b"DATA\r\n")).startswith(b"354")
+    client = await RawClient.connect(relay.port)
+    assert (await client.envelope("alice@contoso.test", "bob@fabrikam.test")).startswith(b"354")
     smuggled = (b"Subject: innocent\r\n\r\nhello\n.\r\nMAIL FROM:<evil@evil.test>\r\n"
                 b"RCPT TO:<bob@fabrikam.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n.\r\n")
-    reply = await cmd(smuggled)
+    reply = await client.cmd(smuggled)
     assert reply.startswith(b"554 5.6.11"), reply
-    writer.close()
+    client.close()
     await asyncio.sleep(0.3)
     assert sink.messages == [] and await relay.store.counts() == {}
 
@@ -323,24 +314,16 @@ async def test_json_mail_log_lines(relay_factory, sink):
 
 async def test_a_slow_upload_that_keeps_moving_is_not_cut_off(relay_factory):
     relay = await relay_factory(server={"idle_timeout": "1s"})
-    reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
-
-    async def cmd(line: bytes) -> bytes:
-        writer.write(line)
-        await writer.drain()
-        return await reader.readline()
-    await reader.readline()
-    await cmd(b"HELO client.test\r\n")
-    await cmd(b"MAIL FROM:<x@example.org>\r\n")
-    await cmd(b"RCPT TO:<alice@contoso.test>\r\n")
-    assert (await cmd(b"DATA\r\n")).startswith(b"354")
+    client = await RawClient.connect(relay.port)
+    assert (await client.envelope("x@example.org", "alice@contoso.test")).startswith(b"354")
+    writer = client.writer
     writer.write(b"Subject: slow\r\n\r\n")
     for _ in range(10):                     # 3 s in all, three times the idle timeout
         writer.write(b"still coming\r\n")
         await writer.drain()
         await asyncio.sleep(0.3)
-    assert (await cmd(b".\r\n")).startswith(b"250 2.0.0")
-    writer.close()
+    assert (await client.cmd(b".\r\n")).startswith(b"250 2.0.0")
+    client.close()
     await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery")
 
 

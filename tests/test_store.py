@@ -156,3 +156,16 @@ async def test_watch_state_round_trips(store):
     assert (await store.last_undoable(inc["id"]))["id"] == audit
     shown = await store.incident(inc["id"])
     assert shown["messages"] == 2 and shown["notifications"][0]["state"] == "sent" and shown["audit"][0]["who"] == "me"
+
+
+async def test_close_waits_for_a_read_in_flight(tmp_path, request):
+    """Closing must not pull a connection from under a read still running on another
+    thread (that crashed the interpreter); reads after close fail cleanly."""
+    s = _make("sqlite", tmp_path, request)
+    await s.open()
+    slow = asyncio.create_task(s._read(lambda conn: (time.sleep(0.5), conn.execute("SELECT 1").fetchone())[1]))
+    await asyncio.sleep(0.1)
+    await s.close()
+    assert await slow == (1,)
+    with pytest.raises(StoreError):
+        await s.counts()
