@@ -49,7 +49,7 @@ class Relaywatch:
         self.clock = clock
         self.role = role
         # Only a delivering process that receives nothing may skip fsync (see SqliteStore).
-        self.store = open_store(config, sync_commits=role != DELIVER)
+        self.store = open_store(config, sync_commits=role != DELIVER, checkpoints=role != RECEIVE)
         self.receiver: Receiver | None = None
         self.scheduler: Scheduler | None = None
         if role in (ALL, DELIVER):
@@ -62,6 +62,7 @@ class Relaywatch:
         if role in (ALL, RECEIVE):
             self.receiver = Receiver(self.get_config, self.store, clock)
         self._wake_fd = wake_fd        # DELIVER: read end; RECEIVE: write end
+        self._wake_pending = False
         self._scheduler_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._overrides_seen: tuple | None = None
@@ -129,6 +130,13 @@ class Relaywatch:
         self.scheduler.notify()
 
     def _wake_child(self) -> None:
+        # One byte per turn of the event loop, however many messages it queued.
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._write_wake)
+
+    def _write_wake(self) -> None:
+        self._wake_pending = False
         try:
             os.write(self._wake_fd, b"!")
         except (BlockingIOError, BrokenPipeError):

@@ -26,6 +26,9 @@ class _Writer:
     def __init__(self, fmt: str, stream):
         self.json = fmt == "json"
         self.stream = stream
+        # Lines are kept here, not in the stream: stderr is line-buffered even
+        # into a file, which would cost a write() per message.
+        self._lines: list[str] = []
         self._flush_pending = False
 
     def write(self, event: str, fields: dict) -> None:
@@ -36,7 +39,7 @@ class _Writer:
             line = json.dumps(out, separators=(",", ":"), default=str)
         else:
             line = _text_line(now, event, fields)
-        self.stream.write(line + "\n")
+        self._lines.append(line)
         if not self._flush_pending:
             self._flush_pending = True
             try:
@@ -46,7 +49,10 @@ class _Writer:
 
     def flush(self) -> None:
         self._flush_pending = False
+        lines, self._lines = self._lines, []
         try:
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass
