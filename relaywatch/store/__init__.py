@@ -5,13 +5,14 @@ from __future__ import annotations
 from relaywatch.config import Config
 
 
-def open_store(config: Config, on_work=None, sync_commits: bool = True):
+def open_store(config: Config, on_work=None, sync_commits: bool = True, checkpoints: bool = False):
     """The store ``server.store`` names: "sqlite" (a file in data_dir) or a postgresql:// URL.
 
     ``sync_commits=False``: the caller only leases and records outcomes (the
-    delivering process); see SqliteStore."""
+    delivering process); ``checkpoints``: the caller keeps SQLite's WAL short
+    (one process of a running relay); see SqliteStore."""
     if config.server.store.startswith(("postgresql://", "postgres://")):
         from relaywatch.store.postgres import PostgresStore
         return PostgresStore(config.server.store, on_work)
     from relaywatch.store.sqlite import SqliteStore
-    return SqliteStore(config.store_path, on_work, sync_commits=sync_commits)
+    return SqliteStore(config.store_path, on_work, sync_commits=sync_commits, checkpoints=checkpoints)

@@ -64,6 +64,9 @@ class SqlStore:
     def _begin(self, conn) -> None:
         raise NotImplementedError
 
+    def _end(self, conn) -> None:
+        """After COMMIT or ROLLBACK (and after a failed _begin)."""
+
     @property
     def where(self) -> str:
         raise NotImplementedError
@@ -164,6 +167,8 @@ class SqlStore:
             err = StoreError(f"queue store write failed: {exc}")
             results = [(False, err)] * len(batch)
             cleanup = []
+        finally:
+            self._end(conn)
         for path in cleanup:  # only after the commit that dropped the last reference
             try:
                 os.unlink(path)
@@ -253,6 +258,14 @@ class SqlStore:
             if owner is None and leased:
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
             by_address = {o.address: o for o in outcomes}
+            if not notices and outcomes and all(o.status is RecipientStatus.DELIVERED for o in outcomes):
+                # The common case, delivered to everyone still waiting: the entry goes
+                # at once, without first recording statuses and an attempt it drops.
+                waiting = conn.execute("SELECT address FROM recipients WHERE entry_id = ? AND status IN "
+                                       "('pending', 'deferred')", (entry_id,)).fetchall()
+                if all(address in by_address for (address,) in waiting):
+                    _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
+                    return
             failed_now = False
             for position, address, status in conn.execute(
                     "SELECT position, address, status FROM recipients WHERE entry_id = ?", (entry_id,)).fetchall():
@@ -643,16 +656,17 @@ def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
     return ids
 
 
-def _remove(conn: Any, entry_id: str, body_id: str, cleanup: list) -> None:
+def _remove(conn: Any, entry_id: str, body_id: str, cleanup: list, had_attempts: bool = True) -> None:
     conn.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
     conn.execute("DELETE FROM recipients WHERE entry_id = ?", (entry_id,))
-    conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
-    row = conn.execute("UPDATE bodies SET refs = refs - 1 WHERE id = ? RETURNING refs, path",
-                       (body_id,)).fetchone()
-    if row is not None and row[0] <= 0:
-        conn.execute("DELETE FROM bodies WHERE id = ?", (body_id,))
-        if row[1]:
-            cleanup.append(row[1])
+    if had_attempts:
+        conn.execute("DELETE FROM attempts WHERE entry_id = ?", (entry_id,))
+    # The last entry using the body deletes it; others only drop their reference.
+    row = conn.execute("DELETE FROM bodies WHERE id = ? AND refs <= 1 RETURNING path", (body_id,)).fetchone()
+    if row is None:
+        conn.execute("UPDATE bodies SET refs = refs - 1 WHERE id = ?", (body_id,))
+    elif row[0]:
+        cleanup.append(row[0])
 
 
 def _select(selector: Selector) -> tuple[str, tuple]:
