@@ -189,6 +189,9 @@ class SmtpConnection:
     async def _write(self, phase: Phase, data: bytes, timeout: float, writing: bool = False) -> None:
         try:
             self.writer.write(data)
+            transport = self.writer.transport
+            if transport.get_write_buffer_size() == 0 and not transport.is_closing():
+                return   # all of it is in the kernel already: nothing to wait for
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
         except BaseException as exc:
@@ -328,6 +331,10 @@ class SmtpConnection:
     async def _send_body(self, body: StoredBody) -> None:
         stuffer = DotStuffer()
         stall = self.timeouts.data_timeout
+        if body.data is not None and len(body.data) <= _CHUNK:
+            # The common case: the whole message and the final dot in one write.
+            await self._write(Phase.DATA, stuffer.stuff(body.data) + stuffer.end(), stall, writing=True)
+            return
         if body.data is not None:
             view = memoryview(body.data)
             for start in range(0, len(view), _CHUNK):
