@@ -327,6 +327,36 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_off(relay_factory):
     await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery")
 
 
+async def test_a_stalled_client_is_disconnected_with_421(relay_factory):
+    relay = await relay_factory(server={"idle_timeout": "1s"})
+    client = await RawClient.connect(relay.port)
+    assert (await client.envelope("x@example.org", "alice@contoso.test")).startswith(b"354")
+    client.writer.write(b"Subject: stalled\r\n")          # then nothing more
+    reply = await asyncio.wait_for(client.reader.readline(), 10)
+    assert reply.startswith(b"421 4.4.2 ")
+    assert await asyncio.wait_for(client.reader.read(), 10) == b""   # and the connection is closed
+    await eventually(lambda: relay.app.receiver.limiter.total == 0, what="the slot to be released")
+    assert list((relay.app.config.server.data_dir / "spool").iterdir()) == []
+
+
+async def test_a_pipelined_session_in_one_write_gets_every_reply_in_order(relay_factory):
+    relay = await relay_factory()
+    reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+    assert (await reader.readline()).startswith(b"220 ")
+    writer.write(b"EHLO client.test\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@contoso.test>\r\n"
+                 b"RCPT TO:<nobody@contoso.test>\r\nDATA\r\n")
+    ehlo = [await reader.readline() for _ in range(5)]
+    assert ehlo[-1].startswith(b"250 ") and b"PIPELINING" in b"".join(ehlo)
+    replies = [await reader.readline() for _ in range(4)]
+    assert [r[:3] for r in replies] == [b"250", b"250", b"550", b"354"]
+    writer.write(b"Subject: pipelined\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert (await reader.readline()).startswith(b"250 2.0.0 Queued as ")
+    assert (await reader.readline()).startswith(b"221 ")
+    writer.close()
+    mail = (await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery"))[0]
+    assert b"Subject: pipelined" in mail
+
+
 async def test_the_relay_on_postgresql(pg_dsn, relay_factory):
     """The same relay with its queue in PostgreSQL: deliver, defer, show, retry, incidents."""
     port = free_port()

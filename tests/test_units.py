@@ -11,7 +11,6 @@ from relaywatch.deliver.scheduler import next_attempt_at, settle
 from relaywatch.errors import ConfigError
 from relaywatch.model import Destination, Failure, RecipientOutcome, RecipientStatus, RouteKind
 from relaywatch.notify.dsn import FailedRecipient, build_ndr
-from relaywatch.receive.server import with_enhanced_code
 from relaywatch.route import decide
 from relaywatch.smtpclient.protocol import (
     DotStuffer, RemoteProtocolError, ReplyReader, mail_from, parse_ehlo, rcpt_to,
@@ -70,14 +69,6 @@ def test_commands_refuse_crlf_injection():
 def test_dot_stuffing_across_chunk_boundaries(chunks, wire):
     s = DotStuffer()
     assert b"".join(s.stuff(c) for c in chunks) + s.end() == wire
-
-
-# -- receive replies ------------------------------------------------------------------------
-
-def test_aiosmtpd_replies_gain_enhanced_codes():
-    assert with_enhanced_code("503 Error: need MAIL command") == "503 5.5.1 Need MAIL command"
-    assert with_enhanced_code("250 2.1.5 Recipient OK") == "250 2.1.5 Recipient OK"
-    assert with_enhanced_code("354 End data with <CR><LF>.<CR><LF>") == "354 End data with <CR><LF>.<CR><LF>"
 
 
 # -- config ---------------------------------------------------------------------------------

@@ -1,0 +1,355 @@
+"""The server side of one SMTP session, without I/O (RFC 5321).
+
+In the manner of h11: bytes go in with ``receive()``; ``next_event()`` says
+what happened, one event at a time, until it returns ``NEED_DATA``.  The
+conversation answers everything it can decide alone (syntax, command order,
+EHLO, SIZE); it hands the rest to its caller as events:
+
+- ``Reply``: send this text (``close``: then hang up).
+- ``Recipient``: RCPT TO for ``address``; the caller decides, sends the reply
+  and, if accepted, calls ``accept_recipient``.
+- ``StartTls``: the 220 for STARTTLS has been given; upgrade the connection,
+  then call ``tls_started``.  Bytes the client sent after STARTTLS in the
+  clear are dropped (the STARTTLS command-injection attack).
+- ``MessageStart``, ``BodyData``, ``MessageEnd``: the message after the 354,
+  with dot-stuffing undone (``receive.data``).  ``MessageEnd.problem`` is the
+  reply when the content was refused (bare CR/LF, too big, line too long);
+  otherwise the caller commits the message and sends the reply.
+
+The caller must not ask for the next event while it is still deciding one
+(committing a message, upgrading to TLS): replies keep the order of commands.
+Everything here is a pure function of the bytes received, so it is tested
+with tables (tests/test_conversation.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from relaywatch.receive.data import DataParser
+
+# RFC 5321 4.5.3.1.4 allows 512 octets; extensions add parameters, and
+# Postfix accepts 2048 (line_length_limit).  A longer command is refused whole.
+MAX_COMMAND_LINE = 2048
+# Postfix's smtpd_hard_error_limit: a client that keeps getting errors is
+# broken or probing; after this many, it is disconnected.
+MAX_ERRORS = 20
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str            # one or more lines joined with CRLF, without the last CRLF
+    close: bool = False
+
+
+@dataclass(frozen=True)
+class Recipient:
+    address: str
+
+
+@dataclass(frozen=True)
+class StartTls:
+    pass
+
+
+@dataclass(frozen=True)
+class MessageStart:
+    pass
+
+
+@dataclass(frozen=True)
+class BodyData:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class MessageEnd:
+    problem: str | None
+    sender: str                               # "" for the null sender <>
+    recipients: tuple[tuple[str, Any], ...]   # (address, what accept_recipient was given)
+
+
+NEED_DATA = object()
+
+# A mailbox as RFC 5321 4.1.2 has it: a dot-string or quoted local part, and a
+# domain name or address literal; an optional source route is ignored (4.1.1.3).
+_LOCAL = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*|\"(?:[\x20-\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\")"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
+_PATH = re.compile(rf"<(?:@[^:>]+:)?({_LOCAL}@{_DOMAIN}|{_LOCAL})>")
+_BARE_PATH = re.compile(rf"({_LOCAL}@{_DOMAIN})(?=\s|$)")   # lenient: no angle brackets, as Postfix allows
+_MAIL_PARAMS = {"SIZE", "BODY"}
+
+
+def parse_path(text: str) -> tuple[str | None, str]:
+    """The address in ``<...>`` at the start of ``text`` and the rest; None if malformed.
+
+    ``<>`` (the null sender) gives "".  Domain-less addresses (``<postmaster>``)
+    come back as they are; the caller decides about them."""
+    text = text.lstrip()
+    if text.startswith("<>"):
+        return "", text[2:]
+    m = _PATH.match(text) or _BARE_PATH.match(text)
+    if m is None:
+        return None, text
+    return m.group(1), text[m.end():]
+
+
+def parse_params(text: str) -> dict[str, str] | None:
+    """ESMTP parameters ``KEY=value KEY`` (keys upper-cased); None if malformed."""
+    params = {}
+    for word in text.split():
+        key, _, value = word.partition("=")
+        if not key or not key.replace("-", "").isalnum():
+            return None
+        params[key.upper()] = value
+    return params
+
+
+class Conversation:
+    def __init__(self, hostname: str, max_size: int, tls_available: bool = False):
+        self.hostname = hostname
+        self.max_size = max_size
+        self.tls_available = tls_available
+        self.tls_active = False
+        self.helo: str | None = None      # the name the client gave in HELO/EHLO
+        self.esmtp = False
+        self.sender: str | None = None    # set by MAIL; None outside a transaction
+        self.recipients: list[tuple[str, Any]] = []
+        self.errors = 0
+        self._buffer = bytearray()
+        self._greeted = False
+        self._closed = False
+        self._skipping_long_line = False
+        self._data: DataParser | None = None
+        self._events: deque = deque()       # decided, not yet handed out
+
+    # -- input ---------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> None:
+        if not self._closed:
+            self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet looked at (the caller pauses reading above a limit)."""
+        return len(self._buffer)
+
+    # -- answers from the caller ----------------------------------------------------
+
+    def accept_recipient(self, address: str, info: Any = None) -> None:
+        self.recipients.append((address, info))
+
+    def tls_started(self) -> None:
+        """The connection is now encrypted: the client starts over with EHLO (RFC 3207 4.2).
+
+        What arrived in the clear after STARTTLS was dropped when it was read;
+        the caller stops reading in the clear once it sees ``StartTls``, so
+        anything received since is encrypted input and is kept."""
+        self.tls_active = True
+        self.helo = None
+        self.esmtp = False
+        self._reset()
+
+    def reset(self) -> None:
+        """Forget the transaction in progress (the caller could not handle it)."""
+        self._reset()
+
+    # -- events --------------------------------------------------------------------
+
+    def next_event(self):
+        if not self._greeted:
+            self._greeted = True
+            return Reply(f"220 {self.hostname} ESMTP relaywatch")
+        if self._events:
+            return self._events.popleft()
+        if self._closed:
+            return NEED_DATA
+        if self._data is not None:
+            return self._next_body_event()
+        line = self._next_line()
+        if line is None:
+            return NEED_DATA
+        event = self._command(line)
+        if isinstance(event, Reply) and event.text[0] in "45" and not event.close:
+            self.errors += 1
+            if self.errors >= MAX_ERRORS:
+                return self._close(f"421 4.7.0 {self.hostname} Too many errors; closing the connection")
+        return event
+
+    def _next_line(self) -> bytes | str | None:
+        buf = self._buffer
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) > MAX_COMMAND_LINE:
+                    # Throw the start away now; the rest goes when its end arrives.
+                    del buf[:-1]
+                    self._skipping_long_line = True
+                return None
+            line = bytes(buf[:end])
+            del buf[:end + 1]
+            if self._skipping_long_line or len(line) > MAX_COMMAND_LINE:
+                self._skipping_long_line = False
+                return "500 5.5.2 Command line too long"
+            return line[:-1] if line.endswith(b"\r") else line
+
+    def _command(self, raw: bytes | str):
+        if isinstance(raw, str):
+            return Reply(raw)
+        try:
+            line = raw.decode("ascii")
+        except UnicodeDecodeError:
+            return Reply("500 5.5.2 Non-ASCII characters in a command (SMTPUTF8 is not offered)")
+        verb, _, arg = line.strip().partition(" ")
+        verb = verb.upper()
+        arg = arg.strip()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            if not verb:
+                return Reply("500 5.5.2 Empty command")
+            return Reply(f'500 5.5.2 Command not recognized: "{verb[:32]}"')
+        return handler(self, arg)
+
+    def _close(self, text: str) -> Reply:
+        self._closed = True
+        self._buffer.clear()
+        return Reply(text, close=True)
+
+    def _reset(self) -> None:
+        self.sender = None
+        self.recipients = []
+        self._data = None
+
+    # -- commands ------------------------------------------------------------------
+
+    def _ehlo(self, arg: str) -> Reply:
+        if not arg:
+            return Reply("501 5.5.4 Syntax: EHLO hostname")
+        self.helo, self.esmtp = arg.split()[0], True
+        self._reset()
+        lines = [self.hostname, f"SIZE {self.max_size}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        if self.tls_available and not self.tls_active:
+            lines.append("STARTTLS")
+        return Reply("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}" for i, text in enumerate(lines)))
+
+    def _helo(self, arg: str) -> Reply:
+        if not arg:
+            return Reply("501 5.5.4 Syntax: HELO hostname")
+        self.helo, self.esmtp = arg.split()[0], False
+        self._reset()
+        return Reply(f"250 {self.hostname}")
+
+    def _mail(self, arg: str) -> Reply:
+        if self.helo is None:
+            return Reply("503 5.5.1 Send HELO or EHLO first")
+        if self.sender is not None:
+            return Reply("503 5.5.1 Sender already given (RSET starts over)")
+        if arg[:5].upper() != "FROM:":
+            return Reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+        address, rest = parse_path(arg[5:])
+        if address is None:
+            return Reply("501 5.1.7 Bad sender address syntax")
+        params = parse_params(rest)
+        if params is None or (params and not self.esmtp):
+            return Reply("501 5.5.4 Bad MAIL parameters")
+        unknown = set(params) - _MAIL_PARAMS
+        if unknown:
+            return Reply(f"555 5.5.4 Unsupported MAIL parameter: {sorted(unknown)[0]}")
+        if "BODY" in params and params["BODY"].upper() not in ("7BIT", "8BITMIME"):
+            return Reply("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+        if "SIZE" in params:
+            if not params["SIZE"].isdigit():
+                return Reply("501 5.5.4 SIZE must be a number")
+            if int(params["SIZE"]) > self.max_size:
+                return Reply(f"552 5.3.4 Message too big (the limit is {self.max_size} bytes)")
+        self.sender = address
+        self.recipients = []
+        return Reply("250 2.1.0 Sender OK")
+
+    def _rcpt(self, arg: str):
+        if self.sender is None:
+            return Reply("503 5.5.1 Need MAIL command")
+        if arg[:3].upper() != "TO:":
+            return Reply("501 5.5.4 Syntax: RCPT TO:<address>")
+        address, rest = parse_path(arg[3:])
+        if not address:
+            return Reply("501 5.1.3 Bad recipient address syntax")
+        if rest.strip():
+            return Reply("555 5.5.4 RCPT parameters are not supported")
+        return Recipient(address)
+
+    def _data_cmd(self, arg: str) -> Reply:
+        if arg:
+            return Reply("501 5.5.4 Syntax: DATA")
+        if self.sender is None:
+            return Reply("503 5.5.1 Need MAIL command")
+        if not self.recipients:
+            return Reply("554 5.5.1 No valid recipients")
+        self._data = DataParser(self.max_size)
+        self._events.append(MessageStart())
+        return Reply("354 End data with <CR><LF>.<CR><LF>")
+
+    def _next_body_event(self):
+        if not self._buffer:
+            return NEED_DATA
+        parser = self._data
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        content = parser.feed(data)
+        if parser.done:
+            self._buffer += parser.leftover     # commands pipelined after the final dot
+            self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients)))
+            self._reset()
+        if content:
+            return BodyData(content)
+        return self.next_event()
+
+    def _rset(self, arg: str) -> Reply:
+        self._reset()
+        return Reply("250 2.0.0 OK")
+
+    def _noop(self, arg: str) -> Reply:
+        return Reply("250 2.0.0 OK")
+
+    def _quit(self, arg: str) -> Reply:
+        return self._close("221 2.0.0 Bye")
+
+    def _vrfy(self, arg: str) -> Reply:
+        return Reply("252 2.5.2 Cannot verify the address; send the message and delivery will be tried")
+
+    def _expn(self, arg: str) -> Reply:
+        return Reply("502 5.5.1 EXPN is not offered")
+
+    def _help(self, arg: str) -> Reply:
+        return Reply("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY"
+                     + (" STARTTLS" if self.tls_available else ""))
+
+    def _starttls(self, arg: str):
+        if arg:
+            return Reply("501 5.5.4 Syntax: STARTTLS")
+        if self.tls_active:
+            return Reply("503 5.5.1 TLS is already active")
+        if not self.tls_available:
+            return Reply("454 4.7.0 TLS is not available (no certificate configured)")
+        # Anything pipelined after STARTTLS was sent in the clear: drop it.
+        self._buffer.clear()
+        self._events.append(StartTls())
+        return Reply("220 2.0.0 Ready to start TLS")
+
+    def _auth(self, arg: str) -> Reply:
+        return Reply("503 5.5.1 AUTH is not offered; relaying is allowed by client address")
+
+    def _bdat(self, arg: str) -> Reply:
+        return Reply("502 5.5.1 BDAT is not offered (CHUNKING is not advertised)")
+
+
+_HANDLERS = {
+    "EHLO": Conversation._ehlo, "HELO": Conversation._helo, "MAIL": Conversation._mail,
+    "RCPT": Conversation._rcpt, "DATA": Conversation._data_cmd, "RSET": Conversation._rset,
+    "NOOP": Conversation._noop, "QUIT": Conversation._quit, "VRFY": Conversation._vrfy,
+    "EXPN": Conversation._expn, "HELP": Conversation._help, "STARTTLS": Conversation._starttls,
+    "AUTH": Conversation._auth, "BDAT": Conversation._bdat,
+}

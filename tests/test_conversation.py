@@ -1,0 +1,207 @@
+"""The SMTP server conversation (receive/conversation.py), bytes in, events out: no sockets."""
+
+import pytest
+
+from relaywatch.receive.conversation import (MAX_COMMAND_LINE, MAX_ERRORS, NEED_DATA, BodyData, Conversation,
+                                             MessageEnd, MessageStart, Recipient, Reply, StartTls, parse_path)
+
+
+def talk(conv: Conversation, data: bytes, accept=lambda address: "@" in address) -> list:
+    """Feed ``data``; return the events, answering RCPT as a policy would."""
+    conv.receive(data)
+    events = []
+    while (event := conv.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, Recipient) and accept(event.address):
+            conv.accept_recipient(event.address, "route")
+    return events
+
+
+def codes(events) -> list[str]:
+    return [e.text[:3] for e in events if isinstance(e, Reply)]
+
+
+def session(tls: bool = False, max_size: int = 1000) -> Conversation:
+    conv = Conversation("relay.test", max_size, tls_available=tls)
+    assert talk(conv, b"") == [Reply("220 relay.test ESMTP relaywatch")]
+    return conv
+
+
+def in_transaction() -> Conversation:
+    conv = session()
+    assert codes(talk(conv, b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n")) == ["250", "250"]
+    return conv
+
+
+# -- commands one by one: (what the client sends after EHLO, the reply codes) -------------------
+
+@pytest.mark.parametrize("lines, expected", [
+    (b"NOOP\r\n", ["250"]),
+    (b"RSET\r\n", ["250"]),
+    (b"VRFY alice\r\n", ["252"]),
+    (b"EXPN staff\r\n", ["502"]),
+    (b"HELP\r\n", ["214"]),
+    (b"AUTH PLAIN AGFiAGM=\r\n", ["503"]),
+    (b"BDAT 10 LAST\r\n", ["502"]),
+    (b"FROB\r\n", ["500"]),
+    (b"\r\n", ["500"]),
+    (b"MAIL FROM:<caf\xc3\xa9@client.test>\r\n", ["500"]),          # 8-bit without SMTPUTF8
+    (b"RCPT TO:<x@contoso.test>\r\n", ["503"]),                      # no MAIL yet
+    (b"DATA\r\n", ["503"]),
+    (b"MAIL TO:<a@client.test>\r\n", ["501"]),
+    (b"MAIL FROM:a@client.test\r\n", ["250"]),                       # brackets left out, as Postfix allows
+    (b"MAIL FROM:<not an address>\r\n", ["501"]),
+    (b"MAIL FROM:<a@client.test> SIZE=1001\r\n", ["552"]),
+    (b"MAIL FROM:<a@client.test> SIZE=1000 BODY=8BITMIME\r\n", ["250"]),
+    (b"MAIL FROM:<a@client.test> SIZE=many\r\n", ["501"]),
+    (b"MAIL FROM:<a@client.test> BODY=BINARYMIME\r\n", ["501"]),
+    (b"MAIL FROM:<a@client.test> RET=HDRS\r\n", ["555"]),            # DSN is not offered
+    (b"MAIL FROM:<a@client.test>\r\nMAIL FROM:<b@client.test>\r\n", ["250", "503"]),
+    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test> NOTIFY=NEVER\r\n", ["250", "555"]),
+    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<>\r\n", ["250", "501"]),
+    (b"MAIL FROM:<a@client.test>\r\nDATA\r\n", ["250", "554"]),      # no recipient accepted
+    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test>\r\nDATA now\r\n", ["250", "501"]),
+    (b"MAIL FROM:<a@client.test>\r\nRSET\r\nRCPT TO:<x@contoso.test>\r\n", ["250", "250", "503"]),
+    (b"STARTTLS\r\n", ["454"]),                                      # no certificate
+    (b"EHLO\r\n", ["501"]),
+    (b"HELO\r\n", ["501"]),
+])
+def test_command_replies(lines, expected):
+    conv = session()
+    talk(conv, b"EHLO client.test\r\n")
+    assert codes(talk(conv, lines)) == expected
+
+
+def test_every_reply_has_an_enhanced_status_code():
+    conv = session()
+    events = talk(conv, b"EHLO c\r\nNOOP\r\nFROB\r\nMAIL FROM:<a@b.test> RET=FULL\r\nDATA\r\nSTARTTLS\r\nQUIT\r\n")
+    for reply in events[1:]:
+        assert reply.text[4:5].isdigit() and reply.text[5] == ".", reply.text
+
+
+def test_mail_needs_helo_first_and_params_need_ehlo():
+    conv = session()
+    assert codes(talk(conv, b"MAIL FROM:<a@client.test>\r\n")) == ["503"]
+    assert codes(talk(conv, b"HELO client.test\r\n")) == ["250"]
+    assert conv.esmtp is False
+    assert codes(talk(conv, b"MAIL FROM:<a@client.test> SIZE=10\r\n")) == ["501"]
+    assert codes(talk(conv, b"MAIL FROM:<a@client.test>\r\n")) == ["250"]
+
+
+def test_ehlo_lists_the_extensions_and_starttls_only_when_possible():
+    plain = session()
+    [reply] = talk(plain, b"EHLO client.test\r\n")
+    assert reply.text.split("\r\n") == ["250-relay.test", "250-SIZE 1000", "250-8BITMIME", "250-PIPELINING",
+                                        "250 ENHANCEDSTATUSCODES"]
+    assert plain.helo == "client.test" and plain.esmtp
+    tls = session(tls=True)
+    [reply] = talk(tls, b"EHLO client.test\r\n")
+    assert reply.text.endswith("250-ENHANCEDSTATUSCODES\r\n250 STARTTLS")
+
+
+@pytest.mark.parametrize("text, address, rest", [
+    ("<a@b.test>", "a@b.test", ""),
+    ("<a@b.test> SIZE=10", "a@b.test", " SIZE=10"),
+    (" <first.last+tag@sub.b.test>", "first.last+tag@sub.b.test", ""),
+    ('<"john doe"@b.test>', '"john doe"@b.test', ""),
+    ("<@relay.test,@other.test:a@b.test>", "a@b.test", ""),       # source route, ignored (RFC 5321 4.1.1.3)
+    ("<a@[192.0.2.1]>", "a@[192.0.2.1]", ""),
+    ("<postmaster>", "postmaster", ""),
+    ("<>", "", ""),
+    ("a@b.test", "a@b.test", ""),
+    ("<a@b.test", None, "<a@b.test"),
+    ("<a..b@b.test>", None, "<a..b@b.test>"),
+    ("<a@-b.test>", None, "<a@-b.test>"),
+])
+def test_paths(text, address, rest):
+    assert parse_path(text) == (address, rest)
+
+
+# -- the message -----------------------------------------------------------------------------
+
+def test_a_whole_transaction_with_pipelined_commands_around_the_body():
+    conv = session()
+    events = talk(conv, b"EHLO client.test\r\nMAIL FROM:<>\r\nRCPT TO:<x@contoso.test>\r\n"
+                        b"RCPT TO:<y@contoso.test>\r\nDATA\r\n",
+                  accept=lambda a: a.startswith("x"))
+    assert codes(events) == ["250", "250", "354"]
+    assert events[-2:] == [Reply("354 End data with <CR><LF>.<CR><LF>"), MessageStart()]
+    events = talk(conv, b"Subject: hi\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n")
+    assert events[0] == BodyData(b"Subject: hi\r\n\r\n.leading dot\r\n")
+    assert events[1] == MessageEnd(None, "", (("x@contoso.test", "route"),))
+    assert codes(events[2:]) == ["250"]        # the NOOP sent after the dot
+    assert conv.sender is None and conv.recipients == []
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"bare\nLF\r\n.\r\n", "554 5.6.11"),
+    (b"x" * 1200 + b"\r\n.\r\n", "552 5.3.4"),
+])
+def test_refused_content_ends_with_the_reason(body, problem):
+    conv = in_transaction()
+    talk(conv, b"RCPT TO:<x@contoso.test>\r\nDATA\r\n")
+    events = talk(conv, body)
+    assert isinstance(events[-1], MessageEnd) and events[-1].problem.startswith(problem)
+    assert codes(talk(conv, b"RCPT TO:<x@contoso.test>\r\n")) == ["503"]   # the transaction is over
+
+
+def test_the_same_events_whatever_the_chunks():
+    wire = (b"EHLO c.test\r\nMAIL FROM:<a@c.test>\r\nRCPT TO:<x@contoso.test>\r\nDATA\r\n"
+            b"Subject: s\r\n\r\nline\r\n..dot\r\n.\r\nQUIT\r\n")
+    whole = session()
+    expected = talk(whole, wire)
+
+    def merged(events):
+        body = b"".join(e.data for e in events if isinstance(e, BodyData))
+        return [e for e in events if not isinstance(e, BodyData)], body
+    for size in (1, 2, 3, 7, 64):
+        conv = session()
+        events = []
+        for start in range(0, len(wire), size):
+            events += talk(conv, wire[start:start + size])
+        assert merged(events) == merged(expected), size
+
+
+# -- limits and hanging up ---------------------------------------------------------------------
+
+def test_a_command_line_too_long_is_refused_and_the_session_goes_on():
+    conv = session()
+    talk(conv, b"EHLO c.test\r\n")
+    assert talk(conv, b"NOOP " + b"x" * MAX_COMMAND_LINE) == []      # still waiting for its end
+    assert codes(talk(conv, b"x" * 100 + b"\r\nNOOP\r\n")) == ["500", "250"]
+
+
+def test_quit_closes_and_later_input_is_ignored():
+    conv = session()
+    events = talk(conv, b"QUIT\r\nNOOP\r\n")
+    assert events == [Reply("221 2.0.0 Bye", close=True)]
+    assert talk(conv, b"NOOP\r\n") == []
+
+
+def test_too_many_errors_close_the_connection():
+    conv = session()
+    events = talk(conv, b"FROB\r\n" * MAX_ERRORS + b"NOOP\r\n")
+    assert codes(events) == ["500"] * (MAX_ERRORS - 1) + ["421"]
+    assert events[-1].close
+
+
+# -- STARTTLS ------------------------------------------------------------------------------
+
+def test_starttls_drops_what_was_pipelined_in_the_clear_and_starts_over():
+    conv = session(tls=True)
+    talk(conv, b"EHLO c.test\r\n")
+    events = talk(conv, b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+    assert events == [Reply("220 2.0.0 Ready to start TLS"), StartTls()]
+    # Input that arrives before the caller reports the handshake done is encrypted input: kept.
+    conv.receive(b"EHLO c.test\r\n")
+    conv.tls_started()
+    [reply] = talk(conv, b"")
+    assert "STARTTLS" not in reply.text and conv.tls_active
+    assert codes(talk(conv, b"STARTTLS\r\n")) == ["503"]
+
+
+def test_after_starttls_the_client_must_say_ehlo_again():
+    conv = session(tls=True)
+    talk(conv, b"EHLO c.test\r\nSTARTTLS\r\n")
+    conv.tls_started()
+    assert codes(talk(conv, b"MAIL FROM:<a@c.test>\r\n")) == ["503"]
