@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ class Relaywatch:
             self.scheduler.observer = self.monitor.on_attempt
         if role in (ALL, RECEIVE):
             self.receiver = Receiver(self.get_config, self.store, clock)
-        self._wake_fd = wake_fd        # DELIVER: read end; RECEIVE: write end
+        self._wake_fd = wake_fd        # a socketpair end: DELIVER's and RECEIVE's
         self._wake_pending = False
         self._scheduler_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
@@ -106,9 +107,14 @@ class Relaywatch:
             if self._wake_fd is not None:
                 os.set_blocking(self._wake_fd, False)
                 asyncio.get_running_loop().add_reader(self._wake_fd, self._woken)
+                try:
+                    os.write(self._wake_fd, b"R")   # ready: the receiver may open its port
+                except OSError:
+                    pass   # the receiver is gone; _woken sees the end of file
         if self.receiver is not None:
             if self._wake_fd is not None:
                 self.store.on_work = self._wake_child
+                await self._wait_for_child()
             await self.receiver.start()
             log.info("relaywatch listening on %s; queue %s",
                      ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.store.where)
@@ -128,6 +134,43 @@ class Relaywatch:
         except BlockingIOError:
             pass
         self.scheduler.notify()
+
+    async def _wait_for_child(self, timeout: float = 30.0) -> None:
+        """Open the SMTP port only once the delivery process runs.
+
+        Its start (Python, imports, the store) takes about half a second on the
+        bench machine; mail accepted before it would wait that long.  Receiving
+        never depends on delivery, though: past ``timeout``, or if the child
+        died, the port opens anyway (the supervisor restarts the child)."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def readable() -> None:
+            try:
+                os.read(self._wake_fd, 64)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            if not ready.done():
+                ready.set_result(None)
+        loop.add_reader(self._wake_fd, readable)
+        try:
+            deadline = loop.time() + timeout
+            while not ready.done() and self._child.poll() is None and loop.time() < deadline:
+                await asyncio.wait({ready}, timeout=0.05)
+        finally:
+            loop.remove_reader(self._wake_fd)
+        if not ready.done():
+            log.warning("the delivery process is not ready; accepting mail anyway (it is delivered once it is)")
+        # A restarted child says "ready" again; nobody waits for it then.
+        loop.add_reader(self._wake_fd, self._discard_child_messages)
+
+    def _discard_child_messages(self) -> None:
+        try:
+            os.read(self._wake_fd, 64)
+        except OSError:
+            pass
 
     def _wake_child(self) -> None:
         # One byte per turn of the event loop, however many messages it queued.
@@ -257,7 +300,10 @@ class Relaywatch:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGUSR1, self.notify)
         if self.role == RECEIVE:
-            read_fd, self._wake_fd = os.pipe()
+            # Wake-ups go to the child, its "ready" comes back; EOF tells the child
+            # the receiver is gone.
+            parent_end, child_end = socket.socketpair()
+            read_fd, self._wake_fd = child_end.detach(), parent_end.detach()
             os.set_blocking(self._wake_fd, False)
             self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
             self._child = self._spawn_child(read_fd)
