@@ -169,3 +169,22 @@ async def test_close_waits_for_a_read_in_flight(tmp_path, request):
     assert await slow == (1,)
     with pytest.raises(StoreError):
         await s.counts()
+
+
+async def test_postgres_nodes_hear_of_new_work_through_notify(pg_dsn):
+    from relaywatch.store.postgres import PostgresStore
+    woken = asyncio.Event()
+    scheduler_node = PostgresStore(pg_dsn, on_work=woken.set)
+    receiving_node = PostgresStore(pg_dsn)
+    await scheduler_node.open()
+    await receiving_node.open()
+    try:
+        # The listener wakes its scheduler once when it starts listening (work may
+        # have been announced before); only NOTIFY can wake it after that.
+        await asyncio.wait_for(woken.wait(), 10)
+        woken.clear()
+        await receiving_node.enqueue(msg([("1@a", A)]))
+        await asyncio.wait_for(woken.wait(), 10)
+    finally:
+        await receiving_node.close()
+        await scheduler_node.close()

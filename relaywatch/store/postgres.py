@@ -8,11 +8,19 @@ lease that skips rows another node has locked (``FOR UPDATE SKIP LOCKED``).
 Bodies are kept in the database (``bytea``), since another node must be able
 to deliver what this one received; leases of other nodes are never released at
 start-up, only when they lapse.
+
+Work made due on one node (a message received, ``queue retry`` from the CLI)
+wakes the schedulers of all nodes through ``NOTIFY relaywatch_work``.  A
+notification sent while a listener is disconnected is lost, so the scheduler's
+1-second poll stays as the fallback.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import threading
 
 import psycopg
 
@@ -57,6 +65,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     entry_id TEXT NOT NULL, n INTEGER NOT NULL, data TEXT NOT NULL, PRIMARY KEY (entry_id, n));
 """
 
+log = logging.getLogger("relaywatch.store")
+CHANNEL = "relaywatch_work"
 _PLACEHOLDER = re.compile(r"\?")
 
 
@@ -95,6 +105,58 @@ class PostgresStore(SqlStore):
     def __init__(self, dsn: str, on_work=None):
         super().__init__(on_work)
         self.dsn = dsn
+        self._listener: threading.Thread | None = None
+        self._stop_listening = threading.Event()
+        self._notify_pending = False
+
+    async def open(self) -> None:
+        await super().open()
+        if self.on_work is not None:   # a scheduler wants to hear of work from other nodes
+            self._stop_listening.clear()
+            self._listener = threading.Thread(target=self._listen, args=(asyncio.get_running_loop(),),
+                                              name="relaywatch-listen", daemon=True)
+            self._listener.start()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._stop_listening.set()
+            await asyncio.to_thread(self._listener.join)
+            self._listener = None
+        await super().close()
+
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        while not self._stop_listening.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    # Work may have been announced while we were not listening.
+                    loop.call_soon_threadsafe(self._wake_scheduler)
+                    while not self._stop_listening.is_set():
+                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
+                            loop.call_soon_threadsafe(self._wake_scheduler)
+            except psycopg.Error as exc:
+                log.warning("not listening for work from other nodes (%s); polling until reconnected", exc)
+                self._stop_listening.wait(5)
+            except RuntimeError:
+                return   # the event loop is closed
+
+    def _wake_scheduler(self) -> None:
+        if self.on_work is not None:
+            self.on_work()
+
+    def _notify(self) -> None:
+        super()._notify()
+        # Tell every node (this one's other process included) after the commit;
+        # one NOTIFY per writer batch, however many messages it holds.
+        if self._writer is None or self._notify_pending:
+            return
+        self._notify_pending = True
+
+        def op(conn, cleanup) -> None:
+            self._notify_pending = False
+            conn.execute(f"NOTIFY {CHANNEL}")
+        task = asyncio.ensure_future(self._write(op))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # best effort: polling remains
 
     @property
     def where(self) -> str:
