@@ -45,7 +45,31 @@ _MAX_BATCH = 256
 
 
 def new_id() -> str:
-    return secrets.token_hex(6).upper()
+    """A queue id: milliseconds since 1970, then 20 random bits (16 hex digits).
+
+    Time first, so new rows go to the right edge of every index keyed by id:
+    with random ids each message dirtied a random page of each of three
+    indexes, and with a million messages queued those pages were no longer
+    cached (the big_queue bench: enqueue rate 0.74 of an empty queue's).
+    Two processes may draw the same id in the same millisecond: see
+    _insert_with_new_id."""
+    return f"{time.time_ns() // 1_000_000:011X}{secrets.randbits(20):05X}"
+
+
+def _insert_with_new_id(conn: Any, sql: str, params: tuple) -> str:
+    """Run ``sql`` (an INSERT whose first parameter is the id, ending in ON CONFLICT
+    (id) DO NOTHING) under a fresh id; draw again in the rare case it is taken."""
+    for _ in range(16):
+        id_ = new_id()
+        if conn.execute(sql, (id_, *params)).rowcount == 1:
+            return id_
+    raise StoreError("could not draw an unused queue id")
+
+
+_INSERT_ENTRY = (
+    "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+    "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
+    "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
 
 
 class SqlStore:
@@ -463,13 +487,9 @@ class SqlStore:
                                  (entry_id, *addresses)).fetchall()
             if not moved:
                 return None
-            new = new_id()
-            conn.execute(
-                "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
-                "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new, entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
-                 route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn)))
+            new = _insert_with_new_id(conn, _INSERT_ENTRY, (
+                entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
+                route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn)))
             conn.executemany("INSERT INTO recipients (entry_id, position, address, status) VALUES (?, ?, ?, 'pending')",
                              [(new, i, a) for i, (a,) in enumerate(moved)])
             conn.execute("UPDATE bodies SET refs = refs + 1 WHERE id = ?", (entry.body_id,))
@@ -636,19 +656,14 @@ def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
     groups: dict[str, tuple[Route, list[str]]] = {}
     for address, route in msg.recipients:
         groups.setdefault(route.key, (route, []))[1].append(address)
-    body_id = new_id()
-    conn.execute("INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, ?, ?, ?)",
-                 (body_id, msg.body.data, msg.body.path, msg.body.size, len(groups)))
+    body_id = _insert_with_new_id(
+        conn, "INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        (msg.body.data, msg.body.path, msg.body.size, len(groups)))
     ids = []
     for route, addresses in groups.values():
-        entry_id = new_id()
-        conn.execute(
-            "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
-            "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry_id, body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at,
-             route.kind.value, route.name, route.domain, msg.body.size, msg.message_id, msg.client,
-             int(msg.is_dsn)))
+        entry_id = _insert_with_new_id(conn, _INSERT_ENTRY, (
+            body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at, route.kind.value,
+            route.name, route.domain, msg.body.size, msg.message_id, msg.client, int(msg.is_dsn)))
         conn.executemany("INSERT INTO recipients (entry_id, position, address, status) "
                          "VALUES (?, ?, ?, 'pending')",
                          [(entry_id, i, a) for i, a in enumerate(addresses)])
