@@ -188,3 +188,43 @@ async def test_postgres_nodes_hear_of_new_work_through_notify(pg_dsn):
     finally:
         await receiving_node.close()
         await scheduler_node.close()
+
+
+async def test_a_queue_from_before_the_waiting_column_is_migrated(store, tmp_path, request):
+    """Queues made by an earlier version lack entries.waiting: opening adds and fills it."""
+    [entry_id] = await store.enqueue(msg([("1@a", A), ("2@a", A), ("3@a", A)]))
+    await store.record(entry_id, None, None, [RecipientOutcome("1@a", RecipientStatus.DELIVERED)], time.time())
+    await store.close()
+    if store.backend == "sqlite":
+        import sqlite3
+        conn = sqlite3.connect(tmp_path / "q.sqlite3")
+        conn.execute("DROP INDEX entries_deferred")
+        conn.execute("ALTER TABLE entries DROP COLUMN waiting")
+        conn.commit()
+    else:
+        import psycopg
+        conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
+        conn.execute("ALTER TABLE entries DROP COLUMN waiting")   # its index goes with it
+    conn.close()
+    await store.open()
+    summary_source = await store._read(lambda c: c.execute("SELECT waiting FROM entries").fetchall())
+    assert [tuple(r) for r in summary_source] == [(2,)]
+
+
+async def test_deferred_summary_counts_messages_and_the_recipients_still_waiting(store):
+    from relaywatch.model import Failure
+    refused = Failure(code="4.4.316", smtp_code=450, title="Connection refused", subtype="refused",
+                      detail="refused", phase="connect", permanent=False, at=time.time(), kind="connect.refused")
+    two = (await store.enqueue(msg([("1@a", A), ("2@a", A)])))[0]
+    three = (await store.enqueue(msg([("3@a", A), ("4@a", A), ("5@a", A)])))[0]
+    await store.enqueue(msg([("6@a", A)]))                      # queued, not deferred: not counted
+    now = time.time()
+    await store.record(two, None, None, [RecipientOutcome(a, RecipientStatus.DEFERRED, failure=refused)
+                                         for a in ("1@a", "2@a")], now + 60)
+    await store.record(three, None, None, [RecipientOutcome("3@a", RecipientStatus.DELIVERED)] +
+                       [RecipientOutcome(a, RecipientStatus.DEFERRED, failure=refused) for a in ("4@a", "5@a")],
+                       now + 60)
+    [summary] = await store.deferred_summary()
+    assert (summary["connector"], summary["code"], summary["messages"], summary["recipients"]) == \
+        ("a", "4.4.316", 2, 4)
+    assert summary["latest_error"]["code"] == "4.4.316"

@@ -24,7 +24,7 @@ import threading
 
 import psycopg
 
-from relaywatch.store.sql import _ENTRY_COLUMNS, SqlStore
+from relaywatch.store.sql import _ENTRY_COLUMNS, MIGRATIONS, SqlStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -36,9 +36,12 @@ CREATE TABLE IF NOT EXISTS entries (
     route_name TEXT NOT NULL, route_domain TEXT NOT NULL DEFAULT '', size BIGINT NOT NULL,
     message_id TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT '', is_dsn INTEGER NOT NULL DEFAULT 0,
     first_failure_at DOUBLE PRECISION, lease_owner TEXT, lease_until DOUBLE PRECISION, last_code TEXT,
-    delay_notified INTEGER NOT NULL DEFAULT 0);
+    delay_notified INTEGER NOT NULL DEFAULT 0, waiting INTEGER NOT NULL DEFAULT 1);
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at) WHERE status IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
+CREATE INDEX IF NOT EXISTS entries_deferred ON entries
+    (route_name, last_code, received_at, expires_at, first_failure_at, waiting)
+    WHERE status = 'deferred' AND last_code IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
 CREATE TABLE IF NOT EXISTS recipients (
     entry_id TEXT NOT NULL, position INTEGER NOT NULL, address TEXT NOT NULL, status TEXT NOT NULL,
@@ -169,6 +172,15 @@ class PostgresStore(SqlStore):
 
     def _writer_connection(self) -> _Connection:
         conn = self._connect()
+        columns = {row[0] for row in conn.conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'entries'")}
+        if columns:   # a queue made by an earlier version: add what it lacks
+            for column, definition, fill in MIGRATIONS:
+                if column not in columns:
+                    with conn.conn.transaction():
+                        conn.conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+                        conn.conn.execute(fill)
         conn.conn.execute(SCHEMA)
         return conn
 

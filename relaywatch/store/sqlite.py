@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from relaywatch.store.sql import _ENTRY_COLUMNS, SqlStore
+from relaywatch.store.sql import _ENTRY_COLUMNS, MIGRATIONS, SqlStore
 
 _LOCK_WAIT_LIMIT = 30.0
 
@@ -42,12 +42,17 @@ CREATE TABLE IF NOT EXISTS entries (
     lease_owner      TEXT,
     lease_until      REAL,
     last_code        TEXT,              -- code of the latest deferral (incidents group by it)
-    delay_notified   INTEGER NOT NULL DEFAULT 0
+    delay_notified   INTEGER NOT NULL DEFAULT 0,
+    waiting          INTEGER NOT NULL DEFAULT 1   -- recipients still pending or deferred
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
     WHERE status IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
+-- Covers deferred_summary(), which the watch runs every few seconds.
+CREATE INDEX IF NOT EXISTS entries_deferred ON entries
+    (route_name, last_code, received_at, expires_at, first_failure_at, waiting)
+    WHERE status = 'deferred' AND last_code IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
 CREATE TABLE IF NOT EXISTS recipients (
     entry_id   TEXT NOT NULL,
@@ -157,6 +162,7 @@ class SqliteStore(SqlStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(f"{self.path}-writelock", os.O_RDWR | os.O_CREAT, 0o600)
         conn = _connect(self.path)
+        _migrate(conn)
         conn.executescript(SCHEMA)
         conn.execute("PRAGMA busy_timeout=0")   # the writer waits for the lock itself (_begin)
         conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
@@ -248,6 +254,19 @@ class SqliteStore(SqlStore):
                 time.sleep(delay)
                 waited += delay
                 delay = min(delay * 2, 0.002)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns a queue made by an earlier version lacks."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+    if not columns:
+        return   # a new queue: SCHEMA has everything
+    for column, definition, fill in MIGRATIONS:
+        if column not in columns:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+            conn.execute(fill)
+            conn.execute("COMMIT")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
