@@ -1,4 +1,8 @@
-"""SQLite queue store (the embedded default): WAL, synchronous=FULL, one file in data_dir."""
+"""SQLite queue store (the embedded default): WAL, synchronous=FULL, one file in data_dir.
+
+Beside it: ``queue.sqlite3-writelock``, the lock file the receiving and the
+delivering process take turns on (see _begin).
+"""
 
 from __future__ import annotations
 
@@ -160,7 +164,7 @@ class SqliteStore(SqlStore):
 
     def _writer_connection(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(f"{self.path}-writelock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_fd = self._open_lock()
         conn = _connect(self.path)
         _migrate(conn)
         conn.executescript(SCHEMA)
@@ -181,7 +185,7 @@ class SqliteStore(SqlStore):
     def _checkpoint_loop(self) -> None:
         conn = _connect(self.path)
         conn.execute("PRAGMA busy_timeout=0")
-        lock_fd = os.open(f"{self.path}-writelock", os.O_RDWR | os.O_CREAT, 0o600)
+        lock_fd = self._open_lock()
         try:
             while not self._stop_checkpoints.wait(_CHECKPOINT_INTERVAL):
                 try:
@@ -216,6 +220,9 @@ class SqliteStore(SqlStore):
 
     def _reader_connection(self) -> sqlite3.Connection:
         return _connect(self.path)
+
+    def _open_lock(self) -> int:
+        return os.open(f"{self.path}-writelock", os.O_RDWR | os.O_CREAT, 0o600)
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, after taking the writers' lock file.
