@@ -493,7 +493,7 @@ async def _client(port: int):
 
 SCENARIOS = {
     "throughput_1k": lambda cls, a: throughput(cls, a.messages, a.sessions, 1024),
-    "throughput_50k": lambda cls, a: throughput(cls, max(a.messages // 10, 10), a.sessions, 50 * 1024),
+    "throughput_50k": lambda cls, a: throughput(cls, max(a.messages // 4, 10), a.sessions, 50 * 1024),
     "backlog_flush": lambda cls, a: backlog(cls, a.backlog if not a.smoke else 20, a.sessions, flush=True),
     "backlog_default": lambda cls, a: backlog_default(cls, a.backlog if not a.smoke else 20, a.sessions),
     "big_queue": lambda cls, a: big_queue(cls, a.big_queue if not a.smoke else 2000, max(a.messages // 4, 10),
@@ -589,7 +589,7 @@ def render(results: dict) -> str:
              "| scenario | when | messages | sessions | runs |", "|---|---|---|---|---|"]
     for name, entry in results["scenarios"].items():
         p = entry.get("params", results["params"])
-        count = {"throughput_1k": p["messages"], "throughput_50k": p["messages"] // 10,
+        count = {"throughput_1k": p["messages"], "throughput_50k": p["messages"] // 4,
                  "backlog_flush": p.get("backlog", p["messages"] // 4),
                  "backlog_default": p.get("backlog", p["messages"] // 4),
                  "big_queue": f"{p['messages'] // 4} (+{p.get('big_queue', 1_000_000)} queued)",

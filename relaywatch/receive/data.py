@@ -41,21 +41,25 @@ class DataParser:
                 buf = buf[-1:]     # a CR here may be half of the next CRLF
             self._pending = buf
             return b""
+        # A block of whole lines: it starts at a line start, as the data does.
         block, self._pending = buf[:cut + 2], buf[cut + 2:]
-        framed = b"\r\n" + block
-        end = framed.find(b"\r\n.\r\n")
+        end = 0 if block.startswith(b".\r\n") else block.find(b"\r\n.\r\n")
         if end >= 0:
+            if end > 0:
+                end += 2          # the end line starts after that CRLF
             self.done = True
-            self.leftover = framed[end + 5:] + self._pending
+            self.leftover = block[end + 3:] + self._pending
             self._pending = b""
-            framed = framed[:end + 2]
+            block = block[:end]
         if self.problem:
             return b""
-        crlf = framed.count(b"\r\n")
-        if framed.count(b"\n") != crlf or framed.count(b"\r") != crlf:
+        crlf = block.count(b"\r\n")
+        if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
             self.problem = BARE_CR_LF
             return b""
-        content = framed.replace(b"\r\n.", b"\r\n")[2:]
+        content = block.replace(b"\r\n.", b"\r\n")
+        if content[:1] == b".":   # a stuffed dot on the block's first line
+            content = content[1:]
         self.size += len(content)
         if self.size_limit and self.size > self.size_limit:
             self.problem = f"552 5.3.4 Message too big (the limit is {self.size_limit} bytes)"

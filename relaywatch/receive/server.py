@@ -372,13 +372,11 @@ class Receiver:
         self.limiter = ConnectionLimiter(config_ref)
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_context: ssl.SSLContext | None = None
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.config_ref().server.data_dir / "spool"
+        self.spool_dir = config_ref().server.data_dir / "spool"
 
     async def start(self) -> None:
         config = self.config_ref()
+        self.spool_dir = config.server.data_dir / "spool"   # a reload keeps data_dir (app.reload)
         if config.server.tls_cert and config.server.tls_key:
             self.tls_context = make_tls_context(config.server.tls_cert, config.server.tls_key)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
