@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from relaywatch import events
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
@@ -36,7 +34,12 @@ from relaywatch.store import open_store
 DEFAULT_CONFIG = "/etc/relaywatch/relaywatch.toml"
 STATUSES = ("queued", "deferred", "held", "active")
 
-console = Console(highlight=False)
+def _rich():
+    """rich's Console and Table, imported on first use: JSON output and the server never
+    need them, and importing them is a sixth of the CLI's start-up."""
+    from rich.console import Console
+    from rich.table import Table
+    return Console(highlight=False), Table
 
 
 def _fail(message: str, code: int = 1):
@@ -195,6 +198,7 @@ def queue_list(config_path, connector, status, limit, as_json):
         click.echo("The queue is empty." if not (connector or status) else "No messages match.")
         return
     now = time.time()
+    console, Table = _rich()
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "Status", "Connector", "Age", "Tries", "Next try", "Last error"):
         table.add_column(col, no_wrap=True)
@@ -423,6 +427,7 @@ def incidents_list(config_path, all_, as_json):
         click.echo("No open incidents: mail is flowing." if not all_ else "No incidents recorded.")
         return
     now = time.time()
+    console, Table = _rich()
     table = Table(box=None, pad_edge=False)
     for col in ("ID", "State", "Connector", "Code", "What", "Messages", "Since", "NDRs in"):
         table.add_column(col, no_wrap=col != "What")
@@ -612,6 +617,7 @@ def errors(code, as_json):
                                 "causes": {a: list(e.causes[a]) for a in AUDIENCES},
                                 "fixes": {a: list(e.fixes[a]) for a in AUDIENCES}} for e in entries], indent=2))
         return
+    console = _rich()[0]
     for i, e in enumerate(entries):
         if i:
             click.echo("")
