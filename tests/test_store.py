@@ -228,3 +228,46 @@ async def test_deferred_summary_counts_messages_and_the_recipients_still_waiting
     assert (summary["connector"], summary["code"], summary["messages"], summary["recipients"]) == \
         ("a", "4.4.316", 2, 4)
     assert summary["latest_error"]["code"] == "4.4.316"
+
+
+async def test_sqlite_checkpoints_run_beside_the_commits_not_inside_them(tmp_path):
+    """Only the store with ``checkpoints`` copies the WAL into the database file; a
+    COMMIT never does (below 64 MB of WAL), so no client's 250 waits for it."""
+    big = b"Subject: x\r\n\r\n" + b"y" * 20_000 + b"\r\n"
+    sizes = {}
+    for checkpoints in (False, True):
+        path = tmp_path / f"q-{checkpoints}.sqlite3"
+        store = SqliteStore(path, checkpoints=checkpoints)
+        await store.open()
+        try:
+            await asyncio.gather(*(store.enqueue(msg([(f"{i}@a", A)], data=big)) for i in range(300)))
+            if checkpoints:
+                # 6 MB went into the WAL; the checkpoint thread copies it within ~100 ms.
+                deadline = time.monotonic() + 10
+                while path.stat().st_size < 4_000_000 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+            sizes[checkpoints] = path.stat().st_size
+            flags = await store._read(lambda c: c.execute("PRAGMA secure_delete").fetchone()[0])
+            assert flags == 0   # Debian builds SQLite zero-filling deleted pages; we turn it off
+        finally:
+            await store.close()
+    assert sizes[False] < 1_000_000 < 4_000_000 <= sizes[True]
+
+
+async def test_queue_ids_follow_the_clock_and_a_taken_one_is_drawn_again(tmp_path, monkeypatch):
+    from relaywatch.store import sql
+    first = sql.new_id()
+    time.sleep(0.002)
+    second = sql.new_id()
+    assert len(first) == 16 and first[:11] < second[:11]
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
+    try:
+        [taken] = await store.enqueue(msg([("1@a", A)]))
+        # The body gets the first draw; the entry's first draw is taken, its second is free.
+        drawn = iter(["B" * 16, taken, "0" * 16])
+        monkeypatch.setattr(sql, "new_id", lambda: next(drawn))
+        [again] = await store.enqueue(msg([("2@a", A)]))
+        assert again == "0" * 16 and {e.id for e in await store.list(QueueQuery())} == {taken, again}
+    finally:
+        await store.close()
