@@ -280,6 +280,31 @@ async def test_starttls_is_offered_and_works_when_a_certificate_is_configured(re
     assert b"with ESMTPS" in mail
 
 
+async def test_commands_pipelined_after_starttls_in_the_clear_are_dropped(relay_factory, tmp_path):
+    import ssl
+
+    import trustme
+    ca = trustme.CA()
+    ca.issue_cert("relay.test", LOOPBACK).private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "r.pem"))
+    relay = await relay_factory(server={"tls_cert": str(tmp_path / "r.pem"), "tls_key": str(tmp_path / "r.pem")})
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
+    await reader.readline()
+    writer.write(b"EHLO client.test\r\n")
+    while not (await reader.readline()).startswith(b"250 "):
+        pass
+    # The injected MAIL rides in the same packet as STARTTLS, before the handshake.
+    writer.write(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+    assert (await reader.readline()).startswith(b"220 ")
+    await writer.start_tls(client_ctx, server_hostname="relay.test")
+    writer.write(b"EHLO client.test\r\nMAIL FROM:<x@example.org>\r\nQUIT\r\n")
+    # Every reply is to what was sent over TLS: nothing answers the injected MAIL.
+    replies = (await reader.read()).decode().splitlines()
+    assert [r[:4] for r in replies] == ["250-"] * (len(replies) - 3) + ["250 ", "250 ", "221 "], replies
+    writer.close()
+
+
 async def test_global_connection_limit(relay_factory):
     relay = await relay_factory(server={"max_connections": 1})
     first = await asyncio.to_thread(smtplib.SMTP, LOOPBACK, relay.port)
