@@ -271,3 +271,10 @@ async def test_queue_ids_follow_the_clock_and_a_taken_one_is_drawn_again(tmp_pat
         assert again == "0" * 16 and {e.id for e in await store.list(QueueQuery())} == {taken, again}
     finally:
         await store.close()
+
+
+async def test_an_unusable_lock_file_is_a_store_error_naming_it(tmp_path):
+    (tmp_path / "q.sqlite3-writelock").mkdir()      # as unusable as a file we may not write
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    with pytest.raises(StoreError, match="lock file .*q.sqlite3-writelock"):
+        await store.open()

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from relaywatch.errors import StoreError
 from relaywatch.store.sql import _ENTRY_COLUMNS, MIGRATIONS, SqlStore
 
 _LOCK_WAIT_LIMIT = 30.0
@@ -222,7 +223,11 @@ class SqliteStore(SqlStore):
         return _connect(self.path)
 
     def _open_lock(self) -> int:
-        return os.open(f"{self.path}-writelock", os.O_RDWR | os.O_CREAT, 0o600)
+        path = f"{self.path}-writelock"
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open the queue's lock file {path}: {exc.strerror}") from exc
 
     def _begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, after taking the writers' lock file.
