@@ -352,6 +352,26 @@ async def test_a_slow_upload_that_keeps_moving_is_not_cut_off(relay_factory):
     await eventually(lambda: relay.maildir("alice@contoso.test"), what="local delivery")
 
 
+async def test_a_message_the_disk_refuses_is_answered_after_its_end_and_the_session_goes_on(relay_factory):
+    relay = await relay_factory()
+    spool = relay.app.config.server.data_dir / "spool"
+    spool.rmdir()
+    spool.write_text("not a directory")         # big bodies spill here: now they cannot
+    try:
+        client = await RawClient.connect(relay.port)
+        assert (await client.envelope("x@example.org", "alice@contoso.test")).startswith(b"354")
+        line = b"MAIL FROM:<smuggled@evil.test>\r\n"   # must stay body, never become a command
+        reply = await client.cmd(b"Subject: big\r\n\r\n" + line * 10_000 + b".\r\n")
+        assert reply.startswith(b"451 4.3.0 ")
+        assert (await client.cmd(b"NOOP\r\n")).startswith(b"250 ")
+        assert (await client.envelope("x@example.org", "alice@contoso.test")).startswith(b"354")
+        assert (await client.cmd(b"Subject: small\r\n\r\nfits in memory\r\n.\r\n")).startswith(b"250 2.0.0")
+        client.close()
+    finally:
+        spool.unlink()
+        spool.mkdir()
+
+
 async def test_a_stalled_client_is_disconnected_with_421(relay_factory):
     relay = await relay_factory(server={"idle_timeout": "1s"})
     client = await RawClient.connect(relay.port)

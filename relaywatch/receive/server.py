@@ -11,19 +11,24 @@ We own this layer instead of subclassing aiosmtpd: on the 2-core bench
 machine aiosmtpd alone cost about 540 µs of CPU per message, more than the
 rest of receiving together (bench/README.md), and it read DATA line by line.
 Connections are capped globally and per client IP (``421 4.7.0``); a client
-that stalls for ``server.idle_timeout`` is disconnected (``421 4.4.2``).
+that stalls for ``server.idle_timeout`` is disconnected (``421 4.4.2``). If the
+disk refuses a message being read, the rest is read and dropped and the
+answer comes after the final dot (``452 4.3.1`` when full, else ``451 4.3.0``);
+an error nobody foresaw ends the session with ``421 4.3.0``, never a 5xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import ipaddress
 import logging
 import re
 import ssl
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +50,9 @@ _HEADER_SCAN_LIMIT = 64 * 1024
 # socket is not read until the session catches up.
 _MAX_BUFFERED = 256 * 1024
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.I | re.M)
-TEMPORARY_ERROR = "451 4.3.0 Temporary server error, please try again later"
+# After an error we did not foresee, the session's state cannot be trusted (a
+# message half read would be taken for commands): say so and hang up.
+UNEXPECTED_ERROR = "421 4.3.0 Temporary server error; closing the connection, please try again later"
 
 
 class ReceivePolicy:
@@ -153,6 +160,7 @@ class SmtpSession(asyncio.Protocol):
         self._paused = False
         self._out: list[str] = []
         self._spool: BodySpool | None = None
+        self._spool_error: OSError | None = None   # the disk refused the message being read
         self._header_block = bytearray()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_input = 0.0
@@ -237,8 +245,9 @@ class SmtpSession(asyncio.Protocol):
                     self._out.append(reply)
                 elif type(event) is MessageStart:
                     self._spool = BodySpool(self.receiver.spool_dir)
+                    self._spool_error = None
                     self._header_block = bytearray()
-                    self._spool.write(self.policy.received_header(conv, self.client_ip))
+                    self._body(self.policy.received_header(conv, self.client_ip))
                 elif type(event) is MessageEnd:
                     self._message_end(event)
                 elif type(event) is StartTls:
@@ -249,19 +258,33 @@ class SmtpSession(asyncio.Protocol):
         except Exception:
             log.exception("SMTP session error (client %s)", self.client_ip)
             self._drop_spool()
-            conv.reset()
-            self._out.append(TEMPORARY_ERROR)
+            self._out.append(UNEXPECTED_ERROR)
+            self._flush()
+            self.transport.close()
+            return
         self._flush()
         if not self._busy and self.conv.buffered <= _MAX_BUFFERED:
             self._resume_reading()
 
     def _body(self, data: bytes) -> None:
-        self._spool.write(data)
+        if self._spool is None:
+            return   # the disk refused this message: read the rest, answer at the end
+        try:
+            self._spool.write(data)
+        except OSError as exc:
+            log.error("cannot spool a message from %s: %s", self.client_ip, exc)
+            self._drop_spool()
+            self._spool_error = exc
+            return
         block = self._header_block
         if len(block) < _HEADER_SCAN_LIMIT and b"\r\n\r\n" not in block:
             block += data[:_HEADER_SCAN_LIMIT]
 
     def _message_end(self, end: MessageEnd) -> None:
+        if self._spool_error is not None and not end.problem:
+            full = self._spool_error.errno in (errno.ENOSPC, errno.EDQUOT)
+            end = replace(end, problem="452 4.3.1 Insufficient system storage; try again later" if full
+                          else "451 4.3.0 Could not store the message; please try again later")
         if end.problem:
             self._drop_spool()
             events.emit("rejected", **{"from": end.sender or "<>", "to": [a for a, _ in end.recipients],
