@@ -167,3 +167,17 @@ async def test_sigkill_loses_nothing_and_leaves_no_orphan(tmp_path):
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
+
+
+async def test_the_port_opens_only_once_the_delivery_process_is_ready(tmp_path):
+    """Mail accepted before the delivery process runs would wait for its start-up
+    (about half a second of Python): the receiver listens only after it says ready."""
+    server = await Server(tmp_path, server={"delivery_process": True}).start()
+    try:
+        # The moment the port answers, the delivery process already has the queue open.
+        [child] = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        fds = Path(f"/proc/{child}/fd")
+        opened = {os.readlink(fds / fd) for fd in os.listdir(fds)}
+        assert str(tmp_path / "data" / "queue.sqlite3") in opened, opened
+    finally:
+        await server.stop()

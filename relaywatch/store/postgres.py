@@ -24,7 +24,7 @@ import threading
 
 import psycopg
 
-from relaywatch.store.sql import _ENTRY_COLUMNS, MIGRATIONS, SqlStore
+from relaywatch.store.sql import MIGRATIONS, SqlStore, lease_sql
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -100,10 +100,7 @@ class PostgresStore(SqlStore):
     db_errors = (psycopg.Error,)
     single_node = False
     inline_bodies = True
-    LEASE_SQL = (f"UPDATE entries SET lease_owner = ?, lease_until = ?, next_attempt_at = ? "
-                 f"WHERE id IN (SELECT id FROM entries WHERE status IN ('queued', 'deferred') "
-                 f"AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED) "
-                 f"RETURNING {_ENTRY_COLUMNS}")
+    LEASE_SQL = lease_sql(" FOR UPDATE SKIP LOCKED")
 
     def __init__(self, dsn: str, on_work=None):
         super().__init__(on_work)

@@ -44,6 +44,16 @@ _ENTRY_COLUMNS = ("id, body_id, sender, received_at, expires_at, status, attempt
 _MAX_BATCH = 256
 
 
+def lease_sql(row_lock: str = "") -> str:
+    """The lease: the oldest due entries, stamped with our lease in one statement.
+    ``row_lock`` is what the backend adds to the subquery (PostgreSQL: skip rows
+    another node is leasing right now)."""
+    return (f"UPDATE entries SET lease_owner = ?, lease_until = ?, next_attempt_at = ? "
+            f"WHERE id IN (SELECT id FROM entries WHERE status IN ('queued', 'deferred') "
+            f"AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?{row_lock}) "
+            f"RETURNING {_ENTRY_COLUMNS}")
+
+
 def new_id() -> str:
     """A queue id: milliseconds since 1970, then 20 random bits (16 hex digits).
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from relaywatch.errors import StoreError
-from relaywatch.store.sql import _ENTRY_COLUMNS, MIGRATIONS, SqlStore
+from relaywatch.store.sql import MIGRATIONS, SqlStore, lease_sql
 
 _LOCK_WAIT_LIMIT = 30.0
 
@@ -135,10 +135,7 @@ class SqliteStore(SqlStore):
     db_errors = (sqlite3.Error,)
     single_node = True
     inline_bodies = False
-    LEASE_SQL = (f"UPDATE entries SET lease_owner = ?, lease_until = ?, next_attempt_at = ? "
-                 f"WHERE id IN (SELECT id FROM entries WHERE status IN ('queued', 'deferred') "
-                 f"AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?) "
-                 f"RETURNING {_ENTRY_COLUMNS}")
+    LEASE_SQL = lease_sql()
 
     def __init__(self, path: str | os.PathLike, on_work=None, sync_commits: bool = True,
                  checkpoints: bool = False):
