@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from relaywatch.config import Config, apply_overrides, load_config
+from relaywatch.deliver.callout import SmtpCallout
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.scheduler import Scheduler
 from relaywatch.deliver.smtp import SmtpRoutes
@@ -53,15 +54,19 @@ class Relaywatch:
         self.store = open_store(config, sync_commits=role != DELIVER, checkpoints=role != RECEIVE)
         self.receiver: Receiver | None = None
         self.scheduler: Scheduler | None = None
+        # Both roles may talk SMTP to destinations: deliveries, and recipient
+        # verification at RCPT (receive/verify.py).
+        self.resolver = Resolver(config.dns)
+        self.routes = SmtpRoutes(self.get_config, self.resolver)
+        self.callout: SmtpCallout | None = None
         if role in (ALL, DELIVER):
-            self.resolver = Resolver(config.dns)
-            self.routes = SmtpRoutes(self.get_config, self.resolver)
             self.scheduler = Scheduler(self.get_config, self.store, self.routes, clock)
             self.store.on_work = self.scheduler.notify
             self.monitor = Monitor(self.get_config, self.store, self.routes, self.scheduler.retry_now, clock)
             self.scheduler.observer = self.monitor.on_attempt
         if role in (ALL, RECEIVE):
-            self.receiver = Receiver(self.get_config, self.store, clock)
+            self.callout = SmtpCallout(self.routes)
+            self.receiver = Receiver(self.get_config, self.store, clock, self.callout)
         self._wake_fd = wake_fd        # a socketpair end: DELIVER's and RECEIVE's
         self._wake_pending = False
         self._scheduler_task: asyncio.Task | None = None
@@ -234,6 +239,8 @@ class Relaywatch:
             self.monitor.stop()
         if self.receiver is not None:
             await self.receiver.stop()
+        if self.callout is not None:
+            self.callout.close()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)

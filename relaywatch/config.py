@@ -135,6 +135,9 @@ class Domain:
     name: str
     type: str
     mailboxes: frozenset[str] = frozenset()
+    # internal_relay only: ask the connector's server at RCPT whether an address
+    # exists, for clients outside trusted_networks (receive/verify.py).
+    verify_recipients: bool = False
 
     def has_mailbox(self, local_part: str) -> bool:
         return local_part.lower() in self.mailboxes
@@ -191,6 +194,14 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    """Recipient verification ([[domains]] verify_recipients): how long answers are kept."""
+    positive_ttl: float = 3600.0                   # an address the server accepted
+    negative_ttl: float = 600.0                    # an address the server refused (5xx)
+    timeout: float = 10.0                          # longer than this: 450, the client retries
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -199,6 +210,7 @@ class Config:
     domains: tuple[Domain, ...] = ()
     connectors: tuple[Connector, ...] = ()
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     source: Path | None = None
 
     def connector(self, name: str) -> Connector | None:
@@ -389,7 +401,7 @@ def _apply_env(raw: dict, env) -> None:
 def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = None) -> Config:
     problems: list[str] = []
     r = _Reader(problems)
-    r.unknown(raw, {"server", "queue", "dns", "delivery", "domains", "connectors", "alerts"}, "")
+    r.unknown(raw, {"server", "queue", "dns", "delivery", "domains", "connectors", "alerts", "verify"}, "")
 
     s = r.table(raw, "server", "server")
     r.unknown(s, {"hostname", "listen", "trusted_networks", "data_dir", "max_message_size",
@@ -472,17 +484,21 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         if not isinstance(item, dict):
             problems.append(f"{p}: must be a table")
             continue
-        r.unknown(item, {"name", "type", "mailboxes"}, p)
+        r.unknown(item, {"name", "type", "mailboxes", "verify_recipients"}, p)
         if "name" not in item:
             problems.append(f"{p}.name: missing")
             continue
         name = r.get(item, "name", p, _domain_name, None)
         dtype = r.get(item, "type", p, _choice(DOMAIN_TYPES), "authoritative")
         boxes = r.get(item, "mailboxes", p, _string_list, [])
+        verify = r.get(item, "verify_recipients", p, _bool, False)
+        if verify and dtype != "internal_relay":
+            problems.append(f"{p}.verify_recipients: only for type = \"internal_relay\" (an authoritative "
+                            f"domain's mailboxes are listed here, so there is nothing to ask)")
         if name:
             if any(dm.name == name for dm in domains):
                 problems.append(f"{p}.name: {name} is listed twice")
-            domains.append(Domain(name, dtype, frozenset(b.lower() for b in boxes)))
+            domains.append(Domain(name, dtype, frozenset(b.lower() for b in boxes), verify))
 
     connectors: list[Connector] = []
     raw_connectors = raw.get("connectors", [])
@@ -531,10 +547,19 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         connectors.append(conn)
 
     alerts = _alerts(r, r.table(raw, "alerts", "alerts"), server, problems)
+    f = r.table(raw, "verify", "verify")
+    r.unknown(f, {"positive_ttl", "negative_ttl", "timeout"}, "verify")
+    verify = VerifyConfig(**{key: r.get(f, key, "verify", _positive_duration, getattr(VerifyConfig, key))
+                             for key in ("positive_ttl", "negative_ttl", "timeout")})
+    for dm in domains:
+        if dm.verify_recipients and not any(c.enabled and c.serves(dm.name) for c in connectors):
+            problems.append(f"domains[{domains.index(dm)}].verify_recipients: no enabled connector serves "
+                            f"{dm.name}, so there is no server to ask")
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
     return Config(server=server, queue=queue, dns=dns, delivery=delivery,
-                  domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, source=source)
+                  domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, verify=verify,
+                  source=source)
 
 
 def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> AlertsConfig:

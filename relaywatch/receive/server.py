@@ -35,11 +35,12 @@ from typing import Callable
 from relaywatch import events
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
-from relaywatch.model import NewMessage, Route
+from relaywatch.model import NewMessage, Route, RouteKind
 from relaywatch.receive.conversation import (NEED_DATA, BodyData, Conversation, MessageEnd, MessageStart,
                                              Recipient, Reply, StartTls)
 from relaywatch.receive.spool import BodySpool
-from relaywatch.route import decide
+from relaywatch.receive.verify import Answer, Callout, RecipientVerifier, rcpt_reply
+from relaywatch.route import decide, split_address
 from relaywatch.store.base import QueueStore
 
 log = logging.getLogger("relaywatch.receive")
@@ -58,10 +59,12 @@ UNEXPECTED_ERROR = "421 4.3.0 Temporary server error; closing the connection, pl
 class ReceivePolicy:
     """Who may send to whom, and committing what arrives."""
 
-    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time):
+    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time,
+                 callout: Callout | None = None):
         self.config_ref = config_ref
         self.store = store
         self.clock = clock
+        self.verifier = RecipientVerifier(callout) if callout is not None else None
         self._background: set[asyncio.Task] = set()
 
     def is_trusted(self, ip: str) -> bool:
@@ -94,10 +97,31 @@ class ReceivePolicy:
             return "554 5.7.1 Relaying denied", None
         return "250 2.1.5 Recipient OK", decision.route
 
-    def _count_invalid(self, domain: str) -> None:
+    def must_verify(self, client_ip: str, address: str, route: Route) -> bool:
+        """An accepted recipient whose existence only the connector's server knows."""
+        if self.verifier is None or route.kind is not RouteKind.CONNECTOR:
+            return False
+        domain = self.config_ref().domain(split_address(address)[1])
+        return domain is not None and domain.verify_recipients and not self.is_trusted(client_ip)
+
+    async def verify(self, conv: Conversation, client_ip: str, address: str, route: Route) -> tuple[str, Route | None]:
+        """The reply to RCPT TO once the connector's server was asked (or the cache answered)."""
+        config = self.config_ref()
+        verdict = await self.verifier.check(route, address, config.verify)
+        reply = rcpt_reply(verdict, address)
+        if verdict.answer is Answer.EXISTS:
+            return reply, route
+        events.emit("rejected", **{"to": address, "from": conv.sender or "<>", "client": client_ip,
+                                  "connector": route.name, "code": reply.split(" ", 2)[1],
+                                  "detail": verdict.detail})
+        if verdict.answer is Answer.UNKNOWN and config.alerts.invalid_recipient_quota:
+            self._count_invalid(split_address(address)[1], route.name, "verify")
+        return reply, None
+
+    def _count_invalid(self, domain: str, connector: str = "rcpt", source: str = "rcpt") -> None:
         async def count() -> None:
             try:
-                await self.store.add_invalid_recipients([(self.clock(), domain, "rcpt", "rcpt")])
+                await self.store.add_invalid_recipients([(self.clock(), domain, connector, source)])
             except StoreError:
                 pass   # counting must never affect the SMTP answer
         task = asyncio.get_running_loop().create_task(count())
@@ -240,6 +264,9 @@ class SmtpSession(asyncio.Protocol):
                         return
                 elif type(event) is Recipient:
                     reply, route = self.policy.recipient(conv, self.client_ip, event.address)
+                    if route is not None and self.policy.must_verify(self.client_ip, event.address, route):
+                        self._start(self._verify(event.address, route))
+                        break
                     if route is not None:
                         conv.accept_recipient(event.address, route)
                     self._out.append(reply)
@@ -309,6 +336,20 @@ class SmtpSession(asyncio.Protocol):
         self._busy = False
         if self.transport.is_closing():
             return
+        self._out.append(reply)
+        self._advance()
+
+    async def _verify(self, address: str, route: Route) -> None:
+        try:
+            reply, route = await self.policy.verify(self.conv, self.client_ip, address, route)
+        except Exception:
+            log.exception("could not verify <%s> for %s", address, self.client_ip)
+            reply, route = f"451 4.3.0 <{address}>: Cannot verify the recipient now; try again later", None
+        self._busy = False
+        if self.transport.is_closing():
+            return
+        if route is not None:
+            self.conv.accept_recipient(address, route)
         self._out.append(reply)
         self._advance()
 
@@ -389,9 +430,10 @@ def make_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 class Receiver:
     """Listens on the configured addresses and feeds the queue."""
 
-    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time):
+    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time,
+                 callout: Callout | None = None):
         self.config_ref = config_ref
-        self.policy = ReceivePolicy(config_ref, store, clock)
+        self.policy = ReceivePolicy(config_ref, store, clock, callout)
         self.limiter = ConnectionLimiter(config_ref)
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_context: ssl.SSLContext | None = None

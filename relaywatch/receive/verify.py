@@ -1,0 +1,135 @@
+"""Recipient verification at RCPT for internal-relay domains.
+
+An internal-relay domain's mailboxes live on the on-premises server, so the
+relay cannot know whether ``bob@contoso.test`` exists.  Accepting every
+address from the internet and learning the truth only when the connector's
+server answers 550 means sending an NDR to whoever the (often forged) sender
+was: backscatter.  With ``verify_recipients = true`` on such a domain, the
+relay asks the connector's server at RCPT time (MAIL FROM:<>, RCPT TO, RSET
+on a kept connection) and answers the client with what it learnt.  This is
+Postfix's ``reject_unverified_recipient`` and what Exchange's directory-based
+edge blocking gives an authoritative domain.
+
+Only clients outside ``trusted_networks`` are verified: trusted senders are the
+organisation's own servers, whose mail is queued as always.
+
+This module owns the cache and the replies; the question itself is asked by a
+``Callout`` (deliver/callout.py) injected by the app, so receiving never
+imports delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from relaywatch.config import VerifyConfig
+from relaywatch.model import Route
+
+# While a destination cannot be asked, further questions for it are answered
+# from this memory instead of each client waiting for its own connect timeout.
+UNAVAILABLE_MEMORY = 10.0
+MAX_CACHED = 100_000
+
+
+class Answer(str, enum.Enum):
+    EXISTS = "exists"              # the server accepted RCPT TO
+    UNKNOWN = "unknown"            # the server refused it permanently (5xx)
+    UNAVAILABLE = "unavailable"    # the server could not be asked, or answered 4xx
+
+
+@dataclass(frozen=True)
+class Verdict:
+    answer: Answer
+    detail: str                     # for the mail log: the server's reply, or why it could not be asked
+    code: str | None = None         # UNAVAILABLE: the catalog code of the failure (e.g. "4.4.316")
+    reason: str | None = None       # UNAVAILABLE: a short phrase safe to show an outside client
+
+
+class Callout(Protocol):
+    async def ask(self, route: Route, address: str) -> Verdict: ...
+
+
+class RecipientVerifier:
+    """Answers "does this address exist?" from a cache, or by asking once.
+
+    Concurrent questions for the same address share one callout; positive and
+    negative answers are kept for their TTLs; an unavailable destination is
+    remembered for ``UNAVAILABLE_MEMORY`` seconds per route.
+    """
+
+    def __init__(self, callout: Callout, clock: Callable[[], float] = time.monotonic):
+        self.callout = callout
+        self.clock = clock
+        self._cache: dict[str, tuple[float, Verdict]] = {}
+        self._unavailable: dict[str, tuple[float, Verdict]] = {}
+        self._asking: dict[str, asyncio.Future[Verdict]] = {}
+
+    async def check(self, route: Route, address: str, settings: VerifyConfig) -> Verdict:
+        key = f"{route.key}|{address.lower()}"
+        now = self.clock()
+        cached = self._cache.get(key)
+        if cached is not None:
+            if cached[0] > now:
+                return cached[1]
+            del self._cache[key]
+        down = self._unavailable.get(route.key)
+        if down is not None and down[0] > now:
+            return down[1]
+        pending = self._asking.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        self._asking[key] = future
+        try:
+            verdict = await self._ask(route, address, settings)
+            future.set_result(verdict)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()   # retrieved: a waiter-less future must not warn
+            raise
+        finally:
+            del self._asking[key]
+        self._remember(key, route, verdict, settings)
+        return verdict
+
+    async def _ask(self, route: Route, address: str, settings: VerifyConfig) -> Verdict:
+        try:
+            async with asyncio.timeout(settings.timeout):
+                return await self.callout.ask(route, address)
+        except TimeoutError:
+            return Verdict(Answer.UNAVAILABLE, f"no answer from the {route.name} server within "
+                           f"{settings.timeout:g} s", code="4.4.315",
+                           reason="the mail server did not answer in time")
+
+    def _remember(self, key: str, route: Route, verdict: Verdict, settings: VerifyConfig) -> None:
+        now = self.clock()
+        if verdict.answer is Answer.UNAVAILABLE:
+            self._unavailable[route.key] = (now + UNAVAILABLE_MEMORY, verdict)
+            return
+        self._unavailable.pop(route.key, None)
+        ttl = settings.positive_ttl if verdict.answer is Answer.EXISTS else settings.negative_ttl
+        if ttl <= 0:
+            return
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.pop(next(iter(self._cache)))   # the oldest answer
+        self._cache[key] = (now + ttl, verdict)
+
+
+def rcpt_reply(verdict: Verdict, address: str) -> str:
+    """The reply to RCPT TO for a verified address.
+
+    Replies to outside clients name no internal host or address: the mail
+    log has the details (``Verdict.detail``)."""
+    if verdict.answer is Answer.EXISTS:
+        return "250 2.1.5 Recipient OK (verified)"
+    if verdict.answer is Answer.UNKNOWN:
+        return f"550 5.1.1 <{address}>: Recipient address rejected: no such user here"
+    code = verdict.code or "4.4.0"
+    code = "4" + code[1:] if code[0] != "4" else code
+    reason = verdict.reason or "the mail server could not be asked"
+    return f"450 {code} <{address}>: Cannot verify the recipient now ({reason}); try again later"
+
