@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import json
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -97,13 +97,32 @@ class Failure:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Failure":
-        data = dict(data)
+        """Read a stored failure, of this version or any other.
+
+        Failures are kept as JSON in queued messages for up to the message
+        expiration, so a relay must read what an older or newer relay wrote:
+        unknown fields are dropped, missing ones take a neutral value."""
+        data = {k: v for k, v in data.items() if k in _FAILURE_FIELDS}
+        for name, neutral in _FAILURE_NEUTRAL.items():
+            data.setdefault(name, neutral)
         dest = data.get("destination")
-        data["destination"] = Destination(**dest) if dest else None
+        data["destination"] = (Destination(**{k: v for k, v in dest.items() if k in _DESTINATION_FIELDS})
+                               if isinstance(dest, dict) and "host" in dest else None)
         return cls(**data)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        """The stored form: to_dict() and the format version (``v``)."""
+        return json.dumps({"v": FAILURE_FORMAT, **self.to_dict()}, separators=(",", ":"))
+
+
+# The stored failure format (Failure.to_json); from_dict reads every version.
+FAILURE_FORMAT = 1
+_FAILURE_FIELDS = {f.name for f in fields(Failure)}
+_DESTINATION_FIELDS = {f.name for f in fields(Destination)}
+# What a field missing from a stored failure reads as (fields without a default).
+_FAILURE_NEUTRAL: dict[str, Any] = {"code": "4.0.0", "smtp_code": 451, "title": "Unknown failure",
+                                    "subtype": None, "detail": "", "phase": "", "permanent": False,
+                                    "at": 0.0, "kind": "unknown"}
 
 
 @dataclass(frozen=True)

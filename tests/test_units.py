@@ -2,6 +2,7 @@
 
 import email
 import email.policy
+import json
 
 import pytest
 from flufl.bounce import scan_message
@@ -248,3 +249,21 @@ def test_an_endless_line_is_refused_without_holding_it():
     assert p.problem.startswith("500 5.5.2") and len(p._pending) <= MAX_LINE
     p.feed(b"\r\n.\r\n")
     assert p.done
+
+
+def test_stored_failures_of_other_versions_are_read():
+    """A queued message keeps its failure JSON for up to a day: a relay must read what an
+    older relay wrote (fields missing) and what a newer one wrote (fields it does not know)."""
+    from relaywatch.model import FAILURE_FORMAT, Destination, Failure
+    failure = Failure(code="4.4.316", smtp_code=450, title="Connection refused", subtype="refused",
+                      detail="x refused", phase="connect", permanent=False, at=5.0, kind="connect.refused",
+                      destination=Destination("mx.test", "127.0.0.1", 25, 1, 1))
+    stored = json.loads(failure.to_json())
+    assert stored["v"] == FAILURE_FORMAT
+    assert Failure.from_dict(stored) == failure
+    newer = {**stored, "v": FAILURE_FORMAT + 1, "mta_sts": {"mode": "enforce"},
+             "destination": {**stored["destination"], "tlsa": "3 1 1"}}
+    assert Failure.from_dict(newer) == failure
+    older = {"code": "4.4.316", "detail": "x refused", "destination": None}
+    read = Failure.from_dict(older)
+    assert (read.code, read.detail, read.destination, read.kind) == ("4.4.316", "x refused", None, "unknown")

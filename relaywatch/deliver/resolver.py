@@ -32,7 +32,6 @@ class DnsFailure(Exception):
 class MxHost:
     preference: int
     host: str
-    implicit: bool = False      # no MX record: the domain itself (RFC 5321 5.1)
 
 
 class Resolver:
@@ -76,7 +75,7 @@ class Resolver:
     async def mx(self, domain: str) -> list[MxHost]:
         answer = await self._query(domain, "MX", domain_level=True)
         if answer is None or answer.rrset is None:
-            return [MxHost(0, domain, implicit=True)]
+            return [MxHost(0, domain)]   # no MX record: the domain itself (RFC 5321 5.1)
         records = sorted(answer.rrset, key=lambda r: r.preference)
         hosts = [MxHost(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in records]
         if any(h.host in ("", ".") for h in hosts):
