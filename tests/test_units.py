@@ -190,7 +190,7 @@ def test_ndr_is_rfc3464_and_readable():
 
 # -- DATA parsing ---------------------------------------------------------------------------
 
-from relaywatch.receive.data import BARE_CR_LF, MAX_LINE, DataParser  # noqa: E402
+from relaywatch.receive.data import BARE_CR_LF, LINE_PIECE, DataParser  # noqa: E402
 
 
 def parse(chunks, limit=None):
@@ -242,11 +242,33 @@ def test_size_limit_is_enforced_while_reading():
     assert p.done and p.problem.startswith("552 5.3.4")
 
 
-def test_an_endless_line_is_refused_without_holding_it():
+def test_a_long_line_is_accepted_in_pieces_without_holding_it():
+    # RFC 5321 allows 1,000 octets; longer lines are accepted (bounded only by
+    # the message size) and made to fit on the way out (deliver/downgrade.py).
     p = DataParser(None)
+    out = p.feed(b"..dot first\r\nshort\r\n.")     # a stuffed dot at the start of the long line
     for _ in range(40):
-        p.feed(b"z" * 4096)
-    assert p.problem.startswith("500 5.5.2") and len(p._pending) <= MAX_LINE
+        out += p.feed(b"z" * 4096)
+        assert len(p._pending) <= LINE_PIECE
+    out += p.feed(b"\r\n.\r\n")
+    assert p.done and p.problem is None
+    assert out == b".dot first\r\nshort\r\n" + b"z" * 40 * 4096 + b"\r\n"
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 7, 4096, 70_000])
+def test_a_long_line_however_it_is_split(split):
+    data = b"a\r\n" + b"." + b"y" * 150_000 + b"\r\n" + b"x" * 70_000 + b"\r\n.\r\nQUIT\r\n"
+    p, out = parse([data[i:i + split] for i in range(0, len(data), split)])
+    assert p.done and p.problem is None
+    assert out == b"a\r\n" + b"y" * 150_000 + b"\r\n" + b"x" * 70_000 + b"\r\n"
+    assert p.leftover == b"QUIT\r\n"
+
+
+def test_an_endless_line_is_bounded_by_the_message_size():
+    p = DataParser(100_000)
+    for _ in range(40):
+        assert p.feed(b"z" * 4096) == b"" or p.size <= 100_000
+    assert p.problem.startswith("552 5.3.4") and len(p._pending) <= LINE_PIECE
     p.feed(b"\r\n.\r\n")
     assert p.done
 
@@ -267,3 +289,22 @@ def test_stored_failures_of_other_versions_are_read():
     older = {"code": "4.4.316", "detail": "x refused", "destination": None}
     read = Failure.from_dict(older)
     assert (read.code, read.detail, read.destination, read.kind) == ("4.4.316", "x refused", None, "unknown")
+
+
+@pytest.mark.parametrize("chunks", [
+    [b"z" * 70_000 + b"\n" + b"z" * 10 + b"\r\n.\r\n"],
+    [b"z" * 70_000, b"\rz\r\n.\r\n"],
+    [b"z" * 70_000 + b"\r", b"z\r\n.\r\n"],
+])
+def test_a_bare_cr_or_lf_inside_a_long_line_is_refused(chunks):
+    # What was passed on before the bare CR/LF arrived is discarded by the
+    # caller when the message ends with a problem, as for any refused message.
+    p, _ = parse(chunks)
+    assert p.done and p.problem == BARE_CR_LF and p.leftover == b""
+
+
+def test_an_empty_last_line_before_the_end_is_kept_when_the_block_starts_with_it():
+    p, out = parse([b"Subject: x\r\n\r\nbody\r\n", b"\r\n.\r\nQUIT\r\n"])
+    assert p.done and p.problem is None
+    assert out == b"Subject: x\r\n\r\nbody\r\n\r\n"
+    assert p.leftover == b"QUIT\r\n"

@@ -25,6 +25,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
+from relaywatch.deliver.downgrade import body_for_destination
 from relaywatch.model import Destination, StoredBody
 from relaywatch.smtpclient.protocol import (
     DotStuffer, RemoteProtocolError, Reply, ReplyReader, mail_from, parse_ehlo, rcpt_to,
@@ -296,6 +297,7 @@ class SmtpConnection:
         """One MAIL/RCPT/DATA exchange.  Raises SessionFailure if the session dies."""
         self.last_used = time.monotonic()
         self.transactions += 1
+        body = await body_for_destination(body, self.capabilities)   # lines <= 998, 7-bit if need be
         size = body.size if "SIZE" in self.capabilities else None
         eight_bit = "8BITMIME" in self.capabilities
         cmds = [mail_from(sender, size, eight_bit)] + [rcpt_to(r) for r in recipients]

@@ -13,7 +13,7 @@ EHLO, SIZE); it hands the rest to its caller as events:
   clear are dropped (the STARTTLS command-injection attack).
 - ``MessageStart``, ``BodyData``, ``MessageEnd``: the message after the 354,
   with dot-stuffing undone (``receive.data``).  ``MessageEnd.problem`` is the
-  reply when the content was refused (bare CR/LF, too big, line too long);
+  reply when the content was refused (bare CR/LF, too big; long lines are accepted);
   otherwise the caller commits the message and sends the reply.
 
 The caller must not ask for the next event while it is still deciding one

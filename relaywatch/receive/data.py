@@ -14,12 +14,14 @@ works on whole blocks of complete lines with bytes methods:
 
 from __future__ import annotations
 
-# A line still without its CRLF after this many bytes is refused (RFC 5321
-# allows 1000 octets; we are lenient, as Postfix is, but not unbounded).
-MAX_LINE = 64 * 1024
+# A line still without its CRLF after this many bytes is passed on in pieces:
+# lines of any length are accepted, bounded only by the message size (RFC
+# 5321 allows 1000 octets; Postfix accepts longer ones too and breaks them
+# when it sends, as deliver/downgrade.py does).  Holding the whole line
+# instead would copy it again for every chunk that arrives.
+LINE_PIECE = 64 * 1024
 
 BARE_CR_LF = "554 5.6.11 Bare CR or LF in message; lines must end with CRLF"
-LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6 allows 1000 octets)"
 
 
 class DataParser:
@@ -30,36 +32,50 @@ class DataParser:
         self.problem: str | None = None   # the reply to give once the end has been read
         self.leftover = b""               # bytes after the end: the client's next commands
         self._pending = b""               # an incomplete last line
+        self._line_start = True           # ``_pending`` starts at the start of a line
 
     def feed(self, data: bytes) -> bytes:
         """Feed received bytes; return content to keep (possibly empty)."""
         buf = self._pending + data if self._pending else data
         cut = buf.rfind(b"\r\n")
         if cut < 0:
-            if len(buf) > MAX_LINE:
-                self.problem = self.problem or LINE_TOO_LONG
-                buf = buf[-1:]     # a CR here may be half of the next CRLF
-            self._pending = buf
-            return b""
-        # A block of whole lines: it starts at a line start, as the data does.
+            if len(buf) <= LINE_PIECE:
+                self._pending = buf
+                return b""
+            # A long line: pass on all of it but the last byte (a CR there may
+            # be half of the CRLF that ends it).
+            piece, self._pending = buf[:-1], buf[-1:]
+            at_start, self._line_start = self._line_start, False
+            if b"\r" in piece or b"\n" in piece:
+                self.problem = self.problem or BARE_CR_LF
+            if at_start and piece[:1] == b".":
+                piece = piece[1:]        # a stuffed dot; the line is too long to be the end
+            return self._keep(piece)
+        # A block of whole lines, whose first one may be the rest of a long line.
         block, self._pending = buf[:cut + 2], buf[cut + 2:]
-        end = 0 if block.startswith(b".\r\n") else block.find(b"\r\n.\r\n")
-        if end >= 0:
-            if end > 0:
+        at_start, self._line_start = self._line_start, True
+        if at_start and block.startswith(b".\r\n"):
+            end = 0
+        else:
+            end = block.find(b"\r\n.\r\n")
+            if end >= 0:
                 end += 2          # the end line starts after that CRLF
+        if end >= 0:
             self.done = True
             self.leftover = block[end + 3:] + self._pending
             self._pending = b""
             block = block[:end]
-        if self.problem:
-            return b""
         crlf = block.count(b"\r\n")
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
-            self.problem = BARE_CR_LF
-            return b""
+            self.problem = self.problem or BARE_CR_LF
         content = block.replace(b"\r\n.", b"\r\n")
-        if content[:1] == b".":   # a stuffed dot on the block's first line
+        if at_start and content[:1] == b".":   # a stuffed dot on the block's first line
             content = content[1:]
+        return self._keep(content)
+
+    def _keep(self, content: bytes) -> bytes:
+        if self.problem:
+            return b""
         self.size += len(content)
         if self.size_limit and self.size > self.size_limit:
             self.problem = f"552 5.3.4 Message too big (the limit is {self.size_limit} bytes)"
