@@ -98,6 +98,20 @@ def test_scanning_in_chunks_agrees_with_the_whole(data, eight_bit_ok, chunk):
     assert scan.needed is needs_change(data, eight_bit_ok=eight_bit_ok)
 
 
+def test_a_chunk_that_ends_between_cr_and_lf_is_not_a_long_line():
+    head = b"Subject: x\r\n\r\n"
+    data = head + b"w" * 998 + b"\r\n" + b"after\r\n"
+    cut = len(head) + 999          # right after the CR of the 998-octet line
+    scan = Scan(eight_bit_ok=True)
+    scan.feed(data[:cut])
+    scan.feed(data[cut:])
+    assert not scan.needed
+    scan = Scan(eight_bit_ok=True)
+    scan.feed(head + b"w" * 999 + b"\r")    # one octet more: 999
+    scan.feed(b"\n")
+    assert scan.needed
+
+
 # -- headers ---------------------------------------------------------------------------------
 
 def test_a_long_header_is_folded_at_whitespace_and_unfolds_exactly():
@@ -375,3 +389,35 @@ def test_random_messages_always_come_out_sendable_and_decode_the_same():
             out = downgrade(msg, eight_bit_ok=eight_bit_ok)
             assert_sendable(out, seven_bit=not eight_bit_ok)
             assert leaves(out) == leaves(msg)
+
+
+# -- the adapter from a stored body ----------------------------------------------------------
+
+async def test_a_stored_body_is_converted_only_when_the_destination_needs_it(tmp_path):
+    from relaywatch.deliver.downgrade import body_for_destination
+    from relaywatch.model import StoredBody
+    raw = b"Subject: x\r\n\r\ncaf\xc3\xa9\r\n"
+    inline = StoredBody(size=len(raw), data=raw)
+    assert await body_for_destination(inline, {"8BITMIME": ""}) is inline
+    spool = tmp_path / "body"
+    spool.write_bytes(raw)
+    spooled = StoredBody(size=len(raw), path=str(spool))
+    assert await body_for_destination(spooled, {"8BITMIME": "", "SIZE": "0"}) is spooled
+    for body in (inline, spooled):
+        sent = await body_for_destination(body, {"PIPELINING": ""})
+        assert sent.data.isascii() and sent.size == len(sent.data)
+        assert leaves(sent.data) == leaves(raw)
+    assert spool.read_bytes() == raw           # the queue's copy is never altered
+
+
+async def test_a_conversion_bug_sends_the_message_as_it_is(monkeypatch, caplog):
+    from relaywatch.deliver import downgrade as module
+    from relaywatch.model import StoredBody
+
+    def broken(message, *, eight_bit_ok):
+        raise IndexError("a bug")
+    monkeypatch.setattr(module, "downgrade", broken)
+    raw = b"Subject: x\r\n\r\n" + b"y" * 2000 + b"\r\n"
+    body = StoredBody(size=len(raw), data=raw)
+    assert await module.body_for_destination(body, {}) is body
+    assert "sending it unchanged" in caplog.text

@@ -84,15 +84,15 @@ _IDENTITY = (b"", b"7bit", b"8bit", b"binary")
 
 # -- the fast check --------------------------------------------------------------------------
 
-def has_long_line(data: bytes, limit: int = LINE_LIMIT) -> bool:
-    """Whether some line of ``data`` is longer than ``limit`` octets (not counting its CRLF).
+def has_long_line(data: bytes, limit: int = LINE_LIMIT, end: int | None = None) -> bool:
+    """Whether some line of ``data[:end]`` is longer than ``limit`` octets (not counting its CRLF).
 
     Jumps from the last line end in each window of ``limit + 2`` bytes to the
     next window, so a 50 KB body costs some fifty ``rfind`` calls at C speed.
     Lines are counted between LFs (stored messages have no bare LF: the
     receiver refuses them)."""
     window = limit + 2
-    pos, end = 0, len(data)
+    pos, end = 0, len(data) if end is None else end
     while end - pos > limit:
         last = data.rfind(b"\n", pos, pos + window)
         if last < 0:
@@ -121,7 +121,8 @@ class Scan:
             self.needed = True
             return
         data = self._carry + chunk
-        if has_long_line(data):
+        # A CR at the end may be the first half of the CRLF that ends a line of exactly 998.
+        if has_long_line(data, end=len(data) - data.endswith(b"\r")):
             self.needed = True
             return
         self._carry = data[data.rfind(b"\n") + 1:]
