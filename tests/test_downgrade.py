@@ -421,3 +421,17 @@ async def test_a_conversion_bug_sends_the_message_as_it_is(monkeypatch, caplog):
     body = StoredBody(size=len(raw), data=raw)
     assert await module.body_for_destination(body, {}) is body
     assert "sending it unchanged" in caplog.text
+
+
+def test_malformed_structures_never_raise_and_never_leave_a_long_line():
+    rng = random.Random(5321)
+    atoms = [b"\r\n", b"\r\n\r\n", b"--b", b"--b--", b"--c", b"Content-Type: multipart/mixed; boundary=b",
+             b'Content-Type: multipart/alternative; boundary="c"', b"Content-Type: message/rfc822",
+             b"Content-Type: multipart/mixed", b"Content-Transfer-Encoding: 8bit",
+             b"Content-Transfer-Encoding: quoted-printable", b"Content-Transfer-Encoding: base64",
+             b"MIME-Version: 1.0", b"Subject: x", b" ", b"\t", b"=", b"\xe9", b"\xc3\xa9", b"x" * 500,
+             b"y" * 999, b"A", b".", b":", b"Content-Type: text/plain"]
+    for _ in range(3000):
+        msg = b"".join(rng.choice(atoms) for _ in range(rng.randint(0, 40)))
+        for eight_bit_ok in (True, False):
+            assert longest_line(downgrade(msg, eight_bit_ok=eight_bit_ok)) <= LINE_LIMIT, msg

@@ -300,8 +300,10 @@ class _Rewrite:
         elif kind == b"message/rfc822" and cte in _IDENTITY:
             new_body = self.entity(body, is_message=True)
             cte_now = self.composite_encoding(cte, new_body)
-        elif kind.startswith(b"message/") and kind != b"message/global":
-            new_body, cte_now = _hard_break(body), cte       # partial, external-body: never re-encoded
+        elif kind.startswith(b"multipart/") or (kind.startswith(b"message/") and kind != b"message/global"):
+            # A multipart without a boundary or with an encoding it may not have (RFC 2045 6.4),
+            # message/partial, message/external-body: never re-encoded.
+            new_body, cte_now = _hard_break(body), cte
         elif cte == b"quoted-printable":
             if self.seven_bit:
                 body = _EIGHT_BIT.sub(lambda c: b"=%02X" % c[0][0], body)
