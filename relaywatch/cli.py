@@ -59,7 +59,25 @@ config_option = click.option("-c", "--config", "config_path", envvar="RELAYWATCH
                              default=DEFAULT_CONFIG, show_default=True, help="Config file (TOML).")
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip and pipx report), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("relaywatch")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        from relaywatch import __version__
+        return __version__
+
+
+def _print_version(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        click.echo(f"relaywatch {_version()}")
+        ctx.exit()
+
+
 @click.group()
+@click.option("--version", is_flag=True, is_eager=True, expose_value=False, callback=_print_version,
+              help="Show the version and exit.")
 def main():
     """relaywatch: an SMTP relay that tells you why mail is stuck."""
 

@@ -8,6 +8,7 @@ with it in one sentence.  All errors are collected and reported together.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -290,6 +291,9 @@ def _store_url(value: Any) -> str:
     value = _string(value)
     if value != "sqlite" and not value.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"must be \"sqlite\" or a postgresql:// URL (got {value!r})")
+    if value != "sqlite" and importlib.util.find_spec("psycopg") is None:
+        raise ValueError("a PostgreSQL store needs psycopg, which is not installed: "
+                         "pip install 'relaywatch[postgresql]'")
     return value
 
 
