@@ -86,9 +86,16 @@ class Relaywatch:
     def pid_file(self) -> Path:
         return self.config.server.data_dir / "relaywatch.pid"
 
+    def _make_data_dir(self) -> None:
+        data_dir = self.config.server.data_dir
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:   # serve checked first (preflight.py); this is the race
+            raise ConfigError(f"server.data_dir: cannot create {data_dir}: {exc.strerror}") from exc
+
     async def start(self) -> None:
         data_dir = self.config.server.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        self._make_data_dir()
         await self.store.open()
         await self.refresh_overrides()
         self._tasks.append(asyncio.create_task(self._watch_overrides(), name="overrides"))
@@ -120,7 +127,13 @@ class Relaywatch:
             if self._wake_fd is not None:
                 self.store.on_work = self._wake_child
                 await self._wait_for_child()
-            await self.receiver.start()
+            try:
+                await self.receiver.start()
+            except OSError as exc:
+                # serve bound every address before it began (preflight.py); this is
+                # an address taken since.  Nothing may stay listening.
+                await self.receiver.stop()
+                raise ConfigError(f"server.listen: cannot listen: {exc}") from exc
             log.info("relaywatch listening on %s; queue %s",
                      ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.store.where)
 
@@ -312,9 +325,13 @@ class Relaywatch:
             parent_end, child_end = socket.socketpair()
             read_fd, self._wake_fd = child_end.detach(), parent_end.detach()
             os.set_blocking(self._wake_fd, False)
-            self.config.server.data_dir.mkdir(parents=True, exist_ok=True)
+            self._make_data_dir()
             self._child = self._spawn_child(read_fd)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()   # the delivery process, the queue: nothing outlives a failed start
+            raise
         if self.role == RECEIVE:
             self._supervisor = asyncio.create_task(self._supervise(read_fd))
         if self.role != DELIVER:

@@ -47,12 +47,18 @@ def _fail(message: str, code: int = 1):
     sys.exit(code)
 
 
+def _fail_config(problems: list[str]):
+    """One line per problem, each naming the file and the key (exit 2)."""
+    for problem in problems:
+        click.echo(f"relaywatch: {problem}", err=True)
+    sys.exit(2)
+
+
 def _load(path: str) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        lines = "\n".join(f"  {p}" for p in exc.problems)
-        _fail(f"invalid configuration in {path}:\n{lines}", 2)
+        _fail_config(exc.problems)
 
 
 config_option = click.option("-c", "--config", "config_path", envvar="RELAYWATCH_CONFIG",
@@ -89,8 +95,14 @@ def main():
 @click.option("--wake-fd", type=int, hidden=True)
 def serve(config_path, role, wake_fd):
     """Run the relay (SMTP server and delivery) in the foreground."""
-    from relaywatch.app import Relaywatch, default_role
+    from relaywatch.app import DELIVER, Relaywatch, default_role
+    from relaywatch.preflight import start_problems
     config = _load(config_path)
+    role = role or default_role(config)
+    if role != DELIVER:   # the delivery process is started by a serve that has checked
+        problems = start_problems(config, serving=True)
+        if problems:
+            _fail_config([f"{config.source}: {p}" for p in problems])
     events.configure(config.server.log_format)
     try:
         import uvloop
@@ -98,7 +110,9 @@ def serve(config_path, role, wake_fd):
     except ImportError:
         runner = asyncio.run
     try:
-        runner(Relaywatch(config, role=role or default_role(config), wake_fd=wake_fd).serve_forever())
+        runner(Relaywatch(config, role=role, wake_fd=wake_fd).serve_forever())
+    except ConfigError as exc:   # e.g. a listen address taken between the check and the bind
+        _fail_config([f"{config.source}: {p}" for p in exc.problems])
     except OSError as exc:
         _fail(f"cannot start: {exc.strerror or exc}")
     except RelaywatchError as exc:
@@ -127,8 +141,15 @@ def config_group():
 @config_group.command("check")
 @config_option
 def config_check(config_path):
-    """Validate a config file; list every problem with its key."""
+    """Validate a config file; list every problem with its key.
+
+    Also what serve needs from this machine: a writable data_dir, listen
+    addresses of this machine that no other program holds."""
+    from relaywatch.preflight import start_problems
     config = _load(config_path)
+    problems = start_problems(config, serving=False)
+    if problems:
+        _fail_config([f"{config_path}: {p}" for p in problems])
     click.echo(f"{config_path}: OK ({len(config.domains)} domain(s), {len(config.connectors)} connector(s), "
                f"listening on {', '.join(f'{h}:{p}' for h, p in config.server.listen)})")
     for warning in config_warnings(config):
@@ -137,6 +158,7 @@ def config_check(config_path):
 
 def config_warnings(config: Config) -> list[str]:
     """Valid, but likely to hurt when it matters."""
+    from relaywatch.config import domain_matches
     from relaywatch.route import decide
     out = []
     if config.alerts.notify and config.alerts.smtp is None:
@@ -145,6 +167,26 @@ def config_warnings(config: Config) -> list[str]:
             if route is not None and route.kind.value == "connector":
                 out.append(f"alerts.notify: {address} is delivered through connector {route.name}; set alerts.smtp "
                            f"so that alerts still arrive when {route.name} is the one failing")
+    for net in config.server.trusted_networks:
+        if net.prefixlen == 0:
+            out.append(f"server.trusted_networks: {net} lets every address relay to any domain (an open relay)")
+    for i, c in enumerate(config.connectors):
+        if c.type == "on_premises" and not c.smart_hosts:
+            out.append(f"connectors[{i}].smart_hosts: none, so {c.name} delivers by the domains' MX, which for an "
+                       f"on-premises domain is usually this relay; name the on-premises server")
+        for pattern in c.domains:
+            # The first enabled connector that matches wins (route.py): a pattern an
+            # earlier one covers never routes here (unless a Fix now disables that one).
+            earlier = next((e for e in config.connectors[:i] if e.enabled and any(
+                p == pattern or (p.startswith("*.") and domain_matches(p, pattern.removeprefix("*.")))
+                for p in e.domains)), None)
+            if c.enabled and earlier is not None:
+                out.append(f"connectors[{i}].domains: {pattern} is already served by connector {earlier.name}, "
+                           f"listed earlier, so {c.name} gets none of its mail")
+            accepted = config.domain(pattern)
+            if accepted is not None and accepted.type == "authoritative":
+                out.append(f"connectors[{i}].domains: {pattern} is an authoritative domain, so its unknown recipients "
+                           f"are rejected and {c.name} never gets its mail; make it internal_relay")
     return out
 
 

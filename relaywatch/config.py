@@ -12,8 +12,10 @@ import importlib.util
 import ipaddress
 import os
 import re
+import ssl
 import tomllib
-from dataclasses import dataclass, field, replace
+import urllib.parse
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.I)
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, None: 1}
+_LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*", re.I)
 
 DOMAIN_TYPES = ("authoritative", "internal_relay")
 CONNECTOR_TYPES = ("on_premises", "partner")
@@ -58,7 +62,11 @@ def parse_size(value: Any) -> int:
         m = _SIZE.match(value)
         if m:
             unit = m.group(2).lower() if m.group(2) else None
-            return int(float(m.group(1)) * _SIZE_UNITS[unit])
+            size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+            if size <= 0:
+                # Zero must not read as "no limit": there is no unlimited.
+                raise ValueError(f"must be larger than zero (got {value!r})")
+            return size
     raise ValueError(f"{value!r} is not a size; use bytes or a unit, such as \"36MB\"")
 
 
@@ -68,18 +76,21 @@ def parse_hostport(value: str, default_port: int, allow_zero: bool = False) -> t
     value = value.strip()
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{value!r} is not host:port")
+        port = rest[1:] if rest else None
     elif value.count(":") == 1:
         host, port = value.split(":")
     else:
-        host, port = value, ""
+        host, port = value, None
     if not host:
         raise ValueError(f"{value!r} has no host")
-    if port:
-        if not port.isdigit() or not (0 if allow_zero else 1) <= int(port) < 65536:
-            raise ValueError(f"{value!r} has an invalid port")
-        return host, int(port)
-    return host, default_port
+    if port is None:
+        return host, default_port
+    lowest = 0 if allow_zero else 1
+    if not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError(f"{value!r} has an invalid port (use {lowest}-65535)")
+    return host, int(port)
 
 
 @dataclass(frozen=True)
@@ -363,24 +374,163 @@ def _positive_duration(value: Any) -> float:
 
 def _domain_name(value: Any) -> str:
     name = _string(value).lower().rstrip(".")
-    if not re.fullmatch(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*", name):
+    if not re.fullmatch(rf"(\*\.)?{_LABEL}(\.{_LABEL})*", name):
         raise ValueError(f"{value!r} is not a domain name")
     return name
 
 
+def _hostname(value: Any) -> str:
+    name = _string(value)
+    if not _HOSTNAME.fullmatch(name):
+        raise ValueError(f"{value!r} is not a host name (EHLO needs one, such as \"relay.contoso.test\")")
+    return name
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"must be a port number from 1 to 65535 (got {value!r})")
+    return value
+
+
+def _address(value: str) -> str:
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+def _mailboxes(domain: str | None):
+    """Local parts; ``alice@<this domain>`` is taken as ``alice``, an address elsewhere refused."""
+    def convert(value: Any) -> frozenset[str]:
+        out = set()
+        for box in _string_list(value):
+            local, at, other = box.rpartition("@")
+            if at:
+                other = other.lower().rstrip(".")
+                if domain is not None and other != domain:
+                    raise ValueError(f"{box!r} is an address in {other}, not in {domain}; list it under the "
+                                     f"[[domains]] entry for {other}, or write only the part before the @")
+                box = local
+            if not box or "@" in box or any(c.isspace() for c in box):
+                raise ValueError(f"{box!r} is not a mailbox name (the part before the @, such as \"alice\")")
+            out.add(box.lower())
+        return frozenset(out)
+    return convert
+
+
+def _file_keys(cls, *, not_in_file: tuple[str, ...] = (), spelled: dict[str, str] | None = None) -> set[str]:
+    """The keys a table may have: the dataclass's fields, as the file spells them."""
+    spelled = spelled or {}
+    return {spelled.get(f.name, f.name) for f in fields(cls) if f.name not in not_in_file}
+
+
+def _seconds(value: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if value >= size and value % size == 0:
+            return f"{value // size:.0f}{unit}"
+    return f"{value:g}s"
+
+
+def _no_passphrase(*_args):
+    raise ValueError("the key is encrypted; relaywatch needs it without a passphrase")
+
+
+def _pem_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` is no usable PEM certificate (kind "certificate") or CRL (kind "CRL"), or None."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    marker = b"-----BEGIN X509 CRL-----" if kind == "CRL" else b"-----BEGIN CERTIFICATE-----"
+    if marker not in data:
+        return f"{path} holds no PEM {kind} (no {marker.decode()} line)"
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        return f"{path} does not parse as a PEM {kind}: {exc.reason or exc}"
+    return None
+
+
+def _server_tls_problems(cert: Path, key: Path) -> list[str]:
+    problem = _pem_problem(cert, "certificate")
+    if problem:
+        return [f"server.tls_cert: {problem}"]
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key), password=_no_passphrase)
+    except ValueError as exc:
+        return [f"server.tls_key: {key}: {exc}"]
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            return [f"server.tls_key: {key} is not the key of the certificate in server.tls_cert ({cert})"]
+        return [f"server.tls_key: {key} is not a usable PEM private key: {exc.reason or exc}"]
+    except OSError as exc:
+        return [f"server.tls_key: cannot read {key}: {exc.strerror}"]
+    return []
+
+
+def _listen_problems(listen: tuple[tuple[str, int], ...]) -> list[str]:
+    """The same address twice, or a wildcard that already covers another: the second bind would fail."""
+    out = []
+    seen: list[tuple[str, int]] = []
+    for host, port in listen:
+        if port == 0:
+            continue   # the OS picks a different port for each
+        for other_host, other_port in seen:
+            if other_port != port:
+                continue
+            if other_host == host:
+                out.append(f"server.listen: {host}:{port} is listed twice")
+            elif {other_host, host} & {"0.0.0.0", "::"} and _same_family(host, other_host):
+                wildcard, specific = (host, other_host) if host in ("0.0.0.0", "::") else (other_host, host)
+                out.append(f"server.listen: {wildcard}:{port} already covers {specific}:{port}; list one of them")
+        seen.append((host, port))
+    return out
+
+
+def _same_family(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a).version == ipaddress.ip_address(b).version
+    except ValueError:
+        return False   # a host name: the bind check at start-up sees what it resolves to
+
+
 def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> Config:
-    """Read and validate a config file; raise ConfigError listing every problem."""
+    """Read and validate a config file; raise ConfigError listing every problem.
+
+    Each problem is one line that starts with the file (and for a syntax error
+    its line and column, as compilers write them): ``FILE: server.listen: ...``.
+    """
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{_toml_position(path, text, str(exc))}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     _apply_env(raw, os.environ if env is None else env)
-    return parse_config(raw, base_dir=path.parent, source=path)
+    try:
+        return parse_config(raw, base_dir=path.parent, source=path)
+    except ConfigError as exc:
+        problems = [f"{path}: {p}" for p in exc.problems]
+        raise ConfigError("\n".join(problems), problems=problems) from None
+
+
+def _toml_position(path: Path, text: str, message: str) -> str:
+    """tomllib's "Invalid value (at line 3, column 7)" as "FILE:3:7: not valid TOML: invalid value"."""
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if m:
+        line, column = m.group(1), m.group(2)
+    else:
+        lines = text.split("\n")
+        line, column = len(lines), len(lines[-1]) + 1
+        m = re.search(r"\s*\(at end of document\)$", message)
+    what = message[:m.start()] if m else message
+    return f"{path}:{line}:{column}: not valid TOML: {what[:1].lower()}{what[1:]}"
 
 
 def _apply_env(raw: dict, env) -> None:
@@ -405,12 +555,10 @@ def _apply_env(raw: dict, env) -> None:
 def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = None) -> Config:
     problems: list[str] = []
     r = _Reader(problems)
-    r.unknown(raw, {"server", "queue", "dns", "delivery", "domains", "connectors", "alerts", "verify"}, "")
+    r.unknown(raw, _file_keys(Config, not_in_file=("source",)), "")
 
     s = r.table(raw, "server", "server")
-    r.unknown(s, {"hostname", "listen", "trusted_networks", "data_dir", "max_message_size",
-                  "max_connections", "max_connections_per_ip", "idle_timeout", "tls_cert",
-                  "tls_key", "log_format", "shutdown_grace", "delivery_process", "store"}, "server")
+    r.unknown(s, _file_keys(ServerConfig), "server")
     d = ServerConfig()
 
     def rel(p: Any) -> Path:
@@ -421,14 +569,18 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     tls_key = r.get(s, "tls_key", "server", rel, None)
     if (tls_cert is None) != (tls_key is None):
         problems.append("server.tls_key: tls_cert and tls_key must be set together")
+    missing = False
     for key, value in (("tls_cert", tls_cert), ("tls_key", tls_key)):
         if value is not None and not value.is_file():
             problems.append(f"server.{key}: file {value} does not exist")
+            missing = True
+    if tls_cert is not None and tls_key is not None and not missing:
+        problems += _server_tls_problems(tls_cert, tls_key)
     server = ServerConfig(
-        hostname=r.get(s, "hostname", "server", _string, d.hostname),
+        hostname=r.get(s, "hostname", "server", _hostname, d.hostname),
         listen=r.get(s, "listen", "server", _hostport_list(25, allow_zero=True), d.listen),
         trusted_networks=r.get(s, "trusted_networks", "server", _network_list, d.trusted_networks),
-        data_dir=r.get(s, "data_dir", "server", rel, (base_dir / "data").resolve()),
+        data_dir=r.get(s, "data_dir", "server", rel, (base_dir / d.data_dir).resolve()),
         max_message_size=r.get(s, "max_message_size", "server", parse_size, d.max_message_size),
         max_connections=r.get(s, "max_connections", "server", _positive_int, d.max_connections),
         max_connections_per_ip=r.get(s, "max_connections_per_ip", "server", _positive_int,
@@ -443,9 +595,10 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     )
     if not server.listen:
         problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")
+    problems += _listen_problems(server.listen)
 
     q = r.table(raw, "queue", "queue")
-    r.unknown(q, {"message_expiration", "retry_intervals", "lease_time"}, "queue")
+    r.unknown(q, _file_keys(QueueConfig), "queue")
     dq = QueueConfig()
     queue = QueueConfig(
         message_expiration=r.get(q, "message_expiration", "queue", _positive_duration, dq.message_expiration),
@@ -454,7 +607,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     )
 
     n = r.table(raw, "dns", "dns")
-    r.unknown(n, {"nameservers", "timeout"}, "dns")
+    r.unknown(n, _file_keys(DnsConfig), "dns")
     dns = DnsConfig(
         nameservers=r.get(n, "nameservers", "dns", _hostport_list(53), ()),
         timeout=r.get(n, "timeout", "dns", _positive_duration, DnsConfig.timeout),
@@ -466,16 +619,13 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"dns.nameservers: {host!r} must be an IP address, not a name")
 
     v = r.table(raw, "delivery", "delivery")
-    known_delivery = {"concurrency", "per_destination", "connect_timeout", "command_timeout",
-                      "data_timeout", "final_timeout", "connection_idle", "messages_per_connection",
-                      "smtp_port"}
-    r.unknown(v, known_delivery, "delivery")
+    r.unknown(v, _file_keys(DeliveryConfig), "delivery")
     dd = DeliveryConfig()
+    convert = {"concurrency": _positive_int, "per_destination": _positive_int,
+               "messages_per_connection": _positive_int, "smtp_port": _port}
     delivery = DeliveryConfig(**{
-        key: r.get(v, key, "delivery",
-                   _positive_int if key in ("concurrency", "per_destination", "messages_per_connection", "smtp_port")
-                   else _positive_duration, getattr(dd, key))
-        for key in known_delivery
+        f.name: r.get(v, f.name, "delivery", convert.get(f.name, _positive_duration), getattr(dd, f.name))
+        for f in fields(DeliveryConfig)
     })
 
     domains: list[Domain] = []
@@ -488,13 +638,17 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         if not isinstance(item, dict):
             problems.append(f"{p}: must be a table")
             continue
-        r.unknown(item, {"name", "type", "mailboxes", "verify_recipients"}, p)
+        r.unknown(item, _file_keys(Domain), p)
         if "name" not in item:
             problems.append(f"{p}.name: missing")
             continue
         name = r.get(item, "name", p, _domain_name, None)
+        if name and name.startswith("*."):
+            problems.append(f"{p}.name: {name!r}: an accepted domain is one exact name (wildcards are for "
+                            f"connectors' domains); list each domain")
+            name = None
         dtype = r.get(item, "type", p, _choice(DOMAIN_TYPES), "authoritative")
-        boxes = r.get(item, "mailboxes", p, _string_list, [])
+        boxes = r.get(item, "mailboxes", p, _mailboxes(name), frozenset())
         verify = r.get(item, "verify_recipients", p, _bool, False)
         if verify and dtype != "internal_relay":
             problems.append(f"{p}.verify_recipients: only for type = \"internal_relay\" (an authoritative "
@@ -502,7 +656,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         if name:
             if any(dm.name == name for dm in domains):
                 problems.append(f"{p}.name: {name} is listed twice")
-            domains.append(Domain(name, dtype, frozenset(b.lower() for b in boxes), verify))
+            domains.append(Domain(name, dtype, boxes, verify))
 
     connectors: list[Connector] = []
     raw_connectors = raw.get("connectors", [])
@@ -514,8 +668,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         if not isinstance(item, dict):
             problems.append(f"{p}: must be a table")
             continue
-        r.unknown(item, {"name", "type", "domains", "smart_hosts", "tls", "tls_verify", "tls_name",
-                         "ca_file", "crl_file", "enabled", "delay_notice_after"}, p)
+        r.unknown(item, _file_keys(Connector, not_in_file=("paused",)), p)
         for required in ("name", "type", "domains"):
             if required not in item:
                 problems.append(f"{p}.{required}: missing")
@@ -526,35 +679,46 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"{p}.name: another connector is already called {name!r}")
         ca_file = r.get(item, "ca_file", p, rel, None)
         crl_file = r.get(item, "crl_file", p, rel, None)
-        for key, value in (("ca_file", ca_file), ("crl_file", crl_file)):
-            if value is not None and not value.is_file():
+        for key, value, kind in (("ca_file", ca_file, "certificate"), ("crl_file", crl_file, "CRL")):
+            if value is None:
+                continue
+            if not value.is_file():
                 problems.append(f"{p}.{key}: file {value} does not exist")
+            elif problem := _pem_problem(value, kind):
+                problems.append(f"{p}.{key}: {problem}")
         pats = r.get(item, "domains", p, lambda v: [_domain_name(x) for x in _string_list(v)], [])
         if "domains" in item and not pats:
             problems.append(f"{p}.domains: must list at least one domain")
+        tls = r.get(item, "tls", p, _choice(TLS_MODES), Connector.tls)
         conn = Connector(
             name=name or f"connector{i}",
             type=r.get(item, "type", p, _choice(CONNECTOR_TYPES), "partner"),
             domains=tuple(pats),
             smart_hosts=r.get(item, "smart_hosts", p, _hostport_list(25), ()),
-            tls=r.get(item, "tls", p, _choice(TLS_MODES), "opportunistic"),
+            tls=tls,
             # Verifying by default only where TLS is required: opportunistic TLS
             # exists to encrypt when possible, not to block on a certificate.
             tls_verify=r.get(item, "tls_verify", p, _choice(TLS_VERIFY),
-                             "ca_and_name" if item.get("tls") == "required" else "none"),
+                             "ca_and_name" if tls == "required" else "none"),
             tls_name=r.get(item, "tls_name", p, _string, None),
             ca_file=ca_file,
             crl_file=crl_file,
-            enabled=r.get(item, "enabled", p, _bool, True),
-            delay_notice_after=r.get(item, "delay_notice_after", p, _duration_or_off, 4 * 3600.0),
+            enabled=r.get(item, "enabled", p, _bool, Connector.enabled),
+            delay_notice_after=r.get(item, "delay_notice_after", p, _duration_or_off, Connector.delay_notice_after),
         )
+        problems += _connector_tls_problems(p, item, conn)
+        if ("delay_notice_after" in item and conn.delay_notice_after is not None
+                and conn.delay_notice_after >= queue.message_expiration):
+            problems.append(f"{p}.delay_notice_after: {_seconds(conn.delay_notice_after)} is not shorter than "
+                            f"queue.message_expiration ({_seconds(queue.message_expiration)}), so no delay notice "
+                            f"would ever be sent; shorten it or write \"off\"")
         connectors.append(conn)
 
     alerts = _alerts(r, r.table(raw, "alerts", "alerts"), server, problems)
     f = r.table(raw, "verify", "verify")
-    r.unknown(f, {"positive_ttl", "negative_ttl", "timeout"}, "verify")
+    r.unknown(f, _file_keys(VerifyConfig), "verify")
     verify = VerifyConfig(**{key: r.get(f, key, "verify", _positive_duration, getattr(VerifyConfig, key))
-                             for key in ("positive_ttl", "negative_ttl", "timeout")})
+                             for key in _file_keys(VerifyConfig)})
     for dm in domains:
         if dm.verify_recipients and not any(c.enabled and c.serves(dm.name) for c in connectors):
             problems.append(f"domains[{domains.index(dm)}].verify_recipients: no enabled connector serves "
@@ -566,23 +730,45 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
                   source=source)
 
 
+def _connector_tls_problems(p: str, item: dict, conn: Connector) -> list[str]:
+    """Settings the TLS mode makes meaningless: they would be silently ignored."""
+    out = []
+    if conn.tls == "none":
+        if conn.tls_verify != "none":
+            out.append(f"{p}.tls_verify: {conn.tls_verify!r} needs TLS, but tls = \"none\" sends in plain text "
+                       f"and checks no certificate; set tls = \"required\" (or remove tls_verify)")
+        for key in ("tls_name", "ca_file", "crl_file"):
+            if key in item:
+                out.append(f"{p}.{key}: has no effect with tls = \"none\" (plain text); set tls = \"required\" "
+                           f"or remove {key}")
+        return out
+    if conn.tls_verify == "none":
+        for key in ("tls_name", "ca_file", "crl_file"):
+            if key in item:
+                out.append(f"{p}.{key}: has no effect with tls_verify = \"none\", which checks no certificate; "
+                           f"set tls_verify = \"ca_and_name\" (or \"ca\") or remove {key}")
+    elif conn.tls_verify == "ca" and "tls_name" in item:
+        out.append(f"{p}.tls_name: has no effect with tls_verify = \"ca\", which does not check the name; "
+                   f"set tls_verify = \"ca_and_name\" or remove tls_name")
+    return out
+
+
 def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> AlertsConfig:
     d = AlertsConfig()
-    r.unknown(a, {"notify", "smtp", "from", "webhook_url", "webhook_secret", "open_after", "min_messages",
-                  "escalate_before_expiry", "escalate_steps", "probe_interval", "cert_probe_interval",
-                  "cert_warning_days", "invalid_recipient_quota", "evaluate_interval"}, "alerts")
+    r.unknown(a, _file_keys(AlertsConfig, spelled={"sender": "from"}), "alerts")
 
     def addresses(v):
-        out = _string_list(v)
-        for x in out:
-            if "@" not in x:
-                raise ValueError(f"{x!r} is not an email address")
-        return tuple(out)
+        return tuple(_address(x) for x in _string_list(v))
 
     def url(v):
         v = _string(v)
-        if not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        parts = urllib.parse.urlsplit(v)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or port == 0:
+            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host (and a port from 1 to 65535)")
         return v
 
     def steps(v):
@@ -600,12 +786,12 @@ def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> A
             raise ValueError(f"must be a number of days (got {v!r})")
         return float(v)
 
-    return AlertsConfig(
-        notify=r.get(a, "notify", "alerts", addresses, ()),
-        smtp=r.get(a, "smtp", "alerts", lambda v: parse_hostport(_string(v), 25), None),
-        sender=r.get(a, "from", "alerts", _string, f"relaywatch@{server.hostname}"),
-        webhook_url=r.get(a, "webhook_url", "alerts", url, None),
-        webhook_secret=r.get(a, "webhook_secret", "alerts", _string, None),
+    alerts = AlertsConfig(
+        notify=r.get(a, "notify", "alerts", addresses, d.notify),
+        smtp=r.get(a, "smtp", "alerts", lambda v: parse_hostport(_string(v), 25), d.smtp),
+        sender=r.get(a, "from", "alerts", lambda v: _address(_string(v)), f"relaywatch@{server.hostname}"),
+        webhook_url=r.get(a, "webhook_url", "alerts", url, d.webhook_url),
+        webhook_secret=r.get(a, "webhook_secret", "alerts", _string, d.webhook_secret),
         open_after=r.get(a, "open_after", "alerts", parse_duration, d.open_after),
         min_messages=r.get(a, "min_messages", "alerts", _positive_int, d.min_messages),
         escalate_before_expiry=r.get(a, "escalate_before_expiry", "alerts", parse_duration, d.escalate_before_expiry),
@@ -613,6 +799,10 @@ def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> A
         probe_interval=r.get(a, "probe_interval", "alerts", _positive_duration, d.probe_interval),
         cert_probe_interval=r.get(a, "cert_probe_interval", "alerts", _positive_duration, d.cert_probe_interval),
         cert_warning_days=r.get(a, "cert_warning_days", "alerts", days, d.cert_warning_days),
-        invalid_recipient_quota=r.get(a, "invalid_recipient_quota", "alerts", non_negative_int, 0),
+        invalid_recipient_quota=r.get(a, "invalid_recipient_quota", "alerts", non_negative_int,
+                                      d.invalid_recipient_quota),
         evaluate_interval=r.get(a, "evaluate_interval", "alerts", _positive_duration, d.evaluate_interval),
     )
+    if "webhook_secret" in a and "webhook_url" not in a:
+        problems.append("alerts.webhook_secret: set, but there is no alerts.webhook_url to sign requests for")
+    return alerts
