@@ -25,7 +25,7 @@ import click
 
 from relaywatch import events
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
-from relaywatch.config import Config, load_config
+from relaywatch.config import Config, format_hostport, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.model import Entry, dest_label, iso
 from relaywatch.store.base import QueueQuery, Selector
@@ -151,7 +151,7 @@ def config_check(config_path):
     if problems:
         _fail_config([f"{config_path}: {p}" for p in problems])
     click.echo(f"{config_path}: OK ({len(config.domains)} domain(s), {len(config.connectors)} connector(s), "
-               f"listening on {', '.join(f'{h}:{p}' for h, p in config.server.listen)})")
+               f"listening on {', '.join(format_hostport(h, p) for h, p in config.server.listen)})")
     for warning in config_warnings(config):
         click.echo(f"warning: {warning}")
 

@@ -93,6 +93,10 @@ def parse_hostport(value: str, default_port: int, allow_zero: bool = False) -> t
     return host, int(port)
 
 
+def format_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = "relaywatch.localdomain"
@@ -479,10 +483,11 @@ def _listen_problems(listen: tuple[tuple[str, int], ...]) -> list[str]:
             if other_port != port:
                 continue
             if other_host == host:
-                out.append(f"server.listen: {host}:{port} is listed twice")
+                out.append(f"server.listen: {format_hostport(host, port)} is listed twice")
             elif {other_host, host} & {"0.0.0.0", "::"} and _same_family(host, other_host):
                 wildcard, specific = (host, other_host) if host in ("0.0.0.0", "::") else (other_host, host)
-                out.append(f"server.listen: {wildcard}:{port} already covers {specific}:{port}; list one of them")
+                out.append(f"server.listen: {format_hostport(wildcard, port)} already covers "
+                           f"{format_hostport(specific, port)}; list one of them")
         seen.append((host, port))
     return out
 

@@ -17,7 +17,7 @@ import pwd
 import socket
 from pathlib import Path
 
-from relaywatch.config import Config
+from relaywatch.config import Config, format_hostport
 
 
 def start_problems(config: Config, *, serving: bool) -> list[str]:
@@ -89,7 +89,7 @@ def listen_problems(listen, *, running: int | None = None, serving: bool = True)
     out = []
     try:
         for host, port in listen:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = format_hostport(host, port)
             problem = _bind(host, port, held)
             if problem is None:
                 continue

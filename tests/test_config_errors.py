@@ -326,3 +326,31 @@ async def test_an_address_taken_after_the_check_is_named_and_nothing_stays_open(
         assert app._child is not None and app._child.poll() is not None, "the delivery process outlived the start"
     finally:
         busy.close()
+
+
+async def test_a_data_dir_that_cannot_be_made_at_start_is_named(tmp_path):
+    """The same race for data_dir: made a file after the check; serve_forever names the key."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    path = write_config(tmp_path, {}, {"data": str(blocker / "data"), "port": 0})
+    with pytest.raises(ConfigError) as err:
+        await Relaywatch(load_config(path)).serve_forever()
+    assert str(err.value).startswith(f"server.data_dir: cannot create {blocker / 'data'}: ")
+
+
+def test_config_check_warns_about_valid_but_unintended_settings(tmp_path):
+    path = write_config(tmp_path, {
+        "server": {"trusted_networks": ["0.0.0.0/0"]},
+        "domains": [{"name": "contoso.test", "type": "authoritative"}],
+        "connectors": [{"name": "all-fabrikam", "type": "partner", "domains": ["*.fabrikam.test"]},
+                       {"name": "eu", "type": "partner", "domains": ["eu.fabrikam.test"]},
+                       {"name": "onprem", "type": "on_premises", "domains": ["contoso.test"]}]},
+        {"data": str(tmp_path / "data"), "port": free_port()})
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    for expected in [
+            "warning: server.trusted_networks: 0.0.0.0/0 lets every address relay to any domain (an open relay)",
+            "warning: connectors[1].domains: eu.fabrikam.test is already served by connector all-fabrikam",
+            "warning: connectors[2].domains: contoso.test is an authoritative domain",
+            "warning: connectors[2].smart_hosts: none, so onprem delivers by the domains' MX"]:
+        assert expected in result.output, result.output
