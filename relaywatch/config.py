@@ -407,16 +407,17 @@ def _mailboxes(domain: str | None):
     """Local parts; ``alice@<this domain>`` is taken as ``alice``, an address elsewhere refused."""
     def convert(value: Any) -> frozenset[str]:
         out = set()
-        for box in _string_list(value):
-            local, at, other = box.rpartition("@")
+        for written in _string_list(value):
+            box, at, other = written.rpartition("@")
             if at:
                 other = other.lower().rstrip(".")
                 if domain is not None and other != domain:
-                    raise ValueError(f"{box!r} is an address in {other}, not in {domain}; list it under the "
+                    raise ValueError(f"{written!r} is an address in {other}, not in {domain}; list it under the "
                                      f"[[domains]] entry for {other}, or write only the part before the @")
-                box = local
+            else:
+                box = written
             if not box or "@" in box or any(c.isspace() for c in box):
-                raise ValueError(f"{box!r} is not a mailbox name (the part before the @, such as \"alice\")")
+                raise ValueError(f"{written!r} is not a mailbox name (the part before the @, such as \"alice\")")
             out.add(box.lower())
         return frozenset(out)
     return convert
@@ -514,7 +515,7 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> C
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{_toml_position(path, text, str(exc))}") from None
+        raise ConfigError(_toml_position(path, text, str(exc))) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     _apply_env(raw, os.environ if env is None else env)

@@ -52,7 +52,7 @@ CASES = [
     ("mailbox-empty", {"domains": [{"name": "contoso.test", "mailboxes": [""]}]},
      "domains[0].mailboxes: '' is not a mailbox name"),
     ("mailbox-only-domain", {"domains": [{"name": "contoso.test", "mailboxes": ["@contoso.test"]}]},
-     "domains[0].mailboxes: '' is not a mailbox name"),
+     "domains[0].mailboxes: '@contoso.test' is not a mailbox name"),
     ("smtp-port-too-big", {"delivery": {"smtp_port": 70000}},
      "delivery.smtp_port: must be a port number from 1 to 65535 (got 70000)"),
     ("smtp-port-zero", {"delivery": {"smtp_port": 0}}, "delivery.smtp_port: must be a port number from 1 to 65535"),
