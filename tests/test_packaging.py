@@ -2,7 +2,7 @@
 fresh virtualenv with only what pyproject.toml declares (pip takes the dependencies from the
 package index this machine uses), runs `--version`, `--help` and `config check`.
 
-About 10 s on the 2-core machine, most of it pip; it runs in `make test`.
+About 10-20 s on the 2-core machine (most of it pip, from its cache when warm); it runs in `make test`.
 """
 
 import re
