@@ -306,10 +306,26 @@ def _store_url(value: Any) -> str:
     value = _string(value)
     if value != "sqlite" and not value.startswith(("postgresql://", "postgres://")):
         raise ValueError(f"must be \"sqlite\" or a postgresql:// URL (got {value!r})")
-    if value != "sqlite" and importlib.util.find_spec("psycopg") is None:
+    if value != "sqlite":
+        _check_postgres_url(value)
+    return value
+
+
+def _check_postgres_url(url: str) -> None:
+    if importlib.util.find_spec("psycopg") is None:
         raise ValueError("a PostgreSQL store needs psycopg, which is not installed: "
                          "pip install 'relaywatch[postgresql]'")
-    return value
+    import psycopg
+    import psycopg.conninfo
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        # libpq quotes the whole URL, password and all: keep it out of the message.
+        reason = str(exc).strip().splitlines()[0].replace(url, "the URL")
+        raise ValueError(f"not a valid PostgreSQL URL: {reason}") from None
+    port = str(params.get("port", "5432"))
+    if not all(p.isdigit() and 1 <= int(p) <= 65535 for p in port.split(",")):
+        raise ValueError(f"the URL's port {port!r} is not a port number from 1 to 65535")
 
 
 def _auto_bool(value: Any) -> bool | str:
@@ -518,12 +534,20 @@ def load_config(path: str | os.PathLike, env: dict[str, str] | None = None) -> C
         raise ConfigError(_toml_position(path, text, str(exc))) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    _apply_env(raw, os.environ if env is None else env)
+    from_env = _apply_env(raw, os.environ if env is None else env)
     try:
         return parse_config(raw, base_dir=path.parent, source=path)
     except ConfigError as exc:
-        problems = [f"{path}: {p}" for p in exc.problems]
+        problems = [f"{path}: {p}{_set_by(p, from_env)}" for p in exc.problems]
         raise ConfigError("\n".join(problems), problems=problems) from None
+
+
+def _set_by(problem: str, from_env: dict[str, str]) -> str:
+    """" (set by RELAYWATCH_X__Y)" when that variable, not the file, holds the value at fault."""
+    for where, name in from_env.items():
+        if problem.startswith(f"{where}:"):
+            return f" (set by {name})"
+    return ""
 
 
 def _toml_position(path: Path, text: str, message: str) -> str:
@@ -539,12 +563,14 @@ def _toml_position(path: Path, text: str, message: str) -> str:
     return f"{path}:{line}:{column}: not valid TOML: {what[:1].lower()}{what[1:]}"
 
 
-def _apply_env(raw: dict, env) -> None:
+def _apply_env(raw: dict, env) -> dict[str, str]:
     """``RELAYWATCH_SECTION__KEY=value`` overrides a scalar in a table.
 
     Values are parsed as TOML values when they can be (numbers, booleans,
-    lists), otherwise taken as strings.
+    lists), otherwise taken as strings.  Returns which variable set which key
+    (``"queue.lease_time"``, or ``"section"`` for a table only a variable names).
     """
+    from_env = {}
     for name, value in env.items():
         if not name.startswith("RELAYWATCH_") or "__" not in name:
             continue
@@ -553,9 +579,13 @@ def _apply_env(raw: dict, env) -> None:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value
+        if section not in raw:
+            from_env[section] = name
         table = raw.setdefault(section, {})
         if isinstance(table, dict):
             table[key] = parsed
+            from_env[f"{section}.{key}"] = name
+    return from_env
 
 
 def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = None) -> Config:

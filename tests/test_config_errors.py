@@ -354,3 +354,27 @@ def test_config_check_warns_about_valid_but_unintended_settings(tmp_path):
             "warning: connectors[2].domains: contoso.test is an authoritative domain",
             "warning: connectors[2].smart_hosts: none, so onprem delivers by the domains' MX"]:
         assert expected in result.output, result.output
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(tmp_path):
+    path = write_config(tmp_path, {}, {"data": str(tmp_path / "data"), "port": free_port()})
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(path)],
+                                env={"RELAYWATCH_DELIVERY__SMTP_PORT": "70000", "RELAYWATCH_QUEUE__LEASE_TIM": "1m"})
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"relaywatch: {path}: queue.lease_tim: unknown key; did you mean 'lease_time'? (set by RELAYWATCH_QUEUE__LEASE_TIM)",
+        f"relaywatch: {path}: delivery.smtp_port: must be a port number from 1 to 65535 (got 70000) "
+        f"(set by RELAYWATCH_DELIVERY__SMTP_PORT)"]
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("postgresql://relay:secret@db.test:99999/queue", "server.store: the URL's port '99999' is not a port number"),
+    ("postgresql://relay:secret@[::1/queue", "server.store: not a valid PostgreSQL URL: end of string reached"),
+])
+def test_a_postgresql_url_that_cannot_work_is_refused_without_its_password(tmp_path, url, expected):
+    pytest.importorskip("psycopg")
+    path = write_config(tmp_path, {"server": {"store": url}}, {"data": str(tmp_path / "data"), "port": free_port()})
+    result = CliRunner().invoke(main, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert_one_line(result.output, path, expected)
+    assert "secret" not in result.output
