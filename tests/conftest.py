@@ -1,9 +1,11 @@
+import asyncio
 import os
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -50,3 +52,24 @@ def pg_dsn():
     yield f"{PG_DSN}{sep}options=-csearch_path%3D{schema}"
     admin.execute(f"DROP SCHEMA {schema} CASCADE")
     admin.close()
+
+
+# -- event loops -------------------------------------------------------------------------
+# Production runs ``serve`` on uvloop, whose transports raise differently from
+# asyncio's (a write on a transport the peer reset is a RuntimeError there).
+# Modules marked ``both_loops`` (delivery and classification end to end) run
+# every async test once per loop; the rest run on asyncio's default loop, to keep
+# the suite's time down.  RELAYWATCH_TEST_LOOPS=both runs every async test on
+# both.  tests/test_acceptance.py runs ``serve`` itself, so uvloop, already.
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_loops: run each async test on asyncio and on uvloop")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if item.get_closest_marker("both_loops") is not None or os.environ.get("RELAYWATCH_TEST_LOOPS") == "both":
+        return LOOPS
+    return {"asyncio": LOOPS["asyncio"]}

@@ -11,6 +11,8 @@ import datetime
 import json
 import smtplib
 import socket
+import ssl
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,12 +188,52 @@ class Conversation:
     def reset(self) -> None:
         """Close with RST instead of FIN."""
         sock = self.writer.get_extra_info("socket")
-        import struct
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.writer.transport.abort()
 
     async def hang(self) -> None:
         await asyncio.sleep(3600)
+
+    async def misbehave(self, how: str) -> None:
+        """End the session as a broken server would: "reset" (RST), "close" (FIN),
+        "silent" (keep the connection, say nothing) or "garbage" (not SMTP, not TLS)."""
+        if how == "reset":
+            self.reset()
+        elif how == "close":
+            self.writer.close()
+        elif how == "silent":
+            await self.hang()
+        elif how == "garbage":
+            await self.say("XXXX this is not what you think it is")
+            await self.hang()
+        else:
+            raise ValueError(how)
+
+    async def answer_tls_with_an_alert(self, context: ssl.SSLContext) -> str:
+        """Play the server side of the client's TLS handshake with ``context`` over
+        memory BIOs and send what OpenSSL says, alert included, then close.
+
+        asyncio's own start_tls (and so aiosmtpd) drops the connection on a failed
+        handshake without sending the alert; real MTAs send it.  Returns the
+        server-side reason (UNSUPPORTED_PROTOCOL, NO_SHARED_CIPHER)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=True)
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                raise ConnectionError("client closed during the handshake")
+            incoming.write(data)
+            try:
+                tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self.writer.write(outgoing.read())
+                continue
+            except ssl.SSLError as exc:
+                self.writer.write(outgoing.read())
+                await self.writer.drain()
+                self.writer.close()
+                return exc.reason
+            raise AssertionError("the handshake succeeded; the context was meant to refuse it")
 
 
 class FullBacklog:

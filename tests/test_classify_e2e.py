@@ -1,6 +1,9 @@
 """Every failure kind through a real relay: message in over SMTP, evidence out of
 ``relaywatch queue show --json``.  Destinations misbehave on loopback; DNS is
-served on loopback; certificates are made here."""
+served on loopback; certificates are made here.
+
+Every test here runs twice, on asyncio's loop and on uvloop (the loop ``serve``
+uses): the two raise different exceptions for the same broken peer."""
 
 import asyncio
 import datetime
@@ -15,6 +18,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from helpers import LOOPBACK, DnsServer, FullBacklog, Scripted, Sink, SinkHandler, eventually, free_port, message
+from relaywatch.classify.classify import classify
+from relaywatch.classify.observation import Phase
+from relaywatch.config import DeliveryConfig
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
+from relaywatch.model import Destination, StoredBody
+
+pytestmark = pytest.mark.both_loops
 
 PARTNER = "mail.partner.test"
 
@@ -411,21 +421,78 @@ async def test_revoked_certificate_with_a_crl_is_4_7_320_revoked(relay_factory, 
     assert error["tls"]["serial"] == format(serial, "x")
 
 
-async def test_tls_handshake_failure_is_4_4_317(relay_factory, tmp_path):
-    ca = trustme.CA()
-    leaf = ca.issue_cert(PARTNER)
-    ctx = _server_context(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(), tmp_path)
-    # A server stuck on TLS 1.1 answers our TLS 1.2+ hello with a protocol_version alert.
+def _tls11_only(ctx: ssl.SSLContext) -> ssl.SSLContext:
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     ctx.minimum_version = ssl.TLSVersion.TLSv1
     ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    sink = await Sink(tls_context=ctx).start()
+    return ctx
+
+
+def _no_common_cipher(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("aNULL")       # nothing our client offers
+    return ctx
+
+
+def _leaf_context(tmp_path) -> ssl.SSLContext:
+    leaf = trustme.CA().issue_cert(PARTNER)
+    return _server_context(b"".join(b.bytes() for b in leaf.cert_chain_pems), leaf.private_key_pem.bytes(), tmp_path)
+
+
+@pytest.mark.parametrize("server_tls, alert", [
+    (_tls11_only, "TLSV1_ALERT_PROTOCOL_VERSION"),        # stuck on TLS 1.1: a protocol_version alert
+    (_no_common_cipher, "SSLV3_ALERT_HANDSHAKE_FAILURE"),  # no shared cipher: a handshake_failure alert
+])
+async def test_tls_handshake_failure_is_4_4_317(relay_factory, tmp_path, server_tls, alert):
+    ctx = server_tls(_leaf_context(tmp_path))
+
+    async def refuses_tls(c):
+        await c.greet_and_ehlo(("8BITMIME", "STARTTLS"))
+        assert (await c.hear()).upper() == "STARTTLS"
+        await c.say("220 2.0.0 Ready to start TLS")
+        await c.answer_tls_with_an_alert(ctx)
+
+    server = await Scripted(refuses_tls).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(server.port, tls="required", tls_verify="none"))
+        error = await deferred_error(relay)
+    finally:
+        await server.stop()
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.317", "tls_handshake", "starttls"), error
+    assert alert in error["detail"]
+
+
+async def test_a_server_that_hangs_up_in_the_tls_handshake_is_4_4_318(relay_factory, tmp_path):
+    # aiosmtpd on TLS 1.1 only: its handshake fails, and asyncio closes the
+    # connection without sending the alert.  Nothing was refused that we can
+    # see: the connection was closed abruptly.
+    sink = await Sink(tls_context=_tls11_only(_leaf_context(tmp_path))).start()
     try:
         relay = await relay_factory(connectors=smart_host(sink.port, tls="required", tls_verify="none"))
         error = await deferred_error(relay)
     finally:
         await sink.stop()
-    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.317", "tls_handshake", "starttls"), error
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.4.318", "closed", "starttls"), error
+    assert "without a TLS alert" in error["detail"]
+
+
+@pytest.mark.parametrize("how, errno", [("reset", "ECONNRESET"), ("close", None)])
+async def test_starttls_220_then_the_server_drops_is_4_4_318(relay_factory, how, errno):
+    async def drops_after_220(c):
+        await c.greet_and_ehlo(("8BITMIME", "STARTTLS"))
+        assert (await c.hear()).upper() == "STARTTLS"
+        await c.say("220 2.0.0 Ready to start TLS")
+        await c.reader.read(1)          # the ClientHello has begun
+        await c.misbehave(how)
+
+    server = await Scripted(drops_after_220).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(server.port, tls="required", tls_verify="none"))
+        error = await deferred_error(relay)
+    finally:
+        await server.stop()
+    assert (error["code"], error["smtp_code"], error["subtype"], error["phase"]) == ("4.4.318", 450, "closed", "starttls")
+    assert error["errno"] == errno
 
 
 def slow_reader(per_read: int, pause: float, stop_after: int | None = None):
@@ -471,3 +538,162 @@ async def test_a_stalled_upload_is_4_4_318_stalled(relay_factory):
     finally:
         await server.stop()
     assert (error["code"], error["subtype"], error["phase"]) == ("4.4.318", "stalled", "data")
+
+
+# -- completeness: every way a session can break, on both loops --------------------------------
+#
+# httpx's test_httpcore_all_exceptions_mapped, over real sockets: for each phase a
+# server breaks the session in each way it can, and the connection must end in a
+# SessionFailure whose observation classify() turns into a code.  Nothing may
+# escape as another exception (uvloop's RuntimeError once did, in DATA).
+
+QUICK = DeliveryConfig(connect_timeout=0.5, command_timeout=0.3, data_timeout=0.3, final_timeout=0.3)
+BODY = StoredBody(size=300_000, data=(b"y" * 998 + b"\r\n") * 300)
+
+# phase the server breaks in -> how -> (code, phases the client may be in when it notices)
+BREAKS = {
+    Phase.GREETING:   {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318"},
+    Phase.EHLO:       {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318"},
+    Phase.STARTTLS:   {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318",
+                       "handshake-reset": "4.4.318", "handshake-close": "4.4.318", "handshake-silent": "4.4.318",
+                       "handshake-garbage": "4.4.317", "handshake-alert": "4.4.317"},
+    Phase.MAIL:       {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318"},
+    Phase.RCPT:       {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318"},
+    Phase.DATA:       {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318",
+                       "body-reset": "4.4.318", "body-close": "4.4.318", "body-silent": "4.4.318"},
+    Phase.AFTER_DATA: {"reset": "4.4.318", "close": "4.4.318", "silent": "4.4.318", "garbage": "4.4.318"},
+}
+
+
+def test_the_break_table_covers_every_session_phase():
+    assert set(BREAKS) | {Phase.CONNECT} == set(Phase) - {Phase.DNS, Phase.LOCAL}
+
+
+def breaking_server(phase: Phase, how: str, tmp_path):
+    tls = phase is Phase.STARTTLS
+
+    async def script(c):
+        async def at(p):
+            if p is phase and "-" not in how:
+                await c.misbehave(how)
+        await at(Phase.GREETING)
+        await c.say("220 scripted.test ESMTP")
+        await c.hear()
+        await at(Phase.EHLO)
+        await c.say("250-scripted.test", "250-8BITMIME", "250 STARTTLS" if tls else "250 SIZE")
+        if tls:
+            await c.hear()
+            await at(Phase.STARTTLS)
+            await c.say("220 2.0.0 Ready to start TLS")
+            if how == "handshake-alert":
+                await c.answer_tls_with_an_alert(_tls11_only(_leaf_context(tmp_path)))
+                return
+            await c.reader.read(1)
+            await c.misbehave(how.removeprefix("handshake-"))
+        await c.hear()
+        await at(Phase.MAIL)
+        await c.say("250 2.1.0 OK")
+        await c.hear()
+        await at(Phase.RCPT)
+        await c.say("250 2.1.5 OK")
+        await c.hear()
+        await at(Phase.DATA)
+        await c.say("354 go ahead")
+        if how.startswith("body-"):
+            await c.reader.readexactly(32 * 1024)
+            await c.misbehave(how.removeprefix("body-"))
+        await c.read_body()
+        await at(Phase.AFTER_DATA)
+        await c.say("250 2.0.0 queued")
+        await c.hang()
+    return script
+
+
+async def _session(port: int, tls_mode: str) -> SessionFailure:
+    conn = SmtpConnection(Destination("scripted.test", LOOPBACK, port), QUICK, "relay.test")
+    try:
+        await conn.open(TlsPolicy(mode=tls_mode, verify="none"), "scripted.test")
+        result = await conn.transaction("alice@contoso.test", ["bob@partner.test"], BODY)
+        raise AssertionError(f"the session did not fail: {result}")
+    except SessionFailure as failure:
+        return failure
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("phase, how", [(p, h) for p, hows in BREAKS.items() for h in hows],
+                         ids=lambda v: v.value if isinstance(v, Phase) else v)
+async def test_every_broken_session_is_classified(tmp_path, phase, how):
+    server = await Scripted(breaking_server(phase, how, tmp_path)).start()
+    try:
+        failure = await _session(server.port, "required" if phase is Phase.STARTTLS else "none")
+    finally:
+        await server.stop()
+    obs = failure.observation
+    # A body the kernel took whole is noticed while waiting for the final reply.
+    noticed_in = {Phase.DATA, Phase.AFTER_DATA} if how.startswith("body-") else {phase}
+    assert obs.phase in noticed_in, obs
+    assert classify(obs, at=0.0).code == BREAKS[phase][how], obs
+
+
+async def test_connect_failures_are_classified():
+    for port, code in ((free_port(), "4.4.316"),):
+        failure = await _session(port, "none")
+        assert (failure.observation.phase, classify(failure.observation, at=0.0).code) == (Phase.CONNECT, code)
+    backlog = FullBacklog()
+    try:
+        failure = await _session(backlog.port, "none")
+    finally:
+        backlog.close()
+    assert (failure.observation.phase, classify(failure.observation, at=0.0).code) == (Phase.CONNECT, "4.4.315")
+
+
+@pytest.mark.parametrize("phase", [Phase.MAIL, Phase.DATA])
+async def test_a_write_to_a_connection_the_peer_has_reset_is_4_4_318(phase):
+    """The uvloop case, made deterministic: the peer resets, the loop notices,
+    and only then do we write (uvloop raises RuntimeError from write(), asyncio
+    drops the data and raises from drain())."""
+    async def resets(c):
+        await c.greet_and_ehlo()
+        if phase is Phase.DATA:
+            await c.until_data()
+        c.reset()
+
+    server = await Scripted(resets).start()
+    conn = SmtpConnection(Destination("scripted.test", LOOPBACK, server.port), QUICK, "relay.test")
+    try:
+        await conn.open(TlsPolicy(mode="none"), "scripted.test")
+        if phase is Phase.DATA:
+            for command, phase_of in ((b"MAIL FROM:<a@contoso.test>\r\n", Phase.MAIL),
+                                      (b"RCPT TO:<b@partner.test>\r\n", Phase.RCPT), (b"DATA\r\n", Phase.DATA)):
+                await conn._command(phase_of, command)
+        await eventually(lambda: conn.writer.transport.is_closing(), what="the loop to see the reset")
+        with pytest.raises(SessionFailure) as failed:
+            if phase is Phase.DATA:
+                await conn._send_body(BODY)
+            else:
+                await conn.transaction("a@contoso.test", ["b@partner.test"], BODY)
+    finally:
+        conn.close()
+        await server.stop()
+    obs = failed.value.observation
+    assert (obs.phase, obs.outcome.value, obs.errno) == (phase, "closed", "ECONNRESET")
+    assert classify(obs, at=0.0).code == "4.4.318"
+
+
+async def test_phase_maps_what_nobody_foresaw_and_lets_cancellation_through(sink):
+    conn = SmtpConnection(Destination("sink.test", LOOPBACK, sink.port), QUICK, "relay.test")
+    try:
+        await conn.open(TlsPolicy(mode="none"), "sink.test")
+        with pytest.raises(SessionFailure) as failed:
+            with conn.phase(Phase.RCPT):
+                raise KeyError("a bug of ours, the connection still up")
+        obs = failed.value.observation
+        assert (obs.phase, obs.outcome.value) == (Phase.RCPT, "internal")
+        assert (classify(obs, at=0.0).code, classify(obs, at=0.0).kind) == ("4.3.0", "relay.internal_error")
+        assert conn.broken          # never reused for the next message
+        with pytest.raises(asyncio.CancelledError):
+            with conn.phase(Phase.DATA):
+                raise asyncio.CancelledError()
+    finally:
+        conn.close()

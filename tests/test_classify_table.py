@@ -35,6 +35,11 @@ TABLE = [
     (obs("starttls", "tls_not_offered"),                                  "4.4.317", "tls_not_offered", False),
     (obs("starttls", "reply", reply_code=454, reply_enhanced="4.7.0"),    "4.4.317", "starttls_refused", False),
     (obs("starttls", "tls_handshake", note="NO_SHARED_CIPHER"),           "4.4.317", "tls_handshake", False),
+    (obs("starttls", "tls_handshake", note="TLSV1_ALERT_PROTOCOL_VERSION"), "4.4.317", "tls_handshake", False),
+    # 220 to STARTTLS, then a reset or EOF with no TLS alert: dropped, not refused.
+    (obs("starttls", "closed", errno="ECONNRESET", note="in the TLS handshake, without a TLS alert"),
+     "4.4.318", "closed", False),
+    (obs("starttls", "closed", note="in the TLS handshake, without a TLS alert"), "4.4.318", "closed", False),
     (obs("greeting", "closed"),                                           "4.4.318", "closed", False),
     (obs("greeting", "silent"),                                           "4.4.318", "silent", False),
     (obs("ehlo", "protocol", note="not an SMTP reply"),                   "4.4.318", "protocol", False),
@@ -57,6 +62,7 @@ TABLE = [
     (obs("after-data", "reply", reply_code=554, reply_enhanced="5.7.1"),  "5.7.1", None, True),
     (obs("data", "reply", reply_code=554),                                "5.0.0", None, True),
     (obs("local", "local_error", note="No space left on device"),         "4.3.0", "io_error", False),
+    (obs("data", "internal", note="KeyError: 'x'"),                      "4.3.0", "internal", False),
 ]
 
 
@@ -68,6 +74,14 @@ def test_classify(observation, code, subtype, permanent):
     assert failure.detail.endswith(".")
     if observation.destination and observation.outcome not in (Outcome.DNS_NXDOMAIN, Outcome.LOCAL_ERROR):
         assert "mail.contoso.test" in failure.detail or "192.0.2.5" in failure.detail
+
+
+def test_a_drop_in_the_tls_handshake_says_so():
+    failure = classify(obs("starttls", "closed", errno="ECONNRESET", note="in the TLS handshake, without a TLS alert"),
+                       at=0.0)
+    assert failure.detail == ("mail.contoso.test[192.0.2.5]:25 closed the connection (ECONNRESET) during STARTTLS "
+                              "(in the TLS handshake, without a TLS alert).")
+    assert failure.kind == "connection.dropped"
 
 
 def test_catalog_codes_have_450_for_the_connector_codes():
@@ -104,10 +118,23 @@ def test_verify_codes_map_to_documented_subtypes():
 
 import asyncio  # noqa: E402
 import errno  # noqa: E402
+import socket  # noqa: E402
 import ssl  # noqa: E402
 
 from relaywatch.deliver.transport import PeerClosed, observe  # noqa: E402
 from relaywatch.smtpclient.protocol import RemoteProtocolError  # noqa: E402
+
+
+def _alert(reason):
+    """An SSLError as the ssl module raises it for a TLS alert or a refused protocol."""
+    e = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()} (_ssl.c:1006)")
+    e.reason, e.library = reason, "SSL"
+    return e
+
+
+def _uvloop_closed():
+    return RuntimeError("unable to perform operation on <TCPTransport closed=True reading=False 0x1>; "
+                        "the handler is closed")
 
 
 def _cert_error(code):
@@ -133,15 +160,90 @@ OBSERVE_TABLE = [
     ("after-data", TimeoutError(),                                     {},                   "silent"),
     ("starttls", _cert_error(10),                                      {"handshake": True},  "certificate"),
     ("starttls", ssl.SSLError(1, "no shared cipher"),                  {"handshake": True},  "tls_handshake"),
-    ("starttls", ConnectionResetError(errno.ECONNRESET, "x"),          {"handshake": True},  "tls_handshake"),
+    ("starttls", _alert("TLSV1_ALERT_PROTOCOL_VERSION"),               {"handshake": True},  "tls_handshake"),
+    ("starttls", _alert("SSLV3_ALERT_HANDSHAKE_FAILURE"),              {"handshake": True},  "tls_handshake"),
+    ("starttls", _alert("WRONG_VERSION_NUMBER"),                       {"handshake": True},  "tls_handshake"),
+    # The 220 came, then no alert: the connection was closed abruptly (4.4.318), on either loop.
+    ("starttls", ConnectionResetError(errno.ECONNRESET, "x"),          {"handshake": True},  "closed"),
+    ("starttls", ConnectionResetError(),                               {"handshake": True},  "closed"),
+    ("starttls", ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), {"handshake": True}, "closed"),
+    ("starttls", ssl.SSLZeroReturnError(6, "TLS/SSL connection has been closed"), {"handshake": True}, "closed"),
+    ("starttls", BrokenPipeError(errno.EPIPE, "x"),                    {"handshake": True},  "closed"),
+    ("starttls", TimeoutError(),                                       {"handshake": True},  "silent"),
     ("starttls", PeerClosed(),                                         {},                   "closed"),
     ("mail", ssl.SSLEOFError(8, "EOF"),                                {},                   "closed"),
+    # uvloop: a write to a transport the peer reset raises RuntimeError; the stream knows why it went.
+    ("data", _uvloop_closed(),                                         {"writing": True, "gone": True,
+                                                                        "lost": ConnectionResetError(errno.ECONNRESET, "x")},
+     "closed"),
+    ("mail", _uvloop_closed(),                                         {"gone": True},       "closed"),
+    ("after-data", KeyError("nobody foresaw this"),                    {"gone": True},       "closed"),
+    ("rcpt", KeyError("nobody foresaw this"),                          {},                   "internal"),
+    ("connect", RuntimeError("x"),                                     {},                   "internal"),
 ]
 
 
 @pytest.mark.parametrize("phase, exc, flags, outcome", OBSERVE_TABLE)
 def test_observe_maps_exceptions_by_phase(phase, exc, flags, outcome):
     assert observe(Phase(phase), exc, D, **flags).outcome is Outcome(outcome)
+
+
+def test_the_uvloop_write_error_keeps_the_errno_of_the_reset():
+    o = observe(Phase.DATA, _uvloop_closed(), D, writing=True, gone=True,
+                lost=ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"))
+    assert (o.outcome, o.errno) == (Outcome.CLOSED, "ECONNRESET")
+
+
+def test_an_ssl_errno_is_not_reported_as_an_os_errno():
+    o = observe(Phase.STARTTLS, ssl.SSLEOFError(8, "EOF"), D, handshake=True)
+    assert (o.outcome, o.errno) == (Outcome.CLOSED, None)   # 8 is SSL_ERROR_EOF, not ENOEXEC
+
+
+def _every_exception_class():
+    import builtins
+    import inspect
+    seen = set()
+    for module in (builtins, ssl, asyncio, socket):
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Exception) and cls not in seen:
+                seen.add(cls)
+                yield cls
+
+
+def _instance(cls):
+    for args in ((), ("x",), (1, "x"), (b"", 1), ("x", b"", 0, 1, "y"), ("x", "", 0, 1, "y"), ("", 0, 1, "y"), ("x", [ValueError("x")])):
+        try:
+            return cls(*args)
+        except Exception:
+            continue
+    raise AssertionError(f"cannot make a {cls.__name__}")
+
+
+@pytest.mark.parametrize("phase", [p for p in Phase if p not in (Phase.DNS, Phase.LOCAL)], ids=lambda p: p.value)
+def test_every_exception_in_every_phase_is_observed_and_classified(phase):
+    """httpx's test_httpcore_all_exceptions_mapped, for us: whatever either event
+    loop (or ssl, or our own code) raises in a phase becomes an observation
+    that classify() turns into a catalog entry; none is re-raised."""
+    classes = list(_every_exception_class())
+    assert len(classes) > 60
+    for cls in classes:
+        exc = _instance(cls)
+        for flags in ({}, {"writing": True}, {"handshake": True}, {"gone": True},
+                      {"lost": ConnectionResetError(errno.ECONNRESET, "x"), "gone": True}):
+            if flags.get("handshake") and phase is not Phase.STARTTLS:
+                continue
+            o = observe(phase, exc, D, **flags)
+            assert o.phase is phase
+            failure = classify(o, at=0.0)
+            assert failure.kind in CATALOG, (cls, flags)
+            if flags.get("gone") and o.outcome is not Outcome.PROTOCOL and phase is not Phase.CONNECT:
+                # the connection is gone: never blamed on relaywatch
+                assert o.outcome is not Outcome.INTERNAL, (cls, flags)
+
+
+def test_cancellation_is_never_mapped():
+    with pytest.raises(asyncio.CancelledError):
+        observe(Phase.DATA, asyncio.CancelledError(), D)
 
 
 def test_certificate_observation_keeps_the_verify_code():

@@ -10,6 +10,9 @@ from flufl.bounce import scan_message
 from helpers import LOOPBACK, RawClient, Sink, SinkHandler, eventually, free_port, message
 
 
+pytestmark = pytest.mark.both_loops
+
+
 def connector(name, port, domains, **kw):
     return {"name": name, "type": kw.pop("type", "on_premises"), "domains": domains,
             "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": kw.pop("tls", "none"), **kw}

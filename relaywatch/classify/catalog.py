@@ -128,8 +128,10 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
         explanation=(
             "relaywatch connected, but the server turned the session down or could not meet the "
             "connector's requirements: it greeted with an error (421 or 554), refused EHLO, did not "
-            "offer STARTTLS although the connector requires TLS, refused STARTTLS, or the TLS "
-            "handshake failed for a reason other than the certificate (no common protocol or cipher)."),
+            "offer STARTTLS although the connector requires TLS, refused STARTTLS, or answered the "
+            "TLS handshake with a TLS alert for a reason other than the certificate (no common "
+            "protocol version or cipher). A server that hangs up during the handshake without an "
+            "alert is 4.4.318, not this."),
         causes={
             "on_premises": (
                 "The mail server is overloaded, in maintenance, or rejects relaywatch's address (its greeting says which).",
@@ -157,12 +159,14 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
         explanation=(
             "relaywatch was connected and talking SMTP when the server closed or reset the "
             "connection, or stopped answering until the phase's timeout ran out. The phase says "
-            "where in the conversation it happened."),
+            "where in the conversation it happened; phase starttls means the server agreed to "
+            "STARTTLS and then hung up during the TLS handshake without sending a TLS alert."),
         causes={
             "on_premises": (
                 "A firewall or appliance that inspects SMTP interferes with the session (a masked '220 ****' greeting or a garbled EHLO reply is a sign of it).",
                 "The mail server is failing: crashing, hung, out of disk or memory.",
                 "An unstable network path between relaywatch and the server.",
+                "During STARTTLS: the server cannot agree on a TLS version or cipher and hangs up instead of sending an alert (some servers do).",
             ),
             "partner": (
                 "The partner's server or a firewall in front of it drops the session.",
@@ -175,6 +179,7 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
                 "Check the mail server's logs, disk space and memory at the time of the error.",
                 "If it happens after the final dot, check content filters on the server that may time out on large messages.",
                 "Ask the network team to check the path if drops happen at random phases.",
+                "If it happens during STARTTLS, look for a TLS handshake error in the server's log at that time and enable TLS 1.2 or later there.",
             ),
             "partner": (
                 "Tell the partner the phase, time and IP of the drop and ask them to check their server and firewall.",
@@ -209,6 +214,20 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
                 "Send the partner the certificate facts from the error (names, issuer, expiry) and ask them to renew or fix it.",
                 "If they use a private CA, ask for its certificate and set it as the connector's ca_file.",
             ),
+        }),
+    Entry(
+        id="relay.internal_error", code="4.3.0", smtp_code=451, title="relaywatch failed during delivery",
+        explanation=(
+            "relaywatch itself hit an error it did not foresee while the connection to the "
+            "destination was still up, and dropped the session. Nothing says the destination is at "
+            "fault. The message stays queued and is retried; the traceback is in relaywatch's log."),
+        causes={
+            "on_premises": ("A defect in relaywatch, triggered by this message or this server's answers.",),
+            "partner": ("A defect in relaywatch, triggered by this message or this server's answers.",),
+        },
+        fixes={
+            "on_premises": ("Find the \"unforeseen error\" line with its traceback in relaywatch's log and report it with the message id.",),
+            "partner": ("Find the \"unforeseen error\" line with its traceback in relaywatch's log and report it with the message id.",),
         }),
     Entry(
         id="dns.domain_not_found", code="5.1.2", smtp_code=550, title="Recipient domain does not exist",

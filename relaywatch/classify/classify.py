@@ -133,7 +133,8 @@ def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
             return (e, "tls_not_offered", e.code, e.smtp_code,
                     f"{here} does not offer STARTTLS and the connector requires TLS; nothing was sent in clear.")
         return (e, "tls_handshake", e.code, e.smtp_code,
-                f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}).")
+                f"The TLS handshake with {here} failed: the server answered with a TLS alert or with TLS "
+                f"relaywatch will not use ({obs.note or 'no common protocol or cipher'}).")
 
     if o is Outcome.REPLY and obs.phase in (Phase.GREETING, Phase.EHLO, Phase.STARTTLS):
         e = CATALOG["connect.rejected"]
@@ -159,7 +160,15 @@ def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
             subtype, how = "stalled", "stopped reading the message (timeout)"
         else:
             subtype, how = "protocol", f"answered with something that is not SMTP ({obs.note or 'garbled reply'})"
+        if o is Outcome.CLOSED and obs.note:
+            return e, subtype, e.code, e.smtp_code, f"{here} {how} {phase} ({obs.note})."
         return e, subtype, e.code, e.smtp_code, f"{here} {how} {phase}."
+
+    if o is Outcome.INTERNAL:
+        e = CATALOG["relay.internal_error"]
+        phase = _PHASE_WORDS.get(obs.phase, obs.phase.value)
+        return (e, "internal", e.code, e.smtp_code,
+                f"relaywatch failed {phase} with {here} ({obs.note or 'unforeseen error'}); it dropped the session.")
 
     if o is Outcome.LOCAL_ERROR:
         e = CATALOG["local.delivery_failed"]

@@ -1,8 +1,8 @@
 """What the transport saw when an attempt failed: facts, no judgement.
 
 The delivery driver records the phase it was in and turns the exception (or
-reply) it got into one ``Observation`` in exactly one place
-(deliver/transport.py ``observe``).  classify.classify() turns an observation
+reply) it got into one ``Observation`` in exactly one place: the per-phase
+tables of deliver/observe.py, applied by ``SmtpConnection.phase()``.  classify.classify() turns an observation
 into a catalog entry.  Message text is never inspected.
 """
 
@@ -51,6 +51,7 @@ class Outcome(str, enum.Enum):
     CERTIFICATE = "certificate"        # the certificate failed verification
     PROTOCOL = "protocol"              # the peer spoke something that is not SMTP
     LOCAL_ERROR = "local_error"        # the local mailbox could not be written
+    INTERNAL = "internal"              # relaywatch itself failed mid-session (the connection was still up)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 We open the TCP connection ourselves, so at every moment we know the phase
 (connect, greeting, ehlo, starttls, mail, rcpt, data, after-data); each phase
-has its own timeout.  Everything that goes wrong is turned into an
-Observation by ``observe()`` — the only place where exceptions are mapped —
-and raised as ``SessionFailure``.
+has its own timeout.  Each phase runs inside ``with self.phase(Phase.X):``,
+which turns whatever escapes into an Observation through the per-phase tables
+of deliver/observe.py and raises it as ``SessionFailure``: nothing a session
+raises is left unclassified, on asyncio's loop or on uvloop.
 
 TLS: with ``tls = "required"`` a server that does not offer STARTTLS gets
 nothing but QUIT; plaintext is never sent.  When a certificate fails
@@ -15,10 +16,12 @@ certificate so the evidence always has its names, issuer and dates.
 from __future__ import annotations
 
 import asyncio
-import errno as errno_module
+import contextlib
+import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Iterator
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
@@ -26,24 +29,16 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
 from relaywatch.deliver.downgrade import body_for_destination
+from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, reply_observation
 from relaywatch.model import Destination, StoredBody
-from relaywatch.smtpclient.protocol import (
-    DotStuffer, RemoteProtocolError, Reply, ReplyReader, mail_from, parse_ehlo, rcpt_to,
-)
+from relaywatch.smtpclient.protocol import DotStuffer, Reply, ReplyReader, mail_from, parse_ehlo, rcpt_to
+
+__all__ = ["PeerClosed", "SessionFailure", "SmtpConnection", "TlsPolicy", "TransactionResult",
+           "certificate_facts", "fetch_certificate", "observe", "reply_observation"]
+
+log = logging.getLogger("relaywatch.transport")
 
 _CHUNK = 256 * 1024
-
-
-class SessionFailure(Exception):
-    """The session with a destination failed; ``observation`` says how."""
-
-    def __init__(self, observation: Observation):
-        super().__init__(f"{observation.phase.value}: {observation.outcome.value}")
-        self.observation = observation
-
-
-class PeerClosed(ConnectionError):
-    """The server closed the connection (EOF)."""
 
 
 @dataclass(frozen=True)
@@ -67,56 +62,6 @@ class TlsPolicy:
                 ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
-
-
-def _errno_name(exc: BaseException) -> str | None:
-    code = getattr(exc, "errno", None)
-    return errno_module.errorcode.get(code) if isinstance(code, int) else None
-
-
-def observe(phase: Phase, exc: BaseException, dest: Destination | None, *, writing: bool = False,
-            handshake: bool = False, tls: dict | None = None) -> Observation:
-    """Map what was raised in ``phase`` to an Observation, most specific first.
-
-    ``handshake``: raised by the TLS handshake itself (after the server's 220
-    to STARTTLS).  A server that cannot agree on a protocol or cipher often
-    just hangs up instead of sending an alert, so a close there is a TLS
-    failure (4.4.317), not a dropped connection.
-    """
-    if isinstance(exc, SessionFailure):
-        return exc.observation
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        facts = dict(tls or {})
-        facts.setdefault("verify_code", exc.verify_code)
-        facts.setdefault("verify_message", exc.verify_message)
-        return Observation(phase, Outcome.CERTIFICATE, dest, tls=facts)
-    if isinstance(exc, ssl.SSLError):
-        if handshake:
-            return Observation(phase, Outcome.TLS_HANDSHAKE, dest, note=getattr(exc, "reason", None) or type(exc).__name__)
-        return Observation(phase, Outcome.CLOSED, dest, note=getattr(exc, "reason", None))
-    if handshake and isinstance(exc, (ConnectionError, EOFError)):
-        return Observation(phase, Outcome.TLS_HANDSHAKE, dest, errno=_errno_name(exc),
-                           note="the server closed the connection during the handshake")
-    if isinstance(exc, TimeoutError):
-        if phase is Phase.CONNECT:
-            return Observation(phase, Outcome.CONNECT_TIMEOUT, dest)
-        return Observation(phase, Outcome.STALLED if writing else Outcome.SILENT, dest)
-    if isinstance(exc, ConnectionRefusedError):
-        return Observation(phase, Outcome.REFUSED, dest, errno=_errno_name(exc) or "ECONNREFUSED")
-    if isinstance(exc, OSError) and exc.errno in (errno_module.EHOSTUNREACH, errno_module.ENETUNREACH):
-        return Observation(phase, Outcome.UNREACHABLE, dest, errno=_errno_name(exc))
-    if isinstance(exc, OSError) and exc.errno == errno_module.ETIMEDOUT and phase is Phase.CONNECT:
-        return Observation(phase, Outcome.CONNECT_TIMEOUT, dest, errno="ETIMEDOUT")
-    if isinstance(exc, (PeerClosed, asyncio.IncompleteReadError, ConnectionError, OSError)):
-        return Observation(phase, Outcome.CLOSED, dest, errno=_errno_name(exc))
-    if isinstance(exc, (RemoteProtocolError, ValueError, asyncio.LimitOverrunError)):
-        return Observation(phase, Outcome.PROTOCOL, dest, note=str(exc)[:120])
-    raise exc
-
-
-def reply_observation(phase: Phase, reply: Reply, dest: Destination | None) -> Observation:
-    return Observation(phase, Outcome.REPLY, dest, reply_code=reply.code,
-                       reply_enhanced=reply.enhanced, reply_text=reply.text)
 
 
 def certificate_facts(der: bytes | None, expected_name: str | None) -> dict:
@@ -168,38 +113,54 @@ class SmtpConnection:
 
     # -- low level --------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def phase(self, phase: Phase, *, writing: bool = False, handshake: bool = False) -> Iterator[None]:
+        """Run one phase: whatever it raises leaves as a SessionFailure whose
+        observation deliver/observe.py built from the phase's table.
+        Cancellation passes through untouched."""
+        try:
+            yield
+        except SessionFailure:
+            self.broken = True
+            raise
+        except Exception as exc:
+            self.broken = True
+            obs = observe(phase, exc, self.dest, writing=writing, handshake=handshake,
+                          lost=self._lost(), gone=self._gone())
+            if obs.outcome is Outcome.INTERNAL:
+                log.warning("unforeseen error %s with %s; the session is dropped", phase.value, self.dest,
+                            exc_info=exc)
+            raise SessionFailure(obs) from exc
+
+    def _lost(self) -> BaseException | None:
+        """Why the connection went, as the stream saw it (None while it is up)."""
+        return self.reader.exception() if self.reader is not None else None
+
+    def _gone(self) -> bool:
+        return self.writer is not None and self.writer.transport.is_closing()
+
     async def _read_reply(self, phase: Phase, timeout: float) -> Reply:
         parser = ReplyReader()
-        try:
+        with self.phase(phase):
             async with asyncio.timeout(timeout):
                 while True:
                     line = await self.reader.readline()
-                    if not line:
-                        raise PeerClosed()
                     if not line.endswith(b"\n"):
-                        raise PeerClosed()   # EOF in the middle of a line
+                        raise PeerClosed()   # EOF, maybe in the middle of a line
                     reply = parser.feed_line(line)
                     if reply is not None:
                         return reply
-        except BaseException as exc:
-            self.broken = True
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise SessionFailure(observe(phase, exc, self.dest)) from exc
 
     async def _write(self, phase: Phase, data: bytes, timeout: float, writing: bool = False) -> None:
-        try:
+        with self.phase(phase, writing=writing):
+            # uvloop raises RuntimeError here once the peer has reset the
+            # connection; asyncio drops the data and lets drain() raise.
             self.writer.write(data)
             transport = self.writer.transport
             if transport.get_write_buffer_size() == 0 and not transport.is_closing():
                 return   # all of it is in the kernel already: nothing to wait for
             async with asyncio.timeout(timeout):
                 await self.writer.drain()
-        except BaseException as exc:
-            self.broken = True
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise SessionFailure(observe(phase, exc, self.dest, writing=writing)) from exc
 
     async def _command(self, phase: Phase, data: bytes, timeout: float | None = None) -> Reply:
         timeout = timeout or self.timeouts.command_timeout
@@ -216,13 +177,9 @@ class SmtpConnection:
         await self.starttls(tls, server_name)
 
     async def connect(self) -> None:
-        try:
+        with self.phase(Phase.CONNECT):
             async with asyncio.timeout(self.timeouts.connect_timeout):
                 self.reader, self.writer = await asyncio.open_connection(self.dest.ip, self.dest.port)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise SessionFailure(observe(Phase.CONNECT, exc, self.dest)) from exc
 
     async def greet(self) -> None:
         self.greeting = await self._read_reply(Phase.GREETING, self.timeouts.command_timeout)
@@ -250,17 +207,16 @@ class SmtpConnection:
             return
         expected = tls.expected_name or server_name
         try:
-            async with asyncio.timeout(self.timeouts.command_timeout):
-                await self.writer.start_tls(tls.context(), server_hostname=expected)
-        except BaseException as exc:
-            self.broken = True
-            if isinstance(exc, asyncio.CancelledError):
+            with self.phase(Phase.STARTTLS, handshake=True):
+                async with asyncio.timeout(self.timeouts.command_timeout):
+                    await self.writer.start_tls(tls.context(), server_hostname=expected)
+        except SessionFailure as failure:
+            obs = failure.observation
+            if obs.outcome is not Outcome.CERTIFICATE:
                 raise
-            facts = None
-            if isinstance(exc, ssl.SSLCertVerificationError):
-                self.close()
-                facts = await fetch_certificate(self.dest, self.timeouts, self.helo, expected)
-            raise SessionFailure(observe(Phase.STARTTLS, exc, self.dest, handshake=True, tls=facts)) from exc
+            self.close()
+            facts = await fetch_certificate(self.dest, self.timeouts, self.helo, expected)
+            raise SessionFailure(replace(obs, tls={**facts, **(obs.tls or {})})) from failure.__cause__
         ssl_object = self.writer.get_extra_info("ssl_object")
         self.tls = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0],
                     **certificate_facts(ssl_object.getpeercert(binary_form=True), expected)}
