@@ -254,6 +254,33 @@ async def test_drop_in_the_middle_of_data_is_4_4_318_in_data(relay_factory):
     assert error["errno"] in ("ECONNRESET", "EPIPE", None)   # asyncio may report the loss without an errno
 
 
+async def test_the_reported_drop_300_kb_cut_after_32_kib_is_classified(relay_factory, caplog):
+    """Issue 9 item 1 as reported: the destination reads 32 KiB of a 300 KB body
+    and resets.  On uvloop the next write raised RuntimeError and the message
+    stayed queued without a code."""
+    async def reads_32k_then_resets(c):
+        await c.greet_and_ehlo()
+        await c.until_data()
+        await c.reader.readexactly(32 * 1024)
+        c.reset()
+
+    server = await Scripted(reads_32k_then_resets).start()
+    try:
+        relay = await relay_factory(connectors=smart_host(server.port))
+        await relay.send("alice@contoso.test", ["bob@partner.test"], message(body=("r" * 998 + "\r\n") * 300))
+
+        async def first_error():
+            q = await relay.queue()
+            return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
+        error = await eventually(first_error, what="the attempt to be classified")
+    finally:
+        await server.stop()
+    # Data the kernel had already taken is only missed when the final reply does not come.
+    assert (error["code"], error["subtype"]) == ("4.4.318", "closed")
+    assert error["phase"] in ("data", "after-data")
+    assert "failed unexpectedly" not in caplog.text
+
+
 async def test_tls_required_but_not_offered_sends_nothing_in_clear(relay_factory):
     heard = []
 
