@@ -44,6 +44,14 @@ async def deferred_error(relay, timeout=15.0):
     return error
 
 
+async def first_recorded_error(relay, what="the attempt"):
+    """The last_error of the first queued message's first recipient, once it has one."""
+    async def recorded():
+        q = await relay.queue()
+        return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
+    return await eventually(recorded, what=what)
+
+
 def smart_host(port, host=LOOPBACK, **kw):
     return [{"name": "partner", "type": kw.pop("type", "partner"), "domains": ["partner.test"],
              "smart_hosts": [f"{host}:{port}"], "tls": kw.pop("tls", "none"), **kw}]
@@ -244,10 +252,7 @@ async def test_drop_in_the_middle_of_data_is_4_4_318_in_data(relay_factory):
         big = message(body=("z" * 998 + "\r\n") * 8000)   # 8 MB: our writes outlast the peer
         await relay.send("alice@contoso.test", ["bob@partner.test"], big)
 
-        async def first_error():
-            q = await relay.queue()
-            return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
-        error = await eventually(first_error, what="the attempt")
+        error = await first_recorded_error(relay, what="the attempt")
     finally:
         await server.stop()
     assert (error["code"], error["subtype"], error["phase"]) == ("4.4.318", "closed", "data")
@@ -269,10 +274,7 @@ async def test_the_reported_drop_300_kb_cut_after_32_kib_is_classified(relay_fac
         relay = await relay_factory(connectors=smart_host(server.port))
         await relay.send("alice@contoso.test", ["bob@partner.test"], message(body=("r" * 998 + "\r\n") * 300))
 
-        async def first_error():
-            q = await relay.queue()
-            return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
-        error = await eventually(first_error, what="the attempt to be classified")
+        error = await first_recorded_error(relay, what="the attempt to be classified")
     finally:
         await server.stop()
     # Data the kernel had already taken is only missed when the final reply does not come.
@@ -558,10 +560,7 @@ async def test_a_stalled_upload_is_4_4_318_stalled(relay_factory):
         relay = await relay_factory(delivery={"data_timeout": "0.5s"}, connectors=smart_host(server.port))
         await relay.send("alice@contoso.test", ["bob@partner.test"], message(body=("s" * 998 + "\r\n") * 16000))
 
-        async def first_error():
-            q = await relay.queue()
-            return q[0]["recipients"][0]["last_error"] if q and q[0]["attempts"] else None
-        error = await eventually(first_error, what="the stall to be classified")
+        error = await first_recorded_error(relay, what="the stall to be classified")
     finally:
         await server.stop()
     assert (error["code"], error["subtype"], error["phase"]) == ("4.4.318", "stalled", "data")
