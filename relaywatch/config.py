@@ -114,6 +114,7 @@ class ServerConfig:
     shutdown_grace: float = 30.0
     delivery_process: bool | str = "auto"   # deliver from a second process (see app.py)
     store: str = "sqlite"                    # or a postgresql:// URL (store/postgres.py)
+    store_statement_timeout: float | None = 30.0   # PostgreSQL: longest statement; None: the server's
 
 
 @dataclass(frozen=True)
@@ -628,6 +629,8 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         shutdown_grace=r.get(s, "shutdown_grace", "server", parse_duration, d.shutdown_grace),
         delivery_process=r.get(s, "delivery_process", "server", _auto_bool, d.delivery_process),
         store=r.get(s, "store", "server", _store_url, d.store),
+        store_statement_timeout=r.get(s, "store_statement_timeout", "server", _duration_or_off,
+                                      d.store_statement_timeout),
     )
     if not server.listen:
         problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")

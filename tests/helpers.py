@@ -461,3 +461,92 @@ class RawClient:
 
     def close(self) -> None:
         self.writer.close()
+
+
+# -- a connection that can be cut -----------------------------------------------------------
+
+class CuttableProxy:
+    """A loopback TCP proxy to a real server (PostgreSQL) whose link can be cut.
+
+    ``cut(seconds)`` resets every connection through it at once and refuses
+    (accepts and resets) new ones until the time is up; then it forwards again,
+    on the same port.  What a client sees is what a network partition or a
+    database failover shows it: established connections die, reconnecting fails
+    for a while, then works.
+    """
+
+    def __init__(self, target_port: int, target_host: str = LOOPBACK):
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.server: asyncio.base_events.Server | None = None
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._cut_until = 0.0
+        self.cuts = 0                       # connections reset or refused
+        self.restored = asyncio.Event()     # set when a cut ends (and before any)
+        self.restored.set()
+        self._restore_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def is_cut(self) -> bool:
+        return time.monotonic() < self._cut_until
+
+    async def start(self) -> "CuttableProxy":
+        self.server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._restore_handle is not None:
+            self._restore_handle.cancel()
+        self.server.close()
+        for pair in list(self._pairs):
+            for w in pair:
+                w.transport.abort()
+        await self.server.wait_closed()
+
+    def cut(self, seconds: float) -> None:
+        """Reset every connection now; refuse new ones for ``seconds``."""
+        self._cut_until = time.monotonic() + seconds
+        self.restored.clear()
+        for pair in list(self._pairs):
+            for w in pair:
+                _reset(w)
+            self.cuts += 1
+        self._pairs.clear()
+        self._restore_handle = asyncio.get_running_loop().call_later(seconds, self.restored.set)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.is_cut:
+            self.cuts += 1
+            _reset(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            _reset(writer)
+            return
+        pair = (writer, up_writer)
+        self._pairs.add(pair)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()   # one side ended: end the other (a no-op after a reset)
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        self._pairs.discard(pair)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a dropped link or a killed server does."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.transport.abort()

@@ -11,8 +11,16 @@ start-up, only when they lapse.
 
 Work made due on one node (a message received, ``queue retry`` from the CLI)
 wakes the schedulers of all nodes through ``NOTIFY relaywatch_work``.  A
-notification sent while a listener is disconnected is lost, so the scheduler's
+notification sent while a listener is disconnected is lost, so the listener
+wakes the scheduler each time it has reconnected, and the scheduler's
 1-second poll stays as the fallback.
+
+When the database goes away, every connection is replaced (SqlStore: the
+writer and the readers; here: the listener), with capped backoff.  Each
+connection carries a ``statement_timeout`` (``server.store_statement_timeout``),
+a connect timeout and TCP keepalives, so neither a stalled database nor a
+silently dropped link can hold a transaction, and the clients waiting on it,
+for ever.
 """
 
 from __future__ import annotations
@@ -22,9 +30,12 @@ import logging
 import re
 import threading
 
-import psycopg
+import time
 
-from relaywatch.store.sql import MIGRATIONS, SqlStore, lease_sql
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from relaywatch.store.sql import MIGRATIONS, Backoff, SqlStore, first_line, lease_sql
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bodies (
@@ -73,6 +84,33 @@ CHANNEL = "relaywatch_work"
 _PLACEHOLDER = re.compile(r"\?")
 
 
+CONNECT_TIMEOUT = 5            # seconds (libpq's connect_timeout; it counts whole seconds, at least 2)
+LISTEN_RECONNECT_CAP = 2.0
+
+
+def connection_params(dsn: str, statement_timeout: float | None) -> dict:
+    """What every connection adds to the DSN: bounds on how long it can hang.
+
+    Settings the DSN already has win.  ``statement_timeout`` goes in the
+    startup ``options`` (appended to any the DSN has, such as a search_path),
+    so it holds from the first statement; ``tcp_user_timeout`` ends a
+    connection whose packets go unanswered as long (a cut link, not a slow
+    query).  ``None`` or 0 leaves both to the server's settings (for a pooler
+    that refuses startup options)."""
+    given = conninfo_to_dict(dsn)
+    params: dict = {}
+    if "connect_timeout" not in given:
+        params["connect_timeout"] = CONNECT_TIMEOUT
+    if "keepalives" not in given:
+        params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+    if statement_timeout:
+        ms = max(1, round(statement_timeout * 1000))
+        params["options"] = f"{given.get('options', '')} -c statement_timeout={ms}".strip()
+        if "tcp_user_timeout" not in given:
+            params["tcp_user_timeout"] = ms
+    return params
+
+
 def _translate(sql: str) -> str:
     # The shared SQL has no literal '?' and its only '%' are LIKE patterns.
     return _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
@@ -102,9 +140,10 @@ class PostgresStore(SqlStore):
     inline_bodies = True
     LEASE_SQL = lease_sql(" FOR UPDATE SKIP LOCKED")
 
-    def __init__(self, dsn: str, on_work=None):
+    def __init__(self, dsn: str, on_work=None, statement_timeout: float | None = 30.0):
         super().__init__(on_work)
         self.dsn = dsn
+        self.params = connection_params(dsn, statement_timeout)
         self._listener: threading.Thread | None = None
         self._stop_listening = threading.Event()
         self._notify_pending = False
@@ -125,18 +164,24 @@ class PostgresStore(SqlStore):
         await super().close()
 
     def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        backoff = Backoff(cap=LISTEN_RECONNECT_CAP)
         while not self._stop_listening.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                with psycopg.connect(self.dsn, autocommit=True, **self.params) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    down = backoff.succeeded(time.monotonic())
+                    if down is not None:
+                        log.warning("listening for work from other nodes again (after %.1f s)", down)
                     # Work may have been announced while we were not listening.
                     loop.call_soon_threadsafe(self._wake_scheduler)
                     while not self._stop_listening.is_set():
                         if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
                             loop.call_soon_threadsafe(self._wake_scheduler)
             except psycopg.Error as exc:
-                log.warning("not listening for work from other nodes (%s); polling until reconnected", exc)
-                self._stop_listening.wait(5)
+                if backoff.failed(time.monotonic(), first_line(exc)):
+                    log.warning("not listening for work from other nodes (%s); polling until reconnected",
+                                first_line(exc))
+                self._stop_listening.wait(backoff.delay)
             except RuntimeError:
                 return   # the event loop is closed
 
@@ -165,7 +210,13 @@ class PostgresStore(SqlStore):
     def _connect(self) -> _Connection:
         # autocommit: transactions are explicit (BEGIN ... COMMIT in SqlStore._run_batch);
         # prepare_threshold=None keeps it usable behind pgbouncer in transaction mode.
-        return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None))
+        return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, **self.params))
+
+    def _reopen_writer(self) -> _Connection:
+        return self._connect()
+
+    def _broken(self, conn: _Connection) -> bool:
+        return conn.conn.closed or conn.conn.broken
 
     def _writer_connection(self) -> _Connection:
         conn = self._connect()

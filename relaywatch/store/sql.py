@@ -13,6 +13,14 @@ their own store on the same database.
 Leasing moves ``next_attempt_at`` to the lease's end, so an entry whose worker
 died simply becomes due again: there is no separate reclaim pass.
 
+Connections that break are replaced.  When a batch fails as a whole (the
+database went away, a disk error, a lock held too long) its callers get
+StoreError, which the receiver answers with 451 4.3.0; the writer drops the
+connection and opens a new one with capped exponential backoff (``Backoff``),
+failing what arrives meanwhile at once rather than letting it wait.  A reader
+connection that broke is dropped and the read tried once more on a new one.
+The store logs one line when it goes away and one when a commit works again.
+
 The SQL is written once, with ``?`` placeholders, in the dialect both
 databases share (``ON CONFLICT``, ``RETURNING``, ``CASE``); what differs —
 connecting, the schema's types, taking the write lock, leasing with ``SKIP
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import secrets
@@ -42,6 +51,47 @@ _ENTRY_COLUMNS = ("id, body_id, sender, received_at, expires_at, status, attempt
                   "first_failure_at, lease_owner, lease_until, delay_notified")
 
 _MAX_BATCH = 256
+
+log = logging.getLogger("relaywatch.store")
+
+RECONNECT_FIRST = 0.05      # seconds before the first try at a new connection
+RECONNECT_CAP = 1.0         # never longer between tries: the store is used again within this once it is back
+
+
+class Backoff:
+    """When to try a lost connection again: capped exponential backoff.
+
+    Pure bookkeeping (the caller passes the time), shared by the writer thread,
+    the readers and the PostgreSQL listener."""
+
+    def __init__(self, first: float = RECONNECT_FIRST, cap: float = RECONNECT_CAP):
+        self.first, self.cap = first, cap
+        self.delay = 0.0
+        self.next_try = 0.0
+        self.down_since: float | None = None
+        self.error = ""
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_try
+
+    def failed(self, now: float, error: str) -> bool:
+        """A try failed; True if it is the first since the last success."""
+        first = self.down_since is None
+        if first:
+            self.down_since = now
+        self.delay = self.first if self.delay == 0 else min(self.delay * 2, self.cap)
+        self.next_try = now + self.delay
+        self.error = error
+        return first
+
+    def succeeded(self, now: float) -> float | None:
+        """A try worked; how long it had been failing (None: it had not)."""
+        down = None if self.down_since is None else now - self.down_since
+        self.delay, self.next_try, self.down_since, self.error = 0.0, 0.0, None, ""
+        return down
+
+
+_RECONNECT = object()   # the writer woke with nothing to do but reconnect
 
 
 def lease_sql(row_lock: str = "") -> str:
@@ -108,6 +158,14 @@ class SqlStore:
     def _end(self, conn) -> None:
         """After COMMIT or ROLLBACK (and after a failed _begin)."""
 
+    def _reopen_writer(self):
+        """A new write connection after the last one broke (the schema exists)."""
+        return self._writer_connection()
+
+    def _broken(self, conn) -> bool:
+        """After a driver error: is this connection beyond use (replace it)?"""
+        return False
+
     @property
     def where(self) -> str:
         raise NotImplementedError
@@ -121,6 +179,10 @@ class SqlStore:
         self._readers_idle = threading.Condition()
         self._reads_in_flight = 0
         self._closed = False
+        self._writer_backoff = Backoff()
+        self._reader_backoff = Backoff()
+        self._reader_backoff_lock = threading.Lock()
+        self._down_since: float | None = None    # the last batch failed as a whole (see _write_loop)
         # Called (on the event loop) after a commit that made work due, so the
         # scheduler wakes at once instead of at its next poll.
         self.on_work = on_work
@@ -158,14 +220,20 @@ class SqlStore:
     # -- the writer thread ---------------------------------------------------
 
     def _write_loop(self, conn: Any) -> None:
+        backoff = self._writer_backoff = Backoff()
         while True:
-            first = self._ops.get()
+            # Without a connection, wake for the next try even if nothing waits.
+            timeout = None if conn is not None else max(0.0, backoff.next_try - time.monotonic())
+            try:
+                first = self._ops.get(timeout=timeout)
+            except queue.Empty:
+                first = _RECONNECT
             if first is None:
-                conn.close()
+                _close_quietly(conn)
                 return
-            batch = [first]
+            batch = [] if first is _RECONNECT else [first]
             stop = False
-            while len(batch) < _MAX_BATCH:
+            while batch and len(batch) < _MAX_BATCH:
                 try:
                     op = self._ops.get_nowait()
                 except queue.Empty:
@@ -174,14 +242,62 @@ class SqlStore:
                     stop = True
                     break
                 batch.append(op)
-            self._run_batch(conn, batch)
+            if conn is None and backoff.due(time.monotonic()):
+                conn = self._try_reconnect(backoff)
+            if batch and conn is None:
+                # Not a wait for the next try: the client is answered 451 now.
+                self._settle_all(batch, StoreError(
+                    f"queue store {self.where} is unavailable ({backoff.error}); reconnecting"))
+            elif batch:
+                failure = self._run_batch(conn, batch)
+                if failure is None:
+                    self._store_works()
+                else:
+                    self._store_failed(failure)
+                    # Whatever broke it (a cut connection, a disk error, a lock
+                    # that was never released), a new connection starts clean.
+                    _close_quietly(conn)
+                    conn = None
+                    backoff.failed(time.monotonic(), first_line(failure))
             if stop:
-                conn.close()
+                _close_quietly(conn)
                 return
 
-    def _run_batch(self, conn: Any, batch: list) -> None:
+    def _try_reconnect(self, backoff: Backoff) -> Any:
+        try:
+            conn = self._reopen_writer()
+        except (*self.db_errors, OSError, StoreError) as exc:
+            backoff.failed(time.monotonic(), first_line(exc))
+            return None
+        backoff.succeeded(time.monotonic())
+        return conn
+
+    def _store_failed(self, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error("queue store %s is unavailable: %s; answering 451 4.3.0 and reconnecting "
+                      "(one line when it is back)", self.where, first_line(exc))
+
+    def _store_works(self) -> None:
+        if self._down_since is not None:
+            log.warning("queue store %s is back after %.1f s: commits work again",
+                        self.where, time.monotonic() - self._down_since)
+            self._down_since = None
+
+    @property
+    def available(self) -> bool:
+        """False from a failed commit until one works again."""
+        return self._down_since is None
+
+    def _settle_all(self, batch: list, exc: BaseException) -> None:
+        for _fn, loop, fut in batch:
+            loop.call_soon_threadsafe(_settle, fut, False, exc)
+
+    def _run_batch(self, conn: Any, batch: list) -> BaseException | None:
+        """Run and commit one batch; the driver error if it failed as a whole."""
         results: list[tuple[bool, Any]] = []
         cleanup: list[str] = []
+        failure = None
         try:
             self._begin(conn)
             for fn, _loop, _fut in batch:
@@ -195,19 +311,20 @@ class SqlStore:
                     conn.execute("RELEASE op")
                     if isinstance(exc, self.db_errors):
                         # Driver errors stay inside the store (errors.py): callers see StoreError.
-                        wrapped = StoreError(f"queue store operation failed: {exc}")
+                        wrapped = StoreError(f"queue store operation failed: {first_line(exc)}")
                         wrapped.__cause__ = exc
                         exc = wrapped
                     results.append((False, exc))
             conn.execute("COMMIT")
-        except self.db_errors as exc:
+        except (*self.db_errors, OSError) as exc:
             try:
                 conn.execute("ROLLBACK")
-            except self.db_errors:
+            except (*self.db_errors, OSError):
                 pass
-            err = StoreError(f"queue store write failed: {exc}")
+            err = StoreError(f"queue store write failed: {first_line(exc)}")
             results = [(False, err)] * len(batch)
             cleanup = []
+            failure = exc
         finally:
             self._end(conn)
         for path in cleanup:  # only after the commit that dropped the last reference
@@ -217,6 +334,7 @@ class SqlStore:
                 pass
         for (fn, loop, fut), (ok, value) in zip(batch, results):
             loop.call_soon_threadsafe(_settle, fut, ok, value)
+        return failure
 
     async def _write(self, fn: Callable[[Any, list], Any]) -> Any:
         if self._writer is None:
@@ -228,14 +346,52 @@ class SqlStore:
 
     # -- readers ---------------------------------------------------------------
 
-    def _reader(self):
+    def _reader(self) -> tuple[Any, bool]:
+        """This thread's read connection, and whether it was made just now."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._reader_connection()
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+        if conn is not None:
+            return conn, False
+        with self._reader_backoff_lock:
+            backoff = self._reader_backoff
+            if not backoff.due(time.monotonic()):
+                raise StoreError(f"queue store {self.where} is unavailable ({backoff.error}); reconnecting")
+            try:
+                conn = self._reader_connection()
+            except self.db_errors as exc:
+                backoff.failed(time.monotonic(), first_line(exc))
+                raise
+            backoff.succeeded(time.monotonic())
+        self._local.conn = conn
+        with self._readers_lock:
+            self._readers.append(conn)
+        return conn, True
+
+    def _drop_reader(self, conn: Any) -> None:
+        self._local.conn = None
+        with self._readers_lock:
+            if conn in self._readers:
+                self._readers.remove(conn)
+        _close_quietly(conn)
+
+    def _run_read(self, fn: Callable[[Any], Any]) -> Any:
+        conn, fresh = self._reader()
+        try:
+            return fn(conn)
+        except self.db_errors:
+            if not self._broken(conn):
+                raise    # the query failed, not the connection
+            self._drop_reader(conn)
+            if fresh:
+                raise
+        # A connection kept from earlier died meanwhile (the database restarted,
+        # the network was cut): reads change nothing, so once more on a new one.
+        conn, _ = self._reader()
+        try:
+            return fn(conn)
+        except self.db_errors:
+            if self._broken(conn):
+                self._drop_reader(conn)
+            raise
 
     async def _read(self, fn: Callable[[Any], Any]) -> Any:
         def run():
@@ -244,7 +400,7 @@ class SqlStore:
                     raise StoreError("queue store is closed")
                 self._reads_in_flight += 1
             try:
-                return fn(self._reader())
+                return self._run_read(fn)
             except self.db_errors as exc:
                 raise StoreError(f"queue store read failed: {exc}") from exc
             finally:
@@ -658,6 +814,21 @@ def _incident(row: tuple) -> dict:
 def _bytes(data) -> bytes | None:
     """BLOB (sqlite3: bytes) or BYTEA (psycopg: memoryview) as bytes."""
     return None if data is None else bytes(data)
+
+
+def first_line(exc: BaseException) -> str:
+    """A driver error in one line (psycopg's run over several, with hints)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _close_quietly(conn: Any) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:   # closing a connection that already broke may fail too
+        pass
 
 
 def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:

@@ -162,15 +162,26 @@ class SqliteStore(SqlStore):
 
     def _writer_connection(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._open_lock()
+        if self._lock_fd is None:
+            self._lock_fd = self._open_lock()
         conn = _connect(self.path)
         _migrate(conn)
         conn.executescript(SCHEMA)
+        self._configure_writer(conn)
+        return conn
+
+    def _reopen_writer(self) -> sqlite3.Connection:
+        # After a failed batch (a disk error, the lock held past _LOCK_WAIT_LIMIT):
+        # a new connection, since SQLite may leave the old one mid-transaction.
+        conn = _connect(self.path)
+        self._configure_writer(conn)
+        return conn
+
+    def _configure_writer(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout=0")   # the writer waits for the lock itself (_begin)
         conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
         if not self.sync_commits:
             conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
 
     async def open(self) -> None:
         await super().open()
