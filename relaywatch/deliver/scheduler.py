@@ -37,6 +37,7 @@ from relaywatch.notify.dsn import FailedRecipient, build_delay_notice, build_ndr
 from relaywatch.receive.spool import open_body
 from relaywatch.route import decide, split_address
 from relaywatch.store.base import QueueStore
+from relaywatch.store.pending import JOURNAL_NAME, PendingOutcomes, PendingRecord
 
 log = logging.getLogger("relaywatch.scheduler")
 
@@ -120,6 +121,10 @@ class Scheduler:
         self.observer: Callable[[Entry, list[RecipientOutcome], Destination | None, dict | None], None] | None = None
         self._record_tasks: set[asyncio.Task] = set()
         self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
+        # Outcomes the store could not take: recorded later, never delivered again.
+        self.pending = PendingOutcomes(store, self.config_ref().server.data_dir / JOURNAL_NAME,
+                                       lambda: self.config_ref().queue.lease_time, clock)
+        self._lease_failing = False
 
     def notify(self) -> None:
         """Called when new work may be due (enqueue, retry, release)."""
@@ -135,6 +140,9 @@ class Scheduler:
     # -- the loop ------------------------------------------------------------
 
     async def run(self) -> None:
+        # What a previous run delivered but could not record goes in before
+        # anything is leased (store/pending.py).
+        await self.pending.replay()
         while not self._stopping:
             config = self.config_ref()
             room = self._max_inflight() - self.inflight
@@ -144,8 +152,13 @@ class Scheduler:
                 try:
                     leased = await self.store.lease(self.node, min(room, LEASE_BATCH),
                                                     config.queue.lease_time, self.clock())
+                    if self._lease_failing:
+                        self._lease_failing = False
+                        log.warning("leasing from the queue works again")
                 except StoreError as exc:
-                    log.error("cannot lease from the queue: %s", exc)
+                    if not self._lease_failing:   # one line per outage, not one a second
+                        self._lease_failing = True
+                        log.error("cannot lease from the queue: %s (trying every second)", exc)
                 except Exception:
                     # The loop must outlive any one failure: mail waits, it is not lost.
                     log.exception("leasing failed unexpectedly; trying again in a second")
@@ -174,8 +187,12 @@ class Scheduler:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._record_tasks:
             await asyncio.wait(self._record_tasks, timeout=grace)
+        if len(self.pending):
+            await self.pending.flush()
+        await self.pending.close()
         try:
-            await self.store.release_leases(self.node, self.clock())
+            # Not the leases of outcomes still kept: the next run records them.
+            await self.store.release_leases(self.node, self.clock(), keep=self.pending.ids())
         except StoreError as exc:
             log.error("could not return leases at shutdown (they lapse by themselves): %s", exc)
 
@@ -190,6 +207,11 @@ class Scheduler:
         return self.config_ref().delivery.concurrency * 4
 
     def _dispatch(self, entry: Entry) -> None:
+        if entry.id in self.pending:
+            # Delivered already; only its record is missing (its lease lapsed
+            # while the store was away): record it under this lease, never deliver.
+            self.pending.adopt(entry.id, self.node)
+            return
         key = entry.route.key
         dq = self.destinations.get(key)
         if dq is None:
@@ -320,7 +342,7 @@ class Scheduler:
         self._recording.add(entry.id)
         task = asyncio.create_task(finish_attempt(
             self.store, self.config_ref(), entry, outcomes, dest, started, body,
-            owner=self.node, tried=tried, now=self.clock()), name=f"record:{entry.id}")
+            owner=self.node, tried=tried, now=self.clock(), keep=self.pending), name=f"record:{entry.id}")
 
         def done(t: asyncio.Task) -> None:
             self._recording.discard(entry.id)
@@ -337,9 +359,10 @@ class Scheduler:
 async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],
                          dest: Destination | None, started: float, body: StoredBody | None, *,
                          owner: str | None, tried: tuple[Failure, ...] = (), now: float,
-                         count_attempt: bool = True) -> list[RecipientOutcome]:
+                         count_attempt: bool = True, keep: PendingOutcomes | None = None) -> list[RecipientOutcome]:
     """Record an attempt's outcomes, queue the NDR (or delay notice) they call
-    for, log them; return the outcomes as recorded."""
+    for, log them; return the outcomes as recorded.  With ``keep`` (the
+    scheduler's) a record the store cannot take is kept and tried again."""
     outcomes = settle(outcomes, now, entry.expires_at)
     attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
                       tried=tried) if count_attempt else None
@@ -358,7 +381,11 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
         if notice is not None:
             notices.append(notice)
         delay_notified = True
-    await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified)
+    if keep is not None:
+        await keep.record(PendingRecord(entry.id, owner, entry.attempts, attempt, tuple(outcomes), next_at,
+                                        tuple(notices), delay_notified))
+    else:
+        await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified)
     _log_outcomes(entry, outcomes, dest, now, next_at, notified=bool(bounced and notices))
     if delay_notified:
         events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,

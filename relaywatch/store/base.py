@@ -48,13 +48,24 @@ class QueueStore(Protocol):
 
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
-                     notices: Sequence[NewMessage] = ()) -> None:
+                     notices: Sequence[NewMessage] = (), delay_notified: bool = False,
+                     attempts_before: int | None = None) -> bool:
         """Apply one attempt's outcomes; queue ``notices`` (NDRs) in the same
         transaction; remove the entry once no recipient is pending.
-        ``owner=None`` is an operator action and requires the entry unleased."""
+        ``owner=None`` is an operator action and requires the entry unleased.
 
-    async def release_leases(self, owner: str | None, now: float) -> int:
-        """Make leased entries due again (all of them when owner is None)."""
+        ``attempts_before`` (the entry's attempts when it was leased) marks a
+        record tried again after it failed: it is applied while ``owner``
+        still holds the lease, lapsed or not, or nobody does and no attempt
+        was recorded since; it returns False when that shows it was applied
+        already, and raises LeaseLost if another worker holds the entry."""
+
+    async def release_leases(self, owner: str | None, now: float, keep: Sequence[str] = ()) -> int:
+        """Make leased entries due again (all of them when owner is None), but
+        those in ``keep`` (their outcome is still to be recorded)."""
+
+    async def renew_leases(self, owner: str, ids: Sequence[str], until: float) -> set[str]:
+        """Extend ``owner``'s leases on ``ids`` to ``until``; the ids it still held."""
 
     async def get(self, entry_id: str) -> Entry | None: ...
     async def list(self, query: QueueQuery) -> list[Entry]: ...

@@ -441,16 +441,29 @@ class SqlStore:
 
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
-                     notices: Sequence[NewMessage] = (), delay_notified: bool = False) -> None:
-        def op(conn: Any, cleanup: list) -> None:
+                     notices: Sequence[NewMessage] = (), delay_notified: bool = False,
+                     attempts_before: int | None = None) -> bool:
+        def op(conn: Any, cleanup: list) -> bool:
             now = time.time()
             row = conn.execute("SELECT lease_owner, lease_until, body_id, attempts, first_failure_at "
                                "FROM entries WHERE id = ?", (entry_id,)).fetchone()
             if row is None:
+                if attempts_before is not None:
+                    return False   # recorded (delivered to all) before, or deleted
                 raise UnknownEntry(entry_id)
             lease_owner, lease_until, body_id, attempts, first_failure_at = row
             leased = lease_owner is not None and (lease_until or 0) > now
-            if owner is not None and lease_owner != owner:
+            if attempts_before is not None:
+                # A record tried again (store/pending.py): still ours, lapsed or
+                # not, or returned unrecorded (start-up returns an SQLite run's
+                # leases); not if an attempt was recorded since, since then
+                # this one already was (its commit went through after all) or
+                # another worker has had the entry.
+                if lease_owner is None and attempts != attempts_before:
+                    return False
+                if lease_owner is not None and lease_owner != owner:
+                    raise LeaseLost(f"entry {entry_id} is now leased by {lease_owner}")
+            elif owner is not None and lease_owner != owner:
                 raise LeaseLost(f"entry {entry_id} is now leased by {lease_owner}")
             if owner is None and leased:
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
@@ -462,7 +475,7 @@ class SqlStore:
                                        "('pending', 'deferred')", (entry_id,)).fetchall()
                 if all(address in by_address for (address,) in waiting):
                     _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
-                    return
+                    return True
             failed_now = False
             for position, address, status in conn.execute(
                     "SELECT position, address, status FROM recipients WHERE entry_id = ?", (entry_id,)).fetchall():
@@ -484,7 +497,7 @@ class SqlStore:
                                    "('pending', 'deferred')", (entry_id,)).fetchone()[0]
             if pending == 0:
                 _remove(conn, entry_id, body_id, cleanup)
-                return
+                return True
             if failed_now and first_failure_at is None:
                 first_failure_at = now
             last_code = next((o.failure.code for o in outcomes
@@ -496,13 +509,18 @@ class SqlStore:
                 "delay_notified = CASE WHEN ? > delay_notified THEN ? ELSE delay_notified END WHERE id = ?",
                 (attempts, next_attempt_at if next_attempt_at is not None else now,
                  first_failure_at, last_code, pending, int(delay_notified), int(delay_notified), entry_id))
-        await self._write(op)
-        if notices:
+            return True
+        applied = await self._write(op)
+        if notices and applied:
             self._notify()
+        return applied
 
-    async def release_leases(self, owner: str | None, now: float) -> int:
+    async def release_leases(self, owner: str | None, now: float, keep: Sequence[str] = ()) -> int:
         def op(conn: Any, cleanup: list) -> int:
             where, args = ("lease_owner = ?", (owner,)) if owner else ("lease_owner IS NOT NULL", ())
+            if keep:
+                where += f" AND id NOT IN ({','.join('?' * len(keep))})"
+                args = (*args, *keep)
             return conn.execute(f"UPDATE entries SET lease_owner = NULL, lease_until = NULL, "
                                 f"next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END "
                                 f"WHERE {where}", (now, now, *args)).rowcount
@@ -510,6 +528,16 @@ class SqlStore:
         if n:
             self._notify()
         return n
+
+    async def renew_leases(self, owner: str, ids: Sequence[str], until: float) -> set[str]:
+        """Extend ``owner``'s leases on ``ids`` (lapsed or not) to ``until``; the
+        ids renewed (an entry another worker leased meanwhile is not)."""
+        def op(conn: Any, cleanup: list) -> set[str]:
+            marks = ",".join("?" * len(ids))
+            return {i for (i,) in conn.execute(
+                f"UPDATE entries SET lease_until = ?, next_attempt_at = ? WHERE lease_owner = ? "
+                f"AND id IN ({marks}) RETURNING id", (until, until, owner, *ids)).fetchall()}
+        return await self._write(op) if ids else set()
 
     async def get(self, entry_id: str) -> Entry | None:
         def q(conn: Any) -> Entry | None:
