@@ -504,16 +504,22 @@ class CuttableProxy:
                 w.transport.abort()
         await self.server.wait_closed()
 
-    def cut(self, seconds: float) -> None:
-        """Reset every connection now; refuse new ones for ``seconds``."""
-        self._cut_until = time.monotonic() + seconds
+    def cut(self, seconds: float | None = None) -> None:
+        """Reset every connection now; refuse new ones for ``seconds`` (None: until restore())."""
+        self._cut_until = time.monotonic() + (seconds if seconds is not None else float("inf"))
         self.restored.clear()
         for pair in list(self._pairs):
             for w in pair:
                 _reset(w)
             self.cuts += 1
         self._pairs.clear()
-        self._restore_handle = asyncio.get_running_loop().call_later(seconds, self.restored.set)
+        if seconds is not None:
+            self._restore_handle = asyncio.get_running_loop().call_later(seconds, self.restore)
+
+    def restore(self) -> None:
+        """Forward again."""
+        self._cut_until = 0.0
+        self.restored.set()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.is_cut:

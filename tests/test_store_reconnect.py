@@ -39,14 +39,18 @@ def through(proxy: CuttableProxy, dsn: str) -> str:
 
 
 class TimedSink(SinkHandler):
-    """A destination that takes a while per message and notes when each arrived."""
+    """A destination that takes a while per message and notes when each arrived;
+    with a ``gate``, it answers no DATA before the gate opens."""
 
-    def __init__(self, delay: float):
+    def __init__(self, delay: float, gate: asyncio.Event | None = None):
         super().__init__()
         self.delay = delay
+        self.gate = gate
         self.arrivals: list[tuple[float, bytes]] = []     # (monotonic time, Message-ID)
 
     async def handle_DATA(self, server, session, envelope):
+        if self.gate is not None:
+            await self.gate.wait()
         await asyncio.sleep(self.delay)
         reply = await super().handle_DATA(server, session, envelope)
         self.arrivals.append((time.monotonic(), _MESSAGE_ID.search(envelope.original_content).group(1)))
@@ -74,7 +78,8 @@ def _duplicates(handler: TimedSink) -> dict[bytes, int]:
     return {mid: n for mid, n in collections.Counter(mid for _, mid in handler.arrivals).items() if n > 1}
 
 
-async def test_a_postgresql_cut_answers_451_then_recovers_and_delivers_nothing_twice(pg_dsn, relay_factory):
+async def test_a_postgresql_cut_answers_451_then_recovers_and_delivers_nothing_twice(pg_dsn, relay_factory,
+                                                                                       caplog):
     proxy = await CuttableProxy(5432).start()
     handler = TimedSink(delay=0.1)
     sink = await Sink(handler).start()
@@ -108,6 +113,11 @@ async def test_a_postgresql_cut_answers_451_then_recovers_and_delivers_nothing_t
             during.append(await send("during"))
         restored_at = time.monotonic()
 
+        async def kept_outcomes_recorded() -> float:
+            await eventually(lambda: not relay.app.scheduler.pending, timeout=30, what="the kept outcomes recorded")
+            return time.monotonic() - restored_at
+        recorded = asyncio.create_task(kept_outcomes_recorded()) if hasattr(relay.app.scheduler, "pending") else None
+
         # The first message after the database is back.
         first_250 = None
         while first_250 is None:
@@ -121,6 +131,8 @@ async def test_a_postgresql_cut_answers_451_then_recovers_and_delivers_nothing_t
         refused = collections.Counter(during)
         print(f"\nstore back -> first 250: {first_250:.2f} s; during the {restored_at - cut_at:.1f} s cut: "
               f"{delivered_in_cut} delivered, DATA replies {dict(refused)}")
+        if recorded is not None:
+            print(f"store back -> every kept outcome recorded: {await recorded:.2f} s")
         assert delivered_in_cut > 0, "the test must deliver while the store is cut"
         assert refused and all(400 <= code < 500 for code in refused), refused   # never 5xx
         assert refused[451] > 0
@@ -137,6 +149,105 @@ async def test_a_postgresql_cut_answers_451_then_recovers_and_delivers_nothing_t
             f"({len(accepted - {mid for _, mid in handler.arrivals})} missing)"))
         assert _duplicates(handler) == {}
         print(f"{len(handler.arrivals)} delivered, 0 twice")
+        # One line when the store went, one when it was back: not one per message.
+        store_lines = [r.getMessage() for r in caplog.records if r.name == "relaywatch.store"]
+        assert sum("is unavailable:" in m for m in store_lines) == 1, store_lines
+        assert sum("is back after" in m for m in store_lines) == 1, store_lines
     finally:
+        await sink.stop()
+        await proxy.stop()
+
+
+class ServeProcess:
+    """``python -m relaywatch serve`` in one process (delivery_process off, so
+    that kill -9 takes receiving and delivering down together)."""
+
+    def __init__(self, tmp_path: Path, **sections):
+        self.port = free_port()
+        sections["server"] = {"listen": [f"{LOOPBACK}:{self.port}"], "delivery_process": False,
+                              **sections.get("server", {})}
+        self.raw = base_config(tmp_path, **sections)
+        self.config_path = tmp_path / "relaywatch.toml"
+        self.config_path.write_text(to_toml(self.raw))
+        self.data_dir = Path(self.raw["server"]["data_dir"])
+        self.log_path = tmp_path / "relaywatch.log"
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> "ServeProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "relaywatch", "serve", "-c", str(self.config_path)],
+                stdout=log, stderr=log, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        await eventually(self._listening, what="the server to listen")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            with smtplib.SMTP(LOOPBACK, self.port, timeout=2) as c:
+                return c.noop()[0] == 250
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.proc.wait, 30)
+
+
+def _query(dsn: str, sql: str):
+    import psycopg
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+async def test_outcomes_kept_when_the_process_dies_during_a_cut_are_recorded_by_the_next_run(
+        pg_dsn, tmp_path):
+    proxy = await CuttableProxy(5432).start()
+    gate = asyncio.Event()
+    handler = TimedSink(delay=0.02, gate=gate)
+    sink = await Sink(handler).start()
+    server = ServeProcess(tmp_path, server={"store": through(proxy, pg_dsn)},
+                          queue={"lease_time": "2s", "retry_intervals": ["1s"]},
+                          delivery={"concurrency": 4, "per_destination": 4},
+                          connectors=[_connector(sink.port)])
+    journal = server.data_dir / "pending-outcomes.jsonl"
+    try:
+        await server.start()
+        mids = [f"<kill-{i}@client.test>" for i in range(12)]
+        for mid in mids:
+            assert await asyncio.to_thread(_submit, server.port, mid) == 250
+        # Everything leased and on its way, the destination still silent...
+        await eventually(lambda: asyncio.to_thread(
+            _query, pg_dsn, "SELECT count(*) = 12 FROM entries WHERE lease_owner IS NOT NULL"),
+            what="all 12 leased")
+        # ...then the store goes away and the destination accepts all of them.
+        proxy.cut()
+        gate.set()
+        await eventually(lambda: len(handler.arrivals) == 12, what="12 deliveries during the cut")
+
+        def kept() -> int:
+            return len(journal.read_bytes().splitlines()) if journal.exists() else 0
+        await eventually(lambda: kept() == 12, what=lambda: f"12 outcomes kept in the journal ({kept()})")
+        server.kill()
+        await eventually(lambda: asyncio.to_thread(
+            _query, pg_dsn, f"SELECT count(*) = 12 FROM entries WHERE lease_until < "
+                            f"{time.time()} - 0.1 OR lease_until IS NULL"),
+            timeout=10, what="the dead run's leases to lapse")
+
+        proxy.restore()
+        await server.start()
+        await eventually(lambda: asyncio.to_thread(_query, pg_dsn, "SELECT count(*) = 0 FROM entries"),
+                         what="the kept outcomes recorded by the next run")
+        assert _duplicates(handler) == {} and len(handler.arrivals) == 12
+        assert not journal.exists()
+        assert "recording 12 outcome(s) a previous run could not record" in server.log_path.read_text()
+        print(f"\nkilled with 12 outcomes kept; {len(handler.arrivals)} delivered, 0 twice")
+    finally:
+        await server.stop()
         await sink.stop()
         await proxy.stop()

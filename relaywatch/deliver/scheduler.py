@@ -155,6 +155,7 @@ class Scheduler:
                     if self._lease_failing:
                         self._lease_failing = False
                         log.warning("leasing from the queue works again")
+                        self.pending.nudge()
                 except StoreError as exc:
                     if not self._lease_failing:   # one line per outage, not one a second
                         self._lease_failing = True

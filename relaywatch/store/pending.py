@@ -202,6 +202,7 @@ class PendingOutcomes:
         self._pending: dict[str, PendingRecord] = {}
         self._since: float | None = None            # when the first of the current ones was kept
         self._task: asyncio.Task | None = None
+        self._nudged = asyncio.Event()
         self._reported: set[str] = set()            # unexpected errors already logged, per entry
         self.recorded_later = 0                     # how many kept outcomes were recorded since start
 
@@ -219,6 +220,8 @@ class PendingOutcomes:
         try:
             await self.store.record(r.entry_id, r.owner, r.attempt, list(r.outcomes), r.next_attempt_at,
                                     list(r.notices), delay_notified=r.delay_notified)
+            if self._pending:
+                self.nudge()    # the store answers again: no need to wait for the next try
         except LeaseLost as exc:
             _possible_duplicate(r, exc)
         except UnknownEntry:
@@ -271,11 +274,19 @@ class PendingOutcomes:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._retry_loop(), name="record-pending")
 
+    def nudge(self) -> None:
+        """The store works again (a record or a lease went through): try now."""
+        self._nudged.set()
+
     async def _retry_loop(self) -> None:
         backoff = Backoff(first=RETRY_FIRST, cap=RETRY_CAP)
         backoff.failed(time.monotonic(), "")
         while self._pending:
-            await asyncio.sleep(max(0.0, backoff.next_try - time.monotonic()))
+            self._nudged.clear()
+            try:
+                await asyncio.wait_for(self._nudged.wait(), max(0.0, backoff.next_try - time.monotonic()))
+            except TimeoutError:
+                pass
             if not await self.flush():
                 backoff.failed(time.monotonic(), "")
 
