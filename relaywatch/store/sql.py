@@ -94,6 +94,14 @@ class Backoff:
 _RECONNECT = object()   # the writer woke with nothing to do but reconnect
 
 
+class _Unstarted(Exception):
+    """A batch that never began: its connection was found broken first."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 def lease_sql(row_lock: str = "") -> str:
     """The lease: the oldest due entries, stamped with our lease in one statement.
     ``row_lock`` is what the backend adds to the subquery (PostgreSQL: skip rows
@@ -244,24 +252,42 @@ class SqlStore:
                 batch.append(op)
             if conn is None and backoff.due(time.monotonic()):
                 conn = self._try_reconnect(backoff)
-            if batch and conn is None:
-                # Not a wait for the next try: the client is answered 451 now.
-                self._settle_all(batch, StoreError(
-                    f"queue store {self.where} is unavailable ({backoff.error}); reconnecting"))
-            elif batch:
-                failure = self._run_batch(conn, batch)
-                if failure is None:
-                    self._store_works()
-                else:
-                    self._store_failed(failure)
-                    # Whatever broke it (a cut connection, a disk error, a lock
-                    # that was never released), a new connection starts clean.
-                    _close_quietly(conn)
-                    conn = None
-                    backoff.failed(time.monotonic(), first_line(failure))
+            if batch:
+                conn = self._commit(conn, batch, backoff)
             if stop:
                 _close_quietly(conn)
                 return
+
+    def _commit(self, conn: Any, batch: list, backoff: Backoff) -> Any:
+        """Run ``batch`` on ``conn`` (None: there is none now); the connection to go on with."""
+        if conn is None:
+            # Not a wait for the next try: the client is answered 451 now.
+            self._settle_all(batch, self._unavailable(backoff))
+            return None
+        failure = self._run_batch(conn, batch, may_defer=True)
+        if isinstance(failure, _Unstarted):
+            # The connection died while idle (a failover, a cut link, a DBA's
+            # pg_terminate_backend): nothing of the batch ran, so it goes to a
+            # new connection at once rather than failing.
+            _close_quietly(conn)
+            conn = self._try_reconnect(backoff)
+            if conn is None:
+                self._store_failed(failure.cause)
+                self._settle_all(batch, self._unavailable(backoff))
+                return None
+            failure = self._run_batch(conn, batch)
+        if failure is None:
+            self._store_works()
+            return conn
+        self._store_failed(failure)
+        # Whatever broke it (a cut connection, a disk error, a lock that was
+        # never released), a new connection starts clean.
+        _close_quietly(conn)
+        backoff.failed(time.monotonic(), first_line(failure))
+        return None
+
+    def _unavailable(self, backoff: Backoff) -> StoreError:
+        return StoreError(f"queue store {self.where} is unavailable ({backoff.error}); reconnecting")
 
     def _try_reconnect(self, backoff: Backoff) -> Any:
         try:
@@ -293,13 +319,26 @@ class SqlStore:
         for _fn, loop, fut in batch:
             loop.call_soon_threadsafe(_settle, fut, False, exc)
 
-    def _run_batch(self, conn: Any, batch: list) -> BaseException | None:
-        """Run and commit one batch; the driver error if it failed as a whole."""
+    def _run_batch(self, conn: Any, batch: list, may_defer: bool = False) -> BaseException | None:
+        """Run and commit one batch; the driver error if it failed as a whole.
+
+        ``may_defer``: if the connection turns out broken before anything ran,
+        settle nothing and return _Unstarted, so the batch can run elsewhere."""
         results: list[tuple[bool, Any]] = []
         cleanup: list[str] = []
         failure = None
+        if may_defer:
+            try:
+                self._begin(conn)
+            except (*self.db_errors, OSError) as exc:
+                self._end(conn)
+                if self._broken(conn):
+                    return _Unstarted(exc)
+                self._settle_all(batch, StoreError(f"queue store write failed: {first_line(exc)}"))
+                return exc
         try:
-            self._begin(conn)
+            if not may_defer:
+                self._begin(conn)
             for fn, _loop, _fut in batch:
                 conn.execute("SAVEPOINT op")
                 try:
