@@ -251,3 +251,183 @@ async def test_outcomes_kept_when_the_process_dies_during_a_cut_are_recorded_by_
         await server.stop()
         await sink.stop()
         await proxy.stop()
+
+
+# -- the parts, one at a time ----------------------------------------------------------------
+
+from relaywatch.config import parse_config                                   # noqa: E402
+from relaywatch.errors import ConfigError, LeaseLost, StoreError             # noqa: E402
+from relaywatch.model import (                                               # noqa: E402
+    Attempt, Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
+)
+from relaywatch.store.pending import Journal, PendingRecord, decode, encode  # noqa: E402
+from relaywatch.store.sql import Backoff                                     # noqa: E402
+from relaywatch.store.sqlite import SqliteStore                              # noqa: E402
+
+ROUTE = Route(RouteKind.CONNECTOR, "a")
+DELIVERED = RecipientStatus.DELIVERED
+
+
+def _msg(*addresses: str) -> NewMessage:
+    now = time.time()
+    data = b"Subject: x\r\n\r\nbody\r\n"
+    return NewMessage(sender="s@x.test", recipients=tuple((a, ROUTE) for a in addresses),
+                      body=StoredBody(size=len(data), data=data), received_at=now, expires_at=now + 3600)
+
+
+@pytest.mark.parametrize("steps, delays", [
+    ("f", [0.05]),
+    ("ffff", [0.05, 0.1, 0.2, 0.4]),
+    ("ffffffff", [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]),
+    ("ffsf", [0.05, 0.1, None, 0.05]),
+])
+def test_backoff_doubles_up_to_its_cap_and_starts_over_after_a_success(steps, delays):
+    b = Backoff(first=0.05, cap=1.0)
+    seen, firsts = [], []
+    for now, step in enumerate(steps):
+        if step == "f":
+            firsts.append(b.failed(float(now), "refused"))
+            seen.append(round(b.delay, 3))
+            assert not b.due(now) and b.due(now + b.delay)
+        else:
+            assert b.succeeded(float(now)) == now       # down since the first failure, at 0
+            seen.append(None)
+    assert seen == delays
+    # Only the first failure of a run reports a change (one log line per outage).
+    assert firsts[0] and not any(firsts[1:steps.index("s") if "s" in steps else None])
+
+
+def _record(**kw) -> PendingRecord:
+    failure = Failure(code="4.4.316", smtp_code=451, title="refused", subtype=None, detail="no", phase="connect",
+                      permanent=False, at=1.5, kind="connect.refused", destination=Destination("h", "127.0.0.1", 25),
+                      dns={"a": ["127.0.0.1"]})
+    outcomes = (RecipientOutcome("1@a", DELIVERED, reply="250 ok"),
+                RecipientOutcome("2@a", RecipientStatus.DEFERRED, failure))
+    notice = NewMessage(sender="", recipients=(("s@x.test", Route(RouteKind.LOCAL, "local")),),
+                        body=StoredBody(size=3, data=b"\xff\x00x"), received_at=1.0, expires_at=2.0, is_dsn=True,
+                        client="relaywatch")
+    return PendingRecord(**{"entry_id": "E1", "owner": "node:1:ab", "attempts_before": 2,
+                            "attempt": Attempt(1.0, 0.5, Destination("h"), outcomes, (failure,)),
+                            "outcomes": outcomes, "next_attempt_at": 9.0, "notices": (notice,),
+                            "delay_notified": True, **kw})
+
+
+def test_a_kept_outcome_survives_its_journal_and_a_torn_last_line_is_skipped(tmp_path):
+    r = _record()
+    assert decode(json.loads(json.dumps(encode(r)))) == r
+    journal = Journal(tmp_path / "pending-outcomes.jsonl")
+    journal.append(r)
+    journal.append(_record(entry_id="E2", attempt=None, notices=()))
+    with open(journal.path, "ab") as f:
+        f.write(b'{"entry_id": "E3", "own')     # the process died mid-write
+    assert [x.entry_id for x in journal.load()] == ["E1", "E2"]
+    journal.rewrite([r])
+    assert journal.load() == [r]
+    journal.rewrite([])
+    assert not journal.path.exists() and journal.load() == []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = SqliteStore(tmp_path / "q.sqlite3")
+    else:
+        from relaywatch.store.postgres import PostgresStore
+        s = PostgresStore(request.getfixturevalue("pg_dsn"))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_a_record_tried_again_applies_once_and_never_over_another_worker(store):
+    ids = [i for _ in range(4) for i in await store.enqueue(_msg("1@a", "2@a"))]
+    # Leases that ended a second ago: lapsed, and nobody took the entries yet.
+    assert len(await store.lease("w1", 10, ttl=-1, now=time.time())) == 4
+    one = [RecipientOutcome("1@a", DELIVERED)]
+    attempt = Attempt(time.time(), 0.1, None, tuple(one))
+
+    # Still ours though lapsed: applied; the same again (the first commit went
+    # through after all): not applied twice.
+    later = time.time() + 3600
+    assert await store.record(ids[0], "w1", attempt, one, later, attempts_before=0) is True
+    assert await store.record(ids[0], "w1", attempt, one, later, attempts_before=0) is False
+    assert (await store.get(ids[0])).attempts == 1
+
+    # Renewed before recording: nobody can lease it meanwhile.
+    assert await store.renew_leases("w1", [ids[1], ids[2]], time.time() + 60) == {ids[1], ids[2]}
+    # Another worker took the one not renewed.
+    taken = await store.lease("w2", 10, ttl=60, now=time.time())
+    assert [e.id for e in taken] == [ids[3]]
+    with pytest.raises(LeaseLost):
+        await store.record(ids[3], "w1", attempt, one, later, attempts_before=0)
+    assert await store.renew_leases("w1", [ids[3]], time.time() + 60) == set()
+
+    # Returned unrecorded (an SQLite run's leases at start-up): applied.
+    assert await store.release_leases("w1", time.time(), keep=[ids[2]]) == 1      # ids[1] only
+    assert await store.record(ids[1], "w1", attempt, one, later, attempts_before=0) is True
+    # Delivered to everyone and gone: nothing left to apply.
+    both = one + [RecipientOutcome("2@a", DELIVERED)]
+    assert await store.record(ids[2], "w1", None, both, None, attempts_before=0) is True
+    assert await store.record(ids[2], "w1", None, both, None, attempts_before=0) is False
+    assert await store.get(ids[2]) is None
+
+
+async def test_postgres_connections_the_server_ends_are_replaced(pg_dsn):
+    """A failover or a DBA's pg_terminate_backend ends every session: the writer,
+    the readers and the listener reconnect, and no write fails for it."""
+    psycopg = pytest.importorskip("psycopg")
+    from relaywatch.store.postgres import PostgresStore
+    woken = asyncio.Event()
+    name = f"rw_kill_{os.getpid()}"
+    store = PostgresStore(f"{pg_dsn}&application_name={name}", on_work=woken.set)
+    await store.open()
+    try:
+        [entry_id] = await store.enqueue(_msg("1@a"))
+        assert (await store.get(entry_id)).id == entry_id           # a reader connection now exists
+        await eventually(woken.is_set, what="the listener")
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE application_name = %s", (name,)).fetchone()[0]
+        assert ended >= 3                                           # writer, reader, listener
+        woken.clear()
+        assert (await store.get(entry_id)).id == entry_id           # the reader, replaced
+        assert len(await store.enqueue(_msg("2@a"))) == 1           # the writer, replaced at once
+        await eventually(woken.is_set, what="a wake-up from the reconnected listener")
+    finally:
+        await store.close()
+
+
+async def test_a_stalled_postgresql_fails_the_write_at_the_statement_timeout_instead_of_hanging(pg_dsn):
+    psycopg = pytest.importorskip("psycopg")
+    from relaywatch.store.postgres import PostgresStore
+    store = PostgresStore(pg_dsn, statement_timeout=0.5)
+    await store.open()
+    try:
+        with psycopg.connect(pg_dsn) as admin:
+            admin.execute("LOCK TABLE entries IN ACCESS EXCLUSIVE MODE")   # a stuck migration, a DBA's lock
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await asyncio.wait_for(store.enqueue(_msg("1@a")), 20)
+            print(f"\nfailed after {time.monotonic() - started:.2f} s (statement_timeout 0.5 s)")
+            admin.rollback()
+        assert len(await store.enqueue(_msg("1@a"))) == 1
+    finally:
+        await store.close()
+
+
+def test_the_statement_timeout_goes_on_every_postgresql_connection_beside_the_dsn_options():
+    from relaywatch.store.postgres import connection_params
+    p = connection_params("postgresql://u@h/db?options=-csearch_path%3Ds1", 30)
+    assert p["options"] == "-csearch_path=s1 -c statement_timeout=30000"
+    assert p["connect_timeout"] == 5 and p["keepalives"] == 1 and p["tcp_user_timeout"] == 30000
+    p = connection_params("postgresql://u@h/db?connect_timeout=9&tcp_user_timeout=1000", None)
+    assert "options" not in p and "connect_timeout" not in p and "tcp_user_timeout" not in p
+
+
+def test_store_statement_timeout_is_a_duration_or_off():
+    assert parse_config({}).server.store_statement_timeout == 30.0
+    assert parse_config({"server": {"store_statement_timeout": "off"}}).server.store_statement_timeout is None
+    assert parse_config({"server": {"store_statement_timeout": "5s"}}).server.store_statement_timeout == 5.0
+    with pytest.raises(ConfigError) as err:
+        parse_config({"server": {"store_statement_timeout": "soon"}})
+    assert any(p.startswith("server.store_statement_timeout") for p in err.value.problems), err.value.problems
