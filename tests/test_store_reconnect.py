@@ -431,3 +431,33 @@ def test_store_statement_timeout_is_a_duration_or_off():
     with pytest.raises(ConfigError) as err:
         parse_config({"server": {"store_statement_timeout": "soon"}})
     assert any(p.startswith("server.store_statement_timeout") for p in err.value.problems), err.value.problems
+
+
+async def test_an_sqlite_queue_locked_too_long_fails_that_write_and_the_writer_goes_on(tmp_path, monkeypatch,
+                                                                                      caplog):
+    """A batch that fails as a whole gets a new SQLite connection too; the lock
+    file and the settings stay as they were."""
+    import sqlite3
+    import relaywatch.store.sqlite as sqlite_store
+    monkeypatch.setattr(sqlite_store, "_LOCK_WAIT_LIMIT", 0.3)
+    store = SqliteStore(tmp_path / "q.sqlite3", sync_commits=False)
+    await store.open()
+    try:
+        admin = sqlite3.connect(tmp_path / "q.sqlite3", isolation_level=None)
+        admin.execute("BEGIN IMMEDIATE")          # an admin's sqlite3 shell, mid-transaction
+        with pytest.raises(StoreError):
+            await store.enqueue(_msg("1@a"))
+        admin.execute("ROLLBACK")
+        admin.close()
+
+        async def writes() -> bool:
+            try:
+                return len(await store.enqueue(_msg("2@a"))) == 1
+            except StoreError:
+                return False
+        await eventually(writes, timeout=5, what="a write after the lock was released")
+        assert (await store.counts()) == {"queued": 1}
+        messages = [r.getMessage() for r in caplog.records if r.name == "relaywatch.store"]
+        assert sum("is unavailable:" in m for m in messages) == 1 and sum("is back after" in m for m in messages) == 1
+    finally:
+        await store.close()
