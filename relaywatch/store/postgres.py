@@ -29,7 +29,6 @@ import asyncio
 import logging
 import re
 import threading
-
 import time
 
 import psycopg
@@ -227,6 +226,8 @@ class PostgresStore(SqlStore):
             for column, definition, fill in MIGRATIONS:
                 if column not in columns:
                     with conn.conn.transaction():
+                        # Filling a column of a big queue may well take longer than a statement may.
+                        conn.conn.execute("SET LOCAL statement_timeout = 0")
                         conn.conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
                         conn.conn.execute(fill)
         conn.conn.execute(SCHEMA)

@@ -187,7 +187,6 @@ class SqlStore:
         self._readers_idle = threading.Condition()
         self._reads_in_flight = 0
         self._closed = False
-        self._writer_backoff = Backoff()
         self._reader_backoff = Backoff()
         self._reader_backoff_lock = threading.Lock()
         self._down_since: float | None = None    # the last batch failed as a whole (see _write_loop)
@@ -228,7 +227,7 @@ class SqlStore:
     # -- the writer thread ---------------------------------------------------
 
     def _write_loop(self, conn: Any) -> None:
-        backoff = self._writer_backoff = Backoff()
+        backoff = Backoff()
         while True:
             # Without a connection, wake for the next try even if nothing waits.
             timeout = None if conn is not None else max(0.0, backoff.next_try - time.monotonic())
@@ -310,11 +309,6 @@ class SqlStore:
                         self.where, time.monotonic() - self._down_since)
             self._down_since = None
 
-    @property
-    def available(self) -> bool:
-        """False from a failed commit until one works again."""
-        return self._down_since is None
-
     def _settle_all(self, batch: list, exc: BaseException) -> None:
         for _fn, loop, fut in batch:
             loop.call_soon_threadsafe(_settle, fut, False, exc)
@@ -327,18 +321,15 @@ class SqlStore:
         results: list[tuple[bool, Any]] = []
         cleanup: list[str] = []
         failure = None
-        if may_defer:
-            try:
-                self._begin(conn)
-            except (*self.db_errors, OSError) as exc:
-                self._end(conn)
-                if self._broken(conn):
-                    return _Unstarted(exc)
-                self._settle_all(batch, StoreError(f"queue store write failed: {first_line(exc)}"))
-                return exc
         try:
-            if not may_defer:
-                self._begin(conn)
+            self._begin(conn)
+        except (*self.db_errors, OSError) as exc:
+            self._end(conn)
+            if may_defer and self._broken(conn):
+                return _Unstarted(exc)
+            self._settle_all(batch, StoreError(f"queue store write failed: {first_line(exc)}"))
+            return exc
+        try:
             for fn, _loop, _fut in batch:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -441,7 +432,7 @@ class SqlStore:
             try:
                 return self._run_read(fn)
             except self.db_errors as exc:
-                raise StoreError(f"queue store read failed: {exc}") from exc
+                raise StoreError(f"queue store read failed: {first_line(exc)}") from exc
             finally:
                 with self._readers_idle:
                     self._reads_in_flight -= 1
