@@ -463,3 +463,30 @@ async def test_an_sqlite_queue_locked_too_long_fails_that_write_and_the_writer_g
         assert sum("is unavailable:" in m for m in messages) == 1 and sum("is back after" in m for m in messages) == 1
     finally:
         await store.close()
+
+
+async def test_an_outcome_kept_while_the_store_is_down_is_recorded_when_it_is_back(tmp_path, caplog):
+    """PendingOutcomes on a real SQLite store: closed (every write fails), then
+    open again; and a lease another worker took is a "possible duplicate"."""
+    from relaywatch.store.pending import PendingOutcomes
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
+    kept = PendingOutcomes(store, tmp_path / "pending-outcomes.jsonl", lambda: 60.0)
+    try:
+        ids = [i for _ in range(2) for i in await store.enqueue(_msg("1@a"))]
+        assert len(await store.lease("w1", 1, ttl=60, now=time.time())) == 1            # ids[0]
+        assert len(await store.lease("w1", 1, ttl=-1, now=time.time())) == 1            # ids[1], lapsed
+        assert len(await store.lease("w2", 1, ttl=60, now=time.time())) == 1            # ids[1] again
+        await store.close()
+        await kept.record(PendingRecord(ids[0], "w1", 0, None, (RecipientOutcome("1@a", DELIVERED),), None))
+        assert ids[0] in kept and len(kept.journal.load()) == 1
+        await store.open()
+        await eventually(lambda: not kept, timeout=5, what="the kept outcome recorded")
+        assert await store.get(ids[0]) is None and not kept.journal.path.exists()
+
+        await kept.record(PendingRecord(ids[1], "w1", 0, None, (RecipientOutcome("1@a", DELIVERED),), None))
+        assert not kept
+        assert any("possible duplicate" in r.getMessage() and ids[1] in r.getMessage() for r in caplog.records)
+    finally:
+        await kept.close()
+        await store.close()
