@@ -459,8 +459,12 @@ async def test_an_sqlite_queue_locked_too_long_fails_that_write_and_the_writer_g
                 return False
         await eventually(writes, timeout=5, what="a write after the lock was released")
         assert (await store.counts()) == {"queued": 1}
-        messages = [r.getMessage() for r in caplog.records if r.name == "relaywatch.store"]
-        assert sum("is unavailable:" in m for m in messages) == 1 and sum("is back after" in m for m in messages) == 1
+
+        def lines(text: str) -> int:
+            return sum(text in r.getMessage() for r in caplog.records if r.name == "relaywatch.store")
+        # The writer thread logs "back" just after it answered the batch's waiters.
+        await eventually(lambda: lines("is back after") == 1, timeout=5, what="the store's 'back' line")
+        assert lines("is unavailable:") == 1 and lines("is back after") == 1
     finally:
         await store.close()
 
