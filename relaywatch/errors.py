@@ -3,6 +3,7 @@
     RelaywatchError
       ConfigError        an invalid setting; .problems lists one line per key
       StoreError         the queue store failed (driver errors are wrapped in store/*)
+        StoreFull        ...because the disk (or quota) under it is full
         LeaseLost        our lease on a queue entry was taken over (we were too slow)
       UnknownEntry       no queue entry with that id
 
@@ -23,7 +24,19 @@ class ConfigError(RelaywatchError):
 
 
 class StoreError(RelaywatchError):
-    """The queue store could not do what was asked; nothing was half-done."""
+    """The queue store could not do what was asked; nothing was half-done.
+
+    ``code``: the driver's name for the failure when it has one (``SQLITE_IOERR``,
+    a PostgreSQL SQLSTATE), for the one log line an outage gets."""
+
+    def __init__(self, message: str = "", code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class StoreFull(StoreError):
+    """The disk or quota under the store is full (SQLITE_FULL, PostgreSQL 53100 disk_full):
+    the receiver answers ``452 4.3.1``, not ``451 4.3.0``."""
 
 
 class LeaseLost(StoreError):

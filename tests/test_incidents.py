@@ -12,38 +12,9 @@ import ssl
 import pytest
 import trustme
 
-from helpers import LOOPBACK, Scripted, Sink, eventually, free_port, message
+from helpers import LOOPBACK, Scripted, Sink, WebhookReceiver, eventually, free_port, message
 
 SECRET = "s3cret"
-
-
-class WebhookReceiver:
-    """A real HTTP server on loopback that keeps every POST."""
-
-    def __init__(self, status: int = 200):
-        self.posts: list[tuple[dict, bytes]] = []
-        self.status = status
-
-    async def start(self):
-        async def handle(reader, writer):
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode().split("\r\n")
-            headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
-            body = await reader.readexactly(int(headers.get("content-length", 0)))
-            self.posts.append((headers, body))
-            writer.write(f"HTTP/1.1 {self.status} X\r\nContent-Length: 0\r\n\r\n".encode())
-            await writer.drain()
-            writer.close()
-        self.server = await asyncio.start_server(handle, LOOPBACK, 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self):
-        self.server.close()
-        await self.server.wait_closed()
-
-    def events(self):
-        return [json.loads(body)["transition"] for _, body in self.posts]
 
 
 def alerts_config(alert_sink, webhook, **kw):

@@ -4,7 +4,7 @@ One ``SmtpSession`` per connection, callback-driven (``asyncio.Protocol``):
 bytes go into the conversation, its events are acted on, and every reply
 decided in one pass goes out in one write.  The only waits are the queue
 commit after the final dot (250 only once it is durable; a store failure
-answers ``451 4.3.0``) and the TLS handshake; input that arrives meanwhile
+answers ``452 4.3.1`` for a full disk, else ``451 4.3.0``) and the TLS handshake; input that arrives meanwhile
 waits in the conversation, and reading pauses if it piles up.
 
 We own this layer instead of subclassing aiosmtpd: on the 2-core bench
@@ -15,20 +15,21 @@ that stalls for ``server.idle_timeout`` is disconnected (``421 4.4.2``). If the
 disk refuses a message being read, the rest is read and dropped and the
 answer comes after the final dot (``452 4.3.1`` when full, else ``451 4.3.0``);
 an error nobody foresaw ends the session with ``421 4.3.0``, never a 5xx.
+Refusals because the disk or the store fails are one condition, not one log
+line per message (receive/store_condition.py), and the relay's own incident
+(watch/store_incident.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
 import ipaddress
 import logging
 import re
 import ssl
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,9 +40,13 @@ from relaywatch.model import NewMessage, Route, RouteKind
 from relaywatch.receive.conversation import (NEED_DATA, BodyData, Conversation, MessageEnd, MessageStart,
                                              Recipient, Reply, StartTls)
 from relaywatch.receive.spool import BodySpool
+from relaywatch.receive.store_condition import (FAILED_REPLY, ConditionEnded, Place, PlaceRecovered, StoreCondition,
+                                                StoreProblem, describe, problem_from_os_error,
+                                                problem_from_store_error)
 from relaywatch.receive.verify import Answer, Callout, RecipientVerifier, rcpt_reply
 from relaywatch.route import decide, split_address
 from relaywatch.store.base import QueueStore
+from relaywatch.watch.store_incident import StoreIncidentReporter
 
 log = logging.getLogger("relaywatch.receive")
 
@@ -60,12 +65,14 @@ class ReceivePolicy:
     """Who may send to whom, and committing what arrives."""
 
     def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time,
-                 callout: Callout | None = None):
+                 callout: Callout | None = None, alert_routes=None):
         self.config_ref = config_ref
         self.store = store
         self.clock = clock
         self.verifier = RecipientVerifier(callout) if callout is not None else None
         self._background: set[asyncio.Task] = set()
+        self.store_condition = StoreCondition()
+        self.store_incidents = StoreIncidentReporter(config_ref, store, alert_routes, clock)
 
     def is_trusted(self, ip: str) -> bool:
         try:
@@ -143,17 +150,23 @@ class ReceivePolicy:
         headers = (b"\r\n" + header_block).split(b"\r\n\r\n", 1)[0]
         match = _MESSAGE_ID.search(headers)
         message_id = match.group(1).decode("ascii", "replace") if match else ""
-        body = await spool.finish(inline=getattr(self.store, "inline_bodies", False))
+        try:
+            body = await spool.finish(inline=getattr(self.store, "inline_bodies", False))
+        except OSError as exc:
+            return self.refuse(end, client_ip, problem_from_os_error(exc, Place.SPOOL, str(spool.spool_dir)))
         msg = NewMessage(
             sender=end.sender, recipients=end.recipients, body=body, received_at=now,
             expires_at=now + config.queue.message_expiration, message_id=message_id, client=client_ip)
         try:
             ids = await self.store.enqueue(msg)
         except StoreError as exc:
-            log.error("could not queue a message from <%s>: %s", end.sender, exc)
             if body.path:
                 Path(body.path).unlink(missing_ok=True)
-            return "451 4.3.0 Could not queue the message; please try again later"
+            return self.refuse(end, client_ip, problem_from_store_error(exc, self.store.where))
+        if spool.spilled:
+            self._written(Place.SPOOL)
+        self._written(Place.QUEUE)
+        self.store_incidents.wrote()
         routes = [route for _, route in end.recipients]
         for entry_id, route in zip(ids, _unique_routes(routes)):
             rcpts = [a for a, r in end.recipients if r.key == route.key]
@@ -161,6 +174,26 @@ class ReceivePolicy:
                                        "to": rcpts, "connector": route.name, "size": body.size,
                                        "client": msg.client})
         return f"250 2.0.0 Queued as {' '.join(ids)}"
+
+    def refuse(self, end: MessageEnd, client_ip: str, problem: StoreProblem) -> str:
+        """The reply to a message the disk or the store would not take."""
+        self._changed(self.store_condition.refused_message(problem, self.clock()))
+        events.emit("rejected", **{"from": end.sender or "<>", "to": [a for a, _ in end.recipients],
+                                   "client": client_ip, "code": problem.reply[4:9], "detail": problem.reply})
+        return problem.reply
+
+    def _written(self, place: Place) -> None:
+        if self.store_condition.active:
+            self._changed(self.store_condition.written(place, self.clock()))
+
+    def _changed(self, change) -> None:
+        if change is None:
+            return
+        level = (logging.INFO if type(change) is ConditionEnded else
+                 logging.WARNING if type(change) is PlaceRecovered else logging.ERROR)
+        log.log(level, "%s", describe(change))
+        self.store_incidents.on_change(change, list(self.store_condition.failing.values()),
+                                       self.store_condition.refused)
 
 
 def _unique_routes(routes: list[Route]) -> list[Route]:
@@ -184,7 +217,7 @@ class SmtpSession(asyncio.Protocol):
         self._paused = False
         self._out: list[str] = []
         self._spool: BodySpool | None = None
-        self._spool_error: OSError | None = None   # the disk refused the message being read
+        self._spool_error: StoreProblem | None = None   # the disk refused the message being read
         self._header_block = bytearray()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_input = 0.0
@@ -299,9 +332,8 @@ class SmtpSession(asyncio.Protocol):
         try:
             self._spool.write(data)
         except OSError as exc:
-            log.error("cannot spool a message from %s: %s", self.client_ip, exc)
+            self._spool_error = problem_from_os_error(exc, Place.SPOOL, str(self._spool.spool_dir))
             self._drop_spool()
-            self._spool_error = exc
             return
         block = self._header_block
         if len(block) < _HEADER_SCAN_LIMIT and b"\r\n\r\n" not in block:
@@ -309,9 +341,8 @@ class SmtpSession(asyncio.Protocol):
 
     def _message_end(self, end: MessageEnd) -> None:
         if self._spool_error is not None and not end.problem:
-            full = self._spool_error.errno in (errno.ENOSPC, errno.EDQUOT)
-            end = replace(end, problem="452 4.3.1 Insufficient system storage; try again later" if full
-                          else "451 4.3.0 Could not store the message; please try again later")
+            self._out.append(self.policy.refuse(end, self.client_ip, self._spool_error))
+            return
         if end.problem:
             self._drop_spool()
             events.emit("rejected", **{"from": end.sender or "<>", "to": [a for a, _ in end.recipients],
@@ -332,7 +363,7 @@ class SmtpSession(asyncio.Protocol):
         except Exception:
             spool.discard()
             log.exception("could not queue a message from %s", self.client_ip)
-            reply = "451 4.3.0 Could not queue the message; please try again later"
+            reply = FAILED_REPLY
         self._busy = False
         if self.transport.is_closing():
             return
@@ -431,9 +462,9 @@ class Receiver:
     """Listens on the configured addresses and feeds the queue."""
 
     def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time,
-                 callout: Callout | None = None):
+                 callout: Callout | None = None, alert_routes=None):
         self.config_ref = config_ref
-        self.policy = ReceivePolicy(config_ref, store, clock, callout)
+        self.policy = ReceivePolicy(config_ref, store, clock, callout, alert_routes)
         self.limiter = ConnectionLimiter(config_ref)
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_context: ssl.SSLContext | None = None
@@ -460,3 +491,4 @@ class Receiver:
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
+        await self.policy.store_incidents.stop()

@@ -29,6 +29,7 @@ class BodySpool:
         self._buffer = bytearray()
         self._file = None
         self._tmp_path: str | None = None
+        self.spilled = False   # the body went to a spool file (the spool directory was written)
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -38,6 +39,7 @@ class BodySpool:
         self._buffer += data
         if len(self._buffer) > self.inline_limit:
             fd, self._tmp_path = tempfile.mkstemp(prefix="incoming-", dir=self.spool_dir)
+            self.spilled = True
             self._file = os.fdopen(fd, "wb", buffering=256 * 1024)
             self._file.write(self._buffer)
             self._buffer = bytearray()

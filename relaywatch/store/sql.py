@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any, Callable, Sequence
 
-from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
+from relaywatch.errors import LeaseLost, StoreError, StoreFull, UnknownEntry
 from relaywatch.model import (
     Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome,
     RecipientStatus, Route, RouteKind, StoredBody, dest_label,
@@ -190,6 +190,7 @@ class SqlStore:
         self._reader_backoff = Backoff()
         self._reader_backoff_lock = threading.Lock()
         self._down_since: float | None = None    # the last batch failed as a whole (see _write_loop)
+        self._down_code: str | None = None      # the driver error code of that failure (full disk?)
         # Called (on the event loop) after a commit that made work due, so the
         # scheduler wakes at once instead of at its next poll.
         self.on_work = on_work
@@ -286,7 +287,11 @@ class SqlStore:
         return None
 
     def _unavailable(self, backoff: Backoff) -> StoreError:
-        return StoreError(f"queue store {self.where} is unavailable ({backoff.error}); reconnecting")
+        # While reconnecting, writes fail as the last one did: a full disk stays
+        # StoreFull (452 4.3.1 to clients), anything else StoreError (451 4.3.0).
+        full = self._down_code in _FULL_CODES
+        return (StoreFull if full else StoreError)(
+            f"queue store {self.where} is unavailable ({backoff.error}); reconnecting", code=self._down_code)
 
     def _try_reconnect(self, backoff: Backoff) -> Any:
         try:
@@ -298,9 +303,10 @@ class SqlStore:
         return conn
 
     def _store_failed(self, exc: BaseException) -> None:
+        self._down_code = getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", None)
         if self._down_since is None:
             self._down_since = time.monotonic()
-            log.error("queue store %s is unavailable: %s; answering 451 4.3.0 and reconnecting "
+            log.error("queue store %s is unavailable: %s; writes fail until it is back, reconnecting "
                       "(one line when it is back)", self.where, first_line(exc))
 
     def _store_works(self) -> None:
@@ -308,6 +314,7 @@ class SqlStore:
             log.warning("queue store %s is back after %.1f s: commits work again",
                         self.where, time.monotonic() - self._down_since)
             self._down_since = None
+            self._down_code = None
 
     def _settle_all(self, batch: list, exc: BaseException) -> None:
         for _fn, loop, fut in batch:
@@ -327,7 +334,7 @@ class SqlStore:
             self._end(conn)
             if may_defer and self._broken(conn):
                 return _Unstarted(exc)
-            self._settle_all(batch, StoreError(f"queue store write failed: {first_line(exc)}"))
+            self._settle_all(batch, _driver_error("queue store write failed", exc))
             return exc
         try:
             for fn, _loop, _fut in batch:
@@ -341,9 +348,7 @@ class SqlStore:
                     conn.execute("RELEASE op")
                     if isinstance(exc, self.db_errors):
                         # Driver errors stay inside the store (errors.py): callers see StoreError.
-                        wrapped = StoreError(f"queue store operation failed: {first_line(exc)}")
-                        wrapped.__cause__ = exc
-                        exc = wrapped
+                        exc = _driver_error("queue store operation failed", exc)
                     results.append((False, exc))
             conn.execute("COMMIT")
         except (*self.db_errors, OSError) as exc:
@@ -351,7 +356,7 @@ class SqlStore:
                 conn.execute("ROLLBACK")
             except (*self.db_errors, OSError):
                 pass
-            err = StoreError(f"queue store write failed: {first_line(exc)}")
+            err = _driver_error("queue store write failed", exc)
             results = [(False, err)] * len(batch)
             cleanup = []
             failure = exc
@@ -432,7 +437,7 @@ class SqlStore:
             try:
                 return self._run_read(fn)
             except self.db_errors as exc:
-                raise StoreError(f"queue store read failed: {first_line(exc)}") from exc
+                raise _driver_error("queue store read failed", exc) from exc
             finally:
                 with self._readers_idle:
                     self._reads_in_flight -= 1
@@ -787,6 +792,18 @@ class SqlStore:
                 (incident_id, transition, channel, now, json.dumps(payload))).rowcount == 1
         return await self._write(op)
 
+    async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
+                                       attempts: int, sent_at: float | None, last_error: str | None) -> None:
+        """Record a notification that was sent (or tried) before this store could be
+        written: the relay's own "cannot queue" incident (watch/store_incident.py)."""
+        def op(conn: Any, cleanup: list) -> None:
+            conn.execute(
+                "INSERT INTO notifications (incident_id, transition, channel, state, attempts, next_try, "
+                "last_error, sent_at, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (incident_id, transition, channel, "sent" if sent_at is not None else "failed", attempts,
+                 sent_at or 0, last_error, sent_at, json.dumps(payload)))
+        await self._write(op)
+
     async def due_notifications(self, now: float) -> list[dict]:
         return await self._read(lambda conn: [
             {"id": i, "incident_id": inc, "transition": t, "channel": c, "attempts": a, "payload": json.loads(p)}
@@ -861,6 +878,17 @@ class SqlStore:
 
 
 _INCIDENT_COLUMNS = "id, connector, code, state, opened_at, resolved_at, data"
+
+# SQLite's "database or disk is full" and PostgreSQL's disk_full: the receiver says 452 4.3.1.
+_FULL_CODES = {"SQLITE_FULL", "53100"}
+
+
+def _driver_error(what: str, exc: Exception) -> StoreError:
+    """The StoreError for a driver's exception (StoreFull when the disk under it is full)."""
+    code = getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", None)
+    err = (StoreFull if code in _FULL_CODES else StoreError)(f"{what}: {first_line(exc)}", code=code)
+    err.__cause__ = exc
+    return err
 
 
 def _incident(row: tuple) -> dict:

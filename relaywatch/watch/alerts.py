@@ -24,7 +24,7 @@ from relaywatch.config import Config
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
 from relaywatch.model import Destination, Route, RouteKind, StoredBody
-from relaywatch.watch.incidents import headline
+from relaywatch.watch.incidents import IncidentKind, headline
 
 MAX_ATTEMPTS = 10
 
@@ -54,7 +54,9 @@ def incident_text(inc: dict, now: float, transition: str = "") -> str:
     """The human summary used in alert email, webhooks and the CLI."""
     lines = [headline(inc), ""]
     e = inc.get("latest_error") or {}
-    if inc["code"].startswith("watch:"):
+    if inc.get("kind") == IncidentKind.STORE:
+        lines += _store_lines(inc, now)
+    elif inc["code"].startswith("watch:"):
         lines.append(inc.get("detail", ""))
     elif inc["state"] == "resolved":
         lines.append(f"Connector {inc['connector']} ({inc['connector_type']}) delivers again. "
@@ -84,6 +86,20 @@ def incident_text(inc: dict, now: float, transition: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _store_lines(inc: dict, now: float) -> list[str]:
+    if inc["state"] == "resolved":
+        return [f"relaywatch queues mail again. It could not for {_span(inc['resolved_at'] - inc['opened_at'])} "
+                f"({_when(inc['opened_at'])} to {_when(inc['resolved_at'])}); {inc.get('refused', 0)} message(s) "
+                "were refused with a 4xx meanwhile. They stay with their senders, who retry; nothing that "
+                "was accepted is lost."]
+    lines = [f"relaywatch cannot write where it queues mail, so since {_when(inc['opened_at'])} it refuses "
+             f"mail with {inc['reply']} (senders keep it and retry; nothing accepted is lost):"]
+    lines += [f"  {p['path']}: {p['code']} ({p['detail']}); refusing {p['refusing']}" for p in inc["problems"]]
+    if inc.get("fixes"):
+        lines += ["", "What to do:"] + [f"  - {f}" for f in inc["fixes"]]
+    return lines
+
+
 def payload(inc: dict, transition: str, now: float) -> dict:
     event = {"open": "incident.opened", "resolve": "incident.resolved"}.get(transition, "incident.escalated")
     return {"event": event, "transition": transition, "at": now, "incident": inc,
@@ -100,7 +116,7 @@ async def send_webhook(config: Config, data: dict, timeout: float = 10.0) -> Non
     body = json.dumps(data, separators=(",", ":"), default=str).encode()
     headers = {"Host": url.netloc, "Content-Type": "application/json", "Content-Length": str(len(body)),
                "User-Agent": "relaywatch", "Connection": "close",
-               "X-Relaywatch-Event": data["event"], "X-Relaywatch-Delivery": f"{data['incident']['id']}:{data['transition']}"}
+               "X-Relaywatch-Event": data["event"], "X-Relaywatch-Delivery": f"{_ident(data['incident'])}:{data['transition']}"}
     if config.alerts.webhook_secret:
         headers["X-Relaywatch-Signature"] = signature(config.alerts.webhook_secret, body)
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -120,6 +136,14 @@ async def send_webhook(config: Config, data: dict, timeout: float = 10.0) -> Non
         raise RuntimeError(f"webhook answered {status.decode('latin-1').strip() or 'nothing'}")
 
 
+def _ident(inc: dict) -> str:
+    """The incident's id; one told before the store could number it (the store's own
+    incident) is named by kind and opening time."""
+    if inc.get("id") is not None:
+        return str(inc["id"])
+    return f"{inc.get('kind') or inc['code']}@{inc['opened_at']:.3f}"
+
+
 def alert_email(config: Config, data: dict) -> bytes:
     msg = EmailMessage(policy=email_policy.SMTP)
     msg["From"] = f"relaywatch <{config.alerts.sender}>"
@@ -128,7 +152,7 @@ def alert_email(config: Config, data: dict) -> bytes:
     msg["Date"] = email.utils.formatdate(data["at"])
     msg["Message-ID"] = email.utils.make_msgid(domain=config.server.hostname)
     msg["Auto-Submitted"] = "auto-generated"
-    msg["X-Relaywatch-Incident"] = f"{data['incident']['id']} {data['transition']}"
+    msg["X-Relaywatch-Incident"] = f"{_ident(data['incident'])} {data['transition']}"
     msg.set_content(data["text"])
     return msg.as_bytes()
 

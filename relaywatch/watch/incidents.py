@@ -12,14 +12,26 @@ Lifecycle of an incident:
                                       notify "resolve" with what happened (the all-clear)
 A change of cause on the same connector is a resolve of the old code and an
 open of the new one.
+
+Incidents with a ``kind`` from ``IncidentKind`` are not about a connector's
+backlog: their own code opens and resolves them, and ``evaluate`` leaves them
+alone.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from relaywatch.classify.catalog import CATALOG, lookup
 from relaywatch.config import Config
+
+
+class IncidentKind(enum.StrEnum):
+    STORE = "store"   # the relay itself cannot queue mail (watch/store_incident.py)
+
+
+_OWN_KINDS = frozenset(IncidentKind)
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,8 @@ def evaluate(summaries: list[dict], open_incidents: list[dict], config: Config, 
     out: list[Transition] = []
     open_keys = set()
     for inc in open_incidents:
-        if inc["code"].startswith("watch:"):
-            continue    # certificate and quota warnings are kept by their own checks
+        if inc["code"].startswith("watch:") or inc.get("kind") in _OWN_KINDS:
+            continue    # certificate and quota warnings, and the store's, are kept by their own checks
         key = _key(inc)
         open_keys.add(key)
         summary = by_key.get(key)
@@ -111,6 +123,10 @@ def headline(inc: dict) -> str:
     verb = {"open": "OPEN", "resolved": "RESOLVED"}.get(inc["state"], inc["state"].upper())
     if inc["state"] == "open" and inc.get("severity") == "critical":
         verb = "CRITICAL"
+    if inc.get("kind") == IncidentKind.STORE:
+        if inc["state"] == "resolved":
+            return f"{verb} {inc['code']} relaywatch queues mail again ({inc.get('refused', 0)} message(s) refused)"
+        return f"{verb} {inc['code']} {inc['title']}: mail is refused with {inc['reply']}"
     if inc["code"].startswith("watch:"):
         return f"{verb} {inc['title']} on connector {inc['connector']}"
     what = f"{inc['code']} {inc['title']}"

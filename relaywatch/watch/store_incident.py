@@ -1,0 +1,206 @@
+"""The relay's own incident: it cannot queue mail (a full disk, a store that is down).
+
+Every other incident lives in the store and is told through it (monitor.py);
+this one cannot be, since the store is what fails.  The receiving process
+opens it in memory when receive/store_condition.py says the condition
+started, tells the admins at once straight through alerts.py (email to
+``[alerts] smtp`` or their MX, the signed webhook), and once the condition has
+ended (a write succeeded everywhere it had failed) records it in the store's
+incident history, resolved, with the notifications sent, and sends the
+all-clear.  A resolve notification that cannot go out at once is left in the
+store's notification queue, whose retries the watch loop runs.
+
+The incident builders are pure; ``StoreIncidentReporter`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from relaywatch.config import Config
+from relaywatch.errors import StoreError
+from relaywatch.receive.store_condition import (Change, ConditionChanged, ConditionEnded, ConditionStarted,
+                                                PlaceRecovered, StoreProblem, span)
+from relaywatch.watch import alerts
+from relaywatch.watch.incidents import IncidentKind
+
+log = logging.getLogger("relaywatch.watch")
+
+
+def _problem(p: StoreProblem) -> dict:
+    return {"place": p.place.value, "path": p.path, "code": p.code, "detail": p.detail, "full": p.full,
+            "refusing": p.refusing}
+
+
+def _fixes(problems: list[StoreProblem]) -> list[str]:
+    fixes = []
+    for p in problems:
+        if p.full:
+            fixes.append(f"Free space on the file system that holds {p.path} (df -h; a quota: quota -v): "
+                         "relaywatch writes the queue and the spool there.")
+        else:
+            fixes.append(f"Make {p.path} writable again: {p.code} ({p.detail}).")
+    return list(dict.fromkeys(fixes))
+
+
+def _describe_failing(inc: dict, failing: list[StoreProblem], at: float) -> None:
+    full = any(p.full for p in failing)
+    inc.update(code="4.3.1" if full else "4.3.0", reply="452 4.3.1" if full else "451 4.3.0",
+               title="Disk full: relaywatch cannot queue mail" if full else "relaywatch cannot queue mail",
+               problems=[_problem(p) for p in failing], fixes=_fixes(failing), updated_at=at, last_seen=at)
+
+
+def open_store_incident(problem: StoreProblem, at: float) -> dict:
+    inc = {"id": None, "kind": IncidentKind.STORE, "connector": "-", "connector_type": "-", "subtype": None,
+           "state": "open", "severity": "critical", "opened_at": at, "updated_at": at, "resolved_at": None,
+           "first_seen": at, "last_seen": at, "messages": 0, "recipients": 0, "peak_messages": 0,
+           "oldest_received_at": at, "first_expires_at": at, "destinations": [], "latest_error": None,
+           "diagnosis": None, "causes": [], "actions": [], "escalations": [], "delivered_late": 0, "expired": 0,
+           "probe": None, "refused": 1, "seen": [_problem(problem)]}
+    _describe_failing(inc, [problem], at)
+    return inc
+
+
+def update_store_incident(inc: dict, failing: list[StoreProblem], refused: int, at: float) -> dict:
+    inc = dict(inc, refused=refused)
+    _describe_failing(inc, failing, at)
+    seen = {(s["place"], s["code"]) for s in inc["seen"]}
+    inc["seen"] = inc["seen"] + [_problem(p) for p in failing if (p.place.value, p.code) not in seen]
+    return inc
+
+
+def resolve_store_incident(inc: dict, ended: ConditionEnded) -> dict:
+    seen = [_problem(p) for p in ended.problems]
+    return dict(inc, state="resolved", resolved_at=ended.at, updated_at=ended.at, refused=ended.refused,
+                seen=seen, problems=seen, fixes=_fixes(list(ended.problems)))
+
+
+# -- the I/O -----------------------------------------------------------------------------
+
+@dataclass
+class _Told:
+    transition: str
+    channel: str
+    payload: dict
+    attempts: int = 0
+    sent_at: float | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class _Outage:
+    incident: dict
+    told: list[_Told] = field(default_factory=list)
+    alerting: asyncio.Task | None = None
+
+
+class StoreIncidentReporter:
+    def __init__(self, config_ref: Callable[[], Config], store, routes, clock: Callable[[], float] = time.time):
+        self.config_ref = config_ref
+        self.store = store
+        self.routes = routes         # SmtpRoutes, for alert email by MX
+        self.clock = clock
+        self._current: _Outage | None = None
+        self._unrecorded: list[_Outage] = []
+        self._recording: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def incident(self) -> dict | None:
+        """The open incident, while the relay cannot queue mail."""
+        return self._current.incident if self._current is not None else None
+
+    def on_change(self, change: Change, failing: list[StoreProblem], refused: int) -> None:
+        if type(change) is ConditionStarted:
+            outage = _Outage(open_store_incident(change.problem, change.at))
+            self._current = outage
+            outage.alerting = self._spawn(self._tell_until_told(outage, "open"))
+        elif type(change) in (ConditionChanged, PlaceRecovered) and self._current is not None:
+            self._current.incident = update_store_incident(self._current.incident, failing, refused, change.at)
+        elif type(change) is ConditionEnded and self._current is not None:
+            outage, self._current = self._current, None
+            if outage.alerting is not None:
+                outage.alerting.cancel()    # told or not, it is over: the all-clear follows
+            outage.incident = resolve_store_incident(outage.incident, change)
+            self._unrecorded.append(outage)
+            self.wrote()
+
+    def wrote(self) -> None:
+        """The store took a write: record what waits to be recorded."""
+        if self._unrecorded and (self._recording is None or self._recording.done()):
+            self._recording = self._spawn(self._record())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _tell(self, outage: _Outage, transition: str) -> list[_Told]:
+        """One try on every channel; returns the notifications that failed."""
+        config, now = self.config_ref(), self.clock()
+        data = alerts.payload(outage.incident, transition, now)
+        failed = []
+        for channel in alerts.channels(config):
+            told = next((t for t in outage.told if (t.transition, t.channel) == (transition, channel)), None)
+            if told is None:
+                told = _Told(transition, channel, data)
+                outage.told.append(told)
+            elif told.sent_at is not None:
+                continue
+            told.attempts += 1
+            try:
+                await alerts.deliver_notification(config, self.routes, {"channel": channel, "payload": data})
+            except Exception as exc:    # a channel that fails must never touch the SMTP side
+                told.last_error = str(exc)[:300]
+                failed.append(told)
+                log.warning("%s alert that relaywatch cannot queue mail (%s) failed: %s", channel, transition, exc)
+            else:
+                told.sent_at = self.clock()
+        return failed
+
+    async def _tell_until_told(self, outage: _Outage, transition: str) -> None:
+        attempts = 0
+        while await self._tell(outage, transition):
+            retry = alerts.retry_at(attempts, self.clock())
+            if retry is None:
+                return
+            attempts += 1
+            await asyncio.sleep(retry - self.clock())
+
+    async def _record(self) -> None:
+        while self._unrecorded:
+            outage = self._unrecorded[0]
+            try:
+                if outage.incident["id"] is None:
+                    outage.incident["id"] = await self.store.save_incident(outage.incident)
+                for told in outage.told:
+                    await self.store.add_notification_outcome(
+                        outage.incident["id"], told.transition, told.channel, told.payload, told.attempts,
+                        told.sent_at, told.last_error)
+                outage.told = []
+                for told in await self._tell(outage, "resolve"):
+                    # The store works again: its notification queue retries it (monitor.py).
+                    await self.store.add_notification(outage.incident["id"], told.transition, told.channel,
+                                                      told.payload, self.clock())
+                for told in outage.told:
+                    if told.sent_at is not None:
+                        await self.store.add_notification_outcome(
+                            outage.incident["id"], told.transition, told.channel, told.payload, told.attempts,
+                            told.sent_at, None)
+            except StoreError as exc:
+                # Failing again: the next write that succeeds tries once more.
+                log.warning("cannot record the incident that relaywatch could not queue mail yet: %s", exc)
+                return
+            self._unrecorded.pop(0)
+            log.info("recorded incident %s: relaywatch could not queue mail for %s",
+                     outage.incident["id"], span(outage.incident["resolved_at"] - outage.incident["opened_at"]))
