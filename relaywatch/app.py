@@ -13,6 +13,11 @@ within ``server.shutdown_grace`` and return the rest of the leases; SIGHUP
 re-reads the config (routing, limits, timeouts) without dropping
 connections; SIGUSR1 (sent by ``relaywatch queue retry``) wakes the
 scheduler at once.
+
+A delivery process that dies is restarted after a back-off that doubles
+with each crash in a row (1 s to 60 s) and starts over once a process has
+run for ``server.delivery_restart_reset``: a crash after healthy hours costs
+a second, not a minute without delivery.
 """
 
 from __future__ import annotations
@@ -41,6 +46,28 @@ from relaywatch.watch.monitor import Monitor
 
 log = logging.getLogger("relaywatch.app")
 
+
+class RestartBackoff:
+    """How long to wait before restarting a process that exited (pure).
+
+    Doubles from ``first`` to ``limit`` while crashes come in a row; a process
+    that ran for ``healthy_after`` or longer was healthy, and the next restart
+    waits ``first`` again."""
+
+    def __init__(self, healthy_after: float, first: float = 1.0, limit: float = 60.0):
+        self.healthy_after = healthy_after
+        self.first = first
+        self.limit = limit
+        self._next = first
+
+    def after_exit(self, ran_for: float) -> float:
+        """The wait before the next start, given how long the process that exited ran."""
+        if ran_for >= self.healthy_after:
+            self._next = self.first
+        delay = self._next
+        self._next = min(self._next * 2, self.limit)
+        return delay
+
 ALL, RECEIVE, DELIVER = "all", "receive", "deliver"
 
 
@@ -66,7 +93,8 @@ class Relaywatch:
             self.scheduler.observer = self.monitor.on_attempt
         if role in (ALL, RECEIVE):
             self.callout = SmtpCallout(self.routes)
-            self.receiver = Receiver(self.get_config, self.store, clock, self.callout)
+            # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
+            self.receiver = Receiver(self.get_config, self.store, clock, self.callout, alert_routes=self.routes)
         self._wake_fd = wake_fd        # a socketpair end: DELIVER's and RECEIVE's
         self._wake_pending = False
         self._scheduler_task: asyncio.Task | None = None
@@ -302,14 +330,16 @@ class Relaywatch:
 
     async def _supervise(self, read_fd: int) -> None:
         """Restart the delivery process if it dies; its leases lapse or are returned."""
-        backoff = 1.0
+        backoff = RestartBackoff(self.config.server.delivery_restart_reset)
         while not self._stopping:
             code = await asyncio.to_thread(self._child.wait)
             if self._stopping:
                 return
-            log.error("the delivery process exited with %s; restarting it in %.0fs", code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 60)
+            ran_for = time.monotonic() - self._child_started
+            backoff.healthy_after = self.config.server.delivery_restart_reset   # a reload may change it
+            delay = backoff.after_exit(ran_for)
+            log.error("the delivery process exited with %s after %.1fs; restarting it in %.0fs", code, ran_for, delay)
+            await asyncio.sleep(delay)
             self._child = self._spawn_child(read_fd)
 
     async def serve_forever(self) -> None:

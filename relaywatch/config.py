@@ -113,6 +113,7 @@ class ServerConfig:
     log_format: str = "text"
     shutdown_grace: float = 30.0
     delivery_process: bool | str = "auto"   # deliver from a second process (see app.py)
+    delivery_restart_reset: float = 300.0   # a delivery process that ran this long restarts at once
     store: str = "sqlite"                    # or a postgresql:// URL (store/postgres.py)
     store_statement_timeout: float | None = 30.0   # PostgreSQL: longest statement; None: the server's
 
@@ -628,6 +629,8 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         log_format=r.get(s, "log_format", "server", _choice(LOG_FORMATS), d.log_format),
         shutdown_grace=r.get(s, "shutdown_grace", "server", parse_duration, d.shutdown_grace),
         delivery_process=r.get(s, "delivery_process", "server", _auto_bool, d.delivery_process),
+        delivery_restart_reset=r.get(s, "delivery_restart_reset", "server", _positive_duration,
+                                     d.delivery_restart_reset),
         store=r.get(s, "store", "server", _store_url, d.store),
         store_statement_timeout=r.get(s, "store_statement_timeout", "server", _duration_or_off,
                                       d.store_statement_timeout),
