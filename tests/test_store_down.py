@@ -49,6 +49,14 @@ def test_os_errors_map_to_452_when_full_else_451(error, reply, code):
     assert problem.reply.startswith(reply) and problem.code == code and problem.path == "/data/spool"
 
 
+def test_each_message_s_own_spool_file_failing_is_one_condition():
+    c = StoreCondition()
+    first = OSError(errno.ENOSPC, "No space left on device", "/data/spool/incoming-a1")
+    second = OSError(errno.ENOSPC, "No space left on device", "/data/spool/incoming-b2")
+    assert type(c.refused_message(problem_from_os_error(first, Place.SPOOL, "/data/spool"), 1)) is ConditionStarted
+    assert c.refused_message(problem_from_os_error(second, Place.SPOOL, "/data/spool"), 2) is None
+
+
 def test_store_errors_map_to_452_when_full_else_451():
     full = problem_from_store_error(StoreFull("database or disk is full", code="SQLITE_FULL"), "/q")
     assert full.reply.startswith("452 4.3.1 ") and full.code == "SQLITE_FULL"

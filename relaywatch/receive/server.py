@@ -4,8 +4,9 @@ One ``SmtpSession`` per connection, callback-driven (``asyncio.Protocol``):
 bytes go into the conversation, its events are acted on, and every reply
 decided in one pass goes out in one write.  The only waits are the queue
 commit after the final dot (250 only once it is durable; a store failure
-answers ``452 4.3.1`` for a full disk, else ``451 4.3.0``) and the TLS handshake; input that arrives meanwhile
-waits in the conversation, and reading pauses if it piles up.
+answers ``452 4.3.1`` for a full disk, else ``451 4.3.0``) and the TLS
+handshake; input that arrives meanwhile waits in the conversation, and
+reading pauses if it piles up.
 
 We own this layer instead of subclassing aiosmtpd: on the 2-core bench
 machine aiosmtpd alone cost about 540 µs of CPU per message, more than the

@@ -54,9 +54,11 @@ class StoreProblem:
 
 
 def problem_from_os_error(exc: OSError, place: Place, path: str) -> StoreProblem:
+    """``path`` names the place (the spool directory, not the temporary file that
+    failed: each message has its own, and they are one condition)."""
     code = errno.errorcode.get(exc.errno, "?") if exc.errno is not None else "?"
     detail = exc.strerror or str(exc) or type(exc).__name__
-    return StoreProblem(place, str(exc.filename or path), code, detail, exc.errno in _FULL_ERRNOS)
+    return StoreProblem(place, path, code, detail, exc.errno in _FULL_ERRNOS)
 
 
 def problem_from_store_error(exc: StoreError, path: str) -> StoreProblem:

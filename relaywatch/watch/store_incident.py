@@ -135,6 +135,9 @@ class StoreIncidentReporter:
             self._recording = self._spawn(self._record())
 
     async def stop(self) -> None:
+        if self._current is not None or self._unrecorded:
+            log.warning("stopping before the store took writes again: the incident that relaywatch could not "
+                        "queue mail is not recorded in the store (the alerts sent say what happened)")
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
