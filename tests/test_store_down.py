@@ -79,6 +79,14 @@ def test_sqlite_full_becomes_store_full():
     assert type(_driver_error("x", sqlite3.OperationalError("no such table"))) is StoreError
 
 
+def test_postgresql_disk_full_becomes_store_full():
+    errors = pytest.importorskip("psycopg.errors")
+    from relaywatch.store.sql import _driver_error
+    err = _driver_error("queue store write failed", errors.DiskFull("could not extend file"))
+    assert isinstance(err, StoreFull) and err.code == "53100"
+    assert type(_driver_error("x", errors.OperationalError("connection refused"))) is StoreError
+
+
 def test_the_condition_changes_once_per_change_not_per_message():
     c = StoreCondition()
     queue_full, spool_full = _problem(), _problem(Place.SPOOL, "ENOSPC", path="/spool")
@@ -304,8 +312,9 @@ def _age(pid: int) -> float:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def test_the_restart_backoff_starts_over_after_a_healthy_run(tmp_path):
-    server = await Server(tmp_path, server={"delivery_process": True, "delivery_restart_reset": "0.3s"}).start()
+async def test_the_restart_backoff_starts_over_after_a_healthy_run(tmp_path, sink):
+    server = await Server(tmp_path, server={"delivery_process": True, "delivery_restart_reset": "0.3s"},
+                          connectors=_onprem(sink.port)).start()
     try:
         for crash in range(1, 5):
             child = await eventually(lambda: _child(server.proc.pid), what="the delivery process")
@@ -317,5 +326,9 @@ async def test_the_restart_backoff_starts_over_after_a_healthy_run(tmp_path):
                 what=f"restart {crash} in the log")
             assert lines[0].endswith("restarting it in 1s"), lines[0]
             await eventually(lambda: _child(server.proc.pid) not in (None, child), what="the new delivery process")
+        # The last one delivers.
+        code, reply = await _data_reply(server.port, SMALL)
+        assert code == 250, reply
+        await eventually(lambda: len(sink.messages) == 1, what="delivery by the restarted process")
     finally:
         assert await server.stop() == 0
