@@ -332,3 +332,38 @@ async def test_the_restart_backoff_starts_over_after_a_healthy_run(tmp_path, sin
         await eventually(lambda: len(sink.messages) == 1, what="delivery by the restarted process")
     finally:
         assert await server.stop() == 0
+
+
+async def test_an_alert_channel_that_fails_during_the_outage_is_recorded_and_never_holds_the_all_clear(
+        relay_factory, sink):
+    alert_sink = await Sink().start()
+    webhook = await WebhookReceiver(status=500).start()
+    try:
+        relay = await relay_factory(connectors=_onprem(sink.port), alerts=_alerts(alert_sink, webhook))
+        await relay.store.close()
+        try:
+            assert (await _data_reply(relay.port, SMALL))[0] == 451
+            await eventually(lambda: webhook.events() == ["open"] and len(alert_sink.messages) == 1,
+                             what="the open alert tried on both channels")
+        finally:
+            await relay.store.open()
+        # The webhook's next try is 15 s away; the end of the condition does not wait for it.
+        assert (await _data_reply(relay.port, SMALL))[0] == 250
+        await eventually(lambda: len(alert_sink.messages) == 2, what="the all-clear by email")
+        [inc] = await eventually(lambda: _recorded(relay), what="the incident recorded")
+        shown = (await relay.cli("incidents", "show", str(inc["id"]))).output
+        assert "Notified open by email: sent" in shown and "Notified resolve by email: sent" in shown
+        assert "Notified open by webhook: failed (last error: webhook answered HTTP/1.1 500 X)" in shown
+        # The failed all-clear waits in the store's notification queue, retried like any other.
+        assert "Notified resolve by webhook: pending" in shown
+    finally:
+        await alert_sink.stop()
+        await webhook.stop()
+
+
+async def _recorded(relay):
+    found = (await relay.cli_json("incidents", "list", "--all"))["incidents"]
+    if not found:
+        return None
+    shown = (await relay.cli("incidents", "show", str(found[0]["id"]))).output
+    return found if shown.count("Notified ") == 4 else None

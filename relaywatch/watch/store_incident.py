@@ -89,6 +89,7 @@ class _Told:
     attempts: int = 0
     sent_at: float | None = None
     last_error: str | None = None
+    recorded: bool = False       # in the store's notifications (sent, failed, or queued for its retries)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class _Outage:
     incident: dict
     told: list[_Told] = field(default_factory=list)
     alerting: asyncio.Task | None = None
+    over: asyncio.Event = field(default_factory=asyncio.Event)   # the condition ended
 
 
 class StoreIncidentReporter:
@@ -123,8 +125,7 @@ class StoreIncidentReporter:
             self._current.incident = update_store_incident(self._current.incident, failing, refused, change.at)
         elif type(change) is ConditionEnded and self._current is not None:
             outage, self._current = self._current, None
-            if outage.alerting is not None:
-                outage.alerting.cancel()    # told or not, it is over: the all-clear follows
+            outage.over.set()           # no more retries of the open alert: the all-clear follows it
             outage.incident = resolve_store_incident(outage.incident, change)
             self._unrecorded.append(outage)
             self.wrote()
@@ -148,6 +149,13 @@ class StoreIncidentReporter:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _record_told(self, outage: _Outage) -> None:
+        for told in outage.told:
+            if not told.recorded:
+                await self.store.add_notification_outcome(outage.incident["id"], told.transition, told.channel,
+                                                          told.payload, told.attempts, told.sent_at, told.last_error)
+                told.recorded = True
+
     async def _tell(self, outage: _Outage, transition: str) -> list[_Told]:
         """One try on every channel; returns the notifications that failed."""
         config, now = self.config_ref(), self.clock()
@@ -158,7 +166,7 @@ class StoreIncidentReporter:
             if told is None:
                 told = _Told(transition, channel, data)
                 outage.told.append(told)
-            elif told.sent_at is not None:
+            elif told.sent_at is not None or told.recorded:
                 continue
             told.attempts += 1
             try:
@@ -178,28 +186,27 @@ class StoreIncidentReporter:
             if retry is None:
                 return
             attempts += 1
-            await asyncio.sleep(retry - self.clock())
+            try:
+                await asyncio.wait_for(outage.over.wait(), max(retry - self.clock(), 0))
+                return
+            except TimeoutError:
+                pass
 
     async def _record(self) -> None:
         while self._unrecorded:
             outage = self._unrecorded[0]
+            if outage.alerting is not None:
+                await asyncio.gather(outage.alerting, return_exceptions=True)   # a try in flight ends first
             try:
                 if outage.incident["id"] is None:
                     outage.incident["id"] = await self.store.save_incident(outage.incident)
-                for told in outage.told:
-                    await self.store.add_notification_outcome(
-                        outage.incident["id"], told.transition, told.channel, told.payload, told.attempts,
-                        told.sent_at, told.last_error)
-                outage.told = []
+                await self._record_told(outage)
                 for told in await self._tell(outage, "resolve"):
                     # The store works again: its notification queue retries it (monitor.py).
                     await self.store.add_notification(outage.incident["id"], told.transition, told.channel,
                                                       told.payload, self.clock())
-                for told in outage.told:
-                    if told.sent_at is not None:
-                        await self.store.add_notification_outcome(
-                            outage.incident["id"], told.transition, told.channel, told.payload, told.attempts,
-                            told.sent_at, None)
+                    told.recorded = True
+                await self._record_told(outage)
             except StoreError as exc:
                 # Failing again: the next write that succeeds tries once more.
                 log.warning("cannot record the incident that relaywatch could not queue mail yet: %s", exc)
