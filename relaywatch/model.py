@@ -207,6 +207,9 @@ class Entry:
     lease_owner: str | None = None
     body: StoredBody | None = None      # filled in by lease(), so delivery needs no extra read
     delay_notified: bool = False        # the sender already got a "delayed" DSN
+    # An NDR owed to the sender that could not be built yet (JSON-able: recipients,
+    # error, since, tries).  Its recipients are final; only the notice is retried.
+    notice_pending: dict[str, Any] | None = None
 
     @property
     def pending(self) -> list[Recipient]:
@@ -237,6 +240,7 @@ class Entry:
                  "last_error": failure_json(r.last_error)}
                 for r in self.recipients
             ],
+            "notice_pending": _notice_json(self.notice_pending),
         }
 
 
@@ -255,6 +259,14 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _notice_json(held: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An NDR held back because it could not be built (scheduler.finish_attempt)."""
+    if not held:
+        return None
+    return {"recipients": [r["address"] for r in held["recipients"]], "error": held["error"],
+            "since": iso(held["since"]), "tries": held["tries"], "retry_at": iso(held["retry_at"])}
 
 
 def failure_json(f: Failure | None) -> dict[str, Any] | None:

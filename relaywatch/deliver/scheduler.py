@@ -119,6 +119,8 @@ class Scheduler:
         self._recording: set[str] = set()          # entry ids whose outcome is being committed
         # Told of every recorded attempt (the watch monitor): (entry, outcomes, destination, tls facts).
         self.observer: Callable[[Entry, list[RecipientOutcome], Destination | None, dict | None], None] | None = None
+        # Told when an entry's NDR could not be built (the error) and when a held-back one is sent (None).
+        self.notice_observer: Callable[[Entry, str | None], None] | None = None
         self._record_tasks: set[asyncio.Task] = set()
         self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
         # Outcomes the store could not take: recorded later, never delivered again.
@@ -274,7 +276,11 @@ class Scheduler:
         started = self.clock()
         recipients = [r.address for r in entry.pending]
         if not recipients:
-            await self.store.record(entry.id, self.node, None, [], None)
+            if entry.notice_pending:
+                # Delivered and bounced already; only the sender's notice is owed.
+                self._finish(entry, [], None, started, entry.body, count_attempt=False)
+            else:
+                await self.store.record(entry.id, self.node, None, [], None)
             return conn
         body = entry.body or await self.store.read_body(entry.body_id)
 
@@ -286,7 +292,8 @@ class Scheduler:
         connector = self.routes.connector_for(entry.route)
         if connector is not None and connector.paused:
             # Paused by an operator: keep the message, make no attempt.
-            await self.store.record(entry.id, self.node, None, [], self.clock() + PAUSED_RECHECK)
+            await self.store.record(entry.id, self.node, None, [], self.clock() + PAUSED_RECHECK,
+                                    notice_pending=entry.notice_pending)
             return conn
 
         if dq.down_until > time.monotonic() and dq.down_failure is not None:
@@ -335,7 +342,8 @@ class Scheduler:
             return failed_outcome(address, classify(obs, self.clock()))
 
     def _finish(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
-                started: float, body: StoredBody, tried: tuple[Failure, ...] = (), tls: dict | None = None) -> None:
+                started: float, body: StoredBody | None, tried: tuple[Failure, ...] = (), tls: dict | None = None,
+                count_attempt: bool = True) -> None:
         """Record the attempt in the background: the connection moves on to the
         next message while the store commits.  The lease is held until the
         record is durable; if we crash before that, the message is tried again
@@ -343,7 +351,8 @@ class Scheduler:
         self._recording.add(entry.id)
         task = asyncio.create_task(finish_attempt(
             self.store, self.config_ref(), entry, outcomes, dest, started, body,
-            owner=self.node, tried=tried, now=self.clock(), keep=self.pending), name=f"record:{entry.id}")
+            owner=self.node, tried=tried, now=self.clock(), count_attempt=count_attempt,
+            notice_observer=self.notice_observer, keep=self.pending), name=f"record:{entry.id}")
 
         def done(t: asyncio.Task) -> None:
             self._recording.discard(entry.id)
@@ -360,38 +369,109 @@ class Scheduler:
 async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],
                          dest: Destination | None, started: float, body: StoredBody | None, *,
                          owner: str | None, tried: tuple[Failure, ...] = (), now: float,
-                         count_attempt: bool = True, keep: PendingOutcomes | None = None) -> list[RecipientOutcome]:
+                         count_attempt: bool = True,
+                         notice_observer: Callable[[Entry, str | None], None] | None = None,
+                         keep: PendingOutcomes | None = None) -> list[RecipientOutcome]:
     """Record an attempt's outcomes, queue the NDR (or delay notice) they call
     for, log them; return the outcomes as recorded.  With ``keep`` (the
-    scheduler's) a record the store cannot take is kept and tried again."""
+    scheduler's) a record the store cannot take is kept and tried again.
+
+    A notice that cannot be built never stops the outcomes being recorded:
+    recipients the destination accepted are recorded DELIVERED whatever
+    happens to the notice (they must never get the message again).  An NDR
+    that fails is kept on the entry as ``notice_pending`` and built again on
+    its own schedule (the entry is leased for the notice alone, nothing is
+    delivered); a delay notice that fails is tried again at the next attempt."""
     outcomes = settle(outcomes, now, entry.expires_at)
     attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
                       tried=tried) if count_attempt else None
     attempts = entry.attempts + (1 if count_attempt else 0)
     next_at = next_attempt_at(max(attempts, 1), now, entry.expires_at, config.queue.retry_intervals)
     bounced = [o for o in outcomes if o.status in (RecipientStatus.FAILED, RecipientStatus.EXPIRED)]
-    notices = []
-    if bounced:
-        notice = await _ndr(store, config, entry, bounced, body, attempts, now)
-        if notice is not None:
-            notices.append(notice)
+    owed = owed_recipients(entry.notice_pending) + [FailedRecipient(o.address, o.status, o.failure)
+                                                    for o in bounced]
+    notices: list[NewMessage] = []
+    notice_pending = None
+    if owed:
+        try:
+            notice = await _ndr(store, config, entry, owed, body, attempts, now,
+                                with_headers=not _notice_given_up(config, entry, now))
+        except Exception as exc:   # noqa: BLE001 - whatever it is, it must not become a redelivery
+            notice_pending = _notice_failed(config, entry, owed, exc, now)
+        else:
+            if notice is not None:
+                notices.append(notice)
+    ndr = "pending" if notice_pending is not None else "queued" if notices else "none"
     delayed = [o for o in outcomes if o.status is RecipientStatus.DEFERRED]
     delay_notified = False
     if delayed and _delay_notice_due(config, entry, now):
-        notice = await _delay_notice(store, config, entry, delayed, body, now)
-        if notice is not None:
-            notices.append(notice)
-        delay_notified = True
+        try:
+            notice = await _delay_notice(store, config, entry, delayed, body, now)
+        except Exception as exc:   # noqa: BLE001 - a courtesy notice; the next attempt tries again
+            log.error("the delay notice for %s to %s could not be built (%s: %s); "
+                      "it is tried again at the next attempt", entry.id, entry.sender, type(exc).__name__, exc)
+        else:
+            if notice is not None:
+                notices.append(notice)
+            delay_notified = True
+    if notice_pending is not None and not delayed:
+        next_at = notice_pending["retry_at"]
     if keep is not None:
         await keep.record(PendingRecord(entry.id, owner, entry.attempts, attempt, tuple(outcomes), next_at,
-                                        tuple(notices), delay_notified))
+                                        tuple(notices), delay_notified, notice_pending))
     else:
-        await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified)
-    _log_outcomes(entry, outcomes, dest, now, next_at, notified=bool(bounced and notices))
+        await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified,
+                           notice_pending=notice_pending)
+    _log_outcomes(entry, outcomes, dest, now, next_at, ndr=ndr)
     if delay_notified:
         events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,
                     delay=now - entry.received_at, status="queued" if notices else "none")
+    if notice_observer is not None and (notice_pending is not None or entry.notice_pending):
+        notice_observer(entry, notice_pending["error"] if notice_pending is not None else None)
+    if entry.notice_pending and notice_pending is None:
+        events.emit("bounced", id=entry.id, msgid=entry.message_id or None, to=entry.sender,
+                    connector=entry.route.name, status="notice",
+                    detail=f"the NDR held back since {_stamp(entry.notice_pending['since'])} is queued"
+                    if ndr == "queued" else "the NDR held back could not be built; given up")
     return outcomes
+
+
+def owed_recipients(notice_pending: dict | None) -> list[FailedRecipient]:
+    """The recipients a held-back NDR is about (see finish_attempt)."""
+    if not notice_pending:
+        return []
+    return [FailedRecipient(r["address"], RecipientStatus(r["status"]),
+                            Failure.from_dict(r["failure"]) if r.get("failure") else None)
+            for r in notice_pending["recipients"]]
+
+
+def _notice_given_up(config: Config, entry: Entry, now: float) -> bool:
+    """A held-back NDR that still fails after a message lifetime goes without the
+    original's headers (the part that can depend on its bytes), so the sender
+    still learns; if even that fails it is dropped."""
+    held = entry.notice_pending
+    return bool(held) and now - held["since"] >= config.queue.message_expiration
+
+
+def _notice_failed(config: Config, entry: Entry, owed: list[FailedRecipient], exc: Exception,
+                   now: float) -> dict | None:
+    """What to keep of an NDR that could not be built: retried with the queue's
+    retry intervals, counting its own tries."""
+    held = entry.notice_pending or {}
+    error = f"{type(exc).__name__}: {exc}"
+    if _notice_given_up(config, entry, now):
+        log.error("the NDR for %s to %s could not be built even without the original's headers (%s); "
+                  "giving up after %d tries: the sender is not told", entry.id, entry.sender, error,
+                  held.get("tries", 0) + 1)
+        return None
+    tries = held.get("tries", 0) + 1
+    intervals = config.queue.retry_intervals
+    retry_at = now + intervals[min(tries, len(intervals)) - 1]
+    log.error("the NDR for %s to %s could not be built (%s); its delivered recipients are recorded and "
+              "the NDR is tried again at %s (try %d)", entry.id, entry.sender, error, _stamp(retry_at), tries)
+    return {"recipients": [{"address": r.address, "status": r.status.value,
+                            "failure": r.failure.to_dict() if r.failure else None} for r in owed],
+            "error": error[:500], "since": held.get("since", now), "tries": tries, "retry_at": retry_at}
 
 
 def _delay_notice_due(config: Config, entry: Entry, now: float) -> bool:
@@ -410,29 +490,31 @@ async def _delay_notice(store: QueueStore, config: Config, entry: Entry, delayed
         recipients=[FailedRecipient(o.address, o.status, o.failure) for o in delayed], now=now))
 
 
-async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[RecipientOutcome],
-               body: StoredBody | None, attempts: int, now: float) -> NewMessage | None:
+async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[FailedRecipient],
+               body: StoredBody | None, attempts: int, now: float, with_headers: bool = True) -> NewMessage | None:
     if not entry.sender:
         return None    # never bounce a bounce
     return await _notice(store, config, entry, body, now, lambda head: build_ndr(
         reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
         original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
-        first_failure_at=entry.first_failure_at, attempts=attempts,
-        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in bounced], now=now))
+        first_failure_at=entry.first_failure_at, attempts=attempts, recipients=bounced, now=now),
+        with_headers=with_headers)
 
 
 async def _notice(store: QueueStore, config: Config, entry: Entry, body: StoredBody | None, now: float,
-                  build) -> NewMessage | None:
+                  build, with_headers: bool = True) -> NewMessage | None:
     """A DSN to the entry's sender, queued like any message with the null sender."""
     route = decide(config, entry.sender).route
     if route is None:
         events.emit("bounced", id=entry.id, to=entry.sender,
                     detail="no DSN: the sender's mailbox does not exist here")
         return None
-    if body is None:
-        body = await store.read_body(entry.body_id)
-    with open_body(body) as f:
-        head = header_block(f.read(64 * 1024))
+    head = b""
+    if with_headers:
+        if body is None:
+            body = await store.read_body(entry.body_id)
+        with open_body(body) as f:
+            head = header_block(f.read(64 * 1024))
     data = build(head)
     return NewMessage(sender="", recipients=((entry.sender, route),), body=StoredBody(size=len(data), data=data),
                       received_at=now, expires_at=now + config.queue.message_expiration, is_dsn=True,
@@ -440,7 +522,7 @@ async def _notice(store: QueueStore, config: Config, entry: Entry, body: StoredB
 
 
 def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None, now: float,
-                  next_at: float, notified: bool) -> None:
+                  next_at: float, ndr: str) -> None:
     relay = where(dest) if dest is not None else None
     delay = now - entry.received_at
     for o in outcomes:
@@ -454,9 +536,9 @@ def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destinat
         if o.status is RecipientStatus.DEFERRED:
             events.emit("deferred", **fields, status="deferred", retry_at=_stamp(next_at))
         elif o.status is RecipientStatus.EXPIRED:
-            events.emit("expired", **fields, status="expired", ndr="queued" if notified else "none")
+            events.emit("expired", **fields, status="expired", ndr=ndr)
         else:
-            events.emit("bounced", **fields, status="bounced", ndr="queued" if notified else "none")
+            events.emit("bounced", **fields, status="bounced", ndr=ndr)
 
 
 def _stamp(ts: float) -> str:

@@ -2,11 +2,31 @@
 
 Pure: the facts in, the message bytes out.  The NDR is queued as a new message
 with the null sender ``<>``; a message from ``<>`` never gets one (no loops).
+
+A notice is always 7-bit, whatever the original carried, so it can go to any
+server (no ``BODY=8BITMIME`` needed) and building it cannot fail on the
+original's bytes:
+
+- the original's header section is attached as ``text/rfc822-headers``
+  octet for octet.  Headers that are plain 7-bit text go as they are; raw
+  8-bit headers (accepted under ``BODY=8BITMIME``: UTF-8, Latin-1, anything)
+  or lines over 998 octets are sent ``quoted-printable``, which RFC 3462 and
+  RFC 6522 (section "Encoding considerations" of text/rfc822-headers) name
+  for headers that "are broken and require encoding to make them legal 7 bit
+  content".  Decoding the part gives back exactly the bytes received; they
+  are never decoded to text and re-encoded.
+- the Subject (``Undeliverable: <original subject>``) is RFC 2047 encoded;
+  8-bit bytes of the original that are not UTF-8 show as U+FFFD there.
+- the human-readable part is UTF-8 (quoted-printable when not ASCII), and the
+  machine-readable fields stay ASCII (RFC 3464 §2.1.1): any other character
+  is written ``\\x{HEX}`` as RFC 6533 §3 does for UTF-8 in these fields.
 """
 
 from __future__ import annotations
 
+import binascii
 import email.utils
+import re
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage, Message
@@ -22,11 +42,47 @@ class FailedRecipient:
     failure: Failure | None
 
 
-_SMTP_POLICY = policy.SMTP.clone(max_line_length=998)
+# cte_type="7bit": text with other characters goes quoted-printable or base64.
+_SMTP_POLICY = policy.SMTP.clone(max_line_length=998, cte_type="7bit")
+_NOT_ASCII_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+_NOT_7BIT_TEXT = re.compile(rb"[^\t\x20-\x7e]")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+_MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,250}>")    # printable ASCII, no space, no inner < or >
 
 
 def _when(ts: float | None) -> str:
     return (iso(ts) or "?").replace("T", " ").replace("Z", " UTC")
+
+
+def _field(value: str) -> str:
+    """A delivery-status field value: printable ASCII only (RFC 3464 §2.1.1),
+    other characters as ``\\x{HEX}`` (RFC 6533 §3), no line breaks."""
+    return _NOT_ASCII_PRINTABLE.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", value)
+
+
+def _text(value: str) -> str:
+    """Text from parsed headers, with any undecodable byte (a lone surrogate) as U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def headers_part(original_headers: bytes) -> Message:
+    """The original's header section as ``text/rfc822-headers``, octet for octet:
+    7-bit as it is, otherwise quoted-printable (see the module docstring)."""
+    lines = original_headers.replace(b"\r\n", b"\n").split(b"\n")
+    while lines and not lines[-1]:
+        lines.pop()
+    part = Message()
+    part["Content-Type"] = "text/rfc822-headers"
+    part["Content-Description"] = "Headers of the message"
+    plain = all(len(line) <= 998 and not _NOT_7BIT_TEXT.search(line) for line in lines)
+    if plain:
+        part.set_payload("\n".join(line.decode("ascii") for line in lines) + "\n")
+    else:
+        part["Content-Transfer-Encoding"] = "quoted-printable"
+        part.set_payload("\n".join(binascii.b2a_qp(line, istext=False).decode("ascii")
+                                   for line in lines) + "\n")
+    return part
+
 
 
 def _status(r: FailedRecipient) -> str:
@@ -69,7 +125,7 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
             status_of, extra_fields) -> bytes:
     """The multipart/report both kinds of DSN share (RFC 3464, recipe in shared/STACK.md §6)."""
     original = BytesHeaderParser(policy=policy.default).parsebytes(original_headers)
-    subject = str(original.get("Subject", "") or "")
+    subject = _CONTROLS.sub(" ", _text(str(original.get("Subject", "") or ""))).strip()
     msg = EmailMessage(policy=_SMTP_POLICY)
     msg["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
     msg["To"] = original_sender
@@ -77,39 +133,35 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
     msg["Date"] = email.utils.formatdate(now)
     msg["Message-ID"] = email.utils.make_msgid(domain=reporting_mta)
     msg["Auto-Submitted"] = "auto-replied"
-    if original_message_id:
+    if _MESSAGE_ID.fullmatch(original_message_id):   # anything else would not thread anyway
         msg["In-Reply-To"] = original_message_id
         msg["References"] = original_message_id
-    msg.set_content(text)
+    msg.set_content(_text(text))
     msg.make_mixed()
     msg.set_type("multipart/report")
     msg.set_param("report-type", "delivery-status")
 
     per_message = Message()
-    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    per_message["Reporting-MTA"] = _field(f"dns; {reporting_mta}")
     per_message["Arrival-Date"] = email.utils.formatdate(received_at)
     blocks = [per_message]
     for r in recipients:
         block = Message()
-        block["Final-Recipient"] = f"rfc822; {r.address}"
+        block["Final-Recipient"] = _field(f"rfc822; {r.address}")
         block["Action"] = action
-        block["Status"] = status_of(r)
+        block["Status"] = _field(status_of(r))
         if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
-            block["Remote-MTA"] = f"dns; {r.failure.destination.host}"
-        block["Diagnostic-Code"] = _diagnostic(r.failure)
+            block["Remote-MTA"] = _field(f"dns; {r.failure.destination.host}")
+        block["Diagnostic-Code"] = _field(_diagnostic(r.failure))
         for name, value in extra_fields(r).items():
-            block[name] = value
+            block[name] = _field(value)
         blocks.append(block)
     status_part = Message()
     status_part["Content-Type"] = "message/delivery-status"
     status_part.set_payload(blocks)
     msg.attach(status_part)
 
-    headers_part = Message()
-    headers_part["Content-Type"] = "text/rfc822-headers"
-    headers_part["Content-Description"] = "Headers of the message"
-    headers_part.set_payload(original_headers.decode("utf-8", "replace"))
-    msg.attach(headers_part)
+    msg.attach(headers_part(original_headers))
     return msg.as_bytes(policy=_SMTP_POLICY)
 
 
@@ -125,7 +177,8 @@ def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: byt
     body = [intro, ""]
     body += [_human(r, first_failure_at, expires_at, attempts) for r in recipients]
     body += ["",
-             f"Sent: {_when(received_at)}" + (f"    Message-ID: {original_message_id}" if original_message_id else ""),
+             f"Sent: {_when(received_at)}" + (f"    Message-ID: {_field(original_message_id)}"
+                                              if original_message_id else ""),
              "",
              "If the address is right, try again later or reach the recipient another way; if this "
              "keeps happening, forward this report to your mail administrator. The technical "

@@ -49,9 +49,13 @@ class QueueStore(Protocol):
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
                      notices: Sequence[NewMessage] = (), delay_notified: bool = False,
-                     attempts_before: int | None = None) -> bool:
+                     notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
         """Apply one attempt's outcomes; queue ``notices`` (NDRs) in the same
-        transaction; remove the entry once no recipient is pending.
+        transaction; remove the entry once no recipient is pending and no
+        ``notice_pending`` (an NDR that could not be built) is left; such an
+        entry stays, due again at ``next_attempt_at``, for that NDR alone.
+        ``notice_pending`` is the entry's state after this record: pass the
+        entry's own to keep it.
         ``owner=None`` is an operator action and requires the entry unleased.
 
         ``attempts_before`` (the entry's attempts when it was leased) marks a

@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +58,7 @@ class PendingRecord:
     next_attempt_at: float | None
     notices: tuple[NewMessage, ...] = ()
     delay_notified: bool = False
+    notice_pending: dict | None = None   # an NDR that could not be built (scheduler.finish_attempt)
 
     @property
     def delivered(self) -> int:
@@ -78,6 +79,7 @@ def encode(r: PendingRecord) -> dict[str, Any]:
         "next_attempt_at": r.next_attempt_at,
         "notices": [_message(m) for m in r.notices],
         "delay_notified": r.delay_notified,
+        "notice_pending": r.notice_pending,
     }
 
 
@@ -91,7 +93,8 @@ def decode(d: dict[str, Any]) -> PendingRecord:
     return PendingRecord(
         entry_id=d["entry_id"], owner=d["owner"], attempts_before=d["attempts_before"], attempt=attempt,
         outcomes=tuple(_outcome_from(o) for o in d["outcomes"]), next_attempt_at=d["next_attempt_at"],
-        notices=tuple(_message_from(m) for m in d["notices"]), delay_notified=d["delay_notified"])
+        notices=tuple(_message_from(m) for m in d["notices"]), delay_notified=d["delay_notified"],
+        notice_pending=d.get("notice_pending"))
 
 
 def _outcome(o: RecipientOutcome) -> dict[str, Any]:
@@ -219,7 +222,8 @@ class PendingOutcomes:
         """Record now; if the store cannot, keep the outcome and record it later."""
         try:
             await self.store.record(r.entry_id, r.owner, r.attempt, list(r.outcomes), r.next_attempt_at,
-                                    list(r.notices), delay_notified=r.delay_notified)
+                                    list(r.notices), delay_notified=r.delay_notified,
+                                    notice_pending=r.notice_pending)
             if self._pending:
                 self.nudge()    # the store answers again: no need to wait for the next try
         except LeaseLost as exc:
@@ -253,9 +257,7 @@ class PendingOutcomes:
         record goes in under the new lease; the entry is not delivered."""
         r = self._pending.get(entry_id)
         if r is not None and r.owner != owner:
-            self._pending[entry_id] = PendingRecord(
-                r.entry_id, owner, r.attempts_before, r.attempt, r.outcomes, r.next_attempt_at,
-                r.notices, r.delay_notified)
+            self._pending[entry_id] = replace(r, owner=owner)
 
     async def replay(self) -> None:
         """Take up what a previous run kept, and try to record it now."""
@@ -326,7 +328,7 @@ class PendingOutcomes:
         try:
             await self.store.record(r.entry_id, r.owner, r.attempt, list(r.outcomes), r.next_attempt_at,
                                     list(r.notices), delay_notified=r.delay_notified,
-                                    attempts_before=r.attempts_before)
+                                    notice_pending=r.notice_pending, attempts_before=r.attempts_before)
             return True
         except LeaseLost as exc:
             _possible_duplicate(r, exc)

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS entries (
     route_name TEXT NOT NULL, route_domain TEXT NOT NULL DEFAULT '', size BIGINT NOT NULL,
     message_id TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT '', is_dsn INTEGER NOT NULL DEFAULT 0,
     first_failure_at DOUBLE PRECISION, lease_owner TEXT, lease_until DOUBLE PRECISION, last_code TEXT,
-    delay_notified INTEGER NOT NULL DEFAULT 0, waiting INTEGER NOT NULL DEFAULT 1);
+    delay_notified INTEGER NOT NULL DEFAULT 0, waiting INTEGER NOT NULL DEFAULT 1, notice_pending TEXT);
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at) WHERE status IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
 CREATE INDEX IF NOT EXISTS entries_deferred ON entries

@@ -48,7 +48,7 @@ from relaywatch.store.base import QueueQuery, Selector
 
 _ENTRY_COLUMNS = ("id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, "
                   "route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
-                  "first_failure_at, lease_owner, lease_until, delay_notified")
+                  "first_failure_at, lease_owner, lease_until, delay_notified, notice_pending")
 
 _MAX_BATCH = 256
 
@@ -144,6 +144,7 @@ MIGRATIONS = [
     ("waiting", "INTEGER NOT NULL DEFAULT 1",
      "UPDATE entries SET waiting = (SELECT count(*) FROM recipients r WHERE r.entry_id = entries.id "
      "AND r.status IN ('pending', 'deferred'))"),
+    ("notice_pending", "TEXT", "UPDATE entries SET notice_pending = NULL WHERE 1 = 0"),
 ]
 
 
@@ -477,7 +478,9 @@ class SqlStore:
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
                      notices: Sequence[NewMessage] = (), delay_notified: bool = False,
-                     attempts_before: int | None = None) -> bool:
+                     notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
+        held_notice = json.dumps(notice_pending, separators=(",", ":")) if notice_pending else None
+
         def op(conn: Any, cleanup: list) -> bool:
             now = time.time()
             row = conn.execute("SELECT lease_owner, lease_until, body_id, attempts, first_failure_at "
@@ -503,7 +506,7 @@ class SqlStore:
             if owner is None and leased:
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
             by_address = {o.address: o for o in outcomes}
-            if not notices and outcomes and all(o.status is RecipientStatus.DELIVERED for o in outcomes):
+            if not notices and held_notice is None and outcomes and all(o.status is RecipientStatus.DELIVERED for o in outcomes):
                 # The common case, delivered to everyone still waiting: the entry goes
                 # at once, without first recording statuses and an attempt it drops.
                 waiting = conn.execute("SELECT address FROM recipients WHERE entry_id = ? AND status IN "
@@ -530,9 +533,11 @@ class SqlStore:
                 _insert_message(conn, notice)
             pending = conn.execute("SELECT count(*) FROM recipients WHERE entry_id = ? AND status IN "
                                    "('pending', 'deferred')", (entry_id,)).fetchone()[0]
-            if pending == 0:
+            if pending == 0 and held_notice is None:
                 _remove(conn, entry_id, body_id, cleanup)
                 return True
+            # Still here: recipients wait, or only a notice that could not be built
+            # yet (notice_pending; retried on its own, never by delivering again).
             if failed_now and first_failure_at is None:
                 first_failure_at = now
             last_code = next((o.failure.code for o in outcomes
@@ -540,10 +545,12 @@ class SqlStore:
             conn.execute(
                 "UPDATE entries SET status = CASE WHEN status = 'held' THEN 'held' ELSE 'deferred' END, "
                 "attempts = ?, next_attempt_at = ?, first_failure_at = ?, lease_owner = NULL, "
-                "lease_until = NULL, last_code = COALESCE(?, last_code), waiting = ?, "
+                "lease_until = NULL, last_code = CASE WHEN ? = 0 THEN NULL ELSE COALESCE(?, last_code) END, "
+                "waiting = ?, notice_pending = ?, "
                 "delay_notified = CASE WHEN ? > delay_notified THEN ? ELSE delay_notified END WHERE id = ?",
                 (attempts, next_attempt_at if next_attempt_at is not None else now,
-                 first_failure_at, last_code, pending, int(delay_notified), int(delay_notified), entry_id))
+                 first_failure_at, pending, last_code, pending, held_notice,
+                 int(delay_notified), int(delay_notified), entry_id))
             return True
         applied = await self._write(op)
         if notices and applied:
@@ -971,7 +978,7 @@ def _select(selector: Selector) -> tuple[str, tuple]:
 def _entry(row: tuple) -> Entry:
     (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
      route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
-     lease_until, delay_notified) = row
+     lease_until, delay_notified, notice_pending) = row
     leased = lease_owner is not None and (lease_until or 0) > time.time()
     return Entry(
         id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
@@ -980,7 +987,8 @@ def _entry(row: tuple) -> Entry:
         route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
         message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
         first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
-        delay_notified=bool(delay_notified))
+        delay_notified=bool(delay_notified),
+        notice_pending=json.loads(notice_pending) if notice_pending else None)
 
 
 def _attach_bodies(conn: Any, entries: list[Entry]) -> None:

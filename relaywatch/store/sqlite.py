@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS entries (
     lease_until      REAL,
     last_code        TEXT,              -- code of the latest deferral (incidents group by it)
     delay_notified   INTEGER NOT NULL DEFAULT 0,
-    waiting          INTEGER NOT NULL DEFAULT 1   -- recipients still pending or deferred
+    waiting          INTEGER NOT NULL DEFAULT 1,  -- recipients still pending or deferred
+    notice_pending   TEXT               -- an NDR not built yet (JSON): retried on its own
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)

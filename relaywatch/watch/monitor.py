@@ -41,6 +41,7 @@ class Monitor:
         self._expired: dict[tuple[str, str], int] = {}   # (connector, code) -> expiries since last tick
         self._good: dict[str, dict] = {}                 # connector -> last good delivery, not yet saved
         self._invalid: list[tuple[float, str, str, str]] = []
+        self._notice_errors: dict[str, dict] = {}         # entry id -> its NDR that cannot be built
         self._last_probe: dict[str, float] = {}
         self._last_cert_probe = 0.0
         self._summary_cost = 0.0                         # seconds the last deferred summary took
@@ -66,6 +67,14 @@ class Monitor:
                     and (o.failure.code.startswith("5.1.") or o.status is RecipientStatus.EXPIRED):
                 source = "expired" if o.status is RecipientStatus.EXPIRED else "destination"
                 self._invalid.append((now, o.address.rsplit("@", 1)[-1].lower(), connector, source))
+
+    def on_notice(self, entry: Entry, error: str | None) -> None:
+        """An NDR could not be built (``error``), or a held-back one went out (None)."""
+        if error is None:
+            self._notice_errors.pop(entry.id, None)
+        else:
+            self._notice_errors[entry.id] = {"id": entry.id, "sender": entry.sender,
+                                             "connector": entry.route.name, "error": error}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -112,6 +121,7 @@ class Monitor:
         await self._probe_backlogs(config, summaries, now)
         await self._check_certificates(config, now)
         await self._check_invalid_quota(config, now)
+        await self._check_notices(now)
         await self.send_due()
 
     async def _flush_facts(self) -> None:
@@ -226,6 +236,27 @@ class Monitor:
             await self._notify(existing, f"escalate:{level}%", now)
         elif existing is not None and not level:
             existing.update(state="resolved", resolved_at=now, updated_at=now, count=total)
+            await self.store.save_incident(existing)
+            await self._notify(existing, "resolve", now)
+
+    async def _check_notices(self, now: float) -> None:
+        """One incident while any NDR cannot be built (the relay's own fault:
+        the delivered recipients are recorded, the senders are not told yet)."""
+        failing = list(self._notice_errors.values())
+        existing = next((i for i in await self.store.open_incidents()
+                         if i["code"] == "watch:notice_failed"), None)
+        if failing and existing is None:
+            inc = _watch_incident("*", "-", "watch:notice_failed", "Non-delivery reports cannot be built", now)
+            inc.update(severity="critical", count=len(failing),
+                       detail=f"{len(failing)} NDR(s) could not be built, latest for {failing[-1]['id']} "
+                              f"to {failing[-1]['sender']}: {failing[-1]['error']}. Their messages are "
+                              "not delivered again; each NDR is retried on the queue's retry intervals.")
+            inc["fixes"] = ["Look for 'could not be built' in the log and report it as a relaywatch bug.",
+                            "relaywatch queue list shows the messages whose NDR is held back."]
+            inc["id"] = await self.store.save_incident(inc)
+            await self._notify(inc, "open", now)
+        elif existing is not None and not failing:
+            existing.update(state="resolved", resolved_at=now, updated_at=now, count=0)
             await self.store.save_incident(existing)
             await self._notify(existing, "resolve", now)
 
