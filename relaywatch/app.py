@@ -91,7 +91,6 @@ class Relaywatch:
             self.store.on_work = self.scheduler.notify
             self.monitor = Monitor(self.get_config, self.store, self.routes, self.scheduler.retry_now, clock)
             self.scheduler.observer = self.monitor.on_attempt
-            self.scheduler.notice_observer = self.monitor.on_notice
         if role in (ALL, RECEIVE):
             self.callout = SmtpCallout(self.routes)
             # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).

@@ -337,6 +337,7 @@ async def test_store_keeps_an_entry_for_its_held_back_ndr_alone(store):
                        now + 5, notice_pending=held)
     kept = await store.get(entry_id)
     assert kept is not None and kept.notice_pending == held and kept.pending == []
+    assert [(h["id"], h["error"]) for h in await store.held_notices()] == [(entry_id, "OSError: disk")]
     assert kept.status.value == "deferred" and kept.next_attempt_at == pytest.approx(now + 5)
     assert await store.lease("w", 10, 30, now + 1) == []          # not before its retry
     [again] = await store.lease("w", 10, 30, now + 6)
@@ -344,7 +345,7 @@ async def test_store_keeps_an_entry_for_its_held_back_ndr_alone(store):
     ndr = NewMessage(sender="", recipients=(("s@x.test", route),), body=StoredBody(size=3, data=b"NDR"),
                      received_at=now, expires_at=now + 3600, is_dsn=True)
     await store.record(entry_id, "w", None, [], None, [ndr])
-    assert await store.get(entry_id) is None
+    assert await store.get(entry_id) is None and await store.held_notices() == []
     assert [e.is_dsn for e in await store.list(QueueQuery())] == [True]
 
 
@@ -354,6 +355,7 @@ async def test_a_queue_made_before_notice_pending_is_migrated(tmp_path):
     await s.open()
     await s.close()
     conn = sqlite3.connect(path)
+    conn.execute("DROP INDEX entries_notice")
     conn.execute("ALTER TABLE entries DROP COLUMN notice_pending")
     conn.commit()
     conn.close()
@@ -362,5 +364,6 @@ async def test_a_queue_made_before_notice_pending_is_migrated(tmp_path):
     try:
         assert await s.counts() == {}
         assert await s.lease("w", 10, 30, 0) == []
+        assert await s.held_notices() == []
     finally:
         await s.close()

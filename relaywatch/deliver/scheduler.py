@@ -119,8 +119,6 @@ class Scheduler:
         self._recording: set[str] = set()          # entry ids whose outcome is being committed
         # Told of every recorded attempt (the watch monitor): (entry, outcomes, destination, tls facts).
         self.observer: Callable[[Entry, list[RecipientOutcome], Destination | None, dict | None], None] | None = None
-        # Told when an entry's NDR could not be built (the error) and when a held-back one is sent (None).
-        self.notice_observer: Callable[[Entry, str | None], None] | None = None
         self._record_tasks: set[asyncio.Task] = set()
         self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
         # Outcomes the store could not take: recorded later, never delivered again.
@@ -352,7 +350,7 @@ class Scheduler:
         task = asyncio.create_task(finish_attempt(
             self.store, self.config_ref(), entry, outcomes, dest, started, body,
             owner=self.node, tried=tried, now=self.clock(), count_attempt=count_attempt,
-            notice_observer=self.notice_observer, keep=self.pending), name=f"record:{entry.id}")
+            keep=self.pending), name=f"record:{entry.id}")
 
         def done(t: asyncio.Task) -> None:
             self._recording.discard(entry.id)
@@ -370,7 +368,6 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
                          dest: Destination | None, started: float, body: StoredBody | None, *,
                          owner: str | None, tried: tuple[Failure, ...] = (), now: float,
                          count_attempt: bool = True,
-                         notice_observer: Callable[[Entry, str | None], None] | None = None,
                          keep: PendingOutcomes | None = None) -> list[RecipientOutcome]:
     """Record an attempt's outcomes, queue the NDR (or delay notice) they call
     for, log them; return the outcomes as recorded.  With ``keep`` (the
@@ -426,8 +423,6 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     if delay_notified:
         events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,
                     delay=now - entry.received_at, status="queued" if notices else "none")
-    if notice_observer is not None and (notice_pending is not None or entry.notice_pending):
-        notice_observer(entry, notice_pending["error"] if notice_pending is not None else None)
     if entry.notice_pending and notice_pending is None:
         events.emit("bounced", id=entry.id, msgid=entry.message_id or None, to=entry.sender,
                     connector=entry.route.name, status="notice",

@@ -49,6 +49,7 @@ CREATE TABLE IF NOT EXISTS entries (
     delay_notified INTEGER NOT NULL DEFAULT 0, waiting INTEGER NOT NULL DEFAULT 1, notice_pending TEXT);
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at) WHERE status IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
+CREATE INDEX IF NOT EXISTS entries_notice ON entries (id) WHERE notice_pending IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_deferred ON entries
     (route_name, last_code, received_at, expires_at, first_failure_at, waiting)
     WHERE status = 'deferred' AND last_code IS NOT NULL;

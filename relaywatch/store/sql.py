@@ -702,6 +702,17 @@ class SqlStore:
             return out
         return await self._read(q)
 
+    async def held_notices(self, limit: int = 20) -> list[dict]:
+        """Entries whose NDR could not be built yet, latest failure first
+        (through the entries_notice index: the watch asks every few seconds)."""
+        def q(conn: Any) -> list[dict]:
+            rows = conn.execute("SELECT id, sender, route_name, notice_pending FROM entries "
+                                "WHERE notice_pending IS NOT NULL").fetchall()
+            held = [{"id": id_, "sender": sender, "connector": connector, **json.loads(data)}
+                    for id_, sender, connector, data in rows]
+            return sorted(held, key=lambda h: -h["retry_at"])[:limit]
+        return await self._read(q)
+
     async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:
         def q(conn: Any) -> list[str]:
             sql = "SELECT id FROM entries WHERE route_name = ? AND status = ?"

@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS entries (
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
     WHERE status IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
+CREATE INDEX IF NOT EXISTS entries_notice ON entries (id) WHERE notice_pending IS NOT NULL;
 -- Covers deferred_summary(), which the watch runs every few seconds.
 CREATE INDEX IF NOT EXISTS entries_deferred ON entries
     (route_name, last_code, received_at, expires_at, first_failure_at, waiting)

@@ -41,7 +41,6 @@ class Monitor:
         self._expired: dict[tuple[str, str], int] = {}   # (connector, code) -> expiries since last tick
         self._good: dict[str, dict] = {}                 # connector -> last good delivery, not yet saved
         self._invalid: list[tuple[float, str, str, str]] = []
-        self._notice_errors: dict[str, dict] = {}         # entry id -> its NDR that cannot be built
         self._last_probe: dict[str, float] = {}
         self._last_cert_probe = 0.0
         self._summary_cost = 0.0                         # seconds the last deferred summary took
@@ -67,14 +66,6 @@ class Monitor:
                     and (o.failure.code.startswith("5.1.") or o.status is RecipientStatus.EXPIRED):
                 source = "expired" if o.status is RecipientStatus.EXPIRED else "destination"
                 self._invalid.append((now, o.address.rsplit("@", 1)[-1].lower(), connector, source))
-
-    def on_notice(self, entry: Entry, error: str | None) -> None:
-        """An NDR could not be built (``error``), or a held-back one went out (None)."""
-        if error is None:
-            self._notice_errors.pop(entry.id, None)
-        else:
-            self._notice_errors[entry.id] = {"id": entry.id, "sender": entry.sender,
-                                             "connector": entry.route.name, "error": error}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -242,15 +233,16 @@ class Monitor:
     async def _check_notices(self, now: float) -> None:
         """One incident while any NDR cannot be built (the relay's own fault:
         the delivered recipients are recorded, the senders are not told yet)."""
-        failing = list(self._notice_errors.values())
+        failing = await self.store.held_notices()
         existing = next((i for i in await self.store.open_incidents()
                          if i["code"] == "watch:notice_failed"), None)
         if failing and existing is None:
             inc = _watch_incident("*", "-", "watch:notice_failed", "Non-delivery reports cannot be built", now)
+            latest = failing[0]
             inc.update(severity="critical", count=len(failing),
-                       detail=f"{len(failing)} NDR(s) could not be built, latest for {failing[-1]['id']} "
-                              f"to {failing[-1]['sender']}: {failing[-1]['error']}. Their messages are "
-                              "not delivered again; each NDR is retried on the queue's retry intervals.")
+                       detail=f"{len(failing)} NDR(s) could not be built, latest for {latest['id']} "
+                              f"to {latest['sender']}: {latest['error']}. Their messages are not "
+                              "delivered again; each NDR is retried on the queue's retry intervals.")
             inc["fixes"] = ["Look for 'could not be built' in the log and report it as a relaywatch bug.",
                             "relaywatch queue list shows the messages whose NDR is held back."]
             inc["id"] = await self.store.save_incident(inc)
