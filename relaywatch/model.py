@@ -265,8 +265,8 @@ def _notice_json(held: dict[str, Any] | None) -> dict[str, Any] | None:
     """An NDR held back because it could not be built (scheduler.finish_attempt)."""
     if not held:
         return None
-    return {"recipients": [r["address"] for r in held["recipients"]], "error": held["error"],
-            "since": iso(held["since"]), "tries": held["tries"], "retry_at": iso(held["retry_at"])}
+    return {"recipients": [r["address"] for r in held.get("recipients", ())], "error": held.get("error"),
+            "since": iso(held.get("since")), "tries": held.get("tries"), "retry_at": iso(held.get("retry_at"))}
 
 
 def failure_json(f: Failure | None) -> dict[str, Any] | None:

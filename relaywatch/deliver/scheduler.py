@@ -426,18 +426,19 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     if entry.notice_pending and notice_pending is None:
         events.emit("bounced", id=entry.id, msgid=entry.message_id or None, to=entry.sender,
                     connector=entry.route.name, status="notice",
-                    detail=f"the NDR held back since {_stamp(entry.notice_pending['since'])} is queued"
+                    detail=f"the NDR held back since {_stamp(entry.notice_pending.get('since', now))} is queued"
                     if ndr == "queued" else "the NDR held back could not be built; given up")
     return outcomes
 
 
 def owed_recipients(notice_pending: dict | None) -> list[FailedRecipient]:
-    """The recipients a held-back NDR is about (see finish_attempt)."""
+    """The recipients a held-back NDR is about (see finish_attempt).  Read
+    tolerantly, as stored failures are: another version may have written it."""
     if not notice_pending:
         return []
-    return [FailedRecipient(r["address"], RecipientStatus(r["status"]),
+    return [FailedRecipient(r["address"], RecipientStatus(r.get("status", "failed")),
                             Failure.from_dict(r["failure"]) if r.get("failure") else None)
-            for r in notice_pending["recipients"]]
+            for r in notice_pending.get("recipients", ())]
 
 
 def _notice_given_up(config: Config, entry: Entry, now: float) -> bool:
@@ -445,7 +446,7 @@ def _notice_given_up(config: Config, entry: Entry, now: float) -> bool:
     original's headers (the part that can depend on its bytes), so the sender
     still learns; if even that fails it is dropped."""
     held = entry.notice_pending
-    return bool(held) and now - held["since"] >= config.queue.message_expiration
+    return bool(held) and now - held.get("since", now) >= config.queue.message_expiration
 
 
 def _notice_failed(config: Config, entry: Entry, owed: list[FailedRecipient], exc: Exception,

@@ -710,7 +710,7 @@ class SqlStore:
                                 "WHERE notice_pending IS NOT NULL").fetchall()
             held = [{"id": id_, "sender": sender, "connector": connector, **json.loads(data)}
                     for id_, sender, connector, data in rows]
-            return sorted(held, key=lambda h: -h["retry_at"])[:limit]
+            return sorted(held, key=lambda h: -(h.get("retry_at") or 0))[:limit]
         return await self._read(q)
 
     async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:

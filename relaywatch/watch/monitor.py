@@ -241,7 +241,7 @@ class Monitor:
             latest = failing[0]
             inc.update(severity="critical", count=len(failing),
                        detail=f"{len(failing)} NDR(s) could not be built, latest for {latest['id']} "
-                              f"to {latest['sender']}: {latest['error']}. Their messages are not "
+                              f"to {latest['sender']}: {latest.get('error')}. Their messages are not "
                               "delivered again; each NDR is retried on the queue's retry intervals.")
             inc["fixes"] = ["Look for 'could not be built' in the log and report it as a relaywatch bug.",
                             "relaywatch queue list shows the messages whose NDR is held back."]
