@@ -116,6 +116,9 @@ class ServerConfig:
     delivery_restart_reset: float = 300.0   # a delivery process that ran this long restarts at once
     store: str = "sqlite"                    # or a postgresql:// URL (store/postgres.py)
     store_statement_timeout: float | None = 30.0   # PostgreSQL: longest statement; None: the server's
+    # Where mail for postmaster goes (RFC 5321 4.5.1); parse_config fills in the
+    # default: the first [alerts] notify address, else postmaster@<hostname> in a Maildir.
+    postmaster: str = ""
 
 
 @dataclass(frozen=True)
@@ -765,6 +768,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         if dm.verify_recipients and not any(c.enabled and c.serves(dm.name) for c in connectors):
             problems.append(f"domains[{domains.index(dm)}].verify_recipients: no enabled connector serves "
                             f"{dm.name}, so there is no server to ask")
+    server = replace(server, postmaster=_postmaster(r, s, server, domains, alerts, problems))
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
     return Config(server=server, queue=queue, dns=dns, delivery=delivery,
@@ -793,6 +797,34 @@ def _connector_tls_problems(p: str, item: dict, conn: Connector) -> list[str]:
         out.append(f"{p}.tls_name: has no effect with tls_verify = \"ca\", which does not check the name; "
                    f"set tls_verify = \"ca_and_name\" or remove tls_name")
     return out
+
+
+def _postmaster(r: _Reader, s: dict, server: ServerConfig, domains: list[Domain], alerts: AlertsConfig,
+                problems: list[str]) -> str:
+    """``server.postmaster``, or its default: the first admin alerts go to (people who
+    read mail about this relay), else the Maildir postmaster@<hostname> under data_dir."""
+    def address(v: Any) -> str:
+        v = _string(v)
+        local, at, domain = v.rpartition("@")
+        if not at or not local or " " in v or domain.startswith("*"):
+            raise ValueError(f"{v!r} is not an email address such as \"admin@contoso.test\"")
+        return f"{local}@{_domain_name(domain)}"
+    explicit = r.get(s, "postmaster", "server", address, None)
+    if explicit is None and "postmaster" in s:
+        return ""     # invalid: already reported
+    if explicit is not None:
+        target, source = explicit, "server.postmaster:"
+    elif alerts.notify:
+        target = alerts.notify[0]
+        source = "server.postmaster: not set, and its default, the first alerts.notify address,"
+    else:
+        return f"postmaster@{server.hostname.lower().rstrip('.')}"
+    local, _, domain = target.rpartition("@")
+    accepted = next((d for d in domains if d.name == domain.lower().rstrip(".")), None)
+    if accepted is not None and accepted.type == "authoritative" and not accepted.has_mailbox(local):
+        problems.append(f"{source} {target} is not a mailbox of the authoritative domain {accepted.name}; "
+                        f"add {local!r} to its mailboxes or set server.postmaster to another address")
+    return target
 
 
 def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> AlertsConfig:

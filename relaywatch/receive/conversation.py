@@ -6,8 +6,9 @@ conversation answers everything it can decide alone (syntax, command order,
 EHLO, SIZE); it hands the rest to its caller as events:
 
 - ``Reply``: send this text (``close``: then hang up).
-- ``Recipient``: RCPT TO for ``address``; the caller decides, sends the reply
-  and, if accepted, calls ``accept_recipient``.
+- ``Recipient``: RCPT TO for ``address`` (syntax checked, otherwise as sent;
+  a source route is split off into ``source_route``); the caller normalises
+  and decides, sends the reply and, if accepted, calls ``accept_recipient``.
 - ``StartTls``: the 220 for STARTTLS has been given; upgrade the connection,
   then call ``tls_started``.  Bytes the client sent after STARTTLS in the
   clear are dropped (the STARTTLS command-injection attack).
@@ -48,6 +49,7 @@ class Reply:
 @dataclass(frozen=True)
 class Recipient:
     address: str
+    source_route: str = ""    # "@a,@b" from <@a,@b:user@domain>: the client asks us to route through them
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,9 @@ class Conversation:
             line = raw.decode("ascii")
         except UnicodeDecodeError:
             return Reply("500 5.5.2 Non-ASCII characters in a command (SMTPUTF8 is not offered)")
+        if "\0" in line:
+            # Some servers drop NULs: what we pass on must read the same everywhere.
+            return Reply("500 5.5.2 NUL character in a command")
         verb, _, arg = line.strip().partition(" ")
         verb = verb.upper()
         arg = arg.strip()
@@ -274,12 +279,15 @@ class Conversation:
             return Reply("503 5.5.1 Need MAIL command")
         if arg[:3].upper() != "TO:":
             return Reply("501 5.5.4 Syntax: RCPT TO:<address>")
-        address, rest = parse_path(arg[3:])
+        path = arg[3:].lstrip()
+        address, rest = parse_path(path)
         if not address:
             return Reply("501 5.1.3 Bad recipient address syntax")
         if rest.strip():
             return Reply("555 5.5.4 RCPT parameters are not supported")
-        return Recipient(address)
+        # parse_path took the source route off (RFC 5321 4.1.1.3); the policy decides about it.
+        source_route = path[1:].partition(":")[0] if path.startswith("<@") else ""
+        return Recipient(address, source_route)
 
     def _data_cmd(self, arg: str) -> Reply:
         if arg:

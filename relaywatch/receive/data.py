@@ -7,7 +7,8 @@ works on whole blocks of complete lines with bytes methods:
 - the end is the line ``.`` (found as ``CRLF . CRLF``; the data starts at a
   line start), and what follows it (pipelined commands) is handed back;
 - a CR or LF that is not part of a CRLF is refused (SMTP smuggling: another
-  server could take a bare-LF dot as the end and see a second message);
+  server could take a bare-LF dot as the end and see a second message), and
+  so is a NUL (a server that drops NULs reads the line NUL-dot as the end);
 - dot-stuffing is undone (RFC 5321 4.5.2);
 - the size limit is enforced while reading (the answer comes after the end).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 LINE_PIECE = 64 * 1024
 
 BARE_CR_LF = "554 5.6.11 Bare CR or LF in message; lines must end with CRLF"
+NUL = "554 5.6.0 NUL character in message"
 
 
 class DataParser:
@@ -48,6 +50,8 @@ class DataParser:
             at_start, self._line_start = self._line_start, False
             if b"\r" in piece or b"\n" in piece:
                 self.problem = self.problem or BARE_CR_LF
+            if b"\0" in piece:
+                self.problem = self.problem or NUL
             if at_start and piece[:1] == b".":
                 piece = piece[1:]        # a stuffed dot; the line is too long to be the end
             return self._keep(piece)
@@ -68,6 +72,8 @@ class DataParser:
         crlf = block.count(b"\r\n")
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
             self.problem = self.problem or BARE_CR_LF
+        if b"\0" in block:
+            self.problem = self.problem or NUL
         content = block.replace(b"\r\n.", b"\r\n")
         if at_start and content[:1] == b".":   # a stuffed dot on the block's first line
             content = content[1:]

@@ -45,7 +45,7 @@ from relaywatch.receive.store_condition import (FAILED_REPLY, ConditionEnded, Pl
                                                 StoreProblem, describe, problem_from_os_error,
                                                 problem_from_store_error)
 from relaywatch.receive.verify import Answer, Callout, RecipientVerifier, rcpt_reply
-from relaywatch.route import decide, split_address
+from relaywatch.route import Refusal, decide, normalize, sender_routing, split_address
 from relaywatch.store.base import QueueStore
 from relaywatch.watch.store_incident import StoreIncidentReporter
 
@@ -82,28 +82,40 @@ class ReceivePolicy:
             return False
         return any(addr in net for net in self.config_ref().server.trusted_networks)
 
-    def recipient(self, conv: Conversation, client_ip: str, address: str) -> tuple[str, Route | None]:
-        """The reply to RCPT TO and, when accepted, the recipient's route."""
+    def recipient(self, conv: Conversation, client_ip: str, address: str,
+                  source_route: str = "") -> tuple[str, str, Route | None]:
+        """The reply to RCPT TO and, when accepted, the address to keep and its route.
+
+        The address kept is normalised (route.normalize) and, for postmaster,
+        the address that stands for it (``server.postmaster``)."""
         config = self.config_ref()
-        if len(conv.recipients) >= MAX_RECIPIENTS:
-            return f"452 4.5.3 Too many recipients (at most {MAX_RECIPIENTS} per message)", None
-        if "@" not in address:
-            return "501 5.1.3 Recipient address must include a domain", None
-        if any(address.lower() == a.lower() for a, _ in conv.recipients):
-            return "250 2.1.5 Recipient OK (duplicate ignored)", None
-        decision = decide(config, address)
         sender = conv.sender or "<>"
+
+        def refuse(reply: str, code: str, detail: str) -> tuple[str, str, None]:
+            events.emit("rejected", **{"to": address, "from": sender, "client": client_ip,
+                                      "code": code, "detail": detail})
+            return reply, address, None
+        if len(conv.recipients) >= MAX_RECIPIENTS:
+            return f"452 4.5.3 Too many recipients (at most {MAX_RECIPIENTS} per message)", address, None
+        normalized = normalize(address)
+        if isinstance(normalized, Refusal):
+            return refuse(normalized.reply, normalized.reply[4:9], normalized.detail)
+        trusted = self.is_trusted(client_ip)
+        if not trusted:
+            routing = sender_routing(normalized, source_route)
+            if routing is not None:
+                return refuse(f"554 5.7.1 Relaying denied: sender-specified routing ({routing}) is not "
+                              f"accepted from this client", "5.7.1", f"relaying denied: {routing}")
+        decision = decide(config, normalized)
+        if any(decision.address.lower() == a.lower() for a, _ in conv.recipients):
+            return "250 2.1.5 Recipient OK (duplicate ignored)", decision.address, None
         if decision.route is None:
-            events.emit("rejected", **{"to": address, "from": sender, "client": client_ip,
-                                      "code": "5.1.10", "detail": "recipient not found"})
             if config.alerts.invalid_recipient_quota:
-                self._count_invalid(address.rsplit("@", 1)[1].lower())
-            return "550 5.1.10 Recipient not found", None
-        if not decision.accepted_domain and not self.is_trusted(client_ip):
-            events.emit("rejected", **{"to": address, "from": sender, "client": client_ip,
-                                      "code": "5.7.1", "detail": "relaying denied"})
-            return "554 5.7.1 Relaying denied", None
-        return "250 2.1.5 Recipient OK", decision.route
+                self._count_invalid(split_address(normalized)[1])
+            return refuse("550 5.1.10 Recipient not found", "5.1.10", "recipient not found")
+        if not decision.accepted_domain and not trusted:
+            return refuse("554 5.7.1 Relaying denied", "5.7.1", "relaying denied")
+        return "250 2.1.5 Recipient OK", decision.address, decision.route
 
     def must_verify(self, client_ip: str, address: str, route: Route) -> bool:
         """An accepted recipient whose existence only the connector's server knows."""
@@ -297,12 +309,13 @@ class SmtpSession(asyncio.Protocol):
                         self.transport.close()
                         return
                 elif type(event) is Recipient:
-                    reply, route = self.policy.recipient(conv, self.client_ip, event.address)
-                    if route is not None and self.policy.must_verify(self.client_ip, event.address, route):
-                        self._start(self._verify(event.address, route))
+                    reply, address, route = self.policy.recipient(conv, self.client_ip, event.address,
+                                                                   event.source_route)
+                    if route is not None and self.policy.must_verify(self.client_ip, address, route):
+                        self._start(self._verify(address, route))
                         break
                     if route is not None:
-                        conv.accept_recipient(event.address, route)
+                        conv.accept_recipient(address, route)
                     self._out.append(reply)
                 elif type(event) is MessageStart:
                     self._spool = BodySpool(self.receiver.spool_dir)
