@@ -205,3 +205,34 @@ def test_after_starttls_the_client_must_say_ehlo_again():
     talk(conv, b"EHLO c.test\r\nSTARTTLS\r\n")
     conv.tls_started()
     assert codes(talk(conv, b"MAIL FROM:<a@c.test>\r\n")) == ["503"]
+
+
+# -- SMTP smuggling: no ending but CRLF . CRLF ends DATA, however it arrives ---------------
+
+SMUGGLED = b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<x@contoso.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx"
+ENDINGS = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\n.\r", b"\r\n\r.\r\n",
+           b"\r\n\x00.\r\n", b"\r\n.\x00\r\n", b"\r\n\x00.\x00\r\n", b"\r\n\x00\r\n.\n"]
+
+
+@pytest.mark.parametrize("ending", ENDINGS, ids=repr)
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
+def test_a_smuggled_end_of_data_never_ends_the_message(ending, chunk):
+    conv = in_transaction()
+    talk(conv, b"RCPT TO:<x@contoso.test>\r\nDATA\r\n")
+    wire = b"Subject: innocent\r\n\r\nhello" + ending + SMUGGLED + b"\r\n.\r\nNOOP\r\n"
+    events = []
+    for start in range(0, len(wire), chunk):
+        events += talk(conv, wire[start:start + chunk])
+    ends = [e for e in events if isinstance(e, MessageEnd)]
+    # One message, refused whole; the smuggled MAIL/RCPT/DATA were never commands.
+    assert len(ends) == 1 and ends[0].problem.startswith("554 5.6."), events
+    assert not any(isinstance(e, (Recipient, MessageStart)) for e in events)
+    assert events[-1] == Reply("250 2.0.0 OK") and codes(events) == ["250"]    # the NOOP after the real end
+    assert b"".join(e.data for e in events if isinstance(e, BodyData)).count(b"smuggled") <= 1
+
+
+def test_nul_in_a_command_is_refused():
+    conv = session()
+    talk(conv, b"EHLO c.test\r\n")
+    assert [e.text for e in talk(conv, b"HELO a\x00b\r\nNOOP\x00\r\n")] == ["500 5.5.2 NUL character in a command"] * 2
+    assert conv.helo == "c.test"
