@@ -234,6 +234,7 @@ class SmtpSession(asyncio.Protocol):
         self._header_block = bytearray()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_input = 0.0
+        self._eof = False           # the client has shut down its sending side
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -269,7 +270,10 @@ class SmtpSession(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
-        return False   # close our side too
+        # A client may send its message and QUIT, then shut down its side: the
+        # replies still go out (a lost 250 means the message is sent again).
+        self._eof = True
+        return self._busy and self.conv is not None and not self.conv.tls_active   # else close ours too
 
     def connection_lost(self, exc) -> None:
         if self._admitted:
@@ -337,6 +341,9 @@ class SmtpSession(asyncio.Protocol):
             self.transport.close()
             return
         self._flush()
+        if self._eof and not self._busy:
+            self.transport.close()   # the client hung up its side and has had every reply
+            return
         if not self._busy and self.conv.buffered <= _MAX_BUFFERED:
             self._resume_reading()
 
