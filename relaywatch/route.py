@@ -109,6 +109,13 @@ def normalize(address: str) -> str | Refusal:
     return f"{local}@{domain}"
 
 
+def normalize_sender(address: str) -> str:
+    """The reverse-path as it is queued and sent on: normalised as recipients are, or as
+    given where ``normalize`` finds fault (what only matters for routing does not refuse a sender)."""
+    normalized = normalize(address) if address else ""
+    return normalized if isinstance(normalized, str) else address
+
+
 def sender_routing(address: str, source_route: str = "") -> str | None:
     """What in the recipient asks the next server to relay further, or None.
 

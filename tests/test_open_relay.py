@@ -262,3 +262,16 @@ def test_server_postmaster_is_validated_and_named():
                            "domains": [{"name": "contoso.test", "mailboxes": ["admin"]}]})
     assert decide(config, "postmaster").address == "admin@contoso.test"
     assert decide(config, "postmaster").route.kind.value == "local"
+
+
+async def test_the_sender_is_normalised_too(relay_factory, sink):
+    relay = await relay_factory(**relay_config(sink.port))
+    client = await Client.connect(relay.port, UNTRUSTED)
+    await client.cmd("HELO client.test\r\n")
+    assert (await client.cmd("MAIL FROM:<Carol@HYBRID.TEST.>\r\n")).startswith("250")
+    assert (await client.cmd("RCPT TO:<bob@hybrid.test>\r\n")).startswith("250")
+    assert (await client.cmd("DATA\r\n")).startswith("354")
+    assert (await client.cmd(message() + b".\r\n")).startswith("250")
+    client.close()
+    await eventually(lambda: sink.messages, what="delivery")
+    assert sink.messages[0].sender == "Carol@hybrid.test"

@@ -45,7 +45,7 @@ from relaywatch.receive.store_condition import (FAILED_REPLY, ConditionEnded, Pl
                                                 StoreProblem, describe, problem_from_os_error,
                                                 problem_from_store_error)
 from relaywatch.receive.verify import Answer, Callout, RecipientVerifier, rcpt_reply
-from relaywatch.route import Refusal, decide, normalize, sender_routing, split_address
+from relaywatch.route import Refusal, decide, normalize, normalize_sender, sender_routing, split_address
 from relaywatch.store.base import QueueStore
 from relaywatch.watch.store_incident import StoreIncidentReporter
 
@@ -167,8 +167,9 @@ class ReceivePolicy:
             body = await spool.finish(inline=getattr(self.store, "inline_bodies", False))
         except OSError as exc:
             return self.refuse(end, client_ip, problem_from_os_error(exc, Place.SPOOL, str(spool.spool_dir)))
+        sender = normalize_sender(end.sender)
         msg = NewMessage(
-            sender=end.sender, recipients=end.recipients, body=body, received_at=now,
+            sender=sender, recipients=end.recipients, body=body, received_at=now,
             expires_at=now + config.queue.message_expiration, message_id=message_id, client=client_ip)
         try:
             ids = await self.store.enqueue(msg)
@@ -183,7 +184,7 @@ class ReceivePolicy:
         routes = [route for _, route in end.recipients]
         for entry_id, route in zip(ids, _unique_routes(routes)):
             rcpts = [a for a, r in end.recipients if r.key == route.key]
-            events.emit("received", **{"id": entry_id, "msgid": message_id or None, "from": end.sender or "<>",
+            events.emit("received", **{"id": entry_id, "msgid": message_id or None, "from": sender or "<>",
                                        "to": rcpts, "connector": route.name, "size": body.size,
                                        "client": msg.client})
         return f"250 2.0.0 Queued as {' '.join(ids)}"
