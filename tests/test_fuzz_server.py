@@ -3,7 +3,8 @@
 Random and mutated sessions (commands, tricky addresses, bodies with fake
 ends, random bytes), cut into random chunks and sent from a trusted or an
 untrusted address to a running relaywatch with STARTTLS on.  For every
-session: every reply line is a well-formed SMTP reply, the server hangs up
+session: every reply line is a well-formed SMTP reply (a refusal with its
+enhanced status code), the server hangs up
 within a deadline once the client has (no hang), nothing in the log has a
 traceback, and a fresh client is still answered (no crash).
 
@@ -27,6 +28,9 @@ LONG = os.environ.get("RELAYWATCH_LONG_TESTS") == "1"
 EXAMPLES = int(os.environ.get("RELAYWATCH_FUZZ_EXAMPLES", 3000 if LONG else 100))
 SESSION_DEADLINE = 10.0
 REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9]([ -].*)?$")
+# A refusal says what kind it is: 4xx/5xx with the matching enhanced status code (RFC 3463).
+REFUSAL = re.compile(rb"^([45])[0-9][0-9] ")
+ENHANCED = re.compile(rb"^([45])[0-9][0-9] \1\.[0-9]{1,3}\.[0-9]{1,3} ")
 
 # -- what a session is made of ------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ async def test_fuzzed_sessions_never_crash_hang_or_leave_a_traceback(relay_facto
             assert lines[-1] == b"", f"a reply not ended by CRLF: {out[-200:]!r}"
             for line in lines[:-1]:
                 assert REPLY_LINE.match(line), f"not an SMTP reply line: {line!r}"
+                assert not REFUSAL.match(line) or ENHANCED.match(line), f"no enhanced status code: {line!r}"
             assert problems.records == [], problems.records
 
         sessions_run: list[int] = []

@@ -11,7 +11,7 @@ import pytest
 from helpers import LOOPBACK, Sink, SinkHandler, eventually, free_port, message
 from relaywatch.config import parse_config
 from relaywatch.errors import ConfigError
-from relaywatch.route import decide, normalize, sender_routing
+from relaywatch.route import Refusal, decide, normalize, sender_routing
 
 UNTRUSTED = "127.0.0.2"
 TRUSTED = LOOPBACK
@@ -229,9 +229,16 @@ async def test_postmaster_defaults_to_the_first_alert_address(relay_factory, sin
     ('"al\\ice"@contoso.test', "alice@contoso.test"),
     ('"john doe"@contoso.test', '"john doe"@contoso.test'),
     ("PostMaster", "postmaster"),
+    ('"PostMaster"', "postmaster"),
+    ("bob", "501 5.1.3"),
+    ("a@[192.0.2.1]", "550 5.1.2"),
+    ("a@192.0.2.1", "501 5.1.3"),
+    ("a@" + "b" * 64 + ".test", "501 5.1.3"),
+    ("a@" + "b." * 127 + "test", "501 5.1.3"),            # 258 octets: longer than a domain name may be
 ])
 def test_normalize(address, expected):
-    assert normalize(address) == expected
+    result = normalize(address)
+    assert (result.reply[:9] if isinstance(result, Refusal) else result) == expected
 
 
 @pytest.mark.parametrize("address, route, expected", [
