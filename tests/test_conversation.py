@@ -236,3 +236,14 @@ def test_nul_in_a_command_is_refused():
     talk(conv, b"EHLO c.test\r\n")
     assert [e.text for e in talk(conv, b"HELO a\x00b\r\nNOOP\x00\r\n")] == ["500 5.5.2 NUL character in a command"] * 2
     assert conv.helo == "c.test"
+
+
+@pytest.mark.parametrize("line, event", [
+    (b"RCPT TO:<@a.test,@b.test:user@c.test>\r\n", Recipient("user@c.test", "@a.test,@b.test")),
+    (b"RCPT TO: <@a.test:user@c.test>\r\n", Recipient("user@c.test", "@a.test")),
+    (b"RCPT TO:<user@c.test>\r\n", Recipient("user@c.test", "")),
+    (b"RCPT TO:<Postmaster>\r\n", Recipient("Postmaster", "")),
+])
+def test_a_source_route_is_split_off_for_the_policy(line, event):
+    conv = in_transaction()
+    assert talk(conv, line, accept=lambda a: False) == [event]
