@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import LOOPBACK, RawClient, Scripted, eventually, message
+from relaywatch.receive.data import LINE_PIECE, NUL, DataParser
 from relaywatch.smtpclient.protocol import DotStuffer
 
 SMUGGLED = (b"MAIL FROM:<evil@evil.test>\r\nRCPT TO:<bob@fabrikam.test>\r\nDATA\r\n"
@@ -157,3 +158,12 @@ def test_stuffing_in_chunks_is_the_same_as_at_once(lines, cuts):
     assert_unambiguous(b"\r\n" + wire)
     assert unstuff(b"\r\n" + wire) == b"\r\n" + body
 
+
+
+def test_a_nul_inside_a_line_longer_than_a_piece_is_refused_too():
+    parser = DataParser(None)
+    line = b"x" * LINE_PIECE + b"\x00." + b"y" * LINE_PIECE
+    kept = b"".join(parser.feed(line[i:i + 4096]) for i in range(0, len(line), 4096))
+    kept += parser.feed(b"\r\n.\r\nNOOP\r\n")
+    assert parser.done and parser.problem == NUL and parser.leftover == b"NOOP\r\n"
+    assert b"\x00" not in kept
