@@ -108,6 +108,12 @@ class ServerConfig:
     max_connections: int = 500
     max_connections_per_ip: int = 50
     idle_timeout: float = 300.0
+    # Slowloris defence (receive/admission.py): slots only trusted clients may
+    # use (None: a tenth of max_connections), and the time a session that has
+    # not started a transaction gets to complete each command once 80 % of
+    # the slots are taken.
+    reserved_trusted_connections: int | None = None
+    busy_command_timeout: float = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     log_format: str = "text"
@@ -342,6 +348,12 @@ def _auto_bool(value: Any) -> bool | str:
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"must be a positive whole number (got {value!r})")
+    return value
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be a whole number, 0 or more (got {value!r})")
     return value
 
 
@@ -627,6 +639,10 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         max_connections_per_ip=r.get(s, "max_connections_per_ip", "server", _positive_int,
                                      d.max_connections_per_ip),
         idle_timeout=r.get(s, "idle_timeout", "server", _positive_duration, d.idle_timeout),
+        reserved_trusted_connections=r.get(s, "reserved_trusted_connections", "server", _non_negative_int,
+                                           d.reserved_trusted_connections),
+        busy_command_timeout=r.get(s, "busy_command_timeout", "server", _positive_duration,
+                                   d.busy_command_timeout),
         tls_cert=tls_cert,
         tls_key=tls_key,
         log_format=r.get(s, "log_format", "server", _choice(LOG_FORMATS), d.log_format),
@@ -638,6 +654,10 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         store_statement_timeout=r.get(s, "store_statement_timeout", "server", _duration_or_off,
                                       d.store_statement_timeout),
     )
+    if (server.reserved_trusted_connections is not None
+            and server.reserved_trusted_connections >= server.max_connections):
+        problems.append(f"server.reserved_trusted_connections: must be less than server.max_connections "
+                        f"({server.max_connections}), or untrusted clients could never connect")
     if not server.listen:
         problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")
     problems += _listen_problems(server.listen)

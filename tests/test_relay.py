@@ -312,9 +312,14 @@ async def test_global_connection_limit(relay_factory):
     relay = await relay_factory(server={"max_connections": 1})
     first = await asyncio.to_thread(smtplib.SMTP, LOOPBACK, relay.port)
     try:
+        # In a transaction, the only session cannot be evicted (tests/test_slowloris.py): a new client is refused.
+        await asyncio.to_thread(first.ehlo, "client.test")
+        assert (await asyncio.to_thread(first.mail, "x@example.org"))[0] == 250
         reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)
         assert (await reader.readline()) == b"421 4.7.0 Too many connections, try again later\r\n"
         writer.close()
+        assert (await asyncio.to_thread(first.rcpt, "alice@contoso.test"))[0] == 250
+        assert (await asyncio.to_thread(first.data, message()))[0] == 250
     finally:
         await asyncio.to_thread(first.quit)
 

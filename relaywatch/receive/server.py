@@ -12,7 +12,11 @@ We own this layer instead of subclassing aiosmtpd: on the 2-core bench
 machine aiosmtpd alone cost about 540 µs of CPU per message, more than the
 rest of receiving together (bench/README.md), and it read DATA line by line.
 Connections are capped globally and per client IP (``421 4.7.0``); a client
-that stalls for ``server.idle_timeout`` is disconnected (``421 4.4.2``). If the
+that stalls for ``server.idle_timeout`` is disconnected (``421 4.4.2``).
+Against slowloris (receive/admission.py): slots reserved for trusted networks,
+the oldest idle pre-MAIL session evicted (``421 4.7.0``) before a client is
+refused, and past 80 % of the slots a command must complete within
+``server.busy_command_timeout`` until MAIL (``421 4.4.2``). If the
 disk refuses a message being read, the rest is read and dropped and the
 answer comes after the final dot (``452 4.3.1`` when full, else ``451 4.3.0``);
 an error nobody foresaw ends the session with ``421 4.3.0``, never a 5xx.
@@ -30,7 +34,6 @@ import logging
 import re
 import ssl
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +41,7 @@ from relaywatch import events
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.model import NewMessage, Route, RouteKind
+from relaywatch.receive.admission import Limits, Phase, Refused, SessionTable
 from relaywatch.receive.conversation import (NEED_DATA, BodyData, Conversation, MessageEnd, MessageStart,
                                              Recipient, Reply, StartTls)
 from relaywatch.receive.spool import BodySpool
@@ -236,6 +240,8 @@ class SmtpSession(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_input = 0.0
         self._eof = False           # the client has shut down its sending side
+        self._phase = Phase.PRE_MAIL
+        self._committing = False    # from the final dot until its reply: still in the transaction
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -243,10 +249,10 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.client_ip = peer[0]
-        reason = self.receiver.limiter.admit(self.client_ip)
-        if reason is not None:
-            events.emit("rejected", client=self.client_ip, code="4.7.0", detail=reason)
-            transport.write(f"421 4.7.0 {reason}\r\n".encode())
+        refused = self.receiver.admit(self)
+        if refused is not None:
+            events.emit("rejected", client=self.client_ip, code="4.7.0", detail=refused.reason)
+            transport.write(f"421 4.7.0 {refused.reason}\r\n".encode())
             transport.close()
             return
         self._admitted = True
@@ -279,7 +285,7 @@ class SmtpSession(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self._admitted:
             self._admitted = False
-            self.receiver.limiter.release(self.client_ip)
+            self.receiver.limiter.release(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         if self._spool is not None and not self._busy:
@@ -300,11 +306,13 @@ class SmtpSession(asyncio.Protocol):
     def _advance(self) -> None:
         """Act on events until the conversation needs more input or we must wait."""
         conv = self.conv
+        commands = False
         try:
             while not self._busy:
                 event = conv.next_event()
                 if event is NEED_DATA:
                     break
+                commands = commands or type(event) is Reply or type(event) is Recipient   # a line was answered
                 if type(event) is BodyData:
                     self._body(event.data)
                 elif type(event) is Reply:
@@ -341,6 +349,7 @@ class SmtpSession(asyncio.Protocol):
             self._flush()
             self.transport.close()
             return
+        self._report_progress(commands)
         self._flush()
         if self._eof and not self._busy:
             self.transport.close()   # the client hung up its side and has had every reply
@@ -372,6 +381,7 @@ class SmtpSession(asyncio.Protocol):
             self._out.append(end.problem)
             return
         spool, self._spool = self._spool, None
+        self._committing = True
         self._start(self._commit(end, spool, bytes(self._header_block)))
 
     def _start(self, coro) -> None:
@@ -387,6 +397,7 @@ class SmtpSession(asyncio.Protocol):
             log.exception("could not queue a message from %s", self.client_ip)
             reply = FAILED_REPLY
         self._busy = False
+        self._committing = False
         if self.transport.is_closing():
             return
         self._out.append(reply)
@@ -435,6 +446,32 @@ class SmtpSession(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
+    def _report_progress(self, commands_completed: bool) -> None:
+        """Tell the session table what counts against slowloris: completed lines and the phase."""
+        phase = Phase.TRANSACTION if self.conv.sender is not None or self._committing else Phase.PRE_MAIL
+        if not commands_completed and phase is self._phase:
+            return      # body data: nothing to tell (this runs for every block of an upload)
+        table = self.receiver.limiter
+        now = asyncio.get_running_loop().time()
+        if commands_completed:
+            table.command_completed(self, now)
+        if phase is not self._phase:
+            self._phase = phase
+            table.set_phase(self, phase, now)
+            self.receiver.arm_sweep()
+
+    def shed(self, reply: str, detail: str) -> None:
+        """The receiver took this session's slot back (evicted or too slow while busy): say why, hang up."""
+        events.emit("rejected", client=self.client_ip, code=reply[4:9], detail=detail)
+        self._drop_spool()
+        if self.transport.is_closing():
+            return
+        if self._busy:
+            self.transport.abort()      # in a TLS handshake: no place for a reply
+            return
+        self.transport.write(f"{reply}\r\n".encode())
+        self.transport.close()
+
     def _check_idle(self) -> None:
         loop = asyncio.get_running_loop()
         idle = loop.time() - self._last_input
@@ -450,30 +487,6 @@ class SmtpSession(asyncio.Protocol):
             self.transport.close()
 
 
-class ConnectionLimiter:
-    def __init__(self, config_ref: Callable[[], Config]):
-        self.config_ref = config_ref
-        self.total = 0
-        self.per_ip: Counter[str] = Counter()
-
-    def admit(self, ip: str) -> str | None:
-        """None when admitted, else the reason to refuse."""
-        server = self.config_ref().server
-        if self.total >= server.max_connections:
-            return "Too many connections, try again later"
-        if self.per_ip[ip] >= server.max_connections_per_ip:
-            return f"Too many connections from {ip}, try again later"
-        self.total += 1
-        self.per_ip[ip] += 1
-        return None
-
-    def release(self, ip: str) -> None:
-        self.total -= 1
-        self.per_ip[ip] -= 1
-        if self.per_ip[ip] <= 0:
-            del self.per_ip[ip]
-
-
 def make_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
@@ -487,10 +500,50 @@ class Receiver:
                  callout: Callout | None = None, alert_routes=None):
         self.config_ref = config_ref
         self.policy = ReceivePolicy(config_ref, store, clock, callout, alert_routes)
-        self.limiter = ConnectionLimiter(config_ref)
+        # Connection slots and who loses one (receive/admission.py).
+        self.limiter = SessionTable(Limits.from_server_config(config_ref().server))
+        self._limits_source = config_ref().server
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._sweep_at = 0.0
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_context: ssl.SSLContext | None = None
         self.spool_dir = config_ref().server.data_dir / "spool"
+
+    def admit(self, session: SmtpSession) -> Refused | None:
+        """Give a new connection a slot, evicting the oldest idle pre-MAIL session if need be."""
+        server = self.config_ref().server
+        if server is not self._limits_source:     # reloaded
+            self._limits_source = server
+            self.limiter.limits = Limits.from_server_config(server)
+        now = asyncio.get_running_loop().time()
+        verdict = self.limiter.admit(session, session.client_ip, self.policy.is_trusted(session.client_ip), now)
+        if type(verdict) is Refused:
+            return verdict
+        if verdict.evicted is not None:
+            verdict.evicted.shed(f"421 4.7.0 {server.hostname} Server busy; closing an idle connection "
+                                 f"to make room", "idle before MAIL while the server is full; evicted")
+        self.arm_sweep()
+        return None
+
+    def arm_sweep(self) -> None:
+        """Have ``_sweep`` run at the earliest busy deadline (no timer while not busy)."""
+        when = self.limiter.next_deadline()
+        if when is None or (self._sweep_timer is not None and self._sweep_at <= when):
+            return
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+        self._sweep_at = when
+        self._sweep_timer = asyncio.get_running_loop().call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        # May run early (sessions completed commands since it was armed): it then only re-arms.
+        self._sweep_timer = None
+        timeout = self.limiter.limits.busy_command_timeout
+        for session in self.limiter.expire(asyncio.get_running_loop().time()):
+            session.shed(f"421 4.4.2 {session.conv.hostname} No command completed in {timeout:g}s while "
+                         f"the server is busy; closing the connection",
+                         f"no command completed in {timeout:g}s before MAIL while busy")
+        self.arm_sweep()
 
     async def start(self) -> None:
         config = self.config_ref()
@@ -508,6 +561,9 @@ class Receiver:
         return [s.sockets[0].getsockname()[:2] for s in self.servers]
 
     async def stop(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         for server in self.servers:
             server.close()
         for server in self.servers:
