@@ -10,6 +10,7 @@ moving) is never cut or evicted.
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import smtplib
 import time
@@ -292,3 +293,26 @@ async def test_trusted_clients_keep_reserved_slots_when_no_untrusted_session_can
     finally:
         for writer in holders:
             writer.close()
+
+
+async def test_a_burst_of_1000_connections_at_once_is_greeted_and_a_client_in_it_gets_its_250(relay_factory):
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read()) if os.path.exists("/proc/sys/net/core/somaxconn") \
+        else 0
+    if somaxconn < 1000:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: the kernel would drop part of a burst of 1,000 whatever we ask")
+    _enough_file_descriptors(2 * len(ATTACK_ADDRESSES) * PER_ADDRESS + 512)
+    relay = await relay_factory(server=TRUSTED_ONLY_127_0_0_1)
+    # No pacing: every connection is opened at once, more than asyncio's default listen backlog of 100.
+    burst = Slowloris(relay.port, [ip for ip in ATTACK_ADDRESSES for _ in range(PER_ADDRESS)],
+                      asyncio.Semaphore(10_000), reconnect_after=3600).start()
+    try:
+        elapsed, (code, text) = await asyncio.wait_for(
+            asyncio.to_thread(_send_from, "127.0.0.2", relay.port, "x@example.org", "alice@contoso.test"), 30)
+        print(f"\nin the burst: {code} after {elapsed:.3f} s")
+        assert code == 250, (code, text)
+        # Every connection of the burst got its first line: none was left connected and never accepted.
+        await eventually(lambda: burst.attempts == len(burst.sources), timeout=15,
+                         what=lambda: f"a greeting for every connection ({burst.attempts}/{len(burst.sources)})")
+        assert burst.replies[b"220 relay"] == len(burst.sources)     # all admitted: the oldest idle ones evicted
+    finally:
+        await burst.stop()

@@ -60,6 +60,12 @@ _HEADER_SCAN_LIMIT = 64 * 1024
 # Unprocessed input kept while a commit or handshake is running; above this the
 # socket is not read until the session catches up.
 _MAX_BUFFERED = 256 * 1024
+# Connections the kernel holds for us to accept.  asyncio's default of 100 is
+# too few for a burst: 1,000 connections at once left about 500 of them
+# connected but never accepted, with no greeting, for as long as they waited
+# (tests/test_slowloris.py); a legitimate client caught in such a burst would
+# hang like that too.  The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.I | re.M)
 # After an error we did not foresee, the session's state cannot be trusted (a
 # message half read would be taken for commands): say so and hang up.
@@ -553,7 +559,8 @@ class Receiver:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         for host, port in config.server.listen:
-            server = await loop.create_server(lambda: SmtpSession(self), host, port, reuse_address=True)
+            server = await loop.create_server(lambda: SmtpSession(self), host, port, reuse_address=True,
+                                              backlog=LISTEN_BACKLOG)
             self.servers.append(server)
 
     @property
