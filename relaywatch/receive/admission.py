@@ -29,10 +29,19 @@ few seconds to keep its idle timer from firing.  The rules:
    applies, so a slow upload that keeps moving always finishes.
 
 Sessions are identified by any hashable key (the server uses the session
-object itself); ``now`` is a monotonic clock (the event loop's) and never goes
-back, so the order sessions were last active in is the order they are kept in.  A session the table has evicted or expired is forgotten at
-once, so its slot is free before its connection has finished closing; what the
-server says later about that key is ignored.
+object itself).  ``now`` is a monotonic clock (the event loop's) that never goes
+back, so the order sessions were last active in is the order they are kept in,
+and eviction and the next deadline cost O(1).  A session the table evicts or
+expires is forgotten at once, so its slot is free before its connection has
+finished closing; what the server says later about that key is ignored.
+
+Why these: Postfix under the same attack greets nobody for 60 s (its stress
+mode shortens timeouts but evicts no one).  Evicting the least recently
+active session before MAIL almost never hits a legitimate client, which
+completes its commands in milliseconds and so is never the oldest, while an
+attacker must keep completing commands to keep a pre-MAIL slot.  What is left
+to an attacker is a transaction (MAIL is free): that holds an untrusted slot
+until ``idle_timeout``, which is why trusted clients have slots of their own.
 """
 
 from __future__ import annotations

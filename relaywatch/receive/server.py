@@ -468,7 +468,7 @@ class SmtpSession(asyncio.Protocol):
 
     def shed(self, reply: str, detail: str) -> None:
         """The receiver took this session's slot back (evicted or too slow while busy): say why, hang up."""
-        events.emit("rejected", client=self.client_ip, code=reply[4:9], detail=detail)
+        events.emit("rejected", client=self.client_ip, code=reply.split(" ", 2)[1], detail=detail)
         self._drop_spool()
         if self.transport.is_closing():
             return
