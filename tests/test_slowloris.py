@@ -10,11 +10,11 @@ moving) is never cut or evicted.
 from __future__ import annotations
 
 import asyncio
-import os
 import resource
 import smtplib
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from helpers import LOOPBACK, eventually, message
@@ -24,9 +24,9 @@ from helpers import LOOPBACK, eventually, message
 ATTACK_ADDRESSES = [f"127.0.1.{i}" for i in range(1, 101)]
 PER_ADDRESS = 10
 TRUSTED_ONLY_127_0_0_1 = {"trusted_networks": ["127.0.0.1/32"]}   # so 127.0.1.x and 127.0.0.2 are outsiders
-# Connections being opened at once, all attackers together.  Far more than the
-# listen backlog (100) at once and the kernel drops handshakes, which then wait
-# out its SYN retransmission back-off: that would test the kernel, not the relay.
+# Connections being opened at once, all attackers together, so that these tests
+# are about admission and not the listen backlog: with more handshakes at once
+# than the backlog holds, the kernel leaves the rest hanging (the burst test).
 CONNECTING_AT_ONCE = 50
 
 
@@ -55,15 +55,20 @@ class Slowloris:
         self.trickle = trickle
         self.reconnect_after = reconnect_after
         self.holding = 0          # greeted and not yet dropped
-        self.attempts = 0         # first connection of each source made (greeted or refused)
+        self.attempts = 0         # sources whose first connection got its first line (greeting or 421)
         self.connections = 0      # made, counting reconnections
         self.trickled = 0         # bytes sent
         self.replies: Counter[bytes] = Counter()
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> "Slowloris":
-        self._tasks = [asyncio.create_task(self._hold(ip)) for ip in self.sources]
+        for ip in self.sources:
+            self.connect(ip)
         return self
+
+    def connect(self, ip: str) -> None:
+        """One more attacker, from ``ip`` (one of ``sources``)."""
+        self._tasks.append(asyncio.create_task(self._hold(ip)))
 
     @staticmethod
     def start_together(*parts: "Slowloris") -> list["Slowloris"]:
@@ -71,7 +76,7 @@ class Slowloris:
         for i in range(max(len(p.sources) for p in parts)):
             for part in parts:
                 if i < len(part.sources):
-                    part._tasks.append(asyncio.create_task(part._hold(part.sources[i])))
+                    part.connect(part.sources[i])
         return list(parts)
 
     async def started(self) -> None:
@@ -238,9 +243,9 @@ async def test_a_session_in_a_transaction_is_never_evicted_while_idle_ones_make_
     await idle.started()
     newcomers = Slowloris(relay.port, ATTACK_ADDRESSES[7:27], connecting, reconnect_after=3600)
     try:
-        for ip in newcomers.sources:      # one at a time, so each finds the relay full
-            newcomers._tasks.append(asyncio.create_task(newcomers._hold(ip)))
-            await eventually(lambda: newcomers.attempts == len(newcomers._tasks), what="the newcomer's greeting")
+        for n, ip in enumerate(newcomers.sources, 1):      # one at a time, so each finds the relay full
+            newcomers.connect(ip)
+            await eventually(lambda: newcomers.attempts == n, what="the newcomer's greeting")
             upload_w.write(b"still coming\r\n")
         assert newcomers.replies[b"220 relay"] == 20, dict(newcomers.replies)
         evicted = idle.replies[b"421 4.7.0"] + newcomers.replies[b"421 4.7.0"]
@@ -296,8 +301,8 @@ async def test_trusted_clients_keep_reserved_slots_when_no_untrusted_session_can
 
 
 async def test_a_burst_of_1000_connections_at_once_is_greeted_and_a_client_in_it_gets_its_250(relay_factory):
-    somaxconn = int(open("/proc/sys/net/core/somaxconn").read()) if os.path.exists("/proc/sys/net/core/somaxconn") \
-        else 0
+    somaxconn_file = Path("/proc/sys/net/core/somaxconn")
+    somaxconn = int(somaxconn_file.read_text()) if somaxconn_file.exists() else 0
     if somaxconn < 1000:
         pytest.skip(f"net.core.somaxconn is {somaxconn}: the kernel would drop part of a burst of 1,000 whatever we ask")
     _enough_file_descriptors(2 * len(ATTACK_ADDRESSES) * PER_ADDRESS + 512)
