@@ -252,6 +252,11 @@ class Scheduler:
                         return
                     try:
                         conn = await self._deliver(dq, entry, conn)
+                    except StoreError as exc:
+                        # Nothing was sent (the body or a bookkeeping write failed):
+                        # the lease lapses and the entry is due again.  The store
+                        # logs the outage itself, once; no traceback per entry.
+                        log.warning("delivery of %s waits for the queue store: %s", entry.id, exc)
                     except Exception:
                         log.exception("delivery of %s failed unexpectedly; it stays queued", entry.id)
                         if conn is not None:
