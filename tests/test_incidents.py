@@ -14,6 +14,9 @@ import trustme
 
 from helpers import LOOPBACK, Scripted, Sink, WebhookReceiver, eventually, free_port, message
 
+pytestmark = pytest.mark.both_loops   # delivery end to end: asyncio and uvloop (serve runs uvloop)
+
+
 SECRET = "s3cret"
 
 

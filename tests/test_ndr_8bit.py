@@ -27,6 +27,9 @@ from relaywatch.notify.dsn import FailedRecipient, build_delay_notice, build_ndr
 from relaywatch.store.base import QueueQuery
 from relaywatch.store.sqlite import SqliteStore
 
+pytestmark = pytest.mark.both_loops   # delivery end to end: asyncio and uvloop (serve runs uvloop)
+
+
 NOW = 1_800_000_000.0
 
 

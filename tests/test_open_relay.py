@@ -13,6 +13,9 @@ from relaywatch.config import parse_config
 from relaywatch.errors import ConfigError
 from relaywatch.route import Refusal, decide, normalize, sender_routing
 
+pytestmark = pytest.mark.both_loops   # delivery end to end: asyncio and uvloop (serve runs uvloop)
+
+
 UNTRUSTED = "127.0.0.2"
 TRUSTED = LOOPBACK
 

@@ -9,7 +9,12 @@ and refuses 8-bit data, as a strict 7-bit server does.
 import email
 import email.policy
 
+import pytest
+
 from helpers import LOOPBACK, RawClient, Sink, SinkHandler, eventually
+
+pytestmark = pytest.mark.both_loops   # delivery end to end: asyncio and uvloop (serve runs uvloop)
+
 
 SENDER = "alice@contoso.test"     # a local mailbox: a bounce would land in her Maildir
 

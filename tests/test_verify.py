@@ -14,6 +14,9 @@ from relaywatch.config import ConfigError, VerifyConfig, parse_config
 from relaywatch.model import Route, RouteKind
 from relaywatch.receive.verify import Answer, RecipientVerifier, Verdict, rcpt_reply
 
+pytestmark = pytest.mark.both_loops   # delivery end to end: asyncio and uvloop (serve runs uvloop)
+
+
 UNTRUSTED = "127.0.0.2"
 ROUTE = Route(RouteKind.CONNECTOR, "onprem")
 SETTINGS = VerifyConfig(positive_ttl=60, negative_ttl=10, timeout=1)
