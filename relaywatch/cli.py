@@ -5,6 +5,7 @@
     relaywatch queue list|show|retry|hold|release|delete|bounce
     relaywatch errors [CODE]
     relaywatch reload -c FILE
+    relaywatch dkim keygen DOMAIN
 
 Queue commands open the store of a (possibly running) server directly; SQLite
 locking makes that safe, and the server sees changes within a second.
@@ -187,6 +188,9 @@ def config_warnings(config: Config) -> list[str]:
             if accepted is not None and accepted.type == "authoritative":
                 out.append(f"connectors[{i}].domains: {pattern} is an authoritative domain, so its unknown recipients "
                            f"are rejected and {c.name} never gets its mail; make it internal_relay")
+    if config.dkim:
+        from relaywatch.receive.dkim import loose_key_warnings
+        out += loose_key_warnings(config.dkim)
     return out
 
 
@@ -656,6 +660,33 @@ def config_show(config_path, as_json):
         click.echo(f"  enabled = {str(c.enabled).lower()}{mark(f'connector:{c.name}:enabled')}")
         if c.paused or f"connector:{c.name}:paused" in overrides:
             click.echo(f"  paused = {str(c.paused).lower()}{mark(f'connector:{c.name}:paused')}")
+
+
+# -- DKIM --------------------------------------------------------------------------------
+
+@main.group()
+def dkim():
+    """DKIM signing keys ([[dkim]] in the config)."""
+
+
+@dkim.command("keygen")
+@click.argument("domain")
+@click.option("--selector", help="The DNS selector (default: ALGORITHM-YYYYMM, e.g. rsa-202612).")
+@click.option("--algorithm", type=click.Choice(["rsa", "ed25519"]), default="rsa", show_default=True)
+@click.option("--bits", type=click.IntRange(1024, 8192), default=2048, show_default=True, help="RSA key size.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Directory for the private key (DOMAIN.SELECTOR.key, mode 0600).")
+def dkim_keygen(domain, selector, algorithm, bits, out_dir):
+    """Create a signing key; print its DNS TXT record and the config to add."""
+    from relaywatch.config import _domain_name, _selector
+    from relaywatch.receive.dkim import ALGORITHMS, KeyProblem, default_selector, keygen
+    algorithm = next(a for a in ALGORITHMS if a.startswith(algorithm))
+    try:
+        domain = _domain_name(domain)
+        selector = _selector(selector or default_selector(algorithm))
+        click.echo(keygen(domain, selector, algorithm, bits, Path(out_dir)), nl=False)
+    except (KeyProblem, ValueError) as exc:
+        _fail(str(exc))
 
 
 # -- the catalog --------------------------------------------------------------------------

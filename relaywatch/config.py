@@ -229,6 +229,20 @@ class VerifyConfig:
 
 
 @dataclass(frozen=True)
+class DkimSigning:
+    """One ``[[dkim]]`` entry: mail From this domain is signed with this key (receive/dkim.py)."""
+    domain: str
+    selector: str
+    key_file: Path
+    algorithm: str = ""                       # rsa-sha256 or ed25519-sha256; the key's
+    sub_domains: bool = False
+    headers: tuple[str, ...] = ()             # default: receive/dkim.py DEFAULT_HEADERS
+    oversign_headers: tuple[str, ...] = ()    # default: DEFAULT_OVERSIGN (from)
+    canonicalization: str = "relaxed/relaxed"
+    key: Any = field(default=None, compare=False, repr=False)   # the loaded SigningKey, not in the file
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -238,6 +252,7 @@ class Config:
     connectors: tuple[Connector, ...] = ()
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    dkim: tuple[DkimSigning, ...] = ()
     source: Path | None = None
 
     def connector(self, name: str) -> Connector | None:
@@ -789,11 +804,12 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"domains[{domains.index(dm)}].verify_recipients: no enabled connector serves "
                             f"{dm.name}, so there is no server to ask")
     server = replace(server, postmaster=_postmaster(r, s, server, domains, alerts, problems))
+    dkim = _dkim(r, raw.get("dkim", []), rel, problems)
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
     return Config(server=server, queue=queue, dns=dns, delivery=delivery,
                   domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, verify=verify,
-                  source=source)
+                  dkim=dkim, source=source)
 
 
 def _connector_tls_problems(p: str, item: dict, conn: Connector) -> list[str]:
@@ -900,3 +916,72 @@ def _alerts(r: _Reader, a: dict, server: ServerConfig, problems: list[str]) -> A
     if "webhook_secret" in a and "webhook_url" not in a:
         problems.append("alerts.webhook_secret: set, but there is no alerts.webhook_url to sign requests for")
     return alerts
+
+
+def _dkim(r: _Reader, raw_dkim: Any, rel, problems: list[str]) -> tuple[DkimSigning, ...]:
+    """``[[dkim]]`` entries, their key files loaded (an unusable key is an error naming the file)."""
+    if raw_dkim == []:
+        return ()   # nothing to sign: receive/dkim.py (and cryptography) is never imported
+    from relaywatch.receive import dkim as signing
+    if not isinstance(raw_dkim, list):
+        problems.append("dkim: must be an array of tables ([[dkim]])")
+        return ()
+
+    def header_names(v):
+        names = [h.lower() for h in _string_list(v)]
+        for h in names:
+            if not signing.FIELD_NAME.fullmatch(h):
+                raise ValueError(f"{h!r} is not a header field name")
+            if h in signing.NEVER_SIGNED:
+                raise ValueError(f"{h!r} must not be signed: it is added or changed on the way (RFC 6376 5.4.1)")
+        return tuple(dict.fromkeys(names))
+
+    out: list[DkimSigning] = []
+    for i, item in enumerate(raw_dkim):
+        p = f"dkim[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{p}: must be a table")
+            continue
+        r.unknown(item, _file_keys(DkimSigning, not_in_file=("key",)), p)
+        for required in ("domain", "selector", "key_file"):
+            if required not in item:
+                problems.append(f"{p}.{required}: missing")
+        domain = r.get(item, "domain", p, _domain_name, None)
+        if domain and domain.startswith("*."):
+            problems.append(f"{p}.domain: {domain!r}: write the domain itself and set sub_domains = true")
+            domain = None
+        selector = r.get(item, "selector", p, _selector, None)
+        key_file = r.get(item, "key_file", p, rel, None)
+        algorithm = r.get(item, "algorithm", p, _choice(signing.ALGORITHMS), "")
+        headers = r.get(item, "headers", p, header_names, signing.DEFAULT_HEADERS)
+        if "from" not in headers:
+            problems.append(f"{p}.headers: must include \"from\" (RFC 6376 5.4: From is always signed)")
+        key = None
+        if key_file is not None:
+            try:
+                key = signing.load_key(key_file)
+            except signing.KeyProblem as exc:
+                problems.append(f"{p}.key_file: {exc}")
+        if key is not None and algorithm and algorithm != key.algorithm:
+            problems.append(f"{p}.algorithm: {algorithm!r}, but {key_file} is a key for {key.algorithm}; "
+                            f"remove algorithm (it follows the key) or name the right key_file")
+        entry = DkimSigning(
+            domain=domain or "", selector=selector or "", key_file=key_file or Path(),
+            algorithm=key.algorithm if key else algorithm,
+            sub_domains=r.get(item, "sub_domains", p, _bool, False),
+            headers=headers,
+            oversign_headers=r.get(item, "oversign_headers", p, header_names, signing.DEFAULT_OVERSIGN),
+            canonicalization=r.get(item, "canonicalization", p, _choice(signing.CANONICALIZATIONS),
+                                   DkimSigning.canonicalization),
+            key=key)
+        if domain and selector and any(o.domain == domain and o.selector == selector for o in out):
+            problems.append(f"{p}.selector: {domain} already has an entry with selector {selector!r}")
+        out.append(entry)
+    return tuple(out)
+
+
+def _selector(value: Any) -> str:
+    name = _string(value).lower()
+    if not re.fullmatch(rf"{_LABEL}(\.{_LABEL})*", name):
+        raise ValueError(f"{value!r} is not a selector (DNS labels, such as \"rsa-202612\")")
+    return name

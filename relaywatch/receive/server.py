@@ -173,7 +173,11 @@ class ReceivePolicy:
         headers = (b"\r\n" + header_block).split(b"\r\n\r\n", 1)[0]
         match = _MESSAGE_ID.search(headers)
         message_id = match.group(1).decode("ascii", "replace") if match else ""
+        signed_by: list[str] = []
         try:
+            if config.dkim and self.is_trusted(client_ip):   # never sign what an outsider sent
+                from relaywatch.receive.dkim import sign_spool
+                spool, signed_by = await sign_spool(config.dkim, spool)
             body = await spool.finish(inline=getattr(self.store, "inline_bodies", False))
         except OSError as exc:
             return self.refuse(end, client_ip, problem_from_os_error(exc, Place.SPOOL, str(spool.spool_dir)))
@@ -196,7 +200,7 @@ class ReceivePolicy:
             rcpts = [a for a, r in end.recipients if r.key == route.key]
             events.emit("received", **{"id": entry_id, "msgid": message_id or None, "from": sender or "<>",
                                        "to": rcpts, "connector": route.name, "size": body.size,
-                                       "client": msg.client})
+                                       "client": msg.client, **({"dkim": signed_by} if signed_by else {})})
         return f"250 2.0.0 Queued as {' '.join(ids)}"
 
     def refuse(self, end: MessageEnd, client_ip: str, problem: StoreProblem) -> str:
