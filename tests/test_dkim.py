@@ -2,8 +2,11 @@
 
 End to end: keys made by ``relaywatch dkim keygen``, their TXT records served by a loopback DNS
 server, a relay that signs, a real destination (aiosmtpd); what arrives is checked by dkimpy's
-verifier (``dkim.verify``), which looks the key up in that DNS server.  relaywatch signs with its
-own body hash and with cryptography's signatures, so the verifier shares no signing code with it.
+verifier (``dkim.verify``), which looks the key up in that DNS server.  relaywatch computes the
+body hash itself and signs with cryptography (OpenSSL); dkimpy verifies with its own body
+canonicalization, its own RSA and PyNaCl (libsodium) for Ed25519.  The header hash is dkimpy's
+``hash_headers`` on both sides, so where Perl's Mail::DKIM is installed (Debian:
+libmail-dkim-perl) it verifies the RSA signatures too: a verifier that shares no code at all.
 """
 
 import asyncio
@@ -77,6 +80,38 @@ def verify_all(message: bytes, dns_port: int) -> list[tuple[bytes, bool]]:
     return out
 
 
+# Perl's Mail::DKIM, keys from the loopback DNS server; prints "ALGORITHM RESULT DETAIL" per signature.
+PERL_VERIFIER = r"""
+use strict; use warnings;
+use Mail::DKIM::Verifier; use Mail::DKIM::DNS; use Net::DNS::Resolver;
+Mail::DKIM::DNS::resolver(Net::DNS::Resolver->new(nameservers => ['127.0.0.1'], port => $ARGV[0],
+                                                  udp_timeout => 5, tcp_timeout => 5));
+my $v = Mail::DKIM::Verifier->new();
+binmode STDIN; local $/; $v->PRINT(scalar <STDIN>); $v->CLOSE;
+print $_->algorithm, " ", $_->result, " ", ($_->result_detail // ""), "\n" for $v->signatures;
+"""
+
+
+def perl_verify(message: bytes, dns_port: int) -> list[tuple[str, str]] | None:
+    """(a=, result) per signature by Mail::DKIM, or None where it is not installed.  Blocking."""
+    import shutil
+    import subprocess
+    if not shutil.which("perl") or subprocess.run(["perl", "-MMail::DKIM::Verifier", "-e", "1"],
+                                                  capture_output=True).returncode:
+        return None
+    out = subprocess.run(["perl", "-e", PERL_VERIFIER, str(dns_port)], input=message, capture_output=True,
+                         timeout=30, check=True).stdout.decode()
+    return [tuple(line.split(" ")[:2]) for line in out.splitlines()]
+
+
+async def assert_both_verify(message: bytes, dns_port: int) -> None:
+    """Our RSA and Ed25519 signatures verify with dkimpy, and the RSA one with Mail::DKIM where it is installed
+    (Mail::DKIM 1.2023 knows no ed25519-sha256 and says "invalid" for it)."""
+    assert await asyncio.to_thread(verify_all, message, dns_port) == [(b"rsa-sha256", True), (b"ed25519-sha256", True)]
+    perl = await asyncio.to_thread(perl_verify, message, dns_port)
+    assert perl is None or perl[0] == ("rsa-sha256", "pass"), perl
+
+
 def mail(subject: str, body: bytes = b"Hello Bob,\r\n\r\nthe report is attached.\r\n", sender: str = SENDER,
          extra: bytes = b"") -> bytes:
     return (f"From: Alice <{sender}>\r\nTo: bob@fabrikam.test\r\nSubject: {subject}\r\n"
@@ -134,10 +169,30 @@ async def test_mail_from_a_trusted_client_is_signed_rsa_and_ed25519_and_verifies
     assert header_names(got)[:3] == ["DKIM-Signature", "DKIM-Signature", "Received"]
     assert got.endswith(mail("quarterly report"))
     assert b"d=contoso.test;" in got and b"s=rsa-1;" in got and b"s=ed-1;" in got
-    results = await asyncio.to_thread(verify_all, got, dns_server.port)
-    assert results == [(b"rsa-sha256", True), (b"ed25519-sha256", True)]
+    await assert_both_verify(got, dns_server.port)
     # The default header set, with From oversigned (one more than present: none can be added).
     assert signed_headers(got) == [b"from", b"to", b"subject", b"date", b"message-id", b"from"] * 2
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple", "relaxed/simple", "simple/relaxed"])
+async def test_every_canonicalization_verifies_after_delivery_and_with_a_second_verifier(
+        relay_factory, sink, tmp_path, canonicalization):
+    name, rdata, key_file = keygen(tmp_path, "contoso.test", "rsa", "c1")
+    dns_server = await DnsServer({(name, "TXT"): [rdata]}).start()
+    try:
+        relay = await relay_factory(connectors=connector(sink.port), dkim=[
+            {"domain": "contoso.test", "selector": "c1", "key_file": key_file, "canonicalization": canonicalization}])
+        body = b"  leading, trailing \t \r\ninner   \t  runs\r\n\r\n \r\n\t\r\n\r\n"   # WSP and empty lines at the end
+        folded = b"X-Note: folded\r\n \t across  lines\r\nCc:  carol@fabrikam.test \r\n"
+        await relay.send(SENDER, ["bob@fabrikam.test"], mail("canon  " + canonicalization, body, extra=folded))
+        got = await delivered(sink)
+        assert got.endswith(body)
+        assert f"c={canonicalization};".encode() in got
+        assert await asyncio.to_thread(verify_all, got, dns_server.port) == [(b"rsa-sha256", True)]
+        perl = await asyncio.to_thread(perl_verify, got, dns_server.port)
+        assert perl in (None, [("rsa-sha256", "pass")]), perl
+    finally:
+        dns_server.stop()
 
 
 async def test_mail_from_an_untrusted_client_is_never_signed(relay_factory, keys):
@@ -164,8 +219,7 @@ async def test_a_spooled_large_message_is_signed_and_verifies(relay_factory, sin
     await relay.send(SENDER, ["bob@fabrikam.test"], mail("big", body))
     got = await delivered(sink)
     assert got.endswith(body)
-    assert await asyncio.to_thread(verify_all, got, dns_server.port) == [
-        (b"rsa-sha256", True), (b"ed25519-sha256", True)]
+    await assert_both_verify(got, dns_server.port)
 
 
 async def test_a_2000_octet_line_is_signed_as_it_will_be_sent_and_verifies_after_delivery(
@@ -180,8 +234,7 @@ async def test_a_2000_octet_line_is_signed_as_it_will_be_sent_and_verifies_after
     got = await delivered(sink)
     assert max(len(x) for x in got.split(b"\r\n")) <= 998
     assert email.message_from_bytes(got, policy=email.policy.default).get_content() == f"{line}\r\nthe next line\r\n"
-    assert await asyncio.to_thread(verify_all, got, dns_server.port) == [
-        (b"rsa-sha256", True), (b"ed25519-sha256", True)]
+    await assert_both_verify(got, dns_server.port)
 
 
 async def test_an_8bit_message_is_signed_7bit_and_verifies_after_a_7bit_destination(relay_factory, keys):
@@ -196,8 +249,7 @@ async def test_an_8bit_message_is_signed_7bit_and_verifies_after_a_7bit_destinat
         got = await delivered(sink)
         assert all(seen.isascii() for seen in sink.handler.seen)
         assert email.message_from_bytes(got, policy=email.policy.default).get_content() == text
-        assert await asyncio.to_thread(verify_all, got, dns_server.port) == [
-            (b"rsa-sha256", True), (b"ed25519-sha256", True)]
+        await assert_both_verify(got, dns_server.port)
     finally:
         await sink.stop()
 
@@ -211,8 +263,7 @@ async def test_a_message_we_signed_already_is_not_signed_again(relay_factory, si
     await relay.send(SENDER, ["bob@fabrikam.test"], first)
     second = await delivered(sink, 2)
     assert header_names(second)[:4] == ["Received", "DKIM-Signature", "DKIM-Signature", "Received"]
-    assert await asyncio.to_thread(verify_all, second, dns_server.port) == [
-        (b"rsa-sha256", True), (b"ed25519-sha256", True)]
+    await assert_both_verify(second, dns_server.port)
 
 
 async def test_only_the_configured_domain_is_signed_and_subdomains_only_when_asked(relay_factory, sink, tmp_path):
