@@ -445,8 +445,9 @@ async def sign_spool(signings: Sequence, spool):
     or ``spool`` itself when nothing signs it.
 
     A small message is signed here (about 0.1-0.5 ms); a spooled one in a
-    thread.  The disk failing raises (the client gets 451 and retries); a bug
-    in signing must not stop mail: then it is committed unsigned, and the log
+    thread.  The disk failing raises OSError, with both spools discarded (the
+    commit answers as for any spool error and the client retries); a bug in
+    signing must not stop mail: then it is committed unsigned, and the log
     says so."""
     import asyncio
     from relaywatch.receive.spool import BodySpool
@@ -470,6 +471,7 @@ async def sign_spool(signings: Sequence, spool):
             return await asyncio.to_thread(work)
         return work()
     except OSError:
+        spool.discard()
         raise
     except Exception:
         log.exception("could not DKIM-sign a message; committing it unsigned")

@@ -44,11 +44,6 @@ class BodySpool:
             self._file.write(self._buffer)
             self._buffer = bytearray()
 
-    @property
-    def spilled(self) -> bool:
-        """The body so far is in a file, not in memory."""
-        return self._file is not None
-
     def reader(self):
         """A binary file object over what was written so far (for signing, receive/dkim.py)."""
         if self._file is None:
