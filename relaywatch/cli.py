@@ -660,6 +660,10 @@ def config_show(config_path, as_json):
         click.echo(f"  enabled = {str(c.enabled).lower()}{mark(f'connector:{c.name}:enabled')}")
         if c.paused or f"connector:{c.name}:paused" in overrides:
             click.echo(f"  paused = {str(c.paused).lower()}{mark(f'connector:{c.name}:paused')}")
+    for s in effective.dkim:
+        subs = " and its subdomains" if s.sub_domains else ""
+        click.echo(f"dkim {s.domain}{subs}: s={s.selector} {s.algorithm} ({s.key.bits} bits), c={s.canonicalization}, "
+                   f"key {s.key_file}")
 
 
 # -- DKIM --------------------------------------------------------------------------------

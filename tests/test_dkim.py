@@ -464,6 +464,9 @@ def test_config_check_warns_about_a_short_rsa_key_and_a_key_others_can_read(tmp_
     assert (f"warning: dkim[0].key_file: {key_files['rsa1024_key']} is a 1024-bit RSA key; use 2048 bits"
             in result.output)
     assert f"warning: dkim[1].key_file: {key_files['ed_key']} can be read by any user on this machine" in result.output
+    shown = CliRunner().invoke(main, ["config", "show", "-c", str(path)])
+    assert (f"dkim contoso.test: s=old rsa-sha256 (1024 bits), c=relaxed/relaxed, key {key_files['rsa1024_key']}"
+            in shown.output), shown.output
     config = load_config(path)
     assert [(d.algorithm, d.key.bits, d.canonicalization, d.headers[0], d.oversign_headers) for d in config.dkim] == [
         ("rsa-sha256", 1024, "relaxed/relaxed", "from", ("from",)),
