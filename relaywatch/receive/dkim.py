@@ -10,8 +10,8 @@ forgeries.  A message that already has a signature with our ``d=`` and
 
 When: in ``ReceivePolicy.commit``, before the message is committed, so the
 signature is made once and survives every retry.  The signature is the
-first header of the stored message, above our Received header (where
-OpenDKIM behind Postfix puts it).
+first header of the stored message, above our Received header, as signing
+MTAs put it.
 
 What is signed is what will be sent.  relaywatch changes a message on the
 way out when the destination needs it (deliver/downgrade.py: lines over 998
@@ -61,7 +61,7 @@ CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "sim
 MIN_RSA_BITS = 1024          # RFC 8301 §3.2: verifiers must not accept less
 GOOD_RSA_BITS = 2048         # ...and signers should use at least this
 
-# OpenDKIM's default SignHeaders less the ones nobody sets any more (RFC 6376 §5.4.1).
+# RFC 6376 §5.4.1's list, as OpenDKIM's default SignHeaders, with List-Unsubscribe-Post (RFC 8058).
 DEFAULT_HEADERS = (
     "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to", "references",
     "mime-version", "content-type", "content-transfer-encoding", "content-id", "content-description",
