@@ -401,6 +401,11 @@ def key_files(tmp_path):
     (tmp_path / "rsa512_key").write_text(RSA_512)       # cryptography no longer makes keys this short
     files["rsa512_key"] = str(tmp_path / "rsa512_key")
     write("ec_key", ec.generate_private_key(ec.SECP256R1()))
+    locked = rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"))
+    (tmp_path / "encrypted_key").write_bytes(locked)
+    files["encrypted_key"] = str(tmp_path / "encrypted_key")
     pem, _ = signing.generate_key(signing.ED25519_SHA256)
     (tmp_path / "ed_key").write_bytes(pem)
     (tmp_path / "ed_key").chmod(0o600)
@@ -416,6 +421,7 @@ def key_files(tmp_path):
     ({"key_file": "missing.key"}, "dkim[0].key_file: cannot read {dir}/missing.key: No such file or directory"),
     ({"key_file": "{text}"}, "dkim[0].key_file: {text} holds no PEM private key (no -----BEGIN line)"),
     ({"key_file": "{garbage_key}"}, "dkim[0].key_file: {garbage_key} does not parse as a PEM private key"),
+    ({"key_file": "{encrypted_key}"}, "dkim[0].key_file: {encrypted_key}: the key is encrypted; relaywatch needs it"),
     ({"key_file": "{ec_key}"}, "dkim[0].key_file: {ec_key} is an elliptic-curve (secp256r1) key; DKIM signs with RSA"),
     ({"key_file": "{rsa512_key}"}, "dkim[0].key_file: {rsa512_key} is a 512-bit RSA key; DKIM needs at least 1024"),
     ({"algorithm": "rsa-sha256"}, "dkim[0].algorithm: 'rsa-sha256', but {ed_key} is a key for ed25519-sha256"),

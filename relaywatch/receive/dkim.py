@@ -130,11 +130,9 @@ def load_key(path: Path) -> SigningKey:
                          f"create one with: relaywatch dkim keygen DOMAIN")
     try:
         private = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
+    except TypeError:            # cryptography: "Password was not given but private key is encrypted"
         raise KeyProblem(f"{path}: the key is encrypted; relaywatch needs it without a passphrase") from None
-    except (ValueError, TypeError) as exc:
-        raise KeyProblem(f"{path} does not parse as a PEM private key: {exc}") from None
-    except Exception as exc:     # cryptography's UnsupportedAlgorithm and the like
+    except Exception as exc:     # ValueError for bad data, UnsupportedAlgorithm for an odd key
         raise KeyProblem(f"{path} does not parse as a PEM private key: {exc}") from None
     if isinstance(private, rsa.RSAPrivateKey):
         if private.key_size < MIN_RSA_BITS:
