@@ -1,0 +1,114 @@
+"""The watch's typed incidents read and write exactly the stored / documented JSON shape."""
+
+import json
+
+import pytest
+
+from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult, QuotaFacts,
+                                    Severity)
+
+NOW = 1_800_000_000.0
+ERROR = {"v": 1, "code": "4.4.316", "smtp_code": 450, "title": "Connection refused", "subtype": "refused",
+         "detail": "h[192.0.2.5]:25 refused the connection (ECONNREFUSED).", "phase": "connect", "permanent": False,
+         "at": NOW - 5, "kind": "connect.refused", "destination": {"host": "h", "ip": "192.0.2.5", "port": 25,
+                                                                  "index": 1, "count": 1},
+         "reply": None, "errno": "ECONNREFUSED", "dns": None, "tls": None}
+PROBE = {"connector": "onprem", "type": "on_premises", "test_address": "postmaster@c.test", "at": NOW,
+         "steps": [{"step": "dns", "ok": True, "ms": 0.1, "detail": "h -> 192.0.2.5"},
+                   {"step": "tcp", "ok": False, "ms": 1.0, "detail": "refused"}],
+         "ok": False, "error": {k: v for k, v in ERROR.items() if k != "v"}, "greeting": None, "certificate": None}
+
+
+def _common(**kw):
+    base = {"id": 7, "connector": "onprem", "connector_type": "on_premises", "code": "4.4.316",
+            "title": "Connection refused", "kind": "connect.refused", "subtype": "refused", "state": "open",
+            "severity": "warning", "opened_at": NOW, "updated_at": NOW, "resolved_at": None, "first_seen": NOW - 60,
+            "last_seen": NOW - 5, "messages": 5, "recipients": 6, "peak_messages": 5,
+            "oldest_received_at": NOW - 600, "first_expires_at": NOW + 86000, "destinations": ["h[192.0.2.5]:25"],
+            "latest_error": ERROR, "diagnosis": {"cause": "nothing_listening", "text": "Nothing accepts",
+                                                 "facts": {"last_good": None}},
+            "causes": ["a"], "fixes": ["b"], "actions": ["decommission", "retry-now", "pause", "expire"],
+            "escalations": ["expiry"], "delivered_late": 0, "expired": 1, "probe": PROBE}
+    base.update(kw)
+    return base
+
+
+WATCH = dict(connector="*", connector_type="-", subtype=None, messages=0, recipients=0, peak_messages=0,
+             destinations=[], latest_error=None, causes=[], actions=[], escalations=[], probe=None, diagnosis=None)
+
+STORED = [
+    (IncidentKind.BACKLOG, _common()),
+    (IncidentKind.CERT_EXPIRING, _common(**{**WATCH, "connector": "partner", "connector_type": "partner"},
+                                         code="watch:cert_expiring", kind="watch:cert_expiring",
+                                         title="Destination certificate expires soon", detail="expires on 2027-01-01",
+                                         certificate={"subject": "x", "days_left": 4.5}, fixes=["renew"])),
+    (IncidentKind.INVALID_QUOTA, _common(**WATCH, code="watch:invalid_recipients", kind="watch:invalid_recipients",
+                                         title="Invalid recipients near the quota", level=80, count=4, quota=5,
+                                         top=[{"domain": "c.test", "connector": "local", "source": "destination",
+                                               "count": 4}], detail="4 invalid", fixes=["check"])),
+    (IncidentKind.NOTICE_FAILED, _common(**WATCH, code="watch:notice_failed", kind="watch:notice_failed",
+                                         title="Non-delivery reports cannot be built", severity="critical", count=2,
+                                         detail="2 NDR(s)", fixes=["report"])),
+    (IncidentKind.STORE, _common(**{**WATCH, "connector": "-"}, code="4.3.1", kind="store", reply="452 4.3.1",
+                                 title="Disk full: relaywatch cannot queue mail", severity="critical", refused=3,
+                                 problems=[{"place": "queue", "path": "/q", "code": "ENOSPC", "detail": "full",
+                                            "full": True, "refusing": "all mail"}],
+                                 seen=[{"place": "queue", "path": "/q", "code": "ENOSPC", "detail": "full",
+                                        "full": True, "refusing": "all mail"}], fixes=["free space"])),
+]
+
+
+@pytest.mark.parametrize("kind, stored", STORED, ids=[k.value for k, _ in STORED])
+def test_an_incident_reads_and_writes_its_stored_form_unchanged(kind, stored):
+    inc = Incident.from_dict(json.loads(json.dumps(stored)))
+    assert inc.kind is kind and inc.other == {}
+    assert inc.to_dict() == stored
+    assert json.dumps(inc.to_dict(), sort_keys=True) == json.dumps(stored, sort_keys=True)
+
+
+def test_typed_fields():
+    inc = Incident.from_dict(_common())
+    assert inc.state is IncidentState.OPEN and inc.severity is Severity.WARNING and inc.is_open
+    assert inc.latest_error.kind == "connect.refused" and inc.latest_error.destination.ip == "192.0.2.5"
+    assert inc.probe.steps[1].step == "tcp" and inc.probe.host == "h" and inc.catalog_id == "connect.refused"
+    quota = Incident.from_dict(STORED[2][1])
+    assert quota.facts == QuotaFacts(80, 4, 5, quota.facts.top) and quota.facts.top[0].domain == "c.test"
+
+
+def test_the_watch_code_is_the_kind_not_a_type_tag():
+    assert IncidentKind.CERT_EXPIRING.code == "watch:cert_expiring"
+    assert IncidentKind.BACKLOG.code is None and IncidentKind.STORE.code is None
+
+
+def test_unknown_fields_are_kept_and_missing_ones_read_neutral():
+    newer = _common(node="relay-2", shiny={"x": 1})
+    inc = Incident.from_dict(newer)
+    assert inc.other == {"node": "relay-2", "shiny": {"x": 1}}
+    assert inc.to_dict() == newer
+    old = Incident.from_dict({"id": 1, "connector": "a", "code": "4.4.316", "state": "open", "opened_at": 1.0,
+                              "messages": 2})
+    assert (old.kind, old.messages, old.escalations, old.latest_error, old.probe) == (
+        IncidentKind.BACKLOG, 2, (), None, None)
+    assert old.last_seen == 1.0 and old.severity is Severity.WARNING
+
+
+def test_a_kind_of_a_newer_version_is_kept_as_it_was():
+    stored = _common(**WATCH, code="watch:node_down", kind="watch:node_down", title="Node down")
+    inc = Incident.from_dict(stored)
+    assert inc.kind is IncidentKind.OTHER and inc.to_dict() == stored
+
+
+def test_the_shown_incident_keeps_its_notifications_and_audit():
+    shown = _common(notifications=[{"transition": "open"}], audit=[])
+    assert Incident.from_dict(shown).to_dict() == shown
+
+
+def test_probe_result_round_trips():
+    assert ProbeResult.from_dict(PROBE).to_dict() == PROBE
+
+
+def test_backlog_summary_from_the_store():
+    s = BacklogSummary.from_dict({"connector": "onprem", "code": "4.4.316", "messages": 3, "recipients": 4,
+                                  "oldest_received_at": 1.0, "first_expires_at": 2.0, "first_failure_at": None,
+                                  "latest_error": ERROR, "destinations": ["h:25"]})
+    assert s.key == ("onprem", "4.4.316") and s.latest_error.kind == "connect.refused" and s.destinations == ("h:25",)
