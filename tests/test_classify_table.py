@@ -295,7 +295,8 @@ def test_diagnosis_picks_one_cause(incident, last_good, probe, cause, words):
 # -- incident rules -------------------------------------------------------------------------------
 
 from relaywatch.config import parse_config  # noqa: E402
-from relaywatch.watch.incidents import evaluate  # noqa: E402
+from relaywatch.watch.model import BacklogSummary, Incident  # noqa: E402
+from relaywatch.watch.rules import WatchFacts, evaluate  # noqa: E402
 
 RULES = parse_config({"alerts": {"open_after": "5m", "min_messages": 2, "escalate_before_expiry": "4h",
                                  "escalate_steps": [100, 1000]},
@@ -326,5 +327,6 @@ def summary(messages, oldest_age, expires_in, code="4.4.316"):
                     "opened_at": NOW - 900})], [("resolve", "resolve"), ("open", "open")]),
 ])
 def test_incident_rules(summaries, open_, expected):
-    got = [(t.kind, t.notify) for t in evaluate(summaries, open_, RULES, NOW)]
+    facts = WatchFacts(tuple(BacklogSummary.from_dict(s) for s in summaries))
+    got = [(t.kind, t.notify) for t in evaluate(facts, [Incident.from_dict(i) for i in open_], RULES, NOW)]
     assert got == expected

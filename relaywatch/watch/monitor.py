@@ -22,7 +22,9 @@ from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStat
 from relaywatch.store.base import Selector
 from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
-from relaywatch.watch.incidents import evaluate, headline
+from relaywatch.watch.incidents import headline
+from relaywatch.watch.model import BacklogSummary, Incident, IncidentKind, TransitionKind, kind_of
+from relaywatch.watch.rules import WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 
 log = logging.getLogger("relaywatch.watch")
@@ -93,16 +95,14 @@ class Monitor:
         await self._flush_facts()
         last_good = await self.store.last_good()
         started = time.monotonic()
-        summaries = await self.store.deferred_summary()
+        summaries = tuple(BacklogSummary.from_dict(s) for s in await self.store.deferred_summary())
         self._summary_cost = time.monotonic() - started
-        open_incidents = await self.store.open_incidents()
-        late, expired = self._late, self._expired
+        open_incidents = [Incident.from_dict(i) for i in await self.store.open_incidents()]
+        facts = WatchFacts(summaries, self._late, self._expired)
         self._late, self._expired = {}, {}
-        for t in evaluate(summaries, open_incidents, config, now):
-            inc = t.incident
-            inc["delivered_late"] = inc.get("delivered_late", 0) + late.get(inc["connector"], 0)
-            inc["expired"] = inc.get("expired", 0) + expired.get((inc["connector"], inc["code"]), 0)
-            if t.kind == "open":
+        for t in evaluate(facts, open_incidents, config, now):
+            inc = t.incident.to_dict()
+            if t.kind is TransitionKind.OPEN:
                 probe = await self._probe(inc["connector"])
                 inc["probe"] = probe
                 inc["diagnosis"] = diagnose(inc, last_good.get(inc["connector"]), probe)
@@ -141,14 +141,14 @@ class Monitor:
             log.warning("probe of %s failed to run: %s", connector_name, exc)
             return None
 
-    async def _probe_backlogs(self, config: Config, summaries: list[dict], now: float) -> None:
+    async def _probe_backlogs(self, config: Config, summaries: tuple[BacklogSummary, ...], now: float) -> None:
         """Probe every connector with deferred mail (not only those with an open
         incident: a short outage never opens one); the moment a probe passes,
         release that connector's backlog instead of waiting out retry timers."""
         open_by_connector: dict[str, list[dict]] = {}
         for inc in await self.store.open_incidents():
             open_by_connector.setdefault(inc["connector"], []).append(inc)
-        for name in sorted({s["connector"] for s in summaries}):
+        for name in sorted({s.connector for s in summaries}):
             connector = config.connector(name)
             if connector is None or not connector.enabled or connector.paused:
                 continue
@@ -158,7 +158,7 @@ class Monitor:
             if probe is None:
                 continue
             for inc in open_by_connector.get(name, []):
-                if not inc["code"].startswith("watch:"):
+                if kind_of(inc) is IncidentKind.BACKLOG:
                     inc["probe"] = probe
                     await self.store.save_incident(inc)
             if probe["ok"]:
