@@ -607,7 +607,7 @@ def connector_test(config_path, name, as_json):
     if spec is None:
         _fail(f"no connector {name!r}; configured: {', '.join(c.name for c in config.connectors) or 'none'}")
     routes = SmtpRoutes(lambda: config, Resolver(config.dns))
-    result = asyncio.run(probe_connector(config, routes, spec))
+    result = asyncio.run(probe_connector(config, routes, spec)).to_dict()
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -716,7 +716,7 @@ def errors(code, as_json):
     for i, e in enumerate(entries):
         if i:
             click.echo("")
-        console.print(f"[bold]{e.smtp_code} {e.code}  {e.title}[/bold]  ({e.id})")
+        console.print(f"[bold]{f'{e.smtp_code} ' if e.smtp_code else ''}{e.code}  {e.title}[/bold]  ({e.id})")
         click.echo(f"  {e.explanation}")
         for audience, label in (("on_premises", "your own server (on_premises)"),
                                 ("partner", "a partner or the internet (partner)")):

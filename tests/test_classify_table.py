@@ -253,12 +253,17 @@ def test_certificate_observation_keeps_the_verify_code():
 
 # -- diagnosis ----------------------------------------------------------------------------------
 
+from relaywatch.model import Failure  # noqa: E402
 from relaywatch.watch.diagnosis import diagnose  # noqa: E402
+from relaywatch.watch.model import Incident, IncidentKind, ProbeResult  # noqa: E402
 
 
-def _inc(code, subtype=None, **error):
-    return {"code": code, "latest_error": {"subtype": subtype, "destination": {"host": "mail.contoso.test",
-            "ip": error.pop("ip", "192.0.2.9"), "port": 25}, **error}}
+def _inc(code, subtype=None, kind=None, **error):
+    dest = {"host": "mail.contoso.test", "ip": error.pop("ip", "192.0.2.9"), "port": 25}
+    failure = Failure.from_dict({"code": code, "kind": kind or lookup(code).id, "subtype": subtype, **error,
+                                 "destination": dest})
+    return Incident(kind=IncidentKind.BACKLOG, connector="onprem", code=code, title="", opened_at=0.0,
+                    latest_error=failure)
 
 
 GOOD = {"ip": "192.0.2.5", "host": "mail.contoso.test", "at": 1_800_000_000.0}
@@ -288,8 +293,23 @@ GOOD = {"ip": "192.0.2.5", "host": "mail.contoso.test", "at": 1_800_000_000.0}
     (_inc("4.7.320", "untrusted_issuer", tls={"issuer": "Corp CA"}), None, None, "cert_issuer", "issued by Corp CA"),
 ])
 def test_diagnosis_picks_one_cause(incident, last_good, probe, cause, words):
-    d = diagnose(incident, last_good, probe)
-    assert d["cause"] == cause and words in d["text"], d["text"]
+    d = diagnose(incident, last_good, ProbeResult.from_dict(probe) if probe else None)
+    assert d.cause == cause and words in d.text, d.text
+
+
+def test_diagnosis_goes_by_the_failure_kind_not_the_code():
+    """A destination that answers 450 4.4.316 itself is a reply, not a refused connection."""
+    incident = _inc("4.4.316", None, kind="smtp.transient_reply", reply="450 4.4.316 mailbox busy")
+    d = diagnose(incident, GOOD)
+    assert d.cause == "destination_reply" and "450 4.4.316 mailbox busy" in d.text
+
+
+def test_diagnosis_of_an_expiring_certificate_is_its_detail():
+    from relaywatch.watch.model import CertificateFacts
+    inc = Incident(kind=IncidentKind.CERT_EXPIRING, connector="p", code="watch:cert_expiring", title="", opened_at=0.0,
+                   detail="The certificate of h expires on 2027-01-01.", facts=CertificateFacts({"days_left": 4}))
+    d = diagnose(inc, None)
+    assert (d.cause, d.text, d.facts) == ("cert_expiring", inc.detail, {"days_left": 4})
 
 
 # -- incident rules -------------------------------------------------------------------------------

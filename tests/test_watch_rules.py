@@ -100,3 +100,117 @@ def test_a_resolved_incident_is_not_reopened_by_a_backlog_under_the_threshold():
 def test_the_backlog_rule_leaves_the_store_incident_alone():
     store = Incident(kind=IncidentKind.STORE, connector="-", code="4.3.1", title="Disk full", opened_at=NOW, id=9)
     assert run(WatchFacts(()), [store]) == []
+
+
+# -- the watch's own warnings -------------------------------------------------------------------
+
+from relaywatch.classify.catalog import CATALOG  # noqa: E402
+from relaywatch.watch.model import CertificateFacts, InvalidSource, NoticeFacts, QuotaFacts  # noqa: E402
+from relaywatch.watch.rules import CertificateSeen, HeldNotice  # noqa: E402
+
+QUOTA = replace(CONFIG, alerts=replace(CONFIG.alerts, invalid_recipient_quota=10, cert_warning_days=14))
+
+
+def cert(days, connector="partner"):
+    return CertificateSeen(connector, "partner", "mail.partner.test",
+                           {"subject": "mail.partner.test", "issuer": "Corp CA", "not_after": "2027-01-05T00:00:00+00:00",
+                            "days_left": days})
+
+
+def invalid(*counts):
+    return tuple(InvalidSource(f"d{i}.test", "local", "destination", n) for i, n in enumerate(counts))
+
+
+def warning(kind, connector="*", **kw):
+    return Incident(kind=kind, connector=connector, code=kind.code, title="w", opened_at=NOW - 900, id=2, **kw)
+
+
+OPEN_CERT = warning(IncidentKind.CERT_EXPIRING, "partner", facts=CertificateFacts({"days_left": 5}))
+OPEN_QUOTA = warning(IncidentKind.INVALID_QUOTA, facts=QuotaFacts(80, 8, 10))
+OPEN_QUOTA_100 = warning(IncidentKind.INVALID_QUOTA, facts=QuotaFacts(100, 12, 10), severity=Severity.CRITICAL)
+OPEN_NOTICE = warning(IncidentKind.NOTICE_FAILED, facts=NoticeFacts(1), severity=Severity.CRITICAL)
+HELD = (HeldNotice("e1", "alice@c.test", "FileNotFoundError: body"), HeldNotice("e0", "bob@c.test", "x"))
+
+WARNINGS = [
+    # certificate
+    ("cert: not probed this time",    WatchFacts(), [OPEN_CERT],                                 []),
+    ("cert: valid for long enough",   WatchFacts(certificates=(cert(30),)), [],                  []),
+    ("cert: no certificate facts",    WatchFacts(certificates=(cert(None),)), [OPEN_CERT],       []),
+    ("cert: opens under the warning", WatchFacts(certificates=(cert(5),)), [],
+     [(T.OPEN, "open", "watch:cert_expiring")]),
+    ("cert: does not open twice",     WatchFacts(certificates=(cert(4),)), [OPEN_CERT],          []),
+    ("cert: renewed, resolves",       WatchFacts(certificates=(cert(300),)), [OPEN_CERT],
+     [(T.RESOLVE, "resolve", "watch:cert_expiring")]),
+    ("cert: per connector",           WatchFacts(certificates=(cert(5, "other"),)), [OPEN_CERT],
+     [(T.OPEN, "open", "watch:cert_expiring")]),
+    # quota (10 a day)
+    ("quota: under 80%",              WatchFacts(invalid_recipients=invalid(5, 2)), [],          []),
+    ("quota: opens at 80%",           WatchFacts(invalid_recipients=invalid(5, 3)), [],
+     [(T.OPEN, "open", "watch:invalid_recipients")]),
+    ("quota: does not open twice",    WatchFacts(invalid_recipients=invalid(9)), [OPEN_QUOTA],   []),
+    ("quota: escalates at 100%",      WatchFacts(invalid_recipients=invalid(6, 4)), [OPEN_QUOTA],
+     [(T.ESCALATE, "escalate:100%", "watch:invalid_recipients")]),
+    ("quota: escalates once",         WatchFacts(invalid_recipients=invalid(20)), [OPEN_QUOTA_100], []),
+    ("quota: resolves under 80%",     WatchFacts(invalid_recipients=invalid(7)), [OPEN_QUOTA],
+     [(T.RESOLVE, "resolve", "watch:invalid_recipients")]),
+    ("quota: not read",               WatchFacts(), [OPEN_QUOTA],                                []),
+    ("quota: opens at 100% at once",  WatchFacts(invalid_recipients=invalid(30)), [],
+     [(T.OPEN, "open", "watch:invalid_recipients")]),
+    # notices
+    ("notice: none held",             WatchFacts(held_notices=()), [],                           []),
+    ("notice: opens",                 WatchFacts(held_notices=HELD), [],
+     [(T.OPEN, "open", "watch:notice_failed")]),
+    ("notice: does not open twice",   WatchFacts(held_notices=HELD), [OPEN_NOTICE],              []),
+    ("notice: resolves",              WatchFacts(held_notices=()), [OPEN_NOTICE],
+     [(T.RESOLVE, "resolve", "watch:notice_failed")]),
+    ("notice: not read",              WatchFacts(), [OPEN_NOTICE],                               []),
+    # kinds do not touch each other
+    ("a backlog on the same connector", WatchFacts((backlog(connector="partner"),), certificates=(cert(5),)),
+     [replace(OPEN_CERT, connector="partner")], [(T.OPEN, "open", "4.4.316")]),
+]
+
+
+@pytest.mark.parametrize("facts, open_, expected", [row[1:] for row in WARNINGS], ids=[row[0] for row in WARNINGS])
+def test_warnings(facts, open_, expected):
+    assert brief(evaluate(facts, open_, QUOTA, NOW)) == expected
+
+
+def test_the_certificate_warning_says_which_and_when_with_the_catalog_texts():
+    [t] = evaluate(WatchFacts(certificates=(cert(5.2),)), [], QUOTA, NOW)
+    inc, entry = t.incident, CATALOG["watch.cert_expiring"]
+    assert (inc.kind, inc.connector, inc.connector_type, inc.severity) == (
+        IncidentKind.CERT_EXPIRING, "partner", "partner", Severity.WARNING)
+    assert inc.title == entry.title and inc.fixes == entry.fixes["partner"] and inc.causes == entry.causes["partner"]
+    assert inc.detail == ("The certificate of mail.partner.test (mail.partner.test, issued by Corp CA) expires on "
+                          "2027-01-05, in 5.2 days. Mail will stop with 4.7.320 then unless it is renewed.")
+    assert inc.facts.certificate["days_left"] == 5.2
+    assert (inc.diagnosis.cause, inc.diagnosis.text) == ("cert_expiring", inc.detail)
+    assert inc.to_dict()["code"] == inc.to_dict()["kind"] == "watch:cert_expiring"
+    [done] = evaluate(WatchFacts(certificates=(cert(300),)), [inc], QUOTA, NOW + 60)
+    assert done.incident.state is IncidentState.RESOLVED and done.incident.facts.certificate["days_left"] == 300
+
+
+def test_the_quota_warning_counts_and_names_the_worst_sources():
+    [t] = evaluate(WatchFacts(invalid_recipients=invalid(5, 3)), [], QUOTA, NOW)
+    inc = t.incident
+    assert inc.facts == QuotaFacts(80, 8, 10, invalid(5, 3)) and inc.severity is Severity.WARNING
+    assert inc.detail == ("8 invalid recipients in the last 24 hours, 80% of the quota of 10. "
+                          "Most from: d0.test via local (5, destination), d1.test via local (3, destination).")
+    assert inc.fixes == CATALOG["watch.invalid_recipients"].fixes["partner"]
+    [up] = evaluate(WatchFacts(invalid_recipients=invalid(5, 5)), [inc], QUOTA, NOW)
+    assert up.incident.severity is Severity.CRITICAL and up.incident.facts.level == 100
+    assert up.incident.facts.count == 10 and "100% of the quota" in up.incident.detail
+    [done] = evaluate(WatchFacts(invalid_recipients=invalid(1)), [up.incident], QUOTA, NOW)
+    assert done.incident.state is IncidentState.RESOLVED and done.incident.facts.count == 1
+
+
+def test_the_notice_warning_is_critical_and_names_the_latest():
+    [t] = evaluate(WatchFacts(held_notices=HELD), [], QUOTA, NOW)
+    inc = t.incident
+    assert inc.severity is Severity.CRITICAL and inc.facts == NoticeFacts(2)
+    assert inc.detail.startswith("2 NDR(s) could not be built, latest for e1 to alice@c.test: FileNotFoundError")
+    assert inc.fixes == CATALOG["watch.notice_failed"].fixes["partner"]
+
+
+def test_a_quota_of_zero_watches_nothing():
+    assert evaluate(WatchFacts(invalid_recipients=invalid(100)), [], CONFIG, NOW) == []

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Entry:
     id: str                       # stable dotted id shared by JSON, alerts and logs
-    code: str                     # enhanced status code shown to users
-    smtp_code: int
+    code: str                     # enhanced status code shown to users; the watch's warnings: "watch:<kind>"
+    smtp_code: int | None         # None for the watch's warnings: no SMTP reply says them
     title: str
     explanation: str
     causes: dict[str, tuple[str, ...]]    # audience ("on_premises" | "partner") -> causes
@@ -310,6 +310,69 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
             "on_premises": ("Check the recipient exists on the server; read the reply for the rule that rejected it.",),
             "partner": ("Tell the sender to check the address; for policy rejections, send the partner the reply text.",),
         }, permanent=True),
+    Entry(
+        id="watch.cert_expiring", code="watch:cert_expiring", smtp_code=None,
+        title="Destination certificate expires soon",
+        explanation=(
+            "A probe of the connector found that the destination's TLS certificate expires within "
+            "alerts.cert_warning_days. Mail still flows; once the certificate has expired, delivery "
+            "through the connector stops with 4.7.320 until a new one is installed. The incident says "
+            "which host, the certificate's subject, issuer and expiry date. It resolves when a probe "
+            "sees a certificate that is valid for longer."),
+        causes={
+            "on_premises": ("The server's certificate was not renewed, or was renewed and not installed on the server.",),
+            "partner": ("The partner has not renewed their server's certificate yet.",),
+        },
+        fixes={
+            "on_premises": ("Renew the server's certificate and install it before the date in the incident.",),
+            "partner": ("Tell the partner the date their certificate expires (in the incident) and ask them to renew it.",),
+        }),
+    Entry(
+        id="watch.invalid_recipients", code="watch:invalid_recipients", smtp_code=None,
+        title="Invalid recipients near the quota",
+        explanation=(
+            "In the last 24 hours relaywatch saw at least 80% of alerts.invalid_recipient_quota "
+            "recipients that do not exist: destinations answered 5.1.x, or mail to them expired. "
+            "Services that count invalid recipients against a sender may throttle or block it past "
+            "the quota. The incident lists the domains and connectors most of them came from; it "
+            "escalates at 100% and resolves when the day's count falls below 80%."),
+        causes={
+            "on_premises": (
+                "An on-premises server was retired while mail for its users still goes to it.",
+                "Lists or applications send to mistyped or abandoned addresses.",
+            ),
+            "partner": ("Lists or applications send to mistyped or abandoned addresses at the domains listed.",),
+        },
+        fixes={
+            "on_premises": (
+                "If an on-premises server was retired, use the decommission action on its 4.4.316 incident so unknown recipients are rejected at once.",
+                "Check the domains listed for mistyped or abandoned addresses.",
+            ),
+            "partner": ("Check the domains listed for mistyped or abandoned addresses.",),
+        }),
+    Entry(
+        id="watch.notice_failed", code="watch:notice_failed", smtp_code=None,
+        title="Non-delivery reports cannot be built",
+        explanation=(
+            "relaywatch owes a sender a non-delivery report but could not build it, for example because "
+            "the message's body could not be read. The recipients are recorded as they ended (delivered, "
+            "failed or expired) and no message is delivered again; each held-back report is retried on "
+            "the queue's retry intervals. The senders are not told until it succeeds. The incident "
+            "resolves when no report is held back."),
+        causes={
+            "on_premises": ("A defect in relaywatch, or a spool file that was removed or cannot be read.",),
+            "partner": ("A defect in relaywatch, or a spool file that was removed or cannot be read.",),
+        },
+        fixes={
+            "on_premises": (
+                "Look for 'could not be built' in relaywatch's log and report it as a relaywatch bug.",
+                "relaywatch queue list shows the messages whose NDR is held back.",
+            ),
+            "partner": (
+                "Look for 'could not be built' in relaywatch's log and report it as a relaywatch bug.",
+                "relaywatch queue list shows the messages whose NDR is held back.",
+            ),
+        }),
 )}
 
 

@@ -2,13 +2,16 @@
 
 Pure: the incident's latest evidence, the connector's last-known-good
 delivery (time, host, IP, certificate) and the latest probe in; one
-sentence and the facts behind it out.
+sentence and the facts behind it out.  It goes by the catalog entry of the
+failure (``Failure.kind``), as the classifier does, then by its subtype.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime, timezone
+
+from relaywatch.watch.model import CertificateFacts, Diagnosis, Incident, IncidentKind, ProbeResult
 
 
 def _when(ts: float | None) -> str:
@@ -24,20 +27,27 @@ def _date(iso: str | None) -> str:
 _MASKED_GREETING = re.compile(r"^220[ -]\**\s*$|^220[ -][\s*]{6,}")
 
 
-def diagnose(incident: dict, last_good: dict | None, probe: dict | None = None) -> dict:
-    e = incident.get("latest_error") or {}
-    code, subtype = incident["code"], e.get("subtype")
-    dest = e.get("destination") or {}
-    ip, host = dest.get("ip"), dest.get("host")
+def diagnose(incident: Incident, last_good: dict | None, probe: ProbeResult | None = None) -> Diagnosis:
+    if incident.kind is IncidentKind.CERT_EXPIRING:
+        cert = incident.facts.certificate if isinstance(incident.facts, CertificateFacts) else {}
+        return Diagnosis("cert_expiring", incident.detail or "", dict(cert))
+    e = incident.latest_error
+    kind = incident.catalog_id or (e.kind if e else None)
+    subtype = e.subtype if e else None
+    dest = e.destination if e else None
+    ip, host, port = (dest.ip, dest.host, dest.port) if dest else (None, None, None)
+    dns_answer = (e.dns if e else None) or {}
+    tls = (e.tls if e else None) or {}
+    reply = e.reply if e else None
     good_ip = (last_good or {}).get("ip")
     good_since = _when((last_good or {}).get("at"))
     facts: dict = {"last_good": last_good}
 
-    def out(cause: str, text: str) -> dict:
-        return {"cause": cause, "text": text, "facts": facts}
+    def out(cause: str, text: str) -> Diagnosis:
+        return Diagnosis(cause, text, facts)
 
-    if code == "4.4.312":
-        dns = e.get("dns") or {}
+    if kind == "dns.failed":
+        dns = dns_answer
         name = dns.get("name", host)
         if subtype == "nxdomain":
             return out("name_gone", f"{name} does not exist in DNS any more (NXDOMAIN from {dns.get('nameserver')}): "
@@ -51,8 +61,7 @@ def diagnose(incident: dict, last_good: dict | None, probe: dict | None = None) 
         if subtype == "no_address":
             return out("record_removed", f"{name} exists but has no address record: the A/AAAA record was "
                                          "removed or never published.")
-    dns_answer = e.get("dns") or {}
-    if code in ("4.4.315", "4.4.316") and good_ip and ip and good_ip != ip:
+    if kind in ("connect.timeout", "connect.refused") and good_ip and ip and good_ip != ip:
         facts["address_changed"] = {"was": good_ip, "now": ip, "dns": dns_answer or None}
         if dns_answer.get("answer") is not None:
             how = (f"DNS for {dns_answer.get('name')} now answers {', '.join(dns_answer['answer'])} "
@@ -60,43 +69,42 @@ def diagnose(incident: dict, last_good: dict | None, probe: dict | None = None) 
                    "recently, or a resolver still serves an old answer.")
         else:
             how = "the connector's smart host setting changed."
-        verb = "does not answer" if code == "4.4.315" else "refuses connections"
+        verb = "does not answer" if kind == "connect.timeout" else "refuses connections"
         return out("address_changed", f"Mail last went to {good_ip} ({good_since}); relaywatch now connects to "
                                       f"{ip}, which {verb}: {how}")
-    if code == "4.4.315":
+    if kind == "connect.timeout":
         if good_ip:
             return out("server_silent", f"{ip or host} took mail until {good_since} and now does not answer: the "
                                         "server is down, or a firewall drops connections.")
         return out("never_reached", f"relaywatch has never delivered to {host}: check the address and port in "
                                     "the connector and that a firewall lets relaywatch in.")
-    if code == "4.4.316":
+    if kind == "connect.refused":
         if last_good:
             return out("stopped_accepting", f"{ip or host} accepted mail until {good_since} and now refuses "
                                             "connections: a firewall change, the mail service stopped, or the "
                                             "server was decommissioned.")
-        return out("nothing_listening", f"Nothing accepts connections on {host}:{dest.get('port')}: wrong port, "
+        return out("nothing_listening", f"Nothing accepts connections on {host}:{port}: wrong port, "
                                         "service not running, or a firewall rejects relaywatch.")
-    if code == "4.4.317":
+    if kind == "connect.rejected":
         if subtype == "tls_not_offered":
             return out("starttls_missing", f"{host} does not offer STARTTLS, and the connector requires TLS "
                                            "(or a firewall strips STARTTLS from the server's EHLO reply).")
         if subtype and subtype.startswith("greeting_"):
-            return out("greeting_rejected", f"{host} turns relaywatch away at the greeting: \"{e.get('reply')}\".")
+            return out("greeting_rejected", f"{host} turns relaywatch away at the greeting: \"{reply}\".")
         if subtype == "starttls_refused":
-            return out("starttls_refused", f"{host} offers STARTTLS but refuses it: \"{e.get('reply')}\".")
+            return out("starttls_refused", f"{host} offers STARTTLS but refuses it: \"{reply}\".")
         if subtype == "tls_handshake":
             return out("tls_incompatible", f"relaywatch and {host} share no TLS version or cipher.")
-        return out("session_rejected", f"{host} rejects the session: \"{e.get('reply')}\".")
-    if code == "4.4.318":
-        greeting = (probe or {}).get("greeting") or ""
+        return out("session_rejected", f"{host} rejects the session: \"{reply}\".")
+    if kind == "connection.dropped":
+        greeting = (probe.greeting if probe else None) or ""
         if _MASKED_GREETING.match(greeting) or subtype == "protocol":
-            facts["firewall_signature"] = greeting or e.get("detail")
+            facts["firewall_signature"] = greeting or (e.detail if e else None)
             return out("smtp_inspection", f"The session is mangled between relaywatch and {host} (greeting "
                                           f"\"{greeting or '?'}\"): a firewall inspecting SMTP is the likely cause.")
-        return out("server_failing", f"{host} drops the session at phase {e.get('phase')}: the server hangs, "
+        return out("server_failing", f"{host} drops the session at phase {e.phase if e else '?'}: the server hangs, "
                                      "crashes or runs out of resources, or the network path is unstable.")
-    if code == "4.7.320":
-        tls = e.get("tls") or {}
+    if kind == "tls.certificate_invalid":
         if subtype == "expired":
             return out("cert_expired", f"The certificate of {host} expired on {_date(tls.get('not_after'))}.")
         if subtype == "not_yet_valid":
@@ -110,6 +118,4 @@ def diagnose(incident: dict, last_good: dict | None, probe: dict | None = None) 
                                       "not trust (set the connector's ca_file for a private CA).")
         if subtype == "revoked":
             return out("cert_revoked", f"The certificate of {host} (serial {tls.get('serial')}) has been revoked.")
-    if code == "watch:cert_expiring":
-        return out("cert_expiring", incident.get("detail", ""))
-    return out("destination_reply", f"{host} answers \"{e.get('reply') or e.get('detail')}\".")
+    return out("destination_reply", f"{host} answers \"{reply or (e.detail if e else '')}\".")

@@ -18,6 +18,7 @@ from relaywatch.deliver.resolver import DnsFailure
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, reply_observation
 from relaywatch.model import Destination, Route, RouteKind
+from relaywatch.watch.model import ProbeResult, ProbeStep
 
 
 def test_address(connector: Connector) -> str:
@@ -25,23 +26,24 @@ def test_address(connector: Connector) -> str:
     return f"postmaster@{domain}"
 
 
-async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connector) -> dict:
-    steps: list[dict] = []
+async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connector) -> ProbeResult:
+    steps: list[ProbeStep] = []
     rcpt = test_address(connector)
     domain = rcpt.split("@", 1)[1]
     route = Route(RouteKind.CONNECTOR, connector.name, "" if connector.smart_hosts else domain)
-    result: dict = {"connector": connector.name, "type": connector.type, "test_address": rcpt,
-                    "at": time.time(), "steps": steps, "ok": False, "error": None, "greeting": None,
-                    "certificate": None}
+    at = time.time()
+    seen: dict = {"greeting": None, "certificate": None}   # filled in as the session gets that far
+
+    def done(ok: bool, error=None) -> ProbeResult:
+        return ProbeResult(connector.name, connector.type, rcpt, at, tuple(steps), ok, error, seen["greeting"],
+                           seen["certificate"])
 
     def step(name: str, started: float, ok: bool, detail: str) -> None:
-        steps.append({"step": name, "ok": ok, "ms": round((time.monotonic() - started) * 1000, 1),
-                      "detail": detail})
+        steps.append(ProbeStep(name, ok, round((time.monotonic() - started) * 1000, 1), detail))
 
-    def fail(name: str, started: float, failure) -> dict:
+    def fail(name: str, started: float, failure) -> ProbeResult:
         step(name, started, False, failure.detail)
-        result["error"] = failure.to_dict()
-        return result
+        return done(False, failure)
 
     started = time.monotonic()
     try:
@@ -70,7 +72,7 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
         try:
             await conn.greet()
         finally:
-            result["greeting"] = str(conn.greeting) if conn.greeting else None
+            seen["greeting"] = str(conn.greeting) if conn.greeting else None
         step("greeting", started, True, str(conn.greeting))
         phase_name, started = "ehlo", time.monotonic()
         await conn.ehlo()
@@ -80,7 +82,7 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
             await conn.starttls(policy, target.host)
             if conn.tls:
                 step("starttls", started, True, f"{conn.tls['version']} {conn.tls['cipher']}")
-                result["certificate"] = cert = {k: conn.tls.get(k) for k in (
+                seen["certificate"] = cert = {k: conn.tls.get(k) for k in (
                     "subject", "sans", "issuer", "not_before", "not_after", "expected_name")}
                 days = _days_left(cert.get("not_after"))
                 cert["days_left"] = days
@@ -102,8 +104,7 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
         phase_name, started = "rset", time.monotonic()
         reply = await conn.command(Phase.MAIL, "RSET")
         step("rset", started, reply.is_success, str(reply))
-        result["ok"] = True
-        return result
+        return done(True)
     except SessionFailure as exc:
         return fail(phase_name, started, classify(exc.observation, time.time()))
     finally:

@@ -14,6 +14,16 @@ A connector's backlog (one incident per (connector, code)):
     A change of cause on the same connector is a resolve of the old code and
     an open of the new one.
 
+The watch's own warnings, one at a time each (their code is ``IncidentKind.code``):
+    certificate  a probe sees a certificate with fewer than cert_warning_days left
+                 -> OPEN; RESOLVED when a probe sees one valid for longer
+    quota        80% of invalid_recipient_quota invalid recipients in 24 h -> OPEN,
+                 100% -> ESCALATE "escalate:100%"; RESOLVED under 80%
+    notices      an NDR cannot be built -> OPEN (critical); RESOLVED when none is held back
+    A fact the watch did not read this time (None: the certificates are probed
+    every cert_probe_interval only, the quota may be off) changes nothing.
+    Their texts come from the catalog's ``watch.*`` entries.
+
 The store's incident (the relay cannot queue mail) is not kept here: the
 receiving process opens and resolves it (watch/store_incident.py), and no
 rule touches an incident of a kind it does not own.
@@ -22,12 +32,34 @@ rule touches an incident of a kind it does not own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from relaywatch.classify.catalog import CATALOG, lookup
 from relaywatch.config import Config
-from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity, Transition,
-                                    TransitionKind)
+from relaywatch.watch.diagnosis import diagnose
+from relaywatch.watch.model import (BacklogSummary, CertificateFacts, Incident, IncidentKind, IncidentState,
+                                    InvalidSource, NoticeFacts, QuotaFacts, Severity, Transition, TransitionKind)
+
+
+@dataclass(frozen=True)
+class CertificateSeen:
+    """A connector's certificate as a probe saw it."""
+    connector: str
+    connector_type: str
+    host: str | None
+    certificate: Mapping[str, Any]     # ProbeResult.certificate: subject, issuer, not_after, days_left, ...
+
+    @property
+    def days_left(self) -> float | None:
+        return self.certificate.get("days_left")
+
+
+@dataclass(frozen=True)
+class HeldNotice:
+    """An NDR that could not be built (store.held_notices), latest first."""
+    entry_id: str
+    sender: str
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -36,11 +68,32 @@ class WatchFacts:
     backlog: tuple[BacklogSummary, ...] = ()
     delivered_late: Mapping[str, int] = field(default_factory=dict)            # connector -> late deliveries
     expired: Mapping[tuple[str, str], int] = field(default_factory=dict)       # (connector, code) -> expiries
+    certificates: tuple[CertificateSeen, ...] | None = None    # None: not probed this time
+    invalid_recipients: tuple[InvalidSource, ...] | None = None  # the last 24 h, most first; None: not read
+    held_notices: tuple[HeldNotice, ...] | None = None
 
 
 def evaluate(facts: WatchFacts, open_incidents: Sequence[Incident], config: Config, now: float) -> list[Transition]:
-    mine = [i for i in open_incidents if i.is_open]
-    return _backlog(facts, [i for i in mine if i.kind is IncidentKind.BACKLOG], config, now)
+    def of(kind: IncidentKind) -> list[Incident]:
+        return [i for i in open_incidents if i.is_open and i.kind is kind]
+    return (_backlog(facts, of(IncidentKind.BACKLOG), config, now)
+            + _certificates(facts.certificates, of(IncidentKind.CERT_EXPIRING), config, now)
+            + _quota(facts.invalid_recipients, of(IncidentKind.INVALID_QUOTA), config, now)
+            + _notices(facts.held_notices, of(IncidentKind.NOTICE_FAILED), now))
+
+
+def _resolve(inc: Incident, now: float, **changes) -> Transition:
+    return Transition(TransitionKind.RESOLVE, replace(inc, state=IncidentState.RESOLVED, resolved_at=now,
+                                                      updated_at=now, **changes), "resolve")
+
+
+def _warning(kind: IncidentKind, now: float, connector: str = "*", connector_type: str = "-", **fields) -> Incident:
+    """A new warning of the watch's own, with the catalog's texts for it."""
+    entry = CATALOG[f"watch.{kind.value}"]
+    return Incident(kind=kind, connector=connector, connector_type=connector_type, code=kind.code, title=entry.title,
+                    opened_at=now, updated_at=now, first_seen=now, last_seen=now, oldest_received_at=now,
+                    first_expires_at=now, causes=entry.causes_for(connector_type),
+                    fixes=entry.fixes_for(connector_type), **fields)
 
 
 # -- a connector's backlog ------------------------------------------------------------------
@@ -110,3 +163,80 @@ def _backlog(facts: WatchFacts, open_incidents: list[Incident], config: Config, 
         if now - summary.oldest_received_at >= alerts.open_after and summary.messages >= alerts.min_messages:
             out.append(Transition(TransitionKind.OPEN, counted(new_backlog_incident(summary, config, now)), "open"))
     return out
+
+
+# -- the watch's own warnings ---------------------------------------------------------------
+
+def _certificates(seen: tuple[CertificateSeen, ...] | None, open_incidents: list[Incident], config: Config,
+                  now: float) -> list[Transition]:
+    if seen is None:
+        return []
+    open_by_connector = {i.connector: i for i in open_incidents}
+    out = []
+    for cert in seen:
+        days, existing = cert.days_left, open_by_connector.get(cert.connector)
+        if days is None:
+            continue
+        if days < config.alerts.cert_warning_days:
+            if existing is None:
+                c = cert.certificate
+                expires = (c.get("not_after") or "?")[:10]
+                detail = (f"The certificate of {cert.host or cert.connector} ({c.get('subject')}, issued by "
+                          f"{c.get('issuer')}) expires on {expires}, in {days} days. Mail will stop with 4.7.320 "
+                          "then unless it is renewed.")
+                inc = _warning(IncidentKind.CERT_EXPIRING, now, cert.connector, cert.connector_type, detail=detail,
+                               facts=CertificateFacts(dict(c)))
+                out.append(Transition(TransitionKind.OPEN, replace(inc, diagnosis=diagnose(inc, None)), "open"))
+        elif existing is not None:
+            out.append(_resolve(existing, now, facts=CertificateFacts(dict(cert.certificate))))
+    return out
+
+
+def _quota_text(total: int, quota: int, top: tuple[InvalidSource, ...]) -> str:
+    worst = ", ".join(f"{t.domain} via {t.connector} ({t.count}, {t.source})" for t in top[:3])
+    return (f"{total} invalid recipients in the last 24 hours, {total * 100 // quota}% of the quota of {quota}. "
+            f"Most from: {worst or '-'}.")
+
+
+def _quota(sources: tuple[InvalidSource, ...] | None, open_incidents: list[Incident], config: Config,
+           now: float) -> list[Transition]:
+    quota = config.alerts.invalid_recipient_quota
+    if not quota or sources is None:
+        return []
+    total = sum(s.count for s in sources)
+    level = 100 if total >= quota else 80 if total >= 0.8 * quota else 0
+    top = sources[:10]
+    existing = open_incidents[0] if open_incidents else None
+    if existing is None:
+        if not level:
+            return []
+        inc = _warning(IncidentKind.INVALID_QUOTA, now, facts=QuotaFacts(level, total, quota, top),
+                       detail=_quota_text(total, quota, top))
+        return [Transition(TransitionKind.OPEN, inc, "open")]
+    was = existing.facts if isinstance(existing.facts, QuotaFacts) else QuotaFacts(0, 0, quota)
+    if not level:
+        return [_resolve(existing, now, facts=replace(was, count=total))]
+    if level > was.level:
+        escalated = replace(existing, severity=Severity.CRITICAL, updated_at=now,
+                            facts=replace(was, level=level, count=total, top=top),
+                            detail=_quota_text(total, quota, top))
+        return [Transition(TransitionKind.ESCALATE, escalated, f"escalate:{level}%")]
+    return []
+
+
+def _notices(held: tuple[HeldNotice, ...] | None, open_incidents: list[Incident], now: float) -> list[Transition]:
+    """The relay's own fault: the delivered recipients are recorded, the senders not told yet."""
+    if held is None:
+        return []
+    existing = open_incidents[0] if open_incidents else None
+    if held and existing is None:
+        latest = held[0]
+        detail = (f"{len(held)} NDR(s) could not be built, latest for {latest.entry_id} to {latest.sender}: "
+                  f"{latest.error}. Their messages are not delivered again; each NDR is retried on the queue's "
+                  "retry intervals.")
+        inc = _warning(IncidentKind.NOTICE_FAILED, now, severity=Severity.CRITICAL, facts=NoticeFacts(len(held)),
+                       detail=detail)
+        return [Transition(TransitionKind.OPEN, inc, "open")]
+    if existing is not None and not held:
+        return [_resolve(existing, now, facts=NoticeFacts(0))]
+    return []
