@@ -31,6 +31,7 @@ from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.model import Entry, dest_label, iso
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store import open_store
+from relaywatch.watch.model import Incident
 
 DEFAULT_CONFIG = "/etc/relaywatch/relaywatch.toml"
 STATUSES = ("queued", "deferred", "held", "active")
@@ -498,7 +499,9 @@ def incidents_list(config_path, all_, as_json):
     for i in found:
         state = i["state"] if i["state"] != "open" else ("critical" if i.get("severity") == "critical" else "open")
         cliff = _age(now, i["first_expires_at"]) if i["state"] == "open" and i.get("messages") else "-"
-        table.add_row(str(i["id"]), state, i["connector"], i["code"].replace("watch:", ""), i["title"],
+        kind = Incident.from_dict(i).kind
+        code = kind.value if kind.code else i["code"]     # the watch's warnings: by their kind
+        table.add_row(str(i["id"]), state, i["connector"], code, i["title"],
                       str(i.get("messages", 0)), _age(i["opened_at"], now), cliff)
     console.print(table)
     click.echo("`relaywatch incidents show ID` explains one and lists its Fix now actions")
@@ -518,7 +521,7 @@ def incidents_show(config_path, incident_id, as_json):
     if as_json:
         click.echo(json.dumps(_incident_json(inc), indent=2))
         return
-    click.echo(f"Incident {inc['id']}  " + incident_text(inc, time.time()))
+    click.echo(f"Incident {inc['id']}  " + incident_text(Incident.from_dict(inc), time.time()))
     probe = inc.get("probe")
     if probe:
         click.echo(f"Last probe ({iso(probe['at'])}): {'passed' if probe['ok'] else 'failed'}")
@@ -548,7 +551,7 @@ def incidents_fix(config_path, incident_id, action, dry_run, reason):
         if inc is None:
             _fail(f"no incident {incident_id}")
         try:
-            p = fixes.plan(action, inc, config, await store.overrides())
+            p = fixes.plan(action, Incident.from_dict(inc), config, await store.overrides())
         except fixes.FixError as exc:
             _fail(str(exc))
         click.echo(f"{'Would' if dry_run else 'Will'} {action} for incident {incident_id} "
@@ -558,7 +561,7 @@ def incidents_fix(config_path, incident_id, action, dry_run, reason):
         if dry_run:
             click.echo("Dry run: nothing changed.")
             return
-        for line in await fixes.apply(store, config, inc, p, who, reason):
+        for line in await fixes.apply(store, config, Incident.from_dict(inc), p, who, reason):
             click.echo(f"  done: {line}")
         click.echo(f"Undo with: relaywatch incidents undo {incident_id}" if p.undo else f"({p.undo_note})")
     _with_store(config, run)
@@ -579,7 +582,7 @@ def incidents_undo(config_path, incident_id):
         if inc is None:
             _fail(f"no incident {incident_id}")
         try:
-            for line in await fixes.undo(store, inc, who):
+            for line in await fixes.undo(store, Incident.from_dict(inc), who):
                 click.echo(line)
         except fixes.FixError as exc:
             _fail(str(exc))

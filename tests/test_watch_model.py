@@ -112,3 +112,60 @@ def test_backlog_summary_from_the_store():
                                   "oldest_received_at": 1.0, "first_expires_at": 2.0, "first_failure_at": None,
                                   "latest_error": ERROR, "destinations": ["h:25"]})
     assert s.key == ("onprem", "4.4.316") and s.latest_error.kind == "connect.refused" and s.destinations == ("h:25",)
+
+
+# -- the texts and the webhook body built from typed incidents -----------------------------------
+
+from relaywatch.receive.store_condition import ConditionEnded, Place, StoreProblem  # noqa: E402
+from relaywatch.watch import alerts  # noqa: E402
+from relaywatch.watch.store_incident import (open_store_incident, resolve_store_incident,  # noqa: E402
+                                             update_store_incident)
+
+# The keys the store's incident had as a dict, before it was typed (and what the webhook carried).
+STORE_KEYS = {"id", "kind", "connector", "connector_type", "subtype", "state", "severity", "opened_at", "updated_at",
+              "resolved_at", "first_seen", "last_seen", "messages", "recipients", "peak_messages",
+              "oldest_received_at", "first_expires_at", "destinations", "latest_error", "diagnosis", "causes",
+              "actions", "escalations", "delivered_late", "expired", "probe", "refused", "seen", "code", "reply",
+              "title", "problems", "fixes"}
+
+
+def test_the_store_incident_opens_changes_and_resolves_in_its_old_shape():
+    queue = StoreProblem(Place.QUEUE, "/q.sqlite3", "SQLITE_FULL", "database or disk is full", True)
+    spool = StoreProblem(Place.SPOOL, "/spool", "ENOSPC", "No space left on device", True)
+    inc = open_store_incident(StoreProblem(Place.QUEUE, "/q.sqlite3", "?", "not open", False), NOW)
+    opened = inc.to_dict()
+    assert set(opened) == STORE_KEYS
+    assert (opened["kind"], opened["code"], opened["reply"], opened["severity"], opened["refused"]) == (
+        "store", "4.3.0", "451 4.3.0", "critical", 1)
+    assert alerts.headline(inc) == "CRITICAL 4.3.0 relaywatch cannot queue mail: mail is refused with 451 4.3.0"
+    inc = update_store_incident(inc, [queue, spool], 4, NOW + 5)
+    d = inc.to_dict()
+    assert (d["code"], d["reply"], d["refused"], d["title"]) == ("4.3.1", "452 4.3.1", 4,
+                                                                 "Disk full: relaywatch cannot queue mail")
+    assert [p["code"] for p in d["problems"]] == ["SQLITE_FULL", "ENOSPC"]
+    assert [p["code"] for p in d["seen"]] == ["?", "SQLITE_FULL", "ENOSPC"]
+    assert "/spool: ENOSPC (No space left on device)" in alerts.incident_text(inc, NOW + 6)
+    done = resolve_store_incident(inc, ConditionEnded(NOW, NOW + 60, 7, (queue, spool)))
+    assert Incident.from_dict(done.to_dict()) == done
+    assert alerts.headline(done) == "RESOLVED 4.3.1 relaywatch queues mail again (7 message(s) refused)"
+    assert "7 message(s) were refused" in alerts.incident_text(done, NOW + 60)
+
+
+@pytest.mark.parametrize("kind, stored", STORED, ids=[k.value for k, _ in STORED])
+def test_the_webhook_body_carries_the_stored_shape(kind, stored):
+    inc = Incident.from_dict(stored)
+    body = alerts.payload(inc, "open", NOW)
+    assert body["incident"] == stored and body["event"] == "incident.opened"
+    assert body["summary"] == alerts.headline(inc) and body["text"].startswith(body["summary"])
+
+
+def test_headlines():
+    backlog, cert = Incident.from_dict(STORED[0][1]), Incident.from_dict(STORED[1][1])
+    assert alerts.headline(backlog) == "OPEN 4.4.316 Connection refused on connector onprem (5 message(s) waiting)"
+    assert alerts.headline(cert) == "OPEN Destination certificate expires soon on connector partner"
+    text = alerts.incident_text(backlog, NOW, "escalate:count-100")
+    for line in ("Escalated: backlog passed 100.", "Destination: h[192.0.2.5]:25", "Likely cause: Nothing accepts",
+                 "Last error: h[192.0.2.5]:25 refused the connection (ECONNREFUSED).",
+                 "Fix now (relaywatch incidents fix 7 ACTION [--dry-run]): decommission, retry-now, pause, expire"):
+        assert line in text
+    assert alerts.incident_text(cert, NOW).splitlines()[2] == "expires on 2027-01-01"

@@ -24,7 +24,7 @@ from relaywatch.config import Config
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
 from relaywatch.model import Destination, Route, RouteKind, StoredBody
-from relaywatch.watch.incidents import IncidentKind, headline
+from relaywatch.watch.model import Incident, IncidentKind, Severity, StoreFacts
 
 MAX_ATTEMPTS = 10
 
@@ -50,59 +50,77 @@ def _span(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
-def incident_text(inc: dict, now: float, transition: str = "") -> str:
+def headline(inc: Incident) -> str:
+    """One line: alert subjects, the CLI, events."""
+    verb = "RESOLVED" if not inc.is_open else "CRITICAL" if inc.severity is Severity.CRITICAL else "OPEN"
+    if inc.kind is IncidentKind.STORE:
+        facts = inc.facts if isinstance(inc.facts, StoreFacts) else StoreFacts("?", 0)
+        if not inc.is_open:
+            return f"{verb} {inc.code} relaywatch queues mail again ({facts.refused} message(s) refused)"
+        return f"{verb} {inc.code} {inc.title}: mail is refused with {facts.reply}"
+    if inc.kind is not IncidentKind.BACKLOG:
+        return f"{verb} {inc.title} on connector {inc.connector}"
+    what = f"{inc.code} {inc.title}"
+    if not inc.is_open:
+        return f"{verb} {what} on connector {inc.connector}: mail flows again"
+    return f"{verb} {what} on connector {inc.connector} ({inc.messages} message(s) waiting)"
+
+
+def incident_text(inc: Incident, now: float, transition: str = "") -> str:
     """The human summary used in alert email, webhooks and the CLI."""
     lines = [headline(inc), ""]
-    e = inc.get("latest_error") or {}
-    if inc.get("kind") == IncidentKind.STORE:
-        lines += _store_lines(inc, now)
-    elif inc["code"].startswith("watch:"):
-        lines.append(inc.get("detail", ""))
-    elif inc["state"] == "resolved":
-        lines.append(f"Connector {inc['connector']} ({inc['connector_type']}) delivers again. "
-                     f"The incident lasted {_span((inc['resolved_at'] or now) - inc['opened_at'])} "
-                     f"({_when(inc['opened_at'])} to {_when(inc['resolved_at'])}).")
-        lines.append(f"Messages delayed: {inc.get('peak_messages', 0)} at the peak; delivered late since it opened: "
-                     f"{inc.get('delivered_late', 0)}; expired and returned to senders: {inc.get('expired', 0)}.")
+    e = inc.latest_error
+    if inc.kind is IncidentKind.STORE:
+        lines += _store_lines(inc)
+    elif inc.kind is not IncidentKind.BACKLOG:
+        lines.append(inc.detail or "")
+    elif not inc.is_open:
+        lines.append(f"Connector {inc.connector} ({inc.connector_type}) delivers again. "
+                     f"The incident lasted {_span((inc.resolved_at or now) - inc.opened_at)} "
+                     f"({_when(inc.opened_at)} to {_when(inc.resolved_at)}).")
+        lines.append(f"Messages delayed: {inc.peak_messages} at the peak; delivered late since it opened: "
+                     f"{inc.delivered_late}; expired and returned to senders: {inc.expired}.")
     else:
-        lines.append(f"Connector {inc['connector']} ({inc['connector_type']}): {inc['messages']} message(s), "
-                     f"{inc['recipients']} recipient(s) waiting since {_when(inc['first_seen'])}; "
-                     f"the oldest is {_span(now - inc['oldest_received_at'])} old.")
-        lines.append(f"First messages expire (NDR to senders) in {_span(inc['first_expires_at'] - now)}, "
-                     f"at {_when(inc['first_expires_at'])}, unless mail flows again.")
+        lines.append(f"Connector {inc.connector} ({inc.connector_type}): {inc.messages} message(s), "
+                     f"{inc.recipients} recipient(s) waiting since {_when(inc.first_seen)}; "
+                     f"the oldest is {_span(now - inc.oldest_received_at)} old.")
+        lines.append(f"First messages expire (NDR to senders) in {_span(inc.first_expires_at - now)}, "
+                     f"at {_when(inc.first_expires_at)}, unless mail flows again.")
         if transition.startswith("escalate:"):
             lines.append(f"Escalated: {transition.split(':', 1)[1].replace('count-', 'backlog passed ')}.")
-        lines.append(f"Destination: {', '.join(inc.get('destinations') or []) or '-'}")
-        if e.get("detail"):
-            lines.append(f"Last error: {e['detail']}" + (f" (reply: {e['reply']})" if e.get("reply") else ""))
-        diag = inc.get("diagnosis") or {}
-        if diag.get("text"):
-            lines += ["", f"Likely cause: {diag['text']}"]
-        if inc.get("fixes"):
-            lines += ["", "What to do:"] + [f"  - {f}" for f in inc["fixes"]]
-        if inc.get("actions"):
-            lines += ["", "Fix now (relaywatch incidents fix " + str(inc["id"]) + " ACTION [--dry-run]): "
-                      + ", ".join(inc["actions"])]
+        lines.append(f"Destination: {', '.join(inc.destinations) or '-'}")
+        if e is not None and e.detail:
+            lines.append(f"Last error: {e.detail}" + (f" (reply: {e.reply})" if e.reply else ""))
+        if inc.diagnosis is not None and inc.diagnosis.text:
+            lines += ["", f"Likely cause: {inc.diagnosis.text}"]
+        if inc.fixes:
+            lines += ["", "What to do:"] + [f"  - {f}" for f in inc.fixes]
+        if inc.actions:
+            lines += ["", "Fix now (relaywatch incidents fix " + str(inc.id) + " ACTION [--dry-run]): "
+                      + ", ".join(inc.actions)]
     return "\n".join(lines) + "\n"
 
 
-def _store_lines(inc: dict, now: float) -> list[str]:
-    if inc["state"] == "resolved":
-        return [f"relaywatch queues mail again. It could not for {_span(inc['resolved_at'] - inc['opened_at'])} "
-                f"({_when(inc['opened_at'])} to {_when(inc['resolved_at'])}); {inc.get('refused', 0)} message(s) "
+def _store_lines(inc: Incident) -> list[str]:
+    facts = inc.facts if isinstance(inc.facts, StoreFacts) else StoreFacts("?", 0)
+    if not inc.is_open:
+        return [f"relaywatch queues mail again. It could not for {_span((inc.resolved_at or 0) - inc.opened_at)} "
+                f"({_when(inc.opened_at)} to {_when(inc.resolved_at)}); {facts.refused} message(s) "
                 "were refused with a 4xx meanwhile. They stay with their senders, who retry; nothing that "
                 "was accepted is lost."]
-    lines = [f"relaywatch cannot write where it queues mail, so since {_when(inc['opened_at'])} it refuses "
-             f"mail with {inc['reply']} (senders keep it and retry; nothing accepted is lost):"]
-    lines += [f"  {p['path']}: {p['code']} ({p['detail']}); refusing {p['refusing']}" for p in inc["problems"]]
-    if inc.get("fixes"):
-        lines += ["", "What to do:"] + [f"  - {f}" for f in inc["fixes"]]
+    lines = [f"relaywatch cannot write where it queues mail, so since {_when(inc.opened_at)} it refuses "
+             f"mail with {facts.reply} (senders keep it and retry; nothing accepted is lost):"]
+    lines += [f"  {p.get('path')}: {p.get('code')} ({p.get('detail')}); refusing {p.get('refusing')}"
+              for p in facts.problems]
+    if inc.fixes:
+        lines += ["", "What to do:"] + [f"  - {f}" for f in inc.fixes]
     return lines
 
 
-def payload(inc: dict, transition: str, now: float) -> dict:
+def payload(inc: Incident, transition: str, now: float) -> dict:
+    """The notification as queued and sent: the webhook's body (docs/json.md)."""
     event = {"open": "incident.opened", "resolve": "incident.resolved"}.get(transition, "incident.escalated")
-    return {"event": event, "transition": transition, "at": now, "incident": inc,
+    return {"event": event, "transition": transition, "at": now, "incident": inc.to_dict(),
             "summary": headline(inc), "text": incident_text(inc, now, transition)}
 
 

@@ -19,6 +19,7 @@ from relaywatch.errors import RelaywatchError, StoreError
 from relaywatch.model import Failure, RecipientOutcome, RecipientStatus
 from relaywatch.route import LOCAL, split_address
 from relaywatch.store.base import Selector
+from relaywatch.watch.model import Incident
 
 ACTIONS = ("decommission", "retry-now", "pause", "expire")
 
@@ -37,13 +38,13 @@ class Plan:
     undo_note: str = ""
 
 
-def plan(action: str, incident: dict, config: Config, overrides: dict) -> Plan:
-    if incident["state"] != "open":
-        raise FixError(f"incident {incident['id']} is resolved; there is nothing to fix")
-    if action not in incident.get("actions", []):
-        raise FixError(f"{action!r} is not offered for incident {incident['id']}; "
-                       f"choose one of: {', '.join(incident.get('actions', [])) or 'none'}")
-    name = incident["connector"]
+def plan(action: str, incident: Incident, config: Config, overrides: dict) -> Plan:
+    if not incident.is_open:
+        raise FixError(f"incident {incident.id} is resolved; there is nothing to fix")
+    if action not in incident.actions:
+        raise FixError(f"{action!r} is not offered for incident {incident.id}; "
+                       f"choose one of: {', '.join(incident.actions) or 'none'}")
+    name = incident.connector
     connector = config.connector(name)
 
     def previous(key: str):
@@ -58,8 +59,8 @@ def plan(action: str, incident: dict, config: Config, overrides: dict) -> Plan:
                              "but no attempts are made until undone."],
                     set_overrides={key: True}, undo={key: previous(key)})
     if action == "expire":
-        return Plan(action, [f"Return every message deferred with {incident['code']} on connector {name} to its "
-                             f"sender now (NDR), and remove it from the queue ({incident['messages']} message(s))."],
+        return Plan(action, [f"Return every message deferred with {incident.code} on connector {name} to its "
+                             f"sender now (NDR), and remove it from the queue ({incident.messages} message(s))."],
                     undo_note="returned messages cannot be taken back")
     if action == "decommission":
         if connector is None or connector.type != "on_premises":
@@ -82,15 +83,15 @@ def plan(action: str, incident: dict, config: Config, overrides: dict) -> Plan:
     raise FixError(f"unknown action {action!r}; choose one of: {', '.join(ACTIONS)}")
 
 
-async def apply(store, config: Config, incident: dict, p: Plan, who: str, reason: str | None) -> list[str]:
+async def apply(store, config: Config, incident: Incident, p: Plan, who: str, reason: str | None) -> list[str]:
     """Do it; return what was done, line by line."""
     now = time.time()
     done: list[str] = []
-    audit_id = await store.apply_fix(who, p.action, incident["id"],
+    audit_id = await store.apply_fix(who, p.action, incident.id,
                                      {"steps": p.steps, "undo": p.undo, "reason": reason, "undo_note": p.undo_note},
                                      p.set_overrides, p.clear_overrides, now)
     done.append(f"recorded as audit entry {audit_id} by {who}")
-    name = incident["connector"]
+    name = incident.connector
     effective = apply_overrides(config, await store.overrides())
     if p.action == "retry-now":
         n = await store.retry(Selector(connector=name), now)
@@ -99,7 +100,7 @@ async def apply(store, config: Config, incident: dict, p: Plan, who: str, reason
         done.append(f"connector {name} paused")
     elif p.action == "expire":
         n = 0
-        for entry_id in await store.entry_ids(name, incident["code"]):
+        for entry_id in await store.entry_ids(name, incident.code):
             n += await return_to_sender(store, effective, entry_id, None)
         done.append(f"{n} message(s) returned to their senders")
     elif p.action == "decommission":
@@ -117,15 +118,15 @@ async def apply(store, config: Config, incident: dict, p: Plan, who: str, reason
     return done
 
 
-async def undo(store, incident: dict, who: str) -> list[str]:
-    last = await store.last_undoable(incident["id"])
+async def undo(store, incident: Incident, who: str) -> list[str]:
+    last = await store.last_undoable(incident.id)
     if last is None:
-        raise FixError(f"incident {incident['id']} has no action to undo")
+        raise FixError(f"incident {incident.id} has no action to undo")
     restore = last["detail"].get("undo") or {}
     sets = {k: v for k, v in restore.items() if v is not None}
     clears = [k for k, v in restore.items() if v is None]
     now = time.time()
-    await store.apply_fix(who, f"undo {last['action']}", incident["id"], {"undoes": last["id"]}, sets, clears, now)
+    await store.apply_fix(who, f"undo {last['action']}", incident.id, {"undoes": last["id"]}, sets, clears, now)
     await store.mark_undone(last["id"], now)
     lines = [f"undid {last['action']} (audit entry {last['id']})"]
     lines += [f"restored {k}" for k in restore] or ["no settings to restore"]

@@ -27,7 +27,6 @@ from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStat
 from relaywatch.store.base import Selector
 from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
-from relaywatch.watch.incidents import headline
 from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, InvalidSource, ProbeResult, Transition,
                                     TransitionKind)
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, WatchFacts, evaluate
@@ -152,10 +151,9 @@ class Monitor:
 
     async def _notify(self, inc: Incident, transition: str, now: float) -> None:
         config = self.config_ref()
-        data = inc.to_dict()
         events.emit("incident", id=inc.id, connector=inc.connector, code=inc.code, status=transition,
-                    detail=headline(data))
-        payload = alerts.payload(data, transition, now)
+                    detail=alerts.headline(inc))
+        payload = alerts.payload(inc, transition, now)
         for channel in alerts.channels(config):
             await self.store.add_notification(inc.id, transition, channel, payload, now)
 

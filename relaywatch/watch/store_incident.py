@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from relaywatch.config import Config
@@ -26,7 +26,7 @@ from relaywatch.errors import StoreError
 from relaywatch.receive.store_condition import (Change, ConditionChanged, ConditionEnded, ConditionStarted,
                                                 PlaceRecovered, StoreProblem, span)
 from relaywatch.watch import alerts
-from relaywatch.watch.incidents import IncidentKind
+from relaywatch.watch.model import Incident, IncidentKind, IncidentState, Severity, StoreFacts
 
 log = logging.getLogger("relaywatch.watch")
 
@@ -36,7 +36,7 @@ def _problem(p: StoreProblem) -> dict:
             "refusing": p.refusing}
 
 
-def _fixes(problems: list[StoreProblem]) -> list[str]:
+def _fixes(problems: list[StoreProblem]) -> tuple[str, ...]:
     fixes = []
     for p in problems:
         if p.full:
@@ -44,39 +44,41 @@ def _fixes(problems: list[StoreProblem]) -> list[str]:
                          "relaywatch writes the queue and the spool there.")
         else:
             fixes.append(f"Make {p.path} writable again: {p.code} ({p.detail}).")
-    return list(dict.fromkeys(fixes))
+    return tuple(dict.fromkeys(fixes))
 
 
-def _describe_failing(inc: dict, failing: list[StoreProblem], at: float) -> None:
+def _facts(inc: Incident) -> StoreFacts:
+    return inc.facts if isinstance(inc.facts, StoreFacts) else StoreFacts("451 4.3.0", 0)
+
+
+def _failing(inc: Incident, failing: list[StoreProblem], refused: int, seen: tuple[dict, ...], at: float) -> Incident:
     full = any(p.full for p in failing)
-    inc.update(code="4.3.1" if full else "4.3.0", reply="452 4.3.1" if full else "451 4.3.0",
-               title="Disk full: relaywatch cannot queue mail" if full else "relaywatch cannot queue mail",
-               problems=[_problem(p) for p in failing], fixes=_fixes(failing), updated_at=at, last_seen=at)
+    return replace(inc, code="4.3.1" if full else "4.3.0",
+                   title="Disk full: relaywatch cannot queue mail" if full else "relaywatch cannot queue mail",
+                   fixes=_fixes(failing), updated_at=at, last_seen=at,
+                   facts=StoreFacts("452 4.3.1" if full else "451 4.3.0", refused,
+                                    tuple(_problem(p) for p in failing), seen))
 
 
-def open_store_incident(problem: StoreProblem, at: float) -> dict:
-    inc = {"id": None, "kind": IncidentKind.STORE, "connector": "-", "connector_type": "-", "subtype": None,
-           "state": "open", "severity": "critical", "opened_at": at, "updated_at": at, "resolved_at": None,
-           "first_seen": at, "last_seen": at, "messages": 0, "recipients": 0, "peak_messages": 0,
-           "oldest_received_at": at, "first_expires_at": at, "destinations": [], "latest_error": None,
-           "diagnosis": None, "causes": [], "actions": [], "escalations": [], "delivered_late": 0, "expired": 0,
-           "probe": None, "refused": 1, "seen": [_problem(problem)]}
-    _describe_failing(inc, [problem], at)
-    return inc
+def open_store_incident(problem: StoreProblem, at: float) -> Incident:
+    inc = Incident(kind=IncidentKind.STORE, connector="-", code="4.3.0", title="", opened_at=at,
+                   severity=Severity.CRITICAL, connector_type="-", first_seen=at, oldest_received_at=at,
+                   first_expires_at=at)
+    return _failing(inc, [problem], 1, (_problem(problem),), at)
 
 
-def update_store_incident(inc: dict, failing: list[StoreProblem], refused: int, at: float) -> dict:
-    inc = dict(inc, refused=refused)
-    _describe_failing(inc, failing, at)
-    seen = {(s["place"], s["code"]) for s in inc["seen"]}
-    inc["seen"] = inc["seen"] + [_problem(p) for p in failing if (p.place.value, p.code) not in seen]
-    return inc
+def update_store_incident(inc: Incident, failing: list[StoreProblem], refused: int, at: float) -> Incident:
+    seen = _facts(inc).seen
+    known = {(s.get("place"), s.get("code")) for s in seen}
+    seen += tuple(_problem(p) for p in failing if (p.place.value, p.code) not in known)
+    return _failing(inc, failing, refused, seen, at)
 
 
-def resolve_store_incident(inc: dict, ended: ConditionEnded) -> dict:
-    seen = [_problem(p) for p in ended.problems]
-    return dict(inc, state="resolved", resolved_at=ended.at, updated_at=ended.at, refused=ended.refused,
-                seen=seen, problems=seen, fixes=_fixes(list(ended.problems)))
+def resolve_store_incident(inc: Incident, ended: ConditionEnded) -> Incident:
+    seen = tuple(_problem(p) for p in ended.problems)
+    return replace(inc, state=IncidentState.RESOLVED, resolved_at=ended.at, updated_at=ended.at,
+                   facts=replace(_facts(inc), refused=ended.refused, seen=seen, problems=seen),
+                   fixes=_fixes(list(ended.problems)))
 
 
 # -- the I/O -----------------------------------------------------------------------------
@@ -94,7 +96,7 @@ class _Told:
 
 @dataclass
 class _Outage:
-    incident: dict
+    incident: Incident
     told: list[_Told] = field(default_factory=list)
     alerting: asyncio.Task | None = None
     over: asyncio.Event = field(default_factory=asyncio.Event)   # the condition ended
@@ -112,7 +114,7 @@ class StoreIncidentReporter:
         self._tasks: set[asyncio.Task] = set()
 
     @property
-    def incident(self) -> dict | None:
+    def incident(self) -> Incident | None:
         """The open incident, while the relay cannot queue mail."""
         return self._current.incident if self._current is not None else None
 
@@ -152,7 +154,7 @@ class StoreIncidentReporter:
     async def _record_told(self, outage: _Outage) -> None:
         for told in outage.told:
             if not told.recorded:
-                await self.store.add_notification_outcome(outage.incident["id"], told.transition, told.channel,
+                await self.store.add_notification_outcome(outage.incident.id, told.transition, told.channel,
                                                           told.payload, told.attempts, told.sent_at, told.last_error)
                 told.recorded = True
 
@@ -198,12 +200,13 @@ class StoreIncidentReporter:
             if outage.alerting is not None:
                 await asyncio.gather(outage.alerting, return_exceptions=True)   # a try in flight ends first
             try:
-                if outage.incident["id"] is None:
-                    outage.incident["id"] = await self.store.save_incident(outage.incident)
+                if outage.incident.id is None:
+                    outage.incident = replace(outage.incident,
+                                              id=await self.store.save_incident(outage.incident.to_dict()))
                 await self._record_told(outage)
                 for told in await self._tell(outage, "resolve"):
                     # The store works again: its notification queue retries it (monitor.py).
-                    await self.store.add_notification(outage.incident["id"], told.transition, told.channel,
+                    await self.store.add_notification(outage.incident.id, told.transition, told.channel,
                                                       told.payload, self.clock())
                     told.recorded = True
                 await self._record_told(outage)
@@ -213,4 +216,4 @@ class StoreIncidentReporter:
                 return
             self._unrecorded.pop(0)
             log.info("recorded incident %s: relaywatch could not queue mail for %s",
-                     outage.incident["id"], span(outage.incident["resolved_at"] - outage.incident["opened_at"]))
+                     outage.incident.id, span((outage.incident.resolved_at or 0) - outage.incident.opened_at))
