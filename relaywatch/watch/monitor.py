@@ -52,7 +52,6 @@ class Monitor:
         self._last_cert_probe = 0.0
         self._summary_cost = 0.0                         # seconds the last deferred summary took
         self._stopping = False
-        self.tick_done = asyncio.Event()
 
     # -- fed by the scheduler after each recorded attempt ----------------------------
 
@@ -84,7 +83,6 @@ class Monitor:
                 log.error("watch: store unavailable: %s", exc)
             except Exception:
                 log.exception("watch: evaluation failed; trying again at the next interval")
-            self.tick_done.set()
             # The summary reads an index of every deferred message (0.5 s with a
             # million deferred, bench big_queue). The watch spends at most a
             # twentieth of its time on it so that delivery never waits for it; a
