@@ -214,3 +214,12 @@ def test_the_notice_warning_is_critical_and_names_the_latest():
 
 def test_a_quota_of_zero_watches_nothing():
     assert evaluate(WatchFacts(invalid_recipients=invalid(100)), [], CONFIG, NOW) == []
+
+
+def test_decommission_is_offered_for_a_refused_connection_not_for_a_reply_with_its_code():
+    """An on-premises server that answers "450 4.4.316" itself is up: retiring it is no fix."""
+    reply = replace(refused(), kind="smtp.transient_reply", reply="450 4.4.316 busy")
+    [t] = run(WatchFacts((replace(backlog(), latest_error=reply),)))
+    assert t.incident.catalog_id == "smtp.transient_reply" and "decommission" not in t.incident.actions
+    [t] = run(WatchFacts((backlog(),)))
+    assert t.incident.actions[0] == "decommission"

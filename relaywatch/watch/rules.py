@@ -98,9 +98,9 @@ def _warning(kind: IncidentKind, now: float, connector: str = "*", connector_typ
 
 # -- a connector's backlog ------------------------------------------------------------------
 
-def _actions(connector_type: str | None, code: str, has_connector: bool) -> tuple[str, ...]:
+def _actions(connector_type: str | None, catalog_id: str | None, has_connector: bool) -> tuple[str, ...]:
     actions = ["retry-now", "pause", "expire"] if has_connector else ["retry-now", "expire"]
-    if code == "4.4.316" and connector_type == "on_premises":
+    if catalog_id == "connect.refused" and connector_type == "on_premises":   # the server may be retired
         actions.insert(0, "decommission")
     return tuple(actions)
 
@@ -119,7 +119,7 @@ def new_backlog_incident(summary: BacklogSummary, config: Config, now: float) ->
         peak_messages=summary.messages, oldest_received_at=summary.oldest_received_at,
         first_expires_at=summary.first_expires_at, destinations=summary.destinations, latest_error=error,
         causes=entry.causes_for(ctype) if entry else (), fixes=entry.fixes_for(ctype) if entry else (),
-        actions=_actions(ctype, summary.code, connector is not None))
+        actions=_actions(ctype, entry.id if entry else None, connector is not None))
 
 
 def _backlog(facts: WatchFacts, open_incidents: list[Incident], config: Config, now: float) -> list[Transition]:
