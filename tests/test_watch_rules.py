@@ -197,6 +197,7 @@ def test_the_quota_warning_counts_and_names_the_worst_sources():
     assert inc.detail == ("8 invalid recipients in the last 24 hours, 80% of the quota of 10. "
                           "Most from: d0.test via local (5, destination), d1.test via local (3, destination).")
     assert inc.fixes == CATALOG["watch.invalid_recipients"].fixes["partner"]
+    assert inc.fixes[0].startswith("If an on-premises server was retired, use the decommission action")
     [up] = evaluate(WatchFacts(invalid_recipients=invalid(5, 5)), [inc], QUOTA, NOW)
     assert up.incident.severity is Severity.CRITICAL and up.incident.facts.level == 100
     assert up.incident.facts.count == 10 and "100% of the quota" in up.incident.detail

@@ -341,14 +341,22 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
                 "An on-premises server was retired while mail for its users still goes to it.",
                 "Lists or applications send to mistyped or abandoned addresses.",
             ),
-            "partner": ("Lists or applications send to mistyped or abandoned addresses at the domains listed.",),
+            "partner": (
+                "An on-premises server was retired while mail for its users still goes to it.",
+                "Lists or applications send to mistyped or abandoned addresses at the domains listed.",
+            ),
         },
+        # The warning is about the whole relay (connector "*"), so it reads the
+        # "partner" texts: they keep the decommission hint too.
         fixes={
             "on_premises": (
                 "If an on-premises server was retired, use the decommission action on its 4.4.316 incident so unknown recipients are rejected at once.",
                 "Check the domains listed for mistyped or abandoned addresses.",
             ),
-            "partner": ("Check the domains listed for mistyped or abandoned addresses.",),
+            "partner": (
+                "If an on-premises server was retired, use the decommission action on its 4.4.316 incident so unknown recipients are rejected at once.",
+                "Check the domains listed for mistyped or abandoned addresses.",
+            ),
         }),
     Entry(
         id="watch.notice_failed", code="watch:notice_failed", smtp_code=None,
