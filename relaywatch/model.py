@@ -43,6 +43,19 @@ class RecipientStatus(str, enum.Enum):
         return self in (RecipientStatus.DELIVERED, RecipientStatus.FAILED, RecipientStatus.EXPIRED)
 
 
+class IncidentState(str, enum.Enum):
+    """A watch incident (watch/incidents.py) is open until its condition ends."""
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class NotificationState(str, enum.Enum):
+    """One notification of an incident's transition (watch/alerts.py)."""
+    PENDING = "pending"      # to be sent at next_try
+    SENT = "sent"
+    FAILED = "failed"        # gave up
+
+
 class RouteKind(str, enum.Enum):
     CONNECTOR = "connector"  # a configured [[connectors]] entry
     LOCAL = "local"          # a Maildir under data_dir

@@ -139,14 +139,6 @@ _INSERT_ENTRY = (
     "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn, waiting) "
     "VALUES (?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
 
-# Added after the first release: (column, its definition, how to fill it in for existing rows).
-MIGRATIONS = [
-    ("waiting", "INTEGER NOT NULL DEFAULT 1",
-     "UPDATE entries SET waiting = (SELECT count(*) FROM recipients r WHERE r.entry_id = entries.id "
-     "AND r.status IN ('pending', 'deferred'))"),
-    ("notice_pending", "TEXT", "UPDATE entries SET notice_pending = NULL WHERE 1 = 0"),
-]
-
 
 class SqlStore:
     # Set by the backends:

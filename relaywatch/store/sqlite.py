@@ -15,117 +15,12 @@ import time
 from pathlib import Path
 
 from relaywatch.errors import StoreError
-from relaywatch.store.sql import MIGRATIONS, SqlStore, lease_sql
+from relaywatch.store import schema
+from relaywatch.store.sql import SqlStore, lease_sql
 
 _LOCK_WAIT_LIMIT = 30.0
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS bodies (
-    id    TEXT PRIMARY KEY,
-    data  BLOB,              -- small bodies live here, committed with the entry
-    path  TEXT,              -- big bodies: an fsync'd spool file
-    size  INTEGER NOT NULL,
-    refs  INTEGER NOT NULL   -- entries still pointing at this body
-);
-CREATE TABLE IF NOT EXISTS entries (
-    id               TEXT PRIMARY KEY,
-    body_id          TEXT NOT NULL,
-    sender           TEXT NOT NULL,
-    received_at      REAL NOT NULL,
-    expires_at       REAL NOT NULL,
-    status           TEXT NOT NULL,
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at  REAL,
-    route_kind       TEXT NOT NULL,
-    route_name       TEXT NOT NULL,
-    route_domain     TEXT NOT NULL DEFAULT '',
-    size             INTEGER NOT NULL,
-    message_id       TEXT NOT NULL DEFAULT '',
-    client           TEXT NOT NULL DEFAULT '',
-    is_dsn           INTEGER NOT NULL DEFAULT 0,
-    first_failure_at REAL,
-    lease_owner      TEXT,
-    lease_until      REAL,
-    last_code        TEXT,              -- code of the latest deferral (incidents group by it)
-    delay_notified   INTEGER NOT NULL DEFAULT 0,
-    waiting          INTEGER NOT NULL DEFAULT 1,  -- recipients still pending or deferred
-    notice_pending   TEXT               -- an NDR not built yet (JSON): retried on its own
-);
--- Due entries are found through this index without scanning held ones.
-CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
-    WHERE status IN ('queued', 'deferred');
-CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
-CREATE INDEX IF NOT EXISTS entries_notice ON entries (id) WHERE notice_pending IS NOT NULL;
--- Covers deferred_summary(), which the watch runs every few seconds.
-CREATE INDEX IF NOT EXISTS entries_deferred ON entries
-    (route_name, last_code, received_at, expires_at, first_failure_at, waiting)
-    WHERE status = 'deferred' AND last_code IS NOT NULL;
-CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
-CREATE TABLE IF NOT EXISTS recipients (
-    entry_id   TEXT NOT NULL,
-    position   INTEGER NOT NULL,
-    address    TEXT NOT NULL,
-    status     TEXT NOT NULL,
-    last_error TEXT,
-    PRIMARY KEY (entry_id, position)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS incidents (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    connector   TEXT NOT NULL,
-    code        TEXT NOT NULL,
-    state       TEXT NOT NULL,      -- open | resolved
-    opened_at   REAL NOT NULL,
-    resolved_at REAL,
-    data        TEXT NOT NULL       -- the rest, as JSON (watch/incidents.py Incident)
-);
-CREATE INDEX IF NOT EXISTS incidents_open ON incidents (state, connector, code);
-CREATE TABLE IF NOT EXISTS notifications (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    incident_id INTEGER NOT NULL,
-    transition  TEXT NOT NULL,      -- open | escalate:<n> | resolve
-    channel     TEXT NOT NULL,      -- email | webhook
-    state       TEXT NOT NULL,      -- pending | sent | failed
-    attempts    INTEGER NOT NULL DEFAULT 0,
-    next_try    REAL NOT NULL,
-    last_error  TEXT,
-    sent_at     REAL,
-    payload     TEXT NOT NULL,
-    UNIQUE (incident_id, transition, channel)   -- never twice per transition
-);
-CREATE TABLE IF NOT EXISTS last_good (
-    connector TEXT PRIMARY KEY,
-    at        REAL NOT NULL,
-    data      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS overrides (
-    key         TEXT PRIMARY KEY,   -- connector:<name>:enabled | connector:<name>:paused | domain:<name>:type
-    value       TEXT NOT NULL,      -- JSON
-    set_at      REAL NOT NULL,
-    incident_id INTEGER
-);
-CREATE TABLE IF NOT EXISTS audit (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    at          REAL NOT NULL,
-    who         TEXT NOT NULL,
-    action      TEXT NOT NULL,
-    incident_id INTEGER,
-    detail      TEXT NOT NULL,      -- JSON: what was done, and how to undo it
-    undone_at   REAL
-);
-CREATE TABLE IF NOT EXISTS invalid_recipients (
-    at        REAL NOT NULL,
-    domain    TEXT NOT NULL,
-    connector TEXT NOT NULL,
-    source    TEXT NOT NULL         -- rcpt | destination | expired
-);
-CREATE INDEX IF NOT EXISTS invalid_recipients_at ON invalid_recipients (at);
-CREATE TABLE IF NOT EXISTS attempts (
-    entry_id TEXT NOT NULL,
-    n        INTEGER NOT NULL,
-    data     TEXT NOT NULL,
-    PRIMARY KEY (entry_id, n)
-) WITHOUT ROWID;
-"""
+SCHEMA = schema.render("sqlite")
 
 
 _CHECKPOINT_INTERVAL = 0.1     # seconds between checkpoints by the delivering process
@@ -281,14 +176,11 @@ class SqliteStore(SqlStore):
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the columns a queue made by an earlier version lacks."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
-    if not columns:
-        return   # a new queue: SCHEMA has everything
-    for column, definition, fill in MIGRATIONS:
-        if column not in columns:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
-            conn.execute(fill)
-            conn.execute("COMMIT")
+    for column, definition, fill in schema.missing_columns(columns):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+        conn.execute(fill)
+        conn.execute("COMMIT")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
