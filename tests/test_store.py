@@ -255,10 +255,10 @@ async def test_sqlite_checkpoints_run_beside_the_commits_not_inside_them(tmp_pat
 
 
 async def test_queue_ids_follow_the_clock_and_a_taken_one_is_drawn_again(tmp_path, monkeypatch):
-    from relaywatch.store import sql
-    first = sql.new_id()
+    from relaywatch.store import queue
+    first = queue.new_id()
     time.sleep(0.002)
-    second = sql.new_id()
+    second = queue.new_id()
     assert len(first) == 16 and first[:11] < second[:11]
     store = SqliteStore(tmp_path / "q.sqlite3")
     await store.open()
@@ -266,7 +266,7 @@ async def test_queue_ids_follow_the_clock_and_a_taken_one_is_drawn_again(tmp_pat
         [taken] = await store.enqueue(msg([("1@a", A)]))
         # The body gets the first draw; the entry's first draw is taken, its second is free.
         drawn = iter(["B" * 16, taken, "0" * 16])
-        monkeypatch.setattr(sql, "new_id", lambda: next(drawn))
+        monkeypatch.setattr(queue, "new_id", lambda: next(drawn))
         [again] = await store.enqueue(msg([("2@a", A)]))
         assert again == "0" * 16 and {e.id for e in await store.list(QueueQuery())} == {taken, again}
     finally:

@@ -69,23 +69,23 @@ def test_store_errors_map_to_452_when_full_else_451():
 
 def test_sqlite_full_becomes_store_full():
     import sqlite3
-    from relaywatch.store.sql import _driver_error
+    from relaywatch.store.engine import driver_error
     conn = sqlite3.connect(":memory:")
     conn.execute("PRAGMA max_page_count=2")
     conn.execute("CREATE TABLE t (x)")
     with pytest.raises(sqlite3.Error) as raised:
         conn.executemany("INSERT INTO t VALUES (?)", [("z" * 4000,)] * 10)
-    err = _driver_error("queue store write failed", raised.value)
+    err = driver_error("queue store write failed", raised.value)
     assert isinstance(err, StoreFull) and err.code == "SQLITE_FULL"
-    assert type(_driver_error("x", sqlite3.OperationalError("no such table"))) is StoreError
+    assert type(driver_error("x", sqlite3.OperationalError("no such table"))) is StoreError
 
 
 def test_postgresql_disk_full_becomes_store_full():
     errors = pytest.importorskip("psycopg.errors")
-    from relaywatch.store.sql import _driver_error
-    err = _driver_error("queue store write failed", errors.DiskFull("could not extend file"))
+    from relaywatch.store.engine import driver_error
+    err = driver_error("queue store write failed", errors.DiskFull("could not extend file"))
     assert isinstance(err, StoreFull) and err.code == "53100"
-    assert type(_driver_error("x", errors.OperationalError("connection refused"))) is StoreError
+    assert type(driver_error("x", errors.OperationalError("connection refused"))) is StoreError
 
 
 def test_the_condition_changes_once_per_change_not_per_message():
@@ -264,7 +264,7 @@ async def test_a_full_disk_answers_452_logs_each_change_once_and_alerts(tmp_path
         assert (opened["kind"], opened["code"], opened["reply"]) == ("store", "4.3.1", "452 4.3.1")
 
         filler.unlink()                              # space again
-        # The queue's writer reconnects with a short back-off (at most 1 s, store/sql.py):
+        # The queue's writer reconnects with a short back-off (at most 1 s, store/engine.py):
         # until then a message is still refused as before, never accepted half-way.
         refused, deadline = 6, time.monotonic() + 10
         while True:

@@ -1,9 +1,9 @@
 """PostgreSQL queue store (psycopg 3): for several relaywatch nodes sharing one queue.
 
-The operations and their SQL are SqlStore's; this module supplies what
-differs: the schema's types, a connection that speaks the shared ``?``
-placeholder dialect, plain ``BEGIN`` (row locks, not a database lock), and a
-lease that skips rows another node has locked (``FOR UPDATE SKIP LOCKED``).
+The operations and their SQL are SqlStore's; this module is the PostgreSQL
+Dialect of its engine: a connection that speaks the shared ``?`` placeholder
+style, plain ``BEGIN`` (row locks, not a database lock), a lease that skips
+rows another node has locked (``FOR UPDATE SKIP LOCKED``), and NOTIFY.
 
 Bodies are kept in the database (``bytea``), since another node must be able
 to deliver what this one received; leases of other nodes are never released at
@@ -15,7 +15,7 @@ notification sent while a listener is disconnected is lost, so the listener
 wakes the scheduler each time it has reconnected, and the scheduler's
 1-second poll stays as the fallback.
 
-When the database goes away, every connection is replaced (SqlStore: the
+When the database goes away, every connection is replaced (the engine: the
 writer and the readers; here: the listener), with capped backoff.  Each
 connection carries a ``statement_timeout`` (``server.store_statement_timeout``),
 a connect timeout and TCP keepalives, so neither a stalled database nor a
@@ -35,7 +35,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from relaywatch.store import schema
-from relaywatch.store.sql import Backoff, SqlStore, first_line, lease_sql
+from relaywatch.store.engine import Backoff, first_line
+from relaywatch.store.sql import SqlStore
 
 SCHEMA = schema.render("postgres")
 
@@ -95,35 +96,44 @@ class _Connection:
 
 
 class PostgresStore(SqlStore):
-    db_errors = (psycopg.Error,)
-    single_node = False
-    inline_bodies = True
-    LEASE_SQL = lease_sql(" FOR UPDATE SKIP LOCKED")
+    """A queue several nodes share; ``statement_timeout``: server.store_statement_timeout."""
 
     def __init__(self, dsn: str, on_work=None, statement_timeout: float | None = 30.0):
-        super().__init__(on_work)
+        super().__init__(PostgresDialect(dsn, statement_timeout), on_work)
+        self.dsn = dsn
+
+
+class PostgresDialect:
+    name = "postgres"
+    errors = (psycopg.Error,)
+    lease_lock = " FOR UPDATE SKIP LOCKED"
+    single_node = False
+    inline_bodies = True
+    announce = f"NOTIFY {CHANNEL}"
+
+    def __init__(self, dsn: str, statement_timeout: float | None = 30.0):
         self.dsn = dsn
         self.params = connection_params(dsn, statement_timeout)
         self._listener: threading.Thread | None = None
         self._stop_listening = threading.Event()
-        self._notify_pending = False
 
-    async def open(self) -> None:
-        await super().open()
-        if self.on_work is not None:   # a scheduler wants to hear of work from other nodes
+    def start(self, loop: asyncio.AbstractEventLoop, wake) -> None:
+        if wake is not None:   # a scheduler wants to hear of work from other nodes
             self._stop_listening.clear()
-            self._listener = threading.Thread(target=self._listen, args=(asyncio.get_running_loop(),),
+            self._listener = threading.Thread(target=self._listen, args=(loop, wake),
                                               name="relaywatch-listen", daemon=True)
             self._listener.start()
 
-    async def close(self) -> None:
+    def stop(self) -> None:
         if self._listener is not None:
             self._stop_listening.set()
-            await asyncio.to_thread(self._listener.join)
+            self._listener.join()
             self._listener = None
-        await super().close()
 
-    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+    def release(self) -> None:
+        pass
+
+    def _listen(self, loop: asyncio.AbstractEventLoop, wake) -> None:
         backoff = Backoff(cap=LISTEN_RECONNECT_CAP)
         while not self._stop_listening.is_set():
             try:
@@ -133,10 +143,10 @@ class PostgresStore(SqlStore):
                     if down is not None:
                         log.warning("listening for work from other nodes again (after %.1f s)", down)
                     # Work may have been announced while we were not listening.
-                    loop.call_soon_threadsafe(self._wake_scheduler)
+                    loop.call_soon_threadsafe(wake)
                     while not self._stop_listening.is_set():
                         if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
-                            loop.call_soon_threadsafe(self._wake_scheduler)
+                            loop.call_soon_threadsafe(wake)
             except psycopg.Error as exc:
                 if backoff.failed(time.monotonic(), first_line(exc)):
                     log.warning("not listening for work from other nodes (%s); polling until reconnected",
@@ -145,40 +155,22 @@ class PostgresStore(SqlStore):
             except RuntimeError:
                 return   # the event loop is closed
 
-    def _wake_scheduler(self) -> None:
-        if self.on_work is not None:
-            self.on_work()
-
-    def _notify(self) -> None:
-        super()._notify()
-        # Tell every node (this one's other process included) after the commit;
-        # one NOTIFY per writer batch, however many messages it holds.
-        if self._writer is None or self._notify_pending:
-            return
-        self._notify_pending = True
-
-        def op(conn, cleanup) -> None:
-            self._notify_pending = False
-            conn.execute(f"NOTIFY {CHANNEL}")
-        task = asyncio.ensure_future(self._write(op))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # best effort: polling remains
-
     @property
     def where(self) -> str:
         return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.dsn)   # never print a password
 
     def _connect(self) -> _Connection:
-        # autocommit: transactions are explicit (BEGIN ... COMMIT in SqlStore._run_batch);
+        # autocommit: transactions are explicit (BEGIN ... COMMIT in GroupCommitEngine._run_batch);
         # prepare_threshold=None keeps it usable behind pgbouncer in transaction mode.
         return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, **self.params))
 
-    def _reopen_writer(self) -> _Connection:
+    def reconnect_writer(self) -> _Connection:
         return self._connect()
 
-    def _broken(self, conn: _Connection) -> bool:
+    def broken(self, conn: _Connection) -> bool:
         return conn.conn.closed or conn.conn.broken
 
-    def _writer_connection(self) -> _Connection:
+    def connect_writer(self) -> _Connection:
         conn = self._connect()
         columns = {row[0] for row in conn.conn.execute(
             "SELECT column_name FROM information_schema.columns "
@@ -192,8 +184,11 @@ class PostgresStore(SqlStore):
         conn.conn.execute(SCHEMA)
         return conn
 
-    def _reader_connection(self) -> _Connection:
+    def connect_reader(self) -> _Connection:
         return self._connect()
 
-    def _begin(self, conn: _Connection) -> None:
+    def begin(self, conn: _Connection) -> None:
         conn.execute("BEGIN")
+
+    def end(self, conn: _Connection) -> None:
+        pass

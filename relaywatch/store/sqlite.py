@@ -1,12 +1,13 @@
 """SQLite queue store (the embedded default): WAL, synchronous=FULL, one file in data_dir.
 
-Beside it: ``queue.sqlite3-writelock``, the lock file the receiving and the
-delivering process take turns on (see _begin).
+The SQLite dialect of the group-commit engine (store/engine.py): connecting,
+taking the write lock, keeping the WAL short.  Beside the queue file:
+``queue.sqlite3-writelock``, the lock file the receiving and the delivering
+process take turns on (see SqliteDialect.begin).
 """
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from relaywatch.errors import StoreError
 from relaywatch.store import schema
-from relaywatch.store.sql import SqlStore, lease_sql
+from relaywatch.store.sql import SqlStore
 
 _LOCK_WAIT_LIMIT = 30.0
 
@@ -29,14 +30,23 @@ _WAL_RESTART_PAGES = 1000      # the WAL is brought back to its start past this 
 
 
 class SqliteStore(SqlStore):
-    db_errors = (sqlite3.Error,)
-    single_node = True
-    inline_bodies = False
-    LEASE_SQL = lease_sql()
+    """The queue in one SQLite file; see SqliteDialect for ``sync_commits`` and ``checkpoints``."""
 
     def __init__(self, path: str | os.PathLike, on_work=None, sync_commits: bool = True,
                  checkpoints: bool = False):
-        super().__init__(on_work)
+        super().__init__(SqliteDialect(path, sync_commits=sync_commits, checkpoints=checkpoints), on_work)
+        self.path = self.dialect.path
+
+
+class SqliteDialect:
+    name = "sqlite"
+    errors = (sqlite3.Error,)
+    lease_lock = ""
+    single_node = True
+    inline_bodies = False
+    announce = None
+
+    def __init__(self, path: str | os.PathLike, sync_commits: bool = True, checkpoints: bool = False):
         self.path = Path(path)
         # Copying the WAL back into the database (a checkpoint) is left out of the
         # commits: SQLite would run it inside whichever COMMIT crossed the
@@ -57,7 +67,7 @@ class SqliteStore(SqlStore):
     def where(self) -> str:
         return str(self.path)
 
-    def _writer_connection(self) -> sqlite3.Connection:
+    def connect_writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._lock_fd is None:
             self._lock_fd = self._open_lock()
@@ -67,7 +77,7 @@ class SqliteStore(SqlStore):
         self._configure_writer(conn)
         return conn
 
-    def _reopen_writer(self) -> sqlite3.Connection:
+    def reconnect_writer(self) -> sqlite3.Connection:
         # After a failed batch (a disk error, the lock held past _LOCK_WAIT_LIMIT):
         # a new connection, since SQLite may leave the old one mid-transaction.
         conn = _connect(self.path)
@@ -75,13 +85,12 @@ class SqliteStore(SqlStore):
         return conn
 
     def _configure_writer(self, conn: sqlite3.Connection) -> None:
-        conn.execute("PRAGMA busy_timeout=0")   # the writer waits for the lock itself (_begin)
+        conn.execute("PRAGMA busy_timeout=0")   # the writer waits for the lock itself (begin)
         conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_SAFETY_PAGES}")
         if not self.sync_commits:
             conn.execute("PRAGMA synchronous=NORMAL")
 
-    async def open(self) -> None:
-        await super().open()
+    def start(self, loop, wake) -> None:
         if self.checkpoints:
             self._stop_checkpoints.clear()
             self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="relaywatch-checkpoint",
@@ -114,17 +123,18 @@ class SqliteStore(SqlStore):
             os.close(lock_fd)
             conn.close()
 
-    async def close(self) -> None:
+    def stop(self) -> None:
         if self._checkpointer is not None:
             self._stop_checkpoints.set()
-            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer.join()
             self._checkpointer = None
-        await super().close()
+
+    def release(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _reader_connection(self) -> sqlite3.Connection:
+    def connect_reader(self) -> sqlite3.Connection:
         return _connect(self.path)
 
     def _open_lock(self) -> int:
@@ -134,7 +144,7 @@ class SqliteStore(SqlStore):
         except OSError as exc:
             raise StoreError(f"cannot open the queue's lock file {path}: {exc.strerror}") from exc
 
-    def _begin(self, conn: sqlite3.Connection) -> None:
+    def begin(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, after taking the writers' lock file.
 
         The receiving and the delivering process both write, hundreds of times
@@ -147,8 +157,11 @@ class SqliteStore(SqlStore):
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._begin_immediate(conn)
 
-    def _end(self, conn: sqlite3.Connection) -> None:
+    def end(self, conn: sqlite3.Connection) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def broken(self, conn: sqlite3.Connection) -> bool:
+        return False   # a file: a failed batch gets a new connection anyway (reconnect_writer)
 
     def _begin_immediate(self, conn: sqlite3.Connection) -> None:
         """BEGIN IMMEDIATE, waiting for another writer ourselves.

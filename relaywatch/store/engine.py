@@ -1,0 +1,432 @@
+"""The group-commit engine: the only writer of a queue store, and its readers.
+
+It runs functions on connections and knows nothing of queues; the operations
+(store/queue.py, store/watch.py) hand it ``fn(conn, cleanup)`` to write and
+``fn(conn)`` to read.  What differs between databases is a ``Dialect``
+(store/sqlite.py, store/postgres.py), composed in, not subclassed.
+
+One writer thread owns the only write connection.  Concurrent writes queue up
+behind it and are committed together (group commit): the thread takes every
+operation waiting, runs each in its own SAVEPOINT inside one transaction,
+commits once (durably) and only then resolves the callers' futures.  A failing
+operation rolls back to its savepoint and fails alone.
+
+Reads run on other threads with their own connections, so they never wait
+for the writer.
+
+Connections that break are replaced.  When a batch fails as a whole (the
+database went away, a disk error, a lock held too long) its callers get
+StoreError, which the receiver answers with 451 4.3.0; the writer drops the
+connection and opens a new one with capped exponential backoff (``Backoff``),
+failing what arrives meanwhile at once rather than letting it wait.  A reader
+connection that broke is dropped and the read tried once more on a new one.
+The store logs one line when it goes away and one when a commit works again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+from relaywatch.errors import StoreError, StoreFull
+
+_MAX_BATCH = 256
+
+log = logging.getLogger("relaywatch.store")
+
+RECONNECT_FIRST = 0.05      # seconds before the first try at a new connection
+RECONNECT_CAP = 1.0         # never longer between tries: the store is used again within this once it is back
+
+
+class Backoff:
+    """When to try a lost connection again: capped exponential backoff.
+
+    Pure bookkeeping (the caller passes the time), shared by the writer thread,
+    the readers and the PostgreSQL listener."""
+
+    def __init__(self, first: float = RECONNECT_FIRST, cap: float = RECONNECT_CAP):
+        self.first, self.cap = first, cap
+        self.delay = 0.0
+        self.next_try = 0.0
+        self.down_since: float | None = None
+        self.error = ""
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_try
+
+    def failed(self, now: float, error: str) -> bool:
+        """A try failed; True if it is the first since the last success."""
+        first = self.down_since is None
+        if first:
+            self.down_since = now
+        self.delay = self.first if self.delay == 0 else min(self.delay * 2, self.cap)
+        self.next_try = now + self.delay
+        self.error = error
+        return first
+
+    def succeeded(self, now: float) -> float | None:
+        """A try worked; how long it had been failing (None: it had not)."""
+        down = None if self.down_since is None else now - self.down_since
+        self.delay, self.next_try, self.down_since, self.error = 0.0, 0.0, None, ""
+        return down
+
+
+_RECONNECT = object()   # the writer woke with nothing to do but reconnect
+
+
+class _Unstarted(Exception):
+    """A batch that never began: its connection was found broken first."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class Dialect(Protocol):
+    """What one database does its own way; the engine and the operations do the rest."""
+    name: str                   # the schema's flavour (store/schema.py TYPES)
+    errors: tuple               # the driver's exception classes
+    lease_lock: str             # added to the lease's subquery (PostgreSQL: skip rows another node locked)
+    single_node: bool           # one delivering process owns the queue (leases of a dead run are stale)
+    inline_bodies: bool         # bodies always in the database (no node-local spool files)
+
+    @property
+    def where(self) -> str: ...             # the database, for messages (never a password)
+
+    def connect_writer(self) -> Any: ...    # the first write connection: creates or migrates the schema
+    def reconnect_writer(self) -> Any: ...  # a new one after the last broke (the schema exists)
+    def connect_reader(self) -> Any: ...
+    def begin(self, conn: Any) -> None: ...  # take the write lock, open the batch's transaction
+    def end(self, conn: Any) -> None: ...    # after COMMIT or ROLLBACK (and after a failed begin)
+    def broken(self, conn: Any) -> bool: ...  # after a driver error: replace this connection?
+
+    # Around the engine's life: helper threads (SQLite's checkpoints, PostgreSQL's
+    # listener) and what the writer's connections share (SQLite's lock file).
+    def start(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None] | None) -> None: ...
+    def stop(self) -> None: ...              # before the engine closes (joins the helpers; blocking)
+    def release(self) -> None: ...           # after it closed
+
+    # A statement telling other nodes that work is due (PostgreSQL: NOTIFY), or None.
+    announce: str | None
+
+
+class GroupCommitEngine:
+    def __init__(self, dialect: Dialect):
+        self.dialect = dialect
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._local = threading.local()
+        self._readers: list[Any] = []
+        self._readers_lock = threading.Lock()
+        self._readers_idle = threading.Condition()
+        self._reads_in_flight = 0
+        self._closed = False
+        self._reader_backoff = Backoff()
+        self._reader_backoff_lock = threading.Lock()
+        self._down_since: float | None = None    # the last batch failed as a whole (see _write_loop)
+        self._down_code: str | None = None      # the driver error code of that failure (full disk?)
+
+    @property
+    def where(self) -> str:
+        return self.dialect.where
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def open(self) -> None:
+        self._closed = False
+        self._local = threading.local()    # no reader connection from an earlier open
+        try:
+            conn = await asyncio.to_thread(self.dialect.connect_writer)
+        except self.dialect.errors as exc:
+            raise StoreError(f"cannot open queue store {self.dialect.where}: {exc}") from exc
+        self._writer = threading.Thread(target=self._write_loop, args=(conn,),
+                                        name="relaywatch-store-writer", daemon=True)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._ops.put(None)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        # A read still running on an executor thread (its task was cancelled, the
+        # thread was not) must finish before its connection is closed: closing a
+        # connection another thread is using crashes the interpreter.
+        def close_readers() -> None:
+            with self._readers_idle:
+                self._closed = True
+                self._readers_idle.wait_for(lambda: self._reads_in_flight == 0, timeout=30)
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+        await asyncio.to_thread(close_readers)
+
+    # -- the writer thread ---------------------------------------------------
+
+    def _write_loop(self, conn: Any) -> None:
+        backoff = Backoff()
+        while True:
+            # Without a connection, wake for the next try even if nothing waits.
+            timeout = None if conn is not None else max(0.0, backoff.next_try - time.monotonic())
+            try:
+                first = self._ops.get(timeout=timeout)
+            except queue.Empty:
+                first = _RECONNECT
+            if first is None:
+                _close_quietly(conn)
+                return
+            batch = [] if first is _RECONNECT else [first]
+            stop = False
+            while batch and len(batch) < _MAX_BATCH:
+                try:
+                    op = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    stop = True
+                    break
+                batch.append(op)
+            if conn is None and backoff.due(time.monotonic()):
+                conn = self._try_reconnect(backoff)
+            if batch:
+                conn = self._commit(conn, batch, backoff)
+            if stop:
+                _close_quietly(conn)
+                return
+
+    def _commit(self, conn: Any, batch: list, backoff: Backoff) -> Any:
+        """Run ``batch`` on ``conn`` (None: there is none now); the connection to go on with."""
+        if conn is None:
+            # Not a wait for the next try: the client is answered 451 now.
+            self._settle_all(batch, self._unavailable(backoff))
+            return None
+        failure = self._run_batch(conn, batch, may_defer=True)
+        if isinstance(failure, _Unstarted):
+            # The connection died while idle (a failover, a cut link, a DBA's
+            # pg_terminate_backend): nothing of the batch ran, so it goes to a
+            # new connection at once rather than failing.
+            _close_quietly(conn)
+            conn = self._try_reconnect(backoff)
+            if conn is None:
+                self._store_failed(failure.cause)
+                self._settle_all(batch, self._unavailable(backoff))
+                return None
+            failure = self._run_batch(conn, batch)
+        if failure is None:
+            self._store_works()
+            return conn
+        self._store_failed(failure)
+        # Whatever broke it (a cut connection, a disk error, a lock that was
+        # never released), a new connection starts clean.
+        _close_quietly(conn)
+        backoff.failed(time.monotonic(), first_line(failure))
+        return None
+
+    def _unavailable(self, backoff: Backoff) -> StoreError:
+        # While reconnecting, writes fail as the last one did: a full disk stays
+        # StoreFull (452 4.3.1 to clients), anything else StoreError (451 4.3.0).
+        full = self._down_code in _FULL_CODES
+        return (StoreFull if full else StoreError)(
+            f"queue store {self.dialect.where} is unavailable ({backoff.error}); reconnecting", code=self._down_code)
+
+    def _try_reconnect(self, backoff: Backoff) -> Any:
+        try:
+            conn = self.dialect.reconnect_writer()
+        except (*self.dialect.errors, OSError, StoreError) as exc:
+            backoff.failed(time.monotonic(), first_line(exc))
+            return None
+        backoff.succeeded(time.monotonic())
+        return conn
+
+    def _store_failed(self, exc: BaseException) -> None:
+        self._down_code = error_code(exc)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error("queue store %s is unavailable: %s; writes fail until it is back, reconnecting "
+                      "(one line when it is back)", self.dialect.where, first_line(exc))
+
+    def _store_works(self) -> None:
+        if self._down_since is not None:
+            log.warning("queue store %s is back after %.1f s: commits work again",
+                        self.dialect.where, time.monotonic() - self._down_since)
+            self._down_since = None
+            self._down_code = None
+
+    def _settle_all(self, batch: list, exc: BaseException) -> None:
+        for _fn, loop, fut in batch:
+            loop.call_soon_threadsafe(_settle, fut, False, exc)
+
+    def _run_batch(self, conn: Any, batch: list, may_defer: bool = False) -> BaseException | None:
+        """Run and commit one batch; the driver error if it failed as a whole.
+
+        ``may_defer``: if the connection turns out broken before anything ran,
+        settle nothing and return _Unstarted, so the batch can run elsewhere."""
+        results: list[tuple[bool, Any]] = []
+        cleanup: list[str] = []
+        failure = None
+        try:
+            self.dialect.begin(conn)
+        except (*self.dialect.errors, OSError) as exc:
+            self.dialect.end(conn)
+            if may_defer and self.dialect.broken(conn):
+                return _Unstarted(exc)
+            self._settle_all(batch, driver_error("queue store write failed", exc))
+            return exc
+        try:
+            for fn, _loop, _fut in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = fn(conn, cleanup)
+                    conn.execute("RELEASE op")
+                    results.append((True, result))
+                except Exception as exc:  # the op fails alone
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    if isinstance(exc, self.dialect.errors):
+                        # Driver errors stay inside the store (errors.py): callers see StoreError.
+                        exc = driver_error("queue store operation failed", exc)
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+        except (*self.dialect.errors, OSError) as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except (*self.dialect.errors, OSError):
+                pass
+            err = driver_error("queue store write failed", exc)
+            results = [(False, err)] * len(batch)
+            cleanup = []
+            failure = exc
+        finally:
+            self.dialect.end(conn)
+        for path in cleanup:  # only after the commit that dropped the last reference
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        for (fn, loop, fut), (ok, value) in zip(batch, results):
+            loop.call_soon_threadsafe(_settle, fut, ok, value)
+        return failure
+
+    async def write(self, fn: Callable[[Any, list], Any]) -> Any:
+        if self._writer is None:
+            raise StoreError("queue store is not open")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._ops.put((fn, loop, fut))
+        return await fut
+
+    # -- readers ---------------------------------------------------------------
+
+    def _reader(self) -> tuple[Any, bool]:
+        """This thread's read connection, and whether it was made just now."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn, False
+        with self._reader_backoff_lock:
+            backoff = self._reader_backoff
+            if not backoff.due(time.monotonic()):
+                raise StoreError(f"queue store {self.dialect.where} is unavailable ({backoff.error}); reconnecting")
+            try:
+                conn = self.dialect.connect_reader()
+            except self.dialect.errors as exc:
+                backoff.failed(time.monotonic(), first_line(exc))
+                raise
+            backoff.succeeded(time.monotonic())
+        self._local.conn = conn
+        with self._readers_lock:
+            self._readers.append(conn)
+        return conn, True
+
+    def _drop_reader(self, conn: Any) -> None:
+        self._local.conn = None
+        with self._readers_lock:
+            if conn in self._readers:
+                self._readers.remove(conn)
+        _close_quietly(conn)
+
+    def _run_read(self, fn: Callable[[Any], Any]) -> Any:
+        conn, fresh = self._reader()
+        try:
+            return fn(conn)
+        except self.dialect.errors:
+            if not self.dialect.broken(conn):
+                raise    # the query failed, not the connection
+            self._drop_reader(conn)
+            if fresh:
+                raise
+        # A connection kept from earlier died meanwhile (the database restarted,
+        # the network was cut): reads change nothing, so once more on a new one.
+        conn, _ = self._reader()
+        try:
+            return fn(conn)
+        except self.dialect.errors:
+            if self.dialect.broken(conn):
+                self._drop_reader(conn)
+            raise
+
+    async def read(self, fn: Callable[[Any], Any]) -> Any:
+        def run():
+            with self._readers_idle:
+                if self._closed:
+                    raise StoreError("queue store is closed")
+                self._reads_in_flight += 1
+            try:
+                return self._run_read(fn)
+            except self.dialect.errors as exc:
+                raise driver_error("queue store read failed", exc) from exc
+            finally:
+                with self._readers_idle:
+                    self._reads_in_flight -= 1
+                    self._readers_idle.notify_all()
+        return await asyncio.to_thread(run)
+
+
+# SQLite's "database or disk is full" and PostgreSQL's disk_full: the receiver says 452 4.3.1.
+_FULL_CODES = {"SQLITE_FULL", "53100"}
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The driver's code for an error: sqlite3's name (SQLITE_FULL) or PostgreSQL's SQLSTATE."""
+    return getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", None)
+
+
+def driver_error(what: str, exc: Exception) -> StoreError:
+    """The StoreError for a driver's exception (StoreFull when the disk under it is full).
+    Driver errors are wrapped here only: callers of the store see StoreError (errors.py)."""
+    code = error_code(exc)
+    err = (StoreFull if code in _FULL_CODES else StoreError)(f"{what}: {first_line(exc)}", code=code)
+    err.__cause__ = exc
+    return err
+
+
+def first_line(exc: BaseException) -> str:
+    """A driver error in one line (psycopg's run over several, with hints)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _close_quietly(conn: Any) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:   # closing a connection that already broke may fail too
+        pass
+
+
+def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+

@@ -1,0 +1,188 @@
+"""The watch's state on SQL: deferred mail by cause, incidents, notifications, overrides, audit.
+
+Kept beside the queue so one database holds all state and the CLI can read it
+while the server runs; none of it is on the message path.  The SQL is in
+watch.sql.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from relaywatch.model import EntryStatus, NotificationState, dest_label
+from relaywatch.store import queries
+from relaywatch.store.engine import GroupCommitEngine
+
+Q = queries.load("watch.sql")
+
+# The incident columns of their own; the rest of an incident dict is the JSON in ``data``.
+_INCIDENT_KEYS = ("id", "connector", "code", "state", "opened_at", "resolved_at")
+
+
+class SqlWatch:
+    """The watch's operations; SqlStore (store/sql.py) supplies ``engine``."""
+    engine: GroupCommitEngine
+
+    async def deferred_summary(self) -> list[dict]:
+        """Deferred mail grouped by (connector, code), with the newest evidence."""
+        def q(conn: Any) -> list[dict]:
+            out = []
+            for connector, code, messages, recipients, oldest, first_expiry, first_failure in conn.execute(
+                    Q["deferred_by_cause"]).fetchall():
+                errors = [json.loads(x) for (x,) in conn.execute(Q["latest_errors"], (connector, code))]
+                out.append(summary(connector, code, messages, recipients, oldest, first_expiry, first_failure,
+                                   errors))
+            return out
+        return await self.engine.read(q)
+
+    async def held_notices(self, limit: int = 20) -> list[dict]:
+        """Entries whose NDR could not be built yet, latest failure first
+        (through the entries_notice index: the watch asks every few seconds)."""
+        def q(conn: Any) -> list[dict]:
+            held = [{"id": id_, "sender": sender, "connector": connector, **json.loads(data)}
+                    for id_, sender, connector, data in conn.execute(Q["held_notices"]).fetchall()]
+            return sorted(held, key=lambda h: -(h.get("retry_at") or 0))[:limit]
+        return await self.engine.read(q)
+
+    async def entry_ids(self, connector: str, code: str | None = None,
+                        status: str = EntryStatus.DEFERRED.value) -> list[str]:
+        def q(conn: Any) -> list[str]:
+            if code is None:
+                return [i for (i,) in conn.execute(Q["entry_ids"], (connector, status))]
+            return [i for (i,) in conn.execute(Q["entry_ids_with_code"], (connector, status, code))]
+        return await self.engine.read(q)
+
+    async def open_incidents(self) -> list[dict]:
+        return await self.engine.read(lambda conn: [_incident(r) for r in conn.execute(Q["open_incidents"])])
+
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
+        sql = Q["recent_incidents" if include_resolved else "recent_open_incidents"]
+        return await self.engine.read(lambda conn: [_incident(r) for r in conn.execute(sql, (limit,))])
+
+    async def incident(self, incident_id: int) -> dict | None:
+        def q(conn: Any) -> dict | None:
+            row = conn.execute(Q["incident"], (incident_id,)).fetchone()
+            if row is None:
+                return None
+            inc = _incident(row)
+            inc["notifications"] = [
+                {"transition": t, "channel": c, "state": st, "attempts": a, "last_error": e, "sent_at": sa}
+                for t, c, st, a, e, sa in conn.execute(Q["notifications_of"], (incident_id,))]
+            inc["audit"] = [{"id": i, "at": at, "who": who, "action": act, "detail": json.loads(d), "undone_at": u}
+                            for i, at, who, act, d, u in conn.execute(Q["audit_of"], (incident_id,))]
+            return inc
+        return await self.engine.read(q)
+
+    async def save_incident(self, incident: dict) -> int:
+        """Insert (no id) or update an incident; returns its id."""
+        def op(conn: Any, cleanup: list) -> int:
+            blob = incident_data(incident)
+            if incident.get("id") is None:
+                return conn.execute(Q["insert_incident"], (
+                    incident["connector"], incident["code"], incident["state"], incident["opened_at"],
+                    incident.get("resolved_at"), blob)).fetchone()[0]
+            conn.execute(Q["update_incident"], (incident["state"], incident.get("resolved_at"), blob, incident["id"]))
+            return incident["id"]
+        return await self.engine.write(op)
+
+    async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
+                               now: float) -> bool:
+        """Queue one notification; False if this transition was already notified."""
+        def op(conn: Any, cleanup: list) -> bool:
+            return conn.execute(Q["add_notification"],
+                                (incident_id, transition, channel, now, json.dumps(payload))).rowcount == 1
+        return await self.engine.write(op)
+
+    async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
+                                       attempts: int, sent_at: float | None, last_error: str | None) -> None:
+        """Record a notification that was sent (or tried) before this store could be
+        written: the relay's own "cannot queue" incident (watch/store_incident.py)."""
+        state = NotificationState.SENT if sent_at is not None else NotificationState.FAILED
+        await self.engine.write(lambda conn, cleanup: conn.execute(Q["add_notification_outcome"], (
+            incident_id, transition, channel, state.value, attempts, sent_at or 0, last_error, sent_at,
+            json.dumps(payload))))
+
+    async def due_notifications(self, now: float) -> list[dict]:
+        return await self.engine.read(lambda conn: [
+            {"id": i, "incident_id": inc, "transition": t, "channel": c, "attempts": a, "payload": json.loads(p)}
+            for i, inc, t, c, a, p in conn.execute(Q["due_notifications"], (now,))])
+
+    async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
+                                  retry_at: float | None) -> None:
+        state = notification_state(ok, retry_at)
+        await self.engine.write(lambda conn, cleanup: conn.execute(Q["notification_result"], (
+            state.value, error, now if ok else None, retry_at, notification_id)))
+
+    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
+        await self.engine.write(lambda conn, cleanup: conn.execute(Q["set_last_good"], (
+            connector, at, json.dumps(facts))))
+
+    async def last_good(self) -> dict[str, dict]:
+        return await self.engine.read(lambda conn: {c: dict(json.loads(d), at=at) for c, at, d in conn.execute(
+            Q["last_good"])})
+
+    async def overrides(self) -> dict[str, dict]:
+        return await self.engine.read(lambda conn: {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
+                                                    for k, v, at, i in conn.execute(Q["overrides"])})
+
+    async def overrides_version(self) -> tuple:
+        return await self.engine.read(lambda conn: tuple(conn.execute(Q["overrides_version"]).fetchone()))
+
+    async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
+                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+        """Change overrides and write the audit record in one transaction."""
+        def op(conn: Any, cleanup: list) -> int:
+            for key, value in set_overrides.items():
+                conn.execute(Q["set_override"], (key, json.dumps(value), now, incident_id))
+            for key in clear_overrides:
+                conn.execute(Q["clear_override"], (key,))
+            return conn.execute(Q["insert_audit"], (now, who, action, incident_id, json.dumps(detail))).fetchone()[0]
+        return await self.engine.write(op)
+
+    async def last_undoable(self, incident_id: int) -> dict | None:
+        def q(conn: Any) -> dict | None:
+            row = conn.execute(Q["last_undoable"], (incident_id,)).fetchone()
+            return {"id": row[0], "action": row[1], "detail": json.loads(row[2])} if row else None
+        return await self.engine.read(q)
+
+    async def mark_undone(self, audit_id: int, now: float) -> None:
+        await self.engine.write(lambda conn, cleanup: conn.execute(Q["mark_undone"], (now, audit_id)))
+
+    async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
+        if rows:
+            await self.engine.write(lambda conn, cleanup: conn.executemany(Q["add_invalid_recipient"], rows))
+
+    async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
+        return await self.engine.read(lambda conn: [tuple(r) for r in conn.execute(
+            Q["invalid_recipients_since"], (since,)).fetchall()])
+
+
+# -- the row mapping, shared with the memory store (store/memory.py) ----------------------
+
+def summary(connector: str, code: str, messages: int, recipients: int, oldest: float, first_expiry: float,
+            first_failure: float | None, errors: list[dict]) -> dict:
+    """One (connector, code) group of deferred_summary(); ``errors``: its newest last_errors."""
+    errors = sorted(errors, key=lambda e: e.get("at") or 0)
+    return {"connector": connector, "code": code, "messages": messages, "recipients": recipients,
+            "oldest_received_at": oldest, "first_expires_at": first_expiry,
+            "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
+            "destinations": sorted({dest_label(e.get("destination")) for e in errors if e.get("destination")})}
+
+
+def incident_data(incident: dict) -> str:
+    """What of an incident dict goes into its JSON ``data`` column."""
+    data = {k: v for k, v in incident.items() if k not in (*_INCIDENT_KEYS, "notifications", "audit")}
+    return json.dumps(data, separators=(",", ":"))
+
+
+def notification_state(ok: bool, retry_at: float | None) -> NotificationState:
+    if ok:
+        return NotificationState.SENT
+    return NotificationState.PENDING if retry_at is not None else NotificationState.FAILED
+
+
+def _incident(row: tuple) -> dict:
+    id_, connector, code, state, opened_at, resolved_at, data = row
+    return {"id": id_, "connector": connector, "code": code, "state": state, "opened_at": opened_at,
+            "resolved_at": resolved_at, **json.loads(data)}

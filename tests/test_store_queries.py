@@ -1,0 +1,77 @@
+"""The named queries (store/*.sql) and the one schema: parsed, complete, and fast where it matters."""
+
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relaywatch.model import EntryStatus, IncidentState, NotificationState, RecipientStatus
+from relaywatch.store import queries, schema
+
+STORE = Path(queries.__file__).parent
+SQL_FILES = {"queue.sql": STORE / "queue.py", "watch.sql": STORE / "watch.py"}
+
+
+def test_a_query_file_is_parsed_by_name_with_enum_constants_and_fragments():
+    parsed = queries.parse("""
+-- header comment, before any name: ignored
+-- cols --
+a, b
+-- due --
+-- what it does (a comment: not part of the query)
+SELECT {cols} FROM t
+WHERE status IN ({EntryStatus.QUEUED}, {RecipientStatus.PENDING}) AND x IN (?*){where}
+""")
+    assert parsed == {"cols": "a, b",
+                      "due": "SELECT a, b FROM t WHERE status IN ('queued', 'pending') AND x IN (?*){where}"}
+    assert queries.in_list(parsed["due"], 3).endswith("x IN (?,?,?){where}")
+    with pytest.raises(ValueError, match="defined twice"):
+        queries.parse("-- a --\nSELECT 1\n-- a --\nSELECT 2\n")
+    with pytest.raises(KeyError):
+        queries.parse("-- a --\nSELECT {EntryStatus.NO_SUCH}\n")
+
+
+@pytest.mark.parametrize("sql_file", sorted(SQL_FILES))
+def test_every_query_is_used_and_every_use_is_defined(sql_file):
+    defined = set(queries.load(sql_file))
+    code = SQL_FILES[sql_file].read_text()
+    used = set(re.findall(r'Q\["([a-z_]+)"', code)) | {
+        name for a, b in re.findall(r'Q\["([a-z_]+)" if \w+ else "([a-z_]+)"\]', code) for name in (a, b)}
+    fragments = {n for n in defined if "{" + n + "}" in (STORE / sql_file).read_text()}
+    assert used - defined == set()
+    assert defined - used - fragments == set()
+
+
+def test_no_status_is_spelled_out_in_sql():
+    """Statuses come from the enums of model.py ({EntryStatus.QUEUED}), never as literals."""
+    values = {m.value for e in (EntryStatus, RecipientStatus, IncidentState, NotificationState) for m in e}
+    for path in [*(STORE / f for f in SQL_FILES), STORE / "schema.py"]:
+        text = "\n".join(line.split("--")[0] for line in path.read_text().splitlines())   # not in comments
+        assert not [v for v in values if f"'{v}'" in text], path
+
+
+def test_the_lease_and_the_watch_use_their_partial_indexes_on_sqlite():
+    """Why the statuses are rendered into the SQL and not bound: SQLite's planner uses a
+    partial index only when the query names the index's own literals."""
+    from relaywatch.store.queue import Q as QUEUE, lease_sql
+    from relaywatch.store.watch import Q as WATCH
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(schema.render("sqlite"))
+    def plan(sql, params):
+        return " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "USING INDEX entries_due" in plan(lease_sql(), ("w", 1.0, 1.0, 1.0, 10))
+    assert "entries_deferred" in plan(WATCH["deferred_by_cause"], ())
+    assert "entries_notice" in plan(WATCH["held_notices"], ())
+    # The same lease with the statuses as parameters scans the table.
+    bound = QUEUE["lease"].replace("'queued', 'deferred'", "?, ?").replace("{row_lock}", "")
+    assert "USING INDEX entries_due" not in plan(bound, ("w", 1.0, 1.0, "queued", "deferred", 1.0, 10))
+
+
+def test_one_schema_renders_for_both_databases():
+    sqlite_sql, pg_sql = schema.render("sqlite"), schema.render("postgres")
+    assert "{" not in sqlite_sql and "{" not in pg_sql
+    assert "WITHOUT ROWID" in sqlite_sql and "WITHOUT ROWID" not in pg_sql
+    assert "BYTEA" in pg_sql and "AUTOINCREMENT" in sqlite_sql
+    assert [m[0] for m in schema.missing_columns({"id", "status"})] == ["waiting", "notice_pending"]
+    assert schema.missing_columns(set()) == []    # a new queue: the schema has every column
