@@ -54,6 +54,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_store(backend: str, tmp_path: Path, request, **kwargs):
+    """An unopened store of ``backend`` ("memory", "sqlite" or "postgres": a fresh schema, pg_dsn)."""
+    if backend == "memory":
+        from relaywatch.store.memory import MemoryStore
+        return MemoryStore(**kwargs)
+    if backend == "sqlite":
+        from relaywatch.store.sqlite import SqliteStore
+        return SqliteStore(tmp_path / "q.sqlite3", **kwargs)
+    from relaywatch.store.postgres import PostgresStore
+    return PostgresStore(request.getfixturevalue("pg_dsn"), **kwargs)
+
+
+STORE_BACKENDS = ["memory", "sqlite", "postgres"]   # the contract suite runs over each
+SQL_BACKENDS = ["sqlite", "postgres"]               # the rest: other processes and nodes on one database
+
+
 # -- destination SMTP servers --------------------------------------------------------
 
 @dataclass

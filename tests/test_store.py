@@ -1,4 +1,8 @@
-"""The queue stores against one contract: real SQLite files and a real PostgreSQL."""
+"""The queue stores against one contract: in memory, real SQLite files and a real PostgreSQL.
+
+``store`` runs a test over all three; ``sql_store`` over the two databases, for
+what only a database shared by processes and nodes has.  More of the contract:
+tests/test_store_contract.py."""
 
 import asyncio
 import os
@@ -13,6 +17,8 @@ from relaywatch.model import (
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.sqlite import SqliteStore
 
+from helpers import SQL_BACKENDS, STORE_BACKENDS, make_store
+
 A = Route(RouteKind.CONNECTOR, "a")
 B = Route(RouteKind.CONNECTOR, "b")
 
@@ -24,18 +30,26 @@ def msg(recipients, data=b"Subject: x\r\n\r\nbody\r\n", path=None, now=None):
                       expires_at=now + 3600, message_id="<m@x>")
 
 
-def _make(backend, tmp_path, request):
-    if backend == "sqlite":
-        return SqliteStore(tmp_path / "q.sqlite3")
-    from relaywatch.store.postgres import PostgresStore
-    return PostgresStore(request.getfixturevalue("pg_dsn"))
+_make = make_store
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request, tmp_path):
+async def _opened(request, tmp_path):
     s = _make(request.param, tmp_path, request)
     await s.open()
     s.backend = request.param
+    return s
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store(request, tmp_path):
+    s = await _opened(request, tmp_path)
+    yield s
+    await s.close()
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+async def sql_store(request, tmp_path):
+    s = await _opened(request, tmp_path)
     yield s
     await s.close()
 
@@ -105,36 +119,36 @@ async def test_a_failed_operation_does_not_spoil_its_batch(store):
     assert (await store.counts())["queued"] == 1
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("backend", STORE_BACKENDS)
 async def test_a_closed_store_raises_store_error(tmp_path, request, backend):
     s = _make(backend, tmp_path, request)
     with pytest.raises(StoreError):
         await s.enqueue(msg([("1@a", A)]))
 
 
-async def test_another_process_sees_and_changes_the_same_queue(store, tmp_path, request):
-    [entry_id] = await store.enqueue(msg([("1@a", A)]))
-    other = _make(store.backend, tmp_path, request)
+async def test_another_process_sees_and_changes_the_same_queue(sql_store, tmp_path, request):
+    [entry_id] = await sql_store.enqueue(msg([("1@a", A)]))
+    other = _make(sql_store.backend, tmp_path, request)
     await other.open()
     try:
         assert (await other.get(entry_id)).id == entry_id
         assert await other.hold(entry_id)
     finally:
         await other.close()
-    assert (await store.get(entry_id)).status.value == "held"
-    if store.backend == "sqlite":
+    assert (await sql_store.get(entry_id)).status.value == "held"
+    if sql_store.backend == "sqlite":
         assert os.path.exists(tmp_path / "q.sqlite3-wal")
 
 
-async def test_two_nodes_never_lease_the_same_entry(store, tmp_path, request):
+async def test_two_nodes_never_lease_the_same_entry(sql_store, tmp_path, request):
     """Concurrent leasing from two stores (two nodes, or two processes) on one queue."""
-    await asyncio.gather(*(store.enqueue(msg([(f"{i}@a", A)])) for i in range(300)))
-    other = _make(store.backend, tmp_path, request)
+    await asyncio.gather(*(sql_store.enqueue(msg([(f"{i}@a", A)])) for i in range(300)))
+    other = _make(sql_store.backend, tmp_path, request)
     await other.open()
     try:
         now = time.time()
         batches = await asyncio.gather(*(s.lease(f"node{i}", 25, 60, now) for i in range(6)
-                                         for s in (store, other)))
+                                         for s in (sql_store, other)))
     finally:
         await other.close()
     ids = [e.id for batch in batches for e in batch]
@@ -190,12 +204,12 @@ async def test_postgres_nodes_hear_of_new_work_through_notify(pg_dsn):
         await scheduler_node.close()
 
 
-async def test_a_queue_from_before_the_waiting_column_is_migrated(store, tmp_path, request):
+async def test_a_queue_from_before_the_waiting_column_is_migrated(sql_store, tmp_path, request):
     """Queues made by an earlier version lack entries.waiting: opening adds and fills it."""
-    [entry_id] = await store.enqueue(msg([("1@a", A), ("2@a", A), ("3@a", A)]))
-    await store.record(entry_id, None, None, [RecipientOutcome("1@a", RecipientStatus.DELIVERED)], time.time())
-    await store.close()
-    if store.backend == "sqlite":
+    [entry_id] = await sql_store.enqueue(msg([("1@a", A), ("2@a", A), ("3@a", A)]))
+    await sql_store.record(entry_id, None, None, [RecipientOutcome("1@a", RecipientStatus.DELIVERED)], time.time())
+    await sql_store.close()
+    if sql_store.backend == "sqlite":
         import sqlite3
         conn = sqlite3.connect(tmp_path / "q.sqlite3")
         conn.execute("DROP INDEX entries_deferred")
@@ -206,8 +220,8 @@ async def test_a_queue_from_before_the_waiting_column_is_migrated(store, tmp_pat
         conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
         conn.execute("ALTER TABLE entries DROP COLUMN waiting")   # its index goes with it
     conn.close()
-    await store.open()
-    summary_source = await store._read(lambda c: c.execute("SELECT waiting FROM entries").fetchall())
+    await sql_store.open()
+    summary_source = await sql_store._read(lambda c: c.execute("SELECT waiting FROM entries").fetchall())
     assert [tuple(r) for r in summary_source] == [(2,)]
 
 

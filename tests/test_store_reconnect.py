@@ -23,7 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from helpers import (
-    LOOPBACK, CuttableProxy, Sink, SinkHandler, base_config, eventually, free_port, message, to_toml,
+    LOOPBACK, STORE_BACKENDS, CuttableProxy, Sink, SinkHandler, base_config, eventually, free_port, make_store, message,
+    to_toml,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -332,13 +333,9 @@ def test_a_kept_outcome_survives_its_journal_and_a_torn_last_line_is_skipped(tmp
     assert not journal.path.exists() and journal.load() == []
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=STORE_BACKENDS)
 async def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "q.sqlite3")
-    else:
-        from relaywatch.store.postgres import PostgresStore
-        s = PostgresStore(request.getfixturevalue("pg_dsn"))
+    s = make_store(request.param, tmp_path, request)
     await s.open()
     yield s
     await s.close()

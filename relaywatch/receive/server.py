@@ -50,7 +50,7 @@ from relaywatch.receive.store_condition import (FAILED_REPLY, ConditionEnded, Pl
                                                 problem_from_store_error)
 from relaywatch.receive.verify import Answer, Callout, RecipientVerifier, rcpt_reply
 from relaywatch.route import Refusal, decide, normalize, normalize_sender, sender_routing, split_address
-from relaywatch.store.base import QueueStore
+from relaywatch.store.base import Store
 from relaywatch.watch.store_incident import StoreIncidentReporter
 
 log = logging.getLogger("relaywatch.receive")
@@ -75,7 +75,7 @@ UNEXPECTED_ERROR = "421 4.3.0 Temporary server error; closing the connection, pl
 class ReceivePolicy:
     """Who may send to whom, and committing what arrives."""
 
-    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time,
+    def __init__(self, config_ref: Callable[[], Config], store: Store, clock=time.time,
                  callout: Callout | None = None, alert_routes=None):
         self.config_ref = config_ref
         self.store = store
@@ -178,7 +178,7 @@ class ReceivePolicy:
             if config.dkim and self.is_trusted(client_ip):   # never sign what an outsider sent
                 from relaywatch.receive.dkim import sign_spool
                 spool, signed_by = await sign_spool(config.dkim, spool)
-            body = await spool.finish(inline=getattr(self.store, "inline_bodies", False))
+            body = await spool.finish(inline=self.store.inline_bodies)
         except OSError as exc:
             return self.refuse(end, client_ip, problem_from_os_error(exc, Place.SPOOL, str(spool.spool_dir)))
         sender = normalize_sender(end.sender)
@@ -506,7 +506,7 @@ def make_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
 class Receiver:
     """Listens on the configured addresses and feeds the queue."""
 
-    def __init__(self, config_ref: Callable[[], Config], store: QueueStore, clock=time.time,
+    def __init__(self, config_ref: Callable[[], Config], store: Store, clock=time.time,
                  callout: Callout | None = None, alert_routes=None):
         self.config_ref = config_ref
         self.policy = ReceivePolicy(config_ref, store, clock, callout, alert_routes)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from relaywatch.config import Config
+from relaywatch.store.base import Store
 
 
-def open_store(config: Config, on_work=None, sync_commits: bool = True, checkpoints: bool = False):
+def open_store(config: Config, on_work=None, sync_commits: bool = True, checkpoints: bool = False) -> Store:
     """The store ``server.store`` names: "sqlite" (a file in data_dir) or a postgresql:// URL.
 
     ``sync_commits=False``: the caller only leases and records outcomes (the

@@ -1,8 +1,10 @@
-"""The queue store seam: queue operations, not SQL.
+"""The store seams: queue operations and watch state, not SQL.
 
-Everything above this interface (receiver, scheduler, CLI) is the same for
-every backend.  SQLite is the embedded default (store/sqlite.py); a
-PostgreSQL backend implements the same protocol.
+Everything above these interfaces (receiver, scheduler, watch, CLI) is the
+same for every backend: SQLite is the embedded default (store/sqlite.py),
+PostgreSQL is for several nodes (store/postgres.py), and store/memory.py keeps
+everything in dicts (tests, tools).  tests/test_store_contract.py holds all
+three to one contract.
 
 Durability contract: when ``enqueue`` returns, the message is on disk and
 survives a crash; when ``record`` returns, the outcome (and any NDR it queued)
@@ -13,15 +15,15 @@ its last recipient as delivered, or queues the NDR that tells the sender.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, StoredBody
+from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody
 
 
 @dataclass(frozen=True)
 class QueueQuery:
     connector: str | None = None
-    status: str | None = None
+    status: str | None = None        # an EntryStatus value ("active": leased now)
     limit: int = 1000
 
 
@@ -34,15 +36,36 @@ class Selector:
 
 
 class QueueStore(Protocol):
+    """The queue: what the receiver, the scheduler and the operator's commands use."""
+
+    # Called (on the event loop) after a commit that made work due; the app
+    # points it at the scheduler, or at the delivery process's wake-up.
+    on_work: Callable[[], None] | None
+
+    @property
+    def where(self) -> str:
+        """The queue's location for messages (a path, a DSN without its password)."""
+
+    @property
+    def single_node(self) -> bool:
+        """One delivering process owns the queue: leases left by a dead run are stale
+        and are returned at start-up."""
+
+    @property
+    def inline_bodies(self) -> bool:
+        """Bodies always go into the store (other nodes deliver them), never a spool file."""
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
 
     async def enqueue(self, msg: NewMessage) -> list[str]:
-        """Commit a received message (one entry per route); return entry ids."""
+        """Commit a received message (one entry per route, in the order of the
+        routes' first recipients); return the entry ids."""
 
     async def lease(self, owner: str, limit: int, ttl: float, now: float) -> list[Entry]:
-        """Take up to ``limit`` due entries, oldest due first.  A lease that is
-        not recorded within ``ttl`` seconds lapses and the entry is due again."""
+        """Take up to ``limit`` due entries, oldest due first, with their waiting
+        recipients and body.  A lease that is not recorded within ``ttl`` seconds
+        lapses and the entry is due again."""
 
     async def read_body(self, body_id: str) -> StoredBody: ...
 
@@ -55,7 +78,8 @@ class QueueStore(Protocol):
         ``notice_pending`` (an NDR that could not be built) is left; such an
         entry stays, due again at ``next_attempt_at``, for that NDR alone.
         ``notice_pending`` is the entry's state after this record: pass the
-        entry's own to keep it.
+        entry's own to keep it.  ``delay_notified``: the sender was told of
+        the delay (never unset once set).
         ``owner=None`` is an operator action and requires the entry unleased.
 
         ``attempts_before`` (the entry's attempts when it was leased) marks a
@@ -71,12 +95,86 @@ class QueueStore(Protocol):
     async def renew_leases(self, owner: str, ids: Sequence[str], until: float) -> set[str]:
         """Extend ``owner``'s leases on ``ids`` to ``until``; the ids it still held."""
 
-    async def get(self, entry_id: str) -> Entry | None: ...
+    async def get(self, entry_id: str) -> Entry | None:
+        """One entry with every recipient and its attempt history (``queue show``)."""
+
     async def list(self, query: QueueQuery) -> list[Entry]: ...
-    async def retry(self, selector: Selector, now: float) -> int: ...
+    async def retry(self, selector: Selector, now: float) -> int:
+        """Make unheld, unleased entries due now, the oldest first; how many."""
+
     async def hold(self, entry_id: str) -> bool: ...
     async def release(self, entry_id: str, now: float) -> bool: ...
-    async def delete(self, entry_id: str) -> bool: ...
-    async def next_due(self) -> float | None: ...
-    async def counts(self) -> dict[str, int]: ...
-    async def spool_paths(self) -> set[str]: ...
+    async def delete(self, entry_id: str) -> bool:
+        """Remove an unleased entry (StoreError while it is being delivered)."""
+
+    async def move_recipients(self, entry_id: str, addresses: Sequence[str], route: Route,
+                              now: float) -> str | None:
+        """Give some waiting recipients of an unleased entry a new route, as a new
+        entry sharing the body; its id (None if nothing moved)."""
+
+    async def counts(self) -> dict[str, int]:
+        """Entries by stored status (leased ones count as their stored status)."""
+
+    async def spool_paths(self) -> set[str]:
+        """Every body file a queue row points at (the rest are crash leftovers)."""
+
+
+class WatchStore(Protocol):
+    """The mail-flow watch's state: deferred mail by cause, incidents and their
+    notifications, Fix-now overrides with their audit trail."""
+
+    async def deferred_summary(self) -> list[dict[str, Any]]:
+        """Deferred mail grouped by (connector, last code): messages, recipients
+        still waiting, oldest received, first expiry, first failure, latest error
+        and the destinations tried."""
+
+    async def held_notices(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Entries whose NDR could not be built yet, latest retry first."""
+
+    async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:
+        """Ids of a connector's entries in ``status`` (and with last code ``code``), oldest first."""
+
+    async def open_incidents(self) -> list[dict[str, Any]]: ...
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+        """The latest incidents first."""
+
+    async def incident(self, incident_id: int) -> dict[str, Any] | None:
+        """One incident, with its ``notifications`` and ``audit`` lists."""
+
+    async def save_incident(self, incident: dict[str, Any]) -> int:
+        """Insert (``id`` None) or update an incident; its id."""
+
+    async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
+                               now: float) -> bool:
+        """Queue one notification; False if this transition was already notified on this channel."""
+
+    async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
+                                       attempts: int, sent_at: float | None, last_error: str | None) -> None:
+        """Record a notification tried before the store could be written (sent when ``sent_at``)."""
+
+    async def due_notifications(self, now: float) -> list[dict[str, Any]]: ...
+    async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
+                                  retry_at: float | None) -> None:
+        """Sent; or failed, to be tried again at ``retry_at`` (None: given up)."""
+
+    async def set_last_good(self, connector: str, at: float, facts: dict) -> None: ...
+    async def last_good(self) -> dict[str, dict]: ...
+    async def overrides(self) -> dict[str, dict]: ...
+    async def overrides_version(self) -> tuple:
+        """Changes whenever the overrides change (cheap to poll)."""
+
+    async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
+                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+        """Change overrides and write the audit record in one transaction; the audit id."""
+
+    async def last_undoable(self, incident_id: int) -> dict | None: ...
+    async def mark_undone(self, audit_id: int, now: float) -> None: ...
+    async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
+        """Count refused recipients: (at, domain, connector, source) rows."""
+
+    async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
+        """(domain, connector, source, count) since ``since``, the most first."""
+
+
+class Store(QueueStore, WatchStore, Protocol):
+    """Both: one database holds the queue and the watch's state (what open_store returns)."""

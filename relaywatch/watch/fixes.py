@@ -18,7 +18,7 @@ from relaywatch.deliver.scheduler import finish_attempt
 from relaywatch.errors import RelaywatchError, StoreError
 from relaywatch.model import Failure, RecipientOutcome, RecipientStatus
 from relaywatch.route import LOCAL, split_address
-from relaywatch.store.base import Selector
+from relaywatch.store.base import Selector, Store
 from relaywatch.watch.model import Incident
 
 ACTIONS = ("decommission", "retry-now", "pause", "expire")
@@ -83,7 +83,7 @@ def plan(action: str, incident: Incident, config: Config, overrides: dict) -> Pl
     raise FixError(f"unknown action {action!r}; choose one of: {', '.join(ACTIONS)}")
 
 
-async def apply(store, config: Config, incident: Incident, p: Plan, who: str, reason: str | None) -> list[str]:
+async def apply(store: Store, config: Config, incident: Incident, p: Plan, who: str, reason: str | None) -> list[str]:
     """Do it; return what was done, line by line."""
     now = time.time()
     done: list[str] = []
@@ -118,7 +118,7 @@ async def apply(store, config: Config, incident: Incident, p: Plan, who: str, re
     return done
 
 
-async def undo(store, incident: Incident, who: str) -> list[str]:
+async def undo(store: Store, incident: Incident, who: str) -> list[str]:
     last = await store.last_undoable(incident.id)
     if last is None:
         raise FixError(f"incident {incident.id} has no action to undo")
@@ -148,7 +148,7 @@ def _not_found_failure(now: float) -> Failure:
                           "there is no such mailbox.", phase="rcpt", permanent=True, at=now, kind=e.id)
 
 
-async def _get_unleased(store, entry_id: str, tries: int = 50):
+async def _get_unleased(store: Store, entry_id: str, tries: int = 50):
     """The entry, once no delivery holds it (the server stops using the connector within seconds)."""
     import asyncio
     for _ in range(tries):
@@ -159,7 +159,7 @@ async def _get_unleased(store, entry_id: str, tries: int = 50):
     raise StoreError(f"message {entry_id} stayed in delivery; run the action again")
 
 
-async def return_to_sender(store, config: Config, entry_id: str, failure: Failure | None) -> int:
+async def return_to_sender(store: Store, config: Config, entry_id: str, failure: Failure | None) -> int:
     entry = await _get_unleased(store, entry_id)
     if entry is None or not entry.pending:
         return 0

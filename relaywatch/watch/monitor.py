@@ -24,7 +24,7 @@ from relaywatch.config import Config, Connector
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStatus
-from relaywatch.store.base import Selector
+from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, InvalidSource, ProbeResult, Transition,
@@ -37,7 +37,7 @@ _WATCH_DUTY = 20   # wait at least this many times as long as a tick took
 
 
 class Monitor:
-    def __init__(self, config_ref: Callable[[], Config], store, routes: SmtpRoutes,
+    def __init__(self, config_ref: Callable[[], Config], store: Store, routes: SmtpRoutes,
                  wake_scheduler: Callable[[], None], clock: Callable[[], float] = time.time):
         self.config_ref = config_ref
         self.store = store

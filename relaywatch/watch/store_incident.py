@@ -25,6 +25,7 @@ from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.receive.store_condition import (Change, ConditionChanged, ConditionEnded, ConditionStarted,
                                                 PlaceRecovered, StoreProblem, span)
+from relaywatch.store.base import WatchStore
 from relaywatch.watch import alerts
 from relaywatch.watch.model import Incident, IncidentKind, IncidentState, Severity, StoreFacts
 
@@ -103,7 +104,8 @@ class _Outage:
 
 
 class StoreIncidentReporter:
-    def __init__(self, config_ref: Callable[[], Config], store, routes, clock: Callable[[], float] = time.time):
+    def __init__(self, config_ref: Callable[[], Config], store: WatchStore, routes,
+                 clock: Callable[[], float] = time.time):
         self.config_ref = config_ref
         self.store = store
         self.routes = routes         # SmtpRoutes, for alert email by MX

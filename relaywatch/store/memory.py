@@ -1,0 +1,504 @@
+"""A store in dicts: the queue and the watch's state of one process, gone when it ends.
+
+It implements QueueStore and WatchStore for real (the contract suite,
+tests/test_store_contract.py, runs it beside SQLite and PostgreSQL): leases
+lapse, statuses move as in queue.sql, NDRs are queued with the outcome,
+bodies are reference-counted and a spool file goes with its last entry.
+
+Each operation runs to its end without awaiting, so it is atomic to every
+other coroutine; it checks everything that can fail before it changes
+anything, which is what the SQL stores' per-operation savepoint gives them.
+Nothing is durable, so it is for tests and tools, never for ``serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
+from relaywatch.model import (
+    Attempt, Entry, EntryStatus, IncidentState, NewMessage, NotificationState, Recipient, RecipientOutcome,
+    RecipientStatus, Route, StoredBody,
+)
+from relaywatch.store import queue as sql_queue
+from relaywatch.store.base import QueueQuery, Selector
+from relaywatch.store.watch import _incident, incident_data, notification_state, summary
+
+WAITING = (RecipientStatus.PENDING, RecipientStatus.DEFERRED)
+DUE = (EntryStatus.QUEUED, EntryStatus.DEFERRED)
+
+
+@dataclass
+class _Row:
+    """One entry as stored (the columns of the entries table)."""
+    id: str
+    body_id: str
+    sender: str
+    received_at: float
+    expires_at: float
+    route: Route
+    size: int
+    message_id: str
+    client: str
+    is_dsn: bool
+    next_attempt_at: float | None
+    status: EntryStatus = EntryStatus.QUEUED
+    attempts: int = 0
+    first_failure_at: float | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    last_code: str | None = None
+    delay_notified: bool = False
+    waiting: int = 0
+    notice_pending: dict | None = None
+    recipients: list[Recipient] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+
+class MemoryStore:
+    where = "memory"
+    single_node = True
+    inline_bodies = False
+
+    def __init__(self, on_work: Callable[[], None] | None = None, clock: Callable[[], float] = time.time):
+        self.on_work = on_work
+        self.clock = clock
+        self._open = False
+        self._entries: dict[str, _Row] = {}
+        self._bodies: dict[str, list] = {}          # id -> [StoredBody, refs]
+        self._incidents: dict[int, tuple] = {}      # id -> the incidents row
+        self._notifications: list[dict] = []
+        self._last_good: dict[str, tuple[float, str]] = {}
+        self._overrides: dict[str, tuple[str, float, int | None]] = {}
+        self._audit: list[dict] = []
+        self._invalid: list[tuple[float, str, str, str]] = []
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    def _check(self) -> None:
+        if not self._open:
+            raise StoreError("queue store is not open")
+
+    def _notify(self) -> None:
+        if self.on_work is not None:
+            self.on_work()
+
+    # -- the queue -------------------------------------------------------------------
+
+    async def enqueue(self, msg: NewMessage) -> list[str]:
+        self._check()
+        ids = self._insert_message(msg)
+        self._notify()
+        return ids
+
+    async def lease(self, owner: str, limit: int, ttl: float, now: float) -> list[Entry]:
+        self._check()
+        due = sorted((r for r in self._entries.values()
+                      if r.status in DUE and r.next_attempt_at is not None and r.next_attempt_at <= now),
+                     key=lambda r: (r.next_attempt_at, r.id))[:limit]
+        for r in due:
+            r.lease_owner, r.lease_until, r.next_attempt_at = owner, now + ttl, now + ttl
+        entries = [self._entry(r, [x for x in r.recipients if x.status in WAITING]) for r in due]
+        for e in entries:
+            e.body = self._bodies[e.body_id][0]
+        return entries
+
+    async def read_body(self, body_id: str) -> StoredBody:
+        self._check()
+        if body_id not in self._bodies:
+            raise StoreError(f"message body {body_id} is missing from the store")
+        return self._bodies[body_id][0]
+
+    async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
+                     outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
+                     notices: Sequence[NewMessage] = (), delay_notified: bool = False,
+                     notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
+        self._check()
+        now = self.clock()
+        r = self._entries.get(entry_id)
+        if r is None:
+            if attempts_before is not None:
+                return False   # recorded (delivered to all) before, or deleted
+            raise UnknownEntry(entry_id)
+        if attempts_before is not None:   # a record tried again: see QueueStore.record
+            if r.lease_owner is None and r.attempts != attempts_before:
+                return False
+            if r.lease_owner is not None and r.lease_owner != owner:
+                raise LeaseLost(f"entry {entry_id} is now leased by {r.lease_owner}")
+        elif owner is not None and r.lease_owner != owner:
+            raise LeaseLost(f"entry {entry_id} is now leased by {r.lease_owner}")
+        if owner is None and r.lease_owner is not None and (r.lease_until or 0) > now:
+            raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+        held = json.loads(json.dumps(notice_pending)) if notice_pending else None
+        history = json.loads(json.dumps(attempt.to_dict())) if attempt is not None else None
+        # Checked: from here on nothing fails.
+        by_address = {o.address: o for o in outcomes}
+        failed_now = False
+        for i, rcpt in enumerate(r.recipients):
+            o = by_address.get(rcpt.address)
+            if o is None or rcpt.status.is_final:
+                continue
+            failed_now = failed_now or o.status is not RecipientStatus.DELIVERED
+            r.recipients[i] = replace(rcpt, status=o.status, last_error=o.failure or rcpt.last_error)
+        if history is not None:
+            r.attempts += 1
+            r.history.append(history)
+        for notice in notices:
+            self._insert_message(notice)
+        pending = sum(1 for x in r.recipients if x.status in WAITING)
+        if pending == 0 and held is None:
+            self._remove(r)
+        else:
+            # Still here: recipients wait, or only a notice that could not be built yet.
+            if failed_now and r.first_failure_at is None:
+                r.first_failure_at = now
+            code = next((o.failure.code for o in outcomes
+                         if o.status is RecipientStatus.DEFERRED and o.failure), None)
+            if r.status is not EntryStatus.HELD:
+                r.status = EntryStatus.DEFERRED
+            r.next_attempt_at = next_attempt_at if next_attempt_at is not None else now
+            r.lease_owner = r.lease_until = None
+            r.last_code = None if pending == 0 else (code or r.last_code)
+            r.waiting, r.notice_pending = pending, held
+            r.delay_notified = r.delay_notified or delay_notified
+        if notices:
+            self._notify()
+        return True
+
+    async def release_leases(self, owner: str | None, now: float, keep: Sequence[str] = ()) -> int:
+        self._check()
+        n = 0
+        for r in self._entries.values():
+            if (r.lease_owner == owner if owner else r.lease_owner is not None) and r.id not in keep:
+                r.lease_owner = r.lease_until = None
+                if r.next_attempt_at is None or r.next_attempt_at >= now:
+                    r.next_attempt_at = now
+                n += 1
+        if n:
+            self._notify()
+        return n
+
+    async def renew_leases(self, owner: str, ids: Sequence[str], until: float) -> set[str]:
+        self._check()
+        renewed = set()
+        for i in ids:
+            r = self._entries.get(i)
+            if r is not None and r.lease_owner == owner:
+                r.lease_until = r.next_attempt_at = until
+                renewed.add(i)
+        return renewed
+
+    async def get(self, entry_id: str) -> Entry | None:
+        self._check()
+        r = self._entries.get(entry_id.upper())
+        if r is None:
+            return None
+        entry = self._entry(r, r.recipients)
+        entry.history = json.loads(json.dumps(r.history))
+        return entry
+
+    async def list(self, query: QueueQuery) -> list[Entry]:
+        self._check()
+        now = time.time()
+        rows = sorted(self._entries.values(), key=lambda r: (r.received_at, r.id))
+        if query.connector:
+            rows = [r for r in rows if r.route.name == query.connector]
+        if query.status == EntryStatus.ACTIVE.value:
+            rows = [r for r in rows if r.lease_until is not None and r.lease_until > now]
+        elif query.status:
+            rows = [r for r in rows if r.status.value == query.status
+                    and (r.lease_until is None or r.lease_until <= now)]
+        return [self._entry(r, r.recipients) for r in rows[:query.limit]]
+
+    async def retry(self, selector: Selector, now: float) -> int:
+        self._check()
+        ids = {i.upper() for i in selector.ids}
+        n = 0
+        for r in self._entries.values():
+            chosen = selector.all or (r.route.name == selector.connector if selector.connector else r.id in ids)
+            if chosen and r.status is not EntryStatus.HELD and (r.lease_until is None or r.lease_until <= now):
+                r.next_attempt_at = min(r.received_at, now)
+                n += 1
+        if n:
+            self._notify()
+        return n
+
+    async def hold(self, entry_id: str) -> bool:
+        self._check()
+        r = self._entries.get(entry_id.upper())
+        if r is None:
+            return False
+        r.status = EntryStatus.HELD
+        return True
+
+    async def release(self, entry_id: str, now: float) -> bool:
+        self._check()
+        r = self._entries.get(entry_id.upper())
+        if r is None or r.status is not EntryStatus.HELD:
+            return False
+        r.status = EntryStatus.QUEUED if r.attempts == 0 else EntryStatus.DEFERRED
+        r.next_attempt_at = now
+        self._notify()
+        return True
+
+    async def delete(self, entry_id: str) -> bool:
+        self._check()
+        r = self._entries.get(entry_id.upper())
+        if r is None:
+            return False
+        if r.lease_until and r.lease_until > time.time():
+            raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+        self._remove(r)
+        return True
+
+    async def move_recipients(self, entry_id: str, addresses: Sequence[str], route: Route, now: float) -> str | None:
+        self._check()
+        r = self._entries.get(entry_id)
+        if r is None or not addresses:
+            return None
+        if r.lease_owner is not None and (r.lease_until or 0) > time.time():
+            raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+        moved = [x for x in r.recipients if x.address in addresses and x.status in WAITING]
+        if not moved:
+            return None
+        r.recipients = [x for x in r.recipients if not any(x is m for m in moved)]
+        r.waiting -= len(moved)
+        new = self._new_id(self._entries)
+        self._entries[new] = _Row(
+            id=new, body_id=r.body_id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
+            route=route, size=r.size, message_id=r.message_id, client=r.client, is_dsn=r.is_dsn,
+            next_attempt_at=now, waiting=len(moved),
+            recipients=[Recipient(x.address, position=i) for i, x in enumerate(moved)])
+        self._bodies[r.body_id][1] += 1
+        if not r.recipients:
+            self._remove(r)
+        self._notify()
+        return new
+
+    async def counts(self) -> dict[str, int]:
+        self._check()
+        counts: dict[str, int] = {}
+        for r in self._entries.values():
+            counts[r.status.value] = counts.get(r.status.value, 0) + 1
+        return counts
+
+    async def spool_paths(self) -> set[str]:
+        self._check()
+        return {body.path for body, _ in self._bodies.values() if body.path}
+
+    def _insert_message(self, msg: NewMessage) -> list[str]:
+        groups: dict[str, tuple[Route, list[str]]] = {}
+        for address, route in msg.recipients:
+            groups.setdefault(route.key, (route, []))[1].append(address)
+        body_id = self._new_id(self._bodies)
+        self._bodies[body_id] = [msg.body, len(groups)]
+        ids = []
+        for route, addresses in groups.values():
+            entry_id = self._new_id(self._entries)
+            self._entries[entry_id] = _Row(
+                id=entry_id, body_id=body_id, sender=msg.sender, received_at=msg.received_at,
+                expires_at=msg.expires_at, route=route, size=msg.body.size, message_id=msg.message_id,
+                client=msg.client, is_dsn=msg.is_dsn, next_attempt_at=msg.received_at, waiting=len(addresses),
+                recipients=[Recipient(a, position=i) for i, a in enumerate(addresses)])
+            ids.append(entry_id)
+        return ids
+
+    @staticmethod
+    def _new_id(taken: dict) -> str:
+        while True:
+            id_ = sql_queue.new_id()
+            if id_ not in taken:
+                return id_
+
+    def _remove(self, r: _Row) -> None:
+        del self._entries[r.id]
+        body = self._bodies[r.body_id]
+        body[1] -= 1
+        if body[1] <= 0:
+            del self._bodies[r.body_id]
+            if body[0].path:
+                try:
+                    os.unlink(body[0].path)
+                except OSError:
+                    pass
+
+    def _entry(self, r: _Row, recipients: list[Recipient]) -> Entry:
+        leased = r.lease_owner is not None and (r.lease_until or 0) > time.time()
+        return Entry(
+            id=r.id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
+            status=EntryStatus.ACTIVE if leased else r.status, attempts=r.attempts,
+            next_attempt_at=r.next_attempt_at, route=r.route, size=r.size, message_id=r.message_id,
+            body_id=r.body_id, client=r.client, is_dsn=r.is_dsn, first_failure_at=r.first_failure_at,
+            lease_owner=r.lease_owner if leased else None, delay_notified=r.delay_notified,
+            notice_pending=json.loads(json.dumps(r.notice_pending)) if r.notice_pending else None,
+            recipients=sorted(recipients, key=lambda x: x.position))
+
+    # -- the watch ---------------------------------------------------------------------
+
+    async def deferred_summary(self) -> list[dict]:
+        self._check()
+        groups: dict[tuple[str, str], list[_Row]] = {}
+        for r in self._entries.values():
+            if r.status is EntryStatus.DEFERRED and r.last_code is not None:
+                groups.setdefault((r.route.name, r.last_code), []).append(r)
+        out = []
+        for (connector, code), rows in groups.items():
+            failures = [x.last_error for r in sorted(rows, key=lambda r: -r.received_at)
+                        for x in r.recipients if x.last_error is not None][:20]
+            first_failures = [r.first_failure_at for r in rows if r.first_failure_at is not None]
+            out.append(summary(connector, code, len(rows), sum(r.waiting for r in rows),
+                               min(r.received_at for r in rows), min(r.expires_at for r in rows),
+                               min(first_failures) if first_failures else None,
+                               [json.loads(f.to_json()) for f in failures]))
+        return out
+
+    async def held_notices(self, limit: int = 20) -> list[dict]:
+        self._check()
+        held = [{"id": r.id, "sender": r.sender, "connector": r.route.name, **json.loads(json.dumps(r.notice_pending))}
+                for r in self._entries.values() if r.notice_pending is not None]
+        return sorted(held, key=lambda h: -(h.get("retry_at") or 0))[:limit]
+
+    async def entry_ids(self, connector: str, code: str | None = None,
+                        status: str = EntryStatus.DEFERRED.value) -> list[str]:
+        self._check()
+        return [r.id for r in sorted(self._entries.values(), key=lambda r: r.received_at)
+                if r.route.name == connector and r.status.value == status and (code is None or r.last_code == code)]
+
+    async def open_incidents(self) -> list[dict]:
+        self._check()
+        return [_incident(row) for _, row in sorted(self._incidents.items()) if row[3] == IncidentState.OPEN]
+
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
+        self._check()
+        rows = [row for _, row in sorted(self._incidents.items(), reverse=True)
+                if include_resolved or row[3] == IncidentState.OPEN]
+        return [_incident(row) for row in rows[:limit]]
+
+    async def incident(self, incident_id: int) -> dict | None:
+        self._check()
+        row = self._incidents.get(incident_id)
+        if row is None:
+            return None
+        inc = _incident(row)
+        inc["notifications"] = [{k: n[k] for k in ("transition", "channel", "state", "attempts", "last_error",
+                                                   "sent_at")}
+                                for n in self._notifications if n["incident_id"] == incident_id]
+        inc["audit"] = [{"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
+                         "detail": json.loads(a["detail"]), "undone_at": a["undone_at"]}
+                        for a in self._audit if a["incident_id"] == incident_id]
+        return inc
+
+    async def save_incident(self, incident: dict) -> int:
+        self._check()
+        blob = incident_data(incident)
+        id_ = incident.get("id")
+        if id_ is None:
+            id_ = max(self._incidents, default=0) + 1
+            self._incidents[id_] = (id_, incident["connector"], incident["code"], incident["state"],
+                                    incident["opened_at"], incident.get("resolved_at"), blob)
+        elif id_ in self._incidents:
+            old = self._incidents[id_]
+            self._incidents[id_] = (*old[:3], incident["state"], old[4], incident.get("resolved_at"), blob)
+        return id_
+
+    def _add_notification(self, incident_id: int, transition: str, channel: str, **row: Any) -> bool:
+        if any((n["incident_id"], n["transition"], n["channel"]) == (incident_id, transition, channel)
+               for n in self._notifications):
+            return False    # never twice per transition and channel
+        self._notifications.append({"id": len(self._notifications) + 1, "incident_id": incident_id,
+                                    "transition": transition, "channel": channel, **row})
+        return True
+
+    async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
+                               now: float) -> bool:
+        self._check()
+        return self._add_notification(incident_id, transition, channel, state=NotificationState.PENDING.value,
+                                      attempts=0, next_try=now, last_error=None, sent_at=None,
+                                      payload=json.dumps(payload))
+
+    async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
+                                       attempts: int, sent_at: float | None, last_error: str | None) -> None:
+        self._check()
+        state = NotificationState.SENT if sent_at is not None else NotificationState.FAILED
+        self._add_notification(incident_id, transition, channel, state=state.value, attempts=attempts,
+                               next_try=sent_at or 0, last_error=last_error, sent_at=sent_at,
+                               payload=json.dumps(payload))
+
+    async def due_notifications(self, now: float) -> list[dict]:
+        self._check()
+        return [{"id": n["id"], "incident_id": n["incident_id"], "transition": n["transition"],
+                 "channel": n["channel"], "attempts": n["attempts"], "payload": json.loads(n["payload"])}
+                for n in self._notifications if n["state"] == NotificationState.PENDING and n["next_try"] <= now]
+
+    async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
+                                  retry_at: float | None) -> None:
+        self._check()
+        for n in self._notifications:
+            if n["id"] == notification_id:
+                n.update(state=notification_state(ok, retry_at).value, attempts=n["attempts"] + 1,
+                         last_error=error, sent_at=now if ok else None,
+                         next_try=retry_at if retry_at is not None else n["next_try"])
+
+    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
+        self._check()
+        self._last_good[connector] = (at, json.dumps(facts))
+
+    async def last_good(self) -> dict[str, dict]:
+        self._check()
+        return {c: dict(json.loads(d), at=at) for c, (at, d) in self._last_good.items()}
+
+    async def overrides(self) -> dict[str, dict]:
+        self._check()
+        return {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
+                for k, (v, at, i) in self._overrides.items()}
+
+    async def overrides_version(self) -> tuple:
+        self._check()
+        return len(self._overrides), max((at for _, at, _ in self._overrides.values()), default=None)
+
+    async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
+                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+        self._check()
+        values = {key: json.dumps(value) for key, value in set_overrides.items()}   # fails before any change
+        detail_json = json.dumps(detail)
+        for key, value in values.items():
+            self._overrides[key] = (value, now, incident_id)
+        for key in clear_overrides:
+            self._overrides.pop(key, None)
+        audit_id = len(self._audit) + 1
+        self._audit.append({"id": audit_id, "at": now, "who": who, "action": action, "incident_id": incident_id,
+                            "detail": detail_json, "undone_at": None})
+        return audit_id
+
+    async def last_undoable(self, incident_id: int) -> dict | None:
+        self._check()
+        for a in reversed(self._audit):
+            if a["incident_id"] == incident_id and a["undone_at"] is None and not a["action"].startswith("undo "):
+                return {"id": a["id"], "action": a["action"], "detail": json.loads(a["detail"])}
+        return None
+
+    async def mark_undone(self, audit_id: int, now: float) -> None:
+        self._check()
+        for a in self._audit:
+            if a["id"] == audit_id:
+                a["undone_at"] = now
+
+    async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
+        self._check()
+        self._invalid.extend(tuple(r) for r in rows)
+
+    async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
+        self._check()
+        counts: dict[tuple[str, str, str], int] = {}
+        for at, domain, connector, source in self._invalid:
+            if at >= since:
+                counts[(domain, connector, source)] = counts.get((domain, connector, source), 0) + 1
+        return sorted(((*k, n) for k, n in counts.items()), key=lambda row: -row[3])
