@@ -139,7 +139,8 @@ status = ? AND (lease_until IS NULL OR lease_until <= ?)
 id IN (?*)
 
 -- every_entry --
-1
+-- (not a bare 1: PostgreSQL wants a boolean after AND)
+1 = 1
 
 -- retry --
 -- Due at once, and in order of age: leasing takes the smallest next_attempt_at first, so

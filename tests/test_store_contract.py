@@ -1,0 +1,308 @@
+"""The store contract (store/base.py), the same over memory, SQLite and PostgreSQL.
+
+tests/test_store.py has the first part (enqueue, leases, batches); this file the
+status rules of record, the operator's and the watch's operations, and that the
+protocols are complete: every store has every method, and callers use no other.
+"""
+
+import inspect
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from relaywatch.errors import LeaseLost, StoreError
+from relaywatch.model import (
+    Attempt, EntryStatus, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
+)
+from relaywatch.store.base import QueueQuery, QueueStore, Selector, Store, WatchStore
+from relaywatch.store.memory import MemoryStore
+from relaywatch.store.postgres import PostgresStore
+from relaywatch.store.sqlite import SqliteStore
+
+from helpers import STORE_BACKENDS, make_store
+
+A = Route(RouteKind.CONNECTOR, "a")
+B = Route(RouteKind.CONNECTOR, "b")
+LOCAL = Route(RouteKind.LOCAL, "local")
+DELIVERED, DEFERRED, FAILED = RecipientStatus.DELIVERED, RecipientStatus.DEFERRED, RecipientStatus.FAILED
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def msg(*recipients, now=None, path=None, is_dsn=False):
+    now = now or time.time()
+    data = b"Subject: x\r\n\r\nbody\r\n"
+    return NewMessage(sender="s@x.test", recipients=tuple(recipients),
+                      body=StoredBody(size=len(data), data=None if path else data, path=path),
+                      received_at=now, expires_at=now + 3600, message_id="<m@x>", is_dsn=is_dsn)
+
+
+def failure(code="4.4.316", at=None):
+    return Failure(code=code, smtp_code=450, title="Connection refused", subtype="refused", detail="refused",
+                   phase="connect", permanent=code.startswith("5"), at=at or time.time(), kind="connect.refused")
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store(request, tmp_path):
+    woken = []
+    s = make_store(request.param, tmp_path, request, on_work=lambda: woken.append(1))
+    await s.open()
+    s.woken = woken
+    yield s
+    await s.close()
+
+
+# -- the protocols are complete ---------------------------------------------------------
+
+def _members(protocol) -> dict[str, object]:
+    names = {n for cls in protocol.__mro__ if cls.__module__ == "relaywatch.store.base"
+             for n in (*vars(cls), *getattr(cls, "__annotations__", {})) if not n.startswith("_")}
+    return {n: getattr(protocol, n, None) for n in names}
+
+
+@pytest.mark.parametrize("cls", [MemoryStore, SqliteStore, PostgresStore])
+def test_every_store_has_every_method_of_both_protocols_with_their_signatures(cls):
+    for name, member in _members(Store).items():
+        assert hasattr(cls, name) or name == "on_work", f"{cls.__name__} lacks {name}"
+        if inspect.iscoroutinefunction(member):
+            assert inspect.iscoroutinefunction(getattr(cls, name)), f"{cls.__name__}.{name} is not async"
+            mine, declared = inspect.signature(getattr(cls, name)), inspect.signature(member)
+            assert [(p.name, p.default) for p in mine.parameters.values()] == \
+                [(p.name, p.default) for p in declared.parameters.values()], f"{cls.__name__}.{name}"
+
+
+def test_callers_use_only_what_the_protocols_declare():
+    """Nothing above the store reaches past the seam (no getattr workarounds, no SQL)."""
+    declared = set(_members(Store))
+    used: dict[str, str] = {}
+    for path in (ROOT / "relaywatch").rglob("*.py"):
+        if "store" in path.relative_to(ROOT / "relaywatch").parts[:1]:
+            continue
+        text = path.read_text()
+        for name in re.findall(r"(?<![\w.])(?:self\.)?store\.([a-z_]+)", text):
+            used.setdefault(name, str(path))
+        if path.name == "cli.py":   # _with_store(config, lambda s: s.list(...))
+            for name in re.findall(r"lambda s: s\.([a-z_]+)", text):
+                used.setdefault(name, str(path))
+    assert {n: p for n, p in used.items() if n not in declared} == {}
+    assert {"enqueue", "lease", "record", "save_incident", "inline_bodies"} <= set(used)
+
+
+def test_queue_and_watch_protocols_are_apart():
+    assert "record" in _members(QueueStore) and "record" not in _members(WatchStore)
+    assert "save_incident" in _members(WatchStore) and "save_incident" not in _members(QueueStore)
+
+
+# -- record: the status rules ----------------------------------------------------------
+
+async def test_a_failed_recipient_queues_its_ndr_in_the_same_record_and_the_entry_goes(store):
+    [entry_id] = await store.enqueue(msg(("1@a", A), ("2@a", A)))
+    [entry] = await store.lease("w", 10, 30, time.time())
+    outcomes = [RecipientOutcome("1@a", DELIVERED), RecipientOutcome("2@a", FAILED, failure=failure("5.1.1"))]
+    attempt = Attempt(time.time(), 0.1, None, tuple(outcomes))
+    store.woken.clear()
+    ndr = msg(("s@x.test", LOCAL), is_dsn=True)
+    assert await store.record(entry.id, "w", attempt, outcomes, None, notices=[ndr]) is True
+    assert await store.get(entry_id) is None
+    [notice] = await store.list(QueueQuery())
+    assert notice.is_dsn and notice.route == LOCAL and [r.address for r in notice.recipients] == ["s@x.test"]
+    assert (await store.read_body(notice.body_id)).data == ndr.body.data
+    assert store.woken, "the NDR is work: the scheduler is woken"
+
+
+async def test_deferred_keeps_the_entry_with_its_code_first_failure_and_delay_notice(store):
+    [entry_id] = await store.enqueue(msg(("1@a", A), ("2@a", A)))
+    await store.lease("w", 10, 30, time.time())
+    first = time.time()
+    outcomes = [RecipientOutcome("1@a", DELIVERED, reply="250 ok"), RecipientOutcome("2@a", DEFERRED, failure=failure())]
+    await store.record(entry_id, "w", Attempt(first, 0.1, None, tuple(outcomes)), outcomes, first + 60,
+                       delay_notified=True)
+    e = await store.get(entry_id)
+    assert (e.status, e.attempts, e.next_attempt_at, e.lease_owner) == (EntryStatus.DEFERRED, 1, first + 60, None)
+    assert e.first_failure_at is not None and e.delay_notified
+    assert [(r.address, r.status) for r in e.recipients] == [("1@a", DELIVERED), ("2@a", DEFERRED)]
+    assert e.recipients[1].last_error.code == "4.4.316" and len(e.history) == 1
+    assert e.history[0]["recipients"][0]["reply"] == "250 ok"
+    [group] = await store.deferred_summary()
+    assert (group["connector"], group["code"], group["messages"], group["recipients"]) == ("a", "4.4.316", 1, 1)
+    assert await store.entry_ids("a", "4.4.316") == [entry_id] and await store.entry_ids("a", "4.7.0") == []
+    # An operator's record (no owner) without a delay notice never unsets it; a
+    # deferral without a failure keeps the code it had.
+    await store.record(entry_id, None, None, [RecipientOutcome("2@a", DEFERRED)], first + 120)
+    e = await store.get(entry_id)
+    assert e.delay_notified and e.attempts == 1 and e.next_attempt_at == first + 120
+    assert [g["code"] for g in await store.deferred_summary()] == ["4.4.316"]
+
+
+async def test_a_held_entry_stays_held_when_its_outcome_is_recorded(store):
+    [entry_id] = await store.enqueue(msg(("1@a", A)))
+    [entry] = await store.lease("w", 10, 30, time.time())
+    assert await store.hold(entry_id)
+    deferred = [RecipientOutcome("1@a", DEFERRED, failure=failure())]
+    await store.record(entry_id, "w", Attempt(time.time(), 0.1, None, tuple(deferred)), deferred, time.time())
+    assert (await store.get(entry_id)).status is EntryStatus.HELD
+    assert await store.lease("w", 10, 30, time.time() + 10) == []
+    assert not await store.release(entry_id.lower() + "x", time.time())
+    assert await store.release(entry_id.lower(), time.time())          # ids are case-insensitive
+    assert (await store.get(entry_id)).status is EntryStatus.DEFERRED   # it was tried before: deferred
+    assert [e.id for e in await store.lease("w", 10, 30, time.time() + 1)] == [entry_id]
+
+
+async def test_an_ndr_that_could_not_be_built_keeps_the_entry_for_itself(store):
+    [entry_id] = await store.enqueue(msg(("1@a", A)))
+    await store.lease("w", 10, 30, time.time())
+    held = {"recipients": [{"address": "1@a"}], "error": "no body", "since": 1.0, "tries": 1, "retry_at": 5.0}
+    await store.record(entry_id, "w", None, [RecipientOutcome("1@a", FAILED, failure=failure("5.1.1"))],
+                       time.time() + 30, notice_pending=held)
+    e = await store.get(entry_id)
+    assert e.notice_pending == held and e.pending == [] and e.status is EntryStatus.DEFERRED
+    [shown] = await store.held_notices()
+    assert (shown["id"], shown["connector"], shown["error"]) == (entry_id, "a", "no body")
+    # Built at last: recorded without a pending notice, the entry goes.
+    await store.record(entry_id, None, None, [], None, notices=[msg(("s@x.test", LOCAL), is_dsn=True)])
+    assert await store.get(entry_id) is None and await store.held_notices() == []
+
+
+async def test_a_record_that_fails_changes_nothing(store):
+    [entry_id] = await store.enqueue(msg(("1@a", A)))
+    await store.lease("w1", 10, 30, time.time())
+    with pytest.raises(LeaseLost):
+        await store.record(entry_id, "w2", None, [RecipientOutcome("1@a", DELIVERED)], None,
+                           notices=[msg(("s@x.test", LOCAL))])
+    with pytest.raises(StoreError, match="being delivered"):
+        await store.record(entry_id, None, None, [RecipientOutcome("1@a", DELIVERED)], None)
+    with pytest.raises(StoreError, match="being delivered"):
+        await store.delete(entry_id)
+    [e] = await store.list(QueueQuery())
+    assert e.id == entry_id and e.status is EntryStatus.ACTIVE and e.recipients[0].status is RecipientStatus.PENDING
+
+
+# -- the operator's commands -----------------------------------------------------------
+
+async def test_list_filters_and_get_shows_everything(store):
+    now = time.time()
+    [a1] = await store.enqueue(msg(("1@a", A), now=now - 3))
+    [b1] = await store.enqueue(msg(("1@b", B), now=now - 2))
+    [a2] = await store.enqueue(msg(("2@a", A), now=now - 1))
+    await store.hold(b1)
+    [leased] = await store.lease("w", 1, 30, now)
+    assert leased.id == a1 and leased.status is EntryStatus.ACTIVE and leased.lease_owner == "w"
+    assert leased.body.data is not None
+    assert [e.id for e in await store.list(QueueQuery())] == [a1, b1, a2]
+    assert [e.id for e in await store.list(QueueQuery(connector="a"))] == [a1, a2]
+    assert [e.id for e in await store.list(QueueQuery(status="active"))] == [a1]
+    assert [e.id for e in await store.list(QueueQuery(status="queued"))] == [a2]
+    assert [e.id for e in await store.list(QueueQuery(status="held"))] == [b1]
+    assert [e.id for e in await store.list(QueueQuery(limit=2))] == [a1, b1]
+    assert await store.counts() == {"queued": 2, "held": 1}
+    assert await store.get("nosuchid") is None
+
+
+async def test_retry_makes_due_the_oldest_first_but_not_held_or_leased_ones(store):
+    now = time.time()
+    [old] = await store.enqueue(msg(("1@a", A), now=now - 100))
+    [new] = await store.enqueue(msg(("2@a", A), now=now - 10))
+    [held] = await store.enqueue(msg(("3@b", B), now=now - 50))
+    await store.hold(held)
+    await store.lease("w", 10, 30, now)                                  # old and new: leased
+    assert await store.retry(Selector(all=True), now) == 0
+    assert await store.release_leases("w", now) == 2
+    for e in (old, new):
+        await store.record(e, None, None, [RecipientOutcome(f"{1 if e == old else 2}@a", DEFERRED)], now + 600)
+    store.woken.clear()
+    assert await store.retry(Selector(ids=(old.lower(),)), now) == 1 and store.woken
+    assert await store.retry(Selector(connector="a"), now) == 2
+    assert await store.retry(Selector(connector="b"), now) == 0          # held
+    assert [e.id for e in await store.lease("w", 1, 30, now)] == [old]   # the oldest is due first
+
+
+async def test_leases_are_returned_but_those_kept_and_renewed_only_for_their_owner(store):
+    ids = [i for n in range(3) for i in await store.enqueue(msg((f"{n}@a", A)))]
+    now = time.time()
+    assert len(await store.lease("w1", 2, 30, now)) == 2
+    assert len(await store.lease("w2", 2, 30, now)) == 1
+    assert await store.renew_leases("w1", ids, now + 90) == set(ids[:2])
+    assert await store.renew_leases("w1", [], now + 90) == set()
+    assert await store.release_leases("w1", now, keep=[ids[0]]) == 1
+    assert (await store.get(ids[1])).status is EntryStatus.QUEUED
+    assert (await store.get(ids[0])).lease_owner == "w1"
+    assert await store.release_leases(None, now) == 2                    # everyone's (an SQLite start-up)
+    assert {e.id for e in await store.lease("w3", 10, 30, now)} == set(ids)
+
+
+async def test_moved_recipients_share_the_body_which_goes_with_its_last_entry(store, tmp_path):
+    spool = tmp_path / "spooled"
+    spool.write_bytes(b"Subject: x\r\n\r\nbig\r\n")
+    [entry_id] = await store.enqueue(msg(("1@a", A), ("2@a", A), path=str(spool)))
+    now = time.time()
+    moved = await store.move_recipients(entry_id, ["2@a", "9@a"], LOCAL, now)
+    assert moved is not None and await store.move_recipients(entry_id, ["2@a"], LOCAL, now) is None
+    old, new = await store.get(entry_id), await store.get(moved)
+    assert [r.address for r in old.recipients] == ["1@a"] and [r.address for r in new.recipients] == ["2@a"]
+    assert new.route == LOCAL and new.body_id == old.body_id and new.status is EntryStatus.QUEUED
+    assert await store.spool_paths() == {str(spool)}
+    # The last recipient moved: the old entry goes, the body stays for the new one.
+    assert await store.move_recipients(entry_id, ["1@a"], B, now) is not None
+    assert await store.get(entry_id) is None
+    assert (await store.read_body(new.body_id)).path == str(spool) and spool.exists()
+    for e in await store.list(QueueQuery()):
+        await store.delete(e.id)
+    assert not spool.exists() and await store.spool_paths() == set()
+    with pytest.raises(StoreError, match="missing"):
+        await store.read_body(new.body_id)
+
+
+# -- the watch's state ------------------------------------------------------------------
+
+async def test_incidents_notifications_and_fixes(store):
+    first = {"id": None, "connector": "a", "code": "4.4.316", "state": "open", "opened_at": 1.0, "messages": 2}
+    first["id"] = await store.save_incident(first)
+    second = {"id": None, "connector": "b", "code": "4.7.0", "state": "open", "opened_at": 2.0}
+    second["id"] = await store.save_incident(second)
+    await store.save_incident(dict(second, state="resolved", resolved_at=3.0, messages=0))
+    assert [i["id"] for i in await store.open_incidents()] == [first["id"]]
+    assert [i["id"] for i in await store.incidents()] == [first["id"]]
+    assert [(i["id"], i["state"], i.get("messages")) for i in await store.incidents(include_resolved=True)] == \
+        [(second["id"], "resolved", 0), (first["id"], "open", 2)]
+    assert [i["id"] for i in await store.incidents(include_resolved=True, limit=1)] == [second["id"]]
+    assert await store.incident(999) is None
+
+    # A notification tried before the store could be written: recorded once.
+    await store.add_notification_outcome(first["id"], "open", "webhook", {"y": 1}, 2, None, "refused")
+    await store.add_notification_outcome(first["id"], "open", "webhook", {"y": 1}, 3, 9.0, None)
+    assert await store.add_notification(first["id"], "escalate:100", "email", {"x": 1}, 5.0)
+    [due] = await store.due_notifications(5.0)
+    assert (due["transition"], due["payload"], due["attempts"]) == ("escalate:100", {"x": 1}, 0)
+    assert await store.due_notifications(4.0) == []
+    await store.notification_result(due["id"], False, "timeout", 5.0, retry_at=8.0)
+    assert await store.due_notifications(7.0) == [] and len(await store.due_notifications(8.0)) == 1
+    await store.notification_result(due["id"], False, "timeout", 8.0, retry_at=None)
+    assert await store.due_notifications(100.0) == []
+    shown = await store.incident(first["id"])
+    assert [(n["transition"], n["state"], n["attempts"]) for n in shown["notifications"]] == \
+        [("open", "failed", 2), ("escalate:100", "failed", 2)]
+
+    # Fix now and its undo: overrides with an audit trail.
+    version = await store.overrides_version()
+    fix = await store.apply_fix("ops", "pause", first["id"], {"undo": {"connector:a:paused": None}},
+                                {"connector:a:paused": True}, [], 10.0)
+    assert await store.overrides_version() != version
+    assert (await store.overrides())["connector:a:paused"] == {"value": True, "set_at": 10.0,
+                                                              "incident_id": first["id"]}
+    undo = await store.apply_fix("ops", "undo pause", first["id"], {"undoes": fix}, {}, ["connector:a:paused"], 11.0)
+    assert await store.overrides() == {} and (await store.last_undoable(first["id"]))["id"] == fix
+    await store.mark_undone(fix, 11.0)
+    assert await store.last_undoable(first["id"]) is None
+    audit = (await store.incident(first["id"]))["audit"]
+    assert [(a["id"], a["action"], a["undone_at"]) for a in audit] == [(fix, "pause", 11.0), (undo, "undo pause", None)]
+
+
+async def test_last_good_and_invalid_recipients(store):
+    await store.set_last_good("a", 1.0, {"tls": "1.3"})
+    await store.set_last_good("a", 2.0, {"tls": "1.2"})
+    assert await store.last_good() == {"a": {"tls": "1.2", "at": 2.0}}
+    await store.add_invalid_recipients([])
+    await store.add_invalid_recipients([(1.0, "x.test", "a", "rcpt"), (5.0, "x.test", "a", "rcpt"),
+                                        (6.0, "x.test", "a", "rcpt"), (6.0, "y.test", "b", "verify")])
+    assert await store.invalid_recipients_since(5.0) == [("x.test", "a", "rcpt", 2), ("y.test", "b", "verify", 1)]
