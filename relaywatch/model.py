@@ -189,6 +189,15 @@ class NewMessage:
     client: str = ""
     is_dsn: bool = False
 
+    def by_route(self) -> list[tuple[Route, list[str]]]:
+        """The queue entries this message makes: one per route key, in the order of
+        each route's first recipient, with its addresses (``enqueue`` returns the
+        entries' ids in this order)."""
+        groups: dict[str, tuple[Route, list[str]]] = {}
+        for address, route in self.recipients:
+            groups.setdefault(route.key, (route, []))[1].append(address)
+        return list(groups.values())
+
 
 @dataclass(frozen=True)
 class StoredBody:

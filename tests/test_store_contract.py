@@ -94,6 +94,16 @@ def test_queue_and_watch_protocols_are_apart():
     assert "save_incident" in _members(WatchStore) and "save_incident" not in _members(QueueStore)
 
 
+async def test_enqueue_returns_one_id_per_route_group_in_by_route_order(store):
+    """The receiver names each id's route and recipients from msg.by_route() (its "received" log line)."""
+    m = msg(("1@b", B), ("2@a", A), ("3@b", B))
+    ids = await store.enqueue(m)
+    assert [(r.name, addresses) for r, addresses in m.by_route()] == [("b", ["1@b", "3@b"]), ("a", ["2@a"])]
+    for entry_id, (route, addresses) in zip(ids, m.by_route(), strict=True):
+        entry = await store.get(entry_id)
+        assert entry.route == route and [r.address for r in entry.recipients] == addresses
+
+
 # -- record: the status rules ----------------------------------------------------------
 
 async def test_a_failed_recipient_queues_its_ndr_in_the_same_record_and_the_entry_goes(store):

@@ -195,9 +195,7 @@ class ReceivePolicy:
             self._written(Place.SPOOL)
         self._written(Place.QUEUE)
         self.store_incidents.wrote()
-        routes = [route for _, route in end.recipients]
-        for entry_id, route in zip(ids, _unique_routes(routes)):
-            rcpts = [a for a, r in end.recipients if r.key == route.key]
+        for entry_id, (route, rcpts) in zip(ids, msg.by_route()):
             events.emit("received", **{"id": entry_id, "msgid": message_id or None, "from": sender or "<>",
                                        "to": rcpts, "connector": route.name, "size": body.size,
                                        "client": msg.client, **({"dkim": signed_by} if signed_by else {})})
@@ -222,13 +220,6 @@ class ReceivePolicy:
         log.log(level, "%s", describe(change))
         self.store_incidents.on_change(change, list(self.store_condition.failing.values()),
                                        self.store_condition.refused)
-
-
-def _unique_routes(routes: list[Route]) -> list[Route]:
-    seen: dict[str, Route] = {}
-    for r in routes:
-        seen.setdefault(r.key, r)
-    return list(seen.values())
 
 
 class SmtpSession(asyncio.Protocol):

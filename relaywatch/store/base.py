@@ -59,8 +59,8 @@ class QueueStore(Protocol):
     async def close(self) -> None: ...
 
     async def enqueue(self, msg: NewMessage) -> list[str]:
-        """Commit a received message (one entry per route, in the order of the
-        routes' first recipients); return the entry ids."""
+        """Commit a received message; the ids of its entries, one per
+        ``msg.by_route()`` group and in that order."""
 
     async def lease(self, owner: str, limit: int, ttl: float, now: float) -> list[Entry]:
         """Take up to ``limit`` due entries, oldest due first, with their waiting

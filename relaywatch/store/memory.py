@@ -295,13 +295,11 @@ class MemoryStore:
         return {body.path for body, _ in self._bodies.values() if body.path}
 
     def _insert_message(self, msg: NewMessage) -> list[str]:
-        groups: dict[str, tuple[Route, list[str]]] = {}
-        for address, route in msg.recipients:
-            groups.setdefault(route.key, (route, []))[1].append(address)
+        groups = msg.by_route()
         body_id = self._new_id(self._bodies)
         self._bodies[body_id] = [msg.body, len(groups)]
         ids = []
-        for route, addresses in groups.values():
+        for route, addresses in groups:
             entry_id = self._new_id(self._entries)
             self._entries[entry_id] = _Row(
                 id=entry_id, body_id=body_id, sender=msg.sender, received_at=msg.received_at,

@@ -287,13 +287,11 @@ def _bytes(data) -> bytes | None:
 
 
 def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
-    groups: dict[str, tuple[Route, list[str]]] = {}
-    for address, route in msg.recipients:
-        groups.setdefault(route.key, (route, []))[1].append(address)
+    groups = msg.by_route()
     body_id = _insert_with_new_id(
         conn, Q["insert_body"], (msg.body.data, msg.body.path, msg.body.size, len(groups)))
     ids = []
-    for route, addresses in groups.values():
+    for route, addresses in groups:
         entry_id = _insert_with_new_id(conn, Q["insert_entry"], (
             body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at, route.kind.value,
             route.name, route.domain, msg.body.size, msg.message_id, msg.client, int(msg.is_dsn),
