@@ -267,7 +267,7 @@ from relaywatch.model import (                                               # n
     Attempt, Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
 from relaywatch.store.pending import Journal, PendingRecord, decode, encode  # noqa: E402
-from relaywatch.store.engine import Backoff                                   # noqa: E402
+from relaywatch.store.backoff import Backoff                                   # noqa: E402
 from relaywatch.store.sqlite import SqliteStore                              # noqa: E402
 
 ROUTE = Route(RouteKind.CONNECTOR, "a")

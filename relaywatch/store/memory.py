@@ -17,16 +17,16 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
-    Attempt, Entry, EntryStatus, IncidentState, NewMessage, NotificationState, Recipient, RecipientOutcome,
-    RecipientStatus, Route, StoredBody,
+    Attempt, Entry, EntryStatus, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route, StoredBody,
 )
 from relaywatch.store import queue as sql_queue
 from relaywatch.store.base import QueueQuery, Selector
-from relaywatch.store.watch import _incident, incident_data, notification_state, summary
+from relaywatch.store.memory_watch import MemoryWatch
+from relaywatch.store.watch import summary
 
 WAITING = (RecipientStatus.PENDING, RecipientStatus.DEFERRED)
 DUE = (EntryStatus.QUEUED, EntryStatus.DEFERRED)
@@ -59,7 +59,7 @@ class _Row:
     history: list[dict] = field(default_factory=list)
 
 
-class MemoryStore:
+class MemoryStore(MemoryWatch):
     where = "memory"
     single_node = True
     inline_bodies = False
@@ -70,12 +70,7 @@ class MemoryStore:
         self._open = False
         self._entries: dict[str, _Row] = {}
         self._bodies: dict[str, list] = {}          # id -> [StoredBody, refs]
-        self._incidents: dict[int, tuple] = {}      # id -> the incidents row
-        self._notifications: list[dict] = []
-        self._last_good: dict[str, tuple[float, str]] = {}
-        self._overrides: dict[str, tuple[str, float, int | None]] = {}
-        self._audit: list[dict] = []
-        self._invalid: list[tuple[float, str, str, str]] = []
+        super().__init__()
 
     async def open(self) -> None:
         self._open = True
@@ -339,7 +334,7 @@ class MemoryStore:
             notice_pending=json.loads(json.dumps(r.notice_pending)) if r.notice_pending else None,
             recipients=sorted(recipients, key=lambda x: x.position))
 
-    # -- the watch ---------------------------------------------------------------------
+    # -- the watch's reads of the queue (the rest: store/memory_watch.py) ---------------
 
     async def deferred_summary(self) -> list[dict]:
         self._check()
@@ -369,134 +364,3 @@ class MemoryStore:
         self._check()
         return [r.id for r in sorted(self._entries.values(), key=lambda r: r.received_at)
                 if r.route.name == connector and r.status.value == status and (code is None or r.last_code == code)]
-
-    async def open_incidents(self) -> list[dict]:
-        self._check()
-        return [_incident(row) for _, row in sorted(self._incidents.items()) if row[3] == IncidentState.OPEN]
-
-    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
-        self._check()
-        rows = [row for _, row in sorted(self._incidents.items(), reverse=True)
-                if include_resolved or row[3] == IncidentState.OPEN]
-        return [_incident(row) for row in rows[:limit]]
-
-    async def incident(self, incident_id: int) -> dict | None:
-        self._check()
-        row = self._incidents.get(incident_id)
-        if row is None:
-            return None
-        inc = _incident(row)
-        inc["notifications"] = [{k: n[k] for k in ("transition", "channel", "state", "attempts", "last_error",
-                                                   "sent_at")}
-                                for n in self._notifications if n["incident_id"] == incident_id]
-        inc["audit"] = [{"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
-                         "detail": json.loads(a["detail"]), "undone_at": a["undone_at"]}
-                        for a in self._audit if a["incident_id"] == incident_id]
-        return inc
-
-    async def save_incident(self, incident: dict) -> int:
-        self._check()
-        blob = incident_data(incident)
-        id_ = incident.get("id")
-        if id_ is None:
-            id_ = max(self._incidents, default=0) + 1
-            self._incidents[id_] = (id_, incident["connector"], incident["code"], incident["state"],
-                                    incident["opened_at"], incident.get("resolved_at"), blob)
-        elif id_ in self._incidents:
-            old = self._incidents[id_]
-            self._incidents[id_] = (*old[:3], incident["state"], old[4], incident.get("resolved_at"), blob)
-        return id_
-
-    def _add_notification(self, incident_id: int, transition: str, channel: str, **row: Any) -> bool:
-        if any((n["incident_id"], n["transition"], n["channel"]) == (incident_id, transition, channel)
-               for n in self._notifications):
-            return False    # never twice per transition and channel
-        self._notifications.append({"id": len(self._notifications) + 1, "incident_id": incident_id,
-                                    "transition": transition, "channel": channel, **row})
-        return True
-
-    async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
-                               now: float) -> bool:
-        self._check()
-        return self._add_notification(incident_id, transition, channel, state=NotificationState.PENDING.value,
-                                      attempts=0, next_try=now, last_error=None, sent_at=None,
-                                      payload=json.dumps(payload))
-
-    async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
-                                       attempts: int, sent_at: float | None, last_error: str | None) -> None:
-        self._check()
-        state = NotificationState.SENT if sent_at is not None else NotificationState.FAILED
-        self._add_notification(incident_id, transition, channel, state=state.value, attempts=attempts,
-                               next_try=sent_at or 0, last_error=last_error, sent_at=sent_at,
-                               payload=json.dumps(payload))
-
-    async def due_notifications(self, now: float) -> list[dict]:
-        self._check()
-        return [{"id": n["id"], "incident_id": n["incident_id"], "transition": n["transition"],
-                 "channel": n["channel"], "attempts": n["attempts"], "payload": json.loads(n["payload"])}
-                for n in self._notifications if n["state"] == NotificationState.PENDING and n["next_try"] <= now]
-
-    async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
-                                  retry_at: float | None) -> None:
-        self._check()
-        for n in self._notifications:
-            if n["id"] == notification_id:
-                n.update(state=notification_state(ok, retry_at).value, attempts=n["attempts"] + 1,
-                         last_error=error, sent_at=now if ok else None,
-                         next_try=retry_at if retry_at is not None else n["next_try"])
-
-    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
-        self._check()
-        self._last_good[connector] = (at, json.dumps(facts))
-
-    async def last_good(self) -> dict[str, dict]:
-        self._check()
-        return {c: dict(json.loads(d), at=at) for c, (at, d) in self._last_good.items()}
-
-    async def overrides(self) -> dict[str, dict]:
-        self._check()
-        return {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
-                for k, (v, at, i) in self._overrides.items()}
-
-    async def overrides_version(self) -> tuple:
-        self._check()
-        return len(self._overrides), max((at for _, at, _ in self._overrides.values()), default=None)
-
-    async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
-                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
-        self._check()
-        values = {key: json.dumps(value) for key, value in set_overrides.items()}   # fails before any change
-        detail_json = json.dumps(detail)
-        for key, value in values.items():
-            self._overrides[key] = (value, now, incident_id)
-        for key in clear_overrides:
-            self._overrides.pop(key, None)
-        audit_id = len(self._audit) + 1
-        self._audit.append({"id": audit_id, "at": now, "who": who, "action": action, "incident_id": incident_id,
-                            "detail": detail_json, "undone_at": None})
-        return audit_id
-
-    async def last_undoable(self, incident_id: int) -> dict | None:
-        self._check()
-        for a in reversed(self._audit):
-            if a["incident_id"] == incident_id and a["undone_at"] is None and not a["action"].startswith("undo "):
-                return {"id": a["id"], "action": a["action"], "detail": json.loads(a["detail"])}
-        return None
-
-    async def mark_undone(self, audit_id: int, now: float) -> None:
-        self._check()
-        for a in self._audit:
-            if a["id"] == audit_id:
-                a["undone_at"] = now
-
-    async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
-        self._check()
-        self._invalid.extend(tuple(r) for r in rows)
-
-    async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
-        self._check()
-        counts: dict[tuple[str, str, str], int] = {}
-        for at, domain, connector, source in self._invalid:
-            if at >= since:
-                counts[(domain, connector, source)] = counts.get((domain, connector, source), 0) + 1
-        return sorted(((*k, n) for k, n in counts.items()), key=lambda row: -row[3])

@@ -38,7 +38,8 @@ from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
     Attempt, Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
-from relaywatch.store.engine import Backoff, first_line
+from relaywatch.store.backoff import Backoff
+from relaywatch.store.engine import first_line
 
 log = logging.getLogger("relaywatch.scheduler")
 

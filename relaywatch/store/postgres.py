@@ -35,7 +35,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from relaywatch.store import schema
-from relaywatch.store.engine import Backoff, first_line
+from relaywatch.store.backoff import Backoff
+from relaywatch.store.engine import first_line
 from relaywatch.store.sql import SqlStore
 
 SCHEMA = schema.render("postgres")
