@@ -1,7 +1,8 @@
 """The group-commit engine: the only writer of a queue store, and its readers.
 
 It runs functions on connections and knows nothing of queues; the operations
-(store/queue.py, store/watch.py) hand it ``fn(conn, cleanup)`` to write and
+(store/queue.py, store/watch.py) hand it ``fn(conn, cleanup)`` to write
+(``cleanup``: spool files to remove once the batch is committed) and
 ``fn(conn)`` to read.  What differs between databases is a ``Dialect``
 (store/sqlite.py, store/postgres.py), composed in, not subclassed.
 
@@ -16,7 +17,7 @@ for the writer.
 
 Connections that break are replaced.  When a batch fails as a whole (the
 database went away, a disk error, a lock held too long) its callers get
-StoreError, which the receiver answers with 451 4.3.0; the writer drops the
+StoreError (StoreFull when the disk is full: driver_error); the writer drops the
 connection and opens a new one with capped exponential backoff (``Backoff``),
 failing what arrives meanwhile at once rather than letting it wait.  A reader
 connection that broke is dropped and the read tried once more on a new one.

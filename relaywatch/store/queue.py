@@ -6,9 +6,10 @@ of the connection, run in its own savepoint of the writer's next batch.
 Leasing moves ``next_attempt_at`` to the lease's end, so an entry whose worker
 died simply becomes due again: there is no separate reclaim pass.
 
-The SQL is written once, with ``?`` placeholders, in the dialect both
+The SQL is in queue.sql, written once with ``?`` placeholders in what both
 databases share (``ON CONFLICT``, ``RETURNING``, ``CASE``); what differs is in
-the Dialect (store/sqlite.py, store/postgres.py).
+the Dialect (store/sqlite.py, store/postgres.py).  This module holds what the
+SQL cannot say: the order of the statements and the status rules of record.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from relaywatch.model import (
     Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route,
     RouteKind, StoredBody,
 )
-from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store import queries
+from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.engine import GroupCommitEngine
 
 Q = queries.load("queue.sql")
