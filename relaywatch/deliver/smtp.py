@@ -15,7 +15,8 @@ from typing import Callable
 from relaywatch.classify.observation import Observation
 from relaywatch.config import Config, Connector
 from relaywatch.deliver.resolver import DnsFailure, Resolver
-from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
+from relaywatch.deliver.tls import TlsPolicy
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection
 from relaywatch.model import Destination, Route, RouteKind
 
 MAX_ADDRESSES_PER_HOST = 2

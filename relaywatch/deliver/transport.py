@@ -8,9 +8,8 @@ of deliver/observe.py and raises it as ``SessionFailure``: nothing a session
 raises is left unclassified, on asyncio's loop or on uvloop.
 
 TLS: with ``tls = "required"`` a server that does not offer STARTTLS gets
-nothing but QUIT; plaintext is never sent.  When a certificate fails
-verification, a second handshake without verification fetches the
-certificate so the evidence always has its names, issuer and dates.
+nothing but QUIT; plaintext is never sent.  The policy, the certificate
+facts and the second, certificate-fetching session are in deliver/tls.py.
 """
 
 from __future__ import annotations
@@ -18,18 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator
-
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
 from relaywatch.deliver.downgrade import body_for_destination
 from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, reply_observation
+from relaywatch.deliver.tls import TlsPolicy, certificate_facts, fetch_certificate, session_facts
 from relaywatch.model import Destination, StoredBody
 from relaywatch.smtpclient.protocol import DotStuffer, Reply, ReplyReader, mail_from, parse_ehlo, rcpt_to
 
@@ -39,54 +35,6 @@ __all__ = ["PeerClosed", "SessionFailure", "SmtpConnection", "TlsPolicy", "Trans
 log = logging.getLogger("relaywatch.transport")
 
 _CHUNK = 256 * 1024
-
-
-@dataclass(frozen=True)
-class TlsPolicy:
-    mode: str = "opportunistic"       # none | opportunistic | required
-    verify: str = "none"              # none | ca | ca_and_name
-    expected_name: str | None = None  # the name the certificate must carry (ca_and_name)
-    ca_file: str | None = None
-    crl_file: str | None = None
-
-    def context(self) -> ssl.SSLContext:
-        if self.verify == "none":
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
-            ctx = ssl.create_default_context(cafile=self.ca_file)
-            ctx.check_hostname = self.verify == "ca_and_name"
-            if self.crl_file:
-                ctx.load_verify_locations(self.crl_file)
-                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx
-
-
-def certificate_facts(der: bytes | None, expected_name: str | None) -> dict:
-    facts: dict = {"expected_name": expected_name}
-    if not der:
-        return facts
-    cert = x509.load_der_x509_certificate(der)
-
-    def cn(name: x509.Name) -> str:
-        attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(attrs[0].value) if attrs else name.rfc4514_string()
-    try:
-        sans = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-        names = [str(n) for n in sans.get_values_for_type(x509.DNSName)]
-        names += [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
-    except x509.ExtensionNotFound:
-        names = []
-    facts.update(
-        subject=cn(cert.subject), sans=names, issuer=cn(cert.issuer),
-        not_before=cert.not_valid_before_utc.isoformat(timespec="seconds"),
-        not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
-        serial=format(cert.serial_number, "x"),
-        self_issued=cert.issuer == cert.subject,
-    )
-    return facts
 
 
 @dataclass
@@ -215,11 +163,9 @@ class SmtpConnection:
             if obs.outcome is not Outcome.CERTIFICATE:
                 raise
             self.close()
-            facts = await fetch_certificate(self.dest, self.timeouts, self.helo, expected)
+            facts = await fetch_certificate(type(self), self.dest, self.timeouts, self.helo, expected)
             raise SessionFailure(replace(obs, tls={**facts, **(obs.tls or {})})) from failure.__cause__
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        self.tls = {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0],
-                    **certificate_facts(ssl_object.getpeercert(binary_form=True), expected)}
+        self.tls = session_facts(self.writer.get_extra_info("ssl_object"), expected)
         await self._ehlo()
 
     async def command(self, phase: Phase, line: str) -> Reply:
@@ -343,18 +289,3 @@ class SmtpConnection:
             except Exception:
                 pass
 
-
-async def fetch_certificate(dest: Destination, timeouts: DeliveryConfig, helo: str,
-                            expected_name: str | None) -> dict:
-    """A second session, without verification, only to read the certificate."""
-    conn = SmtpConnection(dest, timeouts, helo)
-    try:
-        await conn.open(TlsPolicy(mode="required", verify="none", expected_name=expected_name),
-                        expected_name or dest.host)
-        facts = dict(conn.tls or {})
-        facts["expected_name"] = expected_name
-        return facts
-    except SessionFailure:
-        return {"expected_name": expected_name}
-    finally:
-        await conn.quit()
