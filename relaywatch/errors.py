@@ -6,6 +6,9 @@
         StoreFull        ...because the disk (or quota) under it is full
         LeaseLost        our lease on a queue entry was taken over (we were too slow)
       UnknownEntry       no queue entry with that id
+      ProtocolError      an SMTP conversation went wrong (smtpclient/); never raised itself
+        LocalProtocolError   we misused the conversation (a command out of its state): our bug
+        RemoteProtocolError  the server sent something that is not SMTP
 
 Delivery failures are not exceptions that travel far: the transport turns what
 it saw into an ``Observation`` (deliver/observe.py) and classify/ maps it to a
@@ -47,3 +50,15 @@ class UnknownEntry(RelaywatchError):
     def __init__(self, entry_id: str):
         super().__init__(f"no queued message with id {entry_id}")
         self.entry_id = entry_id
+
+
+class ProtocolError(RelaywatchError):
+    """An SMTP conversation broke its rules; the leaves say whose fault it was (h11's split)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We asked the conversation for something its state does not allow: a bug of ours."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The server sent something that is not an SMTP reply, or not at that point."""

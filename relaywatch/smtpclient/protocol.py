@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relaywatch.errors import RemoteProtocolError
+
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 MAX_REPLY_LINES = 100
 
-
-class RemoteProtocolError(Exception):
-    """The server sent something that is not an SMTP reply."""
+__all__ = ["DotStuffer", "RemoteProtocolError", "Reply", "ReplyReader", "mail_from", "parse_ehlo", "rcpt_to"]
 
 
 @dataclass(frozen=True)
