@@ -690,9 +690,7 @@ async def test_a_write_to_a_connection_the_peer_has_reset_is_4_4_318(phase):
     try:
         await conn.open(TlsPolicy(mode="none"), "scripted.test")
         if phase is Phase.DATA:
-            for command, phase_of in ((b"MAIL FROM:<a@contoso.test>\r\n", Phase.MAIL),
-                                      (b"RCPT TO:<b@partner.test>\r\n", Phase.RCPT), (b"DATA\r\n", Phase.DATA)):
-                await conn._command(phase_of, command)
+            await conn._envelope("a@contoso.test", ["b@partner.test"], BODY.size)   # MAIL, RCPT, DATA: 354
         await eventually(lambda: conn.writer.transport.is_closing(), what="the loop to see the reset")
         with pytest.raises(SessionFailure) as failed:
             if phase is Phase.DATA:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 from relaywatch.classify.classify import classify
-from relaywatch.classify.observation import Phase
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
 from relaywatch.model import Route
 from relaywatch.receive.verify import Answer, Verdict
+from relaywatch.smtpclient.events import RSET, Mail, Rcpt
 
 # Connections kept per route; more questions at once open more and close the surplus.
 MAX_IDLE_PER_ROUTE = 4
@@ -50,14 +50,14 @@ class SmtpCallout:
 
     async def _transaction(self, route: Route, conn: SmtpConnection, address: str) -> Verdict:
         try:
-            mail = await conn.command(Phase.MAIL, "MAIL FROM:<>")
+            mail = await conn.ask(Mail(""))
             if not mail.is_success:
                 conn.close()
                 return Verdict(Answer.UNAVAILABLE, f"the {route.name} server refused MAIL FROM:<>: {mail}",
                                code=f"4{(mail.enhanced or '4.0.0')[1:]}",
                                reason="the mail server refused the verification")
-            rcpt = await conn.command(Phase.RCPT, f"RCPT TO:<{address}>")
-            reset = await conn.command(Phase.MAIL, "RSET")
+            rcpt = await conn.ask(Rcpt(address))
+            reset = await conn.ask(RSET)
         except BaseException:
             conn.close()
             raise

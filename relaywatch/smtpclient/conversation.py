@@ -173,7 +173,6 @@ class ClientConversation:
 
     def _heard_greeting(self, reply: Reply) -> None:
         self.greeting = reply
-        self._events.append(Greeting(reply))
 
     def _heard_hello(self, reply: Reply) -> None:
         if reply.code == 250:
@@ -204,6 +203,8 @@ class ClientConversation:
     def _enter(self, came_from: ClientState, answer: Answer, state: ClientState, reply: Reply) -> None:
         events = self._events
         if state is S.EHLO:
+            if came_from is S.GREETING:
+                events.append(Greeting(reply))
             self._outgoing += b"EHLO " + self.helo.encode() + b"\r\n"
         elif state is S.HELO:
             self._outgoing += b"HELO " + self.helo.encode() + b"\r\n"

@@ -89,7 +89,8 @@ RSET, QUIT, TLS_STARTED, END_OF_BODY = Rset(), Quit(), TlsStarted(), EndOfBody()
 
 @dataclass(frozen=True, slots=True)
 class Greeting:
-    reply: Reply                     # refused (not 220): a ``Failed`` follows
+    """The server greeted us with 220 (a refusal is ``Failed``; either way ``greeting`` keeps it)."""
+    reply: Reply
 
 
 @dataclass(frozen=True, slots=True)

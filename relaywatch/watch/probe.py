@@ -18,6 +18,7 @@ from relaywatch.deliver.resolver import DnsFailure
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, reply_observation
 from relaywatch.model import Destination, Route, RouteKind
+from relaywatch.smtpclient.events import RSET, Capabilities, Greeting, Mail, Rcpt, Ready
 from relaywatch.watch.model import ProbeResult, ProbeStep
 
 
@@ -64,22 +65,18 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
     conn = SmtpConnection(dest, config.delivery, config.server.hostname)
     policy = routes.tls_policy(route, target.host)
     phase_name = "tcp"
-    try:
-        started = time.monotonic()
-        await conn.connect()
-        step("tcp", started, True, f"connected to {where(dest)}")
-        phase_name, started = "greeting", time.monotonic()
-        try:
-            await conn.greet()
-        finally:
-            seen["greeting"] = str(conn.greeting) if conn.greeting else None
-        step("greeting", started, True, str(conn.greeting))
-        phase_name, started = "ehlo", time.monotonic()
-        await conn.ehlo()
-        step("ehlo", started, True, " ".join(sorted(conn.capabilities)) or "(no extensions)")
-        if policy.mode != "none":
-            phase_name, started = "starttls", time.monotonic()
-            await conn.starttls(policy, target.host)
+
+    def on_event(event) -> None:
+        """Each session event ends a step (the driver hands them over as it handles them)."""
+        nonlocal phase_name, started
+        kind = type(event)
+        if kind is Greeting:
+            step("greeting", started, True, str(event.reply))
+            phase_name = "ehlo"
+        elif kind is Capabilities and phase_name == "ehlo":
+            step("ehlo", started, True, " ".join(sorted(event.extensions)) or "(no extensions)")
+            phase_name = "starttls" if policy.mode != "none" else "mail"
+        elif kind is Ready and phase_name == "starttls":
             if conn.tls:
                 step("starttls", started, True, f"{conn.tls['version']} {conn.tls['cipher']}")
                 seen["certificate"] = cert = {k: conn.tls.get(k) for k in (
@@ -91,18 +88,32 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
                      f"valid until {cert['not_after']} ({days} days); verified: {policy.verify}")
             else:
                 step("starttls", started, True, "not offered; continuing in clear (tls = opportunistic)")
+            phase_name = "mail"
+        else:
+            return
+        started = time.monotonic()
+
+    try:
+        started = time.monotonic()
+        await conn.connect()
+        step("tcp", started, True, f"connected to {where(dest)}")
+        phase_name, started = "greeting", time.monotonic()
+        try:
+            await conn.start_session(policy, target.host, on_event=on_event)
+        finally:
+            seen["greeting"] = str(conn.greeting) if conn.greeting else None
         phase_name, started = "mail", time.monotonic()
-        reply = await conn.command(Phase.MAIL, f"MAIL FROM:<{config.alerts.sender}>")
+        reply = await conn.ask(Mail(config.alerts.sender))
         if not reply.is_success:
             return fail("mail", started, classify(reply_observation(Phase.MAIL, reply, dest), time.time()))
         step("mail", started, True, str(reply))
         phase_name, started = "rcpt", time.monotonic()
-        reply = await conn.command(Phase.RCPT, f"RCPT TO:<{rcpt}>")
+        reply = await conn.ask(Rcpt(rcpt))
         # The destination is reachable and talking SMTP: a refusal of our made-up
         # test address is reported, but does not fail the probe.
         step("rcpt", started, True, str(reply) + ("" if reply.is_success else " (test address refused)"))
         phase_name, started = "rset", time.monotonic()
-        reply = await conn.command(Phase.MAIL, "RSET")
+        reply = await conn.ask(RSET)
         step("rset", started, reply.is_success, str(reply))
         return done(True)
     except SessionFailure as exc:
