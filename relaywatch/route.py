@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from relaywatch.config import Config
+from relaywatch.config import Config, Connector
 from relaywatch.model import Route, RouteKind
 
 LOCAL = Route(RouteKind.LOCAL, "local")
@@ -165,6 +165,11 @@ def _postmaster(config: Config) -> RouteDecision:
     return RouteDecision(decision.route, True, target)
 
 
+def connector_route(connector: Connector, domain: str) -> Route:
+    """The route of ``domain``'s mail through ``connector``: its smart hosts, or the domain's MX."""
+    return Route(RouteKind.CONNECTOR, connector.name, "" if connector.smart_hosts else domain)
+
+
 def _decide(config: Config, address: str) -> RouteDecision:
     local, domain = split_address(address)
     accepted = config.domain(domain)
@@ -175,6 +180,5 @@ def _decide(config: Config, address: str) -> RouteDecision:
             return RouteDecision(None, True, address)
     for connector in config.connectors:
         if connector.enabled and connector.serves(domain):
-            mx_domain = "" if connector.smart_hosts else domain
-            return RouteDecision(Route(RouteKind.CONNECTOR, connector.name, mx_domain), accepted is not None, address)
+            return RouteDecision(connector_route(connector, domain), accepted is not None, address)
     return RouteDecision(Route(RouteKind.INTERNET, "internet", domain), accepted is not None, address)

@@ -1,5 +1,8 @@
 """Where a route's mail goes: smart hosts or MX, and opening a session there.
 
+Delivery (``connect``) and the connector probe (watch/probe.py) choose
+targets and addresses here, the same way.
+
 Targets are tried in order (smart hosts as listed, MX by preference) and, for
 each, its addresses; the first that completes greeting, EHLO and STARTTLS is
 used.  When all fail, the primary target's failure is the one reported (it is
@@ -70,8 +73,17 @@ class SmtpRoutes:
         hosts = await self.resolver.mx(route.domain or recipient_domain)
         return [Target(mx.host, port, i + 1, len(hosts)) for i, mx in enumerate(hosts)]
 
-    async def connect(self, route: Route, recipient_domain: str) -> SmtpConnection:
+    async def destinations(self, target: Target) -> list[Destination]:
+        """Every address of ``target`` (in the resolver's order); raises DnsFailure."""
+        addresses = await self.resolver.addresses(target.host)
+        return [Destination(target.host, ip, target.port, target.index, target.count) for ip in addresses]
+
+    def session(self, dest: Destination) -> SmtpConnection:
+        """A connection to ``dest``, not yet opened, with the delivery timeouts and our name."""
         config = self.config_ref()
+        return SmtpConnection(dest, config.delivery, config.server.hostname)
+
+    async def connect(self, route: Route, recipient_domain: str) -> SmtpConnection:
         try:
             targets = await self.targets(route, recipient_domain)
         except DnsFailure as failure:
@@ -79,15 +91,14 @@ class SmtpRoutes:
         seen: list[Observation] = []
         for target in targets:
             try:
-                addresses = await self.resolver.addresses(target.host)
+                dests = await self.destinations(target)
             except DnsFailure as failure:
                 obs = failure.observation
                 seen.append(Observation(obs.phase, obs.outcome, Destination(
                     target.host, None, target.port, target.index, target.count), dns=obs.dns, note=obs.note))
                 continue
-            for ip in addresses[:MAX_ADDRESSES_PER_HOST]:
-                dest = Destination(target.host, ip, target.port, target.index, target.count)
-                conn = SmtpConnection(dest, config.delivery, config.server.hostname)
+            for dest in dests[:MAX_ADDRESSES_PER_HOST]:
+                conn = self.session(dest)
                 try:
                     await conn.open(self.tls_policy(route, target.host), target.host)
                     return conn

@@ -4,6 +4,11 @@ DNS, TCP, greeting, EHLO, STARTTLS, certificate, MAIL FROM / RCPT TO for a
 test address, then RSET and QUIT.  Each step has its outcome and timing; the
 first failing step carries the catalog code, classified exactly as a real
 delivery attempt would be.
+
+Nothing here speaks SMTP: the targets, addresses and TLS policy are
+deliver/smtp.py's (``SmtpRoutes``), the session is deliver/transport.py's
+driver of the one client conversation (smtpclient/), whose events end the
+steps.  The probe only times them and builds the result.
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from relaywatch.classify.observation import Phase
 from relaywatch.config import Config, Connector
 from relaywatch.deliver.resolver import DnsFailure
 from relaywatch.deliver.smtp import SmtpRoutes
-from relaywatch.deliver.transport import SessionFailure, SmtpConnection, reply_observation
-from relaywatch.model import Destination, Route, RouteKind
+from relaywatch.deliver.transport import SessionFailure, reply_observation
+from relaywatch.route import connector_route
 from relaywatch.smtpclient.events import RSET, Capabilities, Greeting, Mail, Rcpt, Ready
 from relaywatch.watch.model import ProbeResult, ProbeStep
 
@@ -31,7 +36,7 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
     steps: list[ProbeStep] = []
     rcpt = test_address(connector)
     domain = rcpt.split("@", 1)[1]
-    route = Route(RouteKind.CONNECTOR, connector.name, "" if connector.smart_hosts else domain)
+    route = connector_route(connector, domain)
     at = time.time()
     seen: dict = {"greeting": None, "certificate": None}   # filled in as the session gets that far
 
@@ -56,13 +61,13 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
     target = targets[0]
     started = time.monotonic()
     try:
-        addresses = await routes.resolver.addresses(target.host)
+        dests = await routes.destinations(target)
     except DnsFailure as exc:
         return fail("dns", started, classify(exc.observation, time.time()))
-    step("dns", started, True, f"{target.host} -> {', '.join(addresses)}")
+    step("dns", started, True, f"{target.host} -> {', '.join(d.ip for d in dests)}")
 
-    dest = Destination(target.host, addresses[0], target.port, target.index, target.count)
-    conn = SmtpConnection(dest, config.delivery, config.server.hostname)
+    dest = dests[0]
+    conn = routes.session(dest)
     policy = routes.tls_policy(route, target.host)
     phase_name = "tcp"
 
