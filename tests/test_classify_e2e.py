@@ -721,3 +721,29 @@ async def test_phase_maps_what_nobody_foresaw_and_lets_cancellation_through(sink
                 raise asyncio.CancelledError()
     finally:
         conn.close()
+
+
+async def test_replies_injected_in_the_clear_after_starttls_are_dropped(tmp_path):
+    """A man in the middle appends a reply to the server's 220 for STARTTLS; read
+    after the handshake it would pass for the answer to the encrypted EHLO."""
+    ctx = _leaf_context(tmp_path)
+    heard = []
+
+    async def injects(c):
+        await c.greet_and_ehlo(("8BITMIME", "STARTTLS"))
+        assert (await c.hear()).upper() == "STARTTLS"
+        await c.say("220 2.0.0 go ahead", "250 injected-in-clear")
+        await c.writer.start_tls(ctx)
+        heard.append(await c.hear())
+        await c.say("250-scripted.test", "250-PIPELINING", "250 8BITMIME")
+        await c.hang()
+
+    server = await Scripted(injects).start()
+    conn = SmtpConnection(Destination("scripted.test", LOOPBACK, server.port), QUICK, "relay.test")
+    try:
+        await conn.open(TlsPolicy(mode="required", verify="none"), "scripted.test")
+        assert heard == ["EHLO relay.test"]
+        assert conn.tls and conn.capabilities == {"PIPELINING": "", "8BITMIME": ""}
+    finally:
+        conn.close()
+        await server.stop()
