@@ -12,8 +12,8 @@ from relaywatch.classify.observation import Phase
 from relaywatch.errors import LocalProtocolError, ProtocolError, RelaywatchError, RemoteProtocolError
 from relaywatch.smtpclient.conversation import MAX_REPLY_LINE, ClientConversation
 from relaywatch.smtpclient.events import (
-    END_OF_BODY, NEED_DATA, QUIT, RSET, SEND_BODY, TLS_STARTED, Body, Capabilities, Failed, Greeting, Mail,
-    NeedTls, Rcpt, Ready, Replied, TlsNotOffered, Transaction, TransactionReplies,
+    END_OF_BODY, NEED_DATA, QUIT, RSET, SEND_BODY, TLS_STARTED, Body, Failed, Mail, Rcpt, Ready, Replied,
+    Transaction, TransactionReplies,
 )
 from relaywatch.smtpclient.protocol import Reply
 from relaywatch.smtpclient.states import (
