@@ -155,10 +155,6 @@ class Conversation:
         self.esmtp = False
         self._reset()
 
-    def reset(self) -> None:
-        """Forget the transaction in progress (the caller could not handle it)."""
-        self._reset()
-
     # -- events --------------------------------------------------------------------
 
     def next_event(self):
