@@ -243,6 +243,23 @@ class DkimSigning:
 
 
 @dataclass(frozen=True)
+class AdminToken:
+    """One admin bearer token of the console: its name (who, in the audit log)
+    and the SHA-256 of the token.  The token itself is not kept."""
+    name: str
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The mail flow console's listener (relaywatch/console/): API, metrics, health."""
+    listen: tuple[str, int] | None = ("127.0.0.1", 8025)   # None: "off"
+    tokens: tuple[AdminToken, ...] = ()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -253,6 +270,7 @@ class Config:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     dkim: tuple[DkimSigning, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
     source: Path | None = None
 
     def connector(self, name: str) -> Connector | None:
@@ -504,20 +522,20 @@ def _pem_problem(path: Path, kind: str) -> str | None:
     return None
 
 
-def _server_tls_problems(cert: Path, key: Path) -> list[str]:
+def _server_tls_problems(cert: Path, key: Path, section: str = "server") -> list[str]:
     problem = _pem_problem(cert, "certificate")
     if problem:
-        return [f"server.tls_cert: {problem}"]
+        return [f"{section}.tls_cert: {problem}"]
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key), password=_no_passphrase)
     except ValueError as exc:
-        return [f"server.tls_key: {key}: {exc}"]
+        return [f"{section}.tls_key: {key}: {exc}"]
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            return [f"server.tls_key: {key} is not the key of the certificate in server.tls_cert ({cert})"]
-        return [f"server.tls_key: {key} is not a usable PEM private key: {exc.reason or exc}"]
+            return [f"{section}.tls_key: {key} is not the key of the certificate in {section}.tls_cert ({cert})"]
+        return [f"{section}.tls_key: {key} is not a usable PEM private key: {exc.reason or exc}"]
     except OSError as exc:
-        return [f"server.tls_key: cannot read {key}: {exc.strerror}"]
+        return [f"{section}.tls_key: cannot read {key}: {exc.strerror}"]
     return []
 
 
@@ -799,6 +817,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     r.unknown(f, _file_keys(VerifyConfig), "verify")
     verify = VerifyConfig(**{key: r.get(f, key, "verify", _positive_duration, getattr(VerifyConfig, key))
                              for key in _file_keys(VerifyConfig)})
+    http = _http(r, r.table(raw, "http", "http"), rel, server, problems)
     for dm in domains:
         if dm.verify_recipients and not any(c.enabled and c.serves(dm.name) for c in connectors):
             problems.append(f"domains[{domains.index(dm)}].verify_recipients: no enabled connector serves "
@@ -809,7 +828,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         raise ConfigError("\n".join(problems), problems=problems)
     return Config(server=server, queue=queue, dns=dns, delivery=delivery,
                   domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, verify=verify,
-                  dkim=dkim, source=source)
+                  dkim=dkim, http=http, source=source)
 
 
 def _connector_tls_problems(p: str, item: dict, conn: Connector) -> list[str]:
@@ -985,3 +1004,95 @@ def _selector(value: Any) -> str:
     if not re.fullmatch(rf"{_LABEL}(\.{_LABEL})*", name):
         raise ValueError(f"{value!r} is not a selector (DNS labels, such as \"rsa-202612\")")
     return name
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+MIN_TOKEN_LENGTH = 16
+
+
+def _http(r: _Reader, h: dict, rel, server: ServerConfig, problems: list[str]) -> HttpConfig:
+    """[http]: the console's listener.  Tokens are hashed here; only the hashes are kept."""
+    d = HttpConfig()
+    r.unknown(h, _file_keys(HttpConfig), "http")
+
+    def listen(v):
+        if v == "off":
+            return None
+        host, port = parse_hostport(_string(v), 8025, allow_zero=True)
+        if (host, port) in server.listen and port != 0:
+            raise ValueError(f"{format_hostport(host, port)} is also in server.listen (the SMTP port)")
+        return host, port
+    address = r.get(h, "listen", "http", listen, d.listen)
+    tokens = _http_tokens(h, rel, problems) if "tokens" in h else ()
+    tls_cert = r.get(h, "tls_cert", "http", rel, None)
+    tls_key = r.get(h, "tls_key", "http", rel, None)
+    if (tls_cert is None) != (tls_key is None):
+        problems.append("http.tls_key: tls_cert and tls_key must be set together")
+    elif tls_cert is not None:
+        missing = [f"http.{k}: file {v} does not exist" for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key))
+                   if not v.is_file()]
+        problems += missing or _server_tls_problems(tls_cert, tls_key, "http")
+    if address is not None and not tokens and not is_loopback(address[0]) and "tokens" not in h:
+        # Without tokens only loopback clients get in (console/auth.py): on any
+        # other address the console would answer 401 to everyone.
+        problems.append(f"http.tokens: needed, since http.listen ({format_hostport(*address)}) is not a loopback "
+                        f"address and only loopback clients may use the console without a token")
+    return HttpConfig(listen=address, tokens=tokens, tls_cert=tls_cert, tls_key=tls_key)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (and ::ffff:127.x), or the name localhost."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _http_tokens(h: dict, rel, problems: list[str]) -> tuple[AdminToken, ...]:
+    """``tokens``: a list of "name:token" strings, or the path of a file with one
+    "name:token" a line (blank lines and # comments skipped)."""
+    import hashlib
+    value = h["tokens"]
+    if isinstance(value, str):
+        try:
+            path = rel(value)
+            text = path.read_text(encoding="utf-8")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            problems.append(f"http.tokens: cannot read the token file {value}: {reason}")
+            return ()
+        lines = [(f"http.tokens ({path}:{n})", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                 if line.strip() and not line.strip().startswith("#")]
+        if not lines:
+            problems.append(f"http.tokens: the token file {path} holds no \"name:token\" line")
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        lines = [(f"http.tokens[{i}]", v.strip()) for i, v in enumerate(value)]
+    else:
+        problems.append("http.tokens: must be a list of \"name:token\" strings or the path of a file of them")
+        return ()
+    out: list[AdminToken] = []
+    for where, line in lines:
+        name, sep, token = line.partition(":")
+        name, token = name.strip(), token.strip()
+        # Problems never quote the token itself: config check output ends up in tickets.
+        if not sep or not name or not token:
+            problems.append(f"{where}: must be \"name:token\" (the name is who acts, in the audit log)")
+        elif not _TOKEN_NAME.fullmatch(name):
+            problems.append(f"{where}: the name {name!r} may only have letters, digits and _ . @ - (at most 64)")
+        elif len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+            problems.append(f"{where}: the token of {name} is too weak: use at least {MIN_TOKEN_LENGTH} characters "
+                            f"without spaces (e.g. from `openssl rand -hex 24`)")
+        elif any(t.name == name for t in out):
+            problems.append(f"{where}: the name {name} is given twice")
+        else:
+            digest = hashlib.sha256(token.encode()).digest()
+            if any(t.digest == digest for t in out):
+                problems.append(f"{where}: the token of {name} is also another name's token")
+            else:
+                out.append(AdminToken(name, digest))
+    return tuple(out)

@@ -25,8 +25,12 @@ def start_problems(config: Config, *, serving: bool) -> list[str]:
 
     ``serving``: called by ``serve`` itself (a port in use is a problem even if a
     relaywatch holds it); otherwise by ``config check``."""
-    return data_dir_problems(config.server.data_dir) + listen_problems(
-        config.server.listen, running=running_relaywatch(config.server.data_dir), serving=serving)
+    running = running_relaywatch(config.server.data_dir)
+    problems = data_dir_problems(config.server.data_dir) + listen_problems(
+        config.server.listen, running=running, serving=serving)
+    if config.http.listen is not None:   # the console's port ([http] listen)
+        problems += listen_problems((config.http.listen,), running=running, serving=serving, key="http.listen")
+    return problems
 
 
 def data_dir_problems(data_dir: Path) -> list[str]:
@@ -78,7 +82,8 @@ def running_relaywatch(data_dir: Path) -> int | None:
     return None
 
 
-def listen_problems(listen, *, running: int | None = None, serving: bool = True) -> list[str]:
+def listen_problems(listen, *, running: int | None = None, serving: bool = True,
+                    key: str = "server.listen") -> list[str]:
     """Bind (and close again) every address ``serve`` would listen on, as the event loop will.
 
     All sockets stay bound until every address has been tried, so two entries
@@ -100,7 +105,7 @@ def listen_problems(listen, *, running: int | None = None, serving: bool = True)
                     problem = f"is already in use by the running relaywatch (pid {running}); stop it first"
                 else:
                     continue
-            out.append(f"server.listen: {where} {problem}")
+            out.append(f"{key}: {where} {problem}")
     finally:
         for sock in held:
             sock.close()

@@ -391,6 +391,8 @@ def base_config(tmp_path: Path, **sections) -> dict:
                      "final_timeout": "2s", "connection_idle": "0.2s"},
         "domains": [{"name": "contoso.test", "type": "authoritative", "mailboxes": ["alice", "postmaster"]}],
         "connectors": [],
+        # The console on a port of its own (its default, 8025, would collide between tests).
+        "http": {"listen": f"{LOOPBACK}:0"},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

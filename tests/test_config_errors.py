@@ -120,6 +120,38 @@ CASES = [
     ("alerts-notify-not-address", {"alerts": {"notify": ["admin@"]}}, "alerts.notify: 'admin@' is not an email address"),
     ("alerts-from-not-address", {"alerts": {"from": "relaywatch"}}, "alerts.from: 'relaywatch' is not an email address"),
     ("unknown-key", {"server": {"listn": ["127.0.0.1:25"]}}, "server.listn: unknown key; did you mean 'listen'?"),
+    # -- [http], the console's listener
+    ("http-unknown-key", {"http": {"token": ["ops:0123456789abcdef"]}},
+     "http.token: unknown key; did you mean 'tokens'?"),
+    ("http-listen-port-range", {"http": {"listen": "127.0.0.1:70000"}},
+     "http.listen: '127.0.0.1:70000' has an invalid port (use 0-65535)"),
+    ("http-listen-not-a-string", {"http": {"listen": 8025}}, "http.listen: must be a non-empty string"),
+    ("http-listen-is-the-smtp-port", {"http": {"listen": "127.0.0.1:{port}"}},
+     "http.listen: 127.0.0.1:{port} is also in server.listen (the SMTP port)"),
+    ("http-public-without-tokens", {"http": {"listen": "0.0.0.0:0"}},
+     "http.tokens: needed, since http.listen (0.0.0.0:0) is not a loopback address"),
+    ("http-token-without-name", {"http": {"tokens": ["0123456789abcdef0123"]}},
+     "http.tokens[0]: must be \"name:token\""),
+    ("http-token-weak", {"http": {"tokens": ["ops:secret"]}},
+     "http.tokens[0]: the token of ops is too weak: use at least 16 characters"),
+    ("http-token-name-twice", {"http": {"tokens": ["ops:0123456789abcdef", "ops:fedcba9876543210"]}},
+     "http.tokens[1]: the name ops is given twice"),
+    ("http-token-shared", {"http": {"tokens": ["ops:0123456789abcdef", "dev:0123456789abcdef"]}},
+     "http.tokens[1]: the token of dev is also another name's token"),
+    ("http-token-name-bad", {"http": {"tokens": ["o p:0123456789abcdef"]}},
+     "http.tokens[0]: the name 'o p' may only have letters"),
+    ("http-tokens-not-a-list", {"http": {"tokens": 5}},
+     "http.tokens: must be a list of \"name:token\" strings or the path of a file of them"),
+    ("http-token-file-missing", {"http": {"tokens": "{data}/tokens"}},
+     "http.tokens: cannot read the token file {data}/tokens"),
+    ("http-token-file-bad-line", {"http": {"tokens": "{tokens_bad}"}},
+     "http.tokens ({tokens_bad}:4): the token of dev is too weak"),
+    ("http-tls-cert-without-key", {"http": {"tls_cert": "{cert}"}},
+     "http.tls_key: tls_cert and tls_key must be set together"),
+    ("http-tls-key-of-another-cert", {"http": {"tls_cert": "{cert}", "tls_key": "{other_key}"}},
+     "http.tls_key: {other_key} is not the key of the certificate in http.tls_cert"),
+    ("http-tls-cert-missing", {"http": {"tls_cert": "{data}/c.pem", "tls_key": "{key}"}},
+     "http.tls_cert: file {data}/c.pem does not exist"),
 ]
 
 
@@ -130,13 +162,14 @@ def files(tmp_path_factory):
     ca = trustme.CA()
     leaf, other = ca.issue_cert("relay.test"), ca.issue_cert("other.test")
     paths = {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem", "other_key": d / "other-key.pem",
-             "garbage": d / "garbage.pem", "file": d / "plain-file"}
+             "garbage": d / "garbage.pem", "file": d / "plain-file", "tokens_bad": d / "tokens-bad"}
     ca.cert_pem.write_to_path(str(paths["ca"]))
     leaf.cert_chain_pems[0].write_to_path(str(paths["cert"]))
     leaf.private_key_pem.write_to_path(str(paths["key"]))
     other.private_key_pem.write_to_path(str(paths["other_key"]))
     paths["garbage"].write_text("this is not PEM\n")
     paths["file"].write_text("a file where a directory should be\n")
+    paths["tokens_bad"].write_text("# admins\nops:0123456789abcdef0123\n\ndev:short-one\n")
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -159,6 +192,7 @@ def write_config(tmp_path, config, names) -> Path:
         path.write_text(config)
         return path
     base = {"server": {"hostname": "relay.test", "listen": [f"{LOOPBACK}:{names['port']}"], "data_dir": names["data"]},
+            "http": {"listen": f"{LOOPBACK}:0"},   # not the default 8025, which another test may hold
             "domains": [{"name": "contoso.test", "type": "authoritative", "mailboxes": ["postmaster"]}]}
     for key, value in fill(config, names).items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
