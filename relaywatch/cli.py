@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from relaywatch import events
+from relaywatch import events, views
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
 from relaywatch.config import Config, format_hostport, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
@@ -257,7 +257,7 @@ def queue_list(config_path, connector, status, limit, as_json):
     config = _load(config_path)
     entries = _with_store(config, lambda s: s.list(QueueQuery(connector, status, limit)))
     if as_json:
-        click.echo(json.dumps({"messages": [e.to_dict() for e in entries]}, indent=2))
+        click.echo(json.dumps({"messages": [views.message_json(e) for e in entries]}, indent=2))
         return
     if not entries:
         click.echo("The queue is empty." if not (connector or status) else "No messages match.")
@@ -294,21 +294,9 @@ def queue_show(config_path, entry_id, as_json):
         _fail(f"no queued message with id {entry_id} (delivered, bounced or deleted messages leave the queue; "
               f"grep the log for the id)")
     if as_json:
-        data = entry.to_dict()
-        data["attempt_history"] = [_history_json(a) for a in entry.history]
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(views.message_detail_json(entry), indent=2))
         return
     _print_entry(entry, config)
-
-
-def _history_json(a: dict) -> dict:
-    out = dict(a)
-    out["at"] = iso(a["at"])
-    for r in out["recipients"]:
-        if r.get("error"):
-            r["error"] = dict(r["error"], at=iso(r["error"]["at"]))
-    out["hosts_tried"] = [dict(f, at=iso(f["at"])) for f in a.get("hosts_tried", [])]
-    return out
 
 
 def _print_entry(e: Entry, config: Config) -> None:
@@ -396,15 +384,24 @@ def queue_retry(config_path, ids, connector, all_):
         sys.exit(1)
 
 
+def _queue_action(config_path: str, action: str, entry_id: str, wake: bool = False) -> None:
+    """One message: the same code (and audit record) as the HTTP API's POST /api/v1/queue/ID/ACTION."""
+    from relaywatch.actions import queue_action
+    config = _load(config_path)
+    result = _with_store(config, lambda s: queue_action(s, config, action, entry_id, _operator(), None))
+    if not result.done:
+        _fail(result.text)
+    if wake:
+        _wake_server(config)
+    click.echo(result.text)
+
+
 @queue.command("hold")
 @config_option
 @click.argument("entry_id")
 def queue_hold(config_path, entry_id):
     """Stop delivery attempts for a message until released."""
-    config = _load(config_path)
-    if not _with_store(config, lambda s: s.hold(entry_id)):
-        _fail(f"no queued message with id {entry_id}")
-    click.echo(f"{entry_id} is held")
+    _queue_action(config_path, "hold", entry_id)
 
 
 @queue.command("release")
@@ -412,11 +409,7 @@ def queue_hold(config_path, entry_id):
 @click.argument("entry_id")
 def queue_release(config_path, entry_id):
     """Release a held message; it is tried at once."""
-    config = _load(config_path)
-    if not _with_store(config, lambda s: s.release(entry_id, time.time())):
-        _fail(f"no held message with id {entry_id}")
-    _wake_server(config)
-    click.echo(f"{entry_id} released")
+    _queue_action(config_path, "release", entry_id, wake=True)
 
 
 @queue.command("delete")
@@ -424,10 +417,7 @@ def queue_release(config_path, entry_id):
 @click.argument("entry_id")
 def queue_delete(config_path, entry_id):
     """Remove a message without telling the sender."""
-    config = _load(config_path)
-    if not _with_store(config, lambda s: s.delete(entry_id)):
-        _fail(f"no queued message with id {entry_id}")
-    click.echo(f"{entry_id} deleted")
+    _queue_action(config_path, "delete", entry_id)
 
 
 @queue.command("bounce")
@@ -435,17 +425,7 @@ def queue_delete(config_path, entry_id):
 @click.argument("entry_id")
 def queue_bounce(config_path, entry_id):
     """Give up on a message now: NDR to the sender, then remove it."""
-    from relaywatch.watch.fixes import return_to_sender
-    config = _load(config_path)
-
-    async def bounce(store):
-        entry = await store.get(entry_id)
-        if entry is None:
-            _fail(f"no queued message with id {entry_id}")
-        await return_to_sender(store, config, entry.id, None)
-        return entry
-    entry = _with_store(config, bounce)
-    click.echo(f"{entry.id} returned to {entry.sender or '<> (no NDR for a bounce)'}")
+    _queue_action(config_path, "bounce", entry_id)
 
 
 # -- incidents -------------------------------------------------------------------------------
@@ -463,15 +443,6 @@ def incidents():
     """Mail flow incidents: what is wrong per connector, and Fix now."""
 
 
-def _incident_json(inc: dict) -> dict:
-    out = dict(inc)
-    for key in ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
-                "first_expires_at"):
-        if isinstance(out.get(key), (int, float)):
-            out[key] = iso(out[key])
-    return out
-
-
 def _operator() -> str:
     """Who acts, for the audit log."""
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
@@ -486,7 +457,7 @@ def incidents_list(config_path, all_, as_json):
     config = _load(config_path)
     found = _with_store(config, lambda s: s.incidents(include_resolved=all_))
     if as_json:
-        click.echo(json.dumps({"incidents": [_incident_json(i) for i in found]}, indent=2))
+        click.echo(json.dumps({"incidents": [views.incident_json(i) for i in found]}, indent=2))
         return
     if not found:
         click.echo("No open incidents: mail is flowing." if not all_ else "No incidents recorded.")
@@ -519,7 +490,7 @@ def incidents_show(config_path, incident_id, as_json):
     if inc is None:
         _fail(f"no incident {incident_id}")
     if as_json:
-        click.echo(json.dumps(_incident_json(inc), indent=2))
+        click.echo(json.dumps(views.incident_json(inc), indent=2))
         return
     click.echo(f"Incident {inc['id']}  " + incident_text(Incident.from_dict(inc), time.time()))
     probe = inc.get("probe")
@@ -641,14 +612,7 @@ def config_show(config_path, as_json):
     else:
         effective, overrides = config, {}
     if as_json:
-        click.echo(json.dumps({
-            "source": str(config.source),
-            "overrides": {k: {"value": v["value"], "set_at": iso(v["set_at"]), "incident_id": v["incident_id"]}
-                          for k, v in overrides.items()},
-            "domains": [{"name": d.name, "type": d.type, "mailboxes": sorted(d.mailboxes)} for d in effective.domains],
-            "connectors": [{"name": c.name, "type": c.type, "domains": list(c.domains), "enabled": c.enabled,
-                            "paused": c.paused, "smart_hosts": [f"{h}:{p}" for h, p in c.smart_hosts],
-                            "tls": c.tls, "tls_verify": c.tls_verify} for c in effective.connectors]}, indent=2))
+        click.echo(json.dumps(views.config_json(config, effective, overrides), indent=2))
         return
     click.echo(f"# {config.source}" + (" with overrides from Fix now actions" if overrides else ""))
 

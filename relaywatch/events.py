@@ -61,8 +61,30 @@ class _Writer:
 _writer: _Writer | None = None
 logger = logging.getLogger("relaywatch.mail")
 
+# Events counted for /metrics (console/metrics.py), by (event, connector, code).
+# Counting here, where every path logs, counts every path: deliveries,
+# deferrals and bounces by the scheduler, bounces by an operator, rejections
+# at RCPT or DATA.  The labels are bounded: connector names come from the
+# config (or "local", "internet"), codes are status codes; never an address
+# or a domain.  Each process counts its own events; in the two-process
+# topology the delivery process exports its counts (console/metrics.py).
+COUNTED = ("received", "delivered", "deferred", "bounced", "expired", "rejected")
+counts: dict[tuple[str, str, str], int] = {}
+
+
+def _count(event: str, fields: dict) -> None:
+    # The "bounced" event without a status says only that no DSN could be
+    # sent for a recipient already counted as bounced or expired.
+    if event in ("delivered", "deferred", "bounced", "expired") and "status" not in fields:
+        return
+    code = fields.get("code") if event in ("deferred", "rejected") else None
+    key = (event, fields.get("connector") or "", code or "")
+    counts[key] = counts.get(key, 0) + 1
+
 
 def emit(event: str, **fields) -> None:
+    if event in COUNTED:
+        _count(event, fields)
     if _writer is not None:
         _writer.write(event, fields)
     elif logger.isEnabledFor(logging.INFO):

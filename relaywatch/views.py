@@ -1,0 +1,82 @@
+"""The JSON shapes of docs/json.md, built in one place for every surface.
+
+``relaywatch ... --json`` (cli.py) and the HTTP API (console/api.py) both
+call these, so the two cannot drift apart: a test compares them field for
+field.  Pure functions of what the store returned; no I/O here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relaywatch.config import Config
+from relaywatch.model import Entry, iso
+
+INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
+                  "first_expires_at")
+
+
+def message_json(entry: Entry) -> dict[str, Any]:
+    """MESSAGE: one queue entry (``queue list --json``)."""
+    return entry.to_dict()
+
+
+def message_detail_json(entry: Entry) -> dict[str, Any]:
+    """MESSAGE plus ``attempt_history`` (``queue show --json``)."""
+    data = entry.to_dict()
+    data["attempt_history"] = [history_json(a) for a in entry.history]
+    return data
+
+
+def history_json(a: dict) -> dict[str, Any]:
+    """One stored attempt with its times as ISO 8601."""
+    out = dict(a)
+    out["at"] = iso(a["at"])
+    out["recipients"] = [dict(r, error=dict(r["error"], at=iso(r["error"]["at"])) if r.get("error") else r.get("error"))
+                         for r in a["recipients"]]
+    out["hosts_tried"] = [dict(f, at=iso(f["at"])) for f in a.get("hosts_tried", [])]
+    return out
+
+
+def incident_json(inc: dict) -> dict[str, Any]:
+    """INCIDENT (``incidents list/show --json``)."""
+    out = dict(inc)
+    for key in INCIDENT_TIMES:
+        if isinstance(out.get(key), (int, float)):
+            out[key] = iso(out[key])
+    return out
+
+
+def config_json(config: Config, effective: Config, overrides: dict[str, dict]) -> dict[str, Any]:
+    """The running configuration, overrides marked (``config show --json``)."""
+    return {
+        "source": str(config.source),
+        "overrides": {k: {"value": v["value"], "set_at": iso(v["set_at"]), "incident_id": v["incident_id"]}
+                      for k, v in overrides.items()},
+        "domains": [{"name": d.name, "type": d.type, "mailboxes": sorted(d.mailboxes)} for d in effective.domains],
+        "connectors": [{"name": c.name, "type": c.type, "domains": list(c.domains), "enabled": c.enabled,
+                        "paused": c.paused, "smart_hosts": [f"{h}:{p}" for h, p in c.smart_hosts],
+                        "tls": c.tls, "tls_verify": c.tls_verify} for c in effective.connectors]}
+
+
+def connector_state(enabled: bool, paused: bool, open_incidents: int) -> str:
+    """disabled > paused > incident open > healthy: the first that holds says what an admin must know."""
+    if not enabled:
+        return "disabled"
+    if paused:
+        return "paused"
+    return "incident open" if open_incidents else "healthy"
+
+
+def connectors_json(effective: Config, open_incidents: list[dict], last_good: dict[str, dict]) -> dict[str, Any]:
+    """CONNECTOR list (``GET /api/v1/connectors``): state and the last good delivery."""
+    out = []
+    for c in effective.connectors:
+        mine = [i for i in open_incidents if i["connector"] == c.name]
+        good = last_good.get(c.name)
+        out.append({"name": c.name, "type": c.type, "domains": list(c.domains),
+                    "state": connector_state(c.enabled, c.paused, len(mine)),
+                    "enabled": c.enabled, "paused": c.paused,
+                    "open_incidents": [i["id"] for i in mine],
+                    "last_good_delivery": iso(good["at"]) if good else None})
+    return {"connectors": out}
