@@ -28,6 +28,21 @@ class QueueQuery:
 
 
 @dataclass(frozen=True)
+class QueryPage:
+    """A page of the queue for the HTTP API (store.queue_page): filters, then
+    ``limit`` entries in id order after the id ``after``."""
+    status: str | None = None
+    connector: str | None = None
+    sender: str | None = None          # "" is the null sender
+    recipient: str | None = None
+    domain: str | None = None          # a recipient's domain
+    code: str | None = None            # the code of the latest deferral
+    older_than: float | None = None    # seconds since received
+    after: str | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
 class Selector:
     """Which entries an operator command applies to."""
     ids: tuple[str, ...] = ()
@@ -176,5 +191,23 @@ class WatchStore(Protocol):
         """(domain, connector, source, count) since ``since``, the most first."""
 
 
-class Store(QueueStore, WatchStore, Protocol):
+class ConsoleStore(Protocol):
+    """The reads of the HTTP console (relaywatch/console/), beside the queue's and the watch's."""
+
+    async def queue_gauges(self, now: float) -> list[tuple[str, str, str | None, int, int, float]]:
+        """/metrics in one cheap read: (connector, status, code of the latest deferral, entries,
+        of them leased at ``now``, the oldest received_at) per group."""
+
+    async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
+        """Entries matching ``page``'s filters in id order after ``page.after``, every recipient
+        with them (keyset pagination: stable while messages come and go)."""
+
+    async def queue_page_ids(self, page: QueryPage, now: float) -> list[str]:
+        """Only the ids of queue_page (bulk actions page through them)."""
+
+    async def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit records first: Fix now and queue actions, with their incident (or None)."""
+
+
+class Store(QueueStore, WatchStore, ConsoleStore, Protocol):
     """Both: one database holds the queue and the watch's state (what open_store returns)."""

@@ -25,6 +25,7 @@ from relaywatch.model import (
 )
 from relaywatch.store import queue as sql_queue
 from relaywatch.store.base import QueueQuery, Selector
+from relaywatch.store.memory_console import MemoryConsole
 from relaywatch.store.memory_watch import MemoryWatch
 from relaywatch.store.watch import summary
 
@@ -59,7 +60,7 @@ class _Row:
     history: list[dict] = field(default_factory=list)
 
 
-class MemoryStore(MemoryWatch):
+class MemoryStore(MemoryWatch, MemoryConsole):
     where = "memory"
     single_node = True
     inline_bodies = False

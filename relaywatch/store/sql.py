@@ -1,6 +1,6 @@
 """The SQL store: the queue's and the watch's operations on one group-commit engine.
 
-    SqlStore = SqlQueue (store/queue.py) + SqlWatch (store/watch.py)
+    SqlStore = SqlQueue (store/queue.py) + SqlWatch (store/watch.py) + SqlConsole (store/console.py)
                on a GroupCommitEngine (store/engine.py) with a Dialect (store/sqlite.py, store/postgres.py)
 
 Other processes (the CLI, a second node) open their own store on the same database.
@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
+from relaywatch.store.console import SqlConsole
 from relaywatch.store.engine import Dialect, GroupCommitEngine
 from relaywatch.store.queue import SqlQueue, lease_sql
 from relaywatch.store.watch import SqlWatch
 
 
-class SqlStore(SqlQueue, SqlWatch):
+class SqlStore(SqlQueue, SqlWatch, SqlConsole):
     def __init__(self, dialect: Dialect, on_work: Callable[[], None] | None = None):
         self.dialect = dialect
         self.engine = GroupCommitEngine(dialect)

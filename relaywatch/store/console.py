@@ -1,0 +1,75 @@
+"""The console's reads on SQL (console/api.py, console/metrics.py): queue gauges, pages, the audit log.
+
+Reads only, on the engine's reader connections; the SQL is in console.sql.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from relaywatch.model import Entry
+from relaywatch.store import queries
+from relaywatch.store.base import QueryPage
+from relaywatch.store.queue import Q as QUEUE, _attach_recipients, _entry
+
+Q = queries.load("console.sql")
+assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries as queue.py's _entry takes them"
+
+
+class SqlConsole:
+    engine: Any
+
+    async def queue_gauges(self, now: float) -> list[tuple[str, str, str | None, int, int, float]]:
+        def q(conn: Any):
+            return [(c, st, code, n, leased or 0, oldest)
+                    for c, st, code, n, leased, oldest in conn.execute(Q["queue_gauges"], (now,))]
+        return await self.engine.read(q)
+
+    async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
+        def q(conn: Any) -> list[Entry]:
+            where, args = _page_where(page, now)
+            entries = [_entry(r) for r in conn.execute(Q["page_entries"].replace("{where}", where),
+                                                       (*args, page.limit))]
+            _attach_recipients(conn, entries, include_final=True)
+            return entries
+        return await self.engine.read(q)
+
+    async def queue_page_ids(self, page: QueryPage, now: float) -> list[str]:
+        def q(conn: Any) -> list[str]:
+            where, args = _page_where(page, now)
+            return [i for (i,) in conn.execute(Q["page_ids"].replace("{where}", where), (*args, page.limit))]
+        return await self.engine.read(q)
+
+    async def audit_log(self, limit: int = 100) -> list[dict]:
+        return await self.engine.read(lambda conn: [
+            {"id": i, "at": at, "who": who, "action": act, "incident_id": inc, "detail": json.loads(d), "undone_at": u}
+            for i, at, who, act, inc, d, u in conn.execute(Q["audit_log"], (limit,))])
+
+
+def _page_where(page: QueryPage, now: float) -> tuple[str, list]:
+    """`` WHERE ...`` (or "") and its parameters for a QueryPage's filters."""
+    where, args = [], []
+
+    def add(name: str, *values) -> None:
+        where.append(Q[name])
+        args.extend(values)
+    if page.after:
+        add("after_id", page.after.upper())
+    if page.connector:
+        add("on_connector", page.connector)
+    if page.status == "active":
+        add("is_active", now)
+    elif page.status:
+        add("in_status_unleased", page.status, now)
+    if page.sender is not None:
+        add("sent_by", page.sender.lower())
+    if page.code:
+        add("last_code_is", page.code)
+    if page.older_than is not None:
+        add("received_before", now - page.older_than)
+    if page.recipient:
+        add("has_recipient", page.recipient.lower())
+    if page.domain:
+        add("has_recipient_in", "%@" + page.domain.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_"))
+    return (" WHERE " + " AND ".join(where) if where else ""), args
