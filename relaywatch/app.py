@@ -106,6 +106,7 @@ class Relaywatch:
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
+        self.console = None            # the HTTP console (relaywatch/console/), in the receiving process
 
     def get_config(self) -> Config:
         return self.config
@@ -164,6 +165,15 @@ class Relaywatch:
                 raise ConfigError(f"server.listen: cannot listen: {exc}") from exc
             log.info("relaywatch listening on %s; queue %s",
                      ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.store.where)
+            from relaywatch.console.server import Console   # not imported by the delivery process
+            self.console = Console(self)
+            try:
+                await self.console.start()
+            except OSError as exc:   # taken since serve checked it (preflight.py)
+                raise ConfigError(f"http.listen: cannot listen: {exc}") from exc
+        elif self.role == DELIVER:
+            from relaywatch.console.metrics import export_counters   # the console adds them to its own
+            self._tasks.append(asyncio.create_task(export_counters(data_dir), name="counters"))
 
     def _woken(self) -> None:
         try:
@@ -272,6 +282,8 @@ class Relaywatch:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self.console is not None:
+            await self.console.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

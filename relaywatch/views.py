@@ -80,3 +80,8 @@ def connectors_json(effective: Config, open_incidents: list[dict], last_good: di
                     "open_incidents": [i["id"] for i in mine],
                     "last_good_delivery": iso(good["at"]) if good else None})
     return {"connectors": out}
+
+
+def audit_json(a: dict) -> dict[str, Any]:
+    """One audit record (``GET /api/v1/audit``; ``incidents show`` has an incident's own)."""
+    return dict(a, at=iso(a["at"]), undone_at=iso(a["undone_at"]) if a.get("undone_at") else None)

@@ -1,0 +1,251 @@
+"""The HTTP API, /api/v1: the CLI's JSON (relaywatch/views.py) over HTTP.
+
+Reads go to the store the receiving process has open; actions call the code
+the CLI calls (relaywatch/actions.py) and are audited with the token's name.
+Input is checked here, each problem a 400 naming the field; an unknown id is
+404; a store refusal (a message being delivered right now) is 409.  No GET
+changes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from relaywatch import views
+from relaywatch.actions import QUEUE_ACTIONS, queue_action
+from relaywatch.config import apply_overrides, parse_duration
+from relaywatch.errors import StoreError
+from relaywatch.store.base import QueryPage
+
+from relaywatch.console.http import Request, Response, error_response, json_response
+from relaywatch.console.router import Param, Route
+
+STATUSES = ("queued", "deferred", "held", "active")
+MAX_LIMIT = 1000
+MAX_REASON = 1000
+_ENTRY_ID = re.compile(r"[0-9A-Fa-f]{1,32}")
+
+
+class BadInput(Exception):
+    """Input at fault: a 400 (or ``status``) naming the field."""
+
+    def __init__(self, field_name: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+        self.status = status
+
+
+# -- the routes ------------------------------------------------------------------------
+
+_ID = Param("id", "path", {"type": "string", "pattern": "^[0-9A-Fa-f]{16}$"}, "Queue entry id")
+_INCIDENT_ID = Param("id", "path", {"type": "integer", "minimum": 1}, "Incident id")
+_QUEUE_FILTERS = (
+    Param("status", "query", {"type": "string", "enum": list(STATUSES)}, "Only entries in this status"),
+    Param("connector", "query", {"type": "string"}, "Only this connector (or local / internet)"),
+    Param("sender", "query", {"type": "string"}, "Envelope sender, exact (case-insensitive); empty: <>"),
+    Param("recipient", "query", {"type": "string"}, "A recipient address, exact (case-insensitive)"),
+    Param("domain", "query", {"type": "string"}, "A recipient's domain"),
+    Param("code", "query", {"type": "string"}, "Code of the latest deferral, e.g. 4.4.316"),
+    Param("older_than", "query", {"type": "string"}, "Received longer ago than this duration, e.g. 1h"),
+    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
+          "Entries per page"),
+    Param("after", "query", {"type": "string"}, "Page after this id (the previous page's next_after)"),
+)
+REASON_BODY = {"type": "object", "required": ["reason"], "additionalProperties": False,
+               "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON,
+                                         "description": "Why (kept in the audit log with the token's name)"}}}
+
+ROUTES = (
+    Route("GET", "/healthz", "healthz", "The process is up", public=True, response="Health"),
+    Route("GET", "/readyz", "readyz", "Store, SMTP listener and delivery are working", public=True,
+          response="Health", errors=(503,)),
+    Route("GET", "/metrics", "metrics", "Prometheus metrics", public=True,
+          content_type="text/plain; version=0.0.4"),
+    Route("GET", "/api/v1/openapi.json", "openapi", "This document", response=None),
+    Route("GET", "/api/v1/queue", "queue_list", "Queued messages, in id order (oldest first), filtered and paged",
+          params=_QUEUE_FILTERS, response="MessageList", errors=(400,)),
+    Route("GET", "/api/v1/queue/{id}", "queue_show", "One message with its attempt history",
+          params=(_ID,), response="MessageDetail", errors=(404,)),
+    *(Route("POST", f"/api/v1/queue/{{id}}/{action}", "queue_action", summary, params=(_ID,), body=REASON_BODY,
+            response="ActionResult", errors=(400, 404, 409, 413, 415))
+      for action, summary in (("retry", "Try the message now"), ("hold", "Stop delivery attempts until released"),
+                              ("release", "Release a held message; it is tried at once"),
+                              ("bounce", "Give up now: NDR to the sender, then remove it"),
+                              ("delete", "Remove the message without telling the sender"))),
+    Route("GET", "/api/v1/incidents", "incidents_list", "Open incidents (all=true: the history too)",
+          params=(Param("all", "query", {"type": "boolean", "default": False}, "Include resolved incidents"),),
+          response="IncidentList", errors=(400,)),
+    Route("GET", "/api/v1/incidents/{id}", "incident_show",
+          "One incident: evidence, diagnosis, actions, notifications, audit",
+          params=(_INCIDENT_ID,), response="Incident", errors=(400, 404)),
+    Route("GET", "/api/v1/connectors", "connectors", "Connectors with their state and last good delivery",
+          response="ConnectorList"),
+    Route("GET", "/api/v1/config", "config", "The running configuration, Fix now overrides marked",
+          response="Config"),
+    Route("GET", "/api/v1/audit", "audit", "The audit log, newest first",
+          params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
+                        "Records"),), response="AuditLog", errors=(400,)),
+)
+
+
+# -- input ------------------------------------------------------------------------------
+
+def query_args(req: Request, route: Route) -> dict[str, str]:
+    """The query parameters, each given at most once and each one the route knows."""
+    known = {p.name for p in route.params if p.where == "query"}
+    out = {}
+    for name, values in req.query.items():
+        if name not in known:
+            raise BadInput(name, f"unknown query parameter {name!r}; known: {', '.join(sorted(known)) or 'none'}")
+        if len(values) != 1:
+            raise BadInput(name, f"{name} is given {len(values)} times")
+        out[name] = values[0]
+    return out
+
+
+def int_arg(args: dict, name: str, default: int, lowest: int, highest: int) -> int:
+    if name not in args:
+        return default
+    text = args[name]
+    if not text.isdigit() or not lowest <= int(text) <= highest:
+        raise BadInput(name, f"{name} must be a whole number from {lowest} to {highest} (got {text!r})")
+    return int(text)
+
+
+def bool_arg(args: dict, name: str) -> bool:
+    text = args.get(name, "false").lower()
+    if text not in ("true", "false", "1", "0"):
+        raise BadInput(name, f"{name} must be true or false (got {args[name]!r})")
+    return text in ("true", "1")
+
+
+def queue_page(args: dict) -> QueryPage:
+    status = args.get("status")
+    if status is not None and status not in STATUSES:
+        raise BadInput("status", f"status must be one of {', '.join(STATUSES)} (got {status!r})")
+    older_than = None
+    if "older_than" in args:
+        try:
+            older_than = parse_duration(args["older_than"])
+        except ValueError as exc:
+            raise BadInput("older_than", f"older_than: {exc}") from None
+    after = args.get("after")
+    if after is not None and not _ENTRY_ID.fullmatch(after):
+        raise BadInput("after", f"after must be a queue id (hex digits), got {after!r}")
+    for name in ("connector", "recipient", "domain", "code"):
+        if name in args and not args[name].strip():
+            raise BadInput(name, f"{name} must not be empty")
+    return QueryPage(status=status, connector=args.get("connector"), sender=args.get("sender"),
+                     recipient=args.get("recipient"), domain=args.get("domain"), code=args.get("code"),
+                     older_than=older_than, after=after, limit=int_arg(args, "limit", 100, 1, MAX_LIMIT))
+
+
+def reason_of(req: Request) -> str:
+    """The required ``reason`` of an action's JSON body."""
+    content_type = req.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        # Also what keeps a cross-site HTML form from posting here: it cannot send JSON.
+        raise BadInput("content-type", "the body must be JSON (Content-Type: application/json)", 415)
+    try:
+        body = json.loads(req.body.decode("utf-8")) if req.body else None
+    except (UnicodeDecodeError, ValueError):
+        raise BadInput("body", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadInput("body", 'the body must be a JSON object such as {"reason": "..."}')
+    for key in body:
+        if key != "reason":
+            raise BadInput(key, f"unknown field {key!r}; an action takes only \"reason\"")
+    reason = body.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise BadInput("reason", "reason is required: a non-empty string saying why (kept in the audit log)")
+    if len(reason) > MAX_REASON:
+        raise BadInput("reason", f"reason is longer than {MAX_REASON} characters")
+    return reason.strip()
+
+
+# -- the handlers -------------------------------------------------------------------------
+
+class Api:
+    def __init__(self, app, openapi_document: dict, metrics_text):
+        self.app = app
+        self.openapi_document = openapi_document
+        self.metrics_text = metrics_text    # async () -> str (console/server.py)
+
+    @property
+    def store(self):
+        return self.app.store
+
+    async def openapi(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        return json_response(200, self.openapi_document)
+
+    async def queue_list(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        page = queue_page(query_args(req, route))
+        entries = await self.store.queue_page(page, time.time())
+        return json_response(200, {"messages": [views.message_json(e) for e in entries],
+                                   "next_after": entries[-1].id if len(entries) == page.limit else None})
+
+    async def queue_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        entry_id = params["id"]
+        entry = await self.store.get(entry_id) if _ENTRY_ID.fullmatch(entry_id) else None
+        if entry is None:
+            return _no_message(entry_id)
+        return json_response(200, views.message_detail_json(entry))
+
+    async def queue_action(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        action = route.segments[-1]
+        assert action in QUEUE_ACTIONS
+        entry_id = params["id"]
+        reason = reason_of(req)
+        if not _ENTRY_ID.fullmatch(entry_id) or await self.store.get(entry_id) is None:
+            return _no_message(entry_id)
+        try:
+            result = await queue_action(self.store, self.app.config, action, entry_id, who, reason)
+        except StoreError as exc:
+            return error_response(409, str(exc))
+        if not result.done:
+            return error_response(409, result.text)
+        after = await self.store.get(entry_id)
+        return json_response(200, {"id": entry_id.upper(), "action": action, "done": True, "result": result.text,
+                                   "who": who, "message": views.message_json(after) if after else None})
+
+    async def incidents_list(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        include_resolved = bool_arg(query_args(req, route), "all")
+        found = await self.store.incidents(include_resolved=include_resolved)
+        return json_response(200, {"incidents": [views.incident_json(i) for i in found]})
+
+    async def incident_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        text = params["id"]
+        if not text.isdigit() or int(text) < 1 or len(text) > 18:
+            raise BadInput("id", f"an incident id is a whole number (got {text!r})")
+        inc = await self.store.incident(int(text))
+        if inc is None:
+            return error_response(404, f"no incident {text}")
+        return json_response(200, views.incident_json(inc))
+
+    async def connectors(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        overrides = await self.store.overrides()
+        effective = apply_overrides(self.app.file_config, overrides)
+        return json_response(200, views.connectors_json(effective, await self.store.open_incidents(),
+                                                        await self.store.last_good()))
+
+    async def config(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        overrides = await self.store.overrides()
+        effective = apply_overrides(self.app.file_config, overrides)
+        return json_response(200, views.config_json(self.app.file_config, effective, overrides))
+
+    async def audit(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        limit = int_arg(query_args(req, route), "limit", 100, 1, MAX_LIMIT)
+        return json_response(200, {"audit": [views.audit_json(a) for a in await self.store.audit_log(limit)]})
+
+
+def _no_message(entry_id: str) -> Response:
+    return error_response(404, f"no queued message with id {entry_id} (delivered, bounced or deleted messages "
+                               f"leave the queue)")

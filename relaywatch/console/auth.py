@@ -1,0 +1,48 @@
+"""Who may use the console: pure decisions, table-tested (tests/test_console_units.py).
+
+- No tokens configured: a client on a loopback address is let in (as
+  "loopback"), any other client is not.  (config.py refuses a non-loopback
+  ``http.listen`` without tokens, so that case only arises behind a proxy.)
+- Tokens configured: every client needs ``Authorization: Bearer <token>``,
+  loopback included.  Only SHA-256 digests of the tokens are in memory; the
+  presented token's digest is compared with every one of them in constant
+  time (no early exit), so timing tells neither the token nor which name.
+- /metrics, /healthz, /readyz need no token (routes marked public).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from relaywatch.config import AdminToken, is_loopback
+
+LOOPBACK_USER = "loopback"
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header, else None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+def token_name(token: str, tokens: tuple[AdminToken, ...]) -> str | None:
+    digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    found = None
+    for t in tokens:
+        if hmac.compare_digest(t.digest, digest):
+            found = t.name
+    return found
+
+
+def authenticate(authorization: str | None, peer: str, tokens: tuple[AdminToken, ...]) -> str | None:
+    """The name to audit for this request, or None: 401."""
+    if not tokens:
+        return LOOPBACK_USER if is_loopback(peer) else None
+    token = bearer_token(authorization)
+    return token_name(token, tokens) if token is not None else None

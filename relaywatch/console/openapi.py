@@ -1,0 +1,87 @@
+"""The OpenAPI 3.1 document of the console, built from the route table (console/api.py ROUTES).
+
+The shapes are those docs/json.md documents; the schemas here name their
+top-level fields and point at docs/json.md for the rest, rather than
+restating every nested field (and drifting from it).
+"""
+
+from __future__ import annotations
+
+from relaywatch import __version__
+
+_DOC = "see docs/json.md"
+
+
+def _obj(description: str, **props) -> dict:
+    return {"type": "object", "description": description, "properties": props}
+
+
+SCHEMAS = {
+    "Error": _obj("An error; field names the input at fault", error={"type": "string"}, field={"type": "string"}),
+    "Health": _obj("Readiness", status={"type": "string"}, checks={"type": "object"},
+                   reasons={"type": "array", "items": {"type": "string"}}),
+    "Message": {"type": "object", "description": f"MESSAGE ({_DOC})", "required": ["id", "status", "recipients"],
+                "properties": {k: {} for k in ("id", "sender", "message_id", "received_at", "expires_at", "status",
+                                               "attempts", "next_attempt_at", "connector", "route", "domain",
+                                               "size", "recipients")}},
+    "MessageList": _obj("A page of the queue; next_after is the id to pass as after for the next page (null: "
+                        "last page)", messages={"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+                        next_after={"type": ["string", "null"]}),
+    "MessageDetail": {"allOf": [{"$ref": "#/components/schemas/Message"},
+                                _obj(f"attempt_history ({_DOC})", attempt_history={"type": "array"})]},
+    "ActionResult": _obj("What an action did", id={"type": "string"}, action={"type": "string"},
+                         done={"type": "boolean"}, result={"type": "string"}, who={"type": "string"},
+                         message={"oneOf": [{"$ref": "#/components/schemas/Message"}, {"type": "null"}]}),
+    "Incident": {"type": "object", "description": f"INCIDENT ({_DOC})"},
+    "IncidentList": _obj("Incidents", incidents={"type": "array", "items": {"$ref": "#/components/schemas/Incident"}}),
+    "ConnectorList": _obj("Connectors", connectors={"type": "array", "items": _obj(
+        "A connector", name={"type": "string"}, type={"type": "string"}, domains={"type": "array"},
+        state={"type": "string", "enum": ["healthy", "incident open", "paused", "disabled"]},
+        enabled={"type": "boolean"}, paused={"type": "boolean"}, open_incidents={"type": "array"},
+        last_good_delivery={"type": ["string", "null"]})}),
+    "Config": _obj(f"config show --json ({_DOC})", source={"type": "string"}, overrides={"type": "object"},
+                   domains={"type": "array"}, connectors={"type": "array"}),
+    "AuditLog": _obj("Audit records, newest first", audit={"type": "array", "items": _obj(
+        "One action", id={"type": "integer"}, at={"type": "string"}, who={"type": "string"},
+        action={"type": "string"}, incident_id={"type": ["integer", "null"]}, detail={"type": "object"},
+        undone_at={"type": ["string", "null"]})}),
+}
+
+_STATUS_TEXT = {400: "Bad input (the field is named)", 401: "A token is required, or the token is wrong",
+                404: "Unknown id", 409: "The action does not apply now", 413: "The body is too large",
+                415: "The body is not JSON", 503: "Not ready"}
+
+
+def document(routes) -> dict:
+    paths: dict[str, dict] = {}
+    for r in routes:
+        op: dict = {"summary": r.summary, "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_')}"
+                    .replace("{", "").replace("}", "")}
+        if r.params:
+            op["parameters"] = [{"name": p.name, "in": p.where, "required": p.where == "path" or p.required,
+                                 "description": p.description, "schema": p.schema} for p in r.params]
+        if r.body is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": r.body}}}
+        ok = {"description": "OK"}
+        if r.response:
+            ok["content"] = {r.content_type: {"schema": {"$ref": f"#/components/schemas/{r.response}"}}}
+        elif r.content_type != "application/json":
+            ok["content"] = {r.content_type: {"schema": {"type": "string"}}}
+        responses = {"200": ok}
+        for status in (*r.errors, *(() if r.public else (401,))):
+            schema = {"$ref": "#/components/schemas/Health" if status == 503 else "#/components/schemas/Error"}
+            responses[str(status)] = {"description": _STATUS_TEXT[status]}
+            if status != 401:
+                responses[str(status)]["content"] = {"application/json": {"schema": schema}}
+        op["responses"] = responses
+        op["security"] = [] if r.public else [{"bearer": []}]
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "relaywatch mail flow console", "version": __version__,
+                 "description": "The CLI's JSON (docs/json.md) over HTTP. From loopback with no http.tokens "
+                                "configured no token is needed; otherwise send Authorization: Bearer <token>."},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }
