@@ -60,10 +60,15 @@ class Response:
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
+_MARKUP = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 def json_response(status: int, data, headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    # ensure_ascii: text from remote servers (banners, replies) leaves as \\u escapes
-    # where it is not ASCII, and "<" stays inside a JSON string, never markup.
-    return Response(status, json.dumps(data, indent=None, separators=(",", ":")).encode(), headers=headers)
+    # Text from remote servers (banners, replies, certificate names) is the
+    # attacker's: <, > and & leave as JSON escapes (they only ever occur inside
+    # strings), so no byte of a response reads as markup, whatever sniffs it.
+    text = json.dumps(data, separators=(",", ":")).translate(_MARKUP)
+    return Response(status, text.encode(), headers=headers)
 
 
 def error_response(status: int, message: str, field_name: str | None = None) -> Response:
@@ -146,6 +151,7 @@ class HttpServer:
                 return
             except _BodyTooLarge:
                 await _send(conn, writer, error_response(413, f"the request body is larger than {self.max_body} bytes"))
+                await _discard(reader)
                 return
             request = _request(event, body, peer)
             try:
@@ -208,6 +214,21 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, response: Re
     out += conn.send(h11.EndOfMessage())
     writer.write(out)
     await writer.drain()
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int = 1024 * 1024, timeout: float = 2.0) -> None:
+    """Read (and drop) what the client is still sending before closing: closing
+    with unread bytes makes the kernel send a reset, and the client would see
+    that instead of the 413 it was sent."""
+    try:
+        async with asyncio.timeout(timeout):
+            while limit > 0:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    return
+                limit -= len(data)
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        pass
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

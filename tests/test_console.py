@@ -1,0 +1,368 @@
+"""The console over real HTTP on loopback, against a running relay, on asyncio's loop and on uvloop.
+
+httpx talks to the console ``relaywatch serve`` starts (here in the test's loop, as
+relay_factory runs it); the CLI's ``--json`` is the reference for every shape.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, message, to_toml
+from relaywatch.console.api import ROUTES
+
+pytestmark = pytest.mark.both_loops
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "ops-token-0123456789abcdef"
+OTHER = "dev-token-fedcba9876543210"
+
+
+def partner(port: int) -> list[dict]:
+    return [{"name": "p", "type": "partner", "domains": ["partner.test"], "smart_hosts": [f"{LOOPBACK}:{port}"],
+             "tls": "none"}]
+
+
+def client(relay, token: str | None = None, **kw) -> httpx.AsyncClient:
+    host, port = relay.app.console.address
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(base_url=kw.pop("base_url", f"http://{host}:{port}"), headers=headers, timeout=10, **kw)
+
+
+async def deferred(relay, n: int) -> list[dict]:
+    async def all_tried():
+        q = await relay.queue()
+        return q if len(q) == n and all(m["attempts"] >= 1 and m["status"] == "deferred" for m in q) else None
+    return await eventually(all_tried, what=f"{n} message(s) deferred")
+
+
+async def stuck_relay(relay_factory, n: int = 3, **sections):
+    """A relay whose connector p is refused: n messages deferred with 4.4.316, next try in an hour."""
+    port = free_port()
+    sections.setdefault("queue", {"retry_intervals": ["1h"]})
+    relay = await relay_factory(connectors=partner(port), **sections)
+    for i in range(n):
+        await relay.send("alice@contoso.test", [f"u{i}@partner.test"], message(f"m{i}"))
+    return relay, await deferred(relay, n)
+
+
+async def incident_opened(relay) -> dict:
+    async def found():
+        return (await relay.cli_json("incidents", "list"))["incidents"]
+    return {"incidents": await eventually(found, what="an incident to open")}
+
+
+def metrics(text: str) -> dict[tuple, float]:
+    """{(sample name, frozenset(labels)): value}, parsed by prometheus_client."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+# -- the API agrees with the CLI --------------------------------------------------------------
+
+async def test_the_api_and_the_cli_agree_field_for_field(relay_factory):
+    relay, listed = await stuck_relay(relay_factory)
+    async with client(relay) as http:
+        api = await http.get("/api/v1/queue")
+        assert api.status_code == 200 and api.headers["content-type"] == "application/json"
+        body = api.json()
+        assert body["next_after"] is None
+        assert body["messages"] == sorted(listed, key=lambda m: m["id"])
+        for entry in listed:
+            shown = await http.get(f"/api/v1/queue/{entry['id'].lower()}")
+            assert shown.status_code == 200
+            assert shown.json() == await relay.show(entry["id"])
+            assert shown.json()["attempt_history"][0]["recipients"][0]["error"]["code"] == "4.4.316"
+        config = (await http.get("/api/v1/config")).json()
+        assert config == await relay.cli_json("config", "show")
+
+
+async def test_queue_filters_and_pages(relay_factory):
+    relay, listed = await stuck_relay(relay_factory, n=5)
+    ids = sorted(m["id"] for m in listed)
+    async with client(relay) as http:
+        seen, after = [], None
+        while True:
+            page = (await http.get("/api/v1/queue", params={"limit": 2, **({"after": after} if after else {})})).json()
+            seen += [m["id"] for m in page["messages"]]
+            after = page["next_after"]
+            if after is None:
+                break
+        assert seen == ids
+        assert [m["id"] for m in (await http.get("/api/v1/queue", params={"recipient": "U3@partner.test"})).json()
+                ["messages"]] == [m["id"] for m in listed if m["recipients"][0]["address"] == "u3@partner.test"]
+        for params, expected in (({"connector": "p", "status": "deferred", "code": "4.4.316", "domain": "partner.test",
+                                   "sender": "alice@contoso.test"}, ids),
+                                 ({"status": "held"}, []), ({"connector": "local"}, []), ({"older_than": "1h"}, []),
+                                 ({"older_than": "0s"}, ids), ({"code": "4.4.317"}, [])):
+            got = (await http.get("/api/v1/queue", params=params)).json()["messages"]
+            assert [m["id"] for m in got] == expected, params
+
+
+async def test_incidents_and_connectors(relay_factory):
+    relay, listed = await stuck_relay(relay_factory, alerts={"open_after": "0s", "evaluate_interval": "0.2s",
+                                                             "probe_interval": "1h"})
+    opened = await incident_opened(relay)
+    async with client(relay) as http:
+        [inc] = (await http.get("/api/v1/incidents")).json()["incidents"]
+        [cli_inc] = opened["incidents"]
+        assert inc.keys() == cli_inc.keys()
+        assert (inc["id"], inc["connector"], inc["code"], inc["state"]) == (cli_inc["id"], "p", "4.4.316", "open")
+        one = (await http.get(f"/api/v1/incidents/{inc['id']}")).json()
+        assert one.keys() == (await relay.cli_json("incidents", "show", str(inc["id"]))).keys()
+        assert "notifications" in one and "audit" in one and one["opened_at"].endswith("Z")
+        assert [i["id"] for i in (await http.get("/api/v1/incidents", params={"all": "true"})).json()
+                ["incidents"]] == [inc["id"]]
+        assert (await http.get("/api/v1/incidents/999999")).status_code == 404
+        bad = await http.get("/api/v1/incidents/abc")
+        assert bad.status_code == 400 and bad.json()["field"] == "id"
+        connectors = (await http.get("/api/v1/connectors")).json()["connectors"]
+        assert connectors == [{"name": "p", "type": "partner", "domains": ["partner.test"], "state": "incident open",
+                               "enabled": True, "paused": False, "open_incidents": [inc["id"]],
+                               "last_good_delivery": None}]
+
+
+async def test_metrics_match_the_queue(relay_factory):
+    relay, listed = await stuck_relay(relay_factory, n=3, alerts={"open_after": "0s", "evaluate_interval": "0.2s",
+                                                                  "probe_interval": "1h"})
+    await incident_opened(relay)
+    async with client(relay) as http:
+        await http.post(f"/api/v1/queue/{listed[0]['id']}/hold", json={"reason": "look at it"})
+        queue = await relay.queue()
+        response = await http.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        m = metrics(response.text)
+    for status in ("queued", "deferred", "held", "active"):
+        expected = sum(1 for e in queue if e["connector"] == "p" and e["status"] == status)
+        assert m[("relaywatch_queue_messages", frozenset({("connector", "p"), ("status", status)}))] == expected
+    assert m[("relaywatch_queue_messages", frozenset({("connector", "local"), ("status", "queued")}))] == 0
+    assert m[("relaywatch_queue_deferred_messages", frozenset({("connector", "p"), ("code", "4.4.316")}))] == 2
+    assert m[("relaywatch_queue_oldest_message_age_seconds", frozenset({("connector", "p")}))] > 0
+    assert 0 < m[("relaywatch_queue_oldest_deferred_age_seconds", frozenset({("connector", "p")}))] <= \
+        m[("relaywatch_queue_oldest_message_age_seconds", frozenset({("connector", "p")}))]
+    assert m[("relaywatch_incidents_open", frozenset({("connector", "p"), ("code", "4.4.316")}))] == 1
+    # Counters: this process received and tried them (events.py counts where the mail log is written).
+    assert m[("relaywatch_messages_received_total", frozenset({("connector", "p")}))] >= 3
+    assert m[("relaywatch_recipients_deferred_total", frozenset({("connector", "p"), ("code", "4.4.316")}))] >= 3
+    assert all("@" not in v and "partner.test" not in v for (_, labels) in m for _, v in labels)
+
+
+# -- access -------------------------------------------------------------------------------------
+
+async def test_tokens_are_required_when_configured_and_name_who_acted(relay_factory):
+    relay, listed = await stuck_relay(relay_factory, n=1, http={"listen": f"{LOOPBACK}:0",
+                                                               "tokens": [f"ops:{TOKEN}", f"dev:{OTHER}"]})
+    entry_id = listed[0]["id"]
+    async with client(relay) as anonymous, client(relay, "wrong-token-0123456789") as wrong, \
+            client(relay, OTHER) as dev:
+        for http in (anonymous, wrong):
+            for method, path in (("GET", "/api/v1/queue"), ("GET", f"/api/v1/queue/{entry_id}"),
+                                 ("POST", f"/api/v1/queue/{entry_id}/hold"), ("GET", "/api/v1/openapi.json"),
+                                 ("GET", "/api/v1/nothing-here"), ("DELETE", "/api/v1/queue")):
+                r = await http.request(method, path, json={"reason": "x"} if method == "POST" else None)
+                assert r.status_code == 401, (method, path)
+                assert r.content == b"" and r.headers["www-authenticate"].startswith("Bearer")
+            for public in ("/metrics", "/healthz", "/readyz"):
+                assert (await http.get(public)).status_code == 200
+        r = await dev.post(f"/api/v1/queue/{entry_id}/hold", json={"reason": "investigating INC-42"})
+        assert r.status_code == 200 and r.json()["who"] == "dev" and r.json()["message"]["status"] == "held"
+    assert (await relay.show(entry_id))["status"] == "held"
+    [record] = await relay.store.audit_log()
+    assert (record["who"], record["action"], record["detail"]["reason"], record["detail"]["id"]) == \
+        ("dev", "queue hold", "investigating INC-42", entry_id)
+
+
+async def test_every_action_and_its_errors(relay_factory):
+    relay, listed = await stuck_relay(relay_factory, n=3)
+    a, b, c = (m["id"] for m in listed)
+    async with client(relay) as http:
+        async def act(entry_id, action, **kw):
+            return await http.post(f"/api/v1/queue/{entry_id}/{action}", **kw)
+        assert (await act(a, "hold", json={"reason": "r"})).json()["message"]["status"] == "held"
+        again = await act(a, "hold", json={"reason": "r"})
+        assert again.status_code == 200     # holding a held message holds it
+        retry_held = await act(a, "retry", json={"reason": "r"})
+        assert retry_held.status_code == 409 and "not waiting for a retry" in retry_held.json()["error"]
+        released = await act(a, "release", json={"reason": "r"})
+        assert released.status_code == 200 and released.json()["message"]["status"] in ("deferred", "active")
+        assert (await act(a, "release", json={"reason": "r"})).status_code == 409
+        assert (await act(b, "retry", json={"reason": "now"})).status_code == 200
+
+        async def tried_again():
+            shown = await relay.show(b)
+            return shown["attempts"] == 2 and shown["status"] == "deferred"
+        await eventually(tried_again, what="the retry to run")
+        deleted = await act(b, "delete", json={"reason": "spam"})
+        assert deleted.status_code == 200 and deleted.json()["message"] is None
+        bounced = await act(c, "bounce", json={"reason": "partner gone"})
+        assert bounced.status_code == 200 and "returned to alice@contoso.test" in bounced.json()["result"]
+        assert {m["id"] for m in await relay.queue()} >= {a} and b not in {m["id"] for m in await relay.queue()}
+        # Bad input: a 400 naming the field, never a traceback.
+        for kw, field in (({"json": {}}, "reason"), ({"json": {"reason": "  "}}, "reason"),
+                          ({"json": {"reason": "r", "force": True}}, "force"), ({"json": ["r"]}, "body"),
+                          ({"content": b"{", "headers": {"content-type": "application/json"}}, "body"),
+                          ({"json": {"reason": "x" * 1001}}, "reason")):
+            r = await act(a, "hold", **kw)
+            assert r.status_code == 400 and r.json()["field"] == field, (kw, r.text)
+        form = await act(a, "hold", data={"reason": "r"})
+        assert form.status_code == 415 and form.json()["field"] == "content-type"
+        unknown = await act("0123456789ABCDEF", "hold", json={"reason": "r"})
+        assert unknown.status_code == 404 and "no queued message" in unknown.json()["error"]
+        assert (await act("not-an-id", "hold", json={"reason": "r"})).status_code == 404
+        assert (await http.get(f"/api/v1/queue/{a}/hold")).status_code == 405   # no GET changes anything
+        for params, field in (({"status": "bogus"}, "status"), ({"limit": "0"}, "limit"), ({"limit": "x"}, "limit"),
+                              ({"after": "zz"}, "after"), ({"older_than": "soon"}, "older_than"),
+                              ({"colour": "red"}, "colour"), ({"connector": ""}, "connector")):
+            r = await http.get("/api/v1/queue", params=params)
+            assert r.status_code == 400 and r.json()["field"] == field, params
+        twice = await http.get("/api/v1/queue?status=held&status=queued")
+        assert twice.status_code == 400 and twice.json()["field"] == "status"
+    actions = [(r["who"], r["action"]) for r in await relay.store.audit_log()]
+    assert actions == [("loopback", f"queue {x}") for x in ("bounce", "delete", "retry", "release", "hold", "hold")]
+
+
+async def test_a_body_over_the_cap_is_413(relay_factory):
+    relay, [entry] = await stuck_relay(relay_factory, n=1)
+    async with client(relay) as http:
+        big = await http.post(f"/api/v1/queue/{entry['id']}/hold", json={"reason": "x" * 70_000})
+        assert big.status_code == 413
+
+        async def chunks():
+            for _ in range(20):
+                yield b"x" * 8192
+        chunked = await http.post(f"/api/v1/queue/{entry['id']}/hold", content=chunks(),
+                                  headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+    assert (await relay.show(entry["id"]))["status"] == "deferred"
+
+
+async def test_security_headers_and_no_caching(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as http:
+        for path in ("/api/v1/queue", "/metrics", "/healthz", "/nothing"):
+            r = await http.get(path)
+            assert r.headers["content-security-policy"].startswith("default-src 'self'")
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["cache-control"] == "no-store"
+            assert r.headers["x-frame-options"] == "DENY"
+
+
+async def test_a_remote_reply_with_markup_comes_back_as_json_data(relay_factory):
+    evil = '<script>alert(1)</script> "><img src=x onerror=alert(2)>'
+    sink = await Sink(SinkHandler(rcpt_reply=lambda address: f"450 4.2.0 {evil}")).start()
+    try:
+        relay = await relay_factory(queue={"retry_intervals": ["1h"]}, connectors=partner(sink.port))
+        await relay.send("alice@contoso.test", ["u@partner.test"], message())
+        [entry] = await deferred(relay, 1)
+        async with client(relay) as http:
+            r = await http.get(f"/api/v1/queue/{entry['id']}")
+    finally:
+        await sink.stop()
+    assert b"<script>" not in r.content and b"<img" not in r.content   # escaped by the JSON encoder
+    error = r.json()["recipients"][0]["last_error"]
+    assert evil in error["reply"]
+    assert r.json() == await relay.show(entry["id"])
+
+
+# -- health, TLS, the OpenAPI document ------------------------------------------------------------
+
+async def test_readyz_says_what_is_not_ready(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "smtp": "ok", "delivery": "ok"}
+        relay.app._scheduler_task.cancel()
+        await eventually(lambda: relay.app._scheduler_task.done(), what="the scheduler to stop")
+        for server in relay.app.receiver.servers:
+            server.close()
+        not_ready = await http.get("/readyz")
+        assert not_ready.status_code == 503
+        assert not_ready.json()["reasons"] == ["smtp: the SMTP listener is not open",
+                                               "delivery: the scheduler is not running"]
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_https_with_the_configured_certificate(relay_factory, tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert(LOOPBACK)
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    relay = await relay_factory(http={"listen": f"{LOOPBACK}:0", "tls_cert": str(tmp_path / "cert.pem"),
+                                      "tls_key": str(tmp_path / "key.pem")})
+    host, port = relay.app.console.address
+    async with client(relay, base_url=f"https://{host}:{port}", verify=str(tmp_path / "ca.pem")) as https:
+        assert (await https.get("/healthz")).status_code == 200
+    async with client(relay) as plain:
+        with pytest.raises(httpx.HTTPError):
+            await plain.get("/healthz")
+
+
+async def test_the_openapi_document_lists_every_route(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as http:
+        doc = (await http.get("/api/v1/openapi.json")).json()
+    assert doc["openapi"] == "3.1.0"
+    listed = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    assert listed == {(r.method, r.path) for r in ROUTES}
+    assert doc["paths"]["/api/v1/queue/{id}/bounce"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"]["required"] == ["reason"]
+
+
+async def test_off_means_no_listener(relay_factory):
+    relay = await relay_factory(http={"listen": "off"})
+    assert relay.app.console.address is None
+
+
+# -- serve as a process: two processes, counters from the delivery process -------------------
+
+@pytest.mark.parametrize("split", [True, False], ids=["two-processes", "one-process"])
+async def test_serve_counts_deliveries_wherever_they_happen(tmp_path, split):
+    smtp_port, http_port = free_port(), free_port()
+    raw = base_config(tmp_path, server={"listen": [f"{LOOPBACK}:{smtp_port}"], "delivery_process": split},
+                      http={"listen": f"{LOOPBACK}:{http_port}"})
+    path = tmp_path / "relaywatch.toml"
+    path.write_text(to_toml(raw))
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c", str(path)], stdout=log, stderr=log,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://{LOOPBACK}:{http_port}", timeout=5) as http:
+            async def ready():
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    return (await http.get("/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+            await eventually(ready, what="serve to be ready")
+            await asyncio.to_thread(_send, smtp_port)
+
+            async def delivered():
+                m = metrics((await http.get("/metrics")).text)
+                return m.get(("relaywatch_recipients_delivered_total", frozenset({("connector", "local")}))) == 1
+            await eventually(delivered, what="the delivery counted")
+            m = metrics((await http.get("/metrics")).text)
+            assert m[("relaywatch_messages_received_total", frozenset({("connector", "local")}))] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 30)
+        log.close()
+
+
+def _send(port: int) -> None:
+    import smtplib
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as s:
+        s.sendmail("sender@example.org", ["alice@contoso.test"], message())
