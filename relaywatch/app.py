@@ -165,12 +165,13 @@ class Relaywatch:
                 raise ConfigError(f"server.listen: cannot listen: {exc}") from exc
             log.info("relaywatch listening on %s; queue %s",
                      ", ".join(f"{h}:{p}" for h, p in self.receiver.addresses), self.store.where)
-            from relaywatch.console.server import Console   # not imported by the delivery process
-            self.console = Console(self)
-            try:
-                await self.console.start()
-            except OSError as exc:   # taken since serve checked it (preflight.py)
-                raise ConfigError(f"http.listen: cannot listen: {exc}") from exc
+            if self.config.http.listen is not None:
+                from relaywatch.console.server import Console   # imported only where it serves
+                self.console = Console(self)
+                try:
+                    await self.console.start()
+                except OSError as exc:   # taken since serve checked it (preflight.py)
+                    raise ConfigError(f"http.listen: cannot listen: {exc}") from exc
         elif self.role == DELIVER:
             from relaywatch.console.metrics import export_counters   # the console adds them to its own
             self._tasks.append(asyncio.create_task(export_counters(data_dir), name="counters"))

@@ -153,7 +153,9 @@ def config_check(config_path):
     if problems:
         _fail_config([f"{config_path}: {p}" for p in problems])
     click.echo(f"{config_path}: OK ({len(config.domains)} domain(s), {len(config.connectors)} connector(s), "
-               f"listening on {', '.join(format_hostport(h, p) for h, p in config.server.listen)})")
+               f"listening on {', '.join(format_hostport(h, p) for h, p in config.server.listen)}"
+               + (f"; console on {'https' if config.http.tls_cert else 'http'}://{format_hostport(*config.http.listen)}"
+                  if config.http.listen else "") + ")")
     for warning in config_warnings(config):
         click.echo(f"warning: {warning}")
 
