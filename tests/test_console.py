@@ -331,6 +331,8 @@ async def test_off_means_no_listener(relay_factory):
 
 @pytest.mark.parametrize("split", [True, False], ids=["two-processes", "one-process"])
 async def test_serve_counts_deliveries_wherever_they_happen(tmp_path, split):
+    if type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        pytest.skip("serve runs on uvloop itself; the test's own loop only runs the HTTP client")
     smtp_port, http_port = free_port(), free_port()
     raw = base_config(tmp_path, server={"listen": [f"{LOOPBACK}:{smtp_port}"], "delivery_process": split},
                       http={"listen": f"{LOOPBACK}:{http_port}"})
@@ -366,3 +368,83 @@ def _send(port: int) -> None:
     import smtplib
     with smtplib.SMTP(LOOPBACK, port, timeout=10) as s:
         s.sendmail("sender@example.org", ["alice@contoso.test"], message())
+
+
+# -- HTTP itself: bad requests, limits, reload --------------------------------------------------
+
+async def raw(relay, data: bytes) -> bytes:
+    """Send bytes on a fresh connection; everything the console answers until it closes."""
+    host, port = relay.app.console.address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+async def test_broken_http_gets_a_status_and_the_console_keeps_serving(relay_factory):
+    relay = await relay_factory()
+    assert (await raw(relay, b"NONSENSE\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    assert (await raw(relay, b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n")) \
+        .startswith(b"HTTP/1.1 431 ")
+    assert (await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")) \
+        .startswith(b"HTTP/1.1 400 ")
+    two = await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n"
+                           b"Connection: close\r\n\r\n")
+    assert two.count(b"HTTP/1.1 200 ") == 2 and b'"status":"ready"' in two    # kept alive, pipelined
+    head = await raw(relay, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")   # no body
+    async with client(relay) as http:
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_connections_beyond_the_cap_are_refused_with_503(relay_factory):
+    from relaywatch.console import http as console_http
+    relay = await relay_factory()
+    host, port = relay.app.console.address
+    held = [await asyncio.open_connection(host, port) for _ in range(console_http.MAX_CONNECTIONS)]
+    try:
+        await eventually(lambda: len(relay.app.console.server._connections) == console_http.MAX_CONNECTIONS,
+                         what="every connection accepted")
+        assert (await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 503 ")
+    finally:
+        for _, writer in held:
+            writer.close()
+    await eventually(lambda: not relay.app.console.server._connections, what="the connections to close")
+    async with client(relay) as http:
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_a_reload_changes_the_tokens(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as anonymous, client(relay, TOKEN) as ops:
+        assert (await anonymous.get("/api/v1/queue")).status_code == 200
+        relay.raw["http"] = {"listen": f"{LOOPBACK}:0", "tokens": [f"ops:{TOKEN}"]}
+        relay.write_config()
+        assert relay.app.reload()
+        assert (await anonymous.get("/api/v1/queue")).status_code == 401
+        assert (await ops.get("/api/v1/queue")).status_code == 200
+
+
+async def test_cli_queue_actions_are_audited_too(relay_factory):
+    relay, [entry] = await stuck_relay(relay_factory, n=1)
+    await relay.cli("queue", "hold", entry["id"])
+    async with client(relay) as http:
+        [record] = (await http.get("/api/v1/audit")).json()["audit"]
+    assert record["action"] == "queue hold" and record["detail"]["id"] == entry["id"]
+    assert record["who"] == (os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}")
+    assert record["at"].endswith("Z") and record["undone_at"] is None
+
+
+async def test_a_connector_that_delivers_shows_its_last_good_delivery(relay_factory, sink):
+    relay = await relay_factory(connectors=partner(sink.port), alerts={"evaluate_interval": "0.2s"})
+    await relay.send("alice@contoso.test", ["u@partner.test"], message())
+    await eventually(lambda: sink.messages, what="the delivery")
+    async with client(relay) as http:
+        async def good():
+            [c] = (await http.get("/api/v1/connectors")).json()["connectors"]
+            return c if c["last_good_delivery"] else None
+        c = await eventually(good, what="the last good delivery recorded")
+    assert c["state"] == "healthy" and c["last_good_delivery"].endswith("Z")

@@ -117,6 +117,7 @@ class HttpServer:
         task = asyncio.current_task()
         if len(self._connections) >= self.max_connections:
             writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            await _discard(reader, limit=MAX_HEAD, timeout=0.5)   # so the client reads the 503, not a reset
             await _close(writer)
             return
         self._connections.add(task)
@@ -143,6 +144,10 @@ class HttpServer:
                 event = await asyncio.wait_for(_next_event(conn, reader), IDLE_TIMEOUT)
                 if not isinstance(event, h11.Request):
                     return   # ConnectionClosed (or a client that sent nothing)
+                if _head_size(event) > MAX_HEAD:
+                    # h11 bounds a head that arrives in pieces; one that came whole is measured here.
+                    await _send(conn, writer, error_response(431, f"the request head is larger than {MAX_HEAD} bytes"))
+                    return
                 async with asyncio.timeout(REQUEST_DEADLINE):
                     body = await self._read_body(conn, reader, event)
             except h11.RemoteProtocolError as exc:
@@ -189,6 +194,10 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader):
             return event
         data = await reader.read(READ_SIZE)
         conn.receive_data(data)   # b"" is the end of the stream
+
+
+def _head_size(event: h11.Request) -> int:
+    return len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
 
 
 def _request(event: h11.Request, body: bytes, peer: str) -> Request:

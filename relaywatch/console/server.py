@@ -58,7 +58,8 @@ class Console:
             self.server = None
 
     async def dispatch(self, req: Request) -> Response:
-        found = match(ROUTES, req.method, req.path)
+        # HEAD is GET without the body (http.py drops it): load balancers probe with it.
+        found = match(ROUTES, "GET" if req.method == "HEAD" else req.method, req.path)
         public = not isinstance(found, NoRoute) and found.route.public
         who = "anonymous"
         if not public:
