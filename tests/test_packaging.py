@@ -53,8 +53,9 @@ def test_the_installed_command_runs(installed):
     assert "serve" in run(relaywatch, "--help").stdout
     check = run(relaywatch, "config", "check", "-c", ROOT / "examples" / "relaywatch.toml")
     assert "OK" in check.stdout
-    # What serve imports on its first lines (uvloop, DNS, TLS diagnosis, the SQLite store) is there too.
-    run(python, "-c", "import uvloop, relaywatch.app, relaywatch.deliver.transport, relaywatch.store.sqlite")
+    # What serve imports on its first lines (uvloop, DNS, TLS diagnosis, the SQLite store, the console) is there too.
+    run(python, "-c", "import uvloop, relaywatch.app, relaywatch.deliver.transport, relaywatch.store.sqlite, "
+                      "relaywatch.console.server")
 
 
 def test_postgresql_is_an_extra_and_config_check_says_so(installed, tmp_path):
