@@ -181,3 +181,15 @@ def test_the_delivery_process_export_round_trips(tmp_path):
     (tmp_path / metrics.EXPORT_NAME).write_text("{half")
     assert metrics.read_export(tmp_path) == {}
     assert metrics.read_export(tmp_path / "none") == {}
+
+
+def test_the_example_alert_rules_use_only_metrics_the_console_has():
+    import re
+    from pathlib import Path
+    rules = (Path(__file__).resolve().parent.parent / "examples" / "prometheus-alerts.yml").read_text()
+    rows = [("p", "deferred", "4.4.316", 1, 0, 1.0)]
+    families = metrics.queue_families(rows, ["p"], 2.0) + [metrics.incident_family([])]
+    families += metrics.counter_families({})
+    names = {f.name for f in families}
+    used = set(re.findall(r"relaywatch_[a-z_]+", rules))
+    assert used and used <= names, used - names
