@@ -322,6 +322,10 @@ class Relaywatch:
             return False
         if new.server.listen != self.config.server.listen or new.server.data_dir != self.config.server.data_dir:
             log.warning("server.listen and server.data_dir changes take effect at the next restart")
+        if new.http.listen != self.config.http.listen or (new.http.tls_cert, new.http.tls_key) != (
+                self.config.http.tls_cert, self.config.http.tls_key):
+            log.warning("http.listen and the console's certificate take effect at the next restart "
+                        "(http.tokens changed now)")
         self.file_config = new
         # The new file with the overrides already in force: no moment without them.
         self.config = apply_overrides(new, self._overrides)

@@ -394,6 +394,14 @@ async def test_broken_http_gets_a_status_and_the_console_keeps_serving(relay_fac
     two = await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n"
                            b"Connection: close\r\n\r\n")
     assert two.count(b"HTTP/1.1 200 ") == 2 and b'"status":"ready"' in two    # kept alive, pipelined
+    host, port = relay.app.console.address
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"POST /api/v1/queue/0123456789ABCDEF/hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 15\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 100 ")
+    writer.write(b'{"reason": "r"}')
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 404 ")   # as curl -d does it
+    writer.close()
     head = await raw(relay, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")   # no body
     async with client(relay) as http:

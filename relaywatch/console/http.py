@@ -149,7 +149,7 @@ class HttpServer:
                     await _send(conn, writer, error_response(431, f"the request head is larger than {MAX_HEAD} bytes"))
                     return
                 async with asyncio.timeout(REQUEST_DEADLINE):
-                    body = await self._read_body(conn, reader, event)
+                    body = await self._read_body(conn, reader, writer, event)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _send(conn, writer, error_response(exc.error_status_hint, "bad request"))
@@ -169,10 +169,14 @@ class HttpServer:
                 return
             conn.start_next_cycle()
 
-    async def _read_body(self, conn: h11.Connection, reader: asyncio.StreamReader, request: h11.Request) -> bytes:
+    async def _read_body(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         request: h11.Request) -> bytes:
         for name, value in request.headers:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise _BodyTooLarge   # refused before a byte of it is read
+        if conn.they_are_waiting_for_100_continue:   # curl asks before a body over 1 KiB
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await writer.drain()
         chunks, size = [], 0
         while True:
             event = await _next_event(conn, reader)
