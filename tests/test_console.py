@@ -456,3 +456,39 @@ async def test_a_connector_that_delivers_shows_its_last_good_delivery(relay_fact
             return c if c["last_good_delivery"] else None
         c = await eventually(good, what="the last good delivery recorded")
     assert c["state"] == "healthy" and c["last_good_delivery"].endswith("Z")
+
+
+async def test_fix_now_with_a_dry_run_first_and_undo(relay_factory):
+    relay, listed = await stuck_relay(relay_factory, n=2, alerts={"open_after": "0s", "evaluate_interval": "0.2s",
+                                                                  "probe_interval": "1h"})
+    [inc] = (await incident_opened(relay))["incidents"]
+    assert "pause" in inc["actions"]
+    async with client(relay) as http:
+        fix = f"/api/v1/incidents/{inc['id']}/fix"
+        dry = await http.post(f"{fix}/pause", json={"reason": "partner maintenance", "dry_run": True})
+        assert dry.status_code == 200 and dry.json()["dry_run"] is True and dry.json()["done"] == []
+        assert "Pause delivery through connector p" in dry.json()["steps"][0]
+        assert await relay.store.overrides() == {} and await relay.store.audit_log() == []
+        done = await http.post(f"{fix}/pause", json={"reason": "partner maintenance"})
+        assert done.status_code == 200 and done.json()["done"][0].endswith("by loopback")
+        await eventually(lambda: relay.app.config.connector("p").paused, what="the pause to apply")
+        [c] = (await http.get("/api/v1/connectors")).json()["connectors"]
+        assert c["state"] == "paused"
+        config = (await http.get("/api/v1/config")).json()
+        assert config["overrides"]["connector:p:paused"]["incident_id"] == inc["id"]
+        undone = await http.post(f"/api/v1/incidents/{inc['id']}/undo", json={"reason": "maintenance over"})
+        assert undone.status_code == 200 and undone.json()["done"][0].startswith("undid pause")
+        await eventually(lambda: not relay.app.config.connector("p").paused, what="the undo to apply")
+        assert (await http.post(f"/api/v1/incidents/{inc['id']}/undo", json={"reason": "again"})).status_code == 409
+        not_offered = await http.post(f"{fix}/decommission", json={"reason": "r"})
+        assert not_offered.status_code == 409 and "not offered" in not_offered.json()["error"]
+        for path, body, status, field in ((f"{fix}/explode", {"reason": "r"}, 400, "action"),
+                                          (f"{fix}/pause", {"dry_run": True}, 400, "reason"),
+                                          (f"{fix}/pause", {"reason": "r", "dry_run": "yes"}, 400, "dry_run"),
+                                          ("/api/v1/incidents/0/fix/pause", {"reason": "r"}, 400, "id")):
+            r = await http.post(path, json=body)
+            assert r.status_code == status and r.json()["field"] == field, path
+        assert (await http.post("/api/v1/incidents/99999/fix/pause", json={"reason": "r"})).status_code == 404
+        shown = (await http.get(f"/api/v1/incidents/{inc['id']}")).json()
+    assert [(a["action"], a["who"], a["detail"]["reason"]) for a in shown["audit"]] == [
+        ("pause", "loopback", "partner maintenance"), ("undo pause", "loopback", "maintenance over")]

@@ -18,6 +18,8 @@ from relaywatch.actions import QUEUE_ACTIONS, queue_action
 from relaywatch.config import apply_overrides, parse_duration
 from relaywatch.errors import StoreError
 from relaywatch.store.base import QueryPage
+from relaywatch.watch.fixes import ACTIONS as FIX_ACTIONS
+from relaywatch.watch.model import Incident
 
 from relaywatch.console.http import Request, Response, error_response, json_response
 from relaywatch.console.router import Param, Route
@@ -54,6 +56,10 @@ _QUEUE_FILTERS = (
           "Entries per page"),
     Param("after", "query", {"type": "string"}, "Page after this id (the previous page's next_after)"),
 )
+FIX_BODY = {"type": "object", "required": ["reason"], "additionalProperties": False,
+            "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON},
+                           "dry_run": {"type": "boolean", "default": False,
+                                       "description": "Only say what would be done (the plan), change nothing"}}}
 REASON_BODY = {"type": "object", "required": ["reason"], "additionalProperties": False,
                "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON,
                                          "description": "Why (kept in the audit log with the token's name)"}}}
@@ -81,6 +87,12 @@ ROUTES = (
     Route("GET", "/api/v1/incidents/{id}", "incident_show",
           "One incident: evidence, diagnosis, actions, notifications, audit",
           params=(_INCIDENT_ID,), response="Incident", errors=(400, 404)),
+    Route("POST", "/api/v1/incidents/{id}/fix/{action}", "incident_fix",
+          "Fix now: act on an incident (the actions offered are in its actions field); dry_run shows the plan",
+          params=(_INCIDENT_ID, Param("action", "path", {"type": "string", "enum": list(FIX_ACTIONS)}, "The action")),
+          body=FIX_BODY, response="FixResult", errors=(400, 404, 409, 413, 415)),
+    Route("POST", "/api/v1/incidents/{id}/undo", "incident_undo", "Undo the last Fix now action of an incident",
+          params=(_INCIDENT_ID,), body=REASON_BODY, response="FixResult", errors=(400, 404, 409, 413, 415)),
     Route("GET", "/api/v1/connectors", "connectors", "Connectors with their state and last good delivery",
           response="ConnectorList"),
     Route("GET", "/api/v1/config", "config", "The running configuration, Fix now overrides marked",
@@ -143,8 +155,13 @@ def queue_page(args: dict) -> QueryPage:
                      older_than=older_than, after=after, limit=int_arg(args, "limit", 100, 1, MAX_LIMIT))
 
 
-def reason_of(req: Request) -> str:
-    """The required ``reason`` of an action's JSON body."""
+def reason_of(req: Request, optional: tuple[str, ...] = ()) -> str:
+    """The required ``reason`` of an action's JSON body (and no field but ``optional`` ones)."""
+    return body_of(req, optional)["reason"]
+
+
+def body_of(req: Request, optional: tuple[str, ...] = ()) -> dict:
+    """An action's JSON body: a required ``reason``, and the ``optional`` fields."""
     content_type = req.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         # Also what keeps a cross-site HTML form from posting here: it cannot send JSON.
@@ -155,15 +172,18 @@ def reason_of(req: Request) -> str:
         raise BadInput("body", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadInput("body", 'the body must be a JSON object such as {"reason": "..."}')
+    allowed = ("reason", *optional)
     for key in body:
-        if key != "reason":
-            raise BadInput(key, f"unknown field {key!r}; an action takes only \"reason\"")
+        if key not in allowed:
+            raise BadInput(key, f"unknown field {key!r}; this action takes {', '.join(allowed)}")
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise BadInput("reason", "reason is required: a non-empty string saying why (kept in the audit log)")
     if len(reason) > MAX_REASON:
         raise BadInput("reason", f"reason is longer than {MAX_REASON} characters")
-    return reason.strip()
+    if "dry_run" in body and not isinstance(body["dry_run"], bool):
+        raise BadInput("dry_run", "dry_run must be true or false")
+    return dict(body, reason=reason.strip())
 
 
 # -- the handlers -------------------------------------------------------------------------
@@ -220,13 +240,59 @@ class Api:
 
     async def incident_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)
+        inc = await self._incident(params)
+        if inc is None:
+            return error_response(404, f"no incident {params['id']}")
+        return json_response(200, views.incident_json(inc))
+
+    async def _incident(self, params: dict) -> dict | None:
         text = params["id"]
         if not text.isdigit() or int(text) < 1 or len(text) > 18:
             raise BadInput("id", f"an incident id is a whole number (got {text!r})")
-        inc = await self.store.incident(int(text))
+        return await self.store.incident(int(text))
+
+    async def incident_fix(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        """The same steps as ``relaywatch incidents fix``: plan, then (unless dry_run) apply."""
+        from relaywatch.watch import fixes
+        query_args(req, route)
+        action = params["action"]
+        if action not in FIX_ACTIONS:
+            raise BadInput("action", f"unknown action {action!r}; one of {', '.join(FIX_ACTIONS)}")
+        body = body_of(req, optional=("dry_run",))
+        inc = await self._incident(params)
         if inc is None:
-            return error_response(404, f"no incident {text}")
-        return json_response(200, views.incident_json(inc))
+            return error_response(404, f"no incident {params['id']}")
+        try:   # the file's config and the stored overrides, as the CLI plans it
+            plan = fixes.plan(action, Incident.from_dict(inc), self.app.file_config, await self.store.overrides())
+        except fixes.FixError as exc:
+            return error_response(409, str(exc))
+        out = {"incident_id": inc["id"], "action": action, "dry_run": bool(body.get("dry_run")),
+               "steps": plan.steps, "undo": bool(plan.undo), "undo_note": plan.undo_note or None, "done": [],
+               "who": who}
+        if out["dry_run"]:
+            return json_response(200, out)
+        try:
+            out["done"] = await fixes.apply(self.store, self.app.file_config, Incident.from_dict(inc), plan, who,
+                                            body["reason"])
+        except StoreError as exc:
+            return error_response(409, str(exc))
+        self.app.notify()   # as the CLI's SIGUSR1: overrides and the queue are looked at now
+        return json_response(200, out)
+
+    async def incident_undo(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        from relaywatch.watch import fixes
+        query_args(req, route)
+        reason = reason_of(req)
+        inc = await self._incident(params)
+        if inc is None:
+            return error_response(404, f"no incident {params['id']}")
+        try:
+            lines = await fixes.undo(self.store, Incident.from_dict(inc), who, reason)
+        except fixes.FixError as exc:
+            return error_response(409, str(exc))
+        self.app.notify()   # as the CLI's SIGUSR1: overrides and the queue are looked at now
+        return json_response(200, {"incident_id": inc["id"], "action": "undo", "dry_run": False, "steps": [],
+                                   "undo": False, "undo_note": None, "done": lines, "who": who})
 
     async def connectors(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)

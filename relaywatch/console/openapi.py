@@ -33,6 +33,11 @@ SCHEMAS = {
                          done={"type": "boolean"}, result={"type": "string"}, who={"type": "string"},
                          message={"oneOf": [{"$ref": "#/components/schemas/Message"}, {"type": "null"}]}),
     "Incident": {"type": "object", "description": f"INCIDENT ({_DOC})"},
+    "FixResult": _obj("A Fix now action: its plan (steps) and, unless dry_run, what was done",
+                      incident_id={"type": "integer"}, action={"type": "string"}, dry_run={"type": "boolean"},
+                      steps={"type": "array", "items": {"type": "string"}}, undo={"type": "boolean"},
+                      undo_note={"type": ["string", "null"]}, done={"type": "array", "items": {"type": "string"}},
+                      who={"type": "string"}),
     "IncidentList": _obj("Incidents", incidents={"type": "array", "items": {"$ref": "#/components/schemas/Incident"}}),
     "ConnectorList": _obj("Connectors", connectors={"type": "array", "items": _obj(
         "A connector", name={"type": "string"}, type={"type": "string"}, domains={"type": "array"},

@@ -118,7 +118,7 @@ async def apply(store: Store, config: Config, incident: Incident, p: Plan, who: 
     return done
 
 
-async def undo(store: Store, incident: Incident, who: str) -> list[str]:
+async def undo(store: Store, incident: Incident, who: str, reason: str | None = None) -> list[str]:
     last = await store.last_undoable(incident.id)
     if last is None:
         raise FixError(f"incident {incident.id} has no action to undo")
@@ -126,7 +126,8 @@ async def undo(store: Store, incident: Incident, who: str) -> list[str]:
     sets = {k: v for k, v in restore.items() if v is not None}
     clears = [k for k, v in restore.items() if v is None]
     now = time.time()
-    await store.apply_fix(who, f"undo {last['action']}", incident.id, {"undoes": last["id"]}, sets, clears, now)
+    await store.apply_fix(who, f"undo {last['action']}", incident.id, {"undoes": last["id"], "reason": reason},
+                          sets, clears, now)
     await store.mark_undone(last["id"], now)
     lines = [f"undid {last['action']} (audit entry {last['id']})"]
     lines += [f"restored {k}" for k in restore] or ["no settings to restore"]
