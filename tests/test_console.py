@@ -492,3 +492,15 @@ async def test_fix_now_with_a_dry_run_first_and_undo(relay_factory):
         shown = (await http.get(f"/api/v1/incidents/{inc['id']}")).json()
     assert [(a["action"], a["who"], a["detail"]["reason"]) for a in shown["audit"]] == [
         ("pause", "loopback", "partner maintenance"), ("undo pause", "loopback", "maintenance over")]
+
+
+async def test_connector_test_is_the_clis(relay_factory, sink):
+    relay = await relay_factory(connectors=partner(sink.port))
+    async with client(relay) as http:
+        r = await http.post("/api/v1/connectors/p/test")
+        assert r.status_code == 200
+        cli = await relay.cli_json("connector", "test", "p")
+        assert r.json().keys() == cli.keys() and r.json()["ok"] is True and cli["ok"] is True
+        assert [s["step"] for s in r.json()["steps"]] == [s["step"] for s in cli["steps"]]
+        assert (await http.post("/api/v1/connectors/nope/test")).status_code == 404
+        assert (await http.get("/api/v1/connectors/p/test")).status_code == 405

@@ -80,7 +80,8 @@ def test_route_matching(method, path, found):
 
 def test_public_routes_are_exactly_metrics_and_health():
     assert {r.path for r in ROUTES if r.public} == {"/metrics", "/healthz", "/readyz"}
-    assert all(r.method == "GET" or r.body is not None for r in ROUTES), "every POST takes a reason"
+    changes = [r for r in ROUTES if r.method == "POST" and r.handler != "connector_test"]   # the test changes nothing
+    assert changes and all(r.body["required"] == ["reason"] for r in changes), "every action takes a reason"
 
 
 def test_the_openapi_document_has_every_route_once():

@@ -95,6 +95,11 @@ ROUTES = (
           params=(_INCIDENT_ID,), body=REASON_BODY, response="FixResult", errors=(400, 404, 409, 413, 415)),
     Route("GET", "/api/v1/connectors", "connectors", "Connectors with their state and last good delivery",
           response="ConnectorList"),
+    Route("POST", "/api/v1/connectors/{name}/test", "connector_test",
+          "Walk the path to a connector (DNS, TCP, greeting, EHLO, STARTTLS, certificate, MAIL/RCPT) without "
+          "sending mail; changes nothing, so it takes no body", params=(
+              Param("name", "path", {"type": "string"}, "Connector name"),), response="ConnectorTest",
+          errors=(404, 413)),
     Route("GET", "/api/v1/config", "config", "The running configuration, Fix now overrides marked",
           response="Config"),
     Route("GET", "/api/v1/audit", "audit", "The audit log, newest first",
@@ -300,6 +305,17 @@ class Api:
         effective = apply_overrides(self.app.file_config, overrides)
         return json_response(200, views.connectors_json(effective, await self.store.open_incidents(),
                                                         await self.store.last_good()))
+
+    async def connector_test(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        """As ``relaywatch connector test NAME --json`` (a POST: it connects to the destination)."""
+        from relaywatch.watch.probe import probe_connector
+        query_args(req, route)
+        config = self.app.config
+        spec = config.connector(params["name"])
+        if spec is None:
+            return error_response(404, f"no connector {params['name']!r}; configured: "
+                                       f"{', '.join(c.name for c in config.connectors) or 'none'}")
+        return json_response(200, await probe_connector(config, self.app.routes, spec))
 
     async def config(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)

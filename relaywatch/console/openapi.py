@@ -44,6 +44,8 @@ SCHEMAS = {
         state={"type": "string", "enum": ["healthy", "incident open", "paused", "disabled"]},
         enabled={"type": "boolean"}, paused={"type": "boolean"}, open_incidents={"type": "array"},
         last_good_delivery={"type": ["string", "null"]})}),
+    "ConnectorTest": _obj(f"connector test --json ({_DOC})", connector={"type": "string"}, ok={"type": "boolean"},
+                          steps={"type": "array"}, error={}, greeting={}, certificate={}),
     "Config": _obj(f"config show --json ({_DOC})", source={"type": "string"}, overrides={"type": "object"},
                    domains={"type": "array"}, connectors={"type": "array"}),
     "AuditLog": _obj("Audit records, newest first", audit={"type": "array", "items": _obj(
