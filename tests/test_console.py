@@ -387,22 +387,22 @@ async def raw(relay, data: bytes) -> bytes:
 async def test_broken_http_gets_a_status_and_the_console_keeps_serving(relay_factory):
     relay = await relay_factory()
     assert (await raw(relay, b"NONSENSE\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
-    assert (await raw(relay, b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n")) \
+    assert (await raw(relay, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Big: " + b"a" * 20_000 + b"\r\n\r\n")) \
         .startswith(b"HTTP/1.1 431 ")
-    assert (await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n")) \
+    assert (await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: nope\r\n\r\n")) \
         .startswith(b"HTTP/1.1 400 ")
-    two = await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n"
+    two = await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                            b"Connection: close\r\n\r\n")
     assert two.count(b"HTTP/1.1 200 ") == 2 and b'"status":"ready"' in two    # kept alive, pipelined
     host, port = relay.app.console.address
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(b"POST /api/v1/queue/0123456789ABCDEF/hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /api/v1/queue/0123456789ABCDEF/hold HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 15\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 100 ")
     writer.write(b'{"reason": "r"}')
     assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 404 ")   # as curl -d does it
     writer.close()
-    head = await raw(relay, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head = await raw(relay, b"HEAD /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")   # no body
     async with client(relay) as http:
         assert (await http.get("/healthz")).status_code == 200
@@ -416,7 +416,7 @@ async def test_connections_beyond_the_cap_are_refused_with_503(relay_factory):
     try:
         await eventually(lambda: len(relay.app.console.server._connections) == console_http.MAX_CONNECTIONS,
                          what="every connection accepted")
-        assert (await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 503 ")
+        assert (await raw(relay, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")).startswith(b"HTTP/1.1 503 ")
     finally:
         for _, writer in held:
             writer.close()
@@ -504,3 +504,19 @@ async def test_connector_test_is_the_clis(relay_factory, sink):
         assert [s["step"] for s in r.json()["steps"]] == [s["step"] for s in cli["steps"]]
         assert (await http.post("/api/v1/connectors/nope/test")).status_code == 404
         assert (await http.get("/api/v1/connectors/p/test")).status_code == 405
+
+
+async def test_browsers_on_other_sites_and_rebound_names_are_refused(relay_factory):
+    relay, [entry] = await stuck_relay(relay_factory, n=1)
+    hold = f"/api/v1/queue/{entry['id']}/hold"
+    async with client(relay) as http:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "https://evil.example"}):
+            r = await http.post(hold, json={"reason": "r"}, headers=headers)
+            assert r.status_code == 403 and r.json()["field"] == "origin", headers
+        # DNS rebinding: evil.example resolving to 127.0.0.1 reaches the port, but names another host.
+        r = await http.get("/api/v1/queue", headers={"Host": "evil.example:8025"})
+        assert r.status_code == 401 and r.content == b""
+        assert (await http.get("/metrics", headers={"Host": "evil.example:8025"})).status_code == 200
+        same = await http.post(hold, json={"reason": "r"}, headers={"Sec-Fetch-Site": "same-origin"})
+        assert same.status_code == 200
+    assert (await relay.show(entry["id"]))["status"] == "held"

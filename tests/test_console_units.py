@@ -9,7 +9,7 @@ from relaywatch import events
 from relaywatch.config import AdminToken, is_loopback, parse_config
 from relaywatch.console import metrics
 from relaywatch.console.api import ROUTES, BadInput, queue_page
-from relaywatch.console.auth import LOOPBACK_USER, authenticate, bearer_token
+from relaywatch.console.auth import LOOPBACK_USER, authenticate, bearer_token, cross_site
 from relaywatch.console.health import readiness
 from relaywatch.console.openapi import document
 from relaywatch.console.router import Match, NoRoute, match
@@ -44,7 +44,31 @@ def test_the_address_rule(host, loopback):
     ("Bearer sécret-ü-0123456789", "10.1.2.3", TOKENS, None),
 ])
 def test_who_gets_in(authorization, peer, tokens, who):
-    assert authenticate(authorization, peer, tokens) == who
+    assert authenticate(authorization, peer, tokens, "127.0.0.1:8025") == who
+
+
+@pytest.mark.parametrize("host, who", [
+    ("127.0.0.1:8025", LOOPBACK_USER), ("127.0.0.1", LOOPBACK_USER), ("LOCALHOST:8025", LOOPBACK_USER),
+    ("[::1]:8025", LOOPBACK_USER), ("127.1.2.3:9", LOOPBACK_USER),
+    ("evil.example:8025", None), ("evil.example", None), ("127.0.0.1.evil.example:8025", None), ("", None), (None, None),
+])
+def test_without_tokens_only_a_loopback_host_name_gets_in(host, who):
+    # DNS rebinding: a page at evil.example (resolving to 127.0.0.1) reaches the socket, not the console.
+    assert authenticate(None, "127.0.0.1", (), host) == who
+    assert authenticate("Bearer ops-token-0123456789", "127.0.0.1", TOKENS, host) == "ops"   # tokens: any Host
+
+
+@pytest.mark.parametrize("headers, refused", [
+    ({}, False),                                                          # curl, scripts
+    ({"sec-fetch-site": "same-origin"}, False), ({"sec-fetch-site": "none"}, False),
+    ({"sec-fetch-site": "cross-site"}, True), ({"sec-fetch-site": "same-site"}, True),
+    ({"origin": "http://127.0.0.1:8025", "host": "127.0.0.1:8025"}, False),
+    ({"origin": "https://evil.example", "host": "127.0.0.1:8025"}, True),
+    ({"origin": "null", "host": "127.0.0.1:8025"}, True),
+    ({"sec-fetch-site": "same-origin", "origin": "https://evil.example", "host": "x"}, False),   # the browser's word
+])
+def test_cross_site_requests(headers, refused):
+    assert cross_site(headers) is refused
 
 
 def test_tokens_are_kept_only_as_digests(tmp_path):

@@ -16,7 +16,7 @@ from relaywatch import events
 from relaywatch.config import format_hostport
 from relaywatch.console import health, metrics
 from relaywatch.console.api import ROUTES, Api, BadInput
-from relaywatch.console.auth import authenticate
+from relaywatch.console.auth import authenticate, cross_site
 from relaywatch.console.http import HttpServer, Request, Response, error_response, json_response
 from relaywatch.console.openapi import document
 from relaywatch.console.router import NoRoute, match
@@ -65,9 +65,11 @@ class Console:
         if not public:
             # Before 404/405: without a good token nothing but 401 comes back.
             # Tokens are read from the running config each time: a reload (SIGHUP) changes them.
-            who = authenticate(req.headers.get("authorization"), req.peer, self.config.tokens)
+            who = authenticate(req.headers.get("authorization"), req.peer, self.config.tokens, req.headers.get("host"))
             if who is None:
                 return Response(401, content_type=None, headers=(("WWW-Authenticate", 'Bearer realm="relaywatch"'),))
+            if req.method == "POST" and cross_site(req.headers):
+                return error_response(403, "a request from another site may not act here", "origin")
         if isinstance(found, NoRoute):
             if found.allowed:
                 return Response(405, b'{"error":"method not allowed"}', headers=(("Allow", ", ".join(found.allowed)),))
