@@ -24,8 +24,9 @@ class ActionResult:
 
 
 async def queue_action(store, config: Config, action: str, entry_id: str, who: str, reason: str | None,
-                       now: float | None = None) -> ActionResult:
-    """Apply ``action`` to queue entry ``entry_id``; audit it if it did something.
+                       now: float | None = None, audit: bool = True) -> ActionResult:
+    """Apply ``action`` to queue entry ``entry_id``; audit it if it did something
+    (``audit=False``: a bulk action, audited once for all, console/jobs.py).
 
     Raises StoreError when the store refuses (e.g. the message is being
     delivered right now); an unknown id is ``done=False``."""
@@ -52,7 +53,7 @@ async def queue_action(store, config: Config, action: str, entry_id: str, who: s
         done = entry is not None and await return_to_sender(store, config, entry_id, None) == 1
         result = ActionResult(done, (f"{entry_id} returned to {entry.sender or '<> (no NDR for a bounce)'}"
                                      if done else f"no queued message with id {entry_id} still waiting for delivery"))
-    if result.done:
+    if result.done and audit:
         await store.apply_fix(who, f"queue {action}", None, {"id": entry_id, "reason": reason, "result": result.text},
                               {}, (), now)
     return result

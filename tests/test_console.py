@@ -520,3 +520,58 @@ async def test_browsers_on_other_sites_and_rebound_names_are_refused(relay_facto
         same = await http.post(hold, json={"reason": "r"}, headers={"Sec-Fetch-Site": "same-origin"})
         assert same.status_code == 200
     assert (await relay.show(entry["id"]))["status"] == "held"
+
+
+async def seed_deferred(relay, n: int) -> None:
+    """n messages for connector p, queued through the store API; the relay tries each once (refused)."""
+    import time as _time
+    from relaywatch.model import NewMessage, Route, RouteKind, StoredBody
+    route = Route(RouteKind.CONNECTOR, "p")
+    body = b"Subject: bulk\r\n\r\nbody\r\n"
+    now = _time.time()
+    for start in range(0, n, 500):
+        await asyncio.gather(*(relay.store.enqueue(NewMessage(
+            sender="alice@contoso.test", recipients=((f"u{i}@partner.test", route),),
+            body=StoredBody(len(body), body), received_at=now, expires_at=now + 3600))
+            for i in range(start, min(n, start + 500))))
+    relay.store.on_work and relay.store.on_work()
+
+    async def all_deferred():
+        rows = await relay.store.queue_gauges(_time.time())
+        return sum(r[3] - r[4] for r in rows if r[1] == "deferred") == n
+    await eventually(all_deferred, timeout=60, what=f"{n} messages tried and deferred")
+
+
+@pytest.mark.parametrize("n", [300] + ([10_000] if os.environ.get("RELAYWATCH_LONG_TESTS") else []))
+async def test_a_bulk_action_by_filter_with_a_dry_run_first(relay_factory, n):
+    relay = await relay_factory(connectors=partner(free_port()), queue={"retry_intervals": ["1h"]})
+    await seed_deferred(relay, n)
+    await relay.send("alice@contoso.test", ["alice@contoso.test"], message())   # local: not matched
+    async with client(relay) as http:
+        request = {"action": "hold", "filter": {"connector": "p", "status": "deferred"}, "reason": "partner down"}
+        dry = await http.post("/api/v1/queue/actions", json={**request, "dry_run": True})
+        assert dry.status_code == 200 and dry.json()["matched"] == n and dry.json()["job"] is None
+        assert await relay.store.audit_log() == []
+        started = await http.post("/api/v1/queue/actions", json=request)
+        assert started.status_code == 202 and started.json()["matched"] == n
+        location = started.headers["location"]
+
+        async def finished():
+            job = (await http.get(location)).json()
+            return job if job["state"] != "running" else None
+        job = await eventually(finished, timeout=120, what="the bulk hold")
+        assert (job["state"], job["done"], job["skipped"], job["failed"], job["who"]) == ("done", n, 0, 0, "loopback")
+        held = (await http.get("/api/v1/queue", params={"status": "held", "limit": 1000})).json()["messages"]
+        assert len(held) == min(n, 1000) and all(m["connector"] == "p" for m in held)
+        assert [j["id"] for j in (await http.get("/api/v1/jobs")).json()["jobs"]] == [job["id"]]
+        for body, field in (({**request, "action": "explode"}, "action"), ({**request, "filter": None}, "filter"),
+                            ({**request, "filter": {"colour": "red"}}, "filter.colour"),
+                            ({**request, "filter": {"status": "stuck"}}, "filter.status"),
+                            ({**request, "filter": {"older_than": 5}}, "filter.older_than"),
+                            ({k: v for k, v in request.items() if k != "reason"}, "reason")):
+            r = await http.post("/api/v1/queue/actions", json=body)
+            assert r.status_code == 400 and r.json()["field"] == field, body
+        assert (await http.get("/api/v1/jobs/999")).status_code == 404
+    [record] = await relay.store.audit_log()
+    assert (record["action"], record["detail"]["matched"], record["detail"]["reason"]) == ("queue bulk hold", n,
+                                                                                        "partner down")

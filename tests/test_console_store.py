@@ -80,6 +80,7 @@ async def test_queue_page_filters_and_pages_by_id(store):
     assert await page(sender="S@X.test") == sorted(ids)
     assert await page(sender="") == []
     assert await page(older_than=96.5) == sorted(ids[:4])
+    assert await store.queue_page_ids(QueryPage(domain="x.test", limit=2), now) == sorted([ids[1], ids[3], ids[5]])[:2]
 
 
 async def test_audit_log_lists_the_newest_first(store):

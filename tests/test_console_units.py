@@ -91,6 +91,8 @@ def test_tokens_are_kept_only_as_digests(tmp_path):
     ("GET", "/api/v1/queue//hold", None),
     ("GET", "/", None),
     ("GET", "/api/v1/incidents/7", ("incident_show", {"id": "7"})),
+    ("POST", "/api/v1/queue/actions", ("queue_bulk", {})),      # the concrete path, not {id}
+    ("GET", "/api/v1/jobs/3", ("job_show", {"id": "3"})),
 ])
 def test_route_matching(method, path, found):
     result = match(ROUTES, method, path)
@@ -105,7 +107,7 @@ def test_route_matching(method, path, found):
 def test_public_routes_are_exactly_metrics_and_health():
     assert {r.path for r in ROUTES if r.public} == {"/metrics", "/healthz", "/readyz"}
     changes = [r for r in ROUTES if r.method == "POST" and r.handler != "connector_test"]   # the test changes nothing
-    assert changes and all(r.body["required"] == ["reason"] for r in changes), "every action takes a reason"
+    assert changes and all("reason" in r.body["required"] for r in changes), "every action takes a reason"
 
 
 def test_the_openapi_document_has_every_route_once():

@@ -22,6 +22,7 @@ from relaywatch.watch.fixes import ACTIONS as FIX_ACTIONS
 from relaywatch.watch.model import Incident
 
 from relaywatch.console.http import Request, Response, error_response, json_response
+from relaywatch.console.jobs import Jobs, matching_ids
 from relaywatch.console.router import Param, Route
 
 STATUSES = ("queued", "deferred", "held", "active")
@@ -64,6 +65,15 @@ REASON_BODY = {"type": "object", "required": ["reason"], "additionalProperties":
                "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON,
                                          "description": "Why (kept in the audit log with the token's name)"}}}
 
+BULK_FILTERS = ("status", "connector", "sender", "recipient", "domain", "code", "older_than")
+BULK_BODY = {"type": "object", "required": ["action", "filter", "reason"], "additionalProperties": False,
+             "properties": {"action": {"type": "string", "enum": list(QUEUE_ACTIONS)},
+                            "filter": {"type": "object", "additionalProperties": False,
+                                       "description": "As GET /api/v1/queue's filters; {} matches every message",
+                                       "properties": {name: {"type": "string"} for name in BULK_FILTERS}},
+                            "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON},
+                            "dry_run": {"type": "boolean", "default": False}}}
+
 ROUTES = (
     Route("GET", "/healthz", "healthz", "The process is up", public=True, response="Health"),
     Route("GET", "/readyz", "readyz", "Store, SMTP listener and delivery are working", public=True,
@@ -75,6 +85,9 @@ ROUTES = (
           params=_QUEUE_FILTERS, response="MessageList", errors=(400,)),
     Route("GET", "/api/v1/queue/{id}", "queue_show", "One message with its attempt history",
           params=(_ID,), response="MessageDetail", errors=(404,)),
+    Route("POST", "/api/v1/queue/actions", "queue_bulk",
+          "An action on every message a filter matches now: dry_run counts them; otherwise a background job "
+          "(202, progress at /api/v1/jobs/{id})", body=BULK_BODY, response="BulkResult", errors=(400, 413, 415)),
     *(Route("POST", f"/api/v1/queue/{{id}}/{action}", "queue_action", summary, params=(_ID,), body=REASON_BODY,
             response="ActionResult", errors=(400, 404, 409, 413, 415))
       for action, summary in (("retry", "Try the message now"), ("hold", "Stop delivery attempts until released"),
@@ -102,6 +115,10 @@ ROUTES = (
           errors=(404, 413)),
     Route("GET", "/api/v1/config", "config", "The running configuration, Fix now overrides marked",
           response="Config"),
+    Route("GET", "/api/v1/jobs", "jobs_list", "Bulk actions of this process, newest first", response="JobList"),
+    Route("GET", "/api/v1/jobs/{id}", "job_show", "One bulk action and its progress",
+          params=(Param("id", "path", {"type": "integer", "minimum": 1}, "Job id"),), response="Job",
+          errors=(404,)),
     Route("GET", "/api/v1/audit", "audit", "The audit log, newest first",
           params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
                         "Records"),), response="AuditLog", errors=(400,)),
@@ -196,6 +213,7 @@ def body_of(req: Request, optional: tuple[str, ...] = ()) -> dict:
 class Api:
     def __init__(self, app, openapi_document: dict, metrics_text):
         self.app = app
+        self.jobs = Jobs()
         self.openapi_document = openapi_document
         self.metrics_text = metrics_text    # async () -> str (console/server.py)
 
@@ -237,6 +255,48 @@ class Api:
         after = await self.store.get(entry_id)
         return json_response(200, {"id": entry_id.upper(), "action": action, "done": True, "result": result.text,
                                    "who": who, "message": views.message_json(after) if after else None})
+
+    async def queue_bulk(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        body = body_of(req, optional=("action", "filter", "dry_run"))
+        action = body.get("action")
+        if action not in QUEUE_ACTIONS:
+            raise BadInput("action", f"action is required: one of {', '.join(QUEUE_ACTIONS)}")
+        filter_ = body.get("filter")
+        if not isinstance(filter_, dict):
+            raise BadInput("filter", "filter is required: an object of GET /api/v1/queue's filters ({} for all)")
+        for key, value in filter_.items():
+            if key not in BULK_FILTERS:
+                raise BadInput(f"filter.{key}", f"unknown filter {key!r}; known: {', '.join(BULK_FILTERS)}")
+            if not isinstance(value, str):
+                raise BadInput(f"filter.{key}", f"filter.{key} must be a string, as in the query string")
+        try:
+            page = queue_page(filter_)
+        except BadInput as exc:
+            raise BadInput(f"filter.{exc.field}", exc.message) from None
+        now = time.time()
+        ids = await matching_ids(self.store, page, now)
+        out = {"action": action, "filter": filter_, "dry_run": bool(body.get("dry_run")), "matched": len(ids),
+               "sample": ids[:10], "job": None}
+        if out["dry_run"]:
+            return json_response(200, out)
+        # Audited before anything is touched: what, by whom, why, how many.
+        await self.store.apply_fix(who, f"queue bulk {action}", None,
+                                   {"filter": filter_, "matched": len(ids), "reason": body["reason"]}, {}, (), now)
+        job = self.jobs.start(self.store, self.app.config, action, filter_, ids, who, body["reason"])
+        out["job"] = job.to_dict()
+        return json_response(202, out, headers=(("Location", f"/api/v1/jobs/{job.id}"),))
+
+    async def jobs_list(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        return json_response(200, {"jobs": [j.to_dict() for _, j in sorted(self.jobs.jobs.items(), reverse=True)]})
+
+    async def job_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        job = self.jobs.jobs.get(int(params["id"])) if params["id"].isdigit() else None
+        if job is None:
+            return error_response(404, f"no job {params['id']} (jobs are kept in memory until a restart)")
+        return json_response(200, job.to_dict())
 
     async def incidents_list(self, req: Request, route: Route, params: dict, who: str) -> Response:
         include_resolved = bool_arg(query_args(req, route), "all")
@@ -315,7 +375,7 @@ class Api:
         if spec is None:
             return error_response(404, f"no connector {params['name']!r}; configured: "
                                        f"{', '.join(c.name for c in config.connectors) or 'none'}")
-        return json_response(200, await probe_connector(config, self.app.routes, spec))
+        return json_response(200, (await probe_connector(config, self.app.routes, spec)).to_dict())
 
     async def config(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)

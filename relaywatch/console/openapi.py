@@ -46,6 +46,16 @@ SCHEMAS = {
         last_good_delivery={"type": ["string", "null"]})}),
     "ConnectorTest": _obj(f"connector test --json ({_DOC})", connector={"type": "string"}, ok={"type": "boolean"},
                           steps={"type": "array"}, error={}, greeting={}, certificate={}),
+    "Job": _obj("A bulk action by filter", id={"type": "integer"}, action={"type": "string"}, filter={"type": "object"},
+                who={"type": "string"}, reason={"type": "string"}, matched={"type": "integer"},
+                state={"type": "string", "enum": ["running", "done", "failed"]}, done={"type": "integer"},
+                skipped={"type": "integer"}, failed={"type": "integer"}, errors={"type": "array"},
+                started_at={"type": "string"}, finished_at={"type": ["string", "null"]}),
+    "JobList": _obj("Bulk actions, newest first", jobs={"type": "array", "items": {"$ref": "#/components/schemas/Job"}}),
+    "BulkResult": _obj("What a filter matched; the job doing it (null for a dry run)", action={"type": "string"},
+                       filter={"type": "object"}, dry_run={"type": "boolean"}, matched={"type": "integer"},
+                       sample={"type": "array", "items": {"type": "string"}},
+                       job={"oneOf": [{"$ref": "#/components/schemas/Job"}, {"type": "null"}]}),
     "Config": _obj(f"config show --json ({_DOC})", source={"type": "string"}, overrides={"type": "object"},
                    domains={"type": "array"}, connectors={"type": "array"}),
     "AuditLog": _obj("Audit records, newest first", audit={"type": "array", "items": _obj(
@@ -54,7 +64,7 @@ SCHEMAS = {
         undone_at={"type": ["string", "null"]})}),
 }
 
-_STATUS_TEXT = {400: "Bad input (the field is named)", 401: "A token is required, or the token is wrong",
+_STATUS_TEXT = {202: "Accepted: running in the background", 400: "Bad input (the field is named)", 401: "A token is required, or the token is wrong",
                 404: "Unknown id", 409: "The action does not apply now", 413: "The body is too large",
                 415: "The body is not JSON", 503: "Not ready"}
 

@@ -53,6 +53,7 @@ class Console:
         return self.server.address if self.server is not None else None
 
     async def stop(self) -> None:
+        await self.api.jobs.stop()   # a bulk action stops between messages; the audit log has what it was
         if self.server is not None:
             await self.server.stop()
             self.server = None

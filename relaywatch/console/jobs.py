@@ -1,0 +1,112 @@
+"""Queue actions by filter, run in the background with their progress (``GET /api/v1/jobs/{id}``).
+
+A bulk action takes the ids matching the filter when it starts (so mail
+arriving meanwhile is not swept up), writes one audit record (who, why, the
+filter, how many matched) before it touches anything, then applies the same
+per-message code as the CLI (actions.queue_action) in batches of BATCH, so
+the store's group commit takes each batch in a few transactions.  Jobs live in
+memory: the last KEEP are listed; a restart forgets them (the audit log keeps
+what was started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from relaywatch.actions import queue_action
+from relaywatch.errors import RelaywatchError
+from relaywatch.model import iso
+from relaywatch.store.base import QueryPage
+
+log = logging.getLogger("relaywatch.console")
+
+BATCH = 100
+PAGE = 1000
+KEEP = 50
+MAX_MATCH = 1_000_000
+
+
+@dataclass
+class Job:
+    id: int
+    action: str
+    filter: dict
+    who: str
+    reason: str
+    matched: int
+    state: str = "running"               # running | done | failed
+    done: int = 0                        # the action applied
+    skipped: int = 0                     # no longer applicable (delivered meanwhile, already held...)
+    failed: int = 0                      # the store refused (e.g. being delivered right now)
+    errors: list[str] = field(default_factory=list)   # the first few refusals
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["started_at"], out["finished_at"] = iso(self.started_at), iso(self.finished_at)
+        return out
+
+
+async def matching_ids(store, page: QueryPage, now: float, cap: int = MAX_MATCH) -> list[str]:
+    """Every id the filter matches now, paged by id (the filter's own limit/after are not used)."""
+    ids: list[str] = []
+    after = None
+    while len(ids) < cap:
+        batch = await store.queue_page_ids(QueryPage(**{**asdict(page), "after": after, "limit": PAGE}), now)
+        ids += batch
+        if len(batch) < PAGE:
+            break
+        after = batch[-1]
+    return ids[:cap]
+
+
+class Jobs:
+    def __init__(self):
+        self.jobs: dict[int, Job] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._ids = itertools.count(1)
+
+    def start(self, store, config, action: str, filter_: dict, ids: list[str], who: str, reason: str) -> Job:
+        job = Job(next(self._ids), action, filter_, who, reason, matched=len(ids))
+        self.jobs[job.id] = job
+        for old in sorted(self.jobs)[:-KEEP]:
+            if self.jobs[old].state != "running":
+                del self.jobs[old]
+        task = asyncio.get_running_loop().create_task(self._run(job, store, config, ids), name=f"job {job.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def _run(self, job: Job, store, config, ids: list[str]) -> None:
+        async def one(entry_id: str) -> None:
+            try:
+                result = await queue_action(store, config, job.action, entry_id, job.who, job.reason, audit=False)
+            except RelaywatchError as exc:
+                job.failed += 1
+                if len(job.errors) < 10:
+                    job.errors.append(f"{entry_id}: {exc}")
+                return
+            if result.done:
+                job.done += 1
+            else:
+                job.skipped += 1
+        try:
+            for start in range(0, len(ids), BATCH):
+                await asyncio.gather(*(one(i) for i in ids[start:start + BATCH]))
+            job.state = "done"
+        except Exception as exc:   # the job fails, never the console
+            log.exception("bulk %s (job %d) failed", job.action, job.id)
+            job.state = "failed"
+            job.errors.append(f"stopped: {exc}")
+        finally:
+            job.finished_at = time.time()
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
