@@ -575,3 +575,16 @@ async def test_a_bulk_action_by_filter_with_a_dry_run_first(relay_factory, n):
     [record] = await relay.store.audit_log()
     assert (record["action"], record["detail"]["matched"], record["detail"]["reason"]) == ("queue bulk hold", n,
                                                                                         "partner down")
+
+
+async def test_a_store_that_cannot_answer_is_503_not_a_traceback(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as http:
+        await relay.store.close()
+        try:
+            r = await http.get("/api/v1/queue")
+            assert r.status_code == 503 and "queue store" in r.json()["error"] and "Traceback" not in r.text
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["reasons"][0].startswith("store: ")
+        finally:
+            await relay.store.open()

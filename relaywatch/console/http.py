@@ -140,7 +140,8 @@ class HttpServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         while True:
             try:
-                # A kept-alive connection may idle; once a request starts it must end in time.
+                # A head must come within IDLE_TIMEOUT (a kept-alive connection may idle
+                # that long), its body within REQUEST_DEADLINE.
                 event = await asyncio.wait_for(_next_event(conn, reader), IDLE_TIMEOUT)
                 if not isinstance(event, h11.Request):
                     return   # ConnectionClosed (or a client that sent nothing)

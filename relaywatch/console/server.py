@@ -14,6 +14,7 @@ import time
 
 from relaywatch import events
 from relaywatch.config import format_hostport
+from relaywatch.errors import StoreError
 from relaywatch.console import health, metrics
 from relaywatch.console.api import ROUTES, Api, BadInput
 from relaywatch.console.auth import authenticate, cross_site
@@ -86,6 +87,9 @@ class Console:
             return await getattr(self.api, route.handler)(req, route, found.params, who)
         except BadInput as exc:
             return error_response(exc.status, exc.message, exc.field)
+        except StoreError as exc:   # the queue store is down or refused: say so, no traceback
+            log.warning("console %s %s: %s", req.method, req.path, exc)
+            return error_response(503, f"the queue store could not answer: {exc}")
 
     async def readiness(self) -> tuple[int, dict]:
         return health.readiness({"store": await health.check_store(self.app.store),
