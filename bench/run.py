@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Benchmarks: relaywatch against Postfix, same machine, same run, alternating.
+"""Benchmarks: relaywatch against Postfix, Exim, OpenSMTPD and Haraka, same machine,
+same run, alternating.
 
     make bench                     # all scenarios, 3 repetitions
     python bench/run.py --smoke    # tiny run, to keep the harness working
-    python bench/run.py --scenario throughput --repeat 5 --messages 20000
+    python bench/run.py --scenario throughput_1k --repeat 5 --only relaywatch --only exim
 
 Traffic: Postfix's smtp-source -> relay under test -> Postfix's smtp-sink, all on
-127.0.0.1.  Both relays keep a durable queue (fsync before 250).  Results go to
-bench/results/latest.json and bench/results/latest.md (medians, min-max, and
-the ratio relaywatch/Postfix).  Needs the postfix package (installed here with
-apt-get when missing).
+127.0.0.1.  Every relay keeps its default durable queue (bench/relays.py has one
+class per relay, bench/peers/ their configurations).  Before it is measured, each
+relay passes an exactly-once check (every Message-Id once at the sink).  Results
+go to bench/results/latest.json and bench/results/latest.md (medians, min-max, and
+the ratios relaywatch/each other relay).  Needs the postfix package (installed
+here with apt-get when missing); a peer that cannot be installed is skipped.
 """
 
 from __future__ import annotations
@@ -20,67 +23,38 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench" / "work"
+from relays import (HOST, PEER_CLASSES, RELAY_CLASSES, ROOT, WORK, Postfix, Relay, Relaywatch, free_port,
+                    private_dir, proc_status, wait_port)
+
 RESULTS = ROOT / "bench" / "results"
-POSTFIX_WORK = Path("/var/tmp/relaywatch-bench")
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((HOST, port), timeout=1) as s:
-                if s.recv(100).startswith(b"220"):
-                    return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing answered on {HOST}:{port}")
-
-
-def ensure_postfix() -> None:
-    if shutil.which("smtp-source") and shutil.which("postfix") and Path("/etc/postfix/main.cf").exists():
-        return
-    print("installing postfix (for smtp-source, smtp-sink and the reference relay)...", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run("echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections",
-                   shell=True, check=False)
-    subprocess.run(["apt-get", "install", "-y", "-q", "postfix"], env=env, check=True, stdout=subprocess.DEVNULL)
-    main_cf = Path("/etc/postfix/main.cf")
-    if not main_cf.exists():
-        # The instances here use their own config directories; the postfix
-        # command still wants a default main.cf to exist.
-        main_cf.write_text("compatibility_level = 3.6\n")
 
 
 # -- the sink -------------------------------------------------------------------------------------
 
 class SmtpSink:
-    """Postfix's smtp-sink, counting messages (-c writes "mesg=N" counters)."""
+    """Postfix's smtp-sink, counting messages (-c writes "mesg=N" counters).
+    With dump=True it also appends every message to a file (-D), so that
+    `recipients()` can tell the messages of `smtp_source(numbered=True)` apart."""
 
-    def __init__(self, delay_ms: int = 0):
+    def __init__(self, delay_ms: int = 0, dump: bool = False):
         self.port = free_port()
         self.out = WORK / f"sink-{self.port}.out"
+        self.dump = private_dir("sink", self.port) if dump else None
         self.delay_ms = delay_ms
         self.proc = None
 
     def start(self) -> "SmtpSink":
-        cmd = ["smtp-sink", "-c", "-u", "nobody", f"{HOST}:{self.port}", "1000"]
+        cmd = ["smtp-sink", "-c", "-u", "nobody"]
+        if self.dump:
+            shutil.chown(self.dump, "nobody")        # smtp-sink writes as -u nobody
+            cmd += ["-D", f"{self.dump}/dump."]
+        cmd += [f"{HOST}:{self.port}", "1000"]
         self.proc = subprocess.Popen(cmd, stdout=open(self.out, "wb"), stderr=subprocess.STDOUT)
         wait_port(self.port)
         return self
@@ -90,11 +64,18 @@ class SmtpSink:
         found = re.findall(rb"mesg=(\d+)", data)
         return int(found[-1]) if found else 0
 
+    def recipients(self) -> list[bytes]:
+        """The envelope recipient of every message received, in the order received."""
+        return [r for f in sorted(self.dump.iterdir())
+                for r in re.findall(rb"(?m)^X-Rcpt-Args: (\S+)", f.read_bytes())]
+
     def wait_for(self, n: int, timeout: float) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.count() >= n:
                 return time.monotonic()
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smtp-sink exited: {self.out.read_bytes()[-300:].decode(errors='replace')}")
             time.sleep(0.01)
         raise RuntimeError(f"sink got {self.count()} of {n} messages within {timeout}s")
 
@@ -103,157 +84,28 @@ class SmtpSink:
             self.proc.terminate()
             self.proc.wait()
             self.out.unlink(missing_ok=True)
+            if self.dump:
+                shutil.rmtree(self.dump, ignore_errors=True)
 
 
-# -- the relays -----------------------------------------------------------------------------------
-
-class Relaywatch:
-    name = "relaywatch"
-
-    def __init__(self, sink_port: int, extra: str = "", extra_connectors: str = "", queue_extra: str = ""):
-        self.port = free_port()
-        self.dir = WORK / f"relaywatch-{self.port}"
-        self.sink_port = sink_port
-        self.extra = extra
-        self.extra_connectors = extra_connectors
-        self.queue_extra = queue_extra or 'retry_intervals = ["1m", "5m", "10m", "15m", "30m", "60m"]'
-        self.proc = None
-
-    def start(self) -> "Relaywatch":
-        self.prepare()
-        self.launch()
-        return self
-
-    def prepare(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        (self.dir / "data").mkdir(parents=True)
-        (self.dir / "relaywatch.toml").write_text(f"""
-[server]
-hostname = "bench.relaywatch"
-listen = ["{HOST}:{self.port}"]
-data_dir = "data"
-max_connections_per_ip = 1000
-[queue]
-{self.queue_extra}
-[delivery]
-connection_idle = "2s"
-{self.extra}
-[[connectors]]
-name = "sink"
-type = "partner"
-domains = ["sink.test"]
-smart_hosts = ["{HOST}:{self.sink_port}"]
-tls = "none"
-{self.extra_connectors}
-""")
-
-    def launch(self) -> None:
-        self.log = open(self.dir / "relaywatch.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c",
-                                      str(self.dir / "relaywatch.toml")],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        wait_port(self.port)
-
-    def flush(self) -> None:
-        subprocess.run([sys.executable, "-m", "relaywatch", "queue", "retry", "--all", "-c",
-                        str(self.dir / "relaywatch.toml")], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-    def peak_rss_kb(self) -> int:
-        return _proc_status(self.proc.pid, "VmHWM")
-
-    def rss_kb(self) -> int:
-        return _proc_status(self.proc.pid, "VmRSS")
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.log.close()
-            shutil.rmtree(self.dir, ignore_errors=True)
+def wait_queue_empty(relay: Relay, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := relay.queue_size()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        raise RuntimeError(f"{relay.name} still has {left} messages queued after {timeout}s")
 
 
-class Postfix:
-    name = "postfix"
-
-    def __init__(self, sink_port: int, extra: str = ""):
-        self.port = free_port()
-        # Postfix's daemons run as the postfix user: their directories must be
-        # reachable by it, which a checkout in a private (0700) folder is not.
-        self.dir = POSTFIX_WORK / f"postfix-{self.port}"
-        self.sink_port = sink_port
-        self.extra = extra
-
-    def _run(self, *args: str, check=True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), check=check, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-    def start(self) -> "Postfix":
-        shutil.rmtree(self.dir, ignore_errors=True)
-        POSTFIX_WORK.mkdir(parents=True, exist_ok=True)
-        POSTFIX_WORK.chmod(0o755)
-        conf = self.dir / "conf"
-        conf.mkdir(parents=True)
-        (self.dir / "queue").mkdir()
-        (self.dir / "data").mkdir()
-        shutil.chown(self.dir / "data", "postfix")
-        (conf / "main.cf").write_text(f"""
-compatibility_level = 3.6
-queue_directory = {self.dir}/queue
-data_directory = {self.dir}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = bench.postfix
-mydestination =
-inet_interfaces = {HOST}
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-relayhost = [{HOST}]:{self.sink_port}
-smtpd_relay_restrictions = permit_mynetworks, reject
-maillog_file = {self.dir}/maillog
-maillog_file_prefixes = {self.dir}
-alias_maps =
-alias_database =
-{self.extra}
-""")
-        master = Path("/etc/postfix/master.cf").read_text()
-        master = re.sub(r"^smtp\s+inet\s+.*$", f"{HOST}:{self.port} inet n - n - - smtpd", master, flags=re.M)
-        master += "\npostlog   unix-dgram n  -       n       -       1       postlogd\n"
-        (conf / "master.cf").write_text(master)
-        self.conf = conf
-        self._run("postfix", "-c", str(conf), "check", check=False)
-        self._run("postfix", "-c", str(conf), "start")
-        wait_port(self.port)
-        return self
-
-    def flush(self) -> None:
-        self._run("postqueue", "-c", str(self.conf), "-f")
-
-    def stop(self) -> None:
-        self._run("postfix", "-c", str(self.conf), "stop", check=False)
-        # postfix stop returns before every process has exited
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self._run("postfix", "-c", str(self.conf), "status",
-                                                        check=False).returncode == 0:
-            time.sleep(0.1)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _proc_status(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def smtp_source(port: int, messages: int, sessions: int, size: int, reuse: bool = True) -> float:
+def smtp_source(port: int, messages: int, sessions: int, size: int, reuse: bool = True,
+                numbered: bool = False) -> float:
+    """numbered: every message to its own recipient (smtp-source -N: 1rcpt@, 2rcpt@ ...).
+    (Its Message-Ids are not unique: pid, socket and a counter shared by the sessions.)"""
     cmd = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
            "-f", "bench@client.test", "-t", "rcpt@sink.test"]
     if reuse:
         cmd.append("-d")
+    if numbered:
+        cmd.append("-N")
     cmd.append(f"{HOST}:{port}")
     started = time.monotonic()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -269,8 +121,34 @@ def throughput(relay_cls, messages: int, sessions: int, size: int) -> dict:
         t0 = time.monotonic()
         inject = smtp_source(relay.port, messages, sessions, size)
         done = sink.wait_for(messages, timeout=600)
+        # Once the relay's queue is empty, more at the sink than was sent means duplicates.
+        wait_queue_empty(relay, timeout=60)
+        if sink.count() != messages:
+            raise RuntimeError(f"{relay.name}: the sink got {sink.count()} messages for {messages} sent")
         return {"inject_per_s": messages / inject, "end_to_end_s": done - t0,
                 "end_to_end_per_s": messages / (done - t0)}
+    finally:
+        relay.stop()
+        sink.stop()
+
+
+def delivery_check(relay_cls, messages: int, sessions: int) -> dict:
+    """Every message exactly once: each message goes to its own recipient, the
+    sink keeps every message, and once the relay says its queue is empty each
+    recipient must have arrived once."""
+    sink = SmtpSink(dump=True).start()
+    relay = relay_cls(sink.port).start()
+    try:
+        smtp_source(relay.port, messages, sessions, 1024, numbered=True)
+        try:
+            sink.wait_for(messages, timeout=120)
+            wait_queue_empty(relay, timeout=60)
+        except RuntimeError as exc:
+            return {"ok": False, "sent": messages, "received": sink.count(), "note": str(exc)}
+        ids = sink.recipients()
+        unique = len(set(ids))
+        return {"ok": len(ids) == unique == messages, "sent": messages, "received": len(ids),
+                "distinct": unique, "duplicates": len(ids) - unique}
     finally:
         relay.stop()
         sink.stop()
@@ -379,7 +257,7 @@ tls = "none"
                 time.sleep(6)    # at least one watch evaluation over the whole queue
                 pids = [relay.proc.pid] + [int(p) for p in subprocess.run(
                     ["pgrep", "-P", str(relay.proc.pid)], capture_output=True, text=True).stdout.split()]
-                out["peak_rss_mb"] = max(_proc_status(p, "VmHWM") for p in pids) / 1024
+                out["peak_rss_mb"] = max(proc_status(p, "VmHWM") for p in pids) / 1024
                 out["due_query_plan"] = _due_plan(relay.dir / "data" / "queue.sqlite3")
         finally:
             relay.stop()
@@ -402,7 +280,7 @@ def big_messages(relay_cls, count: int, size: int) -> dict:
     sink = SmtpSink().start()
     relay = relay_cls(sink.port).start()
     try:
-        before = relay.rss_kb() if hasattr(relay, "rss_kb") else None
+        before = relay.rss_kb() if isinstance(relay, Relaywatch) else None
         t0 = time.monotonic()
         smtp_source(relay.port, count, count, size, reuse=False)
         done = sink.wait_for(count, timeout=600)
@@ -525,6 +403,28 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+# Scenarios about relaywatch's own memory and queue: the other relays are not measured there.
+RELAYWATCH_ONLY = ("big_messages", "big_queue")
+
+
+def ready_relays(names: list[str] | None) -> tuple[list[type], dict[str, str]]:
+    """The relays to run, installed; a peer that cannot be installed is skipped
+    with its reason.  Postfix (the reference, and the load and the sink) is
+    always installed, and failing that the run fails."""
+    Postfix.install()
+    relays, skipped = [], {}
+    for cls in RELAY_CLASSES:
+        if names and cls.name not in names:
+            continue
+        reason = cls.install() if cls in PEER_CLASSES else None
+        if reason:
+            print(f"skipping {cls.name}: {reason}", flush=True)
+            skipped[cls.name] = reason
+        else:
+            relays.append(cls)
+    return relays, skipped
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
@@ -532,16 +432,18 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny numbers: checks the harness, measures nothing")
-    ap.add_argument("--only", choices=["relaywatch", "postfix"])
+    ap.add_argument("--only", action="append", choices=[cls.name for cls in RELAY_CLASSES],
+                    help="run only this relay (repeatable); default: all, peers skipped when they cannot be installed")
+    ap.add_argument("--check-messages", type=int, default=500,
+                    help="messages of the exactly-once check each relay passes before it is measured")
     ap.add_argument("--big-queue", type=int, default=1_000_000, help="deferred messages for big_queue")
     ap.add_argument("--backlog", type=int, default=20_000, help="deferred messages for the backlog scenarios")
     a = ap.parse_args()
     if a.smoke:
-        a.repeat, a.messages, a.sessions = 1, 40, 4
-    ensure_postfix()
+        a.repeat, a.messages, a.sessions, a.check_messages = 1, 40, 4, 100
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    relays = [cls for cls in (Relaywatch, Postfix) if a.only in (None, cls.name)]
+    relays, skipped = ready_relays(a.only)
     # backlog_default waits out Postfix's 300 s timers: run it on purpose, not by default.
     scenarios = a.scenario or [s for s in SCENARIOS if s != "backlog_default"]
     results: dict = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
@@ -549,23 +451,40 @@ def main() -> None:
                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "params": {"messages": a.messages, "sessions": a.sessions, "repeat": a.repeat, "backlog": a.backlog,
                                 "big_queue": a.big_queue,
-                                "smoke": a.smoke}, "scenarios": {}}
+                                "smoke": a.smoke}, "scenarios": {}, "skipped": skipped, "delivery_check": {}}
+    failed = []
+    if any(s not in RELAYWATCH_ONLY for s in scenarios):
+        for cls in list(relays):
+            check = delivery_check(cls, a.check_messages, a.sessions)
+            print(f"delivery check {cls.name}: {json.dumps(check)}", flush=True)
+            results["delivery_check"][cls.name] = check
+            if not check["ok"]:
+                print(f"{cls.name} FAILED the exactly-once check: not measured", flush=True)
+                relays.remove(cls)
+                failed.append(cls.name)
     for name in scenarios:
         runs: dict[str, list[dict]] = {cls.name: [] for cls in relays}
         for i in range(a.repeat):
-            for cls in relays:      # alternate, so drift hits both alike
-                if name in ("big_messages", "big_queue") and cls is Postfix:
-                    continue        # targets on relaywatch's own memory and queue; Postfix is not measured here
-                r = SCENARIOS[name](cls, a)
+            for cls in relays:      # alternate, so drift hits all alike
+                if name in RELAYWATCH_ONLY and cls is not Relaywatch:
+                    continue
+                try:
+                    r = SCENARIOS[name](cls, a)
+                except RuntimeError as exc:
+                    if cls in (Relaywatch, Postfix):
+                        raise
+                    r = {"error": str(exc)}
+                    failed.append(f"{cls.name} in {name}")
                 print(f"{name} #{i + 1} {cls.name}: {json.dumps(r)}", flush=True)
                 runs[cls.name].append(r)
         entry = {relay: summarise(rs) for relay, rs in runs.items() if rs}
         key, more_is_better = HEADLINE[name]
-        try:
-            rw, pf = entry["relaywatch"][key]["median"], entry["postfix"][key]["median"]
-            entry["ratio_relaywatch_over_postfix"] = rw / pf if more_is_better else pf / rw
-        except (KeyError, ZeroDivisionError, TypeError):
-            pass
+        for other in [cls.name for cls in relays if cls is not Relaywatch]:
+            try:
+                rw, them = entry["relaywatch"][key]["median"], entry[other][key]["median"]
+                entry[f"ratio_relaywatch_over_{other}"] = rw / them if more_is_better else them / rw
+            except (KeyError, ZeroDivisionError, TypeError):
+                pass
         entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         entry["params"] = dict(results["params"])
         results["scenarios"][name] = entry
@@ -574,43 +493,65 @@ def main() -> None:
         # A run updates the scenarios it ran and keeps the others' last results.
         previous = json.loads(out.read_text())
         previous["scenarios"].update(results["scenarios"])
-        previous.update(machine=results["machine"], when=results["when"])
+        previous.setdefault("delivery_check", {}).update(results["delivery_check"])
+        previous.update(machine=results["machine"], when=results["when"], skipped=skipped)
         results = previous
     out.write_text(json.dumps(results, indent=2))
     md = render(results)
     (RESULTS / ("smoke.md" if a.smoke else "latest.md")).write_text(md)
     print(md)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 def render(results: dict) -> str:
+    names = [cls.name for cls in RELAY_CLASSES
+             if any(cls.name in entry for entry in results["scenarios"].values())]
     lines = [f"# Benchmark results ({results['when']})", "",
              f"{results['machine']['cores']} cores, Python {results['machine']['python']}. Each scenario: "
-             "relaywatch and Postfix alternately in the same run; medians (min–max) of the runs.", "",
-             "| scenario | when | messages | sessions | runs |", "|---|---|---|---|---|"]
+             "the relays alternately in the same run; medians (min–max) of the runs; "
+             "×: how many times better relaywatch is.", ""]
+    if results.get("params", {}).get("smoke"):
+        lines += ["**Smoke run: tiny sizes, one run each. These numbers check the harness; they are not results.**",
+                  ""]
+    lines += ["| scenario | when | messages | sessions | runs |", "|---|---|---|---|---|"]
     for name, entry in results["scenarios"].items():
         p = entry.get("params", results["params"])
-        count = {"throughput_1k": p["messages"], "throughput_50k": p["messages"] // 4,
-                 "backlog_flush": p.get("backlog", p["messages"] // 4),
-                 "backlog_default": p.get("backlog", p["messages"] // 4),
-                 "big_queue": f"{p['messages'] // 4} (+{p.get('big_queue', 1_000_000)} queued)",
-                 "big_messages": 10, "latency": "200/s"}.get(name, p["messages"])
+        count = {"throughput_1k": p["messages"], "throughput_50k": max(p["messages"] // 4, 10),
+                 "backlog_flush": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
+                 "backlog_default": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
+                 "big_queue": f"{max(p['messages'] // 4, 10)} (+{p.get('big_queue', 1_000_000)} queued)",
+                 "big_messages": 10 if not p.get("smoke") else 2, "latency": "200/s"}.get(name, p["messages"])
         lines.append(f"| {name} | {entry.get('when', results['when'])} | {count} | {p['sessions']} | {p['repeat']} |")
-    lines += ["",
-             "| scenario | metric | relaywatch median (min–max) | Postfix median (min–max) | ratio (>1: relaywatch better) |",
-             "|---|---|---|---|---|"]
+    checks = results.get("delivery_check", {})
+    if checks:
+        lines += ["", "Exactly-once check before measuring (a recipient per message, each counted at the sink):", ""]
+        for relay, c in checks.items():
+            verdict = "ok" if c.get("ok") else "FAILED"
+            lines.append(f"- {relay}: {verdict}, {c.get('received')} received of {c.get('sent')} sent, "
+                         f"{c.get('duplicates', '?')} duplicates{(' (' + c['note'] + ')') if c.get('note') else ''}")
+    for relay, reason in results.get("skipped", {}).items():
+        lines.append(f"- {relay}: skipped ({reason})")
+    lines += ["", "| scenario | metric | " + " | ".join(f"{n} median (min–max)" for n in names) + " |",
+              "|---|---|" + "---|" * len(names)]
     for name, entry in results["scenarios"].items():
         key, _ = HEADLINE[name]
-        metrics = sorted({k for relay in ("relaywatch", "postfix") for k in entry.get(relay, {}) if k != "notes"})
+        metrics = sorted({k for relay in names for k in entry.get(relay, {}) if k != "notes"})
         for metric in metrics:
             cells = []
-            for relay in ("relaywatch", "postfix"):
+            for relay in names:
                 m = entry.get(relay, {}).get(metric)
-                cells.append(f"{m['median']:.1f} ({m['min']:.1f}–{m['max']:.1f})" if m else "–")
-            ratio = entry.get("ratio_relaywatch_over_postfix") if metric == key else None
-            lines.append(f"| {name} | {metric} | {cells[0]} | {cells[1]} | {f'{ratio:.2f}×' if ratio else ''} |")
-    notes = [f"- {name}: {k}: {v}" for name, entry in results["scenarios"].items()
-             for k, v in entry.get("relaywatch", {}).get("notes", {}).items()]
+                cell = f"{_num(m['median'])} ({_num(m['min'])}–{_num(m['max'])})" if m else "–"
+                ratio = entry.get(f"ratio_relaywatch_over_{relay}") if metric == key else None
+                cells.append(f"{cell} **{ratio:.2f}×**" if ratio else cell)
+            lines.append(f"| {name} | {metric} | " + " | ".join(cells) + " |")
+    notes = [f"- {name}: {relay}: {k}: {v}" for name, entry in results["scenarios"].items()
+             for relay in names for k, v in entry.get(relay, {}).get("notes", {}).items()]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _num(value: float) -> str:
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 
 if __name__ == "__main__":
