@@ -513,13 +513,14 @@ class Haraka(_Daemon):
 
     def start(self) -> "Haraka":
         self.dir = private_dir("haraka", self.port)
+        # Haraka's own skeleton (its default config files), then ours over it
+        run("node", self.binary(), "-i", self.dir)
         template = PEERS / "haraka"
         for src in template.rglob("*"):
             dest = self.dir / src.relative_to(template)
             if src.is_dir():
                 dest.mkdir(exist_ok=True)
-            elif src.name != "README":
-                dest.parent.mkdir(parents=True, exist_ok=True)
+            else:
                 render(src, dest, PORT=self.port, SINK_PORT=self.sink_port)
         (self.dir / "queue").mkdir()
         self._launch(["node", self.binary(), "-c", self.dir])
