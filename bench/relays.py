@@ -197,6 +197,16 @@ def private_dir(name: str, port: int) -> Path:
     return path
 
 
+def namespaces_missing() -> str | None:
+    """Why the peers cannot have a mount namespace of their own here, if they cannot."""
+    if not shutil.which("unshare"):
+        return "needs unshare(1) (util-linux) for a private resolv.conf and queue path"
+    probe = run("unshare", "-m", "true", check=False)
+    if probe.returncode != 0:
+        return f"unshare -m is not permitted here ({probe.stdout.strip()})"
+    return None
+
+
 def count_files(*dirs: Path) -> int:
     return sum(1 for d in dirs if d.exists() for p in d.rglob("*") if p.is_file())
 
@@ -350,13 +360,26 @@ class Postfix:
 # -- the peers ------------------------------------------------------------------------------------
 
 class _Daemon:
-    """A peer that runs as one foreground process (and its children)."""
+    """A peer that runs as one foreground process (and its children), in a
+    mount namespace of its own where /etc/resolv.conf names 127.0.0.1, where no
+    DNS server listens: the peers look their clients up in the DNS (Exim's
+    host_lookup, OpenSMTPD's and Haraka's reverse lookups), and the machine's
+    resolver is not on loopback.  Their queries are refused at once and
+    /etc/hosts answers for 127.0.0.1 as before, so all traffic stays on
+    127.0.0.0/8.  `binds` puts more private paths over fixed ones."""
 
     proc: subprocess.Popen | None = None
 
-    def _launch(self, cmd: list, **kw) -> None:
+    def _launch(self, cmd: list, binds: dict[Path, Path] | None = None) -> None:
+        resolv = self.dir / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\n")
+        resolv.chmod(0o644)
+        mounts = {resolv: Path("/etc/resolv.conf"), **(binds or {})}
+        script = " && ".join(f"mount --bind {src} {dest}" for src, dest in mounts.items())
+        wrapped = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                   f"{script} && exec " + " ".join(str(c) for c in cmd)]
         self.log = open(self.dir / "daemon.log", "wb")
-        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=self.log, stderr=subprocess.STDOUT, **kw)
+        self.proc = subprocess.Popen(wrapped, stdout=self.log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.port, proc=self.proc)
         except RuntimeError as exc:
@@ -381,6 +404,9 @@ class Exim(_Daemon):
 
     name = "exim"
     package = "exim4-daemon-light"
+    # Exim's own default is 10: see bench/peers/exim4/exim4.conf and bench/README.md
+    # (bench/run.py --exim-queue-per-connection 10 runs it so).
+    queue_per_connection = 0
 
     def __init__(self, sink_port: int):
         self.port = free_port()
@@ -392,6 +418,8 @@ class Exim(_Daemon):
 
     @classmethod
     def install(cls) -> str | None:
+        if reason := namespaces_missing():
+            return reason
         try:
             unpack_deb(cls.package)
             # the user exim4-base's postinst creates; exim looks it up at start
@@ -410,7 +438,7 @@ class Exim(_Daemon):
             shutil.chown(self.dir / sub, "Debian-exim", "Debian-exim")
         self.conf = self.dir / "exim4.conf"
         render(PEERS / "exim4" / "exim4.conf", self.conf, EXIM_PATH=self.binary(), DIR=self.dir, PORT=self.port,
-               SINK_PORT=self.sink_port)
+               SINK_PORT=self.sink_port, QUEUE_PER_CONNECTION=self.queue_per_connection)
         # -bdf: the daemon in the foreground; -q30m: Debian's queue-runner interval
         self._launch([self.binary(), "-C", self.conf, "-bdf", "-q30m"])
         return self
@@ -442,8 +470,8 @@ class OpenSMTPD(_Daemon):
 
     @classmethod
     def install(cls) -> str | None:
-        if not shutil.which("unshare"):
-            return "needs unshare(1) for a private queue directory"
+        if reason := namespaces_missing():
+            return reason
         try:
             unpack_deb(cls.package)
             # the users and the chroot directory opensmtpd's postinst creates
@@ -453,9 +481,6 @@ class OpenSMTPD(_Daemon):
             cls.SPOOL.mkdir(parents=True, exist_ok=True)     # the mount point
         except (subprocess.CalledProcessError, OSError) as exc:
             return f"could not install {cls.package}: {exc}"
-        probe = run("unshare", "-m", "true", check=False)
-        if probe.returncode != 0:
-            return f"unshare -m is not permitted here ({probe.stdout.strip()})"
         return None
 
     def start(self) -> "OpenSMTPD":
@@ -470,8 +495,7 @@ class OpenSMTPD(_Daemon):
         (self.dir / "spool").mkdir(mode=0o711)
         self.conf = self.dir / "smtpd.conf"
         render(PEERS / "opensmtpd" / "smtpd.conf", self.conf, PORT=self.port, SINK_PORT=self.sink_port)
-        self._launch(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                      f"mount --bind {self.dir / 'spool'} {self.SPOOL} && exec {self.binary()} -d -f {self.conf}"])
+        self._launch([self.binary(), "-d", "-f", self.conf], binds={self.dir / "spool": self.SPOOL})
         return self
 
     def flush(self) -> None:
@@ -499,6 +523,8 @@ class Haraka(_Daemon):
 
     @classmethod
     def install(cls) -> str | None:
+        if reason := namespaces_missing():
+            return reason
         if cls.binary().exists():
             return None
         if not (shutil.which("node") and shutil.which("npm")):

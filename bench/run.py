@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from relays import (HOST, PEER_CLASSES, RELAY_CLASSES, ROOT, WORK, Postfix, Relay, Relaywatch, free_port,
+from relays import (HOST, PEER_CLASSES, RELAY_CLASSES, ROOT, WORK, Exim, Postfix, Relay, Relaywatch, free_port,
                     private_dir, proc_status, wait_port)
 
 RESULTS = ROOT / "bench" / "results"
@@ -436,9 +436,12 @@ def main() -> None:
                     help="run only this relay (repeatable); default: all, peers skipped when they cannot be installed")
     ap.add_argument("--check-messages", type=int, default=500,
                     help="messages of the exactly-once check each relay passes before it is measured")
+    ap.add_argument("--exim-queue-per-connection", type=int, default=Exim.queue_per_connection,
+                    help="Exim's smtp_accept_queue_per_connection (Exim's default: 10; see bench/README.md)")
     ap.add_argument("--big-queue", type=int, default=1_000_000, help="deferred messages for big_queue")
     ap.add_argument("--backlog", type=int, default=20_000, help="deferred messages for the backlog scenarios")
     a = ap.parse_args()
+    Exim.queue_per_connection = a.exim_queue_per_connection
     if a.smoke:
         a.repeat, a.messages, a.sessions, a.check_messages = 1, 40, 4, 100
     WORK.mkdir(parents=True, exist_ok=True)
