@@ -478,6 +478,9 @@ class OpenSMTPD(_Daemon):
             system_user("opensmtpd", "/var/lib/opensmtpd/empty", group="opensmtpd")
             system_user("opensmtpq", "/var/lib/opensmtpd/empty", group="opensmtpq")
             Path("/var/lib/opensmtpd/empty").mkdir(parents=True, exist_ok=True)
+            # smtpctl refuses to run unless setgid opensmtpq (the postinst's dpkg-statoverride)
+            shutil.chown(cls.binary("smtpctl"), "root", "opensmtpq")
+            cls.binary("smtpctl").chmod(0o2755)
             cls.SPOOL.mkdir(parents=True, exist_ok=True)     # the mount point
         except (subprocess.CalledProcessError, OSError) as exc:
             return f"could not install {cls.package}: {exc}"
@@ -498,8 +501,21 @@ class OpenSMTPD(_Daemon):
         self._launch([self.binary(), "-d", "-f", self.conf], binds={self.dir / "spool": self.SPOOL})
         return self
 
-    def flush(self) -> None:
-        run(self.binary("smtpctl"), "schedule", "all")
+    def flush(self, timeout: float = 600) -> None:
+        """`smtpctl resume route` + `smtpctl schedule all`, once a second until the
+        queue is empty.  A destination that refused connections is a disabled
+        route for a while ("Disabling route ... for 15s"), and its envelopes stay
+        in flight in the mta until it gives up on them (then they wait for the
+        scheduler's backoff): a single `schedule all` finds none to schedule.
+        Repeating it is what an administrator would have to do; the drain time is
+        then OpenSMTPD's delivery, not its backoff.  Blocks, as `exim -qff` does."""
+        smtpctl = self.binary("smtpctl")
+        deadline = time.monotonic() + timeout
+        while self.queue_size() and time.monotonic() < deadline:
+            for route in re.findall(r"(?m)^([0-9a-f]+)\.", run(smtpctl, "show", "routes").stdout):
+                run(smtpctl, "resume", "route", route, check=False)
+            run(smtpctl, "schedule", "all")
+            time.sleep(1)
 
     def queue_size(self) -> int:
         # queue/<bucket>/<message>/{message,envelopes/...}: one "message" file per queued message
