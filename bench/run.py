@@ -321,12 +321,18 @@ def latency(relay_cls, rate: int, seconds: float) -> dict:
             start = time.monotonic()
 
             async def one(i: int) -> None:
-                reader, writer, lock = clients[i % len(clients)]
+                reader, writer, lock, pipelining = clients[i % len(clients)]
                 body = (f"Subject: t\r\nX-Bench-Id: {i}\r\n\r\n" + "x" * 900 + "\r\n.\r\n").encode()
+                commands = [b"MAIL FROM:<b@client.test>\r\n", b"RCPT TO:<r@sink.test>\r\n", b"DATA\r\n"]
                 async with lock:
-                    writer.write(b"MAIL FROM:<b@client.test>\r\nRCPT TO:<r@sink.test>\r\nDATA\r\n")
-                    for _ in range(3):
-                        await reader.readline()
+                    if pipelining:
+                        writer.write(b"".join(commands))
+                        for _ in commands:
+                            await reader.readline()
+                    else:       # OpenSMTPD does not offer PIPELINING by default
+                        for command in commands:
+                            writer.write(command)
+                            await reader.readline()
                     writer.write(body)
                     line = await reader.readline()
                     if line.startswith(b"250"):
@@ -364,9 +370,13 @@ async def _client(port: int):
     reader, writer = await asyncio.open_connection(HOST, port)
     await reader.readline()
     writer.write(b"EHLO bench\r\n")
-    while not (await reader.readline()).startswith(b"250 "):
-        pass
-    return reader, writer, asyncio.Lock()
+    pipelining = False
+    while True:
+        line = await reader.readline()
+        pipelining |= line[4:].strip().upper() == b"PIPELINING"
+        if not line.startswith(b"250-"):
+            break
+    return reader, writer, asyncio.Lock(), pipelining
 
 
 SCENARIOS = {
