@@ -132,7 +132,7 @@ def throughput(relay_cls, messages: int, sessions: int, size: int) -> dict:
         sink.stop()
 
 
-def delivery_check(relay_cls, messages: int, sessions: int) -> dict:
+def delivery_check(relay_cls, messages: int, sessions: int, timeout: float = 120) -> dict:
     """Every message exactly once: each message goes to its own recipient, the
     sink keeps every message, and once the relay says its queue is empty each
     recipient must have arrived once."""
@@ -141,7 +141,7 @@ def delivery_check(relay_cls, messages: int, sessions: int) -> dict:
     try:
         smtp_source(relay.port, messages, sessions, 1024, numbered=True)
         try:
-            sink.wait_for(messages, timeout=120)
+            sink.wait_for(messages, timeout=timeout)
             wait_queue_empty(relay, timeout=60)
         except RuntimeError as exc:
             return {"ok": False, "sent": messages, "received": sink.count(), "note": str(exc)}
@@ -417,16 +417,16 @@ def summarise(runs: list[dict]) -> dict:
 RELAYWATCH_ONLY = ("big_messages", "big_queue")
 
 
-def ready_relays(names: list[str] | None) -> tuple[list[type], dict[str, str]]:
-    """The relays to run, installed; a peer that cannot be installed is skipped
-    with its reason.  Postfix (the reference, and the load and the sink) is
-    always installed, and failing that the run fails."""
-    Postfix.install()
+def ready_relays(names: list[str] | None, classes=RELAY_CLASSES, peers=PEER_CLASSES,
+                 ) -> tuple[list[type], dict[str, str]]:
+    """The relays to run (all, or those named), installed; a peer that cannot be
+    installed is skipped with its reason.  (Postfix, the reference and the load
+    and the sink, is installed before, and failing that the run fails.)"""
     relays, skipped = [], {}
-    for cls in RELAY_CLASSES:
+    for cls in classes:
         if names and cls.name not in names:
             continue
-        reason = cls.install() if cls in PEER_CLASSES else None
+        reason = cls.install() if cls in peers else None
         if reason:
             print(f"skipping {cls.name}: {reason}", flush=True)
             skipped[cls.name] = reason
@@ -456,6 +456,7 @@ def main() -> None:
         a.repeat, a.messages, a.sessions, a.check_messages = 1, 40, 4, 100
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    Postfix.install()
     relays, skipped = ready_relays(a.only)
     # backlog_default waits out Postfix's 300 s timers: run it on purpose, not by default.
     scenarios = a.scenario or [s for s in SCENARIOS if s != "backlog_default"]

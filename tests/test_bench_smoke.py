@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+POSTFIX = (shutil.which("smtp-source") and shutil.which("smtp-sink") and shutil.which("postfix")
+           and Path("/etc/postfix/main.cf").exists())
 
 
-@pytest.mark.skipif(not (shutil.which("smtp-source") and shutil.which("smtp-sink") and shutil.which("postfix")
-                         and Path("/etc/postfix/main.cf").exists()),
-                    reason="Postfix's tools are not installed (make bench installs them)")
+@pytest.mark.skipif(not POSTFIX, reason="Postfix's tools are not installed (make bench installs them)")
 def test_bench_harness_smoke_run():
     result = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--scenario", "throughput_1k",
                              "--scenario", "backlog_flush"], cwd=ROOT, capture_output=True, text=True,
@@ -24,3 +24,98 @@ def test_bench_harness_smoke_run():
     for scenario in ("throughput_1k", "backlog_flush"):
         for relay in ("relaywatch", "postfix"):
             assert data["scenarios"][scenario][relay], (scenario, relay)
+    # Every peer either ran (after passing the exactly-once check) or says why not.
+    for peer in ("exim", "opensmtpd", "haraka"):
+        if peer in data["skipped"]:
+            assert data["skipped"][peer] and f"skipping {peer}: " in result.stdout, peer
+        else:
+            assert data["delivery_check"][peer]["ok"], data["delivery_check"][peer]
+            for scenario in ("throughput_1k", "backlog_flush"):
+                assert data["scenarios"][scenario][peer], (scenario, peer)
+
+
+def test_a_peer_that_cannot_be_installed_is_skipped_with_its_reason(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    class Reference:
+        name = "reference"
+
+        @classmethod
+        def install(cls):
+            raise AssertionError("the reference is installed before, and never skipped")
+
+    class Missing:
+        name = "missing"
+
+        @classmethod
+        def install(cls):
+            return "no such package here"
+
+    class Ready:
+        name = "ready"
+
+        @classmethod
+        def install(cls):
+            return None
+
+    relays, skipped = run.ready_relays(None, classes=(Reference, Missing, Ready), peers=(Missing, Ready))
+    assert relays == [Reference, Ready]
+    assert skipped == {"missing": "no such package here"}
+    assert "skipping missing: no such package here" in capsys.readouterr().out
+    relays, skipped = run.ready_relays(["ready"], classes=(Reference, Missing, Ready), peers=(Missing, Ready))
+    assert (relays, skipped) == ([Ready], {})
+
+
+@pytest.mark.skipif(not POSTFIX, reason="Postfix's tools are not installed (make bench installs them)")
+@pytest.mark.parametrize("copies", [1, 2, 0])
+def test_the_exactly_once_check_counts_every_message_at_the_sink(copies):
+    """A stand-in relay that forwards each message `copies` times: only 1 passes."""
+    import smtplib
+
+    from aiosmtpd.controller import Controller
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+    class Forward:
+        def __init__(self, sink_port):
+            self.sink_port = sink_port
+
+        async def handle_DATA(self, server, session, envelope):
+            for _ in range(copies):
+                with smtplib.SMTP("127.0.0.1", self.sink_port) as client:
+                    client.sendmail(envelope.mail_from, envelope.rcpt_tos, envelope.original_content)
+            return "250 ok"
+
+    class Copier:
+        name = "copier"
+
+        def __init__(self, sink_port):
+            self.port = run.free_port()
+            self.controller = Controller(Forward(sink_port), hostname="127.0.0.1", port=self.port)
+
+        def start(self):
+            self.controller.start()
+            return self
+
+        def queue_size(self):
+            return 0
+
+        def stop(self):
+            self.controller.stop()
+
+    run.WORK.mkdir(parents=True, exist_ok=True)
+    check = run.delivery_check(Copier, messages=12, sessions=3, timeout=3 if copies == 0 else 30)
+    if copies == 1:
+        assert check == {"ok": True, "sent": 12, "received": 12, "distinct": 12, "duplicates": 0}
+    elif copies == 2:
+        assert check["ok"] is False and check["duplicates"] == 12, check
+    else:
+        assert check["ok"] is False and check["received"] == 0, check
