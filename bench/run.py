@@ -438,22 +438,27 @@ def ready_relays(names: list[str] | None, classes=RELAY_CLASSES, peers=PEER_CLAS
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--messages", type=int, default=20000)
-    ap.add_argument("--sessions", type=int, default=20)
-    ap.add_argument("--smoke", action="store_true", help="tiny numbers: checks the harness, measures nothing")
+    ap.add_argument("--repeat", type=int, help="default 3 (smoke: 1)")
+    ap.add_argument("--messages", type=int, help="default 20000 (smoke: 40)")
+    ap.add_argument("--sessions", type=int, help="default 20 (smoke: 4)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny numbers (unless given): checks the harness, measures nothing; writes results/smoke.*")
     ap.add_argument("--only", action="append", choices=[cls.name for cls in RELAY_CLASSES],
                     help="run only this relay (repeatable); default: all, peers skipped when they cannot be installed")
-    ap.add_argument("--check-messages", type=int, default=500,
-                    help="messages of the exactly-once check each relay passes before it is measured")
+    ap.add_argument("--check-messages", type=int,
+                    help="messages of the exactly-once check each relay passes before it is measured "
+                         "(default 500, smoke: 100)")
     ap.add_argument("--exim-queue-per-connection", type=int, default=Exim.queue_per_connection,
                     help="Exim's smtp_accept_queue_per_connection (Exim's default: 10; see bench/README.md)")
     ap.add_argument("--big-queue", type=int, default=1_000_000, help="deferred messages for big_queue")
     ap.add_argument("--backlog", type=int, default=20_000, help="deferred messages for the backlog scenarios")
     a = ap.parse_args()
     Exim.queue_per_connection = a.exim_queue_per_connection
-    if a.smoke:
-        a.repeat, a.messages, a.sessions, a.check_messages = 1, 40, 4, 100
+    defaults = {"repeat": 1, "messages": 40, "sessions": 4, "check_messages": 100} if a.smoke else \
+        {"repeat": 3, "messages": 20000, "sessions": 20, "check_messages": 500}
+    for key, value in defaults.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     WORK.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     Postfix.install()
