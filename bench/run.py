@@ -139,11 +139,11 @@ def delivery_check(relay_cls, messages: int, sessions: int, timeout: float = 120
     sink = SmtpSink(dump=True).start()
     relay = relay_cls(sink.port).start()
     try:
-        smtp_source(relay.port, messages, sessions, 1024, numbered=True)
         try:
+            smtp_source(relay.port, messages, sessions, 1024, numbered=True)
             sink.wait_for(messages, timeout=timeout)
             wait_queue_empty(relay, timeout=60)
-        except RuntimeError as exc:
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
             return {"ok": False, "sent": messages, "received": sink.count(), "note": str(exc)}
         ids = sink.recipients()
         unique = len(set(ids))
@@ -489,7 +489,7 @@ def main() -> None:
                     continue
                 try:
                     r = SCENARIOS[name](cls, a)
-                except RuntimeError as exc:
+                except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
                     if cls in (Relaywatch, Postfix):
                         raise
                     r = {"error": str(exc)}
@@ -539,7 +539,8 @@ def render(results: dict) -> str:
         count = {"throughput_1k": p["messages"], "throughput_50k": max(p["messages"] // 4, 10),
                  "backlog_flush": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
                  "backlog_default": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
-                 "big_queue": f"{max(p['messages'] // 4, 10)} (+{p.get('big_queue', 1_000_000)} queued)",
+                 "big_queue": f"{max(p['messages'] // 4, 10)} "
+                              f"(+{p.get('big_queue', 1_000_000) if not p.get('smoke') else 2000} queued)",
                  "big_messages": 10 if not p.get("smoke") else 2, "latency": "200/s"}.get(name, p["messages"])
         lines.append(f"| {name} | {entry.get('when', results['when'])} | {count} | {p['sessions']} | {p['repeat']} |")
     checks = results.get("delivery_check", {})
