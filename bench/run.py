@@ -280,7 +280,8 @@ def big_messages(relay_cls, count: int, size: int) -> dict:
     sink = SmtpSink().start()
     relay = relay_cls(sink.port).start()
     try:
-        before = relay.rss_kb() if isinstance(relay, Relaywatch) else None
+        # the server process itself, as peak_rss_kb() (its delivery child is another process)
+        before = proc_status(relay.proc.pid, "VmRSS") if isinstance(relay, Relaywatch) else None
         t0 = time.monotonic()
         smtp_source(relay.port, count, count, size, reuse=False)
         done = sink.wait_for(count, timeout=600)
