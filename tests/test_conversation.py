@@ -2,8 +2,11 @@
 
 import pytest
 
-from relaywatch.receive.conversation import (MAX_COMMAND_LINE, MAX_ERRORS, NEED_DATA, BodyData, Conversation,
-                                             MessageEnd, MessageStart, Recipient, Reply, StartTls, parse_path)
+import base64
+
+from relaywatch.receive.conversation import (AUTH_SUCCEEDED, MAX_COMMAND_LINE, MAX_ERRORS, NEED_DATA, Authenticate,
+                                             BodyData, Conversation, MessageEnd, MessageStart, Recipient, Reply,
+                                             StartTls, parse_path, sender_allowed)
 
 
 def talk(conv: Conversation, data: bytes, accept=lambda address: "@" in address) -> list:
@@ -247,3 +250,164 @@ def test_nul_in_a_command_is_refused():
 def test_a_source_route_is_split_off_for_the_policy(line, event):
     conv = in_transaction()
     assert talk(conv, line, accept=lambda a: False) == [event]
+
+
+# -- AUTH (RFC 4954) ------------------------------------------------------------------------
+
+def b64(text: str) -> bytes:
+    return base64.b64encode(text.encode())
+
+
+PLAIN_ALICE = b64("\0alice\0secret")
+
+
+def auth_session(*, tls_active=True, required=False, tls=True) -> Conversation:
+    """A session on a port with users, after EHLO (encrypted unless ``tls_active`` is False)."""
+    conv = Conversation("relay.test", 1000, tls_available=tls, tls_active=tls_active, auth_available=True,
+                        auth_required=required)
+    talk(conv, b"")
+    talk(conv, b"EHLO client.test\r\n")
+    return conv
+
+
+def auth_talk(conv: Conversation, data: bytes, password="secret", senders=None) -> list:
+    """As ``talk``, answering Authenticate as the caller would (password right for "alice")."""
+    conv.receive(data)
+    out = []
+    while (event := conv.next_event()) is not NEED_DATA:
+        out.append(event)
+        if isinstance(event, Authenticate):
+            if event.username == "alice" and event.password == password:
+                conv.authenticated("alice", senders)
+                out.append(Reply(AUTH_SUCCEEDED))
+            else:
+                out.append(Reply("535 5.7.8 Authentication credentials invalid"))
+        if isinstance(event, Recipient):
+            conv.accept_recipient(event.address, "route")
+    return out
+
+
+# (what the client sends, the events: Authenticate shown as ("PLAIN"/"LOGIN", user), replies by code)
+AUTH_EXCHANGES = [
+    ("PLAIN with an initial response", b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", [("PLAIN", "alice"), "235"]),
+    ("PLAIN after an empty 334 challenge", b"AUTH PLAIN\r\n" + PLAIN_ALICE + b"\r\n",
+     ["334", ("PLAIN", "alice"), "235"]),
+    ("PLAIN with authzid equal to the user", b"AUTH PLAIN " + b64("alice\0alice\0secret") + b"\r\n",
+     [("PLAIN", "alice"), "235"]),
+    ("PLAIN acting for another user: refused without a check",
+     b"AUTH PLAIN " + b64("bob\0alice\0secret") + b"\r\n", ["535"]),
+    ("PLAIN wrong password", b"AUTH PLAIN " + b64("\0alice\0guess") + b"\r\n", [("PLAIN", "alice"), "535"]),
+    ("mechanism names are case-insensitive", b"auth plain " + PLAIN_ALICE + b"\r\n", [("PLAIN", "alice"), "235"]),
+    ("LOGIN's two 334 prompts", b"AUTH LOGIN\r\n" + b64("alice") + b"\r\n" + b64("secret") + b"\r\n",
+     ["334", "334", ("LOGIN", "alice"), "235"]),
+    ("LOGIN with the user name on the AUTH line", b"AUTH LOGIN " + b64("alice") + b"\r\n" + b64("secret") + b"\r\n",
+     ["334", ("LOGIN", "alice"), "235"]),
+    ("* cancels PLAIN", b"AUTH PLAIN\r\n*\r\n", ["334", "501"]),
+    ("* cancels LOGIN at the password", b"AUTH LOGIN\r\n" + b64("alice") + b"\r\n*\r\nNOOP\r\n",
+     ["334", "334", "501", "250"]),
+    ("bad base64 in the initial response", b"AUTH PLAIN !!!!\r\n", ["501"]),
+    ("bad base64 after a challenge", b"AUTH LOGIN\r\nnot base64\r\nNOOP\r\n", ["334", "501", "250"]),
+    ("PLAIN without two NULs", b"AUTH PLAIN " + b64("alice secret") + b"\r\n", ["501"]),
+    ("PLAIN with an empty initial response (=)", b"AUTH PLAIN =\r\n", ["501"]),
+    ("an unknown mechanism", b"AUTH CRAM-MD5\r\n", ["504"]),
+    ("AUTH twice", b"AUTH PLAIN " + PLAIN_ALICE + b"\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n",
+     [("PLAIN", "alice"), "235", "503"]),
+    ("AUTH in a transaction", b"MAIL FROM:<a@client.test>\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n", ["250", "503"]),
+    ("a response line too long ends the exchange", b"AUTH LOGIN\r\n" + b"A" * (MAX_COMMAND_LINE + 10) + b"\r\nNOOP\r\n",
+     ["334", "500", "250"]),
+    ("MAIL AUTH= is accepted where AUTH is offered", b"MAIL FROM:<a@client.test> AUTH=<>\r\n", ["250"]),
+]
+
+
+def shown(events) -> list:
+    return [(e.mechanism, e.username) if isinstance(e, Authenticate) else e.text[:3] for e in events]
+
+
+@pytest.mark.parametrize("what, wire, expected", AUTH_EXCHANGES, ids=[a[0] for a in AUTH_EXCHANGES])
+def test_auth_exchanges(what, wire, expected):
+    conv = auth_session()
+    assert shown(auth_talk(conv, wire)) == expected
+
+
+def test_auth_gives_the_password_to_the_caller_and_the_user_to_the_message():
+    conv = auth_session()
+    events = auth_talk(conv, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    assert events[0] == Authenticate("PLAIN", "alice", "secret") and "secret" not in repr(events[0])
+    assert conv.user == "alice"
+    events = auth_talk(conv, b"MAIL FROM:<a@c.test>\r\nRCPT TO:<x@contoso.test>\r\nDATA\r\nhi\r\n.\r\n")
+    assert [e for e in events if isinstance(e, MessageEnd)][0].user == "alice"
+
+
+@pytest.mark.parametrize("what, conv_args, wire, expected", [
+    ("before EHLO", {}, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", ["503"]),
+    ("after HELO (AUTH is ESMTP)", {}, b"HELO c\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n", ["250", "503"]),
+    ("in the clear where STARTTLS is possible", {"tls_active": False},
+     b"EHLO c\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\n", ["250", "538"]),
+    ("submission: MAIL before STARTTLS", {"tls_active": False, "required": True},
+     b"EHLO c\r\nMAIL FROM:<a@c.test>\r\n", ["250", "530"]),
+    ("submission: MAIL before AUTH", {"required": True}, b"EHLO c\r\nMAIL FROM:<a@c.test>\r\n", ["250", "530"]),
+    ("submission: MAIL after AUTH", {"required": True},
+     b"EHLO c\r\nAUTH PLAIN " + PLAIN_ALICE + b"\r\nMAIL FROM:<a@c.test>\r\n", ["250", ("PLAIN", "alice"), "235", "250"]),
+])
+def test_auth_order(what, conv_args, wire, expected):
+    conv = Conversation("relay.test", 1000, tls_available=True, auth_available=True,
+                        tls_active=conv_args.get("tls_active", True), auth_required=conv_args.get("required", False))
+    talk(conv, b"")
+    assert shown(auth_talk(conv, wire)) == expected
+
+
+def test_submission_replies_say_what_is_missing():
+    conv = auth_session(tls_active=False, required=True)
+    assert [e.text for e in auth_talk(conv, b"MAIL FROM:<a@c.test>\r\n")] == [
+        "530 5.7.0 Must issue a STARTTLS command first"]
+    conv = auth_session(required=True)
+    assert [e.text for e in auth_talk(conv, b"MAIL FROM:<a@c.test>\r\n")] == ["530 5.7.0 Authentication required"]
+    [reply] = auth_talk(auth_session(tls_active=False), b"AUTH LOGIN\r\n")
+    assert reply.text.startswith("538 5.7.11 ")
+
+
+def test_auth_is_offered_only_when_encrypted_and_not_after_it_succeeded():
+    clear = Conversation("relay.test", 1000, tls_available=True, auth_available=True)
+    talk(clear, b"")
+    [reply] = talk(clear, b"EHLO c\r\n")
+    assert "AUTH" not in reply.text and "STARTTLS" in reply.text
+    talk(clear, b"STARTTLS\r\n")
+    clear.tls_started()
+    [reply] = talk(clear, b"EHLO c\r\n")
+    assert reply.text.endswith("250 AUTH PLAIN LOGIN")
+    auth_talk(clear, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")
+    [reply] = talk(clear, b"EHLO c\r\n")
+    assert "AUTH" not in reply.text and clear.user == "alice"     # EHLO again keeps the login
+    implicit = auth_session()
+    assert implicit.tls_active
+    no_users = Conversation("relay.test", 1000, tls_available=True, tls_active=True)
+    talk(no_users, b"")
+    [reply] = talk(no_users, b"EHLO c\r\n")
+    assert "AUTH" not in reply.text
+    assert codes(talk(no_users, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n")) == ["503"]
+    plain = session()
+    assert codes(talk(plain, b"EHLO c\r\nMAIL FROM:<a@c.test> AUTH=<>\r\n")) == ["250", "555"]  # not offered
+
+
+@pytest.mark.parametrize("senders, address, allowed", [
+    (None, "anyone@anywhere.test", True),
+    (frozenset({"alice@contoso.test"}), "alice@contoso.test", True),
+    (frozenset({"alice@contoso.test"}), "Alice@Contoso.TEST", True),
+    (frozenset({"alice@contoso.test"}), "bob@contoso.test", False),
+    (frozenset({"@contoso.test"}), "bob@contoso.test", True),
+    (frozenset({"@contoso.test"}), "bob@sub.contoso.test", False),
+    (frozenset({"@contoso.test"}), "bob@evilcontoso.test", False),
+    (frozenset({"alice@contoso.test"}), "", True),              # the null sender, as Postfix
+    (frozenset({"alice@contoso.test"}), "alice", False),
+])
+def test_sender_allowed(senders, address, allowed):
+    assert sender_allowed(senders, address) is allowed
+
+
+def test_a_restricted_user_is_refused_other_senders_with_553():
+    conv = auth_session()
+    auth_talk(conv, b"AUTH PLAIN " + PLAIN_ALICE + b"\r\n", senders=frozenset({"@contoso.test"}))
+    events = auth_talk(conv, b"MAIL FROM:<ceo@fabrikam.test>\r\nMAIL FROM:<alice@contoso.test>\r\n")
+    assert [e.text for e in events] == [
+        "553 5.7.1 <ceo@fabrikam.test>: Sender address rejected: not owned by user alice",
+        "250 2.1.0 Sender OK"]

@@ -12,6 +12,13 @@ EHLO, SIZE); it hands the rest to its caller as events:
 - ``StartTls``: the 220 for STARTTLS has been given; upgrade the connection,
   then call ``tls_started``.  Bytes the client sent after STARTTLS in the
   clear are dropped (the STARTTLS command-injection attack).
+- ``Authenticate``: AUTH PLAIN or LOGIN (RFC 4954) gave a user name and a
+  password; the caller checks them, calls ``authenticated`` when they are
+  right, and sends the reply (``AUTH_SUCCEEDED``, ``AUTH_INVALID`` ...).
+  The SASL exchange itself (334 challenges, ``*`` to cancel, base64) and
+  every refusal that needs no password check happen here.  AUTH is offered
+  only once the connection is encrypted, and only when ``auth_available``;
+  with ``auth_required`` (the submission port) MAIL waits for AUTH.
 - ``MessageStart``, ``BodyData``, ``MessageEnd``: the message after the 354,
   with dot-stuffing undone (``receive.data``).  ``MessageEnd.problem`` is the
   reply when the content was refused (bare CR/LF, too big; long lines are accepted);
@@ -25,9 +32,11 @@ with tables (tests/test_conversation.py).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from relaywatch.receive.data import DataParser
@@ -58,6 +67,13 @@ class StartTls:
 
 
 @dataclass(frozen=True)
+class Authenticate:
+    mechanism: str       # "PLAIN" or "LOGIN"
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class MessageStart:
     pass
 
@@ -72,9 +88,33 @@ class MessageEnd:
     problem: str | None
     sender: str                               # "" for the null sender <>
     recipients: tuple[tuple[str, Any], ...]   # (address, what accept_recipient was given)
+    user: str | None = None                   # the authenticated user who sent it
 
 
 NEED_DATA = object()
+
+# Replies to AUTH the caller sends once it has checked the password (RFC 4954 6).
+AUTH_SUCCEEDED = "235 2.7.0 Authentication successful"
+AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure; try again later"
+MECHANISMS = ("PLAIN", "LOGIN")
+# RFC 4954 4: a SASL response line may be up to 12288 octets; PLAIN and LOGIN
+# never need more than a command line, so the command limit applies.
+_LOGIN_USERNAME, _LOGIN_PASSWORD = "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"    # "Username:", "Password:"
+
+
+def sender_allowed(senders: frozenset[str] | None, address: str) -> bool:
+    """Whether an authenticated user may use ``address`` as MAIL FROM.
+
+    ``senders`` holds addresses (``alice@contoso.test``) and domains
+    (``@contoso.test``), lower-cased; None: any sender.  The null sender is
+    allowed, as Postfix's reject_sender_login_mismatch does (bounces carry no
+    owner)."""
+    if senders is None or address == "":
+        return True
+    address = address.lower()
+    domain = "@" + address.rpartition("@")[2] if "@" in address else None
+    return address in senders or (domain is not None and domain in senders)
 
 # A mailbox as RFC 5321 4.1.2 has it: a dot-string or quoted local part, and a
 # domain name or address literal; an optional source route is ignored (4.1.1.3).
@@ -111,11 +151,16 @@ def parse_params(text: str) -> dict[str, str] | None:
 
 
 class Conversation:
-    def __init__(self, hostname: str, max_size: int, tls_available: bool = False):
+    def __init__(self, hostname: str, max_size: int, tls_available: bool = False, *,
+                 tls_active: bool = False, auth_available: bool = False, auth_required: bool = False):
         self.hostname = hostname
         self.max_size = max_size
         self.tls_available = tls_available
-        self.tls_active = False
+        self.tls_active = tls_active          # True from the start on an implicit-TLS port (RFC 8314)
+        self.auth_available = auth_available  # there are users: AUTH is offered once encrypted
+        self.auth_required = auth_required    # submission: no MAIL before AUTH (RFC 6409 4.3)
+        self.user: str | None = None          # who authenticated
+        self.senders: frozenset[str] | None = None   # the MAIL FROM addresses the user may use; None: any
         self.helo: str | None = None      # the name the client gave in HELO/EHLO
         self.esmtp = False
         self.sender: str | None = None    # set by MAIL; None outside a transaction
@@ -126,6 +171,7 @@ class Conversation:
         self._closed = False
         self._skipping_long_line = False
         self._data: DataParser | None = None
+        self._sasl: _Sasl | None = None     # an AUTH exchange waiting for the client's next line
         self._events: deque = deque()       # decided, not yet handed out
 
     # -- input ---------------------------------------------------------------------
@@ -155,6 +201,11 @@ class Conversation:
         self.esmtp = False
         self._reset()
 
+    def authenticated(self, user: str, senders: frozenset[str] | None = None) -> None:
+        """The password was right: the session belongs to ``user`` from now on."""
+        self.user = user
+        self.senders = senders
+
     # -- events --------------------------------------------------------------------
 
     def next_event(self):
@@ -170,7 +221,7 @@ class Conversation:
         line = self._next_line()
         if line is None:
             return NEED_DATA
-        event = self._command(line)
+        event = self._command(line) if self._sasl is None else self._sasl_response(line)
         if isinstance(event, Reply) and event.text[0] in "45" and not event.close:
             self.errors += 1
             if self.errors >= MAX_ERRORS:
@@ -234,6 +285,8 @@ class Conversation:
         lines = [self.hostname, f"SIZE {self.max_size}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
+        if self.auth_available and self.tls_active and self.user is None:
+            lines.append("AUTH " + " ".join(MECHANISMS))   # never in the clear (RFC 4954 4)
         return Reply("\r\n".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}" for i, text in enumerate(lines)))
 
     def _helo(self, arg: str) -> Reply:
@@ -248,6 +301,10 @@ class Conversation:
             return Reply("503 5.5.1 Send HELO or EHLO first")
         if self.sender is not None:
             return Reply("503 5.5.1 Sender already given (RSET starts over)")
+        if self.auth_required and self.user is None:
+            if not self.tls_active:
+                return Reply("530 5.7.0 Must issue a STARTTLS command first")
+            return Reply("530 5.7.0 Authentication required")
         if arg[:5].upper() != "FROM:":
             return Reply("501 5.5.4 Syntax: MAIL FROM:<address>")
         address, rest = parse_path(arg[5:])
@@ -256,7 +313,9 @@ class Conversation:
         params = parse_params(rest)
         if params is None or (params and not self.esmtp):
             return Reply("501 5.5.4 Bad MAIL parameters")
-        unknown = set(params) - _MAIL_PARAMS
+        # AUTH=<mailbox> (RFC 4954 5) is accepted where AUTH is offered, and ignored:
+        # the identity that counts is the session's.
+        unknown = set(params) - _MAIL_PARAMS - ({"AUTH"} if self.auth_available else set())
         if unknown:
             return Reply(f"555 5.5.4 Unsupported MAIL parameter: {sorted(unknown)[0]}")
         if "BODY" in params and params["BODY"].upper() not in ("7BIT", "8BITMIME"):
@@ -266,6 +325,8 @@ class Conversation:
                 return Reply("501 5.5.4 SIZE must be a number")
             if int(params["SIZE"]) > self.max_size:
                 return Reply(f"552 5.3.4 Message too big (the limit is {self.max_size} bytes)")
+        if self.user is not None and not sender_allowed(self.senders, address):
+            return Reply(f"553 5.7.1 <{address}>: Sender address rejected: not owned by user {self.user}")
         self.sender = address
         self.recipients = []
         return Reply("250 2.1.0 Sender OK")
@@ -305,7 +366,7 @@ class Conversation:
         content = parser.feed(data)
         if parser.done:
             self._buffer += parser.leftover     # commands pipelined after the final dot
-            self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients)))
+            self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients), self.user))
             self._reset()
         if content:
             return BodyData(content)
@@ -329,7 +390,7 @@ class Conversation:
 
     def _help(self, arg: str) -> Reply:
         return Reply("214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY"
-                     + (" STARTTLS" if self.tls_available else ""))
+                     + (" STARTTLS" if self.tls_available else "") + (" AUTH" if self.auth_available else ""))
 
     def _starttls(self, arg: str):
         if arg:
@@ -343,11 +404,69 @@ class Conversation:
         self._events.append(StartTls())
         return Reply("220 2.0.0 Ready to start TLS")
 
-    def _auth(self, arg: str) -> Reply:
-        return Reply("503 5.5.1 AUTH is not offered; relaying is allowed by client address")
+    def _auth(self, arg: str):
+        if not self.auth_available:
+            return Reply("503 5.5.1 AUTH is not offered; relaying is allowed by client address")
+        if self.helo is None or not self.esmtp:
+            return Reply("503 5.5.1 Send EHLO first")
+        if self.user is not None:
+            return Reply("503 5.5.1 Already authenticated")
+        if self.sender is not None:
+            return Reply("503 5.5.1 AUTH is not allowed during a mail transaction")
+        if not self.tls_active:
+            return Reply("538 5.7.11 Encryption required for requested authentication mechanism"
+                         " (STARTTLS first)")
+        mechanism, _, initial = arg.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism not in MECHANISMS:
+            return Reply(f"504 5.5.4 Unrecognized authentication type (offered: {' '.join(MECHANISMS)})")
+        self._sasl = _Sasl(mechanism)
+        if not initial:
+            return Reply("334 " if mechanism == "PLAIN" else _LOGIN_USERNAME)
+        # RFC 4954 4: "=" is an initial response that is empty.
+        return self._sasl_response(b"" if initial == "=" else initial.encode("ascii"), initial=True)
+
+    def _sasl_response(self, raw: bytes | str, initial: bool = False):
+        """The client's answer to a 334 (or the initial response on the AUTH line)."""
+        sasl = self._sasl
+        if isinstance(raw, str):            # too long
+            self._sasl = None
+            return Reply("500 5.5.6 Authentication exchange line is too long")
+        if raw.strip() == b"*" and not initial:
+            self._sasl = None
+            return Reply("501 5.0.0 Authentication cancelled")
+        try:
+            decoded = base64.b64decode(raw.strip(), validate=True)
+            text = decoded.decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._sasl = None
+            return Reply("501 5.5.2 Cannot decode the response (base64 of UTF-8 expected)")
+        if sasl.mechanism == "PLAIN":
+            parts = text.split("\0")
+            self._sasl = None
+            if len(parts) != 3 or not parts[1]:
+                return Reply("501 5.5.2 Malformed PLAIN response (authzid NUL user NUL password)")
+            authzid, username, password = parts
+            if authzid and authzid != username:
+                return Reply("535 5.7.8 Acting for another user (authorization identity) is not allowed")
+            return Authenticate("PLAIN", username, password)
+        if sasl.username is None:
+            if not text:
+                self._sasl = None
+                return Reply("501 5.5.2 Empty user name")
+            sasl.username = text
+            return Reply(_LOGIN_PASSWORD)
+        self._sasl = None
+        return Authenticate("LOGIN", sasl.username, text)
 
     def _bdat(self, arg: str) -> Reply:
         return Reply("502 5.5.1 BDAT is not offered (CHUNKING is not advertised)")
+
+
+@dataclass
+class _Sasl:
+    mechanism: str
+    username: str | None = None     # LOGIN: the answer to "Username:"
 
 
 _HANDLERS = {
