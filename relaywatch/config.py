@@ -125,6 +125,15 @@ class ServerConfig:
     # Where mail for postmaster goes (RFC 5321 4.5.1); parse_config fills in the
     # default: the first [alerts] notify address, else postmaster@<hostname> in a Maildir.
     postmaster: str = ""
+    # Clients that authenticate (receive/auth.py): listen above is the smtp port
+    # (AUTH after STARTTLS when there are users); submission (587) requires
+    # STARTTLS and AUTH before MAIL; submissions (465) is TLS from the first byte.
+    submission_listen: tuple[tuple[str, int], ...] = ()
+    submissions_listen: tuple[tuple[str, int], ...] = ()
+    users_file: Path | None = None
+    auth_max_failures: int = 5          # wrong passwords from one IP before AUTH is blocked
+    auth_failure_delay: float = 1.0     # times the failures so far: the wait before a 535
+    auth_block_time: float = 600.0      # how long the block lasts; failures older than this are forgotten
 
 
 @dataclass(frozen=True)
@@ -539,6 +548,28 @@ def _server_tls_problems(cert: Path, key: Path, section: str = "server") -> list
     return []
 
 
+def _auth_problems(server: ServerConfig) -> list[str]:
+    """Submission ports need TLS and users; the users file must parse (receive/auth.py)."""
+    from relaywatch.receive.auth import UsersFileError, load_users
+    out = []
+    for key in ("submission_listen", "submissions_listen"):
+        if getattr(server, key):
+            if server.tls_cert is None:
+                out.append(f"server.{key}: needs server.tls_cert and server.tls_key (AUTH is never offered "
+                           f"in the clear)")
+            if server.users_file is None:
+                out.append(f"server.{key}: needs server.users_file (clients must authenticate there)")
+    if server.users_file is not None:
+        if server.tls_cert is None:
+            out.append("server.users_file: needs server.tls_cert and server.tls_key (AUTH is offered only "
+                       "after STARTTLS)")
+        try:
+            load_users(server.users_file)
+        except UsersFileError as exc:
+            out.append(f"server.users_file: {exc}")
+    return out
+
+
 def _listen_problems(listen: tuple[tuple[str, int], ...]) -> list[str]:
     """The same address twice, or a wildcard that already covers another: the second bind would fail."""
     out = []
@@ -686,14 +717,23 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         store=r.get(s, "store", "server", _store_url, d.store),
         store_statement_timeout=r.get(s, "store_statement_timeout", "server", _duration_or_off,
                                       d.store_statement_timeout),
+        submission_listen=r.get(s, "submission_listen", "server", _hostport_list(587, allow_zero=True),
+                                d.submission_listen),
+        submissions_listen=r.get(s, "submissions_listen", "server", _hostport_list(465, allow_zero=True),
+                                 d.submissions_listen),
+        users_file=r.get(s, "users_file", "server", rel, None),
+        auth_max_failures=r.get(s, "auth_max_failures", "server", _positive_int, d.auth_max_failures),
+        auth_failure_delay=r.get(s, "auth_failure_delay", "server", parse_duration, d.auth_failure_delay),
+        auth_block_time=r.get(s, "auth_block_time", "server", _positive_duration, d.auth_block_time),
     )
+    problems += _auth_problems(server)
     if (server.reserved_trusted_connections is not None
             and server.reserved_trusted_connections >= server.max_connections):
         problems.append(f"server.reserved_trusted_connections: must be less than server.max_connections "
                         f"({server.max_connections}), or untrusted clients could never connect")
-    if not server.listen:
+    if not server.listen and not server.submission_listen and not server.submissions_listen:
         problems.append("server.listen: needs at least one address, such as \"127.0.0.1:2525\"")
-    problems += _listen_problems(server.listen)
+    problems += _listen_problems(server.listen + server.submission_listen + server.submissions_listen)
 
     q = r.table(raw, "queue", "queue")
     r.unknown(q, _file_keys(QueueConfig), "queue")

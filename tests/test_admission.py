@@ -74,6 +74,23 @@ def test_admission(what, sessions, in_transaction, active, newcomer, expected):
         assert "new" not in table and table.total == len(sessions)
 
 
+def test_a_session_that_authenticated_counts_as_trusted():
+    table = table_with(*untrusted(8))         # the untrusted share is full
+    assert table.admit("new", "ip-new", U, 9.0) == Admitted(evicted="u0")
+    table.mark_trusted("u1")                  # u1 logged in: its slot is a trusted one now
+    assert table.untrusted == 7
+    # An untrusted newcomer finds room without evicting, and never displaces the authenticated session.
+    assert table.admit("n2", "ip-n2", U, 10.0) == Admitted()
+    table.set_phase("n2", Phase.TRANSACTION, 10.0)
+    for key in ("u2", "u3", "u4", "u5", "u6", "u7", "new"):
+        table.set_phase(key, Phase.TRANSACTION, 10.0)
+    assert table.admit("n3", "ip-n3", U, 11.0) == Refused("Too many connections, try again later")
+    table.mark_trusted("u1")                  # twice: no change
+    assert table.untrusted == 8
+    table.release("u1")
+    assert table.untrusted == 8 and table.total == 8
+
+
 def test_the_per_ip_limit_refuses_and_never_evicts():
     table = SessionTable(LIMITS)
     for i in range(3):

@@ -173,6 +173,16 @@ class SessionTable:
 
     # -- what the session did ------------------------------------------------------
 
+    def mark_trusted(self, key: Hashable) -> None:
+        """The client authenticated: it counts as trusted from now on (its slot leaves the untrusted share)."""
+        session = self._sessions.get(key)
+        if session is None or session.trusted:
+            return
+        self.untrusted -= 1
+        if self._pre_mail[False].pop(key, None) is not None:
+            self._pre_mail[True][key] = session
+        session.trusted = True
+
     def command_completed(self, key: Hashable, now: float) -> None:
         """A whole command line arrived and was answered."""
         session = self._sessions.get(key)

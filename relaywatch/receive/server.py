@@ -20,6 +20,12 @@ refused, and past 80 % of the slots a command must complete within
 disk refuses a message being read, the rest is read and dropped and the
 answer comes after the final dot (``452 4.3.1`` when full, else ``451 4.3.0``);
 an error nobody foresaw ends the session with ``421 4.3.0``, never a 5xx.
+Clients that authenticate (AUTH after STARTTLS, receive/auth.py) relay as
+trusted networks do, within their sender addresses; the listeners are
+``server.listen`` (smtp), ``server.submission_listen`` (AUTH required) and
+``server.submissions_listen`` (implicit TLS, RFC 8314).  Wrong passwords are
+counted per IP (``Receiver.auth_limits.counters`` for metrics): the replies slow
+down, then AUTH from that IP is blocked for a while (``454 4.7.0``).
 Refusals because the disk or the store fails are one condition, not one log
 line per message (receive/store_condition.py), and the relay's own incident
 (watch/store_incident.py).
@@ -41,9 +47,11 @@ from relaywatch import events
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.model import NewMessage, Route, RouteKind
+from relaywatch.receive import auth
 from relaywatch.receive.admission import Limits, Phase, Refused, SessionTable
-from relaywatch.receive.conversation import (NEED_DATA, BodyData, Conversation, MessageEnd, MessageStart,
-                                             Recipient, Reply, StartTls)
+from relaywatch.receive.conversation import (AUTH_INVALID, AUTH_SUCCEEDED, AUTH_UNAVAILABLE, NEED_DATA, Authenticate,
+                                             BodyData, Conversation, MessageEnd, MessageStart, Recipient, Reply,
+                                             StartTls)
 from relaywatch.receive.spool import BodySpool
 from relaywatch.receive.store_condition import (FAILED_REPLY, ConditionEnded, Place, PlaceRecovered, StoreCondition,
                                                 StoreProblem, describe, problem_from_os_error,
@@ -70,6 +78,9 @@ _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\s*$", re.I | re.M)
 # After an error we did not foresee, the session's state cannot be trusted (a
 # message half read would be taken for commands): say so and hang up.
 UNEXPECTED_ERROR = "421 4.3.0 Temporary server error; closing the connection, please try again later"
+# Listener kinds: the config key each comes from.
+SMTP, SUBMISSION, SUBMISSIONS = "smtp", "submission", "submissions"
+LISTENER_KEYS = {SMTP: "listen", SUBMISSION: "submission_listen", SUBMISSIONS: "submissions_listen"}
 
 
 class ReceivePolicy:
@@ -85,7 +96,10 @@ class ReceivePolicy:
         self.store_condition = StoreCondition()
         self.store_incidents = StoreIncidentReporter(config_ref, store, alert_routes, clock)
 
-    def is_trusted(self, ip: str) -> bool:
+    def is_trusted(self, ip: str, user: str | None = None) -> bool:
+        """May relay and gets signed: an authenticated ``user``, or a client in trusted_networks."""
+        if user is not None:
+            return True
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -110,7 +124,7 @@ class ReceivePolicy:
         normalized = normalize(address)
         if isinstance(normalized, Refusal):
             return refuse(normalized.reply, normalized.reply[4:9], normalized.detail)
-        trusted = self.is_trusted(client_ip)
+        trusted = self.is_trusted(client_ip, conv.user)
         if not trusted:
             routing = sender_routing(normalized, source_route)
             if routing is not None:
@@ -127,12 +141,12 @@ class ReceivePolicy:
             return refuse("554 5.7.1 Relaying denied", "5.7.1", "relaying denied")
         return "250 2.1.5 Recipient OK", decision.address, decision.route
 
-    def must_verify(self, client_ip: str, address: str, route: Route) -> bool:
+    def must_verify(self, client_ip: str, address: str, route: Route, user: str | None = None) -> bool:
         """An accepted recipient whose existence only the connector's server knows."""
         if self.verifier is None or route.kind is not RouteKind.CONNECTOR:
             return False
         domain = self.config_ref().domain(split_address(address)[1])
-        return domain is not None and domain.verify_recipients and not self.is_trusted(client_ip)
+        return domain is not None and domain.verify_recipients and not self.is_trusted(client_ip, user)
 
     async def verify(self, conv: Conversation, client_ip: str, address: str, route: Route) -> tuple[str, Route | None]:
         """The reply to RCPT TO once the connector's server was asked (or the cache answered)."""
@@ -159,11 +173,15 @@ class ReceivePolicy:
         task.add_done_callback(self._background.discard)
 
     def received_header(self, conv: Conversation, client_ip: str) -> bytes:
+        # RFC 3848: ESMTPA/ESMTPSA once the client authenticated; who it was, as Postfix writes it.
         proto = "ESMTPS" if conv.tls_active else ("ESMTP" if conv.esmtp else "SMTP")
+        if conv.user is not None:
+            proto = "ESMTPSA" if conv.tls_active else "ESMTPA"
+        who = f"\r\n\t(Authenticated sender: {conv.user})" if conv.user is not None else ""
         rcpt = f"\r\n\tfor <{conv.recipients[0][0]}>" if len(conv.recipients) == 1 else ""
         stamp = email.utils.formatdate(self.clock(), localtime=False)
         hostname = self.config_ref().server.hostname
-        return (f"Received: from {conv.helo or 'unknown'} ([{client_ip}])\r\n\tby {hostname} (relaywatch) "
+        return (f"Received: from {conv.helo or 'unknown'} ([{client_ip}]){who}\r\n\tby {hostname} (relaywatch) "
                 f"with {proto}{rcpt}; {stamp}\r\n").encode("ascii", "replace")
 
     async def commit(self, end: MessageEnd, client_ip: str, spool: BodySpool, header_block: bytes) -> str:
@@ -175,7 +193,8 @@ class ReceivePolicy:
         message_id = match.group(1).decode("ascii", "replace") if match else ""
         signed_by: list[str] = []
         try:
-            if config.dkim and self.is_trusted(client_ip):   # never sign what an outsider sent
+            # Never sign what an outsider sent; an authenticated user's senders were checked at MAIL.
+            if config.dkim and self.is_trusted(client_ip, end.user):
                 from relaywatch.receive.dkim import sign_spool
                 spool, signed_by = await sign_spool(config.dkim, spool)
             body = await spool.finish(inline=self.store.inline_bodies)
@@ -198,7 +217,8 @@ class ReceivePolicy:
         for entry_id, (route, rcpts) in zip(ids, msg.by_route()):
             events.emit("received", **{"id": entry_id, "msgid": message_id or None, "from": sender or "<>",
                                        "to": rcpts, "connector": route.name, "size": body.size,
-                                       "client": msg.client, **({"dkim": signed_by} if signed_by else {})})
+                                       "client": msg.client, "auth": end.user,
+                                       **({"dkim": signed_by} if signed_by else {})})
         return f"250 2.0.0 Queued as {' '.join(ids)}"
 
     def refuse(self, end: MessageEnd, client_ip: str, problem: StoreProblem) -> str:
@@ -225,8 +245,9 @@ class ReceivePolicy:
 class SmtpSession(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, receiver: "Receiver"):
+    def __init__(self, receiver: "Receiver", kind: str = SMTP):
         self.receiver = receiver
+        self.kind = kind
         self.policy = receiver.policy
         self.transport: asyncio.Transport | None = None
         self.conv: Conversation | None = None
@@ -258,8 +279,11 @@ class SmtpSession(asyncio.Protocol):
             return
         self._admitted = True
         config = self.receiver.config_ref()
+        users = self.receiver.users is not None and self.receiver.tls_context is not None
         self.conv = Conversation(config.server.hostname, config.server.max_message_size,
-                                 tls_available=self.receiver.tls_context is not None)
+                                 tls_available=self.receiver.tls_context is not None and self.kind != SUBMISSIONS,
+                                 tls_active=self.kind == SUBMISSIONS, auth_available=users,
+                                 auth_required=self.kind != SMTP)
         self._idle_timeout = config.server.idle_timeout
         loop = asyncio.get_running_loop()
         self._last_input = loop.time()
@@ -325,7 +349,7 @@ class SmtpSession(asyncio.Protocol):
                 elif type(event) is Recipient:
                     reply, address, route = self.policy.recipient(conv, self.client_ip, event.address,
                                                                    event.source_route)
-                    if route is not None and self.policy.must_verify(self.client_ip, address, route):
+                    if route is not None and self.policy.must_verify(self.client_ip, address, route, conv.user):
                         self._start(self._verify(address, route))
                         break
                     if route is not None:
@@ -338,6 +362,8 @@ class SmtpSession(asyncio.Protocol):
                     self._body(self.policy.received_header(conv, self.client_ip))
                 elif type(event) is MessageEnd:
                     self._message_end(event)
+                elif type(event) is Authenticate:
+                    self._start(self._authenticate(event))
                 elif type(event) is StartTls:
                     # Nothing more is read in the clear: the conversation has dropped
                     # what came with STARTTLS, and start_tls() reads encrypted.
@@ -415,6 +441,15 @@ class SmtpSession(asyncio.Protocol):
             return
         if route is not None:
             self.conv.accept_recipient(address, route)
+        self._out.append(reply)
+        self._advance()
+
+    async def _authenticate(self, event: Authenticate) -> None:
+        """Check the password (or refuse during a block), slow down after failures, reply."""
+        reply = await self.receiver.authenticate(self, event)
+        self._busy = False
+        if self.transport.is_closing():
+            return
         self._out.append(reply)
         self._advance()
 
@@ -507,8 +542,55 @@ class Receiver:
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
         self.servers: list[asyncio.base_events.Server] = []
+        self.kinds: list[str] = []      # the listener kind of each server
         self.tls_context: ssl.SSLContext | None = None
         self.spool_dir = config_ref().server.data_dir / "spool"
+        # Who may authenticate (None: nobody, AUTH is not offered) and the brute-force counts.
+        self.users: auth.UserDirectory | None = None
+        self.auth_limits = auth.FailureLimits(self._auth_limits(config_ref().server))
+
+    @staticmethod
+    def _auth_limits(server) -> auth.Limits:
+        return auth.Limits(server.auth_max_failures, server.auth_failure_delay, server.auth_block_time)
+
+    def auth_metrics(self) -> dict[str, int]:
+        """Counters for the console: AUTH successes, failures, refusals while blocked, blocks, IPs blocked now."""
+        now = asyncio.get_running_loop().time()
+        return {**self.auth_limits.counters, "auth_blocked_ips": self.auth_limits.blocked_now(now)}
+
+    async def authenticate(self, session: SmtpSession, event: Authenticate) -> str:
+        """The reply to a completed AUTH exchange; on success the session is trusted from now on."""
+        server = self.config_ref().server
+        if server.users_file is None or self.users is None:
+            return AUTH_UNAVAILABLE     # reloaded without users meanwhile
+        if self.users.path != server.users_file:
+            self.users = auth.UserDirectory(server.users_file)
+        self.auth_limits.limits = self._auth_limits(server)
+        ip, limits = session.client_ip, self.auth_limits
+        loop = asyncio.get_running_loop()
+        name = event.username[:64].encode("unicode_escape").decode("ascii")   # the client's text, for the log
+        left = limits.blocked(ip, loop.time())
+        if left:
+            limits.refused()
+            events.emit("auth_refused", client=ip, user=name, detail="blocked after failed logins")
+            return f"454 4.7.0 Too many failed logins from {ip}; try again in {left:.0f}s"
+        try:
+            user = await self.users.check(event.username, event.password)
+        except auth.UsersFileError as exc:
+            log.error("AUTH unavailable: server.users_file: %s", exc)
+            return AUTH_UNAVAILABLE
+        if user is None:
+            delay, blocked = limits.failed(ip, loop.time())
+            events.emit("auth_failed", client=ip, user=name, mechanism=event.mechanism,
+                        detail=f"wrong password or unknown user; AUTH from {ip} blocked for "
+                               f"{limits.limits.block_time:g}s" if blocked else "wrong password or unknown user")
+            await asyncio.sleep(delay)
+            return AUTH_INVALID
+        limits.succeeded(ip)
+        session.conv.authenticated(user.name, user.senders)
+        self.limiter.mark_trusted(session)
+        events.emit("auth", client=ip, user=user.name, mechanism=event.mechanism)
+        return AUTH_SUCCEEDED
 
     def admit(self, session: SmtpSession) -> Refused | None:
         """Give a new connection a slot, evicting the oldest idle pre-MAIL session if need be."""
@@ -551,16 +633,24 @@ class Receiver:
         self.spool_dir = config.server.data_dir / "spool"   # a reload keeps data_dir (app.reload)
         if config.server.tls_cert and config.server.tls_key:
             self.tls_context = make_tls_context(config.server.tls_cert, config.server.tls_key)
+        self.users = auth.UserDirectory(config.server.users_file) if config.server.users_file else None
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        for host, port in config.server.listen:
-            server = await loop.create_server(lambda: SmtpSession(self), host, port, reuse_address=True,
-                                              backlog=LISTEN_BACKLOG)
-            self.servers.append(server)
+        for kind, key in LISTENER_KEYS.items():
+            tls = {"ssl": self.tls_context, "ssl_handshake_timeout": 30} if kind == SUBMISSIONS else {}
+            for host, port in getattr(config.server, key):
+                server = await loop.create_server(lambda kind=kind: SmtpSession(self, kind), host, port,
+                                                  reuse_address=True, backlog=LISTEN_BACKLOG, **tls)
+                self.servers.append(server)
+                self.kinds.append(kind)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         return [s.sockets[0].getsockname()[:2] for s in self.servers]
+
+    def addresses_of(self, kind: str) -> list[tuple[str, int]]:
+        """The addresses of the listeners of one kind (smtp, submission, submissions)."""
+        return [a for a, k in zip(self.addresses, self.kinds) if k == kind]
 
     async def stop(self) -> None:
         if self._sweep_timer is not None:
@@ -571,4 +661,5 @@ class Receiver:
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
+        self.kinds.clear()
         await self.policy.store_incidents.stop()
