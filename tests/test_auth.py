@@ -7,6 +7,7 @@ tests/test_conversation.py; the users file and the brute-force counts here."""
 
 import asyncio
 import logging
+import re
 import smtplib
 import ssl
 import stat
@@ -65,9 +66,10 @@ async def relay(tmp_path, tls_files, relay_factory, sink):
     user_add(users, "alice", "correct horse", prompt=True)
     user_add(users, "bob", "battery staple", "--senders", "bob@contoso.test,@bob.contoso.test")
 
-    async def make(**server):
+    async def make(dkim=(), **server):
         cert, key = tls_files
         return await relay_factory(
+            dkim=list(dkim),
             server={"trusted_networks": ["127.0.0.1/32"], "tls_cert": cert, "tls_key": key,
                     "users_file": str(users), "submission_listen": [f"{LOOPBACK}:0"],
                     "submissions_listen": [f"{LOOPBACK}:0"], "auth_failure_delay": "0s", **server},
@@ -219,6 +221,28 @@ async def test_a_user_limited_to_senders_is_refused_others_with_553(relay, clien
     assert refused.smtp_code == 553 and refused.smtp_error.startswith(b"5.7.1 <ceo@contoso.test>")
     assert ok == {} and by_domain == {}
     await eventually(lambda: len(sink.messages) == 2, what="both allowed messages delivered")
+
+
+async def test_an_authenticated_client_is_dkim_signed_and_an_unauthenticated_one_is_not(relay, client_tls, tmp_path):
+    made = CliRunner().invoke(cli_main, ["dkim", "keygen", "contoso.test", "--algorithm", "ed25519", "--selector",
+                                         "s1", "--out", str(tmp_path / "keys")])
+    assert made.exit_code == 0, made.output
+    key_file = re.search(r'^key_file = "(.+)"$', made.output, re.M).group(1)
+    r = await relay(dkim=[{"domain": "contoso.test", "selector": "s1", "key_file": key_file}])
+
+    def send(login):
+        def steps(client):
+            if login:
+                client.login("alice", "correct horse")
+            return client.sendmail("alice@contoso.test", ["alice@contoso.test"], message(f"login={login}").replace(
+                b"From: sender@example.org", b"From: alice@contoso.test"))
+        return steps
+    # From 127.0.0.2 (untrusted) to a local mailbox, which an outsider may send to: signed only once logged in.
+    assert await smtplib_session(r, "smtp", client_tls, send(False)) == {}
+    assert await smtplib_session(r, "smtp", client_tls, send(True)) == {}
+    await eventually(lambda: len(r.maildir("alice@contoso.test")) == 2, what="both messages in the mailbox")
+    by_login = {b"Authenticated sender" in m: m for m in r.maildir("alice@contoso.test")}
+    assert b"DKIM-Signature" in by_login[True] and b"DKIM-Signature" not in by_login[False]
 
 
 # -- brute force -------------------------------------------------------------------------------
