@@ -152,8 +152,12 @@ def config_check(config_path):
     problems = start_problems(config, serving=False)
     if problems:
         _fail_config([f"{config_path}: {p}" for p in problems])
+    listening = [format_hostport(h, p) for h, p in config.server.listen] + [
+        f"{kind} {format_hostport(h, p)}" for kind, addrs in (("submission", config.server.submission_listen),
+                                                              ("submissions", config.server.submissions_listen))
+        for h, p in addrs]
     click.echo(f"{config_path}: OK ({len(config.domains)} domain(s), {len(config.connectors)} connector(s), "
-               f"listening on {', '.join(format_hostport(h, p) for h, p in config.server.listen)}"
+               f"listening on {', '.join(listening)}"
                + (f"; console on {'https' if config.http.tls_cert else 'http'}://{format_hostport(*config.http.listen)}"
                   if config.http.listen else "") + ")")
     for warning in config_warnings(config):

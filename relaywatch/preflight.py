@@ -28,6 +28,9 @@ def start_problems(config: Config, *, serving: bool) -> list[str]:
     running = running_relaywatch(config.server.data_dir)
     problems = data_dir_problems(config.server.data_dir) + listen_problems(
         config.server.listen, running=running, serving=serving)
+    for key in ("submission_listen", "submissions_listen"):   # the AUTH ports
+        problems += listen_problems(getattr(config.server, key), running=running, serving=serving,
+                                    key=f"server.{key}")
     if config.http.listen is not None:   # the console's port ([http] listen)
         problems += listen_problems((config.http.listen,), running=running, serving=serving, key="http.listen")
     return problems

@@ -401,3 +401,22 @@ def test_a_block_ends_and_a_success_forgets_the_failures():
     limits.succeeded("ip")
     assert limits.failed("ip", 13.0) == (0.5, False)
     assert limits.counters == {"auth_succeeded": 1, "auth_failed": 4, "auth_refused_blocked": 0, "auth_blocks": 1}
+
+
+async def test_a_reload_that_sets_users_file_offers_auth_on_the_smtp_port(tmp_path, tls_files, relay_factory,
+                                                                         client_tls):
+    cert, key = tls_files
+    r = await relay_factory(server={"tls_cert": cert, "tls_key": key})
+
+    def offered():
+        with smtp_client(r, source=LOOPBACK) as client:
+            client.ehlo("c")
+            client.starttls(context=client_tls)
+            client.ehlo("c")
+            return "auth" in client.esmtp_features
+    assert not await asyncio.to_thread(offered)
+    user_add(tmp_path / "users", "alice", "pw")
+    r.raw["server"]["users_file"] = str(tmp_path / "users")
+    r.write_config()
+    assert r.app.reload()
+    assert await asyncio.to_thread(offered)

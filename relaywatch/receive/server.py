@@ -279,7 +279,7 @@ class SmtpSession(asyncio.Protocol):
             return
         self._admitted = True
         config = self.receiver.config_ref()
-        users = self.receiver.users is not None and self.receiver.tls_context is not None
+        users = self.receiver.user_directory(config.server) is not None and self.receiver.tls_context is not None
         self.conv = Conversation(config.server.hostname, config.server.max_message_size,
                                  tls_available=self.receiver.tls_context is not None and self.kind != SUBMISSIONS,
                                  tls_active=self.kind == SUBMISSIONS, auth_available=users,
@@ -558,13 +558,20 @@ class Receiver:
         now = asyncio.get_running_loop().time()
         return {**self.auth_limits.counters, "auth_blocked_ips": self.auth_limits.blocked_now(now)}
 
+    def user_directory(self, server) -> auth.UserDirectory | None:
+        """The users of ``server.users_file`` as the config has it now (a reload may set or change it)."""
+        if server.users_file is None:
+            self.users = None
+        elif self.users is None or self.users.path != server.users_file:
+            self.users = auth.UserDirectory(server.users_file)
+        return self.users
+
     async def authenticate(self, session: SmtpSession, event: Authenticate) -> str:
         """The reply to a completed AUTH exchange; on success the session is trusted from now on."""
         server = self.config_ref().server
-        if server.users_file is None or self.users is None:
+        users = self.user_directory(server)
+        if users is None:
             return AUTH_UNAVAILABLE     # reloaded without users meanwhile
-        if self.users.path != server.users_file:
-            self.users = auth.UserDirectory(server.users_file)
         self.auth_limits.limits = self._auth_limits(server)
         ip, limits = session.client_ip, self.auth_limits
         loop = asyncio.get_running_loop()
@@ -575,7 +582,7 @@ class Receiver:
             events.emit("auth_refused", client=ip, user=name, detail="blocked after failed logins")
             return f"454 4.7.0 Too many failed logins from {ip}; try again in {left:.0f}s"
         try:
-            user = await self.users.check(event.username, event.password)
+            user = await users.check(event.username, event.password)
         except auth.UsersFileError as exc:
             log.error("AUTH unavailable: server.users_file: %s", exc)
             return AUTH_UNAVAILABLE
@@ -633,7 +640,6 @@ class Receiver:
         self.spool_dir = config.server.data_dir / "spool"   # a reload keeps data_dir (app.reload)
         if config.server.tls_cert and config.server.tls_key:
             self.tls_context = make_tls_context(config.server.tls_cert, config.server.tls_key)
-        self.users = auth.UserDirectory(config.server.users_file) if config.server.users_file else None
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         for kind, key in LISTENER_KEYS.items():
