@@ -27,6 +27,7 @@ far), and ``server.auth_max_failures`` failures within
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import tempfile
@@ -41,6 +42,9 @@ _SENDER = re.compile(r"(?:[^@\s,:]+)?@[A-Za-z0-9.-]+")
 _HASHER = PasswordHasher()
 # Checked for a user that does not exist, so the reply takes as long as for a wrong password.
 _DUMMY_HASH = _HASHER.hash("relaywatch: no such user")
+# A check costs ~64 MiB and tens of ms of CPU (argon2-cffi's defaults): two at a time, in threads
+# of their own, so a burst of logins neither eats memory nor delays other thread work (the store).
+_CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="relaywatch-auth")
 
 
 class UsersFileError(ValueError):
@@ -165,7 +169,7 @@ class UserDirectory:
     async def check(self, name: str, password: str) -> User | None:
         """The user if ``password`` is theirs, else None.  Raises UsersFileError if the file is unusable."""
         user = self.users().get(name)
-        return await asyncio.to_thread(_verify, user, password)
+        return await asyncio.get_running_loop().run_in_executor(_CHECKS, _verify, user, password)
 
 
 def _verify(user: User | None, password: str) -> User | None:
