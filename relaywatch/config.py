@@ -134,6 +134,10 @@ class ServerConfig:
     auth_max_failures: int = 5          # wrong passwords from one IP before AUTH is blocked
     auth_failure_delay: float = 1.0     # times the failures so far: the wait before a 535
     auth_block_time: float = 600.0      # how long the block lasts; failures older than this are forgotten
+    # Client certificates on the submission ports: the CA that issues them, and which
+    # certificate (SHA-256 fingerprint of its DER form, lower-case hex) logs in as which user.
+    tls_client_ca: Path | None = None
+    client_certs: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -559,15 +563,42 @@ def _auth_problems(server: ServerConfig) -> list[str]:
                            f"in the clear)")
             if server.users_file is None:
                 out.append(f"server.{key}: needs server.users_file (clients must authenticate there)")
+    if server.tls_client_ca is not None:
+        if problem := _pem_problem(server.tls_client_ca, "certificate"):
+            out.append(f"server.tls_client_ca: {problem}")
+        if server.tls_cert is None:
+            out.append("server.tls_client_ca: needs server.tls_cert and server.tls_key")
+    if server.client_certs and server.tls_client_ca is None:
+        out.append("server.client_certs: needs server.tls_client_ca (the CA that issues the client certificates)")
+    if server.client_certs and server.users_file is None:
+        out.append("server.client_certs: needs server.users_file (each certificate logs in as one of its users)")
     if server.users_file is not None:
         if server.tls_cert is None:
             out.append("server.users_file: needs server.tls_cert and server.tls_key (AUTH is offered only "
                        "after STARTTLS)")
         try:
-            load_users(server.users_file)
+            users = load_users(server.users_file)
         except UsersFileError as exc:
             out.append(f"server.users_file: {exc}")
+        else:
+            for fingerprint, name in server.client_certs:
+                if name not in users:
+                    out.append(f"server.client_certs: {fingerprint[:16]}... maps to {name!r}, who is not in "
+                               f"{server.users_file}")
     return out
+
+
+def _client_certs(value: Any) -> tuple[tuple[str, str], ...]:
+    """``{"<sha256 fingerprint>" = "user"}``; colons and case in the fingerprint do not matter."""
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of "SHA-256 fingerprint" = "user"')
+    out = []
+    for fingerprint, name in value.items():
+        hex_digits = fingerprint.replace(":", "").lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", hex_digits):
+            raise ValueError(f"{fingerprint!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+        out.append((hex_digits, _string(name)))
+    return tuple(out)
 
 
 def _listen_problems(listen: tuple[tuple[str, int], ...]) -> list[str]:
@@ -725,6 +756,8 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         auth_max_failures=r.get(s, "auth_max_failures", "server", _positive_int, d.auth_max_failures),
         auth_failure_delay=r.get(s, "auth_failure_delay", "server", parse_duration, d.auth_failure_delay),
         auth_block_time=r.get(s, "auth_block_time", "server", _positive_duration, d.auth_block_time),
+        tls_client_ca=r.get(s, "tls_client_ca", "server", rel, None),
+        client_certs=r.get(s, "client_certs", "server", _client_certs, d.client_certs),
     )
     problems += _auth_problems(server)
     if (server.reserved_trusted_connections is not None

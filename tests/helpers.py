@@ -364,6 +364,8 @@ def to_toml(data: dict) -> str:
             return json.dumps(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):      # a table inside a table: inline
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(v)
     out = []
     for key, v in data.items():

@@ -420,3 +420,52 @@ async def test_a_reload_that_sets_users_file_offers_auth_on_the_smtp_port(tmp_pa
     r.write_config()
     assert r.app.reload()
     assert await asyncio.to_thread(offered)
+
+
+# -- client certificates ------------------------------------------------------------------------
+
+def fingerprint(cert: trustme.LeafCert) -> str:
+    import hashlib
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())).hexdigest()
+
+
+async def test_a_listed_client_certificate_logs_in_on_the_submission_ports(relay, ca, tmp_path, client_tls, sink):
+    listed, unlisted = ca.issue_cert("scanner.client.test"), ca.issue_cert("other.client.test")
+    (tmp_path / "client-ca.pem").write_bytes(ca.cert_pem.bytes())
+    # Colons and capitals, as openssl x509 -fingerprint -sha256 prints it.
+    printed = ":".join(fingerprint(listed)[i:i + 2] for i in range(0, 64, 2)).upper()
+    r = await relay(tls_client_ca=str(tmp_path / "client-ca.pem"), client_certs={printed: "bob"})
+
+    def with_cert(cert, kind):
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        cert.configure_cert(ctx)
+
+        def steps(client):
+            features = dict(client.esmtp_features)
+            return "auth" in features, client.sendmail("bob@contoso.test", [f"x@{PARTNER}"], message(kind))
+        return smtplib_session(r, kind, ctx, steps)
+    for kind in ("submission", "submissions"):
+        offered, refused = await with_cert(listed, kind)
+        assert not offered and refused == {}      # logged in already: AUTH is not offered again
+    with pytest.raises(smtplib.SMTPSenderRefused) as unlisted_refused:
+        await with_cert(unlisted, "submission")
+    assert unlisted_refused.value.smtp_code == 530
+    await eventually(lambda: len(sink.messages) == 2, what="both certificate-authenticated messages delivered")
+    assert all(b"(Authenticated sender: bob)" in m.content for m in sink.messages)
+
+
+def test_client_certs_are_checked(tmp_path, tls_files):
+    user_add(tmp_path / "users", "alice", "pw")
+    cert, key = tls_files
+    base = {"tls_cert": cert, "tls_key": key, "users_file": str(tmp_path / "users")}
+    for server, expected in [
+        ({"client_certs": {"ab" * 32: "alice"}}, "server.client_certs: needs server.tls_client_ca"),
+        ({"client_certs": {"nothex": "alice"}}, "server.client_certs: 'nothex' is not a SHA-256 fingerprint"),
+        ({"tls_client_ca": cert, "client_certs": {"ab" * 32: "mallory"}},
+         "server.client_certs: abababababababab... maps to 'mallory', who is not in"),
+        ({"tls_client_ca": str(tmp_path / "users")}, "server.tls_client_ca: "),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse_config({"server": {**base, **server}})
+        assert any(p.startswith(expected) for p in err.value.problems), err.value.problems

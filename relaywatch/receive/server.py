@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import ipaddress
 import logging
 import re
@@ -288,6 +289,8 @@ class SmtpSession(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self._last_input = loop.time()
         self._idle_timer = loop.call_later(self._idle_timeout, self._check_idle)
+        if self.kind == SUBMISSIONS:
+            self.receiver.certificate_login(self)
         self._advance()
 
     def data_received(self, data: bytes) -> None:
@@ -456,7 +459,8 @@ class SmtpSession(asyncio.Protocol):
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.transport = await loop.start_tls(self.transport, self, self.receiver.tls_context,
+            context = self.receiver.tls_context if self.kind == SMTP else self.receiver.submission_tls_context
+            self.transport = await loop.start_tls(self.transport, self, context,
                                                   server_side=True, ssl_handshake_timeout=30)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             log.info("TLS handshake with %s failed: %s", self.client_ip, exc)
@@ -464,6 +468,7 @@ class SmtpSession(asyncio.Protocol):
                 self.transport.abort()
             return
         self.conv.tls_started()
+        self.receiver.certificate_login(self)
         self._busy = False
         self._advance()
 
@@ -544,6 +549,9 @@ class Receiver:
         self.servers: list[asyncio.base_events.Server] = []
         self.kinds: list[str] = []      # the listener kind of each server
         self.tls_context: ssl.SSLContext | None = None
+        # The submission ports' context: asks for a client certificate when server.tls_client_ca is set.
+        # Never on the smtp port, where a server's certificate from another CA would fail the handshake.
+        self.submission_tls_context: ssl.SSLContext | None = None
         self.spool_dir = config_ref().server.data_dir / "spool"
         # Who may authenticate (None: nobody, AUTH is not offered) and the brute-force counts.
         self.users: auth.UserDirectory | None = None
@@ -565,6 +573,30 @@ class Receiver:
         elif self.users is None or self.users.path != server.users_file:
             self.users = auth.UserDirectory(server.users_file)
         return self.users
+
+    def certificate_login(self, session: SmtpSession) -> None:
+        """A client certificate listed in server.client_certs logs the session in as its user."""
+        server = self.config_ref().server
+        ssl_object = session.transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        users = self.user_directory(server)
+        if not der or not server.client_certs or users is None:
+            return
+        fingerprint = hashlib.sha256(der).hexdigest()
+        name = dict(server.client_certs).get(fingerprint)
+        try:
+            user = users.users().get(name) if name else None
+        except auth.UsersFileError as exc:
+            log.error("certificate login unavailable: server.users_file: %s", exc)
+            return
+        if user is None:
+            events.emit("auth_failed", client=session.client_ip, mechanism="certificate",
+                        detail=f"client certificate {fingerprint} is not in server.client_certs")
+            return
+        session.conv.authenticated(user.name, user.senders)
+        self.limiter.mark_trusted(session)
+        self.auth_limits.succeeded(session.client_ip)
+        events.emit("auth", client=session.client_ip, user=user.name, mechanism="certificate")
 
     async def authenticate(self, session: SmtpSession, event: Authenticate) -> str:
         """The reply to a completed AUTH exchange; on success the session is trusted from now on."""
@@ -640,10 +672,18 @@ class Receiver:
         self.spool_dir = config.server.data_dir / "spool"   # a reload keeps data_dir (app.reload)
         if config.server.tls_cert and config.server.tls_key:
             self.tls_context = make_tls_context(config.server.tls_cert, config.server.tls_key)
+            self.submission_tls_context = self.tls_context
+            if config.server.tls_client_ca is not None:
+                # Only this CA vouches for client certificates (not the system's store).
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                ctx.load_cert_chain(config.server.tls_cert, config.server.tls_key)
+                ctx.load_verify_locations(cafile=str(config.server.tls_client_ca))
+                ctx.verify_mode = ssl.CERT_OPTIONAL
+                self.submission_tls_context = ctx
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         for kind, key in LISTENER_KEYS.items():
-            tls = {"ssl": self.tls_context, "ssl_handshake_timeout": 30} if kind == SUBMISSIONS else {}
+            tls = {"ssl": self.submission_tls_context, "ssl_handshake_timeout": 30} if kind == SUBMISSIONS else {}
             for host, port in getattr(config.server, key):
                 server = await loop.create_server(lambda kind=kind: SmtpSession(self, kind), host, port,
                                                   reuse_address=True, backlog=LISTEN_BACKLOG, **tls)
