@@ -469,3 +469,23 @@ def test_client_certs_are_checked(tmp_path, tls_files):
         with pytest.raises(ConfigError) as err:
             parse_config({"server": {**base, **server}})
         assert any(p.startswith(expected) for p in err.value.problems), err.value.problems
+
+
+def test_user_add_finds_the_users_file_in_the_config_and_config_check_accepts_it(tmp_path, tls_files):
+    cert, key = tls_files
+    config = tmp_path / "relaywatch.toml"
+    config.write_text(f'[server]\nusers_file = "users"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+                      f'data_dir = "{tmp_path / "data"}"\nlisten = ["127.0.0.1:0"]\n'
+                      f'submission_listen = ["127.0.0.1:0"]\n')
+    runner = CliRunner()
+    check = runner.invoke(cli_main, ["config", "check", "-c", str(config)])
+    assert check.exit_code != 0 and "server.users_file: cannot read" in check.output     # not made yet
+    added = runner.invoke(cli_main, ["user", "add", "alice", "-c", str(config), "--password-stdin"], input="pw\n")
+    assert added.exit_code == 0, added.output
+    assert auth.load_users(tmp_path / "users")["alice"].senders is None
+    check = runner.invoke(cli_main, ["config", "check", "-c", str(config)])
+    assert check.exit_code == 0 and "submission 127.0.0.1:0" in check.output, check.output
+    unset = tmp_path / "bare.toml"
+    unset.write_text("[server]\n")
+    refused = runner.invoke(cli_main, ["user", "add", "alice", "-c", str(unset), "--password-stdin"], input="pw\n")
+    assert refused.exit_code != 0 and "server.users_file is not set" in refused.output
