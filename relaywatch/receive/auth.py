@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import os
 import re
 import tempfile
@@ -40,8 +41,14 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 _SENDER = re.compile(r"(?:[^@\s,:]+)?@[A-Za-z0-9.-]+")
 _HASHER = PasswordHasher()
-# Checked for a user that does not exist, so the reply takes as long as for a wrong password.
-_DUMMY_HASH = _HASHER.hash("relaywatch: no such user")
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked for a user that does not exist, so the reply takes as long as for a wrong password.
+
+    Made on first use, not at import: a hash costs 64 MiB, which a relay without users never needs."""
+    return _HASHER.hash("relaywatch: no such user")
+
 # A check costs ~64 MiB and tens of ms of CPU (argon2-cffi's defaults): two at a time, in threads
 # of their own, so a burst of logins neither eats memory nor delays other thread work (the store).
 _CHECKS = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="relaywatch-auth")
@@ -174,7 +181,7 @@ class UserDirectory:
 
 def _verify(user: User | None, password: str) -> User | None:
     try:
-        _HASHER.verify(user.password_hash if user else _DUMMY_HASH, password)
+        _HASHER.verify(user.password_hash if user else _dummy_hash(), password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return None
     return user
