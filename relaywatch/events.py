@@ -68,7 +68,8 @@ logger = logging.getLogger("relaywatch.mail")
 # config (or "local", "internet"), codes are status codes; never an address
 # or a domain.  Each process counts its own events; in the two-process
 # topology the delivery process exports its counts (console/metrics.py).
-COUNTED = ("received", "delivered", "deferred", "bounced", "expired", "rejected")
+COUNTED = ("received", "delivered", "deferred", "bounced", "expired", "rejected",
+           "auth", "auth_failed", "auth_blocked", "auth_refused")     # SMTP AUTH (receive/server.py)
 counts: dict[tuple[str, str, str], int] = {}
 
 

@@ -18,7 +18,9 @@ import trustme
 from click.testing import CliRunner
 
 from helpers import LOOPBACK, Sink, eventually, free_port, message
+from relaywatch import events
 from relaywatch.cli import main as cli_main
+from relaywatch.console import metrics as metrics_module
 from relaywatch.config import parse_config
 from relaywatch.errors import ConfigError
 from relaywatch.receive import auth
@@ -250,6 +252,7 @@ async def test_an_authenticated_client_is_dkim_signed_and_an_unauthenticated_one
 async def test_failed_logins_block_the_ip_even_for_the_right_password(relay, client_tls):
     r = await relay(auth_max_failures=3, auth_block_time="10m")
     receiver = r.app.receiver
+    counted_before = dict(events.counts)
 
     def steps(client):
         codes = []
@@ -277,6 +280,12 @@ async def test_failed_logins_block_the_ip_even_for_the_right_password(relay, cli
     metrics = receiver.auth_metrics()
     assert metrics["auth_failed"] == 3 and metrics["auth_blocks"] == 1 and metrics["auth_blocked_ips"] == 1
     assert metrics["auth_refused_blocked"] >= 5 and metrics["auth_succeeded"] == 1
+    # The console's /metrics counters (console/metrics.py) count the same events.
+    counted = {f.name: sum(n for _, n in f.samples) for f in metrics_module.counter_families(events.counts)}
+    before = {f.name: sum(n for _, n in f.samples) for f in metrics_module.counter_families(counted_before)}
+    assert {name: counted[name] - before.get(name, 0) for name in counted if "auth" in name} == {
+        "relaywatch_smtp_auth_succeeded_total": 1, "relaywatch_smtp_auth_failed_total": 3,
+        "relaywatch_smtp_auth_blocks_total": 1, "relaywatch_smtp_auth_refused_total": metrics["auth_refused_blocked"]}
 
 
 async def test_the_block_expires(relay, client_tls):

@@ -51,6 +51,11 @@ COUNTERS = (
      "Recipients given up on after queue.message_expiration."),
     ("rejected", "relaywatch_smtp_rejections_total", ("code",),
      "Commands or connections refused by the SMTP server, by status code (\"\" when none was logged)."),
+    ("auth", "relaywatch_smtp_auth_succeeded_total", (), "SMTP AUTH logins (and client certificates) accepted."),
+    ("auth_failed", "relaywatch_smtp_auth_failed_total", (), "SMTP AUTH attempts with a wrong password or user."),
+    ("auth_blocked", "relaywatch_smtp_auth_blocks_total", (),
+     "Client IPs blocked from AUTH after server.auth_max_failures failures."),
+    ("auth_refused", "relaywatch_smtp_auth_refused_total", (), "SMTP AUTH attempts refused during a block."),
 )
 
 

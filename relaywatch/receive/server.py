@@ -621,8 +621,10 @@ class Receiver:
         if user is None:
             delay, blocked = limits.failed(ip, loop.time())
             events.emit("auth_failed", client=ip, user=name, mechanism=event.mechanism,
-                        detail=f"wrong password or unknown user; AUTH from {ip} blocked for "
-                               f"{limits.limits.block_time:g}s" if blocked else "wrong password or unknown user")
+                        detail="wrong password or unknown user")
+            if blocked:
+                events.emit("auth_blocked", client=ip, detail=f"{limits.limits.max_failures} failed logins; AUTH "
+                                                              f"refused for {limits.limits.block_time:g}s")
             await asyncio.sleep(delay)
             return AUTH_INVALID
         limits.succeeded(ip)
