@@ -1,4 +1,4 @@
-"""Pure parts: SMTP client protocol, config validation, retry schedule, routing, NDR."""
+"""Pure parts: SMTP client protocol, config validation, routing, NDR (the retry schedule: test_retry.py)."""
 
 import email
 import email.policy
@@ -8,7 +8,6 @@ import pytest
 from flufl.bounce import scan_message
 
 from relaywatch.config import parse_config, parse_duration, parse_size
-from relaywatch.deliver.scheduler import next_attempt_at, settle
 from relaywatch.errors import ConfigError
 from relaywatch.model import Destination, Failure, RecipientOutcome, RecipientStatus, RouteKind
 from relaywatch.notify.dsn import FailedRecipient, build_ndr
@@ -140,23 +139,6 @@ def test_routing_order():
     assert (r.route.name, r.route.domain, r.accepted_domain) == ("fab", "eu.fabrikam.test", False)
     assert decide(config, "x@fabrikam.test").route.kind is RouteKind.INTERNET   # wildcard is not the apex
     assert decide(config, "x@off.test").route.kind is RouteKind.INTERNET        # disabled connector
-
-
-# -- retry schedule -----------------------------------------------------------------------------
-
-def test_retry_schedule_repeats_the_last_interval_and_stops_at_expiry():
-    intervals = (60.0, 300.0, 600.0)
-    assert next_attempt_at(1, 0, 10_000, intervals) == 60
-    assert next_attempt_at(3, 0, 10_000, intervals) == 600
-    assert next_attempt_at(9, 0, 10_000, intervals) == 600
-    assert next_attempt_at(9, 9_900, 10_000, intervals) == 10_000   # the last try is at expiry
-
-
-def test_deferred_recipients_expire_after_the_deadline():
-    f = Failure("4.4.316", 450, "Connection refused", "refused", "x", "connect", False, 0.0, "connect.refused")
-    out = [RecipientOutcome("a@x", RecipientStatus.DEFERRED, f), RecipientOutcome("b@x", RecipientStatus.DELIVERED)]
-    assert [o.status for o in settle(out, 99, 100)] == [RecipientStatus.DEFERRED, RecipientStatus.DELIVERED]
-    assert [o.status for o in settle(out, 100, 100)] == [RecipientStatus.EXPIRED, RecipientStatus.DELIVERED]
 
 
 # -- NDR ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Callable
 
 from relaywatch import events
 from relaywatch.classify.classify import classify, where
+from relaywatch.classify.retry import decide as decide_retry, notice_given_up, notice_retry
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config
 from relaywatch.deliver.local import deliver_local
@@ -45,21 +46,6 @@ LEASE_BATCH = 256
 DEAD_DESTINATION_SECONDS = 5.0
 PAUSED_RECHECK = 30.0
 PROBE_IDLE_CONNECTION_AFTER = 1.0
-
-
-def next_attempt_at(attempts: int, now: float, expires_at: float, intervals: tuple[float, ...]) -> float:
-    """After the ``attempts``-th failed attempt: the schedule's interval (the last
-    one repeating), but never later than the expiry, so the last try is made then."""
-    interval = intervals[min(attempts, len(intervals)) - 1]
-    return min(now + interval, max(expires_at, now))
-
-
-def settle(outcomes: list[RecipientOutcome], now: float, expires_at: float) -> list[RecipientOutcome]:
-    """Deferred recipients of an entry past its expiry become EXPIRED."""
-    if now < expires_at:
-        return outcomes
-    return [RecipientOutcome(o.address, RecipientStatus.EXPIRED, o.failure, o.reply)
-            if o.status is RecipientStatus.DEFERRED else o for o in outcomes]
 
 
 def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
@@ -372,7 +358,7 @@ class Scheduler:
 async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],
                          dest: Destination | None, started: float, body: StoredBody | None, *,
                          owner: str | None, tried: tuple[Failure, ...] = (), now: float,
-                         count_attempt: bool = True,
+                         count_attempt: bool = True, expire: bool = False,
                          keep: PendingOutcomes | None = None) -> list[RecipientOutcome]:
     """Record an attempt's outcomes, queue the NDR (or delay notice) they call
     for, log them; return the outcomes as recorded.  With ``keep`` (the
@@ -384,27 +370,26 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     that fails is kept on the entry as ``notice_pending`` and built again on
     its own schedule (the entry is leased for the notice alone, nothing is
     delivered); a delay notice that fails is tried again at the next attempt."""
-    outcomes = settle(outcomes, now, entry.expires_at)
+    decision = decide_retry(entry, outcomes, config.queue, now, counted=count_attempt, expire=expire)
+    outcomes = decision.outcomes
     attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
                       tried=tried) if count_attempt else None
-    attempts = entry.attempts + (1 if count_attempt else 0)
-    next_at = next_attempt_at(max(attempts, 1), now, entry.expires_at, config.queue.retry_intervals)
-    bounced = [o for o in outcomes if o.status in (RecipientStatus.FAILED, RecipientStatus.EXPIRED)]
+    attempts = decision.attempts
     owed = owed_recipients(entry.notice_pending) + [FailedRecipient(o.address, o.status, o.failure)
-                                                    for o in bounced]
+                                                    for o in decision.bounced]
     notices: list[NewMessage] = []
     notice_pending = None
     if owed:
         try:
-            notice = await _ndr(store, config, entry, owed, body, attempts, now,
-                                with_headers=not _notice_given_up(config, entry, now))
+            notice = await _ndr(store, config, entry, owed, body, attempts, decision.expires_at, now,
+                                with_headers=not notice_given_up(entry.notice_pending, now, config.queue))
         except Exception as exc:   # noqa: BLE001 - whatever it is, it must not become a redelivery
             notice_pending = _notice_failed(config, entry, owed, exc, now)
         else:
             if notice is not None:
                 notices.append(notice)
     ndr = "pending" if notice_pending is not None else "queued" if notices else "none"
-    delayed = [o for o in outcomes if o.status is RecipientStatus.DEFERRED]
+    delayed = decision.delayed
     delay_notified = False
     if delayed and _delay_notice_due(config, entry, now):
         try:
@@ -416,8 +401,7 @@ async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcom
             if notice is not None:
                 notices.append(notice)
             delay_notified = True
-    if notice_pending is not None and not delayed:
-        next_at = notice_pending["retry_at"]
+    next_at = decision.next_attempt(notice_pending)
     if keep is not None:
         await keep.record(PendingRecord(entry.id, owner, entry.attempts, attempt, tuple(outcomes), next_at,
                                         tuple(notices), delay_notified, notice_pending))
@@ -446,33 +430,23 @@ def owed_recipients(notice_pending: dict | None) -> list[FailedRecipient]:
             for r in notice_pending.get("recipients", ())]
 
 
-def _notice_given_up(config: Config, entry: Entry, now: float) -> bool:
-    """A held-back NDR that still fails after a message lifetime goes without the
-    original's headers (the part that can depend on its bytes), so the sender
-    still learns; if even that fails it is dropped."""
-    held = entry.notice_pending
-    return bool(held) and now - held.get("since", now) >= config.queue.message_expiration
-
-
 def _notice_failed(config: Config, entry: Entry, owed: list[FailedRecipient], exc: Exception,
                    now: float) -> dict | None:
-    """What to keep of an NDR that could not be built: retried with the queue's
-    retry intervals, counting its own tries."""
+    """What to keep of an NDR that could not be built (classify/retry.py says when it is tried again)."""
     held = entry.notice_pending or {}
     error = f"{type(exc).__name__}: {exc}"
-    if _notice_given_up(config, entry, now):
+    retry = notice_retry(entry.notice_pending, now, config.queue)
+    if retry is None:
         log.error("the NDR for %s to %s could not be built even without the original's headers (%s); "
                   "giving up after %d tries: the sender is not told", entry.id, entry.sender, error,
                   held.get("tries", 0) + 1)
         return None
-    tries = held.get("tries", 0) + 1
-    intervals = config.queue.retry_intervals
-    retry_at = now + intervals[min(tries, len(intervals)) - 1]
     log.error("the NDR for %s to %s could not be built (%s); its delivered recipients are recorded and "
-              "the NDR is tried again at %s (try %d)", entry.id, entry.sender, error, _stamp(retry_at), tries)
+              "the NDR is tried again at %s (try %d)", entry.id, entry.sender, error, _stamp(retry.retry_at),
+              retry.tries)
     return {"recipients": [{"address": r.address, "status": r.status.value,
                             "failure": r.failure.to_dict() if r.failure else None} for r in owed],
-            "error": error[:500], "since": held.get("since", now), "tries": tries, "retry_at": retry_at}
+            "error": error[:500], "since": retry.since, "tries": retry.tries, "retry_at": retry.retry_at}
 
 
 def _delay_notice_due(config: Config, entry: Entry, now: float) -> bool:
@@ -492,12 +466,13 @@ async def _delay_notice(store: QueueStore, config: Config, entry: Entry, delayed
 
 
 async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[FailedRecipient],
-               body: StoredBody | None, attempts: int, now: float, with_headers: bool = True) -> NewMessage | None:
+               body: StoredBody | None, attempts: int, expires_at: float, now: float,
+               with_headers: bool = True) -> NewMessage | None:
     if not entry.sender:
         return None    # never bounce a bounce
     return await _notice(store, config, entry, body, now, lambda head: build_ndr(
         reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
-        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
+        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=expires_at,
         first_failure_at=entry.first_failure_at, attempts=attempts, recipients=bounced, now=now),
         with_headers=with_headers)
 

@@ -166,9 +166,9 @@ async def return_to_sender(store: Store, config: Config, entry_id: str, failure:
         return 0
     now = time.time()
     if failure is None:   # expire: give up now, with the last error seen
-        entry.expires_at = min(entry.expires_at, now)
         outcomes = [RecipientOutcome(r.address, RecipientStatus.EXPIRED, r.last_error) for r in entry.pending]
     else:
         outcomes = [RecipientOutcome(r.address, RecipientStatus.FAILED, failure) for r in entry.pending]
-    await finish_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now, count_attempt=False)
+    await finish_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now, count_attempt=False,
+                         expire=failure is None)
     return 1
