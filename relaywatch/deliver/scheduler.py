@@ -2,11 +2,11 @@
 
 One loop leases due entries in batches and hands each to its destination's
 queue.  Per destination, up to ``per_destination`` workers each hold one
-connection and deliver entry after entry over it (bounded overall by
-``concurrency``).  When a destination cannot be reached, every entry waiting
-for it is deferred with that one observation instead of each trying again,
-and the destination is treated as down for a few seconds (Postfix's "dead
-destination").
+session of the destination's connector (deliver/connector.py: SMTP or local)
+and deliver entry after entry through it (bounded overall by
+``concurrency``).  How a connector reaches the destination, reuses its
+connection or marks it down is the connector's business; the scheduler only
+leases, dispatches and records.
 
 Only this module and the operator commands (cli) change an entry's status.
 """
@@ -23,70 +23,32 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from relaywatch import events
-from relaywatch.classify.classify import classify, where
+from relaywatch.classify.classify import where
 from relaywatch.classify.retry import decide as decide_retry, notice_given_up, notice_retry
-from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config
-from relaywatch.deliver.local import deliver_local
-from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
-from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TransactionResult, reply_observation
+from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
+from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError
-from relaywatch.model import (
-    Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, RouteKind, StoredBody,
-)
+from relaywatch.model import Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, StoredBody
 from relaywatch.notify.dsn import FailedRecipient, build_delay_notice, build_ndr, header_block
 from relaywatch.receive.spool import open_body
-from relaywatch.route import decide, split_address
+from relaywatch.route import decide
 from relaywatch.store.base import QueueStore
 from relaywatch.store.pending import JOURNAL_NAME, PendingOutcomes, PendingRecord
 
 log = logging.getLogger("relaywatch.scheduler")
 
 LEASE_BATCH = 256
-DEAD_DESTINATION_SECONDS = 5.0
 PAUSED_RECHECK = 30.0
-PROBE_IDLE_CONNECTION_AFTER = 1.0
-
-
-def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
-    status = RecipientStatus.FAILED if failure.permanent else RecipientStatus.DEFERRED
-    return RecipientOutcome(address, status, failure)
-
-
-def transaction_outcomes(result: TransactionResult, recipients: list[str], dest: Destination,
-                         now: float) -> list[RecipientOutcome]:
-    """Per-recipient outcomes of one MAIL/RCPT/DATA exchange."""
-    if not result.mail.is_success:
-        failure = classify(reply_observation(Phase.MAIL, result.mail, dest), now)
-        return [failed_outcome(r, failure) for r in recipients]
-    out: list[RecipientOutcome] = []
-    accepted: list[str] = []
-    for r in recipients:
-        reply = result.rcpts.get(r)
-        if reply is not None and reply.is_success:
-            accepted.append(r)
-        elif reply is not None:
-            out.append(failed_outcome(r, classify(reply_observation(Phase.RCPT, reply, dest), now)))
-    if not accepted:
-        return out
-    data = result.data
-    if data is not None and result.data_phase is Phase.AFTER_DATA and data.is_success:
-        out += [RecipientOutcome(r, RecipientStatus.DELIVERED, reply=str(data)) for r in accepted]
-    elif data is not None:
-        failure = classify(reply_observation(result.data_phase or Phase.DATA, data, dest), now)
-        out += [failed_outcome(r, failure) for r in accepted]
-    return out
 
 
 @dataclass
 class DestinationQueue:
     key: str
+    connector: Connector                  # its dead-destination mark lives and goes with this queue
     entries: collections.deque = field(default_factory=collections.deque)
     workers: int = 0
     more: asyncio.Event = field(default_factory=asyncio.Event)
-    down_until: float = 0.0
-    down_failure: Failure | None = None
-    down_tried: tuple[Failure, ...] = ()
 
 
 class Scheduler:
@@ -120,7 +82,7 @@ class Scheduler:
         """An operator (or a passing probe) asked for delivery now: forget that
         destinations were down a moment ago, so the next message really tries."""
         for dq in self.destinations.values():
-            dq.down_until, dq.down_failure = 0.0, None
+            dq.connector.forget_down()
         self.wake.set()
 
     # -- the loop ------------------------------------------------------------
@@ -202,7 +164,8 @@ class Scheduler:
         key = entry.route.key
         dq = self.destinations.get(key)
         if dq is None:
-            dq = self.destinations[key] = DestinationQueue(key)
+            dq = self.destinations[key] = DestinationQueue(
+                key, connector_for_route(entry.route, self.config_ref, self.routes, self.clock))
         dq.entries.append(entry)
         self.inflight += 1
         dq.more.set()
@@ -229,7 +192,7 @@ class Scheduler:
         return dq.entries.popleft()
 
     async def _worker(self, dq: DestinationQueue) -> None:
-        conn: SmtpConnection | None = None
+        session = dq.connector.session()
         try:
             async with self._connections:
                 while True:
@@ -237,7 +200,7 @@ class Scheduler:
                     if entry is None:
                         return
                     try:
-                        conn = await self._deliver(dq, entry, conn)
+                        await self._deliver(dq, entry, session)
                     except StoreError as exc:
                         # Nothing was sent (the body or a bookkeeping write failed):
                         # the lease lapses and the entry is due again.  The store
@@ -245,93 +208,37 @@ class Scheduler:
                         log.warning("delivery of %s waits for the queue store: %s", entry.id, exc)
                     except Exception:
                         log.exception("delivery of %s failed unexpectedly; it stays queued", entry.id)
-                        if conn is not None:
-                            conn.close()
-                            conn = None
+                        session.abandon()
                     finally:
                         if entry.id not in self._recording:
                             self._finished_one()
         finally:
             dq.workers -= 1
-            if conn is not None:
-                await conn.quit()
+            await session.close()
             if not dq.entries and dq.workers == 0 and self.destinations.get(dq.key) is dq:
                 del self.destinations[dq.key]
 
     # -- one entry ------------------------------------------------------------------
 
-    async def _deliver(self, dq: DestinationQueue, entry: Entry,
-                       conn: SmtpConnection | None) -> SmtpConnection | None:
+    async def _deliver(self, dq: DestinationQueue, entry: Entry, session: Session) -> None:
         started = self.clock()
         recipients = [r.address for r in entry.pending]
         if not recipients:
             if entry.notice_pending:
                 # Delivered and bounced already; only the sender's notice is owed.
-                self._finish(entry, [], None, started, entry.body, count_attempt=False)
+                self._finish(entry, DeliveryResult([], None), started, entry.body, count_attempt=False)
             else:
                 await self.store.record(entry.id, self.node, None, [], None)
-            return conn
+            return
         body = entry.body or await self.store.read_body(entry.body_id)
-
-        if entry.route.kind is RouteKind.LOCAL:
-            outcomes = [await self._deliver_local(address, body) for address in recipients]
-            self._finish(entry, outcomes, Destination("local"), started, body)
-            return conn
-
-        connector = self.routes.connector_for(entry.route)
-        if connector is not None and connector.paused:
+        if dq.connector.paused():
             # Paused by an operator: keep the message, make no attempt.
             await self.store.record(entry.id, self.node, None, [], self.clock() + PAUSED_RECHECK,
                                     notice_pending=entry.notice_pending)
-            return conn
+            return
+        self._finish(entry, await session.deliver(entry, body, recipients), started, body)
 
-        if dq.down_until > time.monotonic() and dq.down_failure is not None:
-            outcomes = [failed_outcome(r, dq.down_failure) for r in recipients]
-            self._finish(entry, outcomes, dq.down_failure.destination, started, body, dq.down_tried)
-            return conn
-
-        if conn is not None and (conn.broken or conn.transactions >= self.config_ref().delivery.messages_per_connection):
-            await conn.quit()
-            conn = None
-        if conn is not None and time.monotonic() - conn.last_used > PROBE_IDLE_CONNECTION_AFTER:
-            if not await conn.probe():
-                conn.close()
-                conn = None
-        if conn is None:
-            try:
-                conn = await self.routes.connect(entry.route, split_address(recipients[0])[1])
-            except AllTargetsFailed as failed:
-                now = self.clock()
-                failures = [classify(o, now) for o in failed.observations]
-                primary, tried = failures[0], tuple(failures[1:])
-                dq.down_until, dq.down_failure, dq.down_tried = (
-                    time.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
-                outcomes = [failed_outcome(r, primary) for r in recipients]
-                self._finish(entry, outcomes, primary.destination, started, body, tried)
-                return None
-            dq.down_until, dq.down_failure = 0.0, None
-        try:
-            result = await conn.transaction(entry.sender, recipients, body)
-        except SessionFailure as failure:
-            conn.close()
-            f = classify(failure.observation, self.clock())
-            self._finish(entry, [failed_outcome(r, f) for r in recipients], conn.dest, started, body)
-            return None
-        outcomes = transaction_outcomes(result, recipients, conn.dest, self.clock())
-        self._finish(entry, outcomes, conn.dest, started, body, tls=conn.tls)
-        return conn
-
-    async def _deliver_local(self, address: str, body: StoredBody) -> RecipientOutcome:
-        try:
-            name = await deliver_local(self.config_ref().server.data_dir, address, body)
-            return RecipientOutcome(address, RecipientStatus.DELIVERED, reply=f"maildir {name}")
-        except OSError as exc:
-            obs = Observation(Phase.LOCAL, Outcome.LOCAL_ERROR, Destination("local"),
-                              errno=None, note=exc.strerror or str(exc))
-            return failed_outcome(address, classify(obs, self.clock()))
-
-    def _finish(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
-                started: float, body: StoredBody | None, tried: tuple[Failure, ...] = (), tls: dict | None = None,
+    def _finish(self, entry: Entry, result: DeliveryResult, started: float, body: StoredBody | None,
                 count_attempt: bool = True) -> None:
         """Record the attempt in the background: the connection moves on to the
         next message while the store commits.  The lease is held until the
@@ -339,8 +246,8 @@ class Scheduler:
         (at-least-once, as in every MTA)."""
         self._recording.add(entry.id)
         task = asyncio.create_task(finish_attempt(
-            self.store, self.config_ref(), entry, outcomes, dest, started, body,
-            owner=self.node, tried=tried, now=self.clock(), count_attempt=count_attempt,
+            self.store, self.config_ref(), entry, result.outcomes, result.destination, started, body,
+            owner=self.node, tried=result.tried, now=self.clock(), count_attempt=count_attempt,
             keep=self.pending), name=f"record:{entry.id}")
 
         def done(t: asyncio.Task) -> None:
@@ -350,7 +257,7 @@ class Scheduler:
             if not t.cancelled() and t.exception() is not None:
                 log.error("could not record the attempt for %s (it will be retried): %s", entry.id, t.exception())
             elif not t.cancelled() and self.observer is not None:
-                self.observer(entry, t.result(), dest, tls)
+                self.observer(entry, t.result(), result.destination, result.tls)
         self._record_tasks.add(task)
         task.add_done_callback(done)
 

@@ -1,0 +1,227 @@
+"""The connector seam: how the scheduler hands an entry over for delivery.
+
+The scheduler (deliver/scheduler.py) knows only this interface, as httpcore's
+pool knows only ``handle_async_request``: a ``Connector`` per destination
+queue (a route key), and from it one ``Session`` per worker, whose
+``deliver(entry, body, recipients)`` returns a ``DeliveryResult``: what
+happened to each recipient, where, which other hosts were tried, the TLS
+facts.  Nothing a connector meets escapes as an exception but a bug.
+
+- ``SmtpConnector`` (SMTP to smart hosts or MX): the worker's session keeps
+  one connection and sends message after message over it (RSET-probed when
+  it sat idle, replaced after ``messages_per_connection``); the connector
+  marks its destination down for a few seconds when no target can be
+  reached, so every entry waiting for it is deferred with that one failure
+  instead of each trying again (Postfix's "dead destination").  Target
+  fallback (smart hosts in order, MX by preference, two addresses each) is
+  deliver/smtp.py's, shared with the callout and the alert mail.
+- ``LocalConnector``: Maildir delivery (deliver/local.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from relaywatch.classify.classify import classify
+from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.config import Config
+from relaywatch.deliver.local import deliver_local
+from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
+from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TransactionResult, reply_observation
+from relaywatch.model import Destination, Entry, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody
+from relaywatch.route import split_address
+
+DEAD_DESTINATION_SECONDS = 5.0
+PROBE_IDLE_CONNECTION_AFTER = 1.0
+LOCAL_DESTINATION = Destination("local")
+
+
+@dataclass(slots=True)
+class DeliveryResult:
+    """One attempt at one entry, as the scheduler records it."""
+    outcomes: list[RecipientOutcome]
+    destination: Destination | None
+    tried: tuple[Failure, ...] = ()     # the other hosts of the attempt that failed
+    tls: dict | None = None             # facts of the TLS session that delivered, if any
+
+
+class Session(Protocol):
+    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+        """Deliver ``body`` to ``recipients`` (the entry's pending ones)."""
+
+    def abandon(self) -> None:
+        """Drop whatever the session holds, without a goodbye (after a bug)."""
+
+    async def close(self) -> None:
+        """The worker is done: end the session politely."""
+
+
+class Connector(Protocol):
+    def session(self) -> Session:
+        """A session for one worker of this destination."""
+
+    def paused(self) -> bool:
+        """An operator paused this connector: keep its mail, make no attempt."""
+
+    def forget_down(self) -> None:
+        """An operator (or a passing probe) wants a real try now: forget that
+        the destination was down a moment ago."""
+
+
+def connector_for_route(route: Route, config_ref: Callable[[], Config], routes: SmtpRoutes,
+                        clock: Callable[[], float]) -> Connector:
+    """The connector for a destination queue's route."""
+    if route.kind is RouteKind.LOCAL:
+        return LocalConnector(config_ref, clock)
+    return SmtpConnector(route, config_ref, routes, clock)
+
+
+def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
+    status = RecipientStatus.FAILED if failure.permanent else RecipientStatus.DEFERRED
+    return RecipientOutcome(address, status, failure)
+
+
+def transaction_outcomes(result: TransactionResult, recipients: list[str], dest: Destination,
+                         now: float) -> list[RecipientOutcome]:
+    """Per-recipient outcomes of one MAIL/RCPT/DATA exchange."""
+    if not result.mail.is_success:
+        failure = classify(reply_observation(Phase.MAIL, result.mail, dest), now)
+        return [failed_outcome(r, failure) for r in recipients]
+    out: list[RecipientOutcome] = []
+    accepted: list[str] = []
+    for r in recipients:
+        reply = result.rcpts.get(r)
+        if reply is not None and reply.is_success:
+            accepted.append(r)
+        elif reply is not None:
+            out.append(failed_outcome(r, classify(reply_observation(Phase.RCPT, reply, dest), now)))
+    if not accepted:
+        return out
+    data = result.data
+    if data is not None and result.data_phase is Phase.AFTER_DATA and data.is_success:
+        out += [RecipientOutcome(r, RecipientStatus.DELIVERED, reply=str(data)) for r in accepted]
+    elif data is not None:
+        failure = classify(reply_observation(result.data_phase or Phase.DATA, data, dest), now)
+        out += [failed_outcome(r, failure) for r in accepted]
+    return out
+
+
+# -- SMTP ------------------------------------------------------------------------------------
+
+class SmtpConnector:
+    """SMTP delivery for one destination queue; its dead-destination mark."""
+
+    def __init__(self, route: Route, config_ref: Callable[[], Config], routes: SmtpRoutes,
+                 clock: Callable[[], float]):
+        self.route = route
+        self.config_ref = config_ref
+        self.routes = routes
+        self.clock = clock
+        self.down_until = 0.0                      # time.monotonic()
+        self.down_failure: Failure | None = None
+        self.down_tried: tuple[Failure, ...] = ()
+
+    def session(self) -> "SmtpSession":
+        return SmtpSession(self)
+
+    def paused(self) -> bool:
+        connector = self.routes.connector_for(self.route)
+        return connector is not None and connector.paused
+
+    def forget_down(self) -> None:
+        self.down_until, self.down_failure = 0.0, None
+
+
+class SmtpSession:
+    """One worker's connection, reused message after message."""
+
+    def __init__(self, connector: SmtpConnector):
+        self.connector = connector
+        self.conn: SmtpConnection | None = None
+
+    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+        c = self.connector
+        if c.down_until > time.monotonic() and c.down_failure is not None:
+            return DeliveryResult([failed_outcome(r, c.down_failure) for r in recipients],
+                                  c.down_failure.destination, c.down_tried)
+        conn = self.conn
+        if conn is not None and (conn.broken or
+                                 conn.transactions >= c.config_ref().delivery.messages_per_connection):
+            await conn.quit()
+            conn = self.conn = None
+        if conn is not None and time.monotonic() - conn.last_used > PROBE_IDLE_CONNECTION_AFTER:
+            if not await conn.probe():
+                conn.close()
+                conn = self.conn = None
+        if conn is None:
+            try:
+                conn = self.conn = await c.routes.connect(entry.route, split_address(recipients[0])[1])
+            except AllTargetsFailed as failed:
+                now = c.clock()
+                failures = [classify(o, now) for o in failed.observations]
+                primary, tried = failures[0], tuple(failures[1:])
+                c.down_until, c.down_failure, c.down_tried = (
+                    time.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
+                return DeliveryResult([failed_outcome(r, primary) for r in recipients], primary.destination, tried)
+            c.down_until, c.down_failure = 0.0, None
+        try:
+            result = await conn.transaction(entry.sender, recipients, body)
+        except SessionFailure as failure:
+            conn.close()
+            self.conn = None
+            f = classify(failure.observation, c.clock())
+            return DeliveryResult([failed_outcome(r, f) for r in recipients], conn.dest)
+        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, c.clock()), conn.dest,
+                              tls=conn.tls)
+
+    def abandon(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await conn.quit()
+
+
+# -- local ----------------------------------------------------------------------------------
+
+class LocalConnector:
+    """Maildir delivery; stateless, so it is its own session."""
+
+    def __init__(self, config_ref: Callable[[], Config], clock: Callable[[], float]):
+        self.config_ref = config_ref
+        self.clock = clock
+
+    def session(self) -> "LocalConnector":
+        return self
+
+    def paused(self) -> bool:
+        return False
+
+    def forget_down(self) -> None:
+        pass
+
+    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+        data_dir = self.config_ref().server.data_dir
+        return DeliveryResult([await self._one(data_dir, address, body) for address in recipients],
+                              LOCAL_DESTINATION)
+
+    async def _one(self, data_dir: Path, address: str, body: StoredBody) -> RecipientOutcome:
+        try:
+            name = await deliver_local(data_dir, address, body)
+            return RecipientOutcome(address, RecipientStatus.DELIVERED, reply=f"maildir {name}")
+        except OSError as exc:
+            obs = Observation(Phase.LOCAL, Outcome.LOCAL_ERROR, LOCAL_DESTINATION,
+                              errno=None, note=exc.strerror or str(exc))
+            return failed_outcome(address, classify(obs, self.clock()))
+
+    def abandon(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
