@@ -18,10 +18,11 @@ ACTIVE is not stored: an entry is active while it holds an unexpired lease.
 from __future__ import annotations
 
 import enum
+import io
 import json
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, BinaryIO
 
 
 class EntryStatus(str, enum.Enum):
@@ -207,6 +208,12 @@ class StoredBody:
     data: bytes | None = None
     path: str | None = None
 
+    def open(self) -> BinaryIO:
+        """A binary file object over the body, wherever it is kept."""
+        if self.data is not None:
+            return io.BytesIO(self.data)
+        return open(self.path, "rb")
+
 
 @dataclass
 class Entry:
@@ -284,7 +291,7 @@ def iso(ts: float | None) -> str | None:
 
 
 def _notice_json(held: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An NDR held back because it could not be built (scheduler.finish_attempt)."""
+    """An NDR held back because it could not be built (deliver/record.py)."""
     if not held:
         return None
     return {"recipients": [r["address"] for r in held.get("recipients", ())], "error": held.get("error"),

@@ -22,19 +22,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from relaywatch import events
-from relaywatch.classify.classify import where
-from relaywatch.classify.retry import decide as decide_retry, notice_given_up, notice_retry
 from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
+from relaywatch.deliver.record import record_attempt
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError
-from relaywatch.model import Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, StoredBody
-from relaywatch.notify.dsn import FailedRecipient, build_delay_notice, build_ndr, header_block
-from relaywatch.receive.spool import open_body
-from relaywatch.route import decide
+from relaywatch.model import Destination, Entry, RecipientOutcome, StoredBody
 from relaywatch.store.base import QueueStore
-from relaywatch.store.pending import JOURNAL_NAME, PendingOutcomes, PendingRecord
+from relaywatch.store.pending import JOURNAL_NAME, PendingOutcomes
 
 log = logging.getLogger("relaywatch.scheduler")
 
@@ -245,7 +240,7 @@ class Scheduler:
         record is durable; if we crash before that, the message is tried again
         (at-least-once, as in every MTA)."""
         self._recording.add(entry.id)
-        task = asyncio.create_task(finish_attempt(
+        task = asyncio.create_task(record_attempt(
             self.store, self.config_ref(), entry, result.outcomes, result.destination, started, body,
             owner=self.node, tried=result.tried, now=self.clock(), count_attempt=count_attempt,
             keep=self.pending), name=f"record:{entry.id}")
@@ -260,169 +255,3 @@ class Scheduler:
                 self.observer(entry, t.result(), result.destination, result.tls)
         self._record_tasks.add(task)
         task.add_done_callback(done)
-
-
-async def finish_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],
-                         dest: Destination | None, started: float, body: StoredBody | None, *,
-                         owner: str | None, tried: tuple[Failure, ...] = (), now: float,
-                         count_attempt: bool = True, expire: bool = False,
-                         keep: PendingOutcomes | None = None) -> list[RecipientOutcome]:
-    """Record an attempt's outcomes, queue the NDR (or delay notice) they call
-    for, log them; return the outcomes as recorded.  With ``keep`` (the
-    scheduler's) a record the store cannot take is kept and tried again.
-
-    A notice that cannot be built never stops the outcomes being recorded:
-    recipients the destination accepted are recorded DELIVERED whatever
-    happens to the notice (they must never get the message again).  An NDR
-    that fails is kept on the entry as ``notice_pending`` and built again on
-    its own schedule (the entry is leased for the notice alone, nothing is
-    delivered); a delay notice that fails is tried again at the next attempt."""
-    decision = decide_retry(entry, outcomes, config.queue, now, counted=count_attempt, expire=expire)
-    outcomes = decision.outcomes
-    attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
-                      tried=tried) if count_attempt else None
-    attempts = decision.attempts
-    owed = owed_recipients(entry.notice_pending) + [FailedRecipient(o.address, o.status, o.failure)
-                                                    for o in decision.bounced]
-    notices: list[NewMessage] = []
-    notice_pending = None
-    if owed:
-        try:
-            notice = await _ndr(store, config, entry, owed, body, attempts, decision.expires_at, now,
-                                with_headers=not notice_given_up(entry.notice_pending, now, config.queue))
-        except Exception as exc:   # noqa: BLE001 - whatever it is, it must not become a redelivery
-            notice_pending = _notice_failed(config, entry, owed, exc, now)
-        else:
-            if notice is not None:
-                notices.append(notice)
-    ndr = "pending" if notice_pending is not None else "queued" if notices else "none"
-    delayed = decision.delayed
-    delay_notified = False
-    if delayed and _delay_notice_due(config, entry, now):
-        try:
-            notice = await _delay_notice(store, config, entry, delayed, body, now)
-        except Exception as exc:   # noqa: BLE001 - a courtesy notice; the next attempt tries again
-            log.error("the delay notice for %s to %s could not be built (%s: %s); "
-                      "it is tried again at the next attempt", entry.id, entry.sender, type(exc).__name__, exc)
-        else:
-            if notice is not None:
-                notices.append(notice)
-            delay_notified = True
-    next_at = decision.next_attempt(notice_pending)
-    if keep is not None:
-        await keep.record(PendingRecord(entry.id, owner, entry.attempts, attempt, tuple(outcomes), next_at,
-                                        tuple(notices), delay_notified, notice_pending))
-    else:
-        await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified,
-                           notice_pending=notice_pending)
-    _log_outcomes(entry, outcomes, dest, now, next_at, ndr=ndr)
-    if delay_notified:
-        events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,
-                    delay=now - entry.received_at, status="queued" if notices else "none")
-    if entry.notice_pending and notice_pending is None:
-        events.emit("bounced", id=entry.id, msgid=entry.message_id or None, to=entry.sender,
-                    connector=entry.route.name, status="notice",
-                    detail=f"the NDR held back since {_stamp(entry.notice_pending.get('since', now))} is queued"
-                    if ndr == "queued" else "the NDR held back could not be built; given up")
-    return outcomes
-
-
-def owed_recipients(notice_pending: dict | None) -> list[FailedRecipient]:
-    """The recipients a held-back NDR is about (see finish_attempt).  Read
-    tolerantly, as stored failures are: another version may have written it."""
-    if not notice_pending:
-        return []
-    return [FailedRecipient(r["address"], RecipientStatus(r.get("status", "failed")),
-                            Failure.from_dict(r["failure"]) if r.get("failure") else None)
-            for r in notice_pending.get("recipients", ())]
-
-
-def _notice_failed(config: Config, entry: Entry, owed: list[FailedRecipient], exc: Exception,
-                   now: float) -> dict | None:
-    """What to keep of an NDR that could not be built (classify/retry.py says when it is tried again)."""
-    held = entry.notice_pending or {}
-    error = f"{type(exc).__name__}: {exc}"
-    retry = notice_retry(entry.notice_pending, now, config.queue)
-    if retry is None:
-        log.error("the NDR for %s to %s could not be built even without the original's headers (%s); "
-                  "giving up after %d tries: the sender is not told", entry.id, entry.sender, error,
-                  held.get("tries", 0) + 1)
-        return None
-    log.error("the NDR for %s to %s could not be built (%s); its delivered recipients are recorded and "
-              "the NDR is tried again at %s (try %d)", entry.id, entry.sender, error, _stamp(retry.retry_at),
-              retry.tries)
-    return {"recipients": [{"address": r.address, "status": r.status.value,
-                            "failure": r.failure.to_dict() if r.failure else None} for r in owed],
-            "error": error[:500], "since": retry.since, "tries": retry.tries, "retry_at": retry.retry_at}
-
-
-def _delay_notice_due(config: Config, entry: Entry, now: float) -> bool:
-    if entry.delay_notified or not entry.sender or entry.is_dsn:
-        return False
-    connector = config.connector(entry.route.name)
-    after = connector.delay_notice_after if connector is not None else None
-    return after is not None and now - entry.received_at >= after
-
-
-async def _delay_notice(store: QueueStore, config: Config, entry: Entry, delayed: list[RecipientOutcome],
-                        body: StoredBody | None, now: float) -> NewMessage | None:
-    return await _notice(store, config, entry, body, now, lambda head: build_delay_notice(
-        reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
-        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
-        recipients=[FailedRecipient(o.address, o.status, o.failure) for o in delayed], now=now))
-
-
-async def _ndr(store: QueueStore, config: Config, entry: Entry, bounced: list[FailedRecipient],
-               body: StoredBody | None, attempts: int, expires_at: float, now: float,
-               with_headers: bool = True) -> NewMessage | None:
-    if not entry.sender:
-        return None    # never bounce a bounce
-    return await _notice(store, config, entry, body, now, lambda head: build_ndr(
-        reporting_mta=config.server.hostname, original_sender=entry.sender, original_headers=head,
-        original_message_id=entry.message_id, received_at=entry.received_at, expires_at=expires_at,
-        first_failure_at=entry.first_failure_at, attempts=attempts, recipients=bounced, now=now),
-        with_headers=with_headers)
-
-
-async def _notice(store: QueueStore, config: Config, entry: Entry, body: StoredBody | None, now: float,
-                  build, with_headers: bool = True) -> NewMessage | None:
-    """A DSN to the entry's sender, queued like any message with the null sender."""
-    route = decide(config, entry.sender).route
-    if route is None:
-        events.emit("bounced", id=entry.id, to=entry.sender,
-                    detail="no DSN: the sender's mailbox does not exist here")
-        return None
-    head = b""
-    if with_headers:
-        if body is None:
-            body = await store.read_body(entry.body_id)
-        with open_body(body) as f:
-            head = header_block(f.read(64 * 1024))
-    data = build(head)
-    return NewMessage(sender="", recipients=((entry.sender, route),), body=StoredBody(size=len(data), data=data),
-                      received_at=now, expires_at=now + config.queue.message_expiration, is_dsn=True,
-                      client="relaywatch")
-
-
-def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None, now: float,
-                  next_at: float, ndr: str) -> None:
-    relay = where(dest) if dest is not None else None
-    delay = now - entry.received_at
-    for o in outcomes:
-        fields = {"id": entry.id, "msgid": entry.message_id or None, "from": entry.sender or "<>",
-                  "to": o.address, "connector": entry.route.name, "relay": relay, "delay": delay}
-        if o.status is RecipientStatus.DELIVERED:
-            events.emit("delivered", **fields, status="sent", detail=o.reply)
-            continue
-        f = o.failure
-        fields.update(code=f.code if f else None, detail=f.detail if f else None)
-        if o.status is RecipientStatus.DEFERRED:
-            events.emit("deferred", **fields, status="deferred", retry_at=_stamp(next_at))
-        elif o.status is RecipientStatus.EXPIRED:
-            events.emit("expired", **fields, status="expired", ndr=ndr)
-        else:
-            events.emit("bounced", **fields, status="bounced", ndr=ndr)
-
-
-def _stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

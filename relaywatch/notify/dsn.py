@@ -1,6 +1,9 @@
 """Non-delivery reports (RFC 3464 ``multipart/report; report-type=delivery-status``).
 
-Pure: the facts in, the message bytes out.  The NDR is queued as a new message
+Pure: the facts in, the message bytes out.  ``notices_for`` says which
+notices an attempt's retry decision calls for (an NDR, a delay notice) and
+builds them as messages to queue; the recording step (deliver/record.py)
+reads the original's headers for it and keeps an NDR that could not be built.  The NDR is queued as a new message
 with the null sender ``<>``; a message from ``<>`` never gets one (no loops).
 
 A notice is always 7-bit, whatever the original carried, so it can go to any
@@ -32,7 +35,8 @@ from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 
-from relaywatch.model import Failure, RecipientStatus, iso
+from relaywatch.classify.retry import RetryDecision
+from relaywatch.model import Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, StoredBody, iso
 
 
 @dataclass(frozen=True)
@@ -221,3 +225,101 @@ def header_block(head: bytes) -> bytes:
         end = head.find(b"\n\n")
     return head[: end + 2] if end >= 0 else head
 
+
+
+# -- which notices an attempt calls for, and the notices themselves ------------------------
+
+def owed_recipients(notice_pending: dict | None, bounced: list[RecipientOutcome]) -> list[FailedRecipient]:
+    """The recipients an NDR is owed for: those of an NDR held back (it could
+    not be built before; read tolerantly, another version may have written
+    it) and those that bounce now."""
+    held = [FailedRecipient(r["address"], RecipientStatus(r.get("status", "failed")),
+                            Failure.from_dict(r["failure"]) if r.get("failure") else None)
+            for r in notice_pending.get("recipients", ())] if notice_pending else []
+    if not bounced:
+        return held
+    return held + [FailedRecipient(o.address, o.status, o.failure) for o in bounced]
+
+
+def held_notice(owed: list[FailedRecipient], error: str, since: float, tries: int, retry_at: float) -> dict:
+    """An NDR that could not be built, as the entry keeps it (``notice_pending``)."""
+    return {"recipients": [{"address": r.address, "status": r.status.value,
+                            "failure": r.failure.to_dict() if r.failure else None} for r in owed],
+            "error": error[:500], "since": since, "tries": tries, "retry_at": retry_at}
+
+
+def delay_notice_due(entry: Entry, after: float | None, now: float) -> bool:
+    """A "still trying" notice, once per message, ``after`` seconds after it
+    came in (the connector's ``delay_notice_after``); never to <> or for a DSN."""
+    if entry.delay_notified or not entry.sender or entry.is_dsn:
+        return False
+    return after is not None and now - entry.received_at >= after
+
+
+@dataclass(slots=True)
+class Notices:
+    """What ``notices_for`` built; a notice that could not be built is reported, not raised."""
+    ndr: NewMessage | None = None
+    delay: NewMessage | None = None
+    ndr_error: Exception | None = None
+    delay_error: Exception | None = None
+    unroutable: int = 0        # notices owed to a sender whose mailbox does not exist here: none is sent
+
+    @property
+    def messages(self) -> list[NewMessage]:
+        return [m for m in (self.ndr, self.delay) if m is not None]
+
+
+def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exception, *,
+                owed: list[FailedRecipient], delay: bool, ndr_headers: bool, route: Route | None,
+                reporting_mta: str, expiration: float, now: float) -> Notices:
+    """The notices an attempt calls for, ready to queue with the null sender:
+    an NDR about ``owed`` (never for a message from <>), a delay notice about
+    the decision's delayed recipients when ``delay`` is due.
+
+    ``headers`` is the start of the original (64 KiB are plenty), or why it
+    could not be read; ``ndr_headers=False`` builds the NDR without them (a
+    held-back NDR given up on its headers, classify/retry.notice_given_up).
+    ``route`` is the sender's (None: no mailbox here, so no notice)."""
+    out = Notices()
+    if owed and entry.sender:
+        try:
+            data = _notice_data(headers, route, ndr_headers, lambda head: build_ndr(
+                reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
+                original_message_id=entry.message_id, received_at=entry.received_at,
+                expires_at=decision.expires_at, first_failure_at=entry.first_failure_at,
+                attempts=decision.attempts, recipients=owed, now=now))
+        except Exception as exc:   # noqa: BLE001 - whatever it is, the caller keeps the NDR for later
+            out.ndr_error = exc
+        else:
+            if data is None:
+                out.unroutable += 1
+            else:
+                out.ndr = _queued(entry, route, data, expiration, now)
+    if delay:
+        try:
+            data = _notice_data(headers, route, True, lambda head: build_delay_notice(
+                reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
+                original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
+                recipients=[FailedRecipient(o.address, o.status, o.failure) for o in decision.delayed], now=now))
+        except Exception as exc:   # noqa: BLE001 - a courtesy notice; the next attempt tries again
+            out.delay_error = exc
+        else:
+            if data is None:
+                out.unroutable += 1
+            else:
+                out.delay = _queued(entry, route, data, expiration, now)
+    return out
+
+
+def _notice_data(headers: bytes | Exception, route: Route | None, with_headers: bool, build) -> bytes | None:
+    if isinstance(headers, Exception) and (with_headers or route is None):
+        raise headers       # the original (or the sender's route) could not be read
+    if route is None:
+        return None
+    return build(header_block(headers) if with_headers else b"")
+
+
+def _queued(entry: Entry, route: Route, data: bytes, expiration: float, now: float) -> NewMessage:
+    return NewMessage(sender="", recipients=((entry.sender, route),), body=StoredBody(size=len(data), data=data),
+                      received_at=now, expires_at=now + expiration, is_dsn=True, client="relaywatch")

@@ -122,10 +122,3 @@ def sweep_orphans(spool_dir: Path, referenced: set[str]) -> int:
                 pass
     return removed
 
-
-def open_body(body: StoredBody):
-    """A binary file object over the body, wherever it is kept."""
-    import io
-    if body.data is not None:
-        return io.BytesIO(body.data)
-    return open(body.path, "rb")

@@ -59,7 +59,7 @@ class PendingRecord:
     next_attempt_at: float | None
     notices: tuple[NewMessage, ...] = ()
     delay_notified: bool = False
-    notice_pending: dict | None = None   # an NDR that could not be built (scheduler.finish_attempt)
+    notice_pending: dict | None = None   # an NDR that could not be built (deliver/record.py)
 
     @property
     def delivered(self) -> int:

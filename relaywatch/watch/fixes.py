@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from relaywatch.classify.catalog import CATALOG
 from relaywatch.config import Config, apply_overrides
-from relaywatch.deliver.scheduler import finish_attempt
+from relaywatch.deliver.record import record_attempt
 from relaywatch.errors import RelaywatchError, StoreError
 from relaywatch.model import Failure, RecipientOutcome, RecipientStatus
 from relaywatch.route import LOCAL, split_address
@@ -169,6 +169,6 @@ async def return_to_sender(store: Store, config: Config, entry_id: str, failure:
         outcomes = [RecipientOutcome(r.address, RecipientStatus.EXPIRED, r.last_error) for r in entry.pending]
     else:
         outcomes = [RecipientOutcome(r.address, RecipientStatus.FAILED, failure) for r in entry.pending]
-    await finish_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now, count_attempt=False,
+    await record_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now, count_attempt=False,
                          expire=failure is None)
     return 1
