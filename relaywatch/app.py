@@ -266,7 +266,7 @@ class Relaywatch:
             for c in self.config.connectors:
                 old = before.connector(c.name)
                 if old is not None and old.paused and not c.paused:
-                    await self.store.retry(Selector(connector=c.name), self.clock())
+                    await self.scheduler.actions.retry_now(Selector(connector=c.name))
             self.scheduler.retry_now()
         return True
 

@@ -219,6 +219,13 @@ def _with_store(config: Config, fn):
         _fail(str(exc))
 
 
+def _with_queue(config: Config, fn):
+    """Run ``fn(QueueActions)`` against the store: the CLI changes the queue
+    the way every other caller does (deliver/queue_actions.py)."""
+    from relaywatch.deliver.queue_actions import QueueActions
+    return _with_store(config, lambda store: fn(QueueActions(store, lambda: config)))
+
+
 def _wake_server(config: Config) -> None:
     """SIGUSR1 to a running server: look at the queue now (it polls every second anyway)."""
     try:
@@ -383,7 +390,7 @@ def queue_retry(config_path, ids, connector, all_):
     """Make messages due now (the server tries them within a second)."""
     config = _load(config_path)
     sel = _selector(ids, connector, all_)
-    n = _with_store(config, lambda s: s.retry(sel, time.time()))
+    n = _with_queue(config, lambda q: q.retry_now(sel))
     _wake_server(config)
     click.echo(f"{n} message(s) will be tried now")
     if ids and n < len(ids):

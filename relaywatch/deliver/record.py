@@ -1,7 +1,7 @@
 """Recording an attempt: the retry decision, the notices, the store, the mail log.
 
 What the scheduler's record step (and an operator's bounce or expire,
-deliver/actions.py) does with a delivery's outcomes: classify/retry.py
+deliver/queue_actions.py) does with a delivery's outcomes: classify/retry.py
 decides what follows, notify/dsn.py builds the notices that calls for (this
 module only reads the original's headers for them), the store records it all
 in one transaction, and the mail log gets one line per recipient.

@@ -8,7 +8,9 @@ and deliver entry after entry through it (bounded overall by
 connection or marks it down is the connector's business; the scheduler only
 leases, dispatches and records.
 
-Only this module and the operator commands (cli) change an entry's status.
+Only this module changes an entry's status by delivering; every other change
+(the CLI, Fix now, the watch, the override watcher, the console) goes through
+deliver/queue_actions.py, which ``self.actions`` offers in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from relaywatch.config import Config
+from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
 from relaywatch.deliver.record import record_attempt
 from relaywatch.deliver.smtp import SmtpRoutes
@@ -68,6 +71,8 @@ class Scheduler:
         self.pending = PendingOutcomes(store, self.config_ref().server.data_dir / JOURNAL_NAME,
                                        lambda: self.config_ref().queue.lease_time, clock)
         self._lease_failing = False
+        # The one way the rest of this process changes the queue (the watch, the override watcher).
+        self.actions = QueueActions(store, config_ref, wake=self.retry_now, clock=clock)
 
     def notify(self) -> None:
         """Called when new work may be due (enqueue, retry, release)."""

@@ -2,7 +2,8 @@
 
 Each action first builds a plan (what it will do, in words), which
 ``--dry-run`` prints and stops at.  Applying it writes overrides (never the
-TOML file) and an audit record in one transaction, then acts on the queue.
+TOML file) and an audit record in one transaction, then acts on the queue
+through deliver/queue_actions.py, as every change to the queue does.
 ``undo`` reverses the overrides of the last action; mail already delivered or
 returned stays so, and the undo says so.
 """
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 
 from relaywatch.classify.catalog import CATALOG
 from relaywatch.config import Config, apply_overrides
-from relaywatch.deliver.record import record_attempt
-from relaywatch.errors import RelaywatchError, StoreError
-from relaywatch.model import Failure, RecipientOutcome, RecipientStatus
+from relaywatch.deliver.queue_actions import QueueActions
+from relaywatch.errors import RelaywatchError
+from relaywatch.model import Failure
 from relaywatch.route import LOCAL, split_address
 from relaywatch.store.base import Selector, Store
 from relaywatch.watch.model import Incident
@@ -93,27 +94,26 @@ async def apply(store: Store, config: Config, incident: Incident, p: Plan, who: 
     done.append(f"recorded as audit entry {audit_id} by {who}")
     name = incident.connector
     effective = apply_overrides(config, await store.overrides())
+    queue = QueueActions(store, lambda: effective)
     if p.action == "retry-now":
-        n = await store.retry(Selector(connector=name), now)
+        n = await queue.retry_now(Selector(connector=name))
         done.append(f"{n} message(s) due now")
     elif p.action == "pause":
         done.append(f"connector {name} paused")
     elif p.action == "expire":
-        n = 0
-        for entry_id in await store.entry_ids(name, incident.code):
-            n += await return_to_sender(store, effective, entry_id, None)
+        n = await queue.expire(await store.entry_ids(name, incident.code))
         done.append(f"{n} message(s) returned to their senders")
     elif p.action == "decommission":
         moved = returned = 0
         for entry_id in await store.entry_ids(name, None, status="deferred") + await store.entry_ids(name, None, status="queued"):
-            entry = await _get_unleased(store, entry_id)
+            entry = await queue.unleased(entry_id)
             if entry is None:
                 continue
             local = [r.address for r in entry.pending if _has_mailbox(effective, r.address)]
             if local:
-                await store.move_recipients(entry_id, local, LOCAL, time.time())
+                await queue.reroute(entry_id, local, LOCAL)
                 moved += len(local)
-            returned += await return_to_sender(store, effective, entry_id, _not_found_failure(time.time()))
+            returned += await queue.bounce(entry_id, _not_found_failure(time.time()))
         done.append(f"{moved} recipient(s) moved to their local mailboxes; {returned} message(s) returned (5.1.10)")
     return done
 
@@ -147,28 +147,3 @@ def _not_found_failure(now: float) -> Failure:
     return Failure(code=e.code, smtp_code=e.smtp_code, title=e.title, subtype="decommissioned",
                    detail="The recipient's server was decommissioned and the domain is now authoritative; "
                           "there is no such mailbox.", phase="rcpt", permanent=True, at=now, kind=e.id)
-
-
-async def _get_unleased(store: Store, entry_id: str, tries: int = 50):
-    """The entry, once no delivery holds it (the server stops using the connector within seconds)."""
-    import asyncio
-    for _ in range(tries):
-        entry = await store.get(entry_id)
-        if entry is None or entry.lease_owner is None:
-            return entry
-        await asyncio.sleep(0.2)
-    raise StoreError(f"message {entry_id} stayed in delivery; run the action again")
-
-
-async def return_to_sender(store: Store, config: Config, entry_id: str, failure: Failure | None) -> int:
-    entry = await _get_unleased(store, entry_id)
-    if entry is None or not entry.pending:
-        return 0
-    now = time.time()
-    if failure is None:   # expire: give up now, with the last error seen
-        outcomes = [RecipientOutcome(r.address, RecipientStatus.EXPIRED, r.last_error) for r in entry.pending]
-    else:
-        outcomes = [RecipientOutcome(r.address, RecipientStatus.FAILED, failure) for r in entry.pending]
-    await record_attempt(store, config, entry, outcomes, None, now, None, owner=None, now=now, count_attempt=False,
-                         expire=failure is None)
-    return 1

@@ -21,6 +21,7 @@ from typing import Callable
 
 from relaywatch import events
 from relaywatch.config import Config, Connector
+from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStatus
@@ -42,8 +43,8 @@ class Monitor:
         self.config_ref = config_ref
         self.store = store
         self.routes = routes
-        self.wake_scheduler = wake_scheduler
         self.clock = clock
+        self.queue = QueueActions(store, config_ref, wake=wake_scheduler, clock=clock)
         self._late: dict[str, int] = {}                  # connector -> late deliveries since last tick
         self._expired: dict[tuple[str, str], int] = {}   # (connector, code) -> expiries since last tick
         self._good: dict[str, dict] = {}                 # connector -> last good delivery, not yet saved
@@ -190,9 +191,8 @@ class Monitor:
             for inc in open_by_connector.get(name, []):
                 await self.store.save_incident(replace(inc, probe=probe).to_dict())
             if probe.ok:
-                released = await self.store.retry(Selector(connector=name), self.clock())
+                released = await self.queue.retry_now(Selector(connector=name))   # wakes the scheduler
                 if released:
-                    self.wake_scheduler()
                     events.emit("released", connector=name, status="probe passed",
                                 detail=f"{released} deferred message(s) released for immediate delivery")
 
