@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from relaywatch.config import Config
-from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
+from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.record import record_attempt
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError

@@ -283,41 +283,32 @@ def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exceptio
     ``route`` is the sender's (None: no mailbox here, so no notice)."""
     out = Notices()
     if owed and entry.sender:
-        try:
-            data = _notice_data(headers, route, ndr_headers, lambda head: build_ndr(
-                reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
-                original_message_id=entry.message_id, received_at=entry.received_at,
-                expires_at=decision.expires_at, first_failure_at=entry.first_failure_at,
-                attempts=decision.attempts, recipients=owed, now=now))
-        except Exception as exc:   # noqa: BLE001 - whatever it is, the caller keeps the NDR for later
-            out.ndr_error = exc
-        else:
-            if data is None:
-                out.unroutable += 1
-            else:
-                out.ndr = _queued(entry, route, data, expiration, now)
+        out.ndr, out.ndr_error = _notice(entry, headers, route, ndr_headers, expiration, now, lambda head: build_ndr(
+            reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
+            original_message_id=entry.message_id, received_at=entry.received_at, expires_at=decision.expires_at,
+            first_failure_at=entry.first_failure_at, attempts=decision.attempts, recipients=owed, now=now))
+        out.unroutable += out.ndr is None and out.ndr_error is None
     if delay:
-        try:
-            data = _notice_data(headers, route, True, lambda head: build_delay_notice(
-                reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
-                original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
-                recipients=[FailedRecipient(o.address, o.status, o.failure) for o in decision.delayed], now=now))
-        except Exception as exc:   # noqa: BLE001 - a courtesy notice; the next attempt tries again
-            out.delay_error = exc
-        else:
-            if data is None:
-                out.unroutable += 1
-            else:
-                out.delay = _queued(entry, route, data, expiration, now)
+        out.delay, out.delay_error = _notice(entry, headers, route, True, expiration, now, lambda head: build_delay_notice(
+            reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
+            original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
+            recipients=[FailedRecipient(o.address, o.status, o.failure) for o in decision.delayed], now=now))
+        out.unroutable += out.delay is None and out.delay_error is None
     return out
 
 
-def _notice_data(headers: bytes | Exception, route: Route | None, with_headers: bool, build) -> bytes | None:
+def _notice(entry: Entry, headers: bytes | Exception, route: Route | None, with_headers: bool, expiration: float,
+            now: float, build) -> tuple[NewMessage | None, Exception | None]:
+    """One notice, or why it could not be built; (None, None): the sender has no mailbox here."""
     if isinstance(headers, Exception) and (with_headers or route is None):
-        raise headers       # the original (or the sender's route) could not be read
+        return None, headers        # the original (or the sender's route) could not be read
     if route is None:
-        return None
-    return build(header_block(headers) if with_headers else b"")
+        return None, None
+    try:
+        data = build(header_block(headers) if with_headers else b"")
+    except Exception as exc:   # noqa: BLE001 - whatever it is, the caller keeps the NDR or tries again later
+        return None, exc
+    return _queued(entry, route, data, expiration, now), None
 
 
 def _queued(entry: Entry, route: Route, data: bytes, expiration: float, now: float) -> NewMessage:
