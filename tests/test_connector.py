@@ -4,10 +4,9 @@ Real loopback destinations (aiosmtpd, scripted misfits) and a real Maildir; no s
 
 import time
 
-import pytest
 
 from helpers import LOOPBACK, Scripted, Sink, base_config
-from relaywatch.config import parse_config
+from relaywatch.config import apply_overrides, parse_config
 from relaywatch.deliver.connector import DeliveryResult, LocalConnector, SmtpConnector, connector_for_route
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.smtp import SmtpRoutes
@@ -99,7 +98,6 @@ async def test_a_dropped_session_is_not_reused(tmp_path):
 async def test_a_paused_connector_says_so(tmp_path):
     raw = base_config(tmp_path, connectors=[{"name": "partner", "type": "partner", "domains": ["partner.test"],
                                              "smart_hosts": ["127.0.0.1:25"], "tls": "none"}])
-    from relaywatch.config import apply_overrides
     config = apply_overrides(parse_config(raw), {"connector:partner:paused": {"value": True}})
     routes = SmtpRoutes(lambda: config, Resolver(config.dns))
     assert SmtpConnector(PARTNER, lambda: config, routes, time.time).paused()

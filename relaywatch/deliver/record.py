@@ -21,7 +21,7 @@ import time
 
 from relaywatch import events
 from relaywatch.classify.classify import where
-from relaywatch.classify.retry import decide as decide_retry, notice_given_up, notice_retry
+from relaywatch.classify.retry import RetryDecision, decide as decide_retry, notice_given_up, notice_retry
 from relaywatch.config import Config
 from relaywatch.model import Attempt, Destination, Entry, Failure, RecipientOutcome, RecipientStatus, StoredBody
 from relaywatch.notify.dsn import FailedRecipient, Notices, delay_notice_due, held_notice, notices_for, owed_recipients
@@ -91,7 +91,7 @@ def _delay_notice_after(config: Config, entry: Entry) -> float | None:
     return connector.delay_notice_after if connector is not None else None
 
 
-async def _notices(store: QueueStore, config: Config, entry: Entry, decision, owed: list[FailedRecipient],
+async def _notices(store: QueueStore, config: Config, entry: Entry, decision: RetryDecision, owed: list[FailedRecipient],
                    delay_due: bool, body: StoredBody | None, now: float) -> Notices:
     """The I/O around notify/dsn.notices_for: the sender's route, the original's headers."""
     with_headers = not notice_given_up(entry.notice_pending, now, config.queue)
