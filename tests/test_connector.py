@@ -4,7 +4,6 @@ Real loopback destinations (aiosmtpd, scripted misfits) and a real Maildir; no s
 
 import time
 
-
 from helpers import LOOPBACK, Scripted, Sink, base_config
 from relaywatch.config import apply_overrides, parse_config
 from relaywatch.deliver.connector import DeliveryResult, LocalConnector, SmtpConnector, connector_for_route
@@ -17,9 +16,10 @@ PARTNER = Route(RouteKind.CONNECTOR, "partner")
 BODY = StoredBody(size=24, data=b"Subject: hi\r\n\r\nhello\r\n")
 
 
-def setup(tmp_path, port):
+def setup(tmp_path, port, **delivery):
     raw = base_config(tmp_path, connectors=[{"name": "partner", "type": "partner", "domains": ["partner.test"],
-                                             "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}])
+                                             "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}],
+                      delivery=delivery)
     config = parse_config(raw)
     routes = SmtpRoutes(lambda: config, Resolver(config.dns))
     return config, routes
@@ -52,6 +52,21 @@ async def test_a_session_sends_message_after_message_over_one_connection(tmp_pat
         await session.close()
         await sink.stop()
     assert session.conn is None
+
+
+async def test_a_connection_carries_messages_per_connection_then_a_new_one_is_opened(tmp_path):
+    sink = await Sink().start()
+    config, routes = setup(tmp_path, sink.port, messages_per_connection=1)
+    session = SmtpConnector(PARTNER, lambda: config, routes, time.time).session()
+    try:
+        await session.deliver(entry(n=1), BODY, ["bob@partner.test"])
+        first = session.conn
+        result = await session.deliver(entry(n=2), BODY, ["carol@partner.test"])
+        assert session.conn is not first and first.broken and session.conn.transactions == 1
+        assert result.outcomes[0].status is RecipientStatus.DELIVERED and len(sink.messages) == 2
+    finally:
+        await session.close()
+        await sink.stop()
 
 
 async def test_an_unreachable_destination_is_marked_down_for_every_session_until_forgotten(tmp_path):
