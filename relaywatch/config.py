@@ -154,6 +154,18 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class MtaStsConfig:
+    """MTA-STS (RFC 8461) for mail sent by MX: deliver/mta_sts.py."""
+    enabled: bool = True                  # on the internet route; connectors opt in with mta_sts = true
+    cache: Path = Path("mta-sts.json")    # under server.data_dir unless absolute; survives restarts
+    fetch_timeout: float = 10.0           # the whole policy fetch: DNS, connect, TLS, the body
+    # Verifying the policy host's and the MX hosts' certificates: the system's
+    # CAs by default; a CA file only for a private PKI (or tests).
+    ca_file: Path | None = None
+    https_port: int = 443                 # the policy host's port (RFC 8461 says 443; tests move it)
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     concurrency: int = 100
     per_destination: int = 20
@@ -200,6 +212,9 @@ class Connector:
     # Send the sender one "delayed" DSN once a message has waited this long
     # (None: never).
     delay_notice_after: float | None = 4 * 3600.0
+    # Apply the recipient domain's MTA-STS policy (RFC 8461); only for a
+    # connector without smart_hosts (by MX), as the internet route always does.
+    mta_sts: bool = False
     # Set only by a "pause" fix (an override in the store), never in the file.
     paused: bool = False
 
@@ -277,6 +292,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
+    mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     domains: tuple[Domain, ...] = ()
     connectors: tuple[Connector, ...] = ()
@@ -789,6 +805,8 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         except ValueError:
             problems.append(f"dns.nameservers: {host!r} must be an IP address, not a name")
 
+    mta_sts = _mta_sts(r, r.table(raw, "mta_sts", "mta_sts"), rel, problems)
+
     v = r.table(raw, "delivery", "delivery")
     r.unknown(v, _file_keys(DeliveryConfig), "delivery")
     dd = DeliveryConfig()
@@ -876,7 +894,11 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             crl_file=crl_file,
             enabled=r.get(item, "enabled", p, _bool, Connector.enabled),
             delay_notice_after=r.get(item, "delay_notice_after", p, _duration_or_off, Connector.delay_notice_after),
+            mta_sts=r.get(item, "mta_sts", p, _bool, Connector.mta_sts),
         )
+        if conn.mta_sts and conn.smart_hosts:
+            problems.append(f"{p}.mta_sts: has no effect with smart_hosts (an MTA-STS policy names the "
+                            f"domain's MX hosts); remove smart_hosts to deliver by MX, or remove mta_sts")
         problems += _connector_tls_problems(p, item, conn)
         if ("delay_notice_after" in item and conn.delay_notice_after is not None
                 and conn.delay_notice_after >= queue.message_expiration):
@@ -899,9 +921,28 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     dkim = _dkim(r, raw.get("dkim", []), rel, problems)
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
-    return Config(server=server, queue=queue, dns=dns, delivery=delivery,
+    mta_sts = replace(mta_sts, cache=server.data_dir / mta_sts.cache)   # an absolute cache stays as it is
+    return Config(server=server, queue=queue, dns=dns, mta_sts=mta_sts, delivery=delivery,
                   domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, verify=verify,
                   dkim=dkim, http=http, source=source)
+
+
+def _mta_sts(r: _Reader, t: dict, rel, problems: list[str]) -> MtaStsConfig:
+    r.unknown(t, _file_keys(MtaStsConfig), "mta_sts")
+    d = MtaStsConfig()
+    ca_file = r.get(t, "ca_file", "mta_sts", rel, None)
+    if ca_file is not None:
+        if not ca_file.is_file():
+            problems.append(f"mta_sts.ca_file: file {ca_file} does not exist")
+        elif problem := _pem_problem(ca_file, "certificate"):
+            problems.append(f"mta_sts.ca_file: {problem}")
+    return MtaStsConfig(
+        enabled=r.get(t, "enabled", "mta_sts", _bool, d.enabled),
+        cache=r.get(t, "cache", "mta_sts", lambda v: Path(_string(v)), d.cache),
+        fetch_timeout=r.get(t, "fetch_timeout", "mta_sts", _positive_duration, d.fetch_timeout),
+        ca_file=ca_file,
+        https_port=r.get(t, "https_port", "mta_sts", _port, d.https_port),
+    )
 
 
 def _connector_tls_problems(p: str, item: dict, conn: Connector) -> list[str]:

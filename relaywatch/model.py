@@ -105,6 +105,7 @@ class Failure:
     errno: str | None = None
     dns: dict[str, Any] | None = None
     tls: dict[str, Any] | None = None
+    sts: dict[str, Any] | None = None   # the MTA-STS policy broken (4.7.320 sts_*), as in docs/json.md
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

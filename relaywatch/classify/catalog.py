@@ -216,6 +216,41 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
             ),
         }),
     Entry(
+        id="tls.sts_policy", code="4.7.320", smtp_code=450, title="MTA-STS policy not met",
+        explanation=(
+            "The recipient domain publishes an MTA-STS policy (RFC 8461) in enforce mode, and this MX "
+            "host does not meet it, so relaywatch held the message back rather than send it where the "
+            "domain says it must not go. The subtype says how: the host is not among the policy's mx "
+            "patterns and was never contacted (sts_mx_mismatch), it offers no STARTTLS or refuses it "
+            "(sts_starttls_not_offered), its certificate is not valid for its name from a trusted CA "
+            "(sts_certificate), or the TLS handshake failed (sts_tls_handshake). The evidence shows the "
+            "policy's id, mode and mx patterns and the MX host tried. A policy in testing mode only "
+            "logs these; mail is delivered."),
+        causes={
+            "on_premises": (
+                "The domain's MX records were changed (a new provider or a backup MX) but the policy's mx lines were not.",
+                "The MX host's certificate expired, is self-signed, or does not name the MX host.",
+                "STARTTLS was switched off on the MX host, or something between us strips it (a downgrade attack looks the same).",
+            ),
+            "partner": (
+                "The recipient domain moved or added an MX host and did not update its MTA-STS policy.",
+                "The recipient's MX certificate expired or does not cover the MX host name.",
+                "Their server stopped offering STARTTLS, or a network device on the path removes it.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "If you run the domain: list every MX host in the policy's mx lines (publish a new id in the _mta-sts TXT record), or fix the MX records.",
+                "Install a certificate for the MX host name from a public CA, and keep STARTTLS enabled.",
+                "Until it is fixed, switch the policy to mode: testing (new id) so senders deliver and report instead of holding mail.",
+            ),
+            "partner": (
+                "Send the recipient domain's postmaster the policy id, the mx patterns and the MX host from this error; only they can fix the policy, the MX records or the certificate.",
+                "If STARTTLS disappears only from here, suspect a device on our own network path that strips it.",
+                "Mail is retried until it expires; the domain's fix (or a policy in testing mode) releases it.",
+            ),
+        }),
+    Entry(
         id="relay.internal_error", code="4.3.0", smtp_code=451, title="relaywatch failed during delivery",
         explanation=(
             "relaywatch itself hit an error it did not foresee while the connection to the "

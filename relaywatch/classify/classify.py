@@ -61,6 +61,41 @@ def where(dest: Destination | None) -> str:
     return host
 
 
+def _breaks_sts(obs: Observation) -> bool:
+    """A TLS failure under an enforced MTA-STS policy (deliver/smtp.py attaches the policy)."""
+    return (obs.outcome in (Outcome.TLS_NOT_OFFERED, Outcome.TLS_HANDSHAKE, Outcome.CERTIFICATE)
+            or (obs.outcome is Outcome.REPLY and obs.phase is Phase.STARTTLS))
+
+
+def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]:
+    e = CATALOG["tls.sts_policy"]
+    sts = obs.sts or {}
+    domain = sts.get("policy_domain", "the recipient domain")
+    policy = f"the MTA-STS policy of {domain} (id {sts.get('policy_id', '?')}, mode {sts.get('mode', 'enforce')})"
+    o = obs.outcome
+    if o is Outcome.STS_MX_MISMATCH:
+        patterns = ", ".join(sts.get("mx") or []) or "none"
+        return (e, "sts_mx_mismatch", e.code, e.smtp_code,
+                f"{here} is not one of the MX hosts {policy} allows (mx: {patterns}); relaywatch did not connect to it.")
+    if o is Outcome.TLS_NOT_OFFERED or o is Outcome.REPLY:
+        how = "does not offer STARTTLS" if o is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
+        return (e, "sts_starttls_not_offered", e.code, e.smtp_code,
+                f"{here} {how}, and {policy} requires TLS; nothing was sent in clear.")
+    if o is Outcome.CERTIFICATE:
+        tls = obs.tls or {}
+        why = _TLS_SUBTYPE_WORDS[VERIFY_SUBTYPES.get(tls.get("verify_code"), "invalid")]
+        names = ", ".join(tls.get("sans") or []) or tls.get("subject")
+        detail = f"The certificate of {here} {why}"
+        if names:
+            detail += f" (it is for {names}, issued by {tls.get('issuer', '?')})"
+        return (e, "sts_certificate", e.code, e.smtp_code,
+                f"{detail}; {policy} requires one valid for {tls.get('expected_name') or here}, "
+                f"so the message was not sent.")
+    return (e, "sts_tls_handshake", e.code, e.smtp_code,
+            f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}), and {policy} "
+            f"requires TLS; nothing was sent in clear.")
+
+
 def classify(obs: Observation, at: float) -> Failure:
     """Map one observation to a Failure carrying its catalog code and evidence."""
     entry, subtype, code, smtp_code, detail = _decide(obs)
@@ -68,11 +103,14 @@ def classify(obs: Observation, at: float) -> Failure:
         code=code, smtp_code=smtp_code, title=entry.title, subtype=subtype, detail=detail,
         phase=obs.phase.value, permanent=entry.permanent,
         at=at, kind=entry.id, destination=obs.destination, reply=obs.reply, errno=obs.errno,
-        dns=obs.dns, tls=obs.tls)
+        dns=obs.dns, tls=obs.tls, sts=obs.sts if entry.id == "tls.sts_policy" else None)
 
 
 def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
     o, here = obs.outcome, where(obs.destination)
+
+    if o is Outcome.STS_MX_MISMATCH or (obs.sts is not None and _breaks_sts(obs)):
+        return _sts(obs, here)
 
     if o is Outcome.DOMAIN_NOT_FOUND:
         e = CATALOG["dns.domain_not_found"]

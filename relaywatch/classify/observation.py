@@ -52,6 +52,8 @@ class Outcome(str, enum.Enum):
     PROTOCOL = "protocol"              # the peer spoke something that is not SMTP
     LOCAL_ERROR = "local_error"        # the local mailbox could not be written
     INTERNAL = "internal"              # relaywatch itself failed mid-session (the connection was still up)
+    # MTA-STS (RFC 8461): an MX host the domain's enforced policy does not list; never connected to
+    STS_MX_MISMATCH = "sts_mx_mismatch"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Observation:
     dns: dict[str, Any] | None = None        # name, type, rcode, nameserver
     tls: dict[str, Any] | None = None        # verify_code, subject, sans, issuer, dates, expected name
     note: str | None = None                  # a low-level fact for the detail line
+    sts: dict[str, Any] | None = None        # the MTA-STS policy in force: domain, id, mode, mx, result_type
 
     @property
     def reply(self) -> str | None:

@@ -1,4 +1,5 @@
-"""DNS for delivery: MX of a recipient domain (RFC 5321 5.1) and host addresses.
+"""DNS for delivery: MX of a recipient domain (RFC 5321 5.1), host addresses,
+and the TXT records MTA-STS looks for (RFC 8461 3.1).
 
 dnspython with our own nameservers (``[dns] nameservers``, host:port) and our
 own deadline: dnspython's ``lifetime`` overshoots, so every lookup also runs
@@ -82,6 +83,19 @@ class Resolver:
             # RFC 7505: a null MX means the domain accepts no mail at all.
             raise DnsFailure(Observation(Phase.DNS, Outcome.NULL_MX, dns=self._facts(domain, "MX", "NOERROR")))
         return hosts
+
+    async def txt(self, name: str) -> list[str]:
+        """The TXT strings of ``name`` (each record's strings joined), [] for none
+        (NXDOMAIN or NODATA); raises DnsFailure when the lookup itself fails."""
+        try:
+            answer = await self._query(name, "TXT", domain_level=False)
+        except DnsFailure as failure:
+            if failure.observation.outcome is Outcome.DNS_NXDOMAIN:
+                return []
+            raise
+        if answer is None or answer.rrset is None:
+            return []
+        return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
 
     async def addresses(self, host: str) -> list[str]:
         try:

@@ -8,6 +8,13 @@ each, its addresses; the first that completes greeting, EHLO and STARTTLS is
 used.  When all fail, the primary target's failure is the one reported (it is
 the one that should have worked); every other is kept in the attempt's
 ``hosts_tried``.
+
+MTA-STS (deliver/mta_sts.py) on the MX route: ``targets`` hands each MX its
+domain's policy, ``tls_policy`` turns a policy in force into "TLS required,
+certificate valid for the MX name", and ``_open`` passes over an MX the
+policy does not list (enforce) and records every session's result.  In
+testing mode a session that would fail the policy is logged and opened again
+as without one, so mail flows while the domain tests.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Callable
 
 from relaywatch.classify.observation import Observation
 from relaywatch.config import Config, Connector
+from relaywatch.deliver.mta_sts import MtaSts, StsPolicy, is_violation, mx_mismatch, result_type
 from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls import TlsPolicy
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
@@ -31,6 +39,7 @@ class Target:
     port: int
     index: int
     count: int
+    sts: StsPolicy | None = None   # the recipient domain's MTA-STS policy in force (enforce or testing)
 
 
 class AllTargetsFailed(Exception):
@@ -44,9 +53,10 @@ class AllTargetsFailed(Exception):
 
 
 class SmtpRoutes:
-    def __init__(self, config_ref: Callable[[], Config], resolver: Resolver):
+    def __init__(self, config_ref: Callable[[], Config], resolver: Resolver, mta_sts: MtaSts | None = None):
         self.config_ref = config_ref
         self.resolver = resolver
+        self.mta_sts = mta_sts or MtaSts(config_ref, resolver)
 
     def connector_for(self, route: Route) -> Connector | None:
         if route.kind is not RouteKind.CONNECTOR:
@@ -54,7 +64,19 @@ class SmtpRoutes:
         connector = self.config_ref().connector(route.name)
         return connector if connector is not None and connector.enabled else None
 
-    def tls_policy(self, route: Route, host: str) -> TlsPolicy:
+    def uses_mta_sts(self, route: Route) -> bool:
+        """MX delivery on the internet route (``[mta_sts] enabled``) or by a connector with ``mta_sts = true``."""
+        connector = self.connector_for(route)
+        if connector is None:
+            return route.kind is RouteKind.INTERNET and self.config_ref().mta_sts.enabled
+        return connector.mta_sts and not connector.smart_hosts
+
+    def tls_policy(self, route: Route, host: str, sts: StsPolicy | None = None) -> TlsPolicy:
+        if sts is not None:
+            # RFC 8461 4.2: TLS, a certificate from a trusted CA, valid for the MX host's name.
+            ca_file = self.config_ref().mta_sts.ca_file
+            return TlsPolicy(mode="required", verify="ca_and_name", expected_name=host,
+                             ca_file=str(ca_file) if ca_file else None)
         connector = self.connector_for(route)
         if connector is None:
             # The internet: encrypt when offered, never block on a certificate.
@@ -70,8 +92,12 @@ class SmtpRoutes:
             n = len(connector.smart_hosts)
             return [Target(h, p, i + 1, n) for i, (h, p) in enumerate(connector.smart_hosts)]
         port = self.config_ref().delivery.smtp_port
-        hosts = await self.resolver.mx(route.domain or recipient_domain)
-        return [Target(mx.host, port, i + 1, len(hosts)) for i, mx in enumerate(hosts)]
+        domain = route.domain or recipient_domain
+        hosts = await self.resolver.mx(domain)
+        policy = await self.mta_sts.policy(domain) if self.uses_mta_sts(route) else None
+        if policy is not None and policy.mode == "none":
+            policy = None
+        return [Target(mx.host, port, i + 1, len(hosts), policy) for i, mx in enumerate(hosts)]
 
     async def destinations(self, target: Target) -> list[Destination]:
         """Every address of ``target`` (in the resolver's order); raises DnsFailure."""
@@ -90,6 +116,10 @@ class SmtpRoutes:
             raise AllTargetsFailed([failure.observation]) from None
         seen: list[Observation] = []
         for target in targets:
+            passed_over = self._passed_over(target)
+            if passed_over is not None:
+                seen.append(passed_over)
+                continue
             try:
                 dests = await self.destinations(target)
             except DnsFailure as failure:
@@ -98,10 +128,8 @@ class SmtpRoutes:
                     target.host, None, target.port, target.index, target.count), dns=obs.dns, note=obs.note))
                 continue
             for dest in dests[:MAX_ADDRESSES_PER_HOST]:
-                conn = self.session(dest)
                 try:
-                    await conn.open(self.tls_policy(route, target.host), target.host)
-                    return conn
+                    return await self._open(route, target, dest)
                 except SessionFailure as failure:
                     obs = failure.observation
                     if obs.dns is None and target.host in self.resolver.answers:
@@ -109,3 +137,36 @@ class SmtpRoutes:
                         obs = replace(obs, dns=self.resolver.answers[target.host])
                     seen.append(obs)
         raise AllTargetsFailed(seen)
+
+    def _passed_over(self, target: Target) -> Observation | None:
+        """An MX the enforced policy does not list: its observation (never connected to)."""
+        sts = target.sts
+        if sts is None or sts.allows(target.host):
+            return None
+        obs = mx_mismatch(sts, Destination(target.host, None, target.port, target.index, target.count))
+        enforced = sts.mode == "enforce"
+        self.mta_sts.record(self.mta_sts.session_result(sts, target.host, None, obs, enforced))
+        return obs if enforced else None
+
+    async def _open(self, route: Route, target: Target, dest: Destination) -> SmtpConnection:
+        """One session to ``dest`` as the target's policy says; raises SessionFailure."""
+        sts = target.sts
+        conn = self.session(dest)
+        try:
+            await conn.open(self.tls_policy(route, target.host, sts), target.host)
+        except SessionFailure as failure:
+            obs = failure.observation
+            if sts is None or not is_violation(obs):
+                raise
+            enforced = sts.mode == "enforce"
+            self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, obs, enforced))
+            if enforced:
+                raise SessionFailure(replace(obs, sts={**sts.evidence(), "mx_host": target.host,
+                                                       "result_type": result_type(obs)})) from failure.__cause__
+            # Testing mode: the would-be failure is recorded; deliver as without a policy.
+            conn = self.session(dest)
+            await conn.open(self.tls_policy(route, target.host), target.host)
+            return conn
+        if sts is not None:
+            self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, None, sts.mode == "enforce"))
+        return conn
