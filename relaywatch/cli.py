@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from relaywatch import events, views
-from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup
+from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup_all
 from relaywatch.config import Config, format_hostport, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.model import Entry, dest_label, iso
@@ -682,10 +682,10 @@ def errors(code, as_json):
     """Explain delivery error codes: causes and fixes."""
     entries = list(CATALOG.values())
     if code:
-        entry = lookup(code)
-        if entry is None:
+        found = lookup_all(code)
+        if not found:
             _fail(f"unknown code {code!r}; known: {', '.join(e.code for e in entries)}")
-        entries = [entry]
+        entries = found
     if as_json:
         click.echo(json.dumps([{"id": e.id, "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
                                 "permanent": e.permanent, "explanation": e.explanation,

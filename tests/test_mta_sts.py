@@ -447,3 +447,59 @@ async def test_a_failed_fetch_without_cache_delivers_as_without_policy(world, ca
     assert [(r.result_type, r.policy_type, r.policy_domain, r.policy_id) for r in fetch] == [
         (result, "no-policy-found", DOMAIN, "1")]
     assert not (relay.data_dir / "mta-sts.json").exists()
+
+
+# -- config ----------------------------------------------------------------------------------
+
+from click.testing import CliRunner  # noqa: E402
+
+from relaywatch.cli import main as cli_main  # noqa: E402
+from relaywatch.config import parse_config  # noqa: E402
+from relaywatch.errors import ConfigError  # noqa: E402
+
+
+def test_config_defaults_and_the_cache_under_data_dir(tmp_path):
+    config = parse_config({"server": {"data_dir": str(tmp_path / "d")},
+                           "connectors": [{"name": "p", "type": "partner", "domains": ["p.test"]}]})
+    assert config.mta_sts.enabled is True
+    assert config.mta_sts.cache == tmp_path / "d" / "mta-sts.json"
+    assert config.mta_sts.https_port == 443 and config.mta_sts.ca_file is None
+    assert config.connector("p").mta_sts is False
+    absolute = parse_config({"mta_sts": {"cache": str(tmp_path / "elsewhere.json"), "fetch_timeout": "5s"}})
+    assert (absolute.mta_sts.cache, absolute.mta_sts.fetch_timeout) == (tmp_path / "elsewhere.json", 5.0)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"mta_sts": {"enabled": "yes"}}, "mta_sts.enabled: must be true or false"),
+    ({"mta_sts": {"fetch_timeout": "0s"}}, "mta_sts.fetch_timeout:"),
+    ({"mta_sts": {"https_port": 70000}}, "mta_sts.https_port: must be a port number"),
+    ({"mta_sts": {"ca_file": "/nonexistent/ca.pem"}}, "mta_sts.ca_file: file /nonexistent/ca.pem does not exist"),
+    ({"mta_sts": {"enforce": True}}, "mta_sts.enforce: unknown key"),
+    ({"mta_sts": {"cache": ""}}, "mta_sts.cache: must be a non-empty string"),
+    ({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"], "mta_sts": 1}]},
+     "connectors[0].mta_sts: must be true or false"),
+    ({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"], "mta_sts": True,
+                      "smart_hosts": ["mail.p.test"]}]},
+     "connectors[0].mta_sts: has no effect with smart_hosts"),
+])
+def test_config_errors_name_the_key(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_config_check_reports_an_mta_sts_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[mta_sts]\nhttps_port = 0\n')
+    result = CliRunner().invoke(cli_main, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"relaywatch: {path}: mta_sts.https_port: must be a port number from 1 to 65535 (got 0)"]
+
+
+def test_errors_explains_both_meanings_of_4_7_320():
+    both = CliRunner().invoke(cli_main, ["errors", "4.7.320"])
+    assert both.exit_code == 0
+    assert "Certificate validation failed" in both.output and "MTA-STS policy not met" in both.output
+    one = CliRunner().invoke(cli_main, ["errors", "tls.sts_policy"]).output
+    assert "MTA-STS policy not met" in one and "Certificate validation failed" not in one

@@ -424,3 +424,11 @@ def lookup(code_or_id: str) -> Entry | None:
     if code_or_id in CATALOG:
         return CATALOG[code_or_id]
     return next((e for e in CATALOG.values() if e.code == code_or_id), None)
+
+
+def lookup_all(code_or_id: str) -> list[Entry]:
+    """Every entry a user may mean: the one with that id, or all sharing that code
+    (4.7.320 is both a certificate failure and an MTA-STS policy failure)."""
+    if code_or_id in CATALOG:
+        return [CATALOG[code_or_id]]
+    return [e for e in CATALOG.values() if e.code == code_or_id]
