@@ -108,7 +108,11 @@ class Failure:
     sts: dict[str, Any] | None = None   # the MTA-STS policy broken (4.7.320 sts_*), as in docs/json.md
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["sts"] is None:
+            # Only MTA-STS failures have it: every other failure keeps the form it was stored in.
+            del data["sts"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Failure":
