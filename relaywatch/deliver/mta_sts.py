@@ -17,7 +17,8 @@ only report it (``testing``) or forget the policy (``none``).
   policy, and with none cached mail goes as without a policy (RFC 8461 5).
 - ``MtaSts.record``: every session under a policy, success or failure, as a
   ``TlsResult`` with RFC 8460's fields (policy domain, type, strings, MX,
-  result type), logged and kept for TLS reporting to aggregate.
+  result type), logged and kept for TLS reporting to aggregate;
+  ``report_policies`` (pure) is that aggregation, a report's ``policies``.
 
 Applying a policy to targets and sessions is deliver/smtp.py's; this module
 opens no SMTP connection.  The fetch uses httpx, connected to the address our
@@ -218,6 +219,39 @@ class TlsResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def report_policies(results: list[TlsResult]) -> list[dict]:
+    """The ``policies`` of an RFC 8460 report (4.4) from the results of one period.
+
+    One entry per policy domain and policy (type, id), with its session
+    counts and ``failure-details`` grouped by result type, MX and address.
+    A failed fetch counts as a failed session of its policy (RFC 8460 4.3.2.2
+    reports policy fetch failures this way)."""
+    groups: dict[tuple, dict] = {}
+    for r in results:
+        key = (r.policy_domain, r.policy_type, r.policy_id)
+        group = groups.setdefault(key, {"policy": {
+            "policy-type": r.policy_type, "policy-string": list(r.policy_strings), "policy-domain": r.policy_domain,
+            **({"mx-host": [line[3:].strip() for line in r.policy_strings if line.startswith("mx:")]}
+               if r.policy_type == "sts" else {})},
+            "summary": {"total-successful-session-count": 0, "total-failure-session-count": 0},
+            "_failures": collections.Counter()})
+        if r.result_type is None:
+            group["summary"]["total-successful-session-count"] += 1
+        else:
+            group["summary"]["total-failure-session-count"] += 1
+            group["_failures"][(r.result_type, r.mx_host, r.receiving_ip)] += 1
+    out = []
+    for group in groups.values():
+        failures = group.pop("_failures")
+        if failures:
+            group["failure-details"] = [
+                {"result-type": kind, **({"receiving-mx-hostname": mx} if mx else {}),
+                 **({"receiving-ip": ip} if ip else {}), "failed-session-count": n}
+                for (kind, mx, ip), n in sorted(failures.items(), key=lambda item: (item[0][0], item[0][1] or ""))]
+        out.append(group)
+    return out
 
 
 # -- the cache ----------------------------------------------------------------------------
