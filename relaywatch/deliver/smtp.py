@@ -10,11 +10,11 @@ the one that should have worked); every other is kept in the attempt's
 ``hosts_tried``.
 
 MTA-STS (deliver/mta_sts.py) on the MX route: ``targets`` hands each MX its
-domain's policy, ``tls_policy`` turns a policy in force into "TLS required,
-certificate valid for the MX name", and ``_open`` passes over an MX the
-policy does not list (enforce) and records every session's result.  In
-testing mode a session that would fail the policy is logged and opened again
-as without one, so mail flows while the domain tests.
+domain's policy, ``_passed_over`` skips an MX an enforced policy does not
+list (it is never resolved or contacted), ``tls_policy`` turns a policy into
+"TLS required, certificate valid for the MX name", and ``_open`` records each
+session's result.  In testing mode a session that would fail the policy is
+logged and opened again as without one, so mail flows while the domain tests.
 """
 
 from __future__ import annotations
