@@ -545,3 +545,54 @@ async def test_a_delivery_under_a_policy_reports_as_rfc_8460_expects(world):
     [policy] = report_policies(world.results)
     assert policy["policy"]["policy-string"] == ["version: STSv1", "mode: enforce", f"mx: {MX}", "max_age: 86400"]
     assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 0}
+
+
+# -- the cache's lifetime, on a clock of our own ------------------------------------------------
+
+from relaywatch.deliver.mta_sts import FETCH_FAILURE_HOLD, MtaSts  # noqa: E402
+from relaywatch.deliver.resolver import Resolver  # noqa: E402
+
+
+def _service(world, tmp_path, now):
+    config = parse_config({
+        "server": {"data_dir": str(tmp_path / "svc")},
+        "dns": {"nameservers": [f"{LOOPBACK}:{world.dns.port}"], "timeout": "1s"},
+        "mta_sts": {"ca_file": str(tmp_path / "ca.pem"), "https_port": world.https_port, "fetch_timeout": "3s"}})
+    return MtaSts(lambda: config, Resolver(config.dns), clock=lambda: now[0])
+
+
+async def test_a_cached_policy_lasts_until_max_age_and_no_longer(world, tmp_path):
+    await world.start(policy=policy_text(max_age=600))
+    now = [1_000_000.0]
+    sts = _service(world, tmp_path, now)
+    assert (await sts.policy(DOMAIN)).mode == "enforce"
+    await world.policy.stop()
+    world.policy = None
+    world.set_txt("2")                                   # a refresh is due, and fails
+    now[0] += 599
+    assert (await sts.policy(DOMAIN)).id == "1"          # the cached policy still holds
+    now[0] += FETCH_FAILURE_HOLD + 1                     # past max_age: the cache is gone
+    assert await sts.policy(DOMAIN) is None
+    assert DOMAIN not in (tmp_path / "svc" / "mta-sts.json").read_text()
+    assert [r.result_type for r in sts.results] == ["sts-policy-fetch-error", "sts-policy-fetch-error"]
+
+
+async def test_a_failed_fetch_is_not_repeated_at_once(world, tmp_path):
+    await world.start(policy=policy_text(), status=503)
+    now = [1_000_000.0]
+    sts = _service(world, tmp_path, now)
+    assert await sts.policy(DOMAIN) is None
+    assert await sts.policy(DOMAIN) is None
+    assert len(world.policy.requests) == 1               # held back after the failure
+    now[0] += FETCH_FAILURE_HOLD
+    world.policy.status = 200
+    assert (await sts.policy(DOMAIN)).id == "1"
+    assert len(world.policy.requests) == 2
+
+
+async def test_many_messages_at_once_fetch_the_policy_once(world, tmp_path):
+    await world.start(policy=policy_text())
+    sts = _service(world, tmp_path, [1_000_000.0])
+    policies = await asyncio.gather(*(sts.policy(DOMAIN) for _ in range(5)))
+    assert {p.id for p in policies} == {"1"}
+    assert len(world.policy.requests) == 1
