@@ -596,3 +596,34 @@ async def test_many_messages_at_once_fetch_the_policy_once(world, tmp_path):
     policies = await asyncio.gather(*(sts.policy(DOMAIN) for _ in range(5)))
     assert {p.id for p in policies} == {"1"}
     assert len(world.policy.requests) == 1
+
+
+# -- the incident's diagnosis reads the same facts ------------------------------------------------
+
+from relaywatch.model import Failure  # noqa: E402
+from relaywatch.watch.diagnosis import diagnose  # noqa: E402
+from relaywatch.watch.model import Incident, IncidentKind  # noqa: E402
+
+_STS = {"policy_domain": DOMAIN, "policy_type": "sts", "policy_id": "7", "mode": "enforce",
+        "mx": ["mx.partner.test"], "mx_host": "rogue.partner.test", "result_type": "validation-failure"}
+
+
+def _sts_incident(subtype, host="rogue.partner.test", **error):
+    failure = Failure.from_dict({"code": "4.7.320", "kind": "tls.sts_policy", "subtype": subtype, "sts": _STS,
+                                 "destination": {"host": host, "ip": None, "port": 25}, **error})
+    return Incident(kind=IncidentKind.BACKLOG, connector="internet", code="4.7.320", title="", opened_at=0.0,
+                    latest_error=failure)
+
+
+@pytest.mark.parametrize("incident, cause, words", [
+    (_sts_incident("sts_mx_mismatch"), "sts_mx_not_listed", "lists only mx.partner.test"),
+    (_sts_incident("sts_starttls_not_offered", MX), "sts_starttls_missing", "does not offer STARTTLS"),
+    (_sts_incident("sts_certificate", MX, tls={"sans": ["other.example.test"], "issuer": "Test CA",
+                                                "expected_name": MX}),
+     "sts_certificate", "is for other.example.test (issued by Test CA), not a valid one for mx.partner.test"),
+    (_sts_incident("sts_tls_handshake", MX), "sts_tls_failed", "policy of partner.test (id 7)"),
+])
+def test_the_diagnosis_of_a_policy_failure(incident, cause, words):
+    d = diagnose(incident, None)
+    assert d.cause == cause and words in d.text, d.text
+    assert d.facts["sts"]["policy_id"] == "7"

@@ -118,4 +118,24 @@ def diagnose(incident: Incident, last_good: dict | None, probe: ProbeResult | No
                                       "not trust (set the connector's ca_file for a private CA).")
         if subtype == "revoked":
             return out("cert_revoked", f"The certificate of {host} (serial {tls.get('serial')}) has been revoked.")
+    if kind == "tls.sts_policy":
+        return _sts(subtype, host, tls, (e.sts if e else None) or {}, facts, out)
     return out("destination_reply", f"{host} answers \"{reply or (e.detail if e else '')}\".")
+
+
+def _sts(subtype: str | None, host: str | None, tls: dict, sts: dict, facts: dict, out) -> Diagnosis:
+    """An MX that does not meet the recipient domain's enforced MTA-STS policy (RFC 8461)."""
+    facts["sts"] = sts
+    policy = f"the MTA-STS policy of {sts.get('policy_domain', '?')} (id {sts.get('policy_id', '?')})"
+    if subtype == "sts_mx_mismatch":
+        return out("sts_mx_not_listed", f"{host} is an MX of {sts.get('policy_domain', 'the domain')} but {policy} "
+                                        f"lists only {', '.join(sts.get('mx') or []) or 'other hosts'}: the domain "
+                                        "changed its MX records without its policy, or its MX answer was tampered with.")
+    if subtype == "sts_starttls_not_offered":
+        return out("sts_starttls_missing", f"{host} does not offer STARTTLS, which {policy} requires: TLS is off on "
+                                           "that server, or something on the network path strips it (a downgrade).")
+    if subtype == "sts_certificate":
+        names = ", ".join(tls.get("sans") or []) or tls.get("subject") or "?"
+        return out("sts_certificate", f"The certificate of {host} is for {names} (issued by {tls.get('issuer', '?')}), "
+                                      f"not a valid one for {tls.get('expected_name') or host}, as {policy} requires.")
+    return out("sts_tls_failed", f"TLS with {host} fails, and {policy} does not allow mail without it.")
