@@ -76,7 +76,8 @@ def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]
     if o is Outcome.STS_MX_MISMATCH:
         patterns = ", ".join(sts.get("mx") or []) or "none"
         return (e, "sts_mx_mismatch", e.code, e.smtp_code,
-                f"{here} is not one of the MX hosts {policy} allows (mx: {patterns}); relaywatch did not connect to it.")
+                f"{here} is not one of the MX hosts {policy} allows (mx: {patterns}); "
+                f"relaywatch did not connect to it.")
     if o is Outcome.TLS_NOT_OFFERED or o is Outcome.REPLY:
         how = "does not offer STARTTLS" if o is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
         return (e, "sts_starttls_not_offered", e.code, e.smtp_code,

@@ -129,8 +129,9 @@ def _sts(subtype: str | None, host: str | None, tls: dict, sts: dict, facts: dic
     policy = f"the MTA-STS policy of {sts.get('policy_domain', '?')} (id {sts.get('policy_id', '?')})"
     if subtype == "sts_mx_mismatch":
         return out("sts_mx_not_listed", f"{host} is an MX of {sts.get('policy_domain', 'the domain')} but {policy} "
-                                        f"lists only {', '.join(sts.get('mx') or []) or 'other hosts'}: the domain "
-                                        "changed its MX records without its policy, or its MX answer was tampered with.")
+                                        f"lists only {', '.join(sts.get('mx') or []) or 'other hosts'}: the "
+                                        "domain changed its MX records without its policy, or its MX answer was "
+                                        "tampered with.")
     if subtype == "sts_starttls_not_offered":
         return out("sts_starttls_missing", f"{host} does not offer STARTTLS, which {policy} requires: TLS is off on "
                                            "that server, or something on the network path strips it (a downgrade).")
