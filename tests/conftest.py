@@ -73,3 +73,11 @@ def pytest_asyncio_loop_factories(config, item):
     if item.get_closest_marker("both_loops") is not None or os.environ.get("RELAYWATCH_TEST_LOOPS") == "both":
         return LOOPS
     return {"asyncio": LOOPS["asyncio"]}
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Fixtures can see how the test went (tests/test_dashboard.py screenshots a failure).
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

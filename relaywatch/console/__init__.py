@@ -8,4 +8,5 @@
     metrics.py  /metrics rendering (pure) and the delivery process's counter export
     health.py   /healthz, /readyz
     openapi.py  /api/v1/openapi.json from the route table
+    web.py      the web pages (templates/, static/): built from the API handlers, sessions, CSRF
 """

@@ -2,7 +2,8 @@
 
 Started by app.py in the receiving process (or the all-in-one one), after
 the SMTP listener; stopped before it.  This module wires the parts: the h11
-server (http.py) hands each request to ``dispatch``, which matches a route
+server (http.py) hands each request to ``dispatch``: a page goes to web.py;
+for the rest it matches a route
 (router.py), checks the token (auth.py) and calls the handler (api.py).
 """
 
@@ -21,6 +22,7 @@ from relaywatch.console.auth import authenticate, cross_site
 from relaywatch.console.http import HttpServer, Request, Response, error_response, json_response
 from relaywatch.console.openapi import document
 from relaywatch.console.router import NoRoute, match
+from relaywatch.console.web import Web, is_page
 
 log = logging.getLogger("relaywatch.console")
 
@@ -31,6 +33,7 @@ class Console:
         self.api = Api(app, document(ROUTES), self.metrics_text)
         self.server: HttpServer | None = None
         self.last_queue_query_seconds: float | None = None
+        self.web = Web(self)     # the pages (console/web.py), on the API's handlers
 
     @property
     def config(self):
@@ -46,6 +49,7 @@ class Console:
             context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         self.server = HttpServer(self.dispatch, ssl_context=context)
         await self.server.start(*listen)
+        self.web.start()
         log.info("console on %s://%s (API /api/v1, /metrics, /healthz, /readyz)",
                  "https" if context else "http", format_hostport(*self.address))
 
@@ -54,12 +58,15 @@ class Console:
         return self.server.address if self.server is not None else None
 
     async def stop(self) -> None:
+        await self.web.stop()
         await self.api.jobs.stop()   # a bulk action stops between messages; the audit log has what it was
         if self.server is not None:
             await self.server.stop()
             self.server = None
 
     async def dispatch(self, req: Request) -> Response:
+        if is_page(req.path):
+            return await self._page(req)
         # HEAD is GET without the body (http.py drops it): load balancers probe with it.
         found = match(ROUTES, "GET" if req.method == "HEAD" else req.method, req.path)
         public = not isinstance(found, NoRoute) and found.route.public
@@ -90,6 +97,17 @@ class Console:
         except StoreError as exc:   # the queue store is down or refused: say so, no traceback
             log.warning("console %s %s: %s", req.method, req.path, exc)
             return error_response(503, f"the queue store could not answer: {exc}")
+
+    async def _page(self, req: Request) -> Response:
+        # The same-origin check as for the API, then the pages' own (session, CSRF: web.py).
+        if req.method == "POST" and cross_site(req.headers):
+            return error_response(403, "a request from another site may not act here", "origin")
+        try:
+            return await self.web.handle(req)
+        except StoreError as exc:
+            log.warning("console %s %s: %s", req.method, req.path, exc)
+            return Response(503, f"The queue store could not answer: {exc}".encode(),
+                            content_type="text/plain; charset=utf-8")
 
     async def readiness(self) -> tuple[int, dict]:
         return health.readiness({"store": await health.check_store(self.app.store),

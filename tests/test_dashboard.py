@@ -1,0 +1,367 @@
+"""The console's web pages in a real browser: Debian's Chromium driven by Playwright.
+
+One browser for the module (a new context, so new cookies, per test); the
+relay runs in the module's event loop beside it.  Nothing downloads a
+browser: /usr/bin/chromium is the one `apt-get install chromium` put there
+(.ci/run installs it).  Without it the module is skipped, except under CI,
+where that is a failure.  When a test fails, every page it visited is
+screenshotted under its tmp_path and the paths printed.
+"""
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from helpers import LOOPBACK, Relay, Scripted, Sink, base_config, eventually, free_port, message
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TOKEN = "ops-token-0123456789abcdef"
+EVIL_SCRIPT = "<script>alert(1)</script>"
+EVIL_IMG = '"><img src=x onerror=alert(1)>'
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def _require_chromium():
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: CI installs Debian's chromium (.ci/run) for the browser tests")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium): the browser tests need Debian's Chromium")
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed (requirements-dev.txt)")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser():
+    _require_chromium()
+    from playwright.async_api import async_playwright
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        await b.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def relay_factory(tmp_path):
+    """As conftest's, in the module's loop (where the browser is)."""
+    started = []
+
+    async def make(**sections):
+        relay = await Relay(tmp_path, base_config(tmp_path, **sections)).start()
+        started.append(relay)
+        return relay
+    yield make
+    for relay in started:
+        await relay.stop()
+
+
+class Tab:
+    """A page of its own browser context; remembers what it visited and every dialog that opened."""
+
+    def __init__(self, page, base: str):
+        self.page, self.base = page, base
+        self.visited: list[str] = []
+        self.dialogs: list[str] = []
+
+        async def on_dialog(dialog):
+            self.dialogs.append(dialog.message)
+            await dialog.dismiss()
+        page.on("dialog", on_dialog)
+
+    async def goto(self, path: str):
+        response = await self.page.goto(self.base + path)
+        self.visited.append(self.page.url)
+        return response
+
+    def text(self, selector: str = "main"):
+        return self.page.inner_text(selector)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tab_factory(browser, request, tmp_path):
+    tabs: list[Tab] = []
+
+    async def make(relay) -> Tab:
+        host, port = relay.app.console.address
+        context = await browser.new_context()
+        tab = Tab(await context.new_page(), f"http://{host}:{port}")
+        tabs.append(tab)
+        return tab
+    yield make
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for n, tab in enumerate(tabs):
+        if failed:
+            shots = tmp_path / "screenshots"
+            shots.mkdir(exist_ok=True)
+            for i, url in enumerate(dict.fromkeys(tab.visited + [tab.page.url])):
+                path = shots / f"tab{n}-{i}.png"
+                try:
+                    await tab.page.goto(url)
+                    await tab.page.screenshot(path=str(path), full_page=True)
+                    print(f"screenshot of {url}: {path}", file=sys.stderr)
+                except Exception as exc:   # the relay may be what failed
+                    print(f"no screenshot of {url}: {exc}", file=sys.stderr)
+        await tab.page.context.close()
+
+
+def refused(name: str, port: int | None = None, domain: str | None = None) -> dict:
+    return {"name": name, "type": "partner", "domains": [domain or f"{name}.test"],
+            "smart_hosts": [f"{LOOPBACK}:{port or free_port()}"], "tls": "none"}
+
+
+WATCH = {"open_after": "0s", "evaluate_interval": "0.2s", "probe_interval": "1h", "cert_probe_interval": "1h",
+         "min_messages": 1}
+
+
+async def deferred(relay, n: int) -> list[dict]:
+    async def all_tried():
+        q = await relay.queue()
+        return q if len(q) == n and all(m["attempts"] >= 1 and m["status"] == "deferred" for m in q) else None
+    return await eventually(all_tried, what=f"{n} message(s) deferred")
+
+
+async def open_incident(relay) -> dict:
+    async def found():
+        return (await relay.cli_json("incidents", "list"))["incidents"]
+    [inc] = await eventually(found, what="an incident to open")
+    return inc
+
+
+async def stuck(relay_factory, n=2, **sections):
+    sections.setdefault("connectors", [refused("p")])
+    sections.setdefault("queue", {"retry_intervals": ["1h"], "message_expiration": "2h"})
+    sections.setdefault("alerts", WATCH)
+    relay = await relay_factory(**sections)
+    for i in range(n):
+        await relay.send("alice@contoso.test", [f"u{i}@{sections['connectors'][0]['domains'][0]}"], message(f"m{i}"))
+    return relay, await deferred(relay, n)
+
+
+# -- the pages --------------------------------------------------------------------------------------
+
+async def test_the_overview_shows_the_incident_a_refused_connector_opened(relay_factory, tab_factory):
+    relay, listed = await stuck(relay_factory, connectors=[refused("p"), refused("idle", domain="idle.test")])
+    inc = await open_incident(relay)
+    tab = await tab_factory(relay)
+    response = await tab.goto("/")
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "unsafe-inline" not in csp
+    text = await tab.text()
+    assert f"#{inc['id']} 4.4.316" in text and "Open incidents" in text
+    row = tab.page.locator("tr[data-connector=p]")
+    assert "4.4.316: 2" in await row.inner_text()
+    assert "2 message(s) will be returned to their senders in the next 2 hour(s) unless this is fixed" in \
+        await row.inner_text()
+    # The connector with the incident comes first.
+    assert await tab.page.locator("table.connectors tbody tr").first.get_attribute("data-connector") == "p"
+    assert await tab.page.locator("svg rect").count() == 24 * 3
+    assert "the queue store keeps no delivered mail" in text
+    await tab.page.click(f"a[href='/incidents/{inc['id']}']")
+    flyout = await tab.text("section.flyout")
+    port = relay.raw["connectors"][0]["smart_hosts"][0].rsplit(":", 1)[1]
+    for field in ("Message count", "Connector", "Queue start", "Oldest message", "Destination server",
+                  "Last IP address", "Last error", "How to fix"):
+        assert field in flyout
+    assert "2 (2 recipient(s)" in flyout and "4.4.316" in flyout and LOOPBACK in flyout and port in flyout
+    if os.environ.get("RELAYWATCH_SCREENSHOT"):   # docs/console-overview.png
+        await tab.goto("/")
+        await tab.page.set_viewport_size({"width": 1100, "height": 560})
+        await tab.page.screenshot(path=os.environ["RELAYWATCH_SCREENSHOT"])
+    assert tab.dialogs == []
+
+
+async def test_the_queue_filters(relay_factory, tab_factory):
+    relay = await relay_factory(connectors=[refused("p"), refused("q")], queue={"retry_intervals": ["1h"]})
+    for i in range(2):
+        await relay.send("alice@contoso.test", [f"a{i}@p.test"], message(f"p{i}"))
+    await relay.send("alice@contoso.test", ["b@q.test"], message("q"))
+    listed = await deferred(relay, 3)
+    tab = await tab_factory(relay)
+    await tab.goto("/queue")
+    rows = tab.page.locator("table.queue tbody tr[data-id]")
+    assert await rows.count() == 3
+    await tab.page.fill("input[name=connector]", "q")
+    await tab.page.click("form.filters button[type=submit]")
+    await tab.page.wait_for_url("**/queue?*connector=q*")
+    assert await rows.count() == 1 and "b@q.test" in await rows.first.inner_text()
+    assert "4.4.316" in await rows.first.inner_text()   # the last server response per recipient
+    await tab.goto("/queue?status=held")
+    assert await rows.count() == 0 and "No messages match" in await tab.text()
+    await tab.goto("/queue?older_than=soon")
+    assert "older_than" in await tab.text(".error")
+    # A message's page: its attempt history and what to do.
+    await tab.goto(f"/queue/{listed[0]['id']}")
+    text = await tab.text()
+    assert "Attempt history" in text and "What to do" in text and "4.4.316" in text
+
+
+async def test_fix_now_shows_the_dry_run_then_applies_and_audits(relay_factory, tab_factory):
+    relay, listed = await stuck(relay_factory)
+    inc = await open_incident(relay)
+    assert "pause" in inc["actions"]
+    tab = await tab_factory(relay)
+    await tab.goto(f"/incidents/{inc['id']}")
+    fix = tab.page.locator(f"form[action='/incidents/{inc['id']}/fix/pause']")
+    await fix.locator("input[name=reason]").fill("INC-7: partner down, stop hammering it")
+    await fix.locator("button").click()
+    confirm = tab.page.locator("section.confirm")
+    assert "Dry run" in await confirm.inner_text()
+    assert (await tab.page.locator("ol.plan li").count()) >= 1
+    assert (await relay.cli_json("config", "show"))["overrides"] == {}    # nothing done yet
+    await confirm.locator("button.danger").click()
+    assert "Done: pause" in await tab.text("section.result")
+    overrides = (await relay.cli_json("config", "show"))["overrides"]
+    assert any("paused" in key for key in overrides), overrides
+    await tab.goto("/audit")
+    row = tab.page.locator("table.audit tbody tr").first
+    text = await row.inner_text()
+    assert "loopback" in text and "pause" in text and "INC-7: partner down" in text
+
+
+async def test_a_bulk_action_shows_the_count_first(relay_factory, tab_factory):
+    relay, listed = await stuck(relay_factory, n=3)
+    tab = await tab_factory(relay)
+    await tab.goto("/queue?connector=p")
+    bulk = tab.page.locator("form.bulk")
+    await bulk.locator("select[name=action]").select_option("hold")
+    await bulk.locator("input[name=reason]").fill("maintenance window")
+    await bulk.locator("button").click()
+    assert "3 message(s) match" in await tab.text("section.confirm")
+    assert all(m["status"] == "deferred" for m in await relay.queue())
+    await tab.page.locator("section.confirm button.danger").click()
+    assert "3 message(s) matched" in await tab.text(".result")
+    await eventually(lambda: _all_held(relay), what="the job to hold all three")
+
+
+async def _all_held(relay):
+    return all(m["status"] == "held" for m in await relay.queue())
+
+
+async def test_the_overview_updates_live_when_a_message_is_delivered(relay_factory, tab_factory):
+    port = free_port()
+    relay, [entry] = await stuck(relay_factory, n=1, connectors=[refused("p", port)], alerts={})
+    tab = await tab_factory(relay)
+    await tab.goto("/")
+    delivered = tab.page.locator("tr[data-connector=p] td.delivered")
+    assert await delivered.inner_text() == "0"
+    await tab.page.evaluate("window.stillTheSamePage = true")
+    sink = await Sink(port=port).start()
+    try:
+        host, cport = relay.app.console.address
+        async with httpx.AsyncClient(base_url=f"http://{host}:{cport}") as http:
+            r = await http.post(f"/api/v1/queue/{entry['id']}/retry", json={"reason": "partner back"})
+            assert r.status_code == 200
+        await eventually(lambda: len(sink.messages) == 1, what="the delivery")
+        from playwright.async_api import expect
+        await expect(delivered).to_have_text("1", timeout=15_000)
+        await expect(tab.page.locator("tr[data-connector=p] td").nth(3)).to_have_text("0", timeout=15_000)
+        assert await tab.page.evaluate("window.stillTheSamePage") is True    # updated in place, not reloaded
+    finally:
+        await sink.stop()
+
+
+# -- attacker-controlled text ---------------------------------------------------------------------------
+
+async def evil_destination(conv):
+    await conv.say(f"220 {EVIL_SCRIPT} {EVIL_IMG} ESMTP")
+    while True:
+        cmd = (await conv.hear()).upper()
+        if cmd.startswith(("EHLO", "HELO")):
+            await conv.say(f"250-evil.test {EVIL_SCRIPT}", "250 8BITMIME")
+        elif cmd.startswith("RCPT"):
+            await conv.say(f"451 4.3.0 {EVIL_SCRIPT}{EVIL_IMG}")
+        elif cmd.startswith("QUIT"):
+            await conv.say("221 bye")
+            return
+        elif cmd.startswith("DATA"):
+            await conv.say("554 no")
+        else:
+            await conv.say("250 OK")
+
+
+async def test_remote_text_is_shown_escaped_and_never_runs(relay_factory, tab_factory):
+    evil = await Scripted(evil_destination).start()
+    try:
+        relay, [entry] = await stuck(relay_factory, n=1, connectors=[refused("p", evil.port)])
+        inc = await open_incident(relay)
+        tab = await tab_factory(relay)
+        for path in ("/", "/queue", f"/queue/{entry['id']}", f"/incidents/{inc['id']}", "/connectors/p"):
+            await tab.goto(path)
+            text = await tab.text()
+            if path not in ("/", "/connectors/p"):   # codes and counts; the connector page until its test
+                assert EVIL_SCRIPT in text and EVIL_IMG in text, path
+            assert await tab.page.locator("img").count() == 0, path
+            assert await tab.page.locator("main script").count() == 0, path
+        await tab.page.click("text=Test this connector")
+        test = await tab.text("section.test")
+        assert EVIL_SCRIPT in test and EVIL_IMG in test        # the banner and the reply, as text
+        assert await tab.page.locator("img").count() == 0
+        await asyncio.sleep(0)   # (a dialog is an event: let any pending one arrive)
+        assert tab.dialogs == []
+    finally:
+        await evil.stop()
+
+
+# -- access ---------------------------------------------------------------------------------------------
+
+async def test_a_post_without_the_csrf_token_is_refused(relay_factory, tab_factory):
+    relay, [entry] = await stuck(relay_factory, n=1, alerts={})
+    tab = await tab_factory(relay)
+    await tab.goto(f"/queue/{entry['id']}")
+    action = f"{tab.base}/queue/{entry['id']}/hold"
+    # The browser's own cookies (page.request shares them), no or a wrong token in the form.
+    for fields in ({"reason": "no token"}, {"reason": "wrong token", "csrf": "0" * 64}):
+        r = await tab.page.request.post(action, form=fields)
+        assert r.status == 403 and "CSRF" in await r.text(), fields
+    assert (await relay.show(entry["id"]))["status"] == "deferred"
+    # Another site's page posting here is refused by the same-origin check before that.
+    r = await tab.page.request.post(action, form={"reason": "x"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert r.status == 403
+    # The form itself carries the token: that works.
+    await tab.page.fill("#act input[name=reason]", "looking into it")
+    await tab.page.click("#act button[formaction$='/hold']")
+    assert "is held" in await tab.text(".result")
+    assert (await relay.show(entry["id"]))["status"] == "held"
+    cookie, = await tab.page.context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]   # plain HTTP here
+
+
+async def test_with_tokens_the_console_logs_in_once_and_audits_the_token_name(relay_factory, tab_factory):
+    relay, [entry] = await stuck(relay_factory, n=1, alerts={},
+                                 http={"listen": f"{LOOPBACK}:0", "tokens": [f"ops:{TOKEN}"]})
+    tab = await tab_factory(relay)
+    await tab.goto(f"/queue/{entry['id']}")
+    assert "/login?next=" in tab.page.url
+    await tab.page.fill("input[name=token]", "not-the-token-0123456789")
+    await tab.page.click("form.stack button")
+    assert "not one of the console's" in await tab.text(".error")
+    await tab.page.fill("input[name=token]", TOKEN)
+    await tab.page.click("form.stack button")
+    await tab.page.wait_for_url(f"**/queue/{entry['id']}")
+    assert "ops" in await tab.text("header")
+    await tab.page.fill("#act input[name=reason]", "INC-9")
+    await tab.page.click("#act button[formaction$='/hold']")
+    assert "by ops" in await tab.text(".result")
+    [record] = [a for a in await relay.store.audit_log(10) if a["action"] == "queue hold"]
+    assert record["who"] == "ops" and record["detail"]["reason"] == "INC-9"
+    # Without the session: the login page for a browser, 401 for the API, as before.
+    host, port = relay.app.console.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+        r = await http.get("/")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+        assert (await http.get("/api/v1/queue")).status_code == 401
+        forged = await http.post(f"/queue/{entry['id']}/release", data={"reason": "x"},
+                                 cookies={"relaywatch_session": "a.b.c.d"})
+        assert forged.status_code == 303 and (await relay.show(entry["id"]))["status"] == "held"
