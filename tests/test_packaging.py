@@ -56,6 +56,11 @@ def test_the_installed_command_runs(installed):
     # What serve imports on its first lines (uvloop, DNS, TLS diagnosis, the SQLite store, the console) is there too.
     run(python, "-c", "import uvloop, relaywatch.app, relaywatch.deliver.transport, relaywatch.store.sqlite, "
                       "relaywatch.console.server")
+    # The console's templates and static files are in the wheel.
+    run(python, "-c", "from importlib import resources; from relaywatch.console.web import Web; env = Web(None).env; "
+                      "[env.get_template(t) for t in ('overview.html', 'incident.html', 'queue.html')]; "
+                      "assert all(resources.files('relaywatch.console').joinpath('static', f).is_file() "
+                      "for f in ('console.css', 'console.js'))")
 
 
 def test_postgresql_is_an_extra_and_config_check_says_so(installed, tmp_path):

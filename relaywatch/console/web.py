@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import hashlib
 import hmac
 import json
@@ -190,12 +191,8 @@ class FlowHistory:
 
     def at(self, when: float) -> dict[tuple[str, str], int]:
         """The counts of the last sample at or before ``when`` (none before start: zero)."""
-        found: dict[tuple[str, str], int] = {}
-        for t, counts in self.samples:
-            if t > when:
-                break
-            found = counts
-        return found
+        i = bisect.bisect_right(self.samples, when, key=lambda sample: sample[0])
+        return self.samples[i - 1][1] if i else {}
 
     def since(self, now: float, seconds: float, counts: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
         before = self.at(now - seconds)
