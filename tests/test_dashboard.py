@@ -365,3 +365,28 @@ async def test_with_tokens_the_console_logs_in_once_and_audits_the_token_name(re
         forged = await http.post(f"/queue/{entry['id']}/release", data={"reason": "x"},
                                  cookies={"relaywatch_session": "a.b.c.d"})
         assert forged.status_code == 303 and (await relay.show(entry["id"]))["status"] == "held"
+
+
+# -- bad input (no browser needed) ------------------------------------------------------------------------
+
+async def test_bad_input_on_a_page_is_a_page_saying_so(relay_factory):
+    relay, [entry] = await stuck(relay_factory, n=1, alerts={})
+    host, port = relay.app.console.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:
+        home = await http.get("/")
+        csrf = home.text.split('name="csrf" value="', 1)[1].split('"', 1)[0] if 'name="csrf"' in home.text else None
+        session = home.cookies.get("relaywatch_session")
+        assert home.status_code == 200 and session and home.headers["content-type"].startswith("text/html")
+        for path, status, says in (("/incidents/abc", 400, "whole number"), ("/incidents/99", 404, "no incident 99"),
+                                   ("/queue/ZZZ", 404, "no queued message"), ("/connectors/nope", 404, "nope"),
+                                   ("/nothing-here", 404, "No such page"), ("/static/web.py", 404, "not found"),
+                                   ("/queue?older_than=soon", 400, "older_than")):
+            r = await http.get(path)
+            assert r.status_code == status and says in r.text and "Traceback" not in r.text, (path, r.status_code)
+        r = await http.post(f"/queue/{entry['id']}/explode", data={"reason": "x", "csrf": csrf})
+        assert r.status_code == 400 and "unknown action" in r.text
+        r = await http.post(f"/queue/{entry['id']}/hold", data={"reason": " ", "csrf": csrf})
+        assert r.status_code == 400 and "A reason is required" in r.text
+        assert (await relay.show(entry["id"]))["status"] == "deferred"
+        r = await http.get("/login?next=//evil.example/")
+        assert r.status_code == 303 and r.headers["location"] == "/"     # logged in (loopback): no open redirect
