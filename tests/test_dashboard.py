@@ -228,6 +228,12 @@ async def test_fix_now_shows_the_dry_run_then_applies_and_audits(relay_factory, 
     row = tab.page.locator("table.audit tbody tr").first
     text = await row.inner_text()
     assert "loopback" in text and "pause" in text and "INC-7: partner down" in text
+    # And undo, with its own reason.
+    await tab.goto(f"/incidents/{inc['id']}")
+    await tab.page.fill("#undo input[name=reason]", "partner back")
+    await tab.page.click("#undo button")
+    assert "Done: undo" in await tab.text("section.result")
+    assert (await relay.cli_json("config", "show"))["overrides"] == {}
 
 
 async def test_a_bulk_action_shows_the_count_first(relay_factory, tab_factory):

@@ -65,6 +65,7 @@ PAGES = (
     Route("GET", "/static/{name}", "static", "CSS and JS", public=True),
     Route("GET", "/incidents/{id}", "incident", "One incident"),
     Route("POST", "/incidents/{id}/fix/{action}", "incident_fix", "Fix now (confirm shows the dry run)"),
+    Route("POST", "/incidents/{id}/undo", "incident_undo", "Undo the last Fix now action"),
     Route("GET", "/queue", "queue", "The queue"),
     Route("POST", "/queue/actions", "queue_bulk", "A bulk action (confirm shows the dry run)"),
     Route("GET", "/queue/{id}", "message", "One message"),
@@ -461,6 +462,18 @@ class Web:
                              action=params["action"], result=None, error=None)
         status, out = await self.call("incident_fix", params, who, body={"reason": reason})
         _, inc = await self.call("incident_show", {"id": params["id"]}, who)
+        return self.page(status, "incident.html", session, inc=inc, audit=[], plan=None,
+                         result=out if status == 200 else None, error=None if status == 200 else out.get("error"))
+
+    async def incident_undo(self, req, params, session, who) -> Response:
+        reason = form(req).get("reason", "").strip()
+        if not reason:
+            status, out = 400, {"error": "A reason is required: say why (it is kept in the audit log)."}
+        else:
+            status, out = await self.call("incident_undo", params, who, body={"reason": reason})
+        _, inc = await self.call("incident_show", {"id": params["id"]}, who)
+        if "id" not in inc:
+            return self.page(404, "error.html", session, message=inc.get("error", "no such incident"))
         return self.page(status, "incident.html", session, inc=inc, audit=[], plan=None,
                          result=out if status == 200 else None, error=None if status == 200 else out.get("error"))
 
