@@ -314,7 +314,6 @@ async def test_remote_text_is_shown_escaped_and_never_runs(relay_factory, tab_fa
         test = await tab.text("section.test")
         assert EVIL_SCRIPT in test and EVIL_IMG in test        # the banner and the reply, as text
         assert await tab.page.locator("img").count() == 0
-        await asyncio.sleep(0)   # (a dialog is an event: let any pending one arrive)
         assert tab.dialogs == []
     finally:
         await evil.stop()
@@ -371,6 +370,13 @@ async def test_with_tokens_the_console_logs_in_once_and_audits_the_token_name(re
         forged = await http.post(f"/queue/{entry['id']}/release", data={"reason": "x"},
                                  cookies={"relaywatch_session": "a.b.c.d"})
         assert forged.status_code == 303 and (await relay.show(entry["id"]))["status"] == "held"
+        # Logging out ends the session: a copy of its cookie no longer works either.
+        [cookie] = await tab.page.context.cookies()
+        copied = {"relaywatch_session": cookie["value"]}
+        assert (await http.get("/", cookies=copied)).status_code == 200
+        await tab.page.click("header form.who button")
+        await tab.page.wait_for_url("**/login*")
+        assert (await http.get("/", cookies=copied)).status_code == 303
 
 
 # -- bad input (no browser needed) ------------------------------------------------------------------------

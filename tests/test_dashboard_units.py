@@ -18,6 +18,8 @@ def test_a_session_cookie_reads_back_and_a_changed_one_does_not():
         assert sessions.read(f"{COOKIE}={bad}", 1000.0) is None, bad
     assert sessions.read(f"{COOKIE}={value}", 1000.0 + SESSION_SECONDS + 1) is None     # expired
     assert Sessions().read(f"{COOKIE}={value}", 1000.0) is None                         # another process's key
+    sessions.ended.add(session.id)                                                        # logged out
+    assert sessions.read(f"{COOKIE}={value}", 1000.0) is None
 
 
 def test_the_csrf_token_is_the_sessions_own():
@@ -38,6 +40,7 @@ def test_the_cookie_is_httponly_strict_and_secure_over_https():
 @pytest.mark.parametrize("target, to", [
     ("/queue?status=held", "/queue?status=held"), (None, "/"), ("", "/"), ("//evil.example/", "/"),
     ("https://evil.example/", "/"), ("/\\evil.example", "/"), ("queue", "/"),
+    ("/x\r\nSet-Cookie: a=b", "/"),
 ])
 def test_after_login_only_a_path_of_this_console(target, to):
     assert safe_next(target) == to

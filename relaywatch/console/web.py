@@ -95,6 +95,7 @@ class Sessions:
 
     def __init__(self, key: bytes | None = None):
         self.key = key or secrets.token_bytes(32)
+        self.ended: set[str] = set()     # logged out: a copy of the cookie no longer works
 
     def _mac(self, text: str) -> str:
         return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
@@ -117,7 +118,7 @@ class Sessions:
             issued_at = float(int(issued))
         except ValueError:
             return None
-        if not 0 <= now - issued_at <= SESSION_SECONDS:
+        if not 0 <= now - issued_at <= SESSION_SECONDS or sid in self.ended:
             return None
         return Session(sid, who, issued_at)
 
@@ -155,7 +156,8 @@ def form(req: Request) -> dict[str, str]:
 
 def safe_next(target: str | None) -> str:
     """Only a path on this console (never //host or a scheme): no open redirect."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if (not target or not target.startswith("/") or target.startswith("//") or "\\" in target
+            or any(ord(c) < 32 or ord(c) == 127 for c in target)):
         return "/"
     return target
 
@@ -397,6 +399,7 @@ class Web:
         return redirect(nxt, cookie=self._cookie(value))
 
     async def logout(self, req, params, session, who) -> Response:
+        self.sessions.ended.add(session.id)
         return redirect("/login" if self.console.config.tokens else "/", cookie=self._cookie("", max_age=0))
 
     async def overview_values(self, who: str) -> dict:
@@ -442,8 +445,7 @@ class Web:
         status, inc = await self.call("incident_show", params, who)
         if status != 200:
             return self.page(status, "error.html", session, message=inc.get("error", "no such incident"))
-        probes = [a for a in inc.get("audit", [])]
-        return self.page(200, "incident.html", session, inc=inc, audit=probes, plan=None, result=None, error=None)
+        return self.page(200, "incident.html", session, inc=inc, plan=None, result=None, error=None)
 
     async def incident_fix(self, req, params, session, who) -> Response:
         fields = form(req)
@@ -451,18 +453,20 @@ class Web:
         confirm = fields.get("confirm") == "yes"
         status, out = await self.call("incident_fix", params, who, body={"reason": reason or "-", "dry_run": True})
         _, inc = await self.call("incident_show", {"id": params["id"]}, who)
+        if "id" not in inc:
+            return self.page(status, "error.html", session, message=out.get("error", "no such incident"))
         if status != 200:
-            return self.page(status if status != 200 else 400, "incident.html", session, inc=inc, audit=[],
-                             plan=None, result=None, error=out.get("error"))
+            return self.page(status, "incident.html", session, inc=inc, plan=None, result=None,
+                             error=out.get("error"))
         if not reason:
-            return self.page(400, "incident.html", session, inc=inc, audit=[], plan=None, result=None,
+            return self.page(400, "incident.html", session, inc=inc, plan=None, result=None,
                              error="A reason is required: say why (it is kept in the audit log).")
         if not confirm:   # the confirm step: the dry run, and a button that applies it
-            return self.page(200, "incident.html", session, inc=inc, audit=[], plan=out, reason=reason,
+            return self.page(200, "incident.html", session, inc=inc, plan=out, reason=reason,
                              action=params["action"], result=None, error=None)
         status, out = await self.call("incident_fix", params, who, body={"reason": reason})
         _, inc = await self.call("incident_show", {"id": params["id"]}, who)
-        return self.page(status, "incident.html", session, inc=inc, audit=[], plan=None,
+        return self.page(status, "incident.html", session, inc=inc, plan=None,
                          result=out if status == 200 else None, error=None if status == 200 else out.get("error"))
 
     async def incident_undo(self, req, params, session, who) -> Response:
@@ -474,7 +478,7 @@ class Web:
         _, inc = await self.call("incident_show", {"id": params["id"]}, who)
         if "id" not in inc:
             return self.page(404, "error.html", session, message=inc.get("error", "no such incident"))
-        return self.page(status, "incident.html", session, inc=inc, audit=[], plan=None,
+        return self.page(status, "incident.html", session, inc=inc, plan=None,
                          result=out if status == 200 else None, error=None if status == 200 else out.get("error"))
 
     def queue_filter(self, req) -> dict[str, str]:
