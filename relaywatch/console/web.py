@@ -430,7 +430,7 @@ class Web:
                 row["expiring"] = len(await app.store.queue_page_ids(page, now))
         ordered = sorted(rows.values(), key=lambda r: (not r["incidents"], not r["deferred"], r["name"]))
         hourly = self.history.hourly(now, counts)
-        return {"now": now, "connectors": ordered, "incidents": open_incidents, "horizon_hours": horizon / 3600,
+        return {"now": now, "connectors": ordered, "configured": names, "incidents": open_incidents, "horizon_hours": horizon / 3600,
                 "forecast_cap": FORECAST_CAP, "chart": chart_svg_data(hourly),
                 "totals": {e: sum(h[e] for h in hourly) for e in FLOW_EVENTS},
                 "counting_since": self.history.started}
