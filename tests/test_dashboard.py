@@ -8,7 +8,6 @@ where that is a failure.  When a test fails, every page it visited is
 screenshotted under its tmp_path and the paths printed.
 """
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 TOKEN = "ops-token-0123456789abcdef"
 EVIL_SCRIPT = "<script>alert(1)</script>"
 EVIL_IMG = '"><img src=x onerror=alert(1)>'
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -42,7 +42,7 @@ from relaywatch.model import iso
 from relaywatch.store.base import QueryPage
 
 from relaywatch.console import metrics
-from relaywatch.console.api import BULK_FILTERS, ROUTES as API_ROUTES, STATUSES
+from relaywatch.console.api import BULK_FILTERS, ROUTES as API_ROUTES, STATUSES, BadInput
 from relaywatch.console.auth import authenticate, token_name
 from relaywatch.console.http import Request, Response
 from relaywatch.console.router import Route, match
@@ -58,7 +58,7 @@ STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascri
 
 PAGES = (
     Route("GET", "/", "overview", "Overview"),
-    Route("GET", "/fragments/overview", "overview_fragment", "The overview's live part", public=False),
+    Route("GET", "/fragments/overview", "overview_fragment", "The overview's live part"),
     Route("GET", "/login", "login_form", "Log in", public=True),
     Route("POST", "/login", "login", "Log in with a token", public=True),
     Route("POST", "/logout", "logout", "Log out"),
@@ -363,7 +363,6 @@ class Web:
         raw = json.dumps(body).encode() if body is not None else b""
         req = Request(method=route.method, path=route.path, query={k: [v] for k, v in (query or {}).items()},
                       headers={"content-type": "application/json"}, body=raw, peer="127.0.0.1")
-        from relaywatch.console.api import BadInput
         try:
             response = await getattr(self.api, handler)(req, route, {k: v for k, v in params.items()
                                                                      if k != "action" or handler != "queue_action"},
