@@ -82,6 +82,14 @@ def test_flow_history_last_hour_and_per_hour():
     assert h.at(-1.0) == {} and h.at(1799.0) == {}
 
 
+def test_flow_history_counts_from_what_the_counters_said_at_start():
+    # The process's counters need not be zero when the console starts.
+    h = FlowHistory(started=1000.0, baseline={("delivered", "p"): 7})
+    counts = {("delivered", "p"): 9}
+    assert h.since(1500.0, 3600, counts) == {("delivered", "p"): 2}
+    assert sum(x["delivered"] for x in h.hourly(1500.0, counts)) == 2
+
+
 def test_the_chart_has_one_bar_per_hour_and_event_scaled_to_the_highest():
     hourly = [{"delivered": 0, "deferred": 0, "bounced": 0}] * 23 + [{"delivered": 10, "deferred": 5, "bounced": 0}]
     chart = chart_svg_data(hourly, width=480, height=80)

@@ -183,9 +183,11 @@ class FlowHistory:
     The store keeps no delivered mail, so this is the counters of this
     process since it started (the page says so), sampled every minute."""
 
-    def __init__(self, started: float):
+    def __init__(self, started: float, baseline: dict[tuple[str, str], int] | None = None):
+        # The counters may not be zero at start (they are the process's, and a console
+        # can start later than it): what they say then is the zero of the chart.
         self.started = started
-        self.samples: list[tuple[float, dict[tuple[str, str], int]]] = [(started, {})]
+        self.samples: list[tuple[float, dict[tuple[str, str], int]]] = [(started, dict(baseline or {}))]
 
     def add(self, now: float, counts: dict[tuple[str, str], int]) -> None:
         self.samples.append((now, dict(counts)))
@@ -195,7 +197,7 @@ class FlowHistory:
     def at(self, when: float) -> dict[tuple[str, str], int]:
         """The counts of the last sample at or before ``when`` (none before start: zero)."""
         i = bisect.bisect_right(self.samples, when, key=lambda sample: sample[0])
-        return self.samples[i - 1][1] if i else {}
+        return self.samples[max(i, 1) - 1][1]   # before start: the baseline
 
     def since(self, now: float, seconds: float, counts: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
         before = self.at(now - seconds)
@@ -285,6 +287,7 @@ class Web:
         return self.console.api
 
     def start(self) -> None:
+        self.history = FlowHistory(time.time(), self.counts())
         self._sampler = asyncio.get_running_loop().create_task(self._sample(), name="console history")
 
     async def stop(self) -> None:
