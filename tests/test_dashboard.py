@@ -173,6 +173,7 @@ async def test_the_overview_shows_the_incident_a_refused_connector_opened(relay_
                   "Last IP address", "Last error", "How to fix"):
         assert field in flyout
     assert "2 (2 recipient(s)" in flyout and "4.4.316" in flyout and LOOPBACK in flyout and port in flyout
+    assert "Latest probe 20" in await tab.text()     # times as ISO 8601, not seconds since 1970
     if os.environ.get("RELAYWATCH_SCREENSHOT"):   # docs/console-overview.png
         await tab.goto("/")
         await tab.page.set_viewport_size({"width": 1100, "height": 560})
