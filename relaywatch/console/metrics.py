@@ -18,20 +18,31 @@ What counts where, honestly:
   a counter reset.  Bounces an operator causes (CLI) are counted by the CLI's
   own process and are not seen here; those through the API are.
 
+- The meters (relaywatch/meters.py): delivery attempt durations by
+  connector (scheduler), SMTP sessions by listener kind and refusals by reply
+  code (receive/server.py), store commit latency per batch (store/engine.py)
+  and notification failures by channel (watch/alerts.py).  The delivery
+  process exports its attempt durations, commit latencies and notification
+  failures in the same file, under ``meters`` (older readers ignore the key).
+
 Labels are bounded: connector (from the config, or local/internet), status,
-code (status codes), route kind.  Never an address or a domain.
+code (status codes), reply (3 digits), route kind, listener, channel, and
+``node`` on every series (server.node_name, else the host name).  Never an
+address or a domain.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relaywatch import events
+from relaywatch import events, meters
 
 STATUSES = ("queued", "deferred", "held", "active")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -62,20 +73,30 @@ COUNTERS = (
 @dataclass
 class Family:
     name: str
-    type: str                # gauge | counter
+    type: str                # gauge | counter | histogram
     help: str
-    samples: list[tuple[dict[str, str], float]] = field(default_factory=list)
+    # (labels, value) or, for a histogram's series, (labels, value, "_bucket" | "_sum" | "_count")
+    samples: list[tuple] = field(default_factory=list)
 
 
-def render(families: list[Family]) -> str:
+def render(families: list[Family], node: str | None = None) -> str:
+    """The exposition text; ``node``, if given, is a label on every series."""
     out = []
+    tail = f'node="{_label(node)}"' if node is not None else ""
     for f in families:
         out.append(f"# HELP {f.name} {_help(f.help)}")
         out.append(f"# TYPE {f.name} {f.type}")
-        for labels, value in f.samples:
-            text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
-            out.append(f"{f.name}{{{text}}} {_value(value)}" if text else f"{f.name} {_value(value)}")
+        for sample in f.samples:
+            labels, value = sample[0], sample[1]
+            name = f.name + sample[2] if len(sample) > 2 else f.name
+            text = ",".join([f'{k}="{_label(v)}"' for k, v in labels.items()] + ([tail] if tail else []))
+            out.append(f"{name}{{{text}}} {_value(value)}" if text else f"{name} {_value(value)}")
     return "\n".join(out) + "\n"
+
+
+def node_name(config) -> str:
+    """The ``node`` label: server.node_name where the config has one, else this host's name."""
+    return getattr(config.server, "node_name", None) or socket.gethostname()
 
 
 def _help(text: str) -> str:
@@ -87,6 +108,8 @@ def _label(text: str) -> str:
 
 
 def _value(v: float) -> str:
+    if isinstance(v, float) and math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
     if isinstance(v, int) or float(v).is_integer():
         return str(int(v))
     return repr(float(v))
@@ -154,21 +177,83 @@ def counter_families(*sources: dict[tuple[str, str, str], int]) -> list[Family]:
     return out
 
 
+def histogram_samples(h: meters.Histogram, labels: dict[str, str]) -> list[tuple]:
+    out, running = [], 0
+    for bound, n in zip((*h.bounds, math.inf), h.counts):
+        running += n
+        out.append(({**labels, "le": "+Inf" if bound == math.inf else repr(float(bound))}, running, "_bucket"))
+    out.append((labels, round(h.sum, 6), "_sum"))
+    out.append((labels, running, "_count"))
+    return out
+
+
+def meter_families(*sources: dict) -> list[Family]:
+    """The meters (relaywatch/meters.py), this process's and the delivery
+    process's: each source is a dict like meters.snapshot(), plus, for this
+    process, ``sessions_opened``, ``sessions_open`` and ``replies_refused``."""
+    attempts: dict[str, meters.Histogram] = {}
+    commits = meters.Histogram(meters.COMMIT_BUCKETS)
+    failures: dict[str, int] = {}
+    for src in sources:
+        for connector, (counts, total) in (src.get("attempt_seconds") or {}).items():
+            attempts.setdefault(connector, meters.Histogram(meters.ATTEMPT_BUCKETS)).merge(counts, total)
+        if src.get("commit_seconds"):
+            commits.merge(*src["commit_seconds"])
+        for channel, n in (src.get("notification_failures") or {}).items():
+            failures[channel] = failures.get(channel, 0) + int(n)
+    local = sources[0] if sources else {}
+    opened, open_now = local.get("sessions_opened") or {}, local.get("sessions_open") or {}
+    refused = local.get("replies_refused") or {}
+    attempt_samples = [s for c in sorted(attempts) for s in histogram_samples(attempts[c], {"connector": c})]
+    return [
+        Family("relaywatch_delivery_attempt_duration_seconds", "histogram",
+               "Delivery attempts by connector: from taking the message to its outcome (connect, TLS, transaction).",
+               attempt_samples),
+        Family("relaywatch_store_commit_duration_seconds", "histogram",
+               "Each batch of queue store writes, BEGIN to durable COMMIT (group commit: one batch, many writes).",
+               histogram_samples(commits, {})),
+        Family("relaywatch_smtp_sessions_opened_total", "counter", "SMTP connections accepted, by listener kind.",
+               [({"listener": k}, n) for k, n in sorted(opened.items())]),
+        Family("relaywatch_smtp_sessions_open", "gauge", "SMTP connections open now, by listener kind.",
+               [({"listener": k}, n) for k, n in sorted(open_now.items())]),
+        Family("relaywatch_smtp_rejection_replies_total", "counter",
+               "4xx and 5xx replies the SMTP server sent, by reply code and enhanced status code (\"\" when none).",
+               [({"reply": r, "enhanced": e}, n) for (r, e), n in sorted(refused.items())]),
+        Family("relaywatch_notification_failures_total", "counter",
+               "Incident notifications that failed to go out, by channel (each retry that fails counts).",
+               [({"channel": c}, n) for c, n in sorted(failures.items())]),
+    ]
+
+
+def local_meters() -> dict:
+    return {**meters.snapshot(), "sessions_opened": dict(meters.sessions_opened),
+            "sessions_open": dict(meters.sessions_open), "replies_refused": dict(meters.replies_refused)}
+
+
 # -- the delivery process's counts ---------------------------------------------------
 
 def read_export(data_dir: Path) -> dict[tuple[str, str, str], int]:
+    return read_export_all(data_dir)[0]
+
+
+def read_export_all(data_dir: Path) -> tuple[dict[tuple[str, str, str], int], dict]:
+    """The delivery process's event counts and meters (a file without ``meters``: none)."""
     try:
         data = json.loads((data_dir / EXPORT_NAME).read_text())
-        return {(e, c, code): int(n) for e, c, code, n in data["counts"]}
+        counts = {(e, c, code): int(n) for e, c, code, n in data["counts"]}
+        found = data.get("meters")
+        return counts, found if isinstance(found, dict) else {}
     except (OSError, ValueError, KeyError, TypeError):
-        return {}   # none yet (or one being replaced): the next scrape has it
+        return {}, {}   # none yet (or one being replaced): the next scrape has it
 
 
-def write_export(data_dir: Path, counts: dict[tuple[str, str, str], int]) -> None:
+def write_export(data_dir: Path, counts: dict[tuple[str, str, str], int], meter_snapshot: dict | None = None) -> None:
     path = data_dir / EXPORT_NAME
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time(),
-                               "counts": [[*k, n] for k, n in counts.items()]}))
+    doc = {"pid": os.getpid(), "at": time.time(), "counts": [[*k, n] for k, n in counts.items()]}
+    if meter_snapshot is not None:
+        doc["meters"] = meter_snapshot
+    tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)   # readers see the old file or the new one, never half of one
 
 
@@ -176,10 +261,10 @@ async def export_counters(data_dir: Path, interval: float = EXPORT_INTERVAL) -> 
     """In the delivery process: keep data_dir/counters-deliver.json current (when counts change)."""
     last = None
     while True:
-        snapshot = dict(events.counts)
+        snapshot = (dict(events.counts), meters.snapshot())
         if snapshot != last:
             try:
-                await asyncio.to_thread(write_export, data_dir, snapshot)
+                await asyncio.to_thread(write_export, data_dir, *snapshot)
                 last = snapshot
             except OSError:
                 pass   # a full disk: the console shows older counts until it can write

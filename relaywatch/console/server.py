@@ -124,9 +124,11 @@ class Console:
         families = metrics.queue_families(rows, connectors, now)
         families.append(metrics.incident_family(await app.store.open_incidents()))
         # The delivery process's counts, when deliveries happen there (app.py, metrics.py).
-        exported = metrics.read_export(app.config.server.data_dir) if getattr(app, "_child", None) else {}
+        exported, exported_meters = (metrics.read_export_all(app.config.server.data_dir)
+                                     if getattr(app, "_child", None) else ({}, {}))
         families += metrics.counter_families(dict(events.counts), exported)
+        families += metrics.meter_families(metrics.local_meters(), exported_meters)
         families.append(metrics.Family("relaywatch_metrics_queue_query_seconds", "gauge",
                                        "How long this scrape's queue query took.",
                                        [({}, round(self.last_queue_query_seconds, 6))]))
-        return metrics.render(families)
+        return metrics.render(families, metrics.node_name(app.config))

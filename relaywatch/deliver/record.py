@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 
-from relaywatch import events
+from relaywatch import events, meters
 from relaywatch.classify.classify import where
 from relaywatch.classify.retry import RetryDecision, decide as decide_retry, notice_given_up, notice_retry
 from relaywatch.config import Config
@@ -48,6 +48,8 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     outcomes = decision.outcomes
     attempt = Attempt(at=started, duration=now - started, destination=dest, outcomes=tuple(outcomes),
                       tried=tried) if count_attempt else None
+    if count_attempt:
+        meters.observe_attempt(entry.route.name, now - started)    # /metrics: attempt duration by connector
     owed = owed_recipients(entry.notice_pending, decision.bounced)
     delay_due = bool(decision.delayed) and delay_notice_due(entry, _delay_notice_after(config, entry), now)
     notices: list = []

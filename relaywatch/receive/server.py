@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from relaywatch import events
+from relaywatch import events, meters
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.model import NewMessage, Route, RouteKind
@@ -272,9 +272,11 @@ class SmtpSession(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.client_ip = peer[0]
+        meters.session_opened(self.kind)
         refused = self.receiver.admit(self)
         if refused is not None:
             events.emit("rejected", client=self.client_ip, code="4.7.0", detail=refused.reason)
+            meters.refused("421 4.7.0 ")
             transport.write(f"421 4.7.0 {refused.reason}\r\n".encode())
             transport.close()
             return
@@ -311,6 +313,7 @@ class SmtpSession(asyncio.Protocol):
         return self._busy and self.conv is not None and not self.conv.tls_active   # else close ours too
 
     def connection_lost(self, exc) -> None:
+        meters.session_closed(self.kind)
         if self._admitted:
             self._admitted = False
             self.receiver.limiter.release(self)
@@ -474,6 +477,9 @@ class SmtpSession(asyncio.Protocol):
 
     def _flush(self) -> None:
         if self._out:
+            for reply in self._out:
+                if reply[0] in "45":
+                    meters.refused(reply)    # /metrics: refusals by reply code
             self.transport.write(("\r\n".join(self._out) + "\r\n").encode())
             self._out.clear()
 
@@ -510,6 +516,7 @@ class SmtpSession(asyncio.Protocol):
         if self._busy:
             self.transport.abort()      # in a TLS handshake: no place for a reply
             return
+        meters.refused(reply)
         self.transport.write(f"{reply}\r\n".encode())
         self.transport.close()
 

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Protocol
 
+from relaywatch import meters
 from relaywatch.errors import StoreError, StoreFull
 from relaywatch.store.backoff import Backoff
 
@@ -237,6 +238,7 @@ class GroupCommitEngine:
         results: list[tuple[bool, Any]] = []
         cleanup: list[str] = []
         failure = None
+        started = time.perf_counter()   # /metrics: one pair per batch, not per op
         try:
             self.dialect.begin(conn)
         except (*self.dialect.errors, OSError) as exc:
@@ -260,6 +262,7 @@ class GroupCommitEngine:
                         exc = driver_error("queue store operation failed", exc)
                     results.append((False, exc))
             conn.execute("COMMIT")
+            meters.commit_seconds.observe(time.perf_counter() - started)
         except (*self.dialect.errors, OSError) as exc:
             try:
                 conn.execute("ROLLBACK")

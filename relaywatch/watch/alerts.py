@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from email import policy as email_policy
 from urllib.parse import urlsplit
 
+from relaywatch import meters
 from relaywatch.config import Config
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
@@ -210,10 +211,14 @@ async def send_email(config: Config, routes: SmtpRoutes, data: dict) -> None:
 
 
 async def deliver_notification(config: Config, routes: SmtpRoutes, note: dict) -> None:
-    if note["channel"] == "webhook":
-        await send_webhook(config, note["payload"])
-    else:
-        await send_email(config, routes, note["payload"])
+    try:
+        if note["channel"] == "webhook":
+            await send_webhook(config, note["payload"])
+        else:
+            await send_email(config, routes, note["payload"])
+    except Exception:
+        meters.notification_failed(note["channel"])    # /metrics; the caller logs and retries
+        raise
 
 
 def channels(config: Config) -> list[str]:
