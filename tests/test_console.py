@@ -62,11 +62,14 @@ async def incident_opened(relay) -> dict:
 
 
 def metrics(text: str) -> dict[tuple, float]:
-    """{(sample name, frozenset(labels)): value}, parsed by prometheus_client."""
+    """{(sample name, frozenset(labels but node)): value}, parsed by prometheus_client; every
+    series carries the node label (the host name: these configs set no server.node_name)."""
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
+            labels = dict(s.labels)
+            assert labels.pop("node") == socket.gethostname(), s
+            out[(s.name, frozenset(labels.items()))] = s.value
     return out
 
 
