@@ -361,6 +361,10 @@ async def test_serve_counts_deliveries_wherever_they_happen(tmp_path, split):
             await eventually(delivered, what="the delivery counted")
             m = metrics((await http.get("/metrics")).text)
             assert m[("relaywatch_messages_received_total", frozenset({("connector", "local")}))] == 1
+            # The attempt's duration and the store's commits come from wherever they happened too.
+            assert m[("relaywatch_delivery_attempt_duration_seconds_count", frozenset({("connector", "local")}))] == 1
+            assert m[("relaywatch_store_commit_duration_seconds_count", frozenset())] >= 2
+            assert m[("relaywatch_smtp_sessions_opened_total", frozenset({("listener", "smtp")}))] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 30)
