@@ -114,9 +114,11 @@ def smtp_source(port: int, messages: int, sessions: int, size: int, reuse: bool 
 
 # -- scenarios ------------------------------------------------------------------------------------
 
-def throughput(relay_cls, messages: int, sessions: int, size: int) -> dict:
+def throughput(relay_cls, messages: int, sessions: int, size: int, watch=None) -> dict:
+    """watch: called with the started relay, returns what to call (for a dict) once the run is over."""
     sink = SmtpSink().start()
     relay = relay_cls(sink.port).start()
+    watching = watch(relay) if watch else None
     try:
         t0 = time.monotonic()
         inject = smtp_source(relay.port, messages, sessions, size)
@@ -126,10 +128,75 @@ def throughput(relay_cls, messages: int, sessions: int, size: int) -> dict:
         if sink.count() != messages:
             raise RuntimeError(f"{relay.name}: the sink got {sink.count()} messages for {messages} sent")
         return {"inject_per_s": messages / inject, "end_to_end_s": done - t0,
-                "end_to_end_per_s": messages / (done - t0)}
+                "end_to_end_per_s": messages / (done - t0), **(watching() if watching else {})}
     finally:
         relay.stop()
         sink.stop()
+
+
+class ConsolePoller:
+    """What an open console and a Prometheus server do to a relay: /metrics scraped
+    every second, and what the overview shows (connectors, incidents, the queue's
+    first page) polled every second, each in order, from a thread of this process."""
+
+    PATHS = ("/metrics", "/api/v1/connectors", "/api/v1/incidents", "/api/v1/queue?limit=50")
+
+    def __init__(self, port: int, interval: float = 1.0):
+        import threading
+        self.port, self.interval = port, interval
+        self.times: dict[str, list[float]] = {p: [] for p in self.PATHS}
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="console-poller", daemon=True)
+
+    def start(self) -> "ConsolePoller":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import http.client
+        while not self._stop.is_set():
+            tick = time.monotonic()
+            for path in self.PATHS:
+                t = time.perf_counter()
+                try:
+                    conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+                    conn.request("GET", path)
+                    response = conn.getresponse()
+                    response.read()
+                    conn.close()
+                    if response.status != 200:
+                        self.failures.append(f"{path}: {response.status}")
+                except OSError as exc:
+                    self.failures.append(f"{path}: {exc}")
+                self.times[path].append(time.perf_counter() - t)
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - tick)))
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(15)
+        scrapes = sorted(self.times["/metrics"])
+        out = {"scrapes": len(scrapes), "poll_failures": len(self.failures)}
+        if scrapes:
+            out["metrics_p99_ms"] = scrapes[min(len(scrapes) - 1, int(len(scrapes) * 0.99))] * 1000
+        if self.failures:
+            out["first_failure"] = self.failures[0]
+        return out
+
+
+def throughput_console(relay_cls, messages: int, sessions: int, size: int) -> dict:
+    """throughput_1k twice, alternately in one call: the console off, then on
+    with /metrics scraped and the overview's API polled every second."""
+    plain = throughput(lambda port: relay_cls(port, extra='\n[http]\nlisten = "off"'), messages, sessions, size)
+    http_port = free_port()
+    watched = throughput(lambda port: relay_cls(port, extra=f'\n[http]\nlisten = "{HOST}:{http_port}"'),
+                         messages, sessions, size, watch=lambda relay: ConsolePoller(http_port).start().stop)
+    polled = {k: watched[k] for k in ("scrapes", "poll_failures", "metrics_p99_ms", "first_failure") if k in watched}
+    if polled.get("poll_failures"):
+        raise RuntimeError(f"the console failed while polled: {polled.get('first_failure')}")
+    return {"without_per_s": plain["end_to_end_per_s"], "with_per_s": watched["end_to_end_per_s"],
+            "with_over_without": watched["end_to_end_per_s"] / plain["end_to_end_per_s"],
+            "inject_with_over_without": watched["inject_per_s"] / plain["inject_per_s"], **polled}
 
 
 def delivery_check(relay_cls, messages: int, sessions: int, timeout: float = 120) -> dict:
@@ -389,6 +456,7 @@ SCENARIOS = {
                                           a.sessions),
     "big_messages": lambda cls, a: big_messages(cls, 10 if not a.smoke else 2, 35_000_000 if not a.smoke else 1_000_000),
     "latency": lambda cls, a: latency(cls, 200, 11 if not a.smoke else 2),
+    "throughput_console": lambda cls, a: throughput_console(cls, a.messages, a.sessions, 1024),
 }
 
 # Which number decides each scenario, and whether more is better.
@@ -400,6 +468,7 @@ HEADLINE = {
     "big_queue": ("enqueue_ratio_full_over_empty", True),
     "big_messages": ("end_to_end_s", False),
     "latency": ("p99_ms", False),
+    "throughput_console": ("with_over_without", True),
 }
 
 
@@ -415,7 +484,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 # Scenarios about relaywatch's own memory and queue: the other relays are not measured there.
-RELAYWATCH_ONLY = ("big_messages", "big_queue")
+RELAYWATCH_ONLY = ("big_messages", "big_queue", "throughput_console")
 
 
 def ready_relays(names: list[str] | None, classes=RELAY_CLASSES, peers=PEER_CLASSES,
