@@ -30,11 +30,15 @@ def sink_connector(name: str, port: int, domains: list[str]) -> dict:
     return {"name": name, "type": "partner", "domains": domains, "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}
 
 
-async def scrape(relay) -> dict:
-    """{family name: {frozenset(labels without node): value by sample name}}; every series has node."""
+async def scrape_text(relay) -> str:
     host, port = relay.app.console.address
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
-        text = (await http.get("/metrics")).text
+        return (await http.get("/metrics")).text
+
+
+async def scrape(relay) -> dict:
+    """{sample name: {frozenset(labels without node): value}}; every series has the node label."""
+    text = await scrape_text(relay)
     out: dict = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -162,3 +166,36 @@ def test_refused_replies_keep_only_codes():
     meters.refused("250 OK")
     meters.refused("5xx junk@example.test")
     assert meters.replies_refused == {("550", "5.7.1"): 1, ("421", "4.7.0"): 1, ("500", ""): 1, ("", ""): 1}
+
+
+async def test_the_grafana_dashboard_queries_only_metrics_a_relay_serves(relay_factory):
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    titles = " | ".join(p["title"] for p in dashboard["panels"]).lower()
+    for wanted in ("queue depth", "oldest deferred", "delivery rate", "deferrals by code", "attempt duration p50 / p99",
+                   "open incidents", "store commit latency p99"):
+        assert wanted in titles, wanted
+    # A relay that has delivered one message and deferred one: every series the panels need exists.
+    sink = await Sink().start()
+    try:
+        relay = await relay_factory(connectors=[sink_connector("fast", sink.port, ["fast.test"]),
+                                                sink_connector("gone", free_port(), ["gone.test"])],
+                                    queue={"retry_intervals": ["1h"]})
+        await relay.send("alice@contoso.test", ["u@fast.test"], message("one"))
+        await relay.send("alice@contoso.test", ["u@gone.test"], message("two"))
+        await eventually(lambda: len(sink.messages) == 1, what="the delivery")
+
+        async def deferred():
+            return [m for m in await relay.queue() if m["attempts"] >= 1]
+        await eventually(deferred, what="the deferral")
+        text = await scrape_text(relay)
+        # Declared families (with or without series yet) and the series themselves (_bucket ...).
+        served = set(re.findall(r"^# TYPE (\S+) ", text, re.M)) | {
+            s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    finally:
+        await sink.stop()
+    used = {name for e in exprs for name in re.findall(r"relaywatch_[a-z_]+", e)}
+    assert used and used <= served, used - served
+    assert any("histogram_quantile(0.99" in e and "attempt_duration_seconds_bucket" in e for e in exprs)
+    assert any("histogram_quantile(0.99" in e and "store_commit_duration_seconds_bucket" in e for e in exprs)
