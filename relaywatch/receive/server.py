@@ -478,7 +478,7 @@ class SmtpSession(asyncio.Protocol):
     def _flush(self) -> None:
         if self._out:
             for reply in self._out:
-                if reply[0] in "45":
+                if reply.startswith(("4", "5")):
                     meters.refused(reply)    # /metrics: refusals by reply code
             self.transport.write(("\r\n".join(self._out) + "\r\n").encode())
             self._out.clear()
@@ -530,6 +530,7 @@ class SmtpSession(asyncio.Protocol):
         self._idle_timer = None
         self._drop_spool()
         if not self.transport.is_closing():
+            meters.refused("421 4.4.2 ")
             self.transport.write(f"421 4.4.2 {self.conv.hostname} Idle for too long; closing the "
                                  f"connection\r\n".encode())
             self.transport.close()
