@@ -150,6 +150,21 @@ class ConsolePoller:
         self._thread = threading.Thread(target=self._run, name="console-poller", daemon=True)
 
     def start(self) -> "ConsolePoller":
+        import http.client
+        deadline = time.monotonic() + 20
+        while True:     # the console may open its listener a moment after the SMTP one
+            try:
+                conn = http.client.HTTPConnection(HOST, self.port, timeout=2)
+                conn.request("GET", "/healthz")
+                ok = conn.getresponse().status == 200
+                conn.close()
+                if ok:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no console on {HOST}:{self.port}")
+            time.sleep(0.05)
         self._thread.start()
         return self
 

@@ -122,3 +122,18 @@ def test_the_exactly_once_check_counts_every_message_at_the_sink(copies):
         assert check["ok"] is False and check["duplicates"] == 12, check
     else:
         assert check["ok"] is False and check["received"] == 0, check
+
+
+@pytest.mark.skipif(not POSTFIX, reason="Postfix's tools are not installed (make bench installs them)")
+def test_the_console_scenario_scrapes_while_it_measures():
+    """throughput_console at a tiny size: both runs deliver everything, the console answered every poll."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    r = run.throughput_console(run.Relaywatch, 30, 2, 1024)
+    assert r["scrapes"] >= 1 and r["poll_failures"] == 0, r
+    assert r["with_per_s"] > 0 and r["without_per_s"] > 0 and r["with_over_without"] > 0
+    assert "throughput_console" in run.SCENARIOS and "throughput_console" in run.HEADLINE
+    assert "| `throughput_console` |" in (ROOT / "bench" / "README.md").read_text()
