@@ -199,3 +199,26 @@ async def test_the_grafana_dashboard_queries_only_metrics_a_relay_serves(relay_f
     assert used and used <= served, used - served
     assert any("histogram_quantile(0.99" in e and "attempt_duration_seconds_bucket" in e for e in exprs)
     assert any("histogram_quantile(0.99" in e and "store_commit_duration_seconds_bucket" in e for e in exprs)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_each_committed_batch_is_timed_once(backend, tmp_path, request):
+    import time
+
+    from helpers import make_store
+    from relaywatch.model import NewMessage, Route, RouteKind, StoredBody
+
+    store = make_store(backend, tmp_path, request)
+    await store.open()
+    try:
+        meters.reset()
+        data = b"Subject: x\r\n\r\nbody\r\n"
+        now = time.time()
+        for i in range(5):      # one at a time: each is a batch of its own
+            await store.enqueue(NewMessage(sender="s@x.test", recipients=((f"u{i}@a.test", Route(RouteKind.CONNECTOR, "a")),),
+                                           body=StoredBody(size=len(data), data=data), received_at=now,
+                                           expires_at=now + 3600))
+        # (PostgreSQL's store may commit a write of its own meanwhile.)
+        assert sum(meters.commit_seconds.counts) >= 5 and meters.commit_seconds.sum > 0
+    finally:
+        await store.close()
