@@ -199,13 +199,27 @@ class ConsolePoller:
         return out
 
 
+_console_calls = 0
+
+
 def throughput_console(relay_cls, messages: int, sessions: int, size: int) -> dict:
-    """throughput_1k twice, alternately in one call: the console off, then on
-    with /metrics scraped and the overview's API polled every second."""
-    plain = throughput(lambda port: relay_cls(port, extra='\n[http]\nlisten = "off"'), messages, sessions, size)
-    http_port = free_port()
-    watched = throughput(lambda port: relay_cls(port, extra=f'\n[http]\nlisten = "{HOST}:{http_port}"'),
-                         messages, sessions, size, watch=lambda relay: ConsolePoller(http_port).start().stop)
+    """throughput_1k twice in one call: the console off, and on with /metrics
+    scraped and the overview's API polled every second; which goes first
+    alternates from one call to the next, so drift hits both alike."""
+    global _console_calls
+    _console_calls += 1
+
+    def plain_run() -> dict:
+        return throughput(lambda port: relay_cls(port, extra='\n[http]\nlisten = "off"'), messages, sessions, size)
+
+    def watched_run() -> dict:
+        http_port = free_port()
+        return throughput(lambda port: relay_cls(port, extra=f'\n[http]\nlisten = "{HOST}:{http_port}"'),
+                          messages, sessions, size, watch=lambda relay: ConsolePoller(http_port).start().stop)
+    if _console_calls % 2:
+        plain, watched = plain_run(), watched_run()
+    else:
+        watched, plain = watched_run(), plain_run()
     polled = {k: watched[k] for k in ("scrapes", "poll_failures", "metrics_p99_ms", "first_failure") if k in watched}
     if polled.get("poll_failures"):
         raise RuntimeError(f"the console failed while polled: {polled.get('first_failure')}")
