@@ -136,10 +136,12 @@ def throughput(relay_cls, messages: int, sessions: int, size: int, watch=None) -
 
 class ConsolePoller:
     """What an open console and a Prometheus server do to a relay: /metrics scraped
-    every second, and what the overview shows (connectors, incidents, the queue's
-    first page) polled every second, each in order, from a thread of this process."""
+    every second, and the overview page, its live part (what an open browser tab
+    polls) and the API's connectors, incidents and first queue page fetched every
+    second, each in order, from a thread of this process."""
 
-    PATHS = ("/metrics", "/api/v1/connectors", "/api/v1/incidents", "/api/v1/queue?limit=50")
+    PATHS = ("/metrics", "/", "/fragments/overview", "/api/v1/connectors", "/api/v1/incidents",
+             "/api/v1/queue?limit=50")
 
     def __init__(self, port: int, interval: float = 1.0):
         import threading
