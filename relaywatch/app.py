@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
+from enum import Enum
 
 from relaywatch.config import Config, apply_overrides, load_config
 from relaywatch.deliver.callout import SmtpCallout
@@ -40,6 +40,7 @@ from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import ConfigError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
+from relaywatch.runtime import control
 from relaywatch.store.base import Selector
 from relaywatch.store import open_store
 from relaywatch.watch.monitor import Monitor
@@ -68,17 +69,30 @@ class RestartBackoff:
         self._next = min(self._next * 2, self.limit)
         return delay
 
-ALL, RECEIVE, DELIVER = "all", "receive", "deliver"
+
+class Role(str, Enum):
+    """What one process of the relay does (``serve --role``, hidden: serve picks it)."""
+    ALL = "all"            # receive and deliver in this process
+    RECEIVE = "receive"    # receive, and supervise a delivery process (runtime/child.py)
+    DELIVER = "deliver"    # deliver only: the child of a RECEIVE process
+
+    @property
+    def receives(self) -> bool:
+        return self is not Role.DELIVER
+
+    @property
+    def delivers(self) -> bool:
+        return self is not Role.RECEIVE
 
 
 class Relaywatch:
-    def __init__(self, config: Config, clock=time.time, role: str = ALL, wake_fd: int | None = None):
+    def __init__(self, config: Config, clock=time.time, role: Role = Role.ALL, wake_fd: int | None = None):
         self.file_config = config      # as read from the file
         self.config = config           # the running config: file + Fix-now overrides
         self.clock = clock
-        self.role = role
+        self.role = role = Role(role)
         # Only a delivering process that receives nothing may skip fsync (see SqliteStore).
-        self.store = open_store(config, sync_commits=role != DELIVER, checkpoints=role != RECEIVE)
+        self.store = open_store(config, sync_commits=role.receives, checkpoints=role.delivers)
         self.receiver: Receiver | None = None
         self.scheduler: Scheduler | None = None
         # Both roles may talk SMTP to destinations: deliveries, and recipient
@@ -86,12 +100,12 @@ class Relaywatch:
         self.resolver = Resolver(config.dns)
         self.routes = SmtpRoutes(self.get_config, self.resolver)
         self.callout: SmtpCallout | None = None
-        if role in (ALL, DELIVER):
+        if role.delivers:
             self.scheduler = Scheduler(self.get_config, self.store, self.routes, clock)
             self.store.on_work = self.scheduler.notify
             self.monitor = Monitor(self.get_config, self.store, self.routes, self.scheduler.retry_now, clock)
             self.scheduler.observer = self.monitor.on_attempt
-        if role in (ALL, RECEIVE):
+        if role.receives:
             self.callout = SmtpCallout(self.routes)
             # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
             self.receiver = Receiver(self.get_config, self.store, clock, self.callout, alert_routes=self.routes)
@@ -110,10 +124,6 @@ class Relaywatch:
 
     def get_config(self) -> Config:
         return self.config
-
-    @property
-    def pid_file(self) -> Path:
-        return self.config.server.data_dir / "relaywatch.pid"
 
     def _make_data_dir(self) -> None:
         data_dir = self.config.server.data_dir
@@ -172,7 +182,7 @@ class Relaywatch:
                     await self.console.start()
                 except OSError as exc:   # taken since serve checked it (preflight.py)
                     raise ConfigError(f"http.listen: cannot listen: {exc}") from exc
-        elif self.role == DELIVER:
+        elif self.role is Role.DELIVER:
             from relaywatch.console.metrics import export_counters   # the console adds them to its own
             self._tasks.append(asyncio.create_task(export_counters(data_dir), name="counters"))
 
@@ -341,7 +351,7 @@ class Relaywatch:
     def _spawn_child(self, read_fd: int) -> subprocess.Popen:
         self._child_started = time.monotonic()
         return subprocess.Popen(
-            [sys.executable, "-m", "relaywatch", "serve", "--role", DELIVER, "--wake-fd", str(read_fd),
+            [sys.executable, "-m", "relaywatch", "serve", "--role", Role.DELIVER.value, "--wake-fd", str(read_fd),
              "-c", str(self.config.source)],
             pass_fds=(read_fd,))
 
@@ -360,13 +370,9 @@ class Relaywatch:
             self._child = self._spawn_child(read_fd)
 
     async def serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         stop = self._stop_event
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        loop.add_signal_handler(signal.SIGUSR1, self.notify)
-        if self.role == RECEIVE:
+        control.handle_signals(asyncio.get_running_loop(), stop=stop.set, reload=self.reload, wake=self.notify)
+        if self.role is Role.RECEIVE:
             # Wake-ups go to the child, its "ready" comes back; EOF tells the child
             # the receiver is gone.
             parent_end, child_end = socket.socketpair()
@@ -379,27 +385,24 @@ class Relaywatch:
         except BaseException:
             await self.stop()   # the delivery process, the queue: nothing outlives a failed start
             raise
-        if self.role == RECEIVE:
+        if self.role is Role.RECEIVE:
             self._supervisor = asyncio.create_task(self._supervise(read_fd))
-        if self.role != DELIVER:
-            self.pid_file.write_text(str(os.getpid()))
+        if self.role.receives:
+            control.write_pid_file(self.config.server.data_dir)
         try:
             await stop.wait()
-            if self.role != DELIVER:
+            if self.role.receives:
                 log.info("stopping: no new connections; waiting up to %.0fs for deliveries in flight",
                          self.config.server.shutdown_grace)
         finally:
             await self.stop()
-            if self.role != DELIVER:
-                try:
-                    self.pid_file.unlink()
-                except OSError:
-                    pass
+            if self.role.receives:
+                control.remove_pid_file(self.config.server.data_dir)
 
 
-def default_role(config: Config) -> str:
+def default_role(config: Config) -> Role:
     """Split receiving and delivering over two processes when there are two cores."""
     split = config.server.delivery_process
     if split == "auto":
         split = (os.cpu_count() or 1) > 1 and config.source is not None
-    return RECEIVE if split else ALL
+    return Role.RECEIVE if split else Role.ALL

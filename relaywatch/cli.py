@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup_all
 from relaywatch.config import Config, format_hostport, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.model import Entry, dest_label, iso
+from relaywatch.runtime import control
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store import open_store
 from relaywatch.watch.model import Incident
@@ -97,11 +97,11 @@ def main():
 @click.option("--wake-fd", type=int, hidden=True)
 def serve(config_path, role, wake_fd):
     """Run the relay (SMTP server and delivery) in the foreground."""
-    from relaywatch.app import DELIVER, Relaywatch, default_role
+    from relaywatch.app import Relaywatch, Role, default_role
     from relaywatch.preflight import start_problems
     config = _load(config_path)
-    role = role or default_role(config)
-    if role != DELIVER:   # the delivery process is started by a serve that has checked
+    role = Role(role) if role else default_role(config)
+    if role is not Role.DELIVER:   # the delivery process is started by a serve that has checked
         problems = start_problems(config, serving=True)
         if problems:
             _fail_config([f"{config.source}: {p}" for p in problems])
@@ -126,12 +126,10 @@ def serve(config_path, role, wake_fd):
 def reload(config_path):
     """Tell the running server to re-read its config (SIGHUP)."""
     config = _load(config_path)
-    pid_file = config.server.data_dir / "relaywatch.pid"
     try:
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
-        _fail(f"no running server found (no usable {pid_file})")
+        pid = control.reload_server(config.server.data_dir)
+    except control.NoServer as exc:
+        _fail(str(exc))
     click.echo(f"asked relaywatch (pid {pid}) to reload {config_path}")
 
 
@@ -228,13 +226,7 @@ def _with_queue(config: Config, fn):
 
 def _wake_server(config: Config) -> None:
     """SIGUSR1 to a running server: look at the queue now (it polls every second anyway)."""
-    try:
-        pid = int((config.server.data_dir / "relaywatch.pid").read_text())
-        # A stale pid file must not make us signal an unrelated process.
-        if b"relaywatch" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGUSR1)
-    except (OSError, ValueError):
-        pass
+    control.wake_server(config.server.data_dir)
 
 
 def _age(ts: float | None, now: float) -> str:

@@ -15,7 +15,7 @@ import trustme
 from click.testing import CliRunner
 
 from helpers import LOOPBACK, eventually, free_port, to_toml
-from relaywatch.app import RECEIVE, Relaywatch
+from relaywatch.app import Relaywatch, Role
 from relaywatch.cli import main
 from relaywatch.config import load_config, parse_config
 from relaywatch.errors import ConfigError
@@ -349,7 +349,7 @@ async def test_an_address_taken_after_the_check_is_named_and_nothing_stays_open(
     try:
         path = write_config(tmp_path, {"server": {"listen": [f"{LOOPBACK}:{free}", f"{LOOPBACK}:{busy.getsockname()[1]}"]}},
                             {"data": str(tmp_path / "data"), "port": free})
-        app = Relaywatch(load_config(path), role=RECEIVE)
+        app = Relaywatch(load_config(path), role=Role.RECEIVE)
         with pytest.raises(ConfigError) as err:
             await app.serve_forever()
         assert str(err.value).startswith("server.listen: cannot listen: ")

@@ -1,0 +1,82 @@
+"""How the outside reaches a running server: its pid file and its signals.
+
+``serve`` writes ``<data_dir>/relaywatch.pid`` once it listens and removes it
+when it stops; the commands below read it.  The signals a server handles:
+
+    SIGTERM, SIGINT  stop: no new connections, deliveries in flight finish
+                     within ``server.shutdown_grace``, the other leases go back
+    SIGHUP           re-read the config file (``relaywatch reload``)
+    SIGUSR1          look at the queue and the overrides now (queue commands,
+                     Fix now); the server polls both anyway, this only saves
+                     the wait
+
+The receiving process passes SIGHUP, SIGUSR1 and (at stop) SIGTERM on to the
+delivery process it supervises (runtime/child.py); only the receiving (or the
+single) process has a pid file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+PID_FILE_NAME = "relaywatch.pid"
+
+
+class NoServer(Exception):
+    """No usable pid file: no server runs with this data_dir (or it cannot be told)."""
+
+    def __init__(self, pid_file: Path):
+        super().__init__(f"no running server found (no usable {pid_file})")
+        self.pid_file = pid_file
+
+
+def pid_file(data_dir: Path) -> Path:
+    return data_dir / PID_FILE_NAME
+
+
+def write_pid_file(data_dir: Path) -> None:
+    pid_file(data_dir).write_text(str(os.getpid()))
+
+
+def remove_pid_file(data_dir: Path) -> None:
+    try:
+        pid_file(data_dir).unlink()
+    except OSError:
+        pass
+
+
+def reload_server(data_dir: Path) -> int:
+    """SIGHUP to the server of ``data_dir``; its pid.  Raises NoServer."""
+    path = pid_file(data_dir)
+    try:
+        pid = int(path.read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError):
+        raise NoServer(path) from None
+    return pid
+
+
+def wake_server(data_dir: Path) -> None:
+    """SIGUSR1 to the server of ``data_dir``, if one runs: look at the queue now.
+
+    Best effort (the server polls every second anyway), and only to a process
+    that is relaywatch: a stale pid file must not make us signal an unrelated one."""
+    try:
+        pid = int(pid_file(data_dir).read_text())
+        if b"relaywatch" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        pass
+
+
+def handle_signals(loop: asyncio.AbstractEventLoop, *, stop: Callable[[], object],
+                   reload: Callable[[], object], wake: Callable[[], object]) -> None:
+    """Install the server's handlers (the table in the module docstring)."""
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGUSR1, wake)
