@@ -32,7 +32,7 @@ import sys
 import time
 from enum import Enum
 
-from relaywatch.config import Config, apply_overrides, load_config
+from relaywatch.config import Config
 from relaywatch.deliver.callout import SmtpCallout
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.scheduler import Scheduler
@@ -41,7 +41,7 @@ from relaywatch.errors import ConfigError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
 from relaywatch.runtime import control
-from relaywatch.store.base import Selector
+from relaywatch.runtime.config import RunningConfig, release_unpaused_connectors, watch_overrides
 from relaywatch.store import open_store
 from relaywatch.watch.monitor import Monitor
 
@@ -87,8 +87,7 @@ class Role(str, Enum):
 
 class Relaywatch:
     def __init__(self, config: Config, clock=time.time, role: Role = Role.ALL, wake_fd: int | None = None):
-        self.file_config = config      # as read from the file
-        self.config = config           # the running config: file + Fix-now overrides
+        self.running = RunningConfig(config)   # file + Fix-now overrides; one snapshot per operation
         self.clock = clock
         self.role = role = Role(role)
         # Only a delivering process that receives nothing may skip fsync (see SqliteStore).
@@ -98,23 +97,22 @@ class Relaywatch:
         # Both roles may talk SMTP to destinations: deliveries, and recipient
         # verification at RCPT (receive/verify.py).
         self.resolver = Resolver(config.dns)
-        self.routes = SmtpRoutes(self.get_config, self.resolver)
+        self.routes = SmtpRoutes(self.running.snapshot, self.resolver)
         self.callout: SmtpCallout | None = None
         if role.delivers:
-            self.scheduler = Scheduler(self.get_config, self.store, self.routes, clock)
+            self.scheduler = Scheduler(self.running.snapshot, self.store, self.routes, clock)
+            self.running.subscribe(self.scheduler.reconfigure)
             self.store.on_work = self.scheduler.notify
-            self.monitor = Monitor(self.get_config, self.store, self.routes, self.scheduler.retry_now, clock)
+            self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock)
             self.scheduler.observer = self.monitor.on_attempt
         if role.receives:
             self.callout = SmtpCallout(self.routes)
             # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
-            self.receiver = Receiver(self.get_config, self.store, clock, self.callout, alert_routes=self.routes)
+            self.receiver = Receiver(self.running.snapshot, self.store, clock, self.callout, alert_routes=self.routes)
         self._wake_fd = wake_fd        # a socketpair end: DELIVER's and RECEIVE's
         self._wake_pending = False
         self._scheduler_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
-        self._overrides_seen: tuple | None = None
-        self._overrides: dict = {}
         self._child: subprocess.Popen | None = None
         self._child_started = 0.0
         self._supervisor: asyncio.Task | None = None
@@ -122,8 +120,15 @@ class Relaywatch:
         self._stop_event = asyncio.Event()
         self.console = None            # the HTTP console (relaywatch/console/), in the receiving process
 
-    def get_config(self) -> Config:
-        return self.config
+    @property
+    def config(self) -> Config:
+        """The running config now (file + overrides)."""
+        return self.running.snapshot()
+
+    @property
+    def file_config(self) -> Config:
+        """The config as read from the file, without overrides."""
+        return self.running.file
 
     def _make_data_dir(self) -> None:
         data_dir = self.config.server.data_dir
@@ -137,7 +142,7 @@ class Relaywatch:
         self._make_data_dir()
         await self.store.open()
         await self.refresh_overrides()
-        self._tasks.append(asyncio.create_task(self._watch_overrides(), name="overrides"))
+        self._tasks.append(asyncio.create_task(watch_overrides(self.refresh_overrides), name="overrides"))
         if self.receiver is not None:
             # Only the receiving side may sweep: the spool is where it writes.
             spool = data_dir / "spool"
@@ -264,32 +269,13 @@ class Relaywatch:
 
     async def refresh_overrides(self) -> bool:
         """Apply Fix-now overrides from the store if they changed; True if they did."""
-        version = await self.store.overrides_version()
-        if version == self._overrides_seen:
+        before = await self.running.refresh(self.store)
+        if before is None:
             return False
-        self._overrides_seen = version
-        before = self.config
-        self._overrides = await self.store.overrides()
-        self.config = apply_overrides(self.file_config, self._overrides)
         if self.scheduler is not None:
-            # A connector un-paused: its held-back mail is due now, not at the next recheck.
-            for c in self.config.connectors:
-                old = before.connector(c.name)
-                if old is not None and old.paused and not c.paused:
-                    await self.scheduler.actions.retry_now(Selector(connector=c.name))
+            await release_unpaused_connectors(self.scheduler.actions, before, self.config)
             self.scheduler.retry_now()
         return True
-
-    async def _watch_overrides(self) -> None:
-        # Fixes are written by the CLI into the store; both processes pick them
-        # up within two seconds (no signal needed, none can be lost).
-        while True:
-            await asyncio.sleep(2)
-            try:
-                if await self.refresh_overrides():
-                    log.info("applied changed overrides (relaywatch config show lists them)")
-            except Exception as exc:
-                log.error("could not read overrides: %s", exc)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -323,27 +309,14 @@ class Relaywatch:
         await self.store.close()
 
     def reload(self) -> bool:
-        if self.config.source is None:
+        """SIGHUP: re-read the file; the delivery process re-reads it too."""
+        if not self.running.reload():
             return False
-        try:
-            new = load_config(self.config.source)
-        except ConfigError as exc:
-            log.error("reload refused, keeping the running config:\n%s", exc)
-            return False
-        if new.server.listen != self.config.server.listen or new.server.data_dir != self.config.server.data_dir:
-            log.warning("server.listen and server.data_dir changes take effect at the next restart")
-        if new.http.listen != self.config.http.listen or (new.http.tls_cert, new.http.tls_key) != (
-                self.config.http.tls_cert, self.config.http.tls_key):
-            log.warning("http.listen and the console's certificate take effect at the next restart "
-                        "(http.tokens changed now)")
-        self.file_config = new
-        # The new file with the overrides already in force: no moment without them.
-        self.config = apply_overrides(new, self._overrides)
         if self.scheduler is not None:
             self.scheduler.notify()
         if self._child is not None:
             self._child.send_signal(signal.SIGHUP)
-        log.info("configuration reloaded from %s", new.source)
+        log.info("configuration reloaded from %s", self.config.source)
         return True
 
     # -- the delivery child ------------------------------------------------------------

@@ -28,6 +28,7 @@ from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
 from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.record import record_attempt
+from relaywatch.deliver.slots import Slots
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, StoredBody
@@ -66,7 +67,7 @@ class Scheduler:
         # Told of every recorded attempt (the watch monitor): (entry, outcomes, destination, tls facts).
         self.observer: Callable[[Entry, list[RecipientOutcome], Destination | None, dict | None], None] | None = None
         self._record_tasks: set[asyncio.Task] = set()
-        self._connections = asyncio.Semaphore(self.config_ref().delivery.concurrency)
+        self._connections = Slots(self.config_ref().delivery.concurrency)   # follows reloads: reconfigure
         # Outcomes the store could not take: recorded later, never delivered again.
         self.pending = PendingOutcomes(store, self.config_ref().server.data_dir / JOURNAL_NAME,
                                        lambda: self.config_ref().queue.lease_time, clock)
@@ -76,6 +77,12 @@ class Scheduler:
 
     def notify(self) -> None:
         """Called when new work may be due (enqueue, retry, release)."""
+        self.wake.set()
+
+    def reconfigure(self, before: Config, after: Config) -> None:
+        """The running config changed (runtime/config.py subscribe).  Every other
+        limit is read per operation; the connection slots are sized here."""
+        self._connections.resize(after.delivery.concurrency)
         self.wake.set()
 
     def retry_now(self) -> None:

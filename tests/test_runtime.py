@@ -1,0 +1,115 @@
+"""The runtime (relaywatch/runtime/): the running config and its reloads, the
+connection slots that follow them, the delivery process's wake protocol."""
+
+import asyncio
+
+import pytest
+
+from helpers import LOOPBACK, Sink, SinkHandler, eventually, message
+
+from relaywatch.deliver.slots import Slots
+
+
+class GatedHandler(SinkHandler):
+    """A destination that holds every DATA until the gate opens, counting how
+    many deliveries (each on its own connection) it holds at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.inside = 0
+        self.most = 0
+
+    async def handle_DATA(self, server, session, envelope):
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            await self.gate.wait()
+        finally:
+            self.inside -= 1
+        return await super().handle_DATA(server, session, envelope)
+
+    def close_gate(self) -> None:
+        self.gate.clear()
+        self.most = self.inside
+
+
+def _connector(port: int) -> list[dict]:
+    return [{"name": "onprem", "type": "on_premises", "domains": ["fabrikam.test"],
+             "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}]
+
+
+async def test_a_reload_resizes_the_connection_slots_as_it_does_the_lease_window(relay_factory):
+    """SIGHUP used to change ``delivery.concurrency`` for the lease window only: the
+    connection semaphore kept the size it had at start."""
+    handler = GatedHandler()
+    sink = await Sink(handler).start()
+    try:
+        relay = await relay_factory(
+            delivery={"concurrency": 1, "data_timeout": "30s", "final_timeout": "30s"},
+            connectors=_connector(sink.port))
+        handler.close_gate()
+        for i in range(3):
+            await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"before {i}"))
+        await eventually(lambda: handler.inside == 1 and relay.app.scheduler.inflight == 3,
+                         what="one delivery at the destination, two waiting for a connection")
+        handler.gate.set()
+        await eventually(lambda: len(sink.messages) == 3, what="the first three deliveries")
+        assert handler.most == 1
+
+        relay.raw["delivery"]["concurrency"] = 3
+        relay.write_config()
+        assert relay.app.reload()
+        handler.close_gate()
+        for i in range(6):
+            await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"after {i}"))
+        await eventually(lambda: handler.inside == 3, what="three deliveries at once after the reload")
+        handler.gate.set()
+        await eventually(lambda: len(sink.messages) == 9, what="the other six deliveries")
+        assert handler.most == 3
+    finally:
+        handler.gate.set()
+        await sink.stop()
+
+
+async def test_slots_follow_their_limit_up_and_down():
+    slots = Slots(1)
+    await slots.acquire()
+    second = asyncio.create_task(slots.acquire())
+    third = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    assert (slots.held, slots.waiting) == (1, 2)
+    slots.resize(3)                     # growing lets the waiters in at once
+    await asyncio.gather(second, third)
+    assert (slots.held, slots.waiting) == (3, 0)
+    slots.resize(1)                     # shrinking takes nothing from holders...
+    fourth = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()
+    slots.release()
+    await asyncio.sleep(0)
+    assert not fourth.done() and slots.held == 1   # ...but admits nobody until below the limit
+    slots.release()
+    await fourth
+    assert (slots.held, slots.waiting) == (1, 0)
+
+
+async def test_a_cancelled_waiter_takes_no_slot():
+    slots = Slots(1)
+    await slots.acquire()
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    slots.release()
+    assert (slots.held, slots.waiting) == (0, 0)
+    # Admitted and cancelled before it ran: the slot goes back.
+    await slots.acquire()
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    slots.release()                     # hands the slot to the waiter...
+    waiter.cancel()                     # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (slots.held, slots.waiting) == (0, 0)
