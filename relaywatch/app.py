@@ -14,10 +14,9 @@ re-reads the config (routing, limits, timeouts) without dropping
 connections; SIGUSR1 (sent by ``relaywatch queue retry``) wakes the
 scheduler at once.
 
-A delivery process that dies is restarted after a back-off that doubles
-with each crash in a row (1 s to 60 s) and starts over once a process has
-run for ``server.delivery_restart_reset``: a crash after healthy hours costs
-a second, not a minute without delivery.
+The delivery process, its restarts and the bytes the two exchange are
+runtime/child.py's; the running config and its reloads runtime/config.py's;
+the pid file and the signal table runtime/control.py's.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from enum import Enum
 
@@ -41,33 +37,12 @@ from relaywatch.errors import ConfigError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
 from relaywatch.runtime import control
+from relaywatch.runtime.child import ChildLink, DeliveryChild, ParentLink, SchedulerWaker, Waker
 from relaywatch.runtime.config import RunningConfig, release_unpaused_connectors, watch_overrides
 from relaywatch.store import open_store
 from relaywatch.watch.monitor import Monitor
 
 log = logging.getLogger("relaywatch.app")
-
-
-class RestartBackoff:
-    """How long to wait before restarting a process that exited (pure).
-
-    Doubles from ``first`` to ``limit`` while crashes come in a row; a process
-    that ran for ``healthy_after`` or longer was healthy, and the next restart
-    waits ``first`` again."""
-
-    def __init__(self, healthy_after: float, first: float = 1.0, limit: float = 60.0):
-        self.healthy_after = healthy_after
-        self.first = first
-        self.limit = limit
-        self._next = first
-
-    def after_exit(self, ran_for: float) -> float:
-        """The wait before the next start, given how long the process that exited ran."""
-        if ran_for >= self.healthy_after:
-            self._next = self.first
-        delay = self._next
-        self._next = min(self._next * 2, self.limit)
-        return delay
 
 
 class Role(str, Enum):
@@ -87,6 +62,9 @@ class Role(str, Enum):
 
 class Relaywatch:
     def __init__(self, config: Config, clock=time.time, role: Role = Role.ALL, wake_fd: int | None = None):
+        """``wake_fd``: this role's end of the socketpair to the other role (runtime/child.py).
+        A DELIVER process is given it by its parent; a RECEIVE process given one
+        talks to a delivery process that someone else runs, and starts none."""
         self.running = RunningConfig(config)   # file + Fix-now overrides; one snapshot per operation
         self.clock = clock
         self.role = role = Role(role)
@@ -99,24 +77,22 @@ class Relaywatch:
         self.resolver = Resolver(config.dns)
         self.routes = SmtpRoutes(self.running.snapshot, self.resolver)
         self.callout: SmtpCallout | None = None
+        self.monitor: Monitor | None = None
+        self.child: DeliveryChild | None = None       # serve_forever starts it (role RECEIVE)
+        self._child_link = ChildLink(wake_fd) if role is Role.RECEIVE and wake_fd is not None else None
+        self._parent_link = ParentLink(wake_fd) if role is Role.DELIVER and wake_fd is not None else None
         if role.delivers:
             self.scheduler = Scheduler(self.running.snapshot, self.store, self.routes, clock)
             self.running.subscribe(self.scheduler.reconfigure)
-            self.store.on_work = self.scheduler.notify
             self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock)
             self.scheduler.observer = self.monitor.on_attempt
         if role.receives:
             self.callout = SmtpCallout(self.routes)
             # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
             self.receiver = Receiver(self.running.snapshot, self.store, clock, self.callout, alert_routes=self.routes)
-        self._wake_fd = wake_fd        # a socketpair end: DELIVER's and RECEIVE's
-        self._wake_pending = False
         self._scheduler_task: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
-        self._child: subprocess.Popen | None = None
-        self._child_started = 0.0
         self._supervisor: asyncio.Task | None = None
-        self._stopping = False
         self._stop_event = asyncio.Event()
         self.console = None            # the HTTP console (relaywatch/console/), in the receiving process
 
@@ -160,17 +136,14 @@ class Relaywatch:
                     log.info("returned %d message(s) leased by a previous run", returned)
             self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
             self._tasks.append(asyncio.create_task(self.monitor.run(), name="monitor"))
-            if self._wake_fd is not None:
-                os.set_blocking(self._wake_fd, False)
-                asyncio.get_running_loop().add_reader(self._wake_fd, self._woken)
-                try:
-                    os.write(self._wake_fd, b"R")   # ready: the receiver may open its port
-                except OSError:
-                    pass   # the receiver is gone; _woken sees the end of file
+            if self._parent_link is not None:
+                self._parent_link.listen(self.scheduler.notify, self._receiver_gone)
+                self._parent_link.say_ready()   # the receiver may open its port
+        self.store.on_work = self._waker().wake
+        if self._child_link is not None:
+            # Open the SMTP port only once the delivery process runs.
+            await self._child_link.wait_ready(self.child.alive if self.child is not None else lambda: True)
         if self.receiver is not None:
-            if self._wake_fd is not None:
-                self.store.on_work = self._wake_child
-                await self._wait_for_child()
             try:
                 await self.receiver.start()
             except OSError as exc:
@@ -191,81 +164,28 @@ class Relaywatch:
             from relaywatch.console.metrics import export_counters   # the console adds them to its own
             self._tasks.append(asyncio.create_task(export_counters(data_dir), name="counters"))
 
-    def _woken(self) -> None:
-        try:
-            while True:
-                data = os.read(self._wake_fd, 4096)
-                if not data:
-                    # End of file: the receiving process is gone (even killed with
-                    # SIGKILL).  A delivering child must not outlive it: the next
-                    # run starts its own and takes over the queue.
-                    asyncio.get_running_loop().remove_reader(self._wake_fd)
-                    log.error("the receiving process is gone; the delivery process stops")
-                    self._stop_event.set()
-                    return
-        except BlockingIOError:
-            pass
-        self.scheduler.notify()
+    def _waker(self) -> Waker:
+        """Who is told after each commit: this process's scheduler, or the delivery process."""
+        if self.scheduler is not None:
+            return SchedulerWaker(self.scheduler.notify)
+        if self._child_link is not None:
+            return self._child_link.waker
+        return SchedulerWaker(lambda: None)   # a receiver alone: delivery polls
 
-    async def _wait_for_child(self, timeout: float = 30.0) -> None:
-        """Open the SMTP port only once the delivery process runs.
-
-        Its start (Python, imports, the store) takes about half a second on the
-        bench machine; mail accepted before it would wait that long.  Receiving
-        never depends on delivery, though: past ``timeout``, or if the child
-        died, the port opens anyway (the supervisor restarts the child)."""
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
-
-        def readable() -> None:
-            try:
-                os.read(self._wake_fd, 64)
-            except BlockingIOError:
-                return
-            except OSError:
-                pass
-            if not ready.done():
-                ready.set_result(None)
-        loop.add_reader(self._wake_fd, readable)
-        try:
-            deadline = loop.time() + timeout
-            while not ready.done() and self._child.poll() is None and loop.time() < deadline:
-                await asyncio.wait({ready}, timeout=0.05)
-        finally:
-            loop.remove_reader(self._wake_fd)
-        if not ready.done():
-            log.warning("the delivery process is not ready; accepting mail anyway (it is delivered once it is)")
-        # A restarted child says "ready" again; nobody waits for it then.
-        loop.add_reader(self._wake_fd, self._discard_child_messages)
-
-    def _discard_child_messages(self) -> None:
-        try:
-            os.read(self._wake_fd, 64)
-        except OSError:
-            pass
-
-    def _wake_child(self) -> None:
-        # One byte per turn of the event loop, however many messages it queued.
-        if not self._wake_pending:
-            self._wake_pending = True
-            asyncio.get_running_loop().call_soon(self._write_wake)
-
-    def _write_wake(self) -> None:
-        self._wake_pending = False
-        try:
-            os.write(self._wake_fd, b"!")
-        except (BlockingIOError, BrokenPipeError):
-            pass   # a full pipe already means "wake up"; a dead child is restarted
+    def _receiver_gone(self) -> None:
+        # End of file: the receiving process is gone (even killed with SIGKILL).
+        # A delivering child must not outlive it: the next run starts its own and
+        # takes over the queue.
+        log.error("the receiving process is gone; the delivery process stops")
+        self._stop_event.set()
 
     def notify(self) -> None:
         """SIGUSR1: an operator changed the queue or the overrides; look now."""
         asyncio.get_running_loop().create_task(self.refresh_overrides())
         if self.scheduler is not None:
             self.scheduler.retry_now()
-        # A child still starting up has no handler yet (SIGUSR1 would kill it);
-        # it looks at the queue within a second of starting anyway.
-        if self._child is not None and time.monotonic() - self._child_started > 3:
-            self._child.send_signal(signal.SIGUSR1)
+        if self.child is not None:
+            self.child.forward(signal.SIGUSR1)
 
     async def refresh_overrides(self) -> bool:
         """Apply Fix-now overrides from the store if they changed; True if they did."""
@@ -278,7 +198,6 @@ class Relaywatch:
         return True
 
     async def stop(self) -> None:
-        self._stopping = True
         if self.console is not None:
             await self.console.stop()
         for task in self._tasks:
@@ -294,13 +213,10 @@ class Relaywatch:
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
-        if self._child is not None:
-            self._child.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.to_thread(self._child.wait, self.config.server.shutdown_grace + 10)
-            except subprocess.TimeoutExpired:
-                log.error("the delivery process did not stop in time; killing it (its leases lapse)")
-                self._child.kill()
+        if self.child is not None:
+            await self.child.stop()
+        if self._child_link is not None:
+            self._child_link.close()
         if self.scheduler is not None:
             await self.scheduler.stop(self.config.server.shutdown_grace)
         if self._scheduler_task is not None:
@@ -314,52 +230,26 @@ class Relaywatch:
             return False
         if self.scheduler is not None:
             self.scheduler.notify()
-        if self._child is not None:
-            self._child.send_signal(signal.SIGHUP)
+        if self.child is not None:
+            self.child.forward(signal.SIGHUP)
         log.info("configuration reloaded from %s", self.config.source)
         return True
-
-    # -- the delivery child ------------------------------------------------------------
-
-    def _spawn_child(self, read_fd: int) -> subprocess.Popen:
-        self._child_started = time.monotonic()
-        return subprocess.Popen(
-            [sys.executable, "-m", "relaywatch", "serve", "--role", Role.DELIVER.value, "--wake-fd", str(read_fd),
-             "-c", str(self.config.source)],
-            pass_fds=(read_fd,))
-
-    async def _supervise(self, read_fd: int) -> None:
-        """Restart the delivery process if it dies; its leases lapse or are returned."""
-        backoff = RestartBackoff(self.config.server.delivery_restart_reset)
-        while not self._stopping:
-            code = await asyncio.to_thread(self._child.wait)
-            if self._stopping:
-                return
-            ran_for = time.monotonic() - self._child_started
-            backoff.healthy_after = self.config.server.delivery_restart_reset   # a reload may change it
-            delay = backoff.after_exit(ran_for)
-            log.error("the delivery process exited with %s after %.1fs; restarting it in %.0fs", code, ran_for, delay)
-            await asyncio.sleep(delay)
-            self._child = self._spawn_child(read_fd)
 
     async def serve_forever(self) -> None:
         stop = self._stop_event
         control.handle_signals(asyncio.get_running_loop(), stop=stop.set, reload=self.reload, wake=self.notify)
-        if self.role is Role.RECEIVE:
-            # Wake-ups go to the child, its "ready" comes back; EOF tells the child
-            # the receiver is gone.
-            parent_end, child_end = socket.socketpair()
-            read_fd, self._wake_fd = child_end.detach(), parent_end.detach()
-            os.set_blocking(self._wake_fd, False)
-            self._make_data_dir()
-            self._child = self._spawn_child(read_fd)
+        if self.role is Role.RECEIVE and self._child_link is None:
+            self._make_data_dir()   # the child opens the store there
+            self.child = DeliveryChild(self.running.snapshot)
+            self._child_link = self.child.link
+            self.child.spawn()
         try:
             await self.start()
         except BaseException:
             await self.stop()   # the delivery process, the queue: nothing outlives a failed start
             raise
-        if self.role is Role.RECEIVE:
-            self._supervisor = asyncio.create_task(self._supervise(read_fd))
+        if self.child is not None:
+            self._supervisor = asyncio.create_task(self.child.supervise(), name="supervisor")
         if self.role.receives:
             control.write_pid_file(self.config.server.data_dir)
         try:

@@ -355,7 +355,7 @@ async def test_an_address_taken_after_the_check_is_named_and_nothing_stays_open(
         assert str(err.value).startswith("server.listen: cannot listen: ")
         assert "address already in use" in str(err.value).lower()
         assert refused(free)
-        assert app._child is not None and app._child.poll() is not None, "the delivery process outlived the start"
+        assert app.child is not None and app.child.process.poll() is not None, "the delivery process outlived the start"
     finally:
         busy.close()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from helpers import LOOPBACK, Sink, WebhookReceiver, eventually, message
-from relaywatch.app import RestartBackoff
+from relaywatch.runtime.child import RestartBackoff
 from relaywatch.errors import StoreError, StoreFull
 from relaywatch.receive.store_condition import (ConditionChanged, ConditionEnded, ConditionStarted, Place,
                                                 PlaceRecovered, StoreCondition, StoreProblem, describe,

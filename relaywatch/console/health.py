@@ -43,9 +43,9 @@ def check_smtp(app) -> str | None:
 
 def check_delivery(app) -> str | None:
     # app.py keeps these private; this is their only reader outside it.
-    child = getattr(app, "_child", None)
+    child = app.child
     if child is not None:
-        code = child.poll()
+        code = child.process.poll()
         return None if code is None else f"the delivery process exited ({code}); it is being restarted"
     task = getattr(app, "_scheduler_task", None)
     if app.scheduler is not None:

@@ -125,7 +125,7 @@ class Console:
         families.append(metrics.incident_family(await app.store.open_incidents()))
         # The delivery process's counts, when deliveries happen there (app.py, metrics.py).
         exported, exported_meters = (metrics.read_export_all(app.config.server.data_dir)
-                                     if getattr(app, "_child", None) else ({}, {}))
+                                     if app.child is not None else ({}, {}))
         families += metrics.counter_families(dict(events.counts), exported)
         families += metrics.meter_families(metrics.local_meters(), exported_meters)
         families.append(metrics.Family("relaywatch_metrics_queue_query_seconds", "gauge",
