@@ -26,14 +26,16 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass
 from enum import Enum
+from typing import Awaitable, Callable
 
 from relaywatch.config import Config
 from relaywatch.deliver.callout import SmtpCallout
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.scheduler import Scheduler
 from relaywatch.deliver.smtp import SmtpRoutes
-from relaywatch.errors import ConfigError
+from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
 from relaywatch.runtime import control
@@ -58,6 +60,16 @@ class Role(str, Enum):
     @property
     def delivers(self) -> bool:
         return self is not Role.RECEIVE
+
+
+@dataclass
+class Part:
+    """One part of the running relay.  ``run``, a loop, runs under the app's one
+    TaskGroup from ``start`` on; at ``stop`` the parts stop in list order: ``stop``
+    first (graceful), then the loop is cancelled if it has not returned."""
+    name: str
+    run: Callable[[], Awaitable[None]] | None = None
+    stop: Callable[[], Awaitable[None]] | None = None
 
 
 class Relaywatch:
@@ -90,9 +102,9 @@ class Relaywatch:
             self.callout = SmtpCallout(self.routes)
             # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
             self.receiver = Receiver(self.running.snapshot, self.store, clock, self.callout, alert_routes=self.routes)
-        self._scheduler_task: asyncio.Task | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._supervisor: asyncio.Task | None = None
+        self.parts: list[Part] = []                  # made by start(), in stop order
+        self._running: dict[str, asyncio.Task] = {}  # the parts' loops, by name
+        self._group: asyncio.Task | None = None      # runs the TaskGroup they run in
         self._stop_event = asyncio.Event()
         self.console = None            # the HTTP console (relaywatch/console/), in the receiving process
 
@@ -118,7 +130,6 @@ class Relaywatch:
         self._make_data_dir()
         await self.store.open()
         await self.refresh_overrides()
-        self._tasks.append(asyncio.create_task(watch_overrides(self.refresh_overrides), name="overrides"))
         if self.receiver is not None:
             # Only the receiving side may sweep: the spool is where it writes.
             spool = data_dir / "spool"
@@ -134,8 +145,9 @@ class Relaywatch:
                 returned = await self.store.release_leases(None, self.clock())
                 if returned:
                     log.info("returned %d message(s) leased by a previous run", returned)
-            self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
-            self._tasks.append(asyncio.create_task(self.monitor.run(), name="monitor"))
+        self.parts = self._make_parts()
+        self._group = asyncio.create_task(self._run_parts(), name="parts")
+        if self.scheduler is not None:
             if self._parent_link is not None:
                 self._parent_link.listen(self.scheduler.notify, self._receiver_gone)
                 self._parent_link.say_ready()   # the receiver may open its port
@@ -160,9 +172,64 @@ class Relaywatch:
                     await self.console.start()
                 except OSError as exc:   # taken since serve checked it (preflight.py)
                     raise ConfigError(f"http.listen: cannot listen: {exc}") from exc
-        elif self.role is Role.DELIVER:
-            from relaywatch.console.metrics import export_counters   # the console adds them to its own
-            self._tasks.append(asyncio.create_task(export_counters(data_dir), name="counters"))
+            # Other listeners of the receiving process start here, and stop in a Part of theirs.
+
+    def _make_parts(self) -> list[Part]:
+        """The parts of this role, in the order they stop: the console, the overrides
+        watcher and the watch first, then no new mail (the receiver), then the
+        delivery process, then deliveries in flight (the scheduler, within
+        shutdown_grace)."""
+        parts = []
+        if self.role.receives:
+            parts.append(Part("console", stop=self._stop_console))
+        if self.role is Role.DELIVER:
+            parts.append(Part("counters", run=self._export_counters))
+        parts.append(Part("overrides", run=lambda: watch_overrides(self.refresh_overrides)))
+        if self.monitor is not None:
+            parts.append(Part("monitor", run=self.monitor.run, stop=self._stop_monitor))
+        if self.receiver is not None:
+            parts.append(Part("receiver", stop=self._stop_receiver))
+        if self.child is not None:
+            parts.append(Part("delivery process", run=self.child.supervise, stop=self._stop_child))
+        elif self._child_link is not None:
+            parts.append(Part("delivery link", stop=self._stop_child))
+        if self.scheduler is not None:
+            parts.append(Part("scheduler", run=self.scheduler.run, stop=self._stop_scheduler))
+        return parts
+
+    async def _run_parts(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for part in self.parts:
+                if part.run is not None:
+                    self._running[part.name] = group.create_task(part.run(), name=part.name)
+
+    def part_task(self, name: str) -> asyncio.Task | None:
+        """The running loop of a part (the console's readiness check reads it)."""
+        return self._running.get(name)
+
+    async def _stop_console(self) -> None:
+        if self.console is not None:
+            await self.console.stop()
+
+    async def _export_counters(self) -> None:
+        from relaywatch.console.metrics import export_counters   # the console adds them to its own
+        await export_counters(self.config.server.data_dir)
+
+    async def _stop_monitor(self) -> None:
+        self.monitor.stop()
+
+    async def _stop_receiver(self) -> None:
+        await self.receiver.stop()
+        if self.callout is not None:
+            self.callout.close()
+
+    async def _stop_child(self) -> None:
+        if self.child is not None:
+            await self.child.stop()
+        self._child_link.close()
+
+    async def _stop_scheduler(self) -> None:
+        await self.scheduler.stop(self.config.server.shutdown_grace)
 
     def _waker(self) -> Waker:
         """Who is told after each commit: this process's scheduler, or the delivery process."""
@@ -198,30 +265,22 @@ class Relaywatch:
         return True
 
     async def stop(self) -> None:
-        if self.console is not None:
-            await self.console.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        if self.scheduler is not None:
-            self.monitor.stop()
-        if self.receiver is not None:
-            await self.receiver.stop()
-        if self.callout is not None:
-            self.callout.close()
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
-        if self.child is not None:
-            await self.child.stop()
-        if self._child_link is not None:
-            self._child_link.close()
-        if self.scheduler is not None:
-            await self.scheduler.stop(self.config.server.shutdown_grace)
-        if self._scheduler_task is not None:
-            self._scheduler_task.cancel()
-            await asyncio.gather(self._scheduler_task, return_exceptions=True)
+        """Stop every part in order (``_make_parts``), then close the queue.  Also
+        after a failed or partial start: nothing outlives it."""
+        parts = self.parts or self._make_parts()   # start failed before making them: the child, the link
+        for part in parts:
+            if part.stop is not None:
+                await part.stop()
+            task = self._running.get(part.name)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._group is not None:
+            try:
+                await self._group
+            except Exception:
+                log.exception("a part of relaywatch had failed")
+        self.parts, self._running, self._group = [], {}, None
         await self.store.close()
 
     def reload(self) -> bool:
@@ -248,19 +307,35 @@ class Relaywatch:
         except BaseException:
             await self.stop()   # the delivery process, the queue: nothing outlives a failed start
             raise
-        if self.child is not None:
-            self._supervisor = asyncio.create_task(self.child.supervise(), name="supervisor")
         if self.role.receives:
             control.write_pid_file(self.config.server.data_dir)
+        failed: str | None = None
         try:
-            await stop.wait()
-            if self.role.receives:
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({stopping, self._group}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if self._group.done():
+                # A part ended by itself, which only a bug does: stop all of it, with
+                # an error exit (a delivery process is then restarted by its parent).
+                failed = self._failed_part()
+                log.error("%s; stopping", failed, exc_info=self._group.exception())
+                self._group = None
+            elif self.role.receives:
                 log.info("stopping: no new connections; waiting up to %.0fs for deliveries in flight",
                          self.config.server.shutdown_grace)
         finally:
             await self.stop()
             if self.role.receives:
                 control.remove_pid_file(self.config.server.data_dir)
+        if failed is not None:
+            raise RelaywatchError(f"stopped: {failed}")
+
+    def _failed_part(self) -> str:
+        for name, task in self._running.items():
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                return f"the {name} part failed ({type(exc).__name__}: {exc})"
+        return "a part of relaywatch returned"
 
 
 def default_role(config: Config) -> Role:

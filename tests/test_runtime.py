@@ -2,12 +2,16 @@
 connection slots that follow them, the delivery process's wake protocol."""
 
 import asyncio
+import socket
 
 import pytest
 
-from helpers import LOOPBACK, Sink, SinkHandler, eventually, message
+from helpers import LOOPBACK, Relay, Sink, SinkHandler, base_config, eventually, message
 
+from relaywatch.app import Relaywatch
+from relaywatch.config import load_config
 from relaywatch.deliver.slots import Slots
+from relaywatch.errors import RelaywatchError
 
 
 class GatedHandler(SinkHandler):
@@ -113,3 +117,23 @@ async def test_a_cancelled_waiter_takes_no_slot():
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert (slots.held, slots.waiting) == (0, 0)
+
+
+async def test_a_part_that_fails_stops_the_whole_relay(tmp_path):
+    """The parts run under one TaskGroup: a loop that dies (only a bug does) no
+    longer leaves a relay that accepts mail and never delivers it."""
+    relay = Relay(tmp_path, base_config(tmp_path))
+    relay.write_config()
+    app = Relaywatch(load_config(relay.config_path))
+    ports = []
+
+    async def broken_watch():
+        await eventually(lambda: app.receiver.servers, what="the receiver to listen")
+        ports.append(app.receiver.addresses[0][1])
+        raise RuntimeError("a bug in the watch")
+    app.monitor.run = broken_watch
+    with pytest.raises(RelaywatchError, match=r"the monitor part failed \(RuntimeError: a bug in the watch\)"):
+        await asyncio.wait_for(app.serve_forever(), 30)   # before, it served on without its watch
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOOPBACK, ports[0]), timeout=2).close()
+    assert not (relay.data_dir / "relaywatch.pid").exists()

@@ -42,12 +42,11 @@ def check_smtp(app) -> str | None:
 
 
 def check_delivery(app) -> str | None:
-    # app.py keeps these private; this is their only reader outside it.
     child = app.child
     if child is not None:
         code = child.process.poll()
         return None if code is None else f"the delivery process exited ({code}); it is being restarted"
-    task = getattr(app, "_scheduler_task", None)
+    task = app.part_task("scheduler")
     if app.scheduler is not None:
         return None if task is not None and not task.done() else "the scheduler is not running"
     return "no delivery process is running"
