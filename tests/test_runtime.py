@@ -8,7 +8,7 @@ import pytest
 
 from helpers import LOOPBACK, Relay, Sink, SinkHandler, base_config, eventually, message
 
-from relaywatch.app import Relaywatch
+from relaywatch.app import Relaywatch, Role
 from relaywatch.config import load_config
 from relaywatch.deliver.slots import Slots
 from relaywatch.errors import RelaywatchError
@@ -137,3 +137,42 @@ async def test_a_part_that_fails_stops_the_whole_relay(tmp_path):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((LOOPBACK, ports[0]), timeout=2).close()
     assert not (relay.data_dir / "relaywatch.pid").exists()
+
+
+@pytest.mark.both_loops
+async def test_receive_and_deliver_roles_over_a_socketpair_in_one_process(tmp_path, caplog):
+    """The production topology (serve on two cores: a receiving process and the
+    delivery process it supervises), here as two apps in one event loop joined by
+    a socketpair, with every byte of their protocol (runtime/child.py) exercised:
+    the receiver listens only once the deliverer said READY, each commit sends a
+    wake, and the receiver's end closing stops the deliverer."""
+    sink = await Sink().start()
+    try:
+        relay = Relay(tmp_path, base_config(tmp_path, connectors=_connector(sink.port)))
+        relay.write_config()
+        receive_end, deliver_end = socket.socketpair()
+        receiving = Relaywatch(load_config(relay.config_path), role=Role.RECEIVE, wake_fd=receive_end.detach())
+        delivering = Relaywatch(load_config(relay.config_path), role=Role.DELIVER, wake_fd=deliver_end.detach())
+        assert receiving.scheduler is None and delivering.receiver is None
+        woken = []                               # wakes that came through the socketpair
+        link, listen = delivering._parent_link, delivering._parent_link.listen
+        link.listen = lambda on_wake, on_gone: listen(lambda: (woken.append(True), on_wake()), on_gone)
+
+        starting = asyncio.create_task(receiving.start())
+        # Its parts are made just before it waits for READY (nothing awaited in between).
+        await eventually(lambda: receiving.parts or starting.done(), what="the receiver to wait for READY")
+        assert not starting.done() and receiving.receiver.servers == [], "listening before delivery runs"
+        serving = asyncio.create_task(delivering.serve_forever())
+        await asyncio.wait_for(starting, 30)
+        relay.app = receiving
+
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("two roles"))
+        await eventually(lambda: sink.messages, what="delivery by the delivering role")
+        assert woken, "the commit did not wake the delivering role through the socketpair"
+        assert await receiving.store.counts() == {}
+
+        await receiving.stop()
+        await asyncio.wait_for(serving, 30)     # EOF on its end: it stops by itself
+        assert "the receiving process is gone; the delivery process stops" in caplog.text
+    finally:
+        await sink.stop()
