@@ -39,7 +39,7 @@ from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.receive.server import Receiver
 from relaywatch.receive.spool import sweep_orphans
 from relaywatch.runtime import control
-from relaywatch.runtime.child import ChildLink, DeliveryChild, ParentLink, SchedulerWaker, Waker
+from relaywatch.runtime.child import ChildLink, DeliveryChild, ParentLink, SchedulerWaker
 from relaywatch.runtime.config import RunningConfig, release_unpaused_connectors, watch_overrides
 from relaywatch.store import open_store
 from relaywatch.watch.monitor import Monitor
@@ -96,6 +96,8 @@ class Relaywatch:
         if role.delivers:
             self.scheduler = Scheduler(self.running.snapshot, self.store, self.routes, clock)
             self.running.subscribe(self.scheduler.reconfigure)
+            # Before the store opens: a PostgreSQL store then also listens for other nodes' work.
+            self.store.on_work = SchedulerWaker(self.scheduler.notify).wake
             self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock)
             self.scheduler.observer = self.monitor.on_attempt
         if role.receives:
@@ -151,8 +153,8 @@ class Relaywatch:
             if self._parent_link is not None:
                 self._parent_link.listen(self.scheduler.notify, self._receiver_gone)
                 self._parent_link.say_ready()   # the receiver may open its port
-        self.store.on_work = self._waker().wake
         if self._child_link is not None:
+            self.store.on_work = self._child_link.waker.wake   # after open: a receiver listens to no node
             # Open the SMTP port only once the delivery process runs.
             await self._child_link.wait_ready(self.child.alive if self.child is not None else lambda: True)
         if self.receiver is not None:
@@ -230,14 +232,6 @@ class Relaywatch:
 
     async def _stop_scheduler(self) -> None:
         await self.scheduler.stop(self.config.server.shutdown_grace)
-
-    def _waker(self) -> Waker:
-        """Who is told after each commit: this process's scheduler, or the delivery process."""
-        if self.scheduler is not None:
-            return SchedulerWaker(self.scheduler.notify)
-        if self._child_link is not None:
-            return self._child_link.waker
-        return SchedulerWaker(lambda: None)   # a receiver alone: delivery polls
 
     def _receiver_gone(self) -> None:
         # End of file: the receiving process is gone (even killed with SIGKILL).

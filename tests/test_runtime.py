@@ -3,6 +3,7 @@ connection slots that follow them, the delivery process's wake protocol."""
 
 import asyncio
 import socket
+import time
 
 import pytest
 
@@ -176,3 +177,31 @@ async def test_receive_and_deliver_roles_over_a_socketpair_in_one_process(tmp_pa
         assert "the receiving process is gone; the delivery process stops" in caplog.text
     finally:
         await sink.stop()
+
+
+async def test_a_delivering_node_on_postgresql_hears_other_nodes_work(pg_dsn, tmp_path):
+    """The scheduler's wake is the store's on_work from before the store opens: only
+    then does a PostgreSQL store LISTEN for what other nodes (and this node's
+    receiving process) commit, instead of waiting for the next poll."""
+    from relaywatch.model import NewMessage, Route, RouteKind, StoredBody
+    relay = Relay(tmp_path, base_config(tmp_path, server={"store": pg_dsn}, queue={"retry_intervals": ["1h"]}))
+    relay.write_config()
+    delivering = Relaywatch(load_config(relay.config_path), role=Role.DELIVER)
+    assert delivering.store.on_work is not None, "the store opens without the scheduler's wake"
+    heard = asyncio.Event()
+    wake = delivering.store.on_work
+    delivering.store.on_work = lambda: (heard.set(), wake())
+    other_node = Relaywatch(load_config(relay.config_path), role=Role.RECEIVE).store
+    await delivering.start()
+    await other_node.open()
+    try:
+        await asyncio.wait_for(heard.wait(), 10)   # once when it starts listening
+        heard.clear()
+        data, now = message("from another node"), time.time()
+        await other_node.enqueue(NewMessage(
+            sender="alice@contoso.test", recipients=(("bob@fabrikam.test", Route(RouteKind.CONNECTOR, "x")),),
+            body=StoredBody(size=len(data), data=data), received_at=now, expires_at=now + 3600))
+        await asyncio.wait_for(heard.wait(), 10)
+    finally:
+        await other_node.close()
+        await delivering.stop()

@@ -232,7 +232,8 @@ class DeliveryChild:
             delay = backoff.after_exit(ran_for)
             log.error("the delivery process exited with %s after %.1fs; restarting it in %.0fs", code, ran_for, delay)
             await asyncio.sleep(delay)
-            self.spawn()
+            if not self._stopping:
+                self.spawn()
 
     async def stop(self) -> None:
         """SIGTERM; the child finishes within shutdown_grace, else it is killed."""
