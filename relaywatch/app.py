@@ -14,9 +14,12 @@ re-reads the config (routing, limits, timeouts) without dropping
 connections; SIGUSR1 (sent by ``relaywatch queue retry``) wakes the
 scheduler at once.
 
-The delivery process, its restarts and the bytes the two exchange are
-runtime/child.py's; the running config and its reloads runtime/config.py's;
-the pid file and the signal table runtime/control.py's.
+This module builds the parts of a ``Role`` and runs their loops under one
+``asyncio.TaskGroup`` (a loop that dies stops the process); ``stop`` stops
+them in the order ``_make_parts`` lists.  The delivery process, its restarts
+and the bytes the two exchange are runtime/child.py's; the running config and
+its reloads runtime/config.py's; the pid file and the signal table
+runtime/control.py's.
 """
 
 from __future__ import annotations

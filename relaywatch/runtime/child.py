@@ -143,7 +143,7 @@ class ChildLink:
     def __init__(self, fd: int):
         self.fd = fd
         os.set_blocking(fd, False)
-        self.waker = PipeWaker(fd)
+        self.waker: Waker = PipeWaker(fd)
 
     async def wait_ready(self, alive: Callable[[], bool], timeout: float = 30.0) -> None:
         """Return once the child said READY.
