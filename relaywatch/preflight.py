@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 from relaywatch.config import Config, format_hostport
+from relaywatch.runtime import control
 
 
 def start_problems(config: Config, *, serving: bool) -> list[str]:
@@ -25,7 +26,7 @@ def start_problems(config: Config, *, serving: bool) -> list[str]:
 
     ``serving``: called by ``serve`` itself (a port in use is a problem even if a
     relaywatch holds it); otherwise by ``config check``."""
-    running = running_relaywatch(config.server.data_dir)
+    running = control.running_server(config.server.data_dir)
     problems = data_dir_problems(config.server.data_dir) + listen_problems(
         config.server.listen, running=running, serving=serving)
     for key in ("submission_listen", "submissions_listen"):   # the AUTH ports
@@ -52,7 +53,7 @@ def data_dir_problems(data_dir: Path) -> list[str]:
     if not _writable(data_dir):
         return [f"{key}: {data_dir} {_why_not_writable(data_dir)}"]
     out = []
-    for name in ("spool", "queue.sqlite3", "relaywatch.pid"):
+    for name in ("spool", "queue.sqlite3", control.PID_FILE_NAME):
         path = data_dir / name
         if path.exists() and not _writable(path):
             out.append(f"{key}: {path} {_why_not_writable(path)}")
@@ -71,18 +72,6 @@ def _why_not_writable(path: Path) -> str:
     except KeyError:
         user = f"uid {os.geteuid()}"
     return f"is not writable by {user} (serve must run as a user that may write there)"
-
-
-def running_relaywatch(data_dir: Path) -> int | None:
-    """The pid of a live relaywatch that wrote ``data_dir/relaywatch.pid``, other than us."""
-    try:
-        pid = int((data_dir / "relaywatch.pid").read_text())
-        # A stale pid file must not make another process pass for relaywatch.
-        if pid != os.getpid() and b"relaywatch" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return pid
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def listen_problems(listen, *, running: int | None = None, serving: bool = True,

@@ -60,17 +60,27 @@ def reload_server(data_dir: Path) -> int:
     return pid
 
 
-def wake_server(data_dir: Path) -> None:
-    """SIGUSR1 to the server of ``data_dir``, if one runs: look at the queue now.
-
-    Best effort (the server polls every second anyway), and only to a process
-    that is relaywatch: a stale pid file must not make us signal an unrelated one."""
+def running_server(data_dir: Path) -> int | None:
+    """The pid of a live relaywatch that wrote the pid file of ``data_dir``, other than us."""
     try:
         pid = int(pid_file(data_dir).read_text())
-        if b"relaywatch" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGUSR1)
+        # A stale pid file must not make another process pass for relaywatch.
+        if pid != os.getpid() and b"relaywatch" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
     except (OSError, ValueError):
         pass
+    return None
+
+
+def wake_server(data_dir: Path) -> None:
+    """SIGUSR1 to the server of ``data_dir``, if one runs: look at the queue now.
+    Best effort: the server polls every second anyway."""
+    pid = running_server(data_dir)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            pass
 
 
 def handle_signals(loop: asyncio.AbstractEventLoop, *, stop: Callable[[], object],
