@@ -296,7 +296,7 @@ class Web:
             await asyncio.gather(self._sampler, return_exceptions=True)
 
     def counts(self) -> dict[tuple[str, str], int]:
-        exported = metrics.read_export(self.app.config.server.data_dir) if getattr(self.app, "_child", None) else {}
+        exported = metrics.read_export(self.app.config.server.data_dir) if self.app.child is not None else {}
         merged = dict(events.counts)
         for k, n in exported.items():
             merged[k] = merged.get(k, 0) + n
