@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from relaywatch.errors import ConfigError
+from relaywatch.idn import BadDomain, to_ascii
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
@@ -472,7 +473,13 @@ def _positive_duration(value: Any) -> float:
 
 
 def _domain_name(value: Any) -> str:
+    """A domain as relaywatch keeps it: lower case, A-labels (U-labels are converted, IDNA2008/UTS #46)."""
     name = _string(value).lower().rstrip(".")
+    wildcard, rest = ("*.", name[2:]) if name.startswith("*.") else ("", name)
+    try:
+        name = wildcard + to_ascii(rest)
+    except BadDomain as exc:
+        raise ValueError(f"{value!r} is not a domain name: {exc}") from None
     if not re.fullmatch(rf"(\*\.)?{_LABEL}(\.{_LABEL})*", name):
         raise ValueError(f"{value!r} is not a domain name")
     return name

@@ -1,8 +1,9 @@
 """Routing: which way a recipient's mail goes.  Pure: config in, decision out.
 
 Recipients are normalised once, where they are received (``normalize``): the
-domain in lower case without its trailing dot, a quoted local part that needs
-no quotes unquoted (RFC 5321 4.1.2).  What cannot be routed is refused there
+domain in lower case without its trailing dot and as A-labels (an IDN, with
+the UTS #46 mapping: relaywatch.idn), a quoted local part that needs no quotes
+unquoted (RFC 5321 4.1.2); a UTF-8 local part (SMTPUTF8) is kept as it is.  What cannot be routed is refused there
 with the reason, so it never reaches a connector that would refuse it and
 leave us to send an NDR to a sender nobody verified (backscatter).
 
@@ -24,6 +25,7 @@ import re
 from dataclasses import dataclass
 
 from relaywatch.config import Config, Connector
+from relaywatch.idn import BadDomain, to_ascii
 from relaywatch.model import Route, RouteKind
 
 LOCAL = Route(RouteKind.LOCAL, "local")
@@ -100,6 +102,11 @@ def normalize(address: str) -> str | Refusal:
     if domain.startswith("["):
         return Refusal("550 5.1.2 Address literals are not routed by this relay; use a domain name",
                        "address literal")
+    try:
+        domain = to_ascii(domain)     # IDN: routed, looked up and queued as A-labels
+    except BadDomain as exc:
+        return Refusal(f"553 5.1.3 Bad recipient address syntax (not a valid internationalised domain name: {exc})",
+                       "bad IDN domain")
     labels = domain.split(".")
     if not domain or len(domain) > 253 or any(not 0 < len(label) <= 63 for label in labels):
         return Refusal("501 5.1.3 Bad recipient address syntax (domain name too long or empty)", "bad domain")

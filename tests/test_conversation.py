@@ -48,7 +48,17 @@ def in_transaction() -> Conversation:
     (b"BDAT 10 LAST\r\n", ["502"]),
     (b"FROB\r\n", ["500"]),
     (b"\r\n", ["500"]),
-    (b"MAIL FROM:<caf\xc3\xa9@client.test>\r\n", ["500"]),          # 8-bit without SMTPUTF8
+    (b"MAIL FROM:<caf\xc3\xa9@client.test>\r\n", ["553"]),          # UTF-8 without SMTPUTF8 (RFC 6531 3.5)
+    (b"MAIL FROM:<caf\xc3\xa9@client.test> SMTPUTF8\r\n", ["250"]),
+    (b"MAIL FROM:<a@client.test> SMTPUTF8 BODY=8BITMIME\r\n", ["250"]),
+    (b"MAIL FROM:<a@client.test> SMTPUTF8=yes\r\n", ["501"]),       # the keyword takes no value
+    (b"MAIL FROM:<caf\xe9@client.test> SMTPUTF8\r\n", ["500"]),      # Latin-1, not UTF-8
+    (b"MAIL FROM:<a@client.test> S\xc3\x89ZE=1\r\n", ["501"]),      # a non-ASCII parameter
+    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<\xce\xb4@\xcf\x80.test>\r\n", ["250", "553"]),
+    (b"MAIL FROM:<a@client.test> SMTPUTF8\r\nRCPT TO:<\xce\xb4@\xcf\x80.test>\r\n", ["250"]),  # a Recipient
+    (b"MAIL FROM:<a@client.test> SMTPUTF8\r\nRSET\r\nMAIL FROM:<a@client.test>\r\n"
+     b"RCPT TO:<\xce\xb4@c.test>\r\n", ["250", "250", "250", "553"]),   # RSET forgets SMTPUTF8
+    (b"NOOP caf\xc3\xa9\r\n", ["500"]),                               # UTF-8 only in MAIL and RCPT
     (b"RCPT TO:<x@contoso.test>\r\n", ["503"]),                      # no MAIL yet
     (b"DATA\r\n", ["503"]),
     (b"MAIL TO:<a@client.test>\r\n", ["501"]),
@@ -95,7 +105,7 @@ def test_ehlo_lists_the_extensions_and_starttls_only_when_possible():
     plain = session()
     [reply] = talk(plain, b"EHLO client.test\r\n")
     assert reply.text.split("\r\n") == ["250-relay.test", "250-SIZE 1000", "250-8BITMIME", "250-PIPELINING",
-                                        "250 ENHANCEDSTATUSCODES"]
+                                        "250-SMTPUTF8", "250 ENHANCEDSTATUSCODES"]
     assert plain.helo == "client.test" and plain.esmtp
     tls = session(tls=True)
     [reply] = talk(tls, b"EHLO client.test\r\n")
@@ -115,6 +125,9 @@ def test_ehlo_lists_the_extensions_and_starttls_only_when_possible():
     ("<a@b.test", None, "<a@b.test"),
     ("<a..b@b.test>", None, "<a..b@b.test>"),
     ("<a@-b.test>", None, "<a@-b.test>"),
+    ("<δοκιμή@παράδειγμα.test> SMTPUTF8", "δοκιμή@παράδειγμα.test", " SMTPUTF8"),   # RFC 6531 3.3
+    ('<"δο κιμή"@b.test>', '"δο κιμή"@b.test', ""),
+    ("<δοκιμή@-παράδειγμα.test>", None, "<δοκιμή@-παράδειγμα.test>"),
 ])
 def test_paths(text, address, rest):
     assert parse_path(text) == (address, rest)
@@ -411,3 +424,14 @@ def test_a_restricted_user_is_refused_other_senders_with_553():
     assert [e.text for e in events] == [
         "553 5.7.1 <ceo@fabrikam.test>: Sender address rejected: not owned by user alice",
         "250 2.1.0 Sender OK"]
+
+
+def test_smtputf8_travels_with_the_message_and_the_utf8_address_is_kept_exactly():
+    conv = session()
+    events = talk(conv, "EHLO c\r\nMAIL FROM:<δοκιμή@παράδειγμα.test> SMTPUTF8\r\n"
+                        "RCPT TO:<Δοκιμή@ΠΑΡΆΔΕΙΓΜΑ.test>\r\nDATA\r\nhi\r\n.\r\n".encode())
+    assert Recipient("Δοκιμή@ΠΑΡΆΔΕΙΓΜΑ.test") in events     # as sent: route.normalize maps the domain
+    [end] = [e for e in events if isinstance(e, MessageEnd)]
+    assert end.smtputf8 and end.sender == "δοκιμή@παράδειγμα.test"
+    talk(conv, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@c.test>\r\nDATA\r\nhi\r\n.\r\n")
+    assert not conv.smtputf8

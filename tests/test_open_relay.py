@@ -104,7 +104,7 @@ RELAY_TRICKS = [
     (b"<user@elsewhere.test%hybrid.test>", "501 5.1.3"),
     (b"<user@-hybrid.test>", "501 5.1.3"),
     (b"<user@" + b"a" * 64 + b".hybrid.test>", "501 5.1.3"),       # a label longer than DNS allows
-    ("<üser@hybrid.test>".encode(), "500 5.5.2"),                  # 8-bit without SMTPUTF8
+    ("<üser@hybrid.test>".encode(), "553 5.6.7"),                  # UTF-8 without SMTPUTF8 (RFC 6531 3.5)
     ("<user@hÿbrid.test>".encode("latin-1"), "500 5.5.2"),
     (b"<user@hybrid.test\x00.elsewhere.test>", "500 5.5.2"),       # NUL
     (b"<user@sub.contoso.test>", "554 5.7.1"),                     # an accepted domain's subdomain

@@ -89,6 +89,7 @@ class MessageEnd:
     sender: str                               # "" for the null sender <>
     recipients: tuple[tuple[str, Any], ...]   # (address, what accept_recipient was given)
     user: str | None = None                   # the authenticated user who sent it
+    smtputf8: bool = False                    # MAIL FROM had SMTPUTF8 (RFC 6531)
 
 
 NEED_DATA = object()
@@ -118,11 +119,17 @@ def sender_allowed(senders: frozenset[str] | None, address: str) -> bool:
 
 # A mailbox as RFC 5321 4.1.2 has it: a dot-string or quoted local part, and a
 # domain name or address literal; an optional source route is ignored (4.1.1.3).
-_LOCAL = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*|\"(?:[\x20-\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*\")"
-_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
+# RFC 6531 3.3 adds UTF-8 (any non-ASCII character) to atext, qtext and
+# sub-domain (U-labels); whether a domain is a valid IDN is route.normalize's.
+_U = "\u0080-\U0010ffff"
+_LOCAL = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+)*|\"(?:[\x20-\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*\")"
+_DOMAIN = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?(?:\.[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?)*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
 _PATH = re.compile(rf"<(?:@[^:>]+:)?({_LOCAL}@{_DOMAIN}|{_LOCAL})>")
 _BARE_PATH = re.compile(rf"({_LOCAL}@{_DOMAIN})(?=\s|$)")   # lenient: no angle brackets, as Postfix allows
-_MAIL_PARAMS = {"SIZE", "BODY"}
+_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8"}
+# RFC 6531 3.5: a non-ASCII address in a transaction opened without SMTPUTF8.
+NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM (RFC 6531)"
+_UTF8_VERBS = ("MAIL", "RCPT")     # the only commands that may carry UTF-8 (addresses)
 
 
 def parse_path(text: str) -> tuple[str | None, str]:
@@ -144,7 +151,7 @@ def parse_params(text: str) -> dict[str, str] | None:
     params = {}
     for word in text.split():
         key, _, value = word.partition("=")
-        if not key or not key.replace("-", "").isalnum():
+        if not key or not key.isascii() or not key.replace("-", "").isalnum():
             return None
         params[key.upper()] = value
     return params
@@ -164,6 +171,7 @@ class Conversation:
         self.helo: str | None = None      # the name the client gave in HELO/EHLO
         self.esmtp = False
         self.sender: str | None = None    # set by MAIL; None outside a transaction
+        self.smtputf8 = False             # the transaction was opened with SMTPUTF8
         self.recipients: list[tuple[str, Any]] = []
         self.errors = 0
         self._buffer = bytearray()
@@ -249,9 +257,11 @@ class Conversation:
         if isinstance(raw, str):
             return Reply(raw)
         try:
-            line = raw.decode("ascii")
+            line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            return Reply("500 5.5.2 Non-ASCII characters in a command (SMTPUTF8 is not offered)")
+            return Reply("500 5.5.2 A command that is not UTF-8 (SMTPUTF8 allows UTF-8 addresses only)")
+        if not line.isascii() and line[:4].upper() not in _UTF8_VERBS:
+            return Reply("500 5.5.2 Non-ASCII characters are allowed only in MAIL and RCPT addresses (SMTPUTF8)")
         if "\0" in line:
             # Some servers drop NULs: what we pass on must read the same everywhere.
             return Reply("500 5.5.2 NUL character in a command")
@@ -272,6 +282,7 @@ class Conversation:
 
     def _reset(self) -> None:
         self.sender = None
+        self.smtputf8 = False
         self.recipients = []
         self._data = None
 
@@ -282,7 +293,8 @@ class Conversation:
             return Reply("501 5.5.4 Syntax: EHLO hostname")
         self.helo, self.esmtp = arg.split()[0], True
         self._reset()
-        lines = [self.hostname, f"SIZE {self.max_size}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        lines = [self.hostname, f"SIZE {self.max_size}", "8BITMIME", "PIPELINING", "SMTPUTF8",
+                 "ENHANCEDSTATUSCODES"]
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
         if self.auth_available and self.tls_active and self.user is None:
@@ -318,6 +330,12 @@ class Conversation:
         unknown = set(params) - _MAIL_PARAMS - ({"AUTH"} if self.auth_available else set())
         if unknown:
             return Reply(f"555 5.5.4 Unsupported MAIL parameter: {sorted(unknown)[0]}")
+        if params.get("SMTPUTF8"):
+            return Reply("501 5.5.4 SMTPUTF8 takes no value")
+        if not address.isascii() and "SMTPUTF8" not in params:
+            return Reply(NEEDS_SMTPUTF8)
+        if not rest.isascii():
+            return Reply("501 5.5.4 Bad MAIL parameters (non-ASCII)")
         if "BODY" in params and params["BODY"].upper() not in ("7BIT", "8BITMIME"):
             return Reply("501 5.5.4 BODY must be 7BIT or 8BITMIME")
         if "SIZE" in params:
@@ -328,6 +346,7 @@ class Conversation:
         if self.user is not None and not sender_allowed(self.senders, address):
             return Reply(f"553 5.7.1 <{address}>: Sender address rejected: not owned by user {self.user}")
         self.sender = address
+        self.smtputf8 = "SMTPUTF8" in params
         self.recipients = []
         return Reply("250 2.1.0 Sender OK")
 
@@ -342,6 +361,8 @@ class Conversation:
             return Reply("501 5.1.3 Bad recipient address syntax")
         if rest.strip():
             return Reply("555 5.5.4 RCPT parameters are not supported")
+        if not address.isascii() and not self.smtputf8:
+            return Reply(NEEDS_SMTPUTF8)
         # parse_path took the source route off (RFC 5321 4.1.1.3); the policy decides about it.
         source_route = path[1:].partition(":")[0] if path.startswith("<@") else ""
         return Recipient(address, source_route)
@@ -366,7 +387,8 @@ class Conversation:
         content = parser.feed(data)
         if parser.done:
             self._buffer += parser.leftover     # commands pipelined after the final dot
-            self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients), self.user))
+            self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients), self.user,
+                                           self.smtputf8))
             self._reset()
         if content:
             return BodyData(content)
