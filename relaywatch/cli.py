@@ -27,6 +27,7 @@ from relaywatch import events, views
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup_all
 from relaywatch.config import Config, format_hostport, load_config
 from relaywatch.errors import ConfigError, RelaywatchError
+from relaywatch.idn import address_to_unicode, to_unicode
 from relaywatch.model import Entry, dest_label, iso
 from relaywatch.runtime import control
 from relaywatch.store.base import QueueQuery, Selector
@@ -304,12 +305,19 @@ def queue_show(config_path, entry_id, as_json):
     _print_entry(entry, config)
 
 
+def _domain_for_people(domain: str) -> str:
+    """An IDN as U-labels, with the A-labels DNS uses after it: ``παράδειγμα.test = xn--...test``."""
+    shown = to_unicode(domain)
+    return shown if shown == domain else f"{shown} = {domain}"
+
+
 def _print_entry(e: Entry, config: Config) -> None:
     now = time.time()
     click.echo(f"Message {e.id}  ({e.status.value})")
-    click.echo(f"  From:        {e.sender or '<>'}")
+    click.echo(f"  From:        {address_to_unicode(e.sender) if e.sender else '<>'}")   # IDN as U-labels
     click.echo(f"  Message-ID:  {e.message_id or '-'}")
-    click.echo(f"  Route:       {e.route.kind.value} {e.route.name}" + (f" ({e.route.domain})" if e.route.domain else ""))
+    click.echo(f"  Route:       {e.route.kind.value} {e.route.name}"
+               + (f" ({_domain_for_people(e.route.domain)})" if e.route.domain else ""))
     click.echo(f"  Received:    {iso(e.received_at)} ({_age(e.received_at, now)} ago), {e.size} bytes")
     click.echo(f"  Expires:     {iso(e.expires_at)} ({_age(e.expires_at, now)})")
     if e.status.value not in ("held", "active"):
@@ -317,7 +325,7 @@ def _print_entry(e: Entry, config: Config) -> None:
     click.echo(f"  Attempts:    {e.attempts}" + (f", failing since {iso(e.first_failure_at)}" if e.first_failure_at else ""))
     click.echo("  Recipients:")
     for r in e.recipients:
-        click.echo(f"    {r.address}  {r.status.value}")
+        click.echo(f"    {address_to_unicode(r.address)}  {r.status.value}")
         if r.last_error:
             f = r.last_error
             click.echo(f"      {f.smtp_code} {f.code} {f.title}" + (f" [{f.subtype}]" if f.subtype else ""))

@@ -346,6 +346,40 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
             "partner": ("Tell the sender to check the address; for policy rejections, send the partner the reply text.",),
         }, permanent=True),
     Entry(
+        id="smtputf8.not_offered", code="5.6.7", smtp_code=553,
+        title="Non-ASCII addresses not permitted for that recipient",
+        explanation=(
+            "The message's envelope has an internationalised address (RFC 6531): a sender or "
+            "recipient whose part before the @ is written in UTF-8, such as δοκιμή@example.test. "
+            "Such an address has no ASCII spelling, so it can only be passed to a server that offers "
+            "the SMTPUTF8 extension. The destination did not offer it, so relaywatch sent nothing and "
+            "failed the recipients at once: rewriting the address would deliver to someone else, or "
+            "nowhere. Domain names alone never cause this: relaywatch sends them as A-labels "
+            "(xn--...) to any server."),
+        causes={
+            "on_premises": (
+                "The on-premises server does not support SMTPUTF8, or has it switched off "
+                "(Postfix: smtputf8_enable = no; older Exchange versions have no support).",
+                "A filtering appliance in front of the server hides the SMTPUTF8 keyword from EHLO.",
+            ),
+            "partner": (
+                "The partner's mail server does not support internationalised addresses (SMTPUTF8).",
+                "The partner's gateway or filter in front of the server strips SMTPUTF8 from its EHLO reply.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Turn SMTPUTF8 on in the server (Postfix: smtputf8_enable = yes) or upgrade it; check with "
+                "`relaywatch connector test NAME` that its EHLO reply lists SMTPUTF8.",
+                "Meanwhile, give the user an ASCII alias address and have senders use it.",
+            ),
+            "partner": (
+                "Tell the sender to use the recipient's ASCII address, if the recipient has one.",
+                "Ask the partner to enable SMTPUTF8 on their mail server; send them the error and the "
+                "destination host from this report.",
+            ),
+        }, permanent=True),
+    Entry(
         id="watch.cert_expiring", code="watch:cert_expiring", smtp_code=None,
         title="Destination certificate expires soon",
         explanation=(

@@ -203,6 +203,12 @@ def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
             return e, subtype, e.code, e.smtp_code, f"{here} {how} {phase} ({obs.note})."
         return e, subtype, e.code, e.smtp_code, f"{here} {how} {phase}."
 
+    if o is Outcome.SMTPUTF8_NOT_OFFERED:
+        e = CATALOG["smtputf8.not_offered"]
+        return (e, "smtputf8_not_offered", e.code, e.smtp_code,
+                f"{here} does not offer SMTPUTF8, and the message has an address that exists only in "
+                f"UTF-8 ({obs.note or 'a non-ASCII local part'}); it was not sent, and no address was changed.")
+
     if o is Outcome.INTERNAL:
         e = CATALOG["relay.internal_error"]
         phase = _PHASE_WORDS.get(obs.phase, obs.phase.value)

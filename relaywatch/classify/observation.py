@@ -50,6 +50,7 @@ class Outcome(str, enum.Enum):
     TLS_HANDSHAKE = "tls_handshake"    # TLS failed for a non-certificate reason
     CERTIFICATE = "certificate"        # the certificate failed verification
     PROTOCOL = "protocol"              # the peer spoke something that is not SMTP
+    SMTPUTF8_NOT_OFFERED = "smtputf8_not_offered"   # UTF-8 addresses, and the server has no SMTPUTF8 (RFC 6531)
     LOCAL_ERROR = "local_error"        # the local mailbox could not be written
     INTERNAL = "internal"              # relaywatch itself failed mid-session (the connection was still up)
     # MTA-STS (RFC 8461): an MX host the domain's enforced policy does not list; never connected to

@@ -33,6 +33,7 @@ from relaywatch.config import DeliveryConfig
 from relaywatch.deliver.downgrade import body_for_destination
 from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, reply_observation
 from relaywatch.deliver.tls import TlsPolicy, certificate_facts, fetch_certificate, session_facts
+from relaywatch.idn import needs_smtputf8
 from relaywatch.model import Destination, StoredBody
 from relaywatch.smtpclient.conversation import ClientConversation
 from relaywatch.smtpclient.events import (
@@ -216,8 +217,15 @@ class SmtpConnection:
         """One MAIL/RCPT/DATA exchange.  Raises SessionFailure if the session dies."""
         self.last_used = time.monotonic()
         self.transactions += 1
+        smtputf8 = needs_smtputf8(sender, *recipients)
+        if smtputf8 and "SMTPUTF8" not in self.capabilities:
+            # RFC 6531 3.4: such an address has no ASCII form; send nothing, change nothing.
+            await self._quit_quietly()
+            utf8 = [a for a in (sender, *recipients) if not a.isascii()]
+            raise SessionFailure(Observation(Phase.MAIL, Outcome.SMTPUTF8_NOT_OFFERED, self.dest,
+                                             note=", ".join(utf8[:3])))
         body = await body_for_destination(body, self.capabilities)   # lines <= 998, 7-bit if need be
-        replies = await self._envelope(sender, recipients, body.size)
+        replies = await self._envelope(sender, recipients, body.size, smtputf8)
         if replies is not SEND_BODY:
             return replies
         await self._send_body(body)
@@ -225,10 +233,11 @@ class SmtpConnection:
         self.last_used = time.monotonic()
         return replies
 
-    async def _envelope(self, sender: str, recipients: list[str], size: int):
+    async def _envelope(self, sender: str, recipients: list[str], size: int, smtputf8: bool = False):
         """MAIL, RCPTs and DATA (pipelined if offered): SEND_BODY after a 354, else how it ended."""
         timeout = self.timeouts.command_timeout
-        await self._write(Phase.MAIL, self.conversation.send(Transaction(sender, recipients, size)), timeout)
+        tx = Transaction(sender, recipients, size, smtputf8)
+        await self._write(Phase.MAIL, self.conversation.send(tx), timeout)
         return await self._next_event(timeout)
 
     async def _send_body(self, body: StoredBody) -> None:

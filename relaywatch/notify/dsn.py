@@ -22,7 +22,11 @@ original's bytes:
   8-bit bytes of the original that are not UTF-8 show as U+FFFD there.
 - the human-readable part is UTF-8 (quoted-printable when not ASCII), and the
   machine-readable fields stay ASCII (RFC 3464 §2.1.1): any other character
-  is written ``\\x{HEX}`` as RFC 6533 §3 does for UTF-8 in these fields.
+  is written ``\\x{HEX}`` as RFC 6533 §3 does for UTF-8 in these fields; a
+  UTF-8 recipient is ``Final-Recipient: utf-8; <utf-8-addr-xtext>`` (§3).
+- SMTPUTF8: the human text shows domains as U-labels; a notice to a UTF-8
+  sender has UTF-8 headers (RFC 6532: ``To:`` keeps the address as it is)
+  and goes out with SMTPUTF8 like any message with a UTF-8 envelope.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 
 from relaywatch.classify.retry import RetryDecision
+from relaywatch.idn import address_to_unicode
 from relaywatch.model import Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, StoredBody, iso
 
 
@@ -48,7 +53,11 @@ class FailedRecipient:
 
 # cte_type="7bit": text with other characters goes quoted-printable or base64.
 _SMTP_POLICY = policy.SMTP.clone(max_line_length=998, cte_type="7bit")
+# RFC 6532: a UTF-8 sender's notice is itself an SMTPUTF8 message, with UTF-8 headers
+# (an address's local part has no RFC 2047 form).
+_SMTPUTF8_POLICY = _SMTP_POLICY.clone(utf8=True)
 _NOT_ASCII_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+_NOT_QCHAR = re.compile(r"[^\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")   # RFC 6533 3: utf-8-addr-xtext
 _NOT_7BIT_TEXT = re.compile(rb"[^\t\x20-\x7e]")
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 _MESSAGE_ID = re.compile(r"<[!-;=?-~]{1,250}>")    # printable ASCII, no space, no inner < or >
@@ -62,6 +71,14 @@ def _field(value: str) -> str:
     """A delivery-status field value: printable ASCII only (RFC 3464 §2.1.1),
     other characters as ``\\x{HEX}`` (RFC 6533 §3), no line breaks."""
     return _NOT_ASCII_PRINTABLE.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", value)
+
+
+def _recipient_field(address: str) -> str:
+    """Final-Recipient: ``rfc822; a@b``, or for a UTF-8 address ``utf-8;`` with the address as
+    utf-8-addr-xtext (RFC 6533 3: ``\\x{HEX}`` for each character outside QCHAR)."""
+    if address.isascii():
+        return _field(f"rfc822; {address}")
+    return "utf-8; " + _NOT_QCHAR.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", address)
 
 
 def _text(value: str) -> str:
@@ -107,7 +124,7 @@ def _diagnostic(f: Failure | None) -> str:
 
 def _human(r: FailedRecipient, first_failure_at: float | None, expires_at: float, attempts: int) -> str:
     f = r.failure
-    lines = [f"  {r.address}"]
+    lines = [f"  {address_to_unicode(r.address)}"]     # the domain as people write it (U-labels)
     if r.status is RecipientStatus.EXPIRED:
         since = f" since {_when(first_failure_at)}" if first_failure_at else ""
         lines.append(f"    We kept trying to deliver it{since} ({attempts} attempts) and gave up at "
@@ -151,7 +168,7 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
     blocks = [per_message]
     for r in recipients:
         block = Message()
-        block["Final-Recipient"] = _field(f"rfc822; {r.address}")
+        block["Final-Recipient"] = _recipient_field(r.address)
         block["Action"] = action
         block["Status"] = _field(status_of(r))
         if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
@@ -166,7 +183,7 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
     msg.attach(status_part)
 
     msg.attach(headers_part(original_headers))
-    return msg.as_bytes(policy=_SMTP_POLICY)
+    return msg.as_bytes(policy=_SMTP_POLICY if original_sender.isascii() else _SMTPUTF8_POLICY)
 
 
 def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: bytes,
@@ -203,7 +220,7 @@ def build_delay_notice(*, reporting_mta: str, original_sender: str, original_hea
     lines = ["Your message has not been delivered yet to the recipient(s) below. You do not need to "
              "send it again: relaywatch keeps trying until " + _when(expires_at) + ".", ""]
     for r in recipients:
-        lines.append(f"  {r.address}")
+        lines.append(f"  {address_to_unicode(r.address)}")
         if r.failure is not None:
             lines.append(f"    What is wrong: {r.failure.detail}")
             lines.append(f"    Error: {r.failure.code} {r.failure.title}")

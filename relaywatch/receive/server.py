@@ -178,12 +178,14 @@ class ReceivePolicy:
         proto = "ESMTPS" if conv.tls_active else ("ESMTP" if conv.esmtp else "SMTP")
         if conv.user is not None:
             proto = "ESMTPSA" if conv.tls_active else "ESMTPA"
+        if conv.smtputf8:
+            proto = "UTF8" + proto[1:]    # RFC 6531 4.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA
         who = f"\r\n\t(Authenticated sender: {conv.user})" if conv.user is not None else ""
         rcpt = f"\r\n\tfor <{conv.recipients[0][0]}>" if len(conv.recipients) == 1 else ""
         stamp = email.utils.formatdate(self.clock(), localtime=False)
         hostname = self.config_ref().server.hostname
         return (f"Received: from {conv.helo or 'unknown'} ([{client_ip}]){who}\r\n\tby {hostname} (relaywatch) "
-                f"with {proto}{rcpt}; {stamp}\r\n").encode("ascii", "replace")
+                f"with {proto}{rcpt}; {stamp}\r\n").encode("utf-8" if conv.smtputf8 else "ascii", "replace")
 
     async def commit(self, end: MessageEnd, client_ip: str, spool: BodySpool, header_block: bytes) -> str:
         config = self.config_ref()

@@ -256,8 +256,10 @@ class ClientConversation:
         if not tx.recipients:
             raise LocalProtocolError("a transaction needs at least one recipient")
         ext = self.extensions
-        mail = mail_from(tx.sender, tx.size if "SIZE" in ext else None, "8BITMIME" in ext)
-        rcpt_lines = [rcpt_to(r) for r in tx.recipients]
+        if tx.smtputf8 and "SMTPUTF8" not in ext:
+            raise LocalProtocolError("an SMTPUTF8 transaction to a server that does not offer SMTPUTF8")
+        mail = mail_from(tx.sender, tx.size if "SIZE" in ext else None, "8BITMIME" in ext, tx.smtputf8)
+        rcpt_lines = [rcpt_to(r, tx.smtputf8) for r in tx.recipients]
         self._in_transaction = True
         self._recipients, self._rcpt_lines, self._rcpts = tx.recipients, rcpt_lines, {}
         self._heard, self.any_accepted, self._mail, self._data = 0, False, None, None

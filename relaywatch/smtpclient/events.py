@@ -38,10 +38,13 @@ class Transaction:
     """MAIL FROM, one RCPT TO per recipient, DATA: pipelined when the server offers it.
 
     ``size`` is sent as SIZE= when the server offers SIZE; BODY=8BITMIME is
-    sent when it offers 8BITMIME."""
+    sent when it offers 8BITMIME.  ``smtputf8``: the envelope has UTF-8 addresses
+    (RFC 6531): MAIL carries SMTPUTF8, which the server must offer (the driver
+    checks first; sending it anyway is a LocalProtocolError)."""
     sender: str
     recipients: Sequence[str]
     size: int | None = None
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from relaywatch.errors import RemoteProtocolError
+from relaywatch.idn import address_to_unicode
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 MAX_REPLY_LINES = 100
@@ -81,23 +82,29 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     return caps
 
 
-def _address(addr: str) -> str:
+def _address(addr: str, utf8: bool = False) -> str:
+    """``<addr>``; with ``utf8`` (an SMTPUTF8 transaction) its domain as U-labels, the form
+    the sender wrote (RFC 6531 3.2 allows either; the recipient's server sees what people see)."""
     if any(c in addr for c in "\r\n<>") or len(addr) > 512:
         raise ValueError(f"refusing to send an unsafe address: {addr!r}")
-    return f"<{addr}>"
+    if not utf8 and not addr.isascii():
+        raise ValueError(f"refusing to send a non-ASCII address without SMTPUTF8: {addr!r}")
+    return f"<{address_to_unicode(addr) if utf8 else addr}>"
 
 
-def mail_from(sender: str, size: int | None = None, eight_bit: bool = False) -> bytes:
-    cmd = f"MAIL FROM:{_address(sender)}"
+def mail_from(sender: str, size: int | None = None, eight_bit: bool = False, smtputf8: bool = False) -> bytes:
+    cmd = f"MAIL FROM:{_address(sender, smtputf8)}"
     if size is not None:
         cmd += f" SIZE={size}"
     if eight_bit:
         cmd += " BODY=8BITMIME"
+    if smtputf8:
+        cmd += " SMTPUTF8"
     return cmd.encode("utf-8") + b"\r\n"
 
 
-def rcpt_to(recipient: str) -> bytes:
-    return f"RCPT TO:{_address(recipient)}".encode("utf-8") + b"\r\n"
+def rcpt_to(recipient: str, smtputf8: bool = False) -> bytes:
+    return f"RCPT TO:{_address(recipient, smtputf8)}".encode("utf-8") + b"\r\n"
 
 
 class DotStuffer:
