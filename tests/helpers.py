@@ -77,6 +77,7 @@ class Received:
     sender: str
     recipients: list[str]
     content: bytes
+    mail_options: tuple[str, ...] = ()     # MAIL FROM parameters (SMTPUTF8, BODY=8BITMIME ...)
 
 
 class SinkHandler:
@@ -103,14 +104,15 @@ class SinkHandler:
         content = envelope.original_content or b""
         self.bytes_received += len(content)
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                      content if self.keep_content else b""))
+                                      content if self.keep_content else b"", tuple(envelope.mail_options)))
         return f"250 2.0.0 Ok: queued as SINK{len(self.messages)}"
 
 
 class Sink:
     def __init__(self, handler: SinkHandler | None = None, tls_context=None, port: int = 0,
-                 data_size_limit: int = 64 * 1024 * 1024):
+                 data_size_limit: int = 64 * 1024 * 1024, smtputf8: bool = False):
         self.handler = handler or SinkHandler()
+        self.smtputf8 = smtputf8      # offer SMTPUTF8 (RFC 6531); aiosmtpd does not by default
         self.tls_context = tls_context
         self.port = port
         self.server: asyncio.base_events.Server | None = None
@@ -124,7 +126,7 @@ class Sink:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
             lambda: SMTP(self.handler, hostname="sink.test", tls_context=self.tls_context,
-                         data_size_limit=self.data_size_limit, timeout=30),
+                         data_size_limit=self.data_size_limit, timeout=30, enable_SMTPUTF8=self.smtputf8),
             LOOPBACK, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -443,7 +445,7 @@ class Relay:
     def data_dir(self) -> Path:
         return Path(self.raw["server"]["data_dir"])
 
-    async def send(self, sender: str, recipients: list[str], body: bytes | str) -> dict:
+    async def send(self, sender: str, recipients: list[str], body: bytes | str, mail_options=()) -> dict:
         """Submit over SMTP (stdlib smtplib, in a thread); returns refused recipients."""
         if isinstance(body, str):
             body = body.encode()
@@ -451,7 +453,7 @@ class Relay:
 
         def submit():
             with smtplib.SMTP(LOOPBACK, port, timeout=30) as client:
-                return client.sendmail(sender, recipients, body)
+                return client.sendmail(sender, recipients, body, mail_options=list(mail_options))
         return await asyncio.to_thread(submit)
 
     async def cli(self, *args: str, expect: int | None = 0):

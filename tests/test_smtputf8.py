@@ -1,0 +1,267 @@
+"""SMTPUTF8 (RFC 6531/6532/6533): UTF-8 local parts and IDN domains, end to end.
+
+Tables for the pure parts (relaywatch.idn, route.normalize, the client's MAIL
+line); real sockets for the rest: smtplib with SMTPUTF8 in, aiosmtpd out
+(with and without SMTPUTF8), the loopback DNS server for the MX route.  Every
+socket test runs on asyncio's loop and on uvloop."""
+
+import asyncio
+import email
+import smtplib
+from email import policy
+
+import pytest
+
+from helpers import LOOPBACK, DnsServer, Sink, eventually, free_port, message
+from relaywatch.classify.catalog import CATALOG
+from relaywatch.errors import LocalProtocolError
+from relaywatch.idn import BadDomain, address_to_unicode, needs_smtputf8, to_ascii, to_unicode
+from relaywatch.route import Refusal, normalize, normalize_sender
+from relaywatch.smtpclient.conversation import ClientConversation
+from relaywatch.smtpclient.events import Transaction
+from relaywatch.smtpclient.protocol import mail_from, rcpt_to
+
+pytestmark = pytest.mark.both_loops
+
+GREEK = "δοκιμή@παράδειγμα.test"
+A_LABEL = "xn--hxajbheg2az3al.test"          # παράδειγμα.test
+
+
+# -- tables -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("written, stored", [
+    ("δοκιμή@παράδειγμα.test", f"δοκιμή@{A_LABEL}"),
+    ("δοκιμή@ΠΑΡΆΔΕΙΓΜΑ.TEST.", f"δοκιμή@{A_LABEL}"),          # case and the root dot: UTS #46 lower-cases
+    (f"δοκιμή@{A_LABEL.upper()}", f"δοκιμή@{A_LABEL}"),        # A-labels as written, in any case
+    ("Δοκιμή@παράδειγμα.test", f"Δοκιμή@{A_LABEL}"),           # the local part is never touched
+    ("user@παράδειγμα。test", f"user@{A_LABEL}"),               # UTS #46: the ideographic full stop is a dot
+    ("user@faß.de", "user@xn--fa-hia.de"),                      # IDNA2008: ß is kept, not mapped to ss
+    ("user@bücher.example", "user@xn--bcher-kva.example"),
+    ("user@sub.παράδειγμα.test", f"user@sub.{A_LABEL}"),       # ASCII labels stay as they are
+    ("user@_dmarc.contoso.test", "user@_dmarc.contoso.test"),  # ... even where IDNA would refuse them
+    ("alice@Contoso.Test", "alice@contoso.test"),
+])
+def test_domains_are_kept_as_a_labels(written, stored):
+    assert normalize(written) == stored
+
+
+@pytest.mark.parametrize("address", [
+    "user@xn--zz.test",            # an A-label that is not Punycode of a valid U-label
+    "user@☃.test",                 # a symbol IDNA2008 disallows (IDNA2003 allowed it)
+    "user@a\u200db.test",          # a joiner outside the context that permits it (RFC 5892 A.2)
+    "user@παρ-.test",              # a U-label ending in a hyphen
+    "user@xn--hxajbheg2az3al-.test",
+])
+def test_invalid_idn_is_refused_at_rcpt_with_553_5_1_3(address):
+    refusal = normalize(address)
+    assert isinstance(refusal, Refusal)
+    assert refusal.reply.startswith("553 5.1.3 ") and refusal.detail == "bad IDN domain"
+    assert refusal.reply.isascii()          # an SMTP reply: the character is named, not sent
+
+
+def test_an_invalid_sender_domain_is_kept_as_given():
+    assert normalize_sender("a@☃.test") == "a@☃.test"
+    assert normalize_sender("δοκιμή@παράδειγμα.test") == f"δοκιμή@{A_LABEL}"
+
+
+@pytest.mark.parametrize("a_labels, u_labels", [
+    (A_LABEL, "παράδειγμα.test"),
+    ("xn--fa-hia.de", "faß.de"),
+    ("contoso.test", "contoso.test"),
+    ("xn--zz.test", "xn--zz.test"),    # does not decode: shown as it is, not guessed
+])
+def test_domains_are_shown_to_people_as_u_labels(a_labels, u_labels):
+    assert to_unicode(a_labels) == u_labels
+    if a_labels != "xn--zz.test":
+        assert to_ascii(u_labels) == a_labels
+
+
+def test_bad_domain_messages_are_ascii():
+    with pytest.raises(BadDomain, match="U\\+2603"):
+        to_ascii("☃.test")
+
+
+def test_only_a_utf8_local_part_needs_smtputf8():
+    assert not needs_smtputf8("a@contoso.test", f"b@{A_LABEL}")   # an IDN alone goes as A-labels anywhere
+    assert needs_smtputf8("a@contoso.test", f"δοκιμή@{A_LABEL}")
+    assert needs_smtputf8("", f"δοκιμή@{A_LABEL}")
+    assert address_to_unicode(f"δοκιμή@{A_LABEL}") == GREEK
+
+
+def test_the_client_sends_smtputf8_and_u_labels_only_in_an_smtputf8_transaction():
+    assert mail_from(f"δοκιμή@{A_LABEL}", 10, True, smtputf8=True) == \
+        f"MAIL FROM:<{GREEK}> SIZE=10 BODY=8BITMIME SMTPUTF8\r\n".encode()
+    assert rcpt_to(f"δοκιμή@{A_LABEL}", smtputf8=True) == f"RCPT TO:<{GREEK}>\r\n".encode()
+    assert rcpt_to(f"b@{A_LABEL}") == f"RCPT TO:<b@{A_LABEL}>\r\n".encode()
+    with pytest.raises(ValueError, match="without SMTPUTF8"):
+        rcpt_to(f"δοκιμή@{A_LABEL}")
+
+
+def _ready(extensions: bytes) -> ClientConversation:
+    conv = ClientConversation("relay.test", "none")
+    conv.receive_data(b"220 mx.test ESMTP\r\n")
+    conv.next_event()
+    conv.receive_data(extensions)
+    while type(conv.next_event()).__name__ != "Ready":
+        pass
+    conv.data_to_send()     # the EHLO
+    return conv
+
+
+def test_the_client_conversation_refuses_smtputf8_to_a_server_without_it():
+    tx = Transaction("a@contoso.test", [f"δοκιμή@{A_LABEL}"], 10, smtputf8=True)
+    with_it = _ready(b"250-mx.test\r\n250-PIPELINING\r\n250 SMTPUTF8\r\n")
+    assert with_it.send(tx).startswith(f"MAIL FROM:<a@contoso.test> SMTPUTF8\r\nRCPT TO:<{GREEK}>".encode())
+    without = _ready(b"250-mx.test\r\n250 PIPELINING\r\n")
+    with pytest.raises(LocalProtocolError):
+        without.send(tx)
+
+
+def test_the_catalog_explains_5_6_7():
+    entry = CATALOG["smtputf8.not_offered"]
+    assert (entry.code, entry.smtp_code, entry.permanent) == ("5.6.7", 553, True)
+
+
+# -- over sockets -------------------------------------------------------------------------
+
+def connector(port: int, domain: str):
+    return [{"name": "greek", "type": "partner", "domains": [domain],
+             "smart_hosts": [f"{LOOPBACK}:{port}"], "tls": "none"}]
+
+
+@pytest.mark.parametrize("configured", ["παράδειγμα.test", A_LABEL, "ΠΑΡΆΔΕΙΓΜΑ.test"])
+async def test_a_utf8_address_reaches_a_destination_that_offers_smtputf8_exactly(relay_factory, configured):
+    sink = await Sink(smtputf8=True).start()
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, configured))
+        await relay.send("alice@contoso.test", [GREEK], message(), mail_options=["SMTPUTF8"])
+        await eventually(lambda: sink.messages, what="the delivery")
+    finally:
+        await sink.stop()
+    [got] = sink.messages
+    assert got.recipients == [GREEK]
+    assert "SMTPUTF8" in got.mail_options
+    # Received records the SMTPUTF8 session and the recipient as it is (RFC 6531 4.3).
+    received = got.content.split(b"\r\n\t")
+    assert b"with UTF8SMTP" in got.content and f"for <δοκιμή@{A_LABEL}>".encode() in got.content, received[:3]
+
+
+async def test_an_ascii_envelope_with_an_idn_goes_as_a_labels_without_smtputf8(relay_factory):
+    sink = await Sink().start()      # aiosmtpd without SMTPUTF8
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, "παράδειγμα.test"))
+        await relay.send("alice@contoso.test", ["bob@παράδειγμα.test"], message(), mail_options=["SMTPUTF8"])
+        await eventually(lambda: sink.messages, what="the delivery")
+    finally:
+        await sink.stop()
+    assert sink.messages[0].recipients == [f"bob@{A_LABEL}"]
+    assert "SMTPUTF8" not in sink.messages[0].mail_options
+
+
+async def test_a_destination_without_smtputf8_gets_nothing_and_the_sender_an_ndr_with_5_6_7(relay_factory):
+    sink = await Sink().start()      # aiosmtpd without SMTPUTF8
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, "παράδειγμα.test"))
+        await relay.send("alice@contoso.test", [GREEK], message("Γειά"), mail_options=["SMTPUTF8"])
+        [ndr] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+    finally:
+        await sink.stop()
+    assert sink.messages == []
+    parsed = email.message_from_bytes(ndr, policy=policy.default)
+    assert parsed.get_content_type() == "multipart/report"
+    text, status, _headers = parsed.iter_parts()
+    human = text.get_content()
+    assert GREEK in human                                     # the address as people write it
+    assert "does not offer SMTPUTF8" in human and "5.6.7" in human
+    per_message, per_rcpt = status.get_payload()
+    assert per_rcpt["Status"] == "5.6.7"
+    assert per_rcpt["Action"] == "failed"
+    # RFC 6533 3: a UTF-8 address in message/delivery-status, as utf-8-addr-xtext.
+    assert per_rcpt["Final-Recipient"] == "utf-8; " + "".join(
+        c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in f"δοκιμή@{A_LABEL}")
+    assert per_rcpt["Diagnostic-Code"].startswith("smtp; 553 5.6.7 ")
+    assert (await relay.queue()) == []
+
+
+async def test_a_utf8_sender_gets_its_ndr_in_its_utf8_mailbox(relay_factory):
+    sink = await Sink().start()
+    sender = "ünïcode@contoso.test"
+    try:
+        relay = await relay_factory(
+            domains=[{"name": "contoso.test", "type": "authoritative", "mailboxes": ["alice", "postmaster", "ünïcode"]}],
+            connectors=connector(sink.port, A_LABEL))
+        await relay.send(sender, [GREEK], message(), mail_options=["SMTPUTF8"])
+        [ndr] = await eventually(lambda: relay.maildir(sender), what="the NDR in the UTF-8 mailbox")
+    finally:
+        await sink.stop()
+    parsed = email.message_from_bytes(ndr, policy=policy.default)
+    assert parsed["To"] == sender                              # RFC 6532: the address, not RFC 2047 words
+    assert parsed.iter_parts().__next__().get_content().count(GREEK) == 1
+
+
+async def test_an_idn_on_the_mx_route_is_looked_up_as_a_labels(relay_factory):
+    sink = await Sink(smtputf8=True).start()
+    dns_server = await DnsServer({(A_LABEL, "MX"): [f"10 mx.{A_LABEL}."],
+                                  (f"mx.{A_LABEL}", "A"): [LOOPBACK]}).start()
+    try:
+        relay = await relay_factory(dns={"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+                                    delivery={"smtp_port": sink.port})
+        await relay.send("alice@contoso.test", [GREEK], message(), mail_options=["SMTPUTF8"])
+        await eventually(lambda: sink.messages, what="delivery by MX")
+    finally:
+        dns_server.stop()
+        await sink.stop()
+    assert (A_LABEL, "MX") in dns_server.queries
+    assert all(name.isascii() for name, _ in dns_server.queries)
+    assert sink.messages[0].recipients == [GREEK]
+    queued = await relay.cli("queue", "list")
+    assert queued.exit_code == 0
+
+
+async def raw_session(port: int, lines: list[bytes]) -> list[str]:
+    """Send each line, return each (last) reply line: smtplib would not send UTF-8 without SMTPUTF8."""
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    replies = [(await reader.readline()).decode()]
+    try:
+        for line in lines:
+            writer.write(line)
+            await writer.drain()
+            reply = await reader.readline()
+            while reply[3:4] == b"-":
+                reply = await reader.readline()
+            replies.append(reply.decode("utf-8").strip())
+    finally:
+        writer.close()
+    return replies
+
+
+async def test_utf8_without_the_smtputf8_parameter_and_an_invalid_idn_are_refused(relay_factory):
+    relay = await relay_factory()
+    replies = await raw_session(relay.port, [
+        b"EHLO client.test\r\n", b"MAIL FROM:<a@client.test>\r\n", f"RCPT TO:<{GREEK}>\r\n".encode(),
+        b"RSET\r\n", b"MAIL FROM:<a@client.test> SMTPUTF8\r\n", "RCPT TO:<user@☃.test>\r\n".encode()])
+    assert replies[1] == "250 ENHANCEDSTATUSCODES"
+    assert replies[3].startswith("553 5.6.7 "), replies
+    assert replies[6].startswith("553 5.1.3 "), replies
+
+
+async def test_smtplib_sees_smtputf8_offered(relay_factory):
+    relay = await relay_factory()
+
+    def features():
+        with smtplib.SMTP(LOOPBACK, relay.port, timeout=10) as client:
+            client.ehlo("client.test")
+            return client.esmtp_features
+    assert "smtputf8" in await asyncio.to_thread(features)
+
+
+async def test_queue_show_shows_the_idn_as_u_labels(relay_factory):
+    relay = await relay_factory(connectors=[{"name": "greek", "type": "partner", "domains": ["παράδειγμα.test"],
+                                             "tls": "none"}],
+                                dns={"nameservers": [f"{LOOPBACK}:{free_port()}"], "timeout": "1s"})
+    await relay.send("alice@contoso.test", [GREEK], message(), mail_options=["SMTPUTF8"])
+    [entry] = await eventually(relay.queue, what="the queued message")
+    assert entry["recipients"][0]["address"] == f"δοκιμή@{A_LABEL}"      # JSON: as stored and routed
+    text = (await relay.cli("queue", "show", entry["id"])).output
+    assert f"    {GREEK}  " in text                                       # people: U-labels
+    assert f"(παράδειγμα.test = {A_LABEL})" in text                       # the route's domain, both ways
