@@ -250,6 +250,13 @@ class Entry:
         return [r for r in self.recipients if not r.status.is_final]
 
     @property
+    def needs_smtputf8(self) -> bool:
+        """The message can only go on with SMTPUTF8 (RFC 6531): derived from the envelope,
+        not stored.  Domains are kept as A-labels, so only a UTF-8 local part counts, and
+        the store keeps addresses exactly as given (tests/test_store_contract.py)."""
+        return not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients)
+
+    @property
     def last_error(self) -> Failure | None:
         errors = [r.last_error for r in self.recipients if r.last_error]
         return max(errors, key=lambda f: f.at) if errors else None

@@ -104,6 +104,23 @@ async def test_enqueue_returns_one_id_per_route_group_in_by_route_order(store):
         assert entry.route == route and [r.address for r in entry.recipients] == addresses
 
 
+async def test_utf8_addresses_are_kept_exactly_and_need_smtputf8_at_lease_time(store):
+    """SMTPUTF8 is derived from the envelope (Entry.needs_smtputf8), so the store must keep
+    UTF-8 addresses as given: no Unicode normalisation (NFD stays NFD), no case folding."""
+    nfd = "Jose\u0301@xn--hxajbheg2az3al.test"          # é as e + combining acute
+    m = NewMessage(sender="δοκιμή@contoso.test", recipients=((nfd, A), ("b@a", A)),
+                   body=StoredBody(size=4, data=b"x\r\n\r\n"), received_at=time.time(),
+                   expires_at=time.time() + 3600, message_id="<m@x>")
+    [entry_id] = await store.enqueue(m)
+    [ascii_id] = await store.enqueue(msg(("c@xn--hxajbheg2az3al.test", A)))
+    leased = {e.id: e for e in await store.lease("w", 10, 30, time.time())}
+    utf8 = leased[entry_id]
+    assert utf8.sender == "δοκιμή@contoso.test"
+    assert [r.address for r in utf8.recipients] == [nfd, "b@a"]
+    assert utf8.needs_smtputf8 and not leased[ascii_id].needs_smtputf8
+    assert (await store.get(entry_id)).recipients[0].address == nfd
+
+
 # -- record: the status rules ----------------------------------------------------------
 
 async def test_a_failed_recipient_queues_its_ndr_in_the_same_record_and_the_entry_goes(store):
