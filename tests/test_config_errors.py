@@ -94,6 +94,8 @@ CASES = [
     ("concurrency-zero", {"delivery": {"concurrency": 0}}, "delivery.concurrency: must be a positive whole number"),
     ("accepted-domain-wildcard", {"domains": [{"name": "*.contoso.test"}]},
      "domains[0].name: '*.contoso.test': an accepted domain is one exact name"),
+    ("accepted-domain-bad-idn", {"domains": [{"name": "xn--zz.test"}]},
+     "domains[0].name: 'xn--zz.test' is not a domain name: 'xn--zz' is not a valid IDNA2008 label (Invalid A-label)"),
     ("connector-no-domains", connector(domains=[]), "connectors[0].domains: must list at least one domain"),
     ("connector-missing-domains", {"connectors": [{"name": "p", "type": "partner"}]}, "connectors[0].domains: missing"),
     ("connector-name-empty", connector(name=""), "connectors[0].name: must be a non-empty string"),
