@@ -398,7 +398,9 @@ async def test_a_pipelined_session_in_one_write_gets_every_reply_in_order(relay_
     assert (await reader.readline()).startswith(b"220 ")
     writer.write(b"EHLO client.test\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<alice@contoso.test>\r\n"
                  b"RCPT TO:<nobody@contoso.test>\r\nDATA\r\n")
-    ehlo = [await reader.readline() for _ in range(5)]
+    ehlo = [await reader.readline()]
+    while ehlo[-1].startswith(b"250-"):        # as many lines as there are extensions
+        ehlo.append(await reader.readline())
     assert ehlo[-1].startswith(b"250 ") and b"PIPELINING" in b"".join(ehlo)
     replies = [await reader.readline() for _ in range(4)]
     assert [r[:3] for r in replies] == [b"250", b"250", b"550", b"354"]
