@@ -12,7 +12,7 @@ from email import policy
 
 import pytest
 
-from helpers import LOOPBACK, DnsServer, Sink, eventually, free_port, message
+from helpers import LOOPBACK, DnsServer, Sink, SinkHandler, eventually, free_port, message
 from relaywatch.classify.catalog import CATALOG
 from relaywatch.errors import LocalProtocolError
 from relaywatch.idn import BadDomain, address_to_unicode, needs_smtputf8, to_ascii, to_unicode
@@ -218,9 +218,9 @@ async def test_an_idn_on_the_mx_route_is_looked_up_as_a_labels(relay_factory):
     assert queued.exit_code == 0
 
 
-async def raw_session(port: int, lines: list[bytes]) -> list[str]:
+async def raw_session(port: int, lines: list[bytes], source: str = LOOPBACK) -> list[str]:
     """Send each line, return each (last) reply line: smtplib would not send UTF-8 without SMTPUTF8."""
-    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    reader, writer = await asyncio.open_connection(LOOPBACK, port, local_addr=(source, 0))
     replies = [(await reader.readline()).decode()]
     try:
         for line in lines:
@@ -265,3 +265,23 @@ async def test_queue_show_shows_the_idn_as_u_labels(relay_factory):
     text = (await relay.cli("queue", "show", entry["id"])).output
     assert f"    {GREEK}  " in text                                       # people: U-labels
     assert f"(παράδειγμα.test = {A_LABEL})" in text                       # the route's domain, both ways
+
+
+@pytest.mark.parametrize("offers, expected", [(True, "250 2.1.5 "), (False, "553 5.6.7 ")])
+async def test_verifying_a_utf8_recipient_asks_with_smtputf8_or_refuses_with_5_6_7(relay_factory, offers, expected):
+    asked = []
+    handler = SinkHandler(rcpt_reply=lambda address: asked.append(address))
+    onprem = await Sink(handler, smtputf8=offers).start()
+    try:
+        relay = await relay_factory(
+            server={"trusted_networks": ["127.0.0.1/32"]},
+            domains=[{"name": "contoso.test", "type": "internal_relay", "verify_recipients": True}],
+            connectors=[{"name": "onprem", "type": "on_premises", "domains": ["contoso.test"],
+                         "smart_hosts": [f"{LOOPBACK}:{onprem.port}"], "tls": "none"}])
+        replies = await raw_session(relay.port, [
+            b"EHLO client.test\r\n", b"MAIL FROM:<a@client.test> SMTPUTF8\r\n",
+            "RCPT TO:<δοκιμή@contoso.test>\r\n".encode()], source="127.0.0.2")
+    finally:
+        await onprem.stop()
+    assert replies[3].startswith(expected), replies
+    assert asked == (["δοκιμή@contoso.test"] if offers else [])

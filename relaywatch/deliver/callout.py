@@ -49,14 +49,19 @@ class SmtpCallout:
             return _unavailable(classify(exc.observation, time.time()))
 
     async def _transaction(self, route: Route, conn: SmtpConnection, address: str) -> Verdict:
+        utf8 = not address.isascii()
+        if utf8 and "SMTPUTF8" not in conn.capabilities:
+            # RFC 6531: the address has no ASCII form; delivery there would fail with 5.6.7 too.
+            self._give_back(route, conn)
+            return Verdict(Answer.UNKNOWN, f"the {route.name} server does not offer SMTPUTF8", code="5.6.7")
         try:
-            mail = await conn.ask(Mail(""))
+            mail = await conn.ask(Mail("", utf8))
             if not mail.is_success:
                 conn.close()
                 return Verdict(Answer.UNAVAILABLE, f"the {route.name} server refused MAIL FROM:<>: {mail}",
                                code=f"4{(mail.enhanced or '4.0.0')[1:]}",
                                reason="the mail server refused the verification")
-            rcpt = await conn.ask(Rcpt(address))
+            rcpt = await conn.ask(Rcpt(address, utf8))
             reset = await conn.ask(RSET)
         except BaseException:
             conn.close()

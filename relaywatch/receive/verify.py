@@ -126,6 +126,9 @@ def rcpt_reply(verdict: Verdict, address: str) -> str:
     log has the details (``Verdict.detail``)."""
     if verdict.answer is Answer.EXISTS:
         return "250 2.1.5 Recipient OK (verified)"
+    if verdict.answer is Answer.UNKNOWN and verdict.code == "5.6.7":
+        return (f"553 5.6.7 <{address}>: Non-ASCII addresses not permitted for that recipient "
+                "(its mail server does not offer SMTPUTF8)")
     if verdict.answer is Answer.UNKNOWN:
         return f"550 5.1.1 <{address}>: Recipient address rejected: no such user here"
     code = verdict.code or "4.4.0"

@@ -268,10 +268,12 @@ class ClientConversation:
         return mail
 
     def _send_mail(self, command: Mail) -> bytes:
-        return mail_from(command.sender)
+        if command.smtputf8 and "SMTPUTF8" not in self.extensions:
+            raise LocalProtocolError("SMTPUTF8 to a server that does not offer SMTPUTF8")
+        return mail_from(command.sender, smtputf8=command.smtputf8)
 
     def _send_rcpt(self, command: Rcpt) -> bytes:
-        return rcpt_to(command.recipient)
+        return rcpt_to(command.recipient, command.smtputf8)
 
     def _send_rset(self, command: Rset) -> bytes:
         self._in_transaction = False

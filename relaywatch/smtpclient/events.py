@@ -49,14 +49,16 @@ class Transaction:
 
 @dataclass(frozen=True, slots=True)
 class Mail:
-    """MAIL FROM on its own (a verification or a probe), without parameters."""
+    """MAIL FROM on its own (a verification or a probe); only SMTPUTF8 as a parameter."""
     sender: str
+    smtputf8: bool = False          # a verification of a UTF-8 address (the server must offer it)
 
 
 @dataclass(frozen=True, slots=True)
 class Rcpt:
     """RCPT TO on its own, after an accepted ``Mail``."""
     recipient: str
+    smtputf8: bool = False          # after a ``Mail`` with SMTPUTF8: the domain as U-labels
 
 
 @dataclass(frozen=True, slots=True)
