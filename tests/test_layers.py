@@ -78,7 +78,7 @@ LAYERS = [
     "receive",    # receive/: the SMTP server, the durable 250
     "watch",      # watch/: incidents over what was recorded, probes, alerts, Fix now
     "console",    # console/, actions.py, views.py: the operators' doors (HTTP and the CLI's shapes)
-    "runtime",    # app.py, cli.py, preflight.py, __main__.py: wires every part; may import anything
+    "runtime",    # app.py, runtime/, cli.py, preflight.py, __main__.py: wires every part; may import anything
 ]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive"), ("schedule", "receive")}
@@ -86,7 +86,8 @@ SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive")
 KERNEL = {"model", "errors", "events", "meters", "config", "route", "__init__"}
 SCHEDULE = {"scheduler", "record", "queue_actions"}
 PACKAGES = {"store": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
-            "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console"}
+            "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",
+            "runtime": "runtime"}
 TOP = {"actions": "console", "views": "console", "app": "runtime", "cli": "runtime",
        "preflight": "runtime", "__main__": "runtime"}
 
