@@ -69,7 +69,7 @@ def test_no_back_edges(paths, forbidden):
 # Receiving and delivering are the two sides of the queue (two processes): neither may
 # import the other (SIDES).
 LAYERS = [
-    "kernel",     # model.py, errors.py, events.py, meters.py, config.py, route.py: facts everyone shares
+    "kernel",     # model.py, errors.py, events.py, meters.py, config.py, route.py, idn.py: facts everyone shares
     "store",      # store/: the queue and the watch's state behind store/base.py's interfaces
     "classify",   # classify/: observations -> codes, the retry decision (pure)
     "notify",     # notify/: which notices an attempt calls for, and the NDRs themselves (pure)
@@ -83,7 +83,7 @@ LAYERS = [
 RANK = {name: i for i, name in enumerate(LAYERS)}
 SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive"), ("schedule", "receive")}
 
-KERNEL = {"model", "errors", "events", "meters", "config", "route", "__init__"}
+KERNEL = {"model", "errors", "events", "meters", "config", "route", "idn", "__init__"}
 SCHEDULE = {"scheduler", "record", "queue_actions"}
 PACKAGES = {"store": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
             "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",
@@ -92,8 +92,9 @@ TOP = {"actions": "console", "views": "console", "app": "runtime", "cli": "runti
        "preflight": "runtime", "__main__": "runtime"}
 
 
-def stage(module: str) -> str:
-    """The stage of a relaywatch module, by its dotted name (``relaywatch.deliver.record``)."""
+def stage(module: str) -> str | None:
+    """The stage of a relaywatch module, by its dotted name (``relaywatch.deliver.record``);
+    None for a new top-level module or package nobody has placed yet (give it a stage above)."""
     parts = module.split(".")[1:]
     if not parts or parts[0] in KERNEL:
         return "kernel"
@@ -101,7 +102,7 @@ def stage(module: str) -> str:
         return TOP[parts[0]]
     if parts[0] == "deliver" and len(parts) > 1 and parts[1] in SCHEDULE:
         return "schedule"
-    return PACKAGES[parts[0]]
+    return PACKAGES.get(parts[0])
 
 
 def _is_module(name: str) -> bool:
@@ -135,6 +136,8 @@ def against_the_flow() -> set[tuple[str, str]]:
         own = stage(module_name(path))
         for target in imported_modules(path):
             theirs = stage(target)
+            if own is None or theirs is None:
+                continue   # test_every_module_has_a_stage names it
             if RANK[theirs] > RANK[own] or (own, theirs) in SIDES:
                 edges.add((str(path.relative_to(PACKAGE)), target))
     return edges
@@ -172,5 +175,5 @@ def test_allowed_edges_still_exist():
 
 
 def test_every_module_has_a_stage():
-    for path in PACKAGE.rglob("*.py"):
-        assert stage(module_name(path)) in RANK, path
+    unplaced = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if stage(module_name(p)) is None)
+    assert unplaced == [], "give these modules a stage (KERNEL, TOP or PACKAGES above)"
