@@ -20,12 +20,19 @@ async def sink():
 
 
 @pytest.fixture
-async def relay_factory(tmp_path):
-    """relay_factory(**config sections) -> a started Relay; stopped after the test."""
+async def relay_factory(request, tmp_path):
+    """relay_factory(**config sections) -> a started Relay; stopped after the test.
+
+    On the ``uvloop-postgresql`` variant of a ``both_stores`` test (see below) the
+    relay's ``server.store`` is a fresh PostgreSQL schema instead of SQLite."""
     started = []
+    store = request.getfixturevalue("pg_dsn") if runs_on_postgresql(request.node) else None
 
     async def make(**sections):
-        relay = await Relay(tmp_path, base_config(tmp_path, **sections)).start()
+        config = base_config(tmp_path, **sections)
+        if store is not None:
+            config["server"].setdefault("store", store)
+        relay = await Relay(tmp_path, config).start()
         started.append(relay)
         return relay
     yield make
@@ -67,12 +74,17 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_loops: run each async test on asyncio and on uvloop")
+    config.addinivalue_line("markers", "both_stores: also run each relay_factory test on PostgreSQL (on uvloop)")
 
 
 def pytest_asyncio_loop_factories(config, item):
     if item.get_closest_marker("both_loops") is not None or os.environ.get("RELAYWATCH_TEST_LOOPS") == "both":
-        return LOOPS
-    return {"asyncio": LOOPS["asyncio"]}
+        loops = dict(LOOPS)
+    else:
+        loops = {"asyncio": LOOPS["asyncio"]}
+    if item.get_closest_marker("both_stores") is not None and "relay_factory" in item.fixturenames:
+        loops["uvloop-postgresql"] = uvloop_on_postgresql
+    return loops
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -81,3 +93,20 @@ def pytest_runtest_makereport(item, call):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+# -- stores ------------------------------------------------------------------------------
+# Modules marked ``both_stores`` (the relay, classification, incident and CLI tests
+# end to end) run each test that starts a relay once more with ``server.store`` on
+# PostgreSQL.  That variant rides on the loop parametrization above, as a third loop
+# factory, so it runs on uvloop only (what production runs): PostgreSQL on both
+# loops would double it again for little (the store is the same on both).
+
+def uvloop_on_postgresql():
+    return uvloop.new_event_loop()
+
+
+def runs_on_postgresql(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("_asyncio_loop_factory") is uvloop_on_postgresql
+

@@ -24,7 +24,7 @@ from relaywatch.config import DeliveryConfig
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
 from relaywatch.model import Destination, StoredBody
 
-pytestmark = pytest.mark.both_loops
+pytestmark = [pytest.mark.both_loops, pytest.mark.both_stores]
 
 PARTNER = "mail.partner.test"
 

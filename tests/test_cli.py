@@ -3,10 +3,13 @@
 import asyncio
 import email
 
+import pytest
 from click.testing import CliRunner
 
 from helpers import LOOPBACK, Sink, eventually, free_port, message
 from relaywatch.cli import main
+
+pytestmark = pytest.mark.both_stores   # the commands against the relay's store: SQLite and PostgreSQL
 
 FIELDS = {"id", "sender", "received_at", "expires_at", "status", "attempts", "next_attempt_at", "connector"}
 ERROR_FIELDS = {"code", "smtp_code", "title", "subtype", "detail", "phase", "destination", "at", "reply", "errno",

@@ -10,7 +10,7 @@ from flufl.bounce import scan_message
 from helpers import LOOPBACK, RawClient, Sink, SinkHandler, eventually, free_port, message
 
 
-pytestmark = pytest.mark.both_loops
+pytestmark = [pytest.mark.both_loops, pytest.mark.both_stores]
 
 
 def connector(name, port, domains, **kw):
