@@ -73,7 +73,10 @@ class SqlQueue:
     async def lease(self, owner: str, limit: int, ttl: float, now: float) -> list[Entry]:
         def op(conn: Any, cleanup: list) -> list[Entry]:
             rows = conn.execute(self.lease_sql, (owner, now + ttl, now + ttl, now, limit)).fetchall()
-            entries = [_entry(row) for row in rows]
+            # Oldest first within the batch: RETURNING has no order of its own, and
+            # PostgreSQL returns the rows as its join found them (SQLite happened to
+            # keep the subquery's), so mail released at one moment went out shuffled.
+            entries = sorted((_entry(row) for row in rows), key=lambda e: (e.received_at, e.id))
             _attach_recipients(conn, entries)
             _attach_bodies(conn, entries)
             return entries
