@@ -244,6 +244,16 @@ async def test_retry_makes_due_the_oldest_first_but_not_held_or_leased_ones(stor
     assert [e.id for e in await store.lease("w", 1, 30, now)] == [old]   # the oldest is due first
 
 
+async def test_a_lease_batch_is_oldest_first_whatever_order_the_mail_was_queued_in(store):
+    # A probe's instant release makes a whole backlog due at once; it must leave
+    # oldest first on every store (PostgreSQL's RETURNING gave the rows in table order).
+    now = time.time()
+    ages = [30, 50, 10, 40, 20]
+    ids = {age: (await store.enqueue(msg((f"{age}@a", A), now=now - age)))[0] for age in ages}
+    assert await store.retry(Selector(all=True), now) == len(ages)
+    assert [e.id for e in await store.lease("w", 10, 30, now)] == [ids[age] for age in sorted(ages, reverse=True)]
+
+
 async def test_leases_are_returned_but_those_kept_and_renewed_only_for_their_owner(store):
     ids = [i for n in range(3) for i in await store.enqueue(msg((f"{n}@a", A)))]
     now = time.time()
