@@ -82,7 +82,8 @@ def pytest_asyncio_loop_factories(config, item):
         loops = dict(LOOPS)
     else:
         loops = {"asyncio": LOOPS["asyncio"]}
-    if item.get_closest_marker("both_stores") is not None and "relay_factory" in item.fixturenames:
+    both_stores = item.get_closest_marker("both_stores") is not None or os.environ.get("RELAYWATCH_TEST_STORES") == "both"
+    if both_stores and "relay_factory" in item.fixturenames:
         loops["uvloop-postgresql"] = uvloop_on_postgresql
     return loops
 
@@ -101,6 +102,7 @@ def pytest_runtest_makereport(item, call):
 # PostgreSQL.  That variant rides on the loop parametrization above, as a third loop
 # factory, so it runs on uvloop only (what production runs): PostgreSQL on both
 # loops would double it again for little (the store is the same on both).
+# RELAYWATCH_TEST_STORES=both adds the variant to every test that starts a relay.
 
 def uvloop_on_postgresql():
     return uvloop.new_event_loop()
