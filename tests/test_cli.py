@@ -150,3 +150,24 @@ def test_config_check_warns_when_alerts_would_take_the_failing_path(tmp_path):
     result = CliRunner().invoke(main, ["config", "check", "-c", str(cfg)])
     assert result.exit_code == 0
     assert "warning: alerts.notify: admin@contoso.test is delivered through connector onprem" in result.output
+
+
+async def test_the_commands_read_the_store_the_server_writes(relay_factory):
+    # On the PostgreSQL variant the commands must not find (or make) a SQLite queue of their own.
+    relay, _, [entry] = await deferred_relay(relay_factory)
+    on_postgresql = relay.raw["server"].get("store", "sqlite") != "sqlite"
+    assert type(relay.store).__name__ == ("PostgresStore" if on_postgresql else "SqliteStore")
+    assert [m["id"] for m in await relay.queue()] == [entry["id"]]
+    assert (await relay.cli_json("config", "show"))["overrides"] == {}
+    assert (relay.data_dir / "queue.sqlite3").exists() is not on_postgresql
+
+
+async def test_queue_commands_name_a_postgresql_store_they_cannot_reach(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[server]\ndata_dir = "{tmp_path / "data"}"\n'
+                   f'store = "postgresql://rw:secret@{LOOPBACK}:{free_port()}/test"\n')
+    for command in (["queue", "list"], ["incidents", "list"], ["config", "show"]):
+        result = await asyncio.to_thread(CliRunner().invoke, main, [*command, "-c", str(cfg)])
+        assert result.exit_code == 1, (command, result.output, result.exception)
+        assert "cannot open queue store postgresql://rw:***@" in result.output, (command, result.output)
+        assert "secret" not in result.output and "Traceback" not in result.output
