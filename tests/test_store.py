@@ -204,6 +204,23 @@ async def test_postgres_nodes_hear_of_new_work_through_notify(pg_dsn):
         await scheduler_node.close()
 
 
+async def test_postgres_writer_commits_durably_when_the_server_says_synchronous_commit_off(pg_dsn, caplog):
+    # 250 follows COMMIT: with synchronous_commit off a PostgreSQL crash would lose acknowledged mail.
+    from relaywatch.store.postgres import PostgresStore
+    careless = pg_dsn + "%20-csynchronous_commit%3Doff"    # as a role or database default would set it
+    store = PostgresStore(careless)
+    await store.open()
+    try:
+        def show(conn, cleanup):
+            return conn.execute("SHOW synchronous_commit").fetchone()[0]
+        assert await store.engine.write(show) == "on"
+        # The premise holds: a reader (which commits no mail) still has the server's setting.
+        assert await store._read(lambda conn: conn.execute("SHOW synchronous_commit").fetchone()[0]) == "off"
+        assert any("synchronous_commit = off" in r.getMessage() for r in caplog.records)
+    finally:
+        await store.close()
+
+
 async def test_a_queue_from_before_the_waiting_column_is_migrated(sql_store, tmp_path, request):
     """Queues made by an earlier version lack entries.waiting: opening adds and fills it."""
     [entry_id] = await sql_store.enqueue(msg([("1@a", A), ("2@a", A), ("3@a", A)]))

@@ -96,6 +96,20 @@ class _Connection:
         self.conn.close()
 
 
+def _durable_commits(writer: _Connection) -> _Connection:
+    """The writer commits with ``synchronous_commit`` on, whatever the server or role says.
+
+    relaywatch answers 250 once COMMIT returns; with ``synchronous_commit = off``
+    COMMIT returns before the WAL is on disk, and a PostgreSQL crash loses mail
+    that was acknowledged.  The other values (local, remote_write, on,
+    remote_apply) all wait for the local flush and are left as they are."""
+    if writer.conn.execute("SHOW synchronous_commit").fetchone()[0] == "off":
+        writer.conn.execute("SET synchronous_commit = on")
+        log.warning("PostgreSQL has synchronous_commit = off: relaywatch's writer sets it on for its own "
+                    "session (a 250 promises the message is on disk)")
+    return writer
+
+
 class PostgresStore(SqlStore):
     """A queue several nodes share; ``statement_timeout``: server.store_statement_timeout."""
 
@@ -166,7 +180,7 @@ class PostgresDialect:
         return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, **self.params))
 
     def reconnect_writer(self) -> _Connection:
-        return self._connect()
+        return _durable_commits(self._connect())
 
     def broken(self, conn: _Connection) -> bool:
         return conn.conn.closed or conn.conn.broken
@@ -183,7 +197,7 @@ class PostgresDialect:
                 conn.conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
                 conn.conn.execute(fill)
         conn.conn.execute(SCHEMA)
-        return conn
+        return _durable_commits(conn)
 
     def connect_reader(self) -> _Connection:
         return self._connect()
