@@ -172,7 +172,8 @@ class PostgresDialect:
 
     @property
     def where(self) -> str:
-        return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.dsn)   # never print a password
+        # Never print a password: neither the URL's user:password@ nor a ?password= parameter.
+        return re.sub(r"([?&]password=)[^&]*", r"\1***", re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.dsn))
 
     def _connect(self) -> _Connection:
         # autocommit: transactions are explicit (BEGIN ... COMMIT in GroupCommitEngine._run_batch);
