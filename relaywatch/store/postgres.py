@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import select
 import threading
 import time
 
@@ -48,6 +50,7 @@ _PLACEHOLDER = re.compile(r"\?")
 
 CONNECT_TIMEOUT = 5            # seconds (libpq's connect_timeout; it counts whole seconds, at least 2)
 LISTEN_RECONNECT_CAP = 2.0
+LISTEN_IDLE = 5.0              # seconds the listener sleeps between looks at its stop flag, at most
 
 
 def connection_params(dsn: str, statement_timeout: float | None) -> dict:
@@ -131,24 +134,32 @@ class PostgresDialect:
         self.params = connection_params(dsn, statement_timeout)
         self._listener: threading.Thread | None = None
         self._stop_listening = threading.Event()
+        # Written to by stop(): the listener waits on its connection and this pipe
+        # at once, so a close never waits for a poll to time out (it did 0.5 s).
+        self._stop_pipe: tuple[int, int] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop, wake) -> None:
         if wake is not None:   # a scheduler wants to hear of work from other nodes
             self._stop_listening.clear()
-            self._listener = threading.Thread(target=self._listen, args=(loop, wake),
+            self._stop_pipe = os.pipe()
+            self._listener = threading.Thread(target=self._listen, args=(loop, wake, self._stop_pipe[0]),
                                               name="relaywatch-listen", daemon=True)
             self._listener.start()
 
     def stop(self) -> None:
         if self._listener is not None:
             self._stop_listening.set()
+            os.write(self._stop_pipe[1], b"!")
             self._listener.join()
             self._listener = None
+            for fd in self._stop_pipe:
+                os.close(fd)
+            self._stop_pipe = None
 
     def release(self) -> None:
         pass
 
-    def _listen(self, loop: asyncio.AbstractEventLoop, wake) -> None:
+    def _listen(self, loop: asyncio.AbstractEventLoop, wake, stop_fd: int) -> None:
         backoff = Backoff(cap=LISTEN_RECONNECT_CAP)
         while not self._stop_listening.is_set():
             try:
@@ -159,8 +170,14 @@ class PostgresDialect:
                         log.warning("listening for work from other nodes again (after %.1f s)", down)
                     # Work may have been announced while we were not listening.
                     loop.call_soon_threadsafe(wake)
+                    poll = select.poll()   # not select(): a busy relay's descriptors pass 1024
+                    poll.register(conn.fileno(), select.POLLIN)
+                    poll.register(stop_fd, select.POLLIN)
                     while not self._stop_listening.is_set():
-                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
+                        if any(fd == stop_fd for fd, _ in poll.poll(LISTEN_IDLE * 1000)):
+                            break
+                        # Readable: notifications, or the connection's end (raised here).
+                        if any(True for _ in conn.notifies(timeout=0)):
                             loop.call_soon_threadsafe(wake)
             except psycopg.Error as exc:
                 if backoff.failed(time.monotonic(), first_line(exc)):
