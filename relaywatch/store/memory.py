@@ -100,6 +100,7 @@ class MemoryStore(MemoryWatch, MemoryConsole):
         due = sorted((r for r in self._entries.values()
                       if r.status in DUE and r.next_attempt_at is not None and r.next_attempt_at <= now),
                      key=lambda r: (r.next_attempt_at, r.id))[:limit]
+        due.sort(key=lambda r: (r.received_at, r.id))   # the batch oldest first, as the SQL stores return it
         for r in due:
             r.lease_owner, r.lease_until, r.next_attempt_at = owner, now + ttl, now + ttl
         entries = [self._entry(r, [x for x in r.recipients if x.status in WAITING]) for r in due]
