@@ -46,6 +46,10 @@ class LeaseLost(StoreError):
     """The entry's lease expired and another worker may have it."""
 
 
+class StaleTerm(StoreError):
+    """A leader-only write by a node whose leader term is over (another node leads now)."""
+
+
 class UnknownEntry(RelaywatchError):
     def __init__(self, entry_id: str):
         super().__init__(f"no queued message with id {entry_id}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from relaywatch.cluster.model import LeaderLease, NodeBeat
 from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody
 
 
@@ -156,12 +157,15 @@ class WatchStore(Protocol):
     async def incident(self, incident_id: int) -> dict[str, Any] | None:
         """One incident, with its ``notifications`` and ``audit`` lists."""
 
-    async def save_incident(self, incident: dict[str, Any]) -> int:
-        """Insert (``id`` None) or update an incident; its id."""
+    async def save_incident(self, incident: dict[str, Any], term: int | None = None) -> int:
+        """Insert (``id`` None) or update an incident; its id.  ``term``: the
+        writer's leader term (ClusterStore); StaleTerm, and nothing written, once
+        another node leads."""
 
     async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
-                               now: float) -> bool:
-        """Queue one notification; False if this transition was already notified on this channel."""
+                               now: float, term: int | None = None) -> bool:
+        """Queue one notification; False if this transition was already notified on this channel.
+        ``term``: as for save_incident."""
 
     async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
                                        attempts: int, sent_at: float | None, last_error: str | None) -> None:
@@ -209,5 +213,34 @@ class ConsoleStore(Protocol):
         """The newest audit records first: Fix now and queue actions, with their incident (or None)."""
 
 
-class Store(QueueStore, WatchStore, ConsoleStore, Protocol):
-    """Both: one database holds the queue and the watch's state (what open_store returns)."""
+class ClusterStore(Protocol):
+    """The nodes sharing the queue and the leader lease (relaywatch/cluster/).  Each
+    operation is atomic on every store: PostgreSQL from several nodes at once,
+    SQLite from the processes of one box."""
+
+    async def heartbeat(self, beat: NodeBeat, first: bool = False) -> int:
+        """Register or refresh the node ``beat.name``.  ``first`` (the node's start):
+        entries still leased by earlier starts of the same node are due again at
+        once, never adopted; how many."""
+
+    async def nodes(self) -> list[NodeBeat]:
+        """Every node that ever beat on this queue, by name."""
+
+    async def release_dead_leases(self, beat_before: float, now: float) -> int:
+        """Make due again, at once, what nodes whose last heartbeat is older than
+        ``beat_before`` had leased; how many entries."""
+
+    async def acquire_leader(self, instance: str, now: float, until: float) -> int | None:
+        """Take the leader lease until ``until`` if nobody holds it or its holder's
+        lapsed before ``now``, or renew ours; the term held (it grows each time the
+        holder changes), None if another instance holds it."""
+
+    async def resign_leader(self, instance: str) -> None:
+        """Let our lease lapse now (a clean stop): another node takes it at once."""
+
+    async def leader(self) -> LeaderLease: ...
+
+
+class Store(QueueStore, WatchStore, ConsoleStore, ClusterStore, Protocol):
+    """All of them: one database holds the queue, the watch's, the console's and the
+    cluster's state (what open_store returns)."""

@@ -25,6 +25,7 @@ from relaywatch.model import (
 )
 from relaywatch.store import queue as sql_queue
 from relaywatch.store.base import QueueQuery, Selector
+from relaywatch.store.memory_cluster import MemoryCluster
 from relaywatch.store.memory_console import MemoryConsole
 from relaywatch.store.memory_watch import MemoryWatch
 from relaywatch.store.watch import summary
@@ -60,7 +61,7 @@ class _Row:
     history: list[dict] = field(default_factory=list)
 
 
-class MemoryStore(MemoryWatch, MemoryConsole):
+class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster):
     where = "memory"
     single_node = True
     inline_bodies = False
@@ -71,7 +72,8 @@ class MemoryStore(MemoryWatch, MemoryConsole):
         self._open = False
         self._entries: dict[str, _Row] = {}
         self._bodies: dict[str, list] = {}          # id -> [StoredBody, refs]
-        super().__init__()
+        MemoryWatch.__init__(self)
+        MemoryCluster.__init__(self)
 
     async def open(self) -> None:
         self._open = True

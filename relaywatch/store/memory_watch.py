@@ -16,6 +16,7 @@ from relaywatch.store.watch import _incident, incident_data, notification_state
 class MemoryWatch:
     """The watch's half of MemoryStore, which supplies ``_check`` (StoreError when closed)."""
     _check: Callable[[], None]
+    _check_term: Callable[[int | None], None]     # the leader's fence (store/memory_cluster.py)
 
     def __init__(self) -> None:
         self._incidents: dict[int, tuple] = {}      # id -> the incidents row
@@ -49,8 +50,9 @@ class MemoryWatch:
                         for a in self._audit if a["incident_id"] == incident_id]
         return inc
 
-    async def save_incident(self, incident: dict) -> int:
+    async def save_incident(self, incident: dict, term: int | None = None) -> int:
         self._check()
+        self._check_term(term)
         blob = incident_data(incident)
         id_ = incident.get("id")
         if id_ is None:
@@ -71,8 +73,9 @@ class MemoryWatch:
         return True
 
     async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
-                               now: float) -> bool:
+                               now: float, term: int | None = None) -> bool:
         self._check()
+        self._check_term(term)
         return self._add_notification(incident_id, transition, channel, state=NotificationState.PENDING.value,
                                       attempts=0, next_try=now, last_error=None, sent_at=None,
                                       payload=json.dumps(payload))

@@ -125,6 +125,7 @@ class PostgresDialect:
     name = "postgres"
     errors = (psycopg.Error,)
     lease_lock = " FOR UPDATE SKIP LOCKED"
+    row_share = " FOR SHARE"
     single_node = False
     inline_bodies = True
     announce = f"NOTIFY {CHANNEL}"

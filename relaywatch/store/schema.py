@@ -6,7 +6,10 @@ by their primary key without a second b-tree).  Each dialect gives its values
 (``TYPES``); statuses are the enums' (store/queries.py).
 
 Columns added after the first release are in ``MIGRATIONS``, applied before
-the schema to a queue made by an earlier version.
+the schema to a queue made by an earlier version.  Tables added later (nodes,
+leader) need none: ``CREATE TABLE IF NOT EXISTS`` adds them to an existing
+queue, and the leader row is inserted once; nodes of the previous version
+never read them.
 """
 
 from __future__ import annotations
@@ -120,6 +123,28 @@ CREATE TABLE IF NOT EXISTS invalid_recipients (
     source    TEXT NOT NULL         -- rcpt | destination | expired
 );
 CREATE INDEX IF NOT EXISTS invalid_recipients_at ON invalid_recipients (at);
+-- The cluster (relaywatch/cluster/): one row per node, kept by its heartbeat.
+CREATE TABLE IF NOT EXISTS nodes (
+    name         TEXT PRIMARY KEY,  -- server.node_name
+    instance     TEXT NOT NULL,     -- this start's lease owner (name:pid:random)
+    address      TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    state        TEXT NOT NULL,     -- NodeState: running | stopped (a clean stop)
+    started_at   {REAL} NOT NULL,
+    heartbeat_at {REAL} NOT NULL,
+    leases       INTEGER NOT NULL DEFAULT 0,
+    received     {BIGINT} NOT NULL DEFAULT 0,
+    delivered    {BIGINT} NOT NULL DEFAULT 0
+);
+-- The leader lease: one row; term grows by one whenever another instance takes it (fencing).
+CREATE TABLE IF NOT EXISTS leader (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT,
+    term   {BIGINT} NOT NULL,
+    until  {REAL} NOT NULL
+);
+INSERT INTO leader (id, holder, term, until) VALUES (1, NULL, 0, 0) ON CONFLICT DO NOTHING;
 CREATE TABLE IF NOT EXISTS attempts (
     entry_id TEXT NOT NULL,
     n        INTEGER NOT NULL,

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from relaywatch.model import EntryStatus, NotificationState, dest_label
 from relaywatch.store import queries
-from relaywatch.store.engine import GroupCommitEngine
+from relaywatch.store.cluster import check_term
+from relaywatch.store.engine import Dialect, GroupCommitEngine
 
 Q = queries.load("watch.sql")
 
@@ -23,6 +24,7 @@ _INCIDENT_KEYS = ("id", "connector", "code", "state", "opened_at", "resolved_at"
 class SqlWatch:
     """The watch's operations; SqlStore (store/sql.py) supplies ``engine``."""
     engine: GroupCommitEngine
+    dialect: Dialect
 
     async def deferred_summary(self) -> list[dict]:
         """Deferred mail grouped by (connector, code), with the newest evidence."""
@@ -74,9 +76,11 @@ class SqlWatch:
             return inc
         return await self.engine.read(q)
 
-    async def save_incident(self, incident: dict) -> int:
-        """Insert (no id) or update an incident; returns its id."""
+    async def save_incident(self, incident: dict, term: int | None = None) -> int:
+        """Insert (no id) or update an incident; returns its id.  ``term``: the
+        leader's, refused (StaleTerm) once another node leads."""
         def op(conn: Any, cleanup: list) -> int:
+            check_term(conn, self.dialect.row_share, term)
             blob = incident_data(incident)
             if incident.get("id") is None:
                 return conn.execute(Q["insert_incident"], (
@@ -87,9 +91,10 @@ class SqlWatch:
         return await self.engine.write(op)
 
     async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
-                               now: float) -> bool:
+                               now: float, term: int | None = None) -> bool:
         """Queue one notification; False if this transition was already notified."""
         def op(conn: Any, cleanup: list) -> bool:
+            check_term(conn, self.dialect.row_share, term)
             return conn.execute(Q["add_notification"],
                                 (incident_id, transition, channel, now, json.dumps(payload))).rowcount == 1
         return await self.engine.write(op)

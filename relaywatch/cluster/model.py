@@ -1,0 +1,45 @@
+"""The cluster's nouns, as the store keeps them (store/cluster.sql) and ``relaywatch nodes`` shows them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class NodeState(enum.StrEnum):
+    RUNNING = "running"      # as stored: beating (alive or dead is the heartbeat's age, decisions.py)
+    STOPPED = "stopped"      # stopped cleanly: no incident, its leases were returned
+
+
+@dataclass(frozen=True)
+class NodeBeat:
+    """What a node writes with each heartbeat."""
+    name: str                # server.node_name
+    instance: str            # this start: the owner of its leases (name:pid:random, the scheduler's)
+    address: str             # where it listens, for people
+    role: str                # all | deliver
+    version: str
+    started_at: float
+    at: float                # the heartbeat's time, by the node's clock
+    leases: int = 0          # entries it is delivering now
+    received: int = 0        # messages it accepted since it started
+    delivered: int = 0       # recipients it delivered since it started
+    state: NodeState = NodeState.RUNNING
+
+
+@dataclass(frozen=True)
+class LeaderLease:
+    holder: str | None       # the instance holding it
+    term: int                # grows whenever another instance takes it
+    until: float
+
+
+def node_dict(beat: NodeBeat, alive: bool, leader: bool, now: float) -> dict[str, Any]:
+    """A node as ``relaywatch nodes --json`` shows it (docs/json.md)."""
+    return {"name": beat.name, "instance": beat.instance, "address": beat.address, "role": beat.role,
+            "version": beat.version, "state": "alive" if alive else
+            ("stopped" if beat.state is NodeState.STOPPED else "dead"),
+            "leader": leader, "started_at": beat.started_at, "heartbeat_at": beat.at,
+            "heartbeat_age": round(now - beat.at, 1), "leases": beat.leases, "received": beat.received,
+            "delivered": beat.delivered}

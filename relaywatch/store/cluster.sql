@@ -1,0 +1,54 @@
+-- The cluster's SQL (store/cluster.py), parsed by store/queries.py; the conventions of queue.sql.
+-- Every operation is one statement, atomic on both databases: PostgreSQL from several nodes
+-- at once, SQLite from the processes of one box (its write lock).
+
+-- heartbeat --
+-- A node's row, made or brought up to date.
+INSERT INTO nodes (name, instance, address, role, version, state, started_at, heartbeat_at, leases,
+received, delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, address = excluded.address,
+role = excluded.role, version = excluded.version, state = excluded.state,
+started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, leases = excluded.leases,
+received = excluded.received, delivered = excluded.delivered
+
+-- release_earlier_instances --
+-- At a node's start: what an earlier start of the same node had leased is due again at once
+-- (that process is gone; its leases would otherwise wait out their own timers).
+-- Params (now, now, name, name, name, instance): owners are "name:pid:random".
+UPDATE entries SET lease_owner = NULL, lease_until = NULL,
+next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END
+WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, length(?) + 1) = ? || ':'
+AND lease_owner <> ?
+
+-- nodes --
+SELECT name, instance, address, role, version, state, started_at, heartbeat_at, leases, received, delivered
+FROM nodes ORDER BY name
+
+-- release_dead_leases --
+-- The leases of every node whose heartbeat is older than the lapse, due again at once.
+-- Params (now, now, beat_before).  A node that stopped cleanly returned its own.
+UPDATE entries SET lease_owner = NULL, lease_until = NULL,
+next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END
+WHERE lease_owner IN (SELECT instance FROM nodes WHERE heartbeat_at < ?)
+
+-- acquire_leader --
+-- Take the leader lease if it is free or lapsed, or renew our own; the term we hold, no row if
+-- another holds it.  The term grows only when the holder changes.  On PostgreSQL a second node
+-- racing for it waits on the row and then finds it taken: exactly one wins.
+-- Params (instance, instance, until, instance, now).
+UPDATE leader SET holder = ?, term = CASE WHEN holder = ? THEN term ELSE term + 1 END, until = ?
+WHERE id = 1 AND (holder = ? OR holder IS NULL OR until < ?)
+RETURNING term
+
+-- resign_leader --
+-- A clean stop: the lease lapses now, so another node takes it at its next heartbeat.
+UPDATE leader SET until = 0 WHERE id = 1 AND holder = ?
+
+-- leader --
+SELECT holder, term, until FROM leader WHERE id = 1
+
+-- leader_term --
+-- The fence of a leader-only write (store/watch.py), read in the write's own transaction.
+-- {row_share} is the dialect's (PostgreSQL: FOR SHARE, so a node taking the lease waits for
+-- that write's commit, and then reads what it wrote).
+SELECT term FROM leader WHERE id = 1{row_share}
