@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Awaitable, Callable
 
+from relaywatch.cluster.node import ClusterNode
 from relaywatch.config import Config
 from relaywatch.deliver.callout import SmtpCallout
 from relaywatch.deliver.resolver import Resolver
@@ -93,6 +94,8 @@ class Relaywatch:
         self.routes = SmtpRoutes(self.running.snapshot, self.resolver)
         self.callout: SmtpCallout | None = None
         self.monitor: Monitor | None = None
+        self.node: ClusterNode | None = None           # this node of the cluster (relaywatch/cluster/)
+        self.draining = False                          # stopping cleanly: /readyz answers 503 (console/health.py)
         self.child: DeliveryChild | None = None       # serve_forever starts it (role RECEIVE)
         self._child_link = ChildLink(wake_fd) if role is Role.RECEIVE and wake_fd is not None else None
         self._parent_link = ParentLink(wake_fd) if role is Role.DELIVER and wake_fd is not None else None
@@ -101,8 +104,12 @@ class Relaywatch:
             self.running.subscribe(self.scheduler.reconfigure)
             # Before the store opens: a PostgreSQL store then also listens for other nodes' work.
             self.store.on_work = SchedulerWaker(self.scheduler.notify).wake
-            self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock)
-            self.scheduler.observer = self.monitor.on_attempt
+            # This node in the cluster (heartbeat, leader lease): in the process whose scheduler leases.
+            self.node = ClusterNode(self.running.snapshot, self.store, self.scheduler.node, role.value,
+                                    lambda: self.scheduler.inflight, clock)
+            self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock,
+                                   leader_term=self.node.term)
+            self.scheduler.observer = self._observe
         if role.receives:
             self.callout = SmtpCallout(self.routes)
             # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
@@ -150,6 +157,7 @@ class Relaywatch:
                 returned = await self.store.release_leases(None, self.clock())
                 if returned:
                     log.info("returned %d message(s) leased by a previous run", returned)
+            await self.node.start()   # registered before the scheduler leases in its name
         self.parts = self._make_parts()
         self._group = asyncio.create_task(self._run_parts(), name="parts")
         if self.scheduler is not None:
@@ -180,13 +188,12 @@ class Relaywatch:
             # Other listeners of the receiving process start here, and stop in a Part of theirs.
 
     def _make_parts(self) -> list[Part]:
-        """The parts of this role, in the order they stop: the console, the overrides
-        watcher and the watch first, then no new mail (the receiver), then the
-        delivery process, then deliveries in flight (the scheduler, within
-        shutdown_grace)."""
-        parts = []
-        if self.role.receives:
-            parts.append(Part("console", stop=self._stop_console))
+        """The parts of this role, in the order they stop: the drain (the node says so,
+        /readyz answers 503), the overrides watcher and the watch, then no new mail
+        (the receiver), then the delivery process, then deliveries in flight (the
+        scheduler, within shutdown_grace), then the cluster node (stopped: its leases
+        are back), then the console."""
+        parts = [Part("drain", stop=self._drain)]
         if self.role is Role.DELIVER:
             parts.append(Part("counters", run=self._export_counters))
         parts.append(Part("overrides", run=lambda: watch_overrides(self.refresh_overrides)))
@@ -200,6 +207,10 @@ class Relaywatch:
             parts.append(Part("delivery link", stop=self._stop_child))
         if self.scheduler is not None:
             parts.append(Part("scheduler", run=self.scheduler.run, stop=self._stop_scheduler))
+        if self.node is not None:   # beats (draining) until the scheduler has returned its leases
+            parts.append(Part("cluster", run=self.node.run, stop=self.node.stop))
+        if self.role.receives:      # last: /readyz answers 503 while the node drains
+            parts.append(Part("console", stop=self._stop_console))
         return parts
 
     async def _run_parts(self) -> None:
@@ -211,6 +222,17 @@ class Relaywatch:
     def part_task(self, name: str) -> asyncio.Task | None:
         """The running loop of a part (the console's readiness check reads it)."""
         return self._running.get(name)
+
+    def _observe(self, *attempt) -> None:
+        self.node.on_attempt(*attempt)
+        self.monitor.on_attempt(*attempt)
+
+    async def _drain(self) -> None:
+        # SIGTERM, relaywatch node drain: the load balancer sees 503 from now on, and
+        # another node takes the watch while this one finishes its deliveries.
+        self.draining = True
+        if self.node is not None:
+            await self.node.drain()
 
     async def _stop_console(self) -> None:
         if self.console is not None:

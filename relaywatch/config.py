@@ -12,6 +12,7 @@ import importlib.util
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import tomllib
 import urllib.parse
@@ -123,6 +124,11 @@ class ServerConfig:
     delivery_restart_reset: float = 300.0   # a delivery process that ran this long restarts at once
     store: str = "sqlite"                    # or a postgresql:// URL (store/postgres.py)
     store_statement_timeout: float | None = 30.0   # PostgreSQL: longest statement; None: the server's
+    # Several nodes on one queue (relaywatch/cluster/): this node's name (by default
+    # the machine's host name), how often it beats, and how old a heartbeat makes it dead.
+    node_name: str = field(default_factory=lambda: default_node_name())
+    heartbeat_interval: float = 5.0
+    node_lapse: float = 30.0
     # Where mail for postmaster goes (RFC 5321 4.5.1); parse_config fills in the
     # default: the first [alerts] notify address, else postmaster@<hostname> in a Maildir.
     postmaster: str = ""
@@ -492,6 +498,22 @@ def _hostname(value: Any) -> str:
     return name
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def default_node_name() -> str:
+    """The machine's host name, as a node name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).lstrip("._-")[:63]
+    return name or "relaywatch"
+
+
+def _node_name(value: Any) -> str:
+    name = _string(value)
+    if not _NODE_NAME.fullmatch(name):
+        raise ValueError(f"{value!r} is not a node name (letters, digits, '.', '_', '-'; at most 63)")
+    return name
+
+
 def _port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ValueError(f"must be a port number from 1 to 65535 (got {value!r})")
@@ -781,8 +803,14 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         auth_block_time=r.get(s, "auth_block_time", "server", _positive_duration, d.auth_block_time),
         tls_client_ca=r.get(s, "tls_client_ca", "server", rel, None),
         client_certs=r.get(s, "client_certs", "server", _client_certs, d.client_certs),
+        node_name=r.get(s, "node_name", "server", _node_name, d.node_name),
+        heartbeat_interval=r.get(s, "heartbeat_interval", "server", _positive_duration, d.heartbeat_interval),
+        node_lapse=r.get(s, "node_lapse", "server", _positive_duration, d.node_lapse),
     )
     problems += _auth_problems(server)
+    if server.node_lapse < 3 * server.heartbeat_interval:
+        problems.append(f"server.node_lapse: must be at least three times server.heartbeat_interval "
+                        f"({server.heartbeat_interval:g}s), or a live node would be taken for dead")
     if (server.reserved_trusted_connections is not None
             and server.reserved_trusted_connections >= server.max_connections):
         problems.append(f"server.reserved_trusted_connections: must be less than server.max_connections "

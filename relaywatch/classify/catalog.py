@@ -450,6 +450,29 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
                 "relaywatch queue list shows the messages whose NDR is held back.",
             ),
         }),
+    Entry(
+        id="watch.node_down", code="watch:node_down", smtp_code=None,
+        title="A relaywatch node is down",
+        explanation=(
+            "A node of the cluster (several relaywatch nodes sharing one PostgreSQL queue) has not "
+            "written its heartbeat for longer than server.node_lapse and did not stop cleanly. What "
+            "it had leased went back to the queue at once and is delivered by the other nodes; if it "
+            "led the cluster, another node took over the watch. Mail sent to its address is not "
+            "accepted until it is back. The incident resolves when the node beats again."),
+        causes={
+            "on_premises": ("The node's process was killed or crashed, its machine is down, or it cannot reach the database.",),
+            "partner": ("The node's process was killed or crashed, its machine is down, or it cannot reach the database.",),
+        },
+        fixes={
+            "on_premises": (
+                "relaywatch nodes shows when it last beat; look at its log (systemctl status relaywatch).",
+                "Start it again; a node taken out for good is stopped cleanly (SIGTERM, systemctl stop): it is then shown stopped, not down.",
+            ),
+            "partner": (
+                "relaywatch nodes shows when it last beat; look at its log (systemctl status relaywatch).",
+                "Start it again; a node taken out for good is stopped cleanly (SIGTERM, systemctl stop): it is then shown stopped, not down.",
+            ),
+        }),
 )}
 
 

@@ -57,7 +57,9 @@ class Scheduler:
         self.store = store
         self.routes = routes
         self.clock = clock
-        self.node = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+        # The lease owner: the node's name and this start (relaywatch/cluster/): a restarted
+        # node returns what its earlier start had leased instead of taking it for its own.
+        self.node = f"{config_ref().server.node_name}:{os.getpid()}:{secrets.token_hex(3)}"
         self.wake = asyncio.Event()
         self.destinations: dict[str, DestinationQueue] = {}
         self.inflight = 0

@@ -27,6 +27,7 @@ class IncidentKind(enum.StrEnum):
     CERT_EXPIRING = "cert_expiring"          # a destination's certificate expires soon
     INVALID_QUOTA = "invalid_recipients"     # invalid recipients near the daily quota
     NOTICE_FAILED = "notice_failed"          # NDRs that cannot be built
+    NODE_DOWN = "node_down"                  # a node of the cluster stopped beating (cluster/)
     STORE = "store"                          # the relay cannot queue mail (store_incident.py)
     OTHER = "other"                          # written by a version that knows more kinds
 
@@ -36,7 +37,8 @@ class IncidentKind(enum.StrEnum):
         return f"watch:{self.value}" if self in _WATCH_KINDS else None
 
 
-_WATCH_KINDS = frozenset({IncidentKind.CERT_EXPIRING, IncidentKind.INVALID_QUOTA, IncidentKind.NOTICE_FAILED})
+_WATCH_KINDS = frozenset({IncidentKind.CERT_EXPIRING, IncidentKind.INVALID_QUOTA, IncidentKind.NOTICE_FAILED,
+                          IncidentKind.NODE_DOWN})
 _BY_WATCH_CODE = {k.code: k for k in _WATCH_KINDS}
 
 
@@ -239,9 +241,26 @@ class StoreFacts:
         return cls(str(data.get("reply") or ""), int(data.get("refused") or 0), places("problems"), places("seen"))
 
 
-KindFacts = CertificateFacts | QuotaFacts | NoticeFacts | StoreFacts
+@dataclass(frozen=True)
+class NodeFacts:
+    node: str                    # server.node_name of the node that stopped beating
+    node_address: str
+    last_heartbeat_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "node_address": self.node_address, "last_heartbeat_at": self.last_heartbeat_at}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "NodeFacts":
+        at = data.get("last_heartbeat_at")
+        return cls(str(data.get("node") or "?"), str(data.get("node_address") or ""),
+                   float(at) if isinstance(at, (int, float)) else 0.0)
+
+
+KindFacts = CertificateFacts | QuotaFacts | NoticeFacts | StoreFacts | NodeFacts
 _FACTS: dict[IncidentKind, type] = {IncidentKind.CERT_EXPIRING: CertificateFacts, IncidentKind.INVALID_QUOTA: QuotaFacts,
-                                    IncidentKind.NOTICE_FAILED: NoticeFacts, IncidentKind.STORE: StoreFacts}
+                                    IncidentKind.NOTICE_FAILED: NoticeFacts, IncidentKind.STORE: StoreFacts,
+                                    IncidentKind.NODE_DOWN: NodeFacts}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The watch loop: the I/O around the incident rules.
 
-Runs beside the scheduler (in the delivering process).  Every
+Runs beside the scheduler (in the delivering process), and with several
+nodes on one queue only on the leader (cluster/node.py).  Every
 ``alerts.evaluate_interval`` it reads the facts (the deferred backlog per
 (connector, code), the certificates of TLS connectors every
 ``cert_probe_interval``, the invalid-recipient counts, the NDRs held back),
@@ -23,14 +24,15 @@ from relaywatch import events
 from relaywatch.config import Config, Connector
 from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.smtp import SmtpRoutes
-from relaywatch.errors import StoreError
+from relaywatch.cluster.decisions import Timing, down
+from relaywatch.errors import StaleTerm, StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStatus
 from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, InvalidSource, ProbeResult, Transition,
                                     TransitionKind)
-from relaywatch.watch.rules import CertificateSeen, HeldNotice, WatchFacts, evaluate
+from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 
 log = logging.getLogger("relaywatch.watch")
@@ -39,8 +41,13 @@ _WATCH_DUTY = 20   # wait at least this many times as long as a tick took
 
 class Monitor:
     def __init__(self, config_ref: Callable[[], Config], store: Store, routes: SmtpRoutes,
-                 wake_scheduler: Callable[[], None], clock: Callable[[], float] = time.time):
+                 wake_scheduler: Callable[[], None], clock: Callable[[], float] = time.time,
+                 leader_term: Callable[[], int | None] | None = None):
         self.config_ref = config_ref
+        # With several nodes (cluster/node.py) the watch evaluates only on the leader,
+        # and its writes carry the leader's term; None: it always runs, unfenced.
+        self.leader_term = leader_term
+        self._term: int | None = None
         self.store = store
         self.routes = routes
         self.clock = clock
@@ -80,6 +87,8 @@ class Monitor:
         while not self._stopping:
             try:
                 await self.tick()
+            except StaleTerm as exc:
+                log.warning("watch: another node leads now; this one stops evaluating (%s)", exc)
             except StoreError as exc:
                 log.error("watch: store unavailable: %s", exc)
             except Exception:
@@ -97,6 +106,13 @@ class Monitor:
     async def tick(self) -> None:
         config, now = self.config_ref(), self.clock()
         await self._flush_facts()
+        if self.leader_term is not None:
+            self._term = self.leader_term()
+            if self._term is None:
+                # Another node evaluates; what this one saw counts only there (last
+                # good deliveries and invalid recipients are in the store already).
+                self._late, self._expired = {}, {}
+                return
         facts = await self._read_facts(config, now)
         last_good = await self.store.last_good()
         open_incidents = [Incident.from_dict(i) for i in await self.store.open_incidents()]
@@ -123,7 +139,9 @@ class Monitor:
             invalid = tuple(InvalidSource(domain, connector, source, count) for domain, connector, source, count
                             in await self.store.invalid_recipients_since(now - 86400))
         held = tuple(HeldNotice(h["id"], h["sender"], h.get("error")) for h in await self.store.held_notices())
-        return WatchFacts(backlog, late, expired, await self._certificates(config, now), invalid, held)
+        timing = Timing(config.server.heartbeat_interval, config.server.node_lapse)
+        nodes = tuple(NodeSeen(b.name, b.address, b.at, down(b, timing, now)) for b in await self.store.nodes())
+        return WatchFacts(backlog, late, expired, await self._certificates(config, now), invalid, held, nodes)
 
     async def _certificates(self, config: Config, now: float) -> tuple[CertificateSeen, ...] | None:
         """Every cert_probe_interval, the certificate of each connector that uses TLS."""
@@ -144,7 +162,7 @@ class Monitor:
         if t.kind is TransitionKind.OPEN and inc.kind is IncidentKind.BACKLOG:
             probe = await self._probe(inc.connector)
             inc = replace(inc, probe=probe, diagnosis=diagnose(inc, last_good.get(inc.connector), probe))
-        inc = replace(inc, id=await self.store.save_incident(inc.to_dict()))
+        inc = replace(inc, id=await self.store.save_incident(inc.to_dict(), term=self._term))
         if t.notify:
             await self._notify(inc, t.notify, now)
 
@@ -154,7 +172,7 @@ class Monitor:
                     detail=alerts.headline(inc))
         payload = alerts.payload(inc, transition, now)
         for channel in alerts.channels(config):
-            await self.store.add_notification(inc.id, transition, channel, payload, now)
+            await self.store.add_notification(inc.id, transition, channel, payload, now, term=self._term)
 
     async def _probe(self, connector_name: str) -> ProbeResult | None:
         """Probe a connector in trouble (at most every probe_interval, see _probe_backlogs)."""
@@ -189,7 +207,7 @@ class Monitor:
             if probe is None:
                 continue
             for inc in open_by_connector.get(name, []):
-                await self.store.save_incident(replace(inc, probe=probe).to_dict())
+                await self.store.save_incident(replace(inc, probe=probe).to_dict(), term=self._term)
             if probe.ok:
                 released = await self.queue.retry_now(Selector(connector=name))   # wakes the scheduler
                 if released:

@@ -20,6 +20,8 @@ The watch's own warnings, one at a time each (their code is ``IncidentKind.code`
     quota        80% of invalid_recipient_quota invalid recipients in 24 h -> OPEN,
                  100% -> ESCALATE "escalate:100%"; RESOLVED under 80%
     notices      an NDR cannot be built -> OPEN (critical); RESOLVED when none is held back
+    nodes        a node's heartbeat is older than server.node_lapse -> OPEN (critical), one
+                 per node; RESOLVED when it beats again, stops cleanly or is gone
     A fact the watch did not read this time (None: the certificates are probed
     every cert_probe_interval only, the quota may be off) changes nothing.
     Their texts come from the catalog's ``watch.*`` entries.
@@ -38,7 +40,7 @@ from relaywatch.classify.catalog import CATALOG, lookup
 from relaywatch.config import Config
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.watch.model import (BacklogSummary, CertificateFacts, Incident, IncidentKind, IncidentState,
-                                    InvalidSource, NoticeFacts, QuotaFacts, Severity, Transition, TransitionKind)
+                                    InvalidSource, NodeFacts, NoticeFacts, QuotaFacts, Severity, Transition, TransitionKind)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,15 @@ class HeldNotice:
 
 
 @dataclass(frozen=True)
+class NodeSeen:
+    """A node of the cluster as its heartbeat shows it (cluster/decisions.py decides ``down``)."""
+    name: str
+    address: str
+    heartbeat_at: float
+    down: bool           # beating no more, without a clean stop
+
+
+@dataclass(frozen=True)
 class WatchFacts:
     """What the watch saw since it last evaluated."""
     backlog: tuple[BacklogSummary, ...] = ()
@@ -71,6 +82,7 @@ class WatchFacts:
     certificates: tuple[CertificateSeen, ...] | None = None    # None: not probed this time
     invalid_recipients: tuple[InvalidSource, ...] | None = None  # the last 24 h, most first; None: not read
     held_notices: tuple[HeldNotice, ...] | None = None
+    nodes: tuple[NodeSeen, ...] | None = None                  # every node of the queue; None: not read
 
 
 def evaluate(facts: WatchFacts, open_incidents: Sequence[Incident], config: Config, now: float) -> list[Transition]:
@@ -79,7 +91,8 @@ def evaluate(facts: WatchFacts, open_incidents: Sequence[Incident], config: Conf
     return (_backlog(facts, of(IncidentKind.BACKLOG), config, now)
             + _certificates(facts.certificates, of(IncidentKind.CERT_EXPIRING), config, now)
             + _quota(facts.invalid_recipients, of(IncidentKind.INVALID_QUOTA), config, now)
-            + _notices(facts.held_notices, of(IncidentKind.NOTICE_FAILED), now))
+            + _notices(facts.held_notices, of(IncidentKind.NOTICE_FAILED), now)
+            + _nodes(facts.nodes, of(IncidentKind.NODE_DOWN), now))
 
 
 def _resolve(inc: Incident, now: float, **changes) -> Transition:
@@ -240,3 +253,28 @@ def _notices(held: tuple[HeldNotice, ...] | None, open_incidents: list[Incident]
     if existing is not None and not held:
         return [_resolve(existing, now, facts=NoticeFacts(0))]
     return []
+
+
+def _nodes(seen: tuple[NodeSeen, ...] | None, open_incidents: list[Incident], now: float) -> list[Transition]:
+    """A node that died: its leases went back to the queue (cluster/node.py), the rest is the admin's."""
+    if seen is None:
+        return []
+    open_by_node = {i.facts.node: i for i in open_incidents if isinstance(i.facts, NodeFacts)}
+    down = {n.name: n for n in seen if n.down}
+    out = []
+    for name, node in sorted(down.items()):
+        if name not in open_by_node:
+            detail = (f"Node {name} ({node.address}) has not written a heartbeat since {_when(node.heartbeat_at)}; "
+                      "what it had leased is delivered by the other nodes.")
+            inc = _warning(IncidentKind.NODE_DOWN, now, severity=Severity.CRITICAL, detail=detail,
+                           facts=NodeFacts(name, node.address, node.heartbeat_at))
+            out.append(Transition(TransitionKind.OPEN, inc, "open"))
+    for name, inc in sorted(open_by_node.items()):
+        if name not in down:
+            out.append(_resolve(inc, now))
+    return out
+
+
+def _when(at: float) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
