@@ -762,5 +762,45 @@ def user_add(config_path, name, users_file, senders, password_stdin):
     click.echo(f"{'added' if new else 'updated'} user {name} in {path}")
 
 
+# -- nodes ------------------------------------------------------------------------
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
+def nodes(config_path, as_json):
+    """The relaywatch nodes sharing this queue: alive, dead or stopped, and which one leads."""
+    from relaywatch.cluster.decisions import Timing, alive
+    from relaywatch.cluster.model import node_dict
+    config = _load(config_path)
+
+    async def read(store):
+        return await store.nodes(), await store.leader()
+    beats, lease = _with_store(config, read)
+    now = time.time()
+    timing = Timing(config.server.heartbeat_interval, config.server.node_lapse)
+    leading = lease.holder if lease.until >= now else None
+    shown = [node_dict(b, alive(b, timing, now), b.instance == leading, now) for b in beats]
+    if as_json:
+        click.echo(json.dumps({"nodes": shown, "leader_term": lease.term, "lapse": timing.lapse}, indent=2))
+        return
+    if not shown:
+        click.echo("No node has registered with this queue (has relaywatch serve run with this config?).")
+        return
+    console, Table = _rich()
+    table = Table(box=None, pad_edge=False)
+    for col in ("Name", "Address", "Role", "Version", "Started", "Heartbeat", "Leases", "Delivered", "State",
+                "Leader"):
+        table.add_column(col, no_wrap=True)
+    for n in shown:
+        state = {"alive": "[green]alive[/green]", "dead": "[red]dead[/red]"}.get(n["state"], n["state"])
+        table.add_row(n["name"], n["address"], n["role"], n["version"], _age(n["started_at"], now) + " ago",
+                      _age(n["heartbeat_at"], now) + " ago", str(n["leases"]), str(n["delivered"]), state,
+                      f"yes (term {lease.term})" if n["leader"] else "")
+    console.print(table)
+    dead = sum(1 for n in shown if n["state"] == "dead")
+    click.echo(f"{len(shown)} node(s), {dead} dead (no heartbeat for {timing.lapse:g}s)"
+               + ("" if leading else "; no leader now (one takes over within the lapse)"))
+
+
 if __name__ == "__main__":
     main()

@@ -224,3 +224,48 @@ def test_decommission_is_offered_for_a_refused_connection_not_for_a_reply_with_i
     assert t.incident.catalog_id == "smtp.transient_reply" and "decommission" not in t.incident.actions
     [t] = run(WatchFacts((backlog(),)))
     assert t.incident.actions[0] == "decommission"
+
+
+# -- nodes of the cluster ------------------------------------------------------------------
+
+from relaywatch.watch.model import NodeFacts  # noqa: E402
+from relaywatch.watch.rules import NodeSeen  # noqa: E402
+
+
+def node(name="relay-2", down=True):
+    return NodeSeen(name, "10.0.0.2:25", NOW - 45, down)
+
+
+def open_node_down(name="relay-2"):
+    return Incident(kind=IncidentKind.NODE_DOWN, connector="*", code="watch:node_down", title="A relaywatch node is down",
+                    opened_at=NOW - 60, id=7, facts=NodeFacts(name, "10.0.0.2:25", NOW - 90))
+
+
+NODES = [
+    # name                         nodes                                   open                   expected (kind, notify, node)
+    ("all alive",                  (node("relay-1", False), node(down=False)), [],               []),
+    ("opens when one dies",        (node("relay-1", False), node()),       [],                    [(T.OPEN, "open", "relay-2")]),
+    ("one per node",               (node("relay-1"), node()),              [],                    [(T.OPEN, "open", "relay-1"), (T.OPEN, "open", "relay-2")]),
+    ("never opens twice",          (node(),),                              [open_node_down()],    []),
+    ("resolves when it returns",   (node(down=False),),                    [open_node_down()],    [(T.RESOLVE, "resolve", "relay-2")]),
+    ("resolves when it is gone",   (),                                     [open_node_down()],    [(T.RESOLVE, "resolve", "relay-2")]),
+    ("another's death is its own", (node("relay-1"), node()),              [open_node_down()],    [(T.OPEN, "open", "relay-1")]),
+    ("nodes not read: no change",  None,                                   [open_node_down()],    []),
+]
+
+
+@pytest.mark.parametrize("name,nodes,open_,expected", NODES, ids=[n[0] for n in NODES])
+def test_node_down_rule(name, nodes, open_, expected):
+    out = run(WatchFacts(nodes=nodes), open_)
+    assert [(t.kind, t.notify, t.incident.facts.node) for t in out] == expected
+    for t in out:
+        assert t.incident.kind is IncidentKind.NODE_DOWN and t.incident.code == "watch:node_down"
+        if t.kind is T.OPEN:
+            assert t.incident.severity is Severity.CRITICAL and "relaywatch nodes" in " ".join(t.incident.fixes)
+            assert t.incident.facts.last_heartbeat_at == NOW - 45
+
+
+def test_a_node_down_incident_is_read_back_as_stored():
+    inc = replace(open_node_down(), id=3)
+    again = Incident.from_dict(inc.to_dict())
+    assert again.kind is IncidentKind.NODE_DOWN and again.facts == inc.facts and again.to_dict() == inc.to_dict()

@@ -1,0 +1,145 @@
+"""Several real ``relaywatch serve`` processes on one PostgreSQL queue (a per-test schema).
+
+One leader runs the watch: a refused connector opens one incident and one
+notification per transition across the nodes; killing the leader (kill -9) moves
+the watch to another node within the lapse, the incident keeps its state, no
+second "open" is sent, and the dead node is an incident of its own.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import LOOPBACK, Sink, WebhookReceiver, eventually, free_port, message
+from test_acceptance import Server
+
+ROOT = Path(__file__).resolve().parent.parent
+LAPSE = 2.0
+
+
+def node_config(pg_dsn, name, hook, refused_port):
+    return dict(
+        server={"store": pg_dsn, "node_name": name, "heartbeat_interval": "0.25s", "node_lapse": f"{LAPSE}s",
+                "delivery_process": False},
+        queue={"retry_intervals": ["1s"]},
+        alerts={"webhook_url": f"http://{LOOPBACK}:{hook.port}/hook", "open_after": "1s", "min_messages": 1,
+                "evaluate_interval": "0.3s", "probe_interval": "0.5s"},
+        connectors=[{"name": "onprem", "type": "on_premises", "domains": ["fabrikam.test"],
+                     "smart_hosts": [f"{LOOPBACK}:{refused_port}"], "tls": "none"}])
+
+
+def send(port, n):
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as c:
+        for i in range(n):
+            c.sendmail("alice@contoso.test", ["bob@fabrikam.test"], message(f"m{i}"))
+
+
+def nodes_json(server):
+    out = subprocess.run([sys.executable, "-m", "relaywatch", "nodes", "--json", "-c", str(server.config_path)],
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def posts(hook, kind):
+    """(transition, incident id) of the webhook posts about incidents of ``kind``."""
+    out = []
+    for _, body in hook.posts:
+        data = json.loads(body)
+        if (data["incident"].get("kind") or "").endswith(kind):
+            out.append((data["transition"], data["incident"]["id"]))
+    return out
+
+
+@pytest.fixture
+async def hook():
+    h = await WebhookReceiver().start()
+    yield h
+    await h.stop()
+
+
+async def test_one_incident_per_cluster_and_the_watch_survives_its_leader(tmp_path, pg_dsn, hook):
+    from relaywatch.store.postgres import PostgresStore
+    refused = free_port()
+    servers = []
+    for i in range(3):
+        d = tmp_path / f"n{i + 1}"
+        d.mkdir()
+        servers.append(await Server(d, **node_config(pg_dsn, f"n{i + 1}", hook, refused)).start())
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        for s in servers:
+            await asyncio.to_thread(send, s.port, 2)
+        # One backlog incident, opened once, though every node sees the same backlog.
+        await eventually(lambda: posts(hook, "connect.refused"), what="the incident's open notification")
+        [(_, incident_id)] = posts(hook, "connect.refused")
+        listed = nodes_json(servers[0])
+        assert sorted(n["name"] for n in listed["nodes"]) == ["n1", "n2", "n3"]
+        assert [n["state"] for n in listed["nodes"]] == ["alive"] * 3
+        [leader] = [n for n in listed["nodes"] if n["leader"]]
+        term = listed["leader_term"]
+
+        # What the leader has queued is sent and recorded first: a notification it POSTed but
+        # did not record when killed would be sent again by the next leader (at least once).
+        await eventually(lambda: _all_sent(store, incident_id, 2), what="open and escalate:expiry recorded as sent")
+        # kill -9 the leader: another takes the lease within the lapse (and a beat).
+        victim = next(s for s in servers if s.raw["server"]["node_name"] == leader["name"])
+        victim.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(victim.proc.wait)
+        victim.log.close()
+        killed_at = time.time()
+        new = await eventually(lambda: _new_leader(store, leader["instance"]), timeout=LAPSE * 4,
+                               what="another node to take the leader lease")
+        assert new.term == term + 1
+        # The new leader evaluates the incident it did not open: updated, not opened again.
+        await eventually(lambda: _updated_since(store, incident_id, killed_at), what="the new leader's evaluation")
+        # The dead node is an incident of its own, opened once.
+        await eventually(lambda: posts(hook, "node_down"), what="the node_down notification")
+        listed = nodes_json(next(s for s in servers if s is not victim))
+        states = {n["name"]: n["state"] for n in listed["nodes"]}
+        assert states[leader["name"]] == "dead" and list(states.values()).count("alive") == 2
+        assert [n["name"] for n in listed["nodes"] if n["leader"]] != [leader["name"]]
+
+        # The destination comes back: the backlog (the dead node's share too) is delivered and
+        # the incident resolves, with one resolve notification.
+        sink = await Sink(port=refused).start()
+        try:
+            await eventually(lambda: len(sink.messages) >= 6, timeout=15, what="every message delivered")
+            await eventually(lambda: ("resolve", incident_id) in posts(hook, "connect.refused"),
+                             what="the resolve notification")
+            # Each transition once across the nodes and the takeover (mail expires within
+            # escalate_before_expiry, so it escalates too).
+            assert posts(hook, "connect.refused") == [("open", incident_id), ("escalate:expiry", incident_id),
+                                                      ("resolve", incident_id)]
+            assert [t for t, _ in posts(hook, "node_down")] == ["open"]
+            assert len(sink.messages) == 6
+        finally:
+            await sink.stop()
+    finally:
+        await store.close()
+        for s in servers:
+            if s.proc.poll() is None:
+                assert await s.stop() == 0
+
+
+async def _new_leader(store, old_instance):
+    lease = await store.leader()
+    return lease if lease.holder not in (None, old_instance) and lease.until > time.time() else None
+
+
+async def _updated_since(store, incident_id, at):
+    inc = await store.incident(incident_id)
+    return inc["state"] == "open" and inc["updated_at"] > at
+
+
+async def _all_sent(store, incident_id, n):
+    notes = (await store.incident(incident_id))["notifications"]
+    return len(notes) == n and all(x["state"] == "sent" for x in notes)
