@@ -143,3 +143,40 @@ async def _updated_since(store, incident_id, at):
 async def _all_sent(store, incident_id, n):
     notes = (await store.incident(incident_id))["notifications"]
     return len(notes) == n and all(x["state"] == "sent" for x in notes)
+
+
+async def test_a_fix_made_through_any_node_applies_on_all_and_a_clean_stop_is_not_down(tmp_path, pg_dsn, hook):
+    """Fix-now overrides live in the shared store; each node re-reads them within 2 s.
+    A node stopped with SIGTERM is shown stopped (not dead) and opens no incident."""
+    from relaywatch.store.postgres import PostgresStore
+    refused = free_port()
+    servers = []
+    for i in range(2):
+        d = tmp_path / f"n{i + 1}"
+        d.mkdir()
+        servers.append(await Server(d, **node_config(pg_dsn, f"n{i + 1}", hook, refused)).start())
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        # What `incidents fix ... pause` run against either node's config writes.
+        await store.apply_fix("admin", "pause", None, {"undo": {}}, {"connector:onprem:paused": True}, [], time.time())
+        for s in servers:
+            await eventually(lambda: "applied changed overrides" in s.log_path.read_text(), timeout=5,
+                             what=f"{s.raw['server']['node_name']} to apply the fix")
+        assert await servers[1].stop() == 0
+        listed = nodes_json(servers[0])
+        assert {n["name"]: n["state"] for n in listed["nodes"]} == {"n1": "alive", "n2": "stopped"}
+        # Past the lapse, with n1 leading (n2 resigned if it led): no node_down for n2.
+        await eventually(lambda: time.time() > listed["nodes"][1]["heartbeat_at"] + LAPSE * 2, what="the lapse")
+        await eventually(lambda: _n1_leads(store), what="n1 to lead")
+        assert posts(hook, "node_down") == [] and await store.open_incidents() == []
+    finally:
+        await store.close()
+        for s in servers:
+            if s.proc.poll() is None:
+                assert await s.stop() == 0
+
+
+async def _n1_leads(store):
+    lease = await store.leader()
+    return lease.holder is not None and lease.holder.startswith("n1:") and lease.until > time.time()
