@@ -802,5 +802,45 @@ def nodes(config_path, as_json):
                + ("" if leading else "; no leader now (one takes over within the lapse)"))
 
 
+@main.group("node")
+def node_group():
+    """This node of the cluster."""
+
+
+@node_group.command("drain")
+@config_option
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the node has stopped.")
+def node_drain(config_path, wait):
+    """Stop this node cleanly (as SIGTERM does): /readyz answers 503, no new mail is accepted,
+    deliveries in flight finish within server.shutdown_grace and the rest of its leases go
+    back to the queue for the other nodes; the watch moves to another node at once."""
+    config = _load(config_path)
+    pid_file = config.server.data_dir / "relaywatch.pid"
+    try:
+        pid = int(pid_file.read_text())
+        if b"relaywatch" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raise ValueError("not relaywatch")
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        _fail(f"no running server found (no usable {pid_file})")
+    click.echo(f"draining relaywatch node {config.server.node_name} (pid {pid})")
+    if not wait:
+        return
+    deadline = time.monotonic() + config.server.shutdown_grace + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(pid):
+        _fail(f"node {config.server.node_name} (pid {pid}) has not stopped yet; it is still finishing")
+    click.echo(f"node {config.server.node_name} stopped; what it had not delivered is back in the queue")
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its parent has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 if __name__ == "__main__":
     main()

@@ -18,6 +18,8 @@ def beat(at, state=NodeState.RUNNING):
     (100, NodeState.RUNNING, 130.1, False, True),
     (100, NodeState.STOPPED, 101, False, False),     # a clean stop is neither alive nor down
     (100, NodeState.STOPPED, 1000, False, False),
+    (100, NodeState.DRAINING, 110, True, False),     # finishing its deliveries
+    (100, NodeState.DRAINING, 131, False, True),     # killed while draining
 ])
 def test_alive_and_down_by_the_heartbeats_age(beat_at, state, now, is_alive, is_down):
     assert alive(beat(beat_at, state), T, now) is is_alive

@@ -180,3 +180,81 @@ async def test_a_fix_made_through_any_node_applies_on_all_and_a_clean_stop_is_no
 async def _n1_leads(store):
     lease = await store.leader()
     return lease.holder is not None and lease.holder.startswith("n1:") and lease.until > time.time()
+
+
+async def test_a_drained_node_answers_503_returns_its_leases_and_the_others_deliver_them(tmp_path, pg_dsn, hook):
+    """relaywatch node drain (SIGTERM): /readyz 503 while it finishes, its leases back in
+    the queue when it stops (not after their 10 minutes), delivered by the other node."""
+    import urllib.error
+    import urllib.request
+    from helpers import Scripted
+    from relaywatch.store.postgres import PostgresStore
+    from relaywatch.store.base import QueueQuery
+
+    async def stall(conv):          # connects, then never greets: the delivery hangs
+        await asyncio.sleep(60)
+    stuck = await Scripted(stall).start()
+    port = stuck.port
+    servers = []
+    for i in range(2):
+        d = tmp_path / f"n{i + 1}"
+        d.mkdir()
+        cfg = node_config(pg_dsn, f"n{i + 1}", hook, port)
+        cfg["server"]["shutdown_grace"] = "3s"
+        cfg["delivery"] = {"connect_timeout": "30s", "command_timeout": "30s"}
+        servers.append(await Server(d, **cfg).start())
+    n1, n2 = servers
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await asyncio.to_thread(send, n1.port, 4)
+
+        async def n1_leases():
+            return [e for e in await store.list(QueueQuery(limit=100)) if (e.lease_owner or "").startswith("n1:")]
+        held = await eventually(n1_leases, what="n1 to lease some of the mail")
+        console = await eventually(lambda: _console_url(n1), what="n1's console address")
+        assert _get(console + "/readyz")[0] == 200
+        drain = asyncio.create_task(n1.cli("node", "drain"))
+        status, body = await eventually(lambda: _not_ready(console), timeout=5, what="/readyz to answer 503")
+        assert "draining" in body["checks"]["drain"]
+        await drain
+        assert n1.proc.wait(5) == 0
+        # Back in the queue at once: n2 leases them (to the same stuck destination) now.
+        still = {e.id: e.lease_owner for e in await store.list(QueueQuery(limit=100))}
+        assert all(not (still.get(e.id) or "").startswith("n1:") for e in held), still
+        await eventually(lambda: _leased_by(store, [e.id for e in held], "n2:"), what="n2 to take n1's mail")
+        assert {n["name"]: n["state"] for n in nodes_json(n2)["nodes"]} == {"n1": "stopped", "n2": "alive"}
+    finally:
+        await store.close()
+        for s in servers:
+            if s.proc.poll() is None:
+                await s.stop()
+            s.log.close()
+        await stuck.stop()
+
+
+def _console_url(server):
+    import re
+    m = re.search(r"console on (http://[\d.:]+)", server.log_path.read_text())
+    return m.group(1) if m else None
+
+
+def _get(url):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def _not_ready(url):
+    status, body = await asyncio.to_thread(_get, url + "/readyz")
+    return (status, body) if status == 503 else None
+
+
+async def _leased_by(store, ids, prefix):
+    from relaywatch.store.base import QueueQuery
+    owners = {e.id: e.lease_owner or "" for e in await store.list(QueueQuery(limit=100))}
+    return all(owners.get(i, "").startswith(prefix) for i in ids)

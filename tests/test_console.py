@@ -286,7 +286,8 @@ async def test_readyz_says_what_is_not_ready(relay_factory):
     async with client(relay) as http:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
         ready = await http.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["checks"] == {"store": "ok", "smtp": "ok", "delivery": "ok"}
+        assert ready.status_code == 200 and ready.json()["checks"] == {"drain": "ok", "store": "ok", "smtp": "ok",
+                                                                 "delivery": "ok"}
         relay.app.part_task("scheduler").cancel()
         await eventually(lambda: relay.app.part_task("scheduler").done(), what="the scheduler to stop")
         for server in relay.app.receiver.servers:

@@ -31,13 +31,16 @@ class Timing:
         return now - self.lapse
 
 
+_BEATING = (NodeState.RUNNING, NodeState.DRAINING)
+
+
 def alive(beat: NodeBeat, timing: Timing, now: float) -> bool:
-    return beat.state is NodeState.RUNNING and beat.at >= timing.dead_before(now)
+    return beat.state in _BEATING and beat.at >= timing.dead_before(now)
 
 
 def down(beat: NodeBeat, timing: Timing, now: float) -> bool:
-    """Dead without saying goodbye (a clean stop is not down)."""
-    return beat.state is NodeState.RUNNING and beat.at < timing.dead_before(now)
+    """Dead without saying goodbye (a clean stop is not down; one killed while draining is)."""
+    return beat.state in _BEATING and beat.at < timing.dead_before(now)
 
 
 class Leadership:

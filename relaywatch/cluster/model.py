@@ -9,6 +9,7 @@ from typing import Any
 
 class NodeState(enum.StrEnum):
     RUNNING = "running"      # as stored: beating (alive or dead is the heartbeat's age, decisions.py)
+    DRAINING = "draining"    # stopping cleanly (node drain, SIGTERM): accepts nothing, finishes its deliveries
     STOPPED = "stopped"      # stopped cleanly: no incident, its leases were returned
 
 
@@ -38,7 +39,8 @@ class LeaderLease:
 def node_dict(beat: NodeBeat, alive: bool, leader: bool, now: float) -> dict[str, Any]:
     """A node as ``relaywatch nodes --json`` shows it (docs/json.md)."""
     return {"name": beat.name, "instance": beat.instance, "address": beat.address, "role": beat.role,
-            "version": beat.version, "state": "alive" if alive else
+            "version": beat.version,
+            "state": ("draining" if beat.state is NodeState.DRAINING else "alive") if alive else
             ("stopped" if beat.state is NodeState.STOPPED else "dead"),
             "leader": leader, "started_at": beat.started_at, "heartbeat_at": beat.at,
             "heartbeat_age": round(now - beat.at, 1), "leases": beat.leases, "received": beat.received,

@@ -92,6 +92,19 @@ class ClusterNode:
             if released:
                 log.warning("cluster: returned %d message(s) leased by dead nodes to the queue", released)
 
+    async def drain(self) -> None:
+        """A clean stop begins: shown draining, and the leader lease let go at once so
+        another node takes the watch while this one finishes its deliveries."""
+        self._stopping = True
+        if not self._started:
+            return
+        self.leadership.resigned()
+        try:
+            await self.store.heartbeat(self._beat(NodeState.DRAINING))
+            await self.store.resign_leader(self.instance)
+        except StoreError as exc:
+            log.warning("cluster: could not announce the drain (%s)", exc)
+
     async def stop(self) -> None:
         """A clean stop: marked stopped (no incident), the leader lease let go at once."""
         self._stopping = True

@@ -34,6 +34,12 @@ async def check_store(store) -> str | None:
     return None
 
 
+def check_draining(app) -> str | None:
+    if getattr(app, "draining", False):
+        return "this node is draining (relaywatch node drain or SIGTERM): finishing its deliveries, accepting nothing"
+    return None
+
+
 def check_smtp(app) -> str | None:
     receiver = app.receiver
     if receiver is None or not receiver.servers or not all(s.is_serving() for s in receiver.servers):

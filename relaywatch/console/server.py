@@ -110,7 +110,8 @@ class Console:
                             content_type="text/plain; charset=utf-8")
 
     async def readiness(self) -> tuple[int, dict]:
-        return health.readiness({"store": await health.check_store(self.app.store),
+        return health.readiness({"drain": health.check_draining(self.app),
+                                 "store": await health.check_store(self.app.store),
                                  "smtp": health.check_smtp(self.app),
                                  "delivery": health.check_delivery(self.app)})
 
