@@ -140,3 +140,26 @@ async def test_postgres_a_takeover_waits_for_the_old_leaders_write_in_flight(pg_
     finally:
         await old.close()
         await new.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_queue_made_before_the_cluster_tables_gets_them_when_opened(backend, tmp_path, request):
+    s = make_store(backend, tmp_path, request)
+    await s.open()
+    now = time.time()
+    [entry_id] = await s.enqueue(msg(("1@x", A), now=now))
+
+    def drop(conn, cleanup):        # as the previous version left it
+        conn.execute("DROP TABLE nodes")
+        conn.execute("DROP TABLE leader")
+    await s.engine.write(drop)
+    await s.close()
+    s = make_store(backend, tmp_path, request)
+    await s.open()
+    try:
+        assert await s.acquire_leader("a", now, now + 10) == 1
+        await s.heartbeat(beat("n1", at=now), first=True)
+        assert [n.name for n in await s.nodes()] == ["n1"]
+        assert (await s.get(entry_id)) is not None
+    finally:
+        await s.close()
