@@ -11,7 +11,7 @@ from relaywatch.cluster.model import NodeBeat, NodeState
 from relaywatch.errors import StaleTerm
 from relaywatch.model import Route, RouteKind
 
-from helpers import STORE_BACKENDS, make_store
+from helpers import STORE_BACKENDS, eventually, make_store
 from test_store_contract import msg
 
 A = Route(RouteKind.CONNECTOR, "a")
@@ -121,23 +121,36 @@ async def test_postgres_stores_racing_for_the_leader_lease_one_wins_per_term(pg_
 
 
 async def test_postgres_a_takeover_waits_for_the_old_leaders_write_in_flight(pg_dsn):
-    """The fence holds the leader row (FOR SHARE) until the write commits: a node taking
-    the lease meanwhile then reads the incident the old leader wrote."""
-    from relaywatch.store.postgres import PostgresStore
+    """The fence holds the leader row (the dialect's FOR SHARE) until the write commits: a node
+    taking the lease meanwhile waits, and then reads the incident the old leader wrote."""
+    import psycopg
+    from relaywatch.store.cluster import check_term
+    from relaywatch.store.postgres import PostgresDialect, PostgresStore
     old, new = PostgresStore(pg_dsn), PostgresStore(pg_dsn)
     await old.open()
     await new.open()
     try:
         assert await old.acquire_leader("old", 100, 110) == 1
-        inc = {"id": None, "connector": "a", "code": "4.4.316", "state": "open", "opened_at": 1.0}
-        write = asyncio.ensure_future(old.save_incident(inc, term=1))
-        assert await new.acquire_leader("new", 111, 121) == 2
-        await asyncio.gather(write, return_exceptions=True)
-        # Either the old leader's write committed before the takeover, and the new one sees it,
-        # or it was refused: never written after the new leader has looked.
-        seen = await new.open_incidents()
-        assert len(seen) == (0 if isinstance(write.exception(), StaleTerm) else 1)
+        # The old leader's write, in flight: fenced, not committed yet.
+        writer = psycopg.connect(pg_dsn)
+        check_term(writer, PostgresDialect.row_share, 1)
+        writer.execute("INSERT INTO incidents (connector, code, state, opened_at, data) "
+                       "VALUES ('a', '4.4.316', 'open', 1.0, '{}')")
+        takeover = asyncio.ensure_future(new.acquire_leader("new", 111, 121))
+        watcher = psycopg.connect(pg_dsn, autocommit=True)
+
+        def waiting_on_a_lock():
+            return watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND datname = current_database()").fetchone()[0]
+        await eventually(lambda: takeover.done() or waiting_on_a_lock(), what="the takeover to run")
+        assert not takeover.done(), "the takeover did not wait for the old leader's write"
+        writer.commit()
+        assert await takeover == 2
+        assert len(await new.open_incidents()) == 1     # what the old leader wrote, seen by the new one
     finally:
+        for conn in ("writer", "watcher"):
+            if conn in locals():
+                locals()[conn].close()
         await old.close()
         await new.close()
 
