@@ -52,3 +52,37 @@ async def test_incidents_stored_by_an_older_version_are_resolved_by_their_rules(
         assert [i["id"] for i in await store.open_incidents()] == [cert]
     finally:
         await store.close()
+
+
+async def test_only_the_leader_evaluates_and_a_stale_leaders_writes_are_refused(tmp_path):
+    """Two monitors on one queue (two nodes): the one without the lease evaluates nothing;
+    the one whose term is over has its incident refused by the store, and nothing is written."""
+    import pytest
+    from relaywatch.cluster.model import NodeBeat
+    from relaywatch.errors import StaleTerm
+    from relaywatch.store.memory import MemoryStore
+    store = MemoryStore(clock=lambda: NOW)
+    await store.open()
+    config = parse_config({"server": {"node_lapse": "30s"},
+                           "alerts": {"webhook_url": f"http://{LOOPBACK}:{free_port()}/hook"}})
+    await store.heartbeat(NodeBeat("gone", "gone:1:a", "10.0.0.9:25", "all", "1", NOW - 900, NOW - 60))
+    terms = {"a": None, "b": None}
+
+    def monitor(name):
+        return Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=lambda: NOW,
+                       leader_term=lambda: terms[name])
+    a, b = monitor("a"), monitor("b")
+    await a.tick()
+    await b.tick()
+    assert await store.open_incidents() == []           # nobody leads: nobody evaluates
+    terms["a"] = await store.acquire_leader("a", NOW, NOW + 25)
+    terms["b"] = terms["a"]                              # b still believes in a term that is over...
+    await store.resign_leader("a")
+    terms["a"] = await store.acquire_leader("a2", NOW, NOW + 25)   # ...since another start took it
+    with pytest.raises(StaleTerm):                       # run() logs it; nothing is written
+        await b.tick()
+    assert await store.open_incidents() == []
+    await a.tick()
+    [down] = await store.open_incidents()
+    assert (down["code"], down["node"]) == ("watch:node_down", "gone")
+    assert [n["transition"] for n in (await store.incident(down["id"]))["notifications"]] == ["open"]
