@@ -175,3 +175,29 @@ async def test_queue_commands_name_a_postgresql_store_they_cannot_reach(tmp_path
         assert result.exit_code == 1, (command, result.output, result.exception)
         assert "cannot open queue store postgresql://rw" in result.output and shown in result.output, result.output
         assert "secret" not in result.output and "Traceback" not in result.output
+
+
+async def test_nodes_lists_this_relay_alive_and_leading_and_a_dead_one(relay_factory):
+    import json
+    import time
+    from relaywatch.cluster.model import NodeBeat
+    relay = await relay_factory(server={"node_name": "relay-1"})
+    gone = time.time() - 600
+    await relay.app.store.heartbeat(NodeBeat("relay-0", "relay-0:1:aa", "10.0.0.9:25", "all", "0.0.9", gone - 60, gone))
+    await eventually(lambda: relay.app.node.term() is not None, what="relay-1 to lead")
+    out = await asyncio.to_thread(CliRunner().invoke, main, ["nodes", "-c", str(relay.config_path)],
+                                  env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0].split() == ["Name", "Address", "Role", "Version", "Started", "Heartbeat", "Leases", "Delivered",
+                                "State", "Leader"]
+    assert lines[1].split()[0] == "relay-0" and "dead" in lines[1] and "yes" not in lines[1]
+    assert lines[2].split()[0] == "relay-1" and "alive" in lines[2] and "yes (term 1)" in lines[2]
+    assert lines[-1].startswith("2 node(s), 1 dead")
+    data = json.loads((await asyncio.to_thread(CliRunner().invoke, main, ["nodes", "--json", "-c",
+                                                                         str(relay.config_path)])).output)
+    assert [(n["name"], n["state"], n["leader"]) for n in data["nodes"]] == [("relay-0", "dead", False),
+                                                                            ("relay-1", "alive", True)]
+    assert set(data["nodes"][1]) == {"name", "instance", "address", "role", "version", "state", "leader",
+                                     "started_at", "heartbeat_at", "heartbeat_age", "leases", "received", "delivered"}
+    assert data["nodes"][1]["instance"] == relay.app.scheduler.node and data["leader_term"] == 1
