@@ -176,3 +176,15 @@ async def test_a_queue_made_before_the_cluster_tables_gets_them_when_opened(back
         assert (await s.get(entry_id)) is not None
     finally:
         await s.close()
+
+
+async def test_postgres_nodes_starting_together_on_a_new_database_all_open_it(pg_dsn):
+    """One at a time creates the schema (advisory lock): CREATE TABLE IF NOT EXISTS racing
+    fails on PostgreSQL's catalog (pg_type_typname_nsp_index) without it."""
+    from relaywatch.store.postgres import PostgresStore
+    stores = [PostgresStore(pg_dsn) for _ in range(4)]
+    results = await asyncio.gather(*(s.open() for s in stores), return_exceptions=True)
+    for s, r in zip(stores, results):
+        if r is None:
+            await s.close()
+    assert [r for r in results if r is not None] == []

@@ -42,6 +42,7 @@ from relaywatch.store.engine import first_line
 from relaywatch.store.sql import SqlStore
 
 SCHEMA = schema.render("postgres")
+SCHEMA_LOCK = 0x7277_0001   # pg_advisory_xact_lock key: "rw", the schema
 
 log = logging.getLogger("relaywatch.store")
 CHANNEL = "relaywatch_work"
@@ -206,16 +207,20 @@ class PostgresDialect:
 
     def connect_writer(self) -> _Connection:
         conn = self._connect()
-        columns = {row[0] for row in conn.conn.execute(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = current_schema() AND table_name = 'entries'")}
-        for column, definition, fill in schema.missing_columns(columns):   # a queue made by an earlier version
-            with conn.conn.transaction():
-                # Filling a column of a big queue may well take longer than a statement may.
-                conn.conn.execute("SET LOCAL statement_timeout = 0")
-                conn.conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
-                conn.conn.execute(fill)
-        conn.conn.execute(SCHEMA)
+        with conn.conn.transaction():
+            # Nodes of a cluster start together: one at a time creates or migrates the
+            # schema (two CREATE TABLE IF NOT EXISTS racing fail on PostgreSQL's catalog).
+            conn.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            columns = {row[0] for row in conn.conn.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'entries'")}
+            for column, definition, fill in schema.missing_columns(columns):   # a queue made by an earlier version
+                with conn.conn.transaction():
+                    # Filling a column of a big queue may well take longer than a statement may.
+                    conn.conn.execute("SET LOCAL statement_timeout = 0")
+                    conn.conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+                    conn.conn.execute(fill)
+            conn.conn.execute(SCHEMA)
         return _durable_commits(conn)
 
     def connect_reader(self) -> _Connection:
