@@ -814,15 +814,15 @@ def node_drain(config_path, wait):
     """Stop this node cleanly (as SIGTERM does): /readyz answers 503, no new mail is accepted,
     deliveries in flight finish within server.shutdown_grace and the rest of its leases go
     back to the queue for the other nodes; the watch moves to another node at once."""
+    import signal
     config = _load(config_path)
-    pid_file = config.server.data_dir / "relaywatch.pid"
+    pid = control.running_server(config.server.data_dir)
     try:
-        pid = int(pid_file.read_text())
-        if b"relaywatch" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            raise ValueError("not relaywatch")
+        if pid is None:
+            raise OSError
         os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        _fail(f"no running server found (no usable {pid_file})")
+    except OSError:
+        _fail(str(control.NoServer(control.pid_file(config.server.data_dir))))
     click.echo(f"draining relaywatch node {config.server.node_name} (pid {pid})")
     if not wait:
         return

@@ -37,7 +37,7 @@ class ClusterNode:
         self.started_at = clock()
         self.delivered = 0
         self.leadership = Leadership(self._timing())
-        self._stopping = False
+        self._state = NodeState.RUNNING
         self._started = False
 
     def _timing(self) -> Timing:
@@ -68,11 +68,16 @@ class ClusterNode:
         await self._lead()
 
     async def run(self) -> None:
-        while not self._stopping:
+        # Beats on while the node drains (the others must not take it for dead while it
+        # finishes its deliveries), but leads no more; stop() ends it.
+        while self._started:
             await asyncio.sleep(self._timing().interval)
+            if not self._started:
+                return
             try:
-                await self.store.heartbeat(self._beat())
-                await self._lead()
+                await self.store.heartbeat(self._beat(self._state))
+                if self._state is NodeState.RUNNING:
+                    await self._lead()
             except StoreError as exc:
                 log.error("cluster: heartbeat failed: %s", exc)
             except Exception:
@@ -95,7 +100,7 @@ class ClusterNode:
     async def drain(self) -> None:
         """A clean stop begins: shown draining, and the leader lease let go at once so
         another node takes the watch while this one finishes its deliveries."""
-        self._stopping = True
+        self._state = NodeState.DRAINING
         if not self._started:
             return
         self.leadership.resigned()
@@ -107,7 +112,7 @@ class ClusterNode:
 
     async def stop(self) -> None:
         """A clean stop: marked stopped (no incident), the leader lease let go at once."""
-        self._stopping = True
+        self._state = NodeState.STOPPED
         self.leadership.resigned()
         if not self._started:
             return
