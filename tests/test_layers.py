@@ -70,7 +70,8 @@ def test_no_back_edges(paths, forbidden):
 # import the other (SIDES).
 LAYERS = [
     "kernel",     # model.py, errors.py, events.py, meters.py, config.py, route.py, idn.py: facts everyone shares
-    "store",      # store/: the queue and the watch's state behind store/base.py's interfaces
+    "store",      # store/: the queue and the watch's state behind store/base.py's interfaces; cluster/: the
+                  # nodes and the leader lease kept there (store/base.py names its nouns)
     "classify",   # classify/: observations -> codes, the retry decision (pure)
     "notify",     # notify/: which notices an attempt calls for, and the NDRs themselves (pure)
     "deliver",    # deliver/ (but the three below), smtpclient/: one attempt at one destination
@@ -85,7 +86,7 @@ SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive")
 
 KERNEL = {"model", "errors", "events", "meters", "config", "route", "idn", "__init__"}
 SCHEDULE = {"scheduler", "record", "queue_actions"}
-PACKAGES = {"store": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
+PACKAGES = {"store": "store", "cluster": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
             "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",
             "runtime": "runtime"}
 TOP = {"actions": "console", "views": "console", "app": "runtime", "cli": "runtime",
