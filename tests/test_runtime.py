@@ -205,3 +205,26 @@ async def test_a_delivering_node_on_postgresql_hears_other_nodes_work(pg_dsn, tm
     finally:
         await other_node.close()
         await delivering.stop()
+
+
+def test_reload_never_signals_a_process_a_stale_pid_file_names(tmp_path):
+    """After a crash the pid file may name a process that is not relaywatch (pids are reused):
+    `relaywatch reload` must say no server runs, and leave that process alone (SIGHUP ends most)."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from relaywatch.cli import main
+    data = tmp_path / "data"
+    data.mkdir()
+    config = tmp_path / "relaywatch.toml"
+    config.write_text(f'[server]\ndata_dir = "{data}"\n')
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (data / "relaywatch.pid").write_text(str(bystander.pid))
+        result = CliRunner().invoke(main, ["reload", "-c", str(config)])
+        assert result.exit_code != 0 and "no running server" in result.output, result.output
+        assert bystander.poll() is None, "the bystander got the SIGHUP"
+    finally:
+        bystander.kill()
+        bystander.wait()

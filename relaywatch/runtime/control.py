@@ -50,13 +50,17 @@ def remove_pid_file(data_dir: Path) -> None:
 
 
 def reload_server(data_dir: Path) -> int:
-    """SIGHUP to the server of ``data_dir``; its pid.  Raises NoServer."""
-    path = pid_file(data_dir)
+    """SIGHUP to the server of ``data_dir``; its pid.  Raises NoServer.
+
+    Only to a live relaywatch: a pid file left by a crash may name a process
+    that has nothing to do with us, and SIGHUP ends most programs."""
+    pid = running_server(data_dir)
+    if pid is None:
+        raise NoServer(pid_file(data_dir))
     try:
-        pid = int(path.read_text())
         os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError):
-        raise NoServer(path) from None
+    except OSError:
+        raise NoServer(pid_file(data_dir)) from None
     return pid
 
 
