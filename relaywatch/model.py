@@ -317,3 +317,19 @@ def failure_json(f: Failure | None) -> dict[str, Any] | None:
     d["at"] = iso(f.at)
     return d
 
+
+class RecipientAnswer(str, enum.Enum):
+    """What a connector's server said about an address (recipient verification)."""
+    EXISTS = "exists"              # the server accepted RCPT TO
+    UNKNOWN = "unknown"            # the server refused it permanently (5xx)
+    UNAVAILABLE = "unavailable"    # the server could not be asked, or answered 4xx
+
+
+@dataclass(frozen=True)
+class RecipientVerdict:
+    """One recipient-verification answer: asked by deliver/callout.py, cached and turned
+    into the RCPT reply by receive/verify.py."""
+    answer: RecipientAnswer
+    detail: str                     # for the mail log: the server's reply, or why it could not be asked
+    code: str | None = None         # UNAVAILABLE: the catalog code of the failure (e.g. "4.4.316")
+    reason: str | None = None       # UNAVAILABLE: a short phrase safe to show an outside client

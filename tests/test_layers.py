@@ -158,9 +158,6 @@ ALLOWED = {
     # DEBT: DKIM signing folds lines and downgrades 8-bit before it signs, with delivery's
     # pure downgrade module; that module is shared and belongs below both sides.
     ("receive/dkim.py", "relaywatch.deliver.downgrade"): "DKIM signs what delivery will send (line folding)",
-    # DEBT: the recipient-verification callout (an SMTP client, so in deliver/) implements
-    # receive/verify.py's Callout and returns its Verdict; those types belong in model.py.
-    ("deliver/callout.py", "relaywatch.receive.verify"): "the callout returns receive/verify.py's Verdict",
 }
 
 

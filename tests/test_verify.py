@@ -11,8 +11,8 @@ import pytest
 
 from helpers import LOOPBACK, Sink, SinkHandler, eventually, free_port, message
 from relaywatch.config import ConfigError, VerifyConfig, parse_config
-from relaywatch.model import Route, RouteKind
-from relaywatch.receive.verify import Answer, RecipientVerifier, Verdict, rcpt_reply
+from relaywatch.model import RecipientAnswer, RecipientVerdict, Route, RouteKind
+from relaywatch.receive.verify import RecipientVerifier, rcpt_reply
 
 pytestmark = pytest.mark.both_loops   # delivery end to end: asyncio and uvloop (serve runs uvloop)
 
@@ -25,7 +25,7 @@ SETTINGS = VerifyConfig(positive_ttl=60, negative_ttl=10, timeout=1)
 class CountingCallout:
     """A callout that answers from a table and counts how often it was asked."""
 
-    def __init__(self, answers: dict[str, Answer], delay: float = 0.0):
+    def __init__(self, answers: dict[str, RecipientAnswer], delay: float = 0.0):
         self.answers = answers
         self.delay = delay
         self.asked: list[str] = []
@@ -34,9 +34,9 @@ class CountingCallout:
         self.asked.append(address)
         await asyncio.sleep(self.delay)
         answer = self.answers[address.lower()]
-        return Verdict(answer, f"said {answer.value}",
-                       code="4.4.316" if answer is Answer.UNAVAILABLE else None,
-                       reason="connection refused" if answer is Answer.UNAVAILABLE else None)
+        return RecipientVerdict(answer, f"said {answer.value}",
+                       code="4.4.316" if answer is RecipientAnswer.UNAVAILABLE else None,
+                       reason="connection refused" if answer is RecipientAnswer.UNAVAILABLE else None)
 
 
 class Clock:
@@ -48,11 +48,11 @@ class Clock:
 
 
 async def test_answers_are_cached_for_their_ttl():
-    callout, clock = CountingCallout({"bob@c.test": Answer.EXISTS, "ghost@c.test": Answer.UNKNOWN}), Clock()
+    callout, clock = CountingCallout({"bob@c.test": RecipientAnswer.EXISTS, "ghost@c.test": RecipientAnswer.UNKNOWN}), Clock()
     verifier = RecipientVerifier(callout, clock)
     for _ in range(3):
-        assert (await verifier.check(ROUTE, "bob@c.test", SETTINGS)).answer is Answer.EXISTS
-        assert (await verifier.check(ROUTE, "GHOST@c.test", SETTINGS)).answer is Answer.UNKNOWN
+        assert (await verifier.check(ROUTE, "bob@c.test", SETTINGS)).answer is RecipientAnswer.EXISTS
+        assert (await verifier.check(ROUTE, "GHOST@c.test", SETTINGS)).answer is RecipientAnswer.UNKNOWN
     assert callout.asked == ["bob@c.test", "GHOST@c.test"]
     clock.now += 11          # past the negative TTL, within the positive one
     await verifier.check(ROUTE, "bob@c.test", SETTINGS)
@@ -61,40 +61,40 @@ async def test_answers_are_cached_for_their_ttl():
 
 
 async def test_concurrent_questions_for_one_address_share_one_callout():
-    callout = CountingCallout({"bob@c.test": Answer.EXISTS}, delay=0.05)
+    callout = CountingCallout({"bob@c.test": RecipientAnswer.EXISTS}, delay=0.05)
     verifier = RecipientVerifier(callout, Clock())
     verdicts = await asyncio.gather(*(verifier.check(ROUTE, "bob@c.test", SETTINGS) for _ in range(20)))
-    assert {v.answer for v in verdicts} == {Answer.EXISTS}
+    assert {v.answer for v in verdicts} == {RecipientAnswer.EXISTS}
     assert callout.asked == ["bob@c.test"]
 
 
 async def test_an_unavailable_destination_is_remembered_briefly_and_never_cached_as_an_answer():
-    callout, clock = CountingCallout({"a@c.test": Answer.UNAVAILABLE, "b@c.test": Answer.UNAVAILABLE}), Clock()
+    callout, clock = CountingCallout({"a@c.test": RecipientAnswer.UNAVAILABLE, "b@c.test": RecipientAnswer.UNAVAILABLE}), Clock()
     verifier = RecipientVerifier(callout, clock)
-    assert (await verifier.check(ROUTE, "a@c.test", SETTINGS)).answer is Answer.UNAVAILABLE
-    assert (await verifier.check(ROUTE, "b@c.test", SETTINGS)).answer is Answer.UNAVAILABLE
+    assert (await verifier.check(ROUTE, "a@c.test", SETTINGS)).answer is RecipientAnswer.UNAVAILABLE
+    assert (await verifier.check(ROUTE, "b@c.test", SETTINGS)).answer is RecipientAnswer.UNAVAILABLE
     assert callout.asked == ["a@c.test"]     # the second client did not wait for its own timeout
     clock.now += 11
-    callout.answers["a@c.test"] = Answer.EXISTS
-    assert (await verifier.check(ROUTE, "a@c.test", SETTINGS)).answer is Answer.EXISTS
+    callout.answers["a@c.test"] = RecipientAnswer.EXISTS
+    assert (await verifier.check(ROUTE, "a@c.test", SETTINGS)).answer is RecipientAnswer.EXISTS
 
 
 async def test_a_callout_slower_than_the_timeout_is_unavailable():
-    verifier = RecipientVerifier(CountingCallout({"bob@c.test": Answer.EXISTS}, delay=5), Clock())
+    verifier = RecipientVerifier(CountingCallout({"bob@c.test": RecipientAnswer.EXISTS}, delay=5), Clock())
     verdict = await verifier.check(ROUTE, "bob@c.test", VerifyConfig(positive_ttl=60, negative_ttl=10, timeout=0.1))
-    assert verdict.answer is Answer.UNAVAILABLE and verdict.code == "4.4.315"
+    assert verdict.answer is RecipientAnswer.UNAVAILABLE and verdict.code == "4.4.315"
 
 
 @pytest.mark.parametrize("verdict, reply", [
-    (Verdict(Answer.EXISTS, ""), "250 2.1.5 Recipient OK (verified)"),
-    (Verdict(Answer.UNKNOWN, "550 5.1.1 x"), "550 5.1.1 <b@c.test>: Recipient address rejected: no such user here"),
-    (Verdict(Answer.UNAVAILABLE, "", code="4.4.316", reason="connection refused"),
+    (RecipientVerdict(RecipientAnswer.EXISTS, ""), "250 2.1.5 Recipient OK (verified)"),
+    (RecipientVerdict(RecipientAnswer.UNKNOWN, "550 5.1.1 x"), "550 5.1.1 <b@c.test>: Recipient address rejected: no such user here"),
+    (RecipientVerdict(RecipientAnswer.UNAVAILABLE, "", code="4.4.316", reason="connection refused"),
      "450 4.4.316 <b@c.test>: Cannot verify the recipient now (connection refused); try again later"),
     # A 5xx failure to reach the server is still only a reason to try again later.
-    (Verdict(Answer.UNAVAILABLE, "", code="5.7.1", reason="the mail server refused the verification"),
+    (RecipientVerdict(RecipientAnswer.UNAVAILABLE, "", code="5.7.1", reason="the mail server refused the verification"),
      "450 4.7.1 <b@c.test>: Cannot verify the recipient now (the mail server refused the verification); "
      "try again later"),
-    (Verdict(Answer.UNAVAILABLE, ""),
+    (RecipientVerdict(RecipientAnswer.UNAVAILABLE, ""),
      "450 4.4.0 <b@c.test>: Cannot verify the recipient now (the mail server could not be asked); try again later"),
 ])
 def test_rcpt_replies(verdict, reply):

@@ -14,8 +14,7 @@ import time
 from relaywatch.classify.classify import classify
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
-from relaywatch.model import Route
-from relaywatch.receive.verify import Answer, Verdict
+from relaywatch.model import RecipientAnswer, RecipientVerdict, Route
 from relaywatch.smtpclient.events import RSET, Mail, Rcpt
 
 # Connections kept per route; more questions at once open more and close the surplus.
@@ -31,7 +30,7 @@ class SmtpCallout:
         self.clock = clock
         self._idle: dict[str, list[SmtpConnection]] = {}
 
-    async def ask(self, route: Route, address: str) -> Verdict:
+    async def ask(self, route: Route, address: str) -> RecipientVerdict:
         domain = address.rpartition("@")[2]
         reused = self._take(route)
         if reused is not None:
@@ -48,17 +47,17 @@ class SmtpCallout:
         except SessionFailure as exc:
             return _unavailable(classify(exc.observation, time.time()))
 
-    async def _transaction(self, route: Route, conn: SmtpConnection, address: str) -> Verdict:
+    async def _transaction(self, route: Route, conn: SmtpConnection, address: str) -> RecipientVerdict:
         utf8 = not address.isascii()
         if utf8 and "SMTPUTF8" not in conn.capabilities:
             # RFC 6531: the address has no ASCII form; delivery there would fail with 5.6.7 too.
             self._give_back(route, conn)
-            return Verdict(Answer.UNKNOWN, f"the {route.name} server does not offer SMTPUTF8", code="5.6.7")
+            return RecipientVerdict(RecipientAnswer.UNKNOWN, f"the {route.name} server does not offer SMTPUTF8", code="5.6.7")
         try:
             mail = await conn.ask(Mail("", utf8))
             if not mail.is_success:
                 conn.close()
-                return Verdict(Answer.UNAVAILABLE, f"the {route.name} server refused MAIL FROM:<>: {mail}",
+                return RecipientVerdict(RecipientAnswer.UNAVAILABLE, f"the {route.name} server refused MAIL FROM:<>: {mail}",
                                code=f"4{(mail.enhanced or '4.0.0')[1:]}",
                                reason="the mail server refused the verification")
             rcpt = await conn.ask(Rcpt(address, utf8))
@@ -71,10 +70,10 @@ class SmtpCallout:
         else:
             await conn.quit()
         if rcpt.is_success:
-            return Verdict(Answer.EXISTS, f"{route.name} server: {rcpt}")
+            return RecipientVerdict(RecipientAnswer.EXISTS, f"{route.name} server: {rcpt}")
         if rcpt.code >= 500:
-            return Verdict(Answer.UNKNOWN, f"{route.name} server: {rcpt}")
-        return Verdict(Answer.UNAVAILABLE, f"{route.name} server: {rcpt}", code=rcpt.enhanced or "4.0.0",
+            return RecipientVerdict(RecipientAnswer.UNKNOWN, f"{route.name} server: {rcpt}")
+        return RecipientVerdict(RecipientAnswer.UNAVAILABLE, f"{route.name} server: {rcpt}", code=rcpt.enhanced or "4.0.0",
                        reason="the mail server answered with a temporary error")
 
     def _take(self, route: Route) -> SmtpConnection | None:
@@ -101,6 +100,6 @@ class SmtpCallout:
         self._idle.clear()
 
 
-def _unavailable(failure) -> Verdict:
-    return Verdict(Answer.UNAVAILABLE, failure.detail, code=failure.code,
+def _unavailable(failure) -> RecipientVerdict:
+    return RecipientVerdict(RecipientAnswer.UNAVAILABLE, failure.detail, code=failure.code,
                    reason=failure.title[0].lower() + failure.title[1:])

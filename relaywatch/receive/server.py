@@ -47,7 +47,7 @@ from typing import Callable
 from relaywatch import events, meters
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
-from relaywatch.model import NewMessage, Route, RouteKind
+from relaywatch.model import NewMessage, RecipientAnswer, Route, RouteKind
 from relaywatch.receive import auth
 from relaywatch.receive.admission import Limits, Phase, Refused, SessionTable
 from relaywatch.receive.conversation import (AUTH_INVALID, AUTH_SUCCEEDED, AUTH_UNAVAILABLE, NEED_DATA, Authenticate,
@@ -57,7 +57,7 @@ from relaywatch.receive.spool import BodySpool
 from relaywatch.receive.store_condition import (FAILED_REPLY, ConditionEnded, Place, PlaceRecovered, StoreCondition,
                                                 StoreProblem, describe, problem_from_os_error,
                                                 problem_from_store_error)
-from relaywatch.receive.verify import Answer, Callout, RecipientVerifier, rcpt_reply
+from relaywatch.receive.verify import Callout, RecipientVerifier, rcpt_reply
 from relaywatch.route import Refusal, decide, normalize, normalize_sender, sender_routing, split_address
 from relaywatch.store.base import Store
 from relaywatch.watch.store_incident import StoreIncidentReporter
@@ -154,12 +154,12 @@ class ReceivePolicy:
         config = self.config_ref()
         verdict = await self.verifier.check(route, address, config.verify)
         reply = rcpt_reply(verdict, address)
-        if verdict.answer is Answer.EXISTS:
+        if verdict.answer is RecipientAnswer.EXISTS:
             return reply, route
         events.emit("rejected", **{"to": address, "from": conv.sender or "<>", "client": client_ip,
                                   "connector": route.name, "code": reply.split(" ", 2)[1],
                                   "detail": verdict.detail})
-        if verdict.answer is Answer.UNKNOWN and config.alerts.invalid_recipient_quota:
+        if verdict.answer is RecipientAnswer.UNKNOWN and config.alerts.invalid_recipient_quota:
             self._count_invalid(split_address(address)[1], route.name, "verify")
         return reply, None
 

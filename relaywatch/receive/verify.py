@@ -21,13 +21,11 @@ imports delivery.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from relaywatch.config import VerifyConfig
-from relaywatch.model import Route
+from relaywatch.model import RecipientAnswer, RecipientVerdict, Route
 
 # While a destination cannot be asked, further questions for it are answered
 # from this memory instead of each client waiting for its own connect timeout.
@@ -35,22 +33,8 @@ UNAVAILABLE_MEMORY = 10.0
 MAX_CACHED = 100_000
 
 
-class Answer(str, enum.Enum):
-    EXISTS = "exists"              # the server accepted RCPT TO
-    UNKNOWN = "unknown"            # the server refused it permanently (5xx)
-    UNAVAILABLE = "unavailable"    # the server could not be asked, or answered 4xx
-
-
-@dataclass(frozen=True)
-class Verdict:
-    answer: Answer
-    detail: str                     # for the mail log: the server's reply, or why it could not be asked
-    code: str | None = None         # UNAVAILABLE: the catalog code of the failure (e.g. "4.4.316")
-    reason: str | None = None       # UNAVAILABLE: a short phrase safe to show an outside client
-
-
 class Callout(Protocol):
-    async def ask(self, route: Route, address: str) -> Verdict: ...
+    async def ask(self, route: Route, address: str) -> RecipientVerdict: ...
 
 
 class RecipientVerifier:
@@ -64,11 +48,11 @@ class RecipientVerifier:
     def __init__(self, callout: Callout, clock: Callable[[], float] = time.monotonic):
         self.callout = callout
         self.clock = clock
-        self._cache: dict[str, tuple[float, Verdict]] = {}
-        self._unavailable: dict[str, tuple[float, Verdict]] = {}
-        self._asking: dict[str, asyncio.Future[Verdict]] = {}
+        self._cache: dict[str, tuple[float, RecipientVerdict]] = {}
+        self._unavailable: dict[str, tuple[float, RecipientVerdict]] = {}
+        self._asking: dict[str, asyncio.Future[RecipientVerdict]] = {}
 
-    async def check(self, route: Route, address: str, settings: VerifyConfig) -> Verdict:
+    async def check(self, route: Route, address: str, settings: VerifyConfig) -> RecipientVerdict:
         key = f"{route.key}|{address.lower()}"
         now = self.clock()
         cached = self._cache.get(key)
@@ -82,7 +66,7 @@ class RecipientVerifier:
         pending = self._asking.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
-        future: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[RecipientVerdict] = asyncio.get_running_loop().create_future()
         self._asking[key] = future
         try:
             verdict = await self._ask(route, address, settings)
@@ -96,22 +80,22 @@ class RecipientVerifier:
         self._remember(key, route, verdict, settings)
         return verdict
 
-    async def _ask(self, route: Route, address: str, settings: VerifyConfig) -> Verdict:
+    async def _ask(self, route: Route, address: str, settings: VerifyConfig) -> RecipientVerdict:
         try:
             async with asyncio.timeout(settings.timeout):
                 return await self.callout.ask(route, address)
         except TimeoutError:
-            return Verdict(Answer.UNAVAILABLE, f"no answer from the {route.name} server within "
+            return RecipientVerdict(RecipientAnswer.UNAVAILABLE, f"no answer from the {route.name} server within "
                            f"{settings.timeout:g} s", code="4.4.315",
                            reason="the mail server did not answer in time")
 
-    def _remember(self, key: str, route: Route, verdict: Verdict, settings: VerifyConfig) -> None:
+    def _remember(self, key: str, route: Route, verdict: RecipientVerdict, settings: VerifyConfig) -> None:
         now = self.clock()
-        if verdict.answer is Answer.UNAVAILABLE:
+        if verdict.answer is RecipientAnswer.UNAVAILABLE:
             self._unavailable[route.key] = (now + UNAVAILABLE_MEMORY, verdict)
             return
         self._unavailable.pop(route.key, None)
-        ttl = settings.positive_ttl if verdict.answer is Answer.EXISTS else settings.negative_ttl
+        ttl = settings.positive_ttl if verdict.answer is RecipientAnswer.EXISTS else settings.negative_ttl
         if ttl <= 0:
             return
         if len(self._cache) >= MAX_CACHED:
@@ -119,17 +103,17 @@ class RecipientVerifier:
         self._cache[key] = (now + ttl, verdict)
 
 
-def rcpt_reply(verdict: Verdict, address: str) -> str:
+def rcpt_reply(verdict: RecipientVerdict, address: str) -> str:
     """The reply to RCPT TO for a verified address.
 
     Replies to outside clients name no internal host or address: the mail
-    log has the details (``Verdict.detail``)."""
-    if verdict.answer is Answer.EXISTS:
+    log has the details (``RecipientVerdict.detail``)."""
+    if verdict.answer is RecipientAnswer.EXISTS:
         return "250 2.1.5 Recipient OK (verified)"
-    if verdict.answer is Answer.UNKNOWN and verdict.code == "5.6.7":
+    if verdict.answer is RecipientAnswer.UNKNOWN and verdict.code == "5.6.7":
         return (f"553 5.6.7 <{address}>: Non-ASCII addresses not permitted for that recipient "
                 "(its mail server does not offer SMTPUTF8)")
-    if verdict.answer is Answer.UNKNOWN:
+    if verdict.answer is RecipientAnswer.UNKNOWN:
         return f"550 5.1.1 <{address}>: Recipient address rejected: no such user here"
     code = verdict.code or "4.4.0"
     code = "4" + code[1:] if code[0] != "4" else code
