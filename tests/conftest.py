@@ -9,7 +9,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import Relay, Sink, base_config  # noqa: E402
+from helpers import STORE_BACKENDS, Relay, Sink, base_config, make_store  # noqa: E402
 
 
 @pytest.fixture
@@ -112,3 +112,12 @@ def runs_on_postgresql(item) -> bool:
     callspec = getattr(item, "callspec", None)
     return callspec is not None and callspec.params.get("_asyncio_loop_factory") is uvloop_on_postgresql
 
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store(request, tmp_path):
+    """An opened queue store of each kind (memory, SQLite, PostgreSQL), closed afterwards.
+    Modules that need a variant (a wake-up counter, say) define their own ``store``."""
+    s = make_store(request.param, tmp_path, request)
+    await s.open()
+    yield s
+    await s.close()

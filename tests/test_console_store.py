@@ -6,19 +6,10 @@ import pytest
 
 from relaywatch.model import Attempt, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind
 from relaywatch.store.base import QueryPage
-from helpers import STORE_BACKENDS, make_store
 from test_store import msg
 
 A = Route(RouteKind.CONNECTOR, "a")
 B = Route(RouteKind.CONNECTOR, "b")
-
-
-@pytest.fixture(params=STORE_BACKENDS)
-async def store(request, tmp_path):
-    s = make_store(request.param, tmp_path, request)
-    await s.open()
-    yield s
-    await s.close()
 
 
 def failure(code: str, at: float) -> Failure:

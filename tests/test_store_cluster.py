@@ -11,18 +11,10 @@ from relaywatch.cluster.model import NodeBeat, NodeState
 from relaywatch.errors import StaleTerm
 from relaywatch.model import Route, RouteKind
 
-from helpers import STORE_BACKENDS, eventually, make_store
+from helpers import eventually, make_store
 from test_store_contract import msg
 
 A = Route(RouteKind.CONNECTOR, "a")
-
-
-@pytest.fixture(params=STORE_BACKENDS)
-async def store(request, tmp_path):
-    s = make_store(request.param, tmp_path, request)
-    await s.open()
-    yield s
-    await s.close()
 
 
 def beat(name, instance=None, at=100.0, **kw):

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from helpers import (
-    LOOPBACK, STORE_BACKENDS, CuttableProxy, Sink, SinkHandler, base_config, eventually, free_port, make_store, message,
+    LOOPBACK, CuttableProxy, Sink, SinkHandler, base_config, eventually, free_port, message,
     to_toml,
 )
 
@@ -331,14 +331,6 @@ def test_a_kept_outcome_survives_its_journal_and_a_torn_last_line_is_skipped(tmp
     assert journal.load() == [r]
     journal.rewrite([])
     assert not journal.path.exists() and journal.load() == []
-
-
-@pytest.fixture(params=STORE_BACKENDS)
-async def store(request, tmp_path):
-    s = make_store(request.param, tmp_path, request)
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_a_record_tried_again_applies_once_and_never_over_another_worker(store):
