@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
+import signal
 import smtplib
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,8 @@ from click.testing import CliRunner
 from relaywatch.app import Relaywatch
 from relaywatch.cli import main as cli_main
 from relaywatch.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LOOPBACK = "127.0.0.1"
 
@@ -607,3 +613,61 @@ def _reset(writer: asyncio.StreamWriter) -> None:
         except OSError:
             pass
     writer.transport.abort()
+
+
+class Server:
+    """``python -m relaywatch serve`` as a real process on a free loopback port."""
+
+    def __init__(self, tmp_path: Path, **sections):
+        self.port = free_port()
+        sections.setdefault("server", {})
+        sections["server"] = {"listen": [f"{LOOPBACK}:{self.port}"], **sections["server"]}
+        self.raw = base_config(tmp_path, **sections)
+        self.config_path = tmp_path / "relaywatch.toml"
+        self.config_path.write_text(to_toml(self.raw))
+        self.data_dir = Path(self.raw["server"]["data_dir"])
+        self.log_path = tmp_path / "relaywatch.log"
+        self.proc: subprocess.Popen | None = None
+        self.log = None
+
+    async def start(self) -> "Server":
+        if self.log is not None:
+            self.log.close()
+        self.log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c", str(self.config_path)],
+                                     stdout=self.log, stderr=self.log, env=env)
+        await eventually(self._listening, what="the server to listen")
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc.poll() is None, self.log_path.read_text()
+        try:
+            with smtplib.SMTP(LOOPBACK, self.port, timeout=2) as c:
+                return c.noop()[0] == 250
+        except OSError:
+            return False
+
+    async def cli(self, *args: str) -> None:
+        """A relaywatch command in its own process, as an admin would run it."""
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relaywatch", *args,
+                                                 "-c", str(self.config_path)], env=env, check=True)
+
+    def status(self, key: str) -> int:
+        """VmHWM / VmRSS of the server process, in kB."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    async def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.to_thread(self.proc.wait, 30)
+        self.log.close()
+        return code

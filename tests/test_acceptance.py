@@ -5,59 +5,10 @@ import os
 import signal
 import smtplib
 import subprocess
-import sys
 from pathlib import Path
 
-from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, message, to_toml
+from helpers import LOOPBACK, Server, Sink, SinkHandler, eventually, free_port, message, to_toml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Server:
-    def __init__(self, tmp_path: Path, **sections):
-        self.port = free_port()
-        sections.setdefault("server", {})
-        sections["server"] = {"listen": [f"{LOOPBACK}:{self.port}"], **sections["server"]}
-        self.raw = base_config(tmp_path, **sections)
-        self.config_path = tmp_path / "relaywatch.toml"
-        self.config_path.write_text(to_toml(self.raw))
-        self.log_path = tmp_path / "relaywatch.log"
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> "Server":
-        self.log = open(self.log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c", str(self.config_path)],
-                                     stdout=self.log, stderr=self.log, env=env)
-        await eventually(self._listening, what="the server to listen")
-        return self
-
-    def _listening(self) -> bool:
-        assert self.proc.poll() is None, self.log_path.read_text()
-        try:
-            with smtplib.SMTP(LOOPBACK, self.port, timeout=2) as c:
-                return c.noop()[0] == 250
-        except OSError:
-            return False
-
-    async def cli(self, *args: str) -> None:
-        """A relaywatch command in its own process, as an admin would run it."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "relaywatch", *args,
-                                                 "-c", str(self.config_path)], env=env, check=True)
-
-    def status(self, key: str) -> int:
-        """VmHWM / VmRSS of the server process, in kB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-        raise KeyError(key)
-
-    async def stop(self, sig=signal.SIGTERM) -> int:
-        self.proc.send_signal(sig)
-        code = await asyncio.to_thread(self.proc.wait, 30)
-        self.log.close()
-        return code
 
 
 def send_stream(port: int, sender: str, rcpt: str, size: int) -> None:

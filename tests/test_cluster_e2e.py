@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOOPBACK, Sink, WebhookReceiver, eventually, free_port, message
-from test_acceptance import Server
+from helpers import LOOPBACK, Server, Sink, WebhookReceiver, eventually, free_port, message
 
 ROOT = Path(__file__).resolve().parent.parent
 LAPSE = 2.0

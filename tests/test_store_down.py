@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOOPBACK, Sink, WebhookReceiver, eventually, message
+from helpers import LOOPBACK, Server, Sink, WebhookReceiver, eventually, message
 from relaywatch.runtime.child import RestartBackoff
 from relaywatch.errors import StoreError, StoreFull
 from relaywatch.receive.store_condition import (ConditionChanged, ConditionEnded, ConditionStarted, Place,
                                                 PlaceRecovered, StoreCondition, StoreProblem, describe,
                                                 problem_from_os_error, problem_from_store_error)
-from test_acceptance import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = ("y" * 998 + "\r\n") * 200          # 200 KB: spills to a spool file

@@ -12,10 +12,7 @@ import collections
 import json
 import os
 import re
-import signal
 import smtplib
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -23,11 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from helpers import (
-    LOOPBACK, CuttableProxy, Sink, SinkHandler, base_config, eventually, free_port, message,
-    to_toml,
+    LOOPBACK, CuttableProxy, Server, Sink, SinkHandler, eventually, message,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 # The issue's 6 s cut with RELAYWATCH_LONG_TESTS=1; 3 s in `make test`.
 CUT_SECONDS = 6.0 if os.environ.get("RELAYWATCH_LONG_TESTS") else 3.0
 _MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]+>)", re.MULTILINE | re.IGNORECASE)
@@ -164,47 +159,6 @@ async def test_a_postgresql_cut_answers_451_then_recovers_and_delivers_nothing_t
         await proxy.stop()
 
 
-class ServeProcess:
-    """``python -m relaywatch serve`` in one process (delivery_process off, so
-    that kill -9 takes receiving and delivering down together)."""
-
-    def __init__(self, tmp_path: Path, **sections):
-        self.port = free_port()
-        sections["server"] = {"listen": [f"{LOOPBACK}:{self.port}"], "delivery_process": False,
-                              **sections.get("server", {})}
-        self.raw = base_config(tmp_path, **sections)
-        self.config_path = tmp_path / "relaywatch.toml"
-        self.config_path.write_text(to_toml(self.raw))
-        self.data_dir = Path(self.raw["server"]["data_dir"])
-        self.log_path = tmp_path / "relaywatch.log"
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> "ServeProcess":
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relaywatch", "serve", "-c", str(self.config_path)],
-                stdout=log, stderr=log, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        await eventually(self._listening, what="the server to listen")
-        return self
-
-    def _listening(self) -> bool:
-        assert self.proc.poll() is None, self.log_path.read_text()
-        try:
-            with smtplib.SMTP(LOOPBACK, self.port, timeout=2) as c:
-                return c.noop()[0] == 250
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(self.proc.wait, 30)
-
-
 def _query(dsn: str, sql: str):
     import psycopg
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -217,7 +171,7 @@ async def test_outcomes_kept_when_the_process_dies_during_a_cut_are_recorded_by_
     gate = asyncio.Event()
     handler = TimedSink(delay=0.02, gate=gate)
     sink = await Sink(handler).start()
-    server = ServeProcess(tmp_path, server={"store": through(proxy, pg_dsn)},
+    server = Server(tmp_path, server={"delivery_process": False, "store": through(proxy, pg_dsn)},
                           queue={"lease_time": "2s", "retry_intervals": ["1s"]},
                           delivery={"concurrency": 4, "per_destination": 4},
                           connectors=[_connector(sink.port)])
