@@ -10,7 +10,6 @@ from pathlib import Path
 from helpers import LOOPBACK, Server, Sink, SinkHandler, eventually, free_port, message, to_toml
 
 
-
 def send_stream(port: int, sender: str, rcpt: str, size: int) -> None:
     """Send a message of ``size`` bytes without holding it in memory twice."""
     line = b"x" * 998 + b"\r\n"

@@ -14,7 +14,6 @@ import os
 import re
 import smtplib
 import time
-from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
