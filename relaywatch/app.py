@@ -47,6 +47,7 @@ from relaywatch.runtime.child import ChildLink, DeliveryChild, ParentLink, Sched
 from relaywatch.runtime.config import RunningConfig, release_unpaused_connectors, watch_overrides
 from relaywatch.store import open_store
 from relaywatch.watch.monitor import Monitor
+from relaywatch.watch.store_incident import StoreIncidentReporter
 
 log = logging.getLogger("relaywatch.app")
 
@@ -112,8 +113,10 @@ class Relaywatch:
             self.scheduler.observer = self._observe
         if role.receives:
             self.callout = SmtpCallout(self.routes)
-            # Alerts that the relay cannot queue go out from here too (watch/store_incident.py).
-            self.receiver = Receiver(self.running.snapshot, self.store, clock, self.callout, alert_routes=self.routes)
+            # The relay's own incident when it cannot queue mail: opened and alerted from here, since the
+            # store may be what fails (watch/store_incident.py).
+            store_incident = StoreIncidentReporter(self.running.snapshot, self.store, self.routes, clock)
+            self.receiver = Receiver(self.running.snapshot, self.store, store_incident, clock, self.callout)
         self.parts: list[Part] = []                  # made by start(), in stop order
         self._running: dict[str, asyncio.Task] = {}  # the parts' loops, by name
         self._group: asyncio.Task | None = None      # runs the TaskGroup they run in

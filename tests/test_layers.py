@@ -152,9 +152,6 @@ ALLOWED = {
     # checks above it).
     ("config.py", "relaywatch.receive.auth"): "config check loads the users file with receive/auth.py",
     ("config.py", "relaywatch.receive.dkim"): "config check loads the DKIM keys with receive/dkim.py",
-    # DEBT: the receiving process opens the `store` incident itself (the store may be what
-    # fails, so it cannot go through the stored watch); the reporter lives in watch/.
-    ("receive/server.py", "relaywatch.watch.store_incident"): "the receiver reports its own store incident",
     # DEBT: DKIM signing folds lines and downgrades 8-bit before it signs, with delivery's
     # pure downgrade module; that module is shared and belongs below both sides.
     ("receive/dkim.py", "relaywatch.deliver.downgrade"): "DKIM signs what delivery will send (line folding)",

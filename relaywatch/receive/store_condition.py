@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import errno
 from dataclasses import dataclass
+from typing import Protocol
 
 from relaywatch.errors import StoreError, StoreFull
 from relaywatch.receive.spool import INLINE_LIMIT
@@ -142,6 +143,22 @@ class StoreCondition:
         ended = ConditionEnded(self.since, now, self.refused, tuple(self.problems))
         self.since, self.refused, self.problems = None, 0, []
         return ended
+
+
+class ConditionListener(Protocol):
+    """Who else hears of the condition besides the log: the runtime wires the relay's
+    own ``store`` incident here (watch/store_incident.py), which the receiver cannot
+    import (it sits above receiving) and cannot reach through the store (the store
+    may be what fails)."""
+
+    def on_change(self, change: Change, failing: list[StoreProblem], refused: int) -> None:
+        """The condition changed; ``failing`` is every place failing now, ``refused`` the count so far."""
+
+    def wrote(self) -> None:
+        """A message was committed (called once per message, on the receive path: keep it cheap)."""
+
+    async def stop(self) -> None:
+        """The receiver stops."""
 
 
 def describe(change: Change) -> str:

@@ -104,6 +104,8 @@ class _Outage:
 
 
 class StoreIncidentReporter:
+    """The receiver's ``ConditionListener`` (receive/store_condition.py), wired in app.py."""
+
     def __init__(self, config_ref: Callable[[], Config], store: WatchStore, routes,
                  clock: Callable[[], float] = time.time):
         self.config_ref = config_ref
