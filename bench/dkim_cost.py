@@ -16,6 +16,7 @@ from pathlib import Path
 
 from relaywatch.config import parse_config
 from relaywatch.receive import dkim as signing
+from relaywatch.receive import dkim_sign
 from relaywatch.receive.spool import BodySpool
 
 HEAD = (b"Received: from client.test ([127.0.0.1])\r\n\tby relay.test (relaywatch) with ESMTP; "
@@ -45,7 +46,7 @@ def main() -> None:
                     spool = BodySpool(Path(tmp))
                     spool.write(content)
                     if signers:
-                        loop.run_until_complete(signing.sign_spool(signers, spool))
+                        loop.run_until_complete(dkim_sign.sign_spool(signers, spool))
                     else:       # what commit does without [[dkim]]: nothing; the spool and loop cost stay
                         loop.run_until_complete(asyncio.sleep(0))
                 n = 300

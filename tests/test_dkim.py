@@ -30,6 +30,7 @@ from relaywatch.cli import main
 from relaywatch.config import load_config, parse_config
 from relaywatch.errors import ConfigError
 from relaywatch.receive import dkim as signing
+from relaywatch.receive import dkim_sign
 from test_outbound_encoding import SevenBitHandler
 
 UNTRUSTED = "127.0.0.2"
@@ -289,7 +290,7 @@ def test_the_streaming_body_hash_is_dkimpys_canonicalization_for_any_chunking():
     for _ in range(3000):
         body = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
         for relaxed, canon in ((True, Relaxed), (False, Simple)):
-            h = signing.BodyHash(relaxed)
+            h = dkim_sign.BodyHash(relaxed)
             i = 0
             while i < len(body):
                 j = i + rng.randint(1, 7)
@@ -312,9 +313,9 @@ def test_a_spooled_message_is_signed_exactly_as_the_same_message_in_memory(tmp_p
     for body in (b"short\r\n", b"word  \r\n" * 300_000, b"x" * 2500 + b"\r\n", "caf\u00e9\r\n".encode() * 10):
         message = b"Received: by relay.test\r\n" + mail("same", body)
         out = []
-        by = signing.sign_file(entries, io.BytesIO(message), out.append, now=1_800_000_000)
+        by = dkim_sign.sign_file(entries, io.BytesIO(message), out.append, now=1_800_000_000)
         assert by == ["contoso.test/s"]
-        assert b"".join(out) == signing.sign_message(entries, message, now=1_800_000_000)[0]
+        assert b"".join(out) == dkim_sign.sign_message(entries, message, now=1_800_000_000)[0]
 
 
 @pytest.mark.parametrize("from_field, signed", [
@@ -329,19 +330,19 @@ def test_a_spooled_message_is_signed_exactly_as_the_same_message_in_memory(tmp_p
 def test_which_from_fields_are_signed(tmp_path, from_field, signed):
     entries = _entries(tmp_path)
     message = b"From: " + from_field + b"\r\nSubject: x\r\n\r\nbody\r\n"
-    assert (signing.sign_message(entries, message) is not None) is signed
+    assert (dkim_sign.sign_message(entries, message) is not None) is signed
 
 
 def test_two_from_fields_and_an_unparsable_header_section_are_not_signed(tmp_path):
     entries = _entries(tmp_path)
-    assert signing.sign_message(entries, b"From: a@contoso.test\r\nFrom: b@contoso.test\r\n\r\nx\r\n") is None
-    assert signing.sign_message(entries, b"From: a@contoso.test\r\nnot a header\r\n\r\nx\r\n") is None
+    assert dkim_sign.sign_message(entries, b"From: a@contoso.test\r\nFrom: b@contoso.test\r\n\r\nx\r\n") is None
+    assert dkim_sign.sign_message(entries, b"From: a@contoso.test\r\nnot a header\r\n\r\nx\r\n") is None
 
 
 def test_the_signed_header_list_has_every_instance_and_one_more_from(tmp_path):
     entries = _entries(tmp_path, headers=["From", "To", "Subject", "X-Custom"], oversign_headers=["from", "subject"])
     message = b"From: a@contoso.test\r\nTo: b@x.test\r\nTo: c@x.test\r\nX-Other: 1\r\nX-Custom: 2\r\n\r\nbody\r\n"
-    signed, _ = signing.sign_message(entries, message)
+    signed, _ = dkim_sign.sign_message(entries, message)
     assert re.search(rb"h=([^;]+);", signed.replace(b"\r\n ", b" ")).group(1).split(b" : ") == [
         b"from", b"to", b"to", b"x-custom", b"from", b"subject"]
 

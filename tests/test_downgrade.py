@@ -1,4 +1,4 @@
-"""What relaywatch sends to a line-limited or 7-bit destination (relaywatch/deliver/downgrade.py).
+"""What relaywatch sends to a line-limited or 7-bit destination (relaywatch/mime.py, deliver/downgrade.py).
 
 Pure tables: bytes in, bytes out.  Every rewrite is checked the way a reader
 would see it: the stdlib email package parses the result, and the decoded
@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from relaywatch.deliver.downgrade import (
+from relaywatch.mime import (
     LINE_LIMIT, Scan, downgrade, fold_header_line, has_long_line, needs_change, quoted_printable,
 )
 

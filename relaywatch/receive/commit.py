@@ -58,7 +58,7 @@ class Committer:
         try:
             # Never sign what an outsider sent; an authenticated user's senders were checked at MAIL.
             if config.dkim and self.is_trusted(client_ip, end.user):
-                from relaywatch.receive.dkim import sign_spool
+                from relaywatch.receive.dkim_sign import sign_spool
                 spool, signed_by = await sign_spool(config.dkim, spool)
             body = await spool.finish(inline=self.store.inline_bodies)
         except OSError as exc:
