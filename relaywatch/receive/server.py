@@ -102,7 +102,8 @@ class Receiver:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         for kind, key in LISTENER_KEYS.items():
-            tls = {"ssl": self.submission_tls_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT} if kind == SUBMISSIONS else {}
+            tls = ({"ssl": self.submission_tls_context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
+                   if kind == SUBMISSIONS else {})
             for host, port in getattr(config.server, key):
                 server = await loop.create_server(lambda kind=kind: SmtpSession(self, kind), host, port,
                                                   reuse_address=True, backlog=LISTEN_BACKLOG, **tls)
