@@ -1,9 +1,10 @@
-"""The console pages' pure parts (relaywatch/console/web.py): sessions, CSRF, redirects, the overview's numbers."""
+"""The console pages' pure parts (console/web_session.py, overview.py, web.py): sessions, CSRF, the overview."""
 
 import pytest
 
-from relaywatch.console.web import (COOKIE, SESSION_SECONDS, FlowHistory, Sessions, chart_svg_data, connector_rows,
-                                    cookie_header, cookies, flow_counts, is_page, safe_next)
+from relaywatch.console.overview import FlowHistory, chart_svg_data, connector_rows, flow_counts
+from relaywatch.console.web import is_page
+from relaywatch.console.web_session import COOKIE, SESSION_SECONDS, Sessions, cookie_header, cookies, safe_next
 
 
 def test_a_session_cookie_reads_back_and_a_changed_one_does_not():

@@ -1,0 +1,189 @@
+"""The console's page handlers, one class per page family; console/web.py's ``Web`` is all of them.
+
+Each handler calls the API's handler in-process (``Web.call``) and renders
+what it answered with ``Web.page``; a form's action is the API's action, with
+a reason required and a dry run shown before it is confirmed.  A new page:
+its route in ``web.PAGES``, its handler in its family here (or a new family
+class, added to ``Web``'s bases), its template in console/templates/.
+"""
+
+from __future__ import annotations
+
+import time
+
+from relaywatch.store.base import QueryPage
+
+from relaywatch.console.api import BULK_FILTERS, STATUSES
+from relaywatch.console.http import Response
+from relaywatch.console.overview import FLOW_EVENTS, chart_svg_data, connector_rows
+from relaywatch.console.web_session import form
+
+FORECAST_HOURS = 6
+FORECAST_CAP = 10_000
+MESSAGE_ACTIONS = ("retry", "hold", "release", "bounce", "delete")
+NO_REASON = "A reason is required: say why (it is kept in the audit log)."
+
+
+class OverviewPages:
+    async def overview_values(self, who: str) -> dict:
+        app = self.app
+        now = time.time()
+        config = app.config
+        names = [c.name for c in config.connectors]
+        gauges = await app.store.queue_gauges(now)
+        expiration = config.queue.message_expiration
+        rows = connector_rows(names, gauges, now, expiration)
+        counts = self.counts()
+        last_hour = self.history.since(now, 3600, counts)
+        _, connectors = await self.call("connectors", {}, who)
+        state = {c["name"]: c for c in connectors["connectors"]}
+        _, incidents = await self.call("incidents_list", {}, who)
+        open_incidents = incidents["incidents"]
+        horizon = min(FORECAST_HOURS * 3600.0, expiration)
+        for name, row in rows.items():
+            row["name"] = name
+            row["state"] = state.get(name, {}).get("state", "—")
+            row["last_good"] = state.get(name, {}).get("last_good_delivery")
+            row["delivered_hour"] = last_hour.get(("delivered", name), 0)
+            row["incidents"] = [i for i in open_incidents if i["connector"] == name]
+            row["expiring"] = 0
+            if row["deferred"]:
+                page = QueryPage(status="deferred", connector=name, older_than=max(expiration - horizon, 0.0),
+                                 limit=FORECAST_CAP + 1)
+                row["expiring"] = len(await app.store.queue_page_ids(page, now))
+        ordered = sorted(rows.values(), key=lambda r: (not r["incidents"], not r["deferred"], r["name"]))
+        hourly = self.history.hourly(now, counts)
+        return {"now": now, "connectors": ordered, "configured": names, "incidents": open_incidents,
+                "horizon_hours": horizon / 3600,
+                "forecast_cap": FORECAST_CAP, "chart": chart_svg_data(hourly),
+                "totals": {e: sum(h[e] for h in hourly) for e in FLOW_EVENTS},
+                "counting_since": self.history.started}
+
+    async def overview(self, req, params, session, who) -> Response:
+        return self.page(200, "overview.html", session, **await self.overview_values(who))
+
+    async def overview_fragment(self, req, params, session, who) -> Response:
+        return self.page(200, "overview_live.html", session, **await self.overview_values(who))
+
+
+class IncidentPages:
+    async def incident(self, req, params, session, who) -> Response:
+        status, inc = await self.call("incident_show", params, who)
+        if status != 200:
+            return self.page(status, "error.html", session, message=inc.get("error", "no such incident"))
+        return self.page(200, "incident.html", session, inc=inc, plan=None, result=None, error=None)
+
+    async def incident_fix(self, req, params, session, who) -> Response:
+        fields = form(req)
+        reason = fields.get("reason", "").strip()
+        confirm = fields.get("confirm") == "yes"
+        status, out = await self.call("incident_fix", params, who, body={"reason": reason or "-", "dry_run": True})
+        _, inc = await self.call("incident_show", {"id": params["id"]}, who)
+        if "id" not in inc:
+            return self.page(status, "error.html", session, message=out.get("error", "no such incident"))
+        if status != 200:
+            return self.page(status, "incident.html", session, inc=inc, plan=None, result=None,
+                             error=out.get("error"))
+        if not reason:
+            return self.page(400, "incident.html", session, inc=inc, plan=None, result=None,
+                             error=NO_REASON)
+        if not confirm:   # the confirm step: the dry run, and a button that applies it
+            return self.page(200, "incident.html", session, inc=inc, plan=out, reason=reason,
+                             action=params["action"], result=None, error=None)
+        status, out = await self.call("incident_fix", params, who, body={"reason": reason})
+        _, inc = await self.call("incident_show", {"id": params["id"]}, who)
+        return self.page(status, "incident.html", session, inc=inc, plan=None,
+                         result=out if status == 200 else None, error=None if status == 200 else out.get("error"))
+
+    async def incident_undo(self, req, params, session, who) -> Response:
+        reason = form(req).get("reason", "").strip()
+        if not reason:
+            status, out = 400, {"error": NO_REASON}
+        else:
+            status, out = await self.call("incident_undo", params, who, body={"reason": reason})
+        _, inc = await self.call("incident_show", {"id": params["id"]}, who)
+        if "id" not in inc:
+            return self.page(404, "error.html", session, message=inc.get("error", "no such incident"))
+        return self.page(status, "incident.html", session, inc=inc, plan=None,
+                         result=out if status == 200 else None, error=None if status == 200 else out.get("error"))
+
+
+class QueuePages:
+    def queue_filter(self, req) -> dict[str, str]:
+        return {k: v[0] for k, v in req.query.items() if k in (*BULK_FILTERS, "after") and v and v[0].strip()}
+
+    async def queue(self, req, params, session, who) -> Response:
+        filters = self.queue_filter(req)
+        status, out = await self.call("queue_list", {}, who, query={**filters, "limit": "100"})
+        error = out.get("error") if status != 200 else None
+        return self.page(200 if status == 200 else status, "queue.html", session, filters=filters,
+                         messages=out.get("messages", []), next_after=out.get("next_after"), error=error,
+                         statuses=STATUSES, connectors=[c.name for c in self.app.config.connectors],
+                         plan=None, result=None, actions=MESSAGE_ACTIONS)
+
+    async def queue_bulk(self, req, params, session, who) -> Response:
+        fields = form(req)
+        filters = {k[2:]: v for k, v in fields.items() if k.startswith("f_") and k[2:] in BULK_FILTERS and v.strip()}
+        action, reason = fields.get("action", ""), fields.get("reason", "").strip()
+        confirm = fields.get("confirm") == "yes"
+        body = {"action": action, "filter": filters, "reason": reason or "-", "dry_run": not confirm or not reason}
+        status, out = await self.call("queue_bulk", {}, who, body=body)
+        _, listed = await self.call("queue_list", {}, who, query={**filters, "limit": "100"})
+        error = out.get("error") if status not in (200, 202) else None
+        if not reason and error is None:
+            error = NO_REASON
+        return self.page(200 if error is None else 400, "queue.html", session, filters=filters,
+                         messages=listed.get("messages", []), next_after=listed.get("next_after"), error=error,
+                         statuses=STATUSES, connectors=[c.name for c in self.app.config.connectors],
+                         plan=out if error is None and not confirm else None, reason=reason, bulk_action=action,
+                         result=out if error is None and confirm else None,
+                         actions=MESSAGE_ACTIONS)
+
+    async def message(self, req, params, session, who) -> Response:
+        status, msg = await self.call("queue_show", params, who)
+        if status != 200:
+            return self.page(status, "error.html", session, message=msg.get("error", "no such message"))
+        return self.page(200, "message.html", session, msg=msg, result=None, error=None,
+                         actions=MESSAGE_ACTIONS)
+
+    async def message_action(self, req, params, session, who) -> Response:
+        reason = form(req).get("reason", "").strip()
+        result, error = None, None
+        if params["action"] not in MESSAGE_ACTIONS:
+            error = f"unknown action {params['action']!r}"
+        elif not reason:
+            error = NO_REASON
+        else:
+            status, out = await self.call("queue_action", params, who, body={"reason": reason})
+            result, error = (out, None) if status == 200 else (None, out.get("error"))
+        status, msg = await self.call("queue_show", {"id": params["id"]}, who)
+        if status != 200:   # bounced or deleted: it left the queue
+            return self.page(200 if result else 404, "error.html", session,
+                             message=result["result"] if result else msg.get("error"))
+        return self.page(200 if error is None else 400, "message.html", session, msg=msg, result=result,
+                         error=error, actions=MESSAGE_ACTIONS)
+
+
+class ConnectorPages:
+    async def connector(self, req, params, session, who, test=None) -> Response:
+        _, listed = await self.call("connectors", {}, who)
+        found = [c for c in listed["connectors"] if c["name"] == params["name"]]
+        if not found:
+            return self.page(404, "error.html", session, message=f"No connector {params['name']!r}")
+        _, config = await self.call("config", {}, who)
+        spec = next(c for c in config["connectors"] if c["name"] == params["name"])
+        _, incidents = await self.call("incidents_list", {}, who)
+        mine = [i for i in incidents["incidents"] if i["connector"] == params["name"]]
+        return self.page(200, "connector.html", session, c=found[0], spec=spec, incidents=mine, test=test)
+
+    async def connector_test(self, req, params, session, who) -> Response:
+        status, out = await self.call("connector_test", params, who)
+        if status != 200:
+            return self.page(status, "error.html", session, message=out.get("error"))
+        return await self.connector(req, params, session, who, test=out)
+
+
+class AuditPages:
+    async def audit(self, req, params, session, who) -> Response:
+        _, out = await self.call("audit", {}, who, query={"limit": "200"})
+        return self.page(200, "audit.html", session, audit=out["audit"])
