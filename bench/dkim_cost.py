@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/dkim_cost.py
 
-Times ``sign_spool`` -- the step ``ReceivePolicy.commit`` runs for a trusted client's
+Times ``sign_spool`` -- the step ``Committer.commit`` runs for a trusted client's
 message when ``[[dkim]]`` is configured -- on an in-memory spool of 1 KB and 50 KB, with a
 2048-bit RSA key and an Ed25519 key, and for a message From a domain without ``[[dkim]]``;
 the baseline (no ``[[dkim]]``: commit skips signing) is the spool write and the loop round trip

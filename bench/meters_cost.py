@@ -7,7 +7,7 @@ replies = ["220 relay.test ESMTP", "250-relay.test\r\n250-PIPELINING\r\n250 8BIT
 
 def per_message():
     meters.session_opened("smtp")
-    for reply in replies:            # receive/server.py _flush: one check per reply
+    for reply in replies:            # receive/session.py _flush: one check per reply
         if reply.startswith(("4", "5")):
             meters.refused(reply)
     meters.commit_seconds.observe(0.0021)   # store/engine.py: one batch (worst case: one message a batch)

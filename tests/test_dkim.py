@@ -1,4 +1,4 @@
-"""DKIM signing ([[dkim]], relaywatch/receive/dkim.py).
+"""DKIM signing ([[dkim]], relaywatch/receive/dkim.py and dkim_sign.py).
 
 End to end: keys made by ``relaywatch dkim keygen``, their TXT records served by a loopback DNS
 server, a relay that signs, a real destination (aiosmtpd); what arrives is checked by dkimpy's

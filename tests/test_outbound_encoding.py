@@ -1,5 +1,5 @@
 """Long lines and 8-bit bodies, end to end over loopback: accepted on receipt,
-made to fit on the way out (relaywatch/deliver/downgrade.py), delivered, not bounced.
+made to fit on the way out (relaywatch/mime.py), delivered, not bounced.
 
 The destinations are real aiosmtpd servers: its default refuses lines over
 1,000 octets (``500 Line too long``), and one here does not offer 8BITMIME

@@ -226,7 +226,7 @@ def test_size_limit_is_enforced_while_reading():
 
 def test_a_long_line_is_accepted_in_pieces_without_holding_it():
     # RFC 5321 allows 1,000 octets; longer lines are accepted (bounded only by
-    # the message size) and made to fit on the way out (deliver/downgrade.py).
+    # the message size) and made to fit on the way out (relaywatch/mime.py).
     p = DataParser(None)
     out = p.feed(b"..dot first\r\nshort\r\n.")     # a stuffed dot at the start of the long line
     for _ in range(40):

@@ -8,5 +8,8 @@
     metrics.py  /metrics rendering (pure) and the delivery process's counter export
     health.py   /healthz, /readyz
     openapi.py  /api/v1/openapi.json from the route table
-    web.py      the web pages (templates/, static/): built from the API handlers, sessions, CSRF
+    web.py      the web pages (templates/, static/): dispatch, sessions, CSRF, rendering
+    pages.py    the pages' handlers, one class per page family, built from the API handlers
+    overview.py the overview's numbers (pure): flow history, chart, connector rows
+    web_session.py  the browser's session cookie, CSRF token, forms, redirects (pure)
 """

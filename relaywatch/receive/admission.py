@@ -1,6 +1,6 @@
 """Who gets a connection slot, and who loses one: the defence against slowloris.
 
-Pure bookkeeping, no I/O and no clock: the server (receive/server.py) says
+Pure bookkeeping, no I/O and no clock: the server (receive/server.py, session.py) says
 what happened to each session and when, and acts on the answers; the rules are
 table-tested without sockets (tests/test_admission.py).
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 # A line still without its CRLF after this many bytes is passed on in pieces:
 # lines of any length are accepted, bounded only by the message size (RFC
 # 5321 allows 1000 octets; Postfix accepts longer ones too and breaks them
-# when it sends, as deliver/downgrade.py does).  Holding the whole line
+# when it sends, as relaywatch/mime.py does).  Holding the whole line
 # instead would copy it again for every chunk that arrives.
 LINE_PIECE = 64 * 1024
 

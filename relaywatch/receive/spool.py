@@ -45,7 +45,7 @@ class BodySpool:
             self._buffer = bytearray()
 
     def reader(self):
-        """A binary file object over what was written so far (for signing, receive/dkim.py)."""
+        """A binary file object over what was written so far (for signing, receive/dkim_sign.py)."""
         if self._file is None:
             import io
             return io.BytesIO(self._buffer)
