@@ -1,4 +1,4 @@
-"""The SMTP server conversation (receive/conversation.py), bytes in, events out: no sockets."""
+"""The SMTP server conversation (receive/conversation.py, envelope.py), bytes in, events out: no sockets."""
 
 import pytest
 
@@ -6,7 +6,8 @@ import base64
 
 from relaywatch.receive.conversation import (AUTH_SUCCEEDED, MAX_COMMAND_LINE, MAX_ERRORS, NEED_DATA, Authenticate,
                                              BodyData, Conversation, MessageEnd, MessageStart, Recipient, Reply,
-                                             StartTls, parse_path, sender_allowed)
+                                             StartTls)
+from relaywatch.receive.envelope import parse_path, sender_allowed
 
 
 def talk(conv: Conversation, data: bytes, accept=lambda address: "@" in address) -> list:

@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from relaywatch.receive.data import DataParser
+from relaywatch.receive.envelope import MAIL_PARAMS, parse_params, parse_path, sender_allowed
 
 # RFC 5321 4.5.3.1.4 allows 512 octets; extensions add parameters, and
 # Postfix accepts 2048 (line_length_limit).  A longer command is refused whole.
@@ -103,58 +103,9 @@ MECHANISMS = ("PLAIN", "LOGIN")
 # never need more than a command line, so the command limit applies.
 _LOGIN_USERNAME, _LOGIN_PASSWORD = "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"    # "Username:", "Password:"
 
-
-def sender_allowed(senders: frozenset[str] | None, address: str) -> bool:
-    """Whether an authenticated user may use ``address`` as MAIL FROM.
-
-    ``senders`` holds addresses (``alice@contoso.test``) and domains
-    (``@contoso.test``), lower-cased; None: any sender.  The null sender is
-    allowed, as Postfix's reject_sender_login_mismatch does (bounces carry no
-    owner)."""
-    if senders is None or address == "":
-        return True
-    address = address.lower()
-    domain = "@" + address.rpartition("@")[2] if "@" in address else None
-    return address in senders or (domain is not None and domain in senders)
-
-# A mailbox as RFC 5321 4.1.2 has it: a dot-string or quoted local part, and a
-# domain name or address literal; an optional source route is ignored (4.1.1.3).
-# RFC 6531 3.3 adds UTF-8 (any non-ASCII character) to atext, qtext and
-# sub-domain (U-labels); whether a domain is a valid IDN is route.normalize's.
-_U = "\u0080-\U0010ffff"
-_LOCAL = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+)*|\"(?:[\x20-\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*\")"
-_DOMAIN = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?(?:\.[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?)*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
-_PATH = re.compile(rf"<(?:@[^:>]+:)?({_LOCAL}@{_DOMAIN}|{_LOCAL})>")
-_BARE_PATH = re.compile(rf"({_LOCAL}@{_DOMAIN})(?=\s|$)")   # lenient: no angle brackets, as Postfix allows
-_MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8"}
 # RFC 6531 3.5: a non-ASCII address in a transaction opened without SMTPUTF8.
 NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM (RFC 6531)"
 _UTF8_VERBS = ("MAIL", "RCPT")     # the only commands that may carry UTF-8 (addresses)
-
-
-def parse_path(text: str) -> tuple[str | None, str]:
-    """The address in ``<...>`` at the start of ``text`` and the rest; None if malformed.
-
-    ``<>`` (the null sender) gives "".  Domain-less addresses (``<postmaster>``)
-    come back as they are; the caller decides about them."""
-    text = text.lstrip()
-    if text.startswith("<>"):
-        return "", text[2:]
-    m = _PATH.match(text) or _BARE_PATH.match(text)
-    if m is None:
-        return None, text
-    return m.group(1), text[m.end():]
-
-
-def parse_params(text: str) -> dict[str, str] | None:
-    """ESMTP parameters ``KEY=value KEY`` (keys upper-cased); None if malformed."""
-    params = {}
-    for word in text.split():
-        key, _, value = word.partition("=")
-        if not key or not key.isascii() or not key.replace("-", "").isalnum():
-            return None
-        params[key.upper()] = value
-    return params
 
 
 class Conversation:
@@ -327,7 +278,7 @@ class Conversation:
             return Reply("501 5.5.4 Bad MAIL parameters")
         # AUTH=<mailbox> (RFC 4954 5) is accepted where AUTH is offered, and ignored:
         # the identity that counts is the session's.
-        unknown = set(params) - _MAIL_PARAMS - ({"AUTH"} if self.auth_available else set())
+        unknown = set(params) - MAIL_PARAMS - ({"AUTH"} if self.auth_available else set())
         if unknown:
             return Reply(f"555 5.5.4 Unsupported MAIL parameter: {sorted(unknown)[0]}")
         if params.get("SMTPUTF8"):
