@@ -173,6 +173,15 @@ class MtaStsConfig:
 
 
 @dataclass(frozen=True)
+class TlsReportingConfig:
+    """Daily TLS reports (RFC 8460) to the domains that ask for them: watch/tls_report.py."""
+    enabled: bool = False
+    organization_name: str = ""           # the report's organization-name (required when enabled)
+    contact_info: str = ""                # an address or URL to reach whoever runs this relay
+    submitter: str = ""                   # TLS-Report-Submitter; server.hostname when unset
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     concurrency: int = 100
     per_destination: int = 20
@@ -300,6 +309,7 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     mta_sts: MtaStsConfig = field(default_factory=MtaStsConfig)
+    tls_reporting: TlsReportingConfig = field(default_factory=TlsReportingConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     domains: tuple[Domain, ...] = ()
     connectors: tuple[Connector, ...] = ()
@@ -841,6 +851,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             problems.append(f"dns.nameservers: {host!r} must be an IP address, not a name")
 
     mta_sts = _mta_sts(r, r.table(raw, "mta_sts", "mta_sts"), rel, problems)
+    tls_reporting = _tls_reporting(r, r.table(raw, "tls_reporting", "tls_reporting"), problems)
 
     v = r.table(raw, "delivery", "delivery")
     r.unknown(v, _file_keys(DeliveryConfig), "delivery")
@@ -957,7 +968,10 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
     mta_sts = replace(mta_sts, cache=server.data_dir / mta_sts.cache)   # an absolute cache stays as it is
-    return Config(server=server, queue=queue, dns=dns, mta_sts=mta_sts, delivery=delivery,
+    if not tls_reporting.submitter:
+        tls_reporting = replace(tls_reporting, submitter=server.hostname.lower())
+    return Config(server=server, queue=queue, dns=dns, mta_sts=mta_sts, tls_reporting=tls_reporting,
+                  delivery=delivery,
                   domains=tuple(domains), connectors=tuple(connectors), alerts=alerts, verify=verify,
                   dkim=dkim, http=http, source=source)
 
@@ -978,6 +992,31 @@ def _mta_sts(r: _Reader, t: dict, rel, problems: list[str]) -> MtaStsConfig:
         ca_file=ca_file,
         https_port=r.get(t, "https_port", "mta_sts", _port, d.https_port),
     )
+
+
+def _tls_reporting(r: _Reader, t: dict, problems: list[str]) -> TlsReportingConfig:
+    r.unknown(t, _file_keys(TlsReportingConfig), "tls_reporting")
+
+    def contact(v):
+        v = _string(v).strip()
+        if not v or any(c in v for c in "\r\n"):
+            raise ValueError(f"{v!r} is not an email address or URL on one line")
+        return v
+
+    d = TlsReportingConfig()
+    out = TlsReportingConfig(
+        enabled=r.get(t, "enabled", "tls_reporting", _bool, d.enabled),
+        organization_name=r.get(t, "organization_name", "tls_reporting", contact, d.organization_name),
+        contact_info=r.get(t, "contact_info", "tls_reporting", contact, d.contact_info),
+        submitter=r.get(t, "submitter", "tls_reporting", _domain_name, d.submitter))
+    if out.submitter.startswith("*."):
+        problems.append(f"tls_reporting.submitter: {out.submitter!r} is a pattern, not a domain name")
+    if out.enabled:
+        for key in ("organization_name", "contact_info"):
+            if not getattr(out, key) and key not in t:
+                problems.append(f"tls_reporting.{key}: missing; every report names it (RFC 8460 4.4), "
+                                f"so set it or turn tls_reporting off")
+    return out
 
 
 def _connector_tls_problems(p: str, item: dict, conn: Connector) -> list[str]:

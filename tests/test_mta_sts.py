@@ -505,48 +505,6 @@ def test_errors_explains_both_meanings_of_4_7_320():
     assert "MTA-STS policy not met" in one and "Certificate validation failed" not in one
 
 
-# -- the facts TLS reporting (RFC 8460) will aggregate ----------------------------------------------
-
-from relaywatch.deliver.mta_sts import TlsResult, report_policies  # noqa: E402
-
-_LINES = ("version: STSv1", "mode: enforce", "mx: mx.partner.test", "max_age: 86400")
-
-
-def _result(kind=None, mx=MX, ip=LOOPBACK, policy_type="sts", policy_id="1", lines=_LINES):
-    return TlsResult(at=0.0, policy_domain=DOMAIN, policy_type=policy_type, policy_id=policy_id, mode="enforce",
-                     result_type=kind, mx_host=mx, receiving_ip=ip, policy_strings=lines)
-
-
-def test_results_aggregate_into_rfc_8460_policies():
-    results = [_result(), _result(), _result("certificate-host-mismatch"), _result("certificate-host-mismatch"),
-               _result("starttls-not-supported", mx="mx2.partner.test", ip="127.0.0.3"),
-               _result("sts-policy-fetch-error", mx=None, ip=None, policy_type="no-policy-found", policy_id="2",
-                       lines=())]
-    assert report_policies(results) == [
-        {"policy": {"policy-type": "sts", "policy-string": list(_LINES), "policy-domain": DOMAIN,
-                    "mx-host": ["mx.partner.test"]},
-         "summary": {"total-successful-session-count": 2, "total-failure-session-count": 3},
-         "failure-details": [
-             {"result-type": "certificate-host-mismatch", "receiving-mx-hostname": MX, "receiving-ip": LOOPBACK,
-              "failed-session-count": 2},
-             {"result-type": "starttls-not-supported", "receiving-mx-hostname": "mx2.partner.test",
-              "receiving-ip": "127.0.0.3", "failed-session-count": 1}]},
-        {"policy": {"policy-type": "no-policy-found", "policy-string": [], "policy-domain": DOMAIN},
-         "summary": {"total-successful-session-count": 0, "total-failure-session-count": 1},
-         "failure-details": [{"result-type": "sts-policy-fetch-error", "failed-session-count": 1}]},
-    ]
-
-
-async def test_a_delivery_under_a_policy_reports_as_rfc_8460_expects(world):
-    await world.start(policy=policy_text())
-    relay = await world.start_relay()
-    await send(relay)
-    await eventually(lambda: world.mx.messages, what="delivery")
-    [policy] = report_policies(world.results)
-    assert policy["policy"]["policy-string"] == ["version: STSv1", "mode: enforce", f"mx: {MX}", "max_age: 86400"]
-    assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 0}
-
-
 # -- the cache's lifetime, on a clock of our own ------------------------------------------------
 
 from relaywatch.deliver.mta_sts import FETCH_FAILURE_HOLD, MtaSts  # noqa: E402

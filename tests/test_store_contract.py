@@ -343,3 +343,26 @@ async def test_last_good_and_invalid_recipients(store):
     await store.add_invalid_recipients([(1.0, "x.test", "a", "rcpt"), (5.0, "x.test", "a", "rcpt"),
                                         (6.0, "x.test", "a", "rcpt"), (6.0, "y.test", "b", "verify")])
     assert await store.invalid_recipients_since(5.0) == [("x.test", "a", "rcpt", 2), ("y.test", "b", "verify", 1)]
+
+
+async def test_tls_counts_add_up_per_day_and_key_and_a_report_is_claimed_once(store):
+    from relaywatch.model import TlsCount
+    lines = ("version: STSv1", "mode: enforce", "mx: mx.partner.test", "max_age: 86400")
+    ok = TlsCount("2026-11-30", "partner.test", "sts", lines, count=3)
+    bad = TlsCount("2026-11-30", "partner.test", "sts", lines, "certificate-host-mismatch", "mx.partner.test",
+                   "127.0.0.2", "127.0.0.1", 1)
+    other_day = TlsCount("2026-12-01", "partner.test", "no-policy-found", (), count=1)
+    await store.add_tls_counts([])
+    await store.add_tls_counts([ok, bad, other_day])
+    await store.add_tls_counts([TlsCount(**{**ok.__dict__, "count": 2}), bad])   # a later tick adds to them
+    assert await store.tls_counts("2026-11-30") == [TlsCount(**{**ok.__dict__, "count": 5}),
+                                                    TlsCount(**{**bad.__dict__, "count": 2})]
+    assert await store.tls_counts("2026-12-01") == [other_day]
+    assert await store.tls_counts("2026-11-29") == []
+    assert await store.claim_tls_report("2026-11-30", "partner.test", "r1", 10.0) is True
+    assert await store.claim_tls_report("2026-11-30", "partner.test", "r1", 11.0) is False   # another node
+    await store.finish_tls_report("2026-11-30", "partner.test", {"mailto:tlsrpt@partner.test": "queued X"})
+    assert await store.tls_reports("2026-11-30") == [
+        {"day": "2026-11-30", "policy_domain": "partner.test", "report_id": "r1", "claimed_at": 10.0,
+         "outcome": {"mailto:tlsrpt@partner.test": "queued X"}}]
+    assert await store.tls_reports("2026-12-01") == []

@@ -17,8 +17,7 @@ only report it (``testing``) or forget the policy (``none``).
   policy, and with none cached mail goes as without a policy (RFC 8461 5).
 - ``MtaSts.record``: every session under a policy, success or failure, as a
   ``TlsResult`` with RFC 8460's fields (policy domain, type, strings, MX,
-  result type), logged and kept for TLS reporting to aggregate;
-  ``report_policies`` (pure) is that aggregation, a report's ``policies``.
+  result type), logged and recorded for TLS reporting (deliver/tls_report.py).
 
 Applying a policy to targets and sessions is deliver/smtp.py's; this module
 opens no SMTP connection.  The fetch uses httpx, connected to the address our
@@ -29,7 +28,6 @@ so the configured name servers decide here as for the MX.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import json
 import logging
@@ -37,7 +35,7 @@ import os
 import re
 import ssl
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +44,11 @@ import httpx
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config
 from relaywatch.deliver.resolver import DnsFailure, Resolver
+from relaywatch.deliver.tls_report import TlsResults
+from relaywatch.model import (  # noqa: F401  (the result types are named here too, as before)
+    CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_NOT_TRUSTED, STARTTLS_NOT_SUPPORTED,
+    STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID, VALIDATION_FAILURE, TlsResult,
+)
 
 log = logging.getLogger("relaywatch.mta_sts")
 
@@ -55,20 +58,9 @@ MODES = ("enforce", "testing", "none")
 # After a failed fetch, the same domain is not asked again for this long: a
 # policy host that is down is not hammered by every message of a busy queue.
 FETCH_FAILURE_HOLD = 60.0
-RESULTS_KEPT = 10_000
 
 _ID = re.compile(r"[A-Za-z0-9]{1,32}")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
-
-# RFC 8460 4.3 result types.
-STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
-CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
-CERTIFICATE_EXPIRED = "certificate-expired"
-CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
-VALIDATION_FAILURE = "validation-failure"
-STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
-STS_POLICY_INVALID = "sts-policy-invalid"
-STS_WEBPKI_INVALID = "sts-webpki-invalid"
 
 # OpenSSL X509_V_ERR_* codes -> RFC 8460 result type (as classify.VERIFY_SUBTYPES, the code decides).
 _VERIFY_RESULT = {
@@ -202,58 +194,6 @@ def is_violation(obs: Observation) -> bool:
     return obs.outcome in STS_OUTCOMES or (obs.outcome is Outcome.REPLY and obs.phase is Phase.STARTTLS)
 
 
-@dataclass(frozen=True)
-class TlsResult:
-    """One session (or fetch) under MTA-STS, with the fields RFC 8460 aggregates by."""
-    at: float
-    policy_domain: str
-    policy_type: str                   # "sts", or "no-policy-found" when the fetch failed with none cached
-    policy_id: str | None
-    mode: str | None
-    result_type: str | None            # None: a successful session
-    mx_host: str | None = None         # receiving-mx-hostname
-    receiving_ip: str | None = None
-    policy_strings: tuple[str, ...] = ()
-    enforced: bool = False             # the mail was held back because of it
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def report_policies(results: list[TlsResult]) -> list[dict]:
-    """The ``policies`` of an RFC 8460 report (4.4) from the results of one period.
-
-    One entry per policy domain and policy (type, id), with its session
-    counts and ``failure-details`` grouped by result type, MX and address.
-    A failed fetch counts as a failed session of its policy (RFC 8460 4.3.2.2
-    reports policy fetch failures this way)."""
-    groups: dict[tuple, dict] = {}
-    for r in results:
-        key = (r.policy_domain, r.policy_type, r.policy_id)
-        group = groups.setdefault(key, {"policy": {
-            "policy-type": r.policy_type, "policy-string": list(r.policy_strings), "policy-domain": r.policy_domain,
-            **({"mx-host": [line[3:].strip() for line in r.policy_strings if line.startswith("mx:")]}
-               if r.policy_type == "sts" else {})},
-            "summary": {"total-successful-session-count": 0, "total-failure-session-count": 0},
-            "_failures": collections.Counter()})
-        if r.result_type is None:
-            group["summary"]["total-successful-session-count"] += 1
-        else:
-            group["summary"]["total-failure-session-count"] += 1
-            group["_failures"][(r.result_type, r.mx_host, r.receiving_ip)] += 1
-    out = []
-    for group in groups.values():
-        failures = group.pop("_failures")
-        if failures:
-            group["failure-details"] = [
-                {"result-type": kind, **({"receiving-mx-hostname": mx} if mx else {}),
-                 **({"receiving-ip": ip} if ip else {}), "failed-session-count": n}
-                for (kind, mx, ip), n in sorted(failures.items(), key=lambda item: (item[0][0], item[0][1] or ""))]
-        out.append(group)
-    return out
-
-
 # -- the cache ----------------------------------------------------------------------------
 
 class PolicyCache:
@@ -373,15 +313,15 @@ class MtaSts:
     """Policies for recipient domains, and the results of sessions under them."""
 
     def __init__(self, config_ref: Callable[[], Config], resolver: Resolver,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, results: TlsResults | None = None):
         self.config_ref = config_ref
         self.resolver = resolver
         self.clock = clock
         self._cache: PolicyCache | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self._held: dict[str, _Held] = {}
-        self.results: collections.deque[TlsResult] = collections.deque(maxlen=RESULTS_KEPT)
-        self.listeners: list[Callable[[TlsResult], None]] = []   # e.g. a TLS-RPT aggregator
+        self.sink = results or TlsResults()      # where every TLS result goes (deliver/tls_report.py)
+        self.results = self.sink.recent
 
     @property
     def cache(self) -> PolicyCache:
@@ -436,17 +376,15 @@ class MtaSts:
         return policy
 
     def record(self, result: TlsResult) -> None:
-        """Keep one result for TLS reporting, and say it in the log."""
-        self.results.append(result)
+        """Say one result in the log, and record it for TLS reporting."""
         if result.result_type is not None:
             level = logging.WARNING if result.enforced or result.mode == "testing" else logging.INFO
             log.log(level, "mta-sts %s for %s%s: %s", result.result_type, result.policy_domain,
                     f" at {result.mx_host}" if result.mx_host else "", result.detail)
-        for listener in self.listeners:
-            listener(result)
+        self.sink.record(result)
 
     def session_result(self, policy: StsPolicy, host: str, ip: str | None, failure: Observation | None,
-                       enforced: bool) -> TlsResult:
+                       enforced: bool, sending_ip: str | None = None) -> TlsResult:
         """The result of one session (or one MX passed over) under ``policy``."""
         kind = result_type(failure) if failure is not None else None
         if failure is None:
@@ -460,7 +398,8 @@ class MtaSts:
                        else "; mode testing: the message is delivered anyway")
         return TlsResult(at=self.clock(), policy_domain=policy.domain, policy_type="sts", policy_id=policy.id,
                          mode=policy.mode, result_type=kind, mx_host=host, receiving_ip=ip,
-                         policy_strings=tuple(policy.policy_strings()), enforced=enforced, detail=detail)
+                         policy_strings=tuple(policy.policy_strings()), enforced=enforced, detail=detail,
+                         sending_ip=sending_ip)
 
 
 def mx_mismatch(policy: StsPolicy, destination) -> Observation:

@@ -15,6 +15,8 @@ list (it is never resolved or contacted), ``tls_policy`` turns a policy into
 "TLS required, certificate valid for the MX name", and ``_open`` records each
 session's result.  In testing mode a session that would fail the policy is
 logged and opened again as without one, so mail flows while the domain tests.
+A session by MX under no policy is recorded too, as RFC 8460's "no-policy-found"
+(``_record_opportunistic``), for the domain's TLS report.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from relaywatch.config import Config, Connector
 from relaywatch.deliver.mta_sts import MtaSts, StsPolicy, is_violation, mx_mismatch, result_type
 from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls import TlsPolicy
+from relaywatch.deliver.tls_report import opportunistic_result
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
 from relaywatch.model import Destination, Route, RouteKind
 
@@ -40,6 +43,7 @@ class Target:
     index: int
     count: int
     sts: StsPolicy | None = None   # the recipient domain's MTA-STS policy in force (enforce or testing)
+    domain: str = ""               # the recipient domain whose MX this is ("" for a smart host)
 
 
 class AllTargetsFailed(Exception):
@@ -57,6 +61,8 @@ class SmtpRoutes:
         self.config_ref = config_ref
         self.resolver = resolver
         self.mta_sts = mta_sts or MtaSts(config_ref, resolver)
+        # Every TLS result (MTA-STS, DANE, opportunistic TLS by MX) is recorded here: deliver/tls_report.py.
+        self.tls_results = self.mta_sts.sink
 
     def connector_for(self, route: Route) -> Connector | None:
         if route.kind is not RouteKind.CONNECTOR:
@@ -97,7 +103,7 @@ class SmtpRoutes:
         policy = await self.mta_sts.policy(domain) if self.uses_mta_sts(route) else None
         if policy is not None and policy.mode == "none":
             policy = None
-        return [Target(mx.host, port, i + 1, len(hosts), policy) for i, mx in enumerate(hosts)]
+        return [Target(mx.host, port, i + 1, len(hosts), policy, domain) for i, mx in enumerate(hosts)]
 
     async def destinations(self, target: Target) -> list[Destination]:
         """Every address of ``target`` (in the resolver's order); raises DnsFailure."""
@@ -156,10 +162,12 @@ class SmtpRoutes:
             await conn.open(self.tls_policy(route, target.host, sts), target.host)
         except SessionFailure as failure:
             obs = failure.observation
+            if sts is None:
+                self._record_opportunistic(target, dest, conn, obs)
             if sts is None or not is_violation(obs):
                 raise
             enforced = sts.mode == "enforce"
-            self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, obs, enforced))
+            self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, obs, enforced, conn.local_ip))
             if enforced:
                 raise SessionFailure(replace(obs, sts={**sts.evidence(), "mx_host": target.host,
                                                        "result_type": result_type(obs)})) from failure.__cause__
@@ -168,5 +176,18 @@ class SmtpRoutes:
             await conn.open(self.tls_policy(route, target.host), target.host)
             return conn
         if sts is not None:
-            self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, None, sts.mode == "enforce"))
+            self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, None, sts.mode == "enforce",
+                                                            conn.local_ip))
+        else:
+            self._record_opportunistic(target, dest, conn, None)
         return conn
+
+    def _record_opportunistic(self, target: Target, dest: Destination, conn: SmtpConnection,
+                              failure: Observation | None) -> None:
+        """A session by MX under no TLS policy: RFC 8460's "no-policy-found"."""
+        if not target.domain:
+            return
+        result = opportunistic_result(target.domain, target.host, dest.ip, conn.local_ip, conn.tls is not None,
+                                      failure, self.mta_sts.clock())
+        if result is not None:
+            self.tls_results.record(result)

@@ -63,6 +63,7 @@ class SmtpConnection:
         self.writer: asyncio.StreamWriter | None = None
         self.conversation = ClientConversation(helo, "none")   # replaced, with the TLS mode, by start_session
         self.tls: dict | None = None       # facts about the TLS session, if any
+        self.local_ip: str | None = None   # our end, once connected (TLS reports' sending-mta-ip)
         self.last_used = time.monotonic()
         self.transactions = 0
 
@@ -153,6 +154,8 @@ class SmtpConnection:
         with self.phase(Phase.CONNECT):
             async with asyncio.timeout(self.timeouts.connect_timeout):
                 self.reader, self.writer = await asyncio.open_connection(self.dest.ip, self.dest.port)
+        sockname = self.writer.get_extra_info("sockname")
+        self.local_ip = sockname[0] if sockname else None
 
     async def start_session(self, tls: TlsPolicy, server_name: str,
                             on_event: Callable[[object], None] | None = None) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from relaywatch.cluster.model import LeaderLease, NodeBeat
-from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody
+from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody, TlsCount
 
 
 @dataclass(frozen=True)
@@ -241,6 +241,19 @@ class ClusterStore(Protocol):
     async def leader(self) -> LeaderLease: ...
 
 
-class Store(QueueStore, WatchStore, ConsoleStore, ClusterStore, Protocol):
-    """All of them: one database holds the queue, the watch's, the console's and the
-    cluster's state (what open_store returns)."""
+class TlsReportStore(Protocol):
+    """TLS reporting (RFC 8460): session counts per UTC day and report key, added by the
+    watch's tick, and the daily reports, each claimed once."""
+
+    async def add_tls_counts(self, rows: Sequence[TlsCount]) -> None:
+        """Add each row's count to its key's (day, domain, policy, result, MX, addresses)."""
+    async def tls_counts(self, day: str) -> list[TlsCount]: ...
+    async def claim_tls_report(self, day: str, domain: str, report_id: str, now: float) -> bool:
+        """True once per (day, domain): for whoever is to send that report."""
+    async def finish_tls_report(self, day: str, domain: str, outcome: dict) -> None: ...
+    async def tls_reports(self, day: str) -> list[dict[str, Any]]: ...
+
+
+class Store(QueueStore, WatchStore, ConsoleStore, ClusterStore, TlsReportStore, Protocol):
+    """All of them: one database holds the queue, the watch's, the console's, the
+    cluster's and TLS reporting's state (what open_store returns)."""

@@ -27,6 +27,7 @@ from relaywatch.store import queue as sql_queue
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.memory_cluster import MemoryCluster
 from relaywatch.store.memory_console import MemoryConsole
+from relaywatch.store.memory_tls_reports import MemoryTlsReports
 from relaywatch.store.memory_watch import MemoryWatch
 from relaywatch.store.watch import summary
 
@@ -61,7 +62,7 @@ class _Row:
     history: list[dict] = field(default_factory=list)
 
 
-class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster):
+class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
     where = "memory"
     single_node = True
     inline_bodies = False
@@ -74,6 +75,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster):
         self._bodies: dict[str, list] = {}          # id -> [StoredBody, refs]
         MemoryWatch.__init__(self)
         MemoryCluster.__init__(self)
+        MemoryTlsReports.__init__(self)
 
     async def open(self) -> None:
         self._open = True

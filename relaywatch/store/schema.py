@@ -145,6 +145,28 @@ CREATE TABLE IF NOT EXISTS leader (
     until  {REAL} NOT NULL
 );
 INSERT INTO leader (id, holder, term, until) VALUES (1, NULL, 0, 0) ON CONFLICT DO NOTHING;
+-- TLS reporting (RFC 8460): session counts per UTC day and report key, and the reports sent.
+CREATE TABLE IF NOT EXISTS tls_counts (
+    day           TEXT NOT NULL,    -- YYYY-MM-DD, UTC
+    policy_domain TEXT NOT NULL,
+    policy_type   TEXT NOT NULL,    -- sts | tlsa | no-policy-found
+    policy_key    TEXT NOT NULL,    -- a hash of policy_string (model.py TlsCount.policy_key)
+    result_type   TEXT NOT NULL,    -- '' for the successful sessions
+    mx_host       TEXT NOT NULL,
+    receiving_ip  TEXT NOT NULL,
+    sending_ip    TEXT NOT NULL,
+    policy_string TEXT NOT NULL,    -- JSON list of the policy's lines
+    count         {BIGINT} NOT NULL,
+    PRIMARY KEY (day, policy_domain, policy_type, policy_key, result_type, mx_host, receiving_ip, sending_ip)
+){WITHOUT_ROWID};
+CREATE TABLE IF NOT EXISTS tls_reports (
+    day           TEXT NOT NULL,
+    policy_domain TEXT NOT NULL,
+    report_id     TEXT NOT NULL,
+    claimed_at    {REAL} NOT NULL,
+    outcome       TEXT NOT NULL,    -- JSON: per rua destination, "queued <id>", "sent" or the error
+    PRIMARY KEY (day, policy_domain)
+){WITHOUT_ROWID};
 CREATE TABLE IF NOT EXISTS attempts (
     entry_id TEXT NOT NULL,
     n        INTEGER NOT NULL,

@@ -1,7 +1,7 @@
 """The SQL store: the queue's and the watch's operations on one group-commit engine.
 
     SqlStore = SqlQueue (store/queue.py) + SqlWatch (store/watch.py) + SqlConsole (store/console.py)
-               + SqlCluster (store/cluster.py)
+               + SqlCluster (store/cluster.py) + SqlTlsReports (store/tls_reports.py)
                on a GroupCommitEngine (store/engine.py) with a Dialect (store/sqlite.py, store/postgres.py)
 
 Other processes (the CLI, a second node) open their own store on the same database.
@@ -16,10 +16,11 @@ from relaywatch.store.cluster import SqlCluster
 from relaywatch.store.console import SqlConsole
 from relaywatch.store.engine import Dialect, GroupCommitEngine
 from relaywatch.store.queue import SqlQueue, lease_sql
+from relaywatch.store.tls_reports import SqlTlsReports
 from relaywatch.store.watch import SqlWatch
 
 
-class SqlStore(SqlQueue, SqlWatch, SqlConsole, SqlCluster):
+class SqlStore(SqlQueue, SqlWatch, SqlConsole, SqlCluster, SqlTlsReports):
     def __init__(self, dialect: Dialect, on_work: Callable[[], None] | None = None):
         self.dialect = dialect
         self.engine = GroupCommitEngine(dialect)

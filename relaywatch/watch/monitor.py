@@ -8,7 +8,9 @@ nodes on one queue only on the leader (cluster/node.py).  Every
 hands them with the open incidents to watch/rules.py, saves what changed,
 probes a connector whose incident opens, sends the notifications due, and
 probes connectors with deferred mail to release their backlog the moment a
-probe passes.  Incidents are typed (watch/model.py) inside and dicts at the
+probe passes.  Each tick also adds the TLS results counted since the last
+to the store, and the leader sends yesterday's TLS reports once after UTC
+midnight (watch/tls_report.py).  Incidents are typed (watch/model.py) inside and dicts at the
 store's edge.
 """
 
@@ -24,6 +26,7 @@ from relaywatch import events
 from relaywatch.config import Config, Connector
 from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.smtp import SmtpRoutes
+from relaywatch.deliver.tls_report import TlsTally
 from relaywatch.cluster.decisions import Timing, down
 from relaywatch.errors import StaleTerm, StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStatus
@@ -34,6 +37,7 @@ from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, Inva
                                     TransitionKind)
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
+from relaywatch.watch.tls_report import TlsReporter
 
 log = logging.getLogger("relaywatch.watch")
 _WATCH_DUTY = 20   # wait at least this many times as long as a tick took
@@ -60,6 +64,11 @@ class Monitor:
         self._last_cert_probe = 0.0
         self._summary_cost = 0.0                         # seconds the last deferred summary took
         self._stopping = False
+        # TLS results are counted in memory and added to the store once a tick (deliver/tls_report.py).
+        self.tls_tally = TlsTally()
+        if routes is not None:   # (a watch without delivery routes, in tests, has no TLS results)
+            routes.tls_results.listeners.append(self.tls_tally.add)
+        self.tls_reports = TlsReporter(config_ref, store, routes.resolver if routes else None, clock)
 
     # -- fed by the scheduler after each recorded attempt ----------------------------
 
@@ -120,6 +129,7 @@ class Monitor:
             await self._record(t, last_good, now)
         await self._probe_backlogs(config, facts.backlog, now)
         await self.send_due()
+        await self.tls_reports.send_due()
 
     async def _flush_facts(self) -> None:
         good, self._good = self._good, {}
@@ -127,6 +137,12 @@ class Monitor:
             await self.store.set_last_good(connector, facts["at"], facts)
         invalid, self._invalid = self._invalid, []
         await self.store.add_invalid_recipients(invalid)
+        counts = self.tls_tally.take()
+        try:
+            await self.store.add_tls_counts(counts)
+        except StoreError:
+            self.tls_tally.put_back(counts)   # counted again at the next tick
+            raise
 
     async def _read_facts(self, config: Config, now: float) -> WatchFacts:
         started = time.monotonic()

@@ -1,0 +1,49 @@
+"""TLS reporting's state of the in-memory store (store/memory.py), kept as
+store/tls_reports.sql keeps it and read back through the same mapping."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Callable, Sequence
+
+from relaywatch.model import TlsCount
+from relaywatch.store.tls_reports import report_from_row
+
+
+class MemoryTlsReports:
+    """TLS reporting's half of MemoryStore, which supplies ``_check``."""
+    _check: Callable[[], None]
+
+    def __init__(self) -> None:
+        self._tls_counts: dict[tuple, TlsCount] = {}
+        self._tls_reports: dict[tuple[str, str], tuple] = {}
+
+    async def add_tls_counts(self, rows: Sequence[TlsCount]) -> None:
+        self._check()
+        for r in rows:
+            held = self._tls_counts.get(r.key())
+            self._tls_counts[r.key()] = replace(r, count=r.count + (held.count if held else 0))
+
+    async def tls_counts(self, day: str) -> list[TlsCount]:
+        self._check()
+        return sorted((c for c in self._tls_counts.values() if c.day == day),
+                      key=lambda c: (c.policy_domain, c.policy_type, c.result_type, c.mx_host, c.receiving_ip,
+                                     c.sending_ip))
+
+    async def claim_tls_report(self, day: str, domain: str, report_id: str, now: float) -> bool:
+        self._check()
+        if (day, domain) in self._tls_reports:
+            return False
+        self._tls_reports[(day, domain)] = (day, domain, report_id, now, "{}")
+        return True
+
+    async def finish_tls_report(self, day: str, domain: str, outcome: dict) -> None:
+        self._check()
+        row = self._tls_reports.get((day, domain))
+        if row is not None:
+            self._tls_reports[(day, domain)] = (*row[:4], json.dumps(outcome))
+
+    async def tls_reports(self, day: str) -> list[dict]:
+        self._check()
+        return [report_from_row(r) for k, r in sorted(self._tls_reports.items()) if k[0] == day]

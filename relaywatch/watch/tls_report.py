@@ -1,0 +1,125 @@
+"""The daily TLS reports (RFC 8460): after each UTC midnight, yesterday's, once per cluster.
+
+The watch's tick (watch/monitor.py) calls ``TlsReporter.send_due`` on the
+leader only.  For each policy domain with sessions counted yesterday it asks
+our resolver for ``_smtp._tls.<domain>`` TXT; a domain that publishes
+``rua`` URIs gets the report (notify/tls_report.py builds it):
+
+- ``mailto:`` -- queued as a message of our own (multipart/report with the
+  gzip), so it is delivered, retried and never lost as any other mail;
+- ``https:`` -- POSTed as ``application/tlsrpt+gzip``, once; a 2xx is success.
+
+``claim_tls_report`` makes each (day, domain) report go out once, whichever
+node leads and however often it restarts; what happened to each URI is
+stored with the claim (``relaywatch tls-report show``).  A DNS failure claims
+nothing: the domain is asked again after ``DNS_RETRY``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+import time
+from typing import Callable
+from urllib.parse import urlsplit
+
+import httpx
+
+from relaywatch.config import Config
+from relaywatch.deliver.resolver import DnsFailure, Resolver
+from relaywatch.deliver.tls_report import utc_day
+from relaywatch.errors import StoreError
+from relaywatch.notify.tls_report import MEDIA_TYPE, parse_tlsrpt, report, report_file, report_id, report_message
+from relaywatch.store.base import Store
+
+log = logging.getLogger("relaywatch.tls_report")
+
+DNS_RETRY = 600.0
+POST_TIMEOUT = 30.0
+
+
+class TlsReporter:
+    def __init__(self, config_ref: Callable[[], Config], store: Store, resolver: Resolver,
+                 clock: Callable[[], float] = time.time):
+        self.config_ref = config_ref
+        self.store = store
+        self.resolver = resolver
+        self.clock = clock
+        self._done_day: str | None = None     # the day whose reports are all out (or claimed elsewhere)
+        self._retry_at = 0.0
+
+    async def send_due(self) -> None:
+        config, now = self.config_ref(), self.clock()
+        if not config.tls_reporting.enabled:
+            return
+        day = utc_day(now - 86400)
+        if self._done_day == day or now < self._retry_at:
+            return
+        counts = await self.store.tls_counts(day)
+        done = True
+        for domain in sorted({c.policy_domain for c in counts}):
+            try:
+                done &= await self._report(config, day, domain, counts, now)
+            except StoreError:
+                raise
+            except Exception:   # one domain's report must never stop the watch or the others
+                log.exception("tls report: the report of %s for %s failed", domain, day)
+        if done:
+            self._done_day = day
+        else:
+            self._retry_at = now + DNS_RETRY
+
+    async def _report(self, config: Config, day: str, domain: str, counts, now: float) -> bool:
+        """Send one domain's report; False to ask its DNS again later."""
+        try:
+            rua = parse_tlsrpt(await self.resolver.txt(f"_smtp._tls.{domain}"))
+        except DnsFailure as failure:
+            log.info("tls report: _smtp._tls.%s cannot be looked up (%s); asking again later", domain,
+                     failure.observation.outcome.value)
+            return False
+        settings = config.tls_reporting
+        if not await self.store.claim_tls_report(day, domain, report_id(day, domain, settings.submitter), now):
+            return True   # another node (or an earlier run) sent it
+        if not rua:
+            await self.store.finish_tls_report(day, domain, {"rua": "none published"})
+            return True
+        data = report(counts, day, domain, settings.organization_name, settings.contact_info, settings.submitter)
+        outcome: dict[str, str] = {}
+        mailto = [u for u in rua if u.startswith("mailto:")]
+        if mailto:
+            message = report_message(config, data, mailto, now)
+            if message is None:
+                outcome.update({u: "not routable (refused by our own routing)" for u in mailto})
+            else:
+                ids = await self.store.enqueue(message)
+                outcome.update({u: f"queued {', '.join(ids)}" for u in mailto})
+        body = report_file(data, domain, settings.submitter)[1]
+        for uri in (u for u in rua if u.startswith("https:")):
+            outcome[uri] = await self._post(config, uri, body)
+        await self.store.finish_tls_report(day, domain, outcome)
+        log.info("tls report %s sent: %s", data["report-id"], "; ".join(f"{k}: {v}" for k, v in outcome.items()))
+        return True
+
+    async def _post(self, config: Config, uri: str, body: bytes) -> str:
+        """POST the gzip to ``uri``, connected to the address our resolver gives (as for the MX)."""
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or 443
+        try:
+            address = (await self.resolver.addresses(host))[0]
+        except DnsFailure as failure:
+            return f"failed: {host} does not resolve ({failure.observation.outcome.value})"
+        netloc = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+        ca_file = config.mta_sts.ca_file
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        target = parts._replace(netloc=f"{netloc}:{port}").geturl()
+        try:
+            async with httpx.AsyncClient(verify=context, trust_env=False, follow_redirects=False,
+                                         timeout=POST_TIMEOUT) as client:
+                response = await client.post(target, content=body, headers={
+                    "Host": parts.netloc, "Content-Type": MEDIA_TYPE}, extensions={"sni_hostname": host})
+        except httpx.HTTPError as exc:
+            return f"failed: {type(exc).__name__}: {exc or 'no detail'}"
+        if 200 <= response.status_code < 300:
+            return f"sent (HTTP {response.status_code})"
+        return f"failed: HTTP {response.status_code}"

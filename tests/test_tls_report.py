@@ -1,0 +1,236 @@
+"""TLS reporting (RFC 8460): the TXT record and the report by table; then a real
+relay delivering under an MTA-STS policy (HTTPS on loopback with a test CA,
+DNS on loopback answering _mta-sts and _smtp._tls, aiosmtpd MX sinks), the
+results counted and stored, and on the day after (a clock of the test's) the
+report mailed through the queue to an aiosmtpd sink and POSTed to an HTTPS
+receiver on loopback, both parsed and checked.  Both loops, both stores."""
+
+import asyncio
+import email
+import email.policy
+import gzip
+import json
+import ssl
+import time
+
+import pytest
+import trustme
+
+from helpers import LOOPBACK, DnsServer, Sink, eventually, free_port, message
+from test_mta_sts import DOMAIN, MX, World, policy_text, server_context
+from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.deliver.tls_report import TlsTally, opportunistic_result, utc_day
+from relaywatch.model import Destination, TlsCount, TlsResult
+from relaywatch.notify.tls_report import parse_tlsrpt, policies, report
+from relaywatch.watch.tls_report import TlsReporter
+
+MX2 = "mx2.partner.test"
+_LINES = ("version: STSv1", "mode: enforce", f"mx: {MX}", "max_age: 86400")
+
+
+# -- pure -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("texts, expected", [
+    (["v=TLSRPTv1; rua=mailto:tls@p.test"], ("mailto:tls@p.test",)),
+    (["v=TLSRPTv1;rua=mailto:a@p.test,https://r.p.test/v1"], ("mailto:a@p.test", "https://r.p.test/v1")),
+    (["v=TLSRPTv1; rua=mailto:a%40b@p.test"], ("mailto:a%40b@p.test",)),
+    (["other", "v=TLSRPTv1; rua=https://r.p.test/"], ("https://r.p.test/",)),
+    (["v=TLSRPTv1; rua=ftp://r.p.test/, mailto:nobody"], ()),         # unknown scheme, no address
+    (["v=TLSRPTv1"], ()),
+    (["v=TLSRPTv1; rua=mailto:a@p.test", "v=TLSRPTv1; rua=mailto:b@p.test"], ()),   # two: none (RFC 8460 3)
+    (["v=TLSRPTv10; rua=mailto:a@p.test"], ()),
+    ([], ()),
+])
+def test_the_tlsrpt_record(texts, expected):
+    assert parse_tlsrpt(texts) == expected
+
+
+def _result(kind=None, mx=MX, ip=LOOPBACK, policy_type="sts", lines=_LINES, at=86400.0 * 20000 + 5):
+    return TlsResult(at=at, policy_domain=DOMAIN, policy_type=policy_type, policy_id="1", mode="enforce",
+                     result_type=kind, mx_host=mx, receiving_ip=ip, policy_strings=lines, sending_ip="127.0.0.9")
+
+
+def test_results_are_counted_by_day_and_key_into_the_rfc_8460_policies():
+    tally = TlsTally()
+    for r in [_result(), _result(), _result("certificate-host-mismatch"), _result("certificate-host-mismatch"),
+              _result("starttls-not-supported", mx=MX2, ip="127.0.0.3"),
+              _result("sts-policy-fetch-error", mx=None, ip=None, policy_type="no-policy-found", lines=()),
+              _result(at=86400.0 * 20001)]:   # the next day: a row of its own
+        tally.add(r)
+    rows = tally.take()
+    assert tally.take() == []
+    day = utc_day(86400.0 * 20000)
+    assert sorted(r.day for r in rows) == [day] * 4 + [utc_day(86400.0 * 20001)]
+    data = report(rows, day, DOMAIN, "Contoso", "mailto:tls@contoso.test", "relay.contoso.test")
+    assert data["date-range"] == {"start-datetime": f"{day}T00:00:00Z", "end-datetime": f"{day}T23:59:59Z"}
+    assert data["report-id"] == f"{day}T00:00:00Z_{DOMAIN}@relay.contoso.test"
+    assert data["policies"] == [
+        {"policy": {"policy-type": "no-policy-found", "policy-string": [], "policy-domain": DOMAIN},
+         "summary": {"total-successful-session-count": 0, "total-failure-session-count": 1},
+         "failure-details": [{"result-type": "sts-policy-fetch-error", "sending-mta-ip": "127.0.0.9",
+                              "failed-session-count": 1}]},
+        {"policy": {"policy-type": "sts", "policy-string": list(_LINES), "policy-domain": DOMAIN,
+                    "mx-host": [MX]},
+         "summary": {"total-successful-session-count": 2, "total-failure-session-count": 3},
+         "failure-details": [
+             {"result-type": "certificate-host-mismatch", "sending-mta-ip": "127.0.0.9",
+              "receiving-mx-hostname": MX, "receiving-ip": LOOPBACK, "failed-session-count": 2},
+             {"result-type": "starttls-not-supported", "sending-mta-ip": "127.0.0.9",
+              "receiving-mx-hostname": MX2, "receiving-ip": "127.0.0.3", "failed-session-count": 1}]},
+    ]
+
+
+def test_counts_a_failed_store_write_gave_back_are_counted_again():
+    tally = TlsTally()
+    tally.add(_result())
+    rows = tally.take()
+    tally.add(_result())
+    tally.put_back(rows)
+    [row] = tally.take()
+    assert row.count == 2
+
+
+_DEST = Destination(MX, LOOPBACK, 25)
+
+
+@pytest.mark.parametrize("encrypted, failure, expected", [
+    (True, None, None),
+    (False, None, "starttls-not-supported"),      # offered no STARTTLS: the mail went in clear
+    (True, Observation(Phase.STARTTLS, Outcome.TLS_HANDSHAKE, _DEST), "validation-failure"),
+    (False, Observation(Phase.CONNECT, Outcome.REFUSED, _DEST), "none"),   # no TLS session at all
+])
+def test_opportunistic_tls_by_mx_is_reported_as_no_policy_found(encrypted, failure, expected):
+    result = opportunistic_result(DOMAIN, MX, LOOPBACK, "127.0.0.9", encrypted, failure, 0.0)
+    if expected == "none":
+        assert result is None
+        return
+    assert (result.policy_type, result.result_type, result.mx_host, result.sending_ip) == (
+        "no-policy-found", expected, MX, "127.0.0.9")
+
+
+# -- the loopback world: a relay under a policy, the report's two destinations ------------------
+
+class HttpsReceiver:
+    """HTTPS on loopback that keeps every POST (headers, body) and answers 200."""
+
+    def __init__(self, context: ssl.SSLContext):
+        self.context = context
+        self.posts: list[tuple[str, dict[str, str], bytes]] = []
+        self.server = None
+
+    async def start(self) -> "HttpsReceiver":
+        self.server = await asyncio.start_server(self._handle, LOOPBACK, 0, ssl=self.context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader, writer):
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            self.posts.append((head[0], headers, body))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+def ca(tmp_path):
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    return ca
+
+
+@pytest.fixture
+async def world(tmp_path, ca, relay_factory):
+    w = World(tmp_path, ca, relay_factory)
+    yield w
+    await w.stop()
+
+
+@pytest.mark.both_loops
+@pytest.mark.both_stores
+async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(world, tmp_path):
+    # mx2 comes first but its certificate names mx: a certificate-host-mismatch, then mx takes the mail.
+    await world.start(policy=policy_text(mx=(MX2, MX)), mx_hosts=(MX2, MX))
+    receiver = await HttpsReceiver(server_context(world.ca, "tlsrpt.partner.test")).start()
+    reports = await Sink().start()
+    world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = [
+        f'"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,https://tlsrpt.partner.test:{receiver.port}/v1/"']
+    world.dns.zone[("tlsrpt.partner.test", "A")] = [LOOPBACK]
+    try:
+        relay = await world.start_relay(
+            alerts={"evaluate_interval": "0.1s"},
+            tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
+                           "submitter": "relay.contoso.test"},
+            connectors=[{"name": "reports", "type": "partner", "domains": ["reports.test"],
+                         "smart_hosts": [f"{LOOPBACK}:{reports.port}"], "tls": "none"}])
+        # The clock of the test: the sessions happen yesterday, and the reporter lives
+        # yesterday too until the test moves it past midnight.
+        monitor = relay.app.monitor
+        relay.app.routes.mta_sts.clock = monitor.tls_reports.clock = lambda: time.time() - 86400
+        await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
+        await eventually(lambda: world.mx.messages, what="delivery")
+        day = utc_day(time.time() - 86400)
+
+        async def counted():
+            counts = await relay.store.tls_counts(day)
+            return counts if sum(c.count for c in counts if c.policy_type == "sts") == 2 else None
+        counts = await eventually(counted, what="the session counts in the store")
+        assert {(c.result_type, c.mx_host, c.count) for c in counts} == {
+            ("", "", 1), ("certificate-host-mismatch", MX2, 1)}
+        assert not reports.messages and not receiver.posts      # not before the day is over
+
+        monitor.tls_reports.clock = time.time
+        await eventually(lambda: reports.messages and receiver.posts, what="the report by mail and by HTTPS")
+
+        [mail] = reports.messages
+        assert mail.sender == "noreply-smtp-tls-reporting@relay.contoso.test"
+        assert mail.recipients == ["tlsrpt@reports.test"]
+        msg = email.message_from_bytes(mail.content, policy=email.policy.default)
+        report_id = f"{day}T00:00:00Z_{DOMAIN}@relay.contoso.test"
+        assert msg["TLS-Report-Domain"] == DOMAIN
+        assert msg["TLS-Report-Submitter"] == "relay.contoso.test"
+        assert msg["Subject"] == f"Report Domain: {DOMAIN} Submitter: relay.contoso.test Report-ID: <{report_id}>"
+        assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "tlsrpt"
+        text, attachment = msg.get_payload()
+        assert text.get_content_type() == "text/plain"
+        assert attachment.get_content_type() == "application/tlsrpt+gzip"
+        assert attachment.get_filename().startswith(f"relay.contoso.test!{DOMAIN}!")
+        assert attachment.get_filename().endswith(".json.gz")
+        data = json.loads(gzip.decompress(attachment.get_content()))
+
+        line, headers, body = receiver.posts[0]
+        assert line == "POST /v1/ HTTP/1.1"
+        assert headers["content-type"] == "application/tlsrpt+gzip"
+        assert json.loads(gzip.decompress(body)) == data
+
+        assert data["organization-name"] == "Contoso Ltd"
+        assert data["contact-info"] == "tls@contoso.test"
+        assert data["report-id"] == report_id
+        assert data["date-range"]["start-datetime"] == f"{day}T00:00:00Z"
+        [policy] = data["policies"]
+        assert policy["policy"] == {"policy-type": "sts", "policy-string": policy_text(mx=(MX2, MX)).split("\r\n")[:-1],
+                                    "policy-domain": DOMAIN, "mx-host": [MX2, MX]}
+        assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 1}
+        assert policy["failure-details"] == [{
+            "result-type": "certificate-host-mismatch", "sending-mta-ip": LOOPBACK,
+            "receiving-mx-hostname": MX2, "receiving-ip": LOOPBACK, "failed-session-count": 1}]
+
+        # Sent once: another node (a reporter of its own on the same store) finds it claimed.
+        other = TlsReporter(monitor.config_ref, relay.store, relay.app.resolver, time.time)
+        await other.send_due()
+        [sent] = await relay.store.tls_reports(day)
+        assert sent["outcome"][f"https://tlsrpt.partner.test:{receiver.port}/v1/"] == "sent (HTTP 200)"
+        assert sent["outcome"]["mailto:tlsrpt@reports.test"].startswith("queued ")
+        assert len(receiver.posts) == 1 and len(reports.messages) == 1
+    finally:
+        await receiver.stop()
+        await reports.stop()
