@@ -6,6 +6,7 @@
     relaywatch errors [CODE]
     relaywatch reload -c FILE
     relaywatch dkim keygen DOMAIN
+    relaywatch tls-report show [--date DAY] [--json]   (cli_tls_report.py)
 
 Queue commands open the store of a (possibly running) server directly; SQLite
 locking makes that safe, and the server sees changes within a second.
@@ -841,6 +842,8 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
 
+
+from relaywatch import cli_tls_report  # noqa: E402,F401  (its commands join main's groups)
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from relaywatch.config import Config
-from relaywatch.model import Entry, iso
+from relaywatch.model import Entry, TlsCount, iso
+from relaywatch.notify.tls_report import policies
 
 INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
                   "first_expires_at")
@@ -85,3 +86,16 @@ def connectors_json(effective: Config, open_incidents: list[dict], last_good: di
 def audit_json(a: dict) -> dict[str, Any]:
     """One audit record (``GET /api/v1/audit``; ``incidents show`` has an incident's own)."""
     return dict(a, at=iso(a["at"]), undone_at=iso(a["undone_at"]) if a.get("undone_at") else None)
+
+
+def tls_report_json(day: str, counts: list[TlsCount], reports: list[dict]) -> dict[str, Any]:
+    """TLS_REPORT: one UTC day's TLS sessions per policy domain (``tls-report show --json``,
+    ``/api/v1/tls-reports``): the ``policies`` as the domain's RFC 8460 report has them,
+    and what became of that report (null until it is sent, the day after)."""
+    sent = {r["policy_domain"]: r for r in reports}
+    domains = sorted({c.policy_domain for c in counts} | set(sent))
+    return {"day": day, "domains": [
+        {"policy_domain": d, "policies": policies([c for c in counts if c.policy_domain == d]),
+         "report": ({"report_id": sent[d]["report_id"], "sent_at": iso(sent[d]["claimed_at"]),
+                     "outcome": sent[d]["outcome"]} if d in sent else None)}
+        for d in domains]}

@@ -154,6 +154,12 @@ CASES = [
      "http.tls_key: {other_key} is not the key of the certificate in http.tls_cert"),
     ("http-tls-cert-missing", {"http": {"tls_cert": "{data}/c.pem", "tls_key": "{key}"}},
      "http.tls_cert: file {data}/c.pem does not exist"),
+    ("tls-reporting-without-organization", {"tls_reporting": {"enabled": True, "contact_info": "tls@contoso.test"}},
+     "tls_reporting.organization_name: missing; every report names it (RFC 8460 4.4)"),
+    ("tls-reporting-submitter-bad", {"tls_reporting": {"submitter": "not a domain"}},
+     "tls_reporting.submitter: 'not a domain' is not a domain name"),
+    ("tls-reporting-key-misspelt", {"tls_reporting": {"organisation_name": "Contoso"}},
+     "tls_reporting.organisation_name: unknown key; did you mean 'organization_name'?"),
 ]
 
 

@@ -90,7 +90,7 @@ SCHEDULE = {"scheduler", "record", "queue_actions"}
 PACKAGES = {"store": "store", "cluster": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
             "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",
             "runtime": "runtime"}
-TOP = {"actions": "console", "views": "console", "app": "runtime", "cli": "runtime",
+TOP = {"actions": "console", "views": "console", "app": "runtime", "cli": "runtime", "cli_tls_report": "runtime",
        "preflight": "runtime", "__main__": "runtime"}
 
 

@@ -13,6 +13,7 @@ import json
 import ssl
 import time
 
+import httpx
 import pytest
 import trustme
 
@@ -231,6 +232,20 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
         assert sent["outcome"][f"https://tlsrpt.partner.test:{receiver.port}/v1/"] == "sent (HTTP 200)"
         assert sent["outcome"]["mailto:tlsrpt@reports.test"].startswith("queued ")
         assert len(receiver.posts) == 1 and len(reports.messages) == 1
+
+        # The same facts in the CLI and the console's API, field for field, and in the table.
+        shown = await relay.cli_json("tls-report", "show", "--date", day)
+        host, port = relay.app.console.address
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
+            api = (await http.get("/api/v1/tls-reports", params={"date": day})).json()
+            bad = await http.get("/api/v1/tls-reports", params={"date": "yesterday"})
+        assert api == shown
+        assert bad.status_code == 400 and "date" in bad.text
+        [domain] = shown["domains"]
+        assert domain["policies"] == data["policies"]
+        assert domain["report"]["report_id"] == report_id
+        table = (await relay.cli("tls-report", "show", "--date", day)).output
+        assert "certificate-host-mismatch" in table and MX2 in table and "sent (HTTP 200)" in table
     finally:
         await receiver.stop()
         await reports.stop()

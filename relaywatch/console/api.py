@@ -16,6 +16,7 @@ import time
 from relaywatch import views
 from relaywatch.actions import QUEUE_ACTIONS, queue_action
 from relaywatch.config import apply_overrides, parse_duration
+from relaywatch.deliver.tls_report import utc_day
 from relaywatch.errors import StoreError
 from relaywatch.store.base import QueryPage
 from relaywatch.watch.fixes import ACTIONS as FIX_ACTIONS
@@ -119,6 +120,10 @@ ROUTES = (
     Route("GET", "/api/v1/jobs/{id}", "job_show", "One bulk action and its progress",
           params=(Param("id", "path", {"type": "integer", "minimum": 1}, "Job id"),), response="Job",
           errors=(404,)),
+    Route("GET", "/api/v1/tls-reports", "tls_reports",
+          "One UTC day's TLS sessions per recipient domain (RFC 8460 counts) and the report sent for it",
+          params=(Param("date", "query", {"type": "string", "format": "date"}, "The UTC day; today by default"),),
+          response="TlsReport", errors=(400,)),
     Route("GET", "/api/v1/audit", "audit", "The audit log, newest first",
           params=(Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
                         "Records"),), response="AuditLog", errors=(400,)),
@@ -382,6 +387,13 @@ class Api:
         overrides = await self.store.overrides()
         effective = apply_overrides(self.app.file_config, overrides)
         return json_response(200, views.config_json(self.app.file_config, effective, overrides))
+
+    async def tls_reports(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        day = query_args(req, route).get("date") or utc_day(time.time())
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", day):
+            raise BadInput("date", f"date {day!r} is not a day such as 2026-11-30")
+        counts, reports = await self.store.tls_counts(day), await self.store.tls_reports(day)
+        return json_response(200, views.tls_report_json(day, counts, reports))
 
     async def audit(self, req: Request, route: Route, params: dict, who: str) -> Response:
         limit = int_arg(query_args(req, route), "limit", 100, 1, MAX_LIMIT)

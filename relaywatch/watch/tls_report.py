@@ -119,7 +119,9 @@ class TlsReporter:
                 response = await client.post(target, content=body, headers={
                     "Host": parts.netloc, "Content-Type": MEDIA_TYPE}, extensions={"sni_hostname": host})
         except httpx.HTTPError as exc:
-            return f"failed: {type(exc).__name__}: {exc or 'no detail'}"
+            # The remote's words, kept for the CLI and the API: one printable line.
+            text = "".join(c if c.isprintable() else "?" for c in str(exc) or "no detail")[:300]
+            return f"failed: {type(exc).__name__}: {text}"
         if 200 <= response.status_code < 300:
             return f"sent (HTTP {response.status_code})"
         return f"failed: HTTP {response.status_code}"
