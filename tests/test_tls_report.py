@@ -249,3 +249,43 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
     finally:
         await receiver.stop()
         await reports.stop()
+
+
+# -- the incident of a policy failure says what the day's report will say ----------------------------
+
+@pytest.mark.parametrize("facts, expected", [
+    ({"policy_domain": DOMAIN, "failures": [["certificate-host-mismatch", 3]], "enabled": True,
+      "rua": ["mailto:tlsrpt@partner.test"]},
+     "3 session(s) to partner.test failed today (UTC): 3 with certificate-host-mismatch; the daily TLS report "
+     "goes to rua=mailto:tlsrpt@partner.test."),
+    ({"policy_domain": DOMAIN, "failures": [["starttls-not-supported", 2], ["validation-failure", 1]],
+      "enabled": True, "rua": []},
+     "3 session(s) to partner.test failed today (UTC): 2 with starttls-not-supported, 1 with validation-failure; "
+     "partner.test publishes no _smtp._tls record, so no TLS report is sent."),
+    ({"policy_domain": DOMAIN, "failures": [["validation-failure", 1]], "enabled": False, "rua": ["mailto:a@b.test"]},
+     "1 session(s) to partner.test failed today (UTC): 1 with validation-failure; TLS reporting is off here "
+     "([tls_reporting] enabled), so the domain is not told."),
+    ({"policy_domain": DOMAIN, "failures": [], "enabled": True, "rua": []}, None),
+    ({}, None),
+])
+def test_the_incident_line(facts, expected):
+    from relaywatch.notify.tls_report import incident_line
+    assert incident_line(facts) == expected
+
+
+@pytest.mark.both_loops
+async def test_an_mta_sts_incident_says_how_many_sessions_failed_and_where_the_report_goes(world):
+    await world.start(policy=policy_text(), mx_cert="other.example.test")   # the MX's certificate names another host
+    world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = ['"v=TLSRPTv1; rua=mailto:tlsrpt@partner.test"']
+    relay = await world.start_relay(
+        alerts={"evaluate_interval": "0.1s", "open_after": "1s", "min_messages": 1},
+        tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test"})
+    await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
+
+    async def opened():
+        found = (await relay.cli_json("incidents", "list"))["incidents"]
+        return found[0] if found else None
+    incident = await eventually(opened, what="the incident")
+    text = (await relay.cli("incidents", "show", str(incident["id"]))).output
+    assert "session(s) to partner.test failed today (UTC): " in text
+    assert "with certificate-host-mismatch; the daily TLS report goes to rua=mailto:tlsrpt@partner.test." in text

@@ -154,3 +154,21 @@ def report_message(config: Config, data: dict, rua: list[str], now: float) -> Ne
     return NewMessage(sender=report_sender(submitter), recipients=tuple(recipients),
                       body=StoredBody(size=len(data_bytes), data=data_bytes), received_at=now,
                       expires_at=now + REPORT_EXPIRATION, message_id=msg["Message-ID"], client="relaywatch")
+
+
+def incident_line(facts: dict) -> str | None:
+    """The line an MTA-STS (or DANE) incident's text gets from the day's TLS results
+    (watch/tls_report.py ``TlsReporter.incident_facts``), or None without any."""
+    failures = facts.get("failures") or []
+    domain = facts.get("policy_domain", "the domain")
+    if not failures:
+        return None
+    counted = ", ".join(f"{n} with {kind}" for kind, n in failures)
+    total = sum(n for _, n in failures)
+    if not facts.get("enabled"):
+        where = "TLS reporting is off here ([tls_reporting] enabled), so the domain is not told"
+    elif facts.get("rua"):
+        where = f"the daily TLS report goes to rua={','.join(facts['rua'])}"
+    else:
+        where = f"{domain} publishes no _smtp._tls record, so no TLS report is sent"
+    return f"{total} session(s) to {domain} failed today (UTC): {counted}; {where}."

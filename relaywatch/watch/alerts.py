@@ -25,6 +25,7 @@ from relaywatch.config import Config
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
 from relaywatch.model import Destination, Route, RouteKind, StoredBody
+from relaywatch.notify.tls_report import incident_line
 from relaywatch.watch.model import Incident, IncidentKind, Severity, StoreFacts
 
 MAX_ATTEMPTS = 10
@@ -94,6 +95,9 @@ def incident_text(inc: Incident, now: float, transition: str = "") -> str:
             lines.append(f"Last error: {e.detail}" + (f" (reply: {e.reply})" if e.reply else ""))
         if inc.diagnosis is not None and inc.diagnosis.text:
             lines += ["", f"Likely cause: {inc.diagnosis.text}"]
+            tls_line = incident_line(inc.diagnosis.facts.get("tls_report") or {})
+            if tls_line:
+                lines.append(tls_line)
         if inc.fixes:
             lines += ["", "What to do:"] + [f"  - {f}" for f in inc.fixes]
         if inc.actions:

@@ -33,8 +33,8 @@ from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStat
 from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
-from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, InvalidSource, ProbeResult, Transition,
-                                    TransitionKind)
+from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, InvalidSource, ProbeResult,
+                                    Transition, TransitionKind)
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 from relaywatch.watch.tls_report import TlsReporter
@@ -177,10 +177,19 @@ class Monitor:
         inc = t.incident
         if t.kind is TransitionKind.OPEN and inc.kind is IncidentKind.BACKLOG:
             probe = await self._probe(inc.connector)
-            inc = replace(inc, probe=probe, diagnosis=diagnose(inc, last_good.get(inc.connector), probe))
+            inc = replace(inc, probe=probe, diagnosis=await self._with_tls_report(
+                diagnose(inc, last_good.get(inc.connector), probe)))
         inc = replace(inc, id=await self.store.save_incident(inc.to_dict(), term=self._term))
         if t.notify:
             await self._notify(inc, t.notify, now)
+
+    async def _with_tls_report(self, diagnosis: Diagnosis | None) -> Diagnosis | None:
+        """An MTA-STS (or DANE) failure's diagnosis, with the day's TLS results of its domain."""
+        policy = (diagnosis.facts.get("sts") or diagnosis.facts.get("dane")) if diagnosis is not None else None
+        if not policy or not policy.get("policy_domain") or self.tls_reports.resolver is None:
+            return diagnosis
+        facts = await self.tls_reports.incident_facts(policy["policy_domain"])
+        return replace(diagnosis, facts={**diagnosis.facts, "tls_report": facts})
 
     async def _notify(self, inc: Incident, transition: str, now: float) -> None:
         config = self.config_ref()

@@ -70,6 +70,22 @@ class TlsReporter:
         else:
             self._retry_at = now + DNS_RETRY
 
+    async def incident_facts(self, policy_domain: str) -> dict:
+        """Today's failures of a domain's sessions and where its report goes, for an incident."""
+        now = self.clock()
+        day = utc_day(now)
+        failures: dict[str, int] = {}
+        for c in await self.store.tls_counts(day):
+            if c.policy_domain == policy_domain and c.result_type:
+                failures[c.result_type] = failures.get(c.result_type, 0) + c.count
+        try:
+            rua = list(parse_tlsrpt(await self.resolver.txt(f"_smtp._tls.{policy_domain}")))
+        except DnsFailure:
+            rua = []
+        return {"policy_domain": policy_domain, "day": day, "rua": rua,
+                "enabled": self.config_ref().tls_reporting.enabled,
+                "failures": sorted(failures.items(), key=lambda item: (-item[1], item[0]))}
+
     async def _report(self, config: Config, day: str, domain: str, counts, now: float) -> bool:
         """Send one domain's report; False to ask its DNS again later."""
         try:
