@@ -289,3 +289,87 @@ async def test_an_mta_sts_incident_says_how_many_sessions_failed_and_where_the_r
     text = (await relay.cli("incidents", "show", str(incident["id"]))).output
     assert "session(s) to partner.test failed today (UTC): " in text
     assert "with certificate-host-mismatch; the daily TLS report goes to rua=mailto:tlsrpt@partner.test." in text
+
+
+# -- the daily trigger on a clock of the test's, over each store ------------------------------------
+
+from helpers import STORE_BACKENDS, make_store  # noqa: E402
+from relaywatch.config import parse_config  # noqa: E402
+from relaywatch.deliver.resolver import Resolver  # noqa: E402
+from relaywatch.errors import StoreError  # noqa: E402
+from relaywatch.store.base import QueueQuery  # noqa: E402
+
+MIDNIGHT = 86400.0 * 20422     # 2025-11-30 00:00 UTC
+
+
+@pytest.mark.parametrize("backend", STORE_BACKENDS)
+async def test_the_report_goes_after_midnight_once_and_a_dns_failure_is_asked_again(backend, tmp_path, request):
+    dns_server = await DnsServer({(f"_smtp._tls.{DOMAIN}", "TXT"): "SERVFAIL"}).start()
+    store = make_store(backend, tmp_path, request)
+    await store.open()
+    config = parse_config({
+        "server": {"hostname": "relay.contoso.test", "data_dir": str(tmp_path / "data")},
+        "dns": {"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+        "tls_reporting": {"enabled": True, "organization_name": "Contoso", "contact_info": "tls@contoso.test"}})
+    now = [MIDNIGHT - 3600]                 # 23:00 the day before
+    reporter = TlsReporter(lambda: config, store, Resolver(config.dns), lambda: now[0])
+    try:
+        day = utc_day(MIDNIGHT - 1)
+        await store.add_tls_counts([TlsCount(day, DOMAIN, "no-policy-found", (), count=4)])
+        await reporter.send_due()
+        assert await store.tls_reports(day) == []          # the day is not over
+
+        now[0] = MIDNIGHT + 60
+        await reporter.send_due()
+        assert await store.tls_reports(day) == []          # SERVFAIL: nothing claimed, asked again later
+
+        dns_server.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = ['"v=TLSRPTv1; rua=mailto:tlsrpt@partner.test"']
+        now[0] = MIDNIGHT + 120
+        await reporter.send_due()
+        assert await store.tls_reports(day) == []          # not yet: within the DNS retry hold
+
+        now[0] = MIDNIGHT + 60 + 601
+        await reporter.send_due()
+        [sent] = await store.tls_reports(day)
+        [entry] = await store.list(QueueQuery())
+        assert sent["outcome"] == {"mailto:tlsrpt@partner.test": f"queued {entry.id}"}
+        assert entry.sender == "noreply-smtp-tls-reporting@relay.contoso.test"
+        assert [r.address for r in entry.recipients] == ["tlsrpt@partner.test"]
+
+        now[0] += 3600
+        await TlsReporter(lambda: config, store, Resolver(config.dns), lambda: now[0]).send_due()   # a restart
+        assert len(await store.list(QueueQuery())) == 1
+    finally:
+        await store.close()
+        dns_server.stop()
+
+
+async def test_counts_the_store_refused_are_kept_for_the_next_tick(tmp_path):
+    from relaywatch.store.memory import MemoryStore
+    from relaywatch.watch.monitor import Monitor
+    store = MemoryStore()
+    await store.open()
+    config = parse_config({"server": {"data_dir": str(tmp_path / "data")}})
+    monitor = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None)
+    monitor.tls_tally.add(_result())
+    await store.close()
+    with pytest.raises(StoreError):
+        await monitor.tick()
+    [row] = monitor.tls_tally.take()
+    assert row.count == 1
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("starttls, expected", [(True, ""), (False, "starttls-not-supported")])
+async def test_mail_by_mx_under_no_policy_counts_as_no_policy_found(world, starttls, expected):
+    await world.start(txt_id=None, starttls=starttls)   # no _mta-sts record: opportunistic TLS
+    relay = await world.start_relay(alerts={"evaluate_interval": "0.1s"})
+    await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
+    await eventually(lambda: world.mx.messages, what="delivery")
+
+    async def counted():
+        return [c for c in await relay.store.tls_counts(utc_day(time.time())) if c.policy_domain == DOMAIN]
+    [row] = await eventually(counted, what="the session counted")
+    assert (row.policy_type, row.result_type, row.count) == ("no-policy-found", expected, 1)
+    if expected:
+        assert (row.mx_host, row.receiving_ip, row.sending_ip) == (MX, LOOPBACK, LOOPBACK)

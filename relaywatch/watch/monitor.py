@@ -132,17 +132,17 @@ class Monitor:
         await self.tls_reports.send_due()
 
     async def _flush_facts(self) -> None:
-        good, self._good = self._good, {}
-        for connector, facts in good.items():
-            await self.store.set_last_good(connector, facts["at"], facts)
-        invalid, self._invalid = self._invalid, []
-        await self.store.add_invalid_recipients(invalid)
         counts = self.tls_tally.take()
         try:
             await self.store.add_tls_counts(counts)
         except StoreError:
             self.tls_tally.put_back(counts)   # counted again at the next tick
             raise
+        good, self._good = self._good, {}
+        for connector, facts in good.items():
+            await self.store.set_last_good(connector, facts["at"], facts)
+        invalid, self._invalid = self._invalid, []
+        await self.store.add_invalid_recipients(invalid)
 
     async def _read_facts(self, config: Config, now: float) -> WatchFacts:
         started = time.monotonic()
