@@ -303,6 +303,11 @@ class Relaywatch:
             except Exception:
                 log.exception("a part of relaywatch had failed")
         self.parts, self._running, self._group = [], {}, None
+        if self.monitor is not None:
+            try:   # the TLS results of the last deliveries, counted since the watch's last tick
+                await self.monitor.flush_tls_counts()
+            except RelaywatchError as exc:
+                log.warning("the last TLS report counts could not be stored: %s", exc)
         await self.store.close()
 
     def reload(self) -> bool:

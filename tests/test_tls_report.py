@@ -373,3 +373,14 @@ async def test_mail_by_mx_under_no_policy_counts_as_no_policy_found(world, start
     assert (row.policy_type, row.result_type, row.count) == ("no-policy-found", expected, 1)
     if expected:
         assert (row.mx_host, row.receiving_ip, row.sending_ip) == (MX, LOOPBACK, LOOPBACK)
+
+
+async def test_a_clean_stop_stores_the_counts_of_the_last_deliveries(world):
+    await world.start(txt_id=None)
+    relay = await world.start_relay(alerts={"evaluate_interval": "1h"})   # no tick after the start's
+    await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
+    await eventually(lambda: world.mx.messages, what="delivery")
+    await eventually(lambda: relay.app.monitor.tls_tally.pending, what="the session counted in memory")
+    await relay.restart()
+    [row] = await relay.store.tls_counts(utc_day(time.time()))
+    assert (row.policy_domain, row.policy_type, row.count) == (DOMAIN, "no-policy-found", 1)

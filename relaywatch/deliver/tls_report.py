@@ -66,6 +66,11 @@ class TlsTally:
             n = row.count if each is None else each
             self._counts[key] = TlsCount(**{**row.__dict__, "count": n + (held.count if held else 0)})
 
+    @property
+    def pending(self) -> int:
+        """Sessions counted and not taken yet."""
+        return sum(c.count for c in self._counts.values())
+
     def take(self) -> list[TlsCount]:
         rows, self._counts = list(self._counts.values()), {}
         return rows

@@ -131,13 +131,17 @@ class Monitor:
         await self.send_due()
         await self.tls_reports.send_due()
 
-    async def _flush_facts(self) -> None:
+    async def flush_tls_counts(self) -> None:
+        """Add the TLS results counted since the last tick to the store (also at a clean stop)."""
         counts = self.tls_tally.take()
         try:
             await self.store.add_tls_counts(counts)
         except StoreError:
             self.tls_tally.put_back(counts)   # counted again at the next tick
             raise
+
+    async def _flush_facts(self) -> None:
+        await self.flush_tls_counts()
         good, self._good = self._good, {}
         for connector, facts in good.items():
             await self.store.set_last_good(connector, facts["at"], facts)
