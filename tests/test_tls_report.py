@@ -384,3 +384,38 @@ async def test_a_clean_stop_stores_the_counts_of_the_last_deliveries(world):
     await relay.restart()
     [row] = await relay.store.tls_counts(utc_day(time.time()))
     assert (row.policy_domain, row.policy_type, row.count) == (DOMAIN, "no-policy-found", 1)
+
+
+async def test_only_the_leader_sends_the_reports(tmp_path):
+    from relaywatch.store.memory import MemoryStore
+    from relaywatch.watch.monitor import Monitor
+    dns_server = await DnsServer({(f"_smtp._tls.{DOMAIN}", "TXT"): ['"v=TLSRPTv1; rua=mailto:t@partner.test"']}).start()
+    store = MemoryStore()
+    await store.open()
+    config = parse_config({
+        "server": {"data_dir": str(tmp_path / "data")},
+        "dns": {"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+        "tls_reporting": {"enabled": True, "organization_name": "Contoso", "contact_info": "tls@contoso.test"}})
+    day = utc_day(MIDNIGHT - 1)
+    await store.add_tls_counts([TlsCount(day, DOMAIN, "no-policy-found", (), count=1)])
+    terms = {"a": None, "b": None}
+
+    def monitor(name):
+        m = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=lambda: MIDNIGHT + 60,
+                    leader_term=lambda: terms[name])
+        m.tls_reports = TlsReporter(lambda: config, store, Resolver(config.dns), lambda: MIDNIGHT + 60)
+        return m
+    a, b = monitor("a"), monitor("b")
+    try:
+        await a.tick()
+        await b.tick()
+        assert await store.tls_reports(day) == []       # nobody leads: nobody reports
+        terms["b"] = await store.acquire_leader("b", MIDNIGHT, MIDNIGHT + 25)
+        await a.tick()
+        assert await store.tls_reports(day) == []
+        await b.tick()
+        [sent] = await store.tls_reports(day)
+        assert list(sent["outcome"]) == ["mailto:t@partner.test"]
+    finally:
+        await store.close()
+        dns_server.stop()
