@@ -44,36 +44,41 @@ class TlsResults:
 
 
 class TlsTally:
-    """Counts of results by (day, report key), taken by the watch and added to the store."""
+    """Counts of results by (day, report key), taken by the watch and added to the store.
+
+    ``add`` is on the delivery path: a tuple and a dict increment (about a
+    microsecond); the TlsCount rows are made only when the watch takes them."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple, TlsCount] = {}
+        self._counts: dict[tuple, int] = {}      # TlsCount's fields but count -> count
+        self._day = (-1, "")                     # (day number, its name): one strftime a day
 
     def add(self, result: TlsResult) -> None:
-        failed = result.result_type is not None
-        row = TlsCount(day=utc_day(result.at), policy_domain=result.policy_domain, policy_type=result.policy_type,
-                       policy_strings=tuple(result.policy_strings), result_type=result.result_type or "",
-                       mx_host=(result.mx_host or "") if failed else "",
-                       receiving_ip=(result.receiving_ip or "") if failed else "",
-                       sending_ip=(result.sending_ip or "") if failed else "")
-        self.put_back([row], 1)
+        number = int(result.at // 86400)
+        if number != self._day[0]:
+            self._day = (number, utc_day(result.at))
+        if result.result_type is None:
+            key = (self._day[1], result.policy_domain, result.policy_type, result.policy_strings, "", "", "", "")
+        else:
+            key = (self._day[1], result.policy_domain, result.policy_type, result.policy_strings,
+                   result.result_type, result.mx_host or "", result.receiving_ip or "", result.sending_ip or "")
+        self._counts[key] = self._counts.get(key, 0) + 1
 
-    def put_back(self, rows: Iterable[TlsCount], each: int | None = None) -> None:
-        """Count ``rows`` (again: a store write that failed gives its rows back)."""
-        for row in rows:
-            key = row.key()
-            held = self._counts.get(key)
-            n = row.count if each is None else each
-            self._counts[key] = TlsCount(**{**row.__dict__, "count": n + (held.count if held else 0)})
+    def put_back(self, rows: Iterable[TlsCount]) -> None:
+        """Count ``rows`` again (a store write that failed gives its rows back)."""
+        for r in rows:
+            key = (r.day, r.policy_domain, r.policy_type, r.policy_strings, r.result_type, r.mx_host,
+                   r.receiving_ip, r.sending_ip)
+            self._counts[key] = self._counts.get(key, 0) + r.count
 
     @property
     def pending(self) -> int:
         """Sessions counted and not taken yet."""
-        return sum(c.count for c in self._counts.values())
+        return sum(self._counts.values())
 
     def take(self) -> list[TlsCount]:
-        rows, self._counts = list(self._counts.values()), {}
-        return rows
+        counts, self._counts = self._counts, {}
+        return [TlsCount(*key, count=n) for key, n in counts.items()]
 
 
 def opportunistic_result(domain: str, host: str, ip: str | None, sending_ip: str | None, encrypted: bool,
