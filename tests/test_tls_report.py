@@ -38,6 +38,7 @@ _LINES = ("version: STSv1", "mode: enforce", f"mx: {MX}", "max_age: 86400")
     (["other", "v=TLSRPTv1; rua=https://r.p.test/"], ("https://r.p.test/",)),
     (["v=TLSRPTv1; rua=ftp://r.p.test/, mailto:nobody"], ()),         # unknown scheme, no address
     (["v=TLSRPTv1"], ()),
+    (["v=TLSRPTv1; rua=mailto:a@p.test\x1b[31m,https://r.p.test/"], ("https://r.p.test/",)),   # no escapes
     (["v=TLSRPTv1; rua=mailto:a@p.test", "v=TLSRPTv1; rua=mailto:b@p.test"], ()),   # two: none (RFC 8460 3)
     (["v=TLSRPTv10; rua=mailto:a@p.test"], ()),
     ([], ()),

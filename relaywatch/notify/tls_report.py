@@ -50,6 +50,8 @@ def parse_tlsrpt(texts: list[str]) -> tuple[str, ...]:
             break
     out = []
     for uri in (u.strip() for u in rua.split(",")):
+        if not uri.isprintable() or " " in uri:
+            continue   # the domain's words end up in incident text and the CLI: one clean token each
         parts = urlsplit(uri)
         if parts.scheme == "mailto" and "@" in unquote(parts.path):
             out.append(uri)
