@@ -420,3 +420,28 @@ async def test_only_the_leader_sends_the_reports(tmp_path):
     finally:
         await store.close()
         dns_server.stop()
+
+
+async def test_the_mailed_report_is_dkim_signed_by_the_submitters_key_and_verifies(tmp_path):
+    from relaywatch.store.memory import MemoryStore
+    from test_dkim import keygen, verify_all
+    name, rdata, key_file = keygen(tmp_path, "relay.contoso.test", "ed25519", "tls-1")
+    dns_server = await DnsServer({(name, "TXT"): [rdata],
+                                  (f"_smtp._tls.{DOMAIN}", "TXT"): ['"v=TLSRPTv1; rua=mailto:t@partner.test"']}).start()
+    store = MemoryStore()
+    await store.open()
+    config = parse_config({
+        "server": {"hostname": "relay.contoso.test", "data_dir": str(tmp_path / "data")},
+        "dns": {"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+        "dkim": [{"domain": "relay.contoso.test", "selector": "tls-1", "key_file": key_file}],
+        "tls_reporting": {"enabled": True, "organization_name": "Contoso", "contact_info": "tls@contoso.test"}})
+    try:
+        await store.add_tls_counts([TlsCount(utc_day(MIDNIGHT - 1), DOMAIN, "no-policy-found", (), count=1)])
+        await TlsReporter(lambda: config, store, Resolver(config.dns), lambda: MIDNIGHT + 60).send_due()
+        [entry] = await store.list(QueueQuery())
+        body = (await store.read_body(entry.body_id)).data
+        assert body.startswith(b"DKIM-Signature:") and b"d=relay.contoso.test;" in body
+        assert await asyncio.to_thread(verify_all, body, dns_server.port) == [(b"ed25519-sha256", True)]
+    finally:
+        await store.close()
+        dns_server.stop()

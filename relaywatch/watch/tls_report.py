@@ -6,7 +6,8 @@ our resolver for ``_smtp._tls.<domain>`` TXT; a domain that publishes
 ``rua`` URIs gets the report (notify/tls_report.py builds it):
 
 - ``mailto:`` -- queued as a message of our own (multipart/report with the
-  gzip), so it is delivered, retried and never lost as any other mail;
+  gzip, DKIM-signed when a ``[[dkim]]`` entry signs the submitter's domain),
+  so it is delivered, retried and never lost as any other mail;
 - ``https:`` -- POSTed as ``application/tlsrpt+gzip``, once; a 2xx is success.
 
 ``claim_tls_report`` makes each (day, domain) report go out once, whichever
@@ -21,6 +22,7 @@ import ipaddress
 import logging
 import ssl
 import time
+from dataclasses import replace
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -30,7 +32,9 @@ from relaywatch.config import Config
 from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls_report import utc_day
 from relaywatch.errors import StoreError
+from relaywatch.model import NewMessage, StoredBody
 from relaywatch.notify.tls_report import MEDIA_TYPE, parse_tlsrpt, report, report_file, report_id, report_message
+from relaywatch.receive.dkim_sign import sign_message
 from relaywatch.store.base import Store
 
 log = logging.getLogger("relaywatch.tls_report")
@@ -108,7 +112,7 @@ class TlsReporter:
             if message is None:
                 outcome.update({u: "not routable (refused by our own routing)" for u in mailto})
             else:
-                ids = await self.store.enqueue(message)
+                ids = await self.store.enqueue(_signed(config, message))
                 outcome.update({u: f"queued {', '.join(ids)}" for u in mailto})
         body = report_file(data, domain, settings.submitter)[1]
         for uri in (u for u in rua if u.startswith("https:")):
@@ -141,3 +145,11 @@ class TlsReporter:
         if 200 <= response.status_code < 300:
             return f"sent (HTTP {response.status_code})"
         return f"failed: HTTP {response.status_code}"
+
+
+def _signed(config: Config, message: NewMessage) -> NewMessage:
+    """DKIM-signed when a [[dkim]] entry signs the submitter's domain (RFC 8460 5.3 asks for it)."""
+    signed = sign_message(config.dkim, message.body.data) if config.dkim else None
+    if signed is None:
+        return message
+    return replace(message, body=StoredBody(size=len(signed[0]), data=signed[0]))
