@@ -62,8 +62,8 @@ SCHEMAS = {
         "One action", id={"type": "integer"}, at={"type": "string"}, who={"type": "string"},
         action={"type": "string"}, incident_id={"type": ["integer", "null"]}, detail={"type": "object"},
         undone_at={"type": ["string", "null"]})}),
-    "TlsReport": _obj(f"tls-report show --json ({_DOC})", day={"type": "string"}, domains={"type": "array", "items": _obj(
-        "One policy domain", policy_domain={"type": "string"},
+    "TlsReport": _obj(f"tls-report show --json ({_DOC})", day={"type": "string"}, domains={
+        "type": "array", "items": _obj("One policy domain", policy_domain={"type": "string"},
         policies={"type": "array", "description": "As the domain's RFC 8460 report has them"},
         report={"type": ["object", "null"]})}),
 }
