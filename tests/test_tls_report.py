@@ -445,3 +445,11 @@ async def test_the_mailed_report_is_dkim_signed_by_the_submitters_key_and_verifi
     finally:
         await store.close()
         dns_server.stop()
+
+
+def test_a_bad_date_is_named():
+    from click.testing import CliRunner
+    from relaywatch.cli import main
+    result = CliRunner().invoke(main, ["tls-report", "show", "--date", "30.11.2026", "-c", "/nonexistent.toml"])
+    assert result.exit_code == 2 and "'30.11.2026' is not a date such as 2026-11-30" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
