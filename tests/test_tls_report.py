@@ -194,6 +194,8 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
         await eventually(lambda: reports.messages and receiver.posts, what="the report by mail and by HTTPS")
 
         [mail] = reports.messages
+        # The report went by the smart host of a connector: no MX of reports.test, nothing to report to it.
+        assert {r.policy_domain for r in relay.app.routes.tls_results.recent} == {DOMAIN}
         assert mail.sender == "noreply-smtp-tls-reporting@relay.contoso.test"
         assert mail.recipients == ["tlsrpt@reports.test"]
         msg = email.message_from_bytes(mail.content, policy=email.policy.default)

@@ -43,7 +43,7 @@ class Target:
     index: int
     count: int
     sts: StsPolicy | None = None   # the recipient domain's MTA-STS policy in force (enforce or testing)
-    domain: str = ""               # the recipient domain whose MX this is ("" for a smart host)
+    domain: str = ""               # the recipient (policy) domain
 
 
 class AllTargetsFailed(Exception):
@@ -96,7 +96,8 @@ class SmtpRoutes:
         connector = self.connector_for(route)
         if connector is not None and connector.smart_hosts:
             n = len(connector.smart_hosts)
-            return [Target(h, p, i + 1, n) for i, (h, p) in enumerate(connector.smart_hosts)]
+            return [Target(h, p, i + 1, n, domain=route.domain or recipient_domain)
+                    for i, (h, p) in enumerate(connector.smart_hosts)]
         port = self.config_ref().delivery.smtp_port
         domain = route.domain or recipient_domain
         hosts = await self.resolver.mx(domain)
@@ -163,7 +164,7 @@ class SmtpRoutes:
         except SessionFailure as failure:
             obs = failure.observation
             if sts is None:
-                self._record_opportunistic(target, dest, conn, obs)
+                self._record_opportunistic(route, target, dest, conn, obs)
             if sts is None or not is_violation(obs):
                 raise
             enforced = sts.mode == "enforce"
@@ -179,13 +180,15 @@ class SmtpRoutes:
             self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, None, sts.mode == "enforce",
                                                             conn.local_ip))
         else:
-            self._record_opportunistic(target, dest, conn, None)
+            self._record_opportunistic(route, target, dest, conn, None)
         return conn
 
-    def _record_opportunistic(self, target: Target, dest: Destination, conn: SmtpConnection,
+    def _record_opportunistic(self, route: Route, target: Target, dest: Destination, conn: SmtpConnection,
                               failure: Observation | None) -> None:
-        """A session by MX under no TLS policy: RFC 8460's "no-policy-found"."""
-        if not target.domain:
+        """A session by MX under no TLS policy: RFC 8460's "no-policy-found" (a smart host is
+        no MX of the domain: its sessions are not the domain's to hear about)."""
+        connector = self.connector_for(route)
+        if (connector.smart_hosts if connector is not None else route.kind is not RouteKind.INTERNET):
             return
         result = opportunistic_result(target.domain, target.host, dest.ip, conn.local_ip, conn.tls is not None,
                                       failure, self.mta_sts.clock())
