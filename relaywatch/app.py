@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Awaitable, Callable
 
+from relaywatch import events
 from relaywatch.cluster.node import ClusterNode
 from relaywatch.config import Config
+from relaywatch.console.metrics import EXPORT_NAME, RECEIVE_EXPORT_NAME, export_counters, read_export
 from relaywatch.deliver.callout import SmtpCallout
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.scheduler import Scheduler
@@ -107,7 +109,7 @@ class Relaywatch:
             self.store.on_work = SchedulerWaker(self.scheduler.notify).wake
             # This node in the cluster (heartbeat, leader lease): in the process whose scheduler leases.
             self.node = ClusterNode(self.running.snapshot, self.store, self.scheduler.node, role.value,
-                                    lambda: self.scheduler.inflight, clock)
+                                    lambda: self.scheduler.inflight, self._received, clock)
             self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock,
                                    leader_term=self.node.term)
             self.scheduler.observer = self._observe
@@ -199,6 +201,8 @@ class Relaywatch:
         parts = [Part("drain", stop=self._drain)]
         if self.role is Role.DELIVER:
             parts.append(Part("counters", run=self._export_counters))
+        elif self.role is Role.RECEIVE:   # what it received, for the heartbeat its delivery process writes
+            parts.append(Part("counters", run=lambda: self._export_counters(RECEIVE_EXPORT_NAME)))
         parts.append(Part("overrides", run=lambda: watch_overrides(self.refresh_overrides)))
         if self.monitor is not None:
             parts.append(Part("monitor", run=self.monitor.run, stop=self._stop_monitor))
@@ -241,9 +245,15 @@ class Relaywatch:
         if self.console is not None:
             await self.console.stop()
 
-    async def _export_counters(self) -> None:
-        from relaywatch.console.metrics import export_counters   # the console adds them to its own
-        await export_counters(self.config.server.data_dir)
+    async def _export_counters(self, name: str = EXPORT_NAME) -> None:
+        await export_counters(self.config.server.data_dir, name=name)
+
+    def _received(self) -> int:
+        """Queue entries this node committed since its receiving process started (the heartbeat's
+        count): counted here, or by the receiving process when this is its delivery process."""
+        counts = (read_export(self.config.server.data_dir, RECEIVE_EXPORT_NAME) if self.role is Role.DELIVER
+                  else events.counts)
+        return sum(n for (event, _, _), n in counts.items() if event == "received")
 
     async def _stop_monitor(self) -> None:
         self.monitor.stop()

@@ -257,3 +257,33 @@ async def _leased_by(store, ids, prefix):
     from relaywatch.store.base import QueueQuery
     owners = {e.id: e.lease_owner or "" for e in await store.list(QueueQuery(limit=100))}
     return all(owners.get(i, "").startswith(prefix) for i in ids)
+
+
+@pytest.mark.parametrize("delivery_process", [True, False], ids=["two-processes", "one-process"])
+async def test_the_heartbeat_counts_what_the_node_received_and_delivered(tmp_path, pg_dsn, delivery_process):
+    """received is counted where the SMTP server runs, delivered where the scheduler runs:
+    with a delivery process those are two processes, and the heartbeat carries both."""
+    sink = await Sink().start()
+    server = await Server(tmp_path, server={"store": pg_dsn, "node_name": "n1", "heartbeat_interval": "0.25s",
+                                            "node_lapse": "2s", "delivery_process": delivery_process},
+                          connectors=[{"name": "onprem", "type": "on_premises", "domains": ["fabrikam.test"],
+                                       "smart_hosts": [f"{LOOPBACK}:{sink.port}"], "tls": "none"}]).start()
+    try:
+        await asyncio.to_thread(send, server.port, 3)
+        await eventually(lambda: len(sink.messages) == 3, what="the three messages delivered")
+
+        from relaywatch.store.postgres import PostgresStore
+        store = PostgresStore(pg_dsn)
+        await store.open()
+        try:
+            async def counted():
+                [beat] = await store.nodes()
+                return (beat.received, beat.delivered) == (3, 3)
+            await eventually(counted, what=lambda: f"the heartbeat to count 3 received, 3 delivered")
+        finally:
+            await store.close()
+        [node] = nodes_json(server)["nodes"]
+        assert (node["received"], node["delivered"]) == (3, 3)
+    finally:
+        assert await server.stop() == 0
+        await sink.stop()

@@ -24,7 +24,7 @@ class NodeBeat:
     started_at: float
     at: float                # the heartbeat's time, by the node's clock
     leases: int = 0          # entries it is delivering now
-    received: int = 0        # messages it accepted since it started
+    received: int = 0        # queue entries it accepted since it started (one per message and route)
     delivered: int = 0       # recipients it delivered since it started
     state: NodeState = NodeState.RUNNING
 

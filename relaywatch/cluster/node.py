@@ -27,12 +27,14 @@ log = logging.getLogger("relaywatch.cluster")
 
 class ClusterNode:
     def __init__(self, config_ref: Callable[[], Config], store: ClusterStore, instance: str, role: str,
-                 leases_held: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.time):
+                 leases_held: Callable[[], int] = lambda: 0, received: Callable[[], int] = lambda: 0,
+                 clock: Callable[[], float] = time.time):
         self.config_ref = config_ref
         self.store = store
         self.instance = instance          # the scheduler's lease owner
         self.role = role
         self.leases_held = leases_held
+        self.received = received          # counted by the receiving process (app.py)
         self.clock = clock
         self.started_at = clock()
         self.delivered = 0
@@ -57,7 +59,8 @@ class ClusterNode:
         address = ", ".join(f"{h}:{p}" for h, p in config.server.listen)
         return NodeBeat(name=config.server.node_name, instance=self.instance, address=address, role=self.role,
                         version=__version__, started_at=self.started_at, at=self.clock(),
-                        leases=self.leases_held(), delivered=self.delivered, state=state)
+                        leases=self.leases_held(), received=self.received(), delivered=self.delivered,
+                        state=state)
 
     async def start(self) -> None:
         """Register before the scheduler leases anything (its leases name this instance)."""

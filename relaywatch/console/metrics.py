@@ -47,6 +47,7 @@ from relaywatch import events, meters
 STATUSES = ("queued", "deferred", "held", "active")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 EXPORT_NAME = "counters-deliver.json"
+RECEIVE_EXPORT_NAME = "counters-receive.json"   # the receiving process's, for its node's heartbeat (app.py)
 EXPORT_INTERVAL = 1.0
 
 # (event, metric name, labels it keeps, help)
@@ -232,14 +233,14 @@ def local_meters() -> dict:
 
 # -- the delivery process's counts ---------------------------------------------------
 
-def read_export(data_dir: Path) -> dict[tuple[str, str, str], int]:
-    return read_export_all(data_dir)[0]
+def read_export(data_dir: Path, name: str = EXPORT_NAME) -> dict[tuple[str, str, str], int]:
+    return read_export_all(data_dir, name)[0]
 
 
-def read_export_all(data_dir: Path) -> tuple[dict[tuple[str, str, str], int], dict]:
+def read_export_all(data_dir: Path, name: str = EXPORT_NAME) -> tuple[dict[tuple[str, str, str], int], dict]:
     """The delivery process's event counts and meters (a file without ``meters``: none)."""
     try:
-        data = json.loads((data_dir / EXPORT_NAME).read_text())
+        data = json.loads((data_dir / name).read_text())
         counts = {(e, c, code): int(n) for e, c, code, n in data["counts"]}
         found = data.get("meters")
         return counts, found if isinstance(found, dict) else {}
@@ -247,8 +248,9 @@ def read_export_all(data_dir: Path) -> tuple[dict[tuple[str, str, str], int], di
         return {}, {}   # none yet (or one being replaced): the next scrape has it
 
 
-def write_export(data_dir: Path, counts: dict[tuple[str, str, str], int], meter_snapshot: dict | None = None) -> None:
-    path = data_dir / EXPORT_NAME
+def write_export(data_dir: Path, counts: dict[tuple[str, str, str], int], meter_snapshot: dict | None = None,
+                 name: str = EXPORT_NAME) -> None:
+    path = data_dir / name
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     doc = {"pid": os.getpid(), "at": time.time(), "counts": [[*k, n] for k, n in counts.items()]}
     if meter_snapshot is not None:
@@ -257,14 +259,15 @@ def write_export(data_dir: Path, counts: dict[tuple[str, str, str], int], meter_
     os.replace(tmp, path)   # readers see the old file or the new one, never half of one
 
 
-async def export_counters(data_dir: Path, interval: float = EXPORT_INTERVAL) -> None:
-    """In the delivery process: keep data_dir/counters-deliver.json current (when counts change)."""
+async def export_counters(data_dir: Path, interval: float = EXPORT_INTERVAL, name: str = EXPORT_NAME) -> None:
+    """In the delivery process: keep data_dir/counters-deliver.json current (when counts change).
+    The receiving process keeps counters-receive.json, which its delivery process's node reads."""
     last = None
     while True:
         snapshot = (dict(events.counts), meters.snapshot())
         if snapshot != last:
             try:
-                await asyncio.to_thread(write_export, data_dir, *snapshot)
+                await asyncio.to_thread(write_export, data_dir, *snapshot, name)
                 last = snapshot
             except OSError:
                 pass   # a full disk: the console shows older counts until it can write
