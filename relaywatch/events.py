@@ -69,7 +69,8 @@ logger = logging.getLogger("relaywatch.mail")
 # or a domain.  Each process counts its own events; in the two-process
 # topology the delivery process exports its counts (console/metrics.py).
 COUNTED = ("received", "delivered", "deferred", "bounced", "expired", "rejected",
-           "auth", "auth_failed", "auth_blocked", "auth_refused")     # SMTP AUTH (receive/login.py)
+           "auth", "auth_failed", "auth_blocked", "auth_refused",     # SMTP AUTH (receive/login.py)
+           "possible_duplicate")                                      # deliver/handover.py
 counts: dict[tuple[str, str, str], int] = {}
 
 

@@ -68,6 +68,9 @@ COUNTERS = (
     ("auth_blocked", "relaywatch_smtp_auth_blocks_total", (),
      "Client IPs blocked from AUTH after server.auth_max_failures failures."),
     ("auth_refused", "relaywatch_smtp_auth_refused_total", (), "SMTP AUTH attempts refused during a block."),
+    ("possible_duplicate", "relaywatch_possible_duplicates_total", (),
+     "Queue entries a previous run of this node was handing to their destination when it died, "
+     "and so may have delivered already (deliver/handover.py)."),
 )
 
 

@@ -26,6 +26,7 @@ from typing import Callable
 
 from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
+from relaywatch.deliver.handover import JOURNAL_NAME as HANDOVER_NAME, HandoverJournal
 from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.record import record_attempt
 from relaywatch.deliver.slots import Slots
@@ -73,6 +74,8 @@ class Scheduler:
         # Outcomes the store could not take: recorded later, never delivered again.
         self.pending = PendingOutcomes(store, self.config_ref().server.data_dir / JOURNAL_NAME,
                                        lambda: self.config_ref().queue.lease_time, clock)
+        # What sessions are handing over and is not recorded yet: the next start's possible duplicates.
+        self.handover = HandoverJournal(self.config_ref().server.data_dir / HANDOVER_NAME)
         self._lease_failing = False
         # The one way the rest of this process changes the queue (the watch, the override watcher).
         self.actions = QueueActions(store, config_ref, wake=self.retry_now, clock=clock)
@@ -100,6 +103,7 @@ class Scheduler:
         # What a previous run delivered but could not record goes in before
         # anything is leased (store/pending.py).
         await self.pending.replay()
+        self.handover.report_previous(self.config_ref().server.node_name)
         while not self._stopping:
             config = self.config_ref()
             room = self._max_inflight() - self.inflight
@@ -148,6 +152,7 @@ class Scheduler:
         if len(self.pending):
             await self.pending.flush()
         await self.pending.close()
+        self.handover.close()
         try:
             # Not the leases of outcomes still kept: the next run records them.
             await self.store.release_leases(self.node, self.clock(), keep=self.pending.ids())
@@ -221,6 +226,8 @@ class Scheduler:
                     finally:
                         if entry.id not in self._recording:
                             self._finished_one()
+                    if entry.id not in self._recording:   # not when cancelled mid-session (stop)
+                        self.handover.ended(entry.id)
         finally:
             dq.workers -= 1
             await session.close()
@@ -245,6 +252,7 @@ class Scheduler:
             await self.store.record(entry.id, self.node, None, [], self.clock() + PAUSED_RECHECK,
                                     notice_pending=entry.notice_pending)
             return
+        self.handover.started(entry.id)
         self._finish(entry, await session.deliver(entry, body, recipients), started, body)
 
     def _finish(self, entry: Entry, result: DeliveryResult, started: float, body: StoredBody | None,
@@ -263,6 +271,8 @@ class Scheduler:
             self._recording.discard(entry.id)
             self._record_tasks.discard(t)
             self._finished_one()
+            if not t.cancelled():
+                self.handover.ended(entry.id)
             if not t.cancelled() and t.exception() is not None:
                 log.error("could not record the attempt for %s (it will be retried): %s", entry.id, t.exception())
             elif not t.cancelled() and self.observer is not None:

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from relaywatch import events
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
     Attempt, Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
@@ -351,5 +352,6 @@ class PendingOutcomes:
 
 
 def _possible_duplicate(r: PendingRecord, exc: BaseException) -> None:
+    events.emit("possible_duplicate", id=r.entry_id, node=r.owner.split(":", 1)[0])
     log.warning("possible duplicate: message %s was delivered to %d recipient(s), but its lease lapsed before "
                 "the outcome could be recorded (%s); another delivery may follow", r.entry_id, r.delivered, exc)
