@@ -7,9 +7,11 @@ to any other address.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -17,6 +19,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -671,3 +674,82 @@ class Server:
         code = await asyncio.to_thread(self.proc.wait, 30)
         self.log.close()
         return code
+
+
+# -- load under kills (test_crash_loop.py, test_cluster_soak.py) -----------------------
+
+_MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)", re.M | re.I)
+
+
+class CountingSink(SinkHandler):
+    """The destination: counts each Message-ID it accepted."""
+
+    def __init__(self):
+        super().__init__(keep_content=False)
+        self.seen: collections.Counter = collections.Counter()
+
+    async def handle_DATA(self, server, session, envelope):
+        match = _MESSAGE_ID.search(envelope.original_content or b"")
+        self.seen[match.group(1).decode() if match else "?"] += 1
+        return "250 2.0.0 Ok"
+
+
+class Load:
+    """Client threads sending one message after another to ``ports`` (a thread moves to
+    the next port when one fails); a message counts as acknowledged only once DATA got
+    250.  ``acked``: Message-ID -> the queue ids of the 250."""
+
+    def __init__(self, *ports: int, threads: int = 2, tag: str = "crash"):
+        self.ports = ports
+        self.tag = tag
+        self.acked: dict[str, list[str]] = {}
+        self.failures = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+
+    def start(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _run(self, thread: int) -> None:
+        n = 0
+        client = None
+        port = thread
+        while not self._stop.is_set():
+            try:
+                if client is None:
+                    client = smtplib.SMTP(LOOPBACK, self.ports[port % len(self.ports)], timeout=10)
+                    client.ehlo("client.test")
+                n += 1
+                mid = f"<{self.tag}-{thread}-{n}@client.test>"
+                client.mail("alice@contoso.test")
+                client.rcpt("bob@fabrikam.test")
+                code, reply = client.data(f"From: alice@contoso.test\r\nSubject: {self.tag}\r\n"
+                                          f"Message-ID: {mid}\r\n\r\nmessage {n}\r\n".encode())
+                if code != 250:
+                    raise smtplib.SMTPDataError(code, reply)
+                with self._lock:
+                    self.acked[mid] = reply.decode().split("Queued as ", 1)[-1].split()
+            except (OSError, smtplib.SMTPException):
+                # Refused, reset or 4xx while the server is down: not acknowledged, not counted.
+                self.failures += 1
+                port += 1
+                if client is not None:
+                    try:
+                        client.close()
+                    except OSError:
+                        pass
+                client = None
+                self._stop.wait(0.02)
+        if client is not None:
+            try:
+                client.quit()
+            except (OSError, smtplib.SMTPException):
+                pass

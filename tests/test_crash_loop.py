@@ -16,40 +16,23 @@ runs 15 rounds with more mail per round.
 """
 
 import asyncio
-import collections
 import json
 import os
-import re
 import signal
 import smtplib
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, to_toml
+from helpers import LOOPBACK, CountingSink, Load, Sink, base_config, eventually, free_port, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("RELAYWATCH_LONG_TESTS") == "1"
 CONCURRENCY = 4
 IN_FLIGHT_PER_KILL = CONCURRENCY * 4      # entries one delivery process holds leased at most
-_MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>\r\n]+>)", re.M | re.I)
-
-
-class CountingSink(SinkHandler):
-    """The destination: counts each Message-ID it accepted."""
-
-    def __init__(self):
-        super().__init__(keep_content=False)
-        self.seen: collections.Counter = collections.Counter()
-
-    async def handle_DATA(self, server, session, envelope):
-        match = _MESSAGE_ID.search(envelope.original_content or b"")
-        self.seen[match.group(1).decode() if match else "?"] += 1
-        return "250 2.0.0 Ok"
 
 
 class Serve:
@@ -122,60 +105,6 @@ class Serve:
         code = await asyncio.to_thread(self.proc.wait, 30)
         self.log.close()
         return code
-
-
-class Load:
-    """Client threads sending one message after another; a message counts as
-    acknowledged only once DATA got 250."""
-
-    def __init__(self, port: int, threads: int = 2):
-        self.port = port
-        self.acked: list[str] = []
-        self.failures = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
-
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def _run(self, thread: int) -> None:
-        n = 0
-        client = None
-        while not self._stop.is_set():
-            try:
-                if client is None:
-                    client = smtplib.SMTP(LOOPBACK, self.port, timeout=10)
-                    client.ehlo("client.test")
-                n += 1
-                mid = f"<crash-{thread}-{n}@client.test>"
-                client.sendmail("alice@contoso.test", ["bob@fabrikam.test"],
-                                f"From: alice@contoso.test\r\nSubject: crash loop\r\nMessage-ID: {mid}\r\n\r\n"
-                                f"message {n}\r\n".encode())
-                with self._lock:
-                    self.acked.append(mid)
-            except (OSError, smtplib.SMTPException):
-                # Refused, reset or 4xx while the server is down: not acknowledged, not counted.
-                self.failures += 1
-                if client is not None:
-                    try:
-                        client.close()
-                    except OSError:
-                        pass
-                client = None
-                self._stop.wait(0.02)
-        if client is not None:
-            try:
-                client.quit()
-            except (OSError, smtplib.SMTPException):
-                pass
 
 
 async def _crash_loop(tmp_path, rounds: list[str], per_round: int):
