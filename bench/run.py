@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import cluster
 from relays import (HOST, PEER_CLASSES, RELAY_CLASSES, ROOT, WORK, Exim, Postfix, Relay, Relaywatch, free_port,
                     private_dir, proc_status, wait_port)
 
@@ -488,6 +489,13 @@ SCENARIOS = {
     "big_messages": lambda cls, a: big_messages(cls, 10 if not a.smoke else 2, 35_000_000 if not a.smoke else 1_000_000),
     "latency": lambda cls, a: latency(cls, 200, 11 if not a.smoke else 2),
     "throughput_console": lambda cls, a: throughput_console(cls, a.messages, a.sessions, 1024),
+    # PostgreSQL (bench/cluster.py): relaywatch and Postfix; relaywatch alone
+    "throughput_1k_pg": lambda cls, a: cluster.throughput_pg(sys.modules[__name__], cls, a.messages, a.sessions, 1024),
+    "cluster_nodes": lambda cls, a: cluster.cluster_nodes(sys.modules[__name__], cls, a.messages, a.sessions, 1024),
+    "big_queue_pg": lambda cls, a: cluster.big_queue_pg(sys.modules[__name__], cls,
+                                                        a.big_queue if not a.smoke else 2000,
+                                                        max(a.messages // 4, 10), a.sessions,
+                                                        settle=60.0 if not a.smoke else 2.0),
 }
 
 # Which number decides each scenario, and whether more is better.
@@ -500,6 +508,9 @@ HEADLINE = {
     "big_messages": ("end_to_end_s", False),
     "latency": ("p99_ms", False),
     "throughput_console": ("with_over_without", True),
+    "throughput_1k_pg": ("end_to_end_per_s", True),
+    "cluster_nodes": ("nodes3_over_nodes1", True),
+    "big_queue_pg": ("lease_256_of_10k_due_ms", False),
 }
 
 
@@ -515,7 +526,9 @@ def summarise(runs: list[dict]) -> dict:
 
 
 # Scenarios about relaywatch's own memory and queue: the other relays are not measured there.
-RELAYWATCH_ONLY = ("big_messages", "big_queue", "throughput_console")
+RELAYWATCH_ONLY = ("big_messages", "big_queue", "throughput_console", "cluster_nodes", "big_queue_pg")
+# Scenarios against the reference only (the other peers have no PostgreSQL queue to compare).
+POSTFIX_ONLY = ("throughput_1k_pg",)
 
 
 def ready_relays(names: list[str] | None, classes=RELAY_CLASSES, peers=PEER_CLASSES,
@@ -565,7 +578,8 @@ def main() -> None:
     Postfix.install()
     relays, skipped = ready_relays(a.only)
     # backlog_default waits out Postfix's 300 s timers: run it on purpose, not by default.
-    scenarios = a.scenario or [s for s in SCENARIOS if s != "backlog_default"]
+    # The PostgreSQL ones need a server (RELAYWATCH_BENCH_PG): named, not by default either.
+    scenarios = a.scenario or [s for s in SCENARIOS if s not in ("backlog_default", *cluster.SCENARIOS)]
     results: dict = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
                                  "kernel": platform.release()},
                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -586,7 +600,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {cls.name: [] for cls in relays}
         for i in range(a.repeat):
             for cls in relays:      # alternate, so drift hits all alike
-                if name in RELAYWATCH_ONLY and cls is not Relaywatch:
+                if name in RELAYWATCH_ONLY and cls is not Relaywatch or name in POSTFIX_ONLY and cls not in (
+                        Relaywatch, Postfix):
                     continue
                 try:
                     r = SCENARIOS[name](cls, a)
@@ -642,7 +657,10 @@ def render(results: dict) -> str:
                  "backlog_default": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
                  "big_queue": f"{max(p['messages'] // 4, 10)} "
                               f"(+{p.get('big_queue', 1_000_000) if not p.get('smoke') else 2000} queued)",
-                 "big_messages": 10 if not p.get("smoke") else 2, "latency": "200/s"}.get(name, p["messages"])
+                 "big_messages": 10 if not p.get("smoke") else 2, "latency": "200/s",
+                 "big_queue_pg": f"{max(p['messages'] // 4, 10)} "
+                                 f"(+{p.get('big_queue', 1_000_000) if not p.get('smoke') else 2000} queued)",
+                 }.get(name, p["messages"])
         lines.append(f"| {name} | {entry.get('when', results['when'])} | {count} | {p['sessions']} | {p['repeat']} |")
     checks = results.get("delivery_check", {})
     if checks:

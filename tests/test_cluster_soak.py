@@ -137,10 +137,12 @@ async def _queue_empty(store):
     return await store.list(QueueQuery(limit=1)) == []
 
 
+@pytest.mark.timeout(300)
 async def test_three_nodes_killed_in_turn_lose_nothing_and_log_every_duplicate(tmp_path, pg_dsn):
     await _soak(tmp_path, pg_dsn, kills=3, per_round=60, timing=(0.25, 2.0))
 
 
 @pytest.mark.skipif(not LONG, reason="long cluster soak: set RELAYWATCH_LONG_TESTS=1")
+@pytest.mark.timeout(1800)
 async def test_cluster_soak_long_ten_kills_default_lapse(tmp_path, pg_dsn):
     await _soak(tmp_path, pg_dsn, kills=10, per_round=300, timing=None)   # the defaults: 5 s, 30 s
