@@ -16,8 +16,8 @@ warning naming the queue id and the node) and counted (the
 Why a local file and not the lease row: marking the row would be one more
 store write (a statement, a WAL record, a dead row version) per message on the
 hot path, and it would have to commit before the final dot to be of use.  The
-journal costs two ``write(2)`` calls of a few dozen bytes per delivery, with no
-fsync: it survives the process (kill -9, a crash, the OOM killer), not the
+journal costs one ``write(2)`` of a few dozen bytes per delivery (an end goes with
+the next start), with no fsync: it survives the process (kill -9, a crash, the OOM killer), not the
 machine; a host that crashes may lose its last lines, and a node that never
 starts again logs nothing (the leader's "returned N message(s) leased by dead
 nodes" line is then all there is).  "Started" is counted from the session's
@@ -60,6 +60,7 @@ class HandoverJournal:
         self.path = path
         self._fd: int | None = None
         self._open: set[str] = set()
+        self._ends: list[str] = []          # "-ID" lines not written yet
         self._size = 0
 
     def report_previous(self, node_name: str) -> list[str]:
@@ -82,19 +83,25 @@ class HandoverJournal:
         return found
 
     def started(self, entry_id: str) -> None:
+        """Before the session's first step: this line must reach the kernel before the
+        destination can have the message.  The ends noted since go in the same write."""
         if self._fd is None:
             return
+        if not self._open and self._size > COMPACT_AT:
+            os.ftruncate(self._fd, 0)        # nothing in flight: nothing the journal must keep
+            self._size, self._ends = 0, []
         self._open.add(entry_id)
-        self._write(f"+{entry_id}\n")
+        self._ends.append(f"+{entry_id}\n")
+        self._write("".join(self._ends))
+        self._ends = []
 
     def ended(self, entry_id: str) -> None:
+        """Recorded (or nothing was sent).  Written with the next start: an end lost with
+        the process only makes its entry a possible duplicate that was not one."""
         if self._fd is None or entry_id not in self._open:
             return
         self._open.discard(entry_id)
-        self._write(f"-{entry_id}\n")
-        if not self._open and self._size > COMPACT_AT:
-            os.ftruncate(self._fd, 0)
-            self._size = 0
+        self._ends.append(f"-{entry_id}\n")
 
     def _write(self, line: str) -> None:
         data = line.encode()
@@ -105,8 +112,11 @@ class HandoverJournal:
             log.warning("cannot write %s (%s): possible duplicates of a crash are not logged", self.path, exc)
 
     def close(self) -> None:
-        """A clean stop: everything ended (or returned unsent); nothing to report next time."""
+        """A clean stop: what is still open (a delivery cancelled mid-session) stays for
+        the next start to report; with nothing open the journal goes."""
         if self._fd is not None:
+            if self._ends and self._open:
+                self._write("".join(self._ends))
             os.close(self._fd)
             self._fd = None
             if not self._open:
