@@ -64,6 +64,7 @@ def pg_schema():
 class RelaywatchPg(Relaywatch):
     """relaywatch with its queue on PostgreSQL (one node of a cluster)."""
     name = "relaywatch"
+    start_timeout = 90.0     # two processes and a schema to create or check, on a machine that may be busy
 
     def __init__(self, sink_port: int, store: str, node: str = "bench1", **kw):
         super().__init__(sink_port, **kw)
@@ -76,6 +77,15 @@ class RelaywatchPg(Relaywatch):
         path.write_text(path.read_text().replace(
             "[server]\n", f'[server]\nstore = "{self.store}"\nnode_name = "{self.node}"\n', 1).replace(
             "[queue]\n", f'[http]\nlisten = "{HOST}:0"\n[queue]\n', 1))
+
+    def start(self) -> "RelaywatchPg":
+        # A node that did not come up in time is stopped here: its schema is dropped next,
+        # and a node left running would log about it for ever.
+        try:
+            return super().start()
+        except BaseException:
+            self.stop()
+            raise
 
     def queue_size(self) -> int:
         with _psycopg().connect(self.store) as conn:

@@ -215,6 +215,7 @@ def count_files(*dirs: Path) -> int:
 
 class Relaywatch:
     name = "relaywatch"
+    start_timeout = 20.0
 
     def __init__(self, sink_port: int, extra: str = "", extra_connectors: str = "", queue_extra: str = ""):
         self.port = free_port()
@@ -263,7 +264,7 @@ tls = "none"
                                       str(self.dir / "relaywatch.toml")],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
-        wait_port(self.port, proc=self.proc)
+        wait_port(self.port, timeout=self.start_timeout, proc=self.proc)
 
     def flush(self) -> None:
         subprocess.run([sys.executable, "-m", "relaywatch", "queue", "retry", "--all", "-c",

@@ -633,14 +633,14 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = None
 
-    async def start(self) -> "Server":
+    async def start(self, timeout: float = 15.0) -> "Server":
         if self.log is not None:
             self.log.close()
         self.log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c", str(self.config_path)],
                                      stdout=self.log, stderr=self.log, env=env)
-        await eventually(self._listening, what="the server to listen")
+        await eventually(self._listening, timeout=timeout, what="the server to listen")
         return self
 
     def _listening(self) -> bool:

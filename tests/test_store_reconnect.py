@@ -439,3 +439,22 @@ async def test_an_outcome_kept_while_the_store_is_down_is_recorded_when_it_is_ba
     finally:
         await kept.close()
         await store.close()
+
+
+async def test_an_outcome_for_an_entry_gone_meanwhile_is_a_possible_duplicate(tmp_path, caplog):
+    """This node was taken for dead (its heartbeat late) while it delivered: another node
+    delivered and recorded the entry first, so it is gone when this one records."""
+    from relaywatch.store.pending import PendingOutcomes
+    store = SqliteStore(tmp_path / "q.sqlite3")
+    await store.open()
+    kept = PendingOutcomes(store, tmp_path / "pending-outcomes.jsonl", lambda: 60.0)
+    try:
+        [gone] = await store.enqueue(_msg("1@a"))
+        await store.lease("n2:1:a", 1, ttl=60, now=time.time())
+        await store.record(gone, "n2:1:a", None, [RecipientOutcome("1@a", DELIVERED)], None)
+        await kept.record(PendingRecord(gone, "n1:1:b", 0, None, (RecipientOutcome("1@a", DELIVERED),), None))
+        assert any("possible duplicate" in r.getMessage() and gone in r.getMessage() and "node n1" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        await kept.close()
+        await store.close()

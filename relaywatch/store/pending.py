@@ -230,9 +230,15 @@ class PendingOutcomes:
                 self.nudge()    # the store answers again: no need to wait for the next try
         except LeaseLost as exc:
             _possible_duplicate(r, exc)
-        except UnknownEntry:
-            log.warning("message %s left the queue while it was being delivered; its outcome is not recorded",
-                        r.entry_id)
+        except UnknownEntry as exc:
+            if r.delivered:
+                # Gone, though we hold its lease: this node was taken for dead (its heartbeat
+                # late by more than server.node_lapse), another node delivered it and recorded
+                # first; or an operator deleted it meanwhile.
+                _possible_duplicate(r, exc)
+            else:
+                log.warning("message %s left the queue while it was being delivered; its outcome is not "
+                            "recorded", r.entry_id)
         except Exception as exc:   # StoreError above all, but nothing may turn into a redelivery
             await self._keep(r, exc)
 
@@ -352,6 +358,8 @@ class PendingOutcomes:
 
 
 def _possible_duplicate(r: PendingRecord, exc: BaseException) -> None:
-    events.emit("possible_duplicate", id=r.entry_id, node=r.owner.split(":", 1)[0])
-    log.warning("possible duplicate: message %s was delivered to %d recipient(s), but its lease lapsed before "
-                "the outcome could be recorded (%s); another delivery may follow", r.entry_id, r.delivered, exc)
+    node = r.owner.split(":", 1)[0]
+    events.emit("possible_duplicate", id=r.entry_id, node=node)
+    log.warning("possible duplicate: message %s was delivered to %d recipient(s) by node %s, but its lease was "
+                "lost before the outcome could be recorded (%s); another delivery may follow or have been made",
+                r.entry_id, r.delivered, node, exc)
