@@ -789,13 +789,14 @@ def nodes(config_path, as_json):
         return
     console, Table = _rich()
     table = Table(box=None, pad_edge=False)
-    for col in ("Name", "Address", "Role", "Version", "Started", "Heartbeat", "Leases", "Delivered", "State",
-                "Leader"):
+    for col in ("Name", "Address", "Role", "Version", "Started", "Heartbeat", "Leases", "Received", "Delivered",
+                "State", "Leader"):
         table.add_column(col, no_wrap=True)
     for n in shown:
         state = {"alive": "[green]alive[/green]", "dead": "[red]dead[/red]"}.get(n["state"], n["state"])
         table.add_row(n["name"], n["address"], n["role"], n["version"], _age(n["started_at"], now) + " ago",
-                      _age(n["heartbeat_at"], now) + " ago", str(n["leases"]), str(n["delivered"]), state,
+                      _age(n["heartbeat_at"], now) + " ago", str(n["leases"]), str(n["received"]),
+                      str(n["delivered"]), state,
                       f"yes (term {lease.term})" if n["leader"] else "")
     console.print(table)
     dead = sum(1 for n in shown if n["state"] == "dead")

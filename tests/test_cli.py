@@ -189,8 +189,8 @@ async def test_nodes_lists_this_relay_alive_and_leading_and_a_dead_one(relay_fac
                                   env={"COLUMNS": "200"})
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
-    assert lines[0].split() == ["Name", "Address", "Role", "Version", "Started", "Heartbeat", "Leases", "Delivered",
-                                "State", "Leader"]
+    assert lines[0].split() == ["Name", "Address", "Role", "Version", "Started", "Heartbeat", "Leases", "Received",
+                                "Delivered", "State", "Leader"]
     assert lines[1].split()[0] == "relay-0" and "dead" in lines[1] and "yes" not in lines[1]
     assert lines[2].split()[0] == "relay-1" and "alive" in lines[2] and "yes (term 1)" in lines[2]
     assert lines[-1].startswith("2 node(s), 1 dead")
