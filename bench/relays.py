@@ -215,7 +215,7 @@ def count_files(*dirs: Path) -> int:
 
 class Relaywatch:
     name = "relaywatch"
-    start_timeout = 20.0
+    start_timeout = 60.0     # two processes to start, on a machine that may be busy
 
     def __init__(self, sink_port: int, extra: str = "", extra_connectors: str = "", queue_extra: str = ""):
         self.port = free_port()
@@ -232,7 +232,11 @@ class Relaywatch:
 
     def start(self) -> "Relaywatch":
         self.prepare()
-        self.launch()
+        try:
+            self.launch()
+        except BaseException:
+            self.stop()     # not left running (and, on PostgreSQL, logging about a dropped schema)
+            raise
         return self
 
     def prepare(self) -> None:

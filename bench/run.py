@@ -320,6 +320,17 @@ def fill_deferred(db: Path, count: int, connector: str) -> float:
     return time.monotonic() - started
 
 
+# A connector whose destination refuses (port 1): what the big queues are deferred on.
+BACKLOG_CONNECTOR = f"""
+[[connectors]]
+name = "backlog"
+type = "on_premises"
+domains = ["backlog.test"]
+smart_hosts = ["{HOST}:1"]
+tls = "none"
+"""
+
+
 def big_queue(relay_cls, size: int, probe_messages: int, sessions: int) -> dict:
     """A queue holding `size` deferred messages: server memory, `queue list`
     latency, and the enqueue rate compared with an empty queue."""
@@ -328,14 +339,7 @@ def big_queue(relay_cls, size: int, probe_messages: int, sessions: int) -> dict:
     out: dict = {}
     for label, fill in (("empty", 0), ("full", size)):
         sink = SmtpSink().start()
-        relay = Relaywatch(sink.port, extra_connectors=f"""
-[[connectors]]
-name = "backlog"
-type = "on_premises"
-domains = ["backlog.test"]
-smart_hosts = ["{HOST}:1"]
-tls = "none"
-""", queue_extra='retry_intervals = ["24h"]')
+        relay = Relaywatch(sink.port, extra_connectors=BACKLOG_CONNECTOR, queue_extra='retry_intervals = ["24h"]')
         relay.prepare()
         if fill:
             out["fill_s"] = fill_deferred(relay.dir / "data" / "queue.sqlite3", fill, "backlog")
@@ -490,7 +494,8 @@ SCENARIOS = {
     "latency": lambda cls, a: latency(cls, 200, 11 if not a.smoke else 2),
     "throughput_console": lambda cls, a: throughput_console(cls, a.messages, a.sessions, 1024),
     # PostgreSQL (bench/cluster.py): relaywatch and Postfix; relaywatch alone
-    "throughput_1k_pg": lambda cls, a: cluster.throughput_pg(sys.modules[__name__], cls, a.messages, a.sessions, 1024),
+    "throughput_1k_pg": lambda cls, a: cluster.throughput_pg(sys.modules[__name__], cls, a.messages, a.sessions,
+                                                             1024),
     "cluster_nodes": lambda cls, a: cluster.cluster_nodes(sys.modules[__name__], cls, a.messages, a.sessions, 1024),
     "big_queue_pg": lambda cls, a: cluster.big_queue_pg(sys.modules[__name__], cls,
                                                         a.big_queue if not a.smoke else 2000,

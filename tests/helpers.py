@@ -753,3 +753,12 @@ class Load:
                 client.quit()
             except (OSError, smtplib.SMTPException):
                 pass
+
+
+async def every_acknowledged_delivered(load: Load, sink: CountingSink, timeout: float) -> set[str]:
+    """Wait until every message ``load`` got a 250 for is at ``sink``; the acknowledged Message-IDs."""
+    acked = set(load.acked)
+    await eventually(lambda: acked <= set(sink.seen), timeout=timeout,
+                     what=lambda: f"every acknowledged message at the destination "
+                                  f"({len(acked - set(sink.seen))} missing)")
+    return acked

@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from helpers import LOOPBACK, CountingSink, Load, Server, Sink, eventually
+from helpers import LOOPBACK, CountingSink, Load, Server, Sink, eventually, every_acknowledged_delivered
 
 LONG = os.environ.get("RELAYWATCH_LONG_TESTS") == "1"
 CONCURRENCY = 4
@@ -94,10 +94,7 @@ async def _soak(tmp_path, pg_dsn, kills: int, per_round: int, timing: tuple[floa
         finally:
             load.stop()
         try:
-            acked = set(load.acked)
-            await eventually(lambda: acked <= set(handler.seen), timeout=120,
-                             what=lambda: f"every acknowledged message at the destination "
-                                          f"({len(acked - set(handler.seen))} missing)")
+            acked = await every_acknowledged_delivered(load, handler, timeout=120)
             await eventually(lambda: _queue_empty(store), timeout=60, what="the queue to drain")
             duplicated = {mid for mid, n in handler.seen.items() if n > 1}
             duplicates = sum(handler.seen[mid] - 1 for mid in duplicated)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LOOPBACK, CountingSink, Load, Sink, base_config, eventually, free_port, to_toml
+from helpers import (LOOPBACK, CountingSink, Load, Sink, base_config, eventually, every_acknowledged_delivered,
+                     free_port, to_toml)
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = os.environ.get("RELAYWATCH_LONG_TESTS") == "1"
@@ -130,10 +131,7 @@ async def _crash_loop(tmp_path, rounds: list[str], per_round: int):
     finally:
         load.stop()
     try:
-        acked = set(load.acked)
-        await eventually(lambda: acked <= set(handler.seen), timeout=60,
-                         what=lambda: f"every acknowledged message at the destination "
-                                      f"({len(acked - set(handler.seen))} missing)")
+        acked = await every_acknowledged_delivered(load, handler, timeout=60)
         assert await eventually(lambda: _empty(serve), timeout=30, what="the queue to drain")
         duplicates = sum(n - 1 for n in handler.seen.values() if n > 1)
         bound = len(rounds) * IN_FLIGHT_PER_KILL
