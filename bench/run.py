@@ -515,7 +515,7 @@ HEADLINE = {
     "throughput_console": ("with_over_without", True),
     "throughput_1k_pg": ("end_to_end_per_s", True),
     "cluster_nodes": ("nodes3_over_nodes1", True),
-    "big_queue_pg": ("lease_256_of_10k_due_ms", False),
+    "big_queue_pg": ("lease_none_due_ms", False),
 }
 
 
