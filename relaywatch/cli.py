@@ -27,6 +27,7 @@ import click
 from relaywatch import events, views
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup_all
 from relaywatch.config import Config, format_hostport, load_config
+from relaywatch.console.api import ROUTE_KINDS, BadInput, queue_page as api_queue_page, trace_search as api_trace_search
 from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.idn import address_to_unicode, to_unicode
 from relaywatch.model import Entry, dest_label, iso
@@ -257,17 +258,27 @@ def queue():
 @config_option
 @click.option("--connector", help="Only this connector (or local / internet).")
 @click.option("--status", type=click.Choice(STATUSES))
+@click.option("--route", type=click.Choice(ROUTE_KINDS), help="Only mail routed this way (local, connector, MX).")
+@click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply.")
 @click.option("--limit", default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
-def queue_list(config_path, connector, status, limit, as_json):
+def queue_list(config_path, connector, status, route, text, limit, as_json):
     """List queued messages, oldest first."""
     config = _load(config_path)
-    entries = _with_store(config, lambda s: s.list(QueueQuery(connector, status, limit)))
+    if route or text:   # the console's filters (GET /api/v1/queue), in id order
+        try:
+            page = api_queue_page({k: v for k, v in (("connector", connector), ("status", status), ("route", route),
+                                                    ("text", text), ("limit", str(limit))) if v is not None})
+        except BadInput as exc:
+            _fail(f"--{exc.field}: {exc.message}")
+        entries = _with_store(config, lambda s: s.queue_page(page, time.time()))
+    else:
+        entries = _with_store(config, lambda s: s.list(QueueQuery(connector, status, limit)))
     if as_json:
         click.echo(json.dumps({"messages": [views.message_json(e) for e in entries]}, indent=2))
         return
     if not entries:
-        click.echo("The queue is empty." if not (connector or status) else "No messages match.")
+        click.echo("The queue is empty." if not (connector or status or route or text) else "No messages match.")
         return
     now = time.time()
     console, Table = _rich()
@@ -304,6 +315,57 @@ def queue_show(config_path, entry_id, as_json):
         click.echo(json.dumps(views.message_detail_json(entry), indent=2))
         return
     _print_entry(entry, config)
+
+
+@queue.command("trace")
+@config_option
+@click.argument("entry_id", required=False)
+@click.option("--message-id", help="Every queue entry of this Message-ID (with or without <>).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md TRACE).")
+def queue_trace(config_path, entry_id, message_id, as_json):
+    """Every event of one message: received, each attempt, actions and by whom, NDRs, how it ended.
+
+    Works for queued messages and for those that left the queue within queue.trace_retention."""
+    if (entry_id is None) == (message_id is None):
+        _fail("give a queue id or --message-id (one of them)")
+    config = _load(config_path)
+    if message_id is not None:
+        found = _with_store(config, lambda s: api_trace_search(s, message_id))
+        if as_json:
+            click.echo(json.dumps(found, indent=2))
+            return
+        if not found["traces"]:
+            _fail(f"no queued or kept message has the Message-ID {message_id}")
+        traces = found["traces"]
+    else:
+        record = _with_store(config, lambda s: s.trace(entry_id))
+        if record is None:
+            kept = f"{config.queue.trace_retention:g}s" if config.queue.trace_retention else "off"
+            _fail(f"no message with id {entry_id} in the queue or in the kept traces (queue.trace_retention: {kept})")
+        if as_json:
+            click.echo(json.dumps(views.trace_json(record), indent=2))
+            return
+        traces = [views.trace_json(record)]
+    for t in traces:
+        click.echo(f"{t['id']}  {t['status']}  {t['connector']}  {t['message_id'] or '(no Message-ID)'}")
+        for ev in t["events"]:
+            click.echo(f"  {ev['at']}  {ev['event']:<17} {_trace_detail(ev)}".rstrip())
+
+
+def _trace_detail(ev: dict) -> str:
+    """One trace event in a line (the JSON has every field)."""
+    if ev["event"] == "received":
+        return (f"from {ev['client'] or '-'} helo={ev['helo'] or '-'} auth={ev['auth_user'] or '-'} "
+                f"<{ev['sender']}> -> {', '.join(ev['recipients'])}")
+    if ev["event"] == "attempt":
+        rcpts = "; ".join(f"{r['address']} {r['status']}" + (f" {r['code']}" if r["code"] else "")
+                          + (f" \"{r['reply']}\"" if r["reply"] else "") for r in ev["recipients"])
+        return f"#{ev['n']} {ev['host'] or '-'}[{ev['ip'] or '-'}] {ev['duration']:.2f}s: {rcpts}"
+    if ev["event"] == "action":
+        return f"{ev['action']} by {ev['who']}" + (f": {ev['reason']}" if ev["reason"] else "")
+    if ev["event"] in ("ndr_sent", "delay_notice_sent"):
+        return " ".join(ev["ids"])
+    return f"to {ev['moved_to']}" if ev.get("moved_to") else ""
 
 
 def _domain_for_people(domain: str) -> str:
@@ -770,8 +832,7 @@ def user_add(config_path, name, users_file, senders, password_stdin):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
 def nodes(config_path, as_json):
     """The relaywatch nodes sharing this queue: alive, dead or stopped, and which one leads."""
-    from relaywatch.cluster.decisions import Timing, alive
-    from relaywatch.cluster.model import node_dict
+    from relaywatch.cluster.decisions import Timing
     config = _load(config_path)
 
     async def read(store):
@@ -779,11 +840,12 @@ def nodes(config_path, as_json):
     beats, lease = _with_store(config, read)
     now = time.time()
     timing = Timing(config.server.heartbeat_interval, config.server.node_lapse)
-    leading = lease.holder if lease.until >= now else None
-    shown = [node_dict(b, alive(b, timing, now), b.instance == leading, now) for b in beats]
+    out = views.nodes_json(beats, lease, timing, now)
     if as_json:
-        click.echo(json.dumps({"nodes": shown, "leader_term": lease.term, "lapse": timing.lapse}, indent=2))
+        click.echo(json.dumps(out, indent=2))
         return
+    shown = out["nodes"]
+    leading = any(n["leader"] for n in shown)
     if not shown:
         click.echo("No node has registered with this queue (has relaywatch serve run with this config?).")
         return

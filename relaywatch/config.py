@@ -152,6 +152,7 @@ class QueueConfig:
     message_expiration: float = 24 * 3600.0
     retry_intervals: tuple[float, ...] = (60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0)
     lease_time: float = 600.0
+    trace_retention: float = 7 * 86400.0   # a message that left the queue can be traced this long; 0 = off
 
 
 @dataclass(frozen=True)
@@ -479,6 +480,16 @@ def _duration_or_off(value: Any) -> float | None:
     if value == "off":
         return None
     return _positive_duration(value)
+
+
+def _retention(value: Any) -> float:
+    """A positive duration, or "off" (0: keep nothing)."""
+    if value == "off":
+        return 0.0
+    try:
+        return _positive_duration(value)
+    except ValueError as exc:
+        raise ValueError(f'{exc} (or "off" to keep no trace of messages that left the queue)') from None
 
 
 def _positive_duration(value: Any) -> float:
@@ -836,6 +847,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
         message_expiration=r.get(q, "message_expiration", "queue", _positive_duration, dq.message_expiration),
         retry_intervals=r.get(q, "retry_intervals", "queue", _durations, dq.retry_intervals),
         lease_time=r.get(q, "lease_time", "queue", _positive_duration, dq.lease_time),
+        trace_retention=r.get(q, "trace_retention", "queue", _retention, dq.trace_retention),
     )
 
     n = r.table(raw, "dns", "dns")

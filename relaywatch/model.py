@@ -195,6 +195,8 @@ class NewMessage:
     message_id: str = ""
     client: str = ""
     is_dsn: bool = False
+    helo: str = ""                                 # the name the client gave in HELO/EHLO
+    auth_user: str = ""                            # who logged in with SMTP AUTH ("" if nobody)
 
     def by_route(self) -> list[tuple[Route, list[str]]]:
         """The queue entries this message makes: one per route key, in the order of
@@ -237,6 +239,8 @@ class Entry:
     client: str = ""
     is_dsn: bool = False
     first_failure_at: float | None = None
+    helo: str = ""
+    auth_user: str = ""
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     lease_owner: str | None = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from relaywatch.cluster.decisions import Timing, alive
+from relaywatch.cluster.model import LeaderLease, NodeBeat, node_dict
 from relaywatch.config import Config
 from relaywatch.model import Entry, TlsCount, iso
 from relaywatch.notify.tls_report import policies
@@ -99,3 +101,50 @@ def tls_report_json(day: str, counts: list[TlsCount], reports: list[dict]) -> di
          "report": ({"report_id": sent[d]["report_id"], "sent_at": iso(sent[d]["claimed_at"]),
                      "outcome": sent[d]["outcome"]} if d in sent else None)}
         for d in domains]}
+
+
+def trace_json(record: dict) -> dict[str, Any]:
+    """TRACE: every event of one queue entry, oldest first (``queue trace --json``,
+    ``GET /api/v1/messages/{id}/trace``), from store.trace's record (store/trace.py)."""
+    e, end = record["entry"], record["end"]
+    events: list[dict[str, Any]] = [{
+        "at": e["received_at"], "event": "received", "client": e["client"] or None, "helo": e["helo"] or None,
+        "auth_user": e["auth_user"] or None, "sender": e["sender"],
+        "recipients": [r["address"] for r in record["recipients"]], "size": e["size"]}]
+    first_n = e["attempts"] - len(record["attempts"]) + 1     # the oldest attempts may have been dropped
+    for n, a in enumerate(record["attempts"], first_n):
+        dest = a.get("destination") or {}
+        rcpts = [{"address": r["address"], "status": r["status"],
+                  "code": (r.get("error") or {}).get("code"), "smtp_code": (r.get("error") or {}).get("smtp_code"),
+                  "reply": (r.get("error") or {}).get("reply") or r.get("reply")} for r in a["recipients"]]
+        events.append({"at": a["at"], "event": "attempt", "n": n, "connector": e["connector"],
+                       "host": dest.get("host"), "ip": dest.get("ip"), "port": dest.get("port"),
+                       "duration": a["duration"], "recipients": rcpts,
+                       "hosts_tried": [{"host": (f.get("destination") or {}).get("host"),
+                                        "ip": (f.get("destination") or {}).get("ip"), "code": f.get("code"),
+                                        "reply": f.get("reply")} for f in a.get("hosts_tried", ())]})
+        if a.get("notices"):
+            bounced = any(r["status"] in ("failed", "expired") for r in rcpts)
+            events.append({"at": a["at"], "event": "ndr_sent" if bounced else "delay_notice_sent",
+                           "ids": a["notices"]})
+    for act in record["audit"]:
+        events.append({"at": act["at"], "event": "action", "action": act["action"].removeprefix("queue "),
+                       "who": act["who"], "reason": act["detail"].get("reason"), "incident_id": act["incident_id"]})
+    if end is not None:
+        if end.get("notices"):
+            events.append({"at": end["at"], "event": "ndr_sent", "ids": end["notices"]})
+        events.append({"at": end["at"], "event": end["event"],
+                       **({"moved_to": end["moved_to"]} if end.get("moved_to") else {})})
+    events.sort(key=lambda ev: ev["at"])      # stable: an attempt's notice stays after it
+    return {"id": e["id"], "message_id": e["message_id"], "sender": e["sender"], "connector": e["connector"],
+            "route": e["route"], "domain": e["domain"] or None, "size": e["size"], "is_dsn": e["is_dsn"],
+            "in_queue": end is None, "status": end["event"] if end is not None else e["status"],
+            "attempts": e["attempts"], "recipients": record["recipients"],
+            "events": [dict(ev, at=iso(ev["at"])) for ev in events]}
+
+
+def nodes_json(beats: list[NodeBeat], lease: LeaderLease, timing: Timing, now: float) -> dict[str, Any]:
+    """NODES (``relaywatch nodes --json``, ``GET /api/v1/nodes``): every node, alive or not, and the leader."""
+    leading = lease.holder if lease.until >= now else None
+    return {"nodes": [node_dict(b, alive(b, timing, now), b.instance == leading, now) for b in beats],
+            "leader_term": lease.term, "lapse": timing.lapse}

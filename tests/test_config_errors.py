@@ -86,6 +86,8 @@ CASES = [
     ("tls-key-garbage", {"server": {"tls_cert": "{cert}", "tls_key": "{garbage}"}},
      "server.tls_key: {garbage} is not a usable PEM private key"),
     ("lease-time-zero", {"queue": {"lease_time": 0}}, "queue.lease_time: must be longer than zero"),
+    ("trace-retention-zero", {"queue": {"trace_retention": "0s"}},
+     'queue.trace_retention: must be longer than zero (or "off" to keep no trace of messages that left the queue)'),
     ("retry-interval-zero", {"queue": {"retry_intervals": ["1m", "0s"]}},
      "queue.retry_intervals: every interval must be longer than zero"),
     ("dns-port-zero", {"dns": {"nameservers": ["127.0.0.1:0"]}}, "dns.nameservers: '127.0.0.1:0' has an invalid port"),

@@ -74,6 +74,36 @@ async def test_queue_page_filters_and_pages_by_id(store):
     assert await store.queue_page_ids(QueryPage(domain="x.test", limit=2), now) == sorted([ids[1], ids[3], ids[5]])[:2]
 
 
+async def test_queue_page_by_text_and_route(store):
+    """text: a substring, in any case, of the sender, a recipient or a recipient's last reply; its
+    LIKE wildcards and quotes are literal text, never SQL.  route: the route's kind."""
+    now = time.time()
+    local = Route(RouteKind.LOCAL, "local")
+    [a1] = await store.enqueue(msg([("anna@x.test", A)], now=now - 30))
+    [a2] = await store.enqueue(msg([("bob@y.test", A)], now=now - 20))
+    [l1] = await store.enqueue(msg([("carl@local.test", local)], now=now - 10))
+    [entry] = await store.lease("w", 1, ttl=60, now=now)
+    assert entry.id == a1
+    refused = RecipientOutcome("anna@x.test", RecipientStatus.DEFERRED,
+                               Failure(code="4.4.316", smtp_code=451, title="t", subtype=None, detail="d",
+                                       phase="rcpt", permanent=False, at=now, kind="k",
+                                       reply="451 4.7.1 Greylisted_100%, try later"))
+    await store.record(entry.id, "w", Attempt(now, 0.1, None, (refused,)), [refused], now + 3600)
+
+    async def page(**kw):
+        return [e.id for e in await store.queue_page(QueryPage(**kw), now)]
+    assert await page(text="GREYLISTED") == [a1]                    # the last reply
+    assert await page(text="bob@") == [a2]                          # a recipient
+    assert await page(text="S@X.TEST") == sorted([a1, a2, l1])      # the sender
+    assert await page(text="ed_100%") == [a1]                       # wildcards are letters here
+    assert await page(text="x_test") == []                         # not x.test: _ is no wildcard
+    assert await page(text="' OR 1=1 --") == []
+    assert await page(route="local") == [l1]
+    assert await page(route="connector", text="anna") == [a1]
+    assert await page(route="internet") == []
+    assert await store.queue_page_ids(QueryPage(text="greylisted"), now) == [a1]
+
+
 async def test_audit_log_lists_the_newest_first(store):
     first = await store.apply_fix("ops", "queue hold", None, {"id": "X", "reason": "r"}, {}, (), 1.0)
     second = await store.apply_fix("dev", "pause", 7, {"reason": None}, {"connector:a:paused": True}, (), 2.0)

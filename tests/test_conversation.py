@@ -145,7 +145,7 @@ def test_a_whole_transaction_with_pipelined_commands_around_the_body():
     assert events[-2:] == [Reply("354 End data with <CR><LF>.<CR><LF>"), MessageStart()]
     events = talk(conv, b"Subject: hi\r\n\r\n..leading dot\r\n.\r\nNOOP\r\n")
     assert events[0] == BodyData(b"Subject: hi\r\n\r\n.leading dot\r\n")
-    assert events[1] == MessageEnd(None, "", (("x@contoso.test", "route"),))
+    assert events[1] == MessageEnd(None, "", (("x@contoso.test", "route"),), helo="client.test")
     assert codes(events[2:]) == ["250"]        # the NOOP sent after the dot
     assert conv.sender is None and conv.recipients == []
 

@@ -27,7 +27,10 @@ from relaywatch.console.jobs import Jobs, matching_ids
 from relaywatch.console.router import Param, Route
 
 STATUSES = ("queued", "deferred", "held", "active")
+ROUTE_KINDS = ("local", "connector", "internet")
 MAX_LIMIT = 1000
+MAX_TEXT = 200
+MAX_TRACES = 100      # entries of one Message-ID a trace search returns
 MAX_REASON = 1000
 _ENTRY_ID = re.compile(r"[0-9A-Fa-f]{1,32}")
 
@@ -54,6 +57,10 @@ _QUEUE_FILTERS = (
     Param("domain", "query", {"type": "string"}, "A recipient's domain"),
     Param("code", "query", {"type": "string"}, "Code of the latest deferral, e.g. 4.4.316"),
     Param("older_than", "query", {"type": "string"}, "Received longer ago than this duration, e.g. 1h"),
+    Param("route", "query", {"type": "string", "enum": list(ROUTE_KINDS)},
+          "How it is routed: a local mailbox, a connector or the internet (MX)"),
+    Param("text", "query", {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
+          "A substring (any case) of the sender, a recipient or a recipient's last reply"),
     Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
           "Entries per page"),
     Param("after", "query", {"type": "string"}, "Page after this id (the previous page's next_after)"),
@@ -66,7 +73,7 @@ REASON_BODY = {"type": "object", "required": ["reason"], "additionalProperties":
                "properties": {"reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON,
                                          "description": "Why (kept in the audit log with the token's name)"}}}
 
-BULK_FILTERS = ("status", "connector", "sender", "recipient", "domain", "code", "older_than")
+BULK_FILTERS = ("status", "connector", "sender", "recipient", "domain", "code", "older_than", "route", "text")
 BULK_BODY = {"type": "object", "required": ["action", "filter", "reason"], "additionalProperties": False,
              "properties": {"action": {"type": "string", "enum": list(QUEUE_ACTIONS)},
                             "filter": {"type": "object", "additionalProperties": False,
@@ -86,6 +93,15 @@ ROUTES = (
           params=_QUEUE_FILTERS, response="MessageList", errors=(400,)),
     Route("GET", "/api/v1/queue/{id}", "queue_show", "One message with its attempt history",
           params=(_ID,), response="MessageDetail", errors=(404,)),
+    Route("GET", "/api/v1/messages/{id}/trace", "trace_show",
+          "Every event of one message, queued or gone (kept for queue.trace_retention): received, each "
+          "attempt, actions and by whom, NDRs, how it ended", params=(_ID,), response="Trace", errors=(404,)),
+    Route("GET", "/api/v1/trace", "trace_search", "The traces of every queue entry of a Message-ID",
+          params=(Param("message_id", "query", {"type": "string", "minLength": 1, "maxLength": 998},
+                        "The Message-ID header's value, with or without <>", required=True),),
+          response="TraceList", errors=(400,)),
+    Route("GET", "/api/v1/nodes", "nodes", "The nodes sharing this queue: alive, dead or stopped, and the leader",
+          response="NodeList"),
     Route("POST", "/api/v1/queue/actions", "queue_bulk",
           "An action on every message a filter matches now: dry_run counts them; otherwise a background job "
           "(202, progress at /api/v1/jobs/{id})", body=BULK_BODY, response="BulkResult", errors=(400, 413, 415)),
@@ -174,12 +190,19 @@ def queue_page(args: dict) -> QueryPage:
     after = args.get("after")
     if after is not None and not _ENTRY_ID.fullmatch(after):
         raise BadInput("after", f"after must be a queue id (hex digits), got {after!r}")
-    for name in ("connector", "recipient", "domain", "code"):
+    for name in ("connector", "recipient", "domain", "code", "text"):
         if name in args and not args[name].strip():
             raise BadInput(name, f"{name} must not be empty")
+    route = args.get("route")
+    if route is not None and route not in ROUTE_KINDS:
+        raise BadInput("route", f"route must be one of {', '.join(ROUTE_KINDS)} (got {route!r})")
+    text = args.get("text")
+    if text is not None and len(text) > MAX_TEXT:
+        raise BadInput("text", f"text is longer than {MAX_TEXT} characters")
     return QueryPage(status=status, connector=args.get("connector"), sender=args.get("sender"),
                      recipient=args.get("recipient"), domain=args.get("domain"), code=args.get("code"),
-                     older_than=older_than, after=after, limit=int_arg(args, "limit", 100, 1, MAX_LIMIT))
+                     older_than=older_than, route=route, text=text.strip() if text else None, after=after,
+                     limit=int_arg(args, "limit", 100, 1, MAX_LIMIT))
 
 
 def reason_of(req: Request, optional: tuple[str, ...] = ()) -> str:
@@ -242,6 +265,30 @@ class Api:
         if entry is None:
             return _no_message(entry_id)
         return json_response(200, views.message_detail_json(entry))
+
+    async def trace_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        query_args(req, route)
+        entry_id = params["id"]
+        record = await self.store.trace(entry_id) if _ENTRY_ID.fullmatch(entry_id) else None
+        if record is None:
+            return error_response(404, f"no message with id {entry_id} in the queue or in the kept traces "
+                                       f"(they are kept for queue.trace_retention after a message leaves)")
+        return json_response(200, views.trace_json(record))
+
+    async def trace_search(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        args = query_args(req, route)
+        message_id = args.get("message_id", "").strip()
+        if not message_id.strip("<>"):
+            raise BadInput("message_id", "message_id is required: the Message-ID header's value")
+        return json_response(200, await trace_search(self.store, message_id))
+
+    async def nodes(self, req: Request, route: Route, params: dict, who: str) -> Response:
+        from relaywatch.cluster.decisions import Timing
+        query_args(req, route)
+        server = self.app.config.server
+        return json_response(200, views.nodes_json(await self.store.nodes(), await self.store.leader(),
+                                                   Timing(server.heartbeat_interval, server.node_lapse),
+                                                   time.time()))
 
     async def queue_action(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)
@@ -398,6 +445,16 @@ class Api:
     async def audit(self, req: Request, route: Route, params: dict, who: str) -> Response:
         limit = int_arg(query_args(req, route), "limit", 100, 1, MAX_LIMIT)
         return json_response(200, {"audit": [views.audit_json(a) for a in await self.store.audit_log(limit)]})
+
+
+async def trace_search(store, message_id: str) -> dict:
+    """TRACE_SEARCH (``queue trace --message-id``, ``GET /api/v1/trace``): one trace per entry, oldest first."""
+    traces = []
+    for entry_id in (await store.trace_ids(message_id))[:MAX_TRACES]:
+        record = await store.trace(entry_id)
+        if record is not None:      # pruned or removed between the two reads
+            traces.append(views.trace_json(record))
+    return {"message_id": message_id, "traces": traces}
 
 
 def _no_message(entry_id: str) -> Response:

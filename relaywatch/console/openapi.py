@@ -58,6 +58,20 @@ SCHEMAS = {
                        job={"oneOf": [{"$ref": "#/components/schemas/Job"}, {"type": "null"}]}),
     "Config": _obj(f"config show --json ({_DOC})", source={"type": "string"}, overrides={"type": "object"},
                    domains={"type": "array"}, connectors={"type": "array"}),
+    "Trace": _obj(f"TRACE: every event of one message, oldest first ({_DOC})", id={"type": "string"},
+                  message_id={"type": "string"}, sender={"type": "string"}, connector={"type": "string"},
+                  route={"type": "string"}, status={"type": "string"}, in_queue={"type": "boolean"},
+                  attempts={"type": "integer"}, recipients={"type": "array"},
+                  events={"type": "array", "items": _obj(
+                      "received | attempt | action | ndr_sent | delay_notice_sent | delivered | bounced | "
+                      "expired | deleted | moved", at={"type": "string"}, event={"type": "string"})}),
+    "TraceList": _obj("The traces of a Message-ID's queue entries", message_id={"type": "string"},
+                      traces={"type": "array", "items": {"$ref": "#/components/schemas/Trace"}}),
+    "NodeList": _obj(f"relaywatch nodes --json ({_DOC})", nodes={"type": "array", "items": _obj(
+        "A node", name={"type": "string"}, address={"type": "string"}, role={"type": "string"},
+        version={"type": "string"}, state={"type": "string", "enum": ["alive", "draining", "dead", "stopped"]},
+        leader={"type": "boolean"}, started_at={"type": "number"}, heartbeat_at={"type": "number"},
+        leases={"type": "integer"})}, leader_term={"type": "integer"}, lapse={"type": "number"}),
     "AuditLog": _obj("Audit records, newest first", audit={"type": "array", "items": _obj(
         "One action", id={"type": "integer"}, at={"type": "string"}, who={"type": "string"},
         action={"type": "string"}, incident_id={"type": ["integer", "null"]}, detail={"type": "object"},

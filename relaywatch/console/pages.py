@@ -9,11 +9,12 @@ class, added to ``Web``'s bases), its template in console/templates/.
 
 from __future__ import annotations
 
+import re
 import time
 
 from relaywatch.store.base import QueryPage
 
-from relaywatch.console.api import BULK_FILTERS, STATUSES
+from relaywatch.console.api import BULK_FILTERS, ROUTE_KINDS, STATUSES
 from relaywatch.console.http import Response
 from relaywatch.console.overview import FLOW_EVENTS, chart_svg_data, connector_rows
 from relaywatch.console.web_session import form
@@ -22,6 +23,7 @@ FORECAST_HOURS = 6
 FORECAST_CAP = 10_000
 MESSAGE_ACTIONS = ("retry", "hold", "release", "bounce", "delete")
 NO_REASON = "A reason is required: say why (it is kept in the audit log)."
+_QUEUE_ID = re.compile(r"[0-9A-Fa-f]{16}")
 
 
 class OverviewPages:
@@ -118,7 +120,7 @@ class QueuePages:
         error = out.get("error") if status != 200 else None
         return self.page(200 if status == 200 else status, "queue.html", session, filters=filters,
                          messages=out.get("messages", []), next_after=out.get("next_after"), error=error,
-                         statuses=STATUSES, connectors=[c.name for c in self.app.config.connectors],
+                         statuses=STATUSES, route_kinds=ROUTE_KINDS, connectors=[c.name for c in self.app.config.connectors],
                          plan=None, result=None, actions=MESSAGE_ACTIONS)
 
     async def queue_bulk(self, req, params, session, who) -> Response:
@@ -134,16 +136,19 @@ class QueuePages:
             error = NO_REASON
         return self.page(200 if error is None else 400, "queue.html", session, filters=filters,
                          messages=listed.get("messages", []), next_after=listed.get("next_after"), error=error,
-                         statuses=STATUSES, connectors=[c.name for c in self.app.config.connectors],
-                         plan=out if error is None and not confirm else None, reason=reason, bulk_action=action,
+                         statuses=STATUSES, route_kinds=ROUTE_KINDS,
+                         connectors=[c.name for c in self.app.config.connectors], plan=out if error is None and not confirm else None, reason=reason, bulk_action=action,
                          result=out if error is None and confirm else None,
                          actions=MESSAGE_ACTIONS)
 
     async def message(self, req, params, session, who) -> Response:
         status, msg = await self.call("queue_show", params, who)
+        trace = await self.message_trace(who, params["id"])
+        if status != 200 and trace is not None:   # it left the queue: what was kept of it
+            return self.page(200, "trace.html", session, q=params["id"], traces=[trace], error=None)
         if status != 200:
             return self.page(status, "error.html", session, message=msg.get("error", "no such message"))
-        return self.page(200, "message.html", session, msg=msg, result=None, error=None,
+        return self.page(200, "message.html", session, msg=msg, trace=trace, result=None, error=None,
                          actions=MESSAGE_ACTIONS)
 
     async def message_action(self, req, params, session, who) -> Response:
@@ -161,7 +166,7 @@ class QueuePages:
             return self.page(200 if result else 404, "error.html", session,
                              message=result["result"] if result else msg.get("error"))
         return self.page(200 if error is None else 400, "message.html", session, msg=msg, result=result,
-                         error=error, actions=MESSAGE_ACTIONS)
+                         trace=await self.message_trace(who, params["id"]), error=error, actions=MESSAGE_ACTIONS)
 
 
 class ConnectorPages:
@@ -187,3 +192,35 @@ class AuditPages:
     async def audit(self, req, params, session, who) -> Response:
         _, out = await self.call("audit", {}, who, query={"limit": "200"})
         return self.page(200, "audit.html", session, audit=out["audit"])
+
+
+class TracePages:
+    """The message trace (``GET /api/v1/messages/{id}/trace``, ``GET /api/v1/trace``): replies and
+    banners in it are remote text, escaped as in every template."""
+
+    async def trace_page(self, req, params, session, who) -> Response:
+        """/trace?q=...: a queue id, or a Message-ID (every entry it made)."""
+        q = ((req.query.get("q") or [""])[0]).strip()
+        traces, error = [], None
+        if _QUEUE_ID.fullmatch(q):
+            status, out = await self.call("trace_show", {"id": q}, who)
+            traces, error = ([out], None) if status == 200 else ([], out.get("error"))
+        elif q:
+            status, out = await self.call("trace_search", {}, who, query={"message_id": q})
+            traces, error = (out["traces"], None) if status == 200 else ([], out.get("error"))
+            if status == 200 and not traces:
+                error = f"No queued or kept message has the Message-ID {q}."
+        return self.page(200 if error is None else 404 if q else 200, "trace.html", session, q=q, traces=traces,
+                         error=error)
+
+    async def message_trace(self, who: str, entry_id: str) -> dict | None:
+        """The trace for the message page (None: neither queued nor kept)."""
+        status, out = await self.call("trace_show", {"id": entry_id}, who)
+        return out if status == 200 else None
+
+
+class NodePages:
+    async def nodes_page(self, req, params, session, who) -> Response:
+        _, out = await self.call("nodes", {}, who)
+        return self.page(200, "nodes.html", session, nodes=out["nodes"], leader_term=out["leader_term"],
+                         lapse=out["lapse"])

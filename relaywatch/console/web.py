@@ -44,7 +44,8 @@ from relaywatch.console.api import ROUTES as API_ROUTES, BadInput
 from relaywatch.console.auth import authenticate, token_name
 from relaywatch.console.http import Request, Response
 from relaywatch.console.overview import HISTORY_STEP, FlowHistory, ago, flow_counts
-from relaywatch.console.pages import AuditPages, ConnectorPages, IncidentPages, OverviewPages, QueuePages
+from relaywatch.console.pages import (AuditPages, ConnectorPages, IncidentPages, NodePages, OverviewPages, QueuePages,
+                                      TracePages)
 from relaywatch.console.router import Route, match
 from relaywatch.console.web_session import SESSION_SECONDS, Session, Sessions, cookie_header, form, redirect, safe_next
 
@@ -68,6 +69,8 @@ PAGES = (
     Route("GET", "/connectors/{name}", "connector", "One connector"),
     Route("POST", "/connectors/{name}/test", "connector_test", "Test a connector"),
     Route("GET", "/audit", "audit", "The audit log"),
+    Route("GET", "/trace", "trace_page", "The message trace, by queue id or Message-ID"),
+    Route("GET", "/nodes", "nodes_page", "The nodes sharing the queue"),
 )
 
 
@@ -76,7 +79,7 @@ def is_page(path: str) -> bool:
     return not path.startswith("/api/") and path not in ("/metrics", "/healthz", "/readyz")
 
 
-class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages):
+class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages, TracePages, NodePages):
     """Dispatch (sessions, CSRF, login), rendering, and the API called in-process; the pages are its bases."""
 
     def __init__(self, console):

@@ -66,7 +66,8 @@ class Committer:
         sender = normalize_sender(end.sender)
         msg = NewMessage(
             sender=sender, recipients=end.recipients, body=body, received_at=now,
-            expires_at=now + config.queue.message_expiration, message_id=msgid, client=client_ip)
+            expires_at=now + config.queue.message_expiration, message_id=msgid, client=client_ip,
+            helo=end.helo or "", auth_user=end.user or "")
         try:
             ids = await self.store.enqueue(msg)
         except StoreError as exc:

@@ -90,6 +90,7 @@ class MessageEnd:
     recipients: tuple[tuple[str, Any], ...]   # (address, what accept_recipient was given)
     user: str | None = None                   # the authenticated user who sent it
     smtputf8: bool = False                    # MAIL FROM had SMTPUTF8 (RFC 6531)
+    helo: str | None = None                   # the name given in HELO/EHLO (kept for the message trace)
 
 
 NEED_DATA = object()
@@ -339,7 +340,7 @@ class Conversation:
         if parser.done:
             self._buffer += parser.leftover     # commands pipelined after the final dot
             self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients), self.user,
-                                           self.smtputf8))
+                                           self.smtputf8, self.helo))
             self._reset()
         if content:
             return BodyData(content)

@@ -14,6 +14,9 @@ def open_store(config: Config, on_work=None, sync_commits: bool = True, checkpoi
     (one process of a running relay); see SqliteStore."""
     if config.server.store.startswith(("postgresql://", "postgres://")):
         from relaywatch.store.postgres import PostgresStore
-        return PostgresStore(config.server.store, on_work, statement_timeout=config.server.store_statement_timeout)
-    from relaywatch.store.sqlite import SqliteStore
-    return SqliteStore(config.store_path, on_work, sync_commits=sync_commits, checkpoints=checkpoints)
+        store = PostgresStore(config.server.store, on_work, statement_timeout=config.server.store_statement_timeout)
+    else:
+        from relaywatch.store.sqlite import SqliteStore
+        store = SqliteStore(config.store_path, on_work, sync_commits=sync_commits, checkpoints=checkpoints)
+    store.trace_retention = config.queue.trace_retention
+    return store

@@ -39,6 +39,8 @@ class QueryPage:
     domain: str | None = None          # a recipient's domain
     code: str | None = None            # the code of the latest deferral
     older_than: float | None = None    # seconds since received
+    route: str | None = None           # a RouteKind value: local, connector or internet
+    text: str | None = None            # a substring of the sender, a recipient or a last reply (any case)
     after: str | None = None
     limit: int = 100
 
@@ -211,6 +213,15 @@ class ConsoleStore(Protocol):
 
     async def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest audit records first: Fix now and queue actions, with their incident (or None)."""
+
+    async def trace(self, entry_id: str) -> dict[str, Any] | None:
+        """The message trace of one entry (store/trace.py trace_record, times as epoch seconds)
+        with ``audit``, the actions taken on it: from its rows while it is queued, from what
+        was kept when it left (delivered, bounced, expired, deleted, moved) for
+        ``queue.trace_retention``; None if neither."""
+
+    async def trace_ids(self, message_id: str) -> list[str]:
+        """The entries (queued, or kept as traces) of a Message-ID, with or without its <>."""
 
 
 class ClusterStore(Protocol):

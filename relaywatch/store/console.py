@@ -1,4 +1,4 @@
-"""The console's reads on SQL (console/api.py, console/metrics.py): queue gauges, pages, the audit log.
+"""The console's reads on SQL (console/api.py, console/metrics.py): queue gauges, pages, the audit log, traces.
 
 Reads only, on the engine's reader connections; the SQL is in console.sql.
 """
@@ -10,8 +10,9 @@ from typing import Any
 
 from relaywatch.model import Entry
 from relaywatch.store import queries
+from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
-from relaywatch.store.queue import Q as QUEUE, _attach_recipients, _entry
+from relaywatch.store.queue import Q as QUEUE, _attach_recipients, _entry, read_entry
 
 Q = queries.load("console.sql")
 assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries as queue.py's _entry takes them"
@@ -19,6 +20,7 @@ assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries 
 
 class SqlConsole:
     engine: Any
+    dialect: Any
 
     async def queue_gauges(self, now: float) -> list[tuple[str, str, str | None, int, int, float]]:
         def q(conn: Any):
@@ -28,7 +30,7 @@ class SqlConsole:
 
     async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
-            where, args = _page_where(page, now)
+            where, args = _page_where(page, now, self.dialect.last_reply)
             entries = [_entry(r) for r in conn.execute(Q["page_entries"].replace("{where}", where),
                                                        (*args, page.limit))]
             _attach_recipients(conn, entries, include_final=True)
@@ -37,7 +39,7 @@ class SqlConsole:
 
     async def queue_page_ids(self, page: QueryPage, now: float) -> list[str]:
         def q(conn: Any) -> list[str]:
-            where, args = _page_where(page, now)
+            where, args = _page_where(page, now, self.dialect.last_reply)
             return [i for (i,) in conn.execute(Q["page_ids"].replace("{where}", where), (*args, page.limit))]
         return await self.engine.read(q)
 
@@ -47,8 +49,42 @@ class SqlConsole:
             for i, at, who, act, inc, d, u in conn.execute(Q["audit_log"], (limit,))])
 
 
-def _page_where(page: QueryPage, now: float) -> tuple[str, list]:
-    """`` WHERE ...`` (or "") and its parameters for a QueryPage's filters."""
+    async def trace(self, entry_id: str) -> dict | None:
+        entry_id = entry_id.upper()
+
+        def q(conn: Any) -> dict | None:
+            entry = read_entry(conn, entry_id)
+            if entry is not None:
+                record = traces.trace_record(entry, entry.history, None)
+            else:
+                row = conn.execute(traces.Q["trace_of"], (entry_id,)).fetchone()
+                if row is None:
+                    return None
+                record = json.loads(row[0])
+            record["audit"] = [
+                {"id": i, "at": at, "who": who, "action": act, "incident_id": inc, "detail": json.loads(d),
+                 "undone_at": u}
+                for i, at, who, act, inc, d, u in conn.execute(traces.Q["audit_of_entry"], (f"%{entry_id}%",))]
+            return record
+        return await self.engine.read(q)
+
+    async def trace_ids(self, message_id: str) -> list[str]:
+        forms = traces.message_id_forms(message_id)
+
+        def q(conn: Any) -> list[str]:
+            live = {i for (i,) in conn.execute(traces.Q["live_ids_of_message"], forms)}
+            return sorted(live | {i for (i,) in conn.execute(traces.Q["kept_ids_of_message"], forms)})
+        return await self.engine.read(q)
+
+
+def _like(text: str) -> str:
+    """``text`` with LIKE's wildcards escaped by "!" (the queries say ESCAPE '!')."""
+    return text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+
+def _page_where(page: QueryPage, now: float, last_reply: str) -> tuple[str, list]:
+    """`` WHERE ...`` (or "") and its parameters for a QueryPage's filters; ``last_reply`` is
+    the dialect's SQL for a recipient's last reply (store/sqlite.py, store/postgres.py)."""
     where, args = [], []
 
     def add(name: str, *values) -> None:
@@ -71,5 +107,10 @@ def _page_where(page: QueryPage, now: float) -> tuple[str, list]:
     if page.recipient:
         add("has_recipient", page.recipient.lower())
     if page.domain:
-        add("has_recipient_in", "%@" + page.domain.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_"))
+        add("has_recipient_in", "%@" + _like(page.domain))
+    if page.route:
+        add("routed_as", page.route)
+    if page.text:
+        where.append(Q["has_text"].replace("{last_reply}", last_reply))
+        args.extend(["%" + _like(page.text) + "%"] * 3)
     return (" WHERE " + " AND ".join(where) if where else ""), args

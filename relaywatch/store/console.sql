@@ -17,7 +17,7 @@ SELECT id FROM entries{where} ORDER BY id LIMIT ?
 -- entry_columns --
 id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind, route_name,
 route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner, lease_until, delay_notified,
-notice_pending
+notice_pending, helo, auth_user
 
 -- after_id --
 id > ?
@@ -46,6 +46,15 @@ EXISTS (SELECT 1 FROM recipients r WHERE r.entry_id = entries.id AND lower(r.add
 -- has_recipient_in --
 -- A recipient in a domain: the parameter is "%@domain" with LIKE's wildcards escaped by "!".
 EXISTS (SELECT 1 FROM recipients r WHERE r.entry_id = entries.id AND lower(r.address) LIKE ? ESCAPE '!')
+
+-- routed_as --
+route_kind = ?
+
+-- has_text --
+-- A substring of the sender, a recipient or a recipient's last reply; the three parameters are
+-- "%text%" with LIKE's wildcards escaped by "!"; {last_reply} is the dialect's JSON read of it.
+(lower(sender) LIKE ? ESCAPE '!' OR EXISTS (SELECT 1 FROM recipients r WHERE r.entry_id = entries.id
+AND (lower(r.address) LIKE ? ESCAPE '!' OR lower({last_reply}) LIKE ? ESCAPE '!')))
 
 -- audit_log --
 SELECT id, at, who, action, incident_id, detail, undone_at FROM audit ORDER BY id DESC LIMIT ?

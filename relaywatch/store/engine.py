@@ -58,6 +58,7 @@ class Dialect(Protocol):
     name: str                   # the schema's flavour (store/schema.py TYPES)
     errors: tuple               # the driver's exception classes
     lease_lock: str             # added to the lease's subquery (PostgreSQL: skip rows another node locked)
+    last_reply: str             # SQL for the reply in a recipient's last_error JSON (console.sql has_text)
     row_share: str              # locks the leader row against a takeover until commit (PostgreSQL: FOR SHARE)
     single_node: bool           # one delivering process owns the queue (leases of a dead run are stale)
     inline_bodies: bool         # bodies always in the database (no node-local spool files)

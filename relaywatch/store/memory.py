@@ -24,6 +24,7 @@ from relaywatch.model import (
     Attempt, Entry, EntryStatus, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route, StoredBody,
 )
 from relaywatch.store import queue as sql_queue
+from relaywatch.store import trace as traces
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.memory_cluster import MemoryCluster
 from relaywatch.store.memory_console import MemoryConsole
@@ -58,6 +59,8 @@ class _Row:
     delay_notified: bool = False
     waiting: int = 0
     notice_pending: dict | None = None
+    helo: str = ""
+    auth_user: str = ""
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -66,6 +69,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
     where = "memory"
     single_node = True
     inline_bodies = False
+    trace_retention = 7 * 86400.0
 
     def __init__(self, on_work: Callable[[], None] | None = None, clock: Callable[[], float] = time.time):
         self.on_work = on_work
@@ -73,6 +77,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
         self._open = False
         self._entries: dict[str, _Row] = {}
         self._bodies: dict[str, list] = {}          # id -> [StoredBody, refs]
+        self._traces: dict[str, dict] = {}          # entry id -> trace_record of an entry that left
         MemoryWatch.__init__(self)
         MemoryCluster.__init__(self)
         MemoryTlsReports.__init__(self)
@@ -149,14 +154,13 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
                 continue
             failed_now = failed_now or o.status is not RecipientStatus.DELIVERED
             r.recipients[i] = replace(rcpt, status=o.status, last_error=o.failure or rcpt.last_error)
+        notice_ids = [i for notice in notices for i in self._insert_message(notice)]
         if history is not None:
             r.attempts += 1
-            r.history.append(history)
-        for notice in notices:
-            self._insert_message(notice)
+            r.history.append(dict(history, **({"notices": notice_ids} if notice_ids else {})))
         pending = sum(1 for x in r.recipients if x.status in WAITING)
         if pending == 0 and held is None:
-            self._remove(r)
+            self._remove(r, traces.end_of(notice_ids, now))
         else:
             # Still here: recipients wait, or only a notice that could not be built yet.
             if failed_now and r.first_failure_at is None:
@@ -257,7 +261,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             return False
         if r.lease_until and r.lease_until > time.time():
             raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
-        self._remove(r)
+        self._remove(r, {"at": self.clock(), "event": "deleted", "notices": []})
         return True
 
     async def move_recipients(self, entry_id: str, addresses: Sequence[str], route: Route, now: float) -> str | None:
@@ -276,11 +280,11 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
         self._entries[new] = _Row(
             id=new, body_id=r.body_id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
             route=route, size=r.size, message_id=r.message_id, client=r.client, is_dsn=r.is_dsn,
-            next_attempt_at=now, waiting=len(moved),
+            helo=r.helo, auth_user=r.auth_user, next_attempt_at=now, waiting=len(moved),
             recipients=[Recipient(x.address, position=i) for i, x in enumerate(moved)])
         self._bodies[r.body_id][1] += 1
         if not r.recipients:
-            self._remove(r)
+            self._remove(r, {"at": now, "event": "moved", "notices": [], "moved_to": new})
         self._notify()
         return new
 
@@ -305,7 +309,8 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             self._entries[entry_id] = _Row(
                 id=entry_id, body_id=body_id, sender=msg.sender, received_at=msg.received_at,
                 expires_at=msg.expires_at, route=route, size=msg.body.size, message_id=msg.message_id,
-                client=msg.client, is_dsn=msg.is_dsn, next_attempt_at=msg.received_at, waiting=len(addresses),
+                client=msg.client, is_dsn=msg.is_dsn, helo=msg.helo, auth_user=msg.auth_user,
+                next_attempt_at=msg.received_at, waiting=len(addresses),
                 recipients=[Recipient(a, position=i) for i, a in enumerate(addresses)])
             ids.append(entry_id)
         return ids
@@ -317,7 +322,15 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             if id_ not in taken:
                 return id_
 
-    def _remove(self, r: _Row) -> None:
+    def _remove(self, r: _Row, end: dict) -> None:
+        if self.trace_retention > 0:    # what is kept of it for the message trace (store/trace.py)
+            entry = self._entry(r, r.recipients)
+            self._traces[r.id] = traces.trace_record(entry, r.history, end)
+            while self._traces:   # in the order they ended: the oldest first
+                oldest = next(iter(self._traces))
+                if self._traces[oldest]["end"]["at"] >= end["at"] - self.trace_retention:
+                    break
+                del self._traces[oldest]
         del self._entries[r.id]
         body = self._bodies[r.body_id]
         body[1] -= 1
@@ -337,6 +350,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             next_attempt_at=r.next_attempt_at, route=r.route, size=r.size, message_id=r.message_id,
             body_id=r.body_id, client=r.client, is_dsn=r.is_dsn, first_failure_at=r.first_failure_at,
             lease_owner=r.lease_owner if leased else None, delay_notified=r.delay_notified,
+            helo=r.helo, auth_user=r.auth_user,
             notice_pending=json.loads(json.dumps(r.notice_pending)) if r.notice_pending else None,
             recipients=sorted(recipients, key=lambda x: x.position))
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 
 from relaywatch.model import Entry
+from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
+
+
+def _has_text(r, text: str) -> bool:
+    """As console.sql has_text: in the sender, a recipient or a recipient's last reply."""
+    return text in r.sender.lower() or any(
+        text in x.address.lower() or (x.last_error is not None and text in (x.last_error.reply or "").lower())
+        for x in r.recipients)
 
 
 class MemoryConsole:
@@ -33,7 +41,9 @@ class MemoryConsole:
                     or (page.code and r.last_code != page.code)
                     or (page.older_than is not None and not r.received_at < now - page.older_than)
                     or (page.recipient and page.recipient.lower() not in addresses)
-                    or (page.domain and not any(a.endswith("@" + page.domain.lower()) for a in addresses))):
+                    or (page.domain and not any(a.endswith("@" + page.domain.lower()) for a in addresses))
+                    or (page.route and r.route.kind.value != page.route)
+                    or (page.text and not _has_text(r, page.text.lower()))):
                 continue
             keep.append(r)
             if len(keep) == page.limit:
@@ -55,3 +65,24 @@ class MemoryConsole:
                 for a in reversed(self._audit)][:limit]
 
 
+
+    async def trace(self, entry_id: str) -> dict | None:
+        self._check()
+        entry_id = entry_id.upper()
+        r = self._entries.get(entry_id)
+        if r is not None:
+            record = traces.trace_record(self._entry(r, r.recipients), r.history, None)
+        elif entry_id in self._traces:
+            record = json.loads(json.dumps(self._traces[entry_id]))
+        else:
+            return None
+        record["audit"] = [{"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
+                            "incident_id": a["incident_id"], "detail": json.loads(a["detail"]),
+                            "undone_at": a["undone_at"]} for a in self._audit if entry_id in a["detail"]]
+        return record
+
+    async def trace_ids(self, message_id: str) -> list[str]:
+        self._check()
+        forms = traces.message_id_forms(message_id)
+        live = {r.id for r in self._entries.values() if r.message_id in forms}
+        return sorted(live | {i for i, t in self._traces.items() if t["entry"]["message_id"] in forms})

@@ -126,6 +126,7 @@ class PostgresDialect:
     name = "postgres"
     errors = (psycopg.Error,)
     lease_lock = " FOR UPDATE SKIP LOCKED"
+    last_reply = "(r.last_error::json ->> 'reply')"
     row_share = " FOR SHARE"
     single_node = False
     inline_bodies = True

@@ -25,6 +25,7 @@ from relaywatch.model import (
     RouteKind, StoredBody,
 )
 from relaywatch.store import queries
+from relaywatch.store import trace as traces
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.engine import GroupCommitEngine
 
@@ -62,6 +63,24 @@ class SqlQueue:
     """The queue operations; SqlStore (store/sql.py) supplies ``engine`` and ``_notify``."""
     engine: GroupCommitEngine
     lease_sql: str
+    trace_retention: float = 7 * 86400.0    # queue.trace_retention (store/trace.py); set by open_store
+    trace_prune_every: float = traces.PRUNE_EVERY
+    _traces_pruned_at: float = 0.0
+
+    def _keep_trace(self, conn: Any, entry_id: str, end: dict, outcomes: Sequence[RecipientOutcome] = (),
+                    attempt: Attempt | None = None) -> None:
+        """What is kept of an entry that leaves the queue now (store/trace.py), in the
+        transaction that removes it; pruned at most every trace_prune_every seconds by each writer."""
+        if self.trace_retention <= 0:
+            return
+        entry = read_entry(conn, entry_id)
+        attempts = [*entry.history, *([attempt.to_dict()] if attempt is not None else [])]
+        record = traces.trace_record(entry, attempts, end, outcomes)
+        conn.execute(traces.Q["insert_trace"], (entry.id, entry.message_id, end["at"],
+                                                json.dumps(record, separators=(",", ":"))))
+        if end["at"] - self._traces_pruned_at >= self.trace_prune_every:
+            self._traces_pruned_at = end["at"]
+            conn.execute(traces.Q["prune_traces"], (end["at"] - self.trace_retention,))
 
     async def enqueue(self, msg: NewMessage) -> list[str]:
         def op(conn: Any, cleanup: list) -> list[str]:
@@ -125,6 +144,7 @@ class SqlQueue:
                 # at once, without first recording statuses and an attempt it drops.
                 waiting = conn.execute(Q["waiting_addresses"], (entry_id,)).fetchall()
                 if all(address in by_address for (address,) in waiting):
+                    self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt)
                     _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
             failed_now = False
@@ -136,14 +156,15 @@ class SqlQueue:
                     failed_now = True
                 conn.execute(Q["set_recipient_status"],
                              (o.status.value, o.failure.to_json() if o.failure else None, entry_id, position))
+            notice_ids = [i for notice in notices for i in _insert_message(conn, notice)]
             if attempt is not None:
                 attempts += 1
-                conn.execute(Q["insert_attempt"],
-                             (entry_id, attempts, json.dumps(attempt.to_dict(), separators=(",", ":"))))
-            for notice in notices:
-                _insert_message(conn, notice)
+                # The notices it queued go with the attempt, so the trace can say an NDR was sent.
+                data = dict(attempt.to_dict(), **({"notices": notice_ids} if notice_ids else {}))
+                conn.execute(Q["insert_attempt"], (entry_id, attempts, json.dumps(data, separators=(",", ":"))))
             pending = conn.execute(Q["count_waiting"], (entry_id,)).fetchone()[0]
             if pending == 0 and held_notice is None:
+                self._keep_trace(conn, entry_id, traces.end_of(notice_ids, now))
                 _remove(conn, entry_id, body_id, cleanup)
                 return True
             # Still here: recipients wait, or only a notice that could not be built
@@ -183,15 +204,7 @@ class SqlQueue:
         return await self.engine.write(op) if ids else set()
 
     async def get(self, entry_id: str) -> Entry | None:
-        def q(conn: Any) -> Entry | None:
-            row = conn.execute(Q["entry"], (entry_id.upper(),)).fetchone()
-            if row is None:
-                return None
-            entry = _entry(row)
-            _attach_recipients(conn, [entry], include_final=True)
-            entry.history = [json.loads(data) for (data,) in conn.execute(Q["attempts_of"], (entry.id,))]
-            return entry
-        return await self.engine.read(q)
+        return await self.engine.read(lambda conn: read_entry(conn, entry_id.upper()))
 
     async def list(self, query: QueueQuery) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
@@ -240,6 +253,7 @@ class SqlQueue:
                 return False
             if row[1] and row[1] > time.time():
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
+            self._keep_trace(conn, entry_id.upper(), {"at": time.time(), "event": "deleted", "notices": []})
             _remove(conn, entry_id.upper(), row[0], cleanup)
             return True
         return await self.engine.write(op)
@@ -272,17 +286,29 @@ class SqlQueue:
             new = _insert_with_new_id(conn, Q["insert_entry"], (
                 entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
                 route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn),
-                len(moved)))
+                len(moved), entry.helo, entry.auth_user))
             conn.execute(Q["fewer_waiting"], (len(moved), entry_id))
             conn.executemany(Q["insert_recipient"], [(new, i, a) for i, (a,) in enumerate(moved)])
             conn.execute(Q["ref_body"], (entry.body_id,))
             if not conn.execute(Q["has_recipients"], (entry_id,)).fetchone():
+                self._keep_trace(conn, entry_id, {"at": now, "event": "moved", "notices": [], "moved_to": new})
                 _remove(conn, entry_id, entry.body_id, cleanup)
             return new
         new = await self.engine.write(op)
         if new:
             self._notify()
         return new
+
+
+def read_entry(conn: Any, entry_id: str) -> Entry | None:
+    """One entry with every recipient and its attempt history."""
+    row = conn.execute(Q["entry"], (entry_id,)).fetchone()
+    if row is None:
+        return None
+    entry = _entry(row)
+    _attach_recipients(conn, [entry], include_final=True)
+    entry.history = [json.loads(data) for (data,) in conn.execute(Q["attempts_of"], (entry.id,))]
+    return entry
 
 
 def _bytes(data) -> bytes | None:
@@ -299,7 +325,7 @@ def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
         entry_id = _insert_with_new_id(conn, Q["insert_entry"], (
             body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at, route.kind.value,
             route.name, route.domain, msg.body.size, msg.message_id, msg.client, int(msg.is_dsn),
-            len(addresses)))
+            len(addresses), msg.helo, msg.auth_user))
         conn.executemany(Q["insert_recipient"], [(entry_id, i, a) for i, a in enumerate(addresses)])
         ids.append(entry_id)
     return ids
@@ -329,7 +355,7 @@ def _select(selector: Selector) -> tuple[str, tuple]:
 def _entry(row: tuple) -> Entry:
     (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
      route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
-     lease_until, delay_notified, notice_pending) = row
+     lease_until, delay_notified, notice_pending, helo, auth_user) = row
     leased = lease_owner is not None and (lease_until or 0) > time.time()
     return Entry(
         id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
@@ -339,7 +365,7 @@ def _entry(row: tuple) -> Entry:
         message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
         first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
         delay_notified=bool(delay_notified),
-        notice_pending=json.loads(notice_pending) if notice_pending else None)
+        notice_pending=json.loads(notice_pending) if notice_pending else None, helo=helo, auth_user=auth_user)
 
 
 def _attach_bodies(conn: Any, entries: list[Entry]) -> None:

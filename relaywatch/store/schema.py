@@ -7,7 +7,7 @@ by their primary key without a second b-tree).  Each dialect gives its values
 
 Columns added after the first release are in ``MIGRATIONS``, applied before
 the schema to a queue made by an earlier version.  Tables added later (nodes,
-leader) need none: ``CREATE TABLE IF NOT EXISTS`` adds them to an existing
+leader, traces) need none: ``CREATE TABLE IF NOT EXISTS`` adds them to an existing
 queue, and the leader row is inserted once; nodes of the previous version
 never read them.
 """
@@ -53,7 +53,9 @@ CREATE TABLE IF NOT EXISTS entries (
     last_code        TEXT,              -- code of the latest deferral (incidents group by it)
     delay_notified   INTEGER NOT NULL DEFAULT 0,
     waiting          INTEGER NOT NULL DEFAULT 1,  -- recipients still pending or deferred
-    notice_pending   TEXT               -- an NDR not built yet (JSON): retried on its own
+    notice_pending   TEXT,              -- an NDR not built yet (JSON): retried on its own
+    helo             TEXT NOT NULL DEFAULT '',   -- what the client said in HELO/EHLO (the trace)
+    auth_user        TEXT NOT NULL DEFAULT ''    -- who sent it with SMTP AUTH (the trace)
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
@@ -167,6 +169,16 @@ CREATE TABLE IF NOT EXISTS tls_reports (
     outcome       TEXT NOT NULL,    -- JSON: per rua destination, "queued <id>", "sent" or the error
     PRIMARY KEY (day, policy_domain)
 ){WITHOUT_ROWID};
+-- What is kept of a message once it left the queue, for the message trace (store/trace.py):
+-- one row per entry, pruned after queue.trace_retention.
+CREATE TABLE IF NOT EXISTS traces (
+    entry_id   TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    ended_at   {REAL} NOT NULL,
+    data       TEXT NOT NULL        -- JSON: store/trace.py trace_record
+){WITHOUT_ROWID};
+CREATE INDEX IF NOT EXISTS traces_message_id ON traces (message_id);
+CREATE INDEX IF NOT EXISTS traces_ended ON traces (ended_at);
 CREATE TABLE IF NOT EXISTS attempts (
     entry_id TEXT NOT NULL,
     n        INTEGER NOT NULL,
@@ -181,6 +193,8 @@ MIGRATIONS = [
         "UPDATE entries SET waiting = (SELECT count(*) FROM recipients r WHERE r.entry_id = entries.id "
         "AND r.status IN ({RecipientStatus.PENDING}, {RecipientStatus.DEFERRED}))")),
     ("notice_pending", "TEXT", "UPDATE entries SET notice_pending = NULL WHERE 1 = 0"),
+    ("helo", "TEXT NOT NULL DEFAULT ''", "UPDATE entries SET helo = '' WHERE 1 = 0"),
+    ("auth_user", "TEXT NOT NULL DEFAULT ''", "UPDATE entries SET auth_user = '' WHERE 1 = 0"),
 ]
 
 

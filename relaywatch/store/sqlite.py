@@ -42,6 +42,7 @@ class SqliteDialect:
     name = "sqlite"
     errors = (sqlite3.Error,)
     lease_lock = ""
+    last_reply = "(r.last_error ->> 'reply')"
     row_share = ""
     single_node = True
     inline_bodies = False

@@ -1,0 +1,75 @@
+"""The message trace, store side: what is kept of a message once it has left the queue.
+
+A queue entry is deleted when it is delivered, bounced, expired, deleted or
+moved, and its attempts go with it.  So that such a message can still be
+traced, the transaction that removes it writes one compact row to ``traces``
+(``trace_record``: the envelope, how it came in, each recipient's final
+status, its last TRACE_ATTEMPTS attempts, how it ended).  Rows are kept for
+``queue.trace_retention`` and pruned by the writer that adds one, at most once
+a minute; a retention of 0 keeps nothing and costs the delivery path nothing.
+A message still queued is traced from its own rows (store/queue.py keeps them,
+store/console.py reads both).  The events themselves are shaped in relaywatch/views.py (``trace_json``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from relaywatch.model import Entry, RecipientOutcome
+from relaywatch.store import queries
+
+Q = queries.load("trace.sql")
+TRACE_ATTEMPTS = 50       # a message retried for days keeps its last 50 attempts (and their count)
+REPLY_CHARS = 500         # a server's reply is kept to this length
+PRUNE_EVERY = 60.0        # seconds between two prunes by one writer
+
+
+def trace_record(entry: Entry, attempts: Sequence[dict], end: dict | None,
+                 outcomes: Sequence[RecipientOutcome] = ()) -> dict[str, Any]:
+    """The trace of ``entry`` (times as epoch seconds): ``end`` None while it is queued,
+    else {"at", "event", ...} saying how it left.  ``outcomes``: statuses recorded in
+    the same transaction that the entry's rows do not show yet."""
+    now_status = {o.address: o.status.value for o in outcomes}
+    recipients = [{"address": r.address, "status": now_status.get(r.address, r.status.value)}
+                  for r in entry.recipients]
+    if end is not None and end.get("event") is None:
+        end = dict(end, event=final_event([r["status"] for r in recipients]))
+    return {
+        "entry": {"id": entry.id, "message_id": entry.message_id, "sender": entry.sender,
+                  "received_at": entry.received_at, "expires_at": entry.expires_at, "size": entry.size,
+                  "route": entry.route.kind.value, "connector": entry.route.name, "domain": entry.route.domain,
+                  "client": entry.client, "helo": entry.helo, "auth_user": entry.auth_user, "is_dsn": entry.is_dsn,
+                  "status": entry.status.value, "attempts": len(attempts)},
+        "recipients": recipients,
+        "attempts": [_compact(a) for a in attempts[-TRACE_ATTEMPTS:]],
+        "end": end,
+    }
+
+
+def _compact(attempt: dict) -> dict:
+    """An attempt as the trace keeps it: replies cut to REPLY_CHARS."""
+    def cut(text):
+        return text[:REPLY_CHARS] if isinstance(text, str) else text
+    out = dict(attempt)
+    out["recipients"] = [dict(r, reply=cut(r.get("reply")),
+                              error=dict(r["error"], reply=cut(r["error"].get("reply"))) if r.get("error") else None)
+                         for r in attempt.get("recipients", ())]
+    out["hosts_tried"] = [dict(f, reply=cut(f.get("reply"))) for f in attempt.get("hosts_tried", ())]
+    return out
+
+
+def end_of(notices: Sequence[str], at: float) -> dict:
+    """The end of an entry a record removes: its event (delivered, bounced, expired) is
+    read off the recipients' final statuses by trace_record."""
+    return {"at": at, "event": None, "notices": list(notices)}
+
+
+def final_event(statuses: Sequence[str]) -> str:
+    """bounced if any recipient failed, else expired if any expired, else delivered."""
+    return "bounced" if "failed" in statuses else "expired" if "expired" in statuses else "delivered"
+
+
+def message_id_forms(message_id: str) -> tuple[str, str]:
+    """A Message-ID with and without its angle brackets (the header keeps them; people often do not)."""
+    bare = message_id.strip().strip("<>")
+    return f"<{bare}>", bare

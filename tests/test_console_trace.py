@@ -1,0 +1,137 @@
+"""The message trace, the nodes and the queue's text and route filters over real HTTP, against a
+running relay; ``relaywatch queue trace --json`` and ``relaywatch nodes --json`` are the reference."""
+
+import pytest
+
+from helpers import LOOPBACK, Sink, SinkHandler, eventually, message
+from test_console import OTHER, TOKEN, client, deferred, partner, stuck_relay
+
+pytestmark = pytest.mark.both_loops
+
+LIVE = ("heartbeat_at", "heartbeat_age", "leases", "received", "delivered")   # change between two reads
+
+
+async def traced(http, message_id: str) -> list[dict]:
+    async def found():
+        r = await http.get("/api/v1/trace", params={"message_id": message_id})
+        assert r.status_code == 200
+        traces = r.json()["traces"]
+        return traces if traces and not traces[0]["in_queue"] else None
+    return await eventually(found, what=f"{message_id} to leave the queue")
+
+
+async def test_a_delivered_message_is_traced_by_id_and_message_id(relay_factory, sink):
+    relay = await relay_factory(connectors=partner(sink.port))
+    await relay.send("alice@contoso.test", ["u1@partner.test", "u2@partner.test"],
+                     message(message_id="<trace-1@client.test>"))
+    async with client(relay) as http:
+        [t] = await traced(http, "trace-1@client.test")      # without <>
+        assert (await relay.cli_json("queue", "trace", "--message-id", "trace-1@client.test")) == \
+            (await http.get("/api/v1/trace", params={"message_id": "trace-1@client.test"})).json()
+        shown = await http.get(f"/api/v1/messages/{t['id'].lower()}/trace")
+        assert shown.status_code == 200 and shown.json() == t == await relay.cli_json("queue", "trace", t["id"])
+    assert await relay.cli("queue", "show", t["id"], expect=1)          # it left the queue ...
+    assert (t["status"], t["in_queue"], t["message_id"], t["connector"]) == \
+        ("delivered", False, "<trace-1@client.test>", "p")             # ... and is traced all the same
+    assert [e["event"] for e in t["events"]] == ["received", "attempt", "delivered"]
+    received, attempt, _ = t["events"]
+    assert (received["client"], received["helo"], received["recipients"]) == \
+        (LOOPBACK, received["helo"], ["u1@partner.test", "u2@partner.test"]) and received["helo"]
+    assert (attempt["n"], attempt["connector"], attempt["host"], attempt["ip"], attempt["port"]) == \
+        (1, "p", LOOPBACK, LOOPBACK, sink.port)
+    assert [(r["status"], r["reply"].split()[0]) for r in attempt["recipients"]] == [("delivered", "250")] * 2
+    assert all(e["at"].endswith("Z") for e in t["events"])
+
+
+async def test_a_deferred_message_shows_who_held_and_released_it(relay_factory):
+    relay, [m] = await stuck_relay(relay_factory, n=1)
+    async with client(relay) as http:
+        assert (await http.post(f"/api/v1/queue/{m['id']}/hold", json={"reason": "looking into it"})).status_code == 200
+        t = (await http.get(f"/api/v1/messages/{m['id']}/trace")).json()
+        assert t == await relay.cli_json("queue", "trace", m["id"])     # held: nothing changes between the two
+        assert (await http.post(f"/api/v1/queue/{m['id']}/release", json={"reason": "partner fixed"})).status_code == 200
+        after = (await http.get(f"/api/v1/messages/{m['id']}/trace")).json()
+    assert t["in_queue"] and t["status"] == "held" and [e["event"] for e in t["events"]] == \
+        ["received", "attempt", "action"]
+    assert t["events"][1]["recipients"][0]["code"] == "4.4.316"
+    assert [(e["action"], e["who"], e["reason"]) for e in after["events"] if e["event"] == "action"] == \
+        [("hold", "loopback", "looking into it"), ("release", "loopback", "partner fixed")]
+
+
+async def test_trace_errors(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as http:
+        missing = await http.get("/api/v1/messages/0123456789ABCDEF/trace")
+        assert missing.status_code == 404 and "trace_retention" in missing.json()["error"]
+        assert (await http.get("/api/v1/messages/not-an-id/trace")).status_code == 404
+        for params in ({}, {"message_id": "<>"}, {"message_id": "x", "other": "y"}):
+            r = await http.get("/api/v1/trace", params=params)
+            assert r.status_code == 400, params
+        assert (await http.get("/api/v1/trace", params={"message_id": "<none@x>"})).json() == \
+            {"message_id": "<none@x>", "traces": []}
+    await relay.cli("queue", "trace", expect=1)
+    await relay.cli("queue", "trace", "0123456789ABCDEF", expect=1)
+
+
+async def test_the_nodes_api_is_relaywatch_nodes(relay_factory):
+    relay = await relay_factory()
+    async with client(relay) as http:
+        async def leading():
+            body = (await http.get("/api/v1/nodes")).json()
+            return body if body["nodes"] and body["nodes"][0]["leader"] else None
+        api = await eventually(leading, what="this node to lead")
+    cli = await relay.cli_json("nodes")
+    assert [{k: v for k, v in n.items() if k not in LIVE} for n in api["nodes"]] == \
+        [{k: v for k, v in n.items() if k not in LIVE} for n in cli["nodes"]]
+    assert (api["leader_term"], api["lapse"]) == (cli["leader_term"], cli["lapse"])
+    [node] = api["nodes"]
+    assert node["state"] == "alive" and node["instance"] == relay.app.scheduler.node
+
+
+async def test_queue_by_text_and_route_in_the_api_the_cli_and_bulk_actions(relay_factory):
+    greylisting = await Sink(SinkHandler(rcpt_reply=lambda a: "451 4.7.1 Greylisted_100%, try later"
+                                         if a.startswith("u1@") else "450 4.2.1 Mailbox busy")).start()
+    try:
+        relay = await relay_factory(connectors=partner(greylisting.port), queue={"retry_intervals": ["1h"]})
+        for i in range(3):
+            await relay.send("alice@contoso.test", [f"u{i}@partner.test"], message(f"m{i}"))
+        listed = await deferred(relay, 3)
+        await check_text_and_route(relay, listed)
+    finally:
+        await greylisting.stop()
+
+
+async def check_text_and_route(relay, listed):
+    u1 = next(m["id"] for m in listed if m["recipients"][0]["address"] == "u1@partner.test")
+    async with client(relay) as http:
+        async def ids(**params):
+            r = await http.get("/api/v1/queue", params=params)
+            assert r.status_code == 200, r.text
+            return [m["id"] for m in r.json()["messages"]]
+        assert await ids(text="U1@PARTNER") == [u1]
+        assert await ids(text="greylisted_100%") == [u1]                      # the last reply
+        assert await ids(text="BUSY") == sorted(m["id"] for m in listed if m["id"] != u1)
+        assert await ids(route="connector", text="alice@") == sorted(m["id"] for m in listed)
+        assert await ids(route="internet") == [] and await ids(route="local") == []
+        assert await ids(text="%") == [u1] and await ids(text="u_@partner") == []    # wildcards are letters
+        for params, field in (({"route": "mx"}, "route"), ({"text": " "}, "text"), ({"text": "x" * 201}, "text")):
+            r = await http.get("/api/v1/queue", params=params)
+            assert r.status_code == 400 and r.json()["field"] == field, params
+        dry = await http.post("/api/v1/queue/actions", json={"action": "hold", "filter": {"text": "u1@", "route": "connector"},
+                                                             "reason": "r", "dry_run": True})
+        assert dry.status_code == 200 and (dry.json()["matched"], dry.json()["sample"]) == (1, [u1])
+        api = (await http.get("/api/v1/queue", params={"text": "u1@", "route": "connector"})).json()["messages"]
+    cli = await relay.cli_json("queue", "list", "--text", "u1@", "--route", "connector")
+    assert cli["messages"] == api
+    await relay.cli("queue", "list", "--route", "mx", expect=2)
+
+
+async def test_the_new_endpoints_need_a_token_off_loopback(relay_factory):
+    relay, [m] = await stuck_relay(relay_factory, n=1, http={"listen": f"{LOOPBACK}:0", "tokens": [f"ops:{TOKEN}"]})
+    async with client(relay) as anonymous, client(relay, OTHER) as wrong, client(relay, TOKEN) as ops:
+        for path, params in ((f"/api/v1/messages/{m['id']}/trace", {}), ("/api/v1/trace", {"message_id": "x"}),
+                             ("/api/v1/nodes", {}), ("/api/v1/queue", {"text": "u0"})):
+            for http in (anonymous, wrong):
+                r = await http.get(path, params=params)
+                assert r.status_code == 401 and r.content == b"", path
+            assert (await ops.get(path, params=params)).status_code == 200, path
