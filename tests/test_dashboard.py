@@ -8,6 +8,7 @@ where that is a failure.  When a test fails, every page it visited is
 screenshotted under its tmp_path and the paths printed.
 """
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -196,6 +197,15 @@ async def test_the_queue_filters(relay_factory, tab_factory):
     await tab.page.wait_for_url("**/queue?*connector=q*")
     assert await rows.count() == 1 and "b@q.test" in await rows.first.inner_text()
     assert "4.4.316" in await rows.first.inner_text()   # the last server response per recipient
+    await tab.goto("/queue")
+    await tab.page.fill("input[name=text]", "A1@P")
+    await tab.page.select_option("select[name=route]", "connector")
+    await tab.page.click("form.filters button[type=submit]")
+    await tab.page.wait_for_url("**/queue?*text=A1%40P*")
+    assert await rows.count() == 1 and "a1@p.test" in await rows.first.inner_text()
+    assert await tab.page.input_value("input[name=text]") == "A1@P"
+    await tab.goto("/queue?route=local")
+    assert await rows.count() == 0
     await tab.goto("/queue?status=held")
     assert await rows.count() == 0 and "No messages match" in await tab.text()
     await tab.goto("/queue?older_than=soon")
@@ -302,10 +312,11 @@ async def test_remote_text_is_shown_escaped_and_never_runs(relay_factory, tab_fa
         relay, [entry] = await stuck(relay_factory, n=1, connectors=[refused("p", evil.port)])
         inc = await open_incident(relay)
         tab = await tab_factory(relay)
-        for path in ("/", "/queue", f"/queue/{entry['id']}", f"/incidents/{inc['id']}", "/connectors/p"):
+        for path in ("/", "/queue", f"/queue/{entry['id']}", f"/incidents/{inc['id']}", f"/trace?q={entry['id']}",
+                     "/nodes", "/connectors/p"):   # the connector page last: its test button is clicked next
             await tab.goto(path)
             text = await tab.text()
-            if path not in ("/", "/connectors/p"):   # codes and counts; the connector page until its test
+            if path not in ("/", "/connectors/p", "/nodes"):   # codes and counts; the connector page until its test
                 assert EVIL_SCRIPT in text and EVIL_IMG in text, path
             assert await tab.page.locator("img").count() == 0, path
             assert await tab.page.locator("main script").count() == 0, path
@@ -316,6 +327,61 @@ async def test_remote_text_is_shown_escaped_and_never_runs(relay_factory, tab_fa
         assert tab.dialogs == []
     finally:
         await evil.stop()
+
+
+async def test_the_trace_page_follows_a_delivered_message_and_escapes_its_helo(relay_factory, tab_factory, tmp_path):
+    """The client's HELO name is remote text too; the message has left the queue and is traced from what was kept."""
+    import smtplib
+    sink = await Sink().start()
+    try:
+        relay = await relay_factory(connectors=[refused("p", sink.port)])
+        evil_helo = '"><img/src=x/onerror=alert(1)>'
+
+        def submit():
+            with smtplib.SMTP(LOOPBACK, relay.port, local_hostname=evil_helo, timeout=30) as smtp:
+                smtp.sendmail("alice@contoso.test", ["u@p.test"], message("t", message_id="<trace-page@client.test>"))
+        await asyncio.to_thread(submit)
+        await eventually(lambda: sink.messages, what="the delivery")
+        tab = await tab_factory(relay)
+        await tab.goto("/")
+        await tab.page.click("header nav >> text=Trace")
+        await tab.page.fill("input[name=q]", "<trace-page@client.test>")
+        await tab.page.click("form.filters button[type=submit]")
+
+        async def delivered():
+            await tab.page.reload()
+            return "delivered" in await tab.text("section.trace") if await tab.page.locator("section.trace").count() \
+                else None
+        await eventually(delivered, what="the trace to say delivered")
+        events = await tab.page.locator("ol.timeline li.ev b").all_inner_texts()
+        assert events == ["received", "attempt", "delivered"]
+        text = await tab.text("section.trace")
+        assert evil_helo in text and "250" in text and "Ok: queued as SINK1" in text
+        assert await tab.page.locator("img").count() == 0 and tab.dialogs == []
+        await tab.page.click("section.trace h2 a")       # the message page: it left the queue, so its trace
+        await tab.page.wait_for_url("**/queue/*")
+        assert await tab.page.locator("ol.timeline li.ev").count() == 3
+        assert await tab.page.locator("img").count() == 0 and tab.dialogs == []
+        await tab.goto("/trace?q=<nothing@here>")
+        assert "No queued or kept message" in await tab.text(".error")
+    finally:
+        await sink.stop()
+
+
+async def test_the_nodes_page_lists_this_node_leading(relay_factory, tab_factory):
+    relay = await relay_factory()
+    tab = await tab_factory(relay)
+    await tab.goto("/")
+    await tab.page.click("header nav >> text=Nodes")
+    await tab.page.wait_for_url("**/nodes")
+
+    async def leading():
+        await tab.page.reload()
+        row = tab.page.locator("table.nodes tbody tr[data-name]")
+        return await row.count() == 1 and "leader" in await row.inner_text()
+    await eventually(leading, what="this node listed as the leader")
+    row = await tab.page.locator("table.nodes tbody tr[data-name]").inner_text()
+    assert "alive" in row and relay.app.config.server.node_name in row
 
 
 # -- access ---------------------------------------------------------------------------------------------
