@@ -368,6 +368,35 @@ async def test_the_trace_page_follows_a_delivered_message_and_escapes_its_helo(r
         await sink.stop()
 
 
+async def test_the_incident_page_shows_the_probe_history_and_whom_it_notified(relay_factory, tab_factory):
+    alert_sink = await Sink().start()
+    try:
+        relay, _ = await stuck(relay_factory, n=1, alerts={
+            **WATCH, "probe_interval": "0.2s", "notify": ["admin@ops.test"], "smtp": f"{LOOPBACK}:{alert_sink.port}",
+            "webhook_url": f"http://{LOOPBACK}:{free_port()}/hooks/t0ken-in-the-path?key=k3y"})
+        inc = await open_incident(relay)
+
+        async def told_and_probed():
+            shown = await relay.cli_json("incidents", "show", str(inc["id"]))
+            sent = any(n["channel"] == "email" and n["state"] == "sent" for n in shown["notifications"])
+            return shown if sent and len(shown.get("probe_history", [])) >= 2 else None
+        shown = await eventually(told_and_probed, what="the alert mail sent and two probes run")
+        tab = await tab_factory(relay)
+        await tab.goto(f"/incidents/{inc['id']}")
+        probes = tab.page.locator("table.probes tbody tr")
+        assert await probes.count() >= 2
+        first = await probes.last.inner_text()       # newest first: the last row is the probe at open
+        assert "failed" in first and "4.4.316" in first and "tcp" in first
+        rows = {r.split("\t")[1]: r for r in await tab.page.locator("table.notifications tbody tr").all_inner_texts()}
+        assert "admin@ops.test" in rows["email"] and "sent" in rows["email"]
+        assert f"http://{LOOPBACK}:" in rows["webhook"]
+        text = await tab.text()
+        assert "t0ken" not in text and "k3y" not in text       # a webhook's path and query may hold its secret
+        assert len(shown["probe_history"]) <= 20
+    finally:
+        await alert_sink.stop()
+
+
 async def test_the_nodes_page_lists_this_node_leading(relay_factory, tab_factory):
     relay = await relay_factory()
     tab = await tab_factory(relay)

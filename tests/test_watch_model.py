@@ -1,11 +1,12 @@
 """The watch's typed incidents read and write exactly the stored / documented JSON shape."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult, QuotaFacts,
-                                    Severity)
+from relaywatch.watch.model import (PROBE_HISTORY, BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult,
+                                    QuotaFacts, Severity, with_probe)
 
 NOW = 1_800_000_000.0
 ERROR = {"v": 1, "code": "4.4.316", "smtp_code": 450, "title": "Connection refused", "subtype": "refused",
@@ -55,6 +56,9 @@ STORED = [
                                             "full": True, "refusing": "all mail"}],
                                  seen=[{"place": "queue", "path": "/q", "code": "ENOSPC", "detail": "full",
                                         "full": True, "refusing": "all mail"}], fixes=["free space"])),
+    # an incident that was probed: the history in short beside the latest probe whole
+    (IncidentKind.BACKLOG, _common(probe_history=[{"at": NOW - 60, "ok": False, "code": "4.4.316", "step": "tcp"},
+                                                  {"at": NOW, "ok": True, "code": None, "step": None}])),
 ]
 
 
@@ -64,6 +68,19 @@ def test_an_incident_reads_and_writes_its_stored_form_unchanged(kind, stored):
     assert inc.kind is kind and inc.other == {}
     assert inc.to_dict() == stored
     assert json.dumps(inc.to_dict(), sort_keys=True) == json.dumps(stored, sort_keys=True)
+
+
+def test_with_probe_keeps_the_latest_whole_and_a_bounded_history_in_short():
+    inc = Incident.from_dict(_common(probe=None))
+    failed = ProbeResult.from_dict(PROBE)
+    for i in range(PROBE_HISTORY + 3):
+        inc = with_probe(inc, replace(failed, at=NOW + i))
+    assert inc.probe.at == NOW + PROBE_HISTORY + 2 and len(inc.probe_history) == PROBE_HISTORY
+    assert inc.probe_history[0]["at"] == NOW + 3
+    step = next(s.step for s in failed.steps if not s.ok)
+    assert inc.probe_history[-1] == {"at": NOW + PROBE_HISTORY + 2, "ok": failed.ok,
+                                     "code": failed.error.code if failed.error else None, "step": step}
+    assert Incident.from_dict(json.loads(json.dumps(inc.to_dict()))).probe_history == inc.probe_history
 
 
 def test_typed_fields():

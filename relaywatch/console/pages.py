@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.parse
 
+from relaywatch.config import Config
 from relaywatch.store.base import QueryPage
 
 from relaywatch.console.api import BULK_FILTERS, ROUTE_KINDS, STATUSES
@@ -224,3 +226,14 @@ class NodePages:
         _, out = await self.call("nodes", {}, who)
         return self.page(200, "nodes.html", session, nodes=out["nodes"], leader_term=out["leader_term"],
                          lapse=out["lapse"])
+
+
+def notified_to(config: Config, channel: str) -> str:
+    """Where a notification channel sends, for the incident page: the admin addresses, or the
+    webhook's scheme and host only (its path or query may hold a secret)."""
+    if channel == "email":
+        return ", ".join(config.alerts.notify) or "—"
+    if channel == "webhook" and config.alerts.webhook_url:
+        url = urllib.parse.urlsplit(config.alerts.webhook_url)
+        return f"{url.scheme}://{url.hostname or ''}" + (f":{url.port}" if url.port else "")
+    return "—"

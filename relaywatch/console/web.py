@@ -45,7 +45,7 @@ from relaywatch.console.auth import authenticate, token_name
 from relaywatch.console.http import Request, Response
 from relaywatch.console.overview import HISTORY_STEP, FlowHistory, ago, flow_counts
 from relaywatch.console.pages import (AuditPages, ConnectorPages, IncidentPages, NodePages, OverviewPages, QueuePages,
-                                      TracePages)
+                                      TracePages, notified_to)
 from relaywatch.console.router import Route, match
 from relaywatch.console.web_session import SESSION_SECONDS, Session, Sessions, cookie_header, form, redirect, safe_next
 
@@ -95,6 +95,7 @@ class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages, 
         self.env.filters["ago"] = ago
         self.env.globals["catalog"] = lambda kind: lookup(kind) if kind else None
         self.env.globals["connector_type"] = lambda name: getattr(self.app.config.connector(name), "type", None)
+        self.env.globals["notified_to"] = lambda channel: notified_to(self.app.config, channel)
         self.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
 
     @property

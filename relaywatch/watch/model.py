@@ -16,7 +16,7 @@ versions did: the store's by ``kind = "store"``, the watch's own warnings by a
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from relaywatch.model import FAILURE_FORMAT, Failure
@@ -295,6 +295,7 @@ class Incident:
     delivered_late: int = 0
     expired: int = 0
     probe: ProbeResult | None = None
+    probe_history: tuple[Mapping[str, Any], ...] = ()   # every probe in short, oldest first (with_probe)
     detail: str | None = None        # the watch's warnings and the store's: what is wrong, in a sentence
     facts: KindFacts | None = None   # what only this kind has
     other: Mapping[str, Any] = field(default_factory=dict)   # fields of other versions, kept as read
@@ -322,6 +323,8 @@ class Incident:
             "fixes": list(self.fixes), "actions": list(self.actions), "escalations": list(self.escalations),
             "delivered_late": self.delivered_late, "expired": self.expired,
             "probe": self.probe.to_dict() if self.probe else None})
+        if self.probe_history:    # absent until a probe ran: the shape of incidents that never probe stays as it was
+            out["probe_history"] = [dict(p) for p in self.probe_history]
         if self.detail is not None:
             out["detail"] = self.detail
         if self.facts is not None:
@@ -372,7 +375,19 @@ class Incident:
             fixes=_strings(data.get("fixes")), actions=_strings(data.get("actions")),
             escalations=_strings(data.get("escalations")), delivered_late=count("delivered_late"),
             expired=count("expired"), probe=ProbeResult.from_dict(probe) if isinstance(probe, dict) else None,
+            probe_history=tuple(dict(p) for p in data.get("probe_history") or () if isinstance(p, dict)),
             detail=data.get("detail"), facts=facts_cls.from_dict(data) if facts_cls else None, other=other)
+
+
+PROBE_HISTORY = 20     # probes an incident remembers (the latest is also kept whole, in ``probe``)
+
+
+def with_probe(inc: Incident, probe: ProbeResult) -> Incident:
+    """``inc`` with ``probe`` as its latest, and the probe in short at the end of its history."""
+    failed = next((s for s in probe.steps if not s.ok), None)
+    brief = {"at": probe.at, "ok": probe.ok, "code": probe.error.code if probe.error else None,
+             "step": failed.step if failed else None}
+    return replace(inc, probe=probe, probe_history=(*inc.probe_history, brief)[-PROBE_HISTORY:])
 
 
 def kind_of(data: Mapping[str, Any]) -> IncidentKind:

@@ -34,7 +34,7 @@ from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, InvalidSource, ProbeResult,
-                                    Transition, TransitionKind)
+                                    Transition, TransitionKind, with_probe)
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 from relaywatch.watch.tls_report import TlsReporter
@@ -181,7 +181,7 @@ class Monitor:
         inc = t.incident
         if t.kind is TransitionKind.OPEN and inc.kind is IncidentKind.BACKLOG:
             probe = await self._probe(inc.connector)
-            inc = replace(inc, probe=probe, diagnosis=await self._with_tls_report(
+            inc = replace(with_probe(inc, probe) if probe else inc, diagnosis=await self._with_tls_report(
                 diagnose(inc, last_good.get(inc.connector), probe)))
         inc = replace(inc, id=await self.store.save_incident(inc.to_dict(), term=self._term))
         if t.notify:
@@ -236,7 +236,7 @@ class Monitor:
             if probe is None:
                 continue
             for inc in open_by_connector.get(name, []):
-                await self.store.save_incident(replace(inc, probe=probe).to_dict(), term=self._term)
+                await self.store.save_incident(with_probe(inc, probe).to_dict(), term=self._term)
             if probe.ok:
                 released = await self.queue.retry_now(Selector(connector=name))   # wakes the scheduler
                 if released:
