@@ -68,12 +68,18 @@ class SqlQueue:
     _traces_pruned_at: float = 0.0
 
     def _keep_trace(self, conn: Any, entry_id: str, end: dict, outcomes: Sequence[RecipientOutcome] = (),
-                    attempt: Attempt | None = None) -> None:
+                    attempt: Attempt | None = None, first_try: Sequence[str] | None = None) -> None:
         """What is kept of an entry that leaves the queue now (store/trace.py), in the
-        transaction that removes it; pruned at most every trace_prune_every seconds by each writer."""
+        transaction that removes it; pruned at most every trace_prune_every seconds by each writer.
+        ``first_try``: the entry had no attempt and these are its recipients, so only its row
+        is read (the delivery path's common case)."""
         if self.trace_retention <= 0:
             return
-        entry = read_entry(conn, entry_id)
+        if first_try is not None:
+            entry = _entry(conn.execute(Q["entry"], (entry_id,)).fetchone())
+            entry.recipients = [Recipient(a, position=i) for i, a in enumerate(first_try)]
+        else:
+            entry = read_entry(conn, entry_id)
         attempts = [*entry.history, *([attempt.to_dict()] if attempt is not None else [])]
         record = traces.trace_record(entry, attempts, end, outcomes)
         conn.execute(traces.Q["insert_trace"], (entry.id, entry.message_id, end["at"],
@@ -144,7 +150,8 @@ class SqlQueue:
                 # at once, without first recording statuses and an attempt it drops.
                 waiting = conn.execute(Q["waiting_addresses"], (entry_id,)).fetchall()
                 if all(address in by_address for (address,) in waiting):
-                    self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt)
+                    self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt,
+                                     first_try=[a for (a,) in waiting] if attempts == 0 else None)
                     _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
             failed_now = False
