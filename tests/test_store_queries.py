@@ -11,6 +11,8 @@ from relaywatch.store import queries, schema
 
 STORE = Path(queries.__file__).parent
 SQL_FILES = {"queue.sql": STORE / "queue.py", "watch.sql": STORE / "watch.py"}
+# Queries of a file other modules run too, through its module (``traces.Q[...]``).
+SHARED_SQL = {"trace.sql": ("traces", (STORE / "queue.py", STORE / "console.py"))}
 
 
 def test_a_query_file_is_parsed_by_name_with_enum_constants_and_fragments():
@@ -36,17 +38,24 @@ WHERE status IN ({EntryStatus.QUEUED}, {RecipientStatus.PENDING}) AND x IN (?*){
 def test_every_query_is_used_and_every_use_is_defined(sql_file):
     defined = set(queries.load(sql_file))
     code = SQL_FILES[sql_file].read_text()
-    used = set(re.findall(r'Q\["([a-z_]+)"', code)) | {
+    used = set(re.findall(r'(?<![\w.])Q\["([a-z_]+)"', code)) | {
         name for a, b in re.findall(r'Q\["([a-z_]+)" if \w+ else "([a-z_]+)"\]', code) for name in (a, b)}
     fragments = {n for n in defined if "{" + n + "}" in (STORE / sql_file).read_text()}
     assert used - defined == set()
     assert defined - used - fragments == set()
 
 
+@pytest.mark.parametrize("sql_file", sorted(SHARED_SQL))
+def test_every_shared_query_is_used_and_every_use_is_defined(sql_file):
+    module, users = SHARED_SQL[sql_file]
+    used = {name for path in users for name in re.findall(module + r'\.Q\["([a-z_]+)"', path.read_text())}
+    assert used == set(queries.load(sql_file))
+
+
 def test_no_status_is_spelled_out_in_sql():
     """Statuses come from the enums of model.py ({EntryStatus.QUEUED}), never as literals."""
     values = {m.value for e in (EntryStatus, RecipientStatus, IncidentState, NotificationState) for m in e}
-    for path in [*(STORE / f for f in SQL_FILES), STORE / "schema.py"]:
+    for path in [*(STORE / f for f in (*SQL_FILES, *SHARED_SQL)), STORE / "schema.py"]:
         text = "\n".join(line.split("--")[0] for line in path.read_text().splitlines())   # not in comments
         assert not [v for v in values if f"'{v}'" in text], path
 
@@ -73,5 +82,5 @@ def test_one_schema_renders_for_both_databases():
     assert "{" not in sqlite_sql and "{" not in pg_sql
     assert "WITHOUT ROWID" in sqlite_sql and "WITHOUT ROWID" not in pg_sql
     assert "BYTEA" in pg_sql and "AUTOINCREMENT" in sqlite_sql
-    assert [m[0] for m in schema.missing_columns({"id", "status"})] == ["waiting", "notice_pending"]
+    assert [m[0] for m in schema.missing_columns({"id", "status"})] == ["waiting", "notice_pending", "helo", "auth_user"]
     assert schema.missing_columns(set()) == []    # a new queue: the schema has every column
