@@ -35,6 +35,8 @@ DOMAIN_TYPES = ("authoritative", "internal_relay")
 CONNECTOR_TYPES = ("on_premises", "partner")
 TLS_MODES = ("none", "opportunistic", "required")
 TLS_VERIFY = ("none", "ca", "ca_and_name")
+DELIVERY_DANE = ("off", "on")                    # delivery.dane (the internet route)
+CONNECTOR_DANE = ("off", "on", "required")       # connectors.dane
 LOG_FORMATS = ("text", "json")
 
 
@@ -197,6 +199,9 @@ class DeliveryConfig:
     # The port MX hosts are contacted on (Postfix's smtp_tcp_port); smart hosts
     # carry their own port.
     smtp_port: int = 25
+    # DANE (RFC 7672) on the internet route: "on" applies DNSSEC-validated TLSA
+    # records where published (Postfix's "dane" level), else TLS as before.
+    dane: str = "on"
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,9 @@ class Connector:
     # Apply the recipient domain's MTA-STS policy (RFC 8461); only for a
     # connector without smart_hosts (by MX), as the internet route always does.
     mta_sts: bool = False
+    # DANE (RFC 7672) for this connector's hosts: "off", "on" (where published
+    # and DNSSEC-validated), "required" (no usable TLSA: no delivery).
+    dane: str = "off"
     # Set only by a "pause" fix (an override in the store), never in the file.
     paused: bool = False
 
@@ -869,7 +877,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     r.unknown(v, _file_keys(DeliveryConfig), "delivery")
     dd = DeliveryConfig()
     convert = {"concurrency": _positive_int, "per_destination": _positive_int,
-               "messages_per_connection": _positive_int, "smtp_port": _port}
+               "messages_per_connection": _positive_int, "smtp_port": _port, "dane": _choice(DELIVERY_DANE)}
     delivery = DeliveryConfig(**{
         f.name: r.get(v, f.name, "delivery", convert.get(f.name, _positive_duration), getattr(dd, f.name))
         for f in fields(DeliveryConfig)
@@ -953,7 +961,11 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
             enabled=r.get(item, "enabled", p, _bool, Connector.enabled),
             delay_notice_after=r.get(item, "delay_notice_after", p, _duration_or_off, Connector.delay_notice_after),
             mta_sts=r.get(item, "mta_sts", p, _bool, Connector.mta_sts),
+            dane=r.get(item, "dane", p, _choice(CONNECTOR_DANE), Connector.dane),
         )
+        if conn.dane != "off" and conn.tls == "none":
+            problems.append(f"{p}.dane: {conn.dane!r} needs TLS, but tls = \"none\" sends in plain text; "
+                            f"set tls = \"opportunistic\" or \"required\", or dane = \"off\"")
         if conn.mta_sts and conn.smart_hosts:
             problems.append(f"{p}.mta_sts: has no effect with smart_hosts (an MTA-STS policy names the "
                             f"domain's MX hosts); remove smart_hosts to deliver by MX, or remove mta_sts")

@@ -107,12 +107,14 @@ class Failure:
     dns: dict[str, Any] | None = None
     tls: dict[str, Any] | None = None
     sts: dict[str, Any] | None = None   # the MTA-STS policy broken (4.7.320 sts_*), as in docs/json.md
+    dane: dict[str, Any] | None = None  # the TLSA records not met (4.7.320 dane_*), as in docs/json.md
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["sts"] is None:
-            # Only MTA-STS failures have it: every other failure keeps the form it was stored in.
-            del data["sts"]
+        for policy in ("sts", "dane"):
+            if data[policy] is None:
+                # Only MTA-STS / DANE failures have it: every other failure keeps the form it was stored in.
+                del data[policy]
         return data
 
     @classmethod

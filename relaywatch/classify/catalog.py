@@ -251,6 +251,45 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
             ),
         }),
     Entry(
+        id="tls.dane", code="4.7.320", smtp_code=450, title="DANE authentication failed",
+        explanation=(
+            "The MX host (or smart host) publishes DNSSEC-signed TLSA records (DANE, RFC 7672), so "
+            "relaywatch must reach it over TLS and accept only a certificate those records name; this "
+            "session did not, so the message was held back. The subtype says how: the certificate matches "
+            "no usable TLSA record (dane_tlsa_mismatch), a DANE-TA record matched the issuing CA but the "
+            "certificate is not for the host's name (dane_name_mismatch) or its chain does not verify or "
+            "has expired (dane_chain_invalid), the server offers no STARTTLS or refuses it "
+            "(dane_starttls_not_offered), the TLS handshake failed (dane_tls_handshake), the TLSA lookup "
+            "of a signed host failed (dane_dnssec_bogus), or the connector requires DANE and the host has "
+            "no usable TLSA records (dane_required). The evidence shows the MX host, its IP, the TLSA "
+            "records and the digests of the certificate presented. Hosts whose DNS answers are not "
+            "DNSSEC-validated are not affected."),
+        causes={
+            "on_premises": (
+                "The server's certificate or key was replaced and the TLSA records still name the old one.",
+                "The TLSA records were published for another port or host name, or with a wrong digest.",
+                "DNSSEC for the zone is broken (expired signatures, a DS record that does not match the key).",
+                "STARTTLS was switched off on the server, or a device on the path strips it.",
+            ),
+            "partner": (
+                "The partner rotated its certificate or key without publishing matching TLSA records first.",
+                "The partner's DNSSEC signatures expired or its DS record no longer matches its key.",
+                "Their server stopped offering STARTTLS, or a network device on the path removes it.",
+            ),
+        },
+        fixes={
+            "on_premises": (
+                "Compare the records (`dig +dnssec TLSA _25._tcp.<host>`) with the digests in the error; publish a record for the new key (3 1 1 is its SPKI SHA-256) and keep the old one until the new key is in use.",
+                "Fix the zone's DNSSEC (re-sign it, update the DS record at the parent); `dig +dnssec` must return the records with the ad flag.",
+                "Keep STARTTLS enabled on the server: with TLSA published, senders will not deliver without it.",
+            ),
+            "partner": (
+                "Send the partner's postmaster the MX host, the TLSA records and the certificate digests from this error; only they can fix their TLSA records or DNSSEC.",
+                "Check yourself with `dig +dnssec TLSA _25._tcp.<host>` (the ad flag says it is validated) and `openssl s_client -starttls smtp -connect <host>:25 -dane_tlsa_domain <host> -dane_tlsa_rrdata \"3 1 1 ...\"`.",
+                "Mail is retried until it expires; a TLSA record that matches (or removing the records) releases it.",
+            ),
+        }),
+    Entry(
         id="relay.internal_error", code="4.3.0", smtp_code=451, title="relaywatch failed during delivery",
         explanation=(
             "relaywatch itself hit an error it did not foresee while the connection to the "
@@ -485,7 +524,7 @@ def lookup(code_or_id: str) -> Entry | None:
 
 def lookup_all(code_or_id: str) -> list[Entry]:
     """Every entry a user may mean: the one with that id, or all sharing that code
-    (4.7.320 is both a certificate failure and an MTA-STS policy failure)."""
+    (4.7.320 is a certificate failure, an MTA-STS policy failure and a DANE failure)."""
     if code_or_id in CATALOG:
         return [CATALOG[code_or_id]]
     return [e for e in CATALOG.values() if e.code == code_or_id]

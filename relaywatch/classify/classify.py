@@ -97,6 +97,48 @@ def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]
             f"requires TLS; nothing was sent in clear.")
 
 
+_DANE_OUTCOMES = (Outcome.TLSA_MISMATCH, Outcome.DNSSEC_BOGUS, Outcome.DANE_REQUIRED)
+
+
+def _breaks_dane(obs: Observation) -> bool:
+    """A failure under usable TLSA records (deliver/smtp.py attaches them): DANE's own, or TLS missing."""
+    return obs.outcome in _DANE_OUTCOMES or (obs.dane is not None and _breaks_sts(obs))
+
+
+def _dane(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]:
+    e = CATALOG["tls.dane"]
+    dane = obs.dane or {}
+    name = dane.get("tlsa_name") or "its TLSA name"
+    o = obs.outcome
+    if o is Outcome.DNSSEC_BOGUS:
+        dns = obs.dns or {}
+        ede = dns.get("ede")
+        said = (f"the resolver reports \"{ede.get('text') or 'EDE ' + str(ede.get('code'))}\" (EDE {ede.get('code')})"
+                if ede else "a validating resolver answers so for DNSSEC-bogus data")
+        return (e, "dane_dnssec_bogus", e.code, e.smtp_code,
+                f"The TLSA lookup of {name} failed with {dns.get('rcode') or 'SERVFAIL'} ({said}); {here} has "
+                f"DNSSEC-signed addresses, so relaywatch did not connect to it.")
+    if o is Outcome.DANE_REQUIRED:
+        return (e, "dane_required", e.code, e.smtp_code,
+                f"The connector requires DANE, and {here} has no usable DNSSEC-validated TLSA records at {name} "
+                f"({dane.get('reason') or 'none found'}); nothing was sent.")
+    if o is Outcome.TLSA_MISMATCH:
+        subtype = dane.get("subtype") or "dane_tlsa_mismatch"
+        presented = dane.get("presented") or {}
+        records = "; ".join(dane.get("usable") or []) or "none"
+        return (e, subtype, e.code, e.smtp_code,
+                f"{dane.get('reason') or 'No TLSA record matches'} at {here} (TLSA {name}: {records}; the server's "
+                f"key is SPKI SHA-256 {presented.get('spki_sha256', '?')}); nothing was sent.")
+    if o is Outcome.TLS_NOT_OFFERED or o is Outcome.REPLY:
+        how = "does not offer STARTTLS" if o is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
+        return (e, "dane_starttls_not_offered", e.code, e.smtp_code,
+                f"{here} {how}, but its DNSSEC-signed TLSA records at {name} say it does TLS; nothing was "
+                f"sent in clear.")
+    return (e, "dane_tls_handshake", e.code, e.smtp_code,
+            f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}), and its TLSA "
+            f"records at {name} require TLS; nothing was sent in clear.")
+
+
 def classify(obs: Observation, at: float) -> Failure:
     """Map one observation to a Failure carrying its catalog code and evidence."""
     entry, subtype, code, smtp_code, detail = _decide(obs)
@@ -104,12 +146,15 @@ def classify(obs: Observation, at: float) -> Failure:
         code=code, smtp_code=smtp_code, title=entry.title, subtype=subtype, detail=detail,
         phase=obs.phase.value, permanent=entry.permanent,
         at=at, kind=entry.id, destination=obs.destination, reply=obs.reply, errno=obs.errno,
-        dns=obs.dns, tls=obs.tls, sts=obs.sts if entry.id == "tls.sts_policy" else None)
+        dns=obs.dns, tls=obs.tls, sts=obs.sts if entry.id == "tls.sts_policy" else None,
+        dane=obs.dane if entry.id == "tls.dane" else None)
 
 
 def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
     o, here = obs.outcome, where(obs.destination)
 
+    if _breaks_dane(obs):
+        return _dane(obs, here)
     if o is Outcome.STS_MX_MISMATCH or (obs.sts is not None and _breaks_sts(obs)):
         return _sts(obs, here)
 
@@ -131,6 +176,8 @@ def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
             rcode = (dns.get("rcode") or "SERVFAIL").upper()
             subtype = "refused" if rcode == "REFUSED" else "servfail"
             detail = f"The lookup of {name} ({qtype}) failed with {rcode}{via}."
+            if dns.get("ede"):
+                detail += f" The resolver says: {dns['ede'].get('text') or dns['ede'].get('code')} (EDE {dns['ede'].get('code')})."
         elif o is Outcome.DNS_NXDOMAIN:
             subtype, detail = "nxdomain", f"{name} does not exist in DNS (NXDOMAIN{via})."
         elif o is Outcome.DNS_NO_ADDRESS:

@@ -55,6 +55,12 @@ class Outcome(str, enum.Enum):
     INTERNAL = "internal"              # relaywatch itself failed mid-session (the connection was still up)
     # MTA-STS (RFC 8461): an MX host the domain's enforced policy does not list; never connected to
     STS_MX_MISMATCH = "sts_mx_mismatch"
+    # DANE (RFC 7672): the certificate matches no usable TLSA record (or its chain or name fails under DANE-TA)
+    TLSA_MISMATCH = "tlsa_mismatch"
+    # DANE: the TLSA lookup of a DNSSEC-secure host failed (SERVFAIL: a validating resolver's "bogus")
+    DNSSEC_BOGUS = "dnssec_bogus"
+    # DANE: the connector requires it (dane = "required") and the host has no secure, usable TLSA records
+    DANE_REQUIRED = "dane_required"
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Observation:
     tls: dict[str, Any] | None = None        # verify_code, subject, sans, issuer, dates, expected name
     note: str | None = None                  # a low-level fact for the detail line
     sts: dict[str, Any] | None = None        # the MTA-STS policy in force: domain, id, mode, mx, result_type
+    dane: dict[str, Any] | None = None       # the TLSA records in force: host, records, presented digests, result_type
 
     @property
     def reply(self) -> str | None:

@@ -1,5 +1,13 @@
 """DNS for delivery: MX of a recipient domain (RFC 5321 5.1), host addresses,
-and the TXT records MTA-STS looks for (RFC 8461 3.1).
+the TXT records MTA-STS looks for (RFC 8461 3.1) and the TLSA records of DANE
+(RFC 7672).
+
+Every query asks for DNSSEC (the DO bit, and AD, RFC 6840 5.7), so a
+validating resolver says with the AD bit which answers it validated: DANE
+trusts only those (``MxAnswer.secure``, ``AddressAnswer.secure``,
+``TlsaAnswer.secure``).  relaywatch does not validate signatures itself.  A
+resolver's Extended DNS Error (RFC 8914), "DNSSEC Bogus" say, is kept in the
+DNS facts of a failure (``ede``).
 
 dnspython with our own nameservers (``[dns] nameservers``, host:port) and our
 own deadline: dnspython's ``lifetime`` overshoots, so every lookup also runs
@@ -14,13 +22,16 @@ import ipaddress
 from dataclasses import dataclass
 
 import dns.asyncresolver
+import dns.edns
 import dns.exception
+import dns.flags
 import dns.nameserver
 import dns.rcode
 import dns.resolver
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DnsConfig
+from relaywatch.deliver.dane import TlsaAnswer, TlsaRecord
 
 
 class DnsFailure(Exception):
@@ -35,6 +46,22 @@ class MxHost:
     host: str
 
 
+@dataclass(frozen=True)
+class MxAnswer:
+    hosts: list[MxHost]
+    secure: bool               # DNSSEC-validated (AD)
+
+
+@dataclass(frozen=True)
+class AddressAnswer:
+    addresses: list[str]
+    secure: bool               # DNSSEC-validated (AD); an IP literal has no name to validate
+
+
+def _secure(answer) -> bool:
+    return answer is not None and bool(answer.response.flags & dns.flags.AD)
+
+
 class Resolver:
     def __init__(self, config: DnsConfig):
         self.timeout = config.timeout
@@ -46,13 +73,18 @@ class Resolver:
             self._resolver = dns.asyncresolver.Resolver()
             self.nameserver_label = ", ".join(str(n) for n in self._resolver.nameservers)
         self._resolver.lifetime = config.timeout
+        self._resolver.use_edns(0, dns.flags.DO, 1232)
+        self._resolver.flags = dns.flags.RD | dns.flags.AD
         self._resolver.timeout = min(config.timeout, 2.0)
         # The last answer per host name, with its TTL: evidence for "the address
         # changed" diagnoses (a connection failure names the answer it used).
         self.answers: dict[str, dict] = {}
 
-    def _facts(self, name: str, qtype: str, rcode: str | None = None) -> dict:
-        return {"name": name, "type": qtype, "rcode": rcode, "nameserver": self.nameserver_label}
+    def _facts(self, name: str, qtype: str, rcode: str | None = None, ede: dict | None = None) -> dict:
+        facts = {"name": name, "type": qtype, "rcode": rcode, "nameserver": self.nameserver_label}
+        if ede is not None:
+            facts["ede"] = ede
+        return facts
 
     async def _query(self, name: str, qtype: str, domain_level: bool):
         """Returns an answer or None (NODATA); raises DnsFailure otherwise."""
@@ -65,7 +97,7 @@ class Resolver:
         except dns.resolver.NoNameservers as exc:
             rcode = _rcode_of(exc)
             raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_SERVFAIL,
-                                         dns=self._facts(name, qtype, rcode))) from None
+                                         dns=self._facts(name, qtype, rcode, _ede_of(exc)))) from None
         except (TimeoutError, dns.exception.Timeout):
             raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_TIMEOUT,
                                          dns=self._facts(name, qtype, None))) from None
@@ -74,15 +106,33 @@ class Resolver:
                                          note=type(exc).__name__)) from None
 
     async def mx(self, domain: str) -> list[MxHost]:
+        return (await self.mx_answer(domain)).hosts
+
+    async def mx_answer(self, domain: str) -> MxAnswer:
         answer = await self._query(domain, "MX", domain_level=True)
         if answer is None or answer.rrset is None:
-            return [MxHost(0, domain)]   # no MX record: the domain itself (RFC 5321 5.1)
+            # no MX record: the domain itself (RFC 5321 5.1); NODATA is an answer too, AD or not
+            return MxAnswer([MxHost(0, domain)], _secure(answer))
         records = sorted(answer.rrset, key=lambda r: r.preference)
         hosts = [MxHost(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in records]
         if any(h.host in ("", ".") for h in hosts):
             # RFC 7505: a null MX means the domain accepts no mail at all.
             raise DnsFailure(Observation(Phase.DNS, Outcome.NULL_MX, dns=self._facts(domain, "MX", "NOERROR")))
-        return hosts
+        return MxAnswer(hosts, _secure(answer))
+
+    async def tlsa(self, name: str) -> TlsaAnswer:
+        """The TLSA records at ``name`` (``_25._tcp.<host>``); none for NXDOMAIN or
+        NODATA; raises DnsFailure when the lookup fails (SERVFAIL: bogus, for DANE)."""
+        try:
+            answer = await self._query(name, "TLSA", domain_level=False)
+        except DnsFailure as failure:
+            if failure.observation.outcome is Outcome.DNS_NXDOMAIN:
+                return TlsaAnswer((), False)
+            raise
+        if answer is None or answer.rrset is None:
+            return TlsaAnswer((), _secure(answer))
+        return TlsaAnswer(tuple(TlsaRecord(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset),
+                          _secure(answer))
 
     async def txt(self, name: str) -> list[str]:
         """The TXT strings of ``name`` (each record's strings joined), [] for none
@@ -98,25 +148,25 @@ class Resolver:
         return [b"".join(r.strings).decode("utf-8", "replace") for r in answer.rrset]
 
     async def addresses(self, host: str) -> list[str]:
+        return (await self.address_answer(host)).addresses
+
+    async def address_answer(self, host: str) -> AddressAnswer:
         try:
-            return [str(ipaddress.ip_address(host))]
+            return AddressAnswer([str(ipaddress.ip_address(host))], False)
         except ValueError:
             pass
         if host == "localhost":
-            return ["127.0.0.1"]
+            return AddressAnswer(["127.0.0.1"], False)
         # AAAA is asked only when there is no A record: one round trip in the
         # common case, and an AAAA problem never hides usable A records.
-        found: list[str] = []
         for qtype in ("A", "AAAA"):
             answer = await self._query(host, qtype, domain_level=False)
             if answer is not None and answer.rrset is not None:
                 found = [r.address for r in answer.rrset]
                 self.answers[host] = {"name": host, "type": qtype, "rcode": "NOERROR", "answer": found,
                                       "ttl": answer.rrset.ttl, "nameserver": self.nameserver_label}
-                break
-        if not found:
-            raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_NO_ADDRESS, dns=self._facts(host, "A/AAAA", "NOERROR")))
-        return found
+                return AddressAnswer(found, _secure(answer))
+        raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_NO_ADDRESS, dns=self._facts(host, "A/AAAA", "NOERROR")))
 
 
 def _rcode_of(exc: dns.resolver.NoNameservers) -> str:
@@ -129,3 +179,17 @@ def _rcode_of(exc: dns.resolver.NoNameservers) -> str:
         if len(error) > 3 and isinstance(error[3], str) and error[3].isupper():
             return error[3]
     return "SERVFAIL"
+
+
+def _ede_of(exc: dns.resolver.NoNameservers) -> dict | None:
+    """The first Extended DNS Error (RFC 8914) a server attached to its failure, if any:
+    a validating resolver says so when the answer is DNSSEC-bogus (code 6)."""
+    for error in exc.kwargs.get("errors", []) or []:
+        response = error[4] if len(error) > 4 else None
+        for option in (response.extended_errors() if response is not None else []):
+            return {"code": int(option.code), "text": option.text or _EDE_NAMES.get(int(option.code), "")}
+    return None
+
+
+_EDE_NAMES = {code.value: code.name.replace("_", " ").title().replace("Dnssec", "DNSSEC").replace("Dnskey", "DNSKEY")
+              .replace("Rrsigs", "RRSIGs").replace("Nsec", "NSEC") for code in dns.edns.EDECode}

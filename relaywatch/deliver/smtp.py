@@ -17,23 +17,40 @@ session's result.  In testing mode a session that would fail the policy is
 logged and opened again as without one, so mail flows while the domain tests.
 A session by MX under no policy is recorded too, as RFC 8460's "no-policy-found"
 (``_record_opportunistic``), for the domain's TLS report.
+
+DANE (deliver/dane.py) where ``delivery.dane`` (the internet route) or the
+connector's ``dane`` says so: after a target's addresses, ``dane_policy``
+looks up its TLSA records when the MX and address answers were
+DNSSEC-validated; ``tls_policy`` turns usable records into "TLS required,
+the certificate must match them" (no CA, no name for DANE-EE).  A host with
+usable TLSA is held to DANE and not to MTA-STS (RFC 8461 2: STS must not
+override a failed DANE check).  A bogus TLSA lookup, or a connector that
+requires DANE where there is none, fails the host without connecting.  Each
+DANE session's result is a ``TlsResult`` of policy type ``tlsa``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from relaywatch.classify.observation import Observation
+from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config, Connector
+from relaywatch.deliver.dane import (
+    DANE_REQUIRED, DNSSEC_INVALID, DanePolicy, Verdict, tlsa_name, tlsa_wanted, verdict,
+)
 from relaywatch.deliver.mta_sts import MtaSts, StsPolicy, is_violation, mx_mismatch, result_type
 from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls import TlsPolicy
 from relaywatch.deliver.tls_report import opportunistic_result
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
-from relaywatch.model import Destination, Route, RouteKind
+from relaywatch.model import Destination, Route, RouteKind, TlsResult
+
+log = logging.getLogger("relaywatch.dane")
 
 MAX_ADDRESSES_PER_HOST = 2
+NO_DANE = DanePolicy(Verdict.NOT_APPLICABLE, "", 0, "DANE is off")
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,7 @@ class Target:
     index: int
     count: int
     sts: StsPolicy | None = None   # the recipient domain's MTA-STS policy in force (enforce or testing)
+    mx_secure: bool = True         # named by the config (a smart host) or by a DNSSEC-validated MX answer
     domain: str = ""               # the recipient (policy) domain
 
 
@@ -77,7 +95,25 @@ class SmtpRoutes:
             return route.kind is RouteKind.INTERNET and self.config_ref().mta_sts.enabled
         return connector.mta_sts and not connector.smart_hosts
 
-    def tls_policy(self, route: Route, host: str, sts: StsPolicy | None = None) -> TlsPolicy:
+    def dane_mode(self, route: Route) -> str:
+        """``off`` | ``on`` | ``required``: the internet route's ``delivery.dane``, or the connector's ``dane``."""
+        connector = self.connector_for(route)
+        if connector is None:
+            return self.config_ref().delivery.dane if route.kind is RouteKind.INTERNET else "off"
+        return connector.dane
+
+    def tls_policy(self, route: Route, host: str, sts: StsPolicy | None = None,
+                   dane: DanePolicy = NO_DANE) -> TlsPolicy:
+        if dane.verdict is Verdict.AUTHENTICATE:
+            # RFC 7672 3: the TLSA records are the trust; SNI and DANE-TA's name check use the host name.
+            return TlsPolicy(mode="required", verify="none", expected_name=host, dane=dane.usable)
+        policy = self._tls_policy(route, host, sts)
+        if dane.verdict is Verdict.ENCRYPT:
+            # TLSA published, none usable (RFC 7672 2.2): TLS is mandatory, verified as it would be anyway.
+            policy = replace(policy, mode="required")
+        return policy
+
+    def _tls_policy(self, route: Route, host: str, sts: StsPolicy | None) -> TlsPolicy:
         if sts is not None:
             # RFC 8461 4.2: TLS, a certificate from a trusted CA, valid for the MX host's name.
             ca_file = self.config_ref().mta_sts.ca_file
@@ -100,16 +136,37 @@ class SmtpRoutes:
                     for i, (h, p) in enumerate(connector.smart_hosts)]
         port = self.config_ref().delivery.smtp_port
         domain = route.domain or recipient_domain
-        hosts = await self.resolver.mx(domain)
+        answer = await self.resolver.mx_answer(domain)
+        hosts = answer.hosts
         policy = await self.mta_sts.policy(domain) if self.uses_mta_sts(route) else None
         if policy is not None and policy.mode == "none":
             policy = None
-        return [Target(mx.host, port, i + 1, len(hosts), policy, domain) for i, mx in enumerate(hosts)]
+        return [Target(mx.host, port, i + 1, len(hosts), policy, mx_secure=answer.secure, domain=domain)
+                for i, mx in enumerate(hosts)]
 
     async def destinations(self, target: Target) -> list[Destination]:
         """Every address of ``target`` (in the resolver's order); raises DnsFailure."""
-        addresses = await self.resolver.addresses(target.host)
-        return [Destination(target.host, ip, target.port, target.index, target.count) for ip in addresses]
+        return (await self.resolve(target))[0]
+
+    async def resolve(self, target: Target) -> tuple[list[Destination], bool]:
+        """The addresses of ``target`` and whether their answer was DNSSEC-validated; raises DnsFailure."""
+        answer = await self.resolver.address_answer(target.host)
+        dests = [Destination(target.host, ip, target.port, target.index, target.count) for ip in answer.addresses]
+        return dests, answer.secure
+
+    async def dane_policy(self, route: Route, target: Target, host_secure: bool) -> DanePolicy:
+        """What DANE says for ``target``; raises DnsFailure when the TLSA lookup times out."""
+        mode = self.dane_mode(route)
+        skipped = tlsa_wanted(mode, target.mx_secure, host_secure)
+        if mode == "off" or skipped is not None:
+            return verdict(mode, target.host, target.port, None, skipped=skipped)
+        try:
+            answer = await self.resolver.tlsa(tlsa_name(target.host, target.port))
+        except DnsFailure as failure:
+            if failure.observation.outcome is not Outcome.DNS_SERVFAIL:
+                raise
+            return verdict(mode, target.host, target.port, None, lookup_failed=failure.observation.dns)
+        return verdict(mode, target.host, target.port, answer)
 
     def session(self, dest: Destination) -> SmtpConnection:
         """A connection to ``dest``, not yet opened, with the delivery timeouts and our name."""
@@ -128,15 +185,21 @@ class SmtpRoutes:
                 seen.append(passed_over)
                 continue
             try:
-                dests = await self.destinations(target)
+                dests, host_secure = await self.resolve(target)
+                dane = await self.dane_policy(route, target, host_secure)
             except DnsFailure as failure:
                 obs = failure.observation
                 seen.append(Observation(obs.phase, obs.outcome, Destination(
                     target.host, None, target.port, target.index, target.count), dns=obs.dns, note=obs.note))
                 continue
+            if dane.verdict in (Verdict.BOGUS, Verdict.REQUIRED):
+                refused = self.dane_refused(target, dane)
+                self._record_dane(dane, target, None, refused.dane)
+                seen.append(refused)
+                continue
             for dest in dests[:MAX_ADDRESSES_PER_HOST]:
                 try:
-                    return await self._open(route, target, dest)
+                    return await self._open(route, target, dest, dane)
                 except SessionFailure as failure:
                     obs = failure.observation
                     if obs.dns is None and target.host in self.resolver.answers:
@@ -155,15 +218,53 @@ class SmtpRoutes:
         self.mta_sts.record(self.mta_sts.session_result(sts, target.host, None, obs, enforced))
         return obs if enforced else None
 
-    async def _open(self, route: Route, target: Target, dest: Destination) -> SmtpConnection:
-        """One session to ``dest`` as the target's policy says; raises SessionFailure."""
-        sts = target.sts
+    def dane_refused(self, target: Target, dane: DanePolicy) -> Observation:
+        """A host DANE forbids before any connection: its TLSA lookup was bogus, or DANE is required and absent."""
+        bogus = dane.verdict is Verdict.BOGUS
+        evidence = {**dane.evidence(target.domain), "reason": dane.reason,
+                    "result_type": DNSSEC_INVALID if bogus else DANE_REQUIRED}
+        return Observation(Phase.DNS, Outcome.DNSSEC_BOGUS if bogus else Outcome.DANE_REQUIRED,
+                           Destination(target.host, None, target.port, target.index, target.count),
+                           dns=dane.dns, dane=evidence)
+
+    def dane_violation(self, target: Target, dane: DanePolicy, obs: Observation) -> Observation | None:
+        """``obs`` with the TLSA evidence when it breaks DANE (no match, TLS missing); None otherwise."""
+        if not dane.applies or not (obs.outcome is Outcome.TLSA_MISMATCH or is_violation(obs)):
+            return None
+        if obs.outcome is Outcome.CERTIFICATE:
+            return None     # no TLSA usable: the certificate was checked by the connector's or MTA-STS's rules
+        evidence = {**dane.evidence(target.domain), **(obs.dane or {})}
+        evidence.setdefault("result_type", result_type(obs))
+        return replace(obs, dane=evidence)
+
+    def _record_dane(self, dane: DanePolicy, target: Target, ip: str | None, failure: dict | None,
+                     local_ip: str | None = None) -> None:
+        """One DANE session's result, with the fields RFC 8460 aggregates by (policy type tlsa)."""
+        kind = failure["result_type"] if failure else None
+        detail = (f"{failure.get('reason') or kind}; the message was not sent there" if failure
+                  else f"the certificate of {target.host} matches its TLSA records")
+        result = TlsResult(at=self.mta_sts.clock(), policy_domain=target.domain, policy_type="tlsa", policy_id=None,
+                           mode=None, result_type=kind, mx_host=target.host, receiving_ip=ip,
+                           policy_strings=tuple(r.text() for r in dane.records), enforced=failure is not None,
+                           detail=detail, sending_ip=local_ip)
+        self.tls_results.record(result)
+        if failure:
+            log.warning("dane %s for %s at %s%s: %s", kind, target.domain, target.host, f"[{ip}]" if ip else "", detail)
+
+    async def _open(self, route: Route, target: Target, dest: Destination,
+                    dane: DanePolicy = NO_DANE) -> SmtpConnection:
+        """One session to ``dest`` as the target's policies say; raises SessionFailure."""
+        sts = None if dane.verdict is Verdict.AUTHENTICATE else target.sts     # RFC 8461 2: STS never overrides DANE
         conn = self.session(dest)
         try:
-            await conn.open(self.tls_policy(route, target.host, sts), target.host)
+            await conn.open(self.tls_policy(route, target.host, sts, dane), target.host)
         except SessionFailure as failure:
             obs = failure.observation
-            if sts is None:
+            broken = self.dane_violation(target, dane, obs)
+            if broken is not None:
+                self._record_dane(dane, target, dest.ip, broken.dane, conn.local_ip)
+                raise SessionFailure(broken) from failure.__cause__
+            if sts is None and not dane.applies:
                 self._record_opportunistic(route, target, dest, conn, obs)
             if sts is None or not is_violation(obs):
                 raise
@@ -176,10 +277,12 @@ class SmtpRoutes:
             conn = self.session(dest)
             await conn.open(self.tls_policy(route, target.host), target.host)
             return conn
+        if dane.applies:
+            self._record_dane(dane, target, dest.ip, None, conn.local_ip)
         if sts is not None:
             self.mta_sts.record(self.mta_sts.session_result(sts, target.host, dest.ip, None, sts.mode == "enforce",
                                                             conn.local_ip))
-        else:
+        elif not dane.applies:
             self._record_opportunistic(route, target, dest, conn, None)
         return conn
 
@@ -194,3 +297,4 @@ class SmtpRoutes:
                                       failure, self.mta_sts.clock())
         if result is not None:
             self.tls_results.record(result)
+

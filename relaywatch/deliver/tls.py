@@ -5,6 +5,8 @@
   it; ``context()`` builds the ``ssl.SSLContext``.
 - ``certificate_facts``: what a certificate says (names, issuer, dates), for
   the evidence of an attempt and for the certificate incident.
+- ``presented_chain``: the certificates the server sent, leaf first, for
+  DANE (deliver/dane.py matches them against the TLSA records).
 - ``fetch_certificate``: when a certificate fails verification, the handshake
   gives no certificate to look at; a second session, without verification,
   fetches it so the evidence always has its names, issuer and dates.
@@ -24,6 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from relaywatch.config import DeliveryConfig
+from relaywatch.deliver.dane import TlsaRecord
 from relaywatch.deliver.observe import SessionFailure
 from relaywatch.model import Destination
 
@@ -38,6 +41,9 @@ class TlsPolicy:
     expected_name: str | None = None  # the name the certificate must carry (ca_and_name)
     ca_file: str | None = None
     crl_file: str | None = None
+    # DANE (RFC 7672): the usable TLSA records the certificate must match
+    # instead of any CA (verify is "none" then: the records are the trust).
+    dane: tuple[TlsaRecord, ...] = ()
 
     def context(self) -> ssl.SSLContext:
         if self.verify == "none":
@@ -83,6 +89,16 @@ def session_facts(ssl_object: ssl.SSLObject, expected_name: str | None) -> dict:
     """The TLS session the handshake set up: version, cipher, the peer's certificate."""
     return {"version": ssl_object.version(), "cipher": ssl_object.cipher()[0],
             **certificate_facts(ssl_object.getpeercert(binary_form=True), expected_name)}
+
+
+def presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The chain the server presented (DER, leaf first), verified or not.
+
+    Python 3.13 has it as ``get_unverified_chain()``; 3.11 and 3.12 have the
+    same method on the private ``_sslobj`` only."""
+    public = getattr(ssl_object, "get_unverified_chain", None)
+    chain = public() if public is not None else ssl_object._sslobj.get_unverified_chain()
+    return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain or ()]
 
 
 async def fetch_certificate(session: type[SmtpConnection], dest: Destination, timeouts: DeliveryConfig,

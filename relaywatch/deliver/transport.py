@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from dataclasses import replace
@@ -32,7 +33,8 @@ from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
 from relaywatch.deliver.downgrade import body_for_destination
 from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, reply_observation
-from relaywatch.deliver.tls import TlsPolicy, certificate_facts, fetch_certificate, session_facts
+from relaywatch.deliver.dane import match_chain
+from relaywatch.deliver.tls import TlsPolicy, certificate_facts, fetch_certificate, presented_chain, session_facts
 from relaywatch.idn import needs_smtputf8
 from relaywatch.model import Destination, StoredBody
 from relaywatch.smtpclient.conversation import ClientConversation
@@ -193,8 +195,22 @@ class SmtpConnection:
             self.close()
             facts = await fetch_certificate(type(self), self.dest, self.timeouts, self.helo, expected)
             raise SessionFailure(replace(obs, tls={**facts, **(obs.tls or {})})) from failure.__cause__
-        self.tls = session_facts(self.writer.get_extra_info("ssl_object"), expected)
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        self.tls = session_facts(ssl_object, expected)
+        if tls.dane:
+            self._authenticate_dane(tls, presented_chain(ssl_object), expected)
         self.conversation.send(TLS_STARTED)
+
+    def _authenticate_dane(self, tls: TlsPolicy, chain: list[bytes], host: str) -> None:
+        """RFC 7672 3: the presented chain must match a usable TLSA record; else nothing is sent."""
+        match = match_chain(tls.dane, chain, host, datetime.datetime.now(datetime.timezone.utc))
+        if match.ok:
+            self.tls["dane_match"] = match.record
+        else:
+            self.close()
+            raise SessionFailure(Observation(Phase.STARTTLS, Outcome.TLSA_MISMATCH, self.dest, tls=self.tls, dane={
+                "subtype": match.subtype, "result_type": match.result_type, "reason": match.reason,
+                "presented": match.presented}))
 
     # -- commands on their own (verification, probes) ----------------------------------------
 
