@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -321,13 +322,20 @@ class WebhookReceiver:
 
 class DnsServer(asyncio.DatagramProtocol):
     """Answers from ``zone``: {(name, TYPE): [rdata, ...] | "NXDOMAIN" | "SERVFAIL" |
-    "REFUSED" | "DROP"}.  A name present under another type answers NODATA."""
+    "REFUSED" | "DROP" | "BOGUS"}.  A name present under another type answers NODATA.
 
-    def __init__(self, zone: dict[tuple[str, str], Any]):
+    As a validating resolver would: answers for names in ``secure`` (or every
+    name, ``secure=True``) carry the AD bit when the query asked for DNSSEC
+    (DO or AD); "BOGUS" is SERVFAIL with the Extended DNS Error "DNSSEC Bogus"
+    (RFC 8914 code 6)."""
+
+    def __init__(self, zone: dict[tuple[str, str], Any], secure: set[str] | bool = frozenset()):
         self.zone = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in zone.items()}
+        self.secure = secure if secure is True else {n.lower().rstrip(".") for n in secure}
         self.transport = None
         self.port = 0
         self.queries: list[tuple[str, str]] = []
+        self.dnssec_asked: list[bool] = []      # per query: did it ask for DNSSEC (DO or AD)?
 
     async def start(self) -> "DnsServer":
         loop = asyncio.get_running_loop()
@@ -349,10 +357,18 @@ class DnsServer(asyncio.DatagramProtocol):
         self.queries.append((name, qtype))
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
+        asked = bool(query.ednsflags & dns.flags.DO) or bool(query.flags & dns.flags.AD)
+        self.dnssec_asked.append(asked)
+        if asked and (self.secure is True or name in self.secure):
+            response.flags |= dns.flags.AD
         entry = self.zone.get((name, qtype))
         if entry == "DROP":
             return
-        if entry in ("NXDOMAIN", "SERVFAIL", "REFUSED"):
+        if entry == "BOGUS":
+            response.flags &= ~dns.flags.AD
+            response.set_rcode(dns.rcode.SERVFAIL)
+            response.use_edns(0, options=[dns.edns.EDEOption(dns.edns.EDECode.DNSSEC_BOGUS, "signature expired")])
+        elif entry in ("NXDOMAIN", "SERVFAIL", "REFUSED"):
             response.set_rcode(dns.rcode.from_text(entry))
         elif entry is None:
             if not any(n == name for n, _ in self.zone):

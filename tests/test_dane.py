@@ -1,0 +1,494 @@
+"""DANE for SMTP (RFC 7672): TLSA records, the "does DANE apply" decision and
+chain matching by table; then a real relay delivering by MX to an aiosmtpd
+destination with STARTTLS and certificates made here, the TLSA, MX and A
+records served by the loopback DNS server with and without the AD bit (and
+SERVFAIL with "DNSSEC Bogus").  Both event loops."""
+
+import datetime
+import hashlib
+import ssl
+
+import pytest
+import trustme
+from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+from cryptography.x509.oid import NameOID
+
+from helpers import LOOPBACK, DnsServer, Sink, SinkHandler, eventually, message
+from relaywatch.classify.classify import classify
+from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.cli import main as cli_main
+from relaywatch.config import parse_config
+from relaywatch.deliver.dane import TlsaAnswer, TlsaRecord, Verdict, match_chain, tlsa_wanted, verdict
+from relaywatch.errors import ConfigError
+from relaywatch.model import Destination
+
+pytestmark = pytest.mark.both_loops
+
+DOMAIN = "partner.test"
+MX = "mx.partner.test"
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+# -- certificates made here ----------------------------------------------------------------------
+
+def self_signed(name: str, days: int = 30, key=None):
+    """A self-signed certificate (no CA anyone trusts): (cert, key)."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - datetime.timedelta(days=1)).not_valid_after(NOW + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def der(cert) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+def spki(cert) -> bytes:
+    return cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def tlsa(usage, selector, mtype, cert) -> TlsaRecord:
+    data = der(cert) if selector == 0 else spki(cert)
+    data = {0: data, 1: hashlib.sha256(data).digest(), 2: hashlib.sha512(data).digest()}[mtype]
+    return TlsaRecord(usage, selector, mtype, data)
+
+
+def pem_cert(cert) -> bytes:
+    return cert.public_bytes(Encoding.PEM)
+
+
+CA = trustme.CA()
+CA_CERT = x509.load_pem_x509_certificate(CA.cert_pem.bytes())
+
+
+def ca_leaf(name: str, **kw) -> tuple[x509.Certificate, trustme.LeafCert]:
+    leaf = CA.issue_cert(name, **kw)
+    return x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()), leaf
+
+
+# -- pure: records, the decision, matching --------------------------------------------------------
+
+@pytest.mark.parametrize("record, usable", [
+    (TlsaRecord(3, 1, 1, b"\0" * 32), True),
+    (TlsaRecord(3, 0, 2, b"\0" * 64), True),
+    (TlsaRecord(2, 0, 1, b"\0" * 32), True),
+    (TlsaRecord(3, 1, 0, b"spki"), True),
+    (TlsaRecord(0, 0, 1, b"\0" * 32), False),       # PKIX-TA: unusable for SMTP (RFC 7672 3.1.3)
+    (TlsaRecord(1, 1, 1, b"\0" * 32), False),       # PKIX-EE
+    (TlsaRecord(3, 2, 1, b"\0" * 32), False),       # unknown selector
+    (TlsaRecord(3, 1, 3, b"\0" * 32), False),       # unknown matching type
+    (TlsaRecord(3, 1, 1, b"\0" * 31), False),       # a SHA-256 digest of the wrong size
+    (TlsaRecord(3, 1, 0, b""), False),
+])
+def test_usable_records(record, usable):
+    assert record.usable is usable
+
+
+@pytest.mark.parametrize("mode, mx_secure, host_secure, looked_up", [
+    ("on", True, True, True),
+    ("required", True, True, True),
+    ("off", True, True, False),
+    ("on", False, True, False),     # a forged MX could lead to anyone's TLSA records
+    ("on", True, False, False),
+])
+def test_tlsa_is_looked_up_only_behind_secure_answers(mode, mx_secure, host_secure, looked_up):
+    assert (tlsa_wanted(mode, mx_secure, host_secure) is None) is looked_up
+
+
+EE = TlsaRecord(3, 1, 1, b"\1" * 32)
+PKIX = TlsaRecord(1, 1, 1, b"\1" * 32)
+
+
+@pytest.mark.parametrize("mode, answer, kw, expected", [
+    ("on", TlsaAnswer((EE,), True), {}, Verdict.AUTHENTICATE),
+    ("on", TlsaAnswer((EE, PKIX), True), {}, Verdict.AUTHENTICATE),
+    ("on", TlsaAnswer((PKIX,), True), {}, Verdict.ENCRYPT),            # published, none usable: TLS, no authentication
+    ("on", TlsaAnswer((EE,), False), {}, Verdict.NOT_APPLICABLE),      # insecure: as if none
+    ("on", TlsaAnswer((), True), {}, Verdict.NOT_APPLICABLE),
+    ("on", None, {"skipped": "the MX answer is not DNSSEC-validated"}, Verdict.NOT_APPLICABLE),
+    ("on", None, {"lookup_failed": {"rcode": "SERVFAIL"}}, Verdict.BOGUS),
+    ("required", TlsaAnswer((EE,), True), {}, Verdict.AUTHENTICATE),
+    ("required", TlsaAnswer((EE,), False), {}, Verdict.REQUIRED),
+    ("required", TlsaAnswer((PKIX,), True), {}, Verdict.REQUIRED),
+    ("required", None, {"skipped": "the MX answer is not DNSSEC-validated"}, Verdict.REQUIRED),
+])
+def test_what_a_tlsa_answer_means(mode, answer, kw, expected):
+    assert verdict(mode, MX, 25, answer, **kw).verdict is expected
+
+
+def _cases():
+    ee_cert, _ = self_signed("anything.invalid")           # DANE-EE: names do not matter
+    other, _ = self_signed("other.invalid")
+    right, _ = ca_leaf(MX)
+    wrong, _ = ca_leaf("elsewhere.test")
+    wildcard, _ = ca_leaf("*.partner.test")
+    expired, _ = ca_leaf(MX, not_before=NOW - datetime.timedelta(days=30), not_after=NOW - datetime.timedelta(days=1))
+    old_ee, _ = self_signed("anything.invalid", days=-1)   # already expired: DANE-EE does not care
+    chain = lambda leaf: [der(leaf), der(CA_CERT)]          # noqa: E731
+    return [
+        ("3 1 1", [tlsa(3, 1, 1, ee_cert)], [der(ee_cert)], (True, None)),
+        ("3 0 1", [tlsa(3, 0, 1, ee_cert)], [der(ee_cert)], (True, None)),
+        ("3 1 2", [tlsa(3, 1, 2, ee_cert)], [der(ee_cert)], (True, None)),
+        ("3 0 0", [tlsa(3, 0, 0, ee_cert)], [der(ee_cert)], (True, None)),
+        ("3 1 1 expired", [tlsa(3, 1, 1, old_ee)], [der(old_ee)], (True, None)),
+        ("3 1 1 of another key", [tlsa(3, 1, 1, other)], [der(ee_cert)], (False, "dane_tlsa_mismatch")),
+        ("one of two matches", [tlsa(3, 1, 1, other), tlsa(3, 1, 1, ee_cert)], [der(ee_cert)], (True, None)),
+        ("2 0 1 right name", [tlsa(2, 0, 1, CA_CERT)], chain(right), (True, None)),
+        ("2 1 1 right name", [tlsa(2, 1, 1, CA_CERT)], chain(right), (True, None)),
+        ("2 0 1 wildcard", [tlsa(2, 0, 1, CA_CERT)], chain(wildcard), (True, None)),
+        ("2 0 1 wrong name", [tlsa(2, 0, 1, CA_CERT)], chain(wrong), (False, "dane_name_mismatch")),
+        ("2 0 1 expired leaf", [tlsa(2, 0, 1, CA_CERT)], chain(expired), (False, "dane_chain_invalid")),
+        ("2 0 1 TA not sent", [tlsa(2, 0, 1, CA_CERT)], [der(right)], (False, "dane_tlsa_mismatch")),
+        ("2 0 1 TA not the issuer", [tlsa(2, 0, 1, other)], [der(right), der(other)], (False, "dane_chain_invalid")),
+        ("2 x x matching the leaf", [tlsa(2, 0, 1, right)], chain(right), (False, "dane_tlsa_mismatch")),
+        ("1 1 1 PKIX-EE matching", [tlsa(1, 1, 1, ee_cert)], [der(ee_cert)], (False, "dane_tlsa_mismatch")),
+        ("0 0 1 PKIX-TA matching", [tlsa(0, 0, 1, CA_CERT)], chain(right), (False, "dane_tlsa_mismatch")),
+        ("no certificate", [tlsa(3, 1, 1, ee_cert)], [], (False, "dane_tlsa_mismatch")),
+    ]
+
+
+@pytest.mark.parametrize("case, records, chain, expected", _cases(), ids=[c[0] for c in _cases()])
+def test_chain_matching(case, records, chain, expected):
+    match = match_chain(tuple(records), chain, MX, NOW)
+    assert (match.ok, match.subtype) == expected, match.reason
+    if chain:
+        assert match.presented["spki_sha256"] == hashlib.sha256(
+            spki(x509.load_der_x509_certificate(chain[0]))).hexdigest()
+
+
+D = Destination(MX, LOOPBACK, 25, 1, 1)
+_EVIDENCE = {"policy_domain": DOMAIN, "policy_type": "tlsa", "mx_host": MX, "tlsa_name": f"_25._tcp.{MX}",
+             "tlsa": ["3 1 1 " + "ab" * 32], "usable": ["3 1 1 " + "ab" * 32]}
+
+
+@pytest.mark.parametrize("observation, subtype, words", [
+    (Observation(Phase.STARTTLS, Outcome.TLSA_MISMATCH, D, dane={
+        **_EVIDENCE, "subtype": "dane_tlsa_mismatch", "reason": "no usable TLSA record matches",
+        "presented": {"spki_sha256": "cd" * 32}}), "dane_tlsa_mismatch", "SPKI SHA-256 " + "cd" * 32),
+    (Observation(Phase.STARTTLS, Outcome.TLSA_MISMATCH, D, dane={**_EVIDENCE, "subtype": "dane_name_mismatch",
+                                                              "reason": "not for mx"}), "dane_name_mismatch", "not for mx"),
+    (Observation(Phase.STARTTLS, Outcome.TLS_NOT_OFFERED, D, dane=_EVIDENCE), "dane_starttls_not_offered",
+     "does not offer STARTTLS"),
+    (Observation(Phase.STARTTLS, Outcome.REPLY, D, reply_code=454, dane=_EVIDENCE), "dane_starttls_not_offered",
+     "refused STARTTLS"),
+    (Observation(Phase.STARTTLS, Outcome.TLS_HANDSHAKE, D, dane=_EVIDENCE, note="NO_SHARED_CIPHER"),
+     "dane_tls_handshake", "NO_SHARED_CIPHER"),
+    (Observation(Phase.DNS, Outcome.DNSSEC_BOGUS, D, dane=_EVIDENCE,
+                 dns={"rcode": "SERVFAIL", "ede": {"code": 6, "text": "DNSSEC Bogus"}}),
+     "dane_dnssec_bogus", "\"DNSSEC Bogus\" (EDE 6)"),
+    (Observation(Phase.DNS, Outcome.DANE_REQUIRED, D, dane={**_EVIDENCE, "reason": "no TLSA records are published"}),
+     "dane_required", "requires DANE"),
+])
+def test_dane_failures_classify_in_4_7_320(observation, subtype, words):
+    failure = classify(observation, 0.0)
+    assert (failure.code, failure.kind, failure.subtype, failure.smtp_code) == ("4.7.320", "tls.dane", subtype, 450)
+    assert words in failure.detail, failure.detail
+    assert failure.dane["mx_host"] == MX and failure.sts is None
+    assert failure.to_dict()["dane"]["tlsa"] == _EVIDENCE["tlsa"]
+
+
+def test_tls_failures_without_tlsa_are_classified_as_before():
+    assert classify(Observation(Phase.STARTTLS, Outcome.TLS_NOT_OFFERED, D), 0.0).kind == "connect.rejected"
+    assert "dane" not in classify(Observation(Phase.CONNECT, Outcome.REFUSED, D), 0.0).to_dict()
+
+
+# -- the loopback world: DNS with and without AD, the MX with STARTTLS ----------------------------------
+
+class RecordingHandler(SinkHandler):
+    def __init__(self):
+        super().__init__()
+        self.mail_from: list[tuple[str, bool]] = []
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        self.mail_from.append((address, session.ssl is not None))
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+
+def server_context(tmp_path, cert, key, extra=()) -> ssl.SSLContext:
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(pem_cert(cert) + b"".join(pem_cert(c) for c in extra))
+    key_path = tmp_path / "key.pem"
+    key_path.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain, key_path)
+    return ctx
+
+
+def ca_context(tmp_path, name: str) -> ssl.SSLContext:
+    """A leaf from the test CA, served with the CA certificate in the chain (DANE-TA needs it there)."""
+    cert, leaf = ca_leaf(name)
+    key = tmp_path / "ca-leaf-key.pem"
+    key.write_bytes(leaf.private_key_pem.bytes())
+    chain = tmp_path / "ca-chain.pem"
+    chain.write_bytes(pem_cert(cert) + CA.cert_pem.bytes())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(chain, key)
+    return ctx
+
+
+def rdata(record: TlsaRecord) -> str:
+    return record.text()
+
+
+class World:
+    def __init__(self, tmp_path, relay_factory):
+        self.tmp_path, self.relay_factory = tmp_path, relay_factory
+        self.dns = self.mx = self.relay = None
+
+    async def start(self, *, records=None, tls_context=None, secure=True, tlsa_entry=None, mx_secure=True):
+        self.handler = RecordingHandler()
+        self.mx = await Sink(self.handler, tls_context=tls_context).start()
+        self.tlsa_name = f"_{self.mx.port}._tcp.{MX}"
+        zone = {(DOMAIN, "MX"): [f"10 {MX}."], (MX, "A"): [LOOPBACK]}
+        if records is not None:
+            zone[(self.tlsa_name, "TLSA")] = [rdata(r) for r in records]
+        if tlsa_entry is not None:
+            zone[(self.tlsa_name, "TLSA")] = tlsa_entry
+        if secure is True:
+            secure = {DOMAIN, MX, self.tlsa_name} - (set() if mx_secure else {DOMAIN})
+        self.dns = await DnsServer(zone, secure=secure or set()).start()
+        return self
+
+    async def start_relay(self, **sections):
+        sections.setdefault("delivery", {})
+        sections["delivery"] = {"smtp_port": self.mx.port, "messages_per_connection": 1, **sections["delivery"]}
+        self.relay = await self.relay_factory(
+            dns={"nameservers": [f"{LOOPBACK}:{self.dns.port}"], "timeout": "1s"},
+            mta_sts={"enabled": False}, **sections)
+        return self.relay
+
+    @property
+    def results(self):
+        return list(self.relay.app.routes.dane_results)
+
+    async def stop(self):
+        if self.dns:
+            self.dns.stop()
+        if self.mx:
+            await self.mx.stop()
+
+
+@pytest.fixture
+async def world(tmp_path, relay_factory):
+    w = World(tmp_path, relay_factory)
+    yield w
+    await w.stop()
+
+
+async def send(relay, subject="dane"):
+    await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message(subject))
+
+
+async def first_error(relay):
+    async def recorded():
+        q = await relay.queue()
+        return q[0] if q and q[0]["attempts"] >= 1 else None
+    entry = await eventually(recorded, what="a recorded attempt")
+    return (await relay.show(entry["id"]))["recipients"][0]["last_error"]
+
+
+def mail_from_alice(world) -> list[bool]:
+    """Whether each session that carried the message was under TLS (the watch's probes send other senders)."""
+    return [tls for sender, tls in world.handler.mail_from if sender == "alice@contoso.test"]
+
+
+async def delivered_under_tls(world):
+    await eventually(lambda: world.mx.messages, what="delivery to the MX")
+    assert mail_from_alice(world) == [True]
+
+
+# -- DANE-EE -------------------------------------------------------------------------------------
+
+async def test_a_matching_dane_ee_3_1_1_delivers(world, tmp_path):
+    cert, key = self_signed("not-the-mx-name.invalid")          # self-signed, another name: DANE-EE accepts it
+    await world.start(records=[tlsa(3, 1, 1, cert)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()
+    await send(relay)
+    await delivered_under_tls(world)
+    assert (world.tlsa_name, "TLSA") in world.dns.queries
+    assert all(world.dns.dnssec_asked)                            # every query asked for DNSSEC
+    [ok] = world.results
+    assert (ok.policy_type, ok.policy_domain, ok.result_type, ok.mx_host, ok.receiving_ip) == (
+        "tlsa", DOMAIN, None, MX, LOOPBACK)
+    assert ok.policy_strings == (tlsa(3, 1, 1, cert).text(),)
+
+
+async def test_a_mismatching_tlsa_defers_with_the_evidence(world, tmp_path):
+    cert, key = self_signed(MX)
+    rotated_away, _ = self_signed(MX)                              # the key the TLSA record still names
+    stale = tlsa(3, 1, 1, rotated_away)
+    await world.start(records=[stale], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()
+    await send(relay)
+    error = await first_error(relay)
+    assert (error["code"], error["kind"], error["subtype"], error["phase"]) == (
+        "4.7.320", "tls.dane", "dane_tlsa_mismatch", "starttls")
+    dane = error["dane"]
+    assert (dane["mx_host"], dane["policy_domain"], dane["tlsa_name"]) == (MX, DOMAIN, world.tlsa_name)
+    assert dane["tlsa"] == [stale.text()] and dane["result_type"] == "tlsa-invalid"
+    assert dane["presented"]["spki_sha256"] == hashlib.sha256(spki(cert)).hexdigest()
+    assert error["destination"]["ip"] == LOOPBACK
+    assert hashlib.sha256(spki(cert)).hexdigest() in error["detail"]
+    assert mail_from_alice(world) == [] and world.mx.messages == []   # nothing sent after the handshake
+    assert [r.result_type for r in world.results] == ["tlsa-invalid"]
+    shown = CliRunner().invoke(cli_main, ["errors", "tls.dane"]).output
+    assert "DANE authentication failed" in shown and "dig +dnssec TLSA" in shown
+
+
+async def test_no_starttls_with_tlsa_published_defers(world):
+    cert, _ = self_signed(MX)
+    await world.start(records=[tlsa(3, 1, 1, cert)], tls_context=None)
+    relay = await world.start_relay()
+    await send(relay)
+    error = await first_error(relay)
+    assert (error["subtype"], error["dane"]["result_type"]) == ("dane_starttls_not_offered", "starttls-not-supported")
+    assert "nothing was sent in clear" in error["detail"]
+    assert mail_from_alice(world) == []
+
+
+@pytest.mark.parametrize("insecure", ["every answer", "the MX answer", "the A answer", "the TLSA answer"])
+async def test_an_insecure_answer_delivers_as_before(world, tmp_path, insecure):
+    # The TLSA record would forbid this certificate; without the AD bit it is not trusted (opportunistic TLS).
+    cert, key = self_signed(MX)
+    other, _ = self_signed(MX)
+    names = {"every answer": set(), "the MX answer": {MX, "TLSA"}, "the A answer": {DOMAIN, "TLSA"},
+             "the TLSA answer": {DOMAIN, MX}}[insecure]
+    await world.start(records=[tlsa(3, 1, 1, other)], tls_context=server_context(tmp_path, cert, key), secure=set())
+    world.dns.secure = {n if n != "TLSA" else world.tlsa_name for n in names}
+    relay = await world.start_relay()
+    await send(relay)
+    await delivered_under_tls(world)
+    assert world.results == []
+
+
+async def test_dane_off_looks_up_no_tlsa(world, tmp_path):
+    cert, key = self_signed(MX)
+    other, _ = self_signed(MX)
+    await world.start(records=[tlsa(3, 1, 1, other)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay(delivery={"dane": "off"})
+    await send(relay)
+    await delivered_under_tls(world)
+    assert (world.tlsa_name, "TLSA") not in world.dns.queries
+
+
+# -- DANE-TA -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, delivers", [(MX, True), ("elsewhere.test", False)])
+async def test_dane_ta_2_0_1_with_a_test_ca(world, tmp_path, name, delivers):
+    await world.start(records=[tlsa(2, 0, 1, CA_CERT)], tls_context=ca_context(tmp_path, name))
+    relay = await world.start_relay()
+    await send(relay)
+    if delivers:
+        await delivered_under_tls(world)
+        return
+    error = await first_error(relay)
+    assert (error["subtype"], error["dane"]["result_type"]) == ("dane_name_mismatch", "certificate-host-mismatch")
+    assert f"not for {MX}" in error["detail"]
+    assert mail_from_alice(world) == []
+
+
+# -- PKIX usages, bogus answers, connectors ----------------------------------------------------------
+
+async def test_pkix_usages_are_ignored_but_tls_is_still_required(world, tmp_path):
+    cert, key = self_signed(MX)
+    other, _ = self_signed(MX)
+    # PKIX-EE/PKIX-TA records that match nothing: unusable for SMTP, so not checked ...
+    await world.start(records=[tlsa(1, 1, 1, other), tlsa(0, 0, 1, other)],
+                      tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()
+    await send(relay)
+    await delivered_under_tls(world)                              # ... but TLS was mandatory (RFC 7672 2.2)
+
+
+async def test_pkix_only_records_without_starttls_defer(world):
+    other, _ = self_signed(MX)
+    await world.start(records=[tlsa(1, 1, 1, other)], tls_context=None)
+    relay = await world.start_relay()
+    await send(relay)
+    assert (await first_error(relay))["subtype"] == "dane_starttls_not_offered"
+
+
+async def test_a_bogus_tlsa_answer_defers_without_connecting(world, tmp_path):
+    cert, key = self_signed(MX)
+    await world.start(tlsa_entry="BOGUS", tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()
+    await send(relay)
+    error = await first_error(relay)
+    assert (error["code"], error["subtype"], error["phase"]) == ("4.7.320", "dane_dnssec_bogus", "dns")
+    assert error["dns"]["ede"]["code"] == 6 and "EDE 6" in error["detail"]
+    assert error["dane"]["result_type"] == "dnssec-invalid"
+    assert mail_from_alice(world) == []
+
+
+async def test_a_connector_that_requires_dane_defers_without_tlsa(world, tmp_path):
+    cert, key = self_signed(MX)
+    await world.start(records=None, tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay(connectors=[{"name": "partner", "type": "partner", "domains": [DOMAIN],
+                                                 "dane": "required"}])
+    await send(relay)
+    error = await first_error(relay)
+    assert (error["subtype"], error["dane"]["result_type"]) == ("dane_required", "dane-required")
+    assert mail_from_alice(world) == []
+
+
+async def test_a_connector_with_smart_hosts_checks_their_tlsa(world, tmp_path):
+    cert, key = self_signed(MX)
+    other, _ = self_signed(MX)
+    await world.start(records=[tlsa(3, 1, 1, other)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay(connectors=[{"name": "partner", "type": "partner", "domains": [DOMAIN],
+                                                 "smart_hosts": [f"{MX}:{world.mx.port}"], "dane": "on"}])
+    await send(relay)
+    assert (await first_error(relay))["subtype"] == "dane_tlsa_mismatch"
+
+
+async def test_connectors_leave_dane_off_by_default(world, tmp_path):
+    cert, key = self_signed(MX)
+    other, _ = self_signed(MX)
+    await world.start(records=[tlsa(3, 1, 1, other)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay(connectors=[{"name": "partner", "type": "partner", "domains": [DOMAIN]}])
+    await send(relay)
+    await delivered_under_tls(world)
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+def test_config_defaults():
+    config = parse_config({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"]}]})
+    assert config.delivery.dane == "on" and config.connector("p").dane == "off"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"delivery": {"dane": "required"}}, "delivery.dane: must be one of off, on (got 'required')"),
+    ({"delivery": {"dane": True}}, "delivery.dane: must be one of off, on (got True)"),
+    ({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"], "dane": "yes"}]},
+     "connectors[0].dane: must be one of off, on, required (got 'yes')"),
+    ({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"], "dane": "on", "tls": "none"}]},
+     "connectors[0].dane: 'on' needs TLS, but tls = \"none\" sends in plain text"),
+])
+def test_config_errors_name_the_key(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
+
+
+def test_config_check_reports_a_dane_key(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[delivery]\ndane = "maybe"\n')
+    result = CliRunner().invoke(cli_main, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        f"relaywatch: {path}: delivery.dane: must be one of off, on (got 'maybe')"]
+
+
+def test_errors_explains_dane_under_4_7_320():
+    both = CliRunner().invoke(cli_main, ["errors", "4.7.320"]).output
+    assert "DANE authentication failed" in both and "MTA-STS policy not met" in both
