@@ -6,6 +6,7 @@ SERVFAIL with "DNSSEC Bogus").  Both event loops."""
 
 import datetime
 import hashlib
+import json
 import ssl
 
 import pytest
@@ -492,3 +493,47 @@ def test_config_check_reports_a_dane_key(tmp_path):
 def test_errors_explains_dane_under_4_7_320():
     both = CliRunner().invoke(cli_main, ["errors", "4.7.320"]).output
     assert "DANE authentication failed" in both and "MTA-STS policy not met" in both
+
+
+# -- the incident's diagnosis reads the same facts ------------------------------------------------
+
+from relaywatch.model import Failure  # noqa: E402
+from relaywatch.watch.diagnosis import diagnose  # noqa: E402
+from relaywatch.watch.model import Incident, IncidentKind  # noqa: E402
+
+
+def _dane_incident(subtype, **dane):
+    failure = Failure.from_dict({"code": "4.7.320", "kind": "tls.dane", "subtype": subtype,
+                                 "dane": {**_EVIDENCE, **dane}, "destination": {"host": MX, "ip": LOOPBACK, "port": 25}})
+    return Incident(kind=IncidentKind.BACKLOG, connector="internet", code="4.7.320", title="", opened_at=0.0,
+                    latest_error=failure)
+
+
+@pytest.mark.parametrize("subtype, dane, cause, words", [
+    ("dane_tlsa_mismatch", {"presented": {"spki_sha256": "cd" * 32}}, "dane_key_rotated",
+     f"publish 3 1 1 {'cd' * 32}); check with `dig +dnssec TLSA _25._tcp.{MX}`"),
+    ("dane_name_mismatch", {"reason": "the certificate is not for mx.partner.test"}, "dane_ta_certificate",
+     "the certificate is not for mx.partner.test"),
+    ("dane_starttls_not_offered", {}, "dane_starttls_missing", "does not offer STARTTLS"),
+    ("dane_dnssec_bogus", {}, "dnssec_bogus", "do not validate"),
+    ("dane_required", {"reason": "no TLSA records are published"}, "dane_missing", "no TLSA records are published"),
+])
+def test_the_diagnosis_of_a_dane_failure(subtype, dane, cause, words):
+    d = diagnose(_dane_incident(subtype, **dane), None)
+    assert d.cause == cause and words in d.text, d.text
+    assert d.facts["dane"]["mx_host"] == MX
+
+
+async def test_connector_test_checks_tlsa_as_delivery_does(world, tmp_path):
+    cert, key = self_signed(MX)
+    await world.start(records=[tlsa(3, 1, 1, cert)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay(connectors=[{"name": "partner", "type": "partner", "domains": [DOMAIN],
+                                                 "dane": "on"}])
+    probe = await relay.cli_json("connector", "test", "partner")
+    steps = {s["step"]: s for s in probe["steps"]}
+    assert steps["dane"]["ok"] and tlsa(3, 1, 1, cert).text() in steps["dane"]["detail"]
+    assert f"verified: DANE, {tlsa(3, 1, 1, cert).text()}" in steps["certificate"]["detail"]
+    other, _ = self_signed(MX)
+    world.dns.zone[(world.tlsa_name, "TLSA")] = [tlsa(3, 1, 1, other).text()]
+    probe = json.loads((await relay.cli("connector", "test", "partner", "--json", expect=1)).output)
+    assert probe["ok"] is False and probe["error"]["subtype"] == "dane_tlsa_mismatch"

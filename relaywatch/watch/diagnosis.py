@@ -120,6 +120,8 @@ def diagnose(incident: Incident, last_good: dict | None, probe: ProbeResult | No
             return out("cert_revoked", f"The certificate of {host} (serial {tls.get('serial')}) has been revoked.")
     if kind == "tls.sts_policy":
         return _sts(subtype, host, tls, (e.sts if e else None) or {}, facts, out)
+    if kind == "tls.dane":
+        return _dane(subtype, host, (e.dane if e else None) or {}, facts, out)
     return out("destination_reply", f"{host} answers \"{reply or (e.detail if e else '')}\".")
 
 
@@ -140,3 +142,29 @@ def _sts(subtype: str | None, host: str | None, tls: dict, sts: dict, facts: dic
         return out("sts_certificate", f"The certificate of {host} is for {names} (issued by {tls.get('issuer', '?')}), "
                                       f"not a valid one for {tls.get('expected_name') or host}, as {policy} requires.")
     return out("sts_tls_failed", f"TLS with {host} fails, and {policy} does not allow mail without it.")
+
+
+def _dane(subtype: str | None, host: str | None, dane: dict, facts: dict, out) -> Diagnosis:
+    """An MX host whose DNSSEC-signed TLSA records (RFC 7672) its own TLS does not meet."""
+    facts["dane"] = dane
+    name = dane.get("tlsa_name") or f"_25._tcp.{host}"
+    check = f"check with `dig +dnssec TLSA {name}`"
+    if subtype == "dane_tlsa_mismatch":
+        spki = (dane.get("presented") or {}).get("spki_sha256", "?")
+        return out("dane_key_rotated", f"The certificate of {host} matches none of its TLSA records: the server's key "
+                                       f"or certificate was replaced without publishing a matching TLSA record first. "
+                                       f"Only the domain's admins can fix it (publish 3 1 1 {spki}); {check}.")
+    if subtype in ("dane_name_mismatch", "dane_chain_invalid"):
+        return out("dane_ta_certificate", f"{host} presents a certificate from the CA its TLSA records name, but "
+                                          f"{dane.get('reason') or 'it does not verify'}; the domain's admins must "
+                                          f"install a correct certificate; {check}.")
+    if subtype == "dane_starttls_not_offered":
+        return out("dane_starttls_missing", f"{host} publishes TLSA records but does not offer STARTTLS: TLS is off on "
+                                            "that server, or something on the network path strips it (a downgrade).")
+    if subtype == "dane_dnssec_bogus":
+        return out("dnssec_bogus", f"The DNSSEC signatures of {name} do not validate (expired signatures or a DS "
+                                   f"record that does not match the zone's key): a fault of the domain's DNS; {check}.")
+    if subtype == "dane_required":
+        return out("dane_missing", f"The connector requires DANE, and {host} has no usable DNSSEC-validated TLSA "
+                                   f"records ({dane.get('reason') or 'none'}); {check}.")
+    return out("dane_tls_failed", f"TLS with {host} fails, and its TLSA records do not allow mail without it.")

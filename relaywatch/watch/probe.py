@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from relaywatch.classify.classify import classify, where
 from relaywatch.classify.observation import Phase
 from relaywatch.config import Config, Connector
+from relaywatch.deliver.dane import Verdict, tlsa_name
 from relaywatch.deliver.resolver import DnsFailure
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, reply_observation
@@ -61,14 +62,20 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
     target = targets[0]
     started = time.monotonic()
     try:
-        dests = await routes.destinations(target)
+        dests, host_secure = await routes.resolve(target)
+        dane = await routes.dane_policy(route, target, host_secure)
     except DnsFailure as exc:
         return fail("dns", started, classify(exc.observation, time.time()))
     step("dns", started, True, f"{target.host} -> {', '.join(d.ip for d in dests)}")
+    if dane.verdict in (Verdict.BOGUS, Verdict.REQUIRED):
+        return fail("dane", started, classify(routes.dane_refused(target, dane), time.time()))
+    if dane.applies:
+        step("dane", started, True, f"TLSA {tlsa_name(target.host, target.port)}: "
+                                    f"{'; '.join(r.text() for r in dane.records)} ({dane.reason})")
 
     dest = dests[0]
     conn = routes.session(dest)
-    policy = routes.tls_policy(route, target.host)
+    policy = routes.tls_policy(route, target.host, dane=dane)
     phase_name = "tcp"
 
     def on_event(event) -> None:
@@ -90,7 +97,8 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
                 cert["days_left"] = days
                 step("certificate", started, True,
                      f"{cert['subject']} (names {', '.join(cert['sans'] or [])}), issued by {cert['issuer']}, "
-                     f"valid until {cert['not_after']} ({days} days); verified: {policy.verify}")
+                     f"valid until {cert['not_after']} ({days} days); verified: "
+                     f"{'DANE, ' + str(conn.tls.get('dane_match')) if policy.dane else policy.verify}")
             else:
                 step("starttls", started, True, "not offered; continuing in clear (tls = opportunistic)")
             phase_name = "mail"
@@ -122,7 +130,8 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
         step("rset", started, reply.is_success, str(reply))
         return done(True)
     except SessionFailure as exc:
-        return fail(phase_name, started, classify(exc.observation, time.time()))
+        obs = routes.dane_violation(target, dane, exc.observation) or exc.observation
+        return fail(phase_name, started, classify(obs, time.time()))
     finally:
         await conn.quit()
 
