@@ -16,6 +16,7 @@ JSON output (``--json``) is documented in docs/json.md and kept stable.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import sys
@@ -196,6 +197,10 @@ def config_warnings(config: Config) -> list[str]:
             if accepted is not None and accepted.type == "authoritative":
                 out.append(f"connectors[{i}].domains: {pattern} is an authoritative domain, so its unknown recipients "
                            f"are rejected and {c.name} never gets its mail; make it internal_relay")
+    remote = [h for h, _ in config.dns.nameservers if not ipaddress.ip_address(h).is_loopback]
+    if remote and (config.delivery.dane != "off" or any(c.dane != "off" for c in config.connectors)):
+        out.append(f"dns.nameservers: DANE trusts the AD bit of {', '.join(remote)}, which is not on this machine, "
+                   f"and anyone on the network path can set it; use a validating resolver on loopback")
     if config.dkim:
         from relaywatch.receive.dkim import loose_key_warnings
         out += loose_key_warnings(config.dkim)

@@ -537,3 +537,17 @@ async def test_connector_test_checks_tlsa_as_delivery_does(world, tmp_path):
     world.dns.zone[(world.tlsa_name, "TLSA")] = [tlsa(3, 1, 1, other).text()]
     probe = json.loads((await relay.cli("connector", "test", "partner", "--json", expect=1)).output)
     assert probe["ok"] is False and probe["error"]["subtype"] == "dane_tlsa_mismatch"
+
+
+@pytest.mark.parametrize("nameserver, dane, warned", [
+    ("192.0.2.53", "on", True),
+    ("127.0.0.1", "on", False),
+    ("192.0.2.53", "off", False),
+])
+def test_config_check_warns_of_a_resolver_across_the_network(tmp_path, nameserver, dane, warned):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[server]\ndata_dir = "{tmp_path / "d"}"\nlisten = ["127.0.0.1:0"]\n[http]\nlisten = "off"\n'
+                    f'[dns]\nnameservers = ["{nameserver}"]\n[delivery]\ndane = "{dane}"\n')
+    result = CliRunner().invoke(cli_main, ["config", "check", "-c", str(path)])
+    assert result.exit_code == 0, result.output
+    assert ("warning: dns.nameservers: DANE trusts the AD bit of 192.0.2.53" in result.output) is warned, result.output
