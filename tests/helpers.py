@@ -118,6 +118,19 @@ class SinkHandler:
         return f"250 2.0.0 Ok: queued as SINK{len(self.messages)}"
 
 
+class RecordingHandler(SinkHandler):
+    """A sink that also notes every MAIL FROM and whether the session was under TLS."""
+
+    def __init__(self):
+        super().__init__()
+        self.mail_from: list[tuple[str, bool]] = []
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        self.mail_from.append((address, session.ssl is not None))
+        envelope.mail_from = address
+        return "250 2.1.0 OK"
+
+
 class Sink:
     def __init__(self, handler: SinkHandler | None = None, tls_context=None, port: int = 0,
                  data_size_limit: int = 64 * 1024 * 1024, smtputf8: bool = False):
@@ -501,6 +514,15 @@ class Relay:
         local, _, domain = address.partition("@")
         new = self.data_dir / "mailboxes" / domain / local / "new"
         return [p.read_bytes() for p in sorted(new.glob("*"))] if new.exists() else []
+
+
+async def first_error(relay: "Relay") -> dict:
+    """The last error of the first queued message's first recipient, once an attempt is recorded."""
+    async def recorded():
+        q = await relay.queue()
+        return q[0] if q and q[0]["attempts"] >= 1 else None
+    entry = await eventually(recorded, what="a recorded attempt")
+    return (await relay.show(entry["id"]))["recipients"][0]["last_error"]
 
 
 def message(subject: str = "test", body: str = "hello\r\n", message_id: str | None = None) -> bytes:

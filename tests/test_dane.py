@@ -18,13 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from helpers import LOOPBACK, DnsServer, Sink, SinkHandler, eventually, message
+from helpers import LOOPBACK, DnsServer, RecordingHandler, Sink, eventually, first_error, message
 from relaywatch.classify.classify import classify
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.cli import main as cli_main
 from relaywatch.config import parse_config
 from relaywatch.deliver.dane import TlsaAnswer, TlsaRecord, Verdict, match_chain, tlsa_wanted, verdict
-from relaywatch.errors import ConfigError
 from relaywatch.model import Destination
 
 pytestmark = pytest.mark.both_loops
@@ -203,17 +202,6 @@ def test_tls_failures_without_tlsa_are_classified_as_before():
 
 # -- the loopback world: DNS with and without AD, the MX with STARTTLS ----------------------------------
 
-class RecordingHandler(SinkHandler):
-    def __init__(self):
-        super().__init__()
-        self.mail_from: list[tuple[str, bool]] = []
-
-    async def handle_MAIL(self, server, session, envelope, address, options):
-        self.mail_from.append((address, session.ssl is not None))
-        envelope.mail_from = address
-        return "250 2.1.0 OK"
-
-
 def server_context(tmp_path, cert, key, extra=()) -> ssl.SSLContext:
     chain = tmp_path / "chain.pem"
     chain.write_bytes(pem_cert(cert) + b"".join(pem_cert(c) for c in extra))
@@ -287,14 +275,6 @@ async def world(tmp_path, relay_factory):
 
 async def send(relay, subject="dane"):
     await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message(subject))
-
-
-async def first_error(relay):
-    async def recorded():
-        q = await relay.queue()
-        return q[0] if q and q[0]["attempts"] >= 1 else None
-    entry = await eventually(recorded, what="a recorded attempt")
-    return (await relay.show(entry["id"]))["recipients"][0]["last_error"]
 
 
 def mail_from_alice(world) -> list[bool]:
@@ -465,29 +445,6 @@ async def test_connectors_leave_dane_off_by_default(world, tmp_path):
 def test_config_defaults():
     config = parse_config({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"]}]})
     assert config.delivery.dane == "on" and config.connector("p").dane == "off"
-
-
-@pytest.mark.parametrize("raw, expected", [
-    ({"delivery": {"dane": "required"}}, "delivery.dane: must be one of off, on (got 'required')"),
-    ({"delivery": {"dane": True}}, "delivery.dane: must be one of off, on (got True)"),
-    ({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"], "dane": "yes"}]},
-     "connectors[0].dane: must be one of off, on, required (got 'yes')"),
-    ({"connectors": [{"name": "p", "type": "partner", "domains": ["p.test"], "dane": "on", "tls": "none"}]},
-     "connectors[0].dane: 'on' needs TLS, but tls = \"none\" sends in plain text"),
-])
-def test_config_errors_name_the_key(raw, expected):
-    with pytest.raises(ConfigError) as info:
-        parse_config(raw)
-    assert any(p.startswith(expected) for p in info.value.problems), info.value.problems
-
-
-def test_config_check_reports_a_dane_key(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text('[delivery]\ndane = "maybe"\n')
-    result = CliRunner().invoke(cli_main, ["config", "check", "-c", str(path)])
-    assert result.exit_code == 2
-    assert result.output.splitlines() == [
-        f"relaywatch: {path}: delivery.dane: must be one of off, on (got 'maybe')"]
 
 
 def test_errors_explains_dane_under_4_7_320():

@@ -10,7 +10,7 @@ import ssl
 import pytest
 import trustme
 
-from helpers import LOOPBACK, DnsServer, Sink, SinkHandler, eventually, free_port, message
+from helpers import LOOPBACK, DnsServer, RecordingHandler, Sink, eventually, first_error, free_port, message
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.mta_sts import (
     MAX_AGE_LIMIT, PolicyInvalid, mx_matches, parse_policy, parse_txt, result_type,
@@ -161,19 +161,6 @@ def policy_text(mode="enforce", mx=(MX,), max_age=86400):
     return "version: STSv1\r\nmode: %s\r\n%smax_age: %d\r\n" % (mode, "".join(f"mx: {m}\r\n" for m in mx), max_age)
 
 
-class RecordingHandler(SinkHandler):
-    """A sink that also notes every MAIL FROM and whether the session was under TLS."""
-
-    def __init__(self):
-        super().__init__()
-        self.mail_from: list[tuple[str, bool]] = []
-
-    async def handle_MAIL(self, server, session, envelope, address, options):
-        self.mail_from.append((address, session.ssl is not None))
-        envelope.mail_from = address
-        return "250 2.1.0 OK"
-
-
 def server_context(ca: trustme.CA, name: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(name).configure_cert(ctx)
@@ -245,15 +232,6 @@ async def world(tmp_path, ca, relay_factory):
 
 async def send(relay, subject="sts"):
     await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message(subject))
-
-
-async def first_error(relay):
-    async def recorded():
-        q = await relay.queue()
-        return q[0] if q and q[0]["attempts"] >= 1 else None
-    entry = await eventually(recorded, what="a recorded attempt")
-    shown = await relay.show(entry["id"])
-    return shown["recipients"][0]["last_error"]
 
 
 # -- enforce ---------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ def _breaks_sts(obs: Observation) -> bool:
             or (obs.outcome is Outcome.REPLY and obs.phase is Phase.STARTTLS))
 
 
+def _no_starttls(obs: Observation) -> str:
+    return "does not offer STARTTLS" if obs.outcome is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
+
+
 def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]:
     e = CATALOG["tls.sts_policy"]
     sts = obs.sts or {}
@@ -79,9 +83,8 @@ def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]
                 f"{here} is not one of the MX hosts {policy} allows (mx: {patterns}); "
                 f"relaywatch did not connect to it.")
     if o is Outcome.TLS_NOT_OFFERED or o is Outcome.REPLY:
-        how = "does not offer STARTTLS" if o is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
         return (e, "sts_starttls_not_offered", e.code, e.smtp_code,
-                f"{here} {how}, and {policy} requires TLS; nothing was sent in clear.")
+                f"{here} {_no_starttls(obs)}, and {policy} requires TLS; nothing was sent in clear.")
     if o is Outcome.CERTIFICATE:
         tls = obs.tls or {}
         why = _TLS_SUBTYPE_WORDS[VERIFY_SUBTYPES.get(tls.get("verify_code"), "invalid")]
@@ -130,9 +133,8 @@ def _dane(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str
                 f"{dane.get('reason') or 'No TLSA record matches'} at {here} (TLSA {name}: {records}; the server's "
                 f"key is SPKI SHA-256 {presented.get('spki_sha256', '?')}); nothing was sent.")
     if o is Outcome.TLS_NOT_OFFERED or o is Outcome.REPLY:
-        how = "does not offer STARTTLS" if o is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
         return (e, "dane_starttls_not_offered", e.code, e.smtp_code,
-                f"{here} {how}, but its DNSSEC-signed TLSA records at {name} say it does TLS; nothing was "
+                f"{here} {_no_starttls(obs)}, but its DNSSEC-signed TLSA records at {name} say it does TLS; nothing was "
                 f"sent in clear.")
     return (e, "dane_tls_handshake", e.code, e.smtp_code,
             f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}), and its TLSA "
