@@ -563,3 +563,40 @@ def test_the_diagnosis_of_a_policy_failure(incident, cause, words):
     d = diagnose(incident, None)
     assert d.cause == cause and words in d.text, d.text
     assert d.facts["sts"]["policy_id"] == "7"
+
+
+# -- DANE where it applies, MTA-STS elsewhere (RFC 8461 2) ------------------------------------------
+
+import hashlib  # noqa: E402
+import smtplib  # noqa: E402
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat  # noqa: E402
+
+
+def _spki_sha256_of(port: int) -> str:
+    """The SHA-256 of the MX's public key, as a 3 1 1 TLSA record carries it."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
+        client.starttls(context=context)
+        cert = x509.load_der_x509_certificate(client.sock.getpeercert(binary_form=True))
+    return hashlib.sha256(cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+@pytest.mark.parametrize("tlsa_matches", [True, False])
+async def test_a_host_with_usable_tlsa_is_held_to_dane_not_to_the_policy(world, tlsa_matches):
+    # The certificate is not for the MX name: the enforced policy alone would defer (sts_certificate).
+    await world.start(policy=policy_text(), mx_cert="other.example.test")
+    digest = await asyncio.to_thread(_spki_sha256_of, world.mx.port) if tlsa_matches else "ab" * 32
+    world.dns.zone[(f"_{world.mx.port}._tcp.{MX}", "TLSA")] = [f"3 1 1 {digest}"]
+    world.dns.secure = True                              # every answer DNSSEC-validated
+    relay = await world.start_relay()
+    await send(relay)
+    if tlsa_matches:
+        await eventually(lambda: world.mx.messages, what="delivery by DANE")
+        assert world.handler.mail_from[-1] == ("alice@contoso.test", True)
+        assert not [r for r in world.results if r.mx_host == MX]     # no STS session result: DANE decided
+    else:
+        error = await first_error(relay)
+        assert (error["kind"], error["subtype"]) == ("tls.dane", "dane_tlsa_mismatch")   # STS cannot override
