@@ -508,3 +508,15 @@ def test_config_check_warns_of_a_resolver_across_the_network(tmp_path, nameserve
     result = CliRunner().invoke(cli_main, ["config", "check", "-c", str(path)])
     assert result.exit_code == 0, result.output
     assert ("warning: dns.nameservers: DANE trusts the AD bit of 192.0.2.53" in result.output) is warned, result.output
+
+
+async def test_unusable_records_keep_the_connectors_own_certificate_check(world, tmp_path):
+    # PKIX-only records make TLS mandatory but authenticate nothing: the connector's tls_verify still holds.
+    cert, key = self_signed(MX)
+    await world.start(records=[tlsa(1, 1, 1, cert)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay(connectors=[{"name": "partner", "type": "partner", "domains": [DOMAIN],
+                                                 "dane": "on", "tls": "required", "tls_verify": "ca_and_name"}])
+    await send(relay)
+    error = await first_error(relay)
+    assert (error["kind"], error["subtype"]) == ("tls.certificate_invalid", "self_signed")
+    assert mail_from_alice(world) == []

@@ -33,19 +33,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-# RFC 8460 4.3 result types a DANE session is reported under (besides the
-# TLS ones: starttls-not-supported, certificate-host-mismatch, ...).
+# RFC 8460 4.3 result types a DANE session is reported under (a missing
+# STARTTLS is mta_sts.result_type's starttls-not-supported, as for MTA-STS).
 TLSA_INVALID = "tlsa-invalid"
 DNSSEC_INVALID = "dnssec-invalid"
 DANE_REQUIRED = "dane-required"
-STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
 CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
 CERTIFICATE_EXPIRED = "certificate-expired"
 VALIDATION_FAILURE = "validation-failure"
 
 DANE_TA, DANE_EE = 2, 3
 _DIGEST_SIZES = {1: 32, 2: 64}          # SHA2-256, SHA2-512 (RFC 6698 7.4)
-MODES = ("off", "on", "required")       # delivery.dane takes "off" | "on"; a connector also "required"
 
 
 @dataclass(frozen=True)
@@ -257,10 +255,3 @@ def _chain_problem(certs: list[x509.Certificate], now: datetime.datetime) -> str
             return (f"the certificate at depth {depth} is not valid now (valid "
                     f"{cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}; expired or not yet valid)")
     return None
-
-
-def result_type_of(subtype: str | None) -> str:
-    """The RFC 8460 result type of a DANE failure subtype (classify/classify.py names them)."""
-    return {"dane_starttls_not_offered": STARTTLS_NOT_SUPPORTED, "dane_dnssec_bogus": DNSSEC_INVALID,
-            "dane_required": DANE_REQUIRED, "dane_name_mismatch": CERTIFICATE_HOST_MISMATCH,
-            "dane_tlsa_mismatch": TLSA_INVALID}.get(subtype or "", VALIDATION_FAILURE)
