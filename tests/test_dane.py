@@ -257,7 +257,8 @@ class World:
 
     @property
     def results(self):
-        return list(self.relay.app.routes.dane_results)
+        """The DANE sessions' results, as TLS reporting records them (policy type tlsa)."""
+        return [r for r in self.relay.app.routes.tls_results.recent if r.policy_type == "tlsa"]
 
     async def stop(self):
         if self.dns:

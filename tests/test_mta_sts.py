@@ -596,7 +596,7 @@ async def test_a_host_with_usable_tlsa_is_held_to_dane_not_to_the_policy(world, 
     if tlsa_matches:
         await eventually(lambda: world.mx.messages, what="delivery by DANE")
         assert world.handler.mail_from[-1] == ("alice@contoso.test", True)
-        assert not [r for r in world.results if r.mx_host == MX]     # no STS session result: DANE decided
+        assert [r.policy_type for r in world.results if r.mx_host == MX] == ["tlsa"]   # DANE decided, not STS
     else:
         error = await first_error(relay)
         assert (error["kind"], error["subtype"]) == ("tls.dane", "dane_tlsa_mismatch")   # STS cannot override

@@ -33,14 +33,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-# RFC 8460 4.3 result types a DANE session is reported under (a missing
-# STARTTLS is mta_sts.result_type's starttls-not-supported, as for MTA-STS).
-TLSA_INVALID = "tlsa-invalid"
-DNSSEC_INVALID = "dnssec-invalid"
-DANE_REQUIRED = "dane-required"
-CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
-CERTIFICATE_EXPIRED = "certificate-expired"
-VALIDATION_FAILURE = "validation-failure"
+# RFC 8460 4.3 result types of a DANE failure (a missing STARTTLS is
+# mta_sts.result_type's starttls-not-supported, as under MTA-STS).
+from relaywatch.model import CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, TLSA_INVALID, VALIDATION_FAILURE
+
 
 DANE_TA, DANE_EE = 2, 3
 _DIGEST_SIZES = {1: 32, 2: 64}          # SHA2-256, SHA2-512 (RFC 6698 7.4)

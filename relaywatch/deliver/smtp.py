@@ -37,15 +37,13 @@ from typing import Callable
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config, Connector
-from relaywatch.deliver.dane import (
-    DANE_REQUIRED, DNSSEC_INVALID, DanePolicy, Verdict, tlsa_name, tlsa_wanted, verdict,
-)
+from relaywatch.deliver.dane import DanePolicy, Verdict, tlsa_name, tlsa_wanted, verdict
 from relaywatch.deliver.mta_sts import MtaSts, StsPolicy, is_violation, mx_mismatch, result_type
 from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls import TlsPolicy
 from relaywatch.deliver.tls_report import opportunistic_result
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
-from relaywatch.model import Destination, Route, RouteKind, TlsResult
+from relaywatch.model import DANE_REQUIRED, DNSSEC_INVALID, Destination, Route, RouteKind, TlsResult
 
 log = logging.getLogger("relaywatch.dane")
 
