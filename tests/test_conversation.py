@@ -69,9 +69,11 @@ def in_transaction() -> Conversation:
     (b"MAIL FROM:<a@client.test> SIZE=1000 BODY=8BITMIME\r\n", ["250"]),
     (b"MAIL FROM:<a@client.test> SIZE=many\r\n", ["501"]),
     (b"MAIL FROM:<a@client.test> BODY=BINARYMIME\r\n", ["501"]),
-    (b"MAIL FROM:<a@client.test> RET=HDRS\r\n", ["555"]),            # DSN is not offered
+    (b"MAIL FROM:<a@client.test> RET=HDRS\r\n", ["250"]),            # DSN (RFC 3461): tests/test_dsn_params.py
+    (b"MAIL FROM:<a@client.test> FROB=1\r\n", ["555"]),              # an unknown parameter
     (b"MAIL FROM:<a@client.test>\r\nMAIL FROM:<b@client.test>\r\n", ["250", "503"]),
-    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test> NOTIFY=NEVER\r\n", ["250", "555"]),
+    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test> NOTIFY=NEVER\r\n", ["250"]),   # a Recipient
+    (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test> FROB\r\n", ["250", "555"]),
     (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<>\r\n", ["250", "501"]),
     (b"MAIL FROM:<a@client.test>\r\nDATA\r\n", ["250", "554"]),      # no recipient accepted
     (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test>\r\nDATA now\r\n", ["250", "501"]),
@@ -106,7 +108,7 @@ def test_ehlo_lists_the_extensions_and_starttls_only_when_possible():
     plain = session()
     [reply] = talk(plain, b"EHLO client.test\r\n")
     assert reply.text.split("\r\n") == ["250-relay.test", "250-SIZE 1000", "250-8BITMIME", "250-PIPELINING",
-                                        "250-SMTPUTF8", "250 ENHANCEDSTATUSCODES"]
+                                        "250-SMTPUTF8", "250-DSN", "250 ENHANCEDSTATUSCODES"]
     assert plain.helo == "client.test" and plain.esmtp
     tls = session(tls=True)
     [reply] = talk(tls, b"EHLO client.test\r\n")

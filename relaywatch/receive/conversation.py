@@ -9,6 +9,9 @@ EHLO, SIZE); it hands the rest to its caller as events:
 - ``Recipient``: RCPT TO for ``address`` (syntax checked, otherwise as sent;
   a source route is split off into ``source_route``); the caller normalises
   and decides, sends the reply and, if accepted, calls ``accept_recipient``.
+  Its DSN parameters (NOTIFY, ORCPT; RFC 3461) are checked here
+  (``relaywatch.dsn_params``) and travel with it to ``MessageEnd``, as
+  MAIL FROM's RET and ENVID do.
 - ``StartTls``: the 220 for STARTTLS has been given; upgrade the connection,
   then call ``tls_started``.  Bytes the client sent after STARTTLS in the
   clear are dropped (the STARTTLS command-injection attack).
@@ -38,8 +41,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from relaywatch import dsn_params
+from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, ParameterError, RecipientDsn
 from relaywatch.receive.data import DataParser
-from relaywatch.receive.envelope import MAIL_PARAMS, parse_params, parse_path, sender_allowed
+from relaywatch.receive.envelope import MAIL_PARAMS, RCPT_PARAMS, parse_params, parse_path, sender_allowed
 
 # RFC 5321 4.5.3.1.4 allows 512 octets; extensions add parameters, and
 # Postfix accepts 2048 (line_length_limit).  A longer command is refused whole.
@@ -59,6 +64,7 @@ class Reply:
 class Recipient:
     address: str
     source_route: str = ""    # "@a,@b" from <@a,@b:user@domain>: the client asks us to route through them
+    dsn: RecipientDsn = NO_RECIPIENT_DSN     # NOTIFY, ORCPT (RFC 3461)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class MessageEnd:
     user: str | None = None                   # the authenticated user who sent it
     smtputf8: bool = False                    # MAIL FROM had SMTPUTF8 (RFC 6531)
     helo: str | None = None                   # the name given in HELO/EHLO (kept for the message trace)
+    dsn: MessageDsn = NO_MESSAGE_DSN          # RET, ENVID (RFC 3461)
+    recipient_dsn: tuple[RecipientDsn, ...] = ()   # NOTIFY, ORCPT of each recipient, in order; () if none had any
 
 
 NEED_DATA = object()
@@ -124,7 +132,10 @@ class Conversation:
         self.esmtp = False
         self.sender: str | None = None    # set by MAIL; None outside a transaction
         self.smtputf8 = False             # the transaction was opened with SMTPUTF8
+        self.dsn = NO_MESSAGE_DSN         # MAIL FROM's RET and ENVID
         self.recipients: list[tuple[str, Any]] = []
+        self.recipient_dsn: list[RecipientDsn] = []     # beside recipients
+        self._asked_dsn = NO_RECIPIENT_DSN              # the last RCPT's, until the caller accepts it
         self.errors = 0
         self._buffer = bytearray()
         self._greeted = False
@@ -148,7 +159,9 @@ class Conversation:
     # -- answers from the caller ----------------------------------------------------
 
     def accept_recipient(self, address: str, info: Any = None) -> None:
+        """The last ``Recipient`` is accepted, as ``address`` (its DSN parameters go with it)."""
         self.recipients.append((address, info))
+        self.recipient_dsn.append(self._asked_dsn)
 
     def tls_started(self) -> None:
         """The connection is now encrypted: the client starts over with EHLO (RFC 3207 4.2).
@@ -235,7 +248,9 @@ class Conversation:
     def _reset(self) -> None:
         self.sender = None
         self.smtputf8 = False
+        self.dsn = NO_MESSAGE_DSN
         self.recipients = []
+        self.recipient_dsn = []
         self._data = None
 
     # -- commands ------------------------------------------------------------------
@@ -245,7 +260,7 @@ class Conversation:
             return Reply("501 5.5.4 Syntax: EHLO hostname")
         self.helo, self.esmtp = arg.split()[0], True
         self._reset()
-        lines = [self.hostname, f"SIZE {self.max_size}", "8BITMIME", "PIPELINING", "SMTPUTF8",
+        lines = [self.hostname, f"SIZE {self.max_size}", "8BITMIME", "PIPELINING", "SMTPUTF8", "DSN",
                  "ENHANCEDSTATUSCODES"]
         if self.tls_available and not self.tls_active:
             lines.append("STARTTLS")
@@ -274,7 +289,10 @@ class Conversation:
         address, rest = parse_path(arg[5:])
         if address is None:
             return Reply("501 5.1.7 Bad sender address syntax")
-        params = parse_params(rest)
+        try:
+            params = parse_params(rest)
+        except ParameterError as exc:
+            return Reply(exc.reply)
         if params is None or (params and not self.esmtp):
             return Reply("501 5.5.4 Bad MAIL parameters")
         # AUTH=<mailbox> (RFC 4954 5) is accepted where AUTH is offered, and ignored:
@@ -295,11 +313,17 @@ class Conversation:
                 return Reply("501 5.5.4 SIZE must be a number")
             if int(params["SIZE"]) > self.max_size:
                 return Reply(f"552 5.3.4 Message too big (the limit is {self.max_size} bytes)")
+        try:
+            dsn = dsn_params.parse_mail(params)
+        except ParameterError as exc:
+            return Reply(exc.reply)
         if self.user is not None and not sender_allowed(self.senders, address):
             return Reply(f"553 5.7.1 <{address}>: Sender address rejected: not owned by user {self.user}")
         self.sender = address
         self.smtputf8 = "SMTPUTF8" in params
+        self.dsn = dsn
         self.recipients = []
+        self.recipient_dsn = []
         return Reply("250 2.1.0 Sender OK")
 
     def _rcpt(self, arg: str):
@@ -311,13 +335,24 @@ class Conversation:
         address, rest = parse_path(path)
         if not address:
             return Reply("501 5.1.3 Bad recipient address syntax")
-        if rest.strip():
-            return Reply("555 5.5.4 RCPT parameters are not supported")
+        try:
+            params = parse_params(rest)
+            if params is None or not rest.isascii():
+                return Reply("555 5.5.4 RCPT parameters not recognized")
+            if params and not self.esmtp:
+                return Reply("555 5.5.4 RCPT parameters need EHLO")
+            unknown = set(params) - RCPT_PARAMS
+            if unknown:
+                return Reply(f"555 5.5.4 Unsupported RCPT parameter: {sorted(unknown)[0][:32]}")
+            dsn = dsn_params.parse_rcpt(params)
+        except ParameterError as exc:
+            return Reply(exc.reply)
         if not address.isascii() and not self.smtputf8:
             return Reply(NEEDS_SMTPUTF8)
         # parse_path took the source route off (RFC 5321 4.1.1.3); the policy decides about it.
         source_route = path[1:].partition(":")[0] if path.startswith("<@") else ""
-        return Recipient(address, source_route)
+        self._asked_dsn = dsn
+        return Recipient(address, source_route, dsn)
 
     def _data_cmd(self, arg: str) -> Reply:
         if arg:
@@ -340,7 +375,8 @@ class Conversation:
         if parser.done:
             self._buffer += parser.leftover     # commands pipelined after the final dot
             self._events.append(MessageEnd(parser.problem, self.sender, tuple(self.recipients), self.user,
-                                           self.smtputf8, self.helo))
+                                           self.smtputf8, self.helo, self.dsn,
+                                           tuple(self.recipient_dsn) if any(self.recipient_dsn) else ()))
             self._reset()
         if content:
             return BodyData(content)

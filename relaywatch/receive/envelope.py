@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 
+from relaywatch import dsn_params
+from relaywatch.dsn_params import ParameterError
+
 
 def sender_allowed(senders: frozenset[str] | None, address: str) -> bool:
     """Whether an authenticated user may use ``address`` as MAIL FROM.
@@ -34,8 +37,9 @@ _LOCAL = rf"(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_
 _DOMAIN = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?(?:\.[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?)*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
 _PATH = re.compile(rf"<(?:@[^:>]+:)?({_LOCAL}@{_DOMAIN}|{_LOCAL})>")
 _BARE_PATH = re.compile(rf"({_LOCAL}@{_DOMAIN})(?=\s|$)")   # lenient: no angle brackets, as Postfix allows
-# The MAIL FROM parameters we know (RFC 1870, 6152, 6531); AUTH too once it is offered (the conversation).
-MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8"}
+# The MAIL FROM parameters we know (RFC 1870, 6152, 6531, 3461); AUTH too once it is offered (the conversation).
+MAIL_PARAMS = {"SIZE", "BODY", "SMTPUTF8", *dsn_params.MAIL_PARAMS}
+RCPT_PARAMS = dsn_params.RCPT_PARAMS      # (RFC 3461)
 
 
 def parse_path(text: str) -> tuple[str | None, str]:
@@ -53,11 +57,16 @@ def parse_path(text: str) -> tuple[str | None, str]:
 
 
 def parse_params(text: str) -> dict[str, str] | None:
-    """ESMTP parameters ``KEY=value KEY`` (keys upper-cased); None if malformed."""
+    """ESMTP parameters ``KEY=value KEY`` (keys upper-cased); None if malformed.
+
+    A key given twice raises ``ParameterError`` with the reply: RFC 3461 4 says
+    so for DSN's, and no extension allows it for its own."""
     params = {}
     for word in text.split():
         key, _, value = word.partition("=")
         if not key or not key.isascii() or not key.replace("-", "").isalnum():
             return None
+        if key.upper() in params:
+            raise ParameterError(f"501 5.5.4 Parameter {key.upper()[:32]} given twice")
         params[key.upper()] = value
     return params
