@@ -23,7 +23,9 @@ import io
 import json
 from datetime import datetime, timezone
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Mapping
+
+from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, RecipientDsn
 
 
 class EntryStatus(str, enum.Enum):
@@ -153,6 +155,7 @@ class Recipient:
     status: RecipientStatus = RecipientStatus.PENDING
     last_error: Failure | None = None
     position: int = 0
+    dsn: RecipientDsn = NO_RECIPIENT_DSN     # NOTIFY and ORCPT as the client gave them (RFC 3461)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class RecipientOutcome:
     status: RecipientStatus          # DELIVERED, DEFERRED, FAILED or EXPIRED
     failure: Failure | None = None
     reply: str | None = None         # the destination's reply on success (its queue id)
+    # DELIVERED to a server that offers DSN and was given the NOTIFY: a success notice is its job.
+    dsn_passed_on: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,8 @@ class NewMessage:
     is_dsn: bool = False
     helo: str = ""                                 # the name the client gave in HELO/EHLO
     auth_user: str = ""                            # who logged in with SMTP AUTH ("" if nobody)
+    dsn: MessageDsn = NO_MESSAGE_DSN                       # RET, ENVID
+    recipient_dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)   # by address: NOTIFY, ORCPT
 
     def by_route(self) -> list[tuple[Route, list[str]]]:
         """The queue entries this message makes: one per route key, in the order of
@@ -240,6 +247,7 @@ class Entry:
     body_id: str
     client: str = ""
     is_dsn: bool = False
+    dsn: MessageDsn = NO_MESSAGE_DSN    # RET, ENVID (RFC 3461)
     first_failure_at: float | None = None
     helo: str = ""
     auth_user: str = ""
@@ -283,9 +291,12 @@ class Entry:
             "route": self.route.kind.value,
             "domain": self.route.domain or None,
             "size": self.size,
+            "ret": self.dsn.ret,
+            "envid": self.dsn.envid,
             "recipients": [
                 {"address": r.address, "status": r.status.value,
-                 "last_error": failure_json(r.last_error)}
+                 "last_error": failure_json(r.last_error),
+                 "notify": r.dsn.stored_notify, "orcpt": r.dsn.orcpt}
                 for r in self.recipients
             ],
             "notice_pending": _notice_json(self.notice_pending),

@@ -242,6 +242,47 @@ async def test_a_queue_from_before_the_waiting_column_is_migrated(sql_store, tmp
     assert [tuple(r) for r in summary_source] == [(2,)]
 
 
+# What a node of the version before DSN wrote (store/queue.sql then): no DSN columns named.
+_OLD_INSERT_ENTRY = ("INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+                     "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
+                     "waiting) VALUES ('OLD1', 'B1', 's@x', 1, 9999999999, 'queued', 0, 1, 'connector', 'a', '', "
+                     "4, '', '', 0, 1)")
+_OLD_INSERT_RECIPIENT = "INSERT INTO recipients (entry_id, position, address, status) VALUES ('OLD1', 0, 'o@a', 'pending')"
+_OLD_INSERT_BODY = "INSERT INTO bodies (id, data, path, size, refs) VALUES ('B1', NULL, NULL, 4, 1)"
+
+
+async def test_a_queue_from_before_the_dsn_columns_is_migrated_and_old_nodes_rows_read_as_no_dsn(
+        sql_store, tmp_path, request):
+    """Upgrading adds the DSN columns (nullable); rows written before, and rows an old node
+    still writes beside upgraded ones (its statements name their columns), read as "no DSN"."""
+    from relaywatch.dsn_params import MessageDsn, RecipientDsn
+    [entry_id] = await sql_store.enqueue(msg([("1@a", A)]))
+    await sql_store.close()
+    columns = [("entries", "dsn_ret"), ("entries", "dsn_envid"), ("recipients", "dsn_notify"),
+               ("recipients", "dsn_orcpt")]
+    if sql_store.backend == "sqlite":
+        import sqlite3
+        conn = sqlite3.connect(tmp_path / "q.sqlite3")
+    else:
+        import psycopg
+        conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
+    for table, column in columns:
+        conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    if sql_store.backend == "sqlite":
+        conn.commit()
+    conn.close()
+    await sql_store.open()
+    def old_node(c, cleanup):
+        for sql in (_OLD_INSERT_BODY, _OLD_INSERT_ENTRY, _OLD_INSERT_RECIPIENT):
+            c.execute(sql)
+    await sql_store.engine.write(old_node)
+    for id_ in (entry_id, "OLD1"):
+        entry = await sql_store.get(id_)
+        assert entry.dsn == MessageDsn() and [r.dsn for r in entry.recipients] == [RecipientDsn()]
+    leased = await sql_store.lease("w", 10, 30, time.time())
+    assert {e.id for e in leased} == {entry_id, "OLD1"}
+
+
 async def test_deferred_summary_counts_messages_and_the_recipients_still_waiting(store):
     from relaywatch.model import Failure
     refused = Failure(code="4.4.316", smtp_code=450, title="Connection refused", subtype="refused",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from relaywatch.dsn_params import MessageDsn, RecipientDsn
 from relaywatch.errors import LeaseLost, StoreError
 from relaywatch.model import (
     Attempt, EntryStatus, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
@@ -119,6 +120,31 @@ async def test_utf8_addresses_are_kept_exactly_and_need_smtputf8_at_lease_time(s
     assert [r.address for r in utf8.recipients] == [nfd, "b@a"]
     assert utf8.needs_smtputf8 and not leased[ascii_id].needs_smtputf8
     assert (await store.get(entry_id)).recipients[0].address == nfd
+
+
+async def test_dsn_parameters_are_kept_per_message_and_per_recipient_through_lease_get_and_move(store):
+    """RET/ENVID per message and NOTIFY/ORCPT per recipient (RFC 3461) survive every read and a move."""
+    m = NewMessage(sender="s@x.test", recipients=(("1@a", A), ("2@a", A), ("3@b", B)),
+                   body=StoredBody(size=4, data=b"x\r\n\r\n"), received_at=time.time(),
+                   expires_at=time.time() + 3600, dsn=MessageDsn("HDRS", "env 1+2"),
+                   recipient_dsn={"1@a": RecipientDsn(("NEVER",)),
+                                  "3@b": RecipientDsn(("SUCCESS", "DELAY"), "rfc822;Three@b")})
+    a_id, b_id = await store.enqueue(m)
+    [plain_id] = await store.enqueue(msg(("4@a", A)))
+    leased = {e.id: e for e in await store.lease("w", 10, 30, time.time())}
+    for entry in (leased[a_id], await store.get(a_id)):
+        assert entry.dsn == MessageDsn("HDRS", "env 1+2")
+        assert [r.dsn for r in entry.recipients] == [RecipientDsn(("NEVER",)), RecipientDsn()]
+    assert [r.dsn for r in leased[b_id].recipients] == [RecipientDsn(("SUCCESS", "DELAY"), "rfc822;Three@b")]
+    assert leased[plain_id].dsn == MessageDsn() and leased[plain_id].recipients[0].dsn == RecipientDsn()
+    await store.release_leases("w", time.time())
+    moved = await store.move_recipients(a_id, ["1@a"], LOCAL, time.time())
+    new = await store.get(moved)
+    assert new.dsn == MessageDsn("HDRS", "env 1+2") and new.recipients[0].dsn == RecipientDsn(("NEVER",))
+    assert (await store.get(a_id)).recipients[0].dsn == RecipientDsn()
+    shown = (await store.get(b_id)).to_dict()
+    assert (shown["ret"], shown["envid"]) == ("HDRS", "env 1+2")
+    assert [(r["notify"], r["orcpt"]) for r in shown["recipients"]] == [("SUCCESS,DELAY", "rfc822;Three@b")]
 
 
 # -- record: the status rules ----------------------------------------------------------

@@ -67,7 +67,8 @@ class Committer:
         msg = NewMessage(
             sender=sender, recipients=end.recipients, body=body, received_at=now,
             expires_at=now + config.queue.message_expiration, message_id=msgid, client=client_ip,
-            helo=end.helo or "", auth_user=end.user or "")
+            helo=end.helo or "", auth_user=end.user or "", dsn=end.dsn,
+            recipient_dsn={a: d for (a, _), d in zip(end.recipients, end.recipient_dsn)})
         try:
             ids = await self.store.enqueue(msg)
         except StoreError as exc:

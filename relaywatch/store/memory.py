@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
+from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
     Attempt, Entry, EntryStatus, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route, StoredBody,
@@ -61,6 +62,7 @@ class _Row:
     notice_pending: dict | None = None
     helo: str = ""
     auth_user: str = ""
+    dsn: MessageDsn = NO_MESSAGE_DSN
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -280,8 +282,8 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
         self._entries[new] = _Row(
             id=new, body_id=r.body_id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
             route=route, size=r.size, message_id=r.message_id, client=r.client, is_dsn=r.is_dsn,
-            helo=r.helo, auth_user=r.auth_user, next_attempt_at=now, waiting=len(moved),
-            recipients=[Recipient(x.address, position=i) for i, x in enumerate(moved)])
+            helo=r.helo, auth_user=r.auth_user, next_attempt_at=now, waiting=len(moved), dsn=r.dsn,
+            recipients=[Recipient(x.address, position=i, dsn=x.dsn) for i, x in enumerate(moved)])
         self._bodies[r.body_id][1] += 1
         if not r.recipients:
             self._remove(r, {"at": now, "event": "moved", "notices": [], "moved_to": new})
@@ -310,8 +312,9 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
                 id=entry_id, body_id=body_id, sender=msg.sender, received_at=msg.received_at,
                 expires_at=msg.expires_at, route=route, size=msg.body.size, message_id=msg.message_id,
                 client=msg.client, is_dsn=msg.is_dsn, helo=msg.helo, auth_user=msg.auth_user,
-                next_attempt_at=msg.received_at, waiting=len(addresses),
-                recipients=[Recipient(a, position=i) for i, a in enumerate(addresses)])
+                next_attempt_at=msg.received_at, waiting=len(addresses), dsn=msg.dsn,
+                recipients=[Recipient(a, position=i, dsn=msg.recipient_dsn.get(a, NO_RECIPIENT_DSN))
+                            for i, a in enumerate(addresses)])
             ids.append(entry_id)
         return ids
 
@@ -348,7 +351,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             id=r.id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
             status=EntryStatus.ACTIVE if leased else r.status, attempts=r.attempts,
             next_attempt_at=r.next_attempt_at, route=r.route, size=r.size, message_id=r.message_id,
-            body_id=r.body_id, client=r.client, is_dsn=r.is_dsn, first_failure_at=r.first_failure_at,
+            body_id=r.body_id, client=r.client, is_dsn=r.is_dsn, dsn=r.dsn, first_failure_at=r.first_failure_at,
             lease_owner=r.lease_owner if leased else None, delay_notified=r.delay_notified,
             helo=r.helo, auth_user=r.auth_user,
             notice_pending=json.loads(json.dumps(r.notice_pending)) if r.notice_pending else None,

@@ -212,14 +212,16 @@ class PostgresDialect:
             # Nodes of a cluster start together: one at a time creates or migrates the
             # schema (two CREATE TABLE IF NOT EXISTS racing fail on PostgreSQL's catalog).
             conn.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            columns = {row[0] for row in conn.conn.execute(
-                "SELECT column_name FROM information_schema.columns "
-                "WHERE table_schema = current_schema() AND table_name = 'entries'")}
-            for column, definition, fill in schema.missing_columns(columns):   # a queue made by an earlier version
+            columns: dict[str, set[str]] = {}
+            for table, column in conn.conn.execute(
+                    "SELECT table_name, column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = ANY(%s)", (list(schema.MIGRATED_TABLES),)):
+                columns.setdefault(table, set()).add(column)
+            for table, column, definition, fill in schema.missing_columns(columns):   # made by an earlier version
                 with conn.conn.transaction():
                     # Filling a column of a big queue may well take longer than a statement may.
                     conn.conn.execute("SET LOCAL statement_timeout = 0")
-                    conn.conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+                    conn.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                     conn.conn.execute(fill)
             conn.conn.execute(SCHEMA)
         return _durable_commits(conn)

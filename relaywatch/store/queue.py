@@ -19,6 +19,7 @@ import secrets
 import time
 from typing import Any, Sequence
 
+from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, RecipientDsn
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
     Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route,
@@ -293,9 +294,9 @@ class SqlQueue:
             new = _insert_with_new_id(conn, Q["insert_entry"], (
                 entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
                 route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn),
-                len(moved), entry.helo, entry.auth_user))
+                len(moved), entry.helo, entry.auth_user, entry.dsn.ret, entry.dsn.envid))
             conn.execute(Q["fewer_waiting"], (len(moved), entry_id))
-            conn.executemany(Q["insert_recipient"], [(new, i, a) for i, (a,) in enumerate(moved)])
+            conn.executemany(Q["insert_recipient"], [(new, i, *row) for i, row in enumerate(moved)])
             conn.execute(Q["ref_body"], (entry.body_id,))
             if not conn.execute(Q["has_recipients"], (entry_id,)).fetchone():
                 self._keep_trace(conn, entry_id, {"at": now, "event": "moved", "notices": [], "moved_to": new})
@@ -332,8 +333,10 @@ def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
         entry_id = _insert_with_new_id(conn, Q["insert_entry"], (
             body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at, route.kind.value,
             route.name, route.domain, msg.body.size, msg.message_id, msg.client, int(msg.is_dsn),
-            len(addresses), msg.helo, msg.auth_user))
-        conn.executemany(Q["insert_recipient"], [(entry_id, i, a) for i, a in enumerate(addresses)])
+            len(addresses), msg.helo, msg.auth_user, msg.dsn.ret, msg.dsn.envid))
+        dsn = [msg.recipient_dsn.get(a, NO_RECIPIENT_DSN) for a in addresses]
+        conn.executemany(Q["insert_recipient"], [(entry_id, i, a, d.stored_notify, d.orcpt)
+                                                 for i, (a, d) in enumerate(zip(addresses, dsn))])
         ids.append(entry_id)
     return ids
 
@@ -362,7 +365,7 @@ def _select(selector: Selector) -> tuple[str, tuple]:
 def _entry(row: tuple) -> Entry:
     (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
      route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
-     lease_until, delay_notified, notice_pending, helo, auth_user) = row
+     lease_until, delay_notified, notice_pending, helo, auth_user, dsn_ret, dsn_envid) = row
     leased = lease_owner is not None and (lease_until or 0) > time.time()
     return Entry(
         id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
@@ -370,6 +373,7 @@ def _entry(row: tuple) -> Entry:
         attempts=attempts, next_attempt_at=next_attempt_at,
         route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
         message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
+        dsn=MessageDsn(dsn_ret, dsn_envid) if dsn_ret or dsn_envid else NO_MESSAGE_DSN,
         first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
         delay_notified=bool(delay_notified),
         notice_pending=json.loads(notice_pending) if notice_pending else None, helo=helo, auth_user=auth_user)
@@ -390,8 +394,9 @@ def _attach_recipients(conn: Any, entries: list[Entry], include_final: bool = Fa
         return
     by_id = {e.id: e for e in entries}
     sql = queries.in_list(Q["recipients_of" if include_final else "waiting_recipients_of"], len(by_id))
-    for entry_id, position, address, status, last_error in conn.execute(sql, tuple(by_id)):
+    for entry_id, position, address, status, last_error, notify, orcpt in conn.execute(sql, tuple(by_id)):
         by_id[entry_id].recipients.append(Recipient(
             address=address, status=RecipientStatus(status), position=position,
-            last_error=Failure.from_dict(json.loads(last_error)) if last_error else None))
+            last_error=Failure.from_dict(json.loads(last_error)) if last_error else None,
+            dsn=RecipientDsn.from_stored(notify, orcpt)))
 

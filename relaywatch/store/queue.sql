@@ -6,7 +6,7 @@
 -- What every read of an entry returns, in the order queue._entry takes it.
 id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind, route_name,
 route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner, lease_until, delay_notified,
-notice_pending, helo, auth_user
+notice_pending, helo, auth_user, dsn_ret, dsn_envid
 
 -- insert_body --
 -- A message's content, shared by its entries (refs of them); the id is drawn by queue._insert_with_new_id.
@@ -15,11 +15,16 @@ INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, ?, ?, ?) ON CONFLI
 -- insert_entry --
 -- One route's share of a message, due at once (the 7th parameter is next_attempt_at).
 INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at,
-route_kind, route_name, route_domain, size, message_id, client, is_dsn, waiting, helo, auth_user)
-VALUES (?, ?, ?, ?, ?, {EntryStatus.QUEUED}, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING
+route_kind, route_name, route_domain, size, message_id, client, is_dsn, waiting, helo, auth_user, dsn_ret,
+dsn_envid)
+VALUES (?, ?, ?, ?, ?, {EntryStatus.QUEUED}, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING
 
 -- insert_recipient --
-INSERT INTO recipients (entry_id, position, address, status) VALUES (?, ?, ?, {RecipientStatus.PENDING})
+INSERT INTO recipients (entry_id, position, address, status, dsn_notify, dsn_orcpt)
+VALUES (?, ?, ?, {RecipientStatus.PENDING}, ?, ?)
+
+-- recipient_columns --
+entry_id, position, address, status, last_error, dsn_notify, dsn_orcpt
 
 -- lease --
 -- The oldest due entries, stamped with our lease in one statement; params (owner, until, until, now, limit).
@@ -32,12 +37,12 @@ RETURNING {entry_columns}
 
 -- waiting_recipients_of --
 -- The recipients still to deliver of several entries (a lease's).
-SELECT entry_id, position, address, status, last_error FROM recipients WHERE entry_id IN (?*)
+SELECT {recipient_columns} FROM recipients WHERE entry_id IN (?*)
 AND status IN ({RecipientStatus.PENDING}, {RecipientStatus.DEFERRED}) ORDER BY entry_id, position
 
 -- recipients_of --
 -- Every recipient of several entries, delivered and failed ones too (queue show / list).
-SELECT entry_id, position, address, status, last_error FROM recipients WHERE entry_id IN (?*)
+SELECT {recipient_columns} FROM recipients WHERE entry_id IN (?*)
 ORDER BY entry_id, position
 
 -- bodies_of --
@@ -168,7 +173,7 @@ SELECT status, count(*) FROM entries GROUP BY status
 -- take_recipients --
 -- move_recipients: the recipients that leave an entry for a new one.
 DELETE FROM recipients WHERE entry_id = ? AND address IN (?*)
-AND status IN ({RecipientStatus.PENDING}, {RecipientStatus.DEFERRED}) RETURNING address
+AND status IN ({RecipientStatus.PENDING}, {RecipientStatus.DEFERRED}) RETURNING address, dsn_notify, dsn_orcpt
 
 -- fewer_waiting --
 UPDATE entries SET waiting = waiting - ? WHERE id = ?

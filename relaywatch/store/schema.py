@@ -6,8 +6,11 @@ by their primary key without a second b-tree).  Each dialect gives its values
 (``TYPES``); statuses are the enums' (store/queries.py).
 
 Columns added after the first release are in ``MIGRATIONS``, applied before
-the schema to a queue made by an earlier version.  Tables added later (nodes,
-leader, traces) need none: ``CREATE TABLE IF NOT EXISTS`` adds them to an existing
+the schema to a queue made by an earlier version.  They are nullable or have
+a default, so a node of the previous version, which names its columns in
+every statement, keeps inserting and reading rows beside upgraded nodes; a
+row it wrote reads as "no value" (the DSN columns: no DSN parameters).  Tables
+added later (nodes, leader, traces) need none: ``CREATE TABLE IF NOT EXISTS`` adds them to an existing
 queue, and the leader row is inserted once; nodes of the previous version
 never read them.
 """
@@ -55,7 +58,9 @@ CREATE TABLE IF NOT EXISTS entries (
     waiting          INTEGER NOT NULL DEFAULT 1,  -- recipients still pending or deferred
     notice_pending   TEXT,              -- an NDR not built yet (JSON): retried on its own
     helo             TEXT NOT NULL DEFAULT '',   -- what the client said in HELO/EHLO (the trace)
-    auth_user        TEXT NOT NULL DEFAULT ''    -- who sent it with SMTP AUTH (the trace)
+    auth_user        TEXT NOT NULL DEFAULT '',   -- who sent it with SMTP AUTH (the trace)
+    dsn_ret          TEXT,              -- RET of MAIL FROM (FULL | HDRS; RFC 3461), NULL if not given
+    dsn_envid        TEXT               -- ENVID of MAIL FROM, xtext-decoded
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
@@ -73,6 +78,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     address    TEXT NOT NULL,
     status     TEXT NOT NULL,
     last_error TEXT,
+    dsn_notify TEXT,                    -- NOTIFY of RCPT TO (NEVER | SUCCESS,FAILURE,DELAY ...), NULL if not given
+    dsn_orcpt  TEXT,                    -- ORCPT of RCPT TO: addr-type;address, xtext-decoded
     PRIMARY KEY (entry_id, position)
 ){WITHOUT_ROWID};
 CREATE TABLE IF NOT EXISTS incidents (
@@ -187,15 +194,21 @@ CREATE TABLE IF NOT EXISTS attempts (
 ){WITHOUT_ROWID};
 """
 
-# Added after the first release: (column of entries, its definition, how to fill it in for existing rows).
+# Added after the first release: (table, column, its definition, how to fill it in for existing rows).
+_NOTHING = "SELECT 1 WHERE 1 = 0"    # NULL is right for every existing row
 MIGRATIONS = [
-    ("waiting", "INTEGER NOT NULL DEFAULT 1", constants(
+    ("entries", "waiting", "INTEGER NOT NULL DEFAULT 1", constants(
         "UPDATE entries SET waiting = (SELECT count(*) FROM recipients r WHERE r.entry_id = entries.id "
         "AND r.status IN ({RecipientStatus.PENDING}, {RecipientStatus.DEFERRED}))")),
-    ("notice_pending", "TEXT", "UPDATE entries SET notice_pending = NULL WHERE 1 = 0"),
-    ("helo", "TEXT NOT NULL DEFAULT ''", "UPDATE entries SET helo = '' WHERE 1 = 0"),
-    ("auth_user", "TEXT NOT NULL DEFAULT ''", "UPDATE entries SET auth_user = '' WHERE 1 = 0"),
+    ("entries", "notice_pending", "TEXT", _NOTHING),
+    ("entries", "helo", "TEXT NOT NULL DEFAULT ''", _NOTHING),
+    ("entries", "auth_user", "TEXT NOT NULL DEFAULT ''", _NOTHING),
+    ("entries", "dsn_ret", "TEXT", _NOTHING),
+    ("entries", "dsn_envid", "TEXT", _NOTHING),
+    ("recipients", "dsn_notify", "TEXT", _NOTHING),
+    ("recipients", "dsn_orcpt", "TEXT", _NOTHING),
 ]
+MIGRATED_TABLES = ("entries", "recipients")
 
 
 def render(dialect: str) -> str:
@@ -207,6 +220,6 @@ def render(dialect: str) -> str:
     return sql
 
 
-def missing_columns(present: set[str]) -> list[tuple[str, str, str]]:
-    """The migrations a queue with these ``entries`` columns needs (none for a new queue)."""
-    return [m for m in MIGRATIONS if present and m[0] not in present]
+def missing_columns(present: dict[str, set[str]]) -> list[tuple[str, str, str, str]]:
+    """The migrations a queue with these columns (by table) needs (none for a new queue)."""
+    return [m for m in MIGRATIONS if present.get(m[0]) and m[1] not in present[m[0]]]

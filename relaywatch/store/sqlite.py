@@ -190,10 +190,11 @@ class SqliteDialect:
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Add the columns a queue made by an earlier version lacks."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
-    for column, definition, fill in schema.missing_columns(columns):
+    columns = {table: {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+               for table in schema.MIGRATED_TABLES}
+    for table, column, definition, fill in schema.missing_columns(columns):
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(f"ALTER TABLE entries ADD COLUMN {column} {definition}")
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         conn.execute(fill)
         conn.execute("COMMIT")
 
