@@ -9,6 +9,7 @@ import itertools
 import pytest
 
 from relaywatch.classify.observation import Phase
+from relaywatch.dsn_params import MessageDsn, RecipientDsn
 from relaywatch.errors import LocalProtocolError, ProtocolError, RelaywatchError, RemoteProtocolError
 from relaywatch.smtpclient.conversation import MAX_REPLY_LINE, ClientConversation
 from relaywatch.smtpclient.events import (
@@ -398,3 +399,24 @@ def test_every_answer_a_state_can_give_has_a_move():
             f.pipelining, f.recipients_left, f.mail_accepted, f.any_accepted = pipelining, left, mail_ok, any_ok
             answer = answer_of(code, f)
             assert isinstance(answer, Answer) and answer in REPLY_TRANSITIONS[state], (state, code, answer)
+
+
+# -- DSN parameters (RFC 3461): passed on only to a server that offers DSN -------------------
+
+_DSN_TX = Transaction("a@contoso.test", ["b@partner.test", "c@partner.test"], dsn=MessageDsn("HDRS", "id 1"),
+                      recipient_dsn=(RecipientDsn(("SUCCESS", "FAILURE"), "rfc822;B+x@contoso.test"),
+                                     RecipientDsn()))
+
+
+@pytest.mark.parametrize("ehlo, sent", [
+    (b"250-mx.test\r\n250-PIPELINING\r\n250 DSN\r\n",
+     b"MAIL FROM:<a@contoso.test> RET=HDRS ENVID=id+201\r\n"
+     b"RCPT TO:<b@partner.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;B+2Bx@contoso.test\r\n"
+     b"RCPT TO:<c@partner.test>\r\nDATA\r\n"),
+    (EHLO_PIPELINING,                                                   # no DSN: nothing of it is sent
+     b"MAIL FROM:<a@contoso.test> BODY=8BITMIME\r\nRCPT TO:<b@partner.test>\r\nRCPT TO:<c@partner.test>\r\n"
+     b"DATA\r\n"),
+])
+def test_dsn_parameters_go_only_to_a_server_that_offers_dsn(ehlo, sent):
+    conv = opened(ehlo)
+    assert conv.send(_DSN_TX) == sent

@@ -29,6 +29,7 @@ from relaywatch.classify.classify import classify
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config
 from relaywatch.deliver.local import deliver_local
+from relaywatch.dsn_params import NO_RECIPIENT_DSN
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TransactionResult, reply_observation
 from relaywatch.model import Destination, Entry, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody
@@ -85,8 +86,9 @@ def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
 
 
 def transaction_outcomes(result: TransactionResult, recipients: list[str], dest: Destination,
-                         now: float) -> list[RecipientOutcome]:
-    """Per-recipient outcomes of one MAIL/RCPT/DATA exchange."""
+                         now: float, dsn_passed_on: bool = False) -> list[RecipientOutcome]:
+    """Per-recipient outcomes of one MAIL/RCPT/DATA exchange; ``dsn_passed_on``: the server
+    offered DSN and was given the recipients' NOTIFY (its success notices are its own)."""
     if not result.mail.is_success:
         failure = classify(reply_observation(Phase.MAIL, result.mail, dest), now)
         return [failed_outcome(r, failure) for r in recipients]
@@ -102,7 +104,8 @@ def transaction_outcomes(result: TransactionResult, recipients: list[str], dest:
         return out
     data = result.data
     if data is not None and result.data_phase is Phase.AFTER_DATA and data.is_success:
-        out += [RecipientOutcome(r, RecipientStatus.DELIVERED, reply=str(data)) for r in accepted]
+        out += [RecipientOutcome(r, RecipientStatus.DELIVERED, reply=str(data), dsn_passed_on=dsn_passed_on)
+                for r in accepted]
     elif data is not None:
         failure = classify(reply_observation(result.data_phase or Phase.DATA, data, dest), now)
         out += [failed_outcome(r, failure) for r in accepted]
@@ -168,13 +171,16 @@ class SmtpSession:
                 return DeliveryResult([failed_outcome(r, primary) for r in recipients], primary.destination, tried)
             c.down_until, c.down_failure = 0.0, None
         try:
-            result = await conn.transaction(entry.sender, recipients, body)
+            by_address = {r.address: r.dsn for r in entry.recipients}
+            result = await conn.transaction(entry.sender, recipients, body, entry.dsn,
+                                            [by_address.get(r, NO_RECIPIENT_DSN) for r in recipients])
         except SessionFailure as failure:
             conn.close()
             self.conn = None
             f = classify(failure.observation, c.clock())
             return DeliveryResult([failed_outcome(r, f) for r in recipients], conn.dest)
-        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, c.clock()), conn.dest,
+        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, c.clock(),
+                                                   dsn_passed_on="DSN" in conn.capabilities), conn.dest,
                               tls=conn.tls)
 
     def abandon(self) -> None:

@@ -27,7 +27,7 @@ import datetime
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
@@ -35,6 +35,7 @@ from relaywatch.deliver.downgrade import body_for_destination
 from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, reply_observation
 from relaywatch.deliver.dane import match_chain
 from relaywatch.deliver.tls import TlsPolicy, certificate_facts, fetch_certificate, presented_chain, session_facts
+from relaywatch.dsn_params import NO_MESSAGE_DSN, MessageDsn, RecipientDsn
 from relaywatch.idn import needs_smtputf8
 from relaywatch.model import Destination, StoredBody
 from relaywatch.smtpclient.conversation import ClientConversation
@@ -232,8 +233,11 @@ class SmtpConnection:
 
     # -- mail transactions --------------------------------------------------------
 
-    async def transaction(self, sender: str, recipients: list[str], body: StoredBody) -> TransactionResult:
-        """One MAIL/RCPT/DATA exchange.  Raises SessionFailure if the session dies."""
+    async def transaction(self, sender: str, recipients: list[str], body: StoredBody,
+                          dsn: MessageDsn = NO_MESSAGE_DSN,
+                          recipient_dsn: Sequence[RecipientDsn] = ()) -> TransactionResult:
+        """One MAIL/RCPT/DATA exchange (with the DSN parameters if the server offers DSN).
+        Raises SessionFailure if the session dies."""
         self.last_used = time.monotonic()
         self.transactions += 1
         smtputf8 = needs_smtputf8(sender, *recipients)
@@ -244,7 +248,8 @@ class SmtpConnection:
             raise SessionFailure(Observation(Phase.MAIL, Outcome.SMTPUTF8_NOT_OFFERED, self.dest,
                                              note=", ".join(utf8[:3])))
         body = await body_for_destination(body, self.capabilities)   # lines <= 998, 7-bit if need be
-        replies = await self._envelope(sender, recipients, body.size, smtputf8)
+        tx = Transaction(sender, recipients, body.size, smtputf8, dsn, tuple(recipient_dsn))
+        replies = await self._envelope(tx)
         if replies is not SEND_BODY:
             return replies
         await self._send_body(body)
@@ -252,10 +257,9 @@ class SmtpConnection:
         self.last_used = time.monotonic()
         return replies
 
-    async def _envelope(self, sender: str, recipients: list[str], size: int, smtputf8: bool = False):
+    async def _envelope(self, tx: Transaction):
         """MAIL, RCPTs and DATA (pipelined if offered): SEND_BODY after a 354, else how it ended."""
         timeout = self.timeouts.command_timeout
-        tx = Transaction(sender, recipients, size, smtputf8)
         await self._write(Phase.MAIL, self.conversation.send(tx), timeout)
         return await self._next_event(timeout)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections import deque
 
 from relaywatch.classify.observation import Phase
+from relaywatch.dsn_params import NO_RECIPIENT_DSN
 from relaywatch.errors import LocalProtocolError, RemoteProtocolError
 from relaywatch.smtpclient.events import (
     NEED_DATA, SEND_BODY, Body, Capabilities, EndOfBody, Failed, Greeting, Mail, NeedTls, Quit, Rcpt, Ready,
@@ -258,8 +259,12 @@ class ClientConversation:
         ext = self.extensions
         if tx.smtputf8 and "SMTPUTF8" not in ext:
             raise LocalProtocolError("an SMTPUTF8 transaction to a server that does not offer SMTPUTF8")
-        mail = mail_from(tx.sender, tx.size if "SIZE" in ext else None, "8BITMIME" in ext, tx.smtputf8)
-        rcpt_lines = [rcpt_to(r, tx.smtputf8) for r in tx.recipients]
+        # DSN (RFC 3461 5.2): the parameters go on only to a server that offers it.
+        dsn = "DSN" in ext
+        mail = mail_from(tx.sender, tx.size if "SIZE" in ext else None, "8BITMIME" in ext, tx.smtputf8,
+                         tx.dsn if dsn else None)
+        rcpt_dsn = tx.recipient_dsn or [NO_RECIPIENT_DSN] * len(tx.recipients)
+        rcpt_lines = [rcpt_to(r, tx.smtputf8, d if dsn else None) for r, d in zip(tx.recipients, rcpt_dsn, strict=True)]
         self._in_transaction = True
         self._recipients, self._rcpt_lines, self._rcpts = tx.recipients, rcpt_lines, {}
         self._heard, self.any_accepted, self._mail, self._data = 0, False, None, None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from relaywatch.classify.observation import Phase
+from relaywatch.dsn_params import NO_MESSAGE_DSN, MessageDsn, RecipientDsn
 from relaywatch.smtpclient.protocol import Reply
 
 
@@ -40,11 +41,15 @@ class Transaction:
     ``size`` is sent as SIZE= when the server offers SIZE; BODY=8BITMIME is
     sent when it offers 8BITMIME.  ``smtputf8``: the envelope has UTF-8 addresses
     (RFC 6531): MAIL carries SMTPUTF8, which the server must offer (the driver
-    checks first; sending it anyway is a LocalProtocolError)."""
+    checks first; sending it anyway is a LocalProtocolError).  ``dsn`` (RET, ENVID) and
+    ``recipient_dsn`` (NOTIFY, ORCPT; one per recipient, or () for none) are sent when the
+    server offers DSN and left out when it does not (RFC 3461 5.2)."""
     sender: str
     recipients: Sequence[str]
     size: int | None = None
     smtputf8: bool = False
+    dsn: MessageDsn = NO_MESSAGE_DSN
+    recipient_dsn: Sequence[RecipientDsn] = ()
 
 
 @dataclass(frozen=True, slots=True)

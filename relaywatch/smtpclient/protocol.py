@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relaywatch.dsn_params import MessageDsn, RecipientDsn, mail_params, rcpt_params
 from relaywatch.errors import RemoteProtocolError
 from relaywatch.idn import address_to_unicode
 
@@ -92,7 +93,9 @@ def _address(addr: str, utf8: bool = False) -> str:
     return f"<{address_to_unicode(addr) if utf8 else addr}>"
 
 
-def mail_from(sender: str, size: int | None = None, eight_bit: bool = False, smtputf8: bool = False) -> bytes:
+def mail_from(sender: str, size: int | None = None, eight_bit: bool = False, smtputf8: bool = False,
+              dsn: MessageDsn | None = None) -> bytes:
+    """``dsn``: RET and ENVID, for a server that offers DSN (None: leave them out)."""
     cmd = f"MAIL FROM:{_address(sender, smtputf8)}"
     if size is not None:
         cmd += f" SIZE={size}"
@@ -100,11 +103,15 @@ def mail_from(sender: str, size: int | None = None, eight_bit: bool = False, smt
         cmd += " BODY=8BITMIME"
     if smtputf8:
         cmd += " SMTPUTF8"
+    if dsn is not None:
+        cmd += mail_params(dsn)
     return cmd.encode("utf-8") + b"\r\n"
 
 
-def rcpt_to(recipient: str, smtputf8: bool = False) -> bytes:
-    return f"RCPT TO:{_address(recipient, smtputf8)}".encode("utf-8") + b"\r\n"
+def rcpt_to(recipient: str, smtputf8: bool = False, dsn: RecipientDsn | None = None) -> bytes:
+    """``dsn``: NOTIFY and ORCPT, for a server that offers DSN (None: leave them out)."""
+    params = rcpt_params(dsn) if dsn is not None else ""
+    return f"RCPT TO:{_address(recipient, smtputf8)}{params}".encode("utf-8") + b"\r\n"
 
 
 class DotStuffer:
