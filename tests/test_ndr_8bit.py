@@ -23,7 +23,7 @@ from helpers import LOOPBACK, Sink, SinkHandler, eventually
 from relaywatch.model import (
     Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
-from relaywatch.notify.dsn import FailedRecipient, build_delay_notice, build_ndr
+from relaywatch.notify.dsn import ReportedRecipient, build_delay_notice, build_ndr
 from relaywatch.store.base import QueueQuery
 from relaywatch.store.sqlite import SqliteStore
 
@@ -42,7 +42,7 @@ def _ndr(headers: bytes, failure: Failure | None = None, message_id: str = "<8bi
     return build_ndr(reporting_mta="relay.test", original_sender="alice@contoso.test", original_headers=headers,
                      original_message_id=message_id, received_at=NOW - 60, expires_at=NOW + 86400,
                      first_failure_at=None, attempts=1,
-                     recipients=[FailedRecipient("ghost@fabrikam.test", RecipientStatus.FAILED,
+                     recipients=[ReportedRecipient("ghost@fabrikam.test", RecipientStatus.FAILED,
                                                  failure or _failure())], now=NOW)
 
 
@@ -108,7 +108,7 @@ def test_delay_notice_with_8bit_headers():
     raw = build_delay_notice(reporting_mta="relay.test", original_sender="alice@contoso.test",
                              original_headers=headers.rstrip(b"\r\n") + b"\r\nX-Name: J\xc3\xb6rg\r\n\r\n", original_message_id="<d@x>",
                              received_at=NOW - 3600, expires_at=NOW + 86400,
-                             recipients=[FailedRecipient("bob@fabrikam.test", RecipientStatus.DEFERRED, deferred)],
+                             recipients=[ReportedRecipient("bob@fabrikam.test", RecipientStatus.DEFERRED, deferred)],
                              now=NOW)
     _assert_sendable_anywhere(raw)
     msg = email.message_from_bytes(raw, policy=email.policy.default)

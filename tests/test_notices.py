@@ -8,7 +8,7 @@ import pytest
 from relaywatch.classify.retry import decide
 from relaywatch.config import QueueConfig
 from relaywatch.model import Entry, EntryStatus, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind
-from relaywatch.notify.dsn import FailedRecipient, delay_notice_due, held_notice, notices_for, owed_recipients
+from relaywatch.notify.dsn import ReportedRecipient, delay_notice_due, held_notice, notices_for, owed_recipients
 
 POLICY = QueueConfig(message_expiration=1000.0, retry_intervals=(60.0,))
 SENDER_ROUTE = Route(RouteKind.LOCAL, "local")
@@ -25,7 +25,7 @@ def entry(sender="alice@contoso.test", **kw):
 
 def build(e, outcomes, headers=HEAD, delay=False, ndr_headers=True, route=SENDER_ROUTE):
     d = decide(e, outcomes, POLICY, 100.0)
-    owed = owed_recipients(e.notice_pending, d.bounced)
+    owed = owed_recipients(e, d.bounced)
     return notices_for(e, d, headers, owed=owed, delay=delay, ndr_headers=ndr_headers, route=route,
                        reporting_mta="relay.test", expiration=1000.0, now=100.0)
 
@@ -88,14 +88,15 @@ def test_headers_that_cannot_be_read_fail_the_notices_that_need_them_only():
 
 
 def test_a_held_back_ndr_is_owed_with_the_new_bounces_and_keeps_its_shape():
-    owed = [FailedRecipient("a@x", RecipientStatus.EXPIRED, REFUSED), FailedRecipient("b@x", RecipientStatus.FAILED, None)]
+    owed = [ReportedRecipient("a@x", RecipientStatus.EXPIRED, REFUSED), ReportedRecipient("b@x", RecipientStatus.FAILED, None)]
     held = held_notice(owed, "ValueError: " + "x" * 600, since=50.0, tries=2, retry_at=160.0)
     assert (held["since"], held["tries"], held["retry_at"], len(held["error"])) == (50.0, 2, 160.0, 500)
-    assert owed_recipients(held, []) == owed
+    assert owed_recipients(entry(notice_pending=held), []) == owed
     now_failed = RecipientOutcome("c@x", RecipientStatus.FAILED, UNKNOWN)
-    assert owed_recipients(held, [now_failed]) == owed + [FailedRecipient("c@x", RecipientStatus.FAILED, UNKNOWN)]
-    assert owed_recipients({"recipients": [{"address": "d@x"}]}, []) == [   # another version wrote it
-        FailedRecipient("d@x", RecipientStatus.FAILED, None)]
+    assert owed_recipients(entry(notice_pending=held), [now_failed]) == \
+        owed + [ReportedRecipient("c@x", RecipientStatus.FAILED, UNKNOWN)]
+    assert owed_recipients(entry(notice_pending={"recipients": [{"address": "d@x"}]}), []) == [   # another version
+        ReportedRecipient("d@x", RecipientStatus.FAILED, None)]
     n = build(entry(notice_pending=held), [])
     assert n.ndr is not None and "a@x" in n.ndr.body.data.decode() and "b@x" in n.ndr.body.data.decode()
 

@@ -10,7 +10,7 @@ from flufl.bounce import scan_message
 from relaywatch.config import parse_config, parse_duration, parse_size
 from relaywatch.errors import ConfigError
 from relaywatch.model import Destination, Failure, RecipientOutcome, RecipientStatus, RouteKind
-from relaywatch.notify.dsn import FailedRecipient, build_ndr
+from relaywatch.notify.dsn import ReportedRecipient, build_ndr
 from relaywatch.route import decide
 from relaywatch.smtpclient.protocol import (
     DotStuffer, RemoteProtocolError, ReplyReader, mail_from, parse_ehlo, rcpt_to,
@@ -151,7 +151,7 @@ def test_ndr_is_rfc3464_and_readable():
                     original_headers=b"Subject: quarterly report\r\nMessage-ID: <1@x>\r\n\r\n",
                     original_message_id="<1@x>", received_at=1_799_913_600.0, expires_at=1_800_000_000.0,
                     first_failure_at=1_799_913_601.0, attempts=31,
-                    recipients=[FailedRecipient("bob@contoso.test", RecipientStatus.EXPIRED, f)],
+                    recipients=[ReportedRecipient("bob@contoso.test", RecipientStatus.EXPIRED, f)],
                     now=1_800_000_000.0)
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert msg["Subject"] == "Undeliverable: quarterly report"

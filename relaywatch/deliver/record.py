@@ -24,7 +24,8 @@ from relaywatch.classify.classify import where
 from relaywatch.classify.retry import RetryDecision, decide as decide_retry, notice_given_up, notice_retry
 from relaywatch.config import Config
 from relaywatch.model import Attempt, Destination, Entry, Failure, RecipientOutcome, RecipientStatus, StoredBody
-from relaywatch.notify.dsn import FailedRecipient, Notices, delay_notice_due, held_notice, notices_for, owed_recipients
+from relaywatch.notify.dsn import (FULL_RETURN_LIMIT, Notices, ReportedRecipient, delay_notice_due, held_notice,
+                                   notices_for, owed_recipients, requested, success_owed)
 from relaywatch.route import decide as decide_route
 from relaywatch.store.base import QueueStore
 from relaywatch.store.pending import PendingOutcomes, PendingRecord
@@ -50,14 +51,20 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
                       tried=tried) if count_attempt else None
     if count_attempt:
         meters.observe_attempt(entry.route.name, now - started)    # /metrics: attempt duration by connector
-    owed = owed_recipients(entry.notice_pending, decision.bounced)
-    delay_due = bool(decision.delayed) and delay_notice_due(entry, _delay_notice_after(config, entry), now)
+    # What the sender asked for (NOTIFY, RFC 3461); without NOTIFY, failures and delays.
+    bounced = requested(entry, decision.bounced, "FAILURE")
+    unrequested = {o.address for o in decision.bounced} - {o.address for o in bounced}
+    owed = owed_recipients(entry, bounced)
+    delay_due = bool(requested(entry, decision.delayed, "DELAY")) and delay_notice_due(
+        entry, _delay_notice_after(config, entry), now)
+    succeeded = success_owed(entry, outcomes)
     notices: list = []
     notice_pending = None
     delay_notified = False
     ndr = "none"
-    if owed or delay_due:
-        built = await _notices(store, config, entry, decision, owed, delay_due, body, now)
+    success = None
+    if owed or delay_due or succeeded:
+        built = await _notices(store, config, entry, decision, owed, delay_due, succeeded, body, now)
         for _ in range(built.unroutable):
             events.emit("bounced", id=entry.id, to=entry.sender, detail="no DSN: the sender's mailbox does not exist here")
         if built.ndr_error is not None:
@@ -67,7 +74,12 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
             exc = built.delay_error
             log.error("the delay notice for %s to %s could not be built (%s: %s); "
                       "it is tried again at the next attempt", entry.id, entry.sender, type(exc).__name__, exc)
+        if built.success_error is not None:
+            exc = built.success_error
+            log.error("the success notice (NOTIFY=SUCCESS) for %s to %s could not be built (%s: %s); "
+                      "the sender is not told", entry.id, entry.sender, type(exc).__name__, exc)
         delay_notified = delay_due and built.delay_error is None
+        success = "queued" if built.success is not None else None
         notices = built.messages
     next_at = decision.next_attempt(notice_pending)
     if keep is not None:
@@ -76,7 +88,8 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     else:
         await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified,
                            notice_pending=notice_pending)
-    _log_outcomes(entry, outcomes, dest, now, next_at, ndr=ndr)
+    _log_outcomes(entry, outcomes, dest, now, next_at, ndr=ndr, unrequested=unrequested,
+                  success=success)
     if delay_notified:
         events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,
                     delay=now - entry.received_at, status="queued" if notices else "none")
@@ -93,8 +106,9 @@ def _delay_notice_after(config: Config, entry: Entry) -> float | None:
     return connector.delay_notice_after if connector is not None else None
 
 
-async def _notices(store: QueueStore, config: Config, entry: Entry, decision: RetryDecision, owed: list[FailedRecipient],
-                   delay_due: bool, body: StoredBody | None, now: float) -> Notices:
+async def _notices(store: QueueStore, config: Config, entry: Entry, decision: RetryDecision,
+                   owed: list[ReportedRecipient], delay_due: bool, succeeded: list[RecipientOutcome],
+                   body: StoredBody | None, now: float) -> Notices:
     """The I/O around notify/dsn.notices_for: the sender's route, the original's headers."""
     with_headers = not notice_given_up(entry.notice_pending, now, config.queue)
     route = None
@@ -102,18 +116,20 @@ async def _notices(store: QueueStore, config: Config, entry: Entry, decision: Re
     if entry.sender:
         try:
             route = decide_route(config, entry.sender).route
-            if route is not None and (delay_due or (owed and with_headers)):
+            if route is not None and (delay_due or succeeded or (owed and with_headers)):
                 if body is None:
                     body = await store.read_body(entry.body_id)
                 with body.open() as f:
-                    headers = f.read(HEADERS_READ)
+                    # RET=FULL: one octet more than is returned says the original is too big for it.
+                    headers = f.read(FULL_RETURN_LIMIT + 1 if owed and entry.dsn.ret == "FULL" else HEADERS_READ)
         except Exception as exc:   # noqa: BLE001 - the notices that needed it fail, the record goes on
             headers = exc
     return notices_for(entry, decision, headers, owed=owed, delay=delay_due, ndr_headers=with_headers, route=route,
-                       reporting_mta=config.server.hostname, expiration=config.queue.message_expiration, now=now)
+                       reporting_mta=config.server.hostname, expiration=config.queue.message_expiration, now=now,
+                       succeeded=succeeded)
 
 
-def _notice_failed(config: Config, entry: Entry, owed: list[FailedRecipient], exc: Exception,
+def _notice_failed(config: Config, entry: Entry, owed: list[ReportedRecipient], exc: Exception,
                    now: float) -> dict | None:
     """What to keep of an NDR that could not be built (classify/retry.py says when it is tried again)."""
     error = f"{type(exc).__name__}: {exc}"
@@ -130,23 +146,28 @@ def _notice_failed(config: Config, entry: Entry, owed: list[FailedRecipient], ex
 
 
 def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None, now: float,
-                  next_at: float, ndr: str) -> None:
+                  next_at: float, ndr: str, unrequested: set[str] = frozenset(), success: str | None = None) -> None:
+    """One line per recipient; ``unrequested``: bounced recipients whose NOTIFY asked for no NDR
+    (``ndr=not-requested``); ``success``: a success notice (NOTIFY=SUCCESS) was queued."""
     relay = where(dest) if dest is not None else None
     delay = now - entry.received_at
     for o in outcomes:
         fields = {"id": entry.id, "msgid": entry.message_id or None, "from": entry.sender or "<>",
                   "to": o.address, "connector": entry.route.name, "relay": relay, "delay": delay}
         if o.status is RecipientStatus.DELIVERED:
-            events.emit("delivered", **fields, status="sent", detail=o.reply)
+            events.emit("delivered", **fields, status="sent", detail=o.reply,
+                        **({"dsn": success} if success else {}))
             continue
         f = o.failure
         fields.update(code=f.code if f else None, detail=f.detail if f else None)
         if o.status is RecipientStatus.DEFERRED:
             events.emit("deferred", **fields, status="deferred", retry_at=_stamp(next_at))
-        elif o.status is RecipientStatus.EXPIRED:
-            events.emit("expired", **fields, status="expired", ndr=ndr)
+            continue
+        told = "not-requested" if o.address in unrequested else ndr
+        if o.status is RecipientStatus.EXPIRED:
+            events.emit("expired", **fields, status="expired", ndr=told)
         else:
-            events.emit("bounced", **fields, status="bounced", ndr=ndr)
+            events.emit("bounced", **fields, status="bounced", ndr=told)
 
 
 def _stamp(ts: float) -> str:

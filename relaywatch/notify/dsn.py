@@ -1,8 +1,8 @@
-"""Non-delivery reports (RFC 3464 ``multipart/report; report-type=delivery-status``).
+"""Delivery status notifications (RFC 3464 ``multipart/report; report-type=delivery-status``).
 
 Pure: the facts in, the message bytes out.  ``notices_for`` says which
-notices an attempt's retry decision calls for (an NDR, a delay notice) and
-builds them as messages to queue; the recording step (deliver/record.py)
+notices an attempt's retry decision calls for (an NDR, a delay notice, a
+success notice) and builds them as messages to queue; the recording step (deliver/record.py)
 reads the original's headers for it and keeps an NDR that could not be built.  The NDR is queued as a new message
 with the null sender ``<>``; a message from ``<>`` never gets one (no loops).
 
@@ -24,6 +24,14 @@ original's bytes:
   machine-readable fields stay ASCII (RFC 3464 §2.1.1): any other character
   is written ``\\x{HEX}`` as RFC 6533 §3 does for UTF-8 in these fields; a
   UTF-8 recipient is ``Final-Recipient: utf-8; <utf-8-addr-xtext>`` (§3).
+- the DSN parameters the sender gave (RFC 3461) decide which notices it gets
+  (``requested``: NOTIFY=NEVER none, NOTIFY=SUCCESS a ``relayed`` notice when
+  the destination did not take the NOTIFY itself, ``delivered`` for a local
+  mailbox; without NOTIFY failures and delays, as always), what an NDR returns
+  (RET=FULL: the whole message as ``message/rfc822`` when it is 7-bit and at
+  most ``FULL_RETURN_LIMIT`` octets, else the headers; RET=HDRS and no RET:
+  the headers), and ENVID and ORCPT come back as ``Original-Envelope-Id`` and
+  ``Original-Recipient``.
 - SMTPUTF8: the human text shows domains as U-labels; a notice to a UTF-8
   sender has UTF-8 headers (RFC 6532: ``To:`` keeps the address as it is)
   and goes out with SMTPUTF8 like any message with a UTF-8 envelope.
@@ -40,15 +48,23 @@ from email.message import EmailMessage, Message
 from email.parser import BytesHeaderParser
 
 from relaywatch.classify.retry import RetryDecision
+from relaywatch.dsn_params import NO_RECIPIENT_DSN
 from relaywatch.idn import address_to_unicode
-from relaywatch.model import Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, StoredBody, iso
+from relaywatch.model import (Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind,
+                              StoredBody, iso)
+
+# RET=FULL returns at most this much of the original (Postfix's bounce_size_limit is 50 kB);
+# a bigger one, or one with 8-bit content (a notice is 7-bit), returns its headers.
+FULL_RETURN_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
-class FailedRecipient:
+class ReportedRecipient:
     address: str
-    status: RecipientStatus        # FAILED (permanent) or EXPIRED
+    status: RecipientStatus        # FAILED (permanent) or EXPIRED; DEFERRED (delay); DELIVERED (success)
     failure: Failure | None
+    orcpt: str | None = None       # ORCPT as given (RFC 3461): the report's Original-Recipient
+    reply: str | None = None       # DELIVERED: the destination's reply
 
 
 # cte_type="7bit": text with other characters goes quoted-printable or base64.
@@ -106,7 +122,7 @@ def headers_part(original_headers: bytes) -> Message:
 
 
 
-def _status(r: FailedRecipient) -> str:
+def _status(r: ReportedRecipient) -> str:
     if r.status is RecipientStatus.EXPIRED:
         return "4.4.7"     # delivery time expired (RFC 3463)
     if r.failure is not None and r.failure.code[:1] == "5":
@@ -122,7 +138,7 @@ def _diagnostic(f: Failure | None) -> str:
     return f"smtp; {f.smtp_code} {f.code} {f.title}: {f.detail}"
 
 
-def _human(r: FailedRecipient, first_failure_at: float | None, expires_at: float, attempts: int) -> str:
+def _human(r: ReportedRecipient, first_failure_at: float | None, expires_at: float, attempts: int) -> str:
     f = r.failure
     lines = [f"  {address_to_unicode(r.address)}"]     # the domain as people write it (U-labels)
     if r.status is RecipientStatus.EXPIRED:
@@ -140,10 +156,26 @@ def _human(r: FailedRecipient, first_failure_at: float | None, expires_at: float
     return "\n".join(lines)
 
 
+def returned_part(original: bytes, ret: str | None) -> Message:
+    """What a notice returns of the original: all of it for RET=FULL when it fits
+    (7-bit, lines of at most 998 octets, ``FULL_RETURN_LIMIT``), else its header section."""
+    if ret == "FULL" and len(original) <= FULL_RETURN_LIMIT:
+        lines = original.split(b"\r\n")
+        if all(len(line) <= 998 and not _NOT_7BIT_TEXT.search(line) for line in lines):
+            part = Message()
+            part["Content-Type"] = "message/rfc822"
+            part["Content-Description"] = "The message"
+            # A string payload is written as it is: the original goes back octet for octet.
+            part.set_payload(original.decode("ascii") if original.endswith(b"\r\n") else
+                             original.decode("ascii") + "\r\n")
+            return part
+    return headers_part(header_block(original))
+
+
 def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: str,
             reporting_mta: str, original_sender: str, original_headers: bytes, original_message_id: str,
-            received_at: float, recipients: list[FailedRecipient], now: float,
-            status_of, extra_fields) -> bytes:
+            received_at: float, recipients: list[ReportedRecipient], now: float,
+            status_of, extra_fields, envid: str | None = None, returned: Message | None = None) -> bytes:
     """The multipart/report both kinds of DSN share (RFC 3464, recipe in shared/STACK.md §6)."""
     original = BytesHeaderParser(policy=policy.default).parsebytes(original_headers)
     subject = _CONTROLS.sub(" ", _text(str(original.get("Subject", "") or ""))).strip()
@@ -163,17 +195,22 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
     msg.set_param("report-type", "delivery-status")
 
     per_message = Message()
+    if envid:
+        per_message["Original-Envelope-Id"] = _field(envid)
     per_message["Reporting-MTA"] = _field(f"dns; {reporting_mta}")
     per_message["Arrival-Date"] = email.utils.formatdate(received_at)
     blocks = [per_message]
     for r in recipients:
         block = Message()
+        if r.orcpt:
+            block["Original-Recipient"] = _field(r.orcpt)
         block["Final-Recipient"] = _recipient_field(r.address)
         block["Action"] = action
         block["Status"] = _field(status_of(r))
         if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
             block["Remote-MTA"] = _field(f"dns; {r.failure.destination.host}")
-        block["Diagnostic-Code"] = _field(_diagnostic(r.failure))
+        if r.status is not RecipientStatus.DELIVERED or r.reply:
+            block["Diagnostic-Code"] = _field(f"smtp; {r.reply}" if r.reply else _diagnostic(r.failure))
         for name, value in extra_fields(r).items():
             block[name] = _field(value)
         blocks.append(block)
@@ -182,15 +219,17 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
     status_part.set_payload(blocks)
     msg.attach(status_part)
 
-    msg.attach(headers_part(original_headers))
+    msg.attach(returned if returned is not None else headers_part(original_headers))
     return msg.as_bytes(policy=_SMTP_POLICY if original_sender.isascii() else _SMTPUTF8_POLICY)
 
 
 def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: bytes,
               original_message_id: str, received_at: float, expires_at: float,
               first_failure_at: float | None, attempts: int,
-              recipients: list[FailedRecipient], now: float) -> bytes:
-    """``Action: failed``: the message is given up for these recipients."""
+              recipients: list[ReportedRecipient], now: float, envid: str | None = None,
+              returned: Message | None = None) -> bytes:
+    """``Action: failed``: the message is given up for these recipients.  ``returned``: what
+    goes back of the original (``returned_part``; default: ``original_headers``)."""
     expired = any(r.status is RecipientStatus.EXPIRED for r in recipients)
     intro = ("Your message could not be delivered to the recipient(s) below. "
              + ("relaywatch retried for as long as it is allowed to and then gave up."
@@ -209,13 +248,13 @@ def build_ndr(*, reporting_mta: str, original_sender: str, original_headers: byt
         subject_prefix="Undeliverable: ", fallback_subject="Undeliverable message", text="\n".join(body) + "\n",
         action="failed", reporting_mta=reporting_mta, original_sender=original_sender,
         original_headers=original_headers, original_message_id=original_message_id, received_at=received_at,
-        recipients=recipients, now=now, status_of=_status,
+        recipients=recipients, now=now, status_of=_status, envid=envid, returned=returned,
         extra_fields=lambda r: {"Last-Attempt-Date": email.utils.formatdate(r.failure.at if r.failure else now)})
 
 
 def build_delay_notice(*, reporting_mta: str, original_sender: str, original_headers: bytes,
                        original_message_id: str, received_at: float, expires_at: float,
-                       recipients: list[FailedRecipient], now: float) -> bytes:
+                       recipients: list[ReportedRecipient], now: float, envid: str | None = None) -> bytes:
     """``Action: delayed``: not a failure, a heads-up with the deadline."""
     lines = ["Your message has not been delivered yet to the recipient(s) below. You do not need to "
              "send it again: relaywatch keeps trying until " + _when(expires_at) + ".", ""]
@@ -230,9 +269,29 @@ def build_delay_notice(*, reporting_mta: str, original_sender: str, original_hea
         subject_prefix="Delayed: ", fallback_subject="Delivery delayed", text="\n".join(lines) + "\n",
         action="delayed", reporting_mta=reporting_mta, original_sender=original_sender,
         original_headers=original_headers, original_message_id=original_message_id, received_at=received_at,
-        recipients=recipients, now=now,
+        recipients=recipients, now=now, envid=envid,
         status_of=lambda r: r.failure.code if r.failure is not None and r.failure.code[:1] == "4" else "4.0.0",
         extra_fields=lambda r: {"Will-Retry-Until": email.utils.formatdate(expires_at)})
+
+
+def build_success_notice(*, reporting_mta: str, original_sender: str, original_headers: bytes,
+                         original_message_id: str, received_at: float, relayed: bool,
+                         recipients: list[ReportedRecipient], now: float, envid: str | None = None) -> bytes:
+    """The sender asked for NOTIFY=SUCCESS: ``Action: delivered`` (a mailbox here) or
+    ``relayed`` (handed to a server that does not offer DSN, so no later notice will come)."""
+    if relayed:
+        intro = ("Your message was handed over to the recipient's mail server for the recipient(s) below. "
+                 "That server does not send delivery reports, so this is the last report you will get.")
+    else:
+        intro = "Your message was delivered to the mailbox of the recipient(s) below."
+    lines = [intro, ""] + [f"  {address_to_unicode(r.address)}" for r in recipients]
+    lines += ["", f"Sent: {_when(received_at)}. You get this report because the message asked for one "
+                  "(NOTIFY=SUCCESS).", f"-- relaywatch at {reporting_mta}"]
+    return _report(
+        subject_prefix="Delivered: ", fallback_subject="Delivery report", text="\n".join(lines) + "\n",
+        action="relayed" if relayed else "delivered", reporting_mta=reporting_mta, original_sender=original_sender,
+        original_headers=original_headers, original_message_id=original_message_id, received_at=received_at,
+        recipients=recipients, now=now, envid=envid, status_of=lambda r: "2.0.0", extra_fields=lambda r: {})
 
 
 def header_block(head: bytes) -> bytes:
@@ -246,22 +305,41 @@ def header_block(head: bytes) -> bytes:
 
 # -- which notices an attempt calls for, and the notices themselves ------------------------
 
-def owed_recipients(notice_pending: dict | None, bounced: list[RecipientOutcome]) -> list[FailedRecipient]:
-    """The recipients an NDR is owed for: those of an NDR held back (it could
-    not be built before; read tolerantly, another version may have written
-    it) and those that bounce now."""
-    held = [FailedRecipient(r["address"], RecipientStatus(r.get("status", "failed")),
-                            Failure.from_dict(r["failure"]) if r.get("failure") else None)
+def requested(entry: Entry, outcomes: list[RecipientOutcome], kind: str) -> list[RecipientOutcome]:
+    """The outcomes whose recipient asked for a notice of ``kind`` (SUCCESS, FAILURE,
+    DELAY: its NOTIFY, RFC 3461 4.1; without NOTIFY failures and delays)."""
+    dsn = {r.address: r.dsn for r in entry.recipients}
+    return [o for o in outcomes if dsn.get(o.address, NO_RECIPIENT_DSN).wants(kind)]
+
+
+def success_owed(entry: Entry, outcomes: list[RecipientOutcome]) -> list[RecipientOutcome]:
+    """Delivered recipients that asked for NOTIFY=SUCCESS and whose destination was not
+    handed the NOTIFY (a server that offers DSN sends the success notice itself)."""
+    delivered = [o for o in outcomes if o.status is RecipientStatus.DELIVERED and not o.dsn_passed_on]
+    return requested(entry, delivered, "SUCCESS") if entry.sender and not entry.is_dsn else []
+
+
+def reported(entry: Entry, outcomes: list[RecipientOutcome]) -> list[ReportedRecipient]:
+    orcpt = {r.address: r.dsn.orcpt for r in entry.recipients}
+    return [ReportedRecipient(o.address, o.status, o.failure, orcpt.get(o.address), o.reply) for o in outcomes]
+
+
+def owed_recipients(entry: Entry, bounced: list[RecipientOutcome]) -> list[ReportedRecipient]:
+    """The recipients an NDR is owed for: those of an NDR the entry holds back (it
+    could not be built before; read tolerantly, another version may have written
+    it) and those that bounce now (of those, the caller keeps the ``requested``)."""
+    notice_pending = entry.notice_pending
+    held = [ReportedRecipient(r["address"], RecipientStatus(r.get("status", "failed")),
+                              Failure.from_dict(r["failure"]) if r.get("failure") else None, r.get("orcpt"))
             for r in notice_pending.get("recipients", ())] if notice_pending else []
-    if not bounced:
-        return held
-    return held + [FailedRecipient(o.address, o.status, o.failure) for o in bounced]
+    return held + reported(entry, bounced)
 
 
-def held_notice(owed: list[FailedRecipient], error: str, since: float, tries: int, retry_at: float) -> dict:
+def held_notice(owed: list[ReportedRecipient], error: str, since: float, tries: int, retry_at: float) -> dict:
     """An NDR that could not be built, as the entry keeps it (``notice_pending``)."""
     return {"recipients": [{"address": r.address, "status": r.status.value,
-                            "failure": r.failure.to_dict() if r.failure else None} for r in owed],
+                            "failure": r.failure.to_dict() if r.failure else None,
+                            **({"orcpt": r.orcpt} if r.orcpt else {})} for r in owed],
             "error": error[:500], "since": since, "tries": tries, "retry_at": retry_at}
 
 
@@ -278,39 +356,52 @@ class Notices:
     """What ``notices_for`` built; a notice that could not be built is reported, not raised."""
     ndr: NewMessage | None = None
     delay: NewMessage | None = None
+    success: NewMessage | None = None
     ndr_error: Exception | None = None
     delay_error: Exception | None = None
+    success_error: Exception | None = None
     unroutable: int = 0        # notices owed to a sender whose mailbox does not exist here: none is sent
 
     @property
     def messages(self) -> list[NewMessage]:
-        return [m for m in (self.ndr, self.delay) if m is not None]
+        return [m for m in (self.ndr, self.delay, self.success) if m is not None]
 
 
 def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exception, *,
-                owed: list[FailedRecipient], delay: bool, ndr_headers: bool, route: Route | None,
-                reporting_mta: str, expiration: float, now: float) -> Notices:
+                owed: list[ReportedRecipient], delay: bool, ndr_headers: bool, route: Route | None,
+                reporting_mta: str, expiration: float, now: float,
+                succeeded: list[RecipientOutcome] = ()) -> Notices:
     """The notices an attempt calls for, ready to queue with the null sender:
     an NDR about ``owed`` (never for a message from <>), a delay notice about
-    the decision's delayed recipients when ``delay`` is due.
+    the decision's delayed recipients that want one when ``delay`` is due, a
+    success notice about ``succeeded`` (``success_owed``).
 
-    ``headers`` is the start of the original (64 KiB are plenty), or why it
-    could not be read; ``ndr_headers=False`` builds the NDR without them (a
-    held-back NDR given up on its headers, classify/retry.notice_given_up).
-    ``route`` is the sender's (None: no mailbox here, so no notice)."""
+    ``headers`` is the start of the original (64 KiB are plenty; for RET=FULL
+    up to ``FULL_RETURN_LIMIT`` + 1 octets), or why it could not be read;
+    ``ndr_headers=False`` builds the NDR without them (a held-back NDR given up
+    on its headers, classify/retry.notice_given_up).  ``route`` is the
+    sender's (None: no mailbox here, so no notice)."""
     out = Notices()
+    common = dict(reporting_mta=reporting_mta, original_sender=entry.sender, original_message_id=entry.message_id,
+                  received_at=entry.received_at, now=now, envid=entry.dsn.envid)
     if owed and entry.sender:
         out.ndr, out.ndr_error = _notice(entry, headers, route, ndr_headers, expiration, now, lambda head: build_ndr(
-            reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
-            original_message_id=entry.message_id, received_at=entry.received_at, expires_at=decision.expires_at,
-            first_failure_at=entry.first_failure_at, attempts=decision.attempts, recipients=owed, now=now))
+            **common, original_headers=header_block(head), expires_at=decision.expires_at,
+            first_failure_at=entry.first_failure_at, attempts=decision.attempts, recipients=owed,
+            returned=returned_part(head, entry.dsn.ret) if head else None))
         out.unroutable += out.ndr is None and out.ndr_error is None
-    if delay:
+    delayed = requested(entry, decision.delayed, "DELAY") if delay else []
+    if delayed:
         out.delay, out.delay_error = _notice(entry, headers, route, True, expiration, now, lambda head: build_delay_notice(
-            reporting_mta=reporting_mta, original_sender=entry.sender, original_headers=head,
-            original_message_id=entry.message_id, received_at=entry.received_at, expires_at=entry.expires_at,
-            recipients=[FailedRecipient(o.address, o.status, o.failure) for o in decision.delayed], now=now))
+            **common, original_headers=header_block(head), expires_at=entry.expires_at,
+            recipients=reported(entry, delayed)))
         out.unroutable += out.delay is None and out.delay_error is None
+    if succeeded:
+        out.success, out.success_error = _notice(
+            entry, headers, route, True, expiration, now, lambda head: build_success_notice(
+                **common, original_headers=header_block(head), relayed=entry.route.kind is not RouteKind.LOCAL,
+                recipients=reported(entry, list(succeeded))))
+        out.unroutable += out.success is None and out.success_error is None
     return out
 
 
@@ -322,7 +413,7 @@ def _notice(entry: Entry, headers: bytes | Exception, route: Route | None, with_
     if route is None:
         return None, None
     try:
-        data = build(header_block(headers) if with_headers else b"")
+        data = build(headers if with_headers else b"")
     except Exception as exc:   # noqa: BLE001 - whatever it is, the caller keeps the NDR or tries again later
         return None, exc
     return _queued(entry, route, data, expiration, now), None
