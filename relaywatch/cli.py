@@ -29,6 +29,7 @@ from relaywatch import events, views
 from relaywatch.classify.catalog import AUDIENCES, CATALOG, lookup_all
 from relaywatch.config import Config, format_hostport, load_config
 from relaywatch.console.api import ROUTE_KINDS, BadInput, queue_page as api_queue_page, trace_search as api_trace_search
+from relaywatch.dsn_params import mail_params, rcpt_params
 from relaywatch.errors import ConfigError, RelaywatchError
 from relaywatch.idn import address_to_unicode, to_unicode
 from relaywatch.model import Entry, dest_label, iso
@@ -391,9 +392,11 @@ def _print_entry(e: Entry, config: Config) -> None:
     if e.status.value not in ("held", "active"):
         click.echo(f"  Next try:    {iso(e.next_attempt_at)} ({_age(e.next_attempt_at, now)})")
     click.echo(f"  Attempts:    {e.attempts}" + (f", failing since {iso(e.first_failure_at)}" if e.first_failure_at else ""))
+    if e.dsn:
+        click.echo(f"  DSN:        {mail_params(e.dsn)}")     # as the client sent them (RFC 3461)
     click.echo("  Recipients:")
     for r in e.recipients:
-        click.echo(f"    {address_to_unicode(r.address)}  {r.status.value}")
+        click.echo(f"    {address_to_unicode(r.address)}  {r.status.value}{rcpt_params(r.dsn)}")
         if r.last_error:
             f = r.last_error
             click.echo(f"      {f.smtp_code} {f.code} {f.title}" + (f" [{f.subtype}]" if f.subtype else ""))

@@ -88,6 +88,7 @@ class Received:
     recipients: list[str]
     content: bytes
     mail_options: tuple[str, ...] = ()     # MAIL FROM parameters (SMTPUTF8, BODY=8BITMIME ...)
+    rcpt_options: tuple[str, ...] = ()     # RCPT TO parameters of all recipients (aiosmtpd upper-cases them)
 
 
 class SinkHandler:
@@ -100,6 +101,7 @@ class SinkHandler:
         self.data_reply = data_reply
         self.keep_content = keep_content
         self.bytes_received = 0
+        self.commands: list[str] = []       # MAIL and RCPT lines as sent (a DsnSmtp keeps them)
 
     async def handle_RCPT(self, server, session, envelope, address, options):
         reply = self.rcpt_reply(address) if self.rcpt_reply else None
@@ -114,7 +116,8 @@ class SinkHandler:
         content = envelope.original_content or b""
         self.bytes_received += len(content)
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                      content if self.keep_content else b"", tuple(envelope.mail_options)))
+                                      content if self.keep_content else b"", tuple(envelope.mail_options),
+                                      tuple(envelope.rcpt_options)))
         return f"250 2.0.0 Ok: queued as SINK{len(self.messages)}"
 
 
@@ -131,11 +134,38 @@ class RecordingHandler(SinkHandler):
         return "250 2.1.0 OK"
 
 
+class DsnSmtp(SMTP):
+    """aiosmtpd offering DSN (RFC 3461), which it does not by default (it refuses RET,
+    ENVID, NOTIFY and ORCPT with 555); it keeps the MAIL and RCPT lines as sent, since
+    aiosmtpd hands on the parameters upper-cased."""
+
+    async def push(self, status: str) -> None:
+        if status == "250 HELP":            # the last line of aiosmtpd's EHLO reply
+            await super().push("250-DSN")
+        await super().push(status)
+
+    def _getparams(self, params):
+        result = super()._getparams(params)
+        for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+            if result is not None:
+                result.pop(key, None)
+        return result
+
+    async def smtp_MAIL(self, arg):
+        self.event_handler.commands.append(f"MAIL {arg}")
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg):
+        self.event_handler.commands.append(f"RCPT {arg}")
+        await super().smtp_RCPT(arg)
+
+
 class Sink:
     def __init__(self, handler: SinkHandler | None = None, tls_context=None, port: int = 0,
-                 data_size_limit: int = 64 * 1024 * 1024, smtputf8: bool = False):
+                 data_size_limit: int = 64 * 1024 * 1024, smtputf8: bool = False, dsn: bool = False):
         self.handler = handler or SinkHandler()
         self.smtputf8 = smtputf8      # offer SMTPUTF8 (RFC 6531); aiosmtpd does not by default
+        self.dsn = dsn                # offer DSN (RFC 3461): DsnSmtp
         self.tls_context = tls_context
         self.port = port
         self.server: asyncio.base_events.Server | None = None
@@ -148,7 +178,7 @@ class Sink:
     async def start(self) -> "Sink":
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: SMTP(self.handler, hostname="sink.test", tls_context=self.tls_context,
+            lambda: (DsnSmtp if self.dsn else SMTP)(self.handler, hostname="sink.test", tls_context=self.tls_context,
                          data_size_limit=self.data_size_limit, timeout=30, enable_SMTPUTF8=self.smtputf8),
             LOOPBACK, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
