@@ -171,11 +171,20 @@ async def test_without_parameters_an_ndr_is_as_it_always_was(relay_factory):
 
 @pytest.mark.parametrize("send", CLIENTS)
 async def test_notify_success_to_a_local_mailbox_gets_a_delivered_notice(relay_factory, send):
-    relay = await relay_factory()
-    await send(relay, "alice@contoso.test", ["postmaster@contoso.test"], message("to a mailbox"),
-               mail_options=["ENVID=local-1"], rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
-    await eventually(lambda: relay.maildir("postmaster@contoso.test"), what="local delivery")
-    [notice] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the success notice")
+    stream = io.StringIO()
+    events.configure("json", stream=stream)
+    try:
+        relay = await relay_factory()
+        await send(relay, "alice@contoso.test", ["postmaster@contoso.test"], message("to a mailbox"),
+                   mail_options=["ENVID=local-1"], rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+        await eventually(lambda: relay.maildir("postmaster@contoso.test"), what="local delivery")
+        [notice] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the success notice")
+        await eventually(lambda: stream.getvalue().count('"delivered"') == 2, what="both deliveries in the log")
+    finally:
+        events.unconfigure()
+    delivered = [x for x in map(json.loads, stream.getvalue().splitlines()) if x.get("event") == "delivered"]
+    assert [(x["to"], x.get("dsn")) for x in delivered] == [("postmaster@contoso.test", "queued"),
+                                                            ("alice@contoso.test", None)]   # the notice itself
     _, per_message, [block], _ = report(notice)
     assert per_message["Original-Envelope-Id"] == "local-1"
     assert (block["Final-Recipient"], block["Action"], block["Status"]) == (

@@ -62,7 +62,7 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     notice_pending = None
     delay_notified = False
     ndr = "none"
-    success = None
+    reported_success: set[str] = set()
     if owed or delay_due or succeeded:
         built = await _notices(store, config, entry, decision, owed, delay_due, succeeded, body, now)
         for _ in range(built.unroutable):
@@ -79,7 +79,7 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
             log.error("the success notice (NOTIFY=SUCCESS) for %s to %s could not be built (%s: %s); "
                       "the sender is not told", entry.id, entry.sender, type(exc).__name__, exc)
         delay_notified = delay_due and built.delay_error is None
-        success = "queued" if built.success is not None else None
+        reported_success = {o.address for o in succeeded} if built.success is not None else set()
         notices = built.messages
     next_at = decision.next_attempt(notice_pending)
     if keep is not None:
@@ -89,7 +89,7 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
         await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified,
                            notice_pending=notice_pending)
     _log_outcomes(entry, outcomes, dest, now, next_at, ndr=ndr, unrequested=unrequested,
-                  success=success)
+                  reported_success=reported_success)
     if delay_notified:
         events.emit("delay-notice", id=entry.id, to=entry.sender or "<>", connector=entry.route.name,
                     delay=now - entry.received_at, status="queued" if notices else "none")
@@ -146,9 +146,11 @@ def _notice_failed(config: Config, entry: Entry, owed: list[ReportedRecipient], 
 
 
 def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None, now: float,
-                  next_at: float, ndr: str, unrequested: set[str] = frozenset(), success: str | None = None) -> None:
+                  next_at: float, ndr: str, unrequested: set[str] = frozenset(),
+                  reported_success: set[str] = frozenset()) -> None:
     """One line per recipient; ``unrequested``: bounced recipients whose NOTIFY asked for no NDR
-    (``ndr=not-requested``); ``success``: a success notice (NOTIFY=SUCCESS) was queued."""
+    (``ndr=not-requested``); ``reported_success``: delivered ones a success report (NOTIFY=SUCCESS)
+    was queued for (``dsn=queued``)."""
     relay = where(dest) if dest is not None else None
     delay = now - entry.received_at
     for o in outcomes:
@@ -156,7 +158,7 @@ def _log_outcomes(entry: Entry, outcomes: list[RecipientOutcome], dest: Destinat
                   "to": o.address, "connector": entry.route.name, "relay": relay, "delay": delay}
         if o.status is RecipientStatus.DELIVERED:
             events.emit("delivered", **fields, status="sent", detail=o.reply,
-                        **({"dsn": success} if success else {}))
+                        **({"dsn": "queued"} if o.address in reported_success else {}))
             continue
         f = o.failure
         fields.update(code=f.code if f else None, detail=f.detail if f else None)

@@ -248,8 +248,7 @@ class SmtpConnection:
             raise SessionFailure(Observation(Phase.MAIL, Outcome.SMTPUTF8_NOT_OFFERED, self.dest,
                                              note=", ".join(utf8[:3])))
         body = await body_for_destination(body, self.capabilities)   # lines <= 998, 7-bit if need be
-        tx = Transaction(sender, recipients, body.size, smtputf8, dsn, tuple(recipient_dsn))
-        replies = await self._envelope(tx)
+        replies = await self._envelope(sender, recipients, body.size, smtputf8, dsn, recipient_dsn)
         if replies is not SEND_BODY:
             return replies
         await self._send_body(body)
@@ -257,9 +256,11 @@ class SmtpConnection:
         self.last_used = time.monotonic()
         return replies
 
-    async def _envelope(self, tx: Transaction):
+    async def _envelope(self, sender: str, recipients: list[str], size: int, smtputf8: bool = False,
+                        dsn: MessageDsn = NO_MESSAGE_DSN, recipient_dsn: Sequence[RecipientDsn] = ()):
         """MAIL, RCPTs and DATA (pipelined if offered): SEND_BODY after a 354, else how it ended."""
         timeout = self.timeouts.command_timeout
+        tx = Transaction(sender, recipients, size, smtputf8, dsn, tuple(recipient_dsn))
         await self._write(Phase.MAIL, self.conversation.send(tx), timeout)
         return await self._next_event(timeout)
 

@@ -176,7 +176,7 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
             reporting_mta: str, original_sender: str, original_headers: bytes, original_message_id: str,
             received_at: float, recipients: list[ReportedRecipient], now: float,
             status_of, extra_fields, envid: str | None = None, returned: Message | None = None) -> bytes:
-    """The multipart/report both kinds of DSN share (RFC 3464, recipe in shared/STACK.md §6)."""
+    """The multipart/report every kind of notice shares (RFC 3464, recipe in shared/STACK.md §6)."""
     original = BytesHeaderParser(policy=policy.default).parsebytes(original_headers)
     subject = _CONTROLS.sub(" ", _text(str(original.get("Subject", "") or ""))).strip()
     msg = EmailMessage(policy=_SMTP_POLICY)
