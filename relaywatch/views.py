@@ -1,19 +1,22 @@
 """The JSON shapes of docs/json.md, built in one place for every surface.
 
-``relaywatch ... --json`` (cli.py) and the HTTP API (console/api.py) both
+``relaywatch ... --json`` (cli/) and the HTTP API (console/api.py) both
 call these, so the two cannot drift apart: a test compares them field for
-field.  Pure functions of what the store returned; no I/O here.
+field.  No command or endpoint builds its own dict.  Pure functions of what
+the store (or a probe) returned; no I/O here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from relaywatch.cluster.decisions import Timing, alive
-from relaywatch.cluster.model import LeaderLease, NodeBeat, node_dict
+from relaywatch.classify import catalog
+from relaywatch.cluster.decisions import Timing, alive, leader_now
+from relaywatch.cluster.model import LeaderLease, NodeBeat, NodeState
 from relaywatch.config import Config
 from relaywatch.model import Entry, TlsCount, iso
 from relaywatch.notify.tls_report import policies
+from relaywatch.watch.model import ProbeResult
 
 INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
                   "first_expires_at")
@@ -22,6 +25,11 @@ INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_
 def message_json(entry: Entry) -> dict[str, Any]:
     """MESSAGE: one queue entry (``queue list --json``)."""
     return entry.to_dict()
+
+
+def message_list_json(entries: list[Entry]) -> dict[str, Any]:
+    """``queue list --json``; the API adds ``next_after``."""
+    return {"messages": [message_json(e) for e in entries]}
 
 
 def message_detail_json(entry: Entry) -> dict[str, Any]:
@@ -48,6 +56,11 @@ def incident_json(inc: dict) -> dict[str, Any]:
         if isinstance(out.get(key), (int, float)):
             out[key] = iso(out[key])
     return out
+
+
+def incident_list_json(incidents: list[dict]) -> dict[str, Any]:
+    """``incidents list --json`` and ``GET /api/v1/incidents``."""
+    return {"incidents": [incident_json(i) for i in incidents]}
 
 
 def config_json(config: Config, effective: Config, overrides: dict[str, dict]) -> dict[str, Any]:
@@ -143,8 +156,32 @@ def trace_json(record: dict) -> dict[str, Any]:
             "events": [dict(ev, at=iso(ev["at"])) for ev in events]}
 
 
+def probe_json(probe: ProbeResult) -> dict[str, Any]:
+    """``connector test --json`` and ``POST /api/v1/connectors/{name}/test`` ."""
+    return probe.to_dict()
+
+
+def catalog_json(entries: list[catalog.Entry]) -> list[dict[str, Any]]:
+    """``relaywatch errors --json``: each code with its causes and fixes per audience."""
+    return [{"id": e.id, "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
+             "permanent": e.permanent, "explanation": e.explanation,
+             "causes": {a: list(e.causes[a]) for a in catalog.AUDIENCES},
+             "fixes": {a: list(e.fixes[a]) for a in catalog.AUDIENCES}} for e in entries]
+
+
+def node_json(beat: NodeBeat, alive: bool, leader: bool, now: float) -> dict[str, Any]:
+    """NODE: one node of the cluster, by its last heartbeat."""
+    return {"name": beat.name, "instance": beat.instance, "address": beat.address, "role": beat.role,
+            "version": beat.version,
+            "state": ("draining" if beat.state is NodeState.DRAINING else "alive") if alive else
+            ("stopped" if beat.state is NodeState.STOPPED else "dead"),
+            "leader": leader, "started_at": beat.started_at, "heartbeat_at": beat.at,
+            "heartbeat_age": round(now - beat.at, 1), "leases": beat.leases, "received": beat.received,
+            "delivered": beat.delivered}
+
+
 def nodes_json(beats: list[NodeBeat], lease: LeaderLease, timing: Timing, now: float) -> dict[str, Any]:
     """NODES (``relaywatch nodes --json``, ``GET /api/v1/nodes``): every node, alive or not, and the leader."""
-    leading = lease.holder if lease.until >= now else None
-    return {"nodes": [node_dict(b, alive(b, timing, now), b.instance == leading, now) for b in beats],
+    leading = leader_now(lease, now)
+    return {"nodes": [node_json(b, alive(b, timing, now), b.instance == leading, now) for b in beats],
             "leader_term": lease.term, "lapse": timing.lapse}

@@ -44,7 +44,7 @@ RULES = [
     # the watch and Fix now change the queue through deliver/queue_actions.py, not the scheduler's internals
     (modules("watch"), ("relaywatch.deliver.scheduler", "relaywatch.deliver.record")),
     # the CLI and the console: the same entry point; queue bounce is a queue action, not a fix
-    (["cli.py"], ("relaywatch.deliver.scheduler", "relaywatch.deliver.record")),
+    (modules("cli"), ("relaywatch.deliver.scheduler", "relaywatch.deliver.record")),
     (["actions.py"], ("relaywatch.watch", "relaywatch.deliver.scheduler", "relaywatch.deliver.record", "relaywatch.cli")),
     (modules("console"), ("relaywatch.cli", "relaywatch.deliver.scheduler", "relaywatch.deliver.record")),
 ]
@@ -80,7 +80,7 @@ LAYERS = [
     "receive",    # receive/: the SMTP server, the durable 250
     "watch",      # watch/: incidents over what was recorded, probes, alerts, Fix now
     "console",    # console/, actions.py, views.py: the operators' doors (HTTP and the CLI's shapes)
-    "runtime",    # app.py, runtime/, cli.py, preflight.py, __main__.py: wires every part; may import anything
+    "runtime",    # app.py, runtime/, cli/, preflight.py, __main__.py: wires every part; may import anything
 ]
 RANK = {name: i for i, name in enumerate(LAYERS)}
 SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive"), ("schedule", "receive")}
@@ -89,9 +89,8 @@ KERNEL = {"model", "errors", "events", "meters", "config", "route", "idn", "mime
 SCHEDULE = {"scheduler", "record", "queue_actions"}
 PACKAGES = {"store": "store", "cluster": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
             "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",
-            "runtime": "runtime"}
-TOP = {"actions": "console", "views": "console", "app": "runtime", "cli": "runtime", "cli_tls_report": "runtime",
-       "preflight": "runtime", "__main__": "runtime"}
+            "runtime": "runtime", "cli": "runtime"}
+TOP = {"actions": "console", "views": "console", "app": "runtime", "preflight": "runtime", "__main__": "runtime"}
 
 
 def stage(module: str) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relaywatch.cluster.model import NodeBeat, NodeState
+from relaywatch.cluster.model import LeaderLease, NodeBeat, NodeState
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ def alive(beat: NodeBeat, timing: Timing, now: float) -> bool:
 def down(beat: NodeBeat, timing: Timing, now: float) -> bool:
     """Dead without saying goodbye (a clean stop is not down; one killed while draining is)."""
     return beat.state in _BEATING and beat.at < timing.dead_before(now)
+
+
+def leader_now(lease: LeaderLease, now: float) -> str | None:
+    """The instance holding the leader lease now; None once it lapsed (another takes over)."""
+    return lease.holder if lease.until >= now else None
 
 
 class Leadership:

@@ -1,10 +1,9 @@
-"""The cluster's nouns, as the store keeps them (store/cluster.sql) and ``relaywatch nodes`` shows them."""
+"""The cluster's nouns, as the store keeps them (store/cluster.sql); views.py shows them (``relaywatch nodes``)."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
 
 
 class NodeState(enum.StrEnum):
@@ -35,13 +34,3 @@ class LeaderLease:
     term: int                # grows whenever another instance takes it
     until: float
 
-
-def node_dict(beat: NodeBeat, alive: bool, leader: bool, now: float) -> dict[str, Any]:
-    """A node as ``relaywatch nodes --json`` shows it (docs/json.md)."""
-    return {"name": beat.name, "instance": beat.instance, "address": beat.address, "role": beat.role,
-            "version": beat.version,
-            "state": ("draining" if beat.state is NodeState.DRAINING else "alive") if alive else
-            ("stopped" if beat.state is NodeState.STOPPED else "dead"),
-            "leader": leader, "started_at": beat.started_at, "heartbeat_at": beat.at,
-            "heartbeat_age": round(now - beat.at, 1), "leases": beat.leases, "received": beat.received,
-            "delivered": beat.delivered}

@@ -255,8 +255,8 @@ class Api:
     async def queue_list(self, req: Request, route: Route, params: dict, who: str) -> Response:
         page = queue_page(query_args(req, route))
         entries = await self.store.queue_page(page, time.time())
-        return json_response(200, {"messages": [views.message_json(e) for e in entries],
-                                   "next_after": entries[-1].id if len(entries) == page.limit else None})
+        return json_response(200, dict(views.message_list_json(entries),
+                                       next_after=entries[-1].id if len(entries) == page.limit else None))
 
     async def queue_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)
@@ -353,7 +353,7 @@ class Api:
     async def incidents_list(self, req: Request, route: Route, params: dict, who: str) -> Response:
         include_resolved = bool_arg(query_args(req, route), "all")
         found = await self.store.incidents(include_resolved=include_resolved)
-        return json_response(200, {"incidents": [views.incident_json(i) for i in found]})
+        return json_response(200, views.incident_list_json(found))
 
     async def incident_show(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)
@@ -427,7 +427,7 @@ class Api:
         if spec is None:
             return error_response(404, f"no connector {params['name']!r}; configured: "
                                        f"{', '.join(c.name for c in config.connectors) or 'none'}")
-        return json_response(200, (await probe_connector(config, self.app.routes, spec)).to_dict())
+        return json_response(200, views.probe_json(await probe_connector(config, self.app.routes, spec)))
 
     async def config(self, req: Request, route: Route, params: dict, who: str) -> Response:
         query_args(req, route)

@@ -3,14 +3,13 @@ RFC 8460 report counts them, and whether that report went out (watch/tls_report.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
 
 import click
 
 from relaywatch import views
-from relaywatch.cli import _load, _with_store, config_option, main
+from relaywatch.cli.common import config_option, echo_json, read_config, with_store
 from relaywatch.deliver.tls_report import utc_day
 
 
@@ -23,7 +22,7 @@ def _day(_ctx, _param, value: str | None) -> str:
         raise click.BadParameter(f"{value!r} is not a date such as 2026-11-30") from None
 
 
-@main.group("tls-report")
+@click.group("tls-report")
 def tls_report():
     """TLS reporting (RFC 8460): sessions under MTA-STS and opportunistic TLS, per domain and day."""
 
@@ -34,14 +33,14 @@ def tls_report():
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
 def tls_report_show(config_path, day, as_json):
     """One UTC day's TLS sessions per domain, the failures by type and MX, and the report sent."""
-    config = _load(config_path)
+    config = read_config(config_path)
 
     async def read(store):
         return await store.tls_counts(day), await store.tls_reports(day)
-    counts, reports = _with_store(config, read)
+    counts, reports = with_store(config, read)
     data = views.tls_report_json(day, counts, reports)
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        echo_json(data)
         return
     if not data["domains"]:
         click.echo(f"No TLS sessions to domains with a policy (or by MX) recorded on {day} (UTC).")

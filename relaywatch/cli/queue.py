@@ -1,0 +1,268 @@
+"""relaywatch queue list|show|trace|retry|hold|release|delete|bounce: inspect and act on queued mail.
+
+The commands open the store of a (possibly running) server directly; SQLite locking
+makes that safe, and the server sees changes within a second (sooner: wake_server)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from relaywatch import views
+from relaywatch.classify.catalog import CATALOG
+from relaywatch.cli.common import (age, config_option, echo_json, fail, operator_name, read_config, rich, wake_server,
+                                   with_store)
+from relaywatch.config import Config
+from relaywatch.console.api import ROUTE_KINDS, BadInput, queue_page as api_queue_page, trace_search as api_trace_search
+from relaywatch.dsn_params import mail_params, rcpt_params
+from relaywatch.idn import address_to_unicode, to_unicode
+from relaywatch.model import Entry, dest_label, iso
+from relaywatch.store.base import QueueQuery, Selector
+
+STATUSES = ("queued", "deferred", "held", "active")
+
+
+@click.group()
+def queue():
+    """Inspect and act on queued mail."""
+
+
+@queue.command("list")
+@config_option
+@click.option("--connector", help="Only this connector (or local / internet).")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--route", type=click.Choice(ROUTE_KINDS), help="Only mail routed this way (local, connector, MX).")
+@click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply.")
+@click.option("--limit", default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
+def queue_list(config_path, connector, status, route, text, limit, as_json):
+    """List queued messages, oldest first."""
+    config = read_config(config_path)
+    if route or text:   # the console's filters (GET /api/v1/queue), in id order
+        try:
+            page = api_queue_page({k: v for k, v in (("connector", connector), ("status", status), ("route", route),
+                                                    ("text", text), ("limit", str(limit))) if v is not None})
+        except BadInput as exc:
+            fail(f"--{exc.field}: {exc.message}")
+        entries = with_store(config, lambda s: s.queue_page(page, time.time()))
+    else:
+        entries = with_store(config, lambda s: s.list(QueueQuery(connector, status, limit)))
+    if as_json:
+        echo_json(views.message_list_json(entries))
+        return
+    if not entries:
+        click.echo("The queue is empty." if not (connector or status or route or text) else "No messages match.")
+        return
+    now = time.time()
+    console, Table = rich()
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "Status", "Connector", "Age", "Tries", "Next try", "Last error"):
+        table.add_column(col, no_wrap=True)
+    for col in ("From", "To"):
+        table.add_column(col, overflow="fold")
+    for e in entries:
+        err = e.last_error
+        pending = [r.address for r in e.recipients if not r.status.is_final]
+        table.add_row(e.id, e.status.value, e.route.name + (f" ({e.route.domain})" if e.route.domain else ""),
+                      age(e.received_at, now), str(e.attempts),
+                      "-" if e.status.value in ("held", "active") else age(e.next_attempt_at, now),
+                      f"{err.code} {err.subtype or ''}".strip() if err else "",
+                      e.sender or "<>", ", ".join(pending[:3]) + (f" +{len(pending) - 3}" if len(pending) > 3 else ""))
+    console.print(table)
+    click.echo(f"{len(entries)} message(s); `relaywatch queue show ID` explains an error, "
+               f"`relaywatch errors CODE` what to do about it")
+
+
+@queue.command("show")
+@config_option
+@click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True)
+def queue_show(config_path, entry_id, as_json):
+    """Everything about one message: recipients, errors, every attempt."""
+    config = read_config(config_path)
+    entry = with_store(config, lambda s: s.get(entry_id))
+    if entry is None:
+        fail(f"no queued message with id {entry_id} (delivered, bounced or deleted messages leave the queue; "
+             f"grep the log for the id)")
+    if as_json:
+        echo_json(views.message_detail_json(entry))
+        return
+    _print_entry(entry, config)
+
+
+@queue.command("trace")
+@config_option
+@click.argument("entry_id", required=False)
+@click.option("--message-id", help="Every queue entry of this Message-ID (with or without <>).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md TRACE).")
+def queue_trace(config_path, entry_id, message_id, as_json):
+    """Every event of one message: received, each attempt, actions and by whom, NDRs, how it ended.
+
+    Works for queued messages and for those that left the queue within queue.trace_retention."""
+    if (entry_id is None) == (message_id is None):
+        fail("give a queue id or --message-id (one of them)")
+    config = read_config(config_path)
+    if message_id is not None:
+        found = with_store(config, lambda s: api_trace_search(s, message_id))
+        if as_json:
+            echo_json(found)
+            return
+        if not found["traces"]:
+            fail(f"no queued or kept message has the Message-ID {message_id}")
+        traces = found["traces"]
+    else:
+        record = with_store(config, lambda s: s.trace(entry_id))
+        if record is None:
+            kept = f"{config.queue.trace_retention:g}s" if config.queue.trace_retention else "off"
+            fail(f"no message with id {entry_id} in the queue or in the kept traces (queue.trace_retention: {kept})")
+        if as_json:
+            echo_json(views.trace_json(record))
+            return
+        traces = [views.trace_json(record)]
+    for t in traces:
+        click.echo(f"{t['id']}  {t['status']}  {t['connector']}  {t['message_id'] or '(no Message-ID)'}")
+        for ev in t["events"]:
+            click.echo(f"  {ev['at']}  {ev['event']:<17} {_trace_detail(ev)}".rstrip())
+
+
+def _trace_detail(ev: dict) -> str:
+    """One trace event in a line (the JSON has every field)."""
+    if ev["event"] == "received":
+        return (f"from {ev['client'] or '-'} helo={ev['helo'] or '-'} auth={ev['auth_user'] or '-'} "
+                f"<{ev['sender']}> -> {', '.join(ev['recipients'])}")
+    if ev["event"] == "attempt":
+        rcpts = "; ".join(f"{r['address']} {r['status']}" + (f" {r['code']}" if r["code"] else "")
+                          + (f" \"{r['reply']}\"" if r["reply"] else "") for r in ev["recipients"])
+        return f"#{ev['n']} {ev['host'] or '-'}[{ev['ip'] or '-'}] {ev['duration']:.2f}s: {rcpts}"
+    if ev["event"] == "action":
+        return f"{ev['action']} by {ev['who']}" + (f": {ev['reason']}" if ev["reason"] else "")
+    if ev["event"] in ("ndr_sent", "delay_notice_sent"):
+        return " ".join(ev["ids"])
+    return f"to {ev['moved_to']}" if ev.get("moved_to") else ""
+
+
+def _domain_for_people(domain: str) -> str:
+    """An IDN as U-labels, with the A-labels DNS uses after it: ``παράδειγμα.test = xn--...test``."""
+    shown = to_unicode(domain)
+    return shown if shown == domain else f"{shown} = {domain}"
+
+
+def _print_entry(e: Entry, config: Config) -> None:
+    now = time.time()
+    click.echo(f"Message {e.id}  ({e.status.value})")
+    click.echo(f"  From:        {address_to_unicode(e.sender) if e.sender else '<>'}")   # IDN as U-labels
+    click.echo(f"  Message-ID:  {e.message_id or '-'}")
+    click.echo(f"  Route:       {e.route.kind.value} {e.route.name}"
+               + (f" ({_domain_for_people(e.route.domain)})" if e.route.domain else ""))
+    click.echo(f"  Received:    {iso(e.received_at)} ({age(e.received_at, now)} ago), {e.size} bytes")
+    click.echo(f"  Expires:     {iso(e.expires_at)} ({age(e.expires_at, now)})")
+    if e.status.value not in ("held", "active"):
+        click.echo(f"  Next try:    {iso(e.next_attempt_at)} ({age(e.next_attempt_at, now)})")
+    click.echo(f"  Attempts:    {e.attempts}" + (f", failing since {iso(e.first_failure_at)}" if e.first_failure_at else ""))
+    if e.dsn:
+        click.echo(f"  DSN:        {mail_params(e.dsn)}")     # as the client sent them (RFC 3461)
+    click.echo("  Recipients:")
+    for r in e.recipients:
+        click.echo(f"    {address_to_unicode(r.address)}  {r.status.value}{rcpt_params(r.dsn)}")
+        if r.last_error:
+            f = r.last_error
+            click.echo(f"      {f.smtp_code} {f.code} {f.title}" + (f" [{f.subtype}]" if f.subtype else ""))
+            click.echo(f"      {f.detail}")
+    last = e.last_error
+    if last is not None and e.pending:
+        entry = CATALOG.get(last.kind)
+        connector = config.connector(e.route.name)
+        if entry is not None:
+            click.echo(f"  What to do ({connector.type if connector else 'internet'}):")
+            for fix in entry.fixes_for(connector.type if connector else None)[:3]:
+                click.echo(f"    - {fix}")
+            click.echo(f"    (all causes and fixes: relaywatch errors {entry.code})")
+    if e.history:
+        click.echo("  Attempts (oldest first):")
+    for n, a in enumerate(e.history, 1):
+        click.echo(f"   #{n} {iso(a['at'])} {dest_label(a.get('destination'))} ({a['duration']:.2f}s)")
+        # Recipients that failed the same way are shown once.
+        groups: dict[str, list[dict]] = {}
+        for r in a["recipients"]:
+            err = r.get("error")
+            key = json.dumps(err, sort_keys=True) if err else f"ok {r['status']} {r.get('reply')}"
+            groups.setdefault(key, []).append(r)
+        for rs in groups.values():
+            names = ", ".join(r["address"] for r in rs)
+            err = rs[0].get("error")
+            if not err:
+                click.echo(f"      {names}: {rs[0]['status']} {rs[0].get('reply') or ''}")
+                continue
+            click.echo(f"      {names}: {err['code']} {err['title']} [{err.get('subtype') or '-'}] phase={err['phase']}")
+            click.echo(f"        {err['detail']}")
+            for key in ("reply", "errno"):
+                if err.get(key):
+                    click.echo(f"        {key}: {err[key]}")
+            if err.get("dns"):
+                d = err["dns"]
+                click.echo(f"        dns: {d.get('name')} {d.get('type')} rcode={d.get('rcode')} "
+                           f"nameserver={d.get('nameserver')}")
+            if err.get("tls"):
+                t = err["tls"]
+                click.echo(f"        certificate: subject={t.get('subject')} names={','.join(t.get('sans') or [])} "
+                           f"issuer={t.get('issuer')}")
+                click.echo(f"          valid {t.get('not_before')} .. {t.get('not_after')}; expected name "
+                           f"{t.get('expected_name')}; OpenSSL verify code {t.get('verify_code')}")
+        for f in a.get("hosts_tried", []):
+            click.echo(f"      also tried {dest_label(f.get('destination'))}: {f['code']} {f['detail']}")
+
+
+def _selector(ids, connector, all_) -> Selector:
+    chosen = sum(bool(x) for x in (ids, connector, all_))
+    if chosen != 1:
+        fail("name message ids, or --connector NAME, or --all (exactly one of them)")
+    return Selector(ids=tuple(ids), connector=connector, all=all_)
+
+
+def with_queue(config: Config, fn):
+    """Run ``fn(QueueActions)`` against the store: the CLI changes the queue
+    the way every other caller does (deliver/queue_actions.py)."""
+    from relaywatch.deliver.queue_actions import QueueActions
+    return with_store(config, lambda store: fn(QueueActions(store, lambda: config)))
+
+
+@queue.command("retry")
+@config_option
+@click.argument("ids", nargs=-1)
+@click.option("--connector")
+@click.option("--all", "all_", is_flag=True)
+def queue_retry(config_path, ids, connector, all_):
+    """Make messages due now (the server tries them within a second)."""
+    config = read_config(config_path)
+    sel = _selector(ids, connector, all_)
+    n = with_queue(config, lambda q: q.retry_now(sel))
+    wake_server(config)
+    click.echo(f"{n} message(s) will be tried now")
+    if ids and n < len(ids):
+        sys.exit(1)
+
+
+def _one_message_command(action: str, help_text: str, wake: bool = False) -> click.Command:
+    """``queue ACTION ID``: the same code (and audit record) as the HTTP API's POST /api/v1/queue/ID/ACTION."""
+    @queue.command(action, help=help_text)
+    @config_option
+    @click.argument("entry_id")
+    def command(config_path, entry_id):
+        from relaywatch.actions import queue_action
+        config = read_config(config_path)
+        result = with_store(config, lambda s: queue_action(s, config, action, entry_id, operator_name(), None))
+        if not result.done:
+            fail(result.text)
+        if wake:
+            wake_server(config)
+        click.echo(result.text)
+    return command
+
+
+queue_hold = _one_message_command("hold", "Stop delivery attempts for a message until released.")
+queue_release = _one_message_command("release", "Release a held message; it is tried at once.", wake=True)
+queue_delete = _one_message_command("delete", "Remove a message without telling the sender.")
+queue_bounce = _one_message_command("bounce", "Give up on a message now: NDR to the sender, then remove it.")
