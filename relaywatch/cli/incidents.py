@@ -48,6 +48,14 @@ def incidents_list(config_path, all_, as_json):
     click.echo("`relaywatch incidents show ID` explains one and lists its Fix now actions")
 
 
+async def _incident(store, incident_id: int) -> dict:
+    """The stored incident (show, fix, undo), or exit naming the id."""
+    inc = await store.incident(incident_id)
+    if inc is None:
+        fail(f"no incident {incident_id}")
+    return inc
+
+
 @incidents.command("show")
 @config_option
 @click.argument("incident_id", type=int)
@@ -56,9 +64,7 @@ def incidents_show(config_path, incident_id, as_json):
     """One incident: evidence, likely cause, what to do, actions, notifications."""
     from relaywatch.watch.alerts import incident_text
     config = read_config(config_path)
-    inc = with_store(config, lambda s: s.incident(incident_id))
-    if inc is None:
-        fail(f"no incident {incident_id}")
+    inc = with_store(config, lambda s: _incident(s, incident_id))
     if as_json:
         echo_json(views.incident_json(inc))
         return
@@ -88,9 +94,7 @@ def incidents_fix(config_path, incident_id, action, dry_run, reason):
     who = operator_name()
 
     async def run(store):
-        inc = await store.incident(incident_id)
-        if inc is None:
-            fail(f"no incident {incident_id}")
+        inc = await _incident(store, incident_id)
         try:
             p = fixes.plan(action, Incident.from_dict(inc), config, await store.overrides())
         except fixes.FixError as exc:
@@ -119,9 +123,7 @@ def incidents_undo(config_path, incident_id):
     who = operator_name()
 
     async def run(store):
-        inc = await store.incident(incident_id)
-        if inc is None:
-            fail(f"no incident {incident_id}")
+        inc = await _incident(store, incident_id)
         try:
             for line in await fixes.undo(store, Incident.from_dict(inc), who):
                 click.echo(line)
