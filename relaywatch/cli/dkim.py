@@ -23,12 +23,12 @@ def dkim():
               help="Directory for the private key (DOMAIN.SELECTOR.key, mode 0600).")
 def dkim_keygen(domain, selector, algorithm, bits, out_dir):
     """Create a signing key; print its DNS TXT record and the config to add."""
-    from relaywatch.config import _domain_name, _selector
+    from relaywatch.config import parse_domain, parse_selector
     from relaywatch.receive.dkim import ALGORITHMS, KeyProblem, default_selector, keygen
     algorithm = next(a for a in ALGORITHMS if a.startswith(algorithm))
     try:
-        domain = _domain_name(domain)
-        selector = _selector(selector or default_selector(algorithm))
+        domain = parse_domain(domain)
+        selector = parse_selector(selector or default_selector(algorithm))
         click.echo(keygen(domain, selector, algorithm, bits, Path(out_dir)), nl=False)
     except (KeyProblem, ValueError) as exc:
         fail(str(exc))

@@ -1,7 +1,7 @@
 """Who may use the console: pure decisions, table-tested (tests/test_console_units.py).
 
 - No tokens configured: a client on a loopback address is let in (as
-  "loopback"), any other client is not.  (config.py refuses a non-loopback
+  "loopback"), any other client is not.  (config/http.py refuses a non-loopback
   ``http.listen`` without tokens, so that case only arises behind a proxy.)
 - Tokens configured: every client needs ``Authorization: Bearer <token>``,
   loopback included.  Only SHA-256 digests of the tokens are in memory; the
