@@ -56,7 +56,7 @@ The check for that common case runs at C speed (``bytes.isascii`` and
 must change.  Everything here is pure, bytes in and bytes out, and shared by
 both sides of the queue: delivery fits each message to its destination
 (deliver/downgrade.py, the adapter from a stored body), and DKIM signing fits
-a message to the least capable destination before it signs (receive/dkim.py).
+a message to the least capable destination before it signs (receive/dkim_sign.py).
 """
 
 from __future__ import annotations

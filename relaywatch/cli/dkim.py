@@ -24,7 +24,8 @@ def dkim():
 def dkim_keygen(domain, selector, algorithm, bits, out_dir):
     """Create a signing key; print its DNS TXT record and the config to add."""
     from relaywatch.config import parse_domain, parse_selector
-    from relaywatch.receive.dkim import ALGORITHMS, KeyProblem, default_selector, keygen
+    from relaywatch.config.dkim_key import ALGORITHMS, KeyProblem
+    from relaywatch.receive.dkim import default_selector, keygen
     algorithm = next(a for a in ALGORITHMS if a.startswith(algorithm))
     try:
         domain = parse_domain(domain)

@@ -41,7 +41,8 @@ def _users_file(config_path: str, users_file: str | None) -> Path:
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
 def user_add(config_path, name, users_file, senders, password_stdin):
     """Add a user (or set a user's password and senders anew)."""
-    from relaywatch.receive.auth import User, UsersFileError, hash_password, parse_senders, valid_name, write_user
+    from relaywatch.config.users_file import User, UsersFileError, parse_senders, valid_name
+    from relaywatch.receive.auth import hash_password, write_user
     if not valid_name(name):
         fail(f"{name!r} is not a user name (letters, digits, . _ @ + -; at most 128)")
     try:

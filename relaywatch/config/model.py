@@ -203,13 +203,13 @@ class VerifyConfig:
 
 @dataclass(frozen=True)
 class DkimSigning:
-    """One ``[[dkim]]`` entry: mail From this domain is signed with this key (receive/dkim.py)."""
+    """One ``[[dkim]]`` entry: mail From this domain is signed with this key (receive/dkim_sign.py)."""
     domain: str
     selector: str
     key_file: Path
     algorithm: str = ""                       # rsa-sha256 or ed25519-sha256; the key's
     sub_domains: bool = False
-    headers: tuple[str, ...] = ()             # default: receive/dkim.py DEFAULT_HEADERS
+    headers: tuple[str, ...] = ()             # default: config/dkim.py DEFAULT_HEADERS
     oversign_headers: tuple[str, ...] = ()    # default: DEFAULT_OVERSIGN (from)
     canonicalization: str = "relaxed/relaxed"
     key: Any = field(default=None, compare=False, repr=False)   # the loaded SigningKey, not in the file

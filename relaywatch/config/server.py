@@ -16,6 +16,7 @@ from typing import Any
 
 from relaywatch.config.model import AlertsConfig, Domain, ServerConfig
 from relaywatch.config.pem import key_pair_problems, pem_problem
+from relaywatch.config.users_file import UsersFileError, load_users
 from relaywatch.config.values import (
     Reader, auto_bool, choice, duration_or_off, file_keys, format_hostport, host_name, hostport_list,
     network_list, non_negative_int, parse_domain, parse_duration, parse_size, positive_duration, positive_int,
@@ -142,8 +143,7 @@ def _client_certs(value: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _auth_problems(server: ServerConfig) -> list[str]:
-    """Submission ports need TLS and users; the users file must parse (receive/auth.py)."""
-    from relaywatch.receive.auth import UsersFileError, load_users
+    """Submission ports need TLS and users; the users file must parse (users_file.py)."""
     out = []
     for key in ("submission_listen", "submissions_listen"):
         if getattr(server, key):

@@ -1,7 +1,7 @@
 """The durable commit of a message: spool, sign, store, and only then 250.
 
 ``Committer.commit`` runs once per message after the final dot: the body is
-DKIM-signed when the client is trusted (receive/dkim.py), finished in the
+DKIM-signed when the client is trusted (receive/dkim_sign.py), finished in the
 spool (receive/spool.py: inline, or fsync'd and renamed), and enqueued; the
 ``250 2.0.0 Queued as`` comes back only once the store has committed.  What
 the disk or the store raised becomes a ``StoreProblem`` (receive/

@@ -1,7 +1,7 @@
 """DKIM signing (RFC 6376; ed25519-sha256, RFC 8463), once, when a message is received.
 
-The keys, their checks and ``relaywatch dkim keygen`` are receive/dkim.py;
-this is the signer applied to a message.
+The keys are loaded by config/dkim_key.py, ``relaywatch dkim keygen`` and the
+key warnings are receive/dkim.py; this is the signer applied to a message.
 
 Who is signed: mail from trusted clients (``server.trusted_networks``) whose
 ``From:`` domain has a ``[[dkim]]`` entry (or is a subdomain of one with
