@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 from relaywatch.config.dkim_key import ALGORITHMS, KeyProblem, load_key
 from relaywatch.config.model import DkimSigning
-from relaywatch.config.values import Reader, boolean, choice, file_keys, parse_domain, parse_selector, string_list
+from relaywatch.config.values import Reader, boolean, choice, parse_domain, parse_selector, string_list
 
 CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple")
 
@@ -27,12 +26,9 @@ NEVER_SIGNED = ("return-path", "received", "comments", "keywords", "bcc", "resen
 FIELD_NAME = re.compile(r"[!-9;-~]+")
 
 
-def parse_dkim(r: Reader, raw_dkim: Any, rel) -> tuple[DkimSigning, ...]:
+def parse_dkim(r: Reader, raw: dict, rel) -> tuple[DkimSigning, ...]:
     """``[[dkim]]`` entries, their key files loaded (an unusable key is an error naming the file)."""
     problems = r.problems
-    if not isinstance(raw_dkim, list):
-        problems.append("dkim: must be an array of tables ([[dkim]])")
-        return ()
 
     def header_names(v):
         names = [h.lower() for h in string_list(v)]
@@ -44,15 +40,8 @@ def parse_dkim(r: Reader, raw_dkim: Any, rel) -> tuple[DkimSigning, ...]:
         return tuple(dict.fromkeys(names))
 
     out: list[DkimSigning] = []
-    for i, item in enumerate(raw_dkim):
-        p = f"dkim[{i}]"
-        if not isinstance(item, dict):
-            problems.append(f"{p}: must be a table")
-            continue
-        r.unknown(item, file_keys(DkimSigning, not_in_file=("key",)), p)
-        for required in ("domain", "selector", "key_file"):
-            if required not in item:
-                problems.append(f"{p}.{required}: missing")
+    for _, p, item in r.entries(raw, "dkim", DkimSigning, required=("domain", "selector", "key_file"),
+                                not_in_file=("key",)):
         domain = r.get(item, "domain", p, parse_domain, None)
         if domain and domain.startswith("*."):
             problems.append(f"{p}.domain: {domain!r}: write the domain itself and set sub_domains = true")

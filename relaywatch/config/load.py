@@ -123,7 +123,7 @@ def parse_config(raw: dict, base_dir: Path = Path("."), source: Path | None = No
     http = parse_http(r, r.table(raw, "http", "http"), rel, server)
     problems += verify_problems(domains, connectors)
     server = replace(server, postmaster=postmaster(r, s, server, domains, alerts))
-    dkim = parse_dkim(r, raw.get("dkim", []), rel)
+    dkim = parse_dkim(r, raw, rel)
     if problems:
         raise ConfigError("\n".join(problems), problems=problems)
     mta_sts = replace(mta_sts, cache=server.data_dir / mta_sts.cache)   # an absolute cache stays as it is

@@ -25,18 +25,8 @@ def parse_domains(r: Reader, raw: dict) -> list[Domain]:
     """``[[domains]]``: the domains mail is accepted for."""
     problems = r.problems
     domains: list[Domain] = []
-    raw_domains = raw.get("domains", [])
-    if not isinstance(raw_domains, list):
-        problems.append("domains: must be an array of tables ([[domains]])")
-        raw_domains = []
-    for i, item in enumerate(raw_domains):
-        p = f"domains[{i}]"
-        if not isinstance(item, dict):
-            problems.append(f"{p}: must be a table")
-            continue
-        r.unknown(item, file_keys(Domain), p)
+    for _, p, item in r.entries(raw, "domains", Domain, required=("name",)):
         if "name" not in item:
-            problems.append(f"{p}.name: missing")
             continue
         name = r.get(item, "name", p, parse_domain, None)
         if name and name.startswith("*."):
@@ -60,19 +50,8 @@ def parse_connectors(r: Reader, raw: dict, rel, queue: QueueConfig) -> list[Conn
     """``[[connectors]]``: the routes to partners and on-premises servers."""
     problems = r.problems
     connectors: list[Connector] = []
-    raw_connectors = raw.get("connectors", [])
-    if not isinstance(raw_connectors, list):
-        problems.append("connectors: must be an array of tables ([[connectors]])")
-        raw_connectors = []
-    for i, item in enumerate(raw_connectors):
-        p = f"connectors[{i}]"
-        if not isinstance(item, dict):
-            problems.append(f"{p}: must be a table")
-            continue
-        r.unknown(item, file_keys(Connector, not_in_file=("paused",)), p)
-        for required in ("name", "type", "domains"):
-            if required not in item:
-                problems.append(f"{p}.{required}: missing")
+    for i, p, item in r.entries(raw, "connectors", Connector, required=("name", "type", "domains"),
+                                not_in_file=("paused",)):
         name = r.get(item, "name", p, string, None)
         if name in ("local", "internet"):
             problems.append(f"{p}.name: {name!r} is reserved for a built-in route")

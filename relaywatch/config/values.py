@@ -12,7 +12,7 @@ import difflib
 import ipaddress
 import re
 from dataclasses import fields
-from typing import Any
+from typing import Any, Iterator
 
 from relaywatch.idn import BadDomain, to_ascii
 
@@ -57,6 +57,24 @@ class Reader:
                 close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 self.problems.append(f"{where}: unknown key{hint}")
+
+    def entries(self, data: dict, key: str, cls, required: tuple[str, ...],
+                not_in_file: tuple[str, ...] = ()) -> Iterator[tuple[int, str, dict]]:
+        """The tables of the array ``[[key]]`` as (index, key path, table), each checked for keys
+        ``cls`` does not have and for ``required`` keys it lacks; an entry that is no table is
+        reported and skipped."""
+        items = data.get(key, [])
+        if not isinstance(items, list):
+            self.problems.append(f"{key}: must be an array of tables ([[{key}]])")
+            return
+        for i, item in enumerate(items):
+            path = f"{key}[{i}]"
+            if not isinstance(item, dict):
+                self.problems.append(f"{path}: must be a table")
+                continue
+            self.unknown(item, file_keys(cls, not_in_file=not_in_file), path)
+            self.problems += [f"{path}.{k}: missing" for k in required if k not in item]
+            yield i, path, item
 
     def get(self, data: dict, key: str, path: str, convert, default):
         if key not in data:
