@@ -9,10 +9,7 @@ from relaywatch.config.model import AdminToken, HttpConfig, ServerConfig
 from relaywatch.config.pem import key_pair_problems
 from relaywatch.config.values import Reader, file_keys, format_hostport, is_loopback, parse_hostport, string
 
-
 _TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-
-
 MIN_TOKEN_LENGTH = 16
 
 

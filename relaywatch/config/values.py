@@ -16,25 +16,14 @@ from typing import Any, Iterator
 
 from relaywatch.idn import BadDomain, to_ascii
 
-
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-
-
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.I)
-
-
 _SIZE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3,
                "kib": 1024, "mib": 1024**2, "gib": 1024**3, None: 1}
-
-
 _LABEL = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?"
-
-
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*", re.I)
-_DNS_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_DNS_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")     # a selector: lower-cased first, so no re.I
 
 
 class Reader:
@@ -289,6 +278,7 @@ def email_address(value: str) -> str:
 
 
 def parse_selector(value: Any) -> str:
+    """A DKIM selector (``s=``): DNS labels, lower case."""
     name = string(value).lower()
     if not _DNS_NAME.fullmatch(name):
         raise ValueError(f"{value!r} is not a selector (DNS labels, such as \"rsa-202612\")")
