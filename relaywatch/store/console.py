@@ -24,7 +24,7 @@ class SqlConsole:
 
     async def queue_gauges(self, now: float) -> list[tuple[str, str, str | None, int, int, float]]:
         def q(conn: Any):
-            return [(c, st, code, n, leased or 0, oldest)
+            return [(c, st, code or None, n, leased, oldest)
                     for c, st, code, n, leased, oldest in conn.execute(Q["queue_gauges"], (now,))]
         return await self.engine.read(q)
 

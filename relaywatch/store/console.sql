@@ -2,10 +2,23 @@
 -- Placeholders are "?"; {where} is filled in by console._page_where.
 
 -- queue_gauges --
--- /metrics in one pass: per connector, status and code of the latest deferral, the entries, how many
--- are leased now (the parameter) and the oldest received.  Walks the entries_route index in its order.
-SELECT route_name, status, last_code, count(*), sum(CASE WHEN lease_until > ? THEN 1 ELSE 0 END),
-min(received_at) FROM entries GROUP BY route_name, status, last_code
+-- /metrics in one statement (one snapshot), whatever the queue holds: per connector, status and
+-- code of the latest deferral ('' for none), the entries (queue_counts, kept by triggers), how
+-- many are leased now (the parameter; through the small entries_leased index) and the oldest
+-- received: one seek of entries_group_age per group (ORDER BY its columns, so that PostgreSQL does
+-- not walk entries_received from the oldest message looking for the group's first).
+SELECT c.route_name, c.status, c.last_code, c.n, COALESCE(l.leased, 0),
+CASE WHEN c.last_code = '' THEN (SELECT e.received_at FROM entries e WHERE e.route_name = c.route_name
+AND e.status = c.status AND e.last_code IS NULL
+ORDER BY e.route_name, e.status, e.last_code, e.received_at LIMIT 1)
+ELSE (SELECT e.received_at FROM entries e WHERE e.route_name = c.route_name AND e.status = c.status
+AND e.last_code = c.last_code ORDER BY e.route_name, e.status, e.last_code, e.received_at LIMIT 1) END
+FROM (SELECT route_name, status, last_code, sum(n) AS n FROM queue_counts
+GROUP BY route_name, status, last_code) c
+LEFT JOIN (SELECT route_name, status, COALESCE(last_code, '') AS last_code, count(*) AS leased FROM entries
+WHERE lease_until > ? GROUP BY route_name, status, COALESCE(last_code, '')) l
+ON l.route_name = c.route_name AND l.status = c.status AND l.last_code = c.last_code
+WHERE c.n > 0
 
 -- page_entries --
 -- A page of the queue for the HTTP API, in id order (keyset pagination).

@@ -224,6 +224,7 @@ class PostgresDialect:
                     conn.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                     conn.conn.execute(fill)
             conn.conn.execute(SCHEMA)
+            conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
         return _durable_commits(conn)
 
     def connect_reader(self) -> _Connection:

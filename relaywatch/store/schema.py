@@ -65,13 +65,31 @@ CREATE TABLE IF NOT EXISTS entries (
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
     WHERE status IN ({EntryStatus.QUEUED}, {EntryStatus.DEFERRED});
-CREATE INDEX IF NOT EXISTS entries_route ON entries (route_name, status, last_code);
+-- /metrics (store/console.py): the oldest entry of each (connector, status, code) is one seek here,
+-- and the incident fixes walk one group in age order.  It replaced entries_route (no received_at).
+DROP INDEX IF EXISTS entries_route;
+CREATE INDEX IF NOT EXISTS entries_group_age ON entries (route_name, status, last_code, received_at);
+-- The entries leased now (or whose lease lapsed unrecorded): a few, whatever the queue holds.
+CREATE INDEX IF NOT EXISTS entries_leased ON entries (lease_until) WHERE lease_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_notice ON entries (id) WHERE notice_pending IS NOT NULL;
 -- Covers deferred_summary(), which the watch runs every few seconds.
 CREATE INDEX IF NOT EXISTS entries_deferred ON entries
     (route_name, last_code, received_at, expires_at, first_failure_at, waiting)
     WHERE status = {EntryStatus.DEFERRED} AND last_code IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
+-- The entries per (connector, status, code of the latest deferral; '' for none), kept by triggers
+-- (COUNT_TRIGGERS) in the transaction of every insert, delete and change of those columns, so the
+-- queue gauges never count a million rows.  PostgreSQL spreads each group over rows (shard: the
+-- writer's backend pid modulo 16) so that nodes writing at once do not wait on one row's lock;
+-- the count is the sum of a group's rows, which may each be negative.
+CREATE TABLE IF NOT EXISTS queue_counts (
+    route_name TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    last_code  TEXT NOT NULL,
+    shard      INTEGER NOT NULL,
+    n          {BIGINT} NOT NULL,
+    PRIMARY KEY (route_name, status, last_code, shard)
+){WITHOUT_ROWID};
 CREATE TABLE IF NOT EXISTS recipients (
     entry_id   TEXT NOT NULL,
     position   INTEGER NOT NULL,
@@ -194,6 +212,55 @@ CREATE TABLE IF NOT EXISTS attempts (
 ){WITHOUT_ROWID};
 """
 
+# The triggers that keep queue_counts, per dialect; made with the table (see COUNTS_BACKFILL).
+_SQLITE_COUNT = """
+CREATE TRIGGER IF NOT EXISTS entries_counted_{name} AFTER {event} ON entries{when}
+BEGIN
+{statements}END;
+"""
+_SQLITE_ADD = ("INSERT INTO queue_counts VALUES ({row}.route_name, {row}.status, COALESCE({row}.last_code, ''), 0, "
+               "{delta}) ON CONFLICT (route_name, status, last_code, shard) DO UPDATE SET n = n + {delta};\n")
+_CHANGED = ("OLD.route_name IS NOT NEW.route_name OR OLD.status IS NOT NEW.status "
+            "OR OLD.last_code IS NOT NEW.last_code")
+
+COUNT_TRIGGERS = {
+    "sqlite": "".join(_SQLITE_COUNT.format(name=name, event=event, when=when, statements=statements) for
+                      name, event, when, statements in (
+        ("insert", "INSERT", "", _SQLITE_ADD.format(row="NEW", delta=1)),
+        ("delete", "DELETE", "", _SQLITE_ADD.format(row="OLD", delta=-1)),
+        ("update", "UPDATE OF route_name, status, last_code", f" WHEN {_CHANGED}",
+         _SQLITE_ADD.format(row="OLD", delta=-1) + _SQLITE_ADD.format(row="NEW", delta=1)))),
+    "postgres": """
+CREATE OR REPLACE FUNCTION queue_counts_track() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    my_shard INTEGER := pg_backend_pid() % 16;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        INSERT INTO queue_counts VALUES (OLD.route_name, OLD.status, COALESCE(OLD.last_code, ''), my_shard, -1)
+        ON CONFLICT (route_name, status, last_code, shard) DO UPDATE SET n = queue_counts.n - 1;
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        INSERT INTO queue_counts VALUES (NEW.route_name, NEW.status, COALESCE(NEW.last_code, ''), my_shard, 1)
+        ON CONFLICT (route_name, status, last_code, shard) DO UPDATE SET n = queue_counts.n + 1;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER entries_counted AFTER INSERT OR DELETE ON entries
+    FOR EACH ROW EXECUTE FUNCTION queue_counts_track();
+CREATE OR REPLACE TRIGGER entries_counted_update AFTER UPDATE OF route_name, status, last_code ON entries
+    FOR EACH ROW WHEN (OLD.route_name IS DISTINCT FROM NEW.route_name OR OLD.status IS DISTINCT FROM NEW.status
+                       OR OLD.last_code IS DISTINCT FROM NEW.last_code)
+    EXECUTE FUNCTION queue_counts_track();
+""",
+}
+# A queue made before queue_counts has entries but no counts: they are counted once, in the
+# transaction that makes the triggers (which holds the write lock, so no write falls between).
+# An empty queue_counts with entries is only ever that case: once a trigger exists, every entry
+# written leaves its group's row, and rows are never deleted.
+COUNTS_BACKFILL = ("INSERT INTO queue_counts SELECT route_name, status, COALESCE(last_code, ''), 0, count(*) "
+                   "FROM entries WHERE NOT EXISTS (SELECT 1 FROM queue_counts) "
+                   "GROUP BY route_name, status, COALESCE(last_code, '');")
+
 # Added after the first release: (table, column, its definition, how to fill it in for existing rows).
 _NOTHING = "SELECT 1 WHERE 1 = 0"    # NULL is right for every existing row
 MIGRATIONS = [
@@ -218,6 +285,12 @@ def render(dialect: str) -> str:
     for slot, value in types.items():
         sql = sql.replace("{" + slot + "}", value)
     return sql
+
+
+def counting(dialect: str) -> str:
+    """queue_counts' triggers and the count of a queue made before them; run in the transaction
+    that makes the schema, after it."""
+    return COUNT_TRIGGERS[dialect] + COUNTS_BACKFILL
 
 
 def missing_columns(present: dict[str, set[str]]) -> list[tuple[str, str, str, str]]:

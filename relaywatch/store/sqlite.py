@@ -75,7 +75,8 @@ class SqliteDialect:
             self._lock_fd = self._open_lock()
         conn = _connect(self.path)
         _migrate(conn)
-        conn.executescript(SCHEMA)
+        # One transaction: queue_counts' triggers and the count they start from (schema.counting).
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{schema.counting('sqlite')}\nCOMMIT;")
         self._configure_writer(conn)
         return conn
 
