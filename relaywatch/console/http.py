@@ -18,8 +18,9 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
 import h11
@@ -160,11 +161,15 @@ class HttpServer:
                 await _discard(reader)
                 return
             request = _request(event, body, peer)
+            started = time.perf_counter()
             try:
                 response = await self.handler(request)
             except Exception:
                 log.exception("console request %s %s failed", request.method, request.path)
                 response = error_response(500, "internal error (the relay's log has the details)")
+            # The handler's time, for the bench and the browser's devtools (bench/console_1m.py).
+            server_timing = ("Server-Timing", f"app;dur={(time.perf_counter() - started) * 1000:.1f}")
+            response = replace(response, headers=(*response.headers, server_timing))
             await _send(conn, writer, response, head=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
