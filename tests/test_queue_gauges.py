@@ -171,3 +171,28 @@ async def test_a_queue_made_before_the_counts_is_counted_once_when_opened(backen
         await random_step(store, rng, t0, ids)
         assert await gauges(store, t0) == await counted(store, t0)
         await store.close()
+
+
+async def test_the_expiry_forecast_counts_what_a_filtered_queue_page_lists(store):
+    """count_deferred_before (the overview) = the deferred, unleased entries a queue page of that filter lists."""
+    rng = random.Random(7)
+    t0 = time.time()
+    for i in range(60):
+        route = ROUTES[i % 2]
+        (entry_id,) = await store.enqueue(NewMessage(
+            sender="s@x.test", recipients=((f"u{i}@x.test", route),), body=StoredBody(4, b"x\r\n"),
+            received_at=t0 - rng.randrange(1, 6000), expires_at=t0 + 86400))
+        if i % 5:   # deferred, by one of the codes or (a fifth of them) by none
+            code = rng.choice(CODES) if i % 5 != 1 else None
+            o = RecipientOutcome(f"u{i}@x.test", RecipientStatus.DEFERRED, failure(code, t0) if code else None)
+            await store.record(entry_id, None, Attempt(t0, 0.1, None, (o,)), [o], t0 - 1)
+    await store.lease("node-1:1:x", 5, ttl=300, now=t0)   # being delivered: not counted
+    most = 0
+    for connector in ("a", "b", "local"):
+        for older_than in (0, 1000, 2500, 6000):
+            listed = await store.queue_page_ids(QueryPage(status="deferred", connector=connector,
+                                                          older_than=older_than, limit=1000), t0)
+            assert await store.count_deferred_before(connector, t0 - older_than, t0, 1000) == len(listed)
+            assert await store.count_deferred_before(connector, t0 - older_than, t0, 3) == min(3, len(listed))
+            most = max(most, len(listed))
+    assert most > 3, "some filter matched more than the small cap"

@@ -14,7 +14,6 @@ import time
 import urllib.parse
 
 from relaywatch.config import Config
-from relaywatch.store.base import QueryPage
 
 from relaywatch.console.api import BULK_FILTERS, ROUTE_KINDS, STATUSES
 from relaywatch.console.http import Response
@@ -52,9 +51,8 @@ class OverviewPages:
             row["incidents"] = [i for i in open_incidents if i["connector"] == name]
             row["expiring"] = 0
             if row["deferred"]:
-                page = QueryPage(status="deferred", connector=name, older_than=max(expiration - horizon, 0.0),
-                                 limit=FORECAST_CAP + 1)
-                row["expiring"] = len(await app.store.queue_page_ids(page, now))
+                row["expiring"] = await app.store.count_deferred_before(
+                    name, now - max(expiration - horizon, 0.0), now, FORECAST_CAP + 1)
         ordered = sorted(rows.values(), key=lambda r: (not r["incidents"], not r["deferred"], r["name"]))
         hourly = self.history.hourly(now, counts)
         return {"now": now, "connectors": ordered, "configured": names, "incidents": open_incidents,

@@ -204,6 +204,11 @@ class ConsoleStore(Protocol):
         """/metrics in one cheap read: (connector, status, code of the latest deferral, entries,
         of them leased at ``now``, the oldest received_at) per group."""
 
+    async def count_deferred_before(self, connector: str, received_before: float, now: float, cap: int) -> int:
+        """How many deferred entries of ``connector``, not leased at ``now``, were received before
+        ``received_before`` (the overview's expiry forecast), counted up to ``cap``: without
+        walking them in id order, as a queue page of them would."""
+
     async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
         """Entries matching ``page``'s filters in id order after ``page.after``, every recipient
         with them (keyset pagination: stable while messages come and go)."""

@@ -28,6 +28,24 @@ class SqlConsole:
                     for c, st, code, n, leased, oldest in conn.execute(Q["queue_gauges"], (now,))]
         return await self.engine.read(q)
 
+    async def count_deferred_before(self, connector: str, received_before: float, now: float, cap: int) -> int:
+        def q(conn: Any) -> int:
+            # Leased entries are counted by the ranges and taken off after: count that many more.
+            leased = sum(1 for c, status, at in conn.execute(Q["leased_now"], (now,))
+                         if c == connector and status == "deferred" and at < received_before)
+            limit, found = cap + leased, 0
+            for (code,) in conn.execute(Q["deferred_codes"], (connector,)).fetchall():
+                if found >= limit:
+                    break
+                if code:
+                    args = (connector, code, received_before, limit)
+                    found += conn.execute(Q["deferred_before"], args).fetchone()[0]
+                else:
+                    args = (connector, received_before, limit)
+                    found += conn.execute(Q["deferred_before_without_code"], args).fetchone()[0]
+            return max(0, min(found - leased, cap))
+        return await self.engine.read(q)
+
     async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
             where, args = _page_where(page, now, self.dialect.last_reply)

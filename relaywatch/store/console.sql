@@ -20,6 +20,24 @@ WHERE lease_until > ? GROUP BY route_name, status, COALESCE(last_code, '')) l
 ON l.route_name = c.route_name AND l.status = c.status AND l.last_code = c.last_code
 WHERE c.n > 0
 
+-- deferred_codes --
+-- The codes (or '' for none) a connector's deferred entries have now.
+SELECT last_code FROM queue_counts WHERE route_name = ? AND status = {EntryStatus.DEFERRED}
+GROUP BY last_code HAVING sum(n) > 0
+
+-- deferred_before --
+-- The overview's forecast: one range of entries_group_age per code, counted up to a cap.
+SELECT count(*) FROM (SELECT 1 FROM entries WHERE route_name = ? AND status = {EntryStatus.DEFERRED}
+AND last_code = ? AND received_at < ? LIMIT ?) found
+
+-- deferred_before_without_code --
+SELECT count(*) FROM (SELECT 1 FROM entries WHERE route_name = ? AND status = {EntryStatus.DEFERRED}
+AND last_code IS NULL AND received_at < ? LIMIT ?) found
+
+-- leased_now --
+-- Every entry leased at the parameter (a few, through entries_leased), to leave out of counts.
+SELECT route_name, status, received_at FROM entries WHERE lease_until > ?
+
 -- page_entries --
 -- A page of the queue for the HTTP API, in id order (keyset pagination).
 SELECT {entry_columns} FROM entries{where} ORDER BY id LIMIT ?

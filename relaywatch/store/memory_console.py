@@ -27,6 +27,12 @@ class MemoryConsole:
             g[2] = min(g[2], r.received_at)
         return [(*key, n, leased, oldest) for key, (n, leased, oldest) in groups.items()]
 
+    async def count_deferred_before(self, connector: str, received_before: float, now: float, cap: int) -> int:
+        self._check()
+        return min(cap, sum(1 for r in self._entries.values()
+                            if r.route.name == connector and r.status.value == "deferred"
+                            and r.received_at < received_before and not (r.lease_until is not None and r.lease_until > now)))
+
     def _page_rows(self, page: QueryPage, now: float) -> list:
         rows = sorted(self._entries.values(), key=lambda r: r.id)
         keep = []
