@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -194,7 +195,7 @@ def wait_until(check, timeout: float, what: str):
     raise RuntimeError(f"gave up waiting for {what} after {timeout:.0f} s")
 
 
-def run(messages: int, store: str, repeat: int) -> dict:
+def run(messages: int, store: str, repeat: int, only: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="console-1m-"))
     (work / "data").mkdir()
     store_url = store if store == "sqlite" else pg_schema_url(store)
@@ -235,6 +236,8 @@ def run(messages: int, store: str, repeat: int) -> dict:
             "api_queue": "/api/v1/queue",
         }
         for name, url in paths.items():
+            if only and name not in only:
+                continue
             client.get(url)   # warm: the first fetch of a page compiles its template
             out[name] = measure(client, url, repeat)
             target = TARGET_MS.get(name, PAGE_TARGET_MS)
@@ -258,9 +261,11 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=1_000_000)
     ap.add_argument("--store", default="sqlite", help='"sqlite" or a postgresql:// URL')
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--only", action="append", help="measure only these (metrics, overview, queue, ...)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     a = ap.parse_args()
-    out = run(a.messages, a.store, a.repeat)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # a stopped bench stops its relay and removes its queue
+    out = run(a.messages, a.store, a.repeat, a.only)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2))
 

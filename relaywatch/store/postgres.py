@@ -223,6 +223,9 @@ class PostgresDialect:
                     conn.conn.execute("SET LOCAL statement_timeout = 0")
                     conn.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                     conn.conn.execute(fill)
+            # A big queue from an earlier version gets new indexes and is counted once (queue_counts):
+            # longer than a statement may take, once.
+            conn.conn.execute("SET LOCAL statement_timeout = 0")
             conn.conn.execute(SCHEMA)
             conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
         return _durable_commits(conn)

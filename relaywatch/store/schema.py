@@ -69,6 +69,9 @@ CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
 -- and the incident fixes walk one group in age order.  It replaced entries_route (no received_at).
 DROP INDEX IF EXISTS entries_route;
 CREATE INDEX IF NOT EXISTS entries_group_age ON entries (route_name, status, last_code, received_at);
+-- A connector's queue page in id order (keyset pagination) without sorting all its entries; only
+-- inserts and deletes touch it (an entry never changes connector or id).
+CREATE INDEX IF NOT EXISTS entries_route_id ON entries (route_name, id);
 -- The entries leased now (or whose lease lapsed unrecorded): a few, whatever the queue holds.
 CREATE INDEX IF NOT EXISTS entries_leased ON entries (lease_until) WHERE lease_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_notice ON entries (id) WHERE notice_pending IS NOT NULL;
