@@ -262,6 +262,16 @@ async def test_security_headers_and_no_caching(relay_factory):
             assert r.headers["x-frame-options"] == "DENY"
 
 
+async def test_every_response_says_how_long_the_console_took(relay_factory):
+    """Server-Timing: what bench/console_1m.py measures (the handler's time, in ms)."""
+    relay = await relay_factory()
+    async with client(relay) as http:
+        for path in ("/metrics", "/", "/queue", "/api/v1/queue", "/nothing"):
+            r = await http.get(path)
+            name, _, duration = r.headers["server-timing"].partition(";dur=")
+            assert name == "app" and float(duration) >= 0, (path, r.headers["server-timing"])
+
+
 async def test_a_remote_reply_with_markup_comes_back_as_json_data(relay_factory):
     evil = '<script>alert(1)</script> "><img src=x onerror=alert(2)>'
     sink = await Sink(SinkHandler(rcpt_reply=lambda address: f"450 4.2.0 {evil}")).start()
