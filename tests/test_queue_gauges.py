@@ -4,7 +4,8 @@ The SQL stores keep the counts in queue_counts, by triggers (store/schema.py),
 and find the oldest entry of each group by an index seek; here a random mix of
 every operation that changes an entry's connector, status or code (enqueue,
 lease, deferral, delivery, bounce, expiry, hold, release, delete, reroute,
-retry, released leases, a dead node's leases) is checked against a count of
+retry, released leases, a dead node's leases, and on PostgreSQL the heartbeat
+that folds the count deltas) is checked against a count of
 the rows themselves after each step, on SQLite and PostgreSQL.
 """
 
@@ -152,9 +153,9 @@ async def test_a_queue_made_before_the_counts_is_counted_once_when_opened(backen
         await random_step(store, rng, t0, ids)
     if backend == "sqlite":
         drop = ["DROP TRIGGER entries_counted_insert", "DROP TRIGGER entries_counted_delete",
-                "DROP TRIGGER entries_counted_update", "DROP TABLE queue_counts"]
+                "DROP TRIGGER entries_counted_update", "DROP TABLE queue_counts", "DROP TABLE queue_count_deltas"]
     else:
-        drop = ["DROP TABLE queue_counts", "DROP FUNCTION queue_counts_track CASCADE"]
+        drop = ["DROP TABLE queue_counts", "DROP TABLE queue_count_deltas", "DROP FUNCTION queue_counts_track CASCADE"]
     await store._read(lambda conn: [conn.execute(sql) for sql in drop])
     await store.close()
     for _ in range(2):   # opened again, and again: counted once, not twice

@@ -11,14 +11,15 @@ from typing import Any
 from relaywatch.cluster.model import LeaderLease, NodeBeat, NodeState
 from relaywatch.errors import StaleTerm
 from relaywatch.store import queries
-from relaywatch.store.engine import GroupCommitEngine
+from relaywatch.store.engine import Dialect, GroupCommitEngine
 
 Q = queries.load("cluster.sql")
 
 
 class SqlCluster:
-    """The cluster's operations; SqlStore (store/sql.py) supplies ``engine``."""
+    """The cluster's operations; SqlStore (store/sql.py) supplies ``engine`` and ``dialect``."""
     engine: GroupCommitEngine
+    dialect: Dialect
 
     async def heartbeat(self, beat: NodeBeat, first: bool = False) -> int:
         """Write the node's row; ``first`` (its start): also return what earlier
@@ -27,6 +28,8 @@ class SqlCluster:
             conn.execute(Q["heartbeat"], (beat.name, beat.instance, beat.address, beat.role, beat.version,
                                           beat.state.value, beat.started_at, beat.at, beat.leases, beat.received,
                                           beat.delivered))
+            if self.dialect.counts_by_delta:   # every few seconds on every node: the deltas stay few
+                conn.execute(Q["fold_counts"])
             if not first:
                 return 0
             return conn.execute(Q["release_earlier_instances"], (beat.at, beat.at, beat.name, beat.name,

@@ -52,3 +52,11 @@ SELECT holder, term, until FROM leader WHERE id = 1
 -- {row_share} is the dialect's (PostgreSQL: FOR SHARE, so a node taking the lease waits for
 -- that write's commit, and then reads what it wrote).
 SELECT term FROM leader WHERE id = 1{row_share}
+
+-- fold_counts --
+-- PostgreSQL (store/schema.py queue_counts): the count deltas into their groups' rows, in one
+-- statement; a node folding at the same time waits for these rows and then finds them gone.
+WITH folded AS (DELETE FROM queue_count_deltas RETURNING route_name, status, last_code, delta)
+INSERT INTO queue_counts (route_name, status, last_code, n)
+SELECT route_name, status, last_code, sum(delta) FROM folded GROUP BY route_name, status, last_code
+ON CONFLICT (route_name, status, last_code) DO UPDATE SET n = queue_counts.n + excluded.n

@@ -3,7 +3,7 @@
 
 -- queue_gauges --
 -- /metrics in one statement (one snapshot), whatever the queue holds: per connector, status and
--- code of the latest deferral ('' for none), the entries (queue_counts, kept by triggers), how
+-- code of the latest deferral ('' for none), the entries (queue_counts and its deltas, kept by triggers), how
 -- many are leased now (the parameter; through the small entries_leased index) and the oldest
 -- received: one seek of entries_group_age per group (ORDER BY its columns, so that PostgreSQL does
 -- not walk entries_received from the oldest message looking for the group's first).
@@ -13,16 +13,21 @@ AND e.status = c.status AND e.last_code IS NULL
 ORDER BY e.route_name, e.status, e.last_code, e.received_at LIMIT 1)
 ELSE (SELECT e.received_at FROM entries e WHERE e.route_name = c.route_name AND e.status = c.status
 AND e.last_code = c.last_code ORDER BY e.route_name, e.status, e.last_code, e.received_at LIMIT 1) END
-FROM (SELECT route_name, status, last_code, sum(n) AS n FROM queue_counts
+FROM (SELECT route_name, status, last_code, sum(n) AS n FROM ({counted}) counted
 GROUP BY route_name, status, last_code) c
 LEFT JOIN (SELECT route_name, status, COALESCE(last_code, '') AS last_code, count(*) AS leased FROM entries
 WHERE lease_until > ? GROUP BY route_name, status, COALESCE(last_code, '')) l
 ON l.route_name = c.route_name AND l.status = c.status AND l.last_code = c.last_code
 WHERE c.n > 0
 
+-- counted --
+-- The entries per group: folded counts and the deltas not folded yet (store/schema.py).
+SELECT route_name, status, last_code, n FROM queue_counts
+UNION ALL SELECT route_name, status, last_code, delta FROM queue_count_deltas
+
 -- deferred_codes --
 -- The codes (or '' for none) a connector's deferred entries have now.
-SELECT last_code FROM queue_counts WHERE route_name = ? AND status = {EntryStatus.DEFERRED}
+SELECT last_code FROM ({counted}) counted WHERE route_name = ? AND status = {EntryStatus.DEFERRED}
 GROUP BY last_code HAVING sum(n) > 0
 
 -- deferred_before --

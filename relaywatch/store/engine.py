@@ -62,6 +62,7 @@ class Dialect(Protocol):
     row_share: str              # locks the leader row against a takeover until commit (PostgreSQL: FOR SHARE)
     single_node: bool           # one delivering process owns the queue (leases of a dead run are stale)
     inline_bodies: bool         # bodies always in the database (no node-local spool files)
+    counts_by_delta: bool       # queue_counts' triggers append deltas, which heartbeats fold (store/schema.py)
 
     @property
     def where(self) -> str: ...             # the database, for messages (never a password)

@@ -130,6 +130,7 @@ class PostgresDialect:
     row_share = " FOR SHARE"
     single_node = False
     inline_bodies = True
+    counts_by_delta = True
     announce = f"NOTIFY {CHANNEL}"
 
     def __init__(self, dsn: str, statement_timeout: float | None = 30.0):

@@ -82,17 +82,24 @@ CREATE INDEX IF NOT EXISTS entries_deferred ON entries
 CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
 -- The entries per (connector, status, code of the latest deferral; '' for none), kept by triggers
 -- (COUNT_TRIGGERS) in the transaction of every insert, delete and change of those columns, so the
--- queue gauges never count a million rows.  PostgreSQL spreads each group over rows (shard: the
--- writer's backend pid modulo 16) so that nodes writing at once do not wait on one row's lock;
--- the count is the sum of a group's rows, which may each be negative.
+-- queue gauges never count a million rows.  SQLite's triggers add to queue_counts.  PostgreSQL's
+-- append to queue_count_deltas instead: an upsert of one hot row leaves a dead version per write
+-- that the next one must step over (a batch of n writes cost n^2/2), and nodes would queue on
+-- its lock; each heartbeat folds the deltas into queue_counts (cluster.sql fold_counts).  The
+-- count of a group is its row plus its deltas.
 CREATE TABLE IF NOT EXISTS queue_counts (
     route_name TEXT NOT NULL,
     status     TEXT NOT NULL,
     last_code  TEXT NOT NULL,
-    shard      INTEGER NOT NULL,
     n          {BIGINT} NOT NULL,
-    PRIMARY KEY (route_name, status, last_code, shard)
+    PRIMARY KEY (route_name, status, last_code)
 ){WITHOUT_ROWID};
+CREATE TABLE IF NOT EXISTS queue_count_deltas (
+    route_name TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    last_code  TEXT NOT NULL,
+    delta      INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS recipients (
     entry_id   TEXT NOT NULL,
     position   INTEGER NOT NULL,
@@ -221,8 +228,8 @@ CREATE TRIGGER IF NOT EXISTS entries_counted_{name} AFTER {event} ON entries{whe
 BEGIN
 {statements}END;
 """
-_SQLITE_ADD = ("INSERT INTO queue_counts VALUES ({row}.route_name, {row}.status, COALESCE({row}.last_code, ''), 0, "
-               "{delta}) ON CONFLICT (route_name, status, last_code, shard) DO UPDATE SET n = n + {delta};\n")
+_SQLITE_ADD = ("INSERT INTO queue_counts VALUES ({row}.route_name, {row}.status, COALESCE({row}.last_code, ''), "
+               "{delta}) ON CONFLICT (route_name, status, last_code) DO UPDATE SET n = n + {delta};\n")
 _CHANGED = ("OLD.route_name IS NOT NEW.route_name OR OLD.status IS NOT NEW.status "
             "OR OLD.last_code IS NOT NEW.last_code")
 
@@ -234,17 +241,13 @@ COUNT_TRIGGERS = {
         ("update", "UPDATE OF route_name, status, last_code", f" WHEN {_CHANGED}",
          _SQLITE_ADD.format(row="OLD", delta=-1) + _SQLITE_ADD.format(row="NEW", delta=1)))),
     "postgres": """
-CREATE OR REPLACE FUNCTION queue_counts_track() RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-DECLARE
-    my_shard INTEGER := pg_backend_pid() % 16;
+CREATE OR REPLACE FUNCTION queue_counts_track() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        INSERT INTO queue_counts VALUES (OLD.route_name, OLD.status, COALESCE(OLD.last_code, ''), my_shard, -1)
-        ON CONFLICT (route_name, status, last_code, shard) DO UPDATE SET n = queue_counts.n - 1;
+        INSERT INTO queue_count_deltas VALUES (OLD.route_name, OLD.status, COALESCE(OLD.last_code, ''), -1);
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        INSERT INTO queue_counts VALUES (NEW.route_name, NEW.status, COALESCE(NEW.last_code, ''), my_shard, 1)
-        ON CONFLICT (route_name, status, last_code, shard) DO UPDATE SET n = queue_counts.n + 1;
+        INSERT INTO queue_count_deltas VALUES (NEW.route_name, NEW.status, COALESCE(NEW.last_code, ''), 1);
     END IF;
     RETURN NULL;
 END $$;
@@ -258,10 +261,11 @@ CREATE OR REPLACE TRIGGER entries_counted_update AFTER UPDATE OF route_name, sta
 }
 # A queue made before queue_counts has entries but no counts: they are counted once, in the
 # transaction that makes the triggers (which holds the write lock, so no write falls between).
-# An empty queue_counts with entries is only ever that case: once a trigger exists, every entry
-# written leaves its group's row, and rows are never deleted.
-COUNTS_BACKFILL = ("INSERT INTO queue_counts SELECT route_name, status, COALESCE(last_code, ''), 0, count(*) "
+# No counts and no deltas with entries is only ever that case: once a trigger exists, every entry
+# written leaves a row or a delta, and a fold turns deltas into rows, which are never deleted.
+COUNTS_BACKFILL = ("INSERT INTO queue_counts SELECT route_name, status, COALESCE(last_code, ''), count(*) "
                    "FROM entries WHERE NOT EXISTS (SELECT 1 FROM queue_counts) "
+                   "AND NOT EXISTS (SELECT 1 FROM queue_count_deltas) "
                    "GROUP BY route_name, status, COALESCE(last_code, '');")
 
 # Added after the first release: (table, column, its definition, how to fill it in for existing rows).

@@ -46,6 +46,7 @@ class SqliteDialect:
     row_share = ""
     single_node = True
     inline_bodies = False
+    counts_by_delta = False
     announce = None
 
     def __init__(self, path: str | os.PathLike, sync_commits: bool = True, checkpoints: bool = False):
