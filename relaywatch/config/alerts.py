@@ -49,6 +49,7 @@ def parse_alerts(r: Reader, a: dict, server: ServerConfig) -> AlertsConfig:
         escalate_before_expiry=r.get(a, "escalate_before_expiry", "alerts", parse_duration, d.escalate_before_expiry),
         escalate_steps=r.get(a, "escalate_steps", "alerts", steps, d.escalate_steps),
         probe_interval=r.get(a, "probe_interval", "alerts", positive_duration, d.probe_interval),
+        probe_min_interval=r.get(a, "probe_min_interval", "alerts", positive_duration, d.probe_min_interval),
         cert_probe_interval=r.get(a, "cert_probe_interval", "alerts", positive_duration, d.cert_probe_interval),
         cert_warning_days=r.get(a, "cert_warning_days", "alerts", days, d.cert_warning_days),
         invalid_recipient_quota=r.get(a, "invalid_recipient_quota", "alerts", non_negative_int,

@@ -186,7 +186,8 @@ class AlertsConfig:
     min_messages: int = 1                          # ...and at least this many deferred
     escalate_before_expiry: float = 4 * 3600.0
     escalate_steps: tuple[int, ...] = (100, 1000)
-    probe_interval: float = 30.0
+    probe_interval: float = 30.0                   # the longest gap between probes of a failing connector
+    probe_min_interval: float = 2.0                # the shortest (watch/probe_schedule.py)
     cert_probe_interval: float = 900.0
     cert_warning_days: float = 14.0
     invalid_recipient_quota: int = 0               # per rolling 24 h; 0: not watched

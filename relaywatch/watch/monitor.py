@@ -7,8 +7,9 @@ nodes on one queue only on the leader (cluster/node.py).  Every
 ``cert_probe_interval``, the invalid-recipient counts, the NDRs held back),
 hands them with the open incidents to watch/rules.py, saves what changed,
 probes a connector whose incident opens, sends the notifications due, and
-probes connectors with deferred mail to release their backlog the moment a
-probe passes.  Each tick also adds the TLS results counted since the last
+tells the backlog prober (watch/backlog_probe.py, a loop of its own beside
+this one) which connectors have deferred mail: it probes them on their
+schedule and releases a backlog the moment a probe passes.  Each tick also adds the TLS results counted since the last
 to the store, and the leader sends yesterday's TLS reports once after UTC
 midnight (watch/tls_report.py).  Incidents are typed (watch/model.py) inside and dicts at the
 store's edge.
@@ -35,6 +36,7 @@ from relaywatch.watch import alerts
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, InvalidSource, ProbeResult,
                                     Transition, TransitionKind, with_probe)
+from relaywatch.watch.backlog_probe import BacklogProber
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 from relaywatch.watch.tls_report import TlsReporter
@@ -60,7 +62,6 @@ class Monitor:
         self._expired: dict[tuple[str, str], int] = {}   # (connector, code) -> expiries since last tick
         self._good: dict[str, dict] = {}                 # connector -> last good delivery, not yet saved
         self._invalid: list[tuple[float, str, str, str]] = []
-        self._last_probe: dict[str, float] = {}
         self._last_cert_probe = 0.0
         self._summary_cost = 0.0                         # seconds the last deferred summary took
         self._stopping = False
@@ -69,6 +70,8 @@ class Monitor:
         if routes is not None:   # (a watch without delivery routes, in tests, has no TLS results)
             routes.tls_results.listeners.append(self.tls_tally.add)
         self.tls_reports = TlsReporter(config_ref, store, routes.resolver if routes else None, clock)
+        self.prober = BacklogProber(config_ref, self._run_probe, self._keep_backlog_probe, self._release,
+                                    self._leading, clock)
 
     # -- fed by the scheduler after each recorded attempt ----------------------------
 
@@ -93,6 +96,11 @@ class Monitor:
     # -- the loop ------------------------------------------------------------------------
 
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.prober.run(), name="backlog probes")
+            await self._evaluate_loop()
+
+    async def _evaluate_loop(self) -> None:
         while not self._stopping:
             try:
                 await self.tick()
@@ -111,6 +119,7 @@ class Monitor:
 
     def stop(self) -> None:
         self._stopping = True
+        self.prober.stop()
 
     async def tick(self) -> None:
         config, now = self.config_ref(), self.clock()
@@ -121,13 +130,14 @@ class Monitor:
                 # Another node evaluates; what this one saw counts only there (last
                 # good deliveries and invalid recipients are in the store already).
                 self._late, self._expired = {}, {}
+                self.prober.follow((), now)
                 return
         facts = await self._read_facts(config, now)
+        self.prober.follow(facts.backlog, now)
         last_good = await self.store.last_good()
         open_incidents = [Incident.from_dict(i) for i in await self.store.open_incidents()]
         for t in evaluate(facts, open_incidents, config, now):
             await self._record(t, last_good, now)
-        await self._probe_backlogs(config, facts.backlog, now)
         await self.send_due()
         await self.tls_reports.send_due()
 
@@ -204,12 +214,14 @@ class Monitor:
             await self.store.add_notification(inc.id, transition, channel, payload, now, term=self._term)
 
     async def _probe(self, connector_name: str) -> ProbeResult | None:
-        """Probe a connector in trouble (at most every probe_interval, see _probe_backlogs)."""
+        """Probe a connector whose incident opens; it counts as its backlog probe."""
         connector = self.config_ref().connector(connector_name)
         if connector is None or not connector.enabled:
             return None
-        self._last_probe[connector_name] = self.clock()
-        return await self._run_probe(connector)
+        probe = await self._run_probe(connector)
+        if probe is not None:
+            await self.prober.probed(connector_name, probe)
+        return probe
 
     async def _run_probe(self, connector: Connector) -> ProbeResult | None:
         try:
@@ -218,30 +230,18 @@ class Monitor:
             log.warning("probe of %s failed to run: %s", connector.name, exc)
             return None
 
-    async def _probe_backlogs(self, config: Config, summaries: tuple[BacklogSummary, ...], now: float) -> None:
-        """Probe every connector with deferred mail (not only those with an open
-        incident: a short outage never opens one); the moment a probe passes,
-        release that connector's backlog instead of waiting out retry timers."""
-        open_by_connector: dict[str, list[Incident]] = {}
+    def _leading(self) -> bool:
+        return self.leader_term is None or self.leader_term() is not None
+
+    async def _keep_backlog_probe(self, connector_name: str, probe: ProbeResult) -> None:
+        """A backlog probe's result, on the connector's open backlog incidents (incidents show)."""
+        term = self.leader_term() if self.leader_term is not None else None
         for inc in (Incident.from_dict(i) for i in await self.store.open_incidents()):
-            if inc.kind is IncidentKind.BACKLOG:
-                open_by_connector.setdefault(inc.connector, []).append(inc)
-        for name in sorted({s.connector for s in summaries}):
-            connector = config.connector(name)
-            if connector is None or not connector.enabled or connector.paused:
-                continue
-            if now - self._last_probe.get(name, 0) < config.alerts.probe_interval:
-                continue
-            probe = await self._probe(name)
-            if probe is None:
-                continue
-            for inc in open_by_connector.get(name, []):
-                await self.store.save_incident(with_probe(inc, probe).to_dict(), term=self._term)
-            if probe.ok:
-                released = await self.queue.retry_now(Selector(connector=name))   # wakes the scheduler
-                if released:
-                    events.emit("released", connector=name, status="probe passed",
-                                detail=f"{released} deferred message(s) released for immediate delivery")
+            if inc.kind is IncidentKind.BACKLOG and inc.connector == connector_name:
+                await self.store.save_incident(with_probe(inc, probe).to_dict(), term=term)
+
+    async def _release(self, connector_name: str) -> int:
+        return await self.queue.retry_now(Selector(connector=connector_name))   # wakes the scheduler
 
     async def send_due(self) -> None:
         config, now = self.config_ref(), self.clock()
