@@ -254,11 +254,16 @@ def delivery_check(relay_cls, messages: int, sessions: int, timeout: float = 120
 
 
 def backlog(relay_cls, messages: int, sessions: int, flush: bool) -> dict:
-    """Destination down while `messages` are queued; then back.  Time to empty."""
+    """Destination down while `messages` are queued; then back.  Time to empty
+    (drain_s), and what it is made of: until the first message reaches the sink
+    (first_s: how soon the relay noticed, or the flush took effect) and the rest;
+    outage_s, how long the destination was away (relaywatch probes a younger
+    backlog more often)."""
     port = free_port()
     relay = relay_cls(port).start()
     sink = None
     try:
+        started = time.monotonic()
         smtp_source(relay.port, messages, sessions, 1024)
         time.sleep(3 + messages / 5000)   # let every message be tried once and deferred
         sink = SmtpSink()
@@ -267,8 +272,9 @@ def backlog(relay_cls, messages: int, sessions: int, flush: bool) -> dict:
         t0 = time.monotonic()
         if flush:
             relay.flush()
+        first = sink.wait_for(1, timeout=1200)
         done = sink.wait_for(messages, timeout=1200)
-        return {"drain_s": done - t0}
+        return {"drain_s": done - t0, "first_s": first - t0, "outage_s": t0 - started}
     except RuntimeError as exc:
         return {"drain_s": None, "note": str(exc)}
     finally:
