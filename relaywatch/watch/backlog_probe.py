@@ -152,7 +152,7 @@ class BacklogProber:
                     return
                 await self.probed(connector.name, probe)
                 await self.on_probe(connector.name, probe)
-            except StoreError as exc:   # (a lapsed leader term too) counted already: the next probe keeps its schedule
+            except StoreError as exc:   # (a lapsed leader term too) the probe is counted: no retry at once
                 log.warning("backlog probe of %s: could not act on its result: %s", connector.name, exc)
             except Exception:   # the loop must outlive a bug in one probe's bookkeeping
                 log.exception("backlog probe of %s: could not act on its result", connector.name)

@@ -9,9 +9,9 @@ hands them with the open incidents to watch/rules.py, saves what changed,
 probes a connector whose incident opens, sends the notifications due, and
 tells the backlog prober (watch/backlog_probe.py, a loop of its own beside
 this one) which connectors have deferred mail: it probes them on their
-schedule and releases a backlog the moment a probe passes.  Each tick also adds the TLS results counted since the last
-to the store, and the leader sends yesterday's TLS reports once after UTC
-midnight (watch/tls_report.py).  Incidents are typed (watch/model.py) inside and dicts at the
+schedule and releases a backlog the moment a probe passes.  Each tick also
+adds the TLS results counted since the last to the store, and the leader
+sends yesterday's TLS reports once after UTC midnight (watch/tls_report.py).  Incidents are typed (watch/model.py) inside and dicts at the
 store's edge.
 """
 
@@ -33,10 +33,10 @@ from relaywatch.errors import StaleTerm, StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStatus
 from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
+from relaywatch.watch.backlog_probe import BacklogProber
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, InvalidSource, ProbeResult,
                                     Transition, TransitionKind, with_probe)
-from relaywatch.watch.backlog_probe import BacklogProber
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 from relaywatch.watch.tls_report import TlsReporter
@@ -72,6 +72,9 @@ class Monitor:
         self.tls_reports = TlsReporter(config_ref, store, routes.resolver if routes else None, clock)
         self.prober = BacklogProber(config_ref, self._run_probe, self._keep_backlog_probe, self._release,
                                     self._leading, clock)
+        # The prober's loop and the tick both read an incident and save it back: one at a
+        # time, or a probe's save would undo an escalation the tick made meanwhile.
+        self._incident_writes = asyncio.Lock()
 
     # -- fed by the scheduler after each recorded attempt ----------------------------
 
@@ -135,9 +138,10 @@ class Monitor:
         facts = await self._read_facts(config, now)
         self.prober.follow(facts.backlog, now)
         last_good = await self.store.last_good()
-        open_incidents = [Incident.from_dict(i) for i in await self.store.open_incidents()]
-        for t in evaluate(facts, open_incidents, config, now):
-            await self._record(t, last_good, now)
+        async with self._incident_writes:
+            open_incidents = [Incident.from_dict(i) for i in await self.store.open_incidents()]
+            for t in evaluate(facts, open_incidents, config, now):
+                await self._record(t, last_good, now)
         await self.send_due()
         await self.tls_reports.send_due()
 
@@ -236,9 +240,10 @@ class Monitor:
     async def _keep_backlog_probe(self, connector_name: str, probe: ProbeResult) -> None:
         """A backlog probe's result, on the connector's open backlog incidents (incidents show)."""
         term = self.leader_term() if self.leader_term is not None else None
-        for inc in (Incident.from_dict(i) for i in await self.store.open_incidents()):
-            if inc.kind is IncidentKind.BACKLOG and inc.connector == connector_name:
-                await self.store.save_incident(with_probe(inc, probe).to_dict(), term=term)
+        async with self._incident_writes:
+            for inc in (Incident.from_dict(i) for i in await self.store.open_incidents()):
+                if inc.kind is IncidentKind.BACKLOG and inc.connector == connector_name:
+                    await self.store.save_incident(with_probe(inc, probe).to_dict(), term=term)
 
     async def _release(self, connector_name: str) -> int:
         return await self.queue.retry_now(Selector(connector=connector_name))   # wakes the scheduler
