@@ -28,13 +28,13 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Awaitable, Callable
 
 from relaywatch import events
 from relaywatch.cluster.node import ClusterNode
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.console.metrics import EXPORT_NAME, RECEIVE_EXPORT_NAME, export_counters, read_export
 from relaywatch.deliver.callout import SmtpCallout
@@ -80,12 +80,13 @@ class Part:
 
 
 class Relaywatch:
-    def __init__(self, config: Config, clock=time.time, role: Role = Role.ALL, wake_fd: int | None = None):
+    def __init__(self, config: Config, clock: Clock = SYSTEM_CLOCK, role: Role = Role.ALL,
+                 wake_fd: int | None = None):
         """``wake_fd``: this role's end of the socketpair to the other role (runtime/child.py).
         A DELIVER process is given it by its parent; a RECEIVE process given one
         talks to a delivery process that someone else runs, and starts none."""
         self.running = RunningConfig(config)   # file + Fix-now overrides; one snapshot per operation
-        self.clock = clock
+        self.clock = clock                     # every part's time (relaywatch/clock.py; tests give a fake one)
         self.role = role = Role(role)
         # Only a delivering process that receives nothing may skip fsync (see SqliteStore).
         self.store = open_store(config, sync_commits=role.receives, checkpoints=role.delivers)
@@ -159,7 +160,7 @@ class Relaywatch:
                 # One delivering process owns an SQLite queue: leases left by an
                 # earlier run are stale, so their messages are due again right away.
                 # (With PostgreSQL other nodes' leases are live; a dead node's lapse.)
-                returned = await self.store.release_leases(None, self.clock())
+                returned = await self.store.release_leases(None, self.clock.now())
                 if returned:
                     log.info("returned %d message(s) leased by a previous run", returned)
             await self.node.start()   # registered before the scheduler leases in its name

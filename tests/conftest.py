@@ -22,17 +22,18 @@ async def sink():
 @pytest.fixture
 async def relay_factory(request, tmp_path):
     """relay_factory(**config sections) -> a started Relay; stopped after the test.
+    ``clock=FakeClock()`` runs it on the test's clock instead of the real one.
 
     On the ``uvloop-postgresql`` variant of a ``both_stores`` test (see below) the
     relay's ``server.store`` is a fresh PostgreSQL schema instead of SQLite."""
     started = []
     store = request.getfixturevalue("pg_dsn") if runs_on_postgresql(request.node) else None
 
-    async def make(**sections):
+    async def make(clock=None, **sections):
         config = base_config(tmp_path, **sections)
         if store is not None:
             config["server"].setdefault("store", store)
-        relay = await Relay(tmp_path, config).start()
+        relay = await Relay(tmp_path, config, clock).start()
         started.append(relay)
         return relay
     yield make

@@ -35,6 +35,7 @@ from aiosmtpd.smtp import SMTP
 from click.testing import CliRunner
 
 from relaywatch.app import Relaywatch
+from relaywatch.clock import SYSTEM_CLOCK
 from relaywatch.cli import main as cli_main
 from relaywatch.config import load_config
 
@@ -55,6 +56,62 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.02)
+
+
+class FakeClock:
+    """relaywatch/clock.py's ``Clock`` that moves only when the test says: ``advance(seconds)``.
+
+    It starts at the real time (so what the store stamps with time.time() is not
+    in its future) and stands still; whatever waits on it (``sleep``, ``wait``:
+    the scheduler's poll, the watch's tick, the heartbeat, a login block) wakes
+    when ``advance`` takes it past its deadline, at once and in deadline order.
+    Wall time and monotonic time move together."""
+
+    def __init__(self, start: float | None = None):
+        self._now = time.time() if start is None else start
+        self._offset = time.monotonic() - self._now     # monotonic() = now() + offset, as on a real host
+        self._sleepers: list[tuple[float, asyncio.Future]] = []
+
+    def now(self) -> float:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._now + self._offset
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0, "a clock goes forward"
+        self._now += seconds
+        due = sorted((s for s in self._sleepers if s[0] <= self._now), key=lambda s: s[0])
+        self._sleepers = [s for s in self._sleepers if s[0] > self._now]
+        for _, future in due:
+            if not future.done():
+                future.set_result(None)
+
+    async def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._sleepers = [s for s in self._sleepers if not s[1].done()]   # cancelled waits
+        self._sleepers.append((self._now + seconds, future))
+        await future
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
+        if event.is_set():
+            return True
+        waiter = asyncio.ensure_future(event.wait())
+        sleeper = asyncio.ensure_future(self.sleep(timeout))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
+        return event.is_set()
+
+    @property
+    def waiting(self) -> int:
+        """How many sleeps and waits are pending (to wait until a loop is parked on the clock)."""
+        return sum(1 for _, f in self._sleepers if not f.done())
 
 
 def free_port() -> int:
@@ -475,11 +532,13 @@ def base_config(tmp_path: Path, **sections) -> dict:
 
 
 class Relay:
-    """relaywatch itself, in this event loop, with a config file on disk."""
+    """relaywatch itself, in this event loop, with a config file on disk (and the
+    real clock, or the test's ``FakeClock``)."""
 
-    def __init__(self, tmp_path: Path, config: dict):
+    def __init__(self, tmp_path: Path, config: dict, clock=None):
         self.tmp_path = tmp_path
         self.raw = config
+        self.clock = clock
         self.config_path = tmp_path / "relaywatch.toml"
         self.app: Relaywatch | None = None
 
@@ -488,7 +547,7 @@ class Relay:
 
     async def start(self) -> "Relay":
         self.write_config()
-        self.app = Relaywatch(load_config(self.config_path))
+        self.app = Relaywatch(load_config(self.config_path), clock=self.clock or SYSTEM_CLOCK)
         await self.app.start()
         return self
 

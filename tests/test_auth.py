@@ -17,7 +17,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
-from helpers import LOOPBACK, Sink, eventually, free_port, message
+from helpers import LOOPBACK, FakeClock, Sink, eventually, free_port, message
 from relaywatch import events
 from relaywatch.cli import main as cli_main
 from relaywatch.console import metrics as metrics_module
@@ -68,9 +68,10 @@ async def relay(tmp_path, tls_files, relay_factory, sink):
     user_add(users, "alice", "correct horse", prompt=True)
     user_add(users, "bob", "battery staple", "--senders", "bob@contoso.test,@bob.contoso.test")
 
-    async def make(dkim=(), **server):
+    async def make(dkim=(), clock=None, **server):
         cert, key = tls_files
         return await relay_factory(
+            clock=clock,
             dkim=list(dkim),
             server={"trusted_networks": ["127.0.0.1/32"], "tls_cert": cert, "tls_key": key,
                     "users_file": str(users), "submission_listen": [f"{LOOPBACK}:0"],
@@ -289,7 +290,10 @@ async def test_failed_logins_block_the_ip_even_for_the_right_password(relay, cli
 
 
 async def test_the_block_expires(relay, client_tls):
-    r = await relay(auth_max_failures=2, auth_block_time="0.5s")
+    # On the test's clock: the two failures land in one instant however loaded the
+    # machine is, and the block ends when the clock says, not after real seconds.
+    clock = FakeClock()
+    r = await relay(clock=clock, auth_max_failures=2, auth_block_time="10m")
 
     def fail_twice(client):
         for _ in range(2):
@@ -303,8 +307,12 @@ async def test_the_block_expires(relay, client_tls):
             return plain_login(client, "alice", "correct horse")[0]
         except smtplib.SMTPAuthenticationError as exc:
             return exc.smtp_code
-    await eventually(lambda: smtplib_session(r, "smtp", client_tls, lambda c: login(c) == 235),
-                     what="AUTH accepted again once the block is over")
+    clock.advance(599)
+    assert await smtplib_session(r, "smtp", client_tls, login) == 454      # the right password, still blocked
+    assert r.app.receiver.auth_metrics()["auth_blocked_ips"] == 1
+    clock.advance(1)
+    assert await smtplib_session(r, "smtp", client_tls, login) == 235
+    assert r.app.receiver.auth_metrics()["auth_blocked_ips"] == 0
 
 
 # -- the users file ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ Real loopback destinations (aiosmtpd, scripted misfits) and a real Maildir; no s
 import time
 
 from helpers import LOOPBACK, Scripted, Sink, base_config
+from relaywatch.clock import SYSTEM_CLOCK
 from relaywatch.config import apply_overrides, parse_config
 from relaywatch.deliver.connector import DeliveryResult, LocalConnector, SmtpConnector, connector_for_route
 from relaywatch.deliver.resolver import Resolver
@@ -34,7 +35,7 @@ def entry(route=PARTNER, n=1):
 async def test_a_session_sends_message_after_message_over_one_connection(tmp_path):
     sink = await Sink().start()
     config, routes = setup(tmp_path, sink.port)
-    connector = connector_for_route(PARTNER, lambda: config, routes, time.time)
+    connector = connector_for_route(PARTNER, lambda: config, routes, SYSTEM_CLOCK)
     assert isinstance(connector, SmtpConnector) and not connector.paused()
     session = connector.session()
     try:
@@ -57,7 +58,7 @@ async def test_a_session_sends_message_after_message_over_one_connection(tmp_pat
 async def test_a_connection_carries_messages_per_connection_then_a_new_one_is_opened(tmp_path):
     sink = await Sink().start()
     config, routes = setup(tmp_path, sink.port, messages_per_connection=1)
-    session = SmtpConnector(PARTNER, lambda: config, routes, time.time).session()
+    session = SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK).session()
     try:
         await session.deliver(entry(n=1), BODY, ["bob@partner.test"])
         first = session.conn
@@ -74,7 +75,7 @@ async def test_an_unreachable_destination_is_marked_down_for_every_session_until
         await c.say("421 4.3.2 too busy, come back later")
     server = await Scripted(busy).start()
     config, routes = setup(tmp_path, server.port)
-    connector = SmtpConnector(PARTNER, lambda: config, routes, time.time)
+    connector = SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK)
     one, two = connector.session(), connector.session()
     try:
         first = await one.deliver(entry(n=1), BODY, ["bob@partner.test"])
@@ -100,7 +101,7 @@ async def test_a_dropped_session_is_not_reused(tmp_path):
         c.reset()
     server = await Scripted(drops_after_mail).start()
     config, routes = setup(tmp_path, server.port)
-    session = SmtpConnector(PARTNER, lambda: config, routes, time.time).session()
+    session = SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK).session()
     try:
         result = await session.deliver(entry(), BODY, ["bob@partner.test"])
         assert result.outcomes[0].status is RecipientStatus.DEFERRED and result.destination.port == server.port
@@ -115,12 +116,12 @@ async def test_a_paused_connector_says_so(tmp_path):
                                              "smart_hosts": ["127.0.0.1:25"], "tls": "none"}])
     config = apply_overrides(parse_config(raw), {"connector:partner:paused": {"value": True}})
     routes = SmtpRoutes(lambda: config, Resolver(config.dns))
-    assert SmtpConnector(PARTNER, lambda: config, routes, time.time).paused()
+    assert SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK).paused()
 
 
 async def test_local_delivery_writes_a_maildir_and_reports_what_failed(tmp_path):
     config, routes = setup(tmp_path, 25)
-    connector = connector_for_route(LOCAL, lambda: config, routes, time.time)
+    connector = connector_for_route(LOCAL, lambda: config, routes, SYSTEM_CLOCK)
     assert isinstance(connector, LocalConnector) and not connector.paused()
     session = connector.session()
     result = await session.deliver(entry(LOCAL), BODY, ["alice@contoso.test"])

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trustme
 
-from helpers import LOOPBACK, DnsServer, Sink, eventually, free_port, message
+from helpers import LOOPBACK, DnsServer, FakeClock, Sink, eventually, free_port, message
 from test_mta_sts import DOMAIN, MX, World, policy_text, server_context
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.tls_report import TlsTally, opportunistic_result, utc_day
@@ -404,7 +404,7 @@ async def test_only_the_leader_sends_the_reports(tmp_path):
     terms = {"a": None, "b": None}
 
     def monitor(name):
-        m = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=lambda: MIDNIGHT + 60,
+        m = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=FakeClock(MIDNIGHT + 60),
                     leader_term=lambda: terms[name])
         m.tls_reports = TlsReporter(lambda: config, store, Resolver(config.dns), lambda: MIDNIGHT + 60)
         return m

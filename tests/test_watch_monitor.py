@@ -1,7 +1,7 @@
 """The monitor over a real store: incidents stored by an older relaywatch (a "watch:" code
 as their only type tag, fewer fields) are read as their kinds and kept by the rules."""
 
-from helpers import LOOPBACK, free_port
+from helpers import LOOPBACK, FakeClock, free_port
 
 from relaywatch.config import parse_config
 from relaywatch.store.sqlite import SqliteStore
@@ -35,7 +35,7 @@ async def test_incidents_stored_by_an_older_version_are_resolved_by_their_rules(
         cert = await store.save_incident(_old_watch_incident(
             "watch:cert_expiring", "Destination certificate expires soon", connector="partner",
             certificate={"days_left": 3}, detail="expires on 2027-01-01"))
-        monitor = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=lambda: NOW)
+        monitor = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=FakeClock(NOW))
         await monitor.tick()
         # Nothing held back, no invalid recipients: both resolve; the certificate of a
         # connector no longer configured is nobody's to judge, so it stays as it was.
@@ -61,7 +61,7 @@ async def test_only_the_leader_evaluates_and_a_stale_leaders_writes_are_refused(
     from relaywatch.cluster.model import NodeBeat
     from relaywatch.errors import StaleTerm
     from relaywatch.store.memory import MemoryStore
-    store = MemoryStore(clock=lambda: NOW)
+    store = MemoryStore(clock=FakeClock(NOW))
     await store.open()
     config = parse_config({"server": {"node_lapse": "30s"},
                            "alerts": {"webhook_url": f"http://{LOOPBACK}:{free_port()}/hook"}})
@@ -69,7 +69,7 @@ async def test_only_the_leader_evaluates_and_a_stale_leaders_writes_are_refused(
     terms = {"a": None, "b": None}
 
     def monitor(name):
-        return Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=lambda: NOW,
+        return Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=FakeClock(NOW),
                        leader_term=lambda: terms[name])
     a, b = monitor("a"), monitor("b")
     await a.tick()

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Callable
 
 from relaywatch import __version__
 from relaywatch.cluster.decisions import Leadership, Timing
 from relaywatch.cluster.model import NodeBeat, NodeState
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, RecipientStatus
@@ -28,7 +28,7 @@ log = logging.getLogger("relaywatch.cluster")
 class ClusterNode:
     def __init__(self, config_ref: Callable[[], Config], store: ClusterStore, instance: str, role: str,
                  leases_held: Callable[[], int] = lambda: 0, received: Callable[[], int] = lambda: 0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Clock = SYSTEM_CLOCK):
         self.config_ref = config_ref
         self.store = store
         self.instance = instance          # the scheduler's lease owner
@@ -36,7 +36,7 @@ class ClusterNode:
         self.leases_held = leases_held
         self.received = received          # counted by the receiving process (app.py)
         self.clock = clock
-        self.started_at = clock()
+        self.started_at = clock.now()
         self.delivered = 0
         self.leadership = Leadership(self._timing())
         self._state = NodeState.RUNNING
@@ -48,7 +48,7 @@ class ClusterNode:
 
     def term(self) -> int | None:
         """The leader term to fence with; None while another node leads."""
-        return self.leadership.term(self.clock())
+        return self.leadership.term(self.clock.now())
 
     def on_attempt(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
                    tls: dict | None) -> None:
@@ -58,7 +58,7 @@ class ClusterNode:
         config = self.config_ref()
         address = ", ".join(f"{h}:{p}" for h, p in config.server.listen)
         return NodeBeat(name=config.server.node_name, instance=self.instance, address=address, role=self.role,
-                        version=__version__, started_at=self.started_at, at=self.clock(),
+                        version=__version__, started_at=self.started_at, at=self.clock.now(),
                         leases=self.leases_held(), received=self.received(), delivered=self.delivered,
                         state=state)
 
@@ -74,7 +74,7 @@ class ClusterNode:
         # Beats on while the node drains (the others must not take it for dead while it
         # finishes its deliveries), but leads no more; stop() ends it.
         while self._started:
-            await asyncio.sleep(self._timing().interval)
+            await self.clock.sleep(self._timing().interval)
             if not self._started:
                 return
             try:
@@ -88,14 +88,14 @@ class ClusterNode:
 
     async def _lead(self) -> None:
         self.leadership.timing = timing = self._timing()
-        asked_at = self.clock()
+        asked_at = self.clock.now()
         change = self.leadership.answered(asked_at, await self.store.acquire_leader(
             self.instance, asked_at, asked_at + timing.lease_length))
         if change:
             log.info("cluster: node %s %s (term %s)", self.config_ref().server.node_name, change,
-                     self.leadership.term(self.clock()) or "-")
+                     self.leadership.term(self.clock.now()) or "-")
         if self.term() is not None:
-            now = self.clock()
+            now = self.clock.now()
             released = await self.store.release_dead_leases(timing.dead_before(now), now)
             if released:
                 log.warning("cluster: returned %d message(s) leased by dead nodes to the queue", released)

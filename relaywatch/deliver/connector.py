@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 
 from relaywatch.classify.classify import classify
 from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.clock import Clock
 from relaywatch.config import Config
 from relaywatch.deliver.local import deliver_local
 from relaywatch.dsn_params import NO_RECIPIENT_DSN
@@ -73,7 +74,7 @@ class Connector(Protocol):
 
 
 def connector_for_route(route: Route, config_ref: Callable[[], Config], routes: SmtpRoutes,
-                        clock: Callable[[], float]) -> Connector:
+                        clock: Clock) -> Connector:
     """The connector for a destination queue's route."""
     if route.kind is RouteKind.LOCAL:
         return LocalConnector(config_ref, clock)
@@ -117,13 +118,12 @@ def transaction_outcomes(result: TransactionResult, recipients: list[str], dest:
 class SmtpConnector:
     """SMTP delivery for one destination queue; its dead-destination mark."""
 
-    def __init__(self, route: Route, config_ref: Callable[[], Config], routes: SmtpRoutes,
-                 clock: Callable[[], float]):
+    def __init__(self, route: Route, config_ref: Callable[[], Config], routes: SmtpRoutes, clock: Clock):
         self.route = route
         self.config_ref = config_ref
         self.routes = routes
         self.clock = clock
-        self.down_until = 0.0                      # time.monotonic()
+        self.down_until = 0.0                      # clock.monotonic()
         self.down_failure: Failure | None = None
         self.down_tried: tuple[Failure, ...] = ()
 
@@ -147,7 +147,7 @@ class SmtpSession:
 
     async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
         c = self.connector
-        if c.down_until > time.monotonic() and c.down_failure is not None:
+        if c.down_until > c.clock.monotonic() and c.down_failure is not None:
             return DeliveryResult([failed_outcome(r, c.down_failure) for r in recipients],
                                   c.down_failure.destination, c.down_tried)
         conn = self.conn
@@ -155,6 +155,7 @@ class SmtpSession:
                                  conn.transactions >= c.config_ref().delivery.messages_per_connection):
             await conn.quit()
             conn = self.conn = None
+        # The socket's own idle time (transport.py keeps it): real seconds, not the clock's.
         if conn is not None and time.monotonic() - conn.last_used > PROBE_IDLE_CONNECTION_AFTER:
             if not await conn.probe():
                 conn.close()
@@ -163,11 +164,11 @@ class SmtpSession:
             try:
                 conn = self.conn = await c.routes.connect(entry.route, split_address(recipients[0])[1])
             except AllTargetsFailed as failed:
-                now = c.clock()
+                now = c.clock.now()
                 failures = [classify(o, now) for o in failed.observations]
                 primary, tried = failures[0], tuple(failures[1:])
                 c.down_until, c.down_failure, c.down_tried = (
-                    time.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
+                    c.clock.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
                 return DeliveryResult([failed_outcome(r, primary) for r in recipients], primary.destination, tried)
             c.down_until, c.down_failure = 0.0, None
         try:
@@ -177,9 +178,9 @@ class SmtpSession:
         except SessionFailure as failure:
             conn.close()
             self.conn = None
-            f = classify(failure.observation, c.clock())
+            f = classify(failure.observation, c.clock.now())
             return DeliveryResult([failed_outcome(r, f) for r in recipients], conn.dest)
-        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, c.clock(),
+        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, c.clock.now(),
                                                    dsn_passed_on="DSN" in conn.capabilities), conn.dest,
                               tls=conn.tls)
 
@@ -199,7 +200,7 @@ class SmtpSession:
 class LocalConnector:
     """Maildir delivery; stateless, so it is its own session."""
 
-    def __init__(self, config_ref: Callable[[], Config], clock: Callable[[], float]):
+    def __init__(self, config_ref: Callable[[], Config], clock: Clock):
         self.config_ref = config_ref
         self.clock = clock
 
@@ -224,7 +225,7 @@ class LocalConnector:
         except OSError as exc:
             obs = Observation(Phase.LOCAL, Outcome.LOCAL_ERROR, LOCAL_DESTINATION,
                               errno=None, note=exc.strerror or str(exc))
-            return failed_outcome(address, classify(obs, self.clock()))
+            return failed_outcome(address, classify(obs, self.clock.now()))
 
     def abandon(self) -> None:
         pass

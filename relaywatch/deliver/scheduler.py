@@ -20,10 +20,10 @@ import collections
 import logging
 import os
 import secrets
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
 from relaywatch.deliver.handover import JOURNAL_NAME as HANDOVER_NAME, HandoverJournal
@@ -53,11 +53,12 @@ class DestinationQueue:
 
 class Scheduler:
     def __init__(self, config_ref: Callable[[], Config], store: QueueStore, routes: SmtpRoutes,
-                 clock: Callable[[], float] = time.time):
+                 clock: Clock = SYSTEM_CLOCK):
         self.config_ref = config_ref
         self.store = store
         self.routes = routes
         self.clock = clock
+        now = clock.now
         # The lease owner: the node's name and this start (relaywatch/cluster/): a restarted
         # node returns what its earlier start had leased instead of taking it for its own.
         self.node = f"{config_ref().server.node_name}:{os.getpid()}:{secrets.token_hex(3)}"
@@ -73,12 +74,12 @@ class Scheduler:
         self._connections = Slots(self.config_ref().delivery.concurrency)   # follows reloads: reconfigure
         # Outcomes the store could not take: recorded later, never delivered again.
         self.pending = PendingOutcomes(store, self.config_ref().server.data_dir / JOURNAL_NAME,
-                                       lambda: self.config_ref().queue.lease_time, clock)
+                                       lambda: self.config_ref().queue.lease_time, now)
         # What sessions are handing over and is not recorded yet: the next start's possible duplicates.
         self.handover = HandoverJournal(self.config_ref().server.data_dir / HANDOVER_NAME)
         self._lease_failing = False
         # The one way the rest of this process changes the queue (the watch, the override watcher).
-        self.actions = QueueActions(store, config_ref, wake=self.retry_now, clock=clock)
+        self.actions = QueueActions(store, config_ref, wake=self.retry_now, clock=now)
 
     def notify(self) -> None:
         """Called when new work may be due (enqueue, retry, release)."""
@@ -112,7 +113,7 @@ class Scheduler:
                 self.wake.clear()
                 try:
                     leased = await self.store.lease(self.node, min(room, LEASE_BATCH),
-                                                    config.queue.lease_time, self.clock())
+                                                    config.queue.lease_time, self.clock.now())
                     if self._lease_failing:
                         self._lease_failing = False
                         log.warning("leasing from the queue works again")
@@ -131,10 +132,7 @@ class Scheduler:
                 continue
             # Poll at least every second: operator commands from another process
             # (queue retry, release) are seen within a second.
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=1.0)
-            except TimeoutError:
-                pass
+            await self.clock.wait(self.wake, 1.0)
 
     async def stop(self, grace: float) -> None:
         """Stop leasing; let deliveries finish within ``grace``; return the rest."""
@@ -155,7 +153,7 @@ class Scheduler:
         self.handover.close()
         try:
             # Not the leases of outcomes still kept: the next run records them.
-            await self.store.release_leases(self.node, self.clock(), keep=self.pending.ids())
+            await self.store.release_leases(self.node, self.clock.now(), keep=self.pending.ids())
         except StoreError as exc:
             log.error("could not return leases at shutdown (they lapse by themselves): %s", exc)
 
@@ -191,17 +189,13 @@ class Scheduler:
 
     async def _next_entry(self, dq: DestinationQueue) -> Entry | None:
         idle = self.config_ref().delivery.connection_idle
-        deadline = time.monotonic() + idle
+        deadline = self.clock.monotonic() + idle
         while not dq.entries:
             if self._stopping:
                 return None
             dq.more.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                await asyncio.wait_for(dq.more.wait(), remaining)
-            except TimeoutError:
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0 or not await self.clock.wait(dq.more, remaining):
                 return None
         return dq.entries.popleft()
 
@@ -237,7 +231,7 @@ class Scheduler:
     # -- one entry ------------------------------------------------------------------
 
     async def _deliver(self, dq: DestinationQueue, entry: Entry, session: Session) -> None:
-        started = self.clock()
+        started = self.clock.now()
         recipients = [r.address for r in entry.pending]
         if not recipients:
             if entry.notice_pending:
@@ -249,7 +243,7 @@ class Scheduler:
         body = entry.body or await self.store.read_body(entry.body_id)
         if dq.connector.paused():
             # Paused by an operator: keep the message, make no attempt.
-            await self.store.record(entry.id, self.node, None, [], self.clock() + PAUSED_RECHECK,
+            await self.store.record(entry.id, self.node, None, [], self.clock.now() + PAUSED_RECHECK,
                                     notice_pending=entry.notice_pending)
             return
         self.handover.started(entry.id)
@@ -264,7 +258,7 @@ class Scheduler:
         self._recording.add(entry.id)
         task = asyncio.create_task(record_attempt(
             self.store, self.config_ref(), entry, result.outcomes, result.destination, started, body,
-            owner=self.node, tried=result.tried, now=self.clock(), count_attempt=count_attempt,
+            owner=self.node, tried=result.tried, now=self.clock.now(), count_attempt=count_attempt,
             keep=self.pending), name=f"record:{entry.id}")
 
         def done(t: asyncio.Task) -> None:

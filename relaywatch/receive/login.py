@@ -11,12 +11,12 @@ when the handshake is done.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from typing import TYPE_CHECKING, Callable
 
 from relaywatch import events
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.receive import auth
 from relaywatch.receive.admission import SessionTable
@@ -33,9 +33,10 @@ def _limits(server) -> auth.Limits:
 
 
 class Logins:
-    def __init__(self, config_ref: Callable[[], Config], sessions: SessionTable):
+    def __init__(self, config_ref: Callable[[], Config], sessions: SessionTable, clock: Clock = SYSTEM_CLOCK):
         self.config_ref = config_ref
         self.sessions = sessions
+        self.clock = clock         # how long a block lasts, and the delay a wrong password earns
         # Who may authenticate (None: nobody, AUTH is not offered) and the brute-force counts.
         self.users: auth.UserDirectory | None = None
         self.limits = auth.FailureLimits(_limits(config_ref().server))
@@ -80,9 +81,8 @@ class Logins:
             return AUTH_UNAVAILABLE     # reloaded without users meanwhile
         self.limits.limits = _limits(server)
         ip, limits = session.client_ip, self.limits
-        loop = asyncio.get_running_loop()
         name = event.username[:64].encode("unicode_escape").decode("ascii")   # the client's text, for the log
-        left = limits.blocked(ip, loop.time())
+        left = limits.blocked(ip, self.clock.monotonic())
         if left:
             limits.refused()
             events.emit("auth_refused", client=ip, user=name, detail="blocked after failed logins")
@@ -93,13 +93,13 @@ class Logins:
             log.error("AUTH unavailable: server.users_file: %s", exc)
             return AUTH_UNAVAILABLE
         if user is None:
-            delay, blocked = limits.failed(ip, loop.time())
+            delay, blocked = limits.failed(ip, self.clock.monotonic())
             events.emit("auth_failed", client=ip, user=name, mechanism=event.mechanism,
                         detail="wrong password or unknown user")
             if blocked:
                 events.emit("auth_blocked", client=ip, detail=f"{limits.limits.max_failures} failed logins; AUTH "
                                                               f"refused for {limits.limits.block_time:g}s")
-            await asyncio.sleep(delay)
+            await self.clock.sleep(delay)
             return AUTH_INVALID
         limits.succeeded(ip)
         session.conv.authenticated(user.name, user.senders)

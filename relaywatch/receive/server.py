@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import time
 from typing import Callable
 
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.receive.admission import Limits, Refused, SessionTable
 from relaywatch.receive.commit import Committer
@@ -38,13 +38,13 @@ class Receiver:
     """Listens on the configured addresses and feeds the queue."""
 
     def __init__(self, config_ref: Callable[[], Config], store: Store, condition_listener: ConditionListener,
-                 clock=time.time, callout: Callout | None = None):
+                 clock: Clock = SYSTEM_CLOCK, callout: Callout | None = None):
         self.config_ref = config_ref
-        self.policy = ReceivePolicy(config_ref, store, clock, callout)
-        self.committer = Committer(config_ref, store, self.policy.is_trusted, condition_listener, clock)
+        self.policy = ReceivePolicy(config_ref, store, clock.now, callout)
+        self.committer = Committer(config_ref, store, self.policy.is_trusted, condition_listener, clock.now)
         # Connection slots and who loses one (receive/admission.py).
         self.limiter = SessionTable(Limits.from_server_config(config_ref().server))
-        self.logins = Logins(config_ref, self.limiter)
+        self.logins = Logins(config_ref, self.limiter, clock)
         self._limits_source = config_ref().server
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._sweep_at = 0.0
@@ -56,7 +56,7 @@ class Receiver:
 
     def auth_metrics(self) -> dict[str, int]:
         """Counters for the console: AUTH successes, failures, refusals while blocked, blocks, IPs blocked now."""
-        limits, now = self.logins.limits, asyncio.get_running_loop().time()
+        limits, now = self.logins.limits, self.logins.clock.monotonic()
         return {**limits.counters, "auth_blocked_ips": limits.blocked_now(now)}
 
     def admit(self, session: SmtpSession) -> Refused | None:

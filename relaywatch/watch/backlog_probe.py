@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Awaitable, Callable
 
 from relaywatch import events
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config, Connector
 from relaywatch.errors import StoreError
 from relaywatch.watch.model import BacklogSummary, ProbeResult
@@ -39,7 +39,7 @@ class BacklogProber:
                  run_probe: Callable[[Connector], Awaitable[ProbeResult | None]],
                  on_probe: Callable[[str, ProbeResult], Awaitable[None]],
                  release: Callable[[str], Awaitable[int]],
-                 leading: Callable[[], bool], clock: Callable[[], float] = time.time):
+                 leading: Callable[[], bool], clock: Clock = SYSTEM_CLOCK):
         self.config_ref = config_ref
         self.run_probe = run_probe
         self.on_probe = on_probe
@@ -81,12 +81,12 @@ class BacklogProber:
             capped = before is not None and before >= pattern.since and \
                 probe_gap(before - pattern.since, timing) >= timing.longest
             log.log(logging.DEBUG if capped else logging.INFO, "probe of %s failed%s; next probe in %.1f s",
-                    name, _why(probe), max(0.0, self.due_at(name) - self.clock()))
+                    name, _why(probe), max(0.0, self.due_at(name) - self.clock.now()))
             return
         released = await self.release(name)
         if released:
             log.info("probe of %s passed after %.0f s of failures: %d deferred message(s) released",
-                     name, self.clock() - pattern.since, released)
+                     name, self.clock.now() - pattern.since, released)
             events.emit("released", connector=name, status="probe passed",
                         detail=f"{released} deferred message(s) released for immediate delivery")
 
@@ -96,7 +96,7 @@ class BacklogProber:
         the pattern as it was before."""
         pattern = self.patterns.get(name)
         if pattern is not None:
-            self.patterns[name] = probed(pattern, ok, self.clock())
+            self.patterns[name] = probed(pattern, ok, self.clock.now())
             self._changed.set()
         return pattern
 
@@ -106,11 +106,8 @@ class BacklogProber:
         try:
             while not self._stopping:
                 self._changed.clear()
-                wait = self._start_due(self.clock())
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
+                wait = self._start_due(self.clock.now())
+                await self.clock.wait(self._changed, wait)
         finally:
             for task in self._running.values():
                 task.cancel()

@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Callable
 
 from relaywatch import events
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config, Connector
 from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.smtp import SmtpRoutes
@@ -47,7 +48,7 @@ _WATCH_DUTY = 20   # wait at least this many times as long as a tick took
 
 class Monitor:
     def __init__(self, config_ref: Callable[[], Config], store: Store, routes: SmtpRoutes,
-                 wake_scheduler: Callable[[], None], clock: Callable[[], float] = time.time,
+                 wake_scheduler: Callable[[], None], clock: Clock = SYSTEM_CLOCK,
                  leader_term: Callable[[], int | None] | None = None):
         self.config_ref = config_ref
         # With several nodes (cluster/node.py) the watch evaluates only on the leader,
@@ -57,7 +58,7 @@ class Monitor:
         self.store = store
         self.routes = routes
         self.clock = clock
-        self.queue = QueueActions(store, config_ref, wake=wake_scheduler, clock=clock)
+        self.queue = QueueActions(store, config_ref, wake=wake_scheduler, clock=clock.now)
         self._late: dict[str, int] = {}                  # connector -> late deliveries since last tick
         self._expired: dict[tuple[str, str], int] = {}   # (connector, code) -> expiries since last tick
         self._good: dict[str, dict] = {}                 # connector -> last good delivery, not yet saved
@@ -69,7 +70,7 @@ class Monitor:
         self.tls_tally = TlsTally()
         if routes is not None:   # (a watch without delivery routes, in tests, has no TLS results)
             routes.tls_results.listeners.append(self.tls_tally.add)
-        self.tls_reports = TlsReporter(config_ref, store, routes.resolver if routes else None, clock)
+        self.tls_reports = TlsReporter(config_ref, store, routes.resolver if routes else None, clock.now)
         self.prober = BacklogProber(config_ref, self._run_probe, self._keep_backlog_probe, self._release,
                                     self._leading, clock)
         # The prober's loop and the tick both read an incident and save it back: one at a
@@ -80,7 +81,7 @@ class Monitor:
 
     def on_attempt(self, entry: Entry, outcomes: list[RecipientOutcome], dest: Destination | None,
                    tls: dict | None) -> None:
-        connector, now = entry.route.name, self.clock()
+        connector, now = entry.route.name, self.clock.now()
         for o in outcomes:
             if o.status is RecipientStatus.DELIVERED:
                 if entry.attempts > 0:
@@ -118,14 +119,14 @@ class Monitor:
             # twentieth of its time on it so that delivery never waits for it; a
             # queue that large changes slowly anyway.  (Only the query counts:
             # sending alerts may wait on the network without costing anything.)
-            await asyncio.sleep(max(self.config_ref().alerts.evaluate_interval, self._summary_cost * _WATCH_DUTY))
+            await self.clock.sleep(max(self.config_ref().alerts.evaluate_interval, self._summary_cost * _WATCH_DUTY))
 
     def stop(self) -> None:
         self._stopping = True
         self.prober.stop()
 
     async def tick(self) -> None:
-        config, now = self.config_ref(), self.clock()
+        config, now = self.config_ref(), self.clock.now()
         await self._flush_facts()
         if self.leader_term is not None:
             self._term = self.leader_term()
@@ -249,7 +250,7 @@ class Monitor:
         return await self.queue.retry_now(Selector(connector=connector_name))   # wakes the scheduler
 
     async def send_due(self) -> None:
-        config, now = self.config_ref(), self.clock()
+        config, now = self.config_ref(), self.clock.now()
         for note in await self.store.due_notifications(now):
             try:
                 await alerts.deliver_notification(config, self.routes, note)
@@ -260,7 +261,7 @@ class Monitor:
                             note["incident_id"], note["transition"],
                             "; will retry" if retry else "; giving up", exc)
             else:
-                await self.store.notification_result(note["id"], True, None, self.clock(), None)
+                await self.store.notification_result(note["id"], True, None, self.clock.now(), None)
 
 
 def _tls_summary(tls: dict | None) -> dict | None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.receive.store_condition import (Change, ConditionChanged, ConditionEnded, ConditionStarted,
@@ -107,7 +107,7 @@ class StoreIncidentReporter:
     """The receiver's ``ConditionListener`` (receive/store_condition.py), wired in app.py."""
 
     def __init__(self, config_ref: Callable[[], Config], store: WatchStore, routes,
-                 clock: Callable[[], float] = time.time):
+                 clock: Clock = SYSTEM_CLOCK):
         self.config_ref = config_ref
         self.store = store
         self.routes = routes         # SmtpRoutes, for alert email by MX
@@ -164,7 +164,7 @@ class StoreIncidentReporter:
 
     async def _tell(self, outage: _Outage, transition: str) -> list[_Told]:
         """One try on every channel; returns the notifications that failed."""
-        config, now = self.config_ref(), self.clock()
+        config, now = self.config_ref(), self.clock.now()
         data = alerts.payload(outage.incident, transition, now)
         failed = []
         for channel in alerts.channels(config):
@@ -182,21 +182,18 @@ class StoreIncidentReporter:
                 failed.append(told)
                 log.warning("%s alert that relaywatch cannot queue mail (%s) failed: %s", channel, transition, exc)
             else:
-                told.sent_at = self.clock()
+                told.sent_at = self.clock.now()
         return failed
 
     async def _tell_until_told(self, outage: _Outage, transition: str) -> None:
         attempts = 0
         while await self._tell(outage, transition):
-            retry = alerts.retry_at(attempts, self.clock())
+            retry = alerts.retry_at(attempts, self.clock.now())
             if retry is None:
                 return
             attempts += 1
-            try:
-                await asyncio.wait_for(outage.over.wait(), max(retry - self.clock(), 0))
+            if await self.clock.wait(outage.over, max(retry - self.clock.now(), 0)):
                 return
-            except TimeoutError:
-                pass
 
     async def _record(self) -> None:
         while self._unrecorded:
@@ -211,7 +208,7 @@ class StoreIncidentReporter:
                 for told in await self._tell(outage, "resolve"):
                     # The store works again: its notification queue retries it (monitor.py).
                     await self.store.add_notification(outage.incident.id, told.transition, told.channel,
-                                                      told.payload, self.clock())
+                                                      told.payload, self.clock.now())
                     told.recorded = True
                 await self._record_told(outage)
             except StoreError as exc:
