@@ -114,6 +114,23 @@ class FakeClock:
         return sum(1 for _, f in self._sleepers if not f.done())
 
 
+async def settle(clock: FakeClock, relay: "Relay") -> None:
+    """Wait (with a deadline) until the relay on ``clock`` has done what its clock allows:
+    every loop parked on the clock again and nothing being delivered or recorded.
+    What has not happened then does not happen until the clock moves."""
+    scheduler = relay.app.scheduler
+
+    def idle() -> bool:
+        return clock.waiting >= relay.parked and scheduler.inflight == 0 and not scheduler._record_tasks
+    await eventually(idle, what="the relay to wait on its clock again")
+
+
+async def advance(clock: FakeClock, relay: "Relay", seconds: float) -> None:
+    """Move ``clock`` on, then let the relay act on it (``settle``)."""
+    clock.advance(seconds)
+    await settle(clock, relay)
+
+
 def free_port() -> int:
     """A port nothing listens on (bound, then released): connecting is refused."""
     with socket.socket() as s:
@@ -549,6 +566,11 @@ class Relay:
         self.write_config()
         self.app = Relaywatch(load_config(self.config_path), clock=self.clock or SYSTEM_CLOCK)
         await self.app.start()
+        if isinstance(self.clock, FakeClock):
+            # Its loops (the scheduler's poll, the watch, the heartbeat) park on the clock: how
+            # many do is what settle() waits for after an advance.
+            self.parked = sum(1 for loop in (self.app.scheduler, self.app.monitor, self.app.node) if loop is not None)
+            await eventually(lambda: self.clock.waiting >= self.parked, what="the relay's loops to wait on the clock")
         return self
 
     async def stop(self) -> None:
@@ -592,6 +614,11 @@ class Relay:
     async def cli_json(self, *args: str):
         result = await self.cli(*args, "--json")
         return json.loads(result.output)
+
+    async def attempts(self) -> int:
+        """Delivery attempts recorded on the entries still queued."""
+        from relaywatch.store.base import QueueQuery
+        return sum(e.attempts for e in await self.store.list(QueueQuery()))
 
     async def queue(self) -> list[dict]:
         return (await self.cli_json("queue", "list"))["messages"]

@@ -12,7 +12,7 @@ import ssl
 import pytest
 import trustme
 
-from helpers import LOOPBACK, Scripted, Sink, WebhookReceiver, eventually, free_port, message
+from helpers import LOOPBACK, FakeClock, Scripted, Sink, WebhookReceiver, advance, eventually, free_port, message, settle
 
 pytestmark = [pytest.mark.both_loops, pytest.mark.both_stores]   # delivery end to end: asyncio and uvloop (serve runs uvloop); SQLite and PostgreSQL
 
@@ -43,6 +43,10 @@ async def watchers():
     yield alert_sink, webhook
     await alert_sink.stop()
     await webhook.stop()
+
+
+async def _attempts(relay, n):
+    return await relay.attempts() == n
 
 
 async def incidents(relay, all_=False):
@@ -241,14 +245,21 @@ async def test_certificate_expiring_soon_opens_a_warning(relay_factory, watchers
 
 
 async def test_delay_notice_is_sent_once(relay_factory):
-    relay = await relay_factory(queue={"retry_intervals": ["0.2s"]},
+    # On the test's clock: an attempt a second, the notice due from the third on (2 s late).
+    clock = FakeClock()
+    relay = await relay_factory(clock=clock, queue={"retry_intervals": ["1s"]},
                                 connectors=[{"name": "onprem", "type": "on_premises", "domains": ["hybrid.test"],
                                              "smart_hosts": [f"{LOOPBACK}:{free_port()}"], "tls": "none",
-                                             "delay_notice_after": "0.5s"}])
+                                             "delay_notice_after": "2s"}])
     await relay.send("alice@contoso.test", ["bob@hybrid.test"], message("slow one"))
-    [notice] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the delay notice")
-    await asyncio.sleep(1.5)   # not a wait for the system: several more attempts, no second notice
-    assert len(relay.maildir("alice@contoso.test")) == 1
+    await eventually(lambda: _attempts(relay, 1), what="the first attempt")
+    await advance(clock, relay, 1)
+    assert await relay.attempts() == 2 and relay.maildir("alice@contoso.test") == []   # not late enough yet
+    for attempts in (3, 4, 5):        # more attempts, one notice
+        await advance(clock, relay, 1)
+        assert await relay.attempts() == attempts
+    await settle(clock, relay)
+    [notice] = relay.maildir("alice@contoso.test")
     report = email.message_from_bytes(notice)
     assert report["Subject"] == "Delayed: slow one"
     per_rcpt = report.get_payload()[1].get_payload()[1]

@@ -7,7 +7,7 @@ import smtplib
 import pytest
 from flufl.bounce import scan_message
 
-from helpers import LOOPBACK, RawClient, Sink, SinkHandler, eventually, free_port, message
+from helpers import LOOPBACK, FakeClock, RawClient, Sink, SinkHandler, advance, eventually, free_port, message
 
 
 pytestmark = [pytest.mark.both_loops, pytest.mark.both_stores]
@@ -33,6 +33,10 @@ async def test_relays_to_a_healthy_smart_host(relay_factory, sink):
 
 async def _empty(relay):
     return (await relay.store.counts()) == {}
+
+
+async def _attempts(relay, n):
+    return await relay.attempts() == n
 
 
 async def test_recipients_are_split_per_route_with_status_per_recipient(relay_factory, tmp_path):
@@ -109,13 +113,19 @@ def _deferred(relay):
 
 
 async def test_expiry_sends_exactly_one_rfc3464_ndr(relay_factory):
-    port = free_port()
-    relay = await relay_factory(queue={"retry_intervals": ["0.3s"], "message_expiration": "1.5s"},
+    # On the test's clock: two attempts a second apart, the second at the expiry.
+    port, clock = free_port(), FakeClock()
+    relay = await relay_factory(clock=clock, queue={"retry_intervals": ["1s"], "message_expiration": "2s"},
                                 connectors=[connector("onprem", port, ["fabrikam.test"])])
     await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("will expire", message_id="<exp@client.test>"))
-    ndrs = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+    await eventually(lambda: _attempts(relay, 1), what="the first attempt")
+    await advance(clock, relay, 1)
+    assert await relay.attempts() == 2 and relay.maildir("alice@contoso.test") == []
+    await advance(clock, relay, 1)
     await eventually(lambda: _empty(relay), what="the expired message to leave the queue")
-    await asyncio.sleep(0.5)  # not a wait for the system: proves nothing more arrives
+    ndrs = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+    for _ in range(3):      # later polls find nothing more to do
+        await advance(clock, relay, 1)
     ndrs = relay.maildir("alice@contoso.test")
     assert len(ndrs) == 1
     report = email.message_from_bytes(ndrs[0])
