@@ -89,7 +89,7 @@ class Relaywatch:
         self.clock = clock                     # every part's time (relaywatch/clock.py; tests give a fake one)
         self.role = role = Role(role)
         # Only a delivering process that receives nothing may skip fsync (see SqliteStore).
-        self.store = open_store(config, sync_commits=role.receives, checkpoints=role.delivers)
+        self.store = open_store(config, sync_commits=role.receives, checkpoints=role.delivers, clock=clock.now)
         self.receiver: Receiver | None = None
         self.scheduler: Scheduler | None = None
         # Both roles may talk SMTP to destinations: deliveries, and recipient

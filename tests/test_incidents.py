@@ -198,17 +198,21 @@ async def test_decommission_returns_unknown_recipients_delivers_listed_ones_and_
 
 async def test_pause_stops_attempts_and_undo_resumes(relay_factory, watchers):
     alert_sink, webhook = watchers
-    port = free_port()
-    relay = await relay_factory(domains=HYBRID, queue={"retry_intervals": ["0.3s"]}, connectors=onprem(port),
-                                alerts=alerts_config(alert_sink, webhook, probe_interval="1h"))
+    port, clock = free_port(), FakeClock()
+    relay = await relay_factory(clock=clock, domains=HYBRID, queue={"retry_intervals": ["1s"]},
+                                connectors=onprem(port), alerts=alerts_config(alert_sink, webhook, probe_interval="1h"))
     await relay.send("alice@contoso.test", ["bob@hybrid.test"], message())
+    await eventually(lambda: _attempts(relay, 1), what="the first attempt")
+    await advance(clock, relay, 1)          # the watch's next tick sees it
     [inc] = await eventually(lambda: _open_with(relay, 1), what="the incident")
     await relay.cli("incidents", "fix", str(inc["id"]), "pause")
     await eventually(lambda: relay.app.config.connector("onprem").paused, what="the server to apply the pause")
+    tried = await relay.attempts()
     sink = await Sink(port=port).start()
     try:
-        await asyncio.sleep(2.5)   # not a wait for the system: paused means nothing arrives meanwhile
-        assert sink.messages == []
+        for _ in range(3):                  # due again, and looked at again every 30 s: paused, no attempt
+            await advance(clock, relay, 30)
+        assert sink.messages == [] and await relay.attempts() == tried
         await relay.cli("incidents", "undo", str(inc["id"]))
         await eventually(lambda: sink.messages, what="delivery after the pause is undone")
     finally:

@@ -6,7 +6,7 @@ Reads only, on the engine's reader connections; the SQL is in console.sql.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from relaywatch.model import Entry
 from relaywatch.store import queries
@@ -21,6 +21,7 @@ assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries 
 class SqlConsole:
     engine: Any
     dialect: Any
+    clock: Callable[[], float]
 
     async def queue_gauges(self, now: float) -> list[tuple[str, str, str | None, int, int, float]]:
         def q(conn: Any):
@@ -49,7 +50,7 @@ class SqlConsole:
     async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
             where, args = _page_where(page, now, self.dialect.last_reply)
-            entries = [_entry(r) for r in conn.execute(Q["page_entries"].replace("{where}", where),
+            entries = [_entry(r, now) for r in conn.execute(Q["page_entries"].replace("{where}", where),
                                                        (*args, page.limit))]
             _attach_recipients(conn, entries, include_final=True)
             return entries
@@ -71,7 +72,7 @@ class SqlConsole:
         entry_id = entry_id.upper()
 
         def q(conn: Any) -> dict | None:
-            entry = read_entry(conn, entry_id)
+            entry = read_entry(conn, entry_id, self.clock())
             if entry is not None:
                 record = traces.trace_record(entry, entry.history, None)
             else:

@@ -214,7 +214,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
 
     async def list(self, query: QueueQuery) -> list[Entry]:
         self._check()
-        now = time.time()
+        now = self.clock()
         rows = sorted(self._entries.values(), key=lambda r: (r.received_at, r.id))
         if query.connector:
             rows = [r for r in rows if r.route.name == query.connector]
@@ -261,7 +261,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
         r = self._entries.get(entry_id.upper())
         if r is None:
             return False
-        if r.lease_until and r.lease_until > time.time():
+        if r.lease_until and r.lease_until > self.clock():
             raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
         self._remove(r, {"at": self.clock(), "event": "deleted", "notices": []})
         return True
@@ -271,7 +271,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
         r = self._entries.get(entry_id)
         if r is None or not addresses:
             return None
-        if r.lease_owner is not None and (r.lease_until or 0) > time.time():
+        if r.lease_owner is not None and (r.lease_until or 0) > self.clock():
             raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
         moved = [x for x in r.recipients if x.address in addresses and x.status in WAITING]
         if not moved:
@@ -346,7 +346,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
                     pass
 
     def _entry(self, r: _Row, recipients: list[Recipient]) -> Entry:
-        leased = r.lease_owner is not None and (r.lease_until or 0) > time.time()
+        leased = r.lease_owner is not None and (r.lease_until or 0) > self.clock()
         return Entry(
             id=r.id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
             status=EntryStatus.ACTIVE if leased else r.status, attempts=r.attempts,

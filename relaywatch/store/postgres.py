@@ -32,6 +32,7 @@ import re
 import select
 import threading
 import time
+from typing import Callable
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -117,8 +118,9 @@ def _durable_commits(writer: _Connection) -> _Connection:
 class PostgresStore(SqlStore):
     """A queue several nodes share; ``statement_timeout``: server.store_statement_timeout."""
 
-    def __init__(self, dsn: str, on_work=None, statement_timeout: float | None = 30.0):
-        super().__init__(PostgresDialect(dsn, statement_timeout), on_work)
+    def __init__(self, dsn: str, on_work=None, statement_timeout: float | None = 30.0,
+                 clock: Callable[[], float] = time.time):
+        super().__init__(PostgresDialect(dsn, statement_timeout), on_work, clock)
         self.dsn = dsn
 
 

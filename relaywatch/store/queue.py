@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, RecipientDsn
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
@@ -61,9 +61,10 @@ def _insert_with_new_id(conn: Any, sql: str, params: tuple) -> str:
 
 
 class SqlQueue:
-    """The queue operations; SqlStore (store/sql.py) supplies ``engine`` and ``_notify``."""
+    """The queue operations; SqlStore (store/sql.py) supplies ``engine``, ``clock`` and ``_notify``."""
     engine: GroupCommitEngine
     lease_sql: str
+    clock: Callable[[], float]       # the time of what an operation has no ``now`` for
     trace_retention: float = 7 * 86400.0    # queue.trace_retention (store/trace.py); set by open_store
     trace_prune_every: float = traces.PRUNE_EVERY
     _traces_pruned_at: float = 0.0
@@ -77,10 +78,10 @@ class SqlQueue:
         if self.trace_retention <= 0:
             return
         if first_try is not None:
-            entry = _entry(conn.execute(Q["entry"], (entry_id,)).fetchone())
+            entry = _entry(conn.execute(Q["entry"], (entry_id,)).fetchone(), end["at"])
             entry.recipients = [Recipient(a, position=i) for i, a in enumerate(first_try)]
         else:
-            entry = read_entry(conn, entry_id)
+            entry = read_entry(conn, entry_id, end["at"])
         attempts = [*entry.history, *([attempt.to_dict()] if attempt is not None else [])]
         record = traces.trace_record(entry, attempts, end, outcomes)
         conn.execute(traces.Q["insert_trace"], (entry.id, entry.message_id, end["at"],
@@ -102,7 +103,7 @@ class SqlQueue:
             # Oldest first within the batch: RETURNING has no order of its own, and
             # PostgreSQL returns the rows as its join found them (SQLite happened to
             # keep the subquery's), so mail released at one moment went out shuffled.
-            entries = sorted((_entry(row) for row in rows), key=lambda e: (e.received_at, e.id))
+            entries = sorted((_entry(row, now) for row in rows), key=lambda e: (e.received_at, e.id))
             _attach_recipients(conn, entries)
             _attach_bodies(conn, entries)
             return entries
@@ -123,7 +124,7 @@ class SqlQueue:
         held_notice = json.dumps(notice_pending, separators=(",", ":")) if notice_pending else None
 
         def op(conn: Any, cleanup: list) -> bool:
-            now = time.time()
+            now = self.clock()
             row = conn.execute(Q["entry_to_record"], (entry_id,)).fetchone()
             if row is None:
                 if attempts_before is not None:
@@ -212,22 +213,22 @@ class SqlQueue:
         return await self.engine.write(op) if ids else set()
 
     async def get(self, entry_id: str) -> Entry | None:
-        return await self.engine.read(lambda conn: read_entry(conn, entry_id.upper()))
+        return await self.engine.read(lambda conn: read_entry(conn, entry_id.upper(), self.clock()))
 
     async def list(self, query: QueueQuery) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
-            where, args = [], []
+            where, args, now = [], [], self.clock()
             if query.connector:
                 where.append(Q["on_connector"])
                 args.append(query.connector)
             if query.status == "active":
                 where.append(Q["is_active"])
-                args.append(time.time())
+                args.append(now)
             elif query.status:
                 where.append(Q["in_status_unleased"])
-                args += [query.status, time.time()]
+                args += [query.status, now]
             sql = Q["list_entries"].replace("{where}", " WHERE " + " AND ".join(where) if where else "")
-            entries = [_entry(r) for r in conn.execute(sql, (*args, query.limit))]
+            entries = [_entry(r, now) for r in conn.execute(sql, (*args, query.limit))]
             _attach_recipients(conn, entries, include_final=True)
             return entries
         return await self.engine.read(q)
@@ -259,9 +260,9 @@ class SqlQueue:
             row = conn.execute(Q["entry_to_delete"], (entry_id.upper(),)).fetchone()
             if row is None:
                 return False
-            if row[1] and row[1] > time.time():
+            if row[1] and row[1] > self.clock():
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
-            self._keep_trace(conn, entry_id.upper(), {"at": time.time(), "event": "deleted", "notices": []})
+            self._keep_trace(conn, entry_id.upper(), {"at": self.clock(), "event": "deleted", "notices": []})
             _remove(conn, entry_id.upper(), row[0], cleanup)
             return True
         return await self.engine.write(op)
@@ -284,7 +285,7 @@ class SqlQueue:
             row = conn.execute(Q["entry"], (entry_id,)).fetchone()
             if row is None or not addresses:
                 return None
-            entry = _entry(row)
+            entry = _entry(row, now)
             if entry.lease_owner is not None:
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
             moved = conn.execute(queries.in_list(Q["take_recipients"], len(addresses)),
@@ -308,12 +309,12 @@ class SqlQueue:
         return new
 
 
-def read_entry(conn: Any, entry_id: str) -> Entry | None:
-    """One entry with every recipient and its attempt history."""
+def read_entry(conn: Any, entry_id: str, now: float) -> Entry | None:
+    """One entry with every recipient and its attempt history (leased if its lease runs past ``now``)."""
     row = conn.execute(Q["entry"], (entry_id,)).fetchone()
     if row is None:
         return None
-    entry = _entry(row)
+    entry = _entry(row, now)
     _attach_recipients(conn, [entry], include_final=True)
     entry.history = [json.loads(data) for (data,) in conn.execute(Q["attempts_of"], (entry.id,))]
     return entry
@@ -362,11 +363,11 @@ def _select(selector: Selector) -> tuple[str, tuple]:
     return queries.in_list(Q["id_in"], len(selector.ids)), tuple(i.upper() for i in selector.ids)
 
 
-def _entry(row: tuple) -> Entry:
+def _entry(row: tuple, now: float) -> Entry:
     (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
      route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
      lease_until, delay_notified, notice_pending, helo, auth_user, dsn_ret, dsn_envid) = row
-    leased = lease_owner is not None and (lease_until or 0) > time.time()
+    leased = lease_owner is not None and (lease_until or 0) > now
     return Entry(
         id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
         status=EntryStatus.ACTIVE if leased else EntryStatus(status),

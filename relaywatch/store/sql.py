@@ -10,6 +10,7 @@ Other processes (the CLI, a second node) open their own store on the same databa
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Callable
 
 from relaywatch.store.cluster import SqlCluster
@@ -21,8 +22,10 @@ from relaywatch.store.watch import SqlWatch
 
 
 class SqlStore(SqlQueue, SqlWatch, SqlConsole, SqlCluster, SqlTlsReports):
-    def __init__(self, dialect: Dialect, on_work: Callable[[], None] | None = None):
+    def __init__(self, dialect: Dialect, on_work: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.time):
         self.dialect = dialect
+        self.clock = clock
         self.engine = GroupCommitEngine(dialect)
         self.lease_sql = lease_sql(dialect.lease_lock)
         # Called (on the event loop) after a commit that made work due, so the

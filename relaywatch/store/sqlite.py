@@ -13,6 +13,7 @@ import os
 import sqlite3
 import threading
 import time
+from typing import Callable
 from pathlib import Path
 
 from relaywatch.errors import StoreError
@@ -33,8 +34,8 @@ class SqliteStore(SqlStore):
     """The queue in one SQLite file; see SqliteDialect for ``sync_commits`` and ``checkpoints``."""
 
     def __init__(self, path: str | os.PathLike, on_work=None, sync_commits: bool = True,
-                 checkpoints: bool = False):
-        super().__init__(SqliteDialect(path, sync_commits=sync_commits, checkpoints=checkpoints), on_work)
+                 checkpoints: bool = False, clock: Callable[[], float] = time.time):
+        super().__init__(SqliteDialect(path, sync_commits=sync_commits, checkpoints=checkpoints), on_work, clock)
         self.path = self.dialect.path
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -164,9 +163,9 @@ class Monitor:
         await self.store.add_invalid_recipients(invalid)
 
     async def _read_facts(self, config: Config, now: float) -> WatchFacts:
-        started = time.monotonic()
+        started = self.clock.monotonic()
         backlog = tuple(BacklogSummary.from_dict(s) for s in await self.store.deferred_summary())
-        self._summary_cost = time.monotonic() - started
+        self._summary_cost = self.clock.monotonic() - started
         late, expired = self._late, self._expired
         self._late, self._expired = {}, {}
         invalid = None
