@@ -9,7 +9,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import STORE_BACKENDS, Relay, Sink, base_config, make_store  # noqa: E402
+from helpers import STORE_BACKENDS, Relay, Sink, WebhookReceiver, base_config, make_store  # noqa: E402
 
 
 @pytest.fixture
@@ -17,6 +17,16 @@ async def sink():
     s = await Sink().start()
     yield s
     await s.stop()
+
+
+@pytest.fixture
+async def watchers():
+    """Where alerts go: (an SMTP sink for alert email, a webhook receiver)."""
+    alert_sink = await Sink().start()
+    webhook = await WebhookReceiver().start()
+    yield alert_sink, webhook
+    await alert_sink.stop()
+    await webhook.stop()
 
 
 @pytest.fixture

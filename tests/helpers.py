@@ -234,7 +234,19 @@ class DsnSmtp(SMTP):
         await super().smtp_RCPT(arg)
 
 
-class Sink:
+class LoopbackServer:
+    """Something a test started listening on loopback: ``server`` (an asyncio Server), ``port``."""
+    server: asyncio.base_events.Server | None = None
+    port: int = 0
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+
+class Sink(LoopbackServer):
     def __init__(self, handler: SinkHandler | None = None, tls_context=None, port: int = 0,
                  data_size_limit: int = 64 * 1024 * 1024, smtputf8: bool = False, dsn: bool = False):
         self.handler = handler or SinkHandler()
@@ -257,12 +269,6 @@ class Sink:
             LOOPBACK, self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
 
 
 class Scripted:
@@ -645,6 +651,18 @@ def message(subject: str = "test", body: str = "hello\r\n", message_id: str | No
     mid = message_id or f"<{time.time_ns()}@client.test>"
     return (f"From: sender@example.org\r\nTo: someone\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n"
             f"Date: Thu, 26 Nov 2026 10:00:00 +0000\r\n\r\n{body}").encode()
+
+
+def https_files(tmp_path: Path) -> tuple[str, str, str]:
+    """A certificate for 127.0.0.1 from a fresh CA: (cert.pem, key.pem, ca.pem) paths in ``tmp_path``."""
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert(LOOPBACK)
+    paths = tuple(str(tmp_path / name) for name in ("cert.pem", "key.pem", "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(paths[0])
+    cert.private_key_pem.write_to_path(paths[1])
+    ca.cert_pem.write_to_path(paths[2])
+    return paths
 
 
 def utcnow() -> datetime.datetime:

@@ -92,6 +92,14 @@ def smtp_client(relay, kind="smtp", source=UNTRUSTED, context=None) -> smtplib.S
     return smtplib.SMTP(LOOPBACK, port(relay, kind), source_address=(source, 0), timeout=10)
 
 
+async def aiosmtplib_client(relay, kind, client_tls, **options) -> aiosmtplib.SMTP:
+    """An aiosmtplib client connected to the listener of ``kind``, after EHLO."""
+    client = aiosmtplib.SMTP(hostname=LOOPBACK, port=port(relay, kind), tls_context=client_tls, timeout=10, **options)
+    await client.connect()
+    await client.ehlo(hostname="client.test")
+    return client
+
+
 async def smtplib_session(relay, kind, client_tls, steps):
     """Run ``steps(client)`` on a stdlib client in a thread (after EHLO and STARTTLS where it applies)."""
     def run():
@@ -170,10 +178,7 @@ async def test_an_authenticated_untrusted_client_relays_and_the_received_header_
 
 async def test_aiosmtplib_logs_in_with_login_on_submission_and_relays(relay, client_tls, sink):
     r = await relay()
-    client = aiosmtplib.SMTP(hostname=LOOPBACK, port=port(r, "submission"), source_address=(UNTRUSTED, 0),
-                             tls_context=client_tls, start_tls=False, timeout=10)
-    await client.connect()
-    await client.ehlo(hostname="client.test")
+    client = await aiosmtplib_client(r, "submission", client_tls, source_address=(UNTRUSTED, 0), start_tls=False)
     assert not client.supports_extension("auth")
     await client.starttls()
     await client.ehlo(hostname="client.test")
@@ -198,10 +203,7 @@ async def test_submissions_is_tls_from_the_first_byte(relay, client_tls, sink):
         client.login("alice", "correct horse")
         return client.sendmail("alice@contoso.test", [f"z@{PARTNER}"], message("implicit tls"))
     assert await smtplib_session(r, "submissions", client_tls, steps) == {}
-    client = aiosmtplib.SMTP(hostname=LOOPBACK, port=port(r, "submissions"), use_tls=True, tls_context=client_tls,
-                             timeout=10)
-    await client.connect()
-    await client.ehlo(hostname="client.test")
+    client = await aiosmtplib_client(r, "submissions", client_tls, use_tls=True)
     assert (await client.auth_plain("alice", "correct horse")).code == 235
     await client.quit()
     await eventually(lambda: sink.messages, what="delivery to the partner")

@@ -37,12 +37,18 @@ def test_bench_harness_smoke_run():
                 assert data["scenarios"][scenario][peer], (scenario, peer)
 
 
-def test_a_peer_that_cannot_be_installed_is_skipped_with_its_reason(capsys):
+def bench_run():
+    """bench/run.py, imported from its folder."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import run
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return run
+
+
+def test_a_peer_that_cannot_be_installed_is_skipped_with_its_reason(capsys):
+    run = bench_run()
 
     class Reference:
         name = "reference"
@@ -81,11 +87,7 @@ def test_the_exactly_once_check_counts_every_message_at_the_sink(copies):
 
     from aiosmtpd.controller import Controller
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    run = bench_run()
 
     class Forward:
         def __init__(self, sink_port):
@@ -127,11 +129,7 @@ def test_the_exactly_once_check_counts_every_message_at_the_sink(copies):
 @pytest.mark.skipif(not POSTFIX, reason="Postfix's tools are not installed (make bench installs them)")
 def test_the_console_scenario_scrapes_while_it_measures():
     """throughput_console at a tiny size: both runs deliver everything, the console answered every poll."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import run
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    run = bench_run()
     r = run.throughput_console(run.Relaywatch, 30, 2, 1024)
     assert r["scrapes"] >= 1 and r["poll_failures"] == 0, r
     assert r["with_per_s"] > 0 and r["without_per_s"] > 0 and r["with_over_without"] > 0

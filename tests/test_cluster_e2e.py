@@ -57,6 +57,25 @@ def posts(hook, kind):
     return out
 
 
+def node_dirs(tmp_path, n):
+    """A directory per node: n1, n2, ..."""
+    for i in range(n):
+        (d := tmp_path / f"n{i + 1}").mkdir()
+        yield d
+
+
+async def start_nodes(tmp_path, pg_dsn, hook, n):
+    """``n`` serve processes on one PostgreSQL queue, delivering to a port that refuses:
+    (the servers, that store opened, the port)."""
+    from relaywatch.store.postgres import PostgresStore
+    refused = free_port()
+    servers = [await Server(d, **node_config(pg_dsn, f"n{i + 1}", hook, refused)).start()
+               for i, d in enumerate(node_dirs(tmp_path, n))]
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    return servers, store, refused
+
+
 @pytest.fixture
 async def hook():
     h = await WebhookReceiver().start()
@@ -65,15 +84,7 @@ async def hook():
 
 
 async def test_one_incident_per_cluster_and_the_watch_survives_its_leader(tmp_path, pg_dsn, hook):
-    from relaywatch.store.postgres import PostgresStore
-    refused = free_port()
-    servers = []
-    for i in range(3):
-        d = tmp_path / f"n{i + 1}"
-        d.mkdir()
-        servers.append(await Server(d, **node_config(pg_dsn, f"n{i + 1}", hook, refused)).start())
-    store = PostgresStore(pg_dsn)
-    await store.open()
+    servers, store, refused = await start_nodes(tmp_path, pg_dsn, hook, 3)
     try:
         for s in servers:
             await asyncio.to_thread(send, s.port, 2)
@@ -147,15 +158,7 @@ async def _all_sent(store, incident_id, n):
 async def test_a_fix_made_through_any_node_applies_on_all_and_a_clean_stop_is_not_down(tmp_path, pg_dsn, hook):
     """Fix-now overrides live in the shared store; each node re-reads them within 2 s.
     A node stopped with SIGTERM is shown stopped (not dead) and opens no incident."""
-    from relaywatch.store.postgres import PostgresStore
-    refused = free_port()
-    servers = []
-    for i in range(2):
-        d = tmp_path / f"n{i + 1}"
-        d.mkdir()
-        servers.append(await Server(d, **node_config(pg_dsn, f"n{i + 1}", hook, refused)).start())
-    store = PostgresStore(pg_dsn)
-    await store.open()
+    servers, store, _ = await start_nodes(tmp_path, pg_dsn, hook, 2)
     try:
         # What `incidents fix ... pause` run against either node's config writes.
         await store.apply_fix("admin", "pause", None, {"undo": {}}, {"connector:onprem:paused": True}, [], time.time())
@@ -195,9 +198,7 @@ async def test_a_drained_node_answers_503_returns_its_leases_and_the_others_deli
     stuck = await Scripted(stall).start()
     port = stuck.port
     servers = []
-    for i in range(2):
-        d = tmp_path / f"n{i + 1}"
-        d.mkdir()
+    for i, d in enumerate(node_dirs(tmp_path, 2)):
         cfg = node_config(pg_dsn, f"n{i + 1}", hook, port)
         cfg["server"]["shutdown_grace"] = "3s"
         cfg["delivery"] = {"connect_timeout": "30s", "command_timeout": "30s"}

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, message, to_toml
+from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, https_files, message, to_toml
 from relaywatch.console.api import ROUTES
 
 pytestmark = pytest.mark.both_loops
@@ -310,15 +309,10 @@ async def test_readyz_says_what_is_not_ready(relay_factory):
 
 
 async def test_https_with_the_configured_certificate(relay_factory, tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert(LOOPBACK)
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    relay = await relay_factory(http={"listen": f"{LOOPBACK}:0", "tls_cert": str(tmp_path / "cert.pem"),
-                                      "tls_key": str(tmp_path / "key.pem")})
+    cert, key, ca = https_files(tmp_path)
+    relay = await relay_factory(http={"listen": f"{LOOPBACK}:0", "tls_cert": cert, "tls_key": key})
     host, port = relay.app.console.address
-    async with client(relay, base_url=f"https://{host}:{port}", verify=str(tmp_path / "ca.pem")) as https:
+    async with client(relay, base_url=f"https://{host}:{port}", verify=ca) as https:
         assert (await https.get("/healthz")).status_code == 200
     async with client(relay) as plain:
         with pytest.raises(httpx.HTTPError):

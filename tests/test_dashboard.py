@@ -17,7 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from helpers import LOOPBACK, Relay, Scripted, Sink, base_config, eventually, free_port, message
+from helpers import LOOPBACK, Relay, Scripted, Sink, base_config, eventually, free_port, https_files, message
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -499,16 +499,11 @@ async def test_bad_input_on_a_page_is_a_page_saying_so(relay_factory):
 
 
 async def test_over_https_the_session_cookie_is_secure(relay_factory, tmp_path):
-    import trustme
-    ca = trustme.CA()
-    cert = ca.issue_cert(LOOPBACK)
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    relay = await relay_factory(http={"listen": f"{LOOPBACK}:0", "tls_cert": str(tmp_path / "cert.pem"),
-                                      "tls_key": str(tmp_path / "key.pem"), "tokens": [f"ops:{TOKEN}"]})
+    cert, key, ca = https_files(tmp_path)
+    relay = await relay_factory(http={"listen": f"{LOOPBACK}:0", "tls_cert": cert, "tls_key": key,
+                                      "tokens": [f"ops:{TOKEN}"]})
     host, port = relay.app.console.address
-    async with httpx.AsyncClient(base_url=f"https://{host}:{port}", verify=str(tmp_path / "ca.pem")) as https:
+    async with httpx.AsyncClient(base_url=f"https://{host}:{port}", verify=ca) as https:
         r = await https.post("/login", data={"token": TOKEN, "next": "/queue"})
         assert r.status_code == 303 and r.headers["location"] == "/queue"
         flags = [f.strip() for f in r.headers["set-cookie"].split(";")]

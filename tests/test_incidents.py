@@ -36,15 +36,6 @@ HYBRID = [{"name": "contoso.test", "type": "authoritative", "mailboxes": ["alice
           {"name": "hybrid.test", "type": "internal_relay", "mailboxes": ["kept"]}]
 
 
-@pytest.fixture
-async def watchers():
-    alert_sink = await Sink().start()
-    webhook = await WebhookReceiver().start()
-    yield alert_sink, webhook
-    await alert_sink.stop()
-    await webhook.stop()
-
-
 async def _attempts(relay, n):
     return await relay.attempts() == n
 

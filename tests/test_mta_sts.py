@@ -10,7 +10,7 @@ import ssl
 import pytest
 import trustme
 
-from helpers import LOOPBACK, DnsServer, RecordingHandler, Sink, eventually, first_error, free_port, message
+from helpers import LOOPBACK, DnsServer, LoopbackServer, RecordingHandler, Sink, eventually, first_error, free_port, message
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.mta_sts import (
     MAX_AGE_LIMIT, PolicyInvalid, mx_matches, parse_policy, parse_txt, result_type,
@@ -116,7 +116,7 @@ def test_rfc_8460_result_types(observation, expected):
 
 # -- the loopback world: DNS, the policy server, the MX ---------------------------------------------
 
-class PolicyServer:
+class PolicyServer(LoopbackServer):
     """HTTPS on loopback serving /.well-known/mta-sts.txt as told; counts the requests."""
 
     def __init__(self, context: ssl.SSLContext, body: str | bytes, status: int = 200,
@@ -126,19 +126,11 @@ class PolicyServer:
         self.status = status
         self.content_type = content_type
         self.requests: list[tuple[str, str]] = []   # (path, Host header)
-        self.server = None
-        self.port = 0
 
     async def start(self, port: int = 0) -> "PolicyServer":
         self.server = await asyncio.start_server(self._handle, LOOPBACK, port, ssl=self.context)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
 
     async def _handle(self, reader, writer):
         try:

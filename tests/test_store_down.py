@@ -141,15 +141,6 @@ def test_restart_backoff(ran_for, expected):
 
 # -- a store that is down: the condition, the incident, recorded when it is back ---------------
 
-@pytest.fixture
-async def watchers():
-    alert_sink = await Sink().start()
-    webhook = await WebhookReceiver().start()
-    yield alert_sink, webhook
-    await alert_sink.stop()
-    await webhook.stop()
-
-
 def _alerts(alert_sink, webhook):
     return {"notify": ["admin@ops.test"], "smtp": f"{LOOPBACK}:{alert_sink.port}",
             "webhook_url": f"http://{LOOPBACK}:{webhook.port}/hook", "webhook_secret": "s3cret",
