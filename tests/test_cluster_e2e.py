@@ -163,7 +163,7 @@ async def test_a_fix_made_through_any_node_applies_on_all_and_a_clean_stop_is_no
         # What `incidents fix ... pause` run against either node's config writes.
         await store.apply_fix("admin", "pause", None, {"undo": {}}, {"connector:onprem:paused": True}, [], time.time())
         for s in servers:
-            await eventually(lambda: "applied changed overrides" in s.log_path.read_text(), timeout=5,
+            await eventually(lambda: "applied changed overrides" in s.log_path.read_text(),
                              what=f"{s.raw['server']['node_name']} to apply the fix")
         assert await servers[1].stop() == 0
         listed = nodes_json(servers[0])

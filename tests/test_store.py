@@ -6,6 +6,7 @@ tests/test_store_contract.py."""
 
 import asyncio
 import os
+import threading
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from relaywatch.model import (
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.sqlite import SqliteStore
 
-from helpers import SQL_BACKENDS, STORE_BACKENDS, make_store
+from helpers import SQL_BACKENDS, STORE_BACKENDS, eventually, make_store
 
 A = Route(RouteKind.CONNECTOR, "a")
 B = Route(RouteKind.CONNECTOR, "b")
@@ -177,8 +178,14 @@ async def test_close_waits_for_a_read_in_flight(tmp_path, request):
     thread (that crashed the interpreter); reads after close fail cleanly."""
     s = _make("sqlite", tmp_path, request)
     await s.open()
-    slow = asyncio.create_task(s._read(lambda conn: (time.sleep(0.5), conn.execute("SELECT 1").fetchone())[1]))
-    await asyncio.sleep(0.1)
+    started = threading.Event()
+
+    def slow_read(conn):
+        started.set()
+        time.sleep(0.5)       # still reading while close() runs
+        return conn.execute("SELECT 1").fetchone()
+    slow = asyncio.create_task(s._read(slow_read))
+    await eventually(started.is_set, what="the read to start")   # (a fixed pause closed first on a loaded machine)
     await s.close()
     assert await slow == (1,)
     with pytest.raises(StoreError):

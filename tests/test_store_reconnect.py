@@ -402,13 +402,13 @@ async def test_an_sqlite_queue_locked_too_long_fails_that_write_and_the_writer_g
                 return len(await store.enqueue(_msg("2@a"))) == 1
             except StoreError:
                 return False
-        await eventually(writes, timeout=5, what="a write after the lock was released")
+        await eventually(writes, what="a write after the lock was released")
         assert (await store.counts()) == {"queued": 1}
 
         def lines(text: str) -> int:
             return sum(text in r.getMessage() for r in caplog.records if r.name == "relaywatch.store")
         # The writer thread logs "back" just after it answered the batch's waiters.
-        await eventually(lambda: lines("is back after") == 1, timeout=5, what="the store's 'back' line")
+        await eventually(lambda: lines("is back after") == 1, what="the store's 'back' line")
         assert lines("is unavailable:") == 1 and lines("is back after") == 1
     finally:
         await store.close()
@@ -430,7 +430,7 @@ async def test_an_outcome_kept_while_the_store_is_down_is_recorded_when_it_is_ba
         await kept.record(PendingRecord(ids[0], "w1", 0, None, (RecipientOutcome("1@a", DELIVERED),), None))
         assert ids[0] in kept and len(kept.journal.load()) == 1
         await store.open()
-        await eventually(lambda: not kept, timeout=5, what="the kept outcome recorded")
+        await eventually(lambda: not kept, what="the kept outcome recorded")
         assert await store.get(ids[0]) is None and not kept.journal.path.exists()
 
         await kept.record(PendingRecord(ids[1], "w1", 0, None, (RecipientOutcome("1@a", DELIVERED),), None))
