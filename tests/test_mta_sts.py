@@ -10,7 +10,8 @@ import ssl
 import pytest
 import trustme
 
-from helpers import LOOPBACK, DnsServer, LoopbackServer, RecordingHandler, Sink, eventually, first_error, free_port, message
+from helpers import (LOOPBACK, DnsServer, LoopbackServer, RecordingHandler, Sink, eventually, first_error, free_port,
+                     message)
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.mta_sts import (
     MAX_AGE_LIMIT, PolicyInvalid, mx_matches, parse_policy, parse_txt, result_type,
