@@ -573,9 +573,11 @@ class Relay:
         self.app = Relaywatch(load_config(self.config_path), clock=self.clock or SYSTEM_CLOCK)
         await self.app.start()
         if isinstance(self.clock, FakeClock):
-            # Its loops (the scheduler's poll, the watch, the heartbeat) park on the clock: how
-            # many do is what settle() waits for after an advance.
-            self.parked = sum(1 for loop in (self.app.scheduler, self.app.monitor, self.app.node) if loop is not None)
+            # Its loops (the scheduler's poll, the watch's tick and its backlog prober, the
+            # heartbeat) park on the clock: how many do is what settle() waits for after an advance.
+            prober = self.app.monitor.prober if self.app.monitor is not None else None
+            self.parked = sum(1 for loop in (self.app.scheduler, self.app.monitor, prober, self.app.node)
+                              if loop is not None)
             await eventually(lambda: self.clock.waiting >= self.parked, what="the relay's loops to wait on the clock")
         return self
 
