@@ -34,7 +34,7 @@ class SqlCluster:
                 return 0
             return conn.execute(Q["release_earlier_instances"], (beat.at, beat.at, beat.name, beat.name,
                                                                   beat.instance)).rowcount
-        released = await self.engine.write(op)
+        released = await self.engine.write(op, announce=True)
         if released:
             self._notify()
         return released
@@ -44,7 +44,8 @@ class SqlCluster:
 
     async def release_dead_leases(self, beat_before: float, now: float) -> int:
         n = await self.engine.write(lambda conn, cleanup: conn.execute(Q["release_dead_leases"],
-                                                                       (now, now, beat_before)).rowcount)
+                                                                       (now, now, beat_before)).rowcount,
+                                    announce=True)
         if n:
             self._notify()
         return n

@@ -8,9 +8,9 @@ It runs functions on connections and knows nothing of queues; the operations
 
 One writer thread owns the only write connection.  Concurrent writes queue up
 behind it and are committed together (group commit): the thread takes every
-operation waiting, runs each in its own SAVEPOINT inside one transaction,
-commits once (durably) and only then resolves the callers' futures.  A failing
-operation rolls back to its savepoint and fails alone.
+operation waiting, runs them in one transaction, commits once (durably) and
+only then resolves the callers' futures.  A failing operation fails alone: the
+others run again, each in a SAVEPOINT (``_run_ops``).
 
 Reads run on other threads with their own connections, so they never wait
 for the writer.
@@ -230,7 +230,7 @@ class GroupCommitEngine:
             self._down_code = None
 
     def _settle_all(self, batch: list, exc: BaseException) -> None:
-        for _fn, loop, fut in batch:
+        for _fn, _announce, loop, fut in batch:
             loop.call_soon_threadsafe(_settle, fut, False, exc)
 
     def _run_batch(self, conn: Any, batch: list, may_defer: bool = False) -> BaseException | None:
@@ -251,19 +251,12 @@ class GroupCommitEngine:
             self._settle_all(batch, driver_error("queue store write failed", exc))
             return exc
         try:
-            for fn, _loop, _fut in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = fn(conn, cleanup)
-                    conn.execute("RELEASE op")
-                    results.append((True, result))
-                except Exception as exc:  # the op fails alone
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    if isinstance(exc, self.dialect.errors):
-                        # Driver errors stay inside the store (errors.py): callers see StoreError.
-                        exc = driver_error("queue store operation failed", exc)
-                    results.append((False, exc))
+            results = self._run_ops(conn, batch, cleanup)
+            if self.dialect.announce is not None and any(
+                    ok and announce and value for (_fn, announce, _l, _f), (ok, value) in zip(batch, results)):
+                # In the batch's own transaction: other nodes hear of it when it commits, and
+                # never of work that did not (a NOTIFY of its own took a commit, an fsync).
+                conn.execute(self.dialect.announce)
             conn.execute("COMMIT")
             meters.commit_seconds.observe(time.perf_counter() - started)
         except (*self.dialect.errors, OSError) as exc:
@@ -282,16 +275,65 @@ class GroupCommitEngine:
                 os.unlink(path)
             except OSError:
                 pass
-        for (fn, loop, fut), (ok, value) in zip(batch, results):
+        for (_fn, _announce, loop, fut), (ok, value) in zip(batch, results):
             loop.call_soon_threadsafe(_settle, fut, ok, value)
         return failure
 
-    async def write(self, fn: Callable[[Any, list], Any]) -> Any:
+    def _run_ops(self, conn: Any, batch: list, cleanup: list) -> list[tuple[bool, Any]]:
+        """Each op's (ok, result or error); an op that failed left nothing behind.
+
+        The ops run without a savepoint each at first: ops seldom fail, and on
+        PostgreSQL every SAVEPOINT and RELEASE is a round-trip (two of an op's
+        five on the receiving path), and every subtransaction that writes draws
+        an XID of its own (past 64 in one transaction, other sessions' snapshots
+        overflow to pg_subtrans).  When one fails, the transaction is rolled
+        back and the others run again, each in its own savepoint; the failed
+        one keeps its error and does not run again."""
+        results: list[tuple[bool, Any]] = []
+        for fn, _announce, _loop, _fut in batch:
+            try:
+                results.append((True, fn(conn, cleanup)))
+            except Exception as exc:  # the op fails alone
+                failed = len(results)
+                conn.execute("ROLLBACK")
+                cleanup.clear()
+                self.dialect.begin(conn)
+                return self._run_ops_apart(conn, batch, cleanup, failed, self._op_error(exc))
+        return results
+
+    def _run_ops_apart(self, conn: Any, batch: list, cleanup: list, failed: int,
+                       error: Exception) -> list[tuple[bool, Any]]:
+        """The batch again, each op in its own savepoint, but for the one that ``failed``."""
+        results: list[tuple[bool, Any]] = []
+        for i, (fn, _announce, _loop, _fut) in enumerate(batch):
+            if i == failed:
+                results.append((False, error))
+                continue
+            conn.execute("SAVEPOINT op")
+            try:
+                result = fn(conn, cleanup)
+                conn.execute("RELEASE op")
+                results.append((True, result))
+            except Exception as exc:  # the op fails alone
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                results.append((False, self._op_error(exc)))
+        return results
+
+    def _op_error(self, exc: Exception) -> Exception:
+        # Driver errors stay inside the store (errors.py): callers see StoreError.
+        if isinstance(exc, self.dialect.errors):
+            return driver_error("queue store operation failed", exc)
+        return exc
+
+    async def write(self, fn: Callable[[Any, list], Any], announce: bool = False) -> Any:
+        """``fn``'s result once committed.  ``announce``: if that result is true, it made
+        work due, which the batch tells other nodes of (the dialect's ``announce``)."""
         if self._writer is None:
             raise StoreError("queue store is not open")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._ops.put((fn, loop, fut))
+        self._ops.put((fn, announce, loop, fut))
         return await fut
 
     # -- readers ---------------------------------------------------------------

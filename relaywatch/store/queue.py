@@ -70,16 +70,15 @@ class SqlQueue:
     _traces_pruned_at: float = 0.0
 
     def _keep_trace(self, conn: Any, entry_id: str, end: dict, outcomes: Sequence[RecipientOutcome] = (),
-                    attempt: Attempt | None = None, first_try: Sequence[str] | None = None) -> None:
+                    attempt: Attempt | None = None, first_try: Entry | None = None) -> None:
         """What is kept of an entry that leaves the queue now (store/trace.py), in the
         transaction that removes it; pruned at most every trace_prune_every seconds by each writer.
-        ``first_try``: the entry had no attempt and these are its recipients, so only its row
-        is read (the delivery path's common case)."""
+        ``first_try``: the entry as the caller read it, with no attempt yet and its recipients
+        attached, so nothing is read again (the delivery path's common case)."""
         if self.trace_retention <= 0:
             return
         if first_try is not None:
-            entry = _entry(conn.execute(Q["entry"], (entry_id,)).fetchone(), end["at"])
-            entry.recipients = [Recipient(a, position=i) for i, a in enumerate(first_try)]
+            entry = first_try
         else:
             entry = read_entry(conn, entry_id, end["at"])
         attempts = [*entry.history, *([attempt.to_dict()] if attempt is not None else [])]
@@ -93,7 +92,7 @@ class SqlQueue:
     async def enqueue(self, msg: NewMessage) -> list[str]:
         def op(conn: Any, cleanup: list) -> list[str]:
             return _insert_message(conn, msg)
-        ids = await self.engine.write(op)
+        ids = await self.engine.write(op, announce=True)
         self._notify()
         return ids
 
@@ -130,7 +129,9 @@ class SqlQueue:
                 if attempts_before is not None:
                     return False   # recorded (delivered to all) before, or deleted
                 raise UnknownEntry(entry_id)
-            lease_owner, lease_until, body_id, attempts, first_failure_at = row
+            lease_owner, lease_until = row[:2]
+            entry = _entry(row[2:])
+            body_id, attempts, first_failure_at = entry.body_id, entry.attempts, entry.first_failure_at
             leased = lease_owner is not None and (lease_until or 0) > now
             if attempts_before is not None:
                 # A record tried again (store/pending.py): still ours, lapsed or
@@ -152,8 +153,10 @@ class SqlQueue:
                 # at once, without first recording statuses and an attempt it drops.
                 waiting = conn.execute(Q["waiting_addresses"], (entry_id,)).fetchall()
                 if all(address in by_address for (address,) in waiting):
+                    if attempts == 0:
+                        entry.recipients = [Recipient(a, position=i) for i, (a,) in enumerate(waiting)]
                     self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt,
-                                     first_try=[a for (a,) in waiting] if attempts == 0 else None)
+                                     first_try=entry if attempts == 0 else None)
                     _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
             failed_now = False
@@ -187,7 +190,7 @@ class SqlQueue:
                 first_failure_at, pending, last_code, pending, held_notice,
                 int(delay_notified), int(delay_notified), entry_id))
             return True
-        applied = await self.engine.write(op)
+        applied = await self.engine.write(op, announce=bool(notices))
         if notices and applied:
             self._notify()
         return applied
@@ -199,7 +202,7 @@ class SqlQueue:
                 where += " AND " + queries.in_list(Q["id_not_in"], len(keep))
                 args = (*args, *keep)
             return conn.execute(Q["release_leases"].replace("{where}", where), (now, now, *args)).rowcount
-        n = await self.engine.write(op)
+        n = await self.engine.write(op, announce=True)
         if n:
             self._notify()
         return n
@@ -237,7 +240,7 @@ class SqlQueue:
         def op(conn: Any, cleanup: list) -> int:
             where, args = _select(selector)
             return conn.execute(Q["retry"].replace("{where}", where), (now, now, now, *args)).rowcount
-        n = await self.engine.write(op)
+        n = await self.engine.write(op, announce=True)
         if n:
             self._notify()
         return n
@@ -250,7 +253,7 @@ class SqlQueue:
     async def release(self, entry_id: str, now: float) -> bool:
         def op(conn: Any, cleanup: list) -> bool:
             return conn.execute(Q["release"], (now, entry_id.upper())).rowcount == 1
-        ok = await self.engine.write(op)
+        ok = await self.engine.write(op, announce=True)
         if ok:
             self._notify()
         return ok
@@ -303,7 +306,7 @@ class SqlQueue:
                 self._keep_trace(conn, entry_id, {"at": now, "event": "moved", "notices": [], "moved_to": new})
                 _remove(conn, entry_id, entry.body_id, cleanup)
             return new
-        new = await self.engine.write(op)
+        new = await self.engine.write(op, announce=True)
         if new:
             self._notify()
         return new

@@ -52,8 +52,9 @@ SELECT id, data, path, size FROM bodies WHERE id IN (?*)
 SELECT data, path, size FROM bodies WHERE id = ?
 
 -- entry_to_record --
--- What record() checks first: who holds the entry, and how many attempts it had.
-SELECT lease_owner, lease_until, body_id, attempts, first_failure_at FROM entries WHERE id = ?
+-- What record() checks first: who holds the entry (as stored: entry_columns hide a lapsed
+-- lease), then the entry, which the trace of a first try takes without reading it again.
+SELECT lease_owner, lease_until, {entry_columns} FROM entries WHERE id = ?
 
 -- waiting_addresses --
 SELECT address FROM recipients WHERE entry_id = ?

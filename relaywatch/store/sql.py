@@ -31,7 +31,6 @@ class SqlStore(SqlQueue, SqlWatch, SqlConsole, SqlCluster, SqlTlsReports):
         # Called (on the event loop) after a commit that made work due, so the
         # scheduler wakes at once instead of at its next poll.
         self.on_work = on_work
-        self._announce_pending = False
 
     @property
     def where(self) -> str:
@@ -60,19 +59,9 @@ class SqlStore(SqlQueue, SqlWatch, SqlConsole, SqlCluster, SqlTlsReports):
             self.on_work()
 
     def _notify(self) -> None:
-        """After a commit that made work due: wake our scheduler, and tell the other nodes."""
+        """After a commit that made work due: wake our scheduler.  Other nodes hear
+        of it from the commit itself (``engine.write(..., announce=True)``)."""
         self._wake()
-        # Every node (this one's other process included) hears of it after the
-        # commit; one announcement per writer batch, however many messages it holds.
-        if self.dialect.announce is None or not self.engine.is_open or self._announce_pending:
-            return
-        self._announce_pending = True
-
-        def op(conn: Any, cleanup: list) -> None:
-            self._announce_pending = False
-            conn.execute(self.dialect.announce)
-        task = asyncio.ensure_future(self.engine.write(op))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # best effort: polling remains
 
     async def _read(self, fn: Callable[[Any], Any]) -> Any:
         """A read of the caller's own (tests and tools look at the tables)."""

@@ -1,0 +1,90 @@
+"""The group commit's batches (store/engine.py): one transaction, no savepoint unless an op fails.
+
+A batch runs its ops straight in its transaction; when one fails, the others run
+again each in a savepoint and the failed one keeps its error.  The ops here are
+the engine's own kind, ``fn(conn, cleanup)``, on real SQLite and PostgreSQL."""
+
+import asyncio
+import itertools
+import threading
+
+import pytest
+
+from relaywatch.errors import StoreError
+
+from helpers import SQL_BACKENDS, make_store
+
+
+@pytest.fixture(params=SQL_BACKENDS)
+async def sql_store(request, tmp_path):
+    store = make_store(request.param, tmp_path, request)
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def one_batch(store, *ops):
+    """Run ``ops`` in one batch: the writer is held inside an op of its own until all are queued."""
+    inside, go_on = threading.Event(), threading.Event()
+
+    def hold(conn, cleanup):
+        inside.set()
+        go_on.wait(30)
+    held = asyncio.ensure_future(store.engine.write(hold))
+    await asyncio.to_thread(inside.wait, 30)
+
+    async def release():     # gather starts the writes first, in order: all are queued by now
+        go_on.set()
+    results = await asyncio.gather(*(store.engine.write(op) for op in ops), release(), return_exceptions=True)
+    await held
+    return results[:-1]
+
+
+def insert(key):
+    def op(conn, cleanup):
+        conn.execute("INSERT INTO overrides (key, value, set_at) VALUES (?, '1', 0)", (key,))
+        return key
+    return op
+
+
+def failing(exc_type):
+    def op(conn, cleanup):
+        conn.execute("INSERT INTO overrides (key, value, set_at) VALUES ('failed', '1', 0)")
+        if exc_type is None:
+            conn.execute("SELECT * FROM no_such_table")   # a driver error: PostgreSQL aborts the transaction
+        raise exc_type("this op fails")
+    return op
+
+
+async def keys(store):
+    return sorted(k for (k,) in await store._read(lambda c: c.execute("SELECT key FROM overrides").fetchall()))
+
+
+@pytest.mark.parametrize("error", [ValueError, None], ids=["op-error", "driver-error"])
+async def test_a_failed_op_leaves_nothing_and_the_others_commit_once(sql_store, error):
+    results = await one_batch(sql_store, insert("a"), failing(error),
+                              insert("b"), failing(ValueError), insert("c"))
+    assert results[0] == "a" and results[2] == "b" and results[4] == "c"
+    assert isinstance(results[1], ValueError if error else StoreError)
+    assert isinstance(results[3], ValueError)
+    assert await keys(sql_store) == ["a", "b", "c"]
+
+
+async def test_ops_of_a_batch_write_in_its_own_transaction_not_in_subtransactions(request, tmp_path):
+    """On PostgreSQL a savepoint per op cost two round-trips, and an XID per op that writes."""
+    store = make_store("postgres", tmp_path, request)
+    await store.open()
+    try:
+        keys = itertools.count()
+
+        def op(conn, cleanup):
+            # xmin is a 32-bit xid; pg_current_xact_id() also counts the epoch.
+            xmin = conn.execute("INSERT INTO overrides (key, value, set_at) VALUES (?, '1', 0) "
+                                "RETURNING xmin::text::bigint", (f"k{next(keys)}",)).fetchone()[0]
+            top = conn.execute("SELECT mod(pg_current_xact_id()::text::bigint, 4294967296)").fetchone()[0]
+            return xmin, top
+        results = await one_batch(store, op, op, op)
+        assert all(xmin == top for xmin, top in results), results
+        assert len({top for _xmin, top in results}) == 1
+    finally:
+        await store.close()
