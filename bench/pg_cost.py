@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import re
 import time
@@ -46,6 +47,26 @@ def _count(name, original, weight):
 
 
 _count("execute", postgres._Connection.execute, lambda params: 1)
+in_pipeline = False
+
+
+def _counted_pipeline(original):
+    # queries.together: one wait for the fetch inside, one for the sync at the end; the
+    # statements inside wait for nothing of their own.
+    @contextlib.contextmanager
+    def counted(self):
+        global in_pipeline
+        with original(self):
+            before, in_pipeline = calls["round_trips"], True
+            try:
+                yield
+            finally:
+                in_pipeline = False
+                calls["round_trips"] = before + 2
+    return counted
+
+
+postgres._Connection.pipeline = _counted_pipeline(postgres._Connection.pipeline)
 _count("executemany", postgres._Connection.executemany, lambda rows: len(list(rows)) if isinstance(rows, list) else 1)
 
 
@@ -59,17 +80,18 @@ def counters(conn) -> dict:
 def wal(conn, start: str, end: str, db_oid: int) -> dict:
     """Records of our database's blocks, and the commit records of the transactions that wrote them."""
     rows = conn.execute(
-        "SELECT resource_manager, record_type, xid::text::bigint, record_length, block_ref, description "
+        "SELECT resource_manager, record_type, xid::text::bigint, record_length, fpi_length, block_ref, description "
         "FROM pg_get_wal_records_info(%s, %s)", (start, end)).fetchall()
     mine = f"/{db_oid}/"
-    xids = {xid for _rm, _t, xid, _l, ref, _d in rows if ref and mine in ref and xid}
+    xids = {xid for _rm, _t, xid, _l, _f, ref, _d in rows if ref and mine in ref and xid}
     out = collections.Counter()
-    for rm, rtype, xid, length, ref, description in rows:
+    for rm, rtype, xid, length, fpi, ref, description in rows:
         # A commit names the subtransactions (savepoints) whose xids wrote the rows.
         subxacts = {int(x) for x in re.findall(r"\d+", description.partition("subxacts:")[2].partition(";")[0])}
         if (ref and mine in ref) or (rm == "Transaction" and (xid in xids or subxacts & xids)):
             out["wal_records"] += 1
             out["wal_bytes"] += length
+            out["wal_fpi_bytes"] += fpi   # full-page images: when a checkpoint fell in the run
             out[f"{rm}/{rtype}"] += 1
     return out
 

@@ -254,10 +254,11 @@ class GroupCommitEngine:
             results = self._run_ops(conn, batch, cleanup)
             if self.dialect.announce is not None and any(
                     ok and announce and value for (_fn, announce, _l, _f), (ok, value) in zip(batch, results)):
-                # In the batch's own transaction: other nodes hear of it when it commits, and
-                # never of work that did not (a NOTIFY of its own took a commit, an fsync).
-                conn.execute(self.dialect.announce)
-            conn.execute("COMMIT")
+                # In the batch's own transaction (and round-trip): other nodes hear of it when it
+                # commits, and never of work that did not (a NOTIFY of its own took a commit, an fsync).
+                conn.execute(f"{self.dialect.announce}; COMMIT")
+            else:
+                conn.execute("COMMIT")
             meters.commit_seconds.observe(time.perf_counter() - started)
         except (*self.dialect.errors, OSError) as exc:
             try:

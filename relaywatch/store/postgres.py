@@ -97,6 +97,10 @@ class _Connection:
         cur.executemany(_translate(sql), list(rows))
         return cur
 
+    def pipeline(self):
+        """Statements sent without waiting for each one's answer (store/queue.py ``together``)."""
+        return self.conn.pipeline()
+
     def close(self) -> None:
         self.conn.close()
 

@@ -20,8 +20,10 @@ an ``IN`` list whose length is known only then (``in_list``).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
+from typing import Any, ContextManager
 
 from relaywatch.model import EntryStatus, IncidentState, NotificationState, RecipientStatus
 
@@ -68,3 +70,11 @@ def load(filename: str) -> dict[str, str]:
 def in_list(sql: str, n: int) -> str:
     """Expand the ``(?*)`` of ``sql`` to ``n`` placeholders."""
     return sql.replace("(?*)", "(" + ",".join("?" * n) + ")")
+
+
+def together(conn: Any) -> ContextManager:
+    """The statements inside sent without waiting for each one's answer where the connection
+    can (PostgreSQL's pipeline mode: one wait at each fetch and one at the end, however many
+    statements); SQLite has no round-trips."""
+    pipeline = getattr(conn, "pipeline", None)
+    return pipeline() if pipeline is not None else contextlib.nullcontext()
