@@ -88,3 +88,26 @@ async def test_ops_of_a_batch_write_in_its_own_transaction_not_in_subtransaction
         assert len({top for _xmin, top in results}) == 1
     finally:
         await store.close()
+
+
+async def test_opening_a_postgres_queue_that_exists_waits_for_no_writer(pg_dsn):
+    """The CLI (queue list ...) and a node starting open the store beside busy writers: opening
+    an existing queue creates nothing, so it takes no table lock that waits for their transactions."""
+    import psycopg
+
+    from relaywatch.store.postgres import SCHEMA, SCHEMA_RELATIONS, PostgresStore
+    assert len(SCHEMA_RELATIONS) == SCHEMA.count("CREATE ")   # every table and index is looked for
+    first = PostgresStore(pg_dsn)
+    await first.open()
+    await first.close()
+    writer = psycopg.connect(pg_dsn, autocommit=True)
+    writer.execute("BEGIN")
+    writer.execute("UPDATE entries SET attempts = attempts WHERE id = 'none'")   # a lock on entries
+    second = PostgresStore(pg_dsn)
+    try:
+        await asyncio.wait_for(second.open(), 10)
+        assert await second.counts() == {}
+    finally:
+        writer.execute("ROLLBACK")   # lets a blocked open go on, so that it can be closed
+        writer.close()
+        await second.close()

@@ -43,6 +43,11 @@ from relaywatch.store.engine import first_line
 from relaywatch.store.sql import SqlStore
 
 SCHEMA = schema.render("postgres")
+# What SCHEMA creates: when all of it exists, opening runs none of it, since CREATE INDEX
+# IF NOT EXISTS takes a SHARE lock on its table before it looks, so every CLI command
+# (queue list ...) and node start waited for the writers' transactions and held new ones up.
+SCHEMA_RELATIONS = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
+COUNT_TRIGGER_NAMES = ("entries_counted", "entries_counted_update")   # schema.COUNT_TRIGGERS["postgres"]
 SCHEMA_LOCK = 0x7277_0001   # pg_advisory_xact_lock key: "rw", the schema
 
 log = logging.getLogger("relaywatch.store")
@@ -230,11 +235,20 @@ class PostgresDialect:
                     conn.conn.execute("SET LOCAL statement_timeout = 0")
                     conn.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                     conn.conn.execute(fill)
-            # A big queue from an earlier version gets new indexes and is counted once (queue_counts):
-            # longer than a statement may take, once.
-            conn.conn.execute("SET LOCAL statement_timeout = 0")
-            conn.conn.execute(SCHEMA)
-            conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
+            present = {name for (name,) in conn.conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                "AND relname = ANY(%s)", (SCHEMA_RELATIONS,))}
+            (triggers,) = conn.conn.execute(
+                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "WHERE c.relnamespace = current_schema()::regnamespace AND t.tgname = ANY(%s)",
+                (list(COUNT_TRIGGER_NAMES),)).fetchone()
+            if present != set(SCHEMA_RELATIONS) or triggers != len(COUNT_TRIGGER_NAMES):
+                # A big queue from an earlier version gets new indexes and is counted once
+                # (queue_counts): longer than a statement may take, once.  An existing, complete
+                # schema runs no DDL, which would wait for every open writer (and block new ones).
+                conn.conn.execute("SET LOCAL statement_timeout = 0")
+                conn.conn.execute(SCHEMA)
+                conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
         return _durable_commits(conn)
 
     def connect_reader(self) -> _Connection:
