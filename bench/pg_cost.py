@@ -66,7 +66,8 @@ def _counted_pipeline(original):
     return counted
 
 
-postgres._Connection.pipeline = _counted_pipeline(postgres._Connection.pipeline)
+if hasattr(postgres._Connection, "pipeline"):   # not in versions before it
+    postgres._Connection.pipeline = _counted_pipeline(postgres._Connection.pipeline)
 _count("executemany", postgres._Connection.executemany, lambda rows: len(list(rows)) if isinstance(rows, list) else 1)
 
 
