@@ -7,6 +7,7 @@ to any other address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 import datetime
 import json
@@ -148,6 +149,17 @@ def make_store(backend: str, tmp_path: Path, request, **kwargs):
         return SqliteStore(tmp_path / "q.sqlite3", **kwargs)
     from relaywatch.store.postgres import PostgresStore
     return PostgresStore(request.getfixturevalue("pg_dsn"), **kwargs)
+
+
+@contextlib.asynccontextmanager
+async def opened_store(backend: str, tmp_path: Path, request, **kwargs):
+    """``make_store``'s store, opened, and closed afterwards."""
+    store = make_store(backend, tmp_path, request, **kwargs)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 STORE_BACKENDS = ["memory", "sqlite", "postgres"]   # the contract suite runs over each

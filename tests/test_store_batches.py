@@ -12,15 +12,13 @@ import pytest
 
 from relaywatch.errors import StoreError
 
-from helpers import SQL_BACKENDS, make_store
+from helpers import SQL_BACKENDS, opened_store
 
 
 @pytest.fixture(params=SQL_BACKENDS)
 async def sql_store(request, tmp_path):
-    store = make_store(request.param, tmp_path, request)
-    await store.open()
-    yield store
-    await store.close()
+    async with opened_store(request.param, tmp_path, request) as store:
+        yield store
 
 
 async def one_batch(store, *ops):
@@ -72,22 +70,18 @@ async def test_a_failed_op_leaves_nothing_and_the_others_commit_once(sql_store, 
 
 async def test_ops_of_a_batch_write_in_its_own_transaction_not_in_subtransactions(request, tmp_path):
     """On PostgreSQL a savepoint per op cost two round-trips, and an XID per op that writes."""
-    store = make_store("postgres", tmp_path, request)
-    await store.open()
-    try:
-        keys = itertools.count()
+    keys = itertools.count()
 
-        def op(conn, cleanup):
-            # xmin is a 32-bit xid; pg_current_xact_id() also counts the epoch.
-            xmin = conn.execute("INSERT INTO overrides (key, value, set_at) VALUES (?, '1', 0) "
-                                "RETURNING xmin::text::bigint", (f"k{next(keys)}",)).fetchone()[0]
-            top = conn.execute("SELECT mod(pg_current_xact_id()::text::bigint, 4294967296)").fetchone()[0]
-            return xmin, top
+    def op(conn, cleanup):
+        # xmin is a 32-bit xid; pg_current_xact_id() also counts the epoch.
+        xmin = conn.execute("INSERT INTO overrides (key, value, set_at) VALUES (?, '1', 0) "
+                            "RETURNING xmin::text::bigint", (f"k{next(keys)}",)).fetchone()[0]
+        top = conn.execute("SELECT mod(pg_current_xact_id()::text::bigint, 4294967296)").fetchone()[0]
+        return xmin, top
+    async with opened_store("postgres", tmp_path, request) as store:
         results = await one_batch(store, op, op, op)
-        assert all(xmin == top for xmin, top in results), results
-        assert len({top for _xmin, top in results}) == 1
-    finally:
-        await store.close()
+    assert all(xmin == top for xmin, top in results), results
+    assert len({top for _xmin, top in results}) == 1
 
 
 async def test_opening_a_postgres_queue_that_exists_waits_for_no_writer(pg_dsn):

@@ -13,7 +13,7 @@ from relaywatch.model import (
 )
 from relaywatch.store.trace import REPLY_CHARS
 
-from helpers import STORE_BACKENDS, eventually, make_store
+from helpers import STORE_BACKENDS, eventually, opened_store
 
 A = Route(RouteKind.CONNECTOR, "a")
 DELIVERED, DEFERRED, FAILED = RecipientStatus.DELIVERED, RecipientStatus.DEFERRED, RecipientStatus.FAILED
@@ -35,10 +35,8 @@ def attempt(*outcomes, reply="250 2.0.0 queued as ABC"):
 
 @pytest.fixture(params=STORE_BACKENDS)
 async def store(request, tmp_path):
-    s = make_store(request.param, tmp_path, request)
-    await s.open()
-    yield s
-    await s.close()
+    async with opened_store(request.param, tmp_path, request) as s:
+        yield s
 
 
 async def leased(store, entry_id):
