@@ -68,7 +68,7 @@ def test_store_errors_map_to_452_when_full_else_451():
 
 def test_sqlite_full_becomes_store_full():
     import sqlite3
-    from relaywatch.store.engine import driver_error
+    from relaywatch.store.driver_errors import driver_error
     conn = sqlite3.connect(":memory:")
     conn.execute("PRAGMA max_page_count=2")
     conn.execute("CREATE TABLE t (x)")
@@ -81,7 +81,7 @@ def test_sqlite_full_becomes_store_full():
 
 def test_postgresql_disk_full_becomes_store_full():
     errors = pytest.importorskip("psycopg.errors")
-    from relaywatch.store.engine import driver_error
+    from relaywatch.store.driver_errors import driver_error
     err = driver_error("queue store write failed", errors.DiskFull("could not extend file"))
     assert isinstance(err, StoreFull) and err.code == "53100"
     assert type(driver_error("x", errors.OperationalError("connection refused"))) is StoreError

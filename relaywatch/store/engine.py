@@ -37,6 +37,7 @@ from typing import Any, Callable, Protocol
 from relaywatch import meters
 from relaywatch.errors import StoreError, StoreFull
 from relaywatch.store.backoff import Backoff
+from relaywatch.store.driver_errors import FULL_CODES, driver_error, error_code, first_line
 
 _MAX_BATCH = 256
 
@@ -202,7 +203,7 @@ class GroupCommitEngine:
     def _unavailable(self, backoff: Backoff) -> StoreError:
         # While reconnecting, writes fail as the last one did: a full disk stays
         # StoreFull (452 4.3.1 to clients), anything else StoreError (451 4.3.0).
-        full = self._down_code in _FULL_CODES
+        full = self._down_code in FULL_CODES
         return (StoreFull if full else StoreError)(
             f"queue store {self.dialect.where} is unavailable ({backoff.error}); reconnecting", code=self._down_code)
 
@@ -401,30 +402,6 @@ class GroupCommitEngine:
                     self._reads_in_flight -= 1
                     self._readers_idle.notify_all()
         return await asyncio.to_thread(run)
-
-
-# SQLite's "database or disk is full" and PostgreSQL's disk_full: the receiver says 452 4.3.1.
-_FULL_CODES = {"SQLITE_FULL", "53100"}
-
-
-def error_code(exc: BaseException) -> str | None:
-    """The driver's code for an error: sqlite3's name (SQLITE_FULL) or PostgreSQL's SQLSTATE."""
-    return getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", None)
-
-
-def driver_error(what: str, exc: Exception) -> StoreError:
-    """The StoreError for a driver's exception (StoreFull when the disk under it is full).
-    Driver errors are wrapped here only: callers of the store see StoreError (errors.py)."""
-    code = error_code(exc)
-    err = (StoreFull if code in _FULL_CODES else StoreError)(f"{what}: {first_line(exc)}", code=code)
-    err.__cause__ = exc
-    return err
-
-
-def first_line(exc: BaseException) -> str:
-    """A driver error in one line (psycopg's run over several, with hints)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _close_quietly(conn: Any) -> None:

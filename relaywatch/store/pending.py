@@ -40,7 +40,7 @@ from relaywatch.model import (
     Attempt, Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
 from relaywatch.store.backoff import Backoff
-from relaywatch.store.engine import first_line
+from relaywatch.store.driver_errors import first_line
 
 log = logging.getLogger("relaywatch.scheduler")
 

@@ -39,7 +39,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relaywatch.store import schema
 from relaywatch.store.backoff import Backoff
-from relaywatch.store.engine import first_line
+from relaywatch.store.driver_errors import first_line
 from relaywatch.store.sql import SqlStore
 
 SCHEMA = schema.render("postgres")

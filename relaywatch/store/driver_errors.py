@@ -1,0 +1,30 @@
+"""A database driver's errors as the store's (StoreError, StoreFull), in one line.
+
+Driver errors are wrapped here only: callers of the store see StoreError (errors.py).
+"""
+
+from __future__ import annotations
+
+from relaywatch.errors import StoreError, StoreFull
+
+# SQLite's "database or disk is full" and PostgreSQL's disk_full: the receiver says 452 4.3.1.
+FULL_CODES = {"SQLITE_FULL", "53100"}
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The driver's code for an error: sqlite3's name (SQLITE_FULL) or PostgreSQL's SQLSTATE."""
+    return getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", None)
+
+
+def driver_error(what: str, exc: Exception) -> StoreError:
+    """The StoreError for a driver's exception (StoreFull when the disk under it is full)."""
+    code = error_code(exc)
+    err = (StoreFull if code in FULL_CODES else StoreError)(f"{what}: {first_line(exc)}", code=code)
+    err.__cause__ = exc
+    return err
+
+
+def first_line(exc: BaseException) -> str:
+    """A driver error in one line (psycopg's run over several, with hints)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
