@@ -130,7 +130,7 @@ class SqlQueue:
                     return False   # recorded (delivered to all) before, or deleted
                 raise UnknownEntry(entry_id)
             lease_owner, lease_until = row[:2]
-            entry = _entry(row[2:])
+            entry = _entry(row[2:], now)
             body_id, attempts, first_failure_at = entry.body_id, entry.attempts, entry.first_failure_at
             leased = lease_owner is not None and (lease_until or 0) > now
             if attempts_before is not None:
