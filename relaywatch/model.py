@@ -214,6 +214,9 @@ class NewMessage:
     auth_user: str = ""                            # who logged in with SMTP AUTH ("" if nobody)
     dsn: MessageDsn = NO_MESSAGE_DSN                       # RET, ENVID
     recipient_dsn: Mapping[str, RecipientDsn] = field(default_factory=dict)   # by address: NOTIFY, ORCPT
+    # A TLS report of ours (RFC 8460 5.3): delivered with opportunistic TLS whatever
+    # the rua domain's MTA-STS or DANE say, and its sessions are not counted.
+    is_tls_report: bool = False
 
     def by_route(self) -> list[tuple[Route, list[str]]]:
         """The queue entries this message makes: one per route key, in the order of
@@ -259,6 +262,7 @@ class Entry:
     first_failure_at: float | None = None
     helo: str = ""
     auth_user: str = ""
+    is_tls_report: bool = False         # NewMessage.is_tls_report
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     lease_owner: str | None = None

@@ -254,6 +254,37 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
         await reports.stop()
 
 
+@pytest.mark.both_loops
+@pytest.mark.both_stores
+async def test_the_report_reaches_a_domain_whose_policy_fails_and_is_not_counted(world):
+    # RFC 8460 5.3: the report about partner.test's broken TLS goes to partner.test itself,
+    # whose only MX shows a certificate for another name under an enforced policy.
+    await world.start(policy=policy_text(), mx_cert="other.partner.test")
+    world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = [f'"v=TLSRPTv1; rua=mailto:tlsrpt@{DOMAIN}"']
+    relay = await world.start_relay(
+        alerts={"evaluate_interval": "0.1s"},
+        tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
+                       "submitter": "relay.contoso.test"})
+    monitor = relay.app.monitor
+    relay.app.routes.mta_sts.clock = monitor.tls_reports.clock = lambda: time.time() - 86400
+    await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
+    day = utc_day(time.time() - 86400)
+
+    async def counted():
+        return [c for c in await relay.store.tls_counts(day) if c.result_type == "certificate-host-mismatch"]
+    await eventually(counted, what="the failed session counted")
+    assert not world.mx.messages                          # the policy holds bob's mail back
+
+    monitor.tls_reports.clock = time.time
+    await eventually(lambda: world.mx.messages, what="the report delivered to the domain's own MX")
+    [mail] = world.mx.messages
+    assert mail.recipients == [f"tlsrpt@{DOMAIN}"]
+    assert ("noreply-smtp-tls-reporting@relay.contoso.test", True) in world.handler.mail_from   # TLS as offered
+    # Its session is in no count: every result recorded is one of bob's failures under the policy.
+    assert {(r.policy_type, r.result_type) for r in relay.app.routes.tls_results.recent} == {
+        ("sts", "certificate-host-mismatch")}
+
+
 # -- the incident of a policy failure says what the day's report will say ----------------------------
 
 @pytest.mark.parametrize("facts, expected", [

@@ -86,6 +86,13 @@ def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
     return RecipientOutcome(address, status, failure)
 
 
+def unreachable(failed: AllTargetsFailed, recipients: list[str], now: float) -> DeliveryResult:
+    """No target took the session: every recipient fails with the primary target's failure."""
+    failures = [classify(o, now) for o in failed.observations]
+    return DeliveryResult([failed_outcome(r, failures[0]) for r in recipients], failures[0].destination,
+                          tuple(failures[1:]))
+
+
 def transaction_outcomes(result: TransactionResult, recipients: list[str], dest: Destination,
                          now: float, dsn_passed_on: bool = False) -> list[RecipientOutcome]:
     """Per-recipient outcomes of one MAIL/RCPT/DATA exchange; ``dsn_passed_on``: the server
@@ -147,6 +154,8 @@ class SmtpSession:
 
     async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
         c = self.connector
+        if entry.is_tls_report:
+            return await self._deliver_tls_report(entry, body, recipients)
         if c.down_until > c.clock.monotonic() and c.down_failure is not None:
             return DeliveryResult([failed_outcome(r, c.down_failure) for r in recipients],
                                   c.down_failure.destination, c.down_tried)
@@ -164,23 +173,40 @@ class SmtpSession:
             try:
                 conn = self.conn = await c.routes.connect(entry.route, split_address(recipients[0])[1])
             except AllTargetsFailed as failed:
-                now = c.clock.now()
-                failures = [classify(o, now) for o in failed.observations]
-                primary, tried = failures[0], tuple(failures[1:])
+                result = unreachable(failed, recipients, c.clock.now())
                 c.down_until, c.down_failure, c.down_tried = (
-                    c.clock.monotonic() + DEAD_DESTINATION_SECONDS, primary, tried)
-                return DeliveryResult([failed_outcome(r, primary) for r in recipients], primary.destination, tried)
+                    c.clock.monotonic() + DEAD_DESTINATION_SECONDS, result.outcomes[0].failure, result.tried)
+                return result
             c.down_until, c.down_failure = 0.0, None
+        return await self._send(conn, entry, body, recipients)
+
+    async def _deliver_tls_report(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+        """A TLS report of ours on a connection of its own (deliver/smtp.py ``tls_report``):
+        never one kept under the domain's policy, never kept for mail that must be under
+        it, and not held back by the route being down (it may be down for TLS alone)."""
+        c = self.connector
+        try:
+            conn = await c.routes.connect(entry.route, split_address(recipients[0])[1], tls_report=True)
+        except AllTargetsFailed as failed:
+            return unreachable(failed, recipients, c.clock.now())
+        result = await self._send(conn, entry, body, recipients)
+        await conn.quit()
+        return result
+
+    async def _send(self, conn: SmtpConnection, entry: Entry, body: StoredBody,
+                    recipients: list[str]) -> DeliveryResult:
+        clock = self.connector.clock
         try:
             by_address = {r.address: r.dsn for r in entry.recipients}
             result = await conn.transaction(entry.sender, recipients, body, entry.dsn,
                                             [by_address.get(r, NO_RECIPIENT_DSN) for r in recipients])
         except SessionFailure as failure:
             conn.close()
-            self.conn = None
-            f = classify(failure.observation, c.clock.now())
-            return DeliveryResult([failed_outcome(r, f) for r in recipients], conn.dest)
-        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, c.clock.now(),
+            if conn is self.conn:
+                self.conn = None
+            return DeliveryResult([failed_outcome(r, classify(failure.observation, clock.now())) for r in recipients],
+                                  conn.dest)
+        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, clock.now(),
                                                    dsn_passed_on="DSN" in conn.capabilities), conn.dest,
                               tls=conn.tls)
 

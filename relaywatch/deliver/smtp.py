@@ -27,6 +27,13 @@ usable TLSA is held to DANE and not to MTA-STS (RFC 8461 2: STS must not
 override a failed DANE check).  A bogus TLSA lookup, or a connector that
 requires DANE where there is none, fails the host without connecting.  Each
 DANE session's result is a ``TlsResult`` of policy type ``tlsa``.
+
+A TLS report of ours (``connect(..., tls_report=True)``, RFC 8460 5.3) must
+arrive despite the very failures it reports: it ignores MTA-STS and DANE, on
+MX delivery takes TLS as offered without checking the certificate (a smart
+host keeps its connector's TLS settings: that is our own path, not the
+domain's policy), and records no result, so its sessions are not in the next
+report.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ class SmtpRoutes:
                          ca_file=str(connector.ca_file) if connector.ca_file else None,
                          crl_file=str(connector.crl_file) if connector.crl_file else None)
 
-    async def targets(self, route: Route, recipient_domain: str) -> list[Target]:
+    async def targets(self, route: Route, recipient_domain: str, tls_report: bool = False) -> list[Target]:
         connector = self.connector_for(route)
         if connector is not None and connector.smart_hosts:
             n = len(connector.smart_hosts)
@@ -136,7 +143,7 @@ class SmtpRoutes:
         domain = route.domain or recipient_domain
         answer = await self.resolver.mx_answer(domain)
         hosts = answer.hosts
-        policy = await self.mta_sts.policy(domain) if self.uses_mta_sts(route) else None
+        policy = await self.mta_sts.policy(domain) if self.uses_mta_sts(route) and not tls_report else None
         if policy is not None and policy.mode == "none":
             policy = None
         return [Target(mx.host, port, i + 1, len(hosts), policy, mx_secure=answer.secure, domain=domain)
@@ -152,9 +159,10 @@ class SmtpRoutes:
         dests = [Destination(target.host, ip, target.port, target.index, target.count) for ip in answer.addresses]
         return dests, answer.secure
 
-    async def dane_policy(self, route: Route, target: Target, host_secure: bool) -> DanePolicy:
+    async def dane_policy(self, route: Route, target: Target, host_secure: bool,
+                          tls_report: bool = False) -> DanePolicy:
         """What DANE says for ``target``; raises DnsFailure when the TLSA lookup times out."""
-        mode = self.dane_mode(route)
+        mode = "off" if tls_report else self.dane_mode(route)
         skipped = tlsa_wanted(mode, target.mx_secure, host_secure)
         if mode == "off" or skipped is not None:
             return verdict(mode, target.host, target.port, None, skipped=skipped)
@@ -171,9 +179,9 @@ class SmtpRoutes:
         config = self.config_ref()
         return SmtpConnection(dest, config.delivery, config.server.hostname)
 
-    async def connect(self, route: Route, recipient_domain: str) -> SmtpConnection:
+    async def connect(self, route: Route, recipient_domain: str, tls_report: bool = False) -> SmtpConnection:
         try:
-            targets = await self.targets(route, recipient_domain)
+            targets = await self.targets(route, recipient_domain, tls_report)
         except DnsFailure as failure:
             raise AllTargetsFailed([failure.observation]) from None
         seen: list[Observation] = []
@@ -184,7 +192,7 @@ class SmtpRoutes:
                 continue
             try:
                 dests, host_secure = await self.resolve(target)
-                dane = await self.dane_policy(route, target, host_secure)
+                dane = await self.dane_policy(route, target, host_secure, tls_report)
             except DnsFailure as failure:
                 obs = failure.observation
                 seen.append(Observation(obs.phase, obs.outcome, Destination(
@@ -197,6 +205,8 @@ class SmtpRoutes:
                 continue
             for dest in dests[:MAX_ADDRESSES_PER_HOST]:
                 try:
+                    if tls_report:
+                        return await self._open_for_report(route, target, dest)
                     return await self._open(route, target, dest, dane)
                 except SessionFailure as failure:
                     obs = failure.observation
@@ -282,6 +292,24 @@ class SmtpRoutes:
                                                             conn.local_ip))
         elif not dane.applies:
             self._record_opportunistic(route, target, dest, conn, None)
+        return conn
+
+    async def _open_for_report(self, route: Route, target: Target, dest: Destination) -> SmtpConnection:
+        """A session for a TLS report: TLS as offered (the connector's own TLS towards a smart
+        host), nothing recorded; raises SessionFailure."""
+        connector = self.connector_for(route)
+        if connector is not None and connector.smart_hosts:
+            conn = self.session(dest)
+            await conn.open(self.tls_policy(route, target.host), target.host)
+            return conn
+        conn = self.session(dest)
+        try:
+            await conn.open(TlsPolicy(mode="opportunistic", verify="none"), target.host)
+        except SessionFailure as failure:
+            if failure.observation.outcome is not Outcome.TLS_HANDSHAKE:
+                raise
+            conn = self.session(dest)       # 5.3: "without TLS" is allowed, when TLS itself fails
+            await conn.open(TlsPolicy(mode="none"), target.host)
         return conn
 
     def _record_opportunistic(self, route: Route, target: Target, dest: Destination, conn: SmtpConnection,

@@ -8,7 +8,9 @@
 - ``report_file``: the gzipped JSON and its file name (5.3).
 - ``report_message``: the mail for a ``mailto:`` destination (5.3): a
   multipart/report of type tlsrpt with the gzip as application/tlsrpt+gzip,
-  TLS-Report-Domain and TLS-Report-Submitter, queued as any other message.
+  TLS-Report-Domain and TLS-Report-Submitter, queued as any other message
+  but marked ``is_tls_report``: delivery takes TLS as it comes for it, never
+  the rua domain's MTA-STS or DANE (5.3: delivered despite TLS failures).
 
 Sending and the daily trigger are watch/tls_report.py's.
 """
@@ -155,7 +157,8 @@ def report_message(config: Config, data: dict, rua: list[str], now: float) -> Ne
     data_bytes = msg.as_bytes()
     return NewMessage(sender=report_sender(submitter), recipients=tuple(recipients),
                       body=StoredBody(size=len(data_bytes), data=data_bytes), received_at=now,
-                      expires_at=now + REPORT_EXPIRATION, message_id=msg["Message-ID"], client="relaywatch")
+                      expires_at=now + REPORT_EXPIRATION, message_id=msg["Message-ID"], client="relaywatch",
+                      is_tls_report=True)
 
 
 def incident_line(facts: dict) -> str | None:

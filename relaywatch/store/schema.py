@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS entries (
     helo             TEXT NOT NULL DEFAULT '',   -- what the client said in HELO/EHLO (the trace)
     auth_user        TEXT NOT NULL DEFAULT '',   -- who sent it with SMTP AUTH (the trace)
     dsn_ret          TEXT,              -- RET of MAIL FROM (FULL | HDRS; RFC 3461), NULL if not given
-    dsn_envid        TEXT               -- ENVID of MAIL FROM, xtext-decoded
+    dsn_envid        TEXT,              -- ENVID of MAIL FROM, xtext-decoded
+    is_tls_report    INTEGER NOT NULL DEFAULT 0  -- our RFC 8460 report: opportunistic TLS only, not counted
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
@@ -281,6 +282,9 @@ MIGRATIONS = [
     ("entries", "dsn_envid", "TEXT", _NOTHING),
     ("recipients", "dsn_notify", "TEXT", _NOTHING),
     ("recipients", "dsn_orcpt", "TEXT", _NOTHING),
+    # A node of the previous version inserts without it (0: an ordinary message) and reads
+    # entries by named columns, so it never sees it (it would deliver a report under the policy).
+    ("entries", "is_tls_report", "INTEGER NOT NULL DEFAULT 0", _NOTHING),
 ]
 MIGRATED_TABLES = ("entries", "recipients")
 
