@@ -113,10 +113,12 @@ def test_opportunistic_tls_by_mx_is_reported_as_no_policy_found(encrypted, failu
 # -- the loopback world: a relay under a policy, the report's two destinations ------------------
 
 class HttpsReceiver:
-    """HTTPS on loopback that keeps every POST (headers, body) and answers 200."""
+    """HTTPS on loopback that keeps every POST (headers, body) and answers 200, or
+    first each status of ``failing`` in turn."""
 
-    def __init__(self, context: ssl.SSLContext):
+    def __init__(self, context: ssl.SSLContext, failing: tuple[int, ...] = ()):
         self.context = context
+        self.failing = list(failing)
         self.posts: list[tuple[str, dict[str, str], bytes]] = []
         self.server = None
 
@@ -135,7 +137,8 @@ class HttpsReceiver:
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
             body = await reader.readexactly(int(headers.get("content-length", "0")))
             self.posts.append((head[0], headers, body))
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            status = self.failing.pop(0) if self.failing else 200
+            writer.write(b"HTTP/1.1 %d Whatever\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % status)
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
@@ -486,3 +489,62 @@ def test_a_bad_date_is_named():
     result = CliRunner().invoke(main, ["tls-report", "show", "--date", "30.11.2026", "-c", "/nonexistent.toml"])
     assert result.exit_code == 2 and "'30.11.2026' is not a date such as 2026-11-30" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("backend", STORE_BACKENDS)
+async def test_a_failed_post_is_tried_again_and_missed_days_go_late(backend, tmp_path, request):
+    """The cluster was down over two midnights: both missed days' reports go when it is back
+    (not the one before: too old); the POST that fails is tried again after 10 minutes and
+    an hour, once each, by whichever reporter looks first."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    receiver = await HttpsReceiver(server_context(ca, "tlsrpt.partner.test"), failing=(503, 503, 503)).start()
+    uri = f"https://tlsrpt.partner.test:{receiver.port}/v1/"
+    dns_server = await DnsServer({(f"_smtp._tls.{DOMAIN}", "TXT"): [f'"v=TLSRPTv1; rua={uri}"'],
+                                  ("tlsrpt.partner.test", "A"): [LOOPBACK]}).start()
+    store = make_store(backend, tmp_path, request)
+    await store.open()
+    config = parse_config({
+        "server": {"hostname": "relay.contoso.test", "data_dir": str(tmp_path / "data")},
+        "dns": {"nameservers": [f"{LOOPBACK}:{dns_server.port}"], "timeout": "1s"},
+        "mta_sts": {"ca_file": str(tmp_path / "ca.pem")},
+        "tls_reporting": {"enabled": True, "organization_name": "Contoso", "contact_info": "tls@contoso.test"}})
+    now = [MIDNIGHT + 86400 + 60]          # two midnights after the first day counted
+    reporters = [TlsReporter(lambda: config, store, Resolver(config.dns), lambda: now[0]) for _ in range(2)]
+    days = [utc_day(MIDNIGHT - 1 - back * 86400) for back in (1, 0)] + [utc_day(MIDNIGHT + 1)]
+    try:
+        await store.add_tls_counts([TlsCount(day, DOMAIN, "no-policy-found", (), count=n)
+                                    for n, day in enumerate(days, 1)])
+        await reporters[0].send_due()
+        assert await store.tls_reports(days[0]) == []        # three days old: not sent
+        assert len(receiver.posts) == 2                       # the two missed days, one POST each
+        sent = [json.loads(gzip.decompress(body))["date-range"]["start-datetime"][:10] for *_, body in receiver.posts]
+        assert sorted(sent) == days[1:]
+        [first] = await store.tls_reports(days[1])
+        assert first["outcome"][uri].startswith("failed: HTTP 503; trying again after ")
+        assert first["outcome"][uri].endswith("(try 1 of 4)")
+
+        now[0] += 601
+        for reporter in reporters:                            # the next try is made once
+            await reporter.send_due()
+        assert len(receiver.posts) == 4                       # one more each; the second day's is taken
+        outcome = {d: (await store.tls_reports(d))[0]["outcome"][uri] for d in days[1:]}
+        # The due tries go by day: the older day's gets the third 503, the other's goes.
+        assert outcome[days[2]] == "sent (HTTP 200) (try 2 of 4)"
+        assert outcome[days[1]].startswith("failed: HTTP 503; trying again after ")
+        assert outcome[days[1]].endswith("(try 2 of 4)")
+
+        now[0] += 600                                         # not yet: the third try waits an hour
+        await reporters[1].send_due()
+        assert len(receiver.posts) == 4
+        now[0] += 3600
+        await reporters[1].send_due()
+        assert len(receiver.posts) == 5
+        assert (await store.tls_reports(days[1]))[0]["outcome"][uri] == "sent (HTTP 200) (try 3 of 4)"
+        now[0] += 86400
+        await reporters[0].send_due()
+        assert len(receiver.posts) == 5                       # nothing left to try
+    finally:
+        await store.close()
+        dns_server.stop()
+        await receiver.stop()

@@ -268,6 +268,14 @@ class TlsReportStore(Protocol):
         """True once per (day, domain): for whoever is to send that report."""
     async def finish_tls_report(self, day: str, domain: str, outcome: dict) -> None: ...
     async def tls_reports(self, day: str) -> list[dict[str, Any]]: ...
+    async def add_tls_report_post(self, day: str, domain: str, uri: str, body: bytes, next_try: float) -> None:
+        """Keep a report's failed first POST to ``uri``, to try again at ``next_try``."""
+    async def due_tls_report_posts(self, now: float) -> list[dict[str, Any]]:
+        """The kept POSTs due by ``now``: day, policy_domain, uri, body, attempts."""
+    async def claim_tls_report_post(self, post: dict[str, Any], next_try: float) -> bool:
+        """True for the one caller that makes the next try of ``post`` (as read); the one after is at ``next_try``."""
+    async def drop_tls_report_post(self, post: dict[str, Any]) -> None:
+        """Sent, or given up: no more tries."""
 
 
 class Store(QueueStore, WatchStore, ConsoleStore, ClusterStore, TlsReportStore, Protocol):

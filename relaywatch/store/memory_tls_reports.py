@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 from relaywatch.model import TlsCount
-from relaywatch.store.tls_reports import report_from_row
+from relaywatch.store.tls_reports import post_from_row, report_from_row
 
 
 class MemoryTlsReports:
@@ -18,6 +18,7 @@ class MemoryTlsReports:
     def __init__(self) -> None:
         self._tls_counts: dict[tuple, TlsCount] = {}
         self._tls_reports: dict[tuple[str, str], tuple] = {}
+        self._tls_report_posts: dict[tuple[str, str, str], list] = {}   # key -> [body, attempts, next_try]
 
     async def add_tls_counts(self, rows: Sequence[TlsCount]) -> None:
         self._check()
@@ -47,3 +48,24 @@ class MemoryTlsReports:
     async def tls_reports(self, day: str) -> list[dict]:
         self._check()
         return [report_from_row(r) for k, r in sorted(self._tls_reports.items()) if k[0] == day]
+
+    async def add_tls_report_post(self, day: str, domain: str, uri: str, body: bytes, next_try: float) -> None:
+        self._check()
+        self._tls_report_posts.setdefault((day, domain, uri), [body, 1, next_try])
+
+    async def due_tls_report_posts(self, now: float) -> list[dict]:
+        self._check()
+        due = sorted((v[2], k) for k, v in self._tls_report_posts.items() if v[2] <= now)
+        return [post_from_row((*k, self._tls_report_posts[k][0], self._tls_report_posts[k][1])) for _, k in due]
+
+    async def claim_tls_report_post(self, post: dict, next_try: float) -> bool:
+        self._check()
+        held = self._tls_report_posts.get((post["day"], post["policy_domain"], post["uri"]))
+        if held is None or held[1] != post["attempts"]:
+            return False
+        held[1:] = [held[1] + 1, next_try]
+        return True
+
+    async def drop_tls_report_post(self, post: dict) -> None:
+        self._check()
+        self._tls_report_posts.pop((post["day"], post["policy_domain"], post["uri"]), None)

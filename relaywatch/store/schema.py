@@ -205,6 +205,16 @@ CREATE TABLE IF NOT EXISTS tls_reports (
     outcome       TEXT NOT NULL,    -- JSON: per rua destination, "queued <id>", "sent" or the error
     PRIMARY KEY (day, policy_domain)
 ){WITHOUT_ROWID};
+-- A report's https: POST that failed, to try again later (watch/tls_report.py POST_RETRIES).
+CREATE TABLE IF NOT EXISTS tls_report_posts (
+    day           TEXT NOT NULL,
+    policy_domain TEXT NOT NULL,
+    uri           TEXT NOT NULL,
+    body          {BLOB} NOT NULL,  -- the gzipped report, as first sent
+    attempts      INTEGER NOT NULL, -- POSTs made (or claimed) so far
+    next_try      {REAL} NOT NULL,
+    PRIMARY KEY (day, policy_domain, uri)
+){WITHOUT_ROWID};
 -- What is kept of a message once it left the queue, for the message trace (store/trace.py):
 -- one row per entry, pruned after queue.trace_retention.
 CREATE TABLE IF NOT EXISTS traces (

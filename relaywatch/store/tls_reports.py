@@ -41,6 +41,22 @@ class SqlTlsReports:
         return await self.engine.read(lambda conn: [report_from_row(r) for r in conn.execute(
             Q["tls_reports"], (day,)).fetchall()])
 
+    async def add_tls_report_post(self, day: str, domain: str, uri: str, body: bytes, next_try: float) -> None:
+        await self.engine.write(lambda conn, cleanup: conn.execute(
+            Q["add_tls_report_post"], (day, domain, uri, body, next_try)))
+
+    async def due_tls_report_posts(self, now: float) -> list[dict]:
+        return await self.engine.read(lambda conn: [post_from_row(r) for r in conn.execute(
+            Q["due_tls_report_posts"], (now,)).fetchall()])
+
+    async def claim_tls_report_post(self, post: dict, next_try: float) -> bool:
+        return await self.engine.write(lambda conn, cleanup: conn.execute(Q["claim_tls_report_post"], (
+            next_try, post["day"], post["policy_domain"], post["uri"], post["attempts"])).rowcount == 1)
+
+    async def drop_tls_report_post(self, post: dict) -> None:
+        await self.engine.write(lambda conn, cleanup: conn.execute(
+            Q["drop_tls_report_post"], (post["day"], post["policy_domain"], post["uri"])))
+
 
 # -- the row mapping, shared with the memory store (store/memory_tls_reports.py) --------------
 
@@ -54,3 +70,8 @@ def report_from_row(row: Any) -> dict:
     day, domain, report_id, claimed_at, outcome = row
     return {"day": day, "policy_domain": domain, "report_id": report_id, "claimed_at": claimed_at,
             "outcome": json.loads(outcome)}
+
+
+def post_from_row(row: Any) -> dict:
+    day, domain, uri, body, attempts = row
+    return {"day": day, "policy_domain": domain, "uri": uri, "body": bytes(body), "attempts": int(attempts)}

@@ -20,3 +20,21 @@ UPDATE tls_reports SET outcome = ? WHERE day = ? AND policy_domain = ?
 
 -- tls_reports --
 SELECT day, policy_domain, report_id, claimed_at, outcome FROM tls_reports WHERE day = ? ORDER BY policy_domain
+
+-- add_tls_report_post --
+-- A POST that failed on its first try, kept to try again at next_try.
+INSERT INTO tls_report_posts (day, policy_domain, uri, body, attempts, next_try) VALUES (?, ?, ?, ?, 1, ?)
+ON CONFLICT (day, policy_domain, uri) DO NOTHING
+
+-- due_tls_report_posts --
+SELECT day, policy_domain, uri, body, attempts FROM tls_report_posts WHERE next_try <= ?
+ORDER BY next_try, day, policy_domain, uri
+
+-- claim_tls_report_post --
+-- The next try is made by whoever moves attempts on from what it read (once per cluster).
+UPDATE tls_report_posts SET attempts = attempts + 1, next_try = ?
+WHERE day = ? AND policy_domain = ? AND uri = ? AND attempts = ?
+
+-- drop_tls_report_post --
+-- Sent at last, or given up.
+DELETE FROM tls_report_posts WHERE day = ? AND policy_domain = ? AND uri = ?

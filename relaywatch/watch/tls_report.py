@@ -8,7 +8,14 @@ our resolver for ``_smtp._tls.<domain>`` TXT; a domain that publishes
 - ``mailto:`` -- queued as a message of our own (multipart/report with the
   gzip, DKIM-signed when a ``[[dkim]]`` entry signs the submitter's domain),
   so it is delivered, retried and never lost as any other mail;
-- ``https:`` -- POSTed as ``application/tlsrpt+gzip``, once; a 2xx is success.
+- ``https:`` -- POSTed as ``application/tlsrpt+gzip``; a 2xx is success.  A
+  failed POST is kept in the store (``tls_report_posts``) and tried again
+  after ``POST_RETRIES`` (10 minutes, 1 hour, 4 hours), each try claimed in
+  the store so it is made once, whichever node leads by then.
+
+A report the cluster could not send on its day (every node down over
+midnight, or the leader down until after the next one) is sent late: the
+last ``LATE_DAYS`` days are looked at, and each one's claim makes it go once.
 
 ``claim_tls_report`` makes each (day, domain) report go out once, whichever
 node leads and however often it restarts; what happened to each URI is
@@ -23,6 +30,7 @@ import logging
 import ssl
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -41,6 +49,9 @@ log = logging.getLogger("relaywatch.tls_report")
 
 DNS_RETRY = 600.0
 POST_TIMEOUT = 30.0
+POST_RETRIES = (600.0, 3600.0, 4 * 3600.0)    # the waits before a failed POST's 2nd, 3rd and 4th tries
+POST_TRIES = 1 + len(POST_RETRIES)
+LATE_DAYS = 2                                 # yesterday and the day before: older reports are of little use
 
 
 class TlsReporter:
@@ -50,16 +61,29 @@ class TlsReporter:
         self.store = store
         self.resolver = resolver
         self.clock = clock
-        self._done_day: str | None = None     # the day whose reports are all out (or claimed elsewhere)
+        self._done_days: set[str] = set()     # days whose reports are all out (or claimed elsewhere)
         self._retry_at = 0.0
 
     async def send_due(self) -> None:
         config, now = self.config_ref(), self.clock()
         if not config.tls_reporting.enabled:
             return
-        day = utc_day(now - 86400)
-        if self._done_day == day or now < self._retry_at:
+        await self._retry_posts(config, now)
+        days = [utc_day(now - back * 86400) for back in range(LATE_DAYS, 0, -1)]
+        self._done_days &= set(days)
+        if now < self._retry_at:
             return
+        done = True
+        for day in (d for d in days if d not in self._done_days):
+            if await self._send_day(config, day, now):
+                self._done_days.add(day)
+            else:
+                done = False
+        if not done:
+            self._retry_at = now + DNS_RETRY
+
+    async def _send_day(self, config: Config, day: str, now: float) -> bool:
+        """Every report of ``day`` not sent yet; False when a domain is to be asked again."""
         counts = await self.store.tls_counts(day)
         done = True
         for domain in sorted({c.policy_domain for c in counts}):
@@ -69,10 +93,7 @@ class TlsReporter:
                 raise
             except Exception:   # one domain's report must never stop the watch or the others
                 log.exception("tls report: the report of %s for %s failed", domain, day)
-        if done:
-            self._done_day = day
-        else:
-            self._retry_at = now + DNS_RETRY
+        return done
 
     async def incident_facts(self, policy_domain: str) -> dict:
         """Today's failures of a domain's sessions and where its report goes, for an incident."""
@@ -116,19 +137,46 @@ class TlsReporter:
                 outcome.update({u: f"queued {', '.join(ids)}" for u in mailto})
         body = report_file(data, domain, settings.submitter)[1]
         for uri in (u for u in rua if u.startswith("https:")):
-            outcome[uri] = await self._post(config, uri, body)
+            sent, outcome[uri] = await self._post(config, uri, body)
+            if not sent:
+                await self.store.add_tls_report_post(day, domain, uri, body, now + POST_RETRIES[0])
+                outcome[uri] += f"; trying again after {_clock_time(now + POST_RETRIES[0])} (try 1 of {POST_TRIES})"
         await self.store.finish_tls_report(day, domain, outcome)
         log.info("tls report %s sent: %s", data["report-id"], "; ".join(f"{k}: {v}" for k, v in outcome.items()))
         return True
 
-    async def _post(self, config: Config, uri: str, body: bytes) -> str:
-        """POST the gzip to ``uri``, connected to the address our resolver gives (as for the MX)."""
+    async def _retry_posts(self, config: Config, now: float) -> None:
+        """The kept POSTs that are due, each try claimed first; the report's outcome says how it went."""
+        for post in await self.store.due_tls_report_posts(now):
+            made = post["attempts"]
+            if made >= POST_TRIES:       # the last try was claimed and its node stopped: done with it
+                await self.store.drop_tls_report_post(post)
+                continue
+            following = now + POST_RETRIES[min(made, len(POST_RETRIES) - 1)]
+            if not await self.store.claim_tls_report_post(post, following):
+                continue                 # another node made this try
+            sent, text = await self._post(config, post["uri"], post["body"])
+            tries = made + 1
+            if sent or tries >= POST_TRIES:
+                await self.store.drop_tls_report_post(post)
+                text += f" (try {tries} of {POST_TRIES}{'' if sent else '; given up'})"
+            else:
+                text += f"; trying again after {_clock_time(following)} (try {tries} of {POST_TRIES})"
+            for row in await self.store.tls_reports(post["day"]):
+                if row["policy_domain"] == post["policy_domain"]:
+                    await self.store.finish_tls_report(post["day"], row["policy_domain"],
+                                                       {**row["outcome"], post["uri"]: text})
+            log.info("tls report of %s for %s to %s: %s", post["policy_domain"], post["day"], post["uri"], text)
+
+    async def _post(self, config: Config, uri: str, body: bytes) -> tuple[bool, str]:
+        """POST the gzip to ``uri``, connected to the address our resolver gives (as for the MX):
+        whether it was taken, and what happened in words."""
         parts = urlsplit(uri)
         host, port = parts.hostname, parts.port or 443
         try:
             address = (await self.resolver.addresses(host))[0]
         except DnsFailure as failure:
-            return f"failed: {host} does not resolve ({failure.observation.outcome.value})"
+            return False, f"failed: {host} does not resolve ({failure.observation.outcome.value})"
         netloc = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
         ca_file = config.mta_sts.ca_file
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
@@ -141,10 +189,14 @@ class TlsReporter:
         except httpx.HTTPError as exc:
             # The remote's words, kept for the CLI and the API: one printable line.
             text = "".join(c if c.isprintable() else "?" for c in str(exc) or "no detail")[:300]
-            return f"failed: {type(exc).__name__}: {text}"
+            return False, f"failed: {type(exc).__name__}: {text}"
         if 200 <= response.status_code < 300:
-            return f"sent (HTTP {response.status_code})"
-        return f"failed: HTTP {response.status_code}"
+            return True, f"sent (HTTP {response.status_code})"
+        return False, f"failed: HTTP {response.status_code}"
+
+
+def _clock_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _signed(config: Config, message: NewMessage) -> NewMessage:
