@@ -167,20 +167,46 @@ async def test_a_destination_without_smtputf8_gets_nothing_and_the_sender_an_ndr
     finally:
         await sink.stop()
     assert sink.messages == []
+    assert ndr.isascii()                                      # 7-bit: it can go anywhere
     parsed = email.message_from_bytes(ndr, policy=policy.default)
+    # RFC 6533: a UTF-8 address makes it a global report, its report-type the second part's subtype.
     assert parsed.get_content_type() == "multipart/report"
-    text, status, _headers = parsed.iter_parts()
+    assert parsed.get_param("report-type") == "global-delivery-status"
+    text, status, headers = parsed.iter_parts()
     human = text.get_content()
     assert GREEK in human                                     # the address as people write it
     assert "does not offer SMTPUTF8" in human and "5.6.7" in human
-    per_message, per_rcpt = status.get_payload()
+    assert status.get_content_type() == "message/global-delivery-status"
+    per_message, per_rcpt = global_fields(ndr, 1)
+    assert per_message["Reporting-MTA"].startswith("dns; ")
     assert per_rcpt["Status"] == "5.6.7"
     assert per_rcpt["Action"] == "failed"
-    # RFC 6533 3: a UTF-8 address in message/delivery-status, as utf-8-addr-xtext.
-    assert per_rcpt["Final-Recipient"] == "utf-8; " + "".join(
-        c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in f"δοκιμή@{A_LABEL}")
+    # RFC 6533 3: in message/global-delivery-status the UTF-8 address is written as it is.
+    assert per_rcpt["Final-Recipient"] == f"utf-8; δοκιμή@{A_LABEL}"
     assert per_rcpt["Diagnostic-Code"].startswith("smtp; 553 5.6.7 ")
+    # The original's UTF-8 headers come back as message/global-headers, exactly.
+    assert headers.get_content_type() == "message/global-headers"
+    [returned] = global_fields(ndr, 2)
+    assert returned["Subject"] == "Γειά"
     assert (await relay.queue()) == []
+
+
+async def test_an_ascii_message_keeps_the_rfc_3464_report(relay_factory):
+    """Only RFC 6532 content makes a global report: an ASCII message to a destination
+    that refuses it gets message/delivery-status and text/rfc822-headers."""
+    sink = await Sink(SinkHandler(rcpt_reply=lambda address: "550 5.1.1 No such user")).start()
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, "fabrikam.test"))
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("plain"))
+        [ndr] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+    finally:
+        await sink.stop()
+    parsed = email.message_from_bytes(ndr, policy=policy.default)
+    assert parsed.get_param("report-type") == "delivery-status"
+    _text, status, headers = parsed.iter_parts()
+    assert (status.get_content_type(), headers.get_content_type()) == (
+        "message/delivery-status", "text/rfc822-headers")
+    assert status.get_payload()[1]["Final-Recipient"] == "rfc822; bob@fabrikam.test"
 
 
 async def test_a_utf8_sender_gets_its_ndr_in_its_utf8_mailbox(relay_factory):
@@ -285,3 +311,38 @@ async def test_verifying_a_utf8_recipient_asks_with_smtputf8_or_refuses_with_5_6
         await onprem.stop()
     assert replies[3].startswith(expected), replies
     assert asked == (["δοκιμή@contoso.test"] if offers else [])
+
+
+def global_fields(notice: bytes, index: int) -> list:
+    """The header blocks of the ``index``-th part of ``notice``, a message/global-delivery-status
+    or message/global-headers.  Python's parser takes any message/* part for a contained
+    message and ignores its transfer encoding, so the part's octets are taken between the
+    boundaries the parser found, the quoted-printable undone, each block parsed as UTF-8."""
+    import quopri
+    notice = notice.replace(b"\r\n", b"\n")
+    boundary = email.message_from_bytes(notice, policy=policy.default).get_boundary().encode()
+    head, _, body = notice.split(b"--" + boundary)[index + 1].lstrip(b"\n").partition(b"\n\n")
+    part = email.message_from_bytes(head + b"\n\n", policy=policy.default)
+    if part.get("Content-Transfer-Encoding", "").lower() == "quoted-printable":
+        body = quopri.decodestring(body)
+    blocks = [b for b in body.decode("utf-8").split("\n\n") if b.strip()]
+    return [email.message_from_string(b + "\n", policy=policy.default) for b in blocks]
+
+
+def test_ret_full_of_a_utf8_message_returns_it_as_message_global_exactly():
+    import time
+    from relaywatch.model import RecipientStatus
+    from relaywatch.notify.dsn import ReportedRecipient, build_ndr, returned_part
+    original = "From: ünïcode@contoso.test\r\nSubject: Γειά\r\n\r\nκείμενο " .encode() + b"x" * 100 + b"\r\n"
+    ndr = build_ndr(reporting_mta="relay.test", original_sender="ünïcode@contoso.test", original_headers=original,
+                    original_message_id="<m@c.test>", received_at=time.time(), expires_at=time.time(),
+                    first_failure_at=None, attempts=1, now=time.time(),
+                    recipients=[ReportedRecipient(GREEK.replace("παράδειγμα.test", A_LABEL), RecipientStatus.FAILED,
+                                                  None)],
+                    returned=returned_part(original, "FULL", True))
+    parts = email.message_from_bytes(ndr, policy=policy.default).get_payload()
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/global-delivery-status", "message/global"]
+    assert parts[2]["Content-Transfer-Encoding"] == "quoted-printable"
+    [head, body] = global_fields(ndr, 2)
+    assert (head["From"], head["Subject"]) == ("ünïcode@contoso.test", "Γειά")
+    assert body.as_string().strip() == "κείμενο " + "x" * 100

@@ -35,6 +35,16 @@ original's bytes:
 - SMTPUTF8: the human text shows domains as U-labels; a notice to a UTF-8
   sender has UTF-8 headers (RFC 6532: ``To:`` keeps the address as it is)
   and goes out with SMTPUTF8 like any message with a UTF-8 envelope.
+- RFC 6533: a notice about a message with a UTF-8 address (sender,
+  recipient or ORCPT; so it came with SMTPUTF8) is ``report-type=global-delivery-status``
+  (RFC 6522: the subtype of its second part): the fields are
+  ``message/global-delivery-status``, a UTF-8 address written as it is
+  (``utf-8; ünïcode@…``), and the original comes back as
+  ``message/global-headers`` (or ``message/global`` for RET=FULL) when it is
+  UTF-8.  RFC 6532
+  3.5 lets these parts be encoded, so they are quoted-printable when not
+  ASCII and the notice stays 7-bit.  ASCII-only messages keep RFC 3464's
+  ``message/delivery-status`` and ``text/rfc822-headers``.
 """
 
 from __future__ import annotations
@@ -89,12 +99,41 @@ def _field(value: str) -> str:
     return _NOT_ASCII_PRINTABLE.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", value)
 
 
-def _recipient_field(address: str) -> str:
-    """Final-Recipient: ``rfc822; a@b``, or for a UTF-8 address ``utf-8;`` with the address as
-    utf-8-addr-xtext (RFC 6533 3: ``\\x{HEX}`` for each character outside QCHAR)."""
+def _recipient_field(address: str, international: bool = False) -> str:
+    """Final-Recipient: ``rfc822; a@b``, or for a UTF-8 address ``utf-8;`` with the address
+    as it is in message/global-delivery-status (RFC 6533 3: utf-8-address), as
+    utf-8-addr-xtext elsewhere (``\\x{HEX}`` for each character outside QCHAR)."""
     if address.isascii():
         return _field(f"rfc822; {address}")
+    if international:
+        return "utf-8; " + _CONTROLS.sub("", address)
     return "utf-8; " + _NOT_QCHAR.sub(lambda m: f"\\x{{{ord(m.group()):X}}}", address)
+
+
+def is_international(sender: str, recipients: list["ReportedRecipient"]) -> bool:
+    """A notice RFC 6533 is for: about a message with a UTF-8 address (sender, recipient,
+    ORCPT), which came with SMTPUTF8 (RFC 6531 3.4).  Raw 8-bit headers under an ASCII
+    envelope are 8BITMIME content, not RFC 6532's (that needs SMTPUTF8; the envelope
+    is all the queue keeps of it): their notice stays RFC 3464's, headers quoted-printable."""
+    return not sender.isascii() or any(not r.address.isascii() or not (r.orcpt or "").isascii()
+                                       for r in recipients)
+
+
+def _global_part(content_type: str, description: str, data: bytes) -> Message:
+    """A message/global* part: its UTF-8 as it is when ASCII, else quoted-printable line by
+    line (RFC 6532 3.5 allows it), so decoding gives back exactly ``data``."""
+    part = Message()
+    part["Content-Type"] = content_type
+    part["Content-Description"] = description
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    while lines and not lines[-1]:
+        lines.pop()
+    if data.isascii() and all(len(line) <= 998 for line in lines):
+        part.set_payload("\n".join(line.decode("ascii") for line in lines) + "\n")
+    else:
+        part["Content-Transfer-Encoding"] = "quoted-printable"
+        part.set_payload("\n".join(binascii.b2a_qp(line, istext=False).decode("ascii") for line in lines) + "\n")
+    return part
 
 
 def _text(value: str) -> str:
@@ -156,9 +195,16 @@ def _human(r: ReportedRecipient, first_failure_at: float | None, expires_at: flo
     return "\n".join(lines)
 
 
-def returned_part(original: bytes, ret: str | None) -> Message:
+def returned_part(original: bytes, ret: str | None, international: bool = False) -> Message:
     """What a notice returns of the original: all of it for RET=FULL when it fits
-    (7-bit, lines of at most 998 octets, ``FULL_RETURN_LIMIT``), else its header section."""
+    (7-bit, lines of at most 998 octets, ``FULL_RETURN_LIMIT``), else its header section;
+    for an ``international`` notice message/global (UTF-8 allowed) and message/global-headers."""
+    if international:
+        if ret == "FULL" and len(original) <= FULL_RETURN_LIMIT and _is_utf8(original):
+            return _global_part("message/global", "The message", original)
+        head = header_block(original)
+        return _global_part("message/global-headers", "Headers of the message", head) if _is_utf8(head) else \
+            headers_part(head)
     if ret == "FULL" and len(original) <= FULL_RETURN_LIMIT:
         lines = original.split(b"\r\n")
         if all(len(line) <= 998 and not _NOT_7BIT_TEXT.search(line) for line in lines):
@@ -170,6 +216,14 @@ def returned_part(original: bytes, ret: str | None) -> Message:
                              original.decode("ascii") + "\r\n")
             return part
     return headers_part(header_block(original))
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: str,
@@ -192,7 +246,8 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
     msg.set_content(_text(text))
     msg.make_mixed()
     msg.set_type("multipart/report")
-    msg.set_param("report-type", "delivery-status")
+    international = is_international(original_sender, recipients)
+    msg.set_param("report-type", "global-delivery-status" if international else "delivery-status")
 
     per_message = Message()
     if envid:
@@ -204,7 +259,7 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
         block = Message()
         if r.orcpt:
             block["Original-Recipient"] = _field(r.orcpt)
-        block["Final-Recipient"] = _recipient_field(r.address)
+        block["Final-Recipient"] = _recipient_field(r.address, international)
         block["Action"] = action
         block["Status"] = _field(status_of(r))
         if r.failure is not None and r.failure.destination is not None and r.failure.destination.host:
@@ -214,6 +269,11 @@ def _report(*, subject_prefix: str, fallback_subject: str, text: str, action: st
         for name, value in extra_fields(r).items():
             block[name] = _field(value)
         blocks.append(block)
+    if international:
+        fields = "\r\n".join("".join(f"{k}: {v}\r\n" for k, v in b.items()) for b in blocks)
+        msg.attach(_global_part("message/global-delivery-status", "Delivery report", fields.encode()))
+        msg.attach(returned if returned is not None else returned_part(original_headers, None, True))
+        return msg.as_bytes(policy=_SMTP_POLICY if original_sender.isascii() else _SMTPUTF8_POLICY)
     status_part = Message()
     status_part["Content-Type"] = "message/delivery-status"
     status_part.set_payload(blocks)
@@ -388,7 +448,8 @@ def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exceptio
         out.ndr, out.ndr_error = _notice(entry, headers, route, ndr_headers, expiration, now, lambda head: build_ndr(
             **common, original_headers=header_block(head), expires_at=decision.expires_at,
             first_failure_at=entry.first_failure_at, attempts=decision.attempts, recipients=owed,
-            returned=returned_part(head, entry.dsn.ret) if head else None))
+            returned=returned_part(head, entry.dsn.ret, is_international(entry.sender, owed))
+            if head else None))
         out.unroutable += out.ndr is None and out.ndr_error is None
     delayed = requested(entry, decision.delayed, "DELAY") if delay else []
     if delayed:
