@@ -8,6 +8,7 @@ import datetime
 import hashlib
 import json
 import ssl
+import time
 
 import pytest
 import trustme
@@ -302,6 +303,23 @@ async def test_a_matching_dane_ee_3_1_1_delivers(world, tmp_path):
     assert (ok.policy_type, ok.policy_domain, ok.result_type, ok.mx_host, ok.receiving_ip) == (
         "tlsa", DOMAIN, None, MX, LOOPBACK)
     assert ok.policy_strings == (tlsa(3, 1, 1, cert).text(),)
+
+
+async def test_the_tlsa_answer_is_kept_for_its_ttl_not_asked_per_connection(world, tmp_path):
+    cert, key = self_signed("not-the-mx-name.invalid")
+    await world.start(records=[tlsa(3, 1, 1, cert)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()            # one message per connection
+    for n in range(3):
+        await send(relay, f"dane {n}")
+        await eventually(lambda: len(world.mx.messages) == n + 1, what=f"delivery {n + 1}")
+    assert mail_from_alice(world) == [True, True, True]
+    assert world.dns.queries.count((world.tlsa_name, "TLSA")) == 1     # the answer's TTL is 300 s
+    assert len(world.results) == 3 and all(r.result_type is None for r in world.results)
+    # Past the TTL it is asked again.
+    relay.app.resolver.clock = lambda: time.time() + 301
+    await send(relay, "dane later")
+    await eventually(lambda: len(world.mx.messages) == 4, what="delivery 4")
+    assert world.dns.queries.count((world.tlsa_name, "TLSA")) == 2
 
 
 async def test_a_mismatching_tlsa_defers_with_the_evidence(world, tmp_path):

@@ -13,12 +13,18 @@ dnspython with our own nameservers (``[dns] nameservers``, host:port) and our
 own deadline: dnspython's ``lifetime`` overshoots, so every lookup also runs
 under ``asyncio.timeout``.  Failures are returned as Observations, so DNS time
 is never mistaken for connect time.
+
+TLSA answers are asked once per MX connection, so they are kept for their
+TTL (at most ``TLSA_CACHE_SECONDS``): a DANE host that takes a connection a
+second costs one TLSA query per TTL, not one per connection.  Failures are
+never kept (a bogus answer is asked again on the next connection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -32,6 +38,9 @@ import dns.resolver
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import DnsConfig
 from relaywatch.deliver.dane import TlsaAnswer, TlsaRecord
+
+TLSA_CACHE_SECONDS = 3600.0     # the most a TLSA answer is kept, whatever its TTL
+TLSA_CACHE_SIZE = 10_000        # names kept; the oldest goes first
 
 
 class DnsFailure(Exception):
@@ -79,6 +88,8 @@ class Resolver:
         # The last answer per host name, with its TTL: evidence for "the address
         # changed" diagnoses (a connection failure names the answer it used).
         self.answers: dict[str, dict] = {}
+        self._tlsa: dict[str, tuple[float, TlsaAnswer]] = {}     # name -> (kept until, answer)
+        self.clock = time.time
 
     def _facts(self, name: str, qtype: str, rcode: str | None = None, ede: dict | None = None) -> dict:
         facts = {"name": name, "type": qtype, "rcode": rcode, "nameserver": self.nameserver_label}
@@ -122,17 +133,32 @@ class Resolver:
 
     async def tlsa(self, name: str) -> TlsaAnswer:
         """The TLSA records at ``name`` (``_25._tcp.<host>``); none for NXDOMAIN or
-        NODATA; raises DnsFailure when the lookup fails (SERVFAIL: bogus, for DANE)."""
+        NODATA; raises DnsFailure when the lookup fails (SERVFAIL: bogus, for DANE).
+        An answer is kept for its TTL (module docstring)."""
+        now = self.clock()
+        kept = self._tlsa.get(name)
+        if kept is not None and kept[0] > now:
+            return kept[1]
+        answer, ttl = await self._tlsa_answer(name)
+        self._tlsa.pop(name, None)
+        if ttl > 0:
+            if len(self._tlsa) >= TLSA_CACHE_SIZE:
+                del self._tlsa[next(iter(self._tlsa))]
+            self._tlsa[name] = (now + min(ttl, TLSA_CACHE_SECONDS), answer)
+        return answer
+
+    async def _tlsa_answer(self, name: str) -> tuple[TlsaAnswer, float]:
+        """The TLSA answer and how long it may be kept (0: not at all)."""
         try:
             answer = await self._query(name, "TLSA", domain_level=False)
         except DnsFailure as failure:
             if failure.observation.outcome is Outcome.DNS_NXDOMAIN:
-                return TlsaAnswer((), False)
+                return TlsaAnswer((), False), 0.0
             raise
         if answer is None or answer.rrset is None:
-            return TlsaAnswer((), _secure(answer))
+            return TlsaAnswer((), _secure(answer)), 0.0
         return TlsaAnswer(tuple(TlsaRecord(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset),
-                          _secure(answer))
+                          _secure(answer)), float(answer.rrset.ttl)
 
     async def txt(self, name: str) -> list[str]:
         """The TXT strings of ``name`` (each record's strings joined), [] for none
