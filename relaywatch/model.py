@@ -217,6 +217,9 @@ class NewMessage:
     # A TLS report of ours (RFC 8460 5.3): delivered with opportunistic TLS whatever
     # the rua domain's MTA-STS or DANE say, and its sessions are not counted.
     is_tls_report: bool = False
+    # Sent with SMTPUTF8 and its header section holds UTF-8 (RFC 6532 content): like a
+    # UTF-8 address, it can only go on with SMTPUTF8 (RFC 6531 3.4), even with an ASCII envelope.
+    utf8_headers: bool = False
 
     def by_route(self) -> list[tuple[Route, list[str]]]:
         """The queue entries this message makes: one per route key, in the order of
@@ -263,6 +266,7 @@ class Entry:
     helo: str = ""
     auth_user: str = ""
     is_tls_report: bool = False         # NewMessage.is_tls_report
+    utf8_headers: bool = False          # NewMessage.utf8_headers
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     lease_owner: str | None = None

@@ -209,6 +209,37 @@ async def test_an_ascii_message_keeps_the_rfc_3464_report(relay_factory):
     assert status.get_payload()[1]["Final-Recipient"] == "rfc822; bob@fabrikam.test"
 
 
+@pytest.mark.parametrize("with_smtputf8, offers, outcome", [
+    (True, True, "delivered with SMTPUTF8"),       # RFC 6532 headers go on under SMTPUTF8
+    (True, False, "5.6.7"),                        # ... and never to a server without it (RFC 6531 3.4)
+    (False, False, "delivered as it is"),          # no SMTPUTF8: 8-bit header bytes, passed on as before
+])
+async def test_utf8_headers_under_an_ascii_envelope_need_smtputf8_only_when_they_came_with_it(
+        relay_factory, with_smtputf8, offers, outcome):
+    sink = await Sink(smtputf8=offers).start()
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, "fabrikam.test"))
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("Γειά σου"),
+                         mail_options=["SMTPUTF8"] if with_smtputf8 else [])
+        if outcome == "5.6.7":
+            [ndr] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+        else:
+            await eventually(lambda: sink.messages, what="the delivery")
+    finally:
+        await sink.stop()
+    if outcome == "5.6.7":
+        assert sink.messages == []
+        parsed = email.message_from_bytes(ndr, policy=policy.default)
+        human = parsed.get_payload()[0].get_content()
+        assert "UTF-8 headers" in human and "5.6.7" in human
+        per_rcpt = parsed.get_payload()[1].get_payload()[1]
+        assert (per_rcpt["Status"], per_rcpt["Final-Recipient"]) == ("5.6.7", "rfc822; bob@fabrikam.test")
+        return
+    [got] = sink.messages
+    assert "Subject: Γειά σου".encode() in got.content               # the headers exactly as sent
+    assert ("SMTPUTF8" in got.mail_options) is (outcome == "delivered with SMTPUTF8")
+
+
 async def test_a_utf8_sender_gets_its_ndr_in_its_utf8_mailbox(relay_factory):
     sink = await Sink().start()
     sender = "ünïcode@contoso.test"

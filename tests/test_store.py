@@ -249,15 +249,16 @@ async def test_a_queue_from_before_the_waiting_column_is_migrated(sql_store, tmp
     assert [tuple(r) for r in summary_source] == [(2,)]
 
 
-async def test_a_tls_report_stays_marked_through_lease_and_reroute(store):
-    """The mark that lets our RFC 8460 report go out despite the domain's TLS policy is kept."""
+async def test_the_delivery_marks_of_an_entry_are_kept_through_lease_and_reroute(store):
+    """is_tls_report (our RFC 8460 report) and utf8_headers (RFC 6532 headers) stay with the entry."""
     from dataclasses import replace
-    [report] = await store.enqueue(replace(msg([("1@a", A), ("2@a", A)]), is_tls_report=True))
+    [report] = await store.enqueue(replace(msg([("1@a", A), ("2@a", A)]), is_tls_report=True, utf8_headers=True))
     [plain] = await store.enqueue(msg([("3@a", A)]))
     assert {e.id: e.is_tls_report for e in await store.list(QueueQuery())} == {report: True, plain: False}
     moved = await store.move_recipients(report, ["2@a"], B, time.time())
     leased = {e.id: e.is_tls_report for e in await store.lease("me", 10, 60, time.time() + 1)}
     assert leased == {report: True, plain: False, moved: True}
+    assert {e.id: e.utf8_headers for e in await store.list(QueueQuery())} == {report: True, plain: False, moved: True}
 
 
 # What a node of the version before DSN wrote (store/queue.sql then): no DSN columns named.
@@ -277,7 +278,8 @@ async def test_a_queue_from_before_the_dsn_columns_is_migrated_and_old_nodes_row
     [entry_id] = await sql_store.enqueue(msg([("1@a", A)]))
     await sql_store.close()
     columns = [("entries", "dsn_ret"), ("entries", "dsn_envid"), ("recipients", "dsn_notify"),
-               ("recipients", "dsn_orcpt"), ("entries", "is_tls_report")]
+               ("recipients", "dsn_orcpt"), ("entries", "is_tls_report"),
+               ("entries", "utf8_headers")]
     if sql_store.backend == "sqlite":
         import sqlite3
         conn = sqlite3.connect(tmp_path / "q.sqlite3")
@@ -297,7 +299,7 @@ async def test_a_queue_from_before_the_dsn_columns_is_migrated_and_old_nodes_row
     for id_ in (entry_id, "OLD1"):
         entry = await sql_store.get(id_)
         assert entry.dsn == MessageDsn() and [r.dsn for r in entry.recipients] == [RecipientDsn()]
-        assert not entry.is_tls_report
+        assert not entry.is_tls_report and not entry.utf8_headers
     leased = await sql_store.lease("w", 10, 30, time.time())
     assert {e.id for e in leased} == {entry_id, "OLD1"}
 

@@ -84,5 +84,5 @@ def test_one_schema_renders_for_both_databases():
     assert "BYTEA" in pg_sql and "AUTOINCREMENT" in sqlite_sql
     assert [m[1] for m in schema.missing_columns({"entries": {"id", "status"}, "recipients": {"address"}})] == \
         ["waiting", "notice_pending", "helo", "auth_user", "dsn_ret", "dsn_envid", "dsn_notify", "dsn_orcpt",
-         "is_tls_report"]
+         "is_tls_report", "utf8_headers"]
     assert schema.missing_columns({}) == []    # a new queue: the schema has every column

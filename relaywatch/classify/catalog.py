@@ -394,7 +394,9 @@ CATALOG: dict[str, Entry] = {e.id: e for e in (
             "the SMTPUTF8 extension. The destination did not offer it, so relaywatch sent nothing and "
             "failed the recipients at once: rewriting the address would deliver to someone else, or "
             "nowhere. Domain names alone never cause this: relaywatch sends them as A-labels "
-            "(xn--...) to any server."),
+            "(xn--...) to any server. A message sent with SMTPUTF8 whose headers hold UTF-8 (RFC 6532) "
+            "needs it too, even with ASCII addresses, since its headers have no ASCII form either; "
+            "without SMTPUTF8 such header bytes are plain 8-bit content and go on as they are."),
         causes={
             "on_premises": (
                 "The on-premises server does not support SMTPUTF8, or has it switched off "

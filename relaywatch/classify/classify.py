@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relaywatch.classify.catalog import CATALOG, Entry
-from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.classify.observation import UTF8_HEADERS_NOTE, Observation, Outcome, Phase
 from relaywatch.model import Destination, Failure
 
 # OpenSSL X509_V_ERR_* codes -> our subtype.  Only the code decides, never the text.
@@ -256,7 +256,10 @@ def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
         e = CATALOG["smtputf8.not_offered"]
         return (e, "smtputf8_not_offered", e.code, e.smtp_code,
                 f"{here} does not offer SMTPUTF8, and the message has an address that exists only in "
-                f"UTF-8 ({obs.note or 'a non-ASCII local part'}); it was not sent, and no address was changed.")
+                f"UTF-8 ({obs.note or 'a non-ASCII local part'}); it was not sent, and no address was changed."
+                if obs.note != UTF8_HEADERS_NOTE else
+                f"{here} does not offer SMTPUTF8, and the message came with SMTPUTF8 and UTF-8 headers "
+                f"(RFC 6532), which need it; it was not sent, and nothing was changed.")
 
     if o is Outcome.INTERNAL:
         e = CATALOG["relay.internal_error"]

@@ -89,3 +89,7 @@ class Observation:
             parts.append(self.reply_text)
         return " ".join(parts)
 
+
+
+# The note of an SMTPUTF8_NOT_OFFERED whose cause is RFC 6532 headers, not an address.
+UTF8_HEADERS_NOTE = "UTF-8 headers"

@@ -199,7 +199,8 @@ class SmtpSession:
         try:
             by_address = {r.address: r.dsn for r in entry.recipients}
             result = await conn.transaction(entry.sender, recipients, body, entry.dsn,
-                                            [by_address.get(r, NO_RECIPIENT_DSN) for r in recipients])
+                                            [by_address.get(r, NO_RECIPIENT_DSN) for r in recipients],
+                                            utf8_headers=entry.utf8_headers)
         except SessionFailure as failure:
             conn.close()
             if conn is self.conn:

@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
-from relaywatch.classify.observation import Observation, Outcome, Phase
+from relaywatch.classify.observation import UTF8_HEADERS_NOTE, Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
 from relaywatch.deliver.downgrade import body_for_destination
 from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, reply_observation
@@ -235,18 +235,19 @@ class SmtpConnection:
 
     async def transaction(self, sender: str, recipients: list[str], body: StoredBody,
                           dsn: MessageDsn = NO_MESSAGE_DSN,
-                          recipient_dsn: Sequence[RecipientDsn] = ()) -> TransactionResult:
-        """One MAIL/RCPT/DATA exchange (with the DSN parameters if the server offers DSN).
+                          recipient_dsn: Sequence[RecipientDsn] = (), utf8_headers: bool = False) -> TransactionResult:
+        """One MAIL/RCPT/DATA exchange (with the DSN parameters if the server offers DSN);
+        ``utf8_headers``: RFC 6532 headers, which need SMTPUTF8 as a UTF-8 address does.
         Raises SessionFailure if the session dies."""
         self.last_used = time.monotonic()
         self.transactions += 1
-        smtputf8 = needs_smtputf8(sender, *recipients)
+        smtputf8 = utf8_headers or needs_smtputf8(sender, *recipients)
         if smtputf8 and "SMTPUTF8" not in self.capabilities:
             # RFC 6531 3.4: such an address has no ASCII form; send nothing, change nothing.
             await self._quit_quietly()
             utf8 = [a for a in (sender, *recipients) if not a.isascii()]
             raise SessionFailure(Observation(Phase.MAIL, Outcome.SMTPUTF8_NOT_OFFERED, self.dest,
-                                             note=", ".join(utf8[:3])))
+                                             note=", ".join(utf8[:3]) or UTF8_HEADERS_NOTE))
         body = await body_for_destination(body, self.capabilities)   # lines <= 998, 7-bit if need be
         replies = await self._envelope(sender, recipients, body.size, smtputf8, dsn, recipient_dsn)
         if replies is not SEND_BODY:

@@ -68,7 +68,10 @@ class Committer:
             sender=sender, recipients=end.recipients, body=body, received_at=now,
             expires_at=now + config.queue.message_expiration, message_id=msgid, client=client_ip,
             helo=end.helo or "", auth_user=end.user or "", dsn=end.dsn,
-            recipient_dsn={a: d for (a, _), d in zip(end.recipients, end.recipient_dsn)})
+            recipient_dsn={a: d for (a, _), d in zip(end.recipients, end.recipient_dsn)},
+            # Raw UTF-8 headers are RFC 6532 content only under SMTPUTF8; without it they
+            # are 8-bit header bytes (mime.py), passed on as they came.
+            utf8_headers=end.smtputf8 and not header_block.isascii())
         try:
             ids = await self.store.enqueue(msg)
         except StoreError as exc:

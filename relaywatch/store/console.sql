@@ -53,7 +53,7 @@ SELECT id FROM entries{where} ORDER BY id LIMIT ?
 -- entry_columns --
 id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind, route_name,
 route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner, lease_until, delay_notified,
-notice_pending, helo, auth_user, dsn_ret, dsn_envid, is_tls_report
+notice_pending, helo, auth_user, dsn_ret, dsn_envid, is_tls_report, utf8_headers
 
 -- after_id --
 id > ?

@@ -64,6 +64,7 @@ class _Row:
     auth_user: str = ""
     dsn: MessageDsn = NO_MESSAGE_DSN
     is_tls_report: bool = False
+    utf8_headers: bool = False
     recipients: list[Recipient] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
@@ -284,7 +285,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             id=new, body_id=r.body_id, sender=r.sender, received_at=r.received_at, expires_at=r.expires_at,
             route=route, size=r.size, message_id=r.message_id, client=r.client, is_dsn=r.is_dsn,
             helo=r.helo, auth_user=r.auth_user, next_attempt_at=now, waiting=len(moved), dsn=r.dsn,
-            is_tls_report=r.is_tls_report,
+            is_tls_report=r.is_tls_report, utf8_headers=r.utf8_headers,
             recipients=[Recipient(x.address, position=i, dsn=x.dsn) for i, x in enumerate(moved)])
         self._bodies[r.body_id][1] += 1
         if not r.recipients:
@@ -315,7 +316,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
                 expires_at=msg.expires_at, route=route, size=msg.body.size, message_id=msg.message_id,
                 client=msg.client, is_dsn=msg.is_dsn, helo=msg.helo, auth_user=msg.auth_user,
                 next_attempt_at=msg.received_at, waiting=len(addresses), dsn=msg.dsn,
-                is_tls_report=msg.is_tls_report,
+                is_tls_report=msg.is_tls_report, utf8_headers=msg.utf8_headers,
                 recipients=[Recipient(a, position=i, dsn=msg.recipient_dsn.get(a, NO_RECIPIENT_DSN))
                             for i, a in enumerate(addresses)])
             ids.append(entry_id)
@@ -356,7 +357,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
             next_attempt_at=r.next_attempt_at, route=r.route, size=r.size, message_id=r.message_id,
             body_id=r.body_id, client=r.client, is_dsn=r.is_dsn, dsn=r.dsn, first_failure_at=r.first_failure_at,
             lease_owner=r.lease_owner if leased else None, delay_notified=r.delay_notified,
-            helo=r.helo, auth_user=r.auth_user, is_tls_report=r.is_tls_report,
+            helo=r.helo, auth_user=r.auth_user, is_tls_report=r.is_tls_report, utf8_headers=r.utf8_headers,
             notice_pending=json.loads(json.dumps(r.notice_pending)) if r.notice_pending else None,
             recipients=sorted(recipients, key=lambda x: x.position))
 

@@ -115,7 +115,8 @@ def _message(m: NewMessage) -> dict[str, Any]:
             "body": {"size": m.body.size, "path": m.body.path,
                      "data": None if m.body.data is None else base64.b64encode(m.body.data).decode("ascii")},
             "received_at": m.received_at, "expires_at": m.expires_at, "message_id": m.message_id,
-            "client": m.client, "is_dsn": m.is_dsn, "is_tls_report": m.is_tls_report}
+            "client": m.client, "is_dsn": m.is_dsn, "is_tls_report": m.is_tls_report,
+            "utf8_headers": m.utf8_headers}
 
 
 def _message_from(d: dict[str, Any]) -> NewMessage:
@@ -126,7 +127,8 @@ def _message_from(d: dict[str, Any]) -> NewMessage:
         body=StoredBody(size=b["size"], path=b["path"],
                         data=None if b["data"] is None else base64.b64decode(b["data"])),
         received_at=d["received_at"], expires_at=d["expires_at"], message_id=d["message_id"],
-        client=d["client"], is_dsn=d["is_dsn"], is_tls_report=d.get("is_tls_report", False))
+        client=d["client"], is_dsn=d["is_dsn"], is_tls_report=d.get("is_tls_report", False),
+        utf8_headers=d.get("utf8_headers", False))
 
 
 class Journal:

@@ -300,7 +300,7 @@ class SqlQueue:
                 entry.body_id, entry.sender, entry.received_at, entry.expires_at, now, route.kind.value,
                 route.name, route.domain, entry.size, entry.message_id, entry.client, int(entry.is_dsn),
                 len(moved), entry.helo, entry.auth_user, entry.dsn.ret, entry.dsn.envid,
-                int(entry.is_tls_report)))
+                int(entry.is_tls_report), int(entry.utf8_headers)))
             conn.execute(Q["fewer_waiting"], (len(moved), entry_id))
             conn.executemany(Q["insert_recipient"], [(new, i, *row) for i, row in enumerate(moved)])
             conn.execute(Q["ref_body"], (entry.body_id,))
@@ -339,7 +339,8 @@ def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
         entry_id = _insert_with_new_id(conn, Q["insert_entry"], (
             body_id, msg.sender, msg.received_at, msg.expires_at, msg.received_at, route.kind.value,
             route.name, route.domain, msg.body.size, msg.message_id, msg.client, int(msg.is_dsn),
-            len(addresses), msg.helo, msg.auth_user, msg.dsn.ret, msg.dsn.envid, int(msg.is_tls_report)))
+            len(addresses), msg.helo, msg.auth_user, msg.dsn.ret, msg.dsn.envid, int(msg.is_tls_report),
+            int(msg.utf8_headers)))
         dsn = [msg.recipient_dsn.get(a, NO_RECIPIENT_DSN) for a in addresses]
         conn.executemany(Q["insert_recipient"], [(entry_id, i, a, d.stored_notify, d.orcpt)
                                                  for i, (a, d) in enumerate(zip(addresses, dsn))])
@@ -372,7 +373,7 @@ def _entry(row: tuple, now: float) -> Entry:
     (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
      route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
      lease_until, delay_notified, notice_pending, helo, auth_user, dsn_ret, dsn_envid,
-     is_tls_report) = row
+     is_tls_report, utf8_headers) = row
     leased = lease_owner is not None and (lease_until or 0) > now
     return Entry(
         id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
@@ -384,7 +385,7 @@ def _entry(row: tuple, now: float) -> Entry:
         first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
         delay_notified=bool(delay_notified),
         notice_pending=json.loads(notice_pending) if notice_pending else None, helo=helo, auth_user=auth_user,
-        is_tls_report=bool(is_tls_report))
+        is_tls_report=bool(is_tls_report), utf8_headers=bool(utf8_headers))
 
 
 def _attach_bodies(conn: Any, entries: list[Entry]) -> None:

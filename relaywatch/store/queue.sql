@@ -6,7 +6,7 @@
 -- What every read of an entry returns, in the order queue._entry takes it.
 id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind, route_name,
 route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner, lease_until, delay_notified,
-notice_pending, helo, auth_user, dsn_ret, dsn_envid, is_tls_report
+notice_pending, helo, auth_user, dsn_ret, dsn_envid, is_tls_report, utf8_headers
 
 -- insert_body --
 -- A message's content, shared by its entries (refs of them); the id is drawn by queue._insert_with_new_id.
@@ -16,8 +16,8 @@ INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, ?, ?, ?) ON CONFLI
 -- One route's share of a message, due at once (the 7th parameter is next_attempt_at).
 INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at,
 route_kind, route_name, route_domain, size, message_id, client, is_dsn, waiting, helo, auth_user, dsn_ret,
-dsn_envid, is_tls_report)
-VALUES (?, ?, ?, ?, ?, {EntryStatus.QUEUED}, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING
+dsn_envid, is_tls_report, utf8_headers)
+VALUES (?, ?, ?, ?, ?, {EntryStatus.QUEUED}, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING
 
 -- insert_recipient --
 INSERT INTO recipients (entry_id, position, address, status, dsn_notify, dsn_orcpt)

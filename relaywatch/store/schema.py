@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS entries (
     auth_user        TEXT NOT NULL DEFAULT '',   -- who sent it with SMTP AUTH (the trace)
     dsn_ret          TEXT,              -- RET of MAIL FROM (FULL | HDRS; RFC 3461), NULL if not given
     dsn_envid        TEXT,              -- ENVID of MAIL FROM, xtext-decoded
-    is_tls_report    INTEGER NOT NULL DEFAULT 0  -- our RFC 8460 report: opportunistic TLS only, not counted
+    is_tls_report    INTEGER NOT NULL DEFAULT 0, -- our RFC 8460 report: opportunistic TLS only, not counted
+    utf8_headers     INTEGER NOT NULL DEFAULT 0  -- RFC 6532 headers: only with SMTPUTF8 (model.NewMessage)
 );
 -- Due entries are found through this index without scanning held ones.
 CREATE INDEX IF NOT EXISTS entries_due ON entries (next_attempt_at)
@@ -295,6 +296,8 @@ MIGRATIONS = [
     # A node of the previous version inserts without it (0: an ordinary message) and reads
     # entries by named columns, so it never sees it (it would deliver a report under the policy).
     ("entries", "is_tls_report", "INTEGER NOT NULL DEFAULT 0", _NOTHING),
+    # Rows of the previous version, and of its nodes during an upgrade, read 0: sent on as before.
+    ("entries", "utf8_headers", "INTEGER NOT NULL DEFAULT 0", _NOTHING),
 ]
 MIGRATED_TABLES = ("entries", "recipients")
 
