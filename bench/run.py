@@ -492,6 +492,8 @@ async def _client(port: int):
 SCENARIOS = {
     "throughput_1k": lambda cls, a: throughput(cls, a.messages, a.sessions, 1024),
     "throughput_50k": lambda cls, a: throughput(cls, max(a.messages // 4, 10), a.sessions, 50 * 1024),
+    # One client sending serially: each message waits for its own commit (no group commit).
+    "single_session": lambda cls, a: throughput(cls, single_session_messages(a.smoke, a.messages), 1, 1024),
     "backlog_flush": lambda cls, a: backlog(cls, a.backlog if not a.smoke else 20, a.sessions, flush=True),
     "backlog_default": lambda cls, a: backlog_default(cls, a.backlog if not a.smoke else 20, a.sessions),
     "big_queue": lambda cls, a: big_queue(cls, a.big_queue if not a.smoke else 2000, max(a.messages // 4, 10),
@@ -509,10 +511,16 @@ SCENARIOS = {
                                                         settle=60.0 if not a.smoke else 2.0),
 }
 
+def single_session_messages(smoke: bool, messages: int) -> int:
+    """5,000, a quarter of the default count (one session is slower); smoke: the smoke count."""
+    return messages if smoke else max(messages // 4, 10)
+
+
 # Which number decides each scenario, and whether more is better.
 HEADLINE = {
     "throughput_1k": ("end_to_end_per_s", True),
     "throughput_50k": ("end_to_end_per_s", True),
+    "single_session": ("end_to_end_per_s", True),
     "backlog_flush": ("drain_s", False),
     "backlog_default": ("drain_s", False),
     "big_queue": ("enqueue_ratio_full_over_empty", True),
@@ -664,6 +672,7 @@ def render(results: dict) -> str:
     for name, entry in results["scenarios"].items():
         p = entry.get("params", results["params"])
         count = {"throughput_1k": p["messages"], "throughput_50k": max(p["messages"] // 4, 10),
+                 "single_session": single_session_messages(p.get("smoke", False), p["messages"]),
                  "backlog_flush": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
                  "backlog_default": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
                  "big_queue": f"{max(p['messages'] // 4, 10)} "
@@ -672,7 +681,8 @@ def render(results: dict) -> str:
                  "big_queue_pg": f"{max(p['messages'] // 4, 10)} "
                                  f"(+{p.get('big_queue', 1_000_000) if not p.get('smoke') else 2000} queued)",
                  }.get(name, p["messages"])
-        lines.append(f"| {name} | {entry.get('when', results['when'])} | {count} | {p['sessions']} | {p['repeat']} |")
+        sessions = 1 if name == "single_session" else p["sessions"]
+        lines.append(f"| {name} | {entry.get('when', results['when'])} | {count} | {sessions} | {p['repeat']} |")
     checks = results.get("delivery_check", {})
     if checks:
         lines += ["", "Exactly-once check before measuring (a recipient per message, each counted at the sink):", ""]
