@@ -135,3 +135,21 @@ def test_the_console_scenario_scrapes_while_it_measures():
     assert r["with_per_s"] > 0 and r["without_per_s"] > 0 and r["with_over_without"] > 0
     assert "throughput_console" in run.SCENARIOS and "throughput_console" in run.HEADLINE
     assert "| `throughput_console` |" in (ROOT / "bench" / "README.md").read_text()
+
+
+def test_the_single_session_scenario_has_its_own_row_with_one_session():
+    # Once a one-session run was throughput_1k --sessions 1, overwriting the 20-session result.
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert "single_session" in run.SCENARIOS and "single_session" in run.HEADLINE
+    assert "| `single_session` |" in (ROOT / "bench" / "README.md").read_text()
+    params = {"repeat": 3, "messages": 20000, "sessions": 20, "smoke": False}
+    summary = {"relaywatch": {"end_to_end_per_s": {"median": 300.0, "min": 290.0, "max": 310.0}}}
+    md = run.render({"when": "now", "machine": {"cores": 2, "python": "3"}, "params": params,
+                     "scenarios": {"throughput_1k": {**summary, "when": "t1", "params": params},
+                                   "single_session": {**summary, "when": "t2", "params": params}}})
+    assert "| throughput_1k | t1 | 20000 | 20 | 3 |" in md
+    assert "| single_session | t2 | 5000 | 1 | 3 |" in md
