@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, https_files, message, to_toml
-from relaywatch.console.api import ROUTES
+from relaywatch.console.api_routes import ROUTES
 
 pytestmark = pytest.mark.both_loops
 ROOT = Path(__file__).resolve().parent.parent

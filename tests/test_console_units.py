@@ -8,7 +8,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from relaywatch import events
 from relaywatch.config import AdminToken, is_loopback, parse_config
 from relaywatch.console import metrics
-from relaywatch.console.api import ROUTES, BadInput, queue_page
+from relaywatch.console.api_input import BadInput, queue_page
+from relaywatch.console.api_routes import ROUTES
 from relaywatch.console.auth import LOOPBACK_USER, authenticate, bearer_token, cross_site
 from relaywatch.console.health import readiness
 from relaywatch.console.openapi import document

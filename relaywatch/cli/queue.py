@@ -16,7 +16,8 @@ from relaywatch.classify.catalog import CATALOG
 from relaywatch.cli.common import (age, config_option, echo_json, fail, operator_name, read_config, rich, wake_server,
                                    with_store)
 from relaywatch.config import Config
-from relaywatch.console.api import ROUTE_KINDS, BadInput, queue_page as api_queue_page, trace_search as api_trace_search
+from relaywatch.console.api import trace_search as api_trace_search
+from relaywatch.console.api_input import ROUTE_KINDS, BadInput, queue_page as api_queue_page
 from relaywatch.dsn_params import mail_params, rcpt_params
 from relaywatch.idn import address_to_unicode, to_unicode
 from relaywatch.model import Entry, dest_label, iso

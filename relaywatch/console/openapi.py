@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the console, built from the route table (console/api.py ROUTES).
+"""The OpenAPI 3.1 document of the console, built from the route table (console/api_routes.py ROUTES).
 
 The shapes are those docs/json.md documents; the schemas here name their
 top-level fields and point at docs/json.md for the rest, rather than

@@ -15,7 +15,8 @@ import urllib.parse
 
 from relaywatch.config import Config
 
-from relaywatch.console.api import BULK_FILTERS, ROUTE_KINDS, STATUSES
+from relaywatch.console.api_input import ROUTE_KINDS, STATUSES
+from relaywatch.console.api_routes import BULK_FILTERS
 from relaywatch.console.http import Response
 from relaywatch.console.overview import FLOW_EVENTS, chart_svg_data, connector_rows
 from relaywatch.console.web_session import form

@@ -17,7 +17,9 @@ from relaywatch import events
 from relaywatch.config import format_hostport
 from relaywatch.errors import StoreError
 from relaywatch.console import health, metrics
-from relaywatch.console.api import ROUTES, Api, BadInput
+from relaywatch.console.api import Api
+from relaywatch.console.api_input import BadInput
+from relaywatch.console.api_routes import ROUTES
 from relaywatch.console.auth import authenticate, cross_site
 from relaywatch.console.http import HttpServer, Request, Response, error_response, json_response
 from relaywatch.console.openapi import document

@@ -40,7 +40,8 @@ from relaywatch.classify.catalog import lookup
 from relaywatch.model import iso
 
 from relaywatch.console import metrics
-from relaywatch.console.api import ROUTES as API_ROUTES, BadInput
+from relaywatch.console.api_input import BadInput
+from relaywatch.console.api_routes import ROUTES as API_ROUTES
 from relaywatch.console.auth import authenticate, token_name
 from relaywatch.console.http import Request, Response
 from relaywatch.console.overview import HISTORY_STEP, FlowHistory, ago, flow_counts
