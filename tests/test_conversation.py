@@ -4,9 +4,10 @@ import pytest
 
 import base64
 
-from relaywatch.receive.conversation import (AUTH_SUCCEEDED, MAX_COMMAND_LINE, MAX_ERRORS, NEED_DATA, Authenticate,
-                                             BodyData, Conversation, MessageEnd, MessageStart, Recipient, Reply,
-                                             StartTls)
+from relaywatch.receive.conversation import MAX_COMMAND_LINE, MAX_ERRORS, Conversation
+from relaywatch.receive.conversation_events import (NEED_DATA, Authenticate, BodyData, MessageEnd, MessageStart,
+                                                    Recipient, Reply, StartTls)
+from relaywatch.receive.sasl import AUTH_SUCCEEDED
 from relaywatch.receive.envelope import parse_path, sender_allowed
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from relaywatch.dsn_params import (MessageDsn, RecipientDsn, mail_params, rcpt_params, xtext_decode,
                                    xtext_encode)
-from relaywatch.receive.conversation import MessageEnd, Recipient
+from relaywatch.receive.conversation_events import MessageEnd, Recipient
 
 from tests.test_conversation import codes, session, talk
 

@@ -23,7 +23,8 @@ from relaywatch import events
 from relaywatch.config import Config
 from relaywatch.errors import StoreError
 from relaywatch.model import NewMessage
-from relaywatch.receive.conversation import Conversation, MessageEnd
+from relaywatch.receive.conversation import Conversation
+from relaywatch.receive.conversation_events import MessageEnd
 from relaywatch.receive.message import message_id, received_header
 from relaywatch.receive.spool import BodySpool
 from relaywatch.receive.store_condition import (ConditionEnded, ConditionListener, Place, PlaceRecovered,

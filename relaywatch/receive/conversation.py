@@ -30,21 +30,22 @@ EHLO, SIZE); it hands the rest to its caller as events:
 The caller must not ask for the next event while it is still deciding one
 (committing a message, upgrading to TLS): replies keep the order of commands.
 Everything here is a pure function of the bytes received, so it is tested
-with tables (tests/test_conversation.py).
+with tables (tests/test_conversation.py).  The events are defined in
+receive/conversation_events.py, the SASL exchange of AUTH in receive/sasl.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 from relaywatch import dsn_params
-from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, ParameterError, RecipientDsn
+from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, ParameterError, RecipientDsn
+from relaywatch.receive.conversation_events import (NEED_DATA, BodyData, MessageEnd, MessageStart, Recipient, Reply,
+                                                    StartTls)
 from relaywatch.receive.data import DataParser
 from relaywatch.receive.envelope import MAIL_PARAMS, RCPT_PARAMS, parse_params, parse_path, sender_allowed
+from relaywatch.receive.sasl import MECHANISMS, SaslExchange
 
 # RFC 5321 4.5.3.1.4 allows 512 octets; extensions add parameters, and
 # Postfix accepts 2048 (line_length_limit).  A longer command is refused whole.
@@ -52,65 +53,6 @@ MAX_COMMAND_LINE = 2048
 # Postfix's smtpd_hard_error_limit: a client that keeps getting errors is
 # broken or probing; after this many, it is disconnected.
 MAX_ERRORS = 20
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str            # one or more lines joined with CRLF, without the last CRLF
-    close: bool = False
-
-
-@dataclass(frozen=True)
-class Recipient:
-    address: str
-    source_route: str = ""    # "@a,@b" from <@a,@b:user@domain>: the client asks us to route through them
-    dsn: RecipientDsn = NO_RECIPIENT_DSN     # NOTIFY, ORCPT (RFC 3461)
-
-
-@dataclass(frozen=True)
-class StartTls:
-    pass
-
-
-@dataclass(frozen=True)
-class Authenticate:
-    mechanism: str       # "PLAIN" or "LOGIN"
-    username: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class MessageStart:
-    pass
-
-
-@dataclass(frozen=True)
-class BodyData:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class MessageEnd:
-    problem: str | None
-    sender: str                               # "" for the null sender <>
-    recipients: tuple[tuple[str, Any], ...]   # (address, what accept_recipient was given)
-    user: str | None = None                   # the authenticated user who sent it
-    smtputf8: bool = False                    # MAIL FROM had SMTPUTF8 (RFC 6531)
-    helo: str | None = None                   # the name given in HELO/EHLO (kept for the message trace)
-    dsn: MessageDsn = NO_MESSAGE_DSN          # RET, ENVID (RFC 3461)
-    recipient_dsn: tuple[RecipientDsn, ...] = ()   # NOTIFY, ORCPT of each recipient, in order; () if none had any
-
-
-NEED_DATA = object()
-
-# Replies to AUTH the caller sends once it has checked the password (RFC 4954 6).
-AUTH_SUCCEEDED = "235 2.7.0 Authentication successful"
-AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
-AUTH_UNAVAILABLE = "454 4.7.0 Temporary authentication failure; try again later"
-MECHANISMS = ("PLAIN", "LOGIN")
-# RFC 4954 4: a SASL response line may be up to 12288 octets; PLAIN and LOGIN
-# never need more than a command line, so the command limit applies.
-_LOGIN_USERNAME, _LOGIN_PASSWORD = "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"    # "Username:", "Password:"
 
 # RFC 6531 3.5: a non-ASCII address in a transaction opened without SMTPUTF8.
 NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter on MAIL FROM (RFC 6531)"
@@ -142,7 +84,7 @@ class Conversation:
         self._closed = False
         self._skipping_long_line = False
         self._data: DataParser | None = None
-        self._sasl: _Sasl | None = None     # an AUTH exchange waiting for the client's next line
+        self._sasl: SaslExchange | None = None     # an AUTH exchange waiting for the client's next line
         self._events: deque = deque()       # decided, not yet handed out
 
     # -- input ---------------------------------------------------------------------
@@ -430,53 +372,20 @@ class Conversation:
         mechanism, initial = mechanism.upper(), initial.strip()
         if mechanism not in MECHANISMS:
             return Reply(f"504 5.5.4 Unrecognized authentication type (offered: {' '.join(MECHANISMS)})")
-        self._sasl = _Sasl(mechanism)
-        if not initial:
-            return Reply("334 " if mechanism == "PLAIN" else _LOGIN_USERNAME)
-        # RFC 4954 4: "=" is an initial response that is empty.
-        return self._sasl_response(b"" if initial == "=" else initial.encode("ascii"), initial=True)
+        self._sasl = SaslExchange(mechanism)
+        return self._sasl_step(self._sasl.start(initial))
 
-    def _sasl_response(self, raw: bytes | str, initial: bool = False):
-        """The client's answer to a 334 (or the initial response on the AUTH line)."""
-        sasl = self._sasl
-        if isinstance(raw, str):            # too long
+    def _sasl_response(self, raw: bytes | str):
+        """The client's answer to a 334."""
+        return self._sasl_step(self._sasl.respond(raw))
+
+    def _sasl_step(self, event):
+        if self._sasl.done:
             self._sasl = None
-            return Reply("500 5.5.6 Authentication exchange line is too long")
-        if raw.strip() == b"*" and not initial:
-            self._sasl = None
-            return Reply("501 5.0.0 Authentication cancelled")
-        try:
-            decoded = base64.b64decode(raw.strip(), validate=True)
-            text = decoded.decode("utf-8")
-        except (binascii.Error, ValueError):
-            self._sasl = None
-            return Reply("501 5.5.2 Cannot decode the response (base64 of UTF-8 expected)")
-        if sasl.mechanism == "PLAIN":
-            parts = text.split("\0")
-            self._sasl = None
-            if len(parts) != 3 or not parts[1]:
-                return Reply("501 5.5.2 Malformed PLAIN response (authzid NUL user NUL password)")
-            authzid, username, password = parts
-            if authzid and authzid != username:
-                return Reply("535 5.7.8 Acting for another user (authorization identity) is not allowed")
-            return Authenticate("PLAIN", username, password)
-        if sasl.username is None:
-            if not text:
-                self._sasl = None
-                return Reply("501 5.5.2 Empty user name")
-            sasl.username = text
-            return Reply(_LOGIN_PASSWORD)
-        self._sasl = None
-        return Authenticate("LOGIN", sasl.username, text)
+        return event
 
     def _bdat(self, arg: str) -> Reply:
         return Reply("502 5.5.1 BDAT is not offered (CHUNKING is not advertised)")
-
-
-@dataclass
-class _Sasl:
-    mechanism: str
-    username: str | None = None     # LOGIN: the answer to "Username:"
 
 
 _HANDLERS = {

@@ -20,7 +20,8 @@ from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.receive import auth
 from relaywatch.receive.admission import SessionTable
-from relaywatch.receive.conversation import AUTH_INVALID, AUTH_SUCCEEDED, AUTH_UNAVAILABLE, Authenticate
+from relaywatch.receive.conversation_events import Authenticate
+from relaywatch.receive.sasl import AUTH_INVALID, AUTH_SUCCEEDED, AUTH_UNAVAILABLE
 
 if TYPE_CHECKING:
     from relaywatch.receive.session import SmtpSession

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING
 from relaywatch import events, meters
 from relaywatch.model import Route
 from relaywatch.receive.admission import Phase
-from relaywatch.receive.conversation import (NEED_DATA, Authenticate, BodyData, Conversation, MessageEnd,
-                                             MessageStart, Recipient, Reply, StartTls)
+from relaywatch.receive.conversation import Conversation
+from relaywatch.receive.conversation_events import (NEED_DATA, Authenticate, BodyData, MessageEnd, MessageStart,
+                                                    Recipient, Reply, StartTls)
 from relaywatch.receive.listeners import SMTP, SUBMISSIONS, TLS_HANDSHAKE_TIMEOUT
 from relaywatch.receive.message import HEADER_SCAN_LIMIT
 from relaywatch.receive.spool import BodySpool
