@@ -95,9 +95,7 @@ def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]
         return (e, "sts_certificate", e.code, e.smtp_code,
                 f"{detail}; {policy} requires one valid for {tls.get('expected_name') or here}, "
                 f"so the message was not sent.")
-    return (e, "sts_tls_handshake", e.code, e.smtp_code,
-            f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}), and {policy} "
-            f"requires TLS; nothing was sent in clear.")
+    return (e, "sts_tls_handshake", e.code, e.smtp_code, _handshake_failed(obs, here, f"{policy} requires"))
 
 
 _DANE_OUTCOMES = (Outcome.TLSA_MISMATCH, Outcome.DNSSEC_BOGUS, Outcome.DANE_REQUIRED)
@@ -137,8 +135,13 @@ def _dane(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str
                 f"{here} {_no_starttls(obs)}, but its DNSSEC-signed TLSA records at {name} say it does TLS; nothing was "
                 f"sent in clear.")
     return (e, "dane_tls_handshake", e.code, e.smtp_code,
-            f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}), and its TLSA "
-            f"records at {name} require TLS; nothing was sent in clear.")
+            _handshake_failed(obs, here, f"its TLSA records at {name} require"))
+
+
+def _handshake_failed(obs: Observation, here: str, requirement: str) -> str:
+    """The detail of a failed TLS handshake that a policy (MTA-STS, DANE) does not let go by in clear."""
+    return (f"The TLS handshake with {here} failed ({obs.note or 'no common protocol or cipher'}), and {requirement} "
+            f"TLS; nothing was sent in clear.")
 
 
 def classify(obs: Observation, at: float) -> Failure:
