@@ -305,7 +305,7 @@ def test_diagnosis_goes_by_the_failure_kind_not_the_code():
 
 
 def test_diagnosis_of_an_expiring_certificate_is_its_detail():
-    from relaywatch.watch.model import CertificateFacts
+    from relaywatch.watch.incident_facts import CertificateFacts
     inc = Incident(kind=IncidentKind.CERT_EXPIRING, connector="p", code="watch:cert_expiring", title="", opened_at=0.0,
                    detail="The certificate of h expires on 2027-01-01.", facts=CertificateFacts({"days_left": 4}))
     d = diagnose(inc, None)

@@ -35,8 +35,9 @@ from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
 from relaywatch.watch.backlog_probe import BacklogProber
 from relaywatch.watch.diagnosis import diagnose
-from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, InvalidSource, ProbeResult,
-                                    Transition, TransitionKind, with_probe)
+from relaywatch.watch.incident_facts import InvalidSource
+from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, ProbeResult, Transition,
+                                    TransitionKind, with_probe)
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
 from relaywatch.watch.tls_report import TlsReporter

@@ -27,7 +27,8 @@ from relaywatch.receive.store_condition import (Change, ConditionChanged, Condit
                                                 PlaceRecovered, StoreProblem, span)
 from relaywatch.store.base import WatchStore
 from relaywatch.watch import alerts
-from relaywatch.watch.model import Incident, IncidentKind, IncidentState, Severity, StoreFacts
+from relaywatch.watch.incident_facts import StoreFacts
+from relaywatch.watch.model import Incident, IncidentKind, IncidentState, Severity
 
 log = logging.getLogger("relaywatch.watch")
 
