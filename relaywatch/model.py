@@ -284,7 +284,7 @@ class Entry:
     def needs_smtputf8(self) -> bool:
         """The message can only go on with SMTPUTF8 (RFC 6531): derived from the envelope,
         not stored.  Domains are kept as A-labels, so only a UTF-8 local part counts, and
-        the store keeps addresses exactly as given (tests/test_store_contract.py)."""
+        the store keeps addresses exactly as given (tests/contract/test_store_contract.py)."""
         return not self.sender.isascii() or not all(r.address.isascii() for r in self.recipients)
 
     @property

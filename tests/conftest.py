@@ -1,15 +1,11 @@
 import asyncio
 import os
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from helpers import STORE_BACKENDS, Relay, Sink, WebhookReceiver, base_config, make_store  # noqa: E402
+from helpers import STORE_BACKENDS, Relay, Sink, WebhookReceiver, base_config, make_store
 
 
 @pytest.fixture
@@ -78,7 +74,7 @@ def pg_dsn():
 # Modules marked ``both_loops`` (delivery and classification end to end) run
 # every async test once per loop; the rest run on asyncio's default loop, to keep
 # the suite's time down.  RELAYWATCH_TEST_LOOPS=both runs every async test on
-# both.  tests/test_acceptance.py runs ``serve`` itself, so uvloop, already.
+# both.  tests/acceptance/test_acceptance.py runs ``serve`` itself, so uvloop, already.
 
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
@@ -101,7 +97,7 @@ def pytest_asyncio_loop_factories(config, item):
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
-    # Fixtures can see how the test went (tests/test_dashboard.py screenshots a failure).
+    # Fixtures can see how the test went (tests/acceptance/test_dashboard.py screenshots a failure).
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report

@@ -4,7 +4,7 @@ Given an entry, what its attempt did for each recipient, the queue's retry
 policy and the time, ``decide`` says when the entry is tried again, which
 recipients expire now (deferred past the message's expiry) and which bounce
 (the NDR is about them).  No I/O, no clock: the scheduler records what it
-decides, the operator's expire and bounce use it too, and tests/test_retry.py
+decides, the operator's expire and bounce use it too, and tests/unit/test_retry.py
 tables it.
 
 An NDR that could not be built (``notice_pending`` on the entry) is retried

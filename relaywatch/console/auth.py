@@ -1,4 +1,4 @@
-"""Who may use the console: pure decisions, table-tested (tests/test_console_units.py).
+"""Who may use the console: pure decisions, table-tested (tests/unit/test_console_units.py).
 
 - No tokens configured: a client on a loopback address is let in (as
   "loopback"), any other client is not.  (config/http.py refuses a non-loopback

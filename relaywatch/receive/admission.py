@@ -2,7 +2,7 @@
 
 Pure bookkeeping, no I/O and no clock: the server (receive/server.py, session.py) says
 what happened to each session and when, and acts on the answers; the rules are
-table-tested without sockets (tests/test_admission.py).
+table-tested without sockets (tests/unit/test_admission.py).
 
 An idle connection costs an attacker nothing, so a relay that only counts
 connections is locked out by a thousand of them, each trickling one byte every

@@ -30,7 +30,7 @@ EHLO, SIZE); it hands the rest to its caller as events:
 The caller must not ask for the next event while it is still deciding one
 (committing a message, upgrading to TLS): replies keep the order of commands.
 Everything here is a pure function of the bytes received, so it is tested
-with tables (tests/test_conversation.py).  The events are defined in
+with tables (tests/unit/test_conversation.py).  The events are defined in
 receive/conversation_events.py, the SASL exchange of AUTH in receive/sasl.py.
 """
 

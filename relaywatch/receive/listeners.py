@@ -17,7 +17,7 @@ LISTENER_KEYS = {SMTP: "listen", SUBMISSION: "submission_listen", SUBMISSIONS: "
 # Connections the kernel holds for us to accept.  asyncio's default of 100 is
 # too few for a burst: 1,000 connections at once left about 500 of them
 # connected but never accepted, with no greeting, for as long as they waited
-# (tests/test_slowloris.py); a legitimate client caught in such a burst would
+# (tests/integration/test_slowloris.py); a legitimate client caught in such a burst would
 # hang like that too.  The kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
 TLS_HANDSHAKE_TIMEOUT = 30

@@ -3,7 +3,7 @@
 Everything above these interfaces (receiver, scheduler, watch, CLI) is the
 same for every backend: SQLite is the embedded default (store/sqlite.py),
 PostgreSQL is for several nodes (store/postgres.py), and store/memory.py keeps
-everything in dicts (tests, tools).  tests/test_store_contract.py holds all
+everything in dicts (tests, tools).  tests/contract/test_store_contract.py holds all
 three to one contract.
 
 Durability contract: when ``enqueue`` returns, the message is on disk and

@@ -1,7 +1,7 @@
 """A store in dicts: the queue and the watch's state of one process, gone when it ends.
 
 It implements QueueStore and WatchStore for real (the contract suite,
-tests/test_store_contract.py, runs it beside SQLite and PostgreSQL): leases
+tests/contract/test_store_contract.py, runs it beside SQLite and PostgreSQL): leases
 lapse, statuses move as in queue.sql, NDRs are queued with the outcome,
 bodies are reference-counted and a spool file goes with its last entry.
 

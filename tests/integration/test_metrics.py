@@ -16,7 +16,7 @@ from helpers import LOOPBACK, RawClient, Sink, eventually, free_port, message
 from relaywatch import meters
 from relaywatch.console import metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

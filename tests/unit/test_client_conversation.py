@@ -1,7 +1,7 @@
 """The SMTP client conversation (smtpclient/conversation.py), bytes in, events out: no sockets.
 
 Each test plays the server as a byte script and checks the events and the bytes
-the conversation sends, as tests/test_conversation.py does for the server side.
+the conversation sends, as tests/unit/test_conversation.py does for the server side.
 """
 
 import itertools

@@ -22,7 +22,7 @@ from relaywatch.errors import ConfigError
 from relaywatch.model import RouteKind
 from relaywatch.route import decide
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RELAYWATCH = [sys.executable, "-m", "relaywatch"]
 
 

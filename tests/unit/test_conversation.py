@@ -70,7 +70,7 @@ def in_transaction() -> Conversation:
     (b"MAIL FROM:<a@client.test> SIZE=1000 BODY=8BITMIME\r\n", ["250"]),
     (b"MAIL FROM:<a@client.test> SIZE=many\r\n", ["501"]),
     (b"MAIL FROM:<a@client.test> BODY=BINARYMIME\r\n", ["501"]),
-    (b"MAIL FROM:<a@client.test> RET=HDRS\r\n", ["250"]),            # DSN (RFC 3461): tests/test_dsn_params.py
+    (b"MAIL FROM:<a@client.test> RET=HDRS\r\n", ["250"]),            # DSN (RFC 3461): tests/unit/test_dsn_params.py
     (b"MAIL FROM:<a@client.test> FROB=1\r\n", ["555"]),              # an unknown parameter
     (b"MAIL FROM:<a@client.test>\r\nMAIL FROM:<b@client.test>\r\n", ["250", "503"]),
     (b"MAIL FROM:<a@client.test>\r\nRCPT TO:<x@contoso.test> NOTIFY=NEVER\r\n", ["250"]),   # a Recipient

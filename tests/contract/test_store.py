@@ -2,7 +2,7 @@
 
 ``store`` runs a test over all three; ``sql_store`` over the two databases, for
 what only a database shared by processes and nodes has.  More of the contract:
-tests/test_store_contract.py."""
+tests/contract/test_store_contract.py."""
 
 import asyncio
 import os

@@ -1,6 +1,6 @@
 """The store contract (store/base.py), the same over memory, SQLite and PostgreSQL.
 
-tests/test_store.py has the first part (enqueue, leases, batches); this file the
+tests/contract/test_store.py has the first part (enqueue, leases, batches); this file the
 status rules of record, the operator's and the watch's operations, and that the
 protocols are complete: every store has every method, and callers use no other.
 """
@@ -28,7 +28,7 @@ A = Route(RouteKind.CONNECTOR, "a")
 B = Route(RouteKind.CONNECTOR, "b")
 LOCAL = Route(RouteKind.LOCAL, "local")
 DELIVERED, DEFERRED, FAILED = RecipientStatus.DELIVERED, RecipientStatus.DEFERRED, RecipientStatus.FAILED
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def msg(*recipients, now=None, path=None, is_dsn=False):

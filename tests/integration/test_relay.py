@@ -322,7 +322,7 @@ async def test_global_connection_limit(relay_factory):
     relay = await relay_factory(server={"max_connections": 1})
     first = await asyncio.to_thread(smtplib.SMTP, LOOPBACK, relay.port)
     try:
-        # In a transaction, the only session cannot be evicted (tests/test_slowloris.py): a new client is refused.
+        # In a transaction, the only session cannot be evicted (tests/integration/test_slowloris.py): a new client is refused.
         await asyncio.to_thread(first.ehlo, "client.test")
         assert (await asyncio.to_thread(first.mail, "x@example.org"))[0] == 250
         reader, writer = await asyncio.open_connection(LOOPBACK, relay.port)

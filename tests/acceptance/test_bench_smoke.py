@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POSTFIX = (shutil.which("smtp-source") and shutil.which("smtp-sink") and shutil.which("postfix")
            and Path("/etc/postfix/main.cf").exists())
 

@@ -30,7 +30,7 @@ import pytest
 from helpers import (LOOPBACK, CountingSink, Load, Sink, base_config, eventually, every_acknowledged_delivered,
                      free_port, to_toml)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONG = os.environ.get("RELAYWATCH_LONG_TESTS") == "1"
 CONCURRENCY = 4
 IN_FLIGHT_PER_KILL = CONCURRENCY * 4      # entries one delivery process holds leased at most

@@ -21,7 +21,7 @@ from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_p
 from relaywatch.console.api_routes import ROUTES
 
 pytestmark = pytest.mark.both_loops
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "ops-token-0123456789abcdef"
 OTHER = "dev-token-fedcba9876543210"
 

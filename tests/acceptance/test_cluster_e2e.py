@@ -20,7 +20,7 @@ import pytest
 
 from helpers import LOOPBACK, Server, Sink, WebhookReceiver, eventually, free_port, message
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAPSE = 2.0
 
 

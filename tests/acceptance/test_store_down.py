@@ -26,7 +26,7 @@ from relaywatch.receive.store_condition import (ConditionChanged, ConditionEnded
                                                 PlaceRecovered, StoreCondition, StoreProblem, describe,
                                                 problem_from_os_error, problem_from_store_error)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIG = ("y" * 998 + "\r\n") * 200          # 200 KB: spills to a spool file
 SMALL = ("x" * 70 + "\r\n") * 40           # stays in memory, committed in the queue row
 

@@ -1,6 +1,6 @@
 """Slowloris against the real relay: idle and trickling connections on real sockets.
 
-The rules are in receive/admission.py (table-tested in tests/test_admission.py);
+The rules are in receive/admission.py (table-tested in tests/unit/test_admission.py);
 here they are checked where they matter, with the attack running: a legitimate
 client still gets its 250, a trickle of bytes no longer holds a slot once the
 relay is busy, and a session in a transaction (a slow upload that keeps

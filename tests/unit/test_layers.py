@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "relaywatch"
+PACKAGE = Path(__file__).resolve().parents[2] / "relaywatch"
 
 
 def imports(path: Path) -> set[str]:

@@ -3,7 +3,7 @@
 (trustme), users made by ``relaywatch user add``, two independent clients
 (stdlib smtplib and aiosmtplib), a real SQLite queue and an aiosmtpd
 destination.  The SASL exchange itself is table-tested in
-tests/test_conversation.py; the users file and the brute-force counts here."""
+tests/unit/test_conversation.py; the users file and the brute-force counts here."""
 
 import asyncio
 import logging

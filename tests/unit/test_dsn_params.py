@@ -6,7 +6,7 @@ from relaywatch.dsn_params import (MessageDsn, RecipientDsn, mail_params, rcpt_p
                                    xtext_encode)
 from relaywatch.receive.conversation_events import MessageEnd, Recipient
 
-from tests.test_conversation import codes, session, talk
+from tests.unit.test_conversation import codes, session, talk
 
 
 def ehlo():
