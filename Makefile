@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test sink bench bench-smoke clean
+.PHONY: run test test-unit sink bench bench-smoke clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The pure, table-tested part alone (tests/unit/, marker `unit`): about a minute.
+test-unit: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests/unit
 
 # A destination for the example's on-premises connector (127.0.0.1:2526) that prints what it gets.
 sink: $(STAMP)

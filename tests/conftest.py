@@ -1,6 +1,7 @@
 import asyncio
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -82,6 +83,35 @@ LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 def pytest_configure(config):
     config.addinivalue_line("markers", "both_loops: run each async test on asyncio and on uvloop")
     config.addinivalue_line("markers", "both_stores: also run each relay_factory test on PostgreSQL (on uvloop)")
+    for kind, what in KINDS.items():
+        config.addinivalue_line("markers", f"{kind}: {what} (every test in tests/{kind}/)")
+
+
+# -- kinds -------------------------------------------------------------------------------
+# A test's directory is its kind, and the kind is also a marker (`pytest -m unit`), so
+# the fast ones run alone without a list of files to keep up to date.  A test file
+# directly in tests/ has no kind: collection stops and names it, so it gets placed.
+
+KINDS = {
+    "unit": "pure code by table: no sockets, no processes, no store",
+    "contract": "the store contract and queries over memory, SQLite and PostgreSQL",
+    "integration": "real loopback sockets and relays in the test's process",
+    "acceptance": "real `relaywatch serve` processes, a browser, a built wheel",
+}
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    unplaced = set()
+    for item in items:
+        kind = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else None
+        if kind in KINDS:
+            item.add_marker(kind)
+        elif kind is not None:
+            unplaced.add(str(item.path.relative_to(TESTS.parent)))
+    if unplaced:
+        raise pytest.UsageError(f"{', '.join(sorted(unplaced))}: a test belongs in one of tests/{{{','.join(KINDS)}}}/"
+                                " (README, Tests: which kind is which)")
 
 
 def pytest_asyncio_loop_factories(config, item):
