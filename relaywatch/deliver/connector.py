@@ -7,6 +7,12 @@ queue (a route key), and from it one ``Session`` per worker, whose
 happened to each recipient, where, which other hosts were tried, the TLS
 facts.  Nothing a connector meets escapes as an exception but a bug.
 
+A connector observes; it does not classify.  A failure is an ``Observed`` (the
+``Observation`` with its evidence and when it was seen), shared by the
+recipients it concerns; the scheduler's record step (deliver/record.py
+``classify_result``, right before ``record_attempt``) turns each into its
+Failure once, so a message visits classify/ once, in one place.
+
 - ``SmtpConnector`` (SMTP to smart hosts or MX): the worker's session keeps
   one connection and sends message after message over it (RSET-probed when
   it sat idle, replaced after ``messages_per_connection``); the connector
@@ -25,14 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from relaywatch.classify.classify import classify
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.clock import Clock
 from relaywatch.config import Config
 from relaywatch.deliver.local import deliver_local
 from relaywatch.dsn_params import NO_RECIPIENT_DSN
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
-from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TransactionResult, reply_observation
+from relaywatch.deliver.observe import SessionFailure, reply_observation
+from relaywatch.deliver.transport import SmtpConnection, TransactionResult
 from relaywatch.model import Destination, Entry, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody
 from relaywatch.route import split_address
 
@@ -41,12 +47,23 @@ PROBE_IDLE_CONNECTION_AFTER = 1.0
 LOCAL_DESTINATION = Destination("local")
 
 
+@dataclass(slots=True, eq=False)
+class Observed:
+    """A failure as the connector saw it, not yet classified: one per observation,
+    shared by every recipient it concerns (and by a dead-destination mark)."""
+    observation: Observation
+    at: float
+    failure: Failure | None = None      # classify_result's, made once and then shared
+
+
 @dataclass(slots=True)
 class DeliveryResult:
-    """One attempt at one entry, as the scheduler records it."""
-    outcomes: list[RecipientOutcome]
+    """One attempt at one entry.  As the connector returns it, a failed recipient is
+    ``(address, Observed)`` and ``tried`` holds ``Observed``s; deliver/record.py
+    ``classify_result`` replaces them in place by ``RecipientOutcome``s and Failures."""
+    outcomes: list[RecipientOutcome | tuple[str, Observed]]
     destination: Destination | None
-    tried: tuple[Failure, ...] = ()     # the other hosts of the attempt that failed
+    tried: tuple[Observed | Failure, ...] = ()    # the other hosts of the attempt that failed
     tls: dict | None = None             # facts of the TLS session that delivered, if any
 
 
@@ -81,43 +98,39 @@ def connector_for_route(route: Route, config_ref: Callable[[], Config], routes: 
     return SmtpConnector(route, config_ref, routes, clock)
 
 
-def failed_outcome(address: str, failure: Failure) -> RecipientOutcome:
-    status = RecipientStatus.FAILED if failure.permanent else RecipientStatus.DEFERRED
-    return RecipientOutcome(address, status, failure)
-
-
 def unreachable(failed: AllTargetsFailed, recipients: list[str], now: float) -> DeliveryResult:
     """No target took the session: every recipient fails with the primary target's failure."""
-    failures = [classify(o, now) for o in failed.observations]
-    return DeliveryResult([failed_outcome(r, failures[0]) for r in recipients], failures[0].destination,
-                          tuple(failures[1:]))
+    seen = [Observed(o, now) for o in failed.observations]
+    return DeliveryResult([(r, seen[0]) for r in recipients], seen[0].observation.destination,
+                          tuple(seen[1:]))
 
 
 def transaction_outcomes(result: TransactionResult, recipients: list[str], dest: Destination,
-                         now: float, dsn_passed_on: bool = False) -> list[RecipientOutcome]:
-    """Per-recipient outcomes of one MAIL/RCPT/DATA exchange; ``dsn_passed_on``: the server
+                         now: float, dsn_passed_on: bool = False) -> DeliveryResult:
+    """What one MAIL/RCPT/DATA exchange did for each recipient; ``dsn_passed_on``: the server
     offered DSN and was given the recipients' NOTIFY (its success notices are its own)."""
     if not result.mail.is_success:
-        failure = classify(reply_observation(Phase.MAIL, result.mail, dest), now)
-        return [failed_outcome(r, failure) for r in recipients]
-    out: list[RecipientOutcome] = []
+        seen = Observed(reply_observation(Phase.MAIL, result.mail, dest), now)
+        return DeliveryResult([(r, seen) for r in recipients], dest)
+    out: list[RecipientOutcome | tuple[str, Observed]] = []
     accepted: list[str] = []
     for r in recipients:
         reply = result.rcpts.get(r)
         if reply is not None and reply.is_success:
             accepted.append(r)
         elif reply is not None:
-            out.append(failed_outcome(r, classify(reply_observation(Phase.RCPT, reply, dest), now)))
-    if not accepted:
-        return out
+            out.append((r, Observed(reply_observation(Phase.RCPT, reply, dest), now)))
+    delivery = DeliveryResult(out, dest)
     data = result.data
-    if data is not None and result.data_phase is Phase.AFTER_DATA and data.is_success:
+    if not accepted or data is None:
+        return delivery
+    if result.data_phase is Phase.AFTER_DATA and data.is_success:
         out += [RecipientOutcome(r, RecipientStatus.DELIVERED, reply=str(data), dsn_passed_on=dsn_passed_on)
                 for r in accepted]
-    elif data is not None:
-        failure = classify(reply_observation(result.data_phase or Phase.DATA, data, dest), now)
-        out += [failed_outcome(r, failure) for r in accepted]
-    return out
+    else:
+        seen = Observed(reply_observation(result.data_phase or Phase.DATA, data, dest), now)
+        out += [(r, seen) for r in accepted]
+    return delivery
 
 
 # -- SMTP ------------------------------------------------------------------------------------
@@ -131,8 +144,8 @@ class SmtpConnector:
         self.routes = routes
         self.clock = clock
         self.down_until = 0.0                      # clock.monotonic()
-        self.down_failure: Failure | None = None
-        self.down_tried: tuple[Failure, ...] = ()
+        self.down_seen: Observed | None = None
+        self.down_tried: tuple[Observed, ...] = ()
 
     def session(self) -> "SmtpSession":
         return SmtpSession(self)
@@ -142,7 +155,7 @@ class SmtpConnector:
         return connector is not None and connector.paused
 
     def forget_down(self) -> None:
-        self.down_until, self.down_failure = 0.0, None
+        self.down_until, self.down_seen = 0.0, None
 
 
 class SmtpSession:
@@ -156,9 +169,9 @@ class SmtpSession:
         c = self.connector
         if entry.is_tls_report:
             return await self._deliver_tls_report(entry, body, recipients)
-        if c.down_until > c.clock.monotonic() and c.down_failure is not None:
-            return DeliveryResult([failed_outcome(r, c.down_failure) for r in recipients],
-                                  c.down_failure.destination, c.down_tried)
+        if c.down_until > c.clock.monotonic() and c.down_seen is not None:
+            return DeliveryResult([(r, c.down_seen) for r in recipients],
+                                  c.down_seen.observation.destination, c.down_tried)
         conn = self.conn
         if conn is not None and (conn.broken or
                                  conn.transactions >= c.config_ref().delivery.messages_per_connection):
@@ -174,10 +187,10 @@ class SmtpSession:
                 conn = self.conn = await c.routes.connect(entry.route, split_address(recipients[0])[1])
             except AllTargetsFailed as failed:
                 result = unreachable(failed, recipients, c.clock.now())
-                c.down_until, c.down_failure, c.down_tried = (
-                    c.clock.monotonic() + DEAD_DESTINATION_SECONDS, result.outcomes[0].failure, result.tried)
+                c.down_until, c.down_seen, c.down_tried = (
+                    c.clock.monotonic() + DEAD_DESTINATION_SECONDS, result.outcomes[0][1], result.tried)
                 return result
-            c.down_until, c.down_failure = 0.0, None
+            c.down_until, c.down_seen = 0.0, None
         return await self._send(conn, entry, body, recipients)
 
     async def _deliver_tls_report(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
@@ -205,11 +218,12 @@ class SmtpSession:
             conn.close()
             if conn is self.conn:
                 self.conn = None
-            return DeliveryResult([failed_outcome(r, classify(failure.observation, clock.now())) for r in recipients],
-                                  conn.dest)
-        return DeliveryResult(transaction_outcomes(result, recipients, conn.dest, clock.now(),
-                                                   dsn_passed_on="DSN" in conn.capabilities), conn.dest,
-                              tls=conn.tls)
+            seen = Observed(failure.observation, clock.now())
+            return DeliveryResult([(r, seen) for r in recipients], conn.dest)
+        delivery = transaction_outcomes(result, recipients, conn.dest, clock.now(),
+                                        dsn_passed_on="DSN" in conn.capabilities)
+        delivery.tls = conn.tls
+        return delivery
 
     def abandon(self) -> None:
         if self.conn is not None:
@@ -245,14 +259,14 @@ class LocalConnector:
         return DeliveryResult([await self._one(data_dir, address, body) for address in recipients],
                               LOCAL_DESTINATION)
 
-    async def _one(self, data_dir: Path, address: str, body: StoredBody) -> RecipientOutcome:
+    async def _one(self, data_dir: Path, address: str, body: StoredBody) -> RecipientOutcome | tuple[str, Observed]:
         try:
             name = await deliver_local(data_dir, address, body)
             return RecipientOutcome(address, RecipientStatus.DELIVERED, reply=f"maildir {name}")
         except OSError as exc:
             obs = Observation(Phase.LOCAL, Outcome.LOCAL_ERROR, LOCAL_DESTINATION,
                               errno=None, note=exc.strerror or str(exc))
-            return failed_outcome(address, classify(obs, self.clock.now()))
+            return address, Observed(obs, self.clock.now())
 
     def abandon(self) -> None:
         pass

@@ -1,8 +1,9 @@
-"""Recording an attempt: the retry decision, the notices, the store, the mail log.
+"""Recording an attempt: classification, the retry decision, the notices, the store, the mail log.
 
 What the scheduler's record step (and an operator's bounce or expire,
-deliver/queue_actions.py) does with a delivery's outcomes: classify/retry.py
-decides what follows, notify/dsn.py builds the notices that calls for (this
+deliver/queue_actions.py) does with a delivery's outcomes: ``classify_result``
+turns what the connector observed into Failures (classify/classify.py, the one
+place delivery classifies), classify/retry.py decides what follows, notify/dsn.py builds the notices that calls for (this
 module only reads the original's headers for them), the store records it all
 in one transaction, and the mail log gets one line per recipient.
 
@@ -20,9 +21,10 @@ import logging
 import time
 
 from relaywatch import events, meters
-from relaywatch.classify.classify import where
+from relaywatch.classify.classify import classify, where
 from relaywatch.classify.retry import RetryDecision, decide as decide_retry, notice_given_up, notice_retry
 from relaywatch.config import Config
+from relaywatch.deliver.connector import DeliveryResult, Observed
 from relaywatch.model import Attempt, Destination, Entry, Failure, RecipientOutcome, RecipientStatus, StoredBody
 from relaywatch.notify.dsn import (FULL_RETURN_LIMIT, Notices, ReportedRecipient, delay_notice_due, held_notice,
                                    notices_for, owed_recipients, requested, success_owed)
@@ -33,6 +35,28 @@ from relaywatch.store.pending import PendingOutcomes, PendingRecord
 log = logging.getLogger("relaywatch.scheduler")
 
 HEADERS_READ = 64 * 1024     # the original's start read for a notice: its header section
+
+
+def classify_result(result: DeliveryResult) -> DeliveryResult:
+    """Turn the connector's observations into Failures and outcomes, in place: each
+    ``Observed`` is classified once (its recipients, and a dead-destination mark's
+    later attempts, share the one Failure, stamped when it was observed)."""
+    outcomes = result.outcomes
+    for i, o in enumerate(outcomes):
+        if type(o) is tuple:
+            address, seen = o
+            failure = _failure(seen)
+            outcomes[i] = RecipientOutcome(
+                address, RecipientStatus.FAILED if failure.permanent else RecipientStatus.DEFERRED, failure)
+    if result.tried:
+        result.tried = tuple(_failure(t) if isinstance(t, Observed) else t for t in result.tried)
+    return result
+
+
+def _failure(seen: Observed) -> Failure:
+    if seen.failure is None:
+        seen.failure = classify(seen.observation, seen.at)
+    return seen.failure
 
 
 async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcomes: list[RecipientOutcome],

@@ -28,7 +28,7 @@ from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
 from relaywatch.deliver.handover import JOURNAL_NAME as HANDOVER_NAME, HandoverJournal
 from relaywatch.deliver.queue_actions import QueueActions
-from relaywatch.deliver.record import record_attempt
+from relaywatch.deliver.record import classify_result, record_attempt
 from relaywatch.deliver.slots import Slots
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.errors import StoreError
@@ -255,6 +255,7 @@ class Scheduler:
         next message while the store commits.  The lease is held until the
         record is durable; if we crash before that, the message is tried again
         (at-least-once, as in every MTA)."""
+        classify_result(result)            # the one classification of the attempt, before its record
         self._recording.add(entry.id)
         task = asyncio.create_task(record_attempt(
             self.store, self.config_ref(), entry, result.outcomes, result.destination, started, body,

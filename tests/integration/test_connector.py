@@ -1,4 +1,5 @@
-"""The connector seam (deliver/connector.py) on its own: the scheduler's view of delivery.
+"""The connector seam (deliver/connector.py) on its own: the scheduler's view of delivery
+(each result through deliver/record.py ``classify_result``, as the scheduler does).
 
 Real loopback destinations (aiosmtpd, scripted misfits) and a real Maildir; no store."""
 
@@ -8,6 +9,7 @@ from helpers import LOOPBACK, Scripted, Sink, base_config
 from relaywatch.clock import SYSTEM_CLOCK
 from relaywatch.config import apply_overrides, parse_config
 from relaywatch.deliver.connector import DeliveryResult, LocalConnector, SmtpConnector, connector_for_route
+from relaywatch.deliver.record import classify_result
 from relaywatch.deliver.resolver import Resolver
 from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.model import Entry, EntryStatus, RecipientStatus, Route, RouteKind, StoredBody
@@ -39,9 +41,9 @@ async def test_a_session_sends_message_after_message_over_one_connection(tmp_pat
     assert isinstance(connector, SmtpConnector) and not connector.paused()
     session = connector.session()
     try:
-        first = await session.deliver(entry(n=1), BODY, ["bob@partner.test"])
+        first = classify_result(await session.deliver(entry(n=1), BODY, ["bob@partner.test"]))
         conn = session.conn
-        second = await session.deliver(entry(n=2), BODY, ["carol@partner.test", "dave@partner.test"])
+        second = classify_result(await session.deliver(entry(n=2), BODY, ["carol@partner.test", "dave@partner.test"]))
         assert session.conn is conn and conn.transactions == 2          # reused, not reopened
         for result in (first, second):
             assert isinstance(result, DeliveryResult) and result.tried == ()
@@ -62,7 +64,7 @@ async def test_a_connection_carries_messages_per_connection_then_a_new_one_is_op
     try:
         await session.deliver(entry(n=1), BODY, ["bob@partner.test"])
         first = session.conn
-        result = await session.deliver(entry(n=2), BODY, ["carol@partner.test"])
+        result = classify_result(await session.deliver(entry(n=2), BODY, ["carol@partner.test"]))
         assert session.conn is not first and first.broken and session.conn.transactions == 1
         assert result.outcomes[0].status is RecipientStatus.DELIVERED and len(sink.messages) == 2
     finally:
@@ -78,15 +80,15 @@ async def test_an_unreachable_destination_is_marked_down_for_every_session_until
     connector = SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK)
     one, two = connector.session(), connector.session()
     try:
-        first = await one.deliver(entry(n=1), BODY, ["bob@partner.test"])
+        first = classify_result(await one.deliver(entry(n=1), BODY, ["bob@partner.test"]))
         failure = first.outcomes[0].failure
         assert first.outcomes[0].status is RecipientStatus.DEFERRED and failure.subtype == "greeting_421"
         assert first.destination == failure.destination and server.connections == 1
         # Another worker's entry for the same destination: deferred with that one failure, no new connection.
-        second = await two.deliver(entry(n=2), BODY, ["carol@partner.test"])
+        second = classify_result(await two.deliver(entry(n=2), BODY, ["carol@partner.test"]))
         assert second.outcomes[0].failure is failure and server.connections == 1
         connector.forget_down()                  # queue retry / a passing probe: really try again
-        third = await two.deliver(entry(n=3), BODY, ["carol@partner.test"])
+        third = classify_result(await two.deliver(entry(n=3), BODY, ["carol@partner.test"]))
         assert third.outcomes[0].failure is not failure and server.connections == 2
     finally:
         await one.close()
@@ -103,7 +105,7 @@ async def test_a_dropped_session_is_not_reused(tmp_path):
     config, routes = setup(tmp_path, server.port)
     session = SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK).session()
     try:
-        result = await session.deliver(entry(), BODY, ["bob@partner.test"])
+        result = classify_result(await session.deliver(entry(), BODY, ["bob@partner.test"]))
         assert result.outcomes[0].status is RecipientStatus.DEFERRED and result.destination.port == server.port
         assert session.conn is None
     finally:
@@ -124,13 +126,13 @@ async def test_local_delivery_writes_a_maildir_and_reports_what_failed(tmp_path)
     connector = connector_for_route(LOCAL, lambda: config, routes, SYSTEM_CLOCK)
     assert isinstance(connector, LocalConnector) and not connector.paused()
     session = connector.session()
-    result = await session.deliver(entry(LOCAL), BODY, ["alice@contoso.test"])
+    result = classify_result(await session.deliver(entry(LOCAL), BODY, ["alice@contoso.test"]))
     assert result.destination.host == "local" and result.outcomes[0].status is RecipientStatus.DELIVERED
     assert result.outcomes[0].reply.startswith("maildir ")
     new = config.server.data_dir / "mailboxes" / "contoso.test" / "alice" / "new"
     assert [p.read_bytes() for p in new.iterdir()] == [b"Delivered-To: alice@contoso.test\r\n" + BODY.data]
     # A mailbox that cannot be written: a classified local failure, never an exception.
     (config.server.data_dir / "mailboxes" / "contoso.test" / "postmaster").write_text("not a directory")
-    failed = await session.deliver(entry(LOCAL), BODY, ["postmaster@contoso.test"])
+    failed = classify_result(await session.deliver(entry(LOCAL), BODY, ["postmaster@contoso.test"]))
     assert failed.outcomes[0].status is not RecipientStatus.DELIVERED and failed.outcomes[0].failure.phase == "local"
     await session.close()
