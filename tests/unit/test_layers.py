@@ -36,6 +36,8 @@ RULES = [
     # the queue manager and what it drives: nothing of receiving or of the watch
     (["deliver/scheduler.py", "deliver/connector.py", "deliver/record.py", "deliver/queue_actions.py"],
      ("relaywatch.receive", "relaywatch.watch", "relaywatch.cli", "relaywatch.app")),
+    # a delivery visits classify/ once: the connector observes, deliver/record.py classifies
+    (["deliver/connector.py"], ("relaywatch.classify.classify", "relaywatch.classify.retry")),
     # the retry decision and the classifier: pure, below delivery and notices
     (modules("classify"), ("relaywatch.deliver", "relaywatch.notify", "relaywatch.watch", "relaywatch.receive",
                            "relaywatch.store")),
