@@ -49,7 +49,7 @@ class RecipientStatus(str, enum.Enum):
 
 
 class IncidentState(str, enum.Enum):
-    """A watch incident (watch/model.py Incident) is open until its condition ends."""
+    """A watch incident (incident.py Incident) is open until its condition ends."""
     OPEN = "open"
     RESOLVED = "resolved"
 

@@ -16,7 +16,7 @@ from relaywatch.cluster.model import LeaderLease, NodeBeat, NodeState
 from relaywatch.config import Config
 from relaywatch.model import Entry, TlsCount, iso
 from relaywatch.notify.tls_report import policies
-from relaywatch.watch.model import ProbeResult
+from relaywatch.incident import Incident, IncidentRecord, ProbeResult
 
 INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
                   "first_expires_at")
@@ -49,16 +49,16 @@ def history_json(a: dict) -> dict[str, Any]:
     return out
 
 
-def incident_json(inc: dict) -> dict[str, Any]:
-    """INCIDENT (``incidents list/show --json``)."""
-    out = dict(inc)
+def incident_json(inc: Incident | IncidentRecord) -> dict[str, Any]:
+    """INCIDENT (``incidents list/show --json``; show's with its notifications and audit)."""
+    out = inc.to_dict()
     for key in INCIDENT_TIMES:
         if isinstance(out.get(key), (int, float)):
             out[key] = iso(out[key])
     return out
 
 
-def incident_list_json(incidents: list[dict]) -> dict[str, Any]:
+def incident_list_json(incidents: list[Incident]) -> dict[str, Any]:
     """``incidents list --json`` and ``GET /api/v1/incidents``."""
     return {"incidents": [incident_json(i) for i in incidents]}
 
@@ -84,16 +84,16 @@ def connector_state(enabled: bool, paused: bool, open_incidents: int) -> str:
     return "incident open" if open_incidents else "healthy"
 
 
-def connectors_json(effective: Config, open_incidents: list[dict], last_good: dict[str, dict]) -> dict[str, Any]:
+def connectors_json(effective: Config, open_incidents: list[Incident], last_good: dict[str, dict]) -> dict[str, Any]:
     """CONNECTOR list (``GET /api/v1/connectors``): state and the last good delivery."""
     out = []
     for c in effective.connectors:
-        mine = [i for i in open_incidents if i["connector"] == c.name]
+        mine = [i for i in open_incidents if i.connector == c.name]
         good = last_good.get(c.name)
         out.append({"name": c.name, "type": c.type, "domains": list(c.domains),
                     "state": connector_state(c.enabled, c.paused, len(mine)),
                     "enabled": c.enabled, "paused": c.paused,
-                    "open_incidents": [i["id"] for i in mine],
+                    "open_incidents": [i.id for i in mine],
                     "last_good_delivery": iso(good["at"]) if good else None})
     return {"connectors": out}
 

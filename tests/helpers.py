@@ -948,3 +948,14 @@ async def every_acknowledged_delivered(load: Load, sink: CountingSink, timeout: 
                      what=lambda: f"every acknowledged message at the destination "
                                   f"({len(acked - set(sink.seen))} missing)")
     return acked
+
+
+async def insert_stored_incident(store, stored: dict) -> int:
+    """An incidents row as a version of relaywatch wrote it (its columns, the rest as the JSON
+    ``data``), not through Incident: what the store must still read.  SQL stores only."""
+    from relaywatch.store.watch import Q
+    columns = ("id", "connector", "code", "state", "opened_at", "resolved_at")
+    data = json.dumps({k: v for k, v in stored.items() if k not in columns})
+    return await store.engine.write(lambda conn, cleanup: conn.execute(Q["insert_incident"], (
+        stored["connector"], stored["code"], stored["state"], stored["opened_at"], stored.get("resolved_at"),
+        data)).fetchone()[0])

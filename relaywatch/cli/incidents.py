@@ -10,7 +10,7 @@ from relaywatch import views
 from relaywatch.cli.common import (age, config_option, echo_json, fail, operator_name, print_steps, read_config, rich,
                                    wake_server, with_store)
 from relaywatch.model import iso
-from relaywatch.watch.model import Incident
+from relaywatch.incident import IncidentRecord, Severity
 
 
 @click.group()
@@ -38,17 +38,15 @@ def incidents_list(config_path, all_, as_json):
     for col in ("ID", "State", "Connector", "Code", "What", "Messages", "Since", "NDRs in"):
         table.add_column(col, no_wrap=col != "What")
     for i in found:
-        state = i["state"] if i["state"] != "open" else ("critical" if i.get("severity") == "critical" else "open")
-        cliff = age(now, i["first_expires_at"]) if i["state"] == "open" and i.get("messages") else "-"
-        kind = Incident.from_dict(i).kind
-        code = kind.value if kind.code else i["code"]     # the watch's warnings: by their kind
-        table.add_row(str(i["id"]), state, i["connector"], code, i["title"],
-                      str(i.get("messages", 0)), age(i["opened_at"], now), cliff)
+        state = i.state.value if not i.is_open else ("critical" if i.severity is Severity.CRITICAL else "open")
+        cliff = age(now, i.first_expires_at) if i.is_open and i.messages else "-"
+        code = i.kind.value if i.kind.code else i.code     # the watch's warnings: by their kind
+        table.add_row(str(i.id), state, i.connector, code, i.title, str(i.messages), age(i.opened_at, now), cliff)
     console.print(table)
     click.echo("`relaywatch incidents show ID` explains one and lists its Fix now actions")
 
 
-async def _incident(store, incident_id: int) -> dict:
+async def _incident(store, incident_id: int) -> IncidentRecord:
     """The stored incident (show, fix, undo), or exit naming the id."""
     inc = await store.incident(incident_id)
     if inc is None:
@@ -64,20 +62,20 @@ def incidents_show(config_path, incident_id, as_json):
     """One incident: evidence, likely cause, what to do, actions, notifications."""
     from relaywatch.watch.alerts import incident_text
     config = read_config(config_path)
-    inc = with_store(config, lambda s: _incident(s, incident_id))
+    found = with_store(config, lambda s: _incident(s, incident_id))
     if as_json:
-        echo_json(views.incident_json(inc))
+        echo_json(views.incident_json(found))
         return
-    click.echo(f"Incident {inc['id']}  " + incident_text(Incident.from_dict(inc), time.time()))
-    probe = inc.get("probe")
-    if probe:
-        click.echo(f"Last probe ({iso(probe['at'])}): {'passed' if probe['ok'] else 'failed'}")
-        print_steps(probe["steps"])
-    for n in inc.get("notifications", []):
+    inc = found.incident
+    click.echo(f"Incident {inc.id}  " + incident_text(inc, time.time()))
+    if inc.probe:
+        click.echo(f"Last probe ({iso(inc.probe.at)}): {'passed' if inc.probe.ok else 'failed'}")
+        print_steps([s.to_dict() for s in inc.probe.steps])
+    for n in found.notifications:
         click.echo(f"Notified {n['transition']} by {n['channel']}: {n['state']}"
                    + (f" at {iso(n['sent_at'])}" if n["sent_at"] else "")
                    + (f" (last error: {n['last_error']})" if n["last_error"] and n["state"] != "sent" else ""))
-    for a in inc.get("audit", []):
+    for a in found.audit:
         click.echo(f"Action {a['action']} by {a['who']} at {iso(a['at'])}" + (" (undone)" if a["undone_at"] else ""))
 
 
@@ -94,19 +92,19 @@ def incidents_fix(config_path, incident_id, action, dry_run, reason):
     who = operator_name()
 
     async def run(store):
-        inc = await _incident(store, incident_id)
+        inc = (await _incident(store, incident_id)).incident
         try:
-            p = fixes.plan(action, Incident.from_dict(inc), config, await store.overrides())
+            p = fixes.plan(action, inc, config, await store.overrides())
         except fixes.FixError as exc:
             fail(str(exc))
         click.echo(f"{'Would' if dry_run else 'Will'} {action} for incident {incident_id} "
-                   f"({inc['code']} on connector {inc['connector']}):")
+                   f"({inc.code} on connector {inc.connector}):")
         for step in p.steps:
             click.echo(f"  - {step}")
         if dry_run:
             click.echo("Dry run: nothing changed.")
             return
-        for line in await fixes.apply(store, config, Incident.from_dict(inc), p, who, reason):
+        for line in await fixes.apply(store, config, inc, p, who, reason):
             click.echo(f"  done: {line}")
         click.echo(f"Undo with: relaywatch incidents undo {incident_id}" if p.undo else f"({p.undo_note})")
     with_store(config, run)
@@ -123,9 +121,9 @@ def incidents_undo(config_path, incident_id):
     who = operator_name()
 
     async def run(store):
-        inc = await _incident(store, incident_id)
+        inc = (await _incident(store, incident_id)).incident
         try:
-            for line in await fixes.undo(store, Incident.from_dict(inc), who):
+            for line in await fixes.undo(store, inc, who):
                 click.echo(line)
         except fixes.FixError as exc:
             fail(str(exc))

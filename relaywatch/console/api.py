@@ -19,7 +19,7 @@ from relaywatch.config import apply_overrides
 from relaywatch.deliver.tls_report import utc_day
 from relaywatch.errors import StoreError
 from relaywatch.watch.fixes import ACTIONS as FIX_ACTIONS
-from relaywatch.watch.model import Incident
+from relaywatch.incident import IncidentRecord
 
 from relaywatch.console.api_input import (ENTRY_ID, MAX_LIMIT, MAX_TRACES, BadInput, body_of, bool_arg, int_arg,
                                           query_args, queue_page, reason_of)
@@ -153,7 +153,7 @@ class Api:
             return error_response(404, f"no incident {params['id']}")
         return json_response(200, views.incident_json(inc))
 
-    async def _incident(self, params: dict) -> dict | None:
+    async def _incident(self, params: dict) -> IncidentRecord | None:
         text = params["id"]
         if not text.isdigit() or int(text) < 1 or len(text) > 18:
             raise BadInput("id", f"an incident id is a whole number (got {text!r})")
@@ -167,20 +167,21 @@ class Api:
         if action not in FIX_ACTIONS:
             raise BadInput("action", f"unknown action {action!r}; one of {', '.join(FIX_ACTIONS)}")
         body = body_of(req, optional=("dry_run",))
-        inc = await self._incident(params)
-        if inc is None:
+        found = await self._incident(params)
+        if found is None:
             return error_response(404, f"no incident {params['id']}")
+        inc = found.incident
         try:   # the file's config and the stored overrides, as the CLI plans it
-            plan = fixes.plan(action, Incident.from_dict(inc), self.app.file_config, await self.store.overrides())
+            plan = fixes.plan(action, inc, self.app.file_config, await self.store.overrides())
         except fixes.FixError as exc:
             return error_response(409, str(exc))
-        out = {"incident_id": inc["id"], "action": action, "dry_run": bool(body.get("dry_run")),
+        out = {"incident_id": inc.id, "action": action, "dry_run": bool(body.get("dry_run")),
                "steps": plan.steps, "undo": bool(plan.undo), "undo_note": plan.undo_note or None, "done": [],
                "who": who}
         if out["dry_run"]:
             return json_response(200, out)
         try:
-            out["done"] = await fixes.apply(self.store, self.app.file_config, Incident.from_dict(inc), plan, who,
+            out["done"] = await fixes.apply(self.store, self.app.file_config, inc, plan, who,
                                             body["reason"])
         except StoreError as exc:
             return error_response(409, str(exc))
@@ -191,15 +192,16 @@ class Api:
         from relaywatch.watch import fixes
         query_args(req, route)
         reason = reason_of(req)
-        inc = await self._incident(params)
-        if inc is None:
+        found = await self._incident(params)
+        if found is None:
             return error_response(404, f"no incident {params['id']}")
+        inc = found.incident
         try:
-            lines = await fixes.undo(self.store, Incident.from_dict(inc), who, reason)
+            lines = await fixes.undo(self.store, inc, who, reason)
         except fixes.FixError as exc:
             return error_response(409, str(exc))
         self.app.notify()   # as the CLI's SIGUSR1: overrides and the queue are looked at now
-        return json_response(200, {"incident_id": inc["id"], "action": "undo", "dry_run": False, "steps": [],
+        return json_response(200, {"incident_id": inc.id, "action": "undo", "dry_run": False, "steps": [],
                                    "undo": False, "undo_note": None, "done": lines, "who": who})
 
     async def connectors(self, req: Request, route: Route, params: dict, who: str) -> Response:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relaywatch import events, meters
+from relaywatch.incident import Incident
 
 STATUSES = ("queued", "deferred", "held", "active")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -153,10 +154,10 @@ def queue_families(rows, connectors: list[str], now: float) -> list[Family]:
     ]
 
 
-def incident_family(open_incidents: list[dict]) -> Family:
+def incident_family(open_incidents: list[Incident]) -> Family:
     counted: dict[tuple[str, str], int] = {}
     for inc in open_incidents:
-        key = (inc["connector"], inc["code"])
+        key = inc.key
         counted[key] = counted.get(key, 0) + 1
     return Family("relaywatch_incidents_open", "gauge", "Open mail flow incidents by connector and code.",
                   [({"connector": c, "code": code}, n) for (c, code), n in sorted(counted.items())])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from relaywatch.cluster.model import LeaderLease, NodeBeat
+from relaywatch.incident import BacklogSummary, Incident, IncidentRecord
 from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody, TlsCount
 
 
@@ -139,9 +140,11 @@ class QueueStore(Protocol):
 
 class WatchStore(Protocol):
     """The mail-flow watch's state: deferred mail by cause, incidents and their
-    notifications, Fix-now overrides with their audit trail."""
+    notifications, Fix-now overrides with their audit trail.  Incidents and backlog
+    summaries go in and out as the kernel's dataclasses (incident.py); the stores map
+    them to rows in one place (store/watch.py ``incident_row``/``incident_of``/``summary``)."""
 
-    async def deferred_summary(self) -> list[dict[str, Any]]:
+    async def deferred_summary(self) -> list[BacklogSummary]:
         """Deferred mail grouped by (connector, last code): messages, recipients
         still waiting, oldest received, first expiry, first failure, latest error
         and the destinations tried."""
@@ -152,14 +155,14 @@ class WatchStore(Protocol):
     async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:
         """Ids of a connector's entries in ``status`` (and with last code ``code``), oldest first."""
 
-    async def open_incidents(self) -> list[dict[str, Any]]: ...
-    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict[str, Any]]:
+    async def open_incidents(self) -> list[Incident]: ...
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[Incident]:
         """The latest incidents first."""
 
-    async def incident(self, incident_id: int) -> dict[str, Any] | None:
-        """One incident, with its ``notifications`` and ``audit`` lists."""
+    async def incident(self, incident_id: int) -> IncidentRecord | None:
+        """One incident, with its notifications and audit records."""
 
-    async def save_incident(self, incident: dict[str, Any], term: int | None = None) -> int:
+    async def save_incident(self, incident: Incident, term: int | None = None) -> int:
         """Insert (``id`` None) or update an incident; its id.  ``term``: the
         writer's leader term (ClusterStore); StaleTerm, and nothing written, once
         another node leads."""

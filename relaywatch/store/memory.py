@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
+from relaywatch.incident import BacklogSummary
 from relaywatch.model import (
     Attempt, Entry, EntryStatus, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route, StoredBody,
 )
@@ -363,7 +364,7 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
 
     # -- the watch's reads of the queue (the rest: store/memory_watch.py) ---------------
 
-    async def deferred_summary(self) -> list[dict]:
+    async def deferred_summary(self) -> list[BacklogSummary]:
         self._check()
         groups: dict[tuple[str, str], list[_Row]] = {}
         for r in self._entries.values():

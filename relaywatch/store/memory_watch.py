@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Sequence
 
+from relaywatch.incident import Incident, IncidentRecord
 from relaywatch.model import IncidentState, NotificationState
-from relaywatch.store.watch import _incident, incident_data, notification_state
+from relaywatch.store.watch import incident_of, incident_row, notification_state
 
 
 class MemoryWatch:
@@ -26,42 +27,39 @@ class MemoryWatch:
         self._audit: list[dict] = []
         self._invalid: list[tuple[float, str, str, str]] = []
 
-    async def open_incidents(self) -> list[dict]:
+    async def open_incidents(self) -> list[Incident]:
         self._check()
-        return [_incident(row) for _, row in sorted(self._incidents.items()) if row[3] == IncidentState.OPEN]
+        return [incident_of(row) for _, row in sorted(self._incidents.items()) if row[3] == IncidentState.OPEN]
 
-    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[Incident]:
         self._check()
         rows = [row for _, row in sorted(self._incidents.items(), reverse=True)
                 if include_resolved or row[3] == IncidentState.OPEN]
-        return [_incident(row) for row in rows[:limit]]
+        return [incident_of(row) for row in rows[:limit]]
 
-    async def incident(self, incident_id: int) -> dict | None:
+    async def incident(self, incident_id: int) -> IncidentRecord | None:
         self._check()
         row = self._incidents.get(incident_id)
         if row is None:
             return None
-        inc = _incident(row)
-        inc["notifications"] = [{k: n[k] for k in ("transition", "channel", "state", "attempts", "last_error",
-                                                   "sent_at")}
-                                for n in self._notifications if n["incident_id"] == incident_id]
-        inc["audit"] = [{"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
-                         "detail": json.loads(a["detail"]), "undone_at": a["undone_at"]}
-                        for a in self._audit if a["incident_id"] == incident_id]
-        return inc
+        notifications = tuple({k: n[k] for k in ("transition", "channel", "state", "attempts", "last_error",
+                                                 "sent_at")}
+                              for n in self._notifications if n["incident_id"] == incident_id)
+        audit = tuple({"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
+                       "detail": json.loads(a["detail"]), "undone_at": a["undone_at"]}
+                      for a in self._audit if a["incident_id"] == incident_id)
+        return IncidentRecord(incident_of(row), notifications, audit)
 
-    async def save_incident(self, incident: dict, term: int | None = None) -> int:
+    async def save_incident(self, incident: Incident, term: int | None = None) -> int:
         self._check()
         self._check_term(term)
-        blob = incident_data(incident)
-        id_ = incident.get("id")
+        id_, connector, code, state, opened_at, resolved_at, blob = incident_row(incident)
         if id_ is None:
             id_ = max(self._incidents, default=0) + 1
-            self._incidents[id_] = (id_, incident["connector"], incident["code"], incident["state"],
-                                    incident["opened_at"], incident.get("resolved_at"), blob)
+            self._incidents[id_] = (id_, connector, code, state, opened_at, resolved_at, blob)
         elif id_ in self._incidents:
             old = self._incidents[id_]
-            self._incidents[id_] = (*old[:3], incident["state"], old[4], incident.get("resolved_at"), blob)
+            self._incidents[id_] = (*old[:3], state, old[4], resolved_at, blob)
         return id_
 
     def _add_notification(self, incident_id: int, transition: str, channel: str, **row: Any) -> bool:

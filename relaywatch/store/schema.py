@@ -119,7 +119,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     state       TEXT NOT NULL,      -- IncidentState
     opened_at   {REAL} NOT NULL,
     resolved_at {REAL},
-    data        TEXT NOT NULL       -- the rest of the incident (watch/model.py Incident.to_dict), as JSON
+    data        TEXT NOT NULL       -- the rest of the incident (incident.py Incident.to_dict), as JSON
 );
 CREATE INDEX IF NOT EXISTS incidents_open ON incidents (state, connector, code);
 CREATE TABLE IF NOT EXISTS notifications (

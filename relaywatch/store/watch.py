@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
+from relaywatch.incident import BacklogSummary, Incident, IncidentRecord
 from relaywatch.model import EntryStatus, NotificationState, dest_label
 from relaywatch.store import queries
 from relaywatch.store.cluster import check_term
@@ -17,7 +18,7 @@ from relaywatch.store.engine import Dialect, GroupCommitEngine
 
 Q = queries.load("watch.sql")
 
-# The incident columns of their own; the rest of an incident dict is the JSON in ``data``.
+# The incident columns of their own; the rest of Incident.to_dict() is the JSON in ``data``.
 _INCIDENT_KEYS = ("id", "connector", "code", "state", "opened_at", "resolved_at")
 
 
@@ -26,9 +27,9 @@ class SqlWatch:
     engine: GroupCommitEngine
     dialect: Dialect
 
-    async def deferred_summary(self) -> list[dict]:
+    async def deferred_summary(self) -> list[BacklogSummary]:
         """Deferred mail grouped by (connector, code), with the newest evidence."""
-        def q(conn: Any) -> list[dict]:
+        def q(conn: Any) -> list[BacklogSummary]:
             out = []
             for connector, code, messages, recipients, oldest, first_expiry, first_failure in conn.execute(
                     Q["deferred_by_cause"]).fetchall():
@@ -55,39 +56,37 @@ class SqlWatch:
             return [i for (i,) in conn.execute(Q["entry_ids_with_code"], (connector, status, code))]
         return await self.engine.read(q)
 
-    async def open_incidents(self) -> list[dict]:
-        return await self.engine.read(lambda conn: [_incident(r) for r in conn.execute(Q["open_incidents"])])
+    async def open_incidents(self) -> list[Incident]:
+        return await self.engine.read(lambda conn: [incident_of(r) for r in conn.execute(Q["open_incidents"])])
 
-    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[dict]:
+    async def incidents(self, include_resolved: bool = False, limit: int = 200) -> list[Incident]:
         sql = Q["recent_incidents" if include_resolved else "recent_open_incidents"]
-        return await self.engine.read(lambda conn: [_incident(r) for r in conn.execute(sql, (limit,))])
+        return await self.engine.read(lambda conn: [incident_of(r) for r in conn.execute(sql, (limit,))])
 
-    async def incident(self, incident_id: int) -> dict | None:
-        def q(conn: Any) -> dict | None:
+    async def incident(self, incident_id: int) -> IncidentRecord | None:
+        def q(conn: Any) -> IncidentRecord | None:
             row = conn.execute(Q["incident"], (incident_id,)).fetchone()
             if row is None:
                 return None
-            inc = _incident(row)
-            inc["notifications"] = [
+            notifications = tuple(
                 {"transition": t, "channel": c, "state": st, "attempts": a, "last_error": e, "sent_at": sa}
-                for t, c, st, a, e, sa in conn.execute(Q["notifications_of"], (incident_id,))]
-            inc["audit"] = [{"id": i, "at": at, "who": who, "action": act, "detail": json.loads(d), "undone_at": u}
-                            for i, at, who, act, d, u in conn.execute(Q["audit_of"], (incident_id,))]
-            return inc
+                for t, c, st, a, e, sa in conn.execute(Q["notifications_of"], (incident_id,)))
+            audit = tuple({"id": i, "at": at, "who": who, "action": act, "detail": json.loads(d), "undone_at": u}
+                          for i, at, who, act, d, u in conn.execute(Q["audit_of"], (incident_id,)))
+            return IncidentRecord(incident_of(row), notifications, audit)
         return await self.engine.read(q)
 
-    async def save_incident(self, incident: dict, term: int | None = None) -> int:
+    async def save_incident(self, incident: Incident, term: int | None = None) -> int:
         """Insert (no id) or update an incident; returns its id.  ``term``: the
         leader's, refused (StaleTerm) once another node leads."""
         def op(conn: Any, cleanup: list) -> int:
             check_term(conn, self.dialect.row_share, term)
-            blob = incident_data(incident)
-            if incident.get("id") is None:
+            id_, connector, code, state, opened_at, resolved_at, blob = incident_row(incident)
+            if id_ is None:
                 return conn.execute(Q["insert_incident"], (
-                    incident["connector"], incident["code"], incident["state"], incident["opened_at"],
-                    incident.get("resolved_at"), blob)).fetchone()[0]
-            conn.execute(Q["update_incident"], (incident["state"], incident.get("resolved_at"), blob, incident["id"]))
-            return incident["id"]
+                    connector, code, state, opened_at, resolved_at, blob)).fetchone()[0]
+            conn.execute(Q["update_incident"], (state, resolved_at, blob, id_))
+            return id_
         return await self.engine.write(op)
 
     async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
@@ -166,19 +165,23 @@ class SqlWatch:
 # -- the row mapping, shared with the memory store (store/memory.py) ----------------------
 
 def summary(connector: str, code: str, messages: int, recipients: int, oldest: float, first_expiry: float,
-            first_failure: float | None, errors: list[dict]) -> dict:
-    """One (connector, code) group of deferred_summary(); ``errors``: its newest last_errors."""
+            first_failure: float | None, errors: list[dict]) -> BacklogSummary:
+    """One (connector, code) group of deferred_summary(); ``errors``: its newest last_errors (stored JSON)."""
     errors = sorted(errors, key=lambda e: e.get("at") or 0)
-    return {"connector": connector, "code": code, "messages": messages, "recipients": recipients,
-            "oldest_received_at": oldest, "first_expires_at": first_expiry,
-            "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
-            "destinations": sorted({dest_label(e.get("destination")) for e in errors if e.get("destination")})}
+    return BacklogSummary.from_dict({
+        "connector": connector, "code": code, "messages": messages, "recipients": recipients,
+        "oldest_received_at": oldest, "first_expires_at": first_expiry,
+        "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
+        "destinations": sorted({dest_label(e.get("destination")) for e in errors if e.get("destination")})})
 
 
-def incident_data(incident: dict) -> str:
-    """What of an incident dict goes into its JSON ``data`` column."""
-    data = {k: v for k, v in incident.items() if k not in (*_INCIDENT_KEYS, "notifications", "audit")}
-    return json.dumps(data, separators=(",", ":"))
+def incident_row(incident: Incident) -> tuple:
+    """An incident as its row: (id, connector, code, state, opened_at, resolved_at, the JSON ``data``:
+    the rest of its documented shape, Incident.to_dict)."""
+    shown = incident.to_dict()
+    data = json.dumps({k: v for k, v in shown.items() if k not in (*_INCIDENT_KEYS, "notifications", "audit")},
+                      separators=(",", ":"))
+    return (*(shown[k] for k in _INCIDENT_KEYS), data)
 
 
 def notification_state(ok: bool, retry_at: float | None) -> NotificationState:
@@ -187,7 +190,8 @@ def notification_state(ok: bool, retry_at: float | None) -> NotificationState:
     return NotificationState.PENDING if retry_at is not None else NotificationState.FAILED
 
 
-def _incident(row: tuple) -> dict:
+def incident_of(row: tuple) -> Incident:
+    """An incidents row as an Incident, whichever version wrote it (Incident.from_dict reads them all)."""
     id_, connector, code, state, opened_at, resolved_at, data = row
-    return {"id": id_, "connector": connector, "code": code, "state": state, "opened_at": opened_at,
-            "resolved_at": resolved_at, **json.loads(data)}
+    return Incident.from_dict({**json.loads(data), "id": id_, "connector": connector, "code": code, "state": state,
+                               "opened_at": opened_at, "resolved_at": resolved_at})

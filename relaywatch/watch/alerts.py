@@ -26,8 +26,8 @@ from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
 from relaywatch.model import Destination, Route, RouteKind, StoredBody
 from relaywatch.notify.tls_report import incident_line
-from relaywatch.watch.incident_facts import StoreFacts
-from relaywatch.watch.model import Incident, IncidentKind, Severity
+from relaywatch.incident_facts import StoreFacts
+from relaywatch.incident import Incident, IncidentKind, Severity
 
 MAX_ATTEMPTS = 10
 

@@ -21,7 +21,7 @@ from relaywatch import events
 from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config, Connector
 from relaywatch.errors import StoreError
-from relaywatch.watch.model import BacklogSummary, ProbeResult
+from relaywatch.incident import BacklogSummary, ProbeResult
 from relaywatch.watch.probe_schedule import (FailurePattern, ProbeTiming, follow, next_probe_at, probe_gap, probed,
                                              spread)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-from relaywatch.watch.incident_facts import CertificateFacts
-from relaywatch.watch.model import Diagnosis, Incident, IncidentKind, ProbeResult
+from relaywatch.incident_facts import CertificateFacts
+from relaywatch.incident import Diagnosis, Incident, IncidentKind, ProbeResult
 
 
 def _when(ts: float | None) -> str:

@@ -20,7 +20,7 @@ from relaywatch.errors import RelaywatchError
 from relaywatch.model import Failure
 from relaywatch.route import LOCAL, split_address
 from relaywatch.store.base import Selector, Store
-from relaywatch.watch.model import Incident
+from relaywatch.incident import Incident
 
 ACTIONS = ("decommission", "retry-now", "pause", "expire")
 

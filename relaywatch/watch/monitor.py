@@ -11,7 +11,7 @@ tells the backlog prober (watch/backlog_probe.py, a loop of its own beside
 this one) which connectors have deferred mail: it probes them on their
 schedule and releases a backlog the moment a probe passes.  Each tick also
 adds the TLS results counted since the last to the store, and the leader
-sends yesterday's TLS reports once after UTC midnight (watch/tls_report.py).  Incidents are typed (watch/model.py) inside and dicts at the
+sends yesterday's TLS reports once after UTC midnight (watch/tls_report.py).  Incidents are typed (incident.py) inside and dicts at the
 store's edge.
 """
 
@@ -35,8 +35,8 @@ from relaywatch.store.base import Selector, Store
 from relaywatch.watch import alerts
 from relaywatch.watch.backlog_probe import BacklogProber
 from relaywatch.watch.diagnosis import diagnose
-from relaywatch.watch.incident_facts import InvalidSource
-from relaywatch.watch.model import (BacklogSummary, Diagnosis, Incident, IncidentKind, ProbeResult, Transition,
+from relaywatch.incident_facts import InvalidSource
+from relaywatch.incident import (BacklogSummary, Diagnosis, Incident, IncidentKind, ProbeResult, Transition,
                                     TransitionKind, with_probe)
 from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch.probe import probe_connector
@@ -140,7 +140,7 @@ class Monitor:
         self.prober.follow(facts.backlog, now)
         last_good = await self.store.last_good()
         async with self._incident_writes:
-            open_incidents = [Incident.from_dict(i) for i in await self.store.open_incidents()]
+            open_incidents = await self.store.open_incidents()
             for t in evaluate(facts, open_incidents, config, now):
                 await self._record(t, last_good, now)
         await self.send_due()
@@ -165,7 +165,7 @@ class Monitor:
 
     async def _read_facts(self, config: Config, now: float) -> WatchFacts:
         started = self.clock.monotonic()
-        backlog = tuple(BacklogSummary.from_dict(s) for s in await self.store.deferred_summary())
+        backlog = tuple(await self.store.deferred_summary())
         self._summary_cost = self.clock.monotonic() - started
         late, expired = self._late, self._expired
         self._late, self._expired = {}, {}
@@ -198,7 +198,7 @@ class Monitor:
             probe = await self._probe(inc.connector)
             inc = replace(with_probe(inc, probe) if probe else inc, diagnosis=await self._with_tls_report(
                 diagnose(inc, last_good.get(inc.connector), probe)))
-        inc = replace(inc, id=await self.store.save_incident(inc.to_dict(), term=self._term))
+        inc = replace(inc, id=await self.store.save_incident(inc, term=self._term))
         if t.notify:
             await self._notify(inc, t.notify, now)
 
@@ -242,9 +242,9 @@ class Monitor:
         """A backlog probe's result, on the connector's open backlog incidents (incidents show)."""
         term = self.leader_term() if self.leader_term is not None else None
         async with self._incident_writes:
-            for inc in (Incident.from_dict(i) for i in await self.store.open_incidents()):
+            for inc in await self.store.open_incidents():
                 if inc.kind is IncidentKind.BACKLOG and inc.connector == connector_name:
-                    await self.store.save_incident(with_probe(inc, probe).to_dict(), term=term)
+                    await self.store.save_incident(with_probe(inc, probe), term=term)
 
     async def _release(self, connector_name: str) -> int:
         return await self.queue.retry_now(Selector(connector=connector_name))   # wakes the scheduler

@@ -25,7 +25,7 @@ from relaywatch.deliver.smtp import SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, reply_observation
 from relaywatch.route import connector_route
 from relaywatch.smtpclient.events import RSET, Capabilities, Greeting, Mail, Rcpt, Ready
-from relaywatch.watch.model import ProbeResult, ProbeStep
+from relaywatch.incident import ProbeResult, ProbeStep
 
 
 def test_address(connector: Connector) -> str:

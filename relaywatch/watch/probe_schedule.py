@@ -25,7 +25,7 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from relaywatch.watch.model import BacklogSummary
+from relaywatch.incident import BacklogSummary
 
 AGE_SHARE = 0.125      # the gap, as a share of how long the pattern has lasted
 SPREAD = 0.1           # each connector's gaps are up to this share longer

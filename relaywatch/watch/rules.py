@@ -39,8 +39,8 @@ from typing import Any, Mapping, Sequence
 from relaywatch.classify.catalog import CATALOG, lookup
 from relaywatch.config import Config
 from relaywatch.watch.diagnosis import diagnose
-from relaywatch.watch.incident_facts import CertificateFacts, InvalidSource, NodeFacts, NoticeFacts, QuotaFacts
-from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity, Transition,
+from relaywatch.incident_facts import CertificateFacts, InvalidSource, NodeFacts, NoticeFacts, QuotaFacts
+from relaywatch.incident import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity, Transition,
                                     TransitionKind)
 
 

@@ -27,8 +27,8 @@ from relaywatch.receive.store_condition import (Change, ConditionChanged, Condit
                                                 PlaceRecovered, StoreProblem, span)
 from relaywatch.store.base import WatchStore
 from relaywatch.watch import alerts
-from relaywatch.watch.incident_facts import StoreFacts
-from relaywatch.watch.model import Incident, IncidentKind, IncidentState, Severity
+from relaywatch.incident_facts import StoreFacts
+from relaywatch.incident import Incident, IncidentKind, IncidentState, Severity
 
 log = logging.getLogger("relaywatch.watch")
 
@@ -204,7 +204,7 @@ class StoreIncidentReporter:
             try:
                 if outage.incident.id is None:
                     outage.incident = replace(outage.incident,
-                                              id=await self.store.save_incident(outage.incident.to_dict()))
+                                              id=await self.store.save_incident(outage.incident))
                 await self._record_told(outage)
                 for told in await self._tell(outage, "resolve"):
                     # The store works again: its notification queue retries it (monitor.py).

@@ -146,12 +146,12 @@ async def _new_leader(store, old_instance):
 
 
 async def _updated_since(store, incident_id, at):
-    inc = await store.incident(incident_id)
-    return inc["state"] == "open" and inc["updated_at"] > at
+    inc = (await store.incident(incident_id)).incident
+    return inc.is_open and inc.updated_at > at
 
 
 async def _all_sent(store, incident_id, n):
-    notes = (await store.incident(incident_id))["notifications"]
+    notes = (await store.incident(incident_id)).notifications
     return len(notes) == n and all(x["state"] == "sent" for x in notes)
 
 

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from relaywatch.errors import LeaseLost, StoreError
+from relaywatch.incident import Incident
 from relaywatch.model import (
     Attempt, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
@@ -159,7 +160,7 @@ async def test_two_nodes_never_lease_the_same_entry(sql_store, tmp_path, request
 async def test_watch_state_round_trips(store):
     """Incidents, notifications once per transition, overrides and audit, on either backend."""
     inc = {"id": None, "connector": "a", "code": "4.4.316", "state": "open", "opened_at": 1.0, "messages": 2}
-    inc["id"] = await store.save_incident(inc)
+    inc["id"] = await store.save_incident(Incident.from_dict(inc))
     assert await store.add_notification(inc["id"], "open", "email", {"x": 1}, 1.0)
     assert not await store.add_notification(inc["id"], "open", "email", {"x": 1}, 1.0)
     [note] = await store.due_notifications(2.0)
@@ -169,7 +170,7 @@ async def test_watch_state_round_trips(store):
                                   {"connector:a:paused": True}, [], 4.0)
     assert (await store.overrides())["connector:a:paused"]["value"] is True
     assert (await store.last_undoable(inc["id"]))["id"] == audit
-    shown = await store.incident(inc["id"])
+    shown = (await store.incident(inc["id"])).to_dict()
     assert shown["messages"] == 2 and shown["notifications"][0]["state"] == "sent" and shown["audit"][0]["who"] == "me"
 
 
@@ -318,9 +319,9 @@ async def test_deferred_summary_counts_messages_and_the_recipients_still_waiting
                        [RecipientOutcome(a, RecipientStatus.DEFERRED, failure=refused) for a in ("4@a", "5@a")],
                        now + 60)
     [summary] = await store.deferred_summary()
-    assert (summary["connector"], summary["code"], summary["messages"], summary["recipients"]) == \
+    assert (summary.connector, summary.code, summary.messages, summary.recipients) == \
         ("a", "4.4.316", 2, 4)
-    assert summary["latest_error"]["code"] == "4.4.316"
+    assert summary.latest_error.code == "4.4.316"
 
 
 async def test_sqlite_checkpoints_run_beside_the_commits_not_inside_them(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 
 from relaywatch.cluster.model import NodeBeat, NodeState
 from relaywatch.errors import StaleTerm
+from relaywatch.incident import Incident
 from relaywatch.model import Route, RouteKind
 
 from helpers import eventually, make_store
@@ -79,19 +80,19 @@ async def test_the_leader_lease_has_one_holder_and_its_term_grows_when_it_change
 async def test_a_stale_terms_leader_only_writes_are_refused_and_change_nothing(store):
     assert await store.acquire_leader("a", now=100, until=110) == 1
     inc = {"id": None, "connector": "a", "code": "4.4.316", "state": "open", "opened_at": 1.0, "title": "t"}
-    inc["id"] = await store.save_incident(inc, term=1)
+    inc["id"] = await store.save_incident(Incident.from_dict(inc), term=1)
     assert await store.add_notification(inc["id"], "open", "webhook", {"x": 1}, 1.0, term=1)
     assert await store.acquire_leader("b", now=111, until=121) == 2
     with pytest.raises(StaleTerm):
-        await store.save_incident(dict(inc, state="resolved", resolved_at=2.0), term=1)
+        await store.save_incident(Incident.from_dict(dict(inc, state="resolved", resolved_at=2.0)), term=1)
     with pytest.raises(StaleTerm):
-        await store.save_incident(dict(inc, id=None, code="5.0.0"), term=1)
+        await store.save_incident(Incident.from_dict(dict(inc, id=None, code="5.0.0")), term=1)
     with pytest.raises(StaleTerm):
         await store.add_notification(inc["id"], "resolve", "webhook", {"x": 1}, 2.0, term=1)
-    [still] = await store.incidents(include_resolved=True)
+    [still] = [i.to_dict() for i in await store.incidents(include_resolved=True)]
     assert (still["id"], still["state"]) == (inc["id"], "open")
-    assert [n["transition"] for n in (await store.incident(inc["id"]))["notifications"]] == ["open"]
-    await store.save_incident(dict(inc, state="resolved", resolved_at=2.0), term=2)
+    assert [n["transition"] for n in (await store.incident(inc["id"])).notifications] == ["open"]
+    await store.save_incident(Incident.from_dict(dict(inc, state="resolved", resolved_at=2.0)), term=2)
     assert await store.open_incidents() == []
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from relaywatch.dsn_params import MessageDsn, RecipientDsn
 from relaywatch.errors import LeaseLost, StoreError
+from relaywatch.incident import Incident
 from relaywatch.model import (
     Attempt, EntryStatus, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
@@ -178,14 +179,14 @@ async def test_deferred_keeps_the_entry_with_its_code_first_failure_and_delay_no
     assert e.recipients[1].last_error.code == "4.4.316" and len(e.history) == 1
     assert e.history[0]["recipients"][0]["reply"] == "250 ok"
     [group] = await store.deferred_summary()
-    assert (group["connector"], group["code"], group["messages"], group["recipients"]) == ("a", "4.4.316", 1, 1)
+    assert (group.connector, group.code, group.messages, group.recipients) == ("a", "4.4.316", 1, 1)
     assert await store.entry_ids("a", "4.4.316") == [entry_id] and await store.entry_ids("a", "4.7.0") == []
     # An operator's record (no owner) without a delay notice never unsets it; a
     # deferral without a failure keeps the code it had.
     await store.record(entry_id, None, None, [RecipientOutcome("2@a", DEFERRED)], first + 120)
     e = await store.get(entry_id)
     assert e.delay_notified and e.attempts == 1 and e.next_attempt_at == first + 120
-    assert [g["code"] for g in await store.deferred_summary()] == ["4.4.316"]
+    assert [g.code for g in await store.deferred_summary()] == ["4.4.316"]
 
 
 async def test_a_held_entry_stays_held_when_its_outcome_is_recorded(store):
@@ -320,15 +321,15 @@ async def test_moved_recipients_share_the_body_which_goes_with_its_last_entry(st
 
 async def test_incidents_notifications_and_fixes(store):
     first = {"id": None, "connector": "a", "code": "4.4.316", "state": "open", "opened_at": 1.0, "messages": 2}
-    first["id"] = await store.save_incident(first)
+    first["id"] = await store.save_incident(Incident.from_dict(first))
     second = {"id": None, "connector": "b", "code": "4.7.0", "state": "open", "opened_at": 2.0}
-    second["id"] = await store.save_incident(second)
-    await store.save_incident(dict(second, state="resolved", resolved_at=3.0, messages=0))
-    assert [i["id"] for i in await store.open_incidents()] == [first["id"]]
-    assert [i["id"] for i in await store.incidents()] == [first["id"]]
-    assert [(i["id"], i["state"], i.get("messages")) for i in await store.incidents(include_resolved=True)] == \
+    second["id"] = await store.save_incident(Incident.from_dict(second))
+    await store.save_incident(Incident.from_dict(dict(second, state="resolved", resolved_at=3.0, messages=0)))
+    assert [i.id for i in await store.open_incidents()] == [first["id"]]
+    assert [i.id for i in await store.incidents()] == [first["id"]]
+    assert [(i.id, i.state, i.messages) for i in await store.incidents(include_resolved=True)] == \
         [(second["id"], "resolved", 0), (first["id"], "open", 2)]
-    assert [i["id"] for i in await store.incidents(include_resolved=True, limit=1)] == [second["id"]]
+    assert [i.id for i in await store.incidents(include_resolved=True, limit=1)] == [second["id"]]
     assert await store.incident(999) is None
 
     # A notification tried before the store could be written: recorded once.
@@ -342,7 +343,7 @@ async def test_incidents_notifications_and_fixes(store):
     assert await store.due_notifications(7.0) == [] and len(await store.due_notifications(8.0)) == 1
     await store.notification_result(due["id"], False, "timeout", 8.0, retry_at=None)
     assert await store.due_notifications(100.0) == []
-    shown = await store.incident(first["id"])
+    shown = (await store.incident(first["id"])).to_dict()
     assert [(n["transition"], n["state"], n["attempts"]) for n in shown["notifications"]] == \
         [("open", "failed", 2), ("escalate:100", "failed", 2)]
 
@@ -357,7 +358,7 @@ async def test_incidents_notifications_and_fixes(store):
     assert await store.overrides() == {} and (await store.last_undoable(first["id"]))["id"] == fix
     await store.mark_undone(fix, 11.0)
     assert await store.last_undoable(first["id"]) is None
-    audit = (await store.incident(first["id"]))["audit"]
+    audit = (await store.incident(first["id"])).to_dict()["audit"]
     assert [(a["id"], a["action"], a["undone_at"]) for a in audit] == [(fix, "pause", 11.0), (undo, "undo pause", None)]
 
 

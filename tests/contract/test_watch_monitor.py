@@ -1,7 +1,7 @@
 """The monitor over a real store: incidents stored by an older relaywatch (a "watch:" code
 as their only type tag, fewer fields) are read as their kinds and kept by the rules."""
 
-from helpers import LOOPBACK, FakeClock, free_port
+from helpers import LOOPBACK, FakeClock, free_port, insert_stored_incident
 
 from relaywatch.config import parse_config
 from relaywatch.store.sqlite import SqliteStore
@@ -26,13 +26,13 @@ async def test_incidents_stored_by_an_older_version_are_resolved_by_their_rules(
     try:
         config = parse_config({"alerts": {"invalid_recipient_quota": 5, "cert_probe_interval": "1h",
                                           "webhook_url": f"http://{LOOPBACK}:{free_port()}/hook"}})
-        notice = await store.save_incident(_old_watch_incident(
+        notice = await insert_stored_incident(store, _old_watch_incident(
             "watch:notice_failed", "Non-delivery reports cannot be built", severity="critical", count=1,
             detail="1 NDR(s) could not be built"))
-        quota = await store.save_incident(_old_watch_incident(
+        quota = await insert_stored_incident(store, _old_watch_incident(
             "watch:invalid_recipients", "Invalid recipients near the quota", level=80, count=4, quota=5, top=[],
             detail="4 invalid recipients"))
-        cert = await store.save_incident(_old_watch_incident(
+        cert = await insert_stored_incident(store, _old_watch_incident(
             "watch:cert_expiring", "Destination certificate expires soon", connector="partner",
             certificate={"days_left": 3}, detail="expires on 2027-01-01"))
         monitor = Monitor(lambda: config, store, routes=None, wake_scheduler=lambda: None, clock=FakeClock(NOW))
@@ -40,16 +40,16 @@ async def test_incidents_stored_by_an_older_version_are_resolved_by_their_rules(
         # Nothing held back, no invalid recipients: both resolve; the certificate of a
         # connector no longer configured is nobody's to judge, so it stays as it was.
         for incident_id, code in ((notice, "watch:notice_failed"), (quota, "watch:invalid_recipients")):
-            shown = await store.incident(incident_id)
+            shown = (await store.incident(incident_id)).to_dict()
             assert (shown["code"], shown["kind"], shown["state"], shown["resolved_at"]) == (
                 code, code, "resolved", NOW)
             assert [n["transition"] for n in shown["notifications"]] == ["resolve"]
-        assert (await store.incident(quota))["level"] == 80 and (await store.incident(quota))["count"] == 0
-        kept = await store.incident(cert)
+        assert (await store.incident(quota)).to_dict()["level"] == 80 and (await store.incident(quota)).to_dict()["count"] == 0
+        kept = (await store.incident(cert)).to_dict()
         assert kept["state"] == "open" and kept["certificate"] == {"days_left": 3} and kept["notifications"] == []
-        assert [i["id"] for i in await store.open_incidents()] == [cert]
+        assert [i.id for i in await store.open_incidents()] == [cert]
         await monitor.tick()        # and they do not come back
-        assert [i["id"] for i in await store.open_incidents()] == [cert]
+        assert [i.id for i in await store.open_incidents()] == [cert]
     finally:
         await store.close()
 
@@ -83,6 +83,6 @@ async def test_only_the_leader_evaluates_and_a_stale_leaders_writes_are_refused(
         await b.tick()
     assert await store.open_incidents() == []
     await a.tick()
-    [down] = await store.open_incidents()
+    [down] = [i.to_dict() for i in await store.open_incidents()]
     assert (down["code"], down["node"]) == ("watch:node_down", "gone")
-    assert [n["transition"] for n in (await store.incident(down["id"]))["notifications"]] == ["open"]
+    assert [n["transition"] for n in (await store.incident(down["id"])).notifications] == ["open"]

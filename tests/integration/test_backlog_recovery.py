@@ -35,7 +35,7 @@ async def test_a_young_backlog_is_released_by_the_next_short_probe_when_the_dest
     await eventually(lambda: _len_is(deferred(), MESSAGES), what=f"{MESSAGES} deferred messages")
 
     async def probed_and_failed():   # the probe made when the incident opened
-        return [i for i in await relay.store.open_incidents() if i.get("probe") and not i["probe"]["ok"]]
+        return [i for i in await relay.store.open_incidents() if i.probe and not i.probe.ok]
     await eventually(probed_and_failed, what="a failed probe of the refused destination")
 
     sink = await Sink(port=port).start()   # the destination comes back on the same port

@@ -475,7 +475,7 @@ def test_errors_explains_dane_under_4_7_320():
 
 from relaywatch.model import Failure  # noqa: E402
 from relaywatch.watch.diagnosis import diagnose  # noqa: E402
-from relaywatch.watch.model import Incident, IncidentKind  # noqa: E402
+from relaywatch.incident import Incident, IncidentKind  # noqa: E402
 
 
 def _dane_incident(subtype, **dane):

@@ -531,7 +531,7 @@ async def test_many_messages_at_once_fetch_the_policy_once(world, tmp_path):
 
 from relaywatch.model import Failure  # noqa: E402
 from relaywatch.watch.diagnosis import diagnose  # noqa: E402
-from relaywatch.watch.model import Incident, IncidentKind  # noqa: E402
+from relaywatch.incident import Incident, IncidentKind  # noqa: E402
 
 _STS = {"policy_domain": DOMAIN, "policy_type": "sts", "policy_id": "7", "mode": "enforce",
         "mx": ["mx.partner.test"], "mx_host": "rogue.partner.test", "result_type": "validation-failure"}

@@ -289,8 +289,8 @@ async def test_a_notice_that_cannot_be_built_never_becomes_a_redelivery(relay_fa
 
 async def _incident(relay, code, state="open"):
     for inc in await relay.store.incidents(include_resolved=True):
-        if inc["code"] == code and inc["state"] == state:
-            return inc
+        if inc.code == code and inc.state == state:
+            return inc.to_dict()
     return None
 
 

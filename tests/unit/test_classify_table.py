@@ -255,7 +255,7 @@ def test_certificate_observation_keeps_the_verify_code():
 
 from relaywatch.model import Failure  # noqa: E402
 from relaywatch.watch.diagnosis import diagnose  # noqa: E402
-from relaywatch.watch.model import Incident, IncidentKind, ProbeResult  # noqa: E402
+from relaywatch.incident import Incident, IncidentKind, ProbeResult  # noqa: E402
 
 
 def _inc(code, subtype=None, kind=None, **error):
@@ -305,7 +305,7 @@ def test_diagnosis_goes_by_the_failure_kind_not_the_code():
 
 
 def test_diagnosis_of_an_expiring_certificate_is_its_detail():
-    from relaywatch.watch.incident_facts import CertificateFacts
+    from relaywatch.incident_facts import CertificateFacts
     inc = Incident(kind=IncidentKind.CERT_EXPIRING, connector="p", code="watch:cert_expiring", title="", opened_at=0.0,
                    detail="The certificate of h expires on 2027-01-01.", facts=CertificateFacts({"days_left": 4}))
     d = diagnose(inc, None)
@@ -315,7 +315,7 @@ def test_diagnosis_of_an_expiring_certificate_is_its_detail():
 # -- incident rules -------------------------------------------------------------------------------
 
 from relaywatch.config import parse_config  # noqa: E402
-from relaywatch.watch.model import BacklogSummary, Incident  # noqa: E402
+from relaywatch.incident import BacklogSummary, Incident  # noqa: E402
 from relaywatch.watch.rules import WatchFacts, evaluate  # noqa: E402
 
 RULES = parse_config({"alerts": {"open_after": "5m", "min_messages": 2, "escalate_before_expiry": "4h",

@@ -89,7 +89,7 @@ SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive")
 
 # A name here is a top-level module or a package (config/: every module in it is kernel; what
 # config check loads, the users file and the DKIM keys, is parsed inside it).
-KERNEL = {"model", "errors", "events", "meters", "config", "route", "idn", "mime", "dsn_params", "clock", "__init__"}
+KERNEL = {"model", "incident", "incident_facts", "errors", "events", "meters", "config", "route", "idn", "mime", "dsn_params", "clock", "__init__"}
 SCHEDULE = {"scheduler", "record", "queue_actions"}
 PACKAGES = {"store": "store", "cluster": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
             "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",

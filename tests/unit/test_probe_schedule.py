@@ -6,7 +6,7 @@ forward."""
 import pytest
 
 from relaywatch.model import Failure
-from relaywatch.watch.model import BacklogSummary
+from relaywatch.incident import BacklogSummary
 from relaywatch.watch.probe_schedule import (FailurePattern, ProbeTiming, follow, next_probe_at, probe_gap, probed,
                                              spread)
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from relaywatch.watch.model import (PROBE_HISTORY, BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult,
+from relaywatch.incident import (PROBE_HISTORY, BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult,
                                     QuotaFacts, Severity, with_probe)
 
 NOW = 1_800_000_000.0

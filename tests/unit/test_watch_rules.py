@@ -7,7 +7,7 @@ import pytest
 
 from relaywatch.config import parse_config
 from relaywatch.model import Failure
-from relaywatch.watch.model import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity,
+from relaywatch.incident import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity,
                                     TransitionKind as T)
 from relaywatch.watch.rules import WatchFacts, evaluate
 
@@ -105,7 +105,7 @@ def test_the_backlog_rule_leaves_the_store_incident_alone():
 # -- the watch's own warnings -------------------------------------------------------------------
 
 from relaywatch.classify.catalog import CATALOG  # noqa: E402
-from relaywatch.watch.incident_facts import CertificateFacts, InvalidSource, NoticeFacts, QuotaFacts  # noqa: E402
+from relaywatch.incident_facts import CertificateFacts, InvalidSource, NoticeFacts, QuotaFacts  # noqa: E402
 from relaywatch.watch.rules import CertificateSeen, HeldNotice  # noqa: E402
 
 QUOTA = replace(CONFIG, alerts=replace(CONFIG.alerts, invalid_recipient_quota=10, cert_warning_days=14))
@@ -228,7 +228,7 @@ def test_decommission_is_offered_for_a_refused_connection_not_for_a_reply_with_i
 
 # -- nodes of the cluster ------------------------------------------------------------------
 
-from relaywatch.watch.incident_facts import NodeFacts  # noqa: E402
+from relaywatch.incident_facts import NodeFacts  # noqa: E402
 from relaywatch.watch.rules import NodeSeen  # noqa: E402
 
 

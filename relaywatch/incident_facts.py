@@ -1,7 +1,7 @@
 """What only some kinds of incident have: the facts an incident of that kind
 carries (``Incident.facts``), each with the JSON it is stored as (docs/json.md).
 
-Like the rest of the watch's model (watch/model.py) they read what any
+Like the rest of the watch's model (incident.py) they read what any
 version wrote: a missing or odd field takes a neutral value.
 """
 

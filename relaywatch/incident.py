@@ -1,5 +1,5 @@
 """The watch's nouns: incidents and their transitions, probe results, backlog summaries
-(what only some kinds of incident carry: watch/incident_facts.py).
+(what only some kinds of incident carry: incident_facts.py).
 
 Frozen and typed.  The store keeps an incident as a few columns and a JSON
 blob of the shape docs/json.md documents (``incidents list/show --json``, the
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from relaywatch.model import FAILURE_FORMAT, Failure
-from relaywatch.watch.incident_facts import (CertificateFacts, KindFacts, NodeFacts, NoticeFacts, QuotaFacts,
+from relaywatch.incident_facts import (CertificateFacts, KindFacts, NodeFacts, NoticeFacts, QuotaFacts,
                                            StoreFacts)
 
 
@@ -170,7 +170,7 @@ class BacklogSummary:
                    destinations=tuple(data.get("destinations") or ()))
 
 
-# The facts of each kind that has some (watch/incident_facts.py).
+# The facts of each kind that has some (incident_facts.py).
 _FACTS: dict[IncidentKind, type] = {IncidentKind.CERT_EXPIRING: CertificateFacts, IncidentKind.INVALID_QUOTA: QuotaFacts,
                                     IncidentKind.NOTICE_FAILED: NoticeFacts, IncidentKind.STORE: StoreFacts,
                                     IncidentKind.NODE_DOWN: NodeFacts}
@@ -323,3 +323,17 @@ class Transition:
     kind: TransitionKind
     incident: Incident
     notify: str | None = None     # the notification's name ("open", "escalate:expiry", ...) if admins are told
+
+
+@dataclass(frozen=True)
+class IncidentRecord:
+    """One incident as ``store.incident`` reads it: with the notifications sent of it and the
+    Fix-now audit records made on it (``incidents show --json``, the API's incident)."""
+    incident: Incident
+    notifications: tuple[Mapping[str, Any], ...] = ()   # transition, channel, state, attempts, last_error, sent_at
+    audit: tuple[Mapping[str, Any], ...] = ()           # id, at, who, action, detail, undone_at
+
+    def to_dict(self) -> dict[str, Any]:
+        """The documented shape (docs/json.md): the incident's, with ``notifications`` and ``audit``."""
+        return {**self.incident.to_dict(), "notifications": [dict(n) for n in self.notifications],
+                "audit": [dict(a) for a in self.audit]}
