@@ -71,8 +71,8 @@ def test_no_back_edges(paths, forbidden):
 # Receiving and delivering are the two sides of the queue (two processes): neither may
 # import the other (SIDES).
 LAYERS = [
-    "kernel",     # model.py, errors.py, events.py, meters.py, config/, route.py, idn.py, mime.py,
-                  # dsn_params.py, clock.py: facts and pure code everyone shares
+    "kernel",     # model.py, incident.py, incident_facts.py, errors.py, events.py, meters.py, config/,
+                  # route.py, idn.py, mime.py, dsn_params.py, clock.py: facts and pure code everyone shares
     "store",      # store/: the queue and the watch's state behind store/base.py's interfaces; cluster/: the
                   # nodes and the leader lease kept there (store/base.py names its nouns)
     "classify",   # classify/: observations -> codes, the retry decision (pure)
