@@ -75,7 +75,7 @@ def rows(n: int, now: float):
                         1))
         last_error = json.dumps({**error, "code": code}) if code else None
         recipients.append((entry_id, 0, f"user{i}@d{i % 200}.{connector}.test",
-                           "pending" if status == "queued" else "deferred", last_error))
+                           "pending" if status == "queued" else "deferred", last_error, f"d{i % 200}.{connector}.test"))
     return bodies, entries, recipients
 
 
@@ -106,8 +106,8 @@ def fill(store_url: str, data_dir: Path, n: int) -> float:
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, NULL, ?, ?)", bodies)
         conn.executemany(f"INSERT INTO entries ({ENTRY_COLUMNS}) VALUES ({', '.join('?' * 16)})", entries)
-        conn.executemany("INSERT INTO recipients (entry_id, position, address, status, last_error) "
-                         "VALUES (?, ?, ?, ?, ?)", recipients)
+        conn.executemany("INSERT INTO recipients (entry_id, position, address, status, last_error, domain) "
+                         "VALUES (?, ?, ?, ?, ?, ?)", recipients)
         conn.execute("COMMIT")   # no ANALYZE: a relay never runs it, and its plans are the ones measured
         conn.close()
     else:
@@ -120,7 +120,7 @@ def fill(store_url: str, data_dir: Path, n: int) -> float:
                 with cur.copy(f"COPY entries ({ENTRY_COLUMNS}) FROM STDIN") as copy:
                     for e in entries:
                         copy.write_row(e)
-                with cur.copy("COPY recipients (entry_id, position, address, status, last_error) FROM STDIN") as copy:
+                with cur.copy("COPY recipients (entry_id, position, address, status, last_error, domain) FROM STDIN") as copy:
                     for r in recipients:
                         copy.write_row(r)
             from relaywatch.store.cluster import Q as CLUSTER

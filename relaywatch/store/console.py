@@ -126,7 +126,7 @@ def _page_where(page: QueryPage, now: float, last_reply: str) -> tuple[str, list
     if page.recipient:
         add("has_recipient", page.recipient.lower())
     if page.domain:
-        add("has_recipient_in", "%@" + _like(page.domain))
+        add("has_recipient_in", page.domain.lower(), "%@" + _like(page.domain))
     if page.route:
         add("routed_as", page.route)
     if page.text:

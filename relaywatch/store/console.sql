@@ -80,8 +80,11 @@ received_at < ?
 EXISTS (SELECT 1 FROM recipients r WHERE r.entry_id = entries.id AND lower(r.address) = ?)
 
 -- has_recipient_in --
--- A recipient in a domain: the parameter is "%@domain" with LIKE's wildcards escaped by "!".
-EXISTS (SELECT 1 FROM recipients r WHERE r.entry_id = entries.id AND lower(r.address) LIKE ? ESCAPE '!')
+-- A recipient in a domain: the parameters are the domain, lower case, and "%@domain" with LIKE's
+-- wildcards escaped by "!".  Two seeks of recipients_domain, not a probe per entry: the domain's
+-- recipients, and those written by a node of the previous version (no domain), read by address.
+entries.id IN (SELECT r.entry_id FROM recipients r WHERE r.domain = ?
+OR (r.domain IS NULL AND lower(r.address) LIKE ? ESCAPE '!'))
 
 -- routed_as --
 route_kind = ?

@@ -7,6 +7,7 @@ import json
 from relaywatch.model import Entry
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
+from relaywatch.store.queue import domain_of
 
 
 def _has_text(r, text: str) -> bool:
@@ -47,7 +48,7 @@ class MemoryConsole:
                     or (page.code and r.last_code != page.code)
                     or (page.older_than is not None and not r.received_at < now - page.older_than)
                     or (page.recipient and page.recipient.lower() not in addresses)
-                    or (page.domain and not any(a.endswith("@" + page.domain.lower()) for a in addresses))
+                    or (page.domain and page.domain.lower() not in {domain_of(a) for a in addresses})
                     or (page.route and r.route.kind.value != page.route)
                     or (page.text and not _has_text(r, page.text.lower()))):
                 continue

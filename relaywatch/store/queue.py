@@ -50,6 +50,12 @@ def new_id() -> str:
     return f"{time.time_ns() // 1_000_000:011X}{secrets.randbits(20):05X}"
 
 
+def domain_of(address: str) -> str:
+    """What the console's domain filter finds ``address`` by (recipients.domain): what follows
+    its last "@", lower-cased; addresses are kept with A-label domains already (idn.py)."""
+    return address.rpartition("@")[2].lower()
+
+
 def _insert_with_new_id(conn: Any, sql: str, params: tuple) -> str:
     """Run ``sql`` (an INSERT whose first parameter is the id, ending in ON CONFLICT
     (id) DO NOTHING) under a fresh id; draw again in the rare case it is taken."""
@@ -302,7 +308,8 @@ class SqlQueue:
                 len(moved), entry.helo, entry.auth_user, entry.dsn.ret, entry.dsn.envid,
                 int(entry.is_tls_report), int(entry.utf8_headers)))
             conn.execute(Q["fewer_waiting"], (len(moved), entry_id))
-            conn.executemany(Q["insert_recipient"], [(new, i, *row) for i, row in enumerate(moved)])
+            conn.executemany(Q["insert_recipient"], [(new, i, *row, domain_of(row[0]))
+                                                     for i, row in enumerate(moved)])
             conn.execute(Q["ref_body"], (entry.body_id,))
             if not conn.execute(Q["has_recipients"], (entry_id,)).fetchone():
                 self._keep_trace(conn, entry_id, {"at": now, "event": "moved", "notices": [], "moved_to": new})
@@ -342,7 +349,7 @@ def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
             len(addresses), msg.helo, msg.auth_user, msg.dsn.ret, msg.dsn.envid, int(msg.is_tls_report),
             int(msg.utf8_headers)))
         dsn = [msg.recipient_dsn.get(a, NO_RECIPIENT_DSN) for a in addresses]
-        conn.executemany(Q["insert_recipient"], [(entry_id, i, a, d.stored_notify, d.orcpt)
+        conn.executemany(Q["insert_recipient"], [(entry_id, i, a, d.stored_notify, d.orcpt, domain_of(a))
                                                  for i, (a, d) in enumerate(zip(addresses, dsn))])
         ids.append(entry_id)
     return ids

@@ -20,8 +20,8 @@ dsn_envid, is_tls_report, utf8_headers)
 VALUES (?, ?, ?, ?, ?, {EntryStatus.QUEUED}, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING
 
 -- insert_recipient --
-INSERT INTO recipients (entry_id, position, address, status, dsn_notify, dsn_orcpt)
-VALUES (?, ?, ?, {RecipientStatus.PENDING}, ?, ?)
+INSERT INTO recipients (entry_id, position, address, status, dsn_notify, dsn_orcpt, domain)
+VALUES (?, ?, ?, {RecipientStatus.PENDING}, ?, ?, ?)
 
 -- recipient_columns --
 entry_id, position, address, status, last_error, dsn_notify, dsn_orcpt

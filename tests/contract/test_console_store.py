@@ -6,7 +6,7 @@ import pytest
 
 from relaywatch.model import Attempt, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind
 from relaywatch.store.base import QueryPage
-from test_store import msg
+from test_store import msg, sql_store  # noqa: F401  (a fixture)
 
 A = Route(RouteKind.CONNECTOR, "a")
 B = Route(RouteKind.CONNECTOR, "b")
@@ -111,3 +111,75 @@ async def test_audit_log_lists_the_newest_first(store):
     assert [(a["id"], a["who"], a["action"], a["incident_id"]) for a in log] == [
         (second, "dev", "pause", 7), (first, "ops", "queue hold", None)]
     assert log[1]["detail"] == {"id": "X", "reason": "r"}
+
+
+async def _domain_pages(store, domain: str, now: float, limit: int = 2) -> list[str]:
+    """Every id the domain filter finds, page by page (keyset pagination)."""
+    found, after = [], None
+    while True:
+        ids = await store.queue_page_ids(QueryPage(domain=domain, limit=limit, after=after), now)
+        if not ids:
+            return found
+        found, after = found + ids, ids[-1]
+
+
+async def _brute_force(store, domain: str) -> list[str]:
+    from relaywatch.store.base import QueueQuery
+    return sorted(e.id for e in await store.list(QueueQuery())
+                  if any(r.address.lower().rpartition("@")[2] == domain.lower() for r in e.recipients))
+
+
+DOMAINS = ("x.test", "X.Test", "sub.x.test", "y.test", "xn--bcher-kva.test", "none.test")
+
+
+async def test_the_domain_filter_finds_what_reading_every_recipient_finds(store):
+    """recipients.domain is filled at enqueue and when recipients move to a new entry."""
+    now = time.time()
+    ids = []
+    for i in range(9):
+        rcpts = [(f"u{i}@{'X.test' if i % 3 == 0 else 'y.test'}", A), (f"v{i}@sub.x.test", A)] if i % 2 else \
+            [(f"w{i}@xn--bcher-kva.test", A), (f'"a@b.test"{i}@y.test', A)]
+        ids += await store.enqueue(msg(rcpts, now=now - 100 + i))
+    await store.move_recipients(ids[0], [f'"a@b.test"0@y.test'], B, now)
+    await store.move_recipients(ids[3], ["u3@X.test"], B, now)
+    for domain in DOMAINS + ("b.test",):
+        assert await _domain_pages(store, domain, now) == await _brute_force(store, domain), domain
+
+
+async def test_the_domain_filter_finds_rows_from_before_the_column_and_from_old_nodes(sql_store, tmp_path, request):
+    """The migration fills recipients.domain for the queue's rows; a node of the previous
+    version keeps inserting without it (NULL), and the filter still finds those."""
+    now = time.time()
+    for i in range(4):
+        await sql_store.enqueue(msg([(f"u{i}@{'X.test' if i % 2 else 'y.test'}", A), (f"v{i}@sub.x.test", A)],
+                                    now=now - 100 + i))
+    await sql_store.close()
+    if sql_store.backend == "sqlite":
+        import sqlite3
+        conn = sqlite3.connect(tmp_path / "q.sqlite3")
+    else:
+        import psycopg
+        conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
+    conn.execute("DROP INDEX recipients_domain")
+    conn.execute("ALTER TABLE recipients DROP COLUMN domain")
+    if sql_store.backend == "sqlite":
+        conn.commit()
+    conn.close()
+    await sql_store.open()
+
+    def old_node(c, cleanup):
+        c.execute("INSERT INTO bodies (id, data, path, size, refs) VALUES ('B1', NULL, NULL, 4, 1)")
+        c.execute("INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+                  "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
+                  "waiting) VALUES ('OLD1', 'B1', 's@x', 1, 9999999999, 'queued', 0, 1, 'connector', 'a', '', "
+                  "4, '', '', 0, 2)")
+        for position, address in enumerate(("o@X.TEST", "p@y.test")):
+            c.execute("INSERT INTO recipients (entry_id, position, address, status) "
+                      f"VALUES ('OLD1', {position}, '{address}', 'pending')")
+    await sql_store.engine.write(old_node)
+    await sql_store.enqueue(msg([("n@x.test", B)], now=now))       # this version's: filled at enqueue
+    nulls = await sql_store._read(lambda c: c.execute("SELECT count(*) FROM recipients WHERE domain IS NULL").fetchone())
+    assert nulls[0] == 2                # the old node's; the migration filled the others
+    for domain in DOMAINS:
+        assert await _domain_pages(sql_store, domain, now) == await _brute_force(sql_store, domain), domain
+    assert "OLD1" in await _domain_pages(sql_store, "x.test", now)
