@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable
 import dns.edns
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -462,7 +463,9 @@ class DnsServer(asyncio.DatagramProtocol):
     As a validating resolver would: answers for names in ``secure`` (or every
     name, ``secure=True``) carry the AD bit when the query asked for DNSSEC
     (DO or AD); "BOGUS" is SERVFAIL with the Extended DNS Error "DNSSEC Bogus"
-    (RFC 8914 code 6)."""
+    (RFC 8914 code 6).  A name with a CNAME entry answers any other type with
+    the whole chain and the target's records, as a recursive resolver does;
+    AD then only when every name of the chain is secure."""
 
     def __init__(self, zone: dict[tuple[str, str], Any], secure: set[str] | bool = frozenset()):
         self.zone = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in zone.items()}
@@ -494,7 +497,14 @@ class DnsServer(asyncio.DatagramProtocol):
         response.flags |= dns.flags.AA
         asked = bool(query.ednsflags & dns.flags.DO) or bool(query.flags & dns.flags.AD)
         self.dnssec_asked.append(asked)
-        if asked and (self.secure is True or name in self.secure):
+        owner, chain = question.name, [name]
+        while qtype != "CNAME" and (chain[-1], "CNAME") in self.zone and len(chain) < 8:
+            target = self.zone[(chain[-1], "CNAME")][0]
+            response.answer.append(dns.rrset.from_text(owner, 300, "IN", "CNAME", target))
+            owner = dns.name.from_text(target)
+            chain.append(owner.to_text(omit_final_dot=True).lower())
+        name = chain[-1]
+        if asked and (self.secure is True or all(n in self.secure for n in chain)):
             response.flags |= dns.flags.AD
         entry = self.zone.get((name, qtype))
         if entry == "DROP":
@@ -509,7 +519,7 @@ class DnsServer(asyncio.DatagramProtocol):
             if not any(n == name for n, _ in self.zone):
                 response.set_rcode(dns.rcode.NXDOMAIN)
         else:
-            response.answer.append(dns.rrset.from_text(question.name, 300, "IN", qtype, *entry))
+            response.answer.append(dns.rrset.from_text(owner, 300, "IN", qtype, *entry))
         self.transport.sendto(response.to_wire(), addr)
 
 

@@ -11,7 +11,8 @@ certificate.  Everything here is pure and table-tested:
   selectors 0/1, matching types 0/1/2; PKIX-TA(0) and PKIX-EE(1) are unusable
   for SMTP, where there is no agreed set of public CAs).
 - ``tlsa_wanted``: whether the TLSA lookup is done at all (the MX and address
-  answers must be DNSSEC-secure) and ``verdict``: what the TLSA answer means
+  answers must be DNSSEC-secure), ``tlsa_hosts``: at which names (an MX host
+  that is an alias, RFC 7672 2.2.3) and ``verdict``: what the TLSA answer means
   (authenticate, TLS without authentication, not applicable, a failure).
 - ``match_chain``: the presented chain against the usable records (DANE-EE:
   the leaf, no name or date check; DANE-TA: a certificate of the chain,
@@ -90,10 +91,16 @@ class DanePolicy:
     reason: str = ""                                 # why, in words (not applicable: why not)
     records: tuple[TlsaRecord, ...] = ()             # the whole secure TLSA RRset
     dns: dict | None = None                          # the failed lookup (BOGUS)
+    names: tuple[str, ...] = ()                      # tlsa_hosts: the TLSA owner's host first; () is (host,)
 
     @property
     def usable(self) -> tuple[TlsaRecord, ...]:
         return tuple(r for r in self.records if r.usable)
+
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        """The names a DANE-TA certificate may carry, and (the first) whose TLSA records these are."""
+        return self.names or (self.host,)
 
     @property
     def applies(self) -> bool:
@@ -102,7 +109,7 @@ class DanePolicy:
     def evidence(self, domain: str) -> dict:
         """What a failure under this policy shows (docs/json.md ``dane``) and TLS-RPT reports."""
         return {"policy_domain": domain, "policy_type": "tlsa", "mx_host": self.host,
-                "tlsa_name": tlsa_name(self.host, self.port), "tlsa": [r.text() for r in self.records],
+                "tlsa_name": tlsa_name(self.reference_names[0], self.port), "tlsa": [r.text() for r in self.records],
                 "usable": [r.text() for r in self.usable]}
 
 
@@ -121,28 +128,42 @@ def tlsa_wanted(mode: str, mx_secure: bool, host_secure: bool) -> str | None:
     return None
 
 
+def tlsa_hosts(host: str, canonical: str, expansion_secure: bool) -> tuple[str, ...]:
+    """The host names whose TLSA records are asked for, in order (RFC 7672 2.2.3).
+
+    An MX host that is an alias (CNAME) with a DNSSEC-validated expansion: the
+    final target's records first, then the MX name's; these names are also the
+    reference identifiers of a DANE-TA certificate.  An insecure expansion says
+    nothing trustworthy about the target: only the MX name as the MX record names it."""
+    host, canonical = host.lower().rstrip("."), canonical.lower().rstrip(".")
+    if canonical == host or not expansion_secure:
+        return (host,)
+    return (canonical, host)
+
+
 def verdict(mode: str, host: str, port: int, answer: TlsaAnswer | None, *, skipped: str | None = None,
-            lookup_failed: dict | None = None) -> DanePolicy:
+            lookup_failed: dict | None = None, names: tuple[str, ...] = ()) -> DanePolicy:
     """What the TLSA answer means for a session with ``host`` (``mode``: on | required).
 
     ``skipped``: why the lookup was not done (tlsa_wanted); ``lookup_failed``:
     the DNS facts of a TLSA lookup that failed (SERVFAIL: bogus, RFC 7672 2.2)."""
     if lookup_failed is not None:
-        return DanePolicy(Verdict.BOGUS, host, port, "the TLSA lookup failed", dns=lookup_failed)
+        return DanePolicy(Verdict.BOGUS, host, port, "the TLSA lookup failed", dns=lookup_failed, names=names)
     if skipped is None and answer is not None and not answer.secure:
         skipped = "the TLSA answer is not DNSSEC-validated (no AD bit)"
     if skipped is None and (answer is None or not answer.records):
         skipped = "no TLSA records are published"
     if skipped is not None:
         return DanePolicy(Verdict.REQUIRED if mode == "required" else Verdict.NOT_APPLICABLE, host, port, skipped,
-                          records=answer.records if answer is not None and answer.secure else ())
+                          records=answer.records if answer is not None and answer.secure else (), names=names)
     if any(r.usable for r in answer.records):
-        return DanePolicy(Verdict.AUTHENTICATE, host, port, "usable TLSA records", answer.records)
+        return DanePolicy(Verdict.AUTHENTICATE, host, port, "usable TLSA records", answer.records, names=names)
     if mode == "required":
-        return DanePolicy(Verdict.REQUIRED, host, port, "no TLSA record is usable (DANE-TA/DANE-EE)", answer.records)
+        return DanePolicy(Verdict.REQUIRED, host, port, "no TLSA record is usable (DANE-TA/DANE-EE)", answer.records,
+                          names=names)
     # RFC 7672 2.2: published but unusable records still mean "this server does TLS".
     return DanePolicy(Verdict.ENCRYPT, host, port, "no TLSA record is usable: TLS without authentication",
-                      answer.records)
+                      answer.records, names=names)
 
 
 # -- matching -----------------------------------------------------------------------------
@@ -202,9 +223,11 @@ class ChainMatch:
     presented: dict = field(default_factory=dict)
 
 
-def match_chain(records: tuple[TlsaRecord, ...], chain: list[bytes], host: str,
+def match_chain(records: tuple[TlsaRecord, ...], chain: list[bytes], names: tuple[str, ...],
                 now: datetime.datetime) -> ChainMatch:
-    """Does the presented chain (leaf first, DER) satisfy one of the usable records?"""
+    """Does the presented chain (leaf first, DER) satisfy one of the usable records?
+
+    ``names``: the reference identifiers a DANE-TA leaf may carry (tlsa_hosts)."""
     presented = presented_digests(chain)
     if not chain:
         return ChainMatch(False, "the server presented no certificate", "dane_tlsa_mismatch", TLSA_INVALID,
@@ -228,8 +251,9 @@ def match_chain(records: tuple[TlsaRecord, ...], chain: list[bytes], host: str,
                                           f"{problem}", "dane_chain_invalid",
                                           CERTIFICATE_EXPIRED if "expired" in problem or "not valid" in problem
                                           else VALIDATION_FAILURE, r.text(), presented)
-            elif not name_matches(certs[0], host):
-                near = ChainMatch(False, f"{r.text()} matches the trust anchor, but the certificate is not for {host}",
+            elif not any(name_matches(certs[0], name) for name in names):
+                near = ChainMatch(False, f"{r.text()} matches the trust anchor, but the certificate is not for "
+                                  f"{' or '.join(names)}",
                                   "dane_name_mismatch", CERTIFICATE_HOST_MISMATCH, r.text(), presented)
             else:
                 return ChainMatch(True, f"the chain leads to the trust anchor of {r.text()}", record=r.text(),

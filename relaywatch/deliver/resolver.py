@@ -2,6 +2,9 @@
 the TXT records MTA-STS looks for (RFC 8461 3.1) and the TLSA records of DANE
 (RFC 7672).
 
+An MX host that is an alias (CNAME) keeps its final name (``AddressAnswer.canonical``):
+DANE looks for TLSA records there first (RFC 7672 2.2.3, deliver/dane.py ``tlsa_hosts``).
+
 Every query asks for DNSSEC (the DO bit, and AD, RFC 6840 5.7), so a
 validating resolver says with the AD bit which answers it validated: DANE
 trusts only those (``MxAnswer.secure``, ``AddressAnswer.secure``,
@@ -65,6 +68,7 @@ class MxAnswer:
 class AddressAnswer:
     addresses: list[str]
     secure: bool               # DNSSEC-validated (AD); an IP literal has no name to validate
+    canonical: str = ""        # the name the addresses belong to, after any CNAMEs ("": the host itself)
 
 
 def _secure(answer) -> bool:
@@ -191,7 +195,9 @@ class Resolver:
                 found = [r.address for r in answer.rrset]
                 self.answers[host] = {"name": host, "type": qtype, "rcode": "NOERROR", "answer": found,
                                       "ttl": answer.rrset.ttl, "nameserver": self.nameserver_label}
-                return AddressAnswer(found, _secure(answer))
+                # A validating resolver answers an alias with the whole CNAME chain
+                # in one response, and its AD bit covers every step of it.
+                return AddressAnswer(found, _secure(answer), answer.canonical_name.to_text(omit_final_dot=True))
         raise DnsFailure(Observation(Phase.DNS, Outcome.DNS_NO_ADDRESS, dns=self._facts(host, "A/AAAA", "NOERROR")))
 
 

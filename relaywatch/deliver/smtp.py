@@ -44,9 +44,9 @@ from typing import Callable
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config, Connector
-from relaywatch.deliver.dane import DanePolicy, Verdict, tlsa_name, tlsa_wanted, verdict
+from relaywatch.deliver.dane import DanePolicy, Verdict, tlsa_hosts, tlsa_name, tlsa_wanted, verdict
 from relaywatch.deliver.mta_sts import MtaSts, StsPolicy, is_violation, mx_mismatch, result_type
-from relaywatch.deliver.resolver import DnsFailure, Resolver
+from relaywatch.deliver.resolver import AddressAnswer, DnsFailure, Resolver
 from relaywatch.deliver.tls import TlsPolicy
 from relaywatch.deliver.tls_report import opportunistic_result
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
@@ -111,7 +111,8 @@ class SmtpRoutes:
                    dane: DanePolicy = NO_DANE) -> TlsPolicy:
         if dane.verdict is Verdict.AUTHENTICATE:
             # RFC 7672 3: the TLSA records are the trust; SNI and DANE-TA's name check use the host name.
-            return TlsPolicy(mode="required", verify="none", expected_name=host, dane=dane.usable)
+            return TlsPolicy(mode="required", verify="none", expected_name=host, dane=dane.usable,
+                             dane_names=dane.reference_names)
         policy = self._tls_policy(route, host, sts)
         if dane.verdict is Verdict.ENCRYPT:
             # TLSA published, none usable (RFC 7672 2.2): TLS is mandatory, verified as it would be anyway.
@@ -153,26 +154,37 @@ class SmtpRoutes:
         """Every address of ``target`` (in the resolver's order); raises DnsFailure."""
         return (await self.resolve(target))[0]
 
-    async def resolve(self, target: Target) -> tuple[list[Destination], bool]:
-        """The addresses of ``target`` and whether their answer was DNSSEC-validated; raises DnsFailure."""
+    async def resolve(self, target: Target) -> tuple[list[Destination], AddressAnswer]:
+        """The addresses of ``target`` and their answer (DNSSEC-validated? an alias of?); raises DnsFailure."""
         answer = await self.resolver.address_answer(target.host)
         dests = [Destination(target.host, ip, target.port, target.index, target.count) for ip in answer.addresses]
-        return dests, answer.secure
+        return dests, answer
 
-    async def dane_policy(self, route: Route, target: Target, host_secure: bool,
+    async def dane_policy(self, route: Route, target: Target, addresses: AddressAnswer,
                           tls_report: bool = False) -> DanePolicy:
-        """What DANE says for ``target``; raises DnsFailure when the TLSA lookup times out."""
+        """What DANE says for ``target``; raises DnsFailure when a TLSA lookup times out.
+
+        An alias with a secure expansion: the target name's TLSA records, else the
+        MX name's (RFC 7672 2.2.3); a DANE-TA certificate may carry either name."""
         mode = "off" if tls_report else self.dane_mode(route)
-        skipped = tlsa_wanted(mode, target.mx_secure, host_secure)
+        skipped = tlsa_wanted(mode, target.mx_secure, addresses.secure)
         if mode == "off" or skipped is not None:
             return verdict(mode, target.host, target.port, None, skipped=skipped)
-        try:
-            answer = await self.resolver.tlsa(tlsa_name(target.host, target.port))
-        except DnsFailure as failure:
-            if failure.observation.outcome is not Outcome.DNS_SERVFAIL:
-                raise
-            return verdict(mode, target.host, target.port, None, lookup_failed=failure.observation.dns)
-        return verdict(mode, target.host, target.port, answer)
+        hosts = tlsa_hosts(target.host, addresses.canonical or target.host, addresses.secure)
+        policy = NO_DANE
+        for i, host in enumerate(hosts):
+            names = (host, *hosts[:i], *hosts[i + 1:])          # the TLSA owner first
+            try:
+                answer = await self.resolver.tlsa(tlsa_name(host, target.port))
+            except DnsFailure as failure:
+                if failure.observation.outcome is not Outcome.DNS_SERVFAIL:
+                    raise
+                return verdict(mode, target.host, target.port, None, lookup_failed=failure.observation.dns,
+                               names=names)
+            policy = verdict(mode, target.host, target.port, answer, names=names)
+            if answer.secure and answer.records:
+                break
+        return policy
 
     def session(self, dest: Destination) -> SmtpConnection:
         """A connection to ``dest``, not yet opened, with the delivery timeouts and our name."""
@@ -191,8 +203,8 @@ class SmtpRoutes:
                 seen.append(passed_over)
                 continue
             try:
-                dests, host_secure = await self.resolve(target)
-                dane = await self.dane_policy(route, target, host_secure, tls_report)
+                dests, addresses = await self.resolve(target)
+                dane = await self.dane_policy(route, target, addresses, tls_report)
             except DnsFailure as failure:
                 obs = failure.observation
                 seen.append(Observation(obs.phase, obs.outcome, Destination(

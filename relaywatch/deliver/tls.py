@@ -44,6 +44,7 @@ class TlsPolicy:
     # DANE (RFC 7672): the usable TLSA records the certificate must match
     # instead of any CA (verify is "none" then: the records are the trust).
     dane: tuple[TlsaRecord, ...] = ()
+    dane_names: tuple[str, ...] = ()  # the names a DANE-TA certificate may carry (an MX alias: both)
 
     def context(self) -> ssl.SSLContext:
         if self.verify == "none":

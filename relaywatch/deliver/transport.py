@@ -204,7 +204,7 @@ class SmtpConnection:
 
     def _authenticate_dane(self, tls: TlsPolicy, chain: list[bytes], host: str) -> None:
         """RFC 7672 3: the presented chain must match a usable TLSA record; else nothing is sent."""
-        match = match_chain(tls.dane, chain, host, datetime.datetime.now(datetime.timezone.utc))
+        match = match_chain(tls.dane, chain, tls.dane_names or (host,), datetime.datetime.now(datetime.timezone.utc))
         if match.ok:
             self.tls["dane_match"] = match.record
         else:

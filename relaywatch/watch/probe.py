@@ -62,15 +62,15 @@ async def probe_connector(config: Config, routes: SmtpRoutes, connector: Connect
     target = targets[0]
     started = time.monotonic()
     try:
-        dests, host_secure = await routes.resolve(target)
-        dane = await routes.dane_policy(route, target, host_secure)
+        dests, addresses = await routes.resolve(target)
+        dane = await routes.dane_policy(route, target, addresses)
     except DnsFailure as exc:
         return fail("dns", started, classify(exc.observation, time.time()))
     step("dns", started, True, f"{target.host} -> {', '.join(d.ip for d in dests)}")
     if dane.verdict in (Verdict.BOGUS, Verdict.REQUIRED):
         return fail("dane", started, classify(routes.dane_refused(target, dane), time.time()))
     if dane.applies:
-        step("dane", started, True, f"TLSA {tlsa_name(target.host, target.port)}: "
+        step("dane", started, True, f"TLSA {tlsa_name(dane.reference_names[0], target.port)}: "
                                     f"{'; '.join(r.text() for r in dane.records)} ({dane.reason})")
 
     dest = dests[0]

@@ -24,13 +24,14 @@ from relaywatch.classify.classify import classify
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.cli import main as cli_main
 from relaywatch.config import parse_config
-from relaywatch.deliver.dane import TlsaAnswer, TlsaRecord, Verdict, match_chain, tlsa_wanted, verdict
+from relaywatch.deliver.dane import TlsaAnswer, TlsaRecord, Verdict, match_chain, tlsa_hosts, tlsa_wanted, verdict
 from relaywatch.model import Destination
 
 pytestmark = pytest.mark.both_loops
 
 DOMAIN = "partner.test"
 MX = "mx.partner.test"
+ALIAS = "mail.hoster.test"           # what MX is a CNAME of, in the alias tests
 NOW = datetime.datetime.now(datetime.timezone.utc)
 
 
@@ -104,6 +105,25 @@ def test_tlsa_is_looked_up_only_behind_secure_answers(mode, mx_secure, host_secu
     assert (tlsa_wanted(mode, mx_secure, host_secure) is None) is looked_up
 
 
+@pytest.mark.parametrize("canonical, expansion_secure, hosts", [
+    (MX, True, (MX,)),                          # not an alias
+    (MX + ".", False, (MX,)),
+    (ALIAS, True, (ALIAS, MX)),                 # RFC 7672 2.2.3: the target's records first, then the MX name's
+    (ALIAS.upper(), True, (ALIAS, MX)),
+    (ALIAS, False, (MX,)),                      # an insecure expansion says nothing about the target
+])
+def test_the_tlsa_names_of_an_mx_host_that_is_an_alias(canonical, expansion_secure, hosts):
+    assert tlsa_hosts(MX, canonical, expansion_secure) == hosts
+
+
+def test_a_dane_ta_certificate_may_carry_either_name_of_an_alias():
+    for name, ok in ((ALIAS, True), (MX, True), ("elsewhere.test", False)):
+        leaf, _ = ca_leaf(name)
+        match = match_chain((tlsa(2, 0, 1, CA_CERT),), [der(leaf), der(CA_CERT)], (ALIAS, MX), NOW)
+        assert match.ok is ok, (name, match.reason)
+    assert f"not for {ALIAS} or {MX}" in match.reason
+
+
 EE = TlsaRecord(3, 1, 1, b"\1" * 32)
 PKIX = TlsaRecord(1, 1, 1, b"\1" * 32)
 
@@ -158,7 +178,7 @@ def _cases():
 
 @pytest.mark.parametrize("case, records, chain, expected", _cases(), ids=[c[0] for c in _cases()])
 def test_chain_matching(case, records, chain, expected):
-    match = match_chain(tuple(records), chain, MX, NOW)
+    match = match_chain(tuple(records), chain, (MX,), NOW)
     assert (match.ok, match.subtype) == expected, match.reason
     if chain:
         assert match.presented["spki_sha256"] == hashlib.sha256(
@@ -234,17 +254,24 @@ class World:
         self.tmp_path, self.relay_factory = tmp_path, relay_factory
         self.dns = self.mx = self.relay = None
 
-    async def start(self, *, records=None, tls_context=None, secure=True, tlsa_entry=None, mx_secure=True):
+    async def start(self, *, records=None, tls_context=None, secure=True, tlsa_entry=None, mx_secure=True,
+                    alias_records=None):
+        """``alias_records``: MX is a CNAME of ALIAS (its address, and these TLSA records)."""
         self.handler = RecordingHandler()
         self.mx = await Sink(self.handler, tls_context=tls_context).start()
         self.tlsa_name = f"_{self.mx.port}._tcp.{MX}"
+        self.alias_tlsa_name = f"_{self.mx.port}._tcp.{ALIAS}"
         zone = {(DOMAIN, "MX"): [f"10 {MX}."], (MX, "A"): [LOOPBACK]}
+        if alias_records is not None:
+            zone = {(DOMAIN, "MX"): [f"10 {MX}."], (MX, "CNAME"): [f"{ALIAS}."], (ALIAS, "A"): [LOOPBACK]}
+            if alias_records:
+                zone[(self.alias_tlsa_name, "TLSA")] = [rdata(r) for r in alias_records]
         if records is not None:
             zone[(self.tlsa_name, "TLSA")] = [rdata(r) for r in records]
         if tlsa_entry is not None:
             zone[(self.tlsa_name, "TLSA")] = tlsa_entry
         if secure is True:
-            secure = {DOMAIN, MX, self.tlsa_name} - (set() if mx_secure else {DOMAIN})
+            secure = {DOMAIN, MX, ALIAS, self.tlsa_name, self.alias_tlsa_name} - (set() if mx_secure else {DOMAIN})
         self.dns = await DnsServer(zone, secure=secure or set()).start()
         return self
 
@@ -394,6 +421,51 @@ async def test_dane_ta_2_0_1_with_a_test_ca(world, tmp_path, name, delivers):
     assert (error["subtype"], error["dane"]["result_type"]) == ("dane_name_mismatch", "certificate-host-mismatch")
     assert f"not for {MX}" in error["detail"]
     assert mail_from_alice(world) == []
+
+
+# -- an MX host that is an alias (RFC 7672 2.2.3) ----------------------------------------------
+
+async def test_the_tlsa_records_of_an_alias_target_apply(world, tmp_path):
+    cert, key = self_signed(ALIAS)
+    stale, _ = self_signed(ALIAS)
+    await world.start(alias_records=[tlsa(3, 1, 1, stale)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()
+    await send(relay)
+    error = await first_error(relay)
+    assert (error["subtype"], error["dane"]["mx_host"]) == ("dane_tlsa_mismatch", MX)
+    assert error["dane"]["tlsa_name"] == world.alias_tlsa_name
+    assert mail_from_alice(world) == []
+    assert (world.tlsa_name, "TLSA") not in world.dns.queries       # the target had records: the MX name is not asked
+
+
+async def test_an_alias_target_that_matches_delivers(world, tmp_path):
+    cert, key = self_signed("anything.invalid")
+    await world.start(alias_records=[tlsa(3, 1, 1, cert)], tls_context=server_context(tmp_path, cert, key))
+    relay = await world.start_relay()
+    await send(relay)
+    await delivered_under_tls(world)
+    assert [(r.result_type, r.policy_strings) for r in world.results] == [(None, (tlsa(3, 1, 1, cert).text(),))]
+
+
+async def test_without_records_at_the_target_the_mx_names_apply_and_dane_ta_takes_either_name(world, tmp_path):
+    # The certificate is for the alias target only; the 2 0 1 record is at the MX name.
+    await world.start(alias_records=[], records=[tlsa(2, 0, 1, CA_CERT)], tls_context=ca_context(tmp_path, ALIAS))
+    relay = await world.start_relay()
+    await send(relay)
+    await delivered_under_tls(world)
+    assert world.dns.queries.index((world.alias_tlsa_name, "TLSA")) < world.dns.queries.index((world.tlsa_name, "TLSA"))
+
+
+async def test_an_insecure_alias_delivers_as_before(world, tmp_path):
+    cert, key = self_signed(ALIAS)
+    other, _ = self_signed(ALIAS)
+    await world.start(alias_records=[tlsa(3, 1, 1, other)], records=[tlsa(3, 1, 1, other)],
+                      tls_context=server_context(tmp_path, cert, key))
+    world.dns.secure -= {ALIAS}                                      # the target's zone is not signed
+    relay = await world.start_relay()
+    await send(relay)
+    await delivered_under_tls(world)
+    assert world.results == [] and (world.alias_tlsa_name, "TLSA") not in world.dns.queries
 
 
 # -- PKIX usages, bogus answers, connectors ----------------------------------------------------------
