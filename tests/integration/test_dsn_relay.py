@@ -12,7 +12,7 @@ import smtplib
 import aiosmtplib
 import pytest
 
-from helpers import LOOPBACK, Sink, SinkHandler, eventually, free_port, message
+from helpers import LOOPBACK, FakeClock, Sink, SinkHandler, advance, eventually, free_port, message, settle
 from relaywatch import events
 
 pytestmark = [pytest.mark.both_loops, pytest.mark.both_stores]
@@ -152,6 +152,37 @@ async def test_notify_failure_with_ret_full_returns_the_whole_message(relay_fact
         await eventually(lambda: empty(relay), what="the queue to empty")
     finally:
         await sink.stop()
+
+
+@pytest.mark.parametrize("notify, notices", [("NOTIFY=DELAY", 1), ("NOTIFY=FAILURE", 0), ("NOTIFY=SUCCESS,DELAY", 1)])
+async def test_notify_delay_to_a_destination_that_defers_gets_one_delay_notice(relay_factory, notify, notices):
+    # On the test's clock: an attempt a second, every one deferred; the notice is due from 2 s on.
+    sink = await Sink(SinkHandler(rcpt_reply=lambda a: "451 4.3.0 Try again later")).start()
+    try:
+        clock = FakeClock()
+        relay = await relay_factory(clock=clock, queue={"retry_intervals": ["1s"]},
+                                    connectors=[{**connector(sink.port), "delay_notice_after": "2s"}])
+        await smtplib_send(relay, "alice@contoso.test", ["bob@fabrikam.test"], message("deferred"),
+                           mail_options=["ENVID=D1"], rcpt_options=[notify, "ORCPT=rfc822;bob@old.test"])
+        await eventually(lambda: _attempted(relay, 1), what="the first attempt")
+        for attempts in (2, 3, 4, 5):         # past the delay, more attempts: still at most one notice
+            await advance(clock, relay, 1)
+            assert await relay.attempts() == attempts
+        await settle(clock, relay)
+        found = relay.maildir("alice@contoso.test")
+        assert len(found) == notices, [email.message_from_bytes(n)["Subject"] for n in found]
+        if notices:
+            msg, per_message, [block], _ = report(found[0])
+            assert str(msg["Subject"]) == "Delayed: deferred" and per_message["Original-Envelope-Id"] == "D1"
+            assert (block["Action"], block["Original-Recipient"]) == ("delayed", "rfc822;bob@old.test")
+            assert block["Diagnostic-Code"] == "smtp; 451 4.3.0 Try again later"
+        assert sink.messages == [] and await relay.store.counts() != {}       # still queued, nothing lost
+    finally:
+        await sink.stop()
+
+
+async def _attempted(relay, n):
+    return await relay.attempts() == n
 
 
 async def test_without_parameters_an_ndr_is_as_it_always_was(relay_factory):
