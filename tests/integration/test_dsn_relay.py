@@ -10,6 +10,7 @@ import json
 import smtplib
 
 import aiosmtplib
+import httpx
 import pytest
 
 from helpers import LOOPBACK, FakeClock, Sink, SinkHandler, advance, eventually, free_port, message, settle
@@ -236,3 +237,19 @@ async def test_queue_show_has_the_dsn_parameters(relay_factory):
     text = (await relay.cli("queue", "show", listed["id"])).output
     assert "DSN:         RET=HDRS ENVID=show+201" in text
     assert "bob@fabrikam.test  " in text and "NOTIFY=FAILURE,DELAY ORCPT=rfc822;b@old.test" in text
+
+
+async def test_the_console_message_page_has_the_dsn_parameters_escaped(relay_factory):
+    relay = await relay_factory(connectors=[connector(free_port())])     # nobody listens: it stays queued
+    await smtplib_send(relay, "alice@contoso.test", ["bob@fabrikam.test"], message("kept"),
+                       mail_options=["RET=HDRS", "ENVID=<i>E+201</i>"],
+                       rcpt_options=["NOTIFY=DELAY,FAILURE", "ORCPT=rfc822;b@old.test"])
+    [listed] = await eventually(relay.queue, what="the queued message")
+    host, port = relay.app.console.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
+        assert (await http.get("/")).status_code == 200           # the session cookie
+        page = await http.get(f"/queue/{listed['id']}")
+    assert page.status_code == 200, page.text
+    assert "RET <code>HDRS</code>, ENVID <code>&lt;i&gt;E 1&lt;/i&gt;</code>" in page.text
+    assert "<i>E" not in page.text
+    assert "NOTIFY <code>FAILURE,DELAY</code> ORCPT <code>rfc822;b@old.test</code>" in page.text
