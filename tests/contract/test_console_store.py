@@ -6,7 +6,7 @@ import pytest
 
 from relaywatch.model import Attempt, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind
 from relaywatch.store.base import QueryPage
-from test_store import msg, sql_store  # noqa: F401  (a fixture)
+from tests.contract.test_store import msg, sql_store  # noqa: F401  (a fixture)
 
 A = Route(RouteKind.CONNECTOR, "a")
 B = Route(RouteKind.CONNECTOR, "b")

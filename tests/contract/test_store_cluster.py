@@ -13,7 +13,7 @@ from relaywatch.incident import Incident
 from relaywatch.model import Route, RouteKind
 
 from helpers import eventually, make_store
-from test_store_contract import msg
+from tests.contract.test_store_contract import msg
 
 A = Route(RouteKind.CONNECTOR, "a")
 

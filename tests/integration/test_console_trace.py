@@ -4,7 +4,7 @@ running relay; ``relaywatch queue trace --json`` and ``relaywatch nodes --json``
 import pytest
 
 from helpers import LOOPBACK, Sink, SinkHandler, eventually, message
-from test_console import OTHER, TOKEN, client, deferred, partner, stuck_relay
+from tests.acceptance.test_console import OTHER, TOKEN, client, deferred, partner, stuck_relay
 
 pytestmark = pytest.mark.both_loops
 

@@ -31,7 +31,7 @@ from relaywatch.config import load_config, parse_config
 from relaywatch.errors import ConfigError
 from relaywatch.receive import dkim as signing
 from relaywatch.receive import dkim_sign
-from test_outbound_encoding import SevenBitHandler
+from tests.integration.test_outbound_encoding import SevenBitHandler
 
 UNTRUSTED = "127.0.0.2"
 SENDER = "alice@contoso.test"

@@ -18,7 +18,7 @@ import pytest
 import trustme
 
 from helpers import LOOPBACK, DnsServer, FakeClock, Sink, eventually, free_port, message
-from test_mta_sts import DOMAIN, MX, World, policy_text, server_context
+from tests.integration.test_mta_sts import DOMAIN, MX, World, policy_text, server_context
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.tls_report import TlsTally, opportunistic_result, utc_day
 from relaywatch.model import Destination, TlsCount, TlsResult
