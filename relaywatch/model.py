@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import hashlib
 import io
 import json
 from datetime import datetime, timezone
@@ -367,69 +366,3 @@ class RecipientVerdict:
     detail: str                     # for the mail log: the server's reply, or why it could not be asked
     code: str | None = None         # UNAVAILABLE: the catalog code of the failure (e.g. "4.4.316")
     reason: str | None = None       # UNAVAILABLE: a short phrase safe to show an outside client
-
-
-# -- TLS reporting (RFC 8460) ------------------------------------------------------------------
-
-# The result types of RFC 8460 4.3: why a session under a policy failed.
-STARTTLS_NOT_SUPPORTED = "starttls-not-supported"
-CERTIFICATE_HOST_MISMATCH = "certificate-host-mismatch"
-CERTIFICATE_EXPIRED = "certificate-expired"
-CERTIFICATE_NOT_TRUSTED = "certificate-not-trusted"
-VALIDATION_FAILURE = "validation-failure"
-STS_POLICY_FETCH_ERROR = "sts-policy-fetch-error"
-STS_POLICY_INVALID = "sts-policy-invalid"
-STS_WEBPKI_INVALID = "sts-webpki-invalid"
-TLSA_INVALID = "tlsa-invalid"
-DNSSEC_INVALID = "dnssec-invalid"
-DANE_REQUIRED = "dane-required"
-RESULT_TYPES = (STARTTLS_NOT_SUPPORTED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_EXPIRED, CERTIFICATE_NOT_TRUSTED,
-                VALIDATION_FAILURE, STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID, TLSA_INVALID,
-                DNSSEC_INVALID, DANE_REQUIRED)
-POLICY_TYPES = ("sts", "tlsa", "no-policy-found")
-
-
-@dataclass(frozen=True)
-class TlsResult:
-    """One session (or policy fetch) to a recipient domain that has, or might have, a TLS
-    policy: the fact RFC 8460 reports aggregate.  MTA-STS, DANE and plain opportunistic
-    TLS on the MX route each produce it and hand it to deliver/tls_report.py's ``TlsResults.record``."""
-    at: float
-    policy_domain: str
-    policy_type: str                   # POLICY_TYPES: "sts", "tlsa", or "no-policy-found"
-    policy_id: str | None
-    mode: str | None
-    result_type: str | None            # None: a successful session; else one of RESULT_TYPES
-    mx_host: str | None = None         # receiving-mx-hostname
-    receiving_ip: str | None = None
-    policy_strings: tuple[str, ...] = ()
-    enforced: bool = False             # the mail was held back because of it
-    detail: str = ""
-    sending_ip: str | None = None      # sending-mta-ip: our end of the connection
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TlsCount:
-    """Sessions of one UTC day under one policy of one domain, with one result (the
-    stored aggregate; ``result_type`` "" counts successes, and then mx/ips are "")."""
-    day: str                           # YYYY-MM-DD, UTC
-    policy_domain: str
-    policy_type: str
-    policy_strings: tuple[str, ...]
-    result_type: str = ""
-    mx_host: str = ""
-    receiving_ip: str = ""
-    sending_ip: str = ""
-    count: int = 0
-
-    @property
-    def policy_key(self) -> str:
-        """A short stable key for the policy strings (they may be long; they are not a key column)."""
-        return hashlib.sha256("\n".join(self.policy_strings).encode()).hexdigest()[:32]
-
-    def key(self) -> tuple:
-        return (self.day, self.policy_domain, self.policy_type, self.policy_key, self.result_type, self.mx_host,
-                self.receiving_ip, self.sending_ip)

@@ -14,7 +14,8 @@ from relaywatch.classify import catalog
 from relaywatch.cluster.decisions import Timing, alive, leader_now
 from relaywatch.cluster.model import LeaderLease, NodeBeat, NodeState
 from relaywatch.config import Config
-from relaywatch.model import Entry, TlsCount, iso
+from relaywatch.model import Entry, iso
+from relaywatch.tls_results import TlsCount
 from relaywatch.notify.tls_report import policies
 from relaywatch.incident import Incident, IncidentRecord, ProbeResult
 

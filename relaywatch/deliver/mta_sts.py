@@ -45,7 +45,7 @@ from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config
 from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls_report import TlsResults
-from relaywatch.model import (  # noqa: F401  (the result types are named here too, as before)
+from relaywatch.tls_results import (  # noqa: F401  (the result types are named here too, as before)
     CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_NOT_TRUSTED, STARTTLS_NOT_SUPPORTED,
     STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID, VALIDATION_FAILURE, TlsResult,
 )

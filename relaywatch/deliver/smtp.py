@@ -50,7 +50,8 @@ from relaywatch.deliver.resolver import AddressAnswer, DnsFailure, Resolver
 from relaywatch.deliver.tls import TlsPolicy
 from relaywatch.deliver.tls_report import opportunistic_result
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection
-from relaywatch.model import DANE_REQUIRED, DNSSEC_INVALID, Destination, Route, RouteKind, TlsResult
+from relaywatch.model import Destination, Route, RouteKind
+from relaywatch.tls_results import DANE_REQUIRED, DNSSEC_INVALID, TlsResult
 
 log = logging.getLogger("relaywatch.dane")
 

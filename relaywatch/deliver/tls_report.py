@@ -2,7 +2,7 @@
 
 Whatever decides a session's TLS (MTA-STS in deliver/mta_sts.py, DANE, or
 plain opportunistic TLS on the MX route, in deliver/smtp.py) makes a
-``TlsResult`` (model.py) and calls ``TlsResults.record``.  That keeps the
+``TlsResult`` (tls_results.py) and calls ``TlsResults.record``.  That keeps the
 latest results in memory (tests and the log read them) and hands each to the
 listeners; the one that matters is ``TlsTally``.
 
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 from relaywatch.classify.observation import Observation, Outcome
-from relaywatch.model import STARTTLS_NOT_SUPPORTED, VALIDATION_FAILURE, TlsCount, TlsResult
+from relaywatch.tls_results import STARTTLS_NOT_SUPPORTED, VALIDATION_FAILURE, TlsCount, TlsResult
 
 RESULTS_KEPT = 10_000
 

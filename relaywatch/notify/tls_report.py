@@ -28,7 +28,8 @@ from email import policy as email_policy
 from urllib.parse import unquote, urlsplit
 
 from relaywatch.config import Config
-from relaywatch.model import NewMessage, StoredBody, TlsCount
+from relaywatch.model import NewMessage, StoredBody
+from relaywatch.tls_results import TlsCount
 from relaywatch.route import decide
 
 MEDIA_TYPE = "application/tlsrpt+gzip"

@@ -19,7 +19,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 from relaywatch.cluster.model import LeaderLease, NodeBeat
 from relaywatch.incident import BacklogSummary, Incident, IncidentRecord
-from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody, TlsCount
+from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody
+from relaywatch.tls_results import TlsCount
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import json
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from relaywatch.model import TlsCount
+from relaywatch.tls_results import TlsCount
 from relaywatch.store.tls_reports import post_from_row, report_from_row
 
 

@@ -194,7 +194,7 @@ CREATE TABLE IF NOT EXISTS tls_counts (
     day           TEXT NOT NULL,    -- YYYY-MM-DD, UTC
     policy_domain TEXT NOT NULL,
     policy_type   TEXT NOT NULL,    -- sts | tlsa | no-policy-found
-    policy_key    TEXT NOT NULL,    -- a hash of policy_string (model.py TlsCount.policy_key)
+    policy_key    TEXT NOT NULL,    -- a hash of policy_string (tls_results.py TlsCount.policy_key)
     result_type   TEXT NOT NULL,    -- '' for the successful sessions
     mx_host       TEXT NOT NULL,
     receiving_ip  TEXT NOT NULL,

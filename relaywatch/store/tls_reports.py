@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from relaywatch.model import TlsCount
+from relaywatch.tls_results import TlsCount
 from relaywatch.store import queries
 from relaywatch.store.engine import GroupCommitEngine
 

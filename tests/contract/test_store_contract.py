@@ -414,7 +414,7 @@ async def test_last_good_and_invalid_recipients(store):
 
 
 async def test_tls_counts_add_up_per_day_and_key_and_a_report_is_claimed_once(store):
-    from relaywatch.model import TlsCount
+    from relaywatch.tls_results import TlsCount
     lines = ("version: STSv1", "mode: enforce", "mx: mx.partner.test", "max_age: 86400")
     ok = TlsCount("2026-11-30", "partner.test", "sts", lines, count=3)
     bad = TlsCount("2026-11-30", "partner.test", "sts", lines, "certificate-host-mismatch", "mx.partner.test",

@@ -21,7 +21,8 @@ from helpers import LOOPBACK, DnsServer, FakeClock, Sink, eventually, free_port,
 from tests.integration.test_mta_sts import DOMAIN, MX, World, policy_text, server_context
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.tls_report import TlsTally, opportunistic_result, utc_day
-from relaywatch.model import Destination, TlsCount, TlsResult
+from relaywatch.model import Destination
+from relaywatch.tls_results import TlsCount, TlsResult
 from relaywatch.notify.tls_report import parse_tlsrpt, policies, report
 from relaywatch.watch.tls_report import TlsReporter
 
