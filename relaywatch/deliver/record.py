@@ -3,7 +3,7 @@
 What the scheduler's record step (and an operator's bounce or expire,
 deliver/queue_actions.py) does with a delivery's outcomes: ``classify_result``
 turns what the connector observed into Failures (classify/classify.py, the one
-place delivery classifies), classify/retry.py decides what follows, notify/dsn.py builds the notices that calls for (this
+place delivery classifies), classify/retry.py decides what follows, notify/notices.py builds the notices that calls for (this
 module only reads the original's headers for them), the store records it all
 in one transaction, and the mail log gets one line per recipient.
 
@@ -26,8 +26,9 @@ from relaywatch.classify.retry import RetryDecision, decide as decide_retry, not
 from relaywatch.config import Config
 from relaywatch.deliver.connector import DeliveryResult, Observed
 from relaywatch.model import Attempt, Destination, Entry, Failure, RecipientOutcome, RecipientStatus, StoredBody
-from relaywatch.notify.dsn import (FULL_RETURN_LIMIT, Notices, ReportedRecipient, delay_notice_due, held_notice,
-                                   notices_for, owed_recipients, requested, success_owed)
+from relaywatch.notify.notices import (Notices, delay_notice_due, held_notice, notices_for, owed_recipients, requested,
+                                       success_owed)
+from relaywatch.notify.report import FULL_RETURN_LIMIT, ReportedRecipient
 from relaywatch.route import decide as decide_route
 from relaywatch.store.base import QueueStore
 from relaywatch.store.pending import PendingOutcomes, PendingRecord
@@ -133,7 +134,7 @@ def _delay_notice_after(config: Config, entry: Entry) -> float | None:
 async def _notices(store: QueueStore, config: Config, entry: Entry, decision: RetryDecision,
                    owed: list[ReportedRecipient], delay_due: bool, succeeded: list[RecipientOutcome],
                    body: StoredBody | None, now: float) -> Notices:
-    """The I/O around notify/dsn.notices_for: the sender's route, the original's headers."""
+    """The I/O around notify/notices.notices_for: the sender's route, the original's headers."""
     with_headers = not notice_given_up(entry.notice_pending, now, config.queue)
     route = None
     headers: bytes | Exception = b""

@@ -23,7 +23,8 @@ from helpers import LOOPBACK, FakeClock, Sink, SinkHandler, advance, eventually
 from relaywatch.model import (
     Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
-from relaywatch.notify.dsn import ReportedRecipient, build_delay_notice, build_ndr
+from relaywatch.notify.dsn import build_delay_notice, build_ndr
+from relaywatch.notify.report import ReportedRecipient
 from relaywatch.store.base import QueueQuery
 from relaywatch.store.sqlite import SqliteStore
 

@@ -363,7 +363,8 @@ def global_fields(notice: bytes, index: int) -> list:
 def test_ret_full_of_a_utf8_message_returns_it_as_message_global_exactly():
     import time
     from relaywatch.model import RecipientStatus
-    from relaywatch.notify.dsn import ReportedRecipient, build_ndr, returned_part
+    from relaywatch.notify.dsn import build_ndr
+    from relaywatch.notify.report import ReportedRecipient, returned_part
     original = "From: ünïcode@contoso.test\r\nSubject: Γειά\r\n\r\nκείμενο " .encode() + b"x" * 100 + b"\r\n"
     ndr = build_ndr(reporting_mta="relay.test", original_sender="ünïcode@contoso.test", original_headers=original,
                     original_message_id="<m@c.test>", received_at=time.time(), expires_at=time.time(),

@@ -1,4 +1,4 @@
-"""The notices the DSN parameters ask for (RFC 3461 with RFC 3464 reports): notify/dsn.py, pure.
+"""The notices the DSN parameters ask for (RFC 3461 with RFC 3464 reports): notify/notices.py (with notify/dsn.py and notify/report.py), pure.
 
 Which recipients a kind of notice is for (``requested``, ``success_owed``), what a
 notice returns of the original (RET), and the report fields ENVID and ORCPT
@@ -14,7 +14,8 @@ from relaywatch.config import QueueConfig
 from relaywatch.dsn_params import MessageDsn, RecipientDsn
 from relaywatch.model import (Entry, EntryStatus, Failure, Recipient, RecipientOutcome, RecipientStatus, Route,
                               RouteKind)
-from relaywatch.notify.dsn import FULL_RETURN_LIMIT, notices_for, owed_recipients, requested, success_owed
+from relaywatch.notify.notices import notices_for, owed_recipients, requested, success_owed
+from relaywatch.notify.report import FULL_RETURN_LIMIT
 
 POLICY = QueueConfig(message_expiration=1000.0, retry_intervals=(60.0,))
 SENDER_ROUTE = Route(RouteKind.LOCAL, "local")

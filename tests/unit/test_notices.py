@@ -1,4 +1,4 @@
-"""Which notices an attempt calls for, and building them (notify/dsn.notices_for): pure, no store."""
+"""Which notices an attempt calls for, and building them (notify/notices.notices_for): pure, no store."""
 
 import email
 import email.policy
@@ -8,7 +8,8 @@ import pytest
 from relaywatch.classify.retry import decide
 from relaywatch.config import QueueConfig
 from relaywatch.model import Entry, EntryStatus, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind
-from relaywatch.notify.dsn import ReportedRecipient, delay_notice_due, held_notice, notices_for, owed_recipients
+from relaywatch.notify.notices import delay_notice_due, held_notice, notices_for, owed_recipients
+from relaywatch.notify.report import ReportedRecipient
 
 POLICY = QueueConfig(message_expiration=1000.0, retry_intervals=(60.0,))
 SENDER_ROUTE = Route(RouteKind.LOCAL, "local")

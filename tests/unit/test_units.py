@@ -10,7 +10,8 @@ from flufl.bounce import scan_message
 from relaywatch.config import parse_config, parse_duration, parse_size
 from relaywatch.errors import ConfigError
 from relaywatch.model import Destination, Failure, RecipientOutcome, RecipientStatus, RouteKind
-from relaywatch.notify.dsn import ReportedRecipient, build_ndr
+from relaywatch.notify.dsn import build_ndr
+from relaywatch.notify.report import ReportedRecipient
 from relaywatch.route import decide
 from relaywatch.smtpclient.protocol import (
     DotStuffer, RemoteProtocolError, ReplyReader, mail_from, parse_ehlo, rcpt_to,
