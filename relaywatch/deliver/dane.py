@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 # RFC 8460 4.3 result types of a DANE failure (a missing STARTTLS is
-# mta_sts.result_type's starttls-not-supported, as under MTA-STS).
+# sts_policy.result_type's starttls-not-supported, as under MTA-STS).
 from relaywatch.tls_results import CERTIFICATE_EXPIRED, CERTIFICATE_HOST_MISMATCH, TLSA_INVALID, VALIDATION_FAILURE
 
 

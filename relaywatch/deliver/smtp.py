@@ -45,8 +45,9 @@ from typing import Callable
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.config import Config, Connector
 from relaywatch.deliver.dane import DanePolicy, Verdict, tlsa_hosts, tlsa_name, tlsa_wanted, verdict
-from relaywatch.deliver.mta_sts import MtaSts, StsPolicy, is_violation, mx_mismatch, result_type
+from relaywatch.deliver.mta_sts import MtaSts
 from relaywatch.deliver.resolver import AddressAnswer, DnsFailure, Resolver
+from relaywatch.deliver.sts_policy import StsPolicy, is_violation, mx_mismatch, result_type
 from relaywatch.deliver.tls import TlsPolicy
 from relaywatch.deliver.tls_report import opportunistic_result
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection

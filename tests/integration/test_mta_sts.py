@@ -13,9 +13,7 @@ import trustme
 from helpers import (LOOPBACK, DnsServer, LoopbackServer, RecordingHandler, Sink, eventually, first_error, free_port,
                      message)
 from relaywatch.classify.observation import Observation, Outcome, Phase
-from relaywatch.deliver.mta_sts import (
-    MAX_AGE_LIMIT, PolicyInvalid, mx_matches, parse_policy, parse_txt, result_type,
-)
+from relaywatch.deliver.sts_policy import MAX_AGE_LIMIT, PolicyInvalid, mx_matches, parse_policy, parse_txt, result_type
 
 pytestmark = pytest.mark.both_loops
 
