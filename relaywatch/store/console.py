@@ -12,10 +12,10 @@ from relaywatch.model import Entry
 from relaywatch.store import queries
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
-from relaywatch.store.queue import Q as QUEUE, _attach_recipients, _entry, read_entry
+from relaywatch.store.entry_rows import Q as QUEUE, attach_recipients, entry_from_row, read_entry
 
 Q = queries.load("console.sql")
-assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries as queue.py's _entry takes them"
+assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries as entry_rows.entry_from_row takes them"
 
 
 class SqlConsole:
@@ -50,9 +50,9 @@ class SqlConsole:
     async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
             where, args = _page_where(page, now, self.dialect.last_reply)
-            entries = [_entry(r, now) for r in conn.execute(Q["page_entries"].replace("{where}", where),
+            entries = [entry_from_row(r, now) for r in conn.execute(Q["page_entries"].replace("{where}", where),
                                                        (*args, page.limit))]
-            _attach_recipients(conn, entries, include_final=True)
+            attach_recipients(conn, entries, include_final=True)
             return entries
         return await self.engine.read(q)
 

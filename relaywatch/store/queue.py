@@ -19,16 +19,14 @@ import secrets
 import time
 from typing import Any, Callable, Sequence
 
-from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, RecipientDsn
+from relaywatch.dsn_params import NO_RECIPIENT_DSN
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
-from relaywatch.model import (
-    Attempt, Entry, EntryStatus, Failure, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route,
-    RouteKind, StoredBody,
-)
+from relaywatch.model import Attempt, Entry, NewMessage, Recipient, RecipientOutcome, RecipientStatus, Route, StoredBody
 from relaywatch.store import queries
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.engine import GroupCommitEngine
+from relaywatch.store.entry_rows import as_bytes, attach_bodies, attach_recipients, entry_from_row, read_entry
 
 Q = queries.load("queue.sql")
 
@@ -108,9 +106,9 @@ class SqlQueue:
             # Oldest first within the batch: RETURNING has no order of its own, and
             # PostgreSQL returns the rows as its join found them (SQLite happened to
             # keep the subquery's), so mail released at one moment went out shuffled.
-            entries = sorted((_entry(row, now) for row in rows), key=lambda e: (e.received_at, e.id))
-            _attach_recipients(conn, entries)
-            _attach_bodies(conn, entries)
+            entries = sorted((entry_from_row(row, now) for row in rows), key=lambda e: (e.received_at, e.id))
+            attach_recipients(conn, entries)
+            attach_bodies(conn, entries)
             return entries
         return await self.engine.write(op)
 
@@ -119,7 +117,7 @@ class SqlQueue:
             row = conn.execute(Q["body"], (body_id,)).fetchone()
             if row is None:
                 raise StoreError(f"message body {body_id} is missing from the store")
-            return StoredBody(size=row[2], data=_bytes(row[0]), path=row[1])
+            return StoredBody(size=row[2], data=as_bytes(row[0]), path=row[1])
         return await self.engine.read(q)
 
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
@@ -136,7 +134,7 @@ class SqlQueue:
                     return False   # recorded (delivered to all) before, or deleted
                 raise UnknownEntry(entry_id)
             lease_owner, lease_until = row[:2]
-            entry = _entry(row[2:], now)
+            entry = entry_from_row(row[2:], now)
             body_id, attempts, first_failure_at = entry.body_id, entry.attempts, entry.first_failure_at
             leased = lease_owner is not None and (lease_until or 0) > now
             if attempts_before is not None:
@@ -238,8 +236,8 @@ class SqlQueue:
                 where.append(Q["in_status_unleased"])
                 args += [query.status, now]
             sql = Q["list_entries"].replace("{where}", " WHERE " + " AND ".join(where) if where else "")
-            entries = [_entry(r, now) for r in conn.execute(sql, (*args, query.limit))]
-            _attach_recipients(conn, entries, include_final=True)
+            entries = [entry_from_row(r, now) for r in conn.execute(sql, (*args, query.limit))]
+            attach_recipients(conn, entries, include_final=True)
             return entries
         return await self.engine.read(q)
 
@@ -295,7 +293,7 @@ class SqlQueue:
             row = conn.execute(Q["entry"], (entry_id,)).fetchone()
             if row is None or not addresses:
                 return None
-            entry = _entry(row, now)
+            entry = entry_from_row(row, now)
             if entry.lease_owner is not None:
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
             moved = conn.execute(queries.in_list(Q["take_recipients"], len(addresses)),
@@ -319,22 +317,6 @@ class SqlQueue:
         if new:
             self._notify()
         return new
-
-
-def read_entry(conn: Any, entry_id: str, now: float) -> Entry | None:
-    """One entry with every recipient and its attempt history (leased if its lease runs past ``now``)."""
-    row = conn.execute(Q["entry"], (entry_id,)).fetchone()
-    if row is None:
-        return None
-    entry = _entry(row, now)
-    _attach_recipients(conn, [entry], include_final=True)
-    entry.history = [json.loads(data) for (data,) in conn.execute(Q["attempts_of"], (entry.id,))]
-    return entry
-
-
-def _bytes(data) -> bytes | None:
-    """BLOB (sqlite3: bytes) or BYTEA (psycopg: memoryview) as bytes."""
-    return None if data is None else bytes(data)
 
 
 def _insert_message(conn: Any, msg: NewMessage) -> list[str]:
@@ -374,45 +356,3 @@ def _select(selector: Selector) -> tuple[str, tuple]:
     if selector.connector:
         return Q["on_connector"], (selector.connector,)
     return queries.in_list(Q["id_in"], len(selector.ids)), tuple(i.upper() for i in selector.ids)
-
-
-def _entry(row: tuple, now: float) -> Entry:
-    (id_, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind,
-     route_name, route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner,
-     lease_until, delay_notified, notice_pending, helo, auth_user, dsn_ret, dsn_envid,
-     is_tls_report, utf8_headers) = row
-    leased = lease_owner is not None and (lease_until or 0) > now
-    return Entry(
-        id=id_, sender=sender, received_at=received_at, expires_at=expires_at,
-        status=EntryStatus.ACTIVE if leased else EntryStatus(status),
-        attempts=attempts, next_attempt_at=next_attempt_at,
-        route=Route(RouteKind(route_kind), route_name, route_domain), size=size,
-        message_id=message_id, body_id=body_id, client=client, is_dsn=bool(is_dsn),
-        dsn=MessageDsn(dsn_ret, dsn_envid) if dsn_ret or dsn_envid else NO_MESSAGE_DSN,
-        first_failure_at=first_failure_at, lease_owner=lease_owner if leased else None,
-        delay_notified=bool(delay_notified),
-        notice_pending=json.loads(notice_pending) if notice_pending else None, helo=helo, auth_user=auth_user,
-        is_tls_report=bool(is_tls_report), utf8_headers=bool(utf8_headers))
-
-
-def _attach_bodies(conn: Any, entries: list[Entry]) -> None:
-    if not entries:
-        return
-    ids = list({e.body_id for e in entries})
-    bodies = {id_: StoredBody(size=size, data=_bytes(data), path=path) for id_, data, path, size in conn.execute(
-        queries.in_list(Q["bodies_of"], len(ids)), ids)}
-    for e in entries:
-        e.body = bodies.get(e.body_id)
-
-
-def _attach_recipients(conn: Any, entries: list[Entry], include_final: bool = False) -> None:
-    if not entries:
-        return
-    by_id = {e.id: e for e in entries}
-    sql = queries.in_list(Q["recipients_of" if include_final else "waiting_recipients_of"], len(by_id))
-    for entry_id, position, address, status, last_error, notify, orcpt in conn.execute(sql, tuple(by_id)):
-        by_id[entry_id].recipients.append(Recipient(
-            address=address, status=RecipientStatus(status), position=position,
-            last_error=Failure.from_dict(json.loads(last_error)) if last_error else None,
-            dsn=RecipientDsn.from_stored(notify, orcpt)))
-

@@ -3,7 +3,7 @@
 -- its text; (?*) is an IN list and {where} / {row_lock} are filled in by the caller.
 
 -- entry_columns --
--- What every read of an entry returns, in the order queue._entry takes it.
+-- What every read of an entry returns, in the order entry_rows.entry_from_row takes it.
 id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, route_kind, route_name,
 route_domain, size, message_id, client, is_dsn, first_failure_at, lease_owner, lease_until, delay_notified,
 notice_pending, helo, auth_user, dsn_ret, dsn_envid, is_tls_report, utf8_headers

@@ -10,7 +10,8 @@ from relaywatch.model import EntryStatus, IncidentState, NotificationState, Reci
 from relaywatch.store import queries, schema
 
 STORE = Path(queries.__file__).parent
-SQL_FILES = {"queue.sql": STORE / "queue.py", "watch.sql": STORE / "watch.py"}
+# Each file and the modules that run its queries (entry_rows.py reads entries for queue.py).
+SQL_FILES = {"queue.sql": (STORE / "queue.py", STORE / "entry_rows.py"), "watch.sql": (STORE / "watch.py",)}
 # Queries of a file other modules run too, through its module (``traces.Q[...]``).
 SHARED_SQL = {"trace.sql": ("traces", (STORE / "queue.py", STORE / "console.py"))}
 
@@ -37,7 +38,7 @@ WHERE status IN ({EntryStatus.QUEUED}, {RecipientStatus.PENDING}) AND x IN (?*){
 @pytest.mark.parametrize("sql_file", sorted(SQL_FILES))
 def test_every_query_is_used_and_every_use_is_defined(sql_file):
     defined = set(queries.load(sql_file))
-    code = SQL_FILES[sql_file].read_text()
+    code = "\n".join(path.read_text() for path in SQL_FILES[sql_file])
     used = set(re.findall(r'(?<![\w.])Q\["([a-z_]+)"', code)) | {
         name for a, b in re.findall(r'Q\["([a-z_]+)" if \w+ else "([a-z_]+)"\]', code) for name in (a, b)}
     fragments = {n for n in defined if "{" + n + "}" in (STORE / sql_file).read_text()}
