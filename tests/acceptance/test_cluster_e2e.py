@@ -200,7 +200,9 @@ async def test_a_drained_node_answers_503_returns_its_leases_and_the_others_deli
     servers = []
     for i, d in enumerate(node_dirs(tmp_path, 2)):
         cfg = node_config(pg_dsn, f"n{i + 1}", hook, port)
-        cfg["server"]["shutdown_grace"] = "3s"
+        # The drain lasts the whole grace (the destination never greets): long enough that a
+        # loaded machine still sees the 503 inside it.
+        cfg["server"]["shutdown_grace"] = "10s"
         cfg["delivery"] = {"connect_timeout": "30s", "command_timeout": "30s"}
         servers.append(await Server(d, **cfg).start())
     n1, n2 = servers
@@ -215,7 +217,7 @@ async def test_a_drained_node_answers_503_returns_its_leases_and_the_others_deli
         console = await eventually(lambda: _console_url(n1), what="n1's console address")
         assert _get(console + "/readyz")[0] == 200
         drain = asyncio.create_task(n1.cli("node", "drain"))
-        status, body = await eventually(lambda: _not_ready(console), timeout=5, what="/readyz to answer 503")
+        status, body = await eventually(lambda: _not_ready(console), timeout=10, what="/readyz to answer 503")
         assert "draining" in body["checks"]["drain"]
         await drain
         assert n1.proc.wait(5) == 0
