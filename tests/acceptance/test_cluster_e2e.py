@@ -197,15 +197,16 @@ async def test_a_drained_node_answers_503_returns_its_leases_and_the_others_deli
         await asyncio.sleep(60)
     stuck = await Scripted(stall).start()
     port = stuck.port
-    servers = []
+    configs = []
     for i, d in enumerate(node_dirs(tmp_path, 2)):
         cfg = node_config(pg_dsn, f"n{i + 1}", hook, port)
         # The drain lasts the whole grace (the destination never greets): long enough that a
         # loaded machine still sees the 503 inside it.
         cfg["server"]["shutdown_grace"] = "10s"
         cfg["delivery"] = {"connect_timeout": "30s", "command_timeout": "30s"}
-        servers.append(await Server(d, **cfg).start())
-    n1, n2 = servers
+        configs.append((d, cfg))
+    n1 = await Server(configs[0][0], **configs[0][1]).start()
+    servers = [n1]
     store = PostgresStore(pg_dsn)
     await store.open()
     try:
@@ -214,6 +215,10 @@ async def test_a_drained_node_answers_503_returns_its_leases_and_the_others_deli
         async def n1_leases():
             return [e for e in await store.list(QueueQuery(limit=100)) if (e.lease_owner or "").startswith("n1:")]
         held = await eventually(n1_leases, what="n1 to lease some of the mail")
+        # n2 starts once n1 holds the mail: the commit's NOTIFY wakes every node at once, so a
+        # node already running could lease all of it first (as it did once in CI).
+        n2 = await Server(configs[1][0], **configs[1][1]).start()
+        servers.append(n2)
         console = await eventually(lambda: _console_url(n1), what="n1's console address")
         assert _get(console + "/readyz")[0] == 200
         drain = asyncio.create_task(n1.cli("node", "drain"))
