@@ -345,8 +345,11 @@ async def test_the_trace_page_follows_a_delivered_message_and_escapes_its_helo(r
         tab = await tab_factory(relay)
         await tab.goto("/")
         await tab.page.click("header nav >> text=Trace")
+        await tab.page.wait_for_url("**/trace")
         await tab.page.fill("input[name=q]", "<trace-page@client.test>")
         await tab.page.click("form.filters button[type=submit]")
+        # Reloading while the form's navigation is still in flight detaches the page (CI saw it once).
+        await tab.page.wait_for_url("**/trace?q=*")
 
         async def delivered():
             await tab.page.reload()
