@@ -107,6 +107,7 @@ class Scheduler:
         self.handover.report_previous(self.config_ref().server.node_name)
         while not self._stopping:
             config = self.config_ref()
+            pass_started = self.clock.monotonic()
             room = self._max_inflight() - self.inflight
             leased = []
             if room > 0:
@@ -131,8 +132,10 @@ class Scheduler:
                 await asyncio.sleep(0)
                 continue
             # Poll at least every second: operator commands from another process
-            # (queue retry, release) are seen within a second.
-            await self.clock.wait(self.wake, 1.0)
+            # (queue retry, release) are seen within a second. The second counts from
+            # when this pass leased: time that passed during the pass (a slow store, a
+            # clock that moved on) is not waited for again before mail due by then is leased.
+            await self.clock.wait(self.wake, max(1.0 - (self.clock.monotonic() - pass_started), 0.0))
 
     async def stop(self, grace: float) -> None:
         """Stop leasing; let deliveries finish within ``grace``; return the rest."""

@@ -495,7 +495,9 @@ def test_user_add_finds_the_users_file_in_the_config_and_config_check_accepts_it
     config = tmp_path / "relaywatch.toml"
     config.write_text(f'[server]\nusers_file = "users"\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
                       f'data_dir = "{tmp_path / "data"}"\nlisten = ["127.0.0.1:0"]\n'
-                      f'submission_listen = ["127.0.0.1:0"]\n')
+                      f'submission_listen = ["127.0.0.1:0"]\n'
+                      # config check tries the console's default port too: held by anything else, it fails
+                      '[http]\nlisten = "127.0.0.1:0"\n')
     runner = CliRunner()
     check = runner.invoke(cli_main, ["config", "check", "-c", str(config)])
     assert check.exit_code != 0 and "server.users_file: cannot read" in check.output     # not made yet
