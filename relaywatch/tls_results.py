@@ -53,7 +53,9 @@ class TlsResult:
 @dataclass(frozen=True)
 class TlsCount:
     """Sessions of one UTC day under one policy of one domain, with one result (the
-    stored aggregate; ``result_type`` "" counts successes, and then mx/ips are "")."""
+    stored aggregate; ``result_type`` "" counts successes, and then mx/ips are "").
+    ``detail`` is not part of the key: the latest failing session's ``TlsResult.detail``
+    (the report's ``failure-reason-code``, RFC 8460 4.4), "" for the successes."""
     day: str                           # YYYY-MM-DD, UTC
     policy_domain: str
     policy_type: str
@@ -63,6 +65,7 @@ class TlsCount:
     receiving_ip: str = ""
     sending_ip: str = ""
     count: int = 0
+    detail: str = ""
 
     @property
     def policy_key(self) -> str:

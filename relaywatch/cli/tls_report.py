@@ -54,6 +54,8 @@ def tls_report_show(config_path, day, as_json):
             for f in p.get("failure-details", []):
                 click.echo(f"    {f['failed-session-count']:>6}  {f['result-type']}  "
                            f"{f.get('receiving-mx-hostname', '-')}  {f.get('receiving-ip', '-')}")
+                if f.get("failure-reason-code"):
+                    click.echo(f"            {f['failure-reason-code']!r}")   # remote text: quoted, escaped
         report = d["report"]
         if report is None:
             click.echo("  report: not sent (yet)")

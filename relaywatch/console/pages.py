@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import time
 import urllib.parse
+from datetime import datetime, timedelta, timezone
 
 from relaywatch.config import Config
 
@@ -21,6 +22,7 @@ from relaywatch.console.http import Response
 from relaywatch.console.overview import FLOW_EVENTS, chart_svg_data, connector_rows
 from relaywatch.console.web_session import form
 
+TLS_REPORT_DAYS = 8           # the day selector's links: today and the seven before it
 FORECAST_HOURS = 6
 FORECAST_CAP = 10_000
 MESSAGE_ACTIONS = ("retry", "hold", "release", "bounce", "delete")
@@ -225,6 +227,23 @@ class NodePages:
         _, out = await self.call("nodes", {}, who)
         return self.page(200, "nodes.html", session, nodes=out["nodes"], leader_term=out["leader_term"],
                          lapse=out["lapse"])
+
+
+class TlsReportPages:
+    """TLS reporting (RFC 8460): one UTC day per policy domain, from ``GET /api/v1/tls-reports``
+    (views.tls_report_json, as ``tls-report show``). MX names, policy lines and failure
+    details come from the partner's DNS, policy server and MX: remote text, escaped."""
+
+    async def tls_reports_page(self, req, params, session, who) -> Response:
+        day = ((req.query.get("date") or [""])[0]).strip()
+        status, out = await self.call("tls_reports", {}, who, query={"date": day} if day else {})
+        today = datetime.now(timezone.utc).date()
+        days = [(today - timedelta(days=n)).isoformat() for n in range(TLS_REPORT_DAYS)]
+        if status != 200:
+            return self.page(status, "tls_reports.html", session, day=day, days=days, domains=[],
+                             error=out.get("error"), enabled=self.app.config.tls_reporting.enabled)
+        return self.page(200, "tls_reports.html", session, day=out["day"], days=days, domains=out["domains"],
+                         error=None, enabled=self.app.config.tls_reporting.enabled)
 
 
 def notified_to(config: Config, channel: str) -> str:

@@ -46,7 +46,7 @@ from relaywatch.console.auth import authenticate, token_name
 from relaywatch.console.http import Request, Response
 from relaywatch.console.overview import HISTORY_STEP, FlowHistory, ago, flow_counts
 from relaywatch.console.pages import (AuditPages, ConnectorPages, IncidentPages, NodePages, OverviewPages, QueuePages,
-                                      TracePages, notified_to)
+                                      TlsReportPages, TracePages, notified_to)
 from relaywatch.console.router import Route, match
 from relaywatch.console.web_session import SESSION_SECONDS, Session, Sessions, cookie_header, form, redirect, safe_next
 
@@ -72,6 +72,7 @@ PAGES = (
     Route("GET", "/audit", "audit", "The audit log"),
     Route("GET", "/trace", "trace_page", "The message trace, by queue id or Message-ID"),
     Route("GET", "/nodes", "nodes_page", "The nodes sharing the queue"),
+    Route("GET", "/tls-reports", "tls_reports_page", "TLS reporting: a day's sessions per policy domain"),
 )
 
 
@@ -80,7 +81,8 @@ def is_page(path: str) -> bool:
     return not path.startswith("/api/") and path not in ("/metrics", "/healthz", "/readyz")
 
 
-class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages, TracePages, NodePages):
+class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages, TracePages, NodePages,
+          TlsReportPages):
     """Dispatch (sessions, CSRF, login), rendering, and the API called in-process; the pages are its bases."""
 
     def __init__(self, console):

@@ -50,7 +50,8 @@ class TlsTally:
     microsecond); the TlsCount rows are made only when the watch takes them."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple, int] = {}      # TlsCount's fields but count -> count
+        self._counts: dict[tuple, int] = {}      # TlsCount's key fields -> count
+        self._details: dict[tuple, str] = {}     # the same key -> the latest failure's detail
         self._day = (-1, "")                     # (day number, its name): one strftime a day
 
     def add(self, result: TlsResult) -> None:
@@ -62,6 +63,7 @@ class TlsTally:
         else:
             key = (self._day[1], result.policy_domain, result.policy_type, result.policy_strings,
                    result.result_type, result.mx_host or "", result.receiving_ip or "", result.sending_ip or "")
+            self._details[key] = result.detail
         self._counts[key] = self._counts.get(key, 0) + 1
 
     def put_back(self, rows: Iterable[TlsCount]) -> None:
@@ -70,6 +72,8 @@ class TlsTally:
             key = (r.day, r.policy_domain, r.policy_type, r.policy_strings, r.result_type, r.mx_host,
                    r.receiving_ip, r.sending_ip)
             self._counts[key] = self._counts.get(key, 0) + r.count
+            if r.detail:
+                self._details.setdefault(key, r.detail)    # a detail counted since is newer
 
     @property
     def pending(self) -> int:
@@ -78,7 +82,8 @@ class TlsTally:
 
     def take(self) -> list[TlsCount]:
         counts, self._counts = self._counts, {}
-        return [TlsCount(*key, count=n) for key, n in counts.items()]
+        details, self._details = self._details, {}
+        return [TlsCount(*key, count=n, detail=details.get(key, "")) for key, n in counts.items()]
 
 
 def opportunistic_result(domain: str, host: str, ip: str | None, sending_ip: str | None, encrypted: bool,

@@ -4,7 +4,8 @@
   URIs (``mailto:`` and ``https:``), or none (RFC 8460 3).
 - ``report``: one day's stored counts of one policy domain -> the JSON
   report (4.4): a ``policies`` entry per policy, its summary, and
-  ``failure-details`` by result type, our address, MX and its address.
+  ``failure-details`` by result type, our address, MX and its address,
+  with the latest such failure's detail as ``failure-reason-code``.
 - ``report_file``: the gzipped JSON and its file name (5.3).
 - ``report_message``: the mail for a ``mailto:`` destination (5.3): a
   multipart/report of type tlsrpt with the gzip as application/tlsrpt+gzip,
@@ -98,7 +99,8 @@ def policies(counts: list[TlsCount]) -> list[dict]:
             **({"sending-mta-ip": c.sending_ip} if c.sending_ip else {}),
             **({"receiving-mx-hostname": c.mx_host} if c.mx_host else {}),
             **({"receiving-ip": c.receiving_ip} if c.receiving_ip else {}),
-            "failed-session-count": c.count})
+            "failed-session-count": c.count,
+            **({"failure-reason-code": c.detail} if c.detail else {})})
     out = []
     for group in groups.values():
         details = sorted(group.pop("failure-details"),

@@ -24,7 +24,8 @@ class MemoryTlsReports:
         self._check()
         for r in rows:
             held = self._tls_counts.get(r.key())
-            self._tls_counts[r.key()] = replace(r, count=r.count + (held.count if held else 0))
+            self._tls_counts[r.key()] = replace(r, count=r.count + (held.count if held else 0),
+                                                detail=r.detail or (held.detail if held else ""))
 
     async def tls_counts(self, day: str) -> list[TlsCount]:
         self._check()

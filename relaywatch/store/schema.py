@@ -201,6 +201,7 @@ CREATE TABLE IF NOT EXISTS tls_counts (
     sending_ip    TEXT NOT NULL,
     policy_string TEXT NOT NULL,    -- JSON list of the policy's lines
     count         {BIGINT} NOT NULL,
+    detail        TEXT NOT NULL DEFAULT '',  -- the latest failure's TlsResult.detail (not a key)
     PRIMARY KEY (day, policy_domain, policy_type, policy_key, result_type, mx_host, receiving_ip, sending_ip)
 ){WITHOUT_ROWID};
 CREATE TABLE IF NOT EXISTS tls_reports (
@@ -308,8 +309,10 @@ MIGRATIONS = [
     # without it (NULL); the console's domain filter reads those rows by their address.
     ("recipients", "domain", "TEXT", "UPDATE recipients SET domain = "
      "lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))"),
+    # A node of the previous version adds counts without it: '' until a newer node's tick sets it.
+    ("tls_counts", "detail", "TEXT NOT NULL DEFAULT ''", _NOTHING),
 ]
-MIGRATED_TABLES = ("entries", "recipients")
+MIGRATED_TABLES = ("entries", "recipients", "tls_counts")
 
 
 def render(dialect: str) -> str:

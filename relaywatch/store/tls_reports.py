@@ -22,7 +22,7 @@ class SqlTlsReports:
         if rows:
             await self.engine.write(lambda conn, cleanup: conn.executemany(Q["add_tls_count"], [
                 (*r.key()[:3], r.policy_key, r.result_type, r.mx_host, r.receiving_ip, r.sending_ip,
-                 json.dumps(list(r.policy_strings)), r.count) for r in rows]))
+                 json.dumps(list(r.policy_strings)), r.count, r.detail) for r in rows]))
 
     async def tls_counts(self, day: str) -> list[TlsCount]:
         return await self.engine.read(lambda conn: [count_from_row(r) for r in conn.execute(
@@ -61,9 +61,9 @@ class SqlTlsReports:
 # -- the row mapping, shared with the memory store (store/memory_tls_reports.py) --------------
 
 def count_from_row(row: Any) -> TlsCount:
-    day, domain, policy_type, policy_string, result_type, mx, ip, sending, count = row
+    day, domain, policy_type, policy_string, result_type, mx, ip, sending, count, detail = row
     return TlsCount(day, domain, policy_type, tuple(json.loads(policy_string)), result_type, mx, ip, sending,
-                    int(count))
+                    int(count), detail)
 
 
 def report_from_row(row: Any) -> dict:

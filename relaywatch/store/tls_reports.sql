@@ -1,13 +1,15 @@
 -- add_tls_count --
 -- One tick's count of one report key, added to the day's (watch/monitor.py flushes the tally).
+-- The detail is the latest failure's: a tick's, or the stored one when the tick has none.
 INSERT INTO tls_counts (day, policy_domain, policy_type, policy_key, result_type, mx_host, receiving_ip,
-sending_ip, policy_string, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+sending_ip, policy_string, count, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, policy_domain, policy_type, policy_key, result_type, mx_host, receiving_ip, sending_ip)
-DO UPDATE SET count = tls_counts.count + excluded.count
+DO UPDATE SET count = tls_counts.count + excluded.count,
+detail = CASE WHEN excluded.detail = '' THEN tls_counts.detail ELSE excluded.detail END
 
 -- tls_counts --
 -- A day's counts, every policy domain, for its reports and the CLI.
-SELECT day, policy_domain, policy_type, policy_string, result_type, mx_host, receiving_ip, sending_ip, count
+SELECT day, policy_domain, policy_type, policy_string, result_type, mx_host, receiving_ip, sending_ip, count, detail
 FROM tls_counts WHERE day = ? ORDER BY policy_domain, policy_type, result_type, mx_host, receiving_ip, sending_ip
 
 -- claim_tls_report --

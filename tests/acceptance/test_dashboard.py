@@ -416,6 +416,81 @@ async def test_the_nodes_page_lists_this_node_leading(relay_factory, tab_factory
     assert "alive" in row and relay.app.config.server.node_name in row
 
 
+async def test_the_tls_reports_page_shows_a_day_of_policy_sessions_and_the_report_sent(relay_factory, tab_factory,
+                                                                                     tmp_path):
+    """A real MTA-STS world on loopback (DNS, the policy over HTTPS with a test CA, the MX):
+    one session under the policy, then a policy whose mx line is hostile markup (its
+    rejection's reason quotes it: remote text), the report mailed the day after; the page
+    shows what the API says, the hostile line as text."""
+    import time
+    import trustme
+    from tests.integration.test_mta_sts import DOMAIN, MX, World, policy_text
+    from relaywatch.deliver.tls_report import utc_day
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    world = await World(tmp_path, ca, relay_factory).start(policy=policy_text())
+    world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = ['"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"']
+    reports = await Sink().start()
+    try:
+        relay = await world.start_relay(
+            alerts={"evaluate_interval": "0.1s"},
+            tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
+                           "submitter": "relay.contoso.test"},
+            connectors=[{"name": "reports", "type": "partner", "domains": ["reports.test"],
+                         "smart_hosts": [f"{LOOPBACK}:{reports.port}"], "tls": "none"}])
+        monitor = relay.app.monitor     # the sessions happen yesterday (UTC), so that its report goes out now
+        relay.app.routes.mta_sts.clock = monitor.tls_reports.clock = lambda: time.time() - 86400
+        day = utc_day(time.time() - 86400)
+        await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
+        await eventually(lambda: len(world.mx.messages) == 1, what="the first delivery, under the policy")
+        world.policy.body = policy_text(mx=(EVIL_SCRIPT + EVIL_IMG,)).encode()
+        world.set_txt("2")      # a new policy id: fetched again, refused; the cached policy stays in force
+        await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("two"))
+        await eventually(lambda: len(world.mx.messages) == 2, what="the second delivery, under the cached policy")
+
+        async def counted():
+            counts = await relay.store.tls_counts(day)
+            return counts if sum(c.count for c in counts) == 3 else None
+        await eventually(counted, what="the sessions and the refused fetch in the store")
+        monitor.tls_reports.clock = time.time
+        await eventually(lambda: reports.messages, what="the day's report mailed")
+
+        async def sent():
+            [report] = await relay.store.tls_reports(day)
+            return report if report["outcome"] else None
+        await eventually(sent, what="the report's outcome recorded")
+        api = await relay.cli_json("tls-report", "show", "--date", day)
+
+        tab = await tab_factory(relay)
+        await tab.goto("/")
+        await tab.page.click("header nav >> text=TLS reports")
+        await tab.page.wait_for_url("**/tls-reports")
+        assert "No TLS sessions" in await tab.text()            # today: nothing yet
+        await tab.page.click(f"form.filters a[href='/tls-reports?date={day}']")    # the day selector
+        await tab.page.wait_for_url(f"**/tls-reports?date={day}")
+        section = tab.page.locator(f"section.tls-domain[data-domain='{DOMAIN}']")
+        [policy] = api["domains"][0]["policies"]
+        row = await section.locator("table.tls-policies tr[data-policy-type=sts]").inner_text()
+        assert row.split("\t")[:3] == ["sts", "2", "1"]        # two sessions met the policy, one fetch failed
+        assert [policy["summary"]["total-successful-session-count"],
+                policy["summary"]["total-failure-session-count"]] == [2, 1]
+        assert f"mx: {MX}" in row and "mode: enforce" in row
+        failure = await section.locator("table.tls-failures tr[data-result-type=sts-policy-invalid]").inner_text()
+        [detail] = policy["failure-details"]
+        assert detail["result-type"] == "sts-policy-invalid" and EVIL_SCRIPT in detail["failure-reason-code"]
+        assert EVIL_SCRIPT in failure and EVIL_IMG in failure and "could not be fetched" in failure
+        report = await section.locator("table.tls-report-sent").inner_text()
+        assert "mailto:tlsrpt@reports.test" in report and "queued " in report
+        assert api["domains"][0]["report"]["report_id"] in report
+        assert await tab.page.locator("img").count() == 0 and await tab.page.locator("main script").count() == 0
+        assert tab.dialogs == []
+        await tab.goto("/tls-reports?date=yesterday")
+        assert "not a day such as" in await tab.text(".error")
+    finally:
+        await reports.stop()
+        await world.stop()
+
+
 # -- access ---------------------------------------------------------------------------------------------
 
 async def test_a_post_without_the_csrf_token_is_refused(relay_factory, tab_factory):

@@ -250,6 +250,30 @@ async def test_a_queue_from_before_the_waiting_column_is_migrated(sql_store, tmp
     assert [tuple(r) for r in summary_source] == [(2,)]
 
 
+async def test_tls_counts_from_before_the_detail_column_are_migrated_and_read_without_one(sql_store, tmp_path,
+                                                                                          request):
+    """tls_counts.detail (the report's failure-reason-code) came later: opening adds it, old rows read ''."""
+    from relaywatch.tls_results import TlsCount
+    old = TlsCount("2026-11-30", "partner.test", "sts", ("mode: enforce",), "validation-failure", "mx.p.test",
+                   "127.0.0.2", "127.0.0.1", 1)
+    await sql_store.add_tls_counts([old])
+    await sql_store.close()
+    if sql_store.backend == "sqlite":
+        import sqlite3
+        conn = sqlite3.connect(tmp_path / "q.sqlite3")
+        conn.execute("ALTER TABLE tls_counts DROP COLUMN detail")
+        conn.commit()
+    else:
+        import psycopg
+        conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
+        conn.execute("ALTER TABLE tls_counts DROP COLUMN detail")
+    conn.close()
+    await sql_store.open()
+    assert await sql_store.tls_counts("2026-11-30") == [old]
+    await sql_store.add_tls_counts([TlsCount(**{**old.__dict__, "detail": "no TLSA record matches"})])
+    [row] = await sql_store.tls_counts("2026-11-30")
+    assert (row.count, row.detail) == (2, "no TLSA record matches")
+
 async def test_the_delivery_marks_of_an_entry_are_kept_through_lease_and_reroute(store):
     """is_tls_report (our RFC 8460 report) and utf8_headers (RFC 6532 headers) stay with the entry."""
     from dataclasses import replace

@@ -427,6 +427,11 @@ async def test_tls_counts_add_up_per_day_and_key_and_a_report_is_claimed_once(st
                                                     TlsCount(**{**bad.__dict__, "count": 2})]
     assert await store.tls_counts("2026-12-01") == [other_day]
     assert await store.tls_counts("2026-11-29") == []
+    # The detail is the latest failure's, not a key: a tick without one keeps the stored one.
+    await store.add_tls_counts([TlsCount(**{**bad.__dict__, "detail": "mx names another host"})])
+    await store.add_tls_counts([bad])
+    assert [c.detail for c in await store.tls_counts("2026-11-30")] == ["", "mx names another host"]
+    assert (await store.tls_counts("2026-11-30"))[1].count == 4
     assert await store.claim_tls_report("2026-11-30", "partner.test", "r1", 10.0) is True
     assert await store.claim_tls_report("2026-11-30", "partner.test", "r1", 11.0) is False   # another node
     await store.finish_tls_report("2026-11-30", "partner.test", {"mailto:tlsrpt@partner.test": "queued X"})

@@ -230,7 +230,9 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
         assert policy["summary"] == {"total-successful-session-count": 1, "total-failure-session-count": 1}
         assert policy["failure-details"] == [{
             "result-type": "certificate-host-mismatch", "sending-mta-ip": LOOPBACK,
-            "receiving-mx-hostname": MX2, "receiving-ip": LOOPBACK, "failed-session-count": 1}]
+            "receiving-mx-hostname": MX2, "receiving-ip": LOOPBACK, "failed-session-count": 1,
+            "failure-reason-code": f"the session with {MX2} does not meet the policy (certificate-host-mismatch); "
+                                   "the message was not sent there"}]
 
         # Sent once: another node (a reporter of its own on the same store) finds it claimed.
         other = TlsReporter(monitor.config_ref, relay.store, relay.app.resolver, time.time)
