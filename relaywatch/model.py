@@ -308,6 +308,10 @@ class Entry:
             "size": self.size,
             "ret": self.dsn.ret,
             "envid": self.dsn.envid,
+            "is_dsn": self.is_dsn,
+            "is_tls_report": self.is_tls_report,
+            "utf8_headers": self.utf8_headers,
+            "smtputf8": self.needs_smtputf8 or self.utf8_headers,
             "recipients": [
                 {"address": r.address, "status": r.status.value,
                  "last_error": failure_json(r.last_error),

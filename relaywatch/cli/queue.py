@@ -151,6 +151,19 @@ def _domain_for_people(domain: str) -> str:
     return shown if shown == domain else f"{shown} = {domain}"
 
 
+def _marks(e: Entry) -> list[str]:
+    """What the entry is, beyond its envelope: the flags MESSAGE has (docs/json.md), in words."""
+    marks = []
+    if e.is_dsn:
+        marks.append("a delivery status notice of ours (null sender, never bounced)")
+    if e.is_tls_report:
+        marks.append("our TLS report (RFC 8460): opportunistic TLS, the rua domain's MTA-STS/DANE not applied")
+    if e.needs_smtputf8 or e.utf8_headers:
+        why = ", ".join(w for w, on in (("a UTF-8 address", e.needs_smtputf8), ("UTF-8 headers", e.utf8_headers)) if on)
+        marks.append(f"needs SMTPUTF8 ({why}): a destination without it fails it (RFC 6531)")
+    return marks
+
+
 def _print_entry(e: Entry, config: Config) -> None:
     now = time.time()
     click.echo(f"Message {e.id}  ({e.status.value})")
@@ -165,6 +178,9 @@ def _print_entry(e: Entry, config: Config) -> None:
     click.echo(f"  Attempts:    {e.attempts}" + (f", failing since {iso(e.first_failure_at)}" if e.first_failure_at else ""))
     if e.dsn:
         click.echo(f"  DSN:        {mail_params(e.dsn)}")     # as the client sent them (RFC 3461)
+    marks = _marks(e)
+    if marks:
+        click.echo(f"  Marks:       {'; '.join(marks)}")
     click.echo("  Recipients:")
     for r in e.recipients:
         click.echo(f"    {address_to_unicode(r.address)}  {r.status.value}{rcpt_params(r.dsn)}")

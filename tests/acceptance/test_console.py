@@ -91,6 +91,33 @@ async def test_the_api_and_the_cli_agree_field_for_field(relay_factory):
         assert config == await relay.cli_json("config", "show")
 
 
+async def test_queue_show_and_the_api_agree_on_what_an_entry_is(relay_factory):
+    """The stored marks (a notice of ours, our TLS report, UTF-8 headers, a UTF-8 address)
+    in MESSAGE, the same in ``queue show --json`` and the API, and in words in ``queue show``."""
+    import time
+    from relaywatch.notify.tls_report import report, report_message
+    relay = await relay_factory(connectors=partner(free_port()), queue={"retry_intervals": ["1h"]})
+    await relay.send("alice@contoso.test", ["δοκιμή@partner.test"], message("Γειά"), mail_options=["SMTPUTF8"])
+    await relay.send("alice@contoso.test", ["plain@partner.test"], message("plain"), mail_options=["RET=HDRS"])
+    data = report([], "2026-11-30", "partner.test", "Contoso", "mailto:tls@contoso.test", "relay.contoso.test")
+    data["policies"] = [{"policy": {"policy-type": "no-policy-found", "policy-string": [],
+                                    "policy-domain": "partner.test"}}]
+    await relay.store.enqueue(report_message(relay.app.config, data, ["mailto:tlsrpt@partner.test"], time.time()))
+    listed = await deferred(relay, 3)
+    by_rcpt = {m["recipients"][0]["address"]: m for m in listed}
+    marks = {a: (m["is_dsn"], m["is_tls_report"], m["utf8_headers"], m["smtputf8"]) for a, m in by_rcpt.items()}
+    assert marks == {"δοκιμή@partner.test": (False, False, True, True), "plain@partner.test": (False, False, False, False),
+                     "tlsrpt@partner.test": (False, True, False, False)}
+    assert by_rcpt["plain@partner.test"]["ret"] == "HDRS"
+    async with client(relay) as http:
+        for m in listed:
+            assert (await http.get(f"/api/v1/queue/{m['id']}")).json() == await relay.show(m["id"])
+    utf8 = (await relay.cli("queue", "show", by_rcpt["δοκιμή@partner.test"]["id"])).output
+    assert "needs SMTPUTF8 (a UTF-8 address, UTF-8 headers)" in utf8
+    tls = (await relay.cli("queue", "show", by_rcpt["tlsrpt@partner.test"]["id"])).output
+    assert "our TLS report (RFC 8460)" in tls
+    assert "Marks:" not in (await relay.cli("queue", "show", by_rcpt["plain@partner.test"]["id"])).output
+
 async def test_queue_filters_and_pages(relay_factory):
     relay, listed = await stuck_relay(relay_factory, n=5)
     ids = sorted(m["id"] for m in listed)
