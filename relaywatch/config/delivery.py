@@ -10,8 +10,8 @@ from typing import Any
 from relaywatch.config.model import DeliveryConfig, DnsConfig, MtaStsConfig, QueueConfig
 from relaywatch.config.pem import pem_problem
 from relaywatch.config.values import (
-    Reader, boolean, choice, durations, file_keys, hostport_list, port_number, positive_duration, positive_int,
-    string)
+    Reader, boolean, choice, durations, file_keys, hostport_list, parse_size, port_number, positive_duration,
+    positive_int, string)
 
 DELIVERY_DANE = ("off", "on")                    # delivery.dane (the internet route)
 
@@ -24,7 +24,20 @@ def parse_queue(r: Reader, q: dict) -> QueueConfig:
         retry_intervals=r.get(q, "retry_intervals", "queue", durations, d.retry_intervals),
         lease_time=r.get(q, "lease_time", "queue", positive_duration, d.lease_time),
         trace_retention=r.get(q, "trace_retention", "queue", _retention, d.trace_retention),
+        ndr_return_limit=r.get(q, "ndr_return_limit", "queue", _return_limit, d.ndr_return_limit),
     )
+
+
+NDR_RETURN_CAP = 16 * 1024 * 1024   # the NDR is built in memory, the original in it: bounded as the notice is
+
+
+def _return_limit(value: Any) -> int:
+    """A size up to NDR_RETURN_CAP: how much of an original RET=FULL returns."""
+    size = parse_size(value)
+    if size > NDR_RETURN_CAP:
+        raise ValueError(f"{value!r} is more than the 16MiB an NDR may carry (a notice is built in memory; "
+                         f"larger originals return their headers)")
+    return size
 
 
 def _retention(value: Any) -> float:

@@ -75,6 +75,8 @@ class QueueConfig:
     retry_intervals: tuple[float, ...] = (60.0, 300.0, 600.0, 900.0, 1800.0, 3600.0)
     lease_time: float = 600.0
     trace_retention: float = 7 * 86400.0   # a message that left the queue can be traced this long; 0 = off
+    # RET=FULL: an NDR returns the whole original up to this size, else its headers (notify/report.py).
+    ndr_return_limit: int = 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from relaywatch.deliver.connector import DeliveryResult, Observed
 from relaywatch.model import Attempt, Destination, Entry, Failure, RecipientOutcome, RecipientStatus, StoredBody
 from relaywatch.notify.notices import (Notices, delay_notice_due, held_notice, notices_for, owed_recipients, requested,
                                        success_owed)
-from relaywatch.notify.report import FULL_RETURN_LIMIT, ReportedRecipient
+from relaywatch.notify.report import ReportedRecipient
 from relaywatch.route import decide as decide_route
 from relaywatch.store.base import QueueStore
 from relaywatch.store.pending import PendingOutcomes, PendingRecord
@@ -146,12 +146,13 @@ async def _notices(store: QueueStore, config: Config, entry: Entry, decision: Re
                     body = await store.read_body(entry.body_id)
                 with body.open() as f:
                     # RET=FULL: one octet more than is returned says the original is too big for it.
-                    headers = f.read(FULL_RETURN_LIMIT + 1 if owed and entry.dsn.ret == "FULL" else HEADERS_READ)
+                    limit = config.queue.ndr_return_limit
+                    headers = f.read(max(limit + 1, HEADERS_READ) if owed and entry.dsn.ret == "FULL" else HEADERS_READ)
         except Exception as exc:   # noqa: BLE001 - the notices that needed it fail, the record goes on
             headers = exc
     return notices_for(entry, decision, headers, owed=owed, delay=delay_due, ndr_headers=with_headers, route=route,
                        reporting_mta=config.server.hostname, expiration=config.queue.message_expiration, now=now,
-                       succeeded=succeeded)
+                       return_limit=config.queue.ndr_return_limit, succeeded=succeeded)
 
 
 def _notice_failed(config: Config, entry: Entry, owed: list[ReportedRecipient], exc: Exception,

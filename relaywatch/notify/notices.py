@@ -87,7 +87,7 @@ class Notices:
 
 def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exception, *,
                 owed: list[ReportedRecipient], delay: bool, ndr_headers: bool, route: Route | None,
-                reporting_mta: str, expiration: float, now: float,
+                reporting_mta: str, expiration: float, now: float, return_limit: int,
                 succeeded: list[RecipientOutcome] = ()) -> Notices:
     """The notices an attempt calls for, ready to queue with the null sender:
     an NDR about ``owed`` (never for a message from <>), a delay notice about
@@ -95,7 +95,7 @@ def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exceptio
     success notice about ``succeeded`` (``success_owed``).
 
     ``headers`` is the start of the original (64 KiB are plenty; for RET=FULL
-    up to ``FULL_RETURN_LIMIT`` + 1 octets), or why it could not be read;
+    up to ``return_limit`` (queue.ndr_return_limit) + 1 octets), or why it could not be read;
     ``ndr_headers=False`` builds the NDR without them (a held-back NDR given up
     on its headers, classify/retry.notice_given_up).  ``route`` is the
     sender's (None: no mailbox here, so no notice)."""
@@ -106,7 +106,7 @@ def notices_for(entry: Entry, decision: RetryDecision, headers: bytes | Exceptio
         out.ndr, out.ndr_error = _notice(entry, headers, route, ndr_headers, expiration, now, lambda head: build_ndr(
             **common, original_headers=header_block(head), expires_at=decision.expires_at,
             first_failure_at=entry.first_failure_at, attempts=decision.attempts, recipients=owed,
-            returned=returned_part(head, entry.dsn.ret, is_international(entry.sender, owed))
+            returned=returned_part(head, entry.dsn.ret, is_international(entry.sender, owed), limit=return_limit)
             if head else None))
         out.unroutable += out.ndr is None and out.ndr_error is None
     delayed = requested(entry, decision.delayed, "DELAY") if delay else []

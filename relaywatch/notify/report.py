@@ -24,7 +24,7 @@ original's bytes:
   UTF-8 recipient is ``Final-Recipient: utf-8; <utf-8-addr-xtext>`` (§3).
 - what an NDR returns follows the sender's RET (RFC 3461): RET=FULL the whole
   message as ``message/rfc822`` when it is 7-bit and at most
-  ``FULL_RETURN_LIMIT`` octets, else the headers; RET=HDRS and no RET the
+  ``queue.ndr_return_limit`` octets, else the headers; RET=HDRS and no RET the
   headers.  ENVID and ORCPT come back as ``Original-Envelope-Id`` and
   ``Original-Recipient``.
 - SMTPUTF8: a notice to a UTF-8 sender has UTF-8 headers (RFC 6532: ``To:``
@@ -54,9 +54,9 @@ from email.parser import BytesHeaderParser
 
 from relaywatch.model import Failure, RecipientStatus
 
-# RET=FULL returns at most this much of the original (Postfix's bounce_size_limit is 50 kB);
-# a bigger one, or one with 8-bit content (a notice is 7-bit), returns its headers.
-FULL_RETURN_LIMIT = 64 * 1024
+# RET=FULL returns at most ``limit`` octets of the original: queue.ndr_return_limit, 64 KiB by
+# default (Postfix's bounce_size_limit is 50 kB); a bigger one, or one with 8-bit content (a
+# notice is 7-bit), returns its headers.
 
 
 @dataclass(frozen=True)
@@ -155,17 +155,18 @@ def _diagnostic(f: Failure | None) -> str:
     return f"smtp; {f.smtp_code} {f.code} {f.title}: {f.detail}"
 
 
-def returned_part(original: bytes, ret: str | None, international: bool = False) -> Message:
+def returned_part(original: bytes, ret: str | None, international: bool = False, *, limit: int) -> Message:
     """What a notice returns of the original: all of it for RET=FULL when it fits
-    (7-bit, lines of at most 998 octets, ``FULL_RETURN_LIMIT``), else its header section;
-    for an ``international`` notice message/global (UTF-8 allowed) and message/global-headers."""
+    (7-bit, lines of at most 998 octets, ``limit`` octets: queue.ndr_return_limit), else its
+    header section; for an ``international`` notice message/global (UTF-8 allowed) and
+    message/global-headers."""
     if international:
-        if ret == "FULL" and len(original) <= FULL_RETURN_LIMIT and _is_utf8(original):
+        if ret == "FULL" and len(original) <= limit and _is_utf8(original):
             return _global_part("message/global", "The message", original)
         head = header_block(original)
         return _global_part("message/global-headers", "Headers of the message", head) if _is_utf8(head) else \
             headers_part(head)
-    if ret == "FULL" and len(original) <= FULL_RETURN_LIMIT:
+    if ret == "FULL" and len(original) <= limit:
         lines = original.split(b"\r\n")
         if all(len(line) <= 998 and not _NOT_7BIT_TEXT.search(line) for line in lines):
             part = Message()
@@ -234,7 +235,7 @@ def build_report(*, subject_prefix: str, fallback_subject: str, text: str, actio
     if international:
         fields = "\r\n".join("".join(f"{k}: {v}\r\n" for k, v in b.items()) for b in blocks)
         msg.attach(_global_part("message/global-delivery-status", "Delivery report", fields.encode()))
-        msg.attach(returned if returned is not None else returned_part(original_headers, None, True))
+        msg.attach(returned if returned is not None else returned_part(original_headers, None, True, limit=0))
         return msg.as_bytes(policy=_SMTP_POLICY if original_sender.isascii() else _SMTPUTF8_POLICY)
     status_part = Message()
     status_part["Content-Type"] = "message/delivery-status"

@@ -155,6 +155,22 @@ async def test_notify_failure_with_ret_full_returns_the_whole_message(relay_fact
         await sink.stop()
 
 
+async def test_ret_full_of_a_message_over_queue_ndr_return_limit_returns_its_headers(relay_factory):
+    sink = await Sink(SinkHandler(rcpt_reply=lambda a: "550 5.1.1 No such user"), dsn=True).start()
+    try:
+        relay = await relay_factory(connectors=[connector(sink.port)], queue={"ndr_return_limit": "1KiB"})
+        await smtplib_send(relay, "alice@contoso.test", ["ghost@fabrikam.test"],
+                           message("too big to return", ("x" * 76 + "\r\n") * 20), mail_options=["RET=FULL"])
+        await smtplib_send(relay, "alice@contoso.test", ["ghost@fabrikam.test"],
+                           message("small enough", "the whole body\r\n"), mail_options=["RET=FULL"])
+        ndrs = await eventually(lambda: len(relay.maildir("alice@contoso.test")) == 2 and
+                                relay.maildir("alice@contoso.test"), what="the two NDRs")
+    finally:
+        await sink.stop()
+    returned = {str(report(n)[0]["Subject"]): report(n)[3].get_content_type() for n in ndrs}
+    assert returned == {"Undeliverable: too big to return": "text/rfc822-headers",
+                        "Undeliverable: small enough": "message/rfc822"}
+
 @pytest.mark.parametrize("notify, notices", [("NOTIFY=DELAY", 1), ("NOTIFY=FAILURE", 0), ("NOTIFY=SUCCESS,DELAY", 1)])
 async def test_notify_delay_to_a_destination_that_defers_gets_one_delay_notice(relay_factory, notify, notices):
     # On the test's clock: an attempt a second, every one deferred; the notice is due from 2 s on.

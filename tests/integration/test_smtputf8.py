@@ -371,7 +371,7 @@ def test_ret_full_of_a_utf8_message_returns_it_as_message_global_exactly():
                     first_failure_at=None, attempts=1, now=time.time(),
                     recipients=[ReportedRecipient(GREEK.replace("παράδειγμα.test", A_LABEL), RecipientStatus.FAILED,
                                                   None)],
-                    returned=returned_part(original, "FULL", True))
+                    returned=returned_part(original, "FULL", True, limit=64 * 1024))
     parts = email.message_from_bytes(ndr, policy=policy.default).get_payload()
     assert [p.get_content_type() for p in parts] == ["text/plain", "message/global-delivery-status", "message/global"]
     assert parts[2]["Content-Transfer-Encoding"] == "quoted-printable"

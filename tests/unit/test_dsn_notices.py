@@ -15,9 +15,9 @@ from relaywatch.dsn_params import MessageDsn, RecipientDsn
 from relaywatch.model import (Entry, EntryStatus, Failure, Recipient, RecipientOutcome, RecipientStatus, Route,
                               RouteKind)
 from relaywatch.notify.notices import notices_for, owed_recipients, requested, success_owed
-from relaywatch.notify.report import FULL_RETURN_LIMIT
 
 POLICY = QueueConfig(message_expiration=1000.0, retry_intervals=(60.0,))
+FULL_RETURN_LIMIT = POLICY.ndr_return_limit   # queue.ndr_return_limit's default, 64 KiB
 SENDER_ROUTE = Route(RouteKind.LOCAL, "local")
 REFUSED = Failure("4.4.316", 450, "Connection refused", "refused", "x", "connect", False, 5.0, "connect.refused")
 UNKNOWN = Failure("5.1.1", 550, "No such user", None, "x", "rcpt", True, 5.0, "recipient.not_found")
@@ -42,12 +42,12 @@ def entry(dsn=MessageDsn(), route=Route(RouteKind.INTERNET, "internet"), sender=
                  recipients=[Recipient(f"{name}@x.test", dsn=d, position=i) for i, (name, d) in enumerate(rcpts.items())])
 
 
-def build(e, outcomes, headers=ORIGINAL, delay=False):
+def build(e, outcomes, headers=ORIGINAL, delay=False, return_limit=FULL_RETURN_LIMIT):
     """What deliver/record.py does with an attempt: the requested notices, built."""
     d = decide(e, outcomes, POLICY, 100.0)
     owed = owed_recipients(e, requested(e, d.bounced, "FAILURE"))
     return notices_for(e, d, headers, owed=owed, delay=delay, ndr_headers=True, route=SENDER_ROUTE,
-                       reporting_mta="relay.test", expiration=1000.0, now=100.0,
+                       reporting_mta="relay.test", expiration=1000.0, now=100.0, return_limit=return_limit,
                        succeeded=success_owed(e, d.outcomes))
 
 
@@ -154,3 +154,16 @@ def test_ret_decides_what_an_ndr_returns(ret, original, full):
     else:
         assert returned.get_content_type() == "text/rfc822-headers"
         assert "Subject: the original" in returned.get_content() and b"the body" not in n.ndr.body.data
+
+
+@pytest.mark.parametrize("limit, original, full", [
+    (len(ORIGINAL), ORIGINAL, True),                  # queue.ndr_return_limit: up to it, all of it
+    (len(ORIGINAL) - 1, ORIGINAL, False),             # one octet over: the headers
+    (16 * 1024 * 1024, ORIGINAL + (b"x" * 76 + b"\r\n") * 1000, True),   # 78 KB: more than the default returns
+])
+def test_ret_full_returns_up_to_the_configured_limit(limit, original, full):
+    e = entry(MessageDsn("FULL"), bob=RecipientDsn())
+    n = build(e, [RecipientOutcome("bob@x.test", F, UNKNOWN)], headers=original[:limit + 1], return_limit=limit)
+    _, _, _, returned = parse_report(n.ndr.body.data)
+    assert returned.get_content_type() == ("message/rfc822" if full else "text/rfc822-headers")
+    assert (original in n.ndr.body.data) is full

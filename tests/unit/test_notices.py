@@ -28,7 +28,8 @@ def build(e, outcomes, headers=HEAD, delay=False, ndr_headers=True, route=SENDER
     d = decide(e, outcomes, POLICY, 100.0)
     owed = owed_recipients(e, d.bounced)
     return notices_for(e, d, headers, owed=owed, delay=delay, ndr_headers=ndr_headers, route=route,
-                       reporting_mta="relay.test", expiration=1000.0, now=100.0)
+                       reporting_mta="relay.test", expiration=1000.0, now=100.0,
+                       return_limit=POLICY.ndr_return_limit)
 
 
 def parts(message):
