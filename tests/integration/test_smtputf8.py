@@ -146,6 +146,67 @@ async def test_a_utf8_address_reaches_a_destination_that_offers_smtputf8_exactly
     assert b"with UTF8SMTP" in got.content and f"for <δοκιμή@{A_LABEL}>".encode() in got.content, received[:3]
 
 
+def _utf8_email(to: str = GREEK):
+    from email.message import EmailMessage
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "alice@contoso.test", to, "Γειά σου"
+    msg["Message-ID"] = "<utf8-aiosmtplib@contoso.test>"
+    msg.set_content("κείμενο\n")
+    return msg
+
+
+async def _aiosmtplib_send(relay, msg) -> str:
+    """A second, independent client: aiosmtplib sees SMTPUTF8 offered and adds it itself
+    for a UTF-8 address (send_message), writing the headers as UTF-8 (RFC 6532)."""
+    import aiosmtplib
+    client = aiosmtplib.SMTP(hostname=LOOPBACK, port=relay.port, start_tls=False, timeout=10)
+    await client.connect()
+    try:
+        await client.ehlo(hostname="client.test")
+        assert client.supports_extension("smtputf8")
+        refused, reply = await client.send_message(msg)
+        assert refused == {} and reply.startswith("2.0.0 Queued as"), (refused, reply)
+    finally:
+        await client.quit()
+    from aiosmtplib.email import flatten_message
+    return flatten_message(msg, utf8=True, cte_type="8bit")
+
+
+async def test_aiosmtplib_sends_a_utf8_address_and_headers_that_arrive_exactly(relay_factory):
+    sink = await Sink(smtputf8=True).start()
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, "παράδειγμα.test"))
+        sent = await _aiosmtplib_send(relay, _utf8_email())
+        await eventually(lambda: sink.messages, what="the delivery")
+    finally:
+        await sink.stop()
+    [got] = sink.messages
+    assert got.recipients == [GREEK] and got.sender == "alice@contoso.test"
+    assert "SMTPUTF8" in got.mail_options
+    assert "Subject: Γειά σου".encode() in sent and f"To: {GREEK}".encode() in sent      # UTF-8, not RFC 2047
+    assert got.content.endswith(sent.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))   # after our Received
+
+
+async def test_aiosmtplib_to_a_destination_without_smtputf8_gets_the_rfc_6531_failure_and_an_ndr(relay_factory):
+    sink = await Sink().start()      # aiosmtpd without SMTPUTF8
+    try:
+        relay = await relay_factory(connectors=connector(sink.port, "παράδειγμα.test"))
+        await _aiosmtplib_send(relay, _utf8_email())
+        [ndr] = await eventually(lambda: relay.maildir("alice@contoso.test"), what="the NDR")
+    finally:
+        await sink.stop()
+    assert sink.messages == []
+    parsed = email.message_from_bytes(ndr, policy=policy.default)
+    assert parsed.get_param("report-type") == "global-delivery-status"
+    human = parsed.get_payload()[0].get_content()
+    assert GREEK in human and "does not offer SMTPUTF8" in human and "5.6.7" in human
+    _per_message, per_rcpt = global_fields(ndr, 1)
+    assert (per_rcpt["Status"], per_rcpt["Action"]) == ("5.6.7", "failed")
+    assert per_rcpt["Final-Recipient"] == f"utf-8; δοκιμή@{A_LABEL}"       # never mangled
+    assert per_rcpt["Diagnostic-Code"].startswith("smtp; 553 5.6.7 ")
+    [returned] = global_fields(ndr, 2)
+    assert returned["Subject"] == "Γειά σου" and returned["To"] == GREEK
+
 async def test_an_ascii_envelope_with_an_idn_goes_as_a_labels_without_smtputf8(relay_factory):
     sink = await Sink().start()      # aiosmtpd without SMTPUTF8
     try:
