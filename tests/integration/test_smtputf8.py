@@ -1,7 +1,8 @@
 """SMTPUTF8 (RFC 6531/6532/6533): UTF-8 local parts and IDN domains, end to end.
 
 Tables for the pure parts (relaywatch.idn, route.normalize, the client's MAIL
-line); real sockets for the rest: smtplib with SMTPUTF8 in, aiosmtpd out
+line); real sockets for the rest: smtplib and aiosmtplib (a second, independent
+client) with SMTPUTF8 in, aiosmtpd out
 (with and without SMTPUTF8), the loopback DNS server for the MX route.  Every
 socket test runs on asyncio's loop and on uvloop."""
 
