@@ -113,28 +113,32 @@ class DanePolicy:
                 "usable": [r.text() for r in self.usable]}
 
 
-def tlsa_wanted(mode: str, mx_secure: bool, host_secure: bool) -> str | None:
+def tlsa_wanted(mode: str, mx_secure: bool, host_secure: bool, alias_secure: bool = False) -> str | None:
     """None when the TLSA records of the host are to be looked up; else why DANE does not apply.
 
     RFC 7672 2.2: TLSA records are only as trustworthy as the names that led
-    to them, so the MX answer (for mail by MX) and the host's address answer
-    must both be DNSSEC-validated."""
+    to them, so the MX answer (for mail by MX) must be DNSSEC-validated, and
+    the host's address answer too, unless the host is an alias whose own CNAME
+    record is (``alias_secure``): a validated alias into an unsigned zone
+    still has the MX name as its TLSA base domain (RFC 7672 2.2.2, tlsa_hosts)."""
     if mode == "off":
         return "DANE is off"
     if not mx_secure:
         return "the MX answer is not DNSSEC-validated (no AD bit)"
-    if not host_secure:
+    if not host_secure and not alias_secure:
         return "the host's address answer is not DNSSEC-validated (no AD bit)"
     return None
 
 
 def tlsa_hosts(host: str, canonical: str, expansion_secure: bool) -> tuple[str, ...]:
-    """The host names whose TLSA records are asked for, in order (RFC 7672 2.2.3).
+    """The host names whose TLSA records are asked for, in order: the TLSA base
+    domains of RFC 7672 2.2.2 (and 2.2.3 for an MX host).
 
     An MX host that is an alias (CNAME) with a DNSSEC-validated expansion: the
     final target's records first, then the MX name's; these names are also the
     reference identifiers of a DANE-TA certificate.  An insecure expansion says
-    nothing trustworthy about the target: only the MX name as the MX record names it."""
+    nothing trustworthy about the target: only the MX name as the MX record
+    names it (its TLSA records apply when its own CNAME is validated, tlsa_wanted)."""
     host, canonical = host.lower().rstrip("."), canonical.lower().rstrip(".")
     if canonical == host or not expansion_secure:
         return (host,)

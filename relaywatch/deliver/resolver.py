@@ -164,6 +164,14 @@ class Resolver:
         return TlsaAnswer(tuple(TlsaRecord(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset),
                           _secure(answer)), float(answer.rrset.ttl)
 
+    async def alias_secure(self, host: str) -> bool:
+        """Is ``host`` an alias whose own CNAME record is DNSSEC-validated?  Asked
+        when the address answer through the chain is not: a CNAME query is
+        answered by the alias's record alone, not its (maybe unsigned) target's.
+        Raises DnsFailure when the lookup fails."""
+        answer = await self._query(host, "CNAME", domain_level=False)
+        return answer is not None and answer.rrset is not None and _secure(answer)
+
     async def txt(self, name: str) -> list[str]:
         """The TXT strings of ``name`` (each record's strings joined), [] for none
         (NXDOMAIN or NODATA); raises DnsFailure when the lookup itself fails."""

@@ -167,9 +167,15 @@ class SmtpRoutes:
         """What DANE says for ``target``; raises DnsFailure when a TLSA lookup times out.
 
         An alias with a secure expansion: the target name's TLSA records, else the
-        MX name's (RFC 7672 2.2.3); a DANE-TA certificate may carry either name."""
+        MX name's (RFC 7672 2.2.2/2.2.3); a DANE-TA certificate may carry either name.
+        An alias with an insecure expansion (a target in an unsigned zone): the MX
+        name's, when its own CNAME record is validated."""
         mode = "off" if tls_report else self.dane_mode(route)
-        skipped = tlsa_wanted(mode, target.mx_secure, addresses.secure)
+        alias = (addresses.canonical or target.host).lower().rstrip(".") != target.host.lower().rstrip(".")
+        # One more query, only then; a failure of it fails this host, as a TLSA lookup's would.
+        alias_secure = (mode != "off" and target.mx_secure and alias and not addresses.secure
+                        and await self.resolver.alias_secure(target.host))
+        skipped = tlsa_wanted(mode, target.mx_secure, addresses.secure, alias_secure)
         if mode == "off" or skipped is not None:
             return verdict(mode, target.host, target.port, None, skipped=skipped)
         hosts = tlsa_hosts(target.host, addresses.canonical or target.host, addresses.secure)

@@ -94,15 +94,18 @@ def test_usable_records(record, usable):
     assert record.usable is usable
 
 
-@pytest.mark.parametrize("mode, mx_secure, host_secure, looked_up", [
-    ("on", True, True, True),
-    ("required", True, True, True),
-    ("off", True, True, False),
-    ("on", False, True, False),     # a forged MX could lead to anyone's TLSA records
-    ("on", True, False, False),
+@pytest.mark.parametrize("mode, mx_secure, host_secure, alias_secure, looked_up", [
+    ("on", True, True, False, True),
+    ("required", True, True, False, True),
+    ("off", True, True, False, False),
+    ("on", False, True, False, False),     # a forged MX could lead to anyone's TLSA records
+    ("on", True, False, False, False),     # an unsigned host, or an alias whose own CNAME is not validated
+    ("on", True, False, True, True),       # RFC 7672 2.2.2: a validated alias into an unsigned zone
+    ("on", False, False, True, False),
+    ("off", True, False, True, False),
 ])
-def test_tlsa_is_looked_up_only_behind_secure_answers(mode, mx_secure, host_secure, looked_up):
-    assert (tlsa_wanted(mode, mx_secure, host_secure) is None) is looked_up
+def test_tlsa_is_looked_up_only_behind_secure_answers(mode, mx_secure, host_secure, alias_secure, looked_up):
+    assert (tlsa_wanted(mode, mx_secure, host_secure, alias_secure) is None) is looked_up
 
 
 @pytest.mark.parametrize("canonical, expansion_secure, hosts", [
@@ -423,7 +426,7 @@ async def test_dane_ta_2_0_1_with_a_test_ca(world, tmp_path, name, delivers):
     assert mail_from_alice(world) == []
 
 
-# -- an MX host that is an alias (RFC 7672 2.2.3) ----------------------------------------------
+# -- an MX host that is an alias (RFC 7672 2.2.2, 2.2.3) ----------------------------------------
 
 async def test_the_tlsa_records_of_an_alias_target_apply(world, tmp_path):
     cert, key = self_signed(ALIAS)
@@ -456,16 +459,37 @@ async def test_without_records_at_the_target_the_mx_names_apply_and_dane_ta_take
     assert world.dns.queries.index((world.alias_tlsa_name, "TLSA")) < world.dns.queries.index((world.tlsa_name, "TLSA"))
 
 
-async def test_an_insecure_alias_delivers_as_before(world, tmp_path):
+@pytest.mark.parametrize("unsigned, mx_record, expected", [
+    # The target's zone is not signed, the MX name's CNAME is: the MX name is the TLSA base
+    # domain (RFC 7672 2.2.2), its records apply, the target's are never asked.
+    ({ALIAS}, "other", "dane_tlsa_mismatch"),
+    ({ALIAS}, "cert", "delivered under DANE"),
+    # The MX name's own CNAME is not validated either: nothing trustworthy leads to any TLSA.
+    ({ALIAS, MX}, "other", "delivered as before"),
+])
+async def test_an_alias_into_an_unsigned_zone_keeps_the_mx_name_as_its_tlsa_base_domain(
+        world, tmp_path, unsigned, mx_record, expected):
     cert, key = self_signed(ALIAS)
     other, _ = self_signed(ALIAS)
-    await world.start(alias_records=[tlsa(3, 1, 1, other)], records=[tlsa(3, 1, 1, other)],
+    await world.start(alias_records=[tlsa(3, 1, 1, other)],
+                      records=[tlsa(3, 1, 1, cert if mx_record == "cert" else other)],
                       tls_context=server_context(tmp_path, cert, key))
-    world.dns.secure -= {ALIAS}                                      # the target's zone is not signed
+    world.dns.secure -= unsigned
     relay = await world.start_relay()
     await send(relay)
-    await delivered_under_tls(world)
-    assert world.results == [] and (world.alias_tlsa_name, "TLSA") not in world.dns.queries
+    if expected == "dane_tlsa_mismatch":
+        error = await first_error(relay)
+        assert (error["subtype"], error["dane"]["tlsa_name"], error["dane"]["mx_host"]) == (
+            "dane_tlsa_mismatch", world.tlsa_name, MX)
+        assert mail_from_alice(world) == []
+    else:
+        await delivered_under_tls(world)
+    if expected == "delivered as before":
+        assert world.results == [] and not [q for q in world.dns.queries if q[1] == "TLSA"]
+    else:
+        assert [r.result_type is None for r in world.results] == [expected == "delivered under DANE"]
+        assert (MX, "CNAME") in world.dns.queries and (world.tlsa_name, "TLSA") in world.dns.queries
+    assert (world.alias_tlsa_name, "TLSA") not in world.dns.queries
 
 
 # -- PKIX usages, bogus answers, connectors ----------------------------------------------------------
