@@ -255,6 +255,7 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
         assert domain["report"]["report_id"] == report_id
         table = (await relay.cli("tls-report", "show", "--date", day)).output
         assert "certificate-host-mismatch" in table and MX2 in table and "sent (HTTP 200)" in table
+        assert f"'the session with {MX2} does not meet the policy (certificate-host-mismatch)" in table
     finally:
         await receiver.stop()
         await reports.stop()
