@@ -46,6 +46,7 @@ _BY_WATCH_CODE = {k.code: k for k in _WATCH_KINDS}
 
 
 class IncidentState(enum.StrEnum):
+    """An incident is open until its condition ends (the store's ``incidents.state``)."""
     OPEN = "open"
     RESOLVED = "resolved"
 

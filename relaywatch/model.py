@@ -47,12 +47,6 @@ class RecipientStatus(str, enum.Enum):
         return self in (RecipientStatus.DELIVERED, RecipientStatus.FAILED, RecipientStatus.EXPIRED)
 
 
-class IncidentState(str, enum.Enum):
-    """A watch incident (incident.py Incident) is open until its condition ends."""
-    OPEN = "open"
-    RESOLVED = "resolved"
-
-
 class NotificationState(str, enum.Enum):
     """One notification of an incident's transition (watch/alerts.py)."""
     PENDING = "pending"      # to be sent at next_try

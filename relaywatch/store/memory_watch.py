@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Sequence
 
-from relaywatch.incident import Incident, IncidentRecord
-from relaywatch.model import IncidentState, NotificationState
+from relaywatch.incident import Incident, IncidentRecord, IncidentState
+from relaywatch.model import NotificationState
 from relaywatch.store.watch import incident_of, incident_row, notification_state
 
 

@@ -25,7 +25,8 @@ import re
 from pathlib import Path
 from typing import Any, ContextManager
 
-from relaywatch.model import EntryStatus, IncidentState, NotificationState, RecipientStatus
+from relaywatch.incident import IncidentState
+from relaywatch.model import EntryStatus, NotificationState, RecipientStatus
 
 ENUMS = {e.__name__: e for e in (EntryStatus, RecipientStatus, IncidentState, NotificationState)}
 

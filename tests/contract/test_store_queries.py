@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relaywatch.model import EntryStatus, IncidentState, NotificationState, RecipientStatus
+from relaywatch.incident import IncidentState
+from relaywatch.model import EntryStatus, NotificationState, RecipientStatus
 from relaywatch.store import queries, schema
 
 STORE = Path(queries.__file__).parent
