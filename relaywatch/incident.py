@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from relaywatch.model import FAILURE_FORMAT, Failure
 from relaywatch.incident_facts import (CertificateFacts, KindFacts, NodeFacts, NoticeFacts, QuotaFacts,
                                            StoreFacts)
+from relaywatch.watch_records import AuditRecord, Notification
 
 
 class IncidentKind(enum.StrEnum):
@@ -331,10 +332,10 @@ class IncidentRecord:
     """One incident as ``store.incident`` reads it: with the notifications sent of it and the
     Fix-now audit records made on it (``incidents show --json``, the API's incident)."""
     incident: Incident
-    notifications: tuple[Mapping[str, Any], ...] = ()   # transition, channel, state, attempts, last_error, sent_at
-    audit: tuple[Mapping[str, Any], ...] = ()           # id, at, who, action, detail, undone_at
+    notifications: tuple[Notification, ...] = ()
+    audit: tuple[AuditRecord, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The documented shape (docs/json.md): the incident's, with ``notifications`` and ``audit``."""
-        return {**self.incident.to_dict(), "notifications": [dict(n) for n in self.notifications],
-                "audit": [dict(a) for a in self.audit]}
+        return {**self.incident.to_dict(), "notifications": [n.to_dict() for n in self.notifications],
+                "audit": [a.to_dict() for a in self.audit]}

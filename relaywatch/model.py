@@ -47,13 +47,6 @@ class RecipientStatus(str, enum.Enum):
         return self in (RecipientStatus.DELIVERED, RecipientStatus.FAILED, RecipientStatus.EXPIRED)
 
 
-class NotificationState(str, enum.Enum):
-    """One notification of an incident's transition (watch/alerts.py)."""
-    PENDING = "pending"      # to be sent at next_try
-    SENT = "sent"
-    FAILED = "failed"        # gave up
-
-
 class RouteKind(str, enum.Enum):
     CONNECTOR = "connector"  # a configured [[connectors]] entry
     LOCAL = "local"          # a Maildir under data_dir

@@ -8,7 +8,7 @@ the store (or a probe) returned; no I/O here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from relaywatch.classify import catalog
 from relaywatch.cluster.decisions import Timing, alive, leader_now
@@ -18,6 +18,7 @@ from relaywatch.model import Entry, iso
 from relaywatch.tls_results import TlsCount
 from relaywatch.notify.tls_report import policies
 from relaywatch.incident import Incident, IncidentRecord, ProbeResult
+from relaywatch.watch_records import AuditRecord, LastGood, Override, OverrideKey
 
 INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
                   "first_expires_at")
@@ -64,12 +65,12 @@ def incident_list_json(incidents: list[Incident]) -> dict[str, Any]:
     return {"incidents": [incident_json(i) for i in incidents]}
 
 
-def config_json(config: Config, effective: Config, overrides: dict[str, dict]) -> dict[str, Any]:
+def config_json(config: Config, effective: Config, overrides: Mapping[OverrideKey, Override]) -> dict[str, Any]:
     """The running configuration, overrides marked (``config show --json``)."""
     return {
         "source": str(config.source),
-        "overrides": {k: {"value": v["value"], "set_at": iso(v["set_at"]), "incident_id": v["incident_id"]}
-                      for k, v in overrides.items()},
+        "overrides": {str(k): {"value": o.value, "set_at": iso(o.set_at), "incident_id": o.incident_id}
+                      for k, o in overrides.items()},
         "domains": [{"name": d.name, "type": d.type, "mailboxes": sorted(d.mailboxes)} for d in effective.domains],
         "connectors": [{"name": c.name, "type": c.type, "domains": list(c.domains), "enabled": c.enabled,
                         "paused": c.paused, "smart_hosts": [f"{h}:{p}" for h, p in c.smart_hosts],
@@ -85,7 +86,8 @@ def connector_state(enabled: bool, paused: bool, open_incidents: int) -> str:
     return "incident open" if open_incidents else "healthy"
 
 
-def connectors_json(effective: Config, open_incidents: list[Incident], last_good: dict[str, dict]) -> dict[str, Any]:
+def connectors_json(effective: Config, open_incidents: list[Incident],
+                    last_good: Mapping[str, LastGood]) -> dict[str, Any]:
     """CONNECTOR list (``GET /api/v1/connectors``): state and the last good delivery."""
     out = []
     for c in effective.connectors:
@@ -95,13 +97,13 @@ def connectors_json(effective: Config, open_incidents: list[Incident], last_good
                     "state": connector_state(c.enabled, c.paused, len(mine)),
                     "enabled": c.enabled, "paused": c.paused,
                     "open_incidents": [i.id for i in mine],
-                    "last_good_delivery": iso(good["at"]) if good else None})
+                    "last_good_delivery": iso(good.at) if good else None})
     return {"connectors": out}
 
 
-def audit_json(a: dict) -> dict[str, Any]:
+def audit_json(a: AuditRecord) -> dict[str, Any]:
     """One audit record (``GET /api/v1/audit``; ``incidents show`` has an incident's own)."""
-    return dict(a, at=iso(a["at"]), undone_at=iso(a["undone_at"]) if a.get("undone_at") else None)
+    return dict(a.to_dict(with_incident=True), at=iso(a.at), undone_at=iso(a.undone_at) if a.undone_at else None)
 
 
 def tls_report_json(day: str, counts: list[TlsCount], reports: list[dict]) -> dict[str, Any]:

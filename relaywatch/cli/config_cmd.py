@@ -11,6 +11,7 @@ from relaywatch import views
 from relaywatch.cli.common import config_option, echo_json, fail_config, read_config, with_store
 from relaywatch.config import Config, format_hostport
 from relaywatch.model import iso
+from relaywatch.watch_records import Setting
 
 
 @click.group("config")
@@ -87,7 +88,8 @@ def effective_config(config: Config):
     from relaywatch.config import apply_overrides
 
     async def run(store):
-        return apply_overrides(config, await store.overrides()), await store.overrides()
+        overrides = await store.overrides()
+        return apply_overrides(config, overrides), overrides
     return run
 
 
@@ -106,17 +108,17 @@ def config_show(config_path, as_json):
         return
     click.echo(f"# {config.source}" + (" with overrides from Fix now actions" if overrides else ""))
 
-    def mark(key: str) -> str:
-        o = overrides.get(key)
-        return f"   # override since {iso(o['set_at'])} (incident {o['incident_id']}; undo: relaywatch incidents undo {o['incident_id']})" if o else ""
+    def mark(setting: Setting, name: str) -> str:
+        o = overrides.get(setting.of(name))
+        return f"   # override since {iso(o.set_at)} (incident {o.incident_id}; undo: relaywatch incidents undo {o.incident_id})" if o else ""
     for d in effective.domains:
-        click.echo(f"domain {d.name}: {d.type}{mark(f'domain:{d.name}:type')}; mailboxes {', '.join(sorted(d.mailboxes)) or '-'}")
+        click.echo(f"domain {d.name}: {d.type}{mark(Setting.DOMAIN_TYPE, d.name)}; mailboxes {', '.join(sorted(d.mailboxes)) or '-'}")
     for c in effective.connectors:
         hosts = ", ".join(f"{h}:{p}" for h, p in c.smart_hosts) or "MX"
         click.echo(f"connector {c.name} ({c.type}) -> {hosts}; domains {', '.join(c.domains)}; tls {c.tls}/{c.tls_verify}")
-        click.echo(f"  enabled = {str(c.enabled).lower()}{mark(f'connector:{c.name}:enabled')}")
-        if c.paused or f"connector:{c.name}:paused" in overrides:
-            click.echo(f"  paused = {str(c.paused).lower()}{mark(f'connector:{c.name}:paused')}")
+        click.echo(f"  enabled = {str(c.enabled).lower()}{mark(Setting.CONNECTOR_ENABLED, c.name)}")
+        if c.paused or Setting.CONNECTOR_PAUSED.of(c.name) in overrides:
+            click.echo(f"  paused = {str(c.paused).lower()}{mark(Setting.CONNECTOR_PAUSED, c.name)}")
     for s in effective.dkim:
         subs = " and its subdomains" if s.sub_domains else ""
         click.echo(f"dkim {s.domain}{subs}: s={s.selector} {s.algorithm} ({s.key.bits} bits), c={s.canonicalization}, "

@@ -11,6 +11,7 @@ from relaywatch.cli.common import (age, config_option, echo_json, fail, operator
                                    wake_server, with_store)
 from relaywatch.model import iso
 from relaywatch.incident import IncidentRecord, Severity
+from relaywatch.watch_records import NotificationState
 
 
 @click.group()
@@ -72,11 +73,11 @@ def incidents_show(config_path, incident_id, as_json):
         click.echo(f"Last probe ({iso(inc.probe.at)}): {'passed' if inc.probe.ok else 'failed'}")
         print_steps([s.to_dict() for s in inc.probe.steps])
     for n in found.notifications:
-        click.echo(f"Notified {n['transition']} by {n['channel']}: {n['state']}"
-                   + (f" at {iso(n['sent_at'])}" if n["sent_at"] else "")
-                   + (f" (last error: {n['last_error']})" if n["last_error"] and n["state"] != "sent" else ""))
+        click.echo(f"Notified {n.transition} by {n.channel}: {n.state.value}"
+                   + (f" at {iso(n.sent_at)}" if n.sent_at else "")
+                   + (f" (last error: {n.last_error})" if n.last_error and n.state is not NotificationState.SENT else ""))
     for a in found.audit:
-        click.echo(f"Action {a['action']} by {a['who']} at {iso(a['at'])}" + (" (undone)" if a["undone_at"] else ""))
+        click.echo(f"Action {a.action} by {a.who} at {iso(a.at)}" + (" (undone)" if a.undone_at else ""))
 
 
 @incidents.command("fix")

@@ -19,6 +19,7 @@ import logging
 from typing import Awaitable, Callable
 
 from relaywatch.config import Config, apply_overrides, load_config
+from relaywatch.watch_records import Override, OverrideKey
 from relaywatch.errors import ConfigError
 from relaywatch.store.base import Selector
 
@@ -31,7 +32,7 @@ OVERRIDES_POLL = 2.0
 class RunningConfig:
     def __init__(self, file_config: Config):
         self.file = file_config                   # as read from the file
-        self.overrides: dict[str, dict] = {}      # as read from the store
+        self.overrides: dict[OverrideKey, Override] = {}   # as read from the store
         self._current = file_config
         self._overrides_seen: object = None       # the store's overrides version applied
         self._subscribers: list[Subscriber] = []

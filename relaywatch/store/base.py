@@ -15,12 +15,13 @@ its last recipient as delivered, or queues the NDR that tells the sender.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from relaywatch.cluster.model import LeaderLease, NodeBeat
 from relaywatch.incident import BacklogSummary, Incident, IncidentRecord
 from relaywatch.model import Attempt, Entry, NewMessage, RecipientOutcome, Route, StoredBody
 from relaywatch.tls_results import TlsCount
+from relaywatch.watch_records import AuditRecord, DueNotification, HeldNotice, LastGood, Override, OverrideKey
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,17 @@ class QueueStore(Protocol):
 
 class WatchStore(Protocol):
     """The mail-flow watch's state: deferred mail by cause, incidents and their
-    notifications, Fix-now overrides with their audit trail.  Incidents and backlog
-    summaries go in and out as the kernel's dataclasses (incident.py); the stores map
-    them to rows in one place (store/watch.py ``incident_row``/``incident_of``/``summary``)."""
+    notifications, Fix-now overrides with their audit trail.  All of it goes in and out
+    as the kernel's frozen dataclasses (incident.py, watch_records.py); the stores map
+    them to rows in one place (store/watch_rows.py).  What stays JSON is a document:
+    a notification's payload, an audit record's detail."""
 
     async def deferred_summary(self) -> list[BacklogSummary]:
         """Deferred mail grouped by (connector, last code): messages, recipients
         still waiting, oldest received, first expiry, first failure, latest error
         and the destinations tried."""
 
-    async def held_notices(self, limit: int = 20) -> list[dict[str, Any]]:
+    async def held_notices(self, limit: int = 20) -> list[HeldNotice]:
         """Entries whose NDR could not be built yet, latest retry first."""
 
     async def entry_ids(self, connector: str, code: str | None = None, status: str = "deferred") -> list[str]:
@@ -177,22 +179,29 @@ class WatchStore(Protocol):
                                        attempts: int, sent_at: float | None, last_error: str | None) -> None:
         """Record a notification tried before the store could be written (sent when ``sent_at``)."""
 
-    async def due_notifications(self, now: float) -> list[dict[str, Any]]: ...
+    async def due_notifications(self, now: float) -> list[DueNotification]: ...
     async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
                                   retry_at: float | None) -> None:
         """Sent; or failed, to be tried again at ``retry_at`` (None: given up)."""
 
-    async def set_last_good(self, connector: str, at: float, facts: dict) -> None: ...
-    async def last_good(self) -> dict[str, dict]: ...
-    async def overrides(self) -> dict[str, dict]: ...
+    async def set_last_good(self, good: LastGood) -> None: ...
+    async def last_good(self) -> dict[str, LastGood]:
+        """Each connector's last good delivery, by connector."""
+
+    async def overrides(self) -> dict[OverrideKey, Override]:
+        """The overrides in force (keys this version does not know are left out)."""
+
     async def overrides_version(self) -> tuple:
         """Changes whenever the overrides change (cheap to poll)."""
 
     async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
-                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+                        set_overrides: Mapping[OverrideKey, Any], clear_overrides: Sequence[OverrideKey],
+                        now: float) -> int:
         """Change overrides and write the audit record in one transaction; the audit id."""
 
-    async def last_undoable(self, incident_id: int) -> dict | None: ...
+    async def last_undoable(self, incident_id: int) -> AuditRecord | None:
+        """The incident's latest action not undone and not itself an undo."""
+
     async def mark_undone(self, audit_id: int, now: float) -> None: ...
     async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
         """Count refused recipients: (at, domain, connector, source) rows."""
@@ -220,7 +229,7 @@ class ConsoleStore(Protocol):
     async def queue_page_ids(self, page: QueryPage, now: float) -> list[str]:
         """Only the ids of queue_page (bulk actions page through them)."""
 
-    async def audit_log(self, limit: int = 100) -> list[dict[str, Any]]:
+    async def audit_log(self, limit: int = 100) -> list[AuditRecord]:
         """The newest audit records first: Fix now and queue actions, with their incident (or None)."""
 
     async def trace(self, entry_id: str) -> dict[str, Any] | None:

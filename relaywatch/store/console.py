@@ -13,6 +13,8 @@ from relaywatch.store import queries
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
 from relaywatch.store.entry_rows import Q as QUEUE, attach_recipients, entry_from_row, read_entry
+from relaywatch.store.watch_rows import audit_of
+from relaywatch.watch_records import AuditRecord
 
 Q = queries.load("console.sql")
 assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries as entry_rows.entry_from_row takes them"
@@ -62,11 +64,8 @@ class SqlConsole:
             return [i for (i,) in conn.execute(Q["page_ids"].replace("{where}", where), (*args, page.limit))]
         return await self.engine.read(q)
 
-    async def audit_log(self, limit: int = 100) -> list[dict]:
-        return await self.engine.read(lambda conn: [
-            {"id": i, "at": at, "who": who, "action": act, "incident_id": inc, "detail": json.loads(d), "undone_at": u}
-            for i, at, who, act, inc, d, u in conn.execute(Q["audit_log"], (limit,))])
-
+    async def audit_log(self, limit: int = 100) -> list[AuditRecord]:
+        return await self.engine.read(lambda conn: [audit_of(r) for r in conn.execute(Q["audit_log"], (limit,))])
 
     async def trace(self, entry_id: str) -> dict | None:
         entry_id = entry_id.upper()
@@ -80,10 +79,8 @@ class SqlConsole:
                 if row is None:
                     return None
                 record = json.loads(row[0])
-            record["audit"] = [
-                {"id": i, "at": at, "who": who, "action": act, "incident_id": inc, "detail": json.loads(d),
-                 "undone_at": u}
-                for i, at, who, act, inc, d, u in conn.execute(traces.Q["audit_of_entry"], (f"%{entry_id}%",))]
+            record["audit"] = [audit_of(r).to_dict(with_incident=True)
+                               for r in conn.execute(traces.Q["audit_of_entry"], (f"%{entry_id}%",))]
             return record
         return await self.engine.read(q)
 

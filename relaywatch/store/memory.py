@@ -32,7 +32,8 @@ from relaywatch.store.memory_cluster import MemoryCluster
 from relaywatch.store.memory_console import MemoryConsole
 from relaywatch.store.memory_tls_reports import MemoryTlsReports
 from relaywatch.store.memory_watch import MemoryWatch
-from relaywatch.store.watch import summary
+from relaywatch.store.watch_rows import held_notice_of, summary
+from relaywatch.watch_records import HeldNotice
 
 WAITING = (RecipientStatus.PENDING, RecipientStatus.DEFERRED)
 DUE = (EntryStatus.QUEUED, EntryStatus.DEFERRED)
@@ -381,11 +382,11 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
                                [json.loads(f.to_json()) for f in failures]))
         return out
 
-    async def held_notices(self, limit: int = 20) -> list[dict]:
+    async def held_notices(self, limit: int = 20) -> list[HeldNotice]:
         self._check()
-        held = [{"id": r.id, "sender": r.sender, "connector": r.route.name, **json.loads(json.dumps(r.notice_pending))}
+        held = [held_notice_of((r.id, r.sender, r.route.name, json.dumps(r.notice_pending)))
                 for r in self._entries.values() if r.notice_pending is not None]
-        return sorted(held, key=lambda h: -(h.get("retry_at") or 0))[:limit]
+        return sorted(held, key=lambda h: -(h.retry_at or 0))[:limit]
 
     async def entry_ids(self, connector: str, code: str | None = None,
                         status: str = EntryStatus.DEFERRED.value) -> list[str]:

@@ -8,6 +8,8 @@ from relaywatch.model import Entry
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
 from relaywatch.store.queue import domain_of
+from relaywatch.store.watch_rows import audit_of
+from relaywatch.watch_records import AuditRecord
 
 
 def _has_text(r, text: str) -> bool:
@@ -65,13 +67,9 @@ class MemoryConsole:
         self._check()
         return [r.id for r in self._page_rows(page, now)]
 
-    async def audit_log(self, limit: int = 100) -> list[dict]:
+    async def audit_log(self, limit: int = 100) -> list[AuditRecord]:
         self._check()
-        return [{"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"], "incident_id": a["incident_id"],
-                 "detail": json.loads(a["detail"]), "undone_at": a["undone_at"]}
-                for a in reversed(self._audit)][:limit]
-
-
+        return [audit_of(tuple(a)) for a in reversed(self._audit)][:limit]
 
     async def trace(self, entry_id: str) -> dict | None:
         self._check()
@@ -83,9 +81,7 @@ class MemoryConsole:
             record = json.loads(json.dumps(self._traces[entry_id]))
         else:
             return None
-        record["audit"] = [{"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
-                            "incident_id": a["incident_id"], "detail": json.loads(a["detail"]),
-                            "undone_at": a["undone_at"]} for a in self._audit if entry_id in a["detail"]]
+        record["audit"] = [audit_of(tuple(a)).to_dict(with_incident=True) for a in self._audit if entry_id in a[5]]
         return record
 
     async def trace_ids(self, message_id: str) -> list[str]:

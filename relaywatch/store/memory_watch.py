@@ -1,17 +1,26 @@
 """The watch's state of the in-memory store (store/memory.py): incidents,
 notifications, last good deliveries, Fix-now overrides and their audit, refused
-recipients.  Values are kept as the SQL stores keep them (JSON text), so what
-comes back is a copy, shaped as theirs is (store/watch.py's mapping).
+recipients.  Values are kept as the SQL stores keep them (their rows' tuples, JSON
+text), and read through the same mapping (store/watch_rows.py), so what comes back
+is a copy, typed as theirs is.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from relaywatch.incident import Incident, IncidentRecord, IncidentState
-from relaywatch.model import NotificationState
-from relaywatch.store.watch import incident_of, incident_row, notification_state
+from relaywatch.store.watch_rows import (audit_of, due_notification_of, incident_of, incident_row, last_good_of,
+                                         last_good_row, notification_of, notification_state, override_values,
+                                         overrides_of)
+from relaywatch.watch_records import (AuditRecord, DueNotification, LastGood, NotificationState, Override,
+                                      OverrideKey)
+
+
+# The columns of watch.sql's notifications_of and due_notifications, as the memory store's rows hold them.
+_NOTIFICATION_COLUMNS = ("transition", "channel", "state", "attempts", "last_error", "sent_at")
+_DUE_COLUMNS = ("id", "incident_id", "transition", "channel", "attempts", "payload")
 
 
 class MemoryWatch:
@@ -22,9 +31,9 @@ class MemoryWatch:
     def __init__(self) -> None:
         self._incidents: dict[int, tuple] = {}      # id -> the incidents row
         self._notifications: list[dict] = []
-        self._last_good: dict[str, tuple[float, str]] = {}
+        self._last_good: dict[str, tuple[str, float, str]] = {}   # connector -> its last_good row
         self._overrides: dict[str, tuple[str, float, int | None]] = {}
-        self._audit: list[dict] = []
+        self._audit: list[list] = []    # the audit rows (watch.sql audit_columns), undone_at last
         self._invalid: list[tuple[float, str, str, str]] = []
 
     async def open_incidents(self) -> list[Incident]:
@@ -42,12 +51,9 @@ class MemoryWatch:
         row = self._incidents.get(incident_id)
         if row is None:
             return None
-        notifications = tuple({k: n[k] for k in ("transition", "channel", "state", "attempts", "last_error",
-                                                 "sent_at")}
+        notifications = tuple(notification_of(tuple(n[k] for k in _NOTIFICATION_COLUMNS))
                               for n in self._notifications if n["incident_id"] == incident_id)
-        audit = tuple({"id": a["id"], "at": a["at"], "who": a["who"], "action": a["action"],
-                       "detail": json.loads(a["detail"]), "undone_at": a["undone_at"]}
-                      for a in self._audit if a["incident_id"] == incident_id)
+        audit = tuple(audit_of(tuple(a)) for a in self._audit if a[4] == incident_id)
         return IncidentRecord(incident_of(row), notifications, audit)
 
     async def save_incident(self, incident: Incident, term: int | None = None) -> int:
@@ -86,10 +92,9 @@ class MemoryWatch:
                                next_try=sent_at or 0, last_error=last_error, sent_at=sent_at,
                                payload=json.dumps(payload))
 
-    async def due_notifications(self, now: float) -> list[dict]:
+    async def due_notifications(self, now: float) -> list[DueNotification]:
         self._check()
-        return [{"id": n["id"], "incident_id": n["incident_id"], "transition": n["transition"],
-                 "channel": n["channel"], "attempts": n["attempts"], "payload": json.loads(n["payload"])}
+        return [due_notification_of(tuple(n[k] for k in _DUE_COLUMNS))
                 for n in self._notifications if n["state"] == NotificationState.PENDING and n["next_try"] <= now]
 
     async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
@@ -101,49 +106,48 @@ class MemoryWatch:
                          last_error=error, sent_at=now if ok else None,
                          next_try=retry_at if retry_at is not None else n["next_try"])
 
-    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
+    async def set_last_good(self, good: LastGood) -> None:
         self._check()
-        self._last_good[connector] = (at, json.dumps(facts))
+        self._last_good[good.connector] = last_good_row(good)
 
-    async def last_good(self) -> dict[str, dict]:
+    async def last_good(self) -> dict[str, LastGood]:
         self._check()
-        return {c: dict(json.loads(d), at=at) for c, (at, d) in self._last_good.items()}
+        return {c: last_good_of(row) for c, row in self._last_good.items()}
 
-    async def overrides(self) -> dict[str, dict]:
+    async def overrides(self) -> dict[OverrideKey, Override]:
         self._check()
-        return {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
-                for k, (v, at, i) in self._overrides.items()}
+        return overrides_of((k, v, at, i) for k, (v, at, i) in self._overrides.items())
 
     async def overrides_version(self) -> tuple:
         self._check()
         return len(self._overrides), max((at for _, at, _ in self._overrides.values()), default=None)
 
     async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
-                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+                        set_overrides: Mapping[OverrideKey, Any], clear_overrides: Sequence[OverrideKey],
+                        now: float) -> int:
         self._check()
-        values = {key: json.dumps(value) for key, value in set_overrides.items()}   # fails before any change
-        detail_json = json.dumps(detail)
-        for key, value in values.items():
+        values, detail_json = override_values(set_overrides), json.dumps(detail)   # fails before any change
+        for key, value in values:
             self._overrides[key] = (value, now, incident_id)
         for key in clear_overrides:
-            self._overrides.pop(key, None)
+            self._overrides.pop(str(key), None)
         audit_id = len(self._audit) + 1
-        self._audit.append({"id": audit_id, "at": now, "who": who, "action": action, "incident_id": incident_id,
-                            "detail": detail_json, "undone_at": None})
+        self._audit.append([audit_id, now, who, action, incident_id, detail_json, None])
         return audit_id
 
-    async def last_undoable(self, incident_id: int) -> dict | None:
+    async def last_undoable(self, incident_id: int) -> AuditRecord | None:
         self._check()
-        for a in reversed(self._audit):
-            if a["incident_id"] == incident_id and a["undone_at"] is None and not a["action"].startswith("undo "):
-                return {"id": a["id"], "action": a["action"], "detail": json.loads(a["detail"])}
+        for row in reversed(self._audit):
+            a = audit_of(tuple(row))
+            if a.incident_id == incident_id and a.undone_at is None and not a.is_undo:
+                return a
         return None
 
     async def mark_undone(self, audit_id: int, now: float) -> None:
         self._check()
-        for a in self._audit:
-            if a["id"] == audit_id:
-                a["undone_at"] = now
+        for row in self._audit:
+            if row[0] == audit_id:
+                row[6] = now
 
     async def add_invalid_recipients(self, rows: Sequence[tuple[float, str, str, str]]) -> None:
         self._check()

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, ContextManager
 
 from relaywatch.incident import IncidentState
-from relaywatch.model import EntryStatus, NotificationState, RecipientStatus
+from relaywatch.model import EntryStatus, RecipientStatus
+from relaywatch.watch_records import NotificationState
 
 ENUMS = {e.__name__: e for e in (EntryStatus, RecipientStatus, IncidentState, NotificationState)}
 

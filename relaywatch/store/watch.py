@@ -2,24 +2,26 @@
 
 Kept beside the queue so one database holds all state and the CLI can read it
 while the server runs; none of it is on the message path.  The SQL is in
-watch.sql.
+watch.sql, the rows become the kernel's records in store/watch_rows.py.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from relaywatch.incident import BacklogSummary, Incident, IncidentRecord
-from relaywatch.model import EntryStatus, NotificationState, dest_label
+from relaywatch.model import EntryStatus
 from relaywatch.store import queries
 from relaywatch.store.cluster import check_term
 from relaywatch.store.engine import Dialect, GroupCommitEngine
+from relaywatch.store.watch_rows import (audit_of, due_notification_of, held_notice_of, incident_of, incident_row,
+                                         last_good_of, last_good_row, notification_of, notification_state,
+                                         override_values, overrides_of, summary)
+from relaywatch.watch_records import (AuditRecord, DueNotification, HeldNotice, LastGood, NotificationState,
+                                      Override, OverrideKey)
 
 Q = queries.load("watch.sql")
-
-# The incident columns of their own; the rest of Incident.to_dict() is the JSON in ``data``.
-_INCIDENT_KEYS = ("id", "connector", "code", "state", "opened_at", "resolved_at")
 
 
 class SqlWatch:
@@ -39,13 +41,12 @@ class SqlWatch:
             return out
         return await self.engine.read(q)
 
-    async def held_notices(self, limit: int = 20) -> list[dict]:
+    async def held_notices(self, limit: int = 20) -> list[HeldNotice]:
         """Entries whose NDR could not be built yet, latest failure first
         (through the entries_notice index: the watch asks every few seconds)."""
-        def q(conn: Any) -> list[dict]:
-            held = [{"id": id_, "sender": sender, "connector": connector, **json.loads(data)}
-                    for id_, sender, connector, data in conn.execute(Q["held_notices"]).fetchall()]
-            return sorted(held, key=lambda h: -(h.get("retry_at") or 0))[:limit]
+        def q(conn: Any) -> list[HeldNotice]:
+            held = [held_notice_of(row) for row in conn.execute(Q["held_notices"]).fetchall()]
+            return sorted(held, key=lambda h: -(h.retry_at or 0))[:limit]
         return await self.engine.read(q)
 
     async def entry_ids(self, connector: str, code: str | None = None,
@@ -68,11 +69,8 @@ class SqlWatch:
             row = conn.execute(Q["incident"], (incident_id,)).fetchone()
             if row is None:
                 return None
-            notifications = tuple(
-                {"transition": t, "channel": c, "state": st, "attempts": a, "last_error": e, "sent_at": sa}
-                for t, c, st, a, e, sa in conn.execute(Q["notifications_of"], (incident_id,)))
-            audit = tuple({"id": i, "at": at, "who": who, "action": act, "detail": json.loads(d), "undone_at": u}
-                          for i, at, who, act, d, u in conn.execute(Q["audit_of"], (incident_id,)))
+            notifications = tuple(notification_of(r) for r in conn.execute(Q["notifications_of"], (incident_id,)))
+            audit = tuple(audit_of(r) for r in conn.execute(Q["audit_of"], (incident_id,)))
             return IncidentRecord(incident_of(row), notifications, audit)
         return await self.engine.read(q)
 
@@ -107,10 +105,9 @@ class SqlWatch:
             incident_id, transition, channel, state.value, attempts, sent_at or 0, last_error, sent_at,
             json.dumps(payload))))
 
-    async def due_notifications(self, now: float) -> list[dict]:
+    async def due_notifications(self, now: float) -> list[DueNotification]:
         return await self.engine.read(lambda conn: [
-            {"id": i, "incident_id": inc, "transition": t, "channel": c, "attempts": a, "payload": json.loads(p)}
-            for i, inc, t, c, a, p in conn.execute(Q["due_notifications"], (now,))])
+            due_notification_of(r) for r in conn.execute(Q["due_notifications"], (now,))])
 
     async def notification_result(self, notification_id: int, ok: bool, error: str | None, now: float,
                                   retry_at: float | None) -> None:
@@ -118,36 +115,37 @@ class SqlWatch:
         await self.engine.write(lambda conn, cleanup: conn.execute(Q["notification_result"], (
             state.value, error, now if ok else None, retry_at, notification_id)))
 
-    async def set_last_good(self, connector: str, at: float, facts: dict) -> None:
-        await self.engine.write(lambda conn, cleanup: conn.execute(Q["set_last_good"], (
-            connector, at, json.dumps(facts))))
+    async def set_last_good(self, good: LastGood) -> None:
+        await self.engine.write(lambda conn, cleanup: conn.execute(Q["set_last_good"], last_good_row(good)))
 
-    async def last_good(self) -> dict[str, dict]:
-        return await self.engine.read(lambda conn: {c: dict(json.loads(d), at=at) for c, at, d in conn.execute(
-            Q["last_good"])})
+    async def last_good(self) -> dict[str, LastGood]:
+        return await self.engine.read(lambda conn: {
+            good.connector: good for good in map(last_good_of, conn.execute(Q["last_good"]))})
 
-    async def overrides(self) -> dict[str, dict]:
-        return await self.engine.read(lambda conn: {k: {"value": json.loads(v), "set_at": at, "incident_id": i}
-                                                    for k, v, at, i in conn.execute(Q["overrides"])})
+    async def overrides(self) -> dict[OverrideKey, Override]:
+        return await self.engine.read(lambda conn: overrides_of(conn.execute(Q["overrides"])))
 
     async def overrides_version(self) -> tuple:
         return await self.engine.read(lambda conn: tuple(conn.execute(Q["overrides_version"]).fetchone()))
 
     async def apply_fix(self, who: str, action: str, incident_id: int | None, detail: dict,
-                        set_overrides: dict[str, Any], clear_overrides: Sequence[str], now: float) -> int:
+                        set_overrides: Mapping[OverrideKey, Any], clear_overrides: Sequence[OverrideKey],
+                        now: float) -> int:
         """Change overrides and write the audit record in one transaction."""
+        values, detail_json = override_values(set_overrides), json.dumps(detail)
+
         def op(conn: Any, cleanup: list) -> int:
-            for key, value in set_overrides.items():
-                conn.execute(Q["set_override"], (key, json.dumps(value), now, incident_id))
+            for key, value in values:
+                conn.execute(Q["set_override"], (key, value, now, incident_id))
             for key in clear_overrides:
-                conn.execute(Q["clear_override"], (key,))
-            return conn.execute(Q["insert_audit"], (now, who, action, incident_id, json.dumps(detail))).fetchone()[0]
+                conn.execute(Q["clear_override"], (str(key),))
+            return conn.execute(Q["insert_audit"], (now, who, action, incident_id, detail_json)).fetchone()[0]
         return await self.engine.write(op)
 
-    async def last_undoable(self, incident_id: int) -> dict | None:
-        def q(conn: Any) -> dict | None:
+    async def last_undoable(self, incident_id: int) -> AuditRecord | None:
+        def q(conn: Any) -> AuditRecord | None:
             row = conn.execute(Q["last_undoable"], (incident_id,)).fetchone()
-            return {"id": row[0], "action": row[1], "detail": json.loads(row[2])} if row else None
+            return audit_of(row) if row else None
         return await self.engine.read(q)
 
     async def mark_undone(self, audit_id: int, now: float) -> None:
@@ -160,38 +158,3 @@ class SqlWatch:
     async def invalid_recipients_since(self, since: float) -> list[tuple[str, str, str, int]]:
         return await self.engine.read(lambda conn: [tuple(r) for r in conn.execute(
             Q["invalid_recipients_since"], (since,)).fetchall()])
-
-
-# -- the row mapping, shared with the memory store (store/memory.py) ----------------------
-
-def summary(connector: str, code: str, messages: int, recipients: int, oldest: float, first_expiry: float,
-            first_failure: float | None, errors: list[dict]) -> BacklogSummary:
-    """One (connector, code) group of deferred_summary(); ``errors``: its newest last_errors (stored JSON)."""
-    errors = sorted(errors, key=lambda e: e.get("at") or 0)
-    return BacklogSummary.from_dict({
-        "connector": connector, "code": code, "messages": messages, "recipients": recipients,
-        "oldest_received_at": oldest, "first_expires_at": first_expiry,
-        "first_failure_at": first_failure, "latest_error": errors[-1] if errors else None,
-        "destinations": sorted({dest_label(e.get("destination")) for e in errors if e.get("destination")})})
-
-
-def incident_row(incident: Incident) -> tuple:
-    """An incident as its row: (id, connector, code, state, opened_at, resolved_at, the JSON ``data``:
-    the rest of its documented shape, Incident.to_dict)."""
-    shown = incident.to_dict()
-    data = json.dumps({k: v for k, v in shown.items() if k not in (*_INCIDENT_KEYS, "notifications", "audit")},
-                      separators=(",", ":"))
-    return (*(shown[k] for k in _INCIDENT_KEYS), data)
-
-
-def notification_state(ok: bool, retry_at: float | None) -> NotificationState:
-    if ok:
-        return NotificationState.SENT
-    return NotificationState.PENDING if retry_at is not None else NotificationState.FAILED
-
-
-def incident_of(row: tuple) -> Incident:
-    """An incidents row as an Incident, whichever version wrote it (Incident.from_dict reads them all)."""
-    id_, connector, code, state, opened_at, resolved_at, data = row
-    return Incident.from_dict({**json.loads(data), "id": id_, "connector": connector, "code": code, "state": state,
-                               "opened_at": opened_at, "resolved_at": resolved_at})

@@ -42,8 +42,12 @@ SELECT {incident_columns} FROM incidents WHERE id = ?
 SELECT transition, channel, state, attempts, last_error, sent_at FROM notifications
 WHERE incident_id = ? ORDER BY id
 
+-- audit_columns --
+-- As store/watch_rows.py audit_of reads them (console.sql's audit_log, trace.sql's too).
+id, at, who, action, incident_id, detail, undone_at
+
 -- audit_of --
-SELECT id, at, who, action, detail, undone_at FROM audit WHERE incident_id = ? ORDER BY id
+SELECT {audit_columns} FROM audit WHERE incident_id = ? ORDER BY id
 
 -- insert_incident --
 INSERT INTO incidents (connector, code, state, opened_at, resolved_at, data)
@@ -96,7 +100,7 @@ INSERT INTO audit (at, who, action, incident_id, detail) VALUES (?, ?, ?, ?, ?) 
 
 -- last_undoable --
 -- The latest fix of an incident that was not undone and is not itself an undo.
-SELECT id, action, detail FROM audit WHERE incident_id = ? AND undone_at IS NULL
+SELECT {audit_columns} FROM audit WHERE incident_id = ? AND undone_at IS NULL
 AND action NOT LIKE 'undo %' ORDER BY id DESC LIMIT 1
 
 -- mark_undone --

@@ -215,14 +215,16 @@ async def send_email(config: Config, routes: SmtpRoutes, data: dict) -> None:
         raise RuntimeError("; ".join(problems))
 
 
-async def deliver_notification(config: Config, routes: SmtpRoutes, note: dict) -> None:
+async def deliver_notification(config: Config, routes: SmtpRoutes, channel: str, payload: dict) -> None:
+    """Send one notification on ``channel`` (``channels``): the store's due ones (monitor.py)
+    and the store incident's, told before it could be recorded (store_incident.py)."""
     try:
-        if note["channel"] == "webhook":
-            await send_webhook(config, note["payload"])
+        if channel == "webhook":
+            await send_webhook(config, payload)
         else:
-            await send_email(config, routes, note["payload"])
+            await send_email(config, routes, payload)
     except Exception:
-        meters.notification_failed(note["channel"])    # /metrics; the caller logs and retries
+        meters.notification_failed(channel)    # /metrics; the caller logs and retries
         raise
 
 

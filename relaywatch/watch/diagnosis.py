@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 from relaywatch.incident_facts import CertificateFacts
 from relaywatch.incident import Diagnosis, Incident, IncidentKind, ProbeResult
+from relaywatch.watch_records import LastGood
 
 
 def _when(ts: float | None) -> str:
@@ -28,7 +29,7 @@ def _date(iso: str | None) -> str:
 _MASKED_GREETING = re.compile(r"^220[ -]\**\s*$|^220[ -][\s*]{6,}")
 
 
-def diagnose(incident: Incident, last_good: dict | None, probe: ProbeResult | None = None) -> Diagnosis:
+def diagnose(incident: Incident, last_good: LastGood | None, probe: ProbeResult | None = None) -> Diagnosis:
     if incident.kind is IncidentKind.CERT_EXPIRING:
         cert = incident.facts.certificate if isinstance(incident.facts, CertificateFacts) else {}
         return Diagnosis("cert_expiring", incident.detail or "", dict(cert))
@@ -40,9 +41,9 @@ def diagnose(incident: Incident, last_good: dict | None, probe: ProbeResult | No
     dns_answer = (e.dns if e else None) or {}
     tls = (e.tls if e else None) or {}
     reply = e.reply if e else None
-    good_ip = (last_good or {}).get("ip")
-    good_since = _when((last_good or {}).get("at"))
-    facts: dict = {"last_good": last_good}
+    good_ip = last_good.ip if last_good else None
+    good_since = _when(last_good.at if last_good else None)
+    facts: dict = {"last_good": last_good.to_dict() if last_good else None}
 
     def out(cause: str, text: str) -> Diagnosis:
         return Diagnosis(cause, text, facts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from relaywatch.classify.catalog import CATALOG
 from relaywatch.config import Config, apply_overrides
@@ -21,6 +22,7 @@ from relaywatch.model import Failure
 from relaywatch.route import LOCAL, split_address
 from relaywatch.store.base import Selector, Store
 from relaywatch.incident import Incident
+from relaywatch.watch_records import Override, OverrideKey, Setting
 
 ACTIONS = ("decommission", "retry-now", "pause", "expire")
 
@@ -29,17 +31,17 @@ class FixError(RelaywatchError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     action: str
     steps: list[str]
-    set_overrides: dict = field(default_factory=dict)
-    clear_overrides: list[str] = field(default_factory=list)
-    undo: dict = field(default_factory=dict)      # overrides to restore on undo (key -> value or None)
+    set_overrides: Mapping[OverrideKey, Any] = field(default_factory=dict)
+    clear_overrides: tuple[OverrideKey, ...] = ()
+    undo: Mapping[OverrideKey, Any] = field(default_factory=dict)   # to restore on undo: the value, or None to clear
     undo_note: str = ""
 
 
-def plan(action: str, incident: Incident, config: Config, overrides: dict) -> Plan:
+def plan(action: str, incident: Incident, config: Config, overrides: Mapping[OverrideKey, Override]) -> Plan:
     if not incident.is_open:
         raise FixError(f"incident {incident.id} is resolved; there is nothing to fix")
     if action not in incident.actions:
@@ -48,14 +50,14 @@ def plan(action: str, incident: Incident, config: Config, overrides: dict) -> Pl
     name = incident.connector
     connector = config.connector(name)
 
-    def previous(key: str):
-        return overrides[key]["value"] if key in overrides else None
+    def previous(key: OverrideKey) -> Any:
+        return overrides[key].value if key in overrides else None
 
     if action == "retry-now":
         return Plan(action, [f"Make every deferred message for connector {name} due now."],
                     undo_note="nothing to undo: the messages are simply tried again")
     if action == "pause":
-        key = f"connector:{name}:paused"
+        key = Setting.CONNECTOR_PAUSED.of(name)
         return Plan(action, [f"Pause delivery through connector {name}: mail is still accepted and kept, "
                              "but no attempts are made until undone."],
                     set_overrides={key: True}, undo={key: previous(key)})
@@ -68,10 +70,11 @@ def plan(action: str, incident: Incident, config: Config, overrides: dict) -> Pl
             raise FixError("decommission applies to an on_premises connector only")
         domains = [d for d in config.domains if d.type == "internal_relay" and connector.serves(d.name)]
         steps = [f"Disable connector {name} (it stops being used for routing)."]
-        sets = {f"connector:{name}:enabled": False}
-        undo = {f"connector:{name}:enabled": previous(f"connector:{name}:enabled")}
+        enabled = Setting.CONNECTOR_ENABLED.of(name)
+        sets: dict[OverrideKey, Any] = {enabled: False}
+        undo = {enabled: previous(enabled)}
         for d in domains:
-            key = f"domain:{d.name}:type"
+            key = Setting.DOMAIN_TYPE.of(d.name)
             steps.append(f"Make {d.name} authoritative: only its listed mailboxes "
                          f"({', '.join(sorted(d.mailboxes)) or 'none'}) exist; other recipients are rejected at "
                          "RCPT with 550 5.1.10.")
@@ -88,8 +91,10 @@ async def apply(store: Store, config: Config, incident: Incident, p: Plan, who: 
     """Do it; return what was done, line by line."""
     now = time.time()
     done: list[str] = []
+    # The audit keeps the undo as JSON, the keys as they are stored (watch_records.py OverrideKey).
+    undo_json = {str(key): value for key, value in p.undo.items()}
     audit_id = await store.apply_fix(who, p.action, incident.id,
-                                     {"steps": p.steps, "undo": p.undo, "reason": reason, "undo_note": p.undo_note},
+                                     {"steps": p.steps, "undo": undo_json, "reason": reason, "undo_note": p.undo_note},
                                      p.set_overrides, p.clear_overrides, now)
     done.append(f"recorded as audit entry {audit_id} by {who}")
     name = incident.connector
@@ -122,18 +127,25 @@ async def undo(store: Store, incident: Incident, who: str, reason: str | None = 
     last = await store.last_undoable(incident.id)
     if last is None:
         raise FixError(f"incident {incident.id} has no action to undo")
-    restore = last["detail"].get("undo") or {}
+    restore = _undo_of(last.detail)
     sets = {k: v for k, v in restore.items() if v is not None}
     clears = [k for k, v in restore.items() if v is None]
     now = time.time()
-    await store.apply_fix(who, f"undo {last['action']}", incident.id, {"undoes": last["id"], "reason": reason},
+    await store.apply_fix(who, f"undo {last.action}", incident.id, {"undoes": last.id, "reason": reason},
                           sets, clears, now)
-    await store.mark_undone(last["id"], now)
-    lines = [f"undid {last['action']} (audit entry {last['id']})"]
+    await store.mark_undone(last.id, now)
+    lines = [f"undid {last.action} (audit entry {last.id})"]
     lines += [f"restored {k}" for k in restore] or ["no settings to restore"]
-    if last["detail"].get("undo_note"):
-        lines.append(f"note: {last['detail']['undo_note']}")
+    if last.detail.get("undo_note"):
+        lines.append(f"note: {last.detail['undo_note']}")
     return lines
+
+
+def _undo_of(detail: Mapping[str, Any]) -> dict[OverrideKey, Any]:
+    """The overrides a fix's audit detail says to restore; a key this version does not know is left alone."""
+    stored = detail.get("undo")
+    keys = {text: OverrideKey.parse(text) for text in stored} if isinstance(stored, dict) else {}
+    return {key: stored[text] for text, key in keys.items() if key is not None}
 
 
 def _has_mailbox(config: Config, address: str) -> bool:

@@ -11,8 +11,8 @@ tells the backlog prober (watch/backlog_probe.py, a loop of its own beside
 this one) which connectors have deferred mail: it probes them on their
 schedule and releases a backlog the moment a probe passes.  Each tick also
 adds the TLS results counted since the last to the store, and the leader
-sends yesterday's TLS reports once after UTC midnight (watch/tls_report.py).  Incidents are typed (incident.py) inside and dicts at the
-store's edge.
+sends yesterday's TLS reports once after UTC midnight (watch/tls_report.py).  What it
+reads and saves is typed (incident.py, watch_records.py), at the store's edge too.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from relaywatch.watch.diagnosis import diagnose
 from relaywatch.incident_facts import InvalidSource
 from relaywatch.incident import (BacklogSummary, Diagnosis, Incident, IncidentKind, ProbeResult, Transition,
                                     TransitionKind, with_probe)
-from relaywatch.watch.rules import CertificateSeen, HeldNotice, NodeSeen, WatchFacts, evaluate
+from relaywatch.watch.rules import CertificateSeen, NodeSeen, WatchFacts, evaluate
+from relaywatch.watch_records import LastGood
 from relaywatch.watch.probe import probe_connector
 from relaywatch.watch.tls_report import TlsReporter
 
@@ -61,7 +62,7 @@ class Monitor:
         self.queue = QueueActions(store, config_ref, wake=wake_scheduler, clock=clock.now)
         self._late: dict[str, int] = {}                  # connector -> late deliveries since last tick
         self._expired: dict[tuple[str, str], int] = {}   # (connector, code) -> expiries since last tick
-        self._good: dict[str, dict] = {}                 # connector -> last good delivery, not yet saved
+        self._good: dict[str, LastGood] = {}             # connector -> last good delivery, not yet saved
         self._invalid: list[tuple[float, str, str, str]] = []
         self._last_cert_probe = 0.0
         self._summary_cost = 0.0                         # seconds the last deferred summary took
@@ -87,8 +88,8 @@ class Monitor:
                 if entry.attempts > 0:
                     self._late[connector] = self._late.get(connector, 0) + 1
                 if dest is not None and dest.host != "local":
-                    self._good[connector] = {"host": dest.host, "ip": dest.ip, "port": dest.port, "at": now,
-                                             "tls": _tls_summary(tls)}
+                    self._good[connector] = LastGood(connector, now, dest.host, dest.ip, dest.port,
+                                                     _tls_summary(tls))
             elif o.status is RecipientStatus.EXPIRED and o.failure is not None:
                 key = (connector, o.failure.code)
                 self._expired[key] = self._expired.get(key, 0) + 1
@@ -158,8 +159,8 @@ class Monitor:
     async def _flush_facts(self) -> None:
         await self.flush_tls_counts()
         good, self._good = self._good, {}
-        for connector, facts in good.items():
-            await self.store.set_last_good(connector, facts["at"], facts)
+        for last in good.values():
+            await self.store.set_last_good(last)
         invalid, self._invalid = self._invalid, []
         await self.store.add_invalid_recipients(invalid)
 
@@ -173,7 +174,7 @@ class Monitor:
         if config.alerts.invalid_recipient_quota:
             invalid = tuple(InvalidSource(domain, connector, source, count) for domain, connector, source, count
                             in await self.store.invalid_recipients_since(now - 86400))
-        held = tuple(HeldNotice(h["id"], h["sender"], h.get("error")) for h in await self.store.held_notices())
+        held = tuple(await self.store.held_notices())
         timing = Timing(config.server.heartbeat_interval, config.server.node_lapse)
         nodes = tuple(NodeSeen(b.name, b.address, b.at, down(b, timing, now)) for b in await self.store.nodes())
         return WatchFacts(backlog, late, expired, await self._certificates(config, now), invalid, held, nodes)
@@ -192,7 +193,7 @@ class Monitor:
                 seen.append(CertificateSeen(connector.name, connector.type, probe.host, probe.certificate))
         return tuple(seen)
 
-    async def _record(self, t: Transition, last_good: dict[str, dict], now: float) -> None:
+    async def _record(self, t: Transition, last_good: dict[str, LastGood], now: float) -> None:
         inc = t.incident
         if t.kind is TransitionKind.OPEN and inc.kind is IncidentKind.BACKLOG:
             probe = await self._probe(inc.connector)
@@ -253,15 +254,14 @@ class Monitor:
         config, now = self.config_ref(), self.clock.now()
         for note in await self.store.due_notifications(now):
             try:
-                await alerts.deliver_notification(config, self.routes, note)
+                await alerts.deliver_notification(config, self.routes, note.channel, dict(note.payload))
             except Exception as exc:
-                retry = alerts.retry_at(note["attempts"], now)
-                await self.store.notification_result(note["id"], False, str(exc)[:300], now, retry)
-                log.warning("%s notification for incident %s (%s) failed%s: %s", note["channel"],
-                            note["incident_id"], note["transition"],
-                            "; will retry" if retry else "; giving up", exc)
+                retry = alerts.retry_at(note.attempts, now)
+                await self.store.notification_result(note.id, False, str(exc)[:300], now, retry)
+                log.warning("%s notification for incident %s (%s) failed%s: %s", note.channel,
+                            note.incident_id, note.transition, "; will retry" if retry else "; giving up", exc)
             else:
-                await self.store.notification_result(note["id"], True, None, self.clock.now(), None)
+                await self.store.notification_result(note.id, True, None, self.clock.now(), None)
 
 
 def _tls_summary(tls: dict | None) -> dict | None:

@@ -42,6 +42,7 @@ from relaywatch.watch.diagnosis import diagnose
 from relaywatch.incident_facts import CertificateFacts, InvalidSource, NodeFacts, NoticeFacts, QuotaFacts
 from relaywatch.incident import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity, Transition,
                                     TransitionKind)
+from relaywatch.watch_records import HeldNotice
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,6 @@ class CertificateSeen:
     @property
     def days_left(self) -> float | None:
         return self.certificate.get("days_left")
-
-
-@dataclass(frozen=True)
-class HeldNotice:
-    """An NDR that could not be built (store.held_notices), latest first."""
-    entry_id: str
-    sender: str
-    error: str | None
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ class WatchFacts:
     expired: Mapping[tuple[str, str], int] = field(default_factory=dict)       # (connector, code) -> expiries
     certificates: tuple[CertificateSeen, ...] | None = None    # None: not probed this time
     invalid_recipients: tuple[InvalidSource, ...] | None = None  # the last 24 h, most first; None: not read
-    held_notices: tuple[HeldNotice, ...] | None = None
+    held_notices: tuple[HeldNotice, ...] | None = None      # store.held_notices, latest first
     nodes: tuple[NodeSeen, ...] | None = None                  # every node of the queue; None: not read
 
 

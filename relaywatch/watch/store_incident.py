@@ -177,7 +177,7 @@ class StoreIncidentReporter:
                 continue
             told.attempts += 1
             try:
-                await alerts.deliver_notification(config, self.routes, {"channel": channel, "payload": data})
+                await alerts.deliver_notification(config, self.routes, channel, data)
             except Exception as exc:    # a channel that fails must never touch the SMTP side
                 told.last_error = str(exc)[:300]
                 failed.append(told)

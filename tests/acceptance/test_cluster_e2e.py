@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from relaywatch.watch_records import NotificationState, Setting
+
 from helpers import LOOPBACK, Server, Sink, WebhookReceiver, eventually, free_port, message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,7 +154,7 @@ async def _updated_since(store, incident_id, at):
 
 async def _all_sent(store, incident_id, n):
     notes = (await store.incident(incident_id)).notifications
-    return len(notes) == n and all(x["state"] == "sent" for x in notes)
+    return len(notes) == n and all(x.state is NotificationState.SENT for x in notes)
 
 
 async def test_a_fix_made_through_any_node_applies_on_all_and_a_clean_stop_is_not_down(tmp_path, pg_dsn, hook):
@@ -161,7 +163,8 @@ async def test_a_fix_made_through_any_node_applies_on_all_and_a_clean_stop_is_no
     servers, store, _ = await start_nodes(tmp_path, pg_dsn, hook, 2)
     try:
         # What `incidents fix ... pause` run against either node's config writes.
-        await store.apply_fix("admin", "pause", None, {"undo": {}}, {"connector:onprem:paused": True}, [], time.time())
+        await store.apply_fix("admin", "pause", None, {"undo": {}}, {Setting.CONNECTOR_PAUSED.of("onprem"): True}, [],
+                              time.time())
         for s in servers:
             await eventually(lambda: "applied changed overrides" in s.log_path.read_text(),
                              what=f"{s.raw['server']['node_name']} to apply the fix")

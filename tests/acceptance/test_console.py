@@ -209,7 +209,7 @@ async def test_tokens_are_required_when_configured_and_name_who_acted(relay_fact
         assert r.status_code == 200 and r.json()["who"] == "dev" and r.json()["message"]["status"] == "held"
     assert (await relay.show(entry_id))["status"] == "held"
     [record] = await relay.store.audit_log()
-    assert (record["who"], record["action"], record["detail"]["reason"], record["detail"]["id"]) == \
+    assert (record.who, record.action, record.detail["reason"], record.detail["id"]) == \
         ("dev", "queue hold", "investigating INC-42", entry_id)
 
 
@@ -258,7 +258,7 @@ async def test_every_action_and_its_errors(relay_factory):
             assert r.status_code == 400 and r.json()["field"] == field, params
         twice = await http.get("/api/v1/queue?status=held&status=queued")
         assert twice.status_code == 400 and twice.json()["field"] == "status"
-    actions = [(r["who"], r["action"]) for r in await relay.store.audit_log()]
+    actions = [(r.who, r.action) for r in await relay.store.audit_log()]
     assert actions == [("loopback", f"queue {x}") for x in ("bounce", "delete", "retry", "release", "hold", "hold")]
 
 
@@ -612,8 +612,8 @@ async def test_a_bulk_action_by_filter_with_a_dry_run_first(relay_factory, n):
             assert r.status_code == 400 and r.json()["field"] == field, body
         assert (await http.get("/api/v1/jobs/999")).status_code == 404
     [record] = await relay.store.audit_log()
-    assert (record["action"], record["detail"]["matched"], record["detail"]["reason"]) == ("queue bulk hold", n,
-                                                                                        "partner down")
+    assert (record.action, record.detail["matched"], record.detail["reason"]) == ("queue bulk hold", n,
+                                                                                  "partner down")
 
 
 async def test_a_store_that_cannot_answer_is_503_not_a_traceback(relay_factory):

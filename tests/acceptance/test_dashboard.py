@@ -531,8 +531,8 @@ async def test_with_tokens_the_console_logs_in_once_and_audits_the_token_name(re
     await tab.page.fill("#act input[name=reason]", "INC-9")
     await tab.page.click("#act button[formaction$='/hold']")
     assert "by ops" in await tab.text(".result")
-    [record] = [a for a in await relay.store.audit_log(10) if a["action"] == "queue hold"]
-    assert record["who"] == "ops" and record["detail"]["reason"] == "INC-9"
+    [record] = [a for a in await relay.store.audit_log(10) if a.action == "queue hold"]
+    assert record.who == "ops" and record.detail["reason"] == "INC-9"
     # Without the session: the login page for a browser, 401 for the API, as before.
     host, port = relay.app.console.address
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as http:

@@ -6,6 +6,7 @@ import pytest
 
 from relaywatch.model import Attempt, Failure, RecipientOutcome, RecipientStatus, Route, RouteKind
 from relaywatch.store.base import QueryPage
+from relaywatch.watch_records import AuditRecord, Setting
 from tests.contract.test_store import msg, sql_store  # noqa: F401  (a fixture)
 
 A = Route(RouteKind.CONNECTOR, "a")
@@ -106,11 +107,11 @@ async def test_queue_page_by_text_and_route(store):
 
 async def test_audit_log_lists_the_newest_first(store):
     first = await store.apply_fix("ops", "queue hold", None, {"id": "X", "reason": "r"}, {}, (), 1.0)
-    second = await store.apply_fix("dev", "pause", 7, {"reason": None}, {"connector:a:paused": True}, (), 2.0)
-    log = await store.audit_log(limit=10)
-    assert [(a["id"], a["who"], a["action"], a["incident_id"]) for a in log] == [
-        (second, "dev", "pause", 7), (first, "ops", "queue hold", None)]
-    assert log[1]["detail"] == {"id": "X", "reason": "r"}
+    second = await store.apply_fix("dev", "pause", 7, {"reason": None}, {Setting.CONNECTOR_PAUSED.of("a"): True}, (),
+                                   2.0)
+    assert await store.audit_log(limit=10) == [
+        AuditRecord(second, 2.0, "dev", "pause", {"reason": None}, incident_id=7),
+        AuditRecord(first, 1.0, "ops", "queue hold", {"id": "X", "reason": "r"})]
 
 
 async def _domain_pages(store, domain: str, now: float, limit: int = 2) -> list[str]:

@@ -18,6 +18,7 @@ from relaywatch.model import (
 )
 from relaywatch.store.base import QueueQuery, Selector
 from relaywatch.store.sqlite import SqliteStore
+from relaywatch.watch_records import Setting
 
 from helpers import SQL_BACKENDS, STORE_BACKENDS, eventually, make_store
 
@@ -164,12 +165,12 @@ async def test_watch_state_round_trips(store):
     assert await store.add_notification(inc["id"], "open", "email", {"x": 1}, 1.0)
     assert not await store.add_notification(inc["id"], "open", "email", {"x": 1}, 1.0)
     [note] = await store.due_notifications(2.0)
-    await store.notification_result(note["id"], True, None, 2.0, None)
+    await store.notification_result(note.id, True, None, 2.0, None)
     assert await store.due_notifications(3.0) == []
-    audit = await store.apply_fix("me", "pause", inc["id"], {"undo": {"connector:a:paused": None}},
-                                  {"connector:a:paused": True}, [], 4.0)
-    assert (await store.overrides())["connector:a:paused"]["value"] is True
-    assert (await store.last_undoable(inc["id"]))["id"] == audit
+    paused = Setting.CONNECTOR_PAUSED.of("a")
+    audit = await store.apply_fix("me", "pause", inc["id"], {"undo": {str(paused): None}}, {paused: True}, [], 4.0)
+    assert (await store.overrides())[paused].value is True
+    assert (await store.last_undoable(inc["id"])).id == audit
     shown = (await store.incident(inc["id"])).to_dict()
     assert shown["messages"] == 2 and shown["notifications"][0]["state"] == "sent" and shown["audit"][0]["who"] == "me"
 

@@ -91,7 +91,7 @@ async def test_a_stale_terms_leader_only_writes_are_refused_and_change_nothing(s
         await store.add_notification(inc["id"], "resolve", "webhook", {"x": 1}, 2.0, term=1)
     [still] = [i.to_dict() for i in await store.incidents(include_resolved=True)]
     assert (still["id"], still["state"]) == (inc["id"], "open")
-    assert [n["transition"] for n in (await store.incident(inc["id"])).notifications] == ["open"]
+    assert [n.transition for n in (await store.incident(inc["id"])).notifications] == ["open"]
     await store.save_incident(Incident.from_dict(dict(inc, state="resolved", resolved_at=2.0)), term=2)
     assert await store.open_incidents() == []
 

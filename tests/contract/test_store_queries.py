@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from relaywatch.incident import IncidentState
-from relaywatch.model import EntryStatus, NotificationState, RecipientStatus
+from relaywatch.model import EntryStatus, RecipientStatus
+from relaywatch.watch_records import NotificationState
 from relaywatch.store import queries, schema
 
 STORE = Path(queries.__file__).parent

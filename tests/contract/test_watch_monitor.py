@@ -85,4 +85,4 @@ async def test_only_the_leader_evaluates_and_a_stale_leaders_writes_are_refused(
     await a.tick()
     [down] = [i.to_dict() for i in await store.open_incidents()]
     assert (down["code"], down["node"]) == ("watch:node_down", "gone")
-    assert [n["transition"] for n in (await store.incident(down["id"])).notifications] == ["open"]
+    assert [n.transition for n in (await store.incident(down["id"])).notifications] == ["open"]

@@ -8,6 +8,7 @@ import time
 from helpers import LOOPBACK, Scripted, Sink, base_config
 from relaywatch.clock import SYSTEM_CLOCK
 from relaywatch.config import apply_overrides, parse_config
+from relaywatch.watch_records import Override, Setting
 from relaywatch.deliver.connector import DeliveryResult, LocalConnector, SmtpConnector, connector_for_route
 from relaywatch.deliver.record import classify_result
 from relaywatch.deliver.resolver import Resolver
@@ -116,7 +117,8 @@ async def test_a_dropped_session_is_not_reused(tmp_path):
 async def test_a_paused_connector_says_so(tmp_path):
     raw = base_config(tmp_path, connectors=[{"name": "partner", "type": "partner", "domains": ["partner.test"],
                                              "smart_hosts": ["127.0.0.1:25"], "tls": "none"}])
-    config = apply_overrides(parse_config(raw), {"connector:partner:paused": {"value": True}})
+    paused = Setting.CONNECTOR_PAUSED.of("partner")
+    config = apply_overrides(parse_config(raw), {paused: Override(paused, True, 1.0)})
     routes = SmtpRoutes(lambda: config, Resolver(config.dns))
     assert SmtpConnector(PARTNER, lambda: config, routes, SYSTEM_CLOCK).paused()
 

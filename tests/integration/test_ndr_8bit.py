@@ -347,7 +347,7 @@ async def test_store_keeps_an_entry_for_its_held_back_ndr_alone(store):
                        now + 5, notice_pending=held)
     kept = await store.get(entry_id)
     assert kept is not None and kept.notice_pending == held and kept.pending == []
-    assert [(h["id"], h["error"]) for h in await store.held_notices()] == [(entry_id, "OSError: disk")]
+    assert [(h.entry_id, h.error) for h in await store.held_notices()] == [(entry_id, "OSError: disk")]
     assert kept.status.value == "deferred" and kept.next_attempt_at == pytest.approx(now + 5)
     assert await store.lease("w", 10, 30, now + 1) == []          # not before its retry
     [again] = await store.lease("w", 10, 30, now + 6)

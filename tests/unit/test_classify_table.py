@@ -256,6 +256,7 @@ def test_certificate_observation_keeps_the_verify_code():
 from relaywatch.model import Failure  # noqa: E402
 from relaywatch.watch.diagnosis import diagnose  # noqa: E402
 from relaywatch.incident import Incident, IncidentKind, ProbeResult  # noqa: E402
+from relaywatch.watch_records import LastGood  # noqa: E402
 
 
 def _inc(code, subtype=None, kind=None, **error):
@@ -266,7 +267,7 @@ def _inc(code, subtype=None, kind=None, **error):
                     latest_error=failure)
 
 
-GOOD = {"ip": "192.0.2.5", "host": "mail.contoso.test", "at": 1_800_000_000.0}
+GOOD = LastGood("onprem", 1_800_000_000.0, host="mail.contoso.test", ip="192.0.2.5", port=25)
 
 
 @pytest.mark.parametrize("incident, last_good, probe, cause, words", [
@@ -302,6 +303,9 @@ def test_diagnosis_goes_by_the_failure_kind_not_the_code():
     incident = _inc("4.4.316", None, kind="smtp.transient_reply", reply="450 4.4.316 mailbox busy")
     d = diagnose(incident, GOOD)
     assert d.cause == "destination_reply" and "450 4.4.316 mailbox busy" in d.text
+    # The evidence is kept in the incident's JSON (diagnosis.facts) in the shape it always had.
+    assert d.facts["last_good"] == {"host": "mail.contoso.test", "ip": "192.0.2.5", "port": 25,
+                                    "at": 1_800_000_000.0, "tls": None}
 
 
 def test_diagnosis_of_an_expiring_certificate_is_its_detail():

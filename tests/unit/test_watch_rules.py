@@ -106,7 +106,8 @@ def test_the_backlog_rule_leaves_the_store_incident_alone():
 
 from relaywatch.classify.catalog import CATALOG  # noqa: E402
 from relaywatch.incident_facts import CertificateFacts, InvalidSource, NoticeFacts, QuotaFacts  # noqa: E402
-from relaywatch.watch.rules import CertificateSeen, HeldNotice  # noqa: E402
+from relaywatch.watch.rules import CertificateSeen  # noqa: E402
+from relaywatch.watch_records import HeldNotice  # noqa: E402
 
 QUOTA = replace(CONFIG, alerts=replace(CONFIG.alerts, invalid_recipient_quota=10, cert_warning_days=14))
 
@@ -129,7 +130,7 @@ OPEN_CERT = warning(IncidentKind.CERT_EXPIRING, "partner", facts=CertificateFact
 OPEN_QUOTA = warning(IncidentKind.INVALID_QUOTA, facts=QuotaFacts(80, 8, 10))
 OPEN_QUOTA_100 = warning(IncidentKind.INVALID_QUOTA, facts=QuotaFacts(100, 12, 10), severity=Severity.CRITICAL)
 OPEN_NOTICE = warning(IncidentKind.NOTICE_FAILED, facts=NoticeFacts(1), severity=Severity.CRITICAL)
-HELD = (HeldNotice("e1", "alice@c.test", "FileNotFoundError: body"), HeldNotice("e0", "bob@c.test", "x"))
+HELD = (HeldNotice("e1", "alice@c.test", "a", "FileNotFoundError: body"), HeldNotice("e0", "bob@c.test", "a", "x"))
 
 WARNINGS = [
     # certificate
