@@ -360,14 +360,15 @@ async def test_incidents_notifications_and_fixes(store):
     assert await store.overrides_version() != version
     assert await store.overrides() == {paused: Override(paused, True, 10.0, first["id"]),
                                        typed: Override(typed, "authoritative", 10.0, first["id"])}
-    undo = await store.apply_fix("ops", "undo pause", None, {"undoes": fix}, {}, [paused, typed], 11.0)
+    undo = await store.apply_fix("ops", "undo pause", first["id"], {"undoes": fix}, {}, [paused, typed], 11.0)
     assert await store.overrides() == {}
     assert await store.last_undoable(first["id"]) == AuditRecord(fix, 10.0, "ops", "pause", {"undo": {str(paused): None}},
                                                                  first["id"])
     await store.mark_undone(fix, 11.0)
     assert await store.last_undoable(first["id"]) is None
     assert (await store.incident(first["id"])).audit == (
-        AuditRecord(fix, 10.0, "ops", "pause", {"undo": {str(paused): None}}, first["id"], undone_at=11.0),)
+        AuditRecord(fix, 10.0, "ops", "pause", {"undo": {str(paused): None}}, first["id"], undone_at=11.0),
+        AuditRecord(undo, 11.0, "ops", "undo pause", {"undoes": fix}, first["id"]))
     assert [a.id for a in await store.audit_log()] == [undo, fix]
 
 
