@@ -12,12 +12,13 @@ from relaywatch.model import Entry
 from relaywatch.store import queries
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueryPage
-from relaywatch.store.entry_rows import Q as QUEUE, attach_recipients, entry_from_row, read_entry
+from relaywatch.store.entry_rows import Q as QUEUE, entry_from_row, read_entry, recipient_from_row
 from relaywatch.store.watch_rows import audit_of
 from relaywatch.watch_records import AuditRecord
 
 Q = queries.load("console.sql")
 assert Q["entry_columns"] == QUEUE["entry_columns"], "console.sql reads entries as entry_rows.entry_from_row takes them"
+ENTRY_WIDTH = len(Q["entry_columns"].split(","))   # page_entries: the entry's columns, then a recipient's
 
 
 class SqlConsole:
@@ -52,9 +53,12 @@ class SqlConsole:
     async def queue_page(self, page: QueryPage, now: float) -> list[Entry]:
         def q(conn: Any) -> list[Entry]:
             where, args = _page_where(page, now, self.dialect.last_reply)
-            entries = [entry_from_row(r, now) for r in conn.execute(Q["page_entries"].replace("{where}", where),
-                                                       (*args, page.limit))]
-            attach_recipients(conn, entries, include_final=True)
+            entries: list[Entry] = []
+            for row in conn.execute(Q["page_entries"].replace("{where}", where), (*args, page.limit)):
+                if not entries or entries[-1].id != row[0]:   # rows come in id order, an entry's together
+                    entries.append(entry_from_row(row[:ENTRY_WIDTH], now))
+                if row[ENTRY_WIDTH] is not None:             # LEFT JOIN: an entry without recipients
+                    entries[-1].recipients.append(recipient_from_row(*row[ENTRY_WIDTH:]))
             return entries
         return await self.engine.read(q)
 

@@ -44,8 +44,12 @@ AND last_code IS NULL AND received_at < ? LIMIT ?) found
 SELECT route_name, status, received_at FROM entries WHERE lease_until > ?
 
 -- page_entries --
--- A page of the queue for the HTTP API, in id order (keyset pagination).
-SELECT {entry_columns} FROM entries{where} ORDER BY id LIMIT ?
+-- A page of the queue for the HTTP API, in id order (keyset pagination), with every recipient of
+-- its entries in the same statement: one round trip, not one for the page and one for its
+-- recipients (the page's entries, then each one's recipients by recipients' key).
+SELECT page.*, r.position, r.address, r.status, r.last_error, r.dsn_notify, r.dsn_orcpt
+FROM (SELECT {entry_columns} FROM entries{where} ORDER BY id LIMIT ?) page
+LEFT JOIN recipients r ON r.entry_id = page.id ORDER BY page.id, r.position
 
 -- page_ids --
 SELECT id FROM entries{where} ORDER BY id LIMIT ?

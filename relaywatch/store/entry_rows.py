@@ -52,11 +52,16 @@ def attach_recipients(conn: Any, entries: list[Entry], include_final: bool = Fal
         return
     by_id = {e.id: e for e in entries}
     sql = queries.in_list(Q["recipients_of" if include_final else "waiting_recipients_of"], len(by_id))
-    for entry_id, position, address, status, last_error, notify, orcpt in conn.execute(sql, tuple(by_id)):
-        by_id[entry_id].recipients.append(Recipient(
-            address=address, status=RecipientStatus(status), position=position,
-            last_error=Failure.from_dict(json.loads(last_error)) if last_error else None,
-            dsn=RecipientDsn.from_stored(notify, orcpt)))
+    for entry_id, *recipient in conn.execute(sql, tuple(by_id)):
+        by_id[entry_id].recipients.append(recipient_from_row(*recipient))
+
+
+def recipient_from_row(position: int, address: str, status: str, last_error: str | None, notify: str | None,
+                       orcpt: str | None) -> Recipient:
+    """A ``recipients`` row (``recipient_columns`` of queue.sql, without its entry_id)."""
+    return Recipient(address=address, status=RecipientStatus(status), position=position,
+                     last_error=Failure.from_dict(json.loads(last_error)) if last_error else None,
+                     dsn=RecipientDsn.from_stored(notify, orcpt))
 
 
 def attach_bodies(conn: Any, entries: list[Entry]) -> None:
