@@ -36,7 +36,8 @@ def queue():
 @click.option("--connector", help="Only this connector (or local / internet).")
 @click.option("--status", type=click.Choice(STATUSES))
 @click.option("--route", type=click.Choice(ROUTE_KINDS), help="Only mail routed this way (local, connector, MX).")
-@click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply.")
+@click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply; "
+                    "<id@host>, in angle brackets: that Message-ID.")
 @click.option("--limit", default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
 def queue_list(config_path, connector, status, route, text, limit, as_json):

@@ -24,7 +24,8 @@ _QUEUE_FILTERS = (
     Param("route", "query", {"type": "string", "enum": list(ROUTE_KINDS)},
           "How it is routed: a local mailbox, a connector or the internet (MX)"),
     Param("text", "query", {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
-          "A substring (any case) of the sender, a recipient or a recipient's last reply"),
+          "A substring (any case) of the sender, a recipient or a recipient's last reply; "
+          "<id@host> (in angle brackets): the messages with that Message-ID"),
     Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100},
           "Entries per page"),
     Param("after", "query", {"type": "string"}, "Page after this id (the previous page's next_after)"),

@@ -130,7 +130,10 @@ def _page_where(page: QueryPage, now: float, last_reply: str) -> tuple[str, list
         add("has_recipient_in", page.domain.lower(), "%@" + _like(page.domain))
     if page.route:
         add("routed_as", page.route)
-    if page.text:
+    message_id = traces.message_id_of(page.text) if page.text else None
+    if message_id is not None:
+        add("has_message_id", *message_id)
+    elif page.text:
         where.append(Q["has_text"].replace("{last_reply}", last_reply))
         args.extend(["%" + _like(page.text) + "%"] * 3)
     return (" WHERE " + " AND ".join(where) if where else ""), args

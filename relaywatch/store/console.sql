@@ -93,6 +93,10 @@ OR (r.domain IS NULL AND lower(r.address) LIKE ? ESCAPE '!'))
 -- routed_as --
 route_kind = ?
 
+-- has_message_id --
+-- The text filter given a Message-ID in angle brackets: its two forms (store/trace.py message_id_of).
+message_id IN (?, ?)
+
 -- has_text --
 -- A substring of the sender, a recipient or a recipient's last reply; the three parameters are
 -- "%text%" with LIKE's wildcards escaped by "!"; {last_reply} is the dialect's JSON read of it.

@@ -13,7 +13,12 @@ from relaywatch.watch_records import AuditRecord
 
 
 def _has_text(r, text: str) -> bool:
-    """As console.sql has_text: in the sender, a recipient or a recipient's last reply."""
+    """As console.sql has_text: in the sender, a recipient or a recipient's last reply; or, given
+    a Message-ID in angle brackets, has_message_id: that Message-ID."""
+    message_id = traces.message_id_of(text)
+    if message_id is not None:
+        return r.message_id in message_id
+    text = text.lower()
     return text in r.sender.lower() or any(
         text in x.address.lower() or (x.last_error is not None and text in (x.last_error.reply or "").lower())
         for x in r.recipients)
@@ -52,7 +57,7 @@ class MemoryConsole:
                     or (page.recipient and page.recipient.lower() not in addresses)
                     or (page.domain and page.domain.lower() not in {domain_of(a) for a in addresses})
                     or (page.route and r.route.kind.value != page.route)
-                    or (page.text and not _has_text(r, page.text.lower()))):
+                    or (page.text and not _has_text(r, page.text))):
                 continue
             keep.append(r)
             if len(keep) == page.limit:

@@ -82,6 +82,10 @@ CREATE INDEX IF NOT EXISTS entries_deferred ON entries
     (route_name, last_code, received_at, expires_at, first_failure_at, waiting)
     WHERE status = {EntryStatus.DEFERRED} AND last_code IS NOT NULL;
 CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
+-- The queued entries of a Message-ID (the trace by Message-ID, the queue's text filter given one
+-- in angle brackets: store/trace.py message_id_of): two seeks, the header's form and the bare one.
+-- A queue made before it gets it when a node first opens it (PostgreSQL: SCHEMA_RELATIONS).
+CREATE INDEX IF NOT EXISTS entries_message_id ON entries (message_id);
 -- The entries per (connector, status, code of the latest deferral; '' for none), kept by triggers
 -- (COUNT_TRIGGERS) in the transaction of every insert, delete and change of those columns, so the
 -- queue gauges never count a million rows.  SQLite's triggers add to queue_counts.  PostgreSQL's

@@ -73,3 +73,13 @@ def message_id_forms(message_id: str) -> tuple[str, str]:
     """A Message-ID with and without its angle brackets (the header keeps them; people often do not)."""
     bare = message_id.strip().strip("<>")
     return f"<{bare}>", bare
+
+
+def message_id_of(text: str) -> tuple[str, str] | None:
+    """``message_id_forms`` of ``text`` when it is written as a Message-ID is in the header,
+    ``<left@right>`` without spaces, else None: the queue's text filter then looks for that
+    Message-ID (an index seek), not for a substring of every sender, recipient and reply."""
+    text = text.strip()
+    if len(text) > 3 and text[0] == "<" and text[-1] == ">" and "@" in text and not any(c.isspace() for c in text):
+        return message_id_forms(text)
+    return None

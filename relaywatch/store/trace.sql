@@ -11,7 +11,7 @@ DELETE FROM traces WHERE ended_at < ?
 SELECT data FROM traces WHERE entry_id = ?
 
 -- live_ids_of_message --
--- The queued entries of a Message-ID (no index: a search, not on the message path).
+-- The queued entries of a Message-ID: two seeks of entries_message_id.
 SELECT id FROM entries WHERE message_id IN (?, ?) ORDER BY id
 
 -- kept_ids_of_message --
