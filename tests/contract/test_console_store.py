@@ -184,3 +184,101 @@ async def test_the_domain_filter_finds_rows_from_before_the_column_and_from_old_
     for domain in DOMAINS:
         assert await _domain_pages(sql_store, domain, now) == await _brute_force(sql_store, domain), domain
     assert "OLD1" in await _domain_pages(sql_store, "x.test", now)
+
+
+async def test_a_queue_page_has_every_recipient_of_its_entries_in_order(store):
+    """The page and its recipients come from one statement (store/console.sql page_entries): each
+    entry has all its recipients, delivered ones too, in position order, with their last reply,
+    on every page of a filtered keyset walk."""
+    from dataclasses import replace
+    now = time.time()
+    ids = []
+    for i in range(7):
+        rcpts = [(f"r{i}-{n}@{'x' if n % 2 else 'y'}.test", A if i % 3 else B) for n in range(i % 4 + 1)]
+        ids += await store.enqueue(replace(msg(rcpts, now=now - 100 + i), message_id=f"<m{i}@x>"))
+    await defer(store, ids[0], "r0-0@y.test", "4.4.316", now)    # the oldest: one recipient
+    three = ids[2]                                                # three recipients on connector a
+    await store.record(three, None, None, [RecipientOutcome("r2-1@x.test", RecipientStatus.DELIVERED)], now)
+
+    async def walk(**kw):
+        pages, after = [], None
+        while True:
+            page = await store.queue_page(QueryPage(limit=2, after=after, **kw), now)
+            pages += page
+            if len(page) < 2:
+                return pages
+            after = page[-1].id
+    for kw in ({}, {"connector": "a"}, {"domain": "x.test"}, {"status": "queued", "connector": "a"}):
+        walked = await walk(**kw)
+        assert [e.id for e in walked] == [e.id for e in await store.queue_page(QueryPage(**kw), now)], kw
+        for e in walked:
+            full = await store.get(e.id)
+            assert [(r.position, r.address, r.status) for r in e.recipients] == \
+                [(r.position, r.address, r.status) for r in full.recipients], (kw, e.id)
+            assert [r.last_error for r in e.recipients] == [r.last_error for r in full.recipients]
+    by_id = {e.id: e for e in await walk()}
+    assert len(by_id) == 7 and [len(by_id[i].recipients) for i in ids] == [i % 4 + 1 for i in range(7)]
+    assert by_id[ids[0]].recipients[0].last_error.code == "4.4.316"
+    assert [r.status for r in by_id[three].recipients] == [RecipientStatus.PENDING, RecipientStatus.DELIVERED,
+                                                           RecipientStatus.PENDING]
+
+
+async def test_the_text_filter_given_a_message_id_in_brackets_finds_that_message(store):
+    """``<left@right>`` is a Message-ID as the header writes it: the entries with it (either form
+    stored), through entries_message_id; without the brackets it is a substring as before."""
+    from dataclasses import replace
+    now = time.time()
+    [one] = await store.enqueue(replace(msg([("u1@x.test", A)], now=now - 30), message_id="<id1@client.test>"))
+    [bare] = await store.enqueue(replace(msg([("u2@x.test", A)], now=now - 20), message_id="id1@client.test"))
+    [other] = await store.enqueue(replace(msg([("id1@client.test", A)], now=now - 10), message_id="<id2@client.test>"))
+
+    async def page(text):
+        return [e.id for e in await store.queue_page(QueryPage(text=text), now)]
+    assert await page("<id1@client.test>") == sorted([one, bare])
+    assert await page("  <id1@client.test> ") == sorted([one, bare])
+    assert await page("<ID1@client.test>") == []            # a Message-ID is compared exactly
+    assert await page("id1@client.test") == [other]         # no brackets: a substring of a recipient
+    assert await page("<id2@client.test>") == [other]
+    assert await page("<nobody@client.test>") == []
+    assert await store.queue_page_ids(QueryPage(text="<id1@client.test>", limit=1), now) == sorted([one, bare])[:1]
+    assert await store.trace_ids("id1@client.test") == sorted([one, bare])
+
+
+async def test_a_message_id_is_a_seek_of_its_index_also_in_a_queue_from_before_it(sql_store, tmp_path, request):
+    """The trace by Message-ID and the text filter given one read entries_message_id, not every
+    entry; a queue made before the index gets it when it is next opened."""
+    from relaywatch.store import trace as traces
+    from relaywatch.store.console import Q as CONSOLE, _page_where
+    await sql_store.enqueue(msg([("u@x.test", A)]))
+    await sql_store.close()
+    if sql_store.backend == "sqlite":
+        import sqlite3
+        conn = sqlite3.connect(tmp_path / "q.sqlite3")
+    else:
+        import psycopg
+        conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
+    conn.execute("DROP INDEX entries_message_id")
+    if sql_store.backend == "sqlite":
+        conn.commit()
+    conn.close()
+    await sql_store.open()
+    where, args = _page_where(QueryPage(text="<m@x>"), 1.0, sql_store.dialect.last_reply)
+    page_ids = CONSOLE["page_ids"].replace("{where}", where)
+
+    def plans(c):
+        if sql_store.backend == "postgres":
+            # A tiny table, read whole or in id order (entries_pkey, with a filter): show what
+            # the condition allows when neither is taken.
+            c.execute("SET enable_seqscan = off")
+            c.execute("SET enable_indexscan = off")
+        try:
+            return [" ".join(str(row[-1]) for row in c.execute("EXPLAIN " + ("QUERY PLAN " if sql_store.backend
+                                                                            == "sqlite" else "") + sql, params))
+                    for sql, params in ((traces.Q["live_ids_of_message"], ("<m@x>", "m@x")), (page_ids, (*args, 50)))]
+        finally:
+            if sql_store.backend == "postgres":
+                c.execute("RESET enable_seqscan")
+                c.execute("RESET enable_indexscan")
+    for plan in await sql_store._read(plans):
+        assert "entries_message_id" in plan, plan
+    assert len(await sql_store.trace_ids("<m@x>")) == 1
