@@ -140,6 +140,69 @@ async def test_queue_filters_and_pages(relay_factory):
             assert [m["id"] for m in got] == expected, params
 
 
+@pytest.mark.both_stores
+async def test_the_queue_pages_by_id_with_filters_and_every_recipient(relay_factory):
+    """Keyset pages, through the API (small pages) and the console page (100 a page, its Next
+    link), filtered, each message with every recipient; the text filter given a Message-ID."""
+    import html
+    import re
+    import time
+
+    from relaywatch.model import NewMessage, Route, RouteKind, StoredBody
+    p, q = Route(RouteKind.CONNECTOR, "p"), Route(RouteKind.CONNECTOR, "q")
+    relay = await relay_factory(connectors=[*partner(free_port()), {**partner(free_port())[0], "name": "q",
+                                                                     "domains": ["quux.test"]}],
+                                queue={"retry_intervals": ["1h"]})
+    rcpts = {0: lambda i: [(f"a{i}@partner.test", p), (f"b{i}@sub.partner.test", p)],
+             1: lambda i: [(f"c{i}@partner.test", p)],
+             2: lambda i: [(f"d{i}@quux.test", q), (f"e{i}@quux.test", q), (f"f{i}@quux.test", q)]}
+    data, now, expected = b"Subject: x\r\n\r\nbody\r\n", time.time(), {}
+    for i in range(230):
+        [entry_id] = await relay.app.store.enqueue(NewMessage(
+            sender="s@client.test", recipients=tuple(rcpts[i % 3](i)), body=StoredBody(size=len(data), data=data),
+            received_at=now, expires_at=now + 3600, message_id=f"<m{i}@client.test>"))
+        expected[entry_id] = (i, [a for a, _ in rcpts[i % 3](i)])
+    async with client(relay) as http:
+        async def all_deferred():
+            got = (await http.get("/api/v1/queue", params={"status": "deferred", "limit": 1000})).json()
+            return len(got["messages"]) == len(expected)
+        await eventually(all_deferred, what="every message tried and deferred")
+
+        async def api_walk(limit, **filters):
+            seen, after = [], None
+            while True:
+                page = (await http.get("/api/v1/queue", params={"limit": limit, **filters,
+                                                                 **({"after": after} if after else {})})).json()
+                assert len(page["messages"]) <= limit
+                for m in page["messages"]:
+                    assert [r["address"] for r in m["recipients"]] == expected[m["id"]][1], m
+                seen += [m["id"] for m in page["messages"]]
+                if page["next_after"] is None:
+                    return seen
+                after = page["next_after"]
+        on_p = sorted(i for i, (n, _) in expected.items() if n % 3 != 2)
+        assert await api_walk(7, connector="p", status="deferred") == on_p
+        assert await api_walk(10, domain="sub.partner.test") == sorted(i for i, (n, _) in expected.items() if n % 3 == 0)
+        assert await api_walk(1000) == sorted(expected)
+        assert await api_walk(3, text="<m7@client.test>") == [i for i, (n, _) in expected.items() if n == 7]
+
+        seen, url, pages = [], "/queue?connector=p", 0
+        while url:
+            page = await http.get(url)
+            assert page.status_code == 200
+            rows = re.findall(r'<tr data-id="([0-9A-F]+)">(.*?)</tr>', page.text, re.S)
+            assert len(rows) <= 100
+            for entry_id, row in rows:
+                assert all(address in row for address in expected[entry_id][1]), entry_id
+            seen += [entry_id for entry_id, _ in rows]
+            pages += 1
+            link = re.search(r'<a href="(/queue\?[^"]*after=[^"]*)">Next page</a>', page.text)
+            url = html.unescape(link.group(1)) if link else None
+        assert seen == on_p and pages == 2
+        page = await http.get("/queue", params={"text": "<m8@client.test>"})
+        assert re.findall(r'<tr data-id="([0-9A-F]+)">', page.text) == [i for i, (n, _) in expected.items() if n == 8]
+
+
 async def test_incidents_and_connectors(relay_factory):
     relay, listed = await stuck_relay(relay_factory, alerts={"open_after": "0s", "evaluate_interval": "0.2s",
                                                              "probe_interval": "1h"})
