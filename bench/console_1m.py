@@ -232,7 +232,8 @@ def run(messages: int, store: str, repeat: int, only: list[str] | None = None) -
             "queue_code": f"/queue?code={CODES[2]}",
             "queue_held_on_connector": "/queue?status=held&connector=fabrikam",
             "queue_older_than": "/queue?older_than=20h",
-            "queue_domain": "/queue?domain=d7.partner.test",
+            "queue_domain": "/queue?domain=d7.partner.test",          # none: d7 is always contoso's
+            "queue_domain_5000": "/queue?domain=d7.contoso.test",     # 1 entry in 200
             "incident": f"/incidents/{incidents[0]['id']}",
             "message": f"/queue/{first}",
             "api_queue": "/api/v1/queue",

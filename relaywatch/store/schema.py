@@ -117,9 +117,9 @@ CREATE TABLE IF NOT EXISTS recipients (
     domain     TEXT,                    -- the address's domain, lower case A-labels (store/queue.py domain_of)
     PRIMARY KEY (entry_id, position)
 ){WITHOUT_ROWID};
--- The console's queue filtered by a recipient domain (store/console.sql has_recipient_in): a seek,
--- not a scan of every recipient.  Rows of nodes of the previous version (domain NULL) are one
--- more seek.
+-- The console's queue filtered by a recipient domain (store/console.sql in_domain): a range in
+-- entry_id order, not a scan of every recipient.  Rows of nodes of the previous version (domain
+-- NULL) are one more range (in_no_domain).
 CREATE INDEX IF NOT EXISTS recipients_domain ON recipients (domain, entry_id);
 CREATE TABLE IF NOT EXISTS incidents (
     id          {SERIAL},

@@ -186,6 +186,41 @@ async def test_the_domain_filter_finds_rows_from_before_the_column_and_from_old_
     assert "OLD1" in await _domain_pages(sql_store, "x.test", now)
 
 
+async def test_the_domain_filter_reads_the_domain_in_batches_as_one_walk(sql_store, monkeypatch):
+    """The domain filter reads the domain's recipients a batch at a time (store/console.py
+    _by_domain), with and without a domain (an old node's), an entry with two of them once;
+    batches of one and two here: every page is still the walk's."""
+    from relaywatch.store import console
+    monkeypatch.setattr(console, "DOMAIN_IDS", 1)
+    monkeypatch.setattr(console, "DOMAIN_IDS_MAX", 2)
+    now = time.time()
+    ids = []
+    for i in range(12):
+        rcpts = [(f"u{i}@{'x.test' if i % 3 else 'y.test'}", A), *([(f"v{i}@X.test", A)] if i % 2 else [])]
+        ids += await sql_store.enqueue(msg(rcpts, now=now - 100 + i))
+
+    def old_node(c, cleanup):   # a node of the previous version: no domain; its ids among ours
+        c.execute("INSERT INTO bodies (id, data, path, size, refs) VALUES ('B1', NULL, NULL, 4, 3)")
+        for n, near in enumerate(ids[::4]):
+            c.execute("INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, "
+                      "next_attempt_at, route_kind, route_name, route_domain, size, message_id, client, is_dsn, "
+                      f"waiting) VALUES ('{near[:-1]}G', 'B1', 's@x', 1, 9999999999, 'queued', 0, 9999999999, "
+                      "'connector', 'a', '', 4, '', '', 0, 2)")
+            for position, address in enumerate((f"o{n}@X.TEST", f"p{n}@{'x' if n % 2 else 'y'}.test")):
+                c.execute("INSERT INTO recipients (entry_id, position, address, status) "
+                          f"VALUES ('{near[:-1]}G', {position}, '{address}', 'pending')")
+    await sql_store.engine.write(old_node)
+    await sql_store.hold(ids[5])
+    for limit in (1, 2, 3, 100):
+        for domain in ("x.test", "y.test", "none.test"):
+            assert await _domain_pages(sql_store, domain, now, limit) == await _brute_force(sql_store, domain), \
+                (domain, limit)
+    assert [e.id for e in await sql_store.queue_page(QueryPage(domain="x.test", status="held"), now)] == [ids[5]]
+    old = [e for e in await sql_store.queue_page(QueryPage(domain="x.test", after=ids[4]), now) if e.id[-1] == "G"]
+    assert [e.id for e in old] == [ids[4][:-1] + "G", ids[8][:-1] + "G"]
+    assert [r.address for r in old[0].recipients] == ["o1@X.TEST", "p1@x.test"]
+
+
 async def test_a_queue_page_has_every_recipient_of_its_entries_in_order(store):
     """The page and its recipients come from one statement (store/console.sql page_entries): each
     entry has all its recipients, delivered ones too, in position order, with their last reply,

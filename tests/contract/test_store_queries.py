@@ -99,8 +99,15 @@ def test_the_console_domain_filter_seeks_recipients_domain_on_sqlite():
     from relaywatch.store.base import QueryPage
     conn = sqlite3.connect(":memory:")
     conn.executescript(schema.render("sqlite"))
-    where, args = _page_where(QueryPage(domain="x.test", limit=50), 1.0, "r.last_error")
-    plan = " ".join(row[-1] for row in conn.execute(
-        "EXPLAIN QUERY PLAN " + CONSOLE["page_ids"].replace("{where}", where), (*args, 50)))
-    assert "SEARCH r USING" in plan and "recipients_domain (domain=?)" in plan, plan
-    assert "SCAN entries" not in plan, plan
+    from relaywatch.store import queries as named
+
+    def plan(sql, args):
+        return " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+    # The domain's recipients, and those without a domain, each a range of recipients_domain in its order.
+    found = plan(CONSOLE["in_domain"], ("x.test", "", 400, "%@x.test", "", 400))
+    assert found.count("recipients_domain (domain=? AND entry_id>?)") == 2 and "TEMP B-TREE" not in found, found
+    # Then the page's entries among those ids: by key.
+    where, args = _page_where(QueryPage(status="queued", limit=50), 1.0, "r.last_error", in_ids=3)
+    found = plan(CONSOLE["page_ids"].replace("{where}", where), (*args, "A", "B", "C", 50))
+    assert "SEARCH entries USING" in found and "(id=?)" in found and "SCAN entries" not in found, found
+    assert named.in_list(CONSOLE["in_ids"], 2) == "entries.id IN (?,?)"
