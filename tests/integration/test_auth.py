@@ -252,7 +252,8 @@ async def test_an_authenticated_client_is_dkim_signed_and_an_unauthenticated_one
 
 # -- brute force -------------------------------------------------------------------------------
 
-async def test_failed_logins_block_the_ip_even_for_the_right_password(relay, client_tls):
+async def test_failed_logins_block_the_ip_even_for_the_right_password(relay, client_tls, caplog):
+    caplog.set_level(logging.INFO, logger="relaywatch.mail")
     r = await relay(auth_max_failures=3, auth_block_time="10m")
     receiver = r.app.receiver
     counted_before = dict(events.counts)
@@ -289,6 +290,11 @@ async def test_failed_logins_block_the_ip_even_for_the_right_password(relay, cli
     assert {name: counted[name] - before.get(name, 0) for name in counted if "auth" in name} == {
         "relaywatch_smtp_auth_succeeded_total": 1, "relaywatch_smtp_auth_failed_total": 3,
         "relaywatch_smtp_auth_blocks_total": 1, "relaywatch_smtp_auth_refused_total": metrics["auth_refused_blocked"]}
+    # And the mail log says so: each failure, the block (once) and the logins refused during it, by IP.
+    logged = [(rec.mail_event, rec.mail_fields.get("client")) for rec in caplog.records
+              if getattr(rec, "mail_event", "").startswith("auth_")]
+    assert logged.count(("auth_failed", UNTRUSTED)) == 3 and logged.count(("auth_blocked", UNTRUSTED)) == 1
+    assert logged.count(("auth_refused", UNTRUSTED)) == metrics["auth_refused_blocked"]
 
 
 async def test_the_block_expires(relay, client_tls):
@@ -315,6 +321,26 @@ async def test_the_block_expires(relay, client_tls):
     clock.advance(1)
     assert await smtplib_session(r, "smtp", client_tls, login) == 235
     assert r.app.receiver.auth_metrics()["auth_blocked_ips"] == 0
+
+
+async def test_a_wrong_password_is_answered_only_after_the_delay(relay, client_tls):
+    # On the test's clock: the 535 waits for server.auth_failure_delay times the failures so far,
+    # and comes when the clock passes it, not before (no real seconds pass, nothing is timed).
+    clock = FakeClock()
+    r = await relay(clock=clock, auth_max_failures=5, auth_failure_delay="2s")
+    client = await aiosmtplib_client(r, "submissions", client_tls, use_tls=True, source_address=(UNTRUSTED, 0))
+    for failures in (1, 2):
+        reply = asyncio.ensure_future(client.auth_plain("alice", "guess"))
+        due = clock.now() + 2 * failures
+        await eventually(lambda: any(at == due for at, _ in clock._sleepers), what="the reply to be held back")
+        clock.advance(2 * failures - 0.5)
+        await asyncio.sleep(0)
+        assert not reply.done(), "the 535 came before the delay was over"
+        clock.advance(0.5)
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as refused:
+            await asyncio.wait_for(reply, 10)
+        assert refused.value.code == 535
+    await client.quit()
 
 
 # -- the users file ------------------------------------------------------------------------------
