@@ -63,6 +63,13 @@ def to_unicode(domain: str) -> str:
     return ".".join(out)
 
 
+def domain_both_ways(domain: str) -> str:
+    """An IDN as U-labels, with the A-labels DNS uses after it: ``παράδειγμα.test = xn--...test``
+    (where a route's domain is shown: what people wrote and what was looked up)."""
+    shown = to_unicode(domain)
+    return shown if shown == domain else f"{shown} = {domain}"
+
+
 def address_to_unicode(address: str) -> str:
     """``local@domain`` with the domain as U-labels (the local part as it is)."""
     local, at, domain = address.rpartition("@")

@@ -19,7 +19,7 @@ from relaywatch.config import Config
 from relaywatch.console.api import trace_search as api_trace_search
 from relaywatch.console.api_input import ROUTE_KINDS, BadInput, queue_page as api_queue_page
 from relaywatch.dsn_params import mail_params, rcpt_params
-from relaywatch.idn import address_to_unicode, to_unicode
+from relaywatch.idn import address_to_unicode, domain_both_ways, to_unicode
 from relaywatch.model import Entry, dest_label, iso
 from relaywatch.store.base import QueueQuery, Selector
 
@@ -67,12 +67,12 @@ def queue_list(config_path, connector, status, route, text, limit, as_json):
         table.add_column(col, overflow="fold")
     for e in entries:
         err = e.last_error
-        pending = [r.address for r in e.recipients if not r.status.is_final]
-        table.add_row(e.id, e.status.value, e.route.name + (f" ({e.route.domain})" if e.route.domain else ""),
+        pending = [address_to_unicode(r.address) for r in e.recipients if not r.status.is_final]   # IDN: U-labels
+        table.add_row(e.id, e.status.value, e.route.name + (f" ({to_unicode(e.route.domain)})" if e.route.domain else ""),
                       age(e.received_at, now), str(e.attempts),
                       "-" if e.status.value in ("held", "active") else age(e.next_attempt_at, now),
                       f"{err.code} {err.subtype or ''}".strip() if err else "",
-                      e.sender or "<>", ", ".join(pending[:3]) + (f" +{len(pending) - 3}" if len(pending) > 3 else ""))
+                      address_to_unicode(e.sender) if e.sender else "<>", ", ".join(pending[:3]) + (f" +{len(pending) - 3}" if len(pending) > 3 else ""))
     console.print(table)
     click.echo(f"{len(entries)} message(s); `relaywatch queue show ID` explains an error, "
                f"`relaywatch errors CODE` what to do about it")
@@ -134,9 +134,9 @@ def _trace_detail(ev: dict) -> str:
     """One trace event in a line (the JSON has every field)."""
     if ev["event"] == "received":
         return (f"from {ev['client'] or '-'} helo={ev['helo'] or '-'} auth={ev['auth_user'] or '-'} "
-                f"<{ev['sender']}> -> {', '.join(ev['recipients'])}")
+                f"<{address_to_unicode(ev['sender'])}> -> {', '.join(map(address_to_unicode, ev['recipients']))}")
     if ev["event"] == "attempt":
-        rcpts = "; ".join(f"{r['address']} {r['status']}" + (f" {r['code']}" if r["code"] else "")
+        rcpts = "; ".join(f"{address_to_unicode(r['address'])} {r['status']}" + (f" {r['code']}" if r["code"] else "")
                           + (f" \"{r['reply']}\"" if r["reply"] else "") for r in ev["recipients"])
         return f"#{ev['n']} {ev['host'] or '-'}[{ev['ip'] or '-'}] {ev['duration']:.2f}s: {rcpts}"
     if ev["event"] == "action":
@@ -144,12 +144,6 @@ def _trace_detail(ev: dict) -> str:
     if ev["event"] in ("ndr_sent", "delay_notice_sent"):
         return " ".join(ev["ids"])
     return f"to {ev['moved_to']}" if ev.get("moved_to") else ""
-
-
-def _domain_for_people(domain: str) -> str:
-    """An IDN as U-labels, with the A-labels DNS uses after it: ``παράδειγμα.test = xn--...test``."""
-    shown = to_unicode(domain)
-    return shown if shown == domain else f"{shown} = {domain}"
 
 
 def _marks(e: Entry) -> list[str]:
@@ -171,7 +165,7 @@ def _print_entry(e: Entry, config: Config) -> None:
     click.echo(f"  From:        {address_to_unicode(e.sender) if e.sender else '<>'}")   # IDN as U-labels
     click.echo(f"  Message-ID:  {e.message_id or '-'}")
     click.echo(f"  Route:       {e.route.kind.value} {e.route.name}"
-               + (f" ({_domain_for_people(e.route.domain)})" if e.route.domain else ""))
+               + (f" ({domain_both_ways(e.route.domain)})" if e.route.domain else ""))
     click.echo(f"  Received:    {iso(e.received_at)} ({age(e.received_at, now)} ago), {e.size} bytes")
     click.echo(f"  Expires:     {iso(e.expires_at)} ({age(e.expires_at, now)})")
     if e.status.value not in ("held", "active"):

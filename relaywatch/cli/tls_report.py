@@ -11,6 +11,7 @@ import click
 from relaywatch import views
 from relaywatch.cli.common import config_option, echo_json, read_config, with_store
 from relaywatch.deliver.tls_report import utc_day
+from relaywatch.idn import domain_both_ways
 
 
 def _day(_ctx, _param, value: str | None) -> str:
@@ -46,7 +47,7 @@ def tls_report_show(config_path, day, as_json):
         click.echo(f"No TLS sessions to domains with a policy (or by MX) recorded on {day} (UTC).")
         return
     for d in data["domains"]:
-        click.echo(d["policy_domain"])
+        click.echo(domain_both_ways(d["policy_domain"]))     # an IDN as people write it, and as looked up
         for p in d["policies"]:
             s = p["summary"]
             click.echo(f"  {p['policy']['policy-type']}: {s['total-successful-session-count']} session(s) ok, "

@@ -37,6 +37,7 @@ import jinja2
 
 from relaywatch import events
 from relaywatch.classify.catalog import lookup
+from relaywatch.idn import address_to_unicode, domain_both_ways
 from relaywatch.model import iso
 
 from relaywatch.console import metrics
@@ -96,6 +97,9 @@ class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages, 
             undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
         self.env.filters["iso"] = lambda t: iso(t) if isinstance(t, (int, float)) else (t or "—")
         self.env.filters["ago"] = ago
+        # IDNs as people write them (U-labels); the JSON and the links keep what is stored (A-labels).
+        self.env.filters["address"] = lambda a: address_to_unicode(a) if a else a
+        self.env.filters["domain"] = lambda d: domain_both_ways(d) if d else d
         self.env.globals["catalog"] = lambda kind: lookup(kind) if kind else None
         self.env.globals["connector_type"] = lambda name: getattr(self.app.config.connector(name), "type", None)
         self.env.globals["notified_to"] = lambda channel: notified_to(self.app.config, channel)

@@ -386,6 +386,53 @@ async def test_queue_show_shows_the_idn_as_u_labels(relay_factory):
     assert f"(παράδειγμα.test = {A_LABEL})" in text                       # the route's domain, both ways
 
 
+async def test_people_see_u_labels_in_every_table_and_page_and_the_json_keeps_a_labels(relay_factory):
+    """queue list, queue trace, tls-report show and the console's queue, message, trace and
+    TLS report pages show an IDN as U-labels (the route's domain both ways); JSON and links
+    keep what is stored and routed (A-labels)."""
+    import html
+    import time
+
+    import httpx
+    from relaywatch.deliver.tls_report import utc_day
+    from relaywatch.tls_results import TlsCount
+    relay = await relay_factory(connectors=[{"name": "greek", "type": "partner", "domains": ["παράδειγμα.test"],
+                                             "tls": "none"}],
+                                dns={"nameservers": [f"{LOOPBACK}:{free_port()}"], "timeout": "1s"})
+    await relay.send(f"alice@{A_LABEL}", [GREEK], message(), mail_options=["SMTPUTF8"])
+    [entry] = await eventually(relay.queue, what="the queued message")
+    assert (entry["sender"], entry["recipients"][0]["address"]) == (f"alice@{A_LABEL}", f"δοκιμή@{A_LABEL}")
+    day = utc_day(time.time())
+    await relay.store.add_tls_counts([TlsCount(day, A_LABEL, "no-policy-found", (), count=2)])
+    sender = "alice@παράδειγμα.test"
+
+    from click.testing import CliRunner
+    from relaywatch.cli import main as cli_main
+    wide = await asyncio.to_thread(CliRunner().invoke, cli_main, ["queue", "list", "-c", str(relay.config_path)],
+                                   env={"COLUMNS": "250"})
+    listed = wide.output
+    assert GREEK in listed and sender in listed and A_LABEL not in listed
+    traced = (await relay.cli("queue", "trace", entry["id"])).output
+    assert f"<{sender}> -> {GREEK}" in traced and A_LABEL not in traced
+    tls = (await relay.cli("tls-report", "show")).output
+    assert f"παράδειγμα.test = {A_LABEL}" in tls
+    assert (await relay.cli_json("tls-report", "show"))["domains"][0]["policy_domain"] == A_LABEL
+
+    host, port = relay.app.console.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
+        assert (await http.get("/")).status_code == 200           # the session cookie
+        pages = {path: html.unescape((await http.get(path)).text) for path in (
+            "/queue", f"/queue/{entry['id']}", f"/trace?q={entry['id']}", f"/tls-reports?date={day}")}
+    for path, text in pages.items():
+        assert GREEK in text or "παράδειγμα.test" in text, path
+    assert sender in pages["/queue"] and GREEK in pages["/queue"] and A_LABEL not in pages["/queue"]
+    message_page = pages[f"/queue/{entry['id']}"]
+    assert f"From</dt><dd>{sender}" in message_page and f"{GREEK} <i>" in message_page
+    assert f"(παράδειγμα.test = {A_LABEL})" in message_page                 # the route's domain, both ways
+    assert f"{sender} → {GREEK}" in pages[f"/trace?q={entry['id']}"]
+    assert f"<h2>παράδειγμα.test = {A_LABEL}</h2>" in pages[f"/tls-reports?date={day}"]
+
+
 @pytest.mark.parametrize("offers, expected", [(True, "250 2.1.5 "), (False, "553 5.6.7 ")])
 async def test_verifying_a_utf8_recipient_asks_with_smtputf8_or_refuses_with_5_6_7(relay_factory, offers, expected):
     asked = []
