@@ -165,8 +165,10 @@ def report_message(config: Config, data: dict, rua: list[str], now: float) -> Ne
 
 
 def incident_line(facts: dict) -> str | None:
-    """The line an MTA-STS (or DANE) incident's text gets from the day's TLS results
-    (watch/tls_report.py ``TlsReporter.incident_facts``), or None without any."""
+    """The lines an MTA-STS (or DANE) incident's text gets from the day's TLS results
+    (watch/tls_report.py ``TlsReporter.incident_facts``), or None without any: the
+    failures by result type and where the report goes, then the report's failure-details
+    (what the partner is told: the MX, the address, its failure-reason-code)."""
     failures = facts.get("failures") or []
     domain = facts.get("policy_domain", "the domain")
     if not failures:
@@ -179,4 +181,11 @@ def incident_line(facts: dict) -> str | None:
         where = f"the daily TLS report goes to rua={','.join(facts['rua'])}"
     else:
         where = f"{domain} publishes no _smtp._tls record, so no TLS report is sent"
-    return f"{total} session(s) to {domain} failed today (UTC): {counted}; {where}."
+    lines = [f"{total} session(s) to {domain} failed today (UTC): {counted}; {where}."]
+    for d in facts.get("failure_details") or ():      # absent from incidents stored before it was kept
+        at = " ".join(x for x in (d.get("receiving-mx-hostname"), d.get("receiving-ip") and f"[{d['receiving-ip']}]")
+                      if x)
+        reason = d.get("failure-reason-code")
+        lines.append(f"  {d.get('failed-session-count')} {d.get('result-type')}" + (f" at {at}" if at else "")
+                     + (f": {json.dumps(reason, ensure_ascii=False)}" if reason else ""))   # remote text, quoted
+    return "\n".join(lines)

@@ -41,7 +41,8 @@ from relaywatch.deliver.resolver import DnsFailure, Resolver
 from relaywatch.deliver.tls_report import utc_day
 from relaywatch.errors import StoreError
 from relaywatch.model import NewMessage, StoredBody
-from relaywatch.notify.tls_report import MEDIA_TYPE, parse_tlsrpt, report, report_file, report_id, report_message
+from relaywatch.notify.tls_report import (MEDIA_TYPE, parse_tlsrpt, policies, report, report_file, report_id,
+                                          report_message)
 from relaywatch.receive.dkim_sign import sign_message
 from relaywatch.store.base import Store
 
@@ -99,9 +100,10 @@ class TlsReporter:
         """Today's failures of a domain's sessions and where its report goes, for an incident."""
         now = self.clock()
         day = utc_day(now)
+        counts = [c for c in await self.store.tls_counts(day) if c.policy_domain == policy_domain]
         failures: dict[str, int] = {}
-        for c in await self.store.tls_counts(day):
-            if c.policy_domain == policy_domain and c.result_type:
+        for c in counts:
+            if c.result_type:
                 failures[c.result_type] = failures.get(c.result_type, 0) + c.count
         try:
             rua = list(parse_tlsrpt(await self.resolver.txt(f"_smtp._tls.{policy_domain}")))
@@ -109,7 +111,10 @@ class TlsReporter:
             rua = []
         return {"policy_domain": policy_domain, "day": day, "rua": rua,
                 "enabled": self.config_ref().tls_reporting.enabled,
-                "failures": sorted(failures.items(), key=lambda item: (-item[1], item[0]))}
+                "failures": sorted(failures.items(), key=lambda item: (-item[1], item[0])),
+                # The report's own failure-details (RFC 8460 4.4), built by the function that builds
+                # the report and the console's page: the incident tells what the partner will be told.
+                "failure_details": [d for p in policies(counts) for d in p.get("failure-details", ())]}
 
     async def _report(self, config: Config, day: str, domain: str, counts, now: float) -> bool:
         """Send one domain's report; False to ask its DNS again later."""

@@ -374,6 +374,33 @@ async def test_a_mismatching_tlsa_defers_with_the_evidence(world, tmp_path):
     assert "DANE authentication failed" in shown and "dig +dnssec TLSA" in shown
 
 
+async def test_a_dane_incident_tells_the_tlsa_failure_as_the_tls_report_does(world, tmp_path):
+    """The incident text of a TLSA mismatch has the day's failures by result type, where the
+    report goes, and the report's own failure-details row (MX, address, failure-reason-code)."""
+    import json as _json
+    cert, key = self_signed(MX)
+    rotated_away, _ = self_signed(MX)
+    await world.start(records=[tlsa(3, 1, 1, rotated_away)], tls_context=server_context(tmp_path, cert, key))
+    world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = ['"v=TLSRPTv1; rua=mailto:tlsrpt@partner.test"']
+    relay = await world.start_relay(alerts={"evaluate_interval": "0.1s", "open_after": "1s", "min_messages": 1},
+                                    tls_reporting={"enabled": True, "organization_name": "Contoso Ltd",
+                                                   "contact_info": "tls@contoso.test"})
+    await send(relay)
+
+    async def opened():
+        found = (await relay.cli_json("incidents", "list"))["incidents"]
+        return found[0] if found else None
+    incident = await eventually(opened, what="the incident")
+    assert (incident["code"], incident["subtype"]) == ("4.7.320", "dane_tlsa_mismatch")
+    text = (await relay.cli("incidents", "show", str(incident["id"]))).output
+    assert f"with tlsa-invalid; the daily TLS report goes to rua=mailto:tlsrpt@partner.test." in text
+    [reported] = [r for r in (await relay.cli_json("tls-report", "show"))["domains"] if r["policy_domain"] == DOMAIN]
+    [row] = [d for p in reported["policies"] if p["policy"]["policy-type"] == "tlsa" for d in p["failure-details"]]
+    assert (row["result-type"], row["receiving-mx-hostname"], row["receiving-ip"]) == ("tlsa-invalid", MX, LOOPBACK)
+    assert (f"tlsa-invalid at {MX} [{LOOPBACK}]: "
+            f"{_json.dumps(row['failure-reason-code'], ensure_ascii=False)}") in text
+
+
 async def test_no_starttls_with_tlsa_published_defers(world):
     cert, _ = self_signed(MX)
     await world.start(records=[tlsa(3, 1, 1, cert)], tls_context=None)

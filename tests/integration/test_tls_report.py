@@ -306,6 +306,13 @@ async def test_the_report_reaches_a_domain_whose_policy_fails_and_is_not_counted
     ({"policy_domain": DOMAIN, "failures": [["validation-failure", 1]], "enabled": False, "rua": ["mailto:a@b.test"]},
      "1 session(s) to partner.test failed today (UTC): 1 with validation-failure; TLS reporting is off here "
      "([tls_reporting] enabled), so the domain is not told."),
+    ({"policy_domain": DOMAIN, "failures": [["certificate-host-mismatch", 2]], "enabled": True, "rua": [],
+      "failure_details": [{"result-type": "certificate-host-mismatch", "receiving-mx-hostname": "mx.partner.test",
+                           "receiving-ip": "192.0.2.1", "failed-session-count": 2,
+                           "failure-reason-code": 'no "match"\nhere'}]},
+     "2 session(s) to partner.test failed today (UTC): 2 with certificate-host-mismatch; partner.test publishes no "
+     "_smtp._tls record, so no TLS report is sent.\n"
+     '  2 certificate-host-mismatch at mx.partner.test [192.0.2.1]: "no \\"match\\"\\nhere"'),
     ({"policy_domain": DOMAIN, "failures": [], "enabled": True, "rua": []}, None),
     ({}, None),
 ])
@@ -330,6 +337,17 @@ async def test_an_mta_sts_incident_says_how_many_sessions_failed_and_where_the_r
     text = (await relay.cli("incidents", "show", str(incident["id"]))).output
     assert "session(s) to partner.test failed today (UTC): " in text
     assert "with certificate-host-mismatch; the daily TLS report goes to rua=mailto:tlsrpt@partner.test." in text
+    # The same facts as the day's report (tls-report show, the console's page, what the partner gets):
+    # each failure-details row, its MX, address and failure-reason-code, as the incident was opened.
+    reported = (await relay.cli_json("tls-report", "show"))["domains"]
+    [details] = [[d for p in r["policies"] for d in p.get("failure-details", [])] for r in reported
+                 if r["policy_domain"] == DOMAIN]
+    kept = incident["diagnosis"]["facts"]["tls_report"]["failure_details"]
+    assert kept and {(d["result-type"], d["receiving-mx-hostname"], d["failure-reason-code"]) for d in kept} <= {
+        (d["result-type"], d["receiving-mx-hostname"], d["failure-reason-code"]) for d in details}
+    for d in kept:
+        assert (f"  {d['failed-session-count']} {d['result-type']} at {d['receiving-mx-hostname']} "
+                f"[{d['receiving-ip']}]: \"{d['failure-reason-code']}\"") in text
 
 
 # -- the daily trigger on a clock of the test's, over each store ------------------------------------
