@@ -133,6 +133,33 @@ def test_a_delay_notice_carries_envid_and_orcpt_of_those_that_asked():
         "rfc822;B@old.test", "rfc822; bob@x.test", "delayed", "4.4.316")
 
 
+@pytest.mark.parametrize("kind, route, status, delay, dsn, found", [
+    ("ndr", Route(RouteKind.INTERNET, "internet"), F, False, RecipientDsn(("FAILURE",), "rfc822;b@old.test"),
+     "permanent"),
+    ("delay", Route(RouteKind.INTERNET, "internet"), W, True, RecipientDsn(("DELAY",)), "temporary"),
+    ("success", Route(RouteKind.INTERNET, "internet"), D, False, SUCCESS, None),          # Action: relayed
+    ("success", Route(RouteKind.LOCAL, "local"), D, False, SUCCESS, None),                # Action: delivered
+])
+def test_every_notice_reads_back_through_an_independent_dsn_parser(kind, route, status, delay, dsn, found):
+    """flufl.bounce (a DSN parser that shares no code with ours) finds each failed recipient
+    as permanent, each delayed one as temporary, and no failure in a success notice.
+    The 5.6.7 NDR of SMTPUTF8 (message/global-delivery-status, RFC 6533) is parsed in
+    tests/integration/test_smtputf8.py, which flufl.bounce does not read."""
+    from flufl.bounce import all_failures
+    e = entry(MessageDsn("HDRS", "E-9"), route=route, bob=dsn)
+    failure = {F: UNKNOWN, W: REFUSED, D: None}[status]
+    n = build(e, [RecipientOutcome("bob@x.test", status, failure, reply="250 2.0.0 ok" if status is D else None)],
+              delay=delay)
+    notice = {"ndr": n.ndr, "delay": n.delay, "success": n.success}[kind]
+    assert notice is not None and n.messages == [notice]
+    temporary, permanent = all_failures(email.message_from_bytes(notice.body.data))
+    as_text = {k: {a.decode() if isinstance(a, bytes) else a for a in v}
+               for k, v in (("temporary", temporary), ("permanent", permanent))}
+    # flufl.bounce names a recipient by its Original-Recipient when there is one (the ORCPT given)
+    named = dsn.orcpt.split(";", 1)[1] if dsn.orcpt else "bob@x.test"
+    assert as_text == {k: ({named} if k == found else set()) for k in ("temporary", "permanent")}
+
+
 @pytest.mark.parametrize("ret, original, full", [
     ("FULL", ORIGINAL, True),
     ("HDRS", ORIGINAL, False),
