@@ -496,7 +496,16 @@ async def test_a_listed_client_certificate_logs_in_on_the_submission_ports(relay
     with pytest.raises(smtplib.SMTPSenderRefused) as unlisted_refused:
         await with_cert(unlisted, "submission")
     assert unlisted_refused.value.smtp_code == 530
-    await eventually(lambda: len(sink.messages) == 2, what="both certificate-authenticated messages delivered")
+    # The second client: aiosmtplib presents the certificate on submissions (TLS from the first byte).
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    listed.configure_cert(ctx)
+    client = await aiosmtplib_client(r, "submissions", ctx, use_tls=True, source_address=(UNTRUSTED, 0))
+    assert not client.supports_extension("auth")
+    errors, _ = await client.sendmail("bob@contoso.test", [f"x@{PARTNER}"], message("aiosmtplib cert"))
+    assert errors == {}
+    await client.quit()
+    await eventually(lambda: len(sink.messages) == 3, what="the certificate-authenticated messages delivered")
     assert all(b"(Authenticated sender: bob)" in m.content for m in sink.messages)
 
 
