@@ -10,6 +10,7 @@ import click
 from relaywatch import views
 from relaywatch.cli.common import config_option, echo_json, fail_config, read_config, with_store
 from relaywatch.config import Config, format_hostport
+from relaywatch.idn import domain_both_ways
 from relaywatch.model import iso
 from relaywatch.watch_records import Setting
 
@@ -112,14 +113,14 @@ def config_show(config_path, as_json):
         o = overrides.get(setting.of(name))
         return f"   # override since {iso(o.set_at)} (incident {o.incident_id}; undo: relaywatch incidents undo {o.incident_id})" if o else ""
     for d in effective.domains:
-        click.echo(f"domain {d.name}: {d.type}{mark(Setting.DOMAIN_TYPE, d.name)}; mailboxes {', '.join(sorted(d.mailboxes)) or '-'}")
+        click.echo(f"domain {domain_both_ways(d.name)}: {d.type}{mark(Setting.DOMAIN_TYPE, d.name)}; mailboxes {', '.join(sorted(d.mailboxes)) or '-'}")
     for c in effective.connectors:
         hosts = ", ".join(f"{h}:{p}" for h, p in c.smart_hosts) or "MX"
-        click.echo(f"connector {c.name} ({c.type}) -> {hosts}; domains {', '.join(c.domains)}; tls {c.tls}/{c.tls_verify}")
+        click.echo(f"connector {c.name} ({c.type}) -> {hosts}; domains {', '.join(map(domain_both_ways, c.domains))}; tls {c.tls}/{c.tls_verify}")
         click.echo(f"  enabled = {str(c.enabled).lower()}{mark(Setting.CONNECTOR_ENABLED, c.name)}")
         if c.paused or Setting.CONNECTOR_PAUSED.of(c.name) in overrides:
             click.echo(f"  paused = {str(c.paused).lower()}{mark(Setting.CONNECTOR_PAUSED, c.name)}")
     for s in effective.dkim:
         subs = " and its subdomains" if s.sub_domains else ""
-        click.echo(f"dkim {s.domain}{subs}: s={s.selector} {s.algorithm} ({s.key.bits} bits), c={s.canonicalization}, "
+        click.echo(f"dkim {domain_both_ways(s.domain)}{subs}: s={s.selector} {s.algorithm} ({s.key.bits} bits), c={s.canonicalization}, "
                    f"key {s.key_file}")

@@ -387,8 +387,8 @@ async def test_queue_show_shows_the_idn_as_u_labels(relay_factory):
 
 
 async def test_people_see_u_labels_in_every_table_and_page_and_the_json_keeps_a_labels(relay_factory):
-    """queue list, queue trace, tls-report show and the console's queue, message, trace and
-    TLS report pages show an IDN as U-labels (the route's domain both ways); JSON and links
+    """queue list, queue trace, config show, tls-report show and the console's queue, message,
+    trace, connector and TLS report pages show an IDN as U-labels (the route's domain both ways); JSON and links
     keep what is stored and routed (A-labels)."""
     import html
     import time
@@ -414,6 +414,8 @@ async def test_people_see_u_labels_in_every_table_and_page_and_the_json_keeps_a_
     assert GREEK in listed and sender in listed and A_LABEL not in listed
     traced = (await relay.cli("queue", "trace", entry["id"])).output
     assert f"<{sender}> -> {GREEK}" in traced and A_LABEL not in traced
+    shown = (await relay.cli("config", "show")).output
+    assert f"domains παράδειγμα.test = {A_LABEL};" in shown
     tls = (await relay.cli("tls-report", "show")).output
     assert f"παράδειγμα.test = {A_LABEL}" in tls
     assert (await relay.cli_json("tls-report", "show"))["domains"][0]["policy_domain"] == A_LABEL
@@ -422,7 +424,8 @@ async def test_people_see_u_labels_in_every_table_and_page_and_the_json_keeps_a_
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
         assert (await http.get("/")).status_code == 200           # the session cookie
         pages = {path: html.unescape((await http.get(path)).text) for path in (
-            "/queue", f"/queue/{entry['id']}", f"/trace?q={entry['id']}", f"/tls-reports?date={day}")}
+            "/queue", f"/queue/{entry['id']}", f"/trace?q={entry['id']}", f"/tls-reports?date={day}",
+            "/connectors/greek")}
     for path, text in pages.items():
         assert GREEK in text or "παράδειγμα.test" in text, path
     assert sender in pages["/queue"] and GREEK in pages["/queue"] and A_LABEL not in pages["/queue"]
@@ -431,6 +434,7 @@ async def test_people_see_u_labels_in_every_table_and_page_and_the_json_keeps_a_
     assert f"(παράδειγμα.test = {A_LABEL})" in message_page                 # the route's domain, both ways
     assert f"{sender} → {GREEK}" in pages[f"/trace?q={entry['id']}"]
     assert f"<h2>παράδειγμα.test = {A_LABEL}</h2>" in pages[f"/tls-reports?date={day}"]
+    assert f"<dd>παράδειγμα.test = {A_LABEL}</dd>" in pages["/connectors/greek"]
 
 
 @pytest.mark.parametrize("offers, expected", [(True, "250 2.1.5 "), (False, "553 5.6.7 ")])
