@@ -18,7 +18,7 @@ from relaywatch.console.api_routes import ROUTES
 from relaywatch.deliver.tls_report import utc_day
 from relaywatch.tls_results import TlsCount
 
-from test_console import client, incident_opened, partner
+from tests.acceptance.test_console import client, incident_opened, partner
 
 pytestmark = pytest.mark.both_loops
 
