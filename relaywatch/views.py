@@ -166,10 +166,17 @@ def probe_json(probe: ProbeResult) -> dict[str, Any]:
 
 def catalog_json(entries: list[catalog.Entry]) -> list[dict[str, Any]]:
     """``relaywatch errors --json``: each code with its causes and fixes per audience."""
-    return [{"id": e.id, "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
+    return [{"id": e.id, "family": "delivery", "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
              "permanent": e.permanent, "explanation": e.explanation,
              "causes": {a: list(e.causes[a]) for a in catalog.AUDIENCES},
              "fixes": {a: list(e.fixes[a]) for a in catalog.AUDIENCES}} for e in entries]
+
+
+def client_catalog_json(entries: list[catalog.ClientReply]) -> list[dict[str, Any]]:
+    """``relaywatch errors --json``: each refusal relaywatch's SMTP server sends to clients."""
+    return [{"id": e.id, "family": "client", "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
+             "permanent": e.permanent, "replies": list(e.replies), "when": e.when,
+             "client": list(e.client), "relay": list(e.relay)} for e in entries]
 
 
 def node_json(beat: NodeBeat, alive: bool, leader: bool, now: float) -> dict[str, Any]:

@@ -35,3 +35,24 @@ AUDIENCES = ("on_premises", "partner")
 def for_both(*lines: str) -> dict[str, tuple[str, ...]]:
     """The same causes (or fixes) for every audience."""
     return {audience: lines for audience in AUDIENCES}
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """A refusal relaywatch's own SMTP server sends to a client (catalog_client).
+
+    Its two audiences are not connector types: ``client`` is what the admin of
+    the sending client (an application, a device, a mail server) should do,
+    ``relay`` what relaywatch's own admin can check."""
+    id: str                       # "client.<what>", stable like Entry.id
+    code: str                     # the enhanced status code of the replies
+    smtp_code: int
+    title: str
+    replies: tuple[str, ...]      # the texts sent, "…" where they vary (a host, an address, a limit)
+    when: str                     # when relaywatch sends them
+    client: tuple[str, ...]
+    relay: tuple[str, ...]
+
+    @property
+    def permanent(self) -> bool:
+        return self.smtp_code >= 500
