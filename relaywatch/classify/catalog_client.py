@@ -31,7 +31,7 @@ CLIENT_REPLIES: tuple[ClientReply, ...] = (
         id="client.evicted", code="4.7.0", smtp_code=421, title="Idle connection closed to make room",
         replies=("421 4.7.0 … Server busy; closing an idle connection to make room",),
         when=("The server was full and a new client came: this session had sent no MAIL and was the "
-              "longest idle, so its slot went to the newcomer (untrusted sessions go first)."),
+              "longest idle, so its slot went to the newcomer (never a trusted session for an untrusted one)."),
         client=("Open the connection when there is mail to send, not ahead of time; reconnect and retry.",),
         relay=("Many of these: the server is at server.max_connections; see relaywatch_smtp_sessions_open "
                "and consider raising the limit.",)),
@@ -91,7 +91,7 @@ CLIENT_REPLIES: tuple[ClientReply, ...] = (
         id="client.source_route_denied", code="5.7.1", smtp_code=554, title="Sender-specified routing refused",
         replies=("554 5.7.1 Relaying denied: sender-specified routing (…) is not accepted from this client",),
         when=("An untrusted client gave a recipient that asks the next server to route further "
-              "(a source route, `%` or `!` in the local part): a classic way to misuse a relay."),
+              "(a source route, or `@`, `%` or `!` in the local part): a classic way to misuse a relay."),
         client=("Send to the plain address (user@domain).",),
         relay=("Trusted clients (trusted_networks, logged-in users) may use such addresses; others never.",)),
     ClientReply(
