@@ -320,11 +320,57 @@ _FACT_KEYS = {kind: {f.name for f in fields(cls)} for kind, cls in _FACTS.items(
 
 
 @dataclass(frozen=True)
+class Alert:
+    """What admins are told of one transition (watch/alerts.py sends it).  Its ``name`` is the
+    text stored and sent: the notifications' ``transition`` column (one per incident, name and
+    channel), the webhook's ``transition`` and ``X-Relaywatch-Delivery`` (docs/json.md)."""
+    kind: TransitionKind          # OPEN, ESCALATE or RESOLVE: an UPDATE tells nobody
+    reason: str | None = None     # an escalation's, as the incident's ``escalations`` keeps it:
+                                  # "expiry", "count-<n>" (a backlog), "<level>%" (the quota)
+
+    def __post_init__(self) -> None:
+        if self.kind is TransitionKind.UPDATE or (self.kind is TransitionKind.ESCALATE) != bool(self.reason):
+            raise ValueError(f"no alert is {self.kind.value} with reason {self.reason!r}")
+
+    @classmethod
+    def opened(cls) -> "Alert":
+        return cls(TransitionKind.OPEN)
+
+    @classmethod
+    def escalated(cls, reason: str) -> "Alert":
+        return cls(TransitionKind.ESCALATE, reason)
+
+    @classmethod
+    def resolved(cls) -> "Alert":
+        return cls(TransitionKind.RESOLVE)
+
+    @classmethod
+    def from_name(cls, name: str) -> "Alert":
+        """The alert a stored ``name`` says: "open", "escalate:<reason>", "resolve"."""
+        kind, _, reason = name.partition(":")
+        return cls(TransitionKind(kind), reason or None)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind.value}:{self.reason}" if self.reason else self.kind.value
+
+    @property
+    def event(self) -> str:
+        """The webhook's ``event`` (and ``X-Relaywatch-Event``)."""
+        return {TransitionKind.OPEN: "incident.opened", TransitionKind.RESOLVE: "incident.resolved"}.get(
+            self.kind, "incident.escalated")
+
+
+@dataclass(frozen=True)
 class Transition:
     """What one evaluation changed about one incident."""
     kind: TransitionKind
     incident: Incident
-    notify: str | None = None     # the notification's name ("open", "escalate:expiry", ...) if admins are told
+    alert: Alert | None = None    # what admins are told of it, if anything
+
+    def __post_init__(self) -> None:
+        if self.alert is not None and self.alert.kind is not self.kind:
+            raise ValueError(f"a {self.kind.value} transition cannot alert {self.alert.name!r}")
 
 
 @dataclass(frozen=True)

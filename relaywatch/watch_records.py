@@ -25,7 +25,7 @@ class NotificationState(enum.StrEnum):
 @dataclass(frozen=True)
 class Notification:
     """One notification of an incident, as ``incidents show`` lists it."""
-    transition: str          # the transition notified: "open", "escalate:expiry", ... (rules.py Transition.notify)
+    transition: str          # the alert's name: "open", "escalate:expiry", ... (incident.py Alert.name)
     channel: str             # "email" or "webhook" (watch/alerts.py channels)
     state: NotificationState
     attempts: int = 0

@@ -173,7 +173,9 @@ class WatchStore(Protocol):
     async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
                                now: float, term: int | None = None) -> bool:
         """Queue one notification; False if this transition was already notified on this channel.
-        ``term``: as for save_incident."""
+        ``transition`` is incident.py's ``Alert.name``, kept as text: the key of the notifications
+        (never twice per name and channel) and what ``incidents show`` prints; nothing branches on
+        it once stored.  ``term``: as for save_incident."""
 
     async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
                                        attempts: int, sent_at: float | None, last_error: str | None) -> None:

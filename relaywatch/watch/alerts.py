@@ -27,7 +27,7 @@ from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPoli
 from relaywatch.model import Destination, Route, RouteKind, StoredBody
 from relaywatch.notify.tls_report import incident_line
 from relaywatch.incident_facts import StoreFacts
-from relaywatch.incident import Incident, IncidentKind, Severity
+from relaywatch.incident import Alert, Incident, IncidentKind, Severity
 
 MAX_ATTEMPTS = 10
 
@@ -69,8 +69,8 @@ def headline(inc: Incident) -> str:
     return f"{verb} {what} on connector {inc.connector} ({inc.messages} message(s) waiting)"
 
 
-def incident_text(inc: Incident, now: float, transition: str = "") -> str:
-    """The human summary used in alert email, webhooks and the CLI."""
+def incident_text(inc: Incident, now: float, alert: Alert | None = None) -> str:
+    """The human summary used in alert email, webhooks and the CLI (which tells no ``alert``)."""
     lines = [headline(inc), ""]
     e = inc.latest_error
     if inc.kind is IncidentKind.STORE:
@@ -89,8 +89,8 @@ def incident_text(inc: Incident, now: float, transition: str = "") -> str:
                      f"the oldest is {_span(now - inc.oldest_received_at)} old.")
         lines.append(f"First messages expire (NDR to senders) in {_span(inc.first_expires_at - now)}, "
                      f"at {_when(inc.first_expires_at)}, unless mail flows again.")
-        if transition.startswith("escalate:"):
-            lines.append(f"Escalated: {transition.split(':', 1)[1].replace('count-', 'backlog passed ')}.")
+        if alert is not None and alert.reason:
+            lines.append(f"Escalated: {alert.reason.replace('count-', 'backlog passed ')}.")
         lines.append(f"Destination: {', '.join(inc.destinations) or '-'}")
         if e is not None and e.detail:
             lines.append(f"Last error: {e.detail}" + (f" (reply: {e.reply})" if e.reply else ""))
@@ -123,11 +123,10 @@ def _store_lines(inc: Incident) -> list[str]:
     return lines
 
 
-def payload(inc: Incident, transition: str, now: float) -> dict:
+def payload(inc: Incident, alert: Alert, now: float) -> dict:
     """The notification as queued and sent: the webhook's body (docs/json.md)."""
-    event = {"open": "incident.opened", "resolve": "incident.resolved"}.get(transition, "incident.escalated")
-    return {"event": event, "transition": transition, "at": now, "incident": inc.to_dict(),
-            "summary": headline(inc), "text": incident_text(inc, now, transition)}
+    return {"event": alert.event, "transition": alert.name, "at": now, "incident": inc.to_dict(),
+            "summary": headline(inc), "text": incident_text(inc, now, alert)}
 
 
 def signature(secret: str, body: bytes) -> str:

@@ -36,7 +36,7 @@ from relaywatch.watch import alerts
 from relaywatch.watch.backlog_probe import BacklogProber
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.incident_facts import InvalidSource
-from relaywatch.incident import (BacklogSummary, Diagnosis, Incident, IncidentKind, ProbeResult, Transition,
+from relaywatch.incident import (Alert, Diagnosis, Incident, IncidentKind, ProbeResult, Transition,
                                     TransitionKind, with_probe)
 from relaywatch.watch.rules import CertificateSeen, NodeSeen, WatchFacts, evaluate
 from relaywatch.watch_records import LastGood
@@ -200,8 +200,8 @@ class Monitor:
             inc = replace(with_probe(inc, probe) if probe else inc, diagnosis=await self._with_tls_report(
                 diagnose(inc, last_good.get(inc.connector), probe)))
         inc = replace(inc, id=await self.store.save_incident(inc, term=self._term))
-        if t.notify:
-            await self._notify(inc, t.notify, now)
+        if t.alert is not None:
+            await self._notify(inc, t.alert, now)
 
     async def _with_tls_report(self, diagnosis: Diagnosis | None) -> Diagnosis | None:
         """An MTA-STS (or DANE) failure's diagnosis, with the day's TLS results of its domain."""
@@ -211,13 +211,13 @@ class Monitor:
         facts = await self.tls_reports.incident_facts(policy["policy_domain"])
         return replace(diagnosis, facts={**diagnosis.facts, "tls_report": facts})
 
-    async def _notify(self, inc: Incident, transition: str, now: float) -> None:
+    async def _notify(self, inc: Incident, alert: Alert, now: float) -> None:
         config = self.config_ref()
-        events.emit("incident", id=inc.id, connector=inc.connector, code=inc.code, status=transition,
+        events.emit("incident", id=inc.id, connector=inc.connector, code=inc.code, status=alert.name,
                     detail=alerts.headline(inc))
-        payload = alerts.payload(inc, transition, now)
+        payload = alerts.payload(inc, alert, now)
         for channel in alerts.channels(config):
-            await self.store.add_notification(inc.id, transition, channel, payload, now, term=self._term)
+            await self.store.add_notification(inc.id, alert.name, channel, payload, now, term=self._term)
 
     async def _probe(self, connector_name: str) -> ProbeResult | None:
         """Probe a connector whose incident opens; it counts as its backlog probe."""

@@ -7,10 +7,10 @@ facts, saves what changed, probes and notifies.
 
 A connector's backlog (one incident per (connector, code)):
     (deferred mail with code C on connector X past open_after and min_messages)
-        -> OPEN (warning)                notify "open"
-        -> escalations                   notify "escalate:expiry", "escalate:count-<n>" (critical)
+        -> OPEN (warning)                alert "open"
+        -> escalations                   alert "escalate:expiry", "escalate:count-<n>" (critical)
         -> RESOLVED when no mail for X is deferred with C any more
-                                         notify "resolve", with what happened (the all-clear)
+                                         alert "resolve", with what happened (the all-clear)
     A change of cause on the same connector is a resolve of the old code and
     an open of the new one.
 
@@ -18,7 +18,7 @@ The watch's own warnings, one at a time each (their code is ``IncidentKind.code`
     certificate  a probe sees a certificate with fewer than cert_warning_days left
                  -> OPEN; RESOLVED when a probe sees one valid for longer
     quota        80% of invalid_recipient_quota invalid recipients in 24 h -> OPEN,
-                 100% -> ESCALATE "escalate:100%"; RESOLVED under 80%
+                 100% -> ESCALATE, alert "escalate:100%"; RESOLVED under 80%
     notices      an NDR cannot be built -> OPEN (critical); RESOLVED when none is held back
     nodes        a node's heartbeat is older than server.node_lapse -> OPEN (critical), one
                  per node; RESOLVED when it beats again, stops cleanly or is gone
@@ -40,7 +40,7 @@ from relaywatch.classify.catalog import CATALOG, lookup
 from relaywatch.config import Config
 from relaywatch.watch.diagnosis import diagnose
 from relaywatch.incident_facts import CertificateFacts, InvalidSource, NodeFacts, NoticeFacts, QuotaFacts
-from relaywatch.incident import (BacklogSummary, Incident, IncidentKind, IncidentState, Severity, Transition,
+from relaywatch.incident import (Alert, BacklogSummary, Incident, IncidentKind, IncidentState, Severity, Transition,
                                     TransitionKind)
 from relaywatch.watch_records import HeldNotice
 
@@ -91,7 +91,7 @@ def evaluate(facts: WatchFacts, open_incidents: Sequence[Incident], config: Conf
 
 def _resolve(inc: Incident, now: float, **changes) -> Transition:
     return Transition(TransitionKind.RESOLVE, replace(inc, state=IncidentState.RESOLVED, resolved_at=now,
-                                                      updated_at=now, **changes), "resolve")
+                                                      updated_at=now, **changes), Alert.resolved())
 
 
 def _warning(kind: IncidentKind, now: float, connector: str = "*", connector_type: str = "-", **fields) -> Incident:
@@ -144,7 +144,7 @@ def _backlog(facts: WatchFacts, open_incidents: list[Incident], config: Config, 
         if summary is None:
             done = counted(inc, state=IncidentState.RESOLVED, resolved_at=now, updated_at=now, messages=0,
                            recipients=0)
-            out.append(Transition(TransitionKind.RESOLVE, done, "resolve"))
+            out.append(Transition(TransitionKind.RESOLVE, done, Alert.resolved()))
             continue
         error = summary.latest_error or inc.latest_error
         reasons = []
@@ -160,7 +160,7 @@ def _backlog(facts: WatchFacts, open_incidents: list[Incident], config: Config, 
                           updated_at=now, escalations=inc.escalations + tuple(reasons),
                           severity=Severity.CRITICAL if reasons else inc.severity)
         if reasons:
-            out += [Transition(TransitionKind.ESCALATE, updated, f"escalate:{reason}") for reason in reasons]
+            out += [Transition(TransitionKind.ESCALATE, updated, Alert.escalated(reason)) for reason in reasons]
         else:
             out.append(Transition(TransitionKind.UPDATE, updated))
     open_keys = {inc.key for inc in open_incidents}
@@ -168,7 +168,8 @@ def _backlog(facts: WatchFacts, open_incidents: list[Incident], config: Config, 
         if key in open_keys:
             continue
         if now - summary.oldest_received_at >= alerts.open_after and summary.messages >= alerts.min_messages:
-            out.append(Transition(TransitionKind.OPEN, counted(new_backlog_incident(summary, config, now)), "open"))
+            out.append(Transition(TransitionKind.OPEN, counted(new_backlog_incident(summary, config, now)),
+                                  Alert.opened()))
     return out
 
 
@@ -193,7 +194,8 @@ def _certificates(seen: tuple[CertificateSeen, ...] | None, open_incidents: list
                           "then unless it is renewed.")
                 inc = _warning(IncidentKind.CERT_EXPIRING, now, cert.connector, cert.connector_type, detail=detail,
                                facts=CertificateFacts(dict(c)))
-                out.append(Transition(TransitionKind.OPEN, replace(inc, diagnosis=diagnose(inc, None)), "open"))
+                out.append(Transition(TransitionKind.OPEN, replace(inc, diagnosis=diagnose(inc, None)),
+                                      Alert.opened()))
         elif existing is not None:
             out.append(_resolve(existing, now, facts=CertificateFacts(dict(cert.certificate))))
     return out
@@ -219,7 +221,7 @@ def _quota(sources: tuple[InvalidSource, ...] | None, open_incidents: list[Incid
             return []
         inc = _warning(IncidentKind.INVALID_QUOTA, now, facts=QuotaFacts(level, total, quota, top),
                        detail=_quota_text(total, quota, top))
-        return [Transition(TransitionKind.OPEN, inc, "open")]
+        return [Transition(TransitionKind.OPEN, inc, Alert.opened())]
     was = existing.facts if isinstance(existing.facts, QuotaFacts) else QuotaFacts(0, 0, quota)
     if not level:
         return [_resolve(existing, now, facts=replace(was, count=total))]
@@ -227,7 +229,7 @@ def _quota(sources: tuple[InvalidSource, ...] | None, open_incidents: list[Incid
         escalated = replace(existing, severity=Severity.CRITICAL, updated_at=now,
                             facts=replace(was, level=level, count=total, top=top),
                             detail=_quota_text(total, quota, top))
-        return [Transition(TransitionKind.ESCALATE, escalated, f"escalate:{level}%")]
+        return [Transition(TransitionKind.ESCALATE, escalated, Alert.escalated(f"{level}%"))]
     return []
 
 
@@ -243,7 +245,7 @@ def _notices(held: tuple[HeldNotice, ...] | None, open_incidents: list[Incident]
                   "retry intervals.")
         inc = _warning(IncidentKind.NOTICE_FAILED, now, severity=Severity.CRITICAL, facts=NoticeFacts(len(held)),
                        detail=detail)
-        return [Transition(TransitionKind.OPEN, inc, "open")]
+        return [Transition(TransitionKind.OPEN, inc, Alert.opened())]
     if existing is not None and not held:
         return [_resolve(existing, now, facts=NoticeFacts(0))]
     return []
@@ -262,7 +264,7 @@ def _nodes(seen: tuple[NodeSeen, ...] | None, open_incidents: list[Incident], no
                       "what it had leased is delivered by the other nodes.")
             inc = _warning(IncidentKind.NODE_DOWN, now, severity=Severity.CRITICAL, detail=detail,
                            facts=NodeFacts(name, node.address, node.heartbeat_at))
-            out.append(Transition(TransitionKind.OPEN, inc, "open"))
+            out.append(Transition(TransitionKind.OPEN, inc, Alert.opened()))
     for name, inc in sorted(open_by_node.items()):
         if name not in down:
             out.append(_resolve(inc, now))

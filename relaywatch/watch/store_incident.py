@@ -28,7 +28,7 @@ from relaywatch.receive.store_condition import (Change, ConditionChanged, Condit
 from relaywatch.store.base import WatchStore
 from relaywatch.watch import alerts
 from relaywatch.incident_facts import StoreFacts
-from relaywatch.incident import Incident, IncidentKind, IncidentState, Severity
+from relaywatch.incident import Alert, Incident, IncidentKind, IncidentState, Severity
 
 log = logging.getLogger("relaywatch.watch")
 
@@ -87,7 +87,7 @@ def resolve_store_incident(inc: Incident, ended: ConditionEnded) -> Incident:
 
 @dataclass
 class _Told:
-    transition: str
+    alert: Alert
     channel: str
     payload: dict
     attempts: int = 0
@@ -127,7 +127,7 @@ class StoreIncidentReporter:
         if type(change) is ConditionStarted:
             outage = _Outage(open_store_incident(change.problem, change.at))
             self._current = outage
-            outage.alerting = self._spawn(self._tell_until_told(outage, "open"))
+            outage.alerting = self._spawn(self._tell_until_told(outage, Alert.opened()))
         elif type(change) in (ConditionChanged, PlaceRecovered) and self._current is not None:
             self._current.incident = update_store_incident(self._current.incident, failing, refused, change.at)
         elif type(change) is ConditionEnded and self._current is not None:
@@ -159,19 +159,19 @@ class StoreIncidentReporter:
     async def _record_told(self, outage: _Outage) -> None:
         for told in outage.told:
             if not told.recorded:
-                await self.store.add_notification_outcome(outage.incident.id, told.transition, told.channel,
+                await self.store.add_notification_outcome(outage.incident.id, told.alert.name, told.channel,
                                                           told.payload, told.attempts, told.sent_at, told.last_error)
                 told.recorded = True
 
-    async def _tell(self, outage: _Outage, transition: str) -> list[_Told]:
+    async def _tell(self, outage: _Outage, alert: Alert) -> list[_Told]:
         """One try on every channel; returns the notifications that failed."""
         config, now = self.config_ref(), self.clock.now()
-        data = alerts.payload(outage.incident, transition, now)
+        data = alerts.payload(outage.incident, alert, now)
         failed = []
         for channel in alerts.channels(config):
-            told = next((t for t in outage.told if (t.transition, t.channel) == (transition, channel)), None)
+            told = next((t for t in outage.told if (t.alert, t.channel) == (alert, channel)), None)
             if told is None:
-                told = _Told(transition, channel, data)
+                told = _Told(alert, channel, data)
                 outage.told.append(told)
             elif told.sent_at is not None or told.recorded:
                 continue
@@ -181,14 +181,14 @@ class StoreIncidentReporter:
             except Exception as exc:    # a channel that fails must never touch the SMTP side
                 told.last_error = str(exc)[:300]
                 failed.append(told)
-                log.warning("%s alert that relaywatch cannot queue mail (%s) failed: %s", channel, transition, exc)
+                log.warning("%s alert that relaywatch cannot queue mail (%s) failed: %s", channel, alert.name, exc)
             else:
                 told.sent_at = self.clock.now()
         return failed
 
-    async def _tell_until_told(self, outage: _Outage, transition: str) -> None:
+    async def _tell_until_told(self, outage: _Outage, alert: Alert) -> None:
         attempts = 0
-        while await self._tell(outage, transition):
+        while await self._tell(outage, alert):
             retry = alerts.retry_at(attempts, self.clock.now())
             if retry is None:
                 return
@@ -206,9 +206,9 @@ class StoreIncidentReporter:
                     outage.incident = replace(outage.incident,
                                               id=await self.store.save_incident(outage.incident))
                 await self._record_told(outage)
-                for told in await self._tell(outage, "resolve"):
+                for told in await self._tell(outage, Alert.resolved()):
                     # The store works again: its notification queue retries it (monitor.py).
-                    await self.store.add_notification(outage.incident.id, told.transition, told.channel,
+                    await self.store.add_notification(outage.incident.id, told.alert.name, told.channel,
                                                       told.payload, self.clock.now())
                     told.recorded = True
                 await self._record_told(outage)

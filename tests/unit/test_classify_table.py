@@ -352,5 +352,5 @@ def summary(messages, oldest_age, expires_in, code="4.4.316"):
 ])
 def test_incident_rules(summaries, open_, expected):
     facts = WatchFacts(tuple(BacklogSummary.from_dict(s) for s in summaries))
-    got = [(t.kind, t.notify) for t in evaluate(facts, [Incident.from_dict(i) for i in open_], RULES, NOW)]
+    got = [(t.kind, t.alert.name if t.alert else None) for t in evaluate(facts, [Incident.from_dict(i) for i in open_], RULES, NOW)]
     assert got == expected

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from relaywatch.incident import (PROBE_HISTORY, BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult,
+from relaywatch.incident import (PROBE_HISTORY, Alert, BacklogSummary, Incident, IncidentKind, IncidentState, ProbeResult,
                                     QuotaFacts, Severity, with_probe)
 
 NOW = 1_800_000_000.0
@@ -172,8 +172,8 @@ def test_the_store_incident_opens_changes_and_resolves_in_its_old_shape():
 @pytest.mark.parametrize("kind, stored", STORED, ids=[k.value for k, _ in STORED])
 def test_the_webhook_body_carries_the_stored_shape(kind, stored):
     inc = Incident.from_dict(stored)
-    body = alerts.payload(inc, "open", NOW)
-    assert body["incident"] == stored and body["event"] == "incident.opened"
+    body = alerts.payload(inc, Alert.opened(), NOW)
+    assert body["incident"] == stored and (body["event"], body["transition"]) == ("incident.opened", "open")
     assert body["summary"] == alerts.headline(inc) and body["text"].startswith(body["summary"])
 
 
@@ -181,9 +181,40 @@ def test_headlines():
     backlog, cert = Incident.from_dict(STORED[0][1]), Incident.from_dict(STORED[1][1])
     assert alerts.headline(backlog) == "OPEN 4.4.316 Connection refused on connector onprem (5 message(s) waiting)"
     assert alerts.headline(cert) == "OPEN Destination certificate expires soon on connector partner"
-    text = alerts.incident_text(backlog, NOW, "escalate:count-100")
+    text = alerts.incident_text(backlog, NOW, Alert.escalated("count-100"))
     for line in ("Escalated: backlog passed 100.", "Destination: h[192.0.2.5]:25", "Likely cause: Nothing accepts",
                  "Last error: h[192.0.2.5]:25 refused the connection (ECONNREFUSED).",
                  "Fix now (relaywatch incidents fix 7 ACTION [--dry-run]): decommission, retry-now, pause, expire"):
         assert line in text
     assert alerts.incident_text(cert, NOW).splitlines()[2] == "expires on 2027-01-01"
+
+
+# -- the alerts' names: typed inside, the same text stored and sent ------------------------------
+
+ALERTS = [
+    # alert                              stored/sent name        webhook event
+    (Alert.opened(),                     "open",                 "incident.opened"),
+    (Alert.escalated("expiry"),          "escalate:expiry",      "incident.escalated"),
+    (Alert.escalated("count-1000"),      "escalate:count-1000",  "incident.escalated"),
+    (Alert.escalated("100%"),            "escalate:100%",        "incident.escalated"),
+    (Alert.resolved(),                   "resolve",              "incident.resolved"),
+]
+
+
+@pytest.mark.parametrize("alert, name, event", ALERTS, ids=[row[1] for row in ALERTS])
+def test_an_alert_is_named_as_stored_and_sent(alert, name, event):
+    assert (alert.name, alert.event, Alert.from_name(name)) == (name, event, alert)
+    body = alerts.payload(Incident.from_dict(STORED[0][1]), alert, NOW)
+    assert (body["transition"], body["event"]) == (name, event)
+    assert json.loads(json.dumps(body))["transition"] == name
+
+
+def test_only_an_escalation_has_a_reason_and_an_update_tells_nobody():
+    from relaywatch.incident import Transition, TransitionKind
+    for kind, reason in ((TransitionKind.UPDATE, None), (TransitionKind.ESCALATE, None),
+                         (TransitionKind.OPEN, "expiry"), (TransitionKind.RESOLVE, "x")):
+        with pytest.raises(ValueError):
+            Alert(kind, reason)
+    with pytest.raises(ValueError):      # the transition and what it tells agree
+        Transition(TransitionKind.RESOLVE, Incident.from_dict(STORED[0][1]), Alert.opened())
+    assert "Escalated" not in alerts.incident_text(Incident.from_dict(STORED[0][1]), NOW, Alert.opened())

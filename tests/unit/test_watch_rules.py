@@ -39,8 +39,13 @@ def run(facts, open_=()):
     return evaluate(facts, list(open_), CONFIG, NOW)
 
 
+def told(t):
+    """The alert's name: the text stored and sent (the notification's ``transition``), or None."""
+    return t.alert.name if t.alert is not None else None
+
+
 def brief(transitions):
-    return [(t.kind, t.notify, t.incident.code) for t in transitions]
+    return [(t.kind, told(t), t.incident.code) for t in transitions]
 
 
 BACKLOG = [
@@ -243,7 +248,7 @@ def open_node_down(name="relay-2"):
 
 
 NODES = [
-    # name                         nodes                                   open                   expected (kind, notify, node)
+    # name                         nodes                                   open                   expected (kind, alert, node)
     ("all alive",                  (node("relay-1", False), node(down=False)), [],               []),
     ("opens when one dies",        (node("relay-1", False), node()),       [],                    [(T.OPEN, "open", "relay-2")]),
     ("one per node",               (node("relay-1"), node()),              [],                    [(T.OPEN, "open", "relay-1"), (T.OPEN, "open", "relay-2")]),
@@ -258,7 +263,7 @@ NODES = [
 @pytest.mark.parametrize("name,nodes,open_,expected", NODES, ids=[n[0] for n in NODES])
 def test_node_down_rule(name, nodes, open_, expected):
     out = run(WatchFacts(nodes=nodes), open_)
-    assert [(t.kind, t.notify, t.incident.facts.node) for t in out] == expected
+    assert [(t.kind, told(t), t.incident.facts.node) for t in out] == expected
     for t in out:
         assert t.incident.kind is IncidentKind.NODE_DOWN and t.incident.code == "watch:node_down"
         if t.kind is T.OPEN:
