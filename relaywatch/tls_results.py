@@ -22,10 +22,6 @@ STS_WEBPKI_INVALID = "sts-webpki-invalid"
 TLSA_INVALID = "tlsa-invalid"
 DNSSEC_INVALID = "dnssec-invalid"
 DANE_REQUIRED = "dane-required"
-RESULT_TYPES = (STARTTLS_NOT_SUPPORTED, CERTIFICATE_HOST_MISMATCH, CERTIFICATE_EXPIRED, CERTIFICATE_NOT_TRUSTED,
-                VALIDATION_FAILURE, STS_POLICY_FETCH_ERROR, STS_POLICY_INVALID, STS_WEBPKI_INVALID, TLSA_INVALID,
-                DNSSEC_INVALID, DANE_REQUIRED)
-POLICY_TYPES = ("sts", "tlsa", "no-policy-found")
 
 
 @dataclass(frozen=True)
@@ -35,10 +31,10 @@ class TlsResult:
     TLS on the MX route each produce it and hand it to deliver/tls_report.py's ``TlsResults.record``."""
     at: float
     policy_domain: str
-    policy_type: str                   # POLICY_TYPES: "sts", "tlsa", or "no-policy-found"
+    policy_type: str                   # "sts", "tlsa", or "no-policy-found"
     policy_id: str | None
     mode: str | None
-    result_type: str | None            # None: a successful session; else one of RESULT_TYPES
+    result_type: str | None            # None: a successful session; else one of the result types above
     mx_host: str | None = None         # receiving-mx-hostname
     receiving_ip: str | None = None
     policy_strings: tuple[str, ...] = ()

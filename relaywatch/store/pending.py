@@ -211,7 +211,6 @@ class PendingOutcomes:
         self._task: asyncio.Task | None = None
         self._nudged = asyncio.Event()
         self._reported: set[str] = set()            # unexpected errors already logged, per entry
-        self.recorded_later = 0                     # how many kept outcomes were recorded since start
 
     def __contains__(self, entry_id: str) -> bool:
         return entry_id in self._pending
@@ -321,7 +320,6 @@ class PendingOutcomes:
                 del self._pending[r.entry_id]
                 self._reported.discard(r.entry_id)
         if done:
-            self.recorded_later += len(done)
             try:
                 await asyncio.to_thread(self.journal.rewrite, list(self._pending.values()))
             except OSError as exc:
