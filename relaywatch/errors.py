@@ -9,6 +9,7 @@
       ProtocolError      an SMTP conversation went wrong (smtpclient/); never raised itself
         LocalProtocolError   we misused the conversation (a command out of its state): our bug
         RemoteProtocolError  the server sent something that is not SMTP
+      AlertNotSent       an alert channel (mail, webhook) did not take a notification (watch/alerts.py)
 
 Delivery failures are not exceptions that travel far: the transport turns what
 it saw into an ``Observation`` (deliver/observe.py) and classify/ maps it to a
@@ -66,3 +67,8 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The server sent something that is not an SMTP reply, or not at that point."""
+
+
+class AlertNotSent(RelaywatchError):
+    """An alert channel did not take a notification; the message says why, in one line (what
+    ``incidents show`` prints as the notification's last error).  The notification is retried."""

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from relaywatch import meters
 from relaywatch.config import Config
+from relaywatch.errors import AlertNotSent
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
 from relaywatch.model import Destination, Route, RouteKind, StoredBody
@@ -156,7 +157,7 @@ async def send_webhook(config: Config, data: dict, timeout: float = 10.0) -> Non
             writer.close()
     parts = status.decode("latin-1").split(" ", 2)
     if len(parts) < 2 or not parts[1].isdigit() or not 200 <= int(parts[1]) < 300:
-        raise RuntimeError(f"webhook answered {status.decode('latin-1').strip() or 'nothing'}")
+        raise AlertNotSent(f"webhook answered {status.decode('latin-1').strip() or 'nothing'}")
 
 
 def _ident(inc: dict) -> str:
@@ -207,11 +208,14 @@ async def send_email(config: Config, routes: SmtpRoutes, data: dict) -> None:
                 await conn.quit()
             if result.data is None or not result.data.is_success:
                 problems.append(f"{host}: {result.data or result.mail}")
-        except (SessionFailure, AllTargetsFailed, OSError) as exc:
-            obs = getattr(exc, "observation", None) or getattr(exc, "primary", None)
-            problems.append(f"{host}: {obs.outcome.value if obs else exc}")
+        except SessionFailure as exc:
+            problems.append(f"{host}: {exc.observation.outcome.value}")
+        except AllTargetsFailed as exc:
+            problems.append(f"{host}: {exc.primary.outcome.value}")
+        except OSError as exc:
+            problems.append(f"{host}: {exc}")
     if problems:
-        raise RuntimeError("; ".join(problems))
+        raise AlertNotSent("; ".join(problems))
 
 
 async def deliver_notification(config: Config, routes: SmtpRoutes, channel: str, payload: dict) -> None:

@@ -335,3 +335,18 @@ async def test_a_failing_webhook_is_retried_and_its_failure_recorded(relay_facto
 async def _shown_with(relay, incident_id, text):
     out = (await relay.cli("incidents", "show", str(incident_id))).output
     return out if text in out else None
+
+
+async def test_a_channel_that_refuses_an_alert_raises_a_relaywatch_error_saying_why():
+    """One root (errors.py): a failed alert is an AlertNotSent, whose text is the last error shown."""
+    from relaywatch.config import parse_config
+    from relaywatch.errors import AlertNotSent, RelaywatchError
+    from relaywatch.watch.alerts import send_webhook
+    hook = await WebhookReceiver(status=503).start()
+    try:
+        config = parse_config({"alerts": {"webhook_url": f"http://{LOOPBACK}:{hook.port}/hook"}})
+        with pytest.raises(AlertNotSent, match="webhook answered HTTP/1.1 503") as raised:
+            await send_webhook(config, {"event": "incident.opened", "transition": "open", "incident": {"id": 1}})
+        assert isinstance(raised.value, RelaywatchError) and len(hook.posts) == 1
+    finally:
+        await hook.stop()
