@@ -78,8 +78,9 @@ class Destination:
 class Failure:
     """Why one attempt did not deliver: the ``last_error`` of the JSON output.
 
-    Built only by classify.classify(); the fields are documented in
-    docs/json.md and are a stable interface.
+    Built by classify.classify() from observations, and by Fix now's decommission
+    (watch/fixes.py, from the catalog's entry: no attempt was made); the fields are
+    documented in docs/json.md and are a stable interface.
     """
     code: str                    # enhanced status code, e.g. "4.4.316"
     smtp_code: int               # basic reply code, e.g. 450

@@ -164,7 +164,7 @@ def probe_json(probe: ProbeResult) -> dict[str, Any]:
     return probe.to_dict()
 
 
-def catalog_json(entries: list[catalog.Entry]) -> list[dict[str, Any]]:
+def catalog_json(entries: list[catalog.CatalogEntry]) -> list[dict[str, Any]]:
     """``relaywatch errors --json``: each code with its causes and fixes per audience."""
     return [{"id": e.id, "family": "delivery", "code": e.code, "smtp_code": e.smtp_code, "title": e.title,
              "permanent": e.permanent, "explanation": e.explanation,

@@ -287,7 +287,7 @@ class Sink(LoopbackServer):
 class Scripted:
     """A destination that misbehaves as its script says (asyncio.start_server)."""
 
-    def __init__(self, script: Callable[["Conversation"], Awaitable[None]]):
+    def __init__(self, script: Callable[["ScriptedConnection"], Awaitable[None]]):
         self.script = script
         self.server = None
         self.port = 0
@@ -300,7 +300,7 @@ class Scripted:
             task = asyncio.current_task()
             self._tasks.add(task)
             try:
-                await self.script(Conversation(reader, writer))
+                await self.script(ScriptedConnection(reader, writer))
             except (ConnectionError, asyncio.IncompleteReadError):
                 pass
             finally:
@@ -317,7 +317,10 @@ class Scripted:
         await self.server.wait_closed()
 
 
-class Conversation:
+class ScriptedConnection:
+    """One connection to a ``Scripted`` server, as its script speaks it (say, hear); not the
+    relay's receive/conversation.py ``Conversation``."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
 

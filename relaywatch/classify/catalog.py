@@ -4,7 +4,7 @@ The entries are data, one module per family: ``catalog_network`` (DNS, the
 connection and TLS: the codes of Exchange Online's mail flow intelligence),
 ``catalog_replies`` (what the destination answered, local mailboxes,
 relaywatch's own faults) and ``catalog_watch`` (the watch's warnings).  The
-``Entry`` shape and its two audiences are in ``catalog_entry``.  Here they are
+``CatalogEntry`` shape and its two audiences are in ``catalog_entry``.  Here they are
 put together in one table, in that order, and looked up.
 
 The other side, what relaywatch's own SMTP server refuses clients with, is
@@ -15,25 +15,25 @@ the relay's); it has its own table, since no delivery is ever classified as one.
 from __future__ import annotations
 
 from relaywatch.classify.catalog_client import CLIENT_REPLIES
-from relaywatch.classify.catalog_entry import AUDIENCES, ClientReply, Entry
+from relaywatch.classify.catalog_entry import AUDIENCES, CatalogEntry, ClientReply
 from relaywatch.classify.catalog_network import NETWORK
 from relaywatch.classify.catalog_replies import REPLIES
 from relaywatch.classify.catalog_watch import WARNINGS
 
-__all__ = ["AUDIENCES", "CATALOG", "CLIENT_CATALOG", "ClientReply", "Entry", "lookup", "lookup_all", "lookup_client"]
+__all__ = ["AUDIENCES", "CATALOG", "CLIENT_CATALOG", "CatalogEntry", "ClientReply", "lookup", "lookup_all", "lookup_client"]
 
-CATALOG: dict[str, Entry] = {e.id: e for e in (*NETWORK, *REPLIES, *WARNINGS)}
+CATALOG: dict[str, CatalogEntry] = {e.id: e for e in (*NETWORK, *REPLIES, *WARNINGS)}
 CLIENT_CATALOG: dict[str, ClientReply] = {e.id: e for e in CLIENT_REPLIES}
 
 
-def lookup(code_or_id: str) -> Entry | None:
+def lookup(code_or_id: str) -> CatalogEntry | None:
     """Find an entry by id ("connect.refused") or code ("4.4.316")."""
     if code_or_id in CATALOG:
         return CATALOG[code_or_id]
     return next((e for e in CATALOG.values() if e.code == code_or_id), None)
 
 
-def lookup_all(code_or_id: str) -> list[Entry]:
+def lookup_all(code_or_id: str) -> list[CatalogEntry]:
     """Every entry a user may mean: the one with that id, or all sharing that code
     (4.7.320 is a certificate failure, an MTA-STS policy failure and a DANE failure)."""
     if code_or_id in CATALOG:

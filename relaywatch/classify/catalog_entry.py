@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Entry:
+class CatalogEntry:
     id: str                       # stable dotted id shared by JSON, alerts and logs
     code: str                     # enhanced status code shown to users; the watch's warnings: "watch:<kind>"
     smtp_code: int | None         # None for the watch's warnings: no SMTP reply says them

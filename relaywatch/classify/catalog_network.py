@@ -7,10 +7,10 @@ are ours.
 
 from __future__ import annotations
 
-from relaywatch.classify.catalog_entry import Entry
+from relaywatch.classify.catalog_entry import CatalogEntry
 
-NETWORK: tuple[Entry, ...] = (
-    Entry(
+NETWORK: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
         id="dns.failed", code="4.4.312", smtp_code=450, title="DNS query failed",
         explanation=(
             "relaywatch could not turn the destination's host name (the connector's smart host, "
@@ -43,7 +43,7 @@ NETWORK: tuple[Entry, ...] = (
                 "Ask the partner whether their mail host name changed; if so, update the connector's smart_hosts.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="connect.timeout", code="4.4.315", smtp_code=450, title="Connection timed out",
         explanation=(
             "relaywatch resolved the destination but could not open a TCP connection to it: nothing "
@@ -73,7 +73,7 @@ NETWORK: tuple[Entry, ...] = (
                 "Ask the partner for their current mail host and update the connector if it changed.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="connect.refused", code="4.4.316", smtp_code=450, title="Connection refused",
         explanation=(
             "The destination host answered, but actively refused the TCP connection: no program "
@@ -100,7 +100,7 @@ NETWORK: tuple[Entry, ...] = (
                 "Ask whether their mail host changed, and update the connector.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="connect.rejected", code="4.4.317", smtp_code=450, title="Cannot connect to remote server",
         explanation=(
             "relaywatch connected, but the server turned the session down or could not meet the "
@@ -131,7 +131,7 @@ NETWORK: tuple[Entry, ...] = (
                 "If they do not support TLS, agree with them whether tls may be \"opportunistic\" for this connector.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="connection.dropped", code="4.4.318", smtp_code=450, title="Connection closed abruptly",
         explanation=(
             "relaywatch was connected and talking SMTP when the server closed or reset the "
@@ -162,7 +162,7 @@ NETWORK: tuple[Entry, ...] = (
                 "Tell the partner the phase, time and IP of the drop and ask them to check their server and firewall.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="tls.certificate_invalid", code="4.7.320", smtp_code=450, title="Certificate validation failed",
         explanation=(
             "The destination's TLS certificate does not pass the connector's tls_verify policy, so "
@@ -192,7 +192,7 @@ NETWORK: tuple[Entry, ...] = (
                 "If they use a private CA, ask for its certificate and set it as the connector's ca_file.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="tls.sts_policy", code="4.7.320", smtp_code=450, title="MTA-STS policy not met",
         explanation=(
             "The recipient domain publishes an MTA-STS policy (RFC 8461) in enforce mode, and this MX "
@@ -227,7 +227,7 @@ NETWORK: tuple[Entry, ...] = (
                 "Mail is retried until it expires; the domain's fix (or a policy in testing mode) releases it.",
             ),
         }),
-    Entry(
+    CatalogEntry(
         id="tls.dane", code="4.7.320", smtp_code=450, title="DANE authentication failed",
         explanation=(
             "The MX host (or smart host) publishes DNSSEC-signed TLSA records (DANE, RFC 7672), so "

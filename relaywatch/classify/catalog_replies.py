@@ -3,10 +3,10 @@ the recipient domain's DNS, local mailboxes and relaywatch's own faults."""
 
 from __future__ import annotations
 
-from relaywatch.classify.catalog_entry import Entry, for_both
+from relaywatch.classify.catalog_entry import CatalogEntry, for_both
 
-REPLIES: tuple[Entry, ...] = (
-    Entry(
+REPLIES: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
         id="relay.internal_error", code="4.3.0", smtp_code=451, title="relaywatch failed during delivery",
         explanation=(
             "relaywatch itself hit an error it did not foresee while the connection to the "
@@ -16,7 +16,7 @@ REPLIES: tuple[Entry, ...] = (
         fixes=for_both(
             "Find the \"unforeseen error\" line with its traceback in relaywatch's log and report it with the message id.",
         )),
-    Entry(
+    CatalogEntry(
         id="dns.domain_not_found", code="5.1.2", smtp_code=550, title="Recipient domain does not exist",
         explanation=(
             "The recipient's domain does not exist in DNS (NXDOMAIN for its MX lookup), so no "
@@ -29,7 +29,7 @@ REPLIES: tuple[Entry, ...] = (
             "on_premises": ("Tell the sender to check the address.",),
             "partner": ("Tell the sender to check the address, or ask the recipient organisation whether the domain moved.",),
         }, permanent=True),
-    Entry(
+    CatalogEntry(
         id="dns.null_mx", code="5.1.10", smtp_code=556, title="Recipient domain does not accept mail",
         explanation=(
             "The recipient's domain publishes a null MX record (RFC 7505): it declares that it "
@@ -39,7 +39,7 @@ REPLIES: tuple[Entry, ...] = (
             "on_premises": ("Tell the sender to check the address.",),
             "partner": ("Tell the sender to use the recipient's real mail domain.",),
         }, permanent=True),
-    Entry(
+    CatalogEntry(
         id="local.delivery_failed", code="4.3.0", smtp_code=451, title="Local mailbox could not be written",
         explanation=(
             "relaywatch could not write the message into the recipient's local Maildir under the "
@@ -51,7 +51,7 @@ REPLIES: tuple[Entry, ...] = (
         fixes=for_both(
             "Free disk space or fix permissions under data_dir/mailboxes, then run `relaywatch queue retry --connector local`.",
         )),
-    Entry(
+    CatalogEntry(
         id="recipient.not_found", code="5.1.10", smtp_code=550, title="Recipient not found",
         explanation=(
             "The recipient's domain is authoritative here and has no such mailbox, for example "
@@ -65,7 +65,7 @@ REPLIES: tuple[Entry, ...] = (
             "on_premises": ("If the mailbox should exist, add it to the domain's mailboxes and ask the sender to resend.",),
             "partner": ("Tell the sender to check the address.",),
         }, permanent=True),
-    Entry(
+    CatalogEntry(
         id="smtp.transient_reply", code="4.0.0", smtp_code=450, title="Destination deferred the message",
         explanation=(
             "The destination server accepted the connection but answered a command with a temporary "
@@ -78,7 +78,7 @@ REPLIES: tuple[Entry, ...] = (
             "on_premises": ("Read the server's reply in the error and check that server's logs for the same time.",),
             "partner": ("If it persists, send the partner the reply text and time and ask what it means.",),
         }),
-    Entry(
+    CatalogEntry(
         id="smtp.permanent_reply", code="5.0.0", smtp_code=550, title="Destination rejected the message",
         explanation=(
             "The destination server answered with a permanent (5xx) error, such as an unknown "
@@ -91,7 +91,7 @@ REPLIES: tuple[Entry, ...] = (
             "on_premises": ("Check the recipient exists on the server; read the reply for the rule that rejected it.",),
             "partner": ("Tell the sender to check the address; for policy rejections, send the partner the reply text.",),
         }, permanent=True),
-    Entry(
+    CatalogEntry(
         id="smtputf8.not_offered", code="5.6.7", smtp_code=553,
         title="Non-ASCII addresses not permitted for that recipient",
         explanation=(

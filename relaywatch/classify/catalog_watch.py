@@ -3,10 +3,10 @@ says them, so they have no SMTP code."""
 
 from __future__ import annotations
 
-from relaywatch.classify.catalog_entry import Entry, for_both
+from relaywatch.classify.catalog_entry import CatalogEntry, for_both
 
-WARNINGS: tuple[Entry, ...] = (
-    Entry(
+WARNINGS: tuple[CatalogEntry, ...] = (
+    CatalogEntry(
         id="watch.cert_expiring", code="watch:cert_expiring", smtp_code=None,
         title="Destination certificate expires soon",
         explanation=(
@@ -23,7 +23,7 @@ WARNINGS: tuple[Entry, ...] = (
             "on_premises": ("Renew the server's certificate and install it before the date in the incident.",),
             "partner": ("Tell the partner the date their certificate expires (in the incident) and ask them to renew it.",),
         }),
-    Entry(
+    CatalogEntry(
         id="watch.invalid_recipients", code="watch:invalid_recipients", smtp_code=None,
         title="Invalid recipients near the quota",
         explanation=(
@@ -48,7 +48,7 @@ WARNINGS: tuple[Entry, ...] = (
             "If an on-premises server was retired, use the decommission action on its 4.4.316 incident so unknown recipients are rejected at once.",
             "Check the domains listed for mistyped or abandoned addresses.",
         )),
-    Entry(
+    CatalogEntry(
         id="watch.notice_failed", code="watch:notice_failed", smtp_code=None,
         title="Non-delivery reports cannot be built",
         explanation=(
@@ -62,7 +62,7 @@ WARNINGS: tuple[Entry, ...] = (
             "Look for 'could not be built' in relaywatch's log and report it as a relaywatch bug.",
             "relaywatch queue list shows the messages whose NDR is held back.",
         )),
-    Entry(
+    CatalogEntry(
         id="watch.node_down", code="watch:node_down", smtp_code=None,
         title="A relaywatch node is down",
         explanation=(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relaywatch.classify.catalog import CATALOG, Entry
+from relaywatch.classify.catalog import CATALOG, CatalogEntry
 from relaywatch.classify.observation import UTF8_HEADERS_NOTE, Observation, Outcome, Phase
 from relaywatch.model import Destination, Failure
 
@@ -71,7 +71,7 @@ def _no_starttls(obs: Observation) -> str:
     return "does not offer STARTTLS" if obs.outcome is Outcome.TLS_NOT_OFFERED else f"refused STARTTLS (\"{obs.reply}\")"
 
 
-def _sts(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]:
+def _sts(obs: Observation, here: str) -> tuple[CatalogEntry, str | None, str, int, str]:
     e = CATALOG["tls.sts_policy"]
     sts = obs.sts or {}
     domain = sts.get("policy_domain", "the recipient domain")
@@ -106,7 +106,7 @@ def _breaks_dane(obs: Observation) -> bool:
     return obs.outcome in _DANE_OUTCOMES or (obs.dane is not None and _breaks_sts(obs))
 
 
-def _dane(obs: Observation, here: str) -> tuple[Entry, str | None, str, int, str]:
+def _dane(obs: Observation, here: str) -> tuple[CatalogEntry, str | None, str, int, str]:
     e = CATALOG["tls.dane"]
     dane = obs.dane or {}
     name = dane.get("tlsa_name") or "its TLSA name"
@@ -155,7 +155,7 @@ def classify(obs: Observation, at: float) -> Failure:
         dane=obs.dane if entry.id == "tls.dane" else None)
 
 
-def _decide(obs: Observation) -> tuple[Entry, str | None, str, int, str]:
+def _decide(obs: Observation) -> tuple[CatalogEntry, str | None, str, int, str]:
     o, here = obs.outcome, where(obs.destination)
 
     if _breaks_dane(obs):

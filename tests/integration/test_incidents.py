@@ -126,8 +126,8 @@ async def test_a_cause_change_resolves_the_old_incident_and_opens_a_new_one(rela
 
 
 async def _run(server, reader, writer):
-    from helpers import Conversation
-    await server.script(Conversation(reader, writer))
+    from helpers import ScriptedConnection
+    await server.script(ScriptedConnection(reader, writer))
     writer.close()
 
 
