@@ -73,6 +73,16 @@ class Destination:
     index: int | None = None     # 1-based: which smart host / MX was this
     count: int | None = None     # of how many
 
+    @property
+    def label(self) -> str:
+        """``host[ip]:port``: how messages, incidents and the CLI name a destination."""
+        label = self.host
+        if self.ip and self.ip != self.host:
+            label += f"[{self.ip}]"
+        if self.port:
+            label += f":{self.port}"
+        return label
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -313,18 +323,20 @@ class Entry:
 def dest_label(dest: dict | None) -> str:
     """``host[ip]:port`` from a destination as stored in JSON."""
     dest = dest or {}
-    label = dest.get("host") or "-"
-    if dest.get("ip") and dest.get("ip") != label:
-        label += f"[{dest['ip']}]"
-    if dest.get("port"):
-        label += f":{dest['port']}"
-    return label
+    return Destination(dest.get("host") or "-", dest.get("ip"), dest.get("port")).label
 
 
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def utc_minute(ts: float | None, missing: str = "-") -> str:
+    """``2026-12-01 17:30 UTC``: a time in the admins' texts (alert mail, diagnoses)."""
+    if not ts:
+        return missing
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _notice_json(held: dict[str, Any] | None) -> dict[str, Any] | None:

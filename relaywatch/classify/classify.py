@@ -51,14 +51,7 @@ _PHASE_WORDS = {
 
 
 def where(dest: Destination | None) -> str:
-    if dest is None:
-        return "the destination"
-    host = dest.host
-    if dest.ip and dest.ip != dest.host:
-        host += f"[{dest.ip}]"
-    if dest.port:
-        host += f":{dest.port}"
-    return host
+    return "the destination" if dest is None else dest.label
 
 
 def _breaks_sts(obs: Observation) -> bool:

@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import ssl
-from datetime import datetime, timezone
 from email.message import EmailMessage
 from email import policy as email_policy
 from urllib.parse import urlsplit
@@ -25,7 +24,7 @@ from relaywatch.config import Config
 from relaywatch.errors import AlertNotSent
 from relaywatch.deliver.smtp import AllTargetsFailed, SmtpRoutes
 from relaywatch.deliver.transport import SessionFailure, SmtpConnection, TlsPolicy
-from relaywatch.model import Destination, Route, RouteKind, StoredBody
+from relaywatch.model import Destination, Route, RouteKind, StoredBody, utc_minute
 from relaywatch.notify.tls_report import incident_line
 from relaywatch.incident_facts import StoreFacts
 from relaywatch.incident import Alert, Incident, IncidentKind, Severity
@@ -37,12 +36,6 @@ def retry_at(attempts: int, now: float) -> float | None:
     if attempts + 1 >= MAX_ATTEMPTS:
         return None
     return now + min(15 * 2 ** attempts, 3600)
-
-
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _span(seconds: float) -> str:
@@ -81,15 +74,15 @@ def incident_text(inc: Incident, now: float, alert: Alert | None = None) -> str:
     elif not inc.is_open:
         lines.append(f"Connector {inc.connector} ({inc.connector_type}) delivers again. "
                      f"The incident lasted {_span((inc.resolved_at or now) - inc.opened_at)} "
-                     f"({_when(inc.opened_at)} to {_when(inc.resolved_at)}).")
+                     f"({utc_minute(inc.opened_at)} to {utc_minute(inc.resolved_at)}).")
         lines.append(f"Messages delayed: {inc.peak_messages} at the peak; delivered late since it opened: "
                      f"{inc.delivered_late}; expired and returned to senders: {inc.expired}.")
     else:
         lines.append(f"Connector {inc.connector} ({inc.connector_type}): {inc.messages} message(s), "
-                     f"{inc.recipients} recipient(s) waiting since {_when(inc.first_seen)}; "
+                     f"{inc.recipients} recipient(s) waiting since {utc_minute(inc.first_seen)}; "
                      f"the oldest is {_span(now - inc.oldest_received_at)} old.")
         lines.append(f"First messages expire (NDR to senders) in {_span(inc.first_expires_at - now)}, "
-                     f"at {_when(inc.first_expires_at)}, unless mail flows again.")
+                     f"at {utc_minute(inc.first_expires_at)}, unless mail flows again.")
         if alert is not None and alert.reason:
             lines.append(f"Escalated: {alert.reason.replace('count-', 'backlog passed ')}.")
         lines.append(f"Destination: {', '.join(inc.destinations) or '-'}")
@@ -112,10 +105,10 @@ def _store_lines(inc: Incident) -> list[str]:
     facts = inc.facts if isinstance(inc.facts, StoreFacts) else StoreFacts("?", 0)
     if not inc.is_open:
         return [f"relaywatch queues mail again. It could not for {_span((inc.resolved_at or 0) - inc.opened_at)} "
-                f"({_when(inc.opened_at)} to {_when(inc.resolved_at)}); {facts.refused} message(s) "
+                f"({utc_minute(inc.opened_at)} to {utc_minute(inc.resolved_at)}); {facts.refused} message(s) "
                 "were refused with a 4xx meanwhile. They stay with their senders, who retry; nothing that "
                 "was accepted is lost."]
-    lines = [f"relaywatch cannot write where it queues mail, so since {_when(inc.opened_at)} it refuses "
+    lines = [f"relaywatch cannot write where it queues mail, so since {utc_minute(inc.opened_at)} it refuses "
              f"mail with {facts.reply} (senders keep it and retry; nothing accepted is lost):"]
     lines += [f"  {p.get('path')}: {p.get('code')} ({p.get('detail')}); refusing {p.get('refusing')}"
               for p in facts.problems]

@@ -9,17 +9,11 @@ failure (``Failure.kind``), as the classifier does, then by its subtype.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
 
 from relaywatch.incident_facts import CertificateFacts
 from relaywatch.incident import Diagnosis, Incident, IncidentKind, ProbeResult
+from relaywatch.model import utc_minute
 from relaywatch.watch_records import LastGood
-
-
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "?"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _date(iso: str | None) -> str:
@@ -42,7 +36,7 @@ def diagnose(incident: Incident, last_good: LastGood | None, probe: ProbeResult 
     tls = (e.tls if e else None) or {}
     reply = e.reply if e else None
     good_ip = last_good.ip if last_good else None
-    good_since = _when(last_good.at if last_good else None)
+    good_since = utc_minute(last_good.at if last_good else None, "?")
     facts: dict = {"last_good": last_good.to_dict() if last_good else None}
 
     def out(cause: str, text: str) -> Diagnosis:
