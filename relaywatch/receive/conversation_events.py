@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, RecipientDsn
+from relaywatch.sentinel import Sentinel
 
 
 @dataclass(frozen=True)
@@ -58,4 +59,4 @@ class MessageEnd:
     recipient_dsn: tuple[RecipientDsn, ...] = ()   # NOTIFY, ORCPT of each recipient, in order; () if none had any
 
 
-NEED_DATA = object()
+NEED_DATA = Sentinel("NEED_DATA")   # nothing more until receive() is given more bytes

@@ -13,19 +13,8 @@ from typing import Sequence
 
 from relaywatch.classify.observation import Phase
 from relaywatch.dsn_params import NO_MESSAGE_DSN, MessageDsn, RecipientDsn
+from relaywatch.sentinel import Sentinel
 from relaywatch.smtpclient.protocol import Reply
-
-
-class Sentinel:
-    """A named marker (h11's sentinels): compare with ``is``."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 NEED_DATA = Sentinel("NEED_DATA")   # nothing decided yet: read from the server, then receive_data()

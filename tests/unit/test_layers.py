@@ -72,7 +72,7 @@ def test_no_back_edges(paths, forbidden):
 # import the other (SIDES).
 LAYERS = [
     "kernel",     # model.py, tls_results.py, incident.py, incident_facts.py, watch_records.py, errors.py, events.py,
-                  # meters.py, config/, route.py, idn.py, mime.py, dsn_params.py, clock.py: facts and pure
+                  # meters.py, config/, route.py, idn.py, mime.py, dsn_params.py, clock.py, sentinel.py: facts and pure
                   # code everyone shares
     "store",      # store/: the queue and the watch's state behind store/base.py's interfaces; cluster/: the
                   # nodes and the leader lease kept there (store/base.py names its nouns)
@@ -91,7 +91,7 @@ SIDES = {("receive", "deliver"), ("receive", "schedule"), ("deliver", "receive")
 # A name here is a top-level module or a package (config/: every module in it is kernel; what
 # config check loads, the users file and the DKIM keys, is parsed inside it).
 KERNEL = {"model", "tls_results", "incident", "incident_facts", "watch_records", "errors", "events", "meters", "config", "route",
-          "idn", "mime", "dsn_params", "clock", "__init__"}
+          "idn", "mime", "dsn_params", "clock", "sentinel", "__init__"}
 SCHEDULE = {"scheduler", "record", "queue_actions"}
 PACKAGES = {"store": "store", "cluster": "store", "classify": "classify", "notify": "notify", "deliver": "deliver",
             "smtpclient": "deliver", "receive": "receive", "watch": "watch", "console": "console",
