@@ -44,7 +44,7 @@ class ClientReply:
     Its two audiences are not connector types: ``client`` is what the admin of
     the sending client (an application, a device, a mail server) should do,
     ``relay`` what relaywatch's own admin can check."""
-    id: str                       # "client.<what>", stable like Entry.id
+    id: str                       # "client.<what>", stable like CatalogEntry.id
     code: str                     # the enhanced status code of the replies
     smtp_code: int
     title: str
