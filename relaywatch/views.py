@@ -145,7 +145,8 @@ def trace_json(record: dict) -> dict[str, Any]:
                            "ids": a["notices"]})
     for act in record["audit"]:
         events.append({"at": act["at"], "event": "action", "action": act["action"].removeprefix("queue "),
-                       "who": act["who"], "reason": act["detail"].get("reason"), "incident_id": act["incident_id"]})
+                       "who": act["who"], "reason": act["detail"].get("reason"), "incident_id": act["incident_id"],
+                       "job": act["detail"].get("job")})
     if end is not None:
         if end.get("notices"):
             events.append({"at": end["at"], "event": "ndr_sent", "ids": end["notices"]})

@@ -140,7 +140,8 @@ def _trace_detail(ev: dict) -> str:
                           + (f" \"{r['reply']}\"" if r["reply"] else "") for r in ev["recipients"])
         return f"#{ev['n']} {ev['host'] or '-'}[{ev['ip'] or '-'}] {ev['duration']:.2f}s: {rcpts}"
     if ev["event"] == "action":
-        return f"{ev['action']} by {ev['who']}" + (f": {ev['reason']}" if ev["reason"] else "")
+        return (f"{ev['action']} by {ev['who']}" + (f" (job {ev['job']})" if ev["job"] else "")
+                + (f": {ev['reason']}" if ev["reason"] else ""))
     if ev["event"] in ("ndr_sent", "delay_notice_sent"):
         return " ".join(ev["ids"])
     return f"to {ev['moved_to']}" if ev.get("moved_to") else ""

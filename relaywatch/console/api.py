@@ -124,9 +124,10 @@ class Api:
         if out["dry_run"]:
             return json_response(200, out)
         # Audited before anything is touched: what, by whom, why, how many.
-        await self.store.apply_fix(who, f"queue bulk {action}", None,
-                                   {"filter": filter_, "matched": len(ids), "reason": body["reason"]}, {}, (), now)
-        job = self.jobs.start(self.store, self.app.config, action, filter_, ids, who, body["reason"])
+        audit_id = await self.store.apply_fix(who, f"queue bulk {action}", None,
+                                              {"filter": filter_, "matched": len(ids), "reason": body["reason"]},
+                                              {}, (), now)
+        job = self.jobs.start(self.store, self.app.config, audit_id, action, filter_, ids, who, body["reason"])
         out["job"] = job.to_dict()
         return json_response(202, out, headers=(("Location", f"/api/v1/jobs/{job.id}"),))
 

@@ -4,15 +4,20 @@ A bulk action takes the ids matching the filter when it starts (so mail
 arriving meanwhile is not swept up), writes one audit record (who, why, the
 filter, how many matched) before it touches anything, then applies the same
 per-message code as the CLI (actions.queue_action) in batches of BATCH, so
-the store's group commit takes each batch in a few transactions.  Jobs live in
-memory: the last KEEP are listed; a restart forgets them (the audit log keeps
-what was started).
+the store's group commit takes each batch in a few transactions.  After each
+batch one more audit record names the ids it changed (``queue <action>``,
+detail ``{ids, job, reason}``): the message trace of each (store/trace.py
+finds an entry's actions by its id in the detail) says what was done to it,
+by whom, in which job and why, and the audit log says which messages a job
+touched, at a hundredth of the rows one record per message would take.  A
+job's id is its first audit record's, so it stays unique across restarts.
+Jobs live in memory: the last KEEP are listed; a restart forgets them (the
+audit log keeps what was started and what it did).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,10 +74,11 @@ class Jobs:
     def __init__(self):
         self.jobs: dict[int, Job] = {}
         self._tasks: set[asyncio.Task] = set()
-        self._ids = itertools.count(1)
 
-    def start(self, store, config, action: str, filter_: dict, ids: list[str], who: str, reason: str) -> Job:
-        job = Job(next(self._ids), action, filter_, who, reason, matched=len(ids))
+    def start(self, store, config, job_id: int, action: str, filter_: dict, ids: list[str], who: str,
+              reason: str) -> Job:
+        """Run ``action`` on ``ids``; ``job_id`` is the id of the audit record that started it."""
+        job = Job(job_id, action, filter_, who, reason, matched=len(ids))
         self.jobs[job.id] = job
         for old in sorted(self.jobs)[:-KEEP]:
             if self.jobs[old].state != "running":
@@ -83,21 +89,26 @@ class Jobs:
         return job
 
     async def _run(self, job: Job, store, config, ids: list[str]) -> None:
-        async def one(entry_id: str) -> None:
+        async def one(entry_id: str) -> bool:
             try:
                 result = await queue_action(store, config, job.action, entry_id, job.who, job.reason, audit=False)
             except RelaywatchError as exc:
                 job.failed += 1
                 if len(job.errors) < 10:
                     job.errors.append(f"{entry_id}: {exc}")
-                return
+                return False
             if result.done:
                 job.done += 1
             else:
                 job.skipped += 1
+            return result.done
         try:
             for start in range(0, len(ids), BATCH):
-                await asyncio.gather(*(one(i) for i in ids[start:start + BATCH]))
+                batch = ids[start:start + BATCH]
+                done = [i for i, ok in zip(batch, await asyncio.gather(*(one(i) for i in batch))) if ok]
+                if done:
+                    await store.apply_fix(job.who, f"queue {job.action}", None,
+                                          {"ids": done, "job": job.id, "reason": job.reason}, {}, (), time.time())
             job.state = "done"
         except Exception as exc:   # the job fails, never the console
             log.exception("bulk %s (job %d) failed", job.action, job.id)

@@ -674,9 +674,12 @@ async def test_a_bulk_action_by_filter_with_a_dry_run_first(relay_factory, n):
             r = await http.post("/api/v1/queue/actions", json=body)
             assert r.status_code == 400 and r.json()["field"] == field, body
         assert (await http.get("/api/v1/jobs/999")).status_code == 404
-    [record] = await relay.store.audit_log()
+    *batches, record = await relay.store.audit_log(limit=1000)     # newest first: the job's own record last
     assert (record.action, record.detail["matched"], record.detail["reason"]) == ("queue bulk hold", n,
                                                                                   "partner down")
+    assert record.id == job["id"] and len(batches) == -(-n // 100)    # then one record per batch it changed
+    assert {b.action for b in batches} == {"queue hold"} and {b.detail["job"] for b in batches} == {job["id"]}
+    assert sum(len(b.detail["ids"]) for b in batches) == n
 
 
 async def test_a_store_that_cannot_answer_is_503_not_a_traceback(relay_factory):

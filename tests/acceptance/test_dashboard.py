@@ -253,11 +253,19 @@ async def test_a_bulk_action_shows_the_count_first(relay_factory, tab_factory):
     await bulk.locator("select[name=action]").select_option("hold")
     await bulk.locator("input[name=reason]").fill("maintenance window")
     await bulk.locator("button").click()
+    await tab.page.wait_for_url("**/queue/actions")
     assert "3 message(s) match" in await tab.text("section.confirm")
     assert all(m["status"] == "deferred" for m in await relay.queue())
     await tab.page.locator("section.confirm button.danger").click()
+    await tab.page.wait_for_url("**/queue/actions")
     assert "3 message(s) matched" in await tab.text(".result")
     await eventually(lambda: _all_held(relay), what="the job to hold all three")
+    # Each message's page says the job held it, and why.
+    async with httpx.AsyncClient(base_url=tab.base) as http:
+        [job] = (await http.get("/api/v1/jobs")).json()["jobs"]
+    await tab.goto(f"/queue/{listed[0]['id']}")
+    timeline = await tab.text("ol.timeline")
+    assert f"hold by loopback (bulk job {job['id']}): maintenance window" in timeline, timeline
 
 
 async def _all_held(relay):

@@ -135,3 +135,43 @@ async def test_the_new_endpoints_need_a_token_off_loopback(relay_factory):
                 r = await http.get(path, params=params)
                 assert r.status_code == 401 and r.content == b"", path
             assert (await ops.get(path, params=params)).status_code == 200, path
+
+
+async def test_a_bulk_action_leaves_its_job_in_each_messages_trace(relay_factory):
+    """Held, then deleted, by filter: each message's trace (API and CLI, queued or kept after it
+    left) says what was done to it, by which token, in which job and why."""
+    relay, listed = await stuck_relay(relay_factory, n=3, http={"listen": f"{LOOPBACK}:0", "tokens": [f"ops:{TOKEN}"]})
+    ids = sorted(m["id"] for m in listed)
+    async with client(relay, TOKEN) as http:
+        async def bulk(action: str, filter_: dict, reason: str) -> int:
+            started = await http.post("/api/v1/queue/actions", json={"action": action, "filter": filter_,
+                                                                     "reason": reason})
+            assert started.status_code == 202, started.text
+
+            async def finished():
+                job = (await http.get(started.headers["location"])).json()
+                return job if job["state"] != "running" else None
+            job = await eventually(finished, what=f"the bulk {action}")
+            assert (job["state"], job["done"]) == ("done", 3)
+            return job["id"]
+        held_by = await bulk("hold", {"connector": "p"}, "partner down")
+        for entry_id in ids:
+            t = (await http.get(f"/api/v1/messages/{entry_id}/trace")).json()
+            assert [(e["action"], e["who"], e["job"], e["reason"]) for e in t["events"] if e["event"] == "action"] \
+                == [("hold", "ops", held_by, "partner down")], entry_id
+        deleted_by = await bulk("delete", {"status": "held"}, "spam run")
+        assert deleted_by != held_by
+        traces = {i: (await http.get(f"/api/v1/messages/{i}/trace")).json() for i in ids}
+        audit = (await http.get("/api/v1/audit")).json()["audit"]
+    for entry_id, t in traces.items():
+        assert not t["in_queue"] and t["status"] == "deleted", t
+        assert [(e["action"], e["who"], e["job"], e["reason"]) for e in t["events"] if e["event"] == "action"] == \
+            [("hold", "ops", held_by, "partner down"), ("delete", "ops", deleted_by, "spam run")]
+        assert t == await relay.cli_json("queue", "trace", entry_id)
+    text = (await relay.cli("queue", "trace", ids[0])).output
+    assert f"hold by ops (job {held_by}): partner down" in text and f"delete by ops (job {deleted_by}): spam run" in text
+    # The job's id is its audit record's; each batch's record names the ids it changed.
+    by_id = {a["id"]: a for a in audit}
+    assert (by_id[held_by]["action"], by_id[held_by]["detail"]["matched"]) == ("queue bulk hold", 3)
+    [batch] = [a for a in audit if a["action"] == "queue hold"]
+    assert (sorted(batch["detail"]["ids"]), batch["detail"]["job"], batch["who"]) == (ids, held_by, "ops")
