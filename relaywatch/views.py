@@ -17,7 +17,7 @@ from relaywatch.config import Config
 from relaywatch.model import Entry, iso
 from relaywatch.tls_results import TlsCount
 from relaywatch.notify.tls_report import policies
-from relaywatch.incident import Incident, IncidentRecord, ProbeResult
+from relaywatch.incident import Incident, IncidentKind, IncidentRecord, ProbeResult
 from relaywatch.watch_records import AuditRecord, LastGood, Override, OverrideKey
 
 INCIDENT_TIMES = ("opened_at", "resolved_at", "updated_at", "first_seen", "last_seen", "oldest_received_at",
@@ -77,13 +77,16 @@ def config_json(config: Config, effective: Config, overrides: Mapping[OverrideKe
                         "tls": c.tls, "tls_verify": c.tls_verify} for c in effective.connectors]}
 
 
-def connector_state(enabled: bool, paused: bool, open_incidents: int) -> str:
-    """disabled > paused > incident open > healthy: the first that holds says what an admin must know."""
+def connector_state(enabled: bool, paused: bool, open_incidents: list[Incident]) -> str:
+    """disabled > paused > incident open > certificate expiring > healthy: the first that holds
+    says what an admin must know.  A certificate warning alone is not "incident open": mail still flows."""
     if not enabled:
         return "disabled"
     if paused:
         return "paused"
-    return "incident open" if open_incidents else "healthy"
+    if any(i.kind is not IncidentKind.CERT_EXPIRING for i in open_incidents):
+        return "incident open"
+    return "certificate expiring" if open_incidents else "healthy"
 
 
 def connectors_json(effective: Config, open_incidents: list[Incident],
@@ -94,7 +97,7 @@ def connectors_json(effective: Config, open_incidents: list[Incident],
         mine = [i for i in open_incidents if i.connector == c.name]
         good = last_good.get(c.name)
         out.append({"name": c.name, "type": c.type, "domains": list(c.domains),
-                    "state": connector_state(c.enabled, c.paused, len(mine)),
+                    "state": connector_state(c.enabled, c.paused, mine),
                     "enabled": c.enabled, "paused": c.paused,
                     "open_incidents": [i.id for i in mine],
                     "last_good_delivery": iso(good.at) if good else None})

@@ -116,7 +116,7 @@ SCHEMAS = {
     "IncidentList": _obj("Incidents", incidents={"type": "array", "items": {"$ref": "#/components/schemas/Incident"}}),
     "ConnectorList": _obj("Connectors", connectors={"type": "array", "items": _obj(
         "A connector", name={"type": "string"}, type={"type": "string"}, domains={"type": "array"},
-        state={"type": "string", "enum": ["healthy", "incident open", "paused", "disabled"]},
+        state={"type": "string", "enum": ["healthy", "incident open", "certificate expiring", "paused", "disabled"]},
         enabled={"type": "boolean"}, paused={"type": "boolean"}, open_incidents={"type": "array"},
         last_good_delivery={"type": ["string", "null"]})}),
     "ConnectorTest": _PROBE,

@@ -9,6 +9,7 @@ import json
 import smtplib
 import ssl
 
+import httpx
 import pytest
 import trustme
 
@@ -232,6 +233,11 @@ async def test_certificate_expiring_soon_opens_a_warning(relay_factory, watchers
         assert 4 <= inc["certificate"]["days_left"] <= 5
         assert "expires on" in inc["detail"]
         await eventually(lambda: webhook.events() == ["open"], what="the warning notification")
+        # The console's connector list says so (mail flows: not "incident open").
+        host, port = relay.app.console.address
+        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=10) as http:
+            [c] = (await http.get("/api/v1/connectors")).json()["connectors"]
+        assert (c["state"], c["open_incidents"]) == ("certificate expiring", [inc["id"]])
         # Mail still flows meanwhile.
         await relay.send("alice@contoso.test", ["bob@partner.test"], message())
         await eventually(lambda: sink.messages, what="delivery with the still-valid certificate")
