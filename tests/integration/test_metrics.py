@@ -176,7 +176,16 @@ async def test_the_grafana_dashboard_queries_only_metrics_a_relay_serves(relay_f
     for wanted in ("queue depth", "oldest deferred", "delivery rate", "deferrals by code", "attempt duration p50 / p99",
                    "open incidents", "store commit latency p99"):
         assert wanted in titles, wanted
-    # A relay that has delivered one message and deferred one: every series the panels need exists.
+    served = await served_names(relay_factory)
+    used = {name for e in exprs for name in re.findall(r"relaywatch_[a-z_]+", e)}
+    assert used and used <= served, used - served
+    assert any("histogram_quantile(0.99" in e and "attempt_duration_seconds_bucket" in e for e in exprs)
+    assert any("histogram_quantile(0.99" in e and "store_commit_duration_seconds_bucket" in e for e in exprs)
+
+
+async def served_names(relay_factory) -> set[str]:
+    """Every metric name /metrics of a relay that has delivered one message and deferred one
+    serves: declared families (with or without series yet) and the series themselves (_bucket ...)."""
     sink = await Sink().start()
     try:
         relay = await relay_factory(connectors=[sink_connector("fast", sink.port, ["fast.test"]),
@@ -190,15 +199,31 @@ async def test_the_grafana_dashboard_queries_only_metrics_a_relay_serves(relay_f
             return [m for m in await relay.queue() if m["attempts"] >= 1]
         await eventually(deferred, what="the deferral")
         text = await scrape_text(relay)
-        # Declared families (with or without series yet) and the series themselves (_bucket ...).
-        served = set(re.findall(r"^# TYPE (\S+) ", text, re.M)) | {
-            s.name for f in text_string_to_metric_families(text) for s in f.samples}
     finally:
         await sink.stop()
-    used = {name for e in exprs for name in re.findall(r"relaywatch_[a-z_]+", e)}
+    return set(re.findall(r"^# TYPE (\S+) ", text, re.M)) | {
+        s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+async def test_the_example_alert_rules_parse_and_use_only_metrics_a_relay_serves(relay_factory):
+    """examples/prometheus-alerts.yml as Prometheus loads it: groups of rules, each an alert with
+    an expression, a severity and a summary; every relaywatch_ name in it is one /metrics serves."""
+    import yaml
+    doc = yaml.safe_load((ROOT / "examples" / "prometheus-alerts.yml").read_text())
+    assert set(doc) == {"groups"} and doc["groups"]
+    rules = [r for g in doc["groups"] for r in g["rules"]]
+    assert all(set(g) <= {"name", "interval", "rules"} and g["name"] for g in doc["groups"])
+    for r in rules:
+        assert set(r) <= {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}, r
+        assert r["alert"] and isinstance(r["expr"], str) and r["annotations"]["summary"], r
+        assert r["labels"]["severity"] in ("info", "warning", "critical"), r
+        assert re.fullmatch(r"\d+[smhd]", r.get("for", "0s")), r
+    assert len({r["alert"] for r in rules}) == len(rules)
+    names = {r["alert"] for r in rules}
+    assert {"RelaywatchMailStuck", "RelaywatchIncidentOpen", "RelaywatchDown"} <= names
+    served = await served_names(relay_factory)
+    used = {name for r in rules for name in re.findall(r"relaywatch_[a-z_]+", r["expr"])}
     assert used and used <= served, used - served
-    assert any("histogram_quantile(0.99" in e and "attempt_duration_seconds_bucket" in e for e in exprs)
-    assert any("histogram_quantile(0.99" in e and "store_commit_duration_seconds_bucket" in e for e in exprs)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
