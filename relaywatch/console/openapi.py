@@ -154,7 +154,7 @@ SCHEMAS = {
                       hosts_tried=_list(_obj("Another host of the attempt", host=_null(_STR), ip=_null(_STR),
                                              code=_null(_STR), reply=_null(_STR))),
                       # action, ndr_sent / delay_notice_sent, moved
-                      action=_STR, who=_STR, reason=_null(_STR), incident_id=_null(_INT), ids=_list(_STR),
+                      action=_STR, who=_STR, reason=_null(_STR), incident_id=_null(_INT), job=_null(_INT), ids=_list(_STR),
                       moved_to=_STR)}),
     "TraceList": _obj("The traces of a Message-ID's queue entries", message_id={"type": "string"},
                       traces={"type": "array", "items": {"$ref": "#/components/schemas/Trace"}}),

@@ -693,3 +693,60 @@ async def test_a_store_that_cannot_answer_is_503_not_a_traceback(relay_factory):
             assert ready.status_code == 503 and ready.json()["reasons"][0].startswith("store: ")
         finally:
             await relay.store.open()
+
+
+# -- every route of the table, over HTTP -----------------------------------------------------------
+
+async def test_every_route_of_the_table_answers_over_http(relay_factory):
+    """Walks api_routes.ROUTES: each route gets a real request (a new route without one here fails
+    this test), without a token 401 unless public, with one its documented success status, the
+    content type it declares, and the top-level fields its OpenAPI schema names."""
+    from relaywatch.console.openapi import SCHEMAS
+    from relaywatch.console.router import Match, match
+    relay, listed = await stuck_relay(relay_factory, n=5, http={"listen": f"{LOOPBACK}:0", "tokens": [f"ops:{TOKEN}"]},
+                                      alerts={"open_after": "0s", "evaluate_interval": "0.2s", "probe_interval": "1h"})
+    [inc] = (await incident_opened(relay))["incidents"]
+    a, b, c, d, e = sorted(m["id"] for m in listed)
+    reason = {"reason": "route walk"}
+    async with client(relay, TOKEN) as http, client(relay) as anonymous:
+        job = await http.post("/api/v1/queue/actions", json={"action": "hold", "filter": {"recipient": "none@x.test"},
+                                                             **reason})
+        assert job.status_code == 202
+        # (method, path, JSON body, status) in an order where each applies: a is held then released ...
+        requests = [
+            ("GET", "/healthz", None, 200), ("GET", "/readyz", None, 200), ("GET", "/metrics", None, 200),
+            ("GET", "/api/v1/openapi.json", None, 200), ("GET", "/api/v1/queue?status=deferred", None, 200),
+            ("GET", f"/api/v1/queue/{a}", None, 200), ("GET", f"/api/v1/messages/{a}/trace", None, 200),
+            ("GET", "/api/v1/trace?message_id=x@y.test", None, 200), ("GET", "/api/v1/nodes", None, 200),
+            ("POST", "/api/v1/queue/actions", {"action": "retry", "filter": {}, "dry_run": True, **reason}, 200),
+            ("POST", f"/api/v1/queue/{a}/hold", reason, 200), ("POST", f"/api/v1/queue/{a}/release", reason, 200),
+            ("POST", f"/api/v1/queue/{b}/retry", reason, 200), ("POST", f"/api/v1/queue/{c}/bounce", reason, 200),
+            ("POST", f"/api/v1/queue/{d}/delete", reason, 200), ("GET", "/api/v1/incidents?all=true", None, 200),
+            ("GET", f"/api/v1/incidents/{inc['id']}", None, 200),
+            ("POST", f"/api/v1/incidents/{inc['id']}/fix/pause", {"dry_run": True, **reason}, 200),
+            ("POST", f"/api/v1/incidents/{inc['id']}/fix/pause", reason, 200),
+            ("POST", f"/api/v1/incidents/{inc['id']}/undo", reason, 200), ("GET", "/api/v1/connectors", None, 200),
+            ("POST", "/api/v1/connectors/p/test", None, 200), ("GET", "/api/v1/config", None, 200),
+            ("GET", "/api/v1/jobs", None, 200), ("GET", job.headers["location"], None, 200),
+            ("GET", "/api/v1/tls-reports", None, 200), ("GET", "/api/v1/audit?limit=5", None, 200),
+        ]
+        covered = set()
+        for method, path, body, status in requests:
+            found = match(ROUTES, method, path.partition("?")[0])
+            assert isinstance(found, Match), (method, path)
+            route = found.route
+            covered.add((route.method, route.path))
+            if not route.public:
+                denied = await anonymous.request(method, path, json=body)
+                assert denied.status_code == 401 and denied.content == b"", (method, path)
+            r = await http.request(method, path, json=body)
+            assert r.status_code == status, (method, path, r.text)
+            assert r.headers["content-type"].split(";")[0] == route.content_type.split(";")[0], path
+            schema = SCHEMAS.get(route.response or "", {})
+            if route.content_type == "application/json":
+                out = r.json()
+                assert isinstance(out, dict) and set(schema.get("required", ())) <= set(out), (path, out)
+                if "properties" in schema:    # the document names every top-level field it answers
+                    assert set(out) <= set(schema["properties"]), (path, set(out) - set(schema["properties"]))
+    missing = {(r.method, r.path) for r in ROUTES} - covered
+    assert not missing, f"routes with no request in this test: {sorted(missing)}"
