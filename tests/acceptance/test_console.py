@@ -644,8 +644,13 @@ async def seed_deferred(relay, n: int) -> None:
     await eventually(all_deferred, timeout=60, what=f"{n} messages tried and deferred")
 
 
-@pytest.mark.parametrize("n", [300] + ([10_000] if os.environ.get("RELAYWATCH_LONG_TESTS") else []))
+@pytest.mark.parametrize("n", [300, 10_000])
 async def test_a_bulk_action_by_filter_with_a_dry_run_first(relay_factory, n):
+    """Issue 11's case, 10,000 queued, on asyncio's loop (about 20 s on a loaded 2-core machine);
+    uvloop runs it with 300 unless RELAYWATCH_LONG_TESTS is set."""
+    if n > 300 and type(asyncio.get_running_loop()).__module__.startswith("uvloop") \
+            and not os.environ.get("RELAYWATCH_LONG_TESTS"):
+        pytest.skip("10,000 runs on asyncio's loop; RELAYWATCH_LONG_TESTS=1 runs it on uvloop too")
     relay = await relay_factory(connectors=partner(free_port()), queue={"retry_intervals": ["1h"]})
     await seed_deferred(relay, n)
     await relay.send("alice@contoso.test", ["alice@contoso.test"], message())   # local: not matched
