@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import click
 
-from relaywatch.cli import config_cmd, connectors, dkim, errors_cmd, incidents, nodes, queue, serve, tls_report, users
+from relaywatch.cli import (config_cmd, connectors, dkim, errors_cmd, incidents, nodes, queue, serve, tls_report, tokens,
+                            users)
 
 
 def _version() -> str:
@@ -48,5 +49,5 @@ def main():
 
 for _command in (serve.serve, serve.reload, config_cmd.config_group, queue.queue, incidents.incidents,
                  connectors.connector, nodes.nodes, nodes.node_group, users.user, dkim.dkim, errors_cmd.errors,
-                 tls_report.tls_report):
+                 tls_report.tls_report, tokens.token):
     main.add_command(_command)

@@ -9,8 +9,16 @@ from relaywatch.config.model import AdminToken, HttpConfig, ServerConfig
 from relaywatch.config.pem import key_pair_problems
 from relaywatch.config.values import Reader, file_keys, format_hostport, is_loopback, parse_hostport, string
 
-_TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 MIN_TOKEN_LENGTH = 16
+# "name:sha256:<64 hex digits>": the token's SHA-256, so a token file need not hold the token itself
+# (``relaywatch token new NAME`` prints a fresh token and this line).
+_HASHED = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+
+def hashed_line(name: str, token: str) -> str:
+    """The http.tokens line that holds ``token`` only as its SHA-256."""
+    return f"{name}:sha256:{hashlib.sha256(token.encode()).hexdigest()}"
 
 
 def parse_http(r: Reader, h: dict, rel, server: ServerConfig) -> HttpConfig:
@@ -46,7 +54,8 @@ def parse_http(r: Reader, h: dict, rel, server: ServerConfig) -> HttpConfig:
 
 def _http_tokens(h: dict, rel, problems: list[str]) -> tuple[AdminToken, ...]:
     """``tokens``: a list of "name:token" strings, or the path of a file with one
-    "name:token" a line (blank lines and # comments skipped)."""
+    "name:token" a line (blank lines and # comments skipped); a token written
+    ``sha256:<64 hex digits>`` is the token's SHA-256 (hashed at rest)."""
     value = h["tokens"]
     if isinstance(value, str):
         try:
@@ -72,15 +81,16 @@ def _http_tokens(h: dict, rel, problems: list[str]) -> tuple[AdminToken, ...]:
         # Problems never quote the token itself: config check output ends up in tickets.
         if not sep or not name or not token:
             problems.append(f"{where}: must be \"name:token\" (the name is who acts, in the audit log)")
-        elif not _TOKEN_NAME.fullmatch(name):
+        elif not TOKEN_NAME.fullmatch(name):
             problems.append(f"{where}: the name {name!r} may only have letters, digits and _ . @ - (at most 64)")
-        elif len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+        elif (hashed := _HASHED.fullmatch(token)) is None and (
+                len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token)):
             problems.append(f"{where}: the token of {name} is too weak: use at least {MIN_TOKEN_LENGTH} characters "
                             f"without spaces (e.g. from `openssl rand -hex 24`)")
         elif any(t.name == name for t in out):
             problems.append(f"{where}: the name {name} is given twice")
         else:
-            digest = hashlib.sha256(token.encode()).digest()
+            digest = bytes.fromhex(hashed.group(1)) if hashed else hashlib.sha256(token.encode()).digest()
             if any(t.digest == digest for t in out):
                 problems.append(f"{where}: the token of {name} is also another name's token")
             else:

@@ -276,6 +276,28 @@ async def test_tokens_are_required_when_configured_and_name_who_acted(relay_fact
         ("dev", "queue hold", "investigating INC-42", entry_id)
 
 
+async def test_a_token_file_can_hold_only_the_tokens_hash(relay_factory, tmp_path):
+    """``relaywatch token new`` prints a token and its hashed line; a relay whose token file has
+    only that line lets the token in, names it in the audit log, and nothing else gets in."""
+    from click.testing import CliRunner
+    from relaywatch.cli import main
+    out = CliRunner().invoke(main, ["token", "new", "ops"])
+    assert out.exit_code == 0, out.output
+    token = out.output.split("token:")[1].split()[0]
+    line = out.output.split("line:")[1].split()[0]
+    assert line.startswith("ops:sha256:") and token not in line
+    (tmp_path / "tokens").write_text(f"# hashed at rest\n{line}\n")
+    relay, [entry] = await stuck_relay(relay_factory, n=1, http={"listen": f"{LOOPBACK}:0",
+                                                                 "tokens": str(tmp_path / "tokens")})
+    async with client(relay, token) as ops, client(relay, line.partition(":")[2]) as the_hash, \
+            client(relay) as anonymous:
+        assert (await anonymous.get("/api/v1/queue")).status_code == 401
+        assert (await the_hash.get("/api/v1/queue")).status_code == 401      # the hash is no token
+        r = await ops.post(f"/api/v1/queue/{entry['id']}/hold", json={"reason": "hashed"})
+        assert r.status_code == 200 and r.json()["who"] == "ops"
+    assert token not in (tmp_path / "tokens").read_text()
+    assert (await relay.store.audit_log())[0].who == "ops"
+
 async def test_every_action_and_its_errors(relay_factory):
     relay, listed = await stuck_relay(relay_factory, n=3)
     a, b, c = (m["id"] for m in listed)

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from relaywatch import events
+from relaywatch.errors import ConfigError
 from relaywatch.config import AdminToken, is_loopback, parse_config
 from relaywatch.console import metrics
 from relaywatch.console.api_input import BadInput, queue_page
@@ -78,6 +79,18 @@ def test_tokens_are_kept_only_as_digests(tmp_path):
     assert config.http.tokens == TOKENS
     assert "ops-token" not in repr(config)
     assert bearer_token("Bearer x") == "x" and bearer_token(None) is None
+
+
+def test_a_token_may_be_given_as_its_sha256(tmp_path):
+    """``name:sha256:<hex>`` is the token's digest (hashed at rest); a short or odd sha256: is a weak token."""
+    import hashlib
+    from relaywatch.config.http import hashed_line
+    line = hashed_line("ops", "ops-token-0123456789")
+    assert line == "ops:sha256:" + hashlib.sha256(b"ops-token-0123456789").hexdigest()
+    config = parse_config({"http": {"tokens": [line, "dev:dev-token-0123456789"]}}, base_dir=tmp_path)
+    assert config.http.tokens == TOKENS
+    with pytest.raises(ConfigError, match="the token of ops is too weak"):
+        parse_config({"http": {"tokens": ["ops:sha256:abc"]}}, base_dir=tmp_path)
 
 
 @pytest.mark.parametrize("method, path, found", [
