@@ -168,6 +168,7 @@ async def test_the_overview_shows_the_incident_a_refused_connector_opened(relay_
     assert await tab.page.locator("svg rect").count() == 24 * 3
     assert "the queue store keeps no delivered mail" in text
     await tab.page.click(f"a[href='/incidents/{inc['id']}']")
+    await tab.page.wait_for_url(f"**/incidents/{inc['id']}")
     flyout = await tab.text("section.flyout")
     port = relay.raw["connectors"][0]["smart_hosts"][0].rsplit(":", 1)[1]
     for field in ("Message count", "Connector", "Queue start", "Oldest message", "Destination server",
@@ -225,11 +226,14 @@ async def test_fix_now_shows_the_dry_run_then_applies_and_audits(relay_factory, 
     fix = tab.page.locator(f"form[action='/incidents/{inc['id']}/fix/pause']")
     await fix.locator("input[name=reason]").fill("INC-7: partner down, stop hammering it")
     await fix.locator("button").click()
+    await tab.page.wait_for_url(f"**/incidents/{inc['id']}/fix/pause")
     confirm = tab.page.locator("section.confirm")
     assert "Dry run" in await confirm.inner_text()
     assert (await tab.page.locator("ol.plan li").count()) >= 1
     assert (await relay.cli_json("config", "show"))["overrides"] == {}    # nothing done yet
-    await confirm.locator("button.danger").click()
+    async with tab.page.expect_navigation(url=f"**/incidents/{inc['id']}/fix/pause"):   # the same URL again
+        await confirm.locator("button.danger").click()
+    await tab.page.wait_for_url(f"**/incidents/{inc['id']}/fix/pause")
     assert "Done: pause" in await tab.text("section.result")
     overrides = (await relay.cli_json("config", "show"))["overrides"]
     assert any("paused" in key for key in overrides), overrides
@@ -241,6 +245,7 @@ async def test_fix_now_shows_the_dry_run_then_applies_and_audits(relay_factory, 
     await tab.goto(f"/incidents/{inc['id']}")
     await tab.page.fill("#undo input[name=reason]", "partner back")
     await tab.page.click("#undo button")
+    await tab.page.wait_for_url(f"**/incidents/{inc['id']}/undo")
     assert "Done: undo" in await tab.text("section.result")
     assert (await relay.cli_json("config", "show"))["overrides"] == {}
 
@@ -256,7 +261,8 @@ async def test_a_bulk_action_shows_the_count_first(relay_factory, tab_factory):
     await tab.page.wait_for_url("**/queue/actions")
     assert "3 message(s) match" in await tab.text("section.confirm")
     assert all(m["status"] == "deferred" for m in await relay.queue())
-    await tab.page.locator("section.confirm button.danger").click()
+    async with tab.page.expect_navigation(url="**/queue/actions"):     # the same URL again
+        await tab.page.locator("section.confirm button.danger").click()
     await tab.page.wait_for_url("**/queue/actions")
     assert "3 message(s) matched" in await tab.text(".result")
     await eventually(lambda: _all_held(relay), what="the job to hold all three")
@@ -329,6 +335,7 @@ async def test_remote_text_is_shown_escaped_and_never_runs(relay_factory, tab_fa
             assert await tab.page.locator("img").count() == 0, path
             assert await tab.page.locator("main script").count() == 0, path
         await tab.page.click("text=Test this connector")
+        await tab.page.wait_for_url("**/connectors/p/test")
         test = await tab.text("section.test")
         assert EVIL_SCRIPT in test and EVIL_IMG in test        # the banner and the reply, as text
         assert await tab.page.locator("img").count() == 0
@@ -517,6 +524,7 @@ async def test_a_post_without_the_csrf_token_is_refused(relay_factory, tab_facto
     # The form itself carries the token: that works.
     await tab.page.fill("#act input[name=reason]", "looking into it")
     await tab.page.click("#act button[formaction$='/hold']")
+    await tab.page.wait_for_url(f"**/queue/{entry['id']}/hold")
     assert "is held" in await tab.text(".result")
     assert (await relay.show(entry["id"]))["status"] == "held"
     cookie, = await tab.page.context.cookies()
@@ -531,6 +539,7 @@ async def test_with_tokens_the_console_logs_in_once_and_audits_the_token_name(re
     assert "/login?next=" in tab.page.url
     await tab.page.fill("input[name=token]", "not-the-token-0123456789")
     await tab.page.click("form.stack button")
+    await tab.page.wait_for_url("**/login")
     assert "not one of the console's" in await tab.text(".error")
     await tab.page.fill("input[name=token]", TOKEN)
     await tab.page.click("form.stack button")
@@ -538,6 +547,7 @@ async def test_with_tokens_the_console_logs_in_once_and_audits_the_token_name(re
     assert "ops" in await tab.text("header")
     await tab.page.fill("#act input[name=reason]", "INC-9")
     await tab.page.click("#act button[formaction$='/hold']")
+    await tab.page.wait_for_url(f"**/queue/{entry['id']}/hold")
     assert "by ops" in await tab.text(".result")
     [record] = [a for a in await relay.store.audit_log(10) if a.action == "queue hold"]
     assert record.who == "ops" and record.detail["reason"] == "INC-9"
