@@ -96,6 +96,17 @@ async def test_an_operator_delete_is_traced_with_the_audit_record(store):
     assert [(a["who"], a["action"], a["detail"]["reason"]) for a in trace["audit"]] == [("ops", "queue delete", "spam")]
 
 
+async def test_a_bulk_jobs_batch_record_is_in_the_trace_of_each_id_it_names(store):
+    """console/jobs.py writes one record per batch, {ids, job, reason}: each id's trace has it, no other's."""
+    a, b, c = [(await store.enqueue(msg(f"{i}@a.test", message_id=f"<b{i}@x>")))[0] for i in range(3)]
+    job = await store.apply_fix("ops", "queue bulk hold", None, {"filter": {"connector": "a"}, "matched": 2,
+                                                                 "reason": "r"}, {}, (), time.time())
+    await store.apply_fix("ops", "queue hold", None, {"ids": [a, b], "job": job, "reason": "r"}, {}, (), time.time())
+    for entry_id in (a, b):
+        assert [(x["action"], x["detail"]["job"]) for x in (await store.trace(entry_id))["audit"]] == \
+            [("queue hold", job)]
+    assert (await store.trace(c))["audit"] == []
+
 async def test_traces_are_pruned_after_the_retention_and_off_keeps_none(store):
     store.trace_retention, store._traces_pruned_at = 0.001, 0.0
     store.trace_prune_every = 0.0
