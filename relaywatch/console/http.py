@@ -15,13 +15,14 @@ console's pages later, and the API now, are never cached, framed or sniffed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import h11
 
@@ -59,6 +60,9 @@ class Response:
     body: bytes = b""
     content_type: str | None = "application/json"
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    # Server-sent events: the body comes from this, chunk by chunk, until it ends or the
+    # client goes; then the connection closes.
+    stream: Callable[[], AsyncIterator[bytes]] | None = None
 
 
 _MARKUP = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"))
@@ -174,6 +178,9 @@ class HttpServer:
             # The handler's time, for the bench and the browser's devtools (bench/console_1m.py).
             server_timing = ("Server-Timing", f"app;dur={(time.perf_counter() - started) * 1000:.1f}")
             response = replace(response, headers=(*response.headers, server_timing))
+            if response.stream is not None and request.method != "HEAD":
+                await _send_stream(conn, writer, response)
+                return
             await _send(conn, writer, response, head=request.method == "HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
                 return
@@ -236,6 +243,22 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, response: Re
     out += conn.send(h11.Data(data=response.body)) if response.body and not head else b""
     out += conn.send(h11.EndOfMessage())
     writer.write(out)
+    await writer.drain()
+
+
+async def _send_stream(conn: h11.Connection, writer: asyncio.StreamWriter, response: Response) -> None:
+    """The head without a length (h11 frames the body chunked), then each chunk as it comes."""
+    headers = [*SECURITY_HEADERS, *response.headers, ("Content-Type", response.content_type or "text/event-stream"),
+               ("Connection", "close")]
+    writer.write(conn.send(h11.Response(status_code=response.status, headers=headers)))
+    await writer.drain()
+    async with contextlib.aclosing(response.stream()) as chunks:   # closed when the client goes, too
+        async for chunk in chunks:
+            if writer.is_closing():      # the client went (uvloop raises on a write then)
+                return
+            writer.write(conn.send(h11.Data(data=chunk)))
+            await writer.drain()
+    writer.write(conn.send(h11.EndOfMessage()))
     await writer.drain()
 
 

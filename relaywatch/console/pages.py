@@ -9,12 +9,14 @@ class, added to ``Web``'s bases), its template in console/templates/.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import urllib.parse
 from datetime import datetime, timedelta, timezone
 
 from relaywatch.config import Config
+from relaywatch.errors import RelaywatchError
 
 from relaywatch.console.api_input import ROUTE_KINDS, STATUSES
 from relaywatch.console.api_routes import BULK_FILTERS
@@ -28,6 +30,9 @@ FORECAST_CAP = 10_000
 MESSAGE_ACTIONS = ("retry", "hold", "release", "bounce", "delete")
 NO_REASON = "A reason is required: say why (it is kept in the audit log)."
 _QUEUE_ID = re.compile(r"[0-9A-Fa-f]{16}")
+EVENTS_STEP = 1.0             # the overview's event stream looks for a change this often (seconds)
+EVENTS_KEEPALIVE = 15.0       # and says something at least this often, so proxies keep it open
+EVENTS_SECONDS = 300.0        # then ends: the browser's EventSource reconnects (and shows its session again)
 
 
 class OverviewPages:
@@ -69,6 +74,31 @@ class OverviewPages:
 
     async def overview_fragment(self, req, params, session, who) -> Response:
         return self.page(200, "overview_live.html", session, **await self.overview_values(who))
+
+    async def overview_events(self, req, params, session, who) -> Response:
+        """Server-sent events: the overview's live part (the fragment above) whenever it changed,
+        looked at every EVENTS_STEP; the stream ends when the session does, or after EVENTS_SECONDS."""
+        async def stream():
+            sent, quiet, started = None, 0.0, time.monotonic()
+            while time.monotonic() - started < EVENTS_SECONDS and self.still_allowed(req, who):
+                try:
+                    html = self.page(200, "overview_live.html", session, **await self.overview_values(who)).body
+                except RelaywatchError:
+                    html = sent          # the store did not answer: the next look may
+                if html != sent:
+                    sent, quiet = html, 0.0
+                    yield sse_event(html.decode())
+                elif quiet >= EVENTS_KEEPALIVE:
+                    quiet = 0.0
+                    yield b": still here\n\n"
+                await asyncio.sleep(EVENTS_STEP)
+                quiet += EVENTS_STEP
+        return Response(200, content_type="text/event-stream; charset=utf-8", stream=stream)
+
+
+def sse_event(text: str) -> bytes:
+    """One server-sent event carrying ``text``: a ``data:`` line per line of it."""
+    return ("".join(f"data: {line}\n" for line in text.replace("\r", "").split("\n")) + "\n").encode()
 
 
 class IncidentPages:

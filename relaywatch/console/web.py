@@ -57,6 +57,7 @@ STATIC = {"console.css": "text/css; charset=utf-8", "console.js": "text/javascri
 PAGES = (
     Route("GET", "/", "overview", "Overview"),
     Route("GET", "/fragments/overview", "overview_fragment", "The overview's live part"),
+    Route("GET", "/events/overview", "overview_events", "The overview's live part as server-sent events"),
     Route("GET", "/login", "login_form", "Log in", public=True),
     Route("POST", "/login", "login", "Log in with a token", public=True),
     Route("POST", "/logout", "logout", "Log out"),
@@ -169,6 +170,15 @@ class Web(OverviewPages, IncidentPages, QueuePages, ConnectorPages, AuditPages, 
         if new_cookie is not None and route.handler not in ("static", "login"):
             response = replace(response, headers=(*response.headers, ("Set-Cookie", self._cookie(new_cookie))))
         return response
+
+    def still_allowed(self, req: Request, who: str) -> bool:
+        """May ``who`` still see what ``req`` asked for (a stream, long after it began)?  Not
+        once its session is over: logged out, expired, or its token removed by a reload."""
+        tokens = self.console.config.tokens
+        if not tokens:
+            return True
+        session = self.sessions.read(req.headers.get("cookie"), time.time())
+        return session is not None and session.who == who and who in {t.name for t in tokens}
 
     def _cookie(self, value: str, max_age: int = SESSION_SECONDS) -> str:
         return cookie_header(value, secure=self.console.server is not None and

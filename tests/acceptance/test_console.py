@@ -777,3 +777,40 @@ async def test_every_route_of_the_table_answers_over_http(relay_factory):
                     assert set(out) <= set(schema["properties"]), (path, set(out) - set(schema["properties"]))
     missing = {(r.method, r.path) for r in ROUTES} - covered
     assert not missing, f"routes with no request in this test: {sorted(missing)}"
+
+
+# -- the overview's server-sent events ------------------------------------------------------------
+
+async def first_event(stream_lines) -> str:
+    """The HTML of the next event on a text/event-stream's lines."""
+    lines = []
+    async for line in stream_lines:
+        if not line and lines:
+            break
+        if line.startswith("data: "):
+            lines.append(line[len("data: "):])
+    return "\n".join(lines)
+
+
+async def test_the_overview_streams_its_live_part_and_stops_with_the_session(relay_factory):
+    """GET /events/overview: the overview's fragment as server-sent events, behind the login like
+    every page; the stream ends when its session does (here: a reload removes the token)."""
+    relay, _ = await stuck_relay(relay_factory, n=1, http={"listen": f"{LOOPBACK}:0", "tokens": [f"ops:{TOKEN}"]})
+    async with client(relay) as http:
+        assert (await http.get("/events/overview")).status_code in (302, 303)     # to the login page
+        login = await http.post("/login", data={"token": TOKEN, "next": "/"})
+        assert login.status_code in (302, 303) and http.cookies
+        async with http.stream("GET", "/events/overview") as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["content-security-policy"].startswith("default-src 'self'")
+            stream_lines = r.aiter_lines()
+            html = await asyncio.wait_for(first_event(stream_lines), 10)
+            assert 'data-connector="p"' in html and "4.4.316" in html
+            relay.raw["http"] = {"listen": f"{LOOPBACK}:0", "tokens": [f"dev:{OTHER}"]}
+            relay.write_config()
+            assert relay.app.reload()
+
+            async def to_the_end():
+                async for _ in stream_lines:
+                    pass
+            await asyncio.wait_for(to_the_end(), 10)     # the server ended it

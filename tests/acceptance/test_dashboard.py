@@ -282,9 +282,12 @@ async def test_the_overview_updates_live_when_a_message_is_delivered(relay_facto
     port = free_port()
     relay, [entry] = await stuck(relay_factory, n=1, connectors=[refused("p", port)], alerts={})
     tab = await tab_factory(relay)
+    asked: list[str] = []
+    tab.page.on("request", lambda request: asked.append(request.url))
     await tab.goto("/")
     delivered = tab.page.locator("tr[data-connector=p] td.delivered")
     assert await delivered.inner_text() == "0"
+    await eventually(lambda: any(u.endswith("/events/overview") for u in asked), what="the event stream opened")
     await tab.page.evaluate("window.stillTheSamePage = true")
     sink = await Sink(port=port).start()
     try:
@@ -297,6 +300,7 @@ async def test_the_overview_updates_live_when_a_message_is_delivered(relay_facto
         await expect(delivered).to_have_text("1", timeout=15_000)
         await expect(tab.page.locator("tr[data-connector=p] td").nth(3)).to_have_text("0", timeout=15_000)
         assert await tab.page.evaluate("window.stillTheSamePage") is True    # updated in place, not reloaded
+        assert not any("/fragments/overview" in u for u in asked), asked        # by the server's event, not a poll
     finally:
         await sink.stop()
 
