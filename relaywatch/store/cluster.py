@@ -32,8 +32,8 @@ class SqlCluster:
                 conn.execute(Q["fold_counts"])
             if not first:
                 return 0
-            return conn.execute(Q["release_earlier_instances"], (beat.at, beat.at, beat.name, beat.name,
-                                                                  beat.instance)).rowcount
+            return conn.execute(self._skipping("release_earlier_instances"), (beat.at, beat.at, beat.name,
+                                                                                beat.name, beat.instance)).rowcount
         released = await self.engine.write(op, announce=True)
         if released:
             self._notify()
@@ -43,7 +43,7 @@ class SqlCluster:
         return await self.engine.read(lambda conn: [_beat(r) for r in conn.execute(Q["nodes"])])
 
     async def release_dead_leases(self, beat_before: float, now: float) -> int:
-        n = await self.engine.write(lambda conn, cleanup: conn.execute(Q["release_dead_leases"],
+        n = await self.engine.write(lambda conn, cleanup: conn.execute(self._skipping("release_dead_leases"),
                                                                        (now, now, beat_before)).rowcount,
                                     announce=True)
         if n:
@@ -54,7 +54,11 @@ class SqlCluster:
         def op(conn: Any, cleanup: list) -> int | None:
             row = conn.execute(Q["acquire_leader"], (instance, instance, until, instance, now)).fetchone()
             return int(row[0]) if row else None
-        return await self.engine.write(op)
+        return await self.engine.write(op, first=True)
+
+    def _skipping(self, name: str) -> str:
+        """A statement of cluster.sql that passes over rows other transactions hold (PostgreSQL)."""
+        return Q[name].replace("{skip_locked}", self.dialect.lease_lock)
 
     async def resign_leader(self, instance: str) -> None:
         await self.engine.write(lambda conn, cleanup: conn.execute(Q["resign_leader"], (instance,)))

@@ -15,10 +15,12 @@ received = excluded.received, delivered = excluded.delivered
 -- At a node's start: what an earlier start of the same node had leased is due again at once
 -- (that process is gone; its leases would otherwise wait out their own timers).
 -- Params (now, now, name, name, name, instance): owners are "name:pid:random".
+-- {skip_locked} (PostgreSQL): a row another transaction holds is being returned or leased by it
+-- already; waiting for it is how two such statements, locking rows in different orders, deadlocked.
 UPDATE entries SET lease_owner = NULL, lease_until = NULL,
 next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END
-WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, length(?) + 1) = ? || ':'
-AND lease_owner <> ?
+WHERE id IN (SELECT id FROM entries WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, length(?) + 1) = ? || ':'
+AND lease_owner <> ?{skip_locked})
 
 -- nodes --
 SELECT name, instance, address, role, version, state, started_at, heartbeat_at, leases, received, delivered
@@ -27,14 +29,23 @@ FROM nodes ORDER BY name
 -- release_dead_leases --
 -- The leases of every node whose heartbeat is older than the lapse, due again at once.
 -- Params (now, now, beat_before).  A node that stopped cleanly returned its own.
+-- {skip_locked} (PostgreSQL), twice.  On the dead nodes' rows: each is locked until this commits,
+-- so a late heartbeat of that node waits for the return and then its own fence (cluster/fence.py)
+-- finds the leases gone; a heartbeat committing first is seen (the lock reads the newest row)
+-- and the node is not returned; one being written now is skipped: the node beats.  On the
+-- entries: a row another transaction holds is being recorded or leased; the next round returns
+-- it if it is still the dead node's.  So this statement never waits, and the leader's
+-- transaction (which holds the leader row) cannot close a cycle of lock waits.
 UPDATE entries SET lease_owner = NULL, lease_until = NULL,
 next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END
-WHERE lease_owner IN (SELECT instance FROM nodes WHERE heartbeat_at < ?)
+WHERE id IN (SELECT id FROM entries WHERE lease_owner IN (SELECT instance FROM nodes WHERE heartbeat_at < ?{skip_locked}){skip_locked})
 
 -- acquire_leader --
 -- Take the leader lease if it is free or lapsed, or renew our own; the term we hold, no row if
 -- another holds it.  The term grows only when the holder changes.  On PostgreSQL a second node
--- racing for it waits on the row and then finds it taken: exactly one wins.
+-- racing for it waits on the row and then finds it taken: exactly one wins.  The op runs first in
+-- its batch (engine.write ``first``), so a node waiting here holds no other row yet: the leader's
+-- transaction, which holds this row, cannot be waiting for one of its rows.
 -- Params (instance, instance, until, instance, now).
 UPDATE leader SET holder = ?, term = CASE WHEN holder = ? THEN term ELSE term + 1 END, until = ?
 WHERE id = 1 AND (holder = ? OR holder IS NULL OR until < ?)

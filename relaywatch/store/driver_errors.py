@@ -9,11 +9,20 @@ from relaywatch.errors import StoreError, StoreFull
 
 # SQLite's "database or disk is full" and PostgreSQL's disk_full: the receiver says 452 4.3.1.
 FULL_CODES = {"SQLITE_FULL", "53100"}
+# PostgreSQL ended the transaction to break a cycle of lock waits (40P01 deadlock_detected), a
+# serializable one lost (40001), or a lock wait ran out (55P03, lock_timeout): nothing was done,
+# and the same work in a new transaction succeeds.  Retried by the engine (store/engine.py _run_ops).
+CONFLICT_CODES = {"40P01", "40001", "55P03"}
 
 
 def error_code(exc: BaseException) -> str | None:
     """The driver's code for an error: sqlite3's name (SQLITE_FULL) or PostgreSQL's SQLSTATE."""
     return getattr(exc, "sqlite_errorname", None) or getattr(exc, "sqlstate", None)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Did the transaction lose a lock conflict (CONFLICT_CODES), rather than fail?"""
+    return error_code(exc) in CONFLICT_CODES
 
 
 def driver_error(what: str, exc: Exception) -> StoreError:

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -37,13 +38,27 @@ from typing import Any, Callable, Protocol
 from relaywatch import meters
 from relaywatch.errors import StoreError, StoreFull
 from relaywatch.store.backoff import Backoff
-from relaywatch.store.driver_errors import FULL_CODES, driver_error, error_code, first_line
+from relaywatch.store.driver_errors import FULL_CODES, driver_error, error_code, first_line, is_conflict
 
 _MAX_BATCH = 256
+CONFLICT_RETRIES = 5       # a batch that lost a lock conflict runs again this often before its ops fail
+CONFLICT_PAUSE = 0.02      # seconds before the first run again (jittered, growing with each)
 
 log = logging.getLogger("relaywatch.store")
 
 _RECONNECT = object()   # the writer woke with nothing to do but reconnect
+
+
+class _Conflict(Exception):
+    """An op lost a lock conflict (a deadlock): its batch runs again."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _RunAgain(Exception):
+    """An op failed alone: the rest of its batch runs again without it."""
 
 
 class _Unstarted(Exception):
@@ -61,6 +76,7 @@ class Dialect(Protocol):
     lease_lock: str             # added to the lease's subquery (PostgreSQL: skip rows another node locked)
     last_reply: str             # SQL for the reply in a recipient's last_error JSON (console.sql has_text)
     row_share: str              # locks the leader row against a takeover until commit (PostgreSQL: FOR SHARE)
+    row_lock: str               # locks a row read before writing it, until commit (PostgreSQL: FOR UPDATE)
     single_node: bool           # one delivering process owns the queue (leases of a dead run are stale)
     inline_bodies: bool         # bodies always in the database (no node-local spool files)
     counts_by_delta: bool       # queue_counts' triggers append deltas, which heartbeats fold (store/schema.py)
@@ -100,6 +116,7 @@ class GroupCommitEngine:
         self._reader_backoff_lock = threading.Lock()
         self._down_since: float | None = None    # the last batch failed as a whole (see _write_loop)
         self._down_code: str | None = None      # the driver error code of that failure (full disk?)
+        self.conflicts_retried = 0              # batches run again after a lost lock conflict (_run_ops)
 
     @property
     def where(self) -> str:
@@ -164,6 +181,9 @@ class GroupCommitEngine:
                     stop = True
                     break
                 batch.append(op)
+            # The lock order of every batch: the leader row first, then the rest (a batch that
+            # waited for the leader row holding an entry the leader's batch waits for deadlocked).
+            batch.sort(key=lambda op: not op[4])
             if conn is None and backoff.due(time.monotonic()):
                 conn = self._try_reconnect(backoff)
             if batch:
@@ -231,7 +251,7 @@ class GroupCommitEngine:
             self._down_code = None
 
     def _settle_all(self, batch: list, exc: BaseException) -> None:
-        for _fn, _announce, loop, fut in batch:
+        for _fn, _announce, loop, fut, _first in batch:
             loop.call_soon_threadsafe(_settle, fut, False, exc)
 
     def _run_batch(self, conn: Any, batch: list, may_defer: bool = False) -> BaseException | None:
@@ -254,7 +274,7 @@ class GroupCommitEngine:
         try:
             results = self._run_ops(conn, batch, cleanup)
             if self.dialect.announce is not None and any(
-                    ok and announce and value for (_fn, announce, _l, _f), (ok, value) in zip(batch, results)):
+                    ok and announce and value for (_fn, announce, _l, _f, _first), (ok, value) in zip(batch, results)):
                 # In the batch's own transaction (and round-trip): other nodes hear of it when it
                 # commits, and never of work that did not (a NOTIFY of its own took a commit, an fsync).
                 conn.execute(f"{self.dialect.announce}; COMMIT")
@@ -277,7 +297,7 @@ class GroupCommitEngine:
                 os.unlink(path)
             except OSError:
                 pass
-        for (_fn, _announce, loop, fut), (ok, value) in zip(batch, results):
+        for (_fn, _announce, loop, fut, _first), (ok, value) in zip(batch, results):
             loop.call_soon_threadsafe(_settle, fut, ok, value)
         return failure
 
@@ -290,37 +310,52 @@ class GroupCommitEngine:
         an XID of its own (past 64 in one transaction, other sessions' snapshots
         overflow to pg_subtrans).  When one fails, the transaction is rolled
         back and the others run again, each in its own savepoint; the failed
-        one keeps its error and does not run again."""
-        results: list[tuple[bool, Any]] = []
-        for fn, _announce, _loop, _fut in batch:
+        one keeps its error and does not run again.
+
+        An op that lost a lock conflict (driver_errors.is_conflict: PostgreSQL
+        chose this transaction to end a deadlock) did nothing wrong: the whole
+        batch runs again in a new transaction, up to CONFLICT_RETRIES times,
+        after a short pause in which the other transaction finishes.  This is
+        the one place a deadlock is retried; its callers (a client's DATA, a
+        delivery's record, a lease) never see it."""
+        failed: dict[int, Exception] = {}     # ops that failed alone: they keep their error
+        conflicts = 0
+        while True:
+            apart = bool(failed)
+            results: list[tuple[bool, Any]] = []
             try:
-                results.append((True, fn(conn, cleanup)))
-            except Exception as exc:  # the op fails alone
-                failed = len(results)
+                for i, (fn, _announce, _loop, _fut, _first) in enumerate(batch):
+                    if i in failed:
+                        results.append((False, failed[i]))
+                        continue
+                    if apart:
+                        conn.execute("SAVEPOINT op")
+                    try:
+                        result = fn(conn, cleanup)
+                    except Exception as exc:
+                        if is_conflict(exc) and conflicts < CONFLICT_RETRIES:
+                            raise _Conflict(exc) from exc
+                        if not apart:      # the op fails alone: the others again, in savepoints
+                            failed[i] = self._op_error(exc)
+                            raise _RunAgain() from exc
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        results.append((False, self._op_error(exc)))
+                        continue
+                    if apart:
+                        conn.execute("RELEASE op")
+                    results.append((True, result))
+                return results
+            except (_Conflict, _RunAgain) as again:
                 conn.execute("ROLLBACK")
                 cleanup.clear()
+                if isinstance(again, _Conflict):
+                    conflicts += 1
+                    self.conflicts_retried += 1
+                    log.info("queue store: %s; the batch of %d operation(s) runs again (%d of %d)",
+                             first_line(again.cause), len(batch), conflicts, CONFLICT_RETRIES)
+                    time.sleep(random.uniform(0.5, 1.5) * CONFLICT_PAUSE * conflicts)
                 self.dialect.begin(conn)
-                return self._run_ops_apart(conn, batch, cleanup, failed, self._op_error(exc))
-        return results
-
-    def _run_ops_apart(self, conn: Any, batch: list, cleanup: list, failed: int,
-                       error: Exception) -> list[tuple[bool, Any]]:
-        """The batch again, each op in its own savepoint, but for the one that ``failed``."""
-        results: list[tuple[bool, Any]] = []
-        for i, (fn, _announce, _loop, _fut) in enumerate(batch):
-            if i == failed:
-                results.append((False, error))
-                continue
-            conn.execute("SAVEPOINT op")
-            try:
-                result = fn(conn, cleanup)
-                conn.execute("RELEASE op")
-                results.append((True, result))
-            except Exception as exc:  # the op fails alone
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
-                results.append((False, self._op_error(exc)))
-        return results
 
     def _op_error(self, exc: Exception) -> Exception:
         # Driver errors stay inside the store (errors.py): callers see StoreError.
@@ -328,14 +363,16 @@ class GroupCommitEngine:
             return driver_error("queue store operation failed", exc)
         return exc
 
-    async def write(self, fn: Callable[[Any, list], Any], announce: bool = False) -> Any:
+    async def write(self, fn: Callable[[Any, list], Any], announce: bool = False, first: bool = False) -> Any:
         """``fn``'s result once committed.  ``announce``: if that result is true, it made
-        work due, which the batch tells other nodes of (the dialect's ``announce``)."""
+        work due, which the batch tells other nodes of (the dialect's ``announce``).
+        ``first``: ``fn`` locks the leader row (store/cluster.py), which every transaction
+        takes before any other row: it runs ahead of the rest of its batch."""
         if self._writer is None:
             raise StoreError("queue store is not open")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._ops.put((fn, announce, loop, fut))
+        self._ops.put((fn, announce, loop, fut, first))
         return await fut
 
     # -- readers ---------------------------------------------------------------

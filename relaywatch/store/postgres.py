@@ -39,7 +39,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from relaywatch.store import schema
 from relaywatch.store.backoff import Backoff
-from relaywatch.store.driver_errors import first_line
+from relaywatch.store.driver_errors import first_line, is_conflict
 from relaywatch.store.sql import SqlStore
 
 SCHEMA = schema.render("postgres")
@@ -49,6 +49,9 @@ SCHEMA = schema.render("postgres")
 SCHEMA_RELATIONS = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
 COUNT_TRIGGER_NAMES = ("entries_counted", "entries_counted_update")   # schema.COUNT_TRIGGERS["postgres"]
 SCHEMA_LOCK = 0x7277_0001   # pg_advisory_xact_lock key: "rw", the schema
+SCHEMA_LOCK_TIMEOUT_MS = 500   # the schema's DDL waits this long for a table lock, then gives way
+SCHEMA_TRIES = 20
+SCHEMA_RETRY_PAUSE = 0.1       # seconds, times the try
 
 log = logging.getLogger("relaywatch.store")
 CHANNEL = "relaywatch_work"
@@ -139,6 +142,7 @@ class PostgresDialect:
     lease_lock = " FOR UPDATE SKIP LOCKED"
     last_reply = "(r.last_error::json ->> 'reply')"
     row_share = " FOR SHARE"
+    row_lock = " FOR UPDATE"
     single_node = False
     inline_bodies = True
     counts_by_delta = True
@@ -220,36 +224,58 @@ class PostgresDialect:
 
     def connect_writer(self) -> _Connection:
         conn = self._connect()
-        with conn.conn.transaction():
-            # Nodes of a cluster start together: one at a time creates or migrates the
-            # schema (two CREATE TABLE IF NOT EXISTS racing fail on PostgreSQL's catalog).
-            conn.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            columns: dict[str, set[str]] = {}
-            for table, column in conn.conn.execute(
-                    "SELECT table_name, column_name FROM information_schema.columns "
-                    "WHERE table_schema = current_schema() AND table_name = ANY(%s)", (list(schema.MIGRATED_TABLES),)):
-                columns.setdefault(table, set()).add(column)
-            for table, column, definition, fill in schema.missing_columns(columns):   # made by an earlier version
+        for attempt in range(1, SCHEMA_TRIES + 1):
+            try:
                 with conn.conn.transaction():
-                    # Filling a column of a big queue may well take longer than a statement may.
-                    conn.conn.execute("SET LOCAL statement_timeout = 0")
-                    conn.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-                    conn.conn.execute(fill)
-            present = {name for (name,) in conn.conn.execute(
-                "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
-                "AND relname = ANY(%s)", (SCHEMA_RELATIONS,))}
-            (triggers,) = conn.conn.execute(
-                "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                "WHERE c.relnamespace = current_schema()::regnamespace AND t.tgname = ANY(%s)",
-                (list(COUNT_TRIGGER_NAMES),)).fetchone()
-            if present != set(SCHEMA_RELATIONS) or triggers != len(COUNT_TRIGGER_NAMES):
-                # A big queue from an earlier version gets new indexes and is counted once
-                # (queue_counts): longer than a statement may take, once.  An existing, complete
-                # schema runs no DDL, which would wait for every open writer (and block new ones).
-                conn.conn.execute("SET LOCAL statement_timeout = 0")
-                conn.conn.execute(SCHEMA)
-                conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
+                    self._make_schema(conn)
+                break
+            except psycopg.Error as exc:
+                # The schema's DDL waited too long for a table lock (55P03) or was chosen to end a
+                # deadlock: running nodes' transactions hold the tables it needs, in their order.
+                # It gives way to them (they are mail) and tries again.
+                if not is_conflict(exc) or attempt == SCHEMA_TRIES:
+                    conn.close()
+                    raise
+                log.info("creating or migrating the schema waited for the running nodes (%s); trying again",
+                         first_line(exc))
+                time.sleep(SCHEMA_RETRY_PAUSE * attempt)
         return _durable_commits(conn)
+
+    @staticmethod
+    def _make_schema(conn: _Connection) -> None:
+        # Nodes of a cluster start together: one at a time creates or migrates the
+        # schema (two CREATE TABLE IF NOT EXISTS racing fail on PostgreSQL's catalog).
+        conn.conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+        # Each DDL statement below locks its table until this commits, one table after the other,
+        # while running nodes' batches lock the same tables in their own order (entries, then
+        # recipients, bodies ...): waiting for a lock without end deadlocked (seen at a node's start).
+        # A wait shorter than the deadlock check (deadlock_timeout, 1 s by default) gives way first.
+        conn.conn.execute(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_TIMEOUT_MS}ms'")
+        columns: dict[str, set[str]] = {}
+        for table, column in conn.conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ANY(%s)", (list(schema.MIGRATED_TABLES),)):
+            columns.setdefault(table, set()).add(column)
+        for table, column, definition, fill in schema.missing_columns(columns):   # made by an earlier version
+            with conn.conn.transaction():
+                # Filling a column of a big queue may well take longer than a statement may.
+                conn.conn.execute("SET LOCAL statement_timeout = 0")
+                conn.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                conn.conn.execute(fill)
+        present = {name for (name,) in conn.conn.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+            "AND relname = ANY(%s)", (SCHEMA_RELATIONS,))}
+        (triggers,) = conn.conn.execute(
+            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "WHERE c.relnamespace = current_schema()::regnamespace AND t.tgname = ANY(%s)",
+            (list(COUNT_TRIGGER_NAMES),)).fetchone()
+        if present != set(SCHEMA_RELATIONS) or triggers != len(COUNT_TRIGGER_NAMES):
+            # A big queue from an earlier version gets new indexes and is counted once
+            # (queue_counts): longer than a statement may take, once.  An existing, complete
+            # schema runs no DDL, which would wait for every open writer (and block new ones).
+            conn.conn.execute("SET LOCAL statement_timeout = 0")
+            conn.conn.execute(SCHEMA)
+            conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
 
     def connect_reader(self) -> _Connection:
         return self._connect()

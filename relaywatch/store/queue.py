@@ -25,7 +25,7 @@ from relaywatch.model import Attempt, Entry, NewMessage, Recipient, RecipientOut
 from relaywatch.store import queries
 from relaywatch.store import trace as traces
 from relaywatch.store.base import QueueQuery, Selector
-from relaywatch.store.engine import GroupCommitEngine
+from relaywatch.store.engine import Dialect, GroupCommitEngine
 from relaywatch.store.entry_rows import as_bytes, attach_bodies, attach_recipients, entry_from_row, read_entry
 
 Q = queries.load("queue.sql")
@@ -67,6 +67,7 @@ def _insert_with_new_id(conn: Any, sql: str, params: tuple) -> str:
 class SqlQueue:
     """The queue operations; SqlStore (store/sql.py) supplies ``engine``, ``clock`` and ``_notify``."""
     engine: GroupCommitEngine
+    dialect: Dialect
     lease_sql: str
     clock: Callable[[], float]       # the time of what an operation has no ``now`` for
     trace_retention: float = 7 * 86400.0    # queue.trace_retention (store/trace.py); set by open_store
@@ -128,7 +129,8 @@ class SqlQueue:
 
         def op(conn: Any, cleanup: list) -> bool:
             now = self.clock()
-            row = conn.execute(Q["entry_to_record"], (entry_id,)).fetchone()
+            row = conn.execute(Q["entry_to_record"].replace("{row_lock}", self.dialect.row_lock),
+                               (entry_id,)).fetchone()
             if row is None:
                 if attempts_before is not None:
                     return False   # recorded (delivered to all) before, or deleted

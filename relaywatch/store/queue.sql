@@ -54,7 +54,9 @@ SELECT data, path, size FROM bodies WHERE id = ?
 -- entry_to_record --
 -- What record() checks first: who holds the entry (as stored: entry_columns hide a lapsed
 -- lease), then the entry, which the trace of a first try takes without reading it again.
-SELECT lease_owner, lease_until, {entry_columns} FROM entries WHERE id = ?
+-- {row_lock} (PostgreSQL: FOR UPDATE) holds the row from this check to the commit, so no
+-- other node's lease or the leader's return of it falls between the check and the writes.
+SELECT lease_owner, lease_until, {entry_columns} FROM entries WHERE id = ?{row_lock}
 
 -- waiting_addresses --
 SELECT address FROM recipients WHERE entry_id = ?

@@ -45,6 +45,7 @@ class SqliteDialect:
     lease_lock = ""
     last_reply = "(r.last_error ->> 'reply')"
     row_share = ""
+    row_lock = ""
     single_node = True
     inline_bodies = False
     counts_by_delta = False

@@ -85,7 +85,7 @@ class SqlWatch:
                     connector, code, state, opened_at, resolved_at, blob)).fetchone()[0]
             conn.execute(Q["update_incident"], (state, resolved_at, blob, id_))
             return id_
-        return await self.engine.write(op)
+        return await self.engine.write(op, first=term is not None)   # the leader row: engine.write
 
     async def add_notification(self, incident_id: int, transition: str, channel: str, payload: dict,
                                now: float, term: int | None = None) -> bool:
@@ -94,7 +94,7 @@ class SqlWatch:
             check_term(conn, self.dialect.row_share, term)
             return conn.execute(Q["add_notification"],
                                 (incident_id, transition, channel, now, json.dumps(payload))).rowcount == 1
-        return await self.engine.write(op)
+        return await self.engine.write(op, first=term is not None)
 
     async def add_notification_outcome(self, incident_id: int, transition: str, channel: str, payload: dict,
                                        attempts: int, sent_at: float | None, last_error: str | None) -> None:
