@@ -110,7 +110,8 @@ class Relaywatch:
             self.store.on_work = SchedulerWaker(self.scheduler.notify).wake
             # This node in the cluster (heartbeat, leader lease): in the process whose scheduler leases.
             self.node = ClusterNode(self.running.snapshot, self.store, self.scheduler.node, role.value,
-                                    lambda: self.scheduler.inflight, self._received, clock)
+                                    lambda: self.scheduler.inflight, self._received, clock,
+                                    fence=self.scheduler.fence)
             self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock,
                                    leader_term=self.node.term)
             self.scheduler.observer = self._observe

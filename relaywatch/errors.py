@@ -6,6 +6,7 @@
         StoreFull        ...because the disk (or quota) under it is full
         LeaseLost        our lease on a queue entry was taken over (we were too slow)
       UnknownEntry       no queue entry with that id
+      LeaseFenced        this node may no longer act on a lease (its heartbeat was late): a delivery stops
       ProtocolError      an SMTP conversation went wrong (smtpclient/); never raised itself
         LocalProtocolError   we misused the conversation (a command out of its state): our bug
         RemoteProtocolError  the server sent something that is not SMTP
@@ -49,6 +50,12 @@ class LeaseLost(StoreError):
 
 class StaleTerm(StoreError):
     """A leader-only write by a node whose leader term is over (another node leads now)."""
+
+
+class LeaseFenced(RelaywatchError):
+    """This node may no longer act on the lease it delivers under: its heartbeat was late and the
+    lease is another node's now (cluster/fence.py).  Raised before the final dot of DATA, so the
+    destination drops the transaction; the entry is neither recorded nor delivered by this node."""
 
 
 class UnknownEntry(RelaywatchError):

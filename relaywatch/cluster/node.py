@@ -15,6 +15,7 @@ from typing import Callable
 
 from relaywatch import __version__
 from relaywatch.cluster.decisions import Leadership, Timing
+from relaywatch.cluster.fence import LeaseFence
 from relaywatch.cluster.model import NodeBeat, NodeState
 from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
@@ -28,7 +29,7 @@ log = logging.getLogger("relaywatch.cluster")
 class ClusterNode:
     def __init__(self, config_ref: Callable[[], Config], store: ClusterStore, instance: str, role: str,
                  leases_held: Callable[[], int] = lambda: 0, received: Callable[[], int] = lambda: 0,
-                 clock: Clock = SYSTEM_CLOCK):
+                 clock: Clock = SYSTEM_CLOCK, fence: LeaseFence | None = None):
         self.config_ref = config_ref
         self.store = store
         self.instance = instance          # the scheduler's lease owner
@@ -39,6 +40,7 @@ class ClusterNode:
         self.started_at = clock.now()
         self.delivered = 0
         self.leadership = Leadership(self._timing())
+        self.fence = fence if fence is not None else LeaseFence()   # the scheduler's: its leases' fence
         self._state = NodeState.RUNNING
         self._started = False
 
@@ -64,7 +66,9 @@ class ClusterNode:
 
     async def start(self) -> None:
         """Register before the scheduler leases anything (its leases name this instance)."""
+        sent = self.clock.monotonic()
         returned = await self.store.heartbeat(self._beat(), first=True)
+        self._beaten(sent)
         self._started = True
         if returned:
             log.info("returned %d message(s) leased by an earlier start of this node", returned)
@@ -78,13 +82,24 @@ class ClusterNode:
             if not self._started:
                 return
             try:
+                sent = self.clock.monotonic()
                 await self.store.heartbeat(self._beat(self._state))
+                self._beaten(sent)
                 if self._state is NodeState.RUNNING:
                     await self._lead()
             except StoreError as exc:
                 log.error("cluster: heartbeat failed: %s", exc)
             except Exception:
                 log.exception("cluster: heartbeat failed; trying again at the next interval")
+
+    def _beaten(self, sent: float) -> None:
+        """A heartbeat built at ``sent`` (monotonic) is committed: the fence moves on."""
+        timing = self._timing()
+        until = self.fence.until
+        if self.fence.beat(sent, self.clock.monotonic(), timing.lapse, timing.interval):
+            log.warning("cluster: this node's heartbeat was late (its leases were vouched for until %.1f s before "
+                        "this one was written): the other nodes may have taken it for dead and its leases, so each "
+                        "is asked of the queue again before anything more is sent", self.clock.monotonic() - until)
 
     async def _lead(self) -> None:
         self.leadership.timing = timing = self._timing()

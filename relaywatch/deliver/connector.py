@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.clock import Clock
@@ -45,6 +45,7 @@ from relaywatch.route import split_address
 DEAD_DESTINATION_SECONDS = 5.0
 PROBE_IDLE_CONNECTION_AFTER = 1.0
 LOCAL_DESTINATION = Destination("local")
+StillHeld = Callable[[], Awaitable[bool]]     # may this process still deliver the entry? (cluster/fence.py)
 
 
 @dataclass(slots=True, eq=False)
@@ -68,8 +69,11 @@ class DeliveryResult:
 
 
 class Session(Protocol):
-    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
-        """Deliver ``body`` to ``recipients`` (the entry's pending ones)."""
+    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str],
+                      still_held: StillHeld | None = None) -> DeliveryResult:
+        """Deliver ``body`` to ``recipients`` (the entry's pending ones).  ``still_held``: asked
+        right before the destination would have the message (the final dot); False raises
+        LeaseFenced (the scheduler's fence, cluster/fence.py)."""
 
     def abandon(self) -> None:
         """Drop whatever the session holds, without a goodbye (after a bug)."""
@@ -165,10 +169,11 @@ class SmtpSession:
         self.connector = connector
         self.conn: SmtpConnection | None = None
 
-    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str],
+                      still_held: StillHeld | None = None) -> DeliveryResult:
         c = self.connector
         if entry.is_tls_report:
-            return await self._deliver_tls_report(entry, body, recipients)
+            return await self._deliver_tls_report(entry, body, recipients, still_held)
         if c.down_until > c.clock.monotonic() and c.down_seen is not None:
             return DeliveryResult([(r, c.down_seen) for r in recipients],
                                   c.down_seen.observation.destination, c.down_tried)
@@ -191,9 +196,10 @@ class SmtpSession:
                     c.clock.monotonic() + DEAD_DESTINATION_SECONDS, result.outcomes[0][1], result.tried)
                 return result
             c.down_until, c.down_seen = 0.0, None
-        return await self._send(conn, entry, body, recipients)
+        return await self._send(conn, entry, body, recipients, still_held)
 
-    async def _deliver_tls_report(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+    async def _deliver_tls_report(self, entry: Entry, body: StoredBody, recipients: list[str],
+                                  still_held: StillHeld | None) -> DeliveryResult:
         """A TLS report of ours on a connection of its own (deliver/smtp.py ``tls_report``):
         never one kept under the domain's policy, never kept for mail that must be under
         it, and not held back by the route being down (it may be down for TLS alone)."""
@@ -202,18 +208,18 @@ class SmtpSession:
             conn = await c.routes.connect(entry.route, split_address(recipients[0])[1], tls_report=True)
         except AllTargetsFailed as failed:
             return unreachable(failed, recipients, c.clock.now())
-        result = await self._send(conn, entry, body, recipients)
+        result = await self._send(conn, entry, body, recipients, still_held)   # LeaseFenced: closed already
         await conn.quit()
         return result
 
     async def _send(self, conn: SmtpConnection, entry: Entry, body: StoredBody,
-                    recipients: list[str]) -> DeliveryResult:
+                    recipients: list[str], still_held: StillHeld | None) -> DeliveryResult:
         clock = self.connector.clock
         try:
             by_address = {r.address: r.dsn for r in entry.recipients}
             result = await conn.transaction(entry.sender, recipients, body, entry.dsn,
                                             [by_address.get(r, NO_RECIPIENT_DSN) for r in recipients],
-                                            utf8_headers=entry.utf8_headers)
+                                            utf8_headers=entry.utf8_headers, still_held=still_held)
         except SessionFailure as failure:
             conn.close()
             if conn is self.conn:
@@ -254,7 +260,9 @@ class LocalConnector:
     def forget_down(self) -> None:
         pass
 
-    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str]) -> DeliveryResult:
+    async def deliver(self, entry: Entry, body: StoredBody, recipients: list[str],
+                      still_held: StillHeld | None = None) -> DeliveryResult:
+        # The scheduler asked still_held just before: a Maildir write has no later point of no return.
         data_dir = self.config_ref().server.data_dir
         return DeliveryResult([await self._one(data_dir, address, body) for address in recipients],
                               LOCAL_DESTINATION)

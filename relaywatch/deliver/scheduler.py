@@ -23,6 +23,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
+from relaywatch.cluster.fence import Grant, LeaseFence
 from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
@@ -31,7 +32,7 @@ from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.record import classify_result, record_attempt
 from relaywatch.deliver.slots import Slots
 from relaywatch.deliver.smtp import SmtpRoutes
-from relaywatch.errors import StoreError
+from relaywatch.errors import LeaseFenced, StoreError
 from relaywatch.model import Destination, Entry, RecipientOutcome, StoredBody
 from relaywatch.store.base import QueueStore
 from relaywatch.store.pending import JOURNAL_NAME, PendingOutcomes
@@ -78,6 +79,11 @@ class Scheduler:
         # What sessions are handing over and is not recorded yet: the next start's possible duplicates.
         self.handover = HandoverJournal(self.config_ref().server.data_dir / HANDOVER_NAME)
         self._lease_failing = False
+        # Until when this process may act on its leases (cluster/fence.py): the cluster node moves
+        # it with each heartbeat.  What it holds, by entry id: the grant each is delivered under.
+        self.fence = LeaseFence()
+        self._held: dict[str, Grant] = {}
+        self._fenced = False
         # The one way the rest of this process changes the queue (the watch, the override watcher).
         self.actions = QueueActions(store, config_ref, wake=self.retry_now, clock=now)
 
@@ -110,8 +116,20 @@ class Scheduler:
             pass_started = self.clock.monotonic()
             room = self._max_inflight() - self.inflight
             leased = []
+            if room > 0 and not self.fence.open(self.clock.monotonic()):
+                # The heartbeat is overdue: the leader may be returning what this node holds.
+                # Nothing new is leased until a heartbeat is written again.
+                if not self._fenced:
+                    self._fenced = True
+                    log.warning("this node's heartbeat is overdue: leasing nothing until it is written again")
+                await self.fence.reopened(self.clock, 1.0)
+                continue
+            if self._fenced:
+                self._fenced = False
+                log.warning("this node's heartbeat is written again: leasing again")
             if room > 0:
                 self.wake.clear()
+                grant = self.fence.grant(self.clock.monotonic())   # before asking: the lease is no older
                 try:
                     leased = await self.store.lease(self.node, min(room, LEASE_BATCH),
                                                     config.queue.lease_time, self.clock.now())
@@ -127,7 +145,7 @@ class Scheduler:
                     # The loop must outlive any one failure: mail waits, it is not lost.
                     log.exception("leasing failed unexpectedly; trying again in a second")
                 for entry in leased:
-                    self._dispatch(entry)
+                    self._dispatch(entry, grant)
             if len(leased) == LEASE_BATCH:
                 await asyncio.sleep(0)
                 continue
@@ -160,7 +178,8 @@ class Scheduler:
         except StoreError as exc:
             log.error("could not return leases at shutdown (they lapse by themselves): %s", exc)
 
-    def _finished_one(self) -> None:
+    def _finished_one(self, entry_id: str) -> None:
+        self._held.pop(entry_id, None)
         self.inflight -= 1
         # Room for more: lease the next batch now.  Without this a backlog
         # drained at one batch per poll interval (400 messages a second).
@@ -170,12 +189,18 @@ class Scheduler:
     def _max_inflight(self) -> int:
         return self.config_ref().delivery.concurrency * 4
 
-    def _dispatch(self, entry: Entry) -> None:
+    def _dispatch(self, entry: Entry, grant: Grant) -> None:
         if entry.id in self.pending:
             # Delivered already; only its record is missing (its lease lapsed
             # while the store was away): record it under this lease, never deliver.
             self.pending.adopt(entry.id, self.node)
             return
+        if entry.id in self._held:
+            # Leased again while this process still has it (returned while this node stood
+            # still, then leased by it once more): the one it has goes on, under the new lease.
+            self._held[entry.id] = grant
+            return
+        self._held[entry.id] = grant
         key = entry.route.key
         dq = self.destinations.get(key)
         if dq is None:
@@ -212,6 +237,9 @@ class Scheduler:
                         return
                     try:
                         await self._deliver(dq, entry, session)
+                    except LeaseFenced:
+                        # Stopped before the final dot: the destination drops the transaction.
+                        session.abandon()
                     except StoreError as exc:
                         # Nothing was sent (the body or a bookkeeping write failed):
                         # the lease lapses and the entry is due again.  The store
@@ -222,7 +250,7 @@ class Scheduler:
                         session.abandon()
                     finally:
                         if entry.id not in self._recording:
-                            self._finished_one()
+                            self._finished_one(entry.id)
                     if entry.id not in self._recording:   # not when cancelled mid-session (stop)
                         self.handover.ended(entry.id)
         finally:
@@ -249,8 +277,39 @@ class Scheduler:
             await self.store.record(entry.id, self.node, None, [], self.clock.now() + PAUSED_RECHECK,
                                     notice_pending=entry.notice_pending)
             return
+        if not await self.still_held(entry.id):
+            return
         self.handover.started(entry.id)
-        self._finish(entry, await session.deliver(entry, body, recipients), started, body)
+        self._finish(entry, await session.deliver(entry, body, recipients, lambda: self.still_held(entry.id)),
+                     started, body)
+
+    async def still_held(self, entry_id: str) -> bool:
+        """May this process still deliver the entry?  Asked before a session starts on it and
+        before the final dot (cluster/fence.py).  Without asking the store while the fence
+        vouches for the lease; else, once a heartbeat is written again, the store says whether
+        the lease is still ours (and renews it), or another node's now: then False, logged."""
+        grant = self._held.get(entry_id)
+        if grant is None:
+            return False
+        config = self.config_ref()
+        lease_time = config.queue.lease_time
+        if self.fence.holds(grant, self.clock.monotonic(), lease_time):
+            return True
+        renewed: set[str] = set()
+        if await self.fence.reopened(self.clock, config.server.node_lapse):
+            grant = self.fence.grant(self.clock.monotonic())
+            try:
+                renewed = await self.store.renew_leases(self.node, [entry_id], self.clock.now() + lease_time)
+            except StoreError as exc:
+                log.warning("cannot check the lease of %s with the queue (%s): not delivering it now", entry_id, exc)
+                return False
+        if entry_id in renewed:
+            if self._held.get(entry_id) is not None:
+                self._held[entry_id] = grant
+            return True
+        log.warning("not delivering %s: this node's heartbeat was late and its lease on it lapsed or went to "
+                    "another node, which delivers it", entry_id)
+        return False
 
     def _finish(self, entry: Entry, result: DeliveryResult, started: float, body: StoredBody | None,
                 count_attempt: bool = True) -> None:
@@ -268,7 +327,7 @@ class Scheduler:
         def done(t: asyncio.Task) -> None:
             self._recording.discard(entry.id)
             self._record_tasks.discard(t)
-            self._finished_one()
+            self._finished_one(entry.id)
             if not t.cancelled():
                 self.handover.ended(entry.id)
             if not t.cancelled() and t.exception() is not None:

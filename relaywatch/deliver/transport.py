@@ -27,7 +27,7 @@ import datetime
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Iterator, Sequence
+from typing import Awaitable, Callable, Iterator, Sequence
 
 from relaywatch.classify.observation import UTF8_HEADERS_NOTE, Observation, Outcome, Phase
 from relaywatch.config import DeliveryConfig
@@ -36,6 +36,7 @@ from relaywatch.deliver.observe import PeerClosed, SessionFailure, observe, repl
 from relaywatch.deliver.dane import match_chain
 from relaywatch.deliver.tls import TlsPolicy, certificate_facts, fetch_certificate, presented_chain, session_facts
 from relaywatch.dsn_params import NO_MESSAGE_DSN, MessageDsn, RecipientDsn
+from relaywatch.errors import LeaseFenced
 from relaywatch.idn import needs_smtputf8
 from relaywatch.model import Destination, StoredBody
 from relaywatch.smtpclient.conversation import ClientConversation
@@ -235,9 +236,12 @@ class SmtpConnection:
 
     async def transaction(self, sender: str, recipients: list[str], body: StoredBody,
                           dsn: MessageDsn = NO_MESSAGE_DSN,
-                          recipient_dsn: Sequence[RecipientDsn] = (), utf8_headers: bool = False) -> TransactionResult:
+                          recipient_dsn: Sequence[RecipientDsn] = (), utf8_headers: bool = False,
+                          still_held: Callable[[], Awaitable[bool]] | None = None) -> TransactionResult:
         """One MAIL/RCPT/DATA exchange (with the DSN parameters if the server offers DSN);
         ``utf8_headers``: RFC 6532 headers, which need SMTPUTF8 as a UTF-8 address does.
+        ``still_held``: asked right before the final dot; False closes the connection without
+        it (the destination drops the transaction) and raises LeaseFenced.
         Raises SessionFailure if the session dies."""
         self.last_used = time.monotonic()
         self.transactions += 1
@@ -252,7 +256,7 @@ class SmtpConnection:
         replies = await self._envelope(sender, recipients, body.size, smtputf8, dsn, recipient_dsn)
         if replies is not SEND_BODY:
             return replies
-        await self._send_body(body)
+        await self._send_body(body, still_held)
         replies = await self._next_event(self.timeouts.final_timeout)
         self.last_used = time.monotonic()
         return replies
@@ -265,11 +269,12 @@ class SmtpConnection:
         await self._write(Phase.MAIL, self.conversation.send(tx), timeout)
         return await self._next_event(timeout)
 
-    async def _send_body(self, body: StoredBody) -> None:
+    async def _send_body(self, body: StoredBody, still_held: Callable[[], Awaitable[bool]] | None = None) -> None:
         conv = self.conversation
         stall = self.timeouts.data_timeout
         if body.data is not None and len(body.data) <= _CHUNK:
             # The common case: the whole message and the final dot in one write.
+            await self._fence(still_held)
             await self._write(Phase.DATA, conv.send(Body(body.data)) + conv.send(END_OF_BODY), stall, writing=True)
             return
         if body.data is not None:
@@ -286,7 +291,15 @@ class SmtpConnection:
                     # The timeout bounds each stall, not the whole upload: a slow
                     # but moving transfer is never cut off.
                     await self._write(Phase.DATA, conv.send(Body(chunk)), stall, writing=True)
+        await self._fence(still_held)
         await self._write(Phase.DATA, conv.send(END_OF_BODY), stall, writing=True)
+
+    async def _fence(self, still_held: Callable[[], Awaitable[bool]] | None) -> None:
+        """The last moment the message can be taken back: without the final dot, a server
+        must not deliver it (RFC 5321 4.1.1.4).  A lease this node no longer holds ends here."""
+        if still_held is not None and not await still_held():
+            self.close()
+            raise LeaseFenced("the lease on this message is another node's now")
 
     # -- the end ----------------------------------------------------------------------
 
