@@ -17,8 +17,10 @@ leader cannot have returned them yet:
   so a heartbeat waits for it, store/cluster.sql); from then on every lease
   held from before (an older ``epoch``) is suspect, and is asked of the store
   again (``renew_leases``: still ours?) before anything more is sent.
-- A lease is also bounded by its own ``lease_time``, less the margin, from the
-  moment it was asked for (another node leases a lapsed entry).
+- A lease is also bounded by its own ``lease_time``, less the margin (at most a
+  quarter of it), from the moment it was asked for: another node may lease a
+  lapsed entry.  Past that, the store is asked too; if it cannot be (it is
+  away), the entry is not delivered now and its lease lapses.
 
 The scheduler checks before a session starts on an entry and again right
 before the final dot of DATA (deliver/transport.py): the point after which the
@@ -74,7 +76,8 @@ class LeaseFence:
 
     def holds(self, grant: Grant, now: float, lease_time: float) -> bool:
         """Is the lease granted so still this process's at ``now``, without asking the store?"""
-        return grant.epoch == self.epoch and now < self.until and now < grant.at + lease_time - self.margin
+        return (grant.epoch == self.epoch and now < self.until
+                and now < grant.at + lease_time - min(self.margin, lease_time / 4))
 
     async def reopened(self, clock: Clock, timeout: float) -> bool:
         """Wait (at most ``timeout`` seconds) until the fence is open: a heartbeat committed."""

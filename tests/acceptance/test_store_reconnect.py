@@ -170,8 +170,10 @@ async def test_outcomes_kept_when_the_process_dies_during_a_cut_are_recorded_by_
     gate = asyncio.Event()
     handler = TimedSink(delay=0.02, gate=gate)
     sink = await Sink(handler).start()
+    # Leases long enough to outlast the queue's wait for a session: a node delivers a lease past its
+    # lease_time only once the store says it is still its own (cluster/fence.py), and the store is cut.
     server = Server(tmp_path, server={"delivery_process": False, "store": through(proxy, pg_dsn)},
-                          queue={"lease_time": "2s", "retry_intervals": ["1s"]},
+                          queue={"lease_time": "6s", "retry_intervals": ["1s"]},
                           delivery={"concurrency": 4, "per_destination": 4},
                           connectors=[_connector(sink.port)])
     journal = server.data_dir / "pending-outcomes.jsonl"
