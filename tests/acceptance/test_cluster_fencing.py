@@ -74,6 +74,7 @@ async def test_a_stalled_node_does_not_deliver_what_another_took_over(tmp_path, 
         await eventually(lambda: handler.rcpts >= 1, timeout=30, what="n1's sessions to reach RCPT")
         os.kill(stalled.proc.pid, signal.SIGSTOP)
         stopped = True
+        in_session = handler.rcpts                  # sessions waiting for their RCPT reply
         assert sum(handler.seen.values()) == 0      # nothing was past DATA yet
 
         await other.start(timeout=60)
@@ -86,7 +87,8 @@ async def test_a_stalled_node_does_not_deliver_what_another_took_over(tmp_path, 
         # Back: beating again, and holding nothing any more (what it had was checked and dropped).
         await eventually(lambda: _settled(store, "n1", resumed_at), timeout=60, what="n1 to beat again, idle")
         copies = sorted(handler.seen.values())
-        print(f"\nstalled node: {N} messages, copies at the destination {copies} ({sum(copies) - N} duplicates)")
+        print(f"\nstalled node: {N} leases, {in_session} of them mid-session when stopped; copies at the "
+              f"destination {copies} ({sum(copies) - N} duplicates)")
         assert copies == [1] * N, handler.seen      # each once: the stalled node sent none again
         assert await _queue_empty(store)            # and wrote nothing back over n2's records
         log = stalled.log_path.read_text()
