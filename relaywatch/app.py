@@ -111,7 +111,10 @@ class Relaywatch:
             # This node in the cluster (heartbeat, leader lease): in the process whose scheduler leases.
             self.node = ClusterNode(self.running.snapshot, self.store, self.scheduler.node, role.value,
                                     lambda: self.scheduler.inflight, self._received, clock,
-                                    fence=self.scheduler.fence)
+                                    # Several nodes may take this one's leases: its heartbeats fence
+                                    # them (cluster/fence.py).  One delivering process on SQLite has
+                                    # nobody to take them, and delivers through a store outage.
+                                    fence=None if self.store.single_node else self.scheduler.fence)
             self.monitor = Monitor(self.running.snapshot, self.store, self.routes, self.scheduler.retry_now, clock,
                                    leader_term=self.node.term)
             self.scheduler.observer = self._observe
