@@ -22,7 +22,7 @@ import enum
 import io
 import json
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO, Mapping
 
 from relaywatch.dsn_params import NO_MESSAGE_DSN, NO_RECIPIENT_DSN, MessageDsn, RecipientDsn
@@ -186,7 +186,8 @@ class Attempt:
         return {
             "at": self.at,
             "duration": round(self.duration, 4),
-            "destination": asdict(self.destination) if self.destination else None,
+            # vars(), not asdict(): asdict's recursion was a third of this on every delivery.
+            "destination": dict(vars(self.destination)) if self.destination else None,
             "recipients": [
                 {"address": o.address, "status": o.status.value,
                  "error": o.failure.to_dict() if o.failure else None, "reply": o.reply}

@@ -75,9 +75,10 @@ class SqlQueue:
     _traces_pruned_at: float = 0.0
 
     def _keep_trace(self, conn: Any, entry_id: str, end: dict, outcomes: Sequence[RecipientOutcome] = (),
-                    attempt: Attempt | None = None, first_try: Entry | None = None) -> None:
+                    attempt: dict | None = None, first_try: Entry | None = None) -> None:
         """What is kept of an entry that leaves the queue now (store/trace.py), in the
         transaction that removes it; pruned at most every trace_prune_every seconds by each writer.
+        ``attempt``: the attempt not stored yet, as Attempt.to_dict().
         ``first_try``: the entry as the caller read it, with no attempt yet and its recipients
         attached, so nothing is read again (the delivery path's common case)."""
         if self.trace_retention <= 0:
@@ -86,10 +87,9 @@ class SqlQueue:
             entry = first_try
         else:
             entry = read_entry(conn, entry_id, end["at"])
-        attempts = [*entry.history, *([attempt.to_dict()] if attempt is not None else [])]
+        attempts = [*entry.history, attempt] if attempt is not None else entry.history
         record = traces.trace_record(entry, attempts, end, outcomes)
-        conn.execute(traces.Q["insert_trace"], (entry.id, entry.message_id, end["at"],
-                                                json.dumps(record, separators=(",", ":"))))
+        conn.execute(traces.Q["insert_trace"], (entry.id, entry.message_id, end["at"], traces.to_json(record)))
         if end["at"] - self._traces_pruned_at >= self.trace_prune_every:
             self._traces_pruned_at = end["at"]
             conn.execute(traces.Q["prune_traces"], (end["at"] - self.trace_retention,))
@@ -126,6 +126,9 @@ class SqlQueue:
                      notices: Sequence[NewMessage] = (), delay_notified: bool = False,
                      notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
         held_notice = json.dumps(notice_pending, separators=(",", ":")) if notice_pending else None
+        # Before the op, not in it: the op runs on the writer thread holding the write lock,
+        # which the receiving process waits for.
+        attempt_data = attempt.to_dict() if attempt is not None else None
 
         def op(conn: Any, cleanup: list) -> bool:
             now = self.clock()
@@ -162,7 +165,7 @@ class SqlQueue:
                     if attempts == 0:
                         entry.recipients = [Recipient(a, position=i) for i, (a,) in enumerate(waiting)]
                     with queries.together(conn):   # 2 round-trips, not 4 or 5
-                        self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt,
+                        self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt_data,
                                          first_try=entry if attempts == 0 else None)
                         _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
@@ -176,10 +179,10 @@ class SqlQueue:
                 conn.execute(Q["set_recipient_status"],
                              (o.status.value, o.failure.to_json() if o.failure else None, entry_id, position))
             notice_ids = [i for notice in notices for i in _insert_message(conn, notice)]
-            if attempt is not None:
+            if attempt_data is not None:
                 attempts += 1
                 # The notices it queued go with the attempt, so the trace can say an NDR was sent.
-                data = dict(attempt.to_dict(), **({"notices": notice_ids} if notice_ids else {}))
+                data = dict(attempt_data, **({"notices": notice_ids} if notice_ids else {}))
                 conn.execute(Q["insert_attempt"], (entry_id, attempts, json.dumps(data, separators=(",", ":"))))
             pending = conn.execute(Q["count_waiting"], (entry_id,)).fetchone()[0]
             if pending == 0 and held_notice is None:

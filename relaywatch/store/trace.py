@@ -13,6 +13,7 @@ store/console.py reads both).  The events themselves are shaped in relaywatch/vi
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 from relaywatch.model import Entry, RecipientOutcome
@@ -22,6 +23,10 @@ Q = queries.load("trace.sql")
 TRACE_ATTEMPTS = 50       # a message retried for days keeps its last 50 attempts (and their count)
 REPLY_CHARS = 500         # a server's reply is kept to this length
 PRUNE_EVERY = 60.0        # seconds between two prunes by one writer
+
+# One encoder for every trace row (json.dumps with separators= builds one per call); the
+# records are plain dicts and lists made here, so no reference cycle to check for.
+to_json = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 def trace_record(entry: Entry, attempts: Sequence[dict], end: dict | None,
