@@ -109,10 +109,10 @@ async def record_attempt(store: QueueStore, config: Config, entry: Entry, outcom
     next_at = decision.next_attempt(notice_pending)
     if keep is not None:
         await keep.record(PendingRecord(entry.id, owner, entry.attempts, attempt, tuple(outcomes), next_at,
-                                        tuple(notices), delay_notified, notice_pending))
+                                        tuple(notices), delay_notified, notice_pending, leased=entry))
     else:
         await store.record(entry.id, owner, attempt, outcomes, next_at, notices, delay_notified=delay_notified,
-                           notice_pending=notice_pending)
+                           notice_pending=notice_pending, leased=entry)
     _log_outcomes(entry, outcomes, dest, now, next_at, ndr=ndr, unrequested=unrequested,
                   reported_success=reported_success)
     if delay_notified:

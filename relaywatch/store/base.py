@@ -93,7 +93,8 @@ class QueueStore(Protocol):
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
                      notices: Sequence[NewMessage] = (), delay_notified: bool = False,
-                     notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
+                     notice_pending: dict | None = None, attempts_before: int | None = None,
+                     leased: Entry | None = None) -> bool:
         """Apply one attempt's outcomes; queue ``notices`` (NDRs) in the same
         transaction; remove the entry once no recipient is pending and no
         ``notice_pending`` (an NDR that could not be built) is left; such an
@@ -107,7 +108,11 @@ class QueueStore(Protocol):
         record tried again after it failed: it is applied while ``owner``
         still holds the lease, lapsed or not, or nobody does and no attempt
         was recorded since; it returns False when that shows it was applied
-        already, and raises LeaseLost if another worker holds the entry."""
+        already, and raises LeaseLost if another worker holds the entry.
+
+        ``leased``: the entry as the caller leased it, unchanged.  A store may take what it
+        keeps of a first try from it (the trace) rather than build that while it holds the
+        write lock; it checks the entry's rows still match."""
 
     async def release_leases(self, owner: str | None, now: float, keep: Sequence[str] = ()) -> int:
         """Make leased entries due again (all of them when owner is None), but

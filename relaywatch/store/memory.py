@@ -132,7 +132,8 @@ class MemoryStore(MemoryWatch, MemoryConsole, MemoryCluster, MemoryTlsReports):
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
                      notices: Sequence[NewMessage] = (), delay_notified: bool = False,
-                     notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
+                     notice_pending: dict | None = None, attempts_before: int | None = None,
+                     leased: Entry | None = None) -> bool:
         self._check()
         now = self.clock()
         r = self._entries.get(entry_id)

@@ -30,14 +30,14 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from relaywatch import events
 from relaywatch.errors import LeaseLost, StoreError, UnknownEntry
 from relaywatch.model import (
-    Attempt, Destination, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
+    Attempt, Destination, Entry, Failure, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, StoredBody,
 )
 from relaywatch.store.backoff import Backoff
 from relaywatch.store.driver_errors import first_line
@@ -61,6 +61,8 @@ class PendingRecord:
     notices: tuple[NewMessage, ...] = ()
     delay_notified: bool = False
     notice_pending: dict | None = None   # an NDR that could not be built (deliver/record.py)
+    # The entry as leased (QueueStore.record's ``leased``); not journaled: a record tried again reads the rows.
+    leased: Entry | None = field(default=None, compare=False, repr=False)
 
     @property
     def delivered(self) -> int:
@@ -226,7 +228,7 @@ class PendingOutcomes:
         try:
             await self.store.record(r.entry_id, r.owner, r.attempt, list(r.outcomes), r.next_attempt_at,
                                     list(r.notices), delay_notified=r.delay_notified,
-                                    notice_pending=r.notice_pending)
+                                    notice_pending=r.notice_pending, leased=r.leased)
             if self._pending:
                 self.nudge()    # the store answers again: no need to wait for the next try
         except LeaseLost as exc:

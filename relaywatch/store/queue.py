@@ -89,10 +89,13 @@ class SqlQueue:
             entry = read_entry(conn, entry_id, end["at"])
         attempts = [*entry.history, attempt] if attempt is not None else entry.history
         record = traces.trace_record(entry, attempts, end, outcomes)
-        conn.execute(traces.Q["insert_trace"], (entry.id, entry.message_id, end["at"], traces.to_json(record)))
-        if end["at"] - self._traces_pruned_at >= self.trace_prune_every:
-            self._traces_pruned_at = end["at"]
-            conn.execute(traces.Q["prune_traces"], (end["at"] - self.trace_retention,))
+        self._insert_trace(conn, entry.id, entry.message_id, end["at"], traces.to_json(record))
+
+    def _insert_trace(self, conn: Any, entry_id: str, message_id: str, ended_at: float, data: str) -> None:
+        conn.execute(traces.Q["insert_trace"], (entry_id, message_id, ended_at, data))
+        if ended_at - self._traces_pruned_at >= self.trace_prune_every:
+            self._traces_pruned_at = ended_at
+            conn.execute(traces.Q["prune_traces"], (ended_at - self.trace_retention,))
 
     async def enqueue(self, msg: NewMessage) -> list[str]:
         def op(conn: Any, cleanup: list) -> list[str]:
@@ -124,11 +127,21 @@ class SqlQueue:
     async def record(self, entry_id: str, owner: str | None, attempt: Attempt | None,
                      outcomes: Sequence[RecipientOutcome], next_attempt_at: float | None,
                      notices: Sequence[NewMessage] = (), delay_notified: bool = False,
-                     notice_pending: dict | None = None, attempts_before: int | None = None) -> bool:
+                     notice_pending: dict | None = None, attempts_before: int | None = None,
+                     leased: Entry | None = None) -> bool:
         held_notice = json.dumps(notice_pending, separators=(",", ":")) if notice_pending else None
         # Before the op, not in it: the op runs on the writer thread holding the write lock,
         # which the receiving process waits for.
         attempt_data = attempt.to_dict() if attempt is not None else None
+        delivered_all = bool(outcomes) and all(o.status is RecipientStatus.DELIVERED for o in outcomes)
+        first_trace = None
+        if (leased is not None and leased.attempts == 0 and not notices and held_notice is None and delivered_all
+                and self.trace_retention > 0):
+            # The common case, a first try delivered to all: its trace is the leased entry's, built here;
+            # the op takes it if the rows still say first try, these recipients (else it builds its own).
+            at = self.clock()
+            first_trace = ([r.address for r in leased.recipients], at, traces.to_json(traces.trace_record(
+                leased, [attempt_data] if attempt_data is not None else [], traces.end_of((), at), outcomes)))
 
         def op(conn: Any, cleanup: list) -> bool:
             now = self.clock()
@@ -157,16 +170,19 @@ class SqlQueue:
             if owner is None and leased:
                 raise StoreError(f"message {entry_id} is being delivered right now; try again in a moment")
             by_address = {o.address: o for o in outcomes}
-            if not notices and held_notice is None and outcomes and all(o.status is RecipientStatus.DELIVERED for o in outcomes):
+            if not notices and held_notice is None and delivered_all:
                 # The common case, delivered to everyone still waiting: the entry goes
                 # at once, without first recording statuses and an attempt it drops.
                 waiting = conn.execute(Q["waiting_addresses"], (entry_id,)).fetchall()
                 if all(address in by_address for (address,) in waiting):
-                    if attempts == 0:
-                        entry.recipients = [Recipient(a, position=i) for i, (a,) in enumerate(waiting)]
                     with queries.together(conn):   # 2 round-trips, not 4 or 5
-                        self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt_data,
-                                         first_try=entry if attempts == 0 else None)
+                        if first_trace is not None and attempts == 0 and first_trace[0] == [a for (a,) in waiting]:
+                            self._insert_trace(conn, entry.id, entry.message_id, first_trace[1], first_trace[2])
+                        else:
+                            if attempts == 0:
+                                entry.recipients = [Recipient(a, position=i) for i, (a,) in enumerate(waiting)]
+                            self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt_data,
+                                             first_try=entry if attempts == 0 else None)
                         _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
             failed_now = False

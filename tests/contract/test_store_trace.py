@@ -70,6 +70,38 @@ async def test_a_delivered_message_is_traced_after_it_left_the_queue(store):
     assert await store.trace_ids("<other@x.test>") == []
 
 
+async def test_a_first_try_recorded_with_its_leased_entry_keeps_the_trace_the_rows_give(store):
+    # The scheduler passes the entry it leased (QueueStore.record's leased): the SQL store
+    # builds a first try's trace from it before the transaction; it must be the same trace.
+    traces = []
+    for passed in (False, True):
+        [entry_id] = await store.enqueue(msg("1@a.test", "2@a.test"))
+        entry = await leased(store, entry_id)
+        done = [RecipientOutcome("1@a.test", DELIVERED), RecipientOutcome("2@a.test", DELIVERED)]
+        await store.record(entry.id, "w", attempt(("2@a.test", DELIVERED), ("1@a.test", DELIVERED)), done, None,
+                           leased=entry if passed else None)
+        trace = await store.trace(entry_id)
+        trace["entry"] |= {"id": "", "received_at": 0, "expires_at": 0}
+        trace["end"]["at"] = 0
+        trace["attempts"][0]["at"] = 0
+        traces.append(trace)
+    assert traces[0] == traces[1]
+    assert traces[1]["recipients"] == [{"address": "1@a.test", "status": "delivered"},
+                                       {"address": "2@a.test", "status": "delivered"}]
+
+
+async def test_a_leased_entry_that_no_longer_matches_the_rows_is_not_what_the_trace_keeps(store):
+    # Recipients the caller's copy lacks (or an attempt recorded since): the rows decide.
+    [entry_id] = await store.enqueue(msg("1@a.test", "2@a.test"))
+    entry = await leased(store, entry_id)
+    entry.recipients = entry.recipients[:1]
+    await store.record(entry.id, "w", attempt(("1@a.test", DELIVERED), ("2@a.test", DELIVERED)),
+                       [RecipientOutcome("1@a.test", DELIVERED), RecipientOutcome("2@a.test", DELIVERED)], None,
+                       leased=entry)
+    assert (await store.trace(entry_id))["recipients"] == [{"address": "1@a.test", "status": "delivered"},
+                                                           {"address": "2@a.test", "status": "delivered"}]
+
+
 async def test_a_deferral_then_a_bounce_keeps_both_attempts_and_the_ndr(store):
     [entry_id] = await store.enqueue(msg("1@a.test"))
     entry = await leased(store, entry_id)
