@@ -1,0 +1,89 @@
+"""WAL frames (4 KB pages written) per message on the mail path, and what each table or index adds.
+
+    .venv/bin/python bench/wal_frames.py                 # the schema as it is
+    .venv/bin/python bench/wal_frames.py base notrace drop:traces_message_id notriggers
+
+Through the store API, as store_write_cost.py: N messages enqueued (20 at a time),
+leased in batches of 100, recorded delivered (20 at a time), each with a random
+Message-ID.  No checkpoint runs meanwhile, so the WAL holds every frame those commits
+wrote; the frames are counted from the WAL file itself.  Unlike CPU time, the count
+does not depend on the machine's load.  Variants: ``notrace`` (queue.trace_retention
+off), ``notriggers`` (queue_counts' triggers dropped), ``drop:INDEX``.
+"""
+
+import argparse
+import asyncio
+import inspect
+import struct
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import relaywatch.store.sqlite as sqlite_store
+from relaywatch.model import Attempt, Destination, NewMessage, RecipientOutcome, RecipientStatus, Route, RouteKind, \
+    StoredBody
+
+BODY = b"Subject: x\r\n\r\n" + b"x" * 1000 + b"\r\n"
+ROUTE = Route(RouteKind.CONNECTOR, "sink")
+
+
+async def one_round(store, n: int) -> None:
+    now = time.time()
+    msgs = [NewMessage(sender="s@client.test", recipients=(("rcpt@sink.test", ROUTE),), body=StoredBody(len(BODY), BODY),
+                       received_at=now, expires_at=now + 86400, message_id=f"<{uuid.uuid4().hex}@client.test>")
+            for _ in range(n)]
+    for i in range(0, n, 20):
+        await asyncio.gather(*(store.enqueue(m) for m in msgs[i:i + 20]))
+    leased = []
+    while len(leased) < n and (batch := await store.lease("bench", 100, ttl=600, now=now + 1)):
+        leased += batch
+    dest = Destination("127.0.0.1", "127.0.0.1", 25)
+    kw = {"leased": None} if "leased" in inspect.signature(store.record).parameters else None   # older trees
+
+    async def deliver(entry):
+        o = RecipientOutcome(entry.recipients[0].address, RecipientStatus.DELIVERED, None, "250 2.0.0 Ok")
+        await store.record(entry.id, "bench", Attempt(now, 0.01, dest, (o,)), [o], None,
+                           **({"leased": entry} if kw is not None else {}))
+    for i in range(0, len(leased), 20):
+        await asyncio.gather(*(deliver(e) for e in leased[i:i + 20]))
+
+
+async def frames(variant: str, n: int) -> tuple[float, float]:
+    sqlite_store._WAL_SAFETY_PAGES = 10 ** 9      # no checkpoint: the WAL keeps every frame
+    path = Path(tempfile.mkdtemp()) / "q.sqlite3"
+    store = sqlite_store.SqliteStore(path)
+    await store.open()
+    for part in variant.split(","):
+        ddl = {"notriggers": [f"DROP TRIGGER entries_counted_{t}" for t in ("insert", "delete", "update")],
+               "notrace": []}.get(part, [f"DROP INDEX {part[5:]}"] if part.startswith("drop:") else [])
+        if part == "notrace":
+            store.trace_retention = 0
+        for sql in ddl:
+            await store.engine.write(lambda conn, cleanup, sql=sql: conn.execute(sql))
+    await one_round(store, 200)      # warm: the tables exist, the pages are cached
+    wal = path.with_name(path.name + "-wal")
+    start = wal.stat().st_size
+    await one_round(store, n)
+    data = wal.read_bytes()
+    await store.close()
+    page = struct.unpack(">I", data[8:12])[0]
+    count = commits = 0
+    for off in range(start, len(data) - 24 - page + 1, 24 + page):
+        count += 1
+        commits += struct.unpack(">I", data[off + 4:off + 8])[0] != 0
+    return count / n, n / commits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("variant", nargs="*", default=["base"])
+    ap.add_argument("--messages", type=int, default=3000)
+    a = ap.parse_args()
+    for variant in a.variant:
+        per_msg, per_commit = asyncio.run(frames(variant, a.messages))
+        print(f"{variant}: {per_msg:.2f} WAL frames per message ({per_commit:.1f} messages per commit)")
+
+
+if __name__ == "__main__":
+    main()
