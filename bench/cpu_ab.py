@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from relays import WORK, Relaywatch, process_tree, wait_port  # noqa: E402
+from relays import WORK, Relaywatch, process_tree  # noqa: E402
 from run import throughput  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -47,17 +47,11 @@ def roles(root_pid: int) -> dict[str, int]:
 
 def relay_class(tree: Path, queue_extra: str = ""):
     class TreeRelaywatch(Relaywatch):
+        root = tree
+
         def __init__(self, sink_port: int):
             super().__init__(sink_port)
             self.queue_extra += "\n" + queue_extra
-
-        def launch(self) -> None:
-            self.log = open(self.dir / "relaywatch.log", "wb")
-            self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c",
-                                          str(self.dir / "relaywatch.toml")],
-                                         stdout=self.log, stderr=subprocess.STDOUT, cwd=tree,
-                                         env=dict(os.environ, PYTHONPATH=str(tree)))
-            wait_port(self.port, timeout=self.start_timeout, proc=self.proc)
     return TreeRelaywatch
 
 

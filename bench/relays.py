@@ -216,6 +216,7 @@ def count_files(*dirs: Path) -> int:
 class Relaywatch:
     name = "relaywatch"
     start_timeout = 60.0     # two processes to start, on a machine that may be busy
+    root = ROOT              # the tree relaywatch is imported from (bench/cpu_ab.py compares two)
 
     def __init__(self, sink_port: int, extra: str = "", extra_connectors: str = "", queue_extra: str = ""):
         self.port = free_port()
@@ -266,14 +267,14 @@ tls = "none"
         self.log = open(self.dir / "relaywatch.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c",
                                       str(self.dir / "relaywatch.toml")],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root,
+                                     env=dict(os.environ, PYTHONPATH=str(self.root)))
         wait_port(self.port, timeout=self.start_timeout, proc=self.proc)
 
     def flush(self) -> None:
         subprocess.run([sys.executable, "-m", "relaywatch", "queue", "retry", "--all", "-c",
-                        str(self.dir / "relaywatch.toml")], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                        str(self.dir / "relaywatch.toml")], cwd=self.root, check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, PYTHONPATH=str(self.root)))
 
     def queue_size(self) -> int:
         conn = sqlite3.connect(f"file:{self.dir / 'data' / 'queue.sqlite3'}?mode=ro", uri=True, timeout=10)
