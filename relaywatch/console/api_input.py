@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 
+from relaywatch.classify.catalog import CATALOG
 from relaywatch.config import parse_duration
 from relaywatch.store.base import QueryPage
 
@@ -23,6 +24,10 @@ MAX_TEXT = 200
 MAX_TRACES = 100      # entries of one Message-ID a trace search returns
 MAX_REASON = 1000
 ENTRY_ID = re.compile(r"[0-9A-Fa-f]{1,32}")
+ENHANCED_CODE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")            # RFC 3463: class.subject.detail
+CODE_CLASS = re.compile(r"([245](?:\.\d{1,3})?)(?:\.\*)?")       # 4, 4.4, 4.*, 4.4.*
+CODE_ACCEPTS = ("an enhanced code (4.4.316), a class or prefix (4, 4.4, 4.4.*) "
+                "or a catalog id (connect.refused; relaywatch errors lists them)")
 
 
 class BadInput(Exception):
@@ -82,6 +87,7 @@ def queue_page(args: dict) -> QueryPage:
     for name in ("connector", "recipient", "domain", "code", "text"):
         if name in args and not args[name].strip():
             raise BadInput(name, f"{name} must not be empty")
+    code = code_filter(args["code"]) if "code" in args else None
     route = args.get("route")
     if route is not None and route not in ROUTE_KINDS:
         raise BadInput("route", f"route must be one of {', '.join(ROUTE_KINDS)} (got {route!r})")
@@ -89,9 +95,25 @@ def queue_page(args: dict) -> QueryPage:
     if text is not None and len(text) > MAX_TEXT:
         raise BadInput("text", f"text is longer than {MAX_TEXT} characters")
     return QueryPage(status=status, connector=args.get("connector"), sender=args.get("sender"),
-                     recipient=args.get("recipient"), domain=args.get("domain"), code=args.get("code"),
+                     recipient=args.get("recipient"), domain=args.get("domain"), code=code,
                      older_than=older_than, route=route, text=text.strip() if text else None, after=after,
                      limit=int_arg(args, "limit", 100, 1, MAX_LIMIT))
+
+
+def code_filter(text: str) -> str:
+    """The ``code`` filter as QueryPage takes it: an exact enhanced code, or a class
+    as its prefix and ".*" ("4.4" and "4.4.*" are "4.4.*": every 4.4.x); a catalog
+    id is its code (entries sharing that code match too: the store keeps the code)."""
+    text = text.strip()
+    if ENHANCED_CODE.fullmatch(text):
+        return text
+    match = CODE_CLASS.fullmatch(text)
+    if match:
+        return match.group(1) + ".*"
+    entry = CATALOG.get(text)
+    if entry is not None and ENHANCED_CODE.fullmatch(entry.code):
+        return entry.code
+    raise BadInput("code", f"code must be {CODE_ACCEPTS} (got {text[:50]!r})")
 
 
 def reason_of(req: Request, optional: tuple[str, ...] = ()) -> str:

@@ -40,7 +40,7 @@ class QueryPage:
     sender: str | None = None          # "" is the null sender
     recipient: str | None = None
     domain: str | None = None          # a recipient's domain
-    code: str | None = None            # the code of the latest deferral
+    code: str | None = None            # the latest deferral's code: exact, or a class "4.*" / "4.4.*"
     older_than: float | None = None    # seconds since received
     route: str | None = None           # a RouteKind value: local, connector or internet
     text: str | None = None            # a substring of the sender, a recipient or a last reply (any case)

@@ -162,7 +162,9 @@ def _page_where(page: QueryPage, now: float, last_reply: str, in_ids: int = 0) -
         add("in_status_unleased", page.status, now)
     if page.sender is not None:
         add("sent_by", page.sender.lower())
-    if page.code:
+    if page.code and page.code.endswith(".*"):
+        add("last_code_in_class", page.code[:-1] + "%")
+    elif page.code:
         add("last_code_is", page.code)
     if page.older_than is not None:
         add("received_before", now - page.older_than)

@@ -77,6 +77,11 @@ lower(sender) = ?
 -- last_code_is --
 last_code = ?
 
+-- last_code_in_class --
+-- A class of codes ("4.4.%": digits and dots only, checked by console/api_input.py code_filter).
+-- LIKE, not a range: a range on text follows PostgreSQL's collation, which may skip punctuation.
+last_code LIKE ?
+
 -- received_before --
 received_at < ?
 

@@ -24,6 +24,13 @@ def _has_text(r, text: str) -> bool:
         for x in r.recipients)
 
 
+def _has_code(last_code: str | None, code: str) -> bool:
+    """As console.sql last_code_is, or last_code_in_class for a class "4.4.*"."""
+    if code.endswith(".*"):
+        return last_code is not None and last_code.startswith(code[:-1])
+    return last_code == code
+
+
 class MemoryConsole:
     async def queue_gauges(self, now: float) -> list[tuple[str, str, str | None, int, int, float]]:
         self._check()
@@ -52,7 +59,7 @@ class MemoryConsole:
                     or (page.status == "active" and not leased)
                     or (page.status and page.status != "active" and (leased or r.status.value != page.status))
                     or (page.sender is not None and r.sender.lower() != page.sender.lower())
-                    or (page.code and r.last_code != page.code)
+                    or (page.code and not _has_code(r.last_code, page.code))
                     or (page.older_than is not None and not r.received_at < now - page.older_than)
                     or (page.recipient and page.recipient.lower() not in addresses)
                     or (page.domain and page.domain.lower() not in {domain_of(a) for a in addresses})

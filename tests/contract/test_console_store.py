@@ -75,6 +75,31 @@ async def test_queue_page_filters_and_pages_by_id(store):
     assert await store.queue_page_ids(QueryPage(domain="x.test", limit=2), now) == sorted([ids[1], ids[3], ids[5]])[:2]
 
 
+async def test_queue_page_by_code_class(store):
+    """A class "4.4.*" is every code starting "4.4." (not "4.40.x"), "4.*" every transient one;
+    an exact code only itself; and the same for the ids (what bulk actions by filter act on)."""
+    now = time.time()
+    codes = ("4.4.316", "4.4.7", "4.40.1", "4.7.320", "5.7.1")
+    ids = []
+    for i, _ in enumerate((*codes, None)):
+        ids += await store.enqueue(msg([(f"c{i}@x.test", A)], now=now - 100 + i))
+    for entry_id, code, i in zip(ids, codes, range(len(codes))):
+        await defer(store, entry_id, f"c{i}@x.test", code, now)
+
+    async def page(code, limit=100):
+        got = [e.id for e in await store.queue_page(QueryPage(code=code, limit=limit), now)]
+        assert await store.queue_page_ids(QueryPage(code=code, limit=limit), now) == got
+        return got
+    assert await page("4.4.*") == sorted(ids[:2])
+    assert await page("4.*") == sorted(ids[:4])
+    assert await page("4.*", limit=2) == sorted(ids[:4])[:2]
+    assert await page("5.7.*") == [ids[4]]
+    assert await page("5.*") == [ids[4]]
+    assert await page("2.*") == []
+    assert await page("4.4.7") == [ids[1]]
+    assert await page("4.4") == []        # a class is "4.4.*" (console/api_input.py code_filter)
+
+
 async def test_queue_page_by_text_and_route(store):
     """text: a substring, in any case, of the sender, a recipient or a recipient's last reply; its
     LIKE wildcards and quotes are literal text, never SQL.  route: the route's kind."""
