@@ -36,17 +36,20 @@ def queue():
 @click.option("--connector", help="Only this connector (or local / internet).")
 @click.option("--status", type=click.Choice(STATUSES))
 @click.option("--route", type=click.Choice(ROUTE_KINDS), help="Only mail routed this way (local, connector, MX).")
+@click.option("--code", help="The latest deferral's code: exact (4.4.316), a class (4, 4.4, 4.4.*) or a catalog id "
+                    "(connect.refused).")
 @click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply; "
                     "<id@host>, in angle brackets: that Message-ID.")
 @click.option("--limit", default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
-def queue_list(config_path, connector, status, route, text, limit, as_json):
+def queue_list(config_path, connector, status, route, code, text, limit, as_json):
     """List queued messages, oldest first."""
     config = read_config(config_path)
-    if route or text:   # the console's filters (GET /api/v1/queue), in id order
+    if route or code is not None or text:   # the console's filters (GET /api/v1/queue), in id order
         try:
             page = api_queue_page({k: v for k, v in (("connector", connector), ("status", status), ("route", route),
-                                                    ("text", text), ("limit", str(limit))) if v is not None})
+                                                    ("code", code), ("text", text), ("limit", str(limit)))
+                                   if v is not None})
         except BadInput as exc:
             fail(f"--{exc.field}: {exc.message}")
         entries = with_store(config, lambda s: s.queue_page(page, time.time()))
@@ -56,7 +59,7 @@ def queue_list(config_path, connector, status, route, text, limit, as_json):
         echo_json(views.message_list_json(entries))
         return
     if not entries:
-        click.echo("The queue is empty." if not (connector or status or route or text) else "No messages match.")
+        click.echo("The queue is empty." if not (connector or status or route or code or text) else "No messages match.")
         return
     now = time.time()
     console, Table = rich()

@@ -140,6 +140,33 @@ async def test_queue_filters_and_pages(relay_factory):
             assert [m["id"] for m in got] == expected, params
 
 
+async def test_the_code_filter_takes_a_code_a_class_or_a_catalog_id(relay_factory):
+    """Issue 11's code/class filter, the same in the API, a bulk action's filter and
+    ``queue list --code``; anything else is a 400 (an error) naming it and what it takes."""
+    relay, listed = await stuck_relay(relay_factory, n=3)     # deferred with 4.4.316 (connect.refused)
+    ids = sorted(m["id"] for m in listed)
+    async with client(relay) as http:
+        for code, expected in (("4.4.316", ids), ("4.4", ids), ("4.4.*", ids), ("4", ids), ("4.*", ids),
+                               (" connect.refused ", ids), ("4.4.31", []), ("4.7", []), ("5", []), ("5.7.*", [])):
+            got = (await http.get("/api/v1/queue", params={"code": code})).json()["messages"]
+            assert [m["id"] for m in got] == expected, code
+            cli = (await relay.cli_json("queue", "list", "--code", code))["messages"]
+            assert [m["id"] for m in cli] == expected, code
+        for code in ("4.4.x", "9.1.1", "4.4.316.1", "4.", "connect", "watch.cert_expiring", "%"):
+            r = await http.get("/api/v1/queue", params={"code": code})
+            assert r.status_code == 400 and r.json()["field"] == "code", (code, r.text)
+            assert "4.4.316" in r.json()["error"] and "4.4.*" in r.json()["error"], r.text
+            failed = await relay.cli("queue", "list", "--code", code, expect=1)
+            assert "--code: code must be an enhanced code (4.4.316)" in failed.output, failed.output
+        bulk = {"action": "hold", "reason": "partner down", "dry_run": True}
+        dry = await http.post("/api/v1/queue/actions", json={**bulk, "filter": {"code": "4.4"}})
+        assert dry.status_code == 200 and dry.json()["matched"] == 3
+        none = await http.post("/api/v1/queue/actions", json={**bulk, "filter": {"code": "5.7"}})
+        assert none.status_code == 200 and none.json()["matched"] == 0
+        bad = await http.post("/api/v1/queue/actions", json={**bulk, "filter": {"code": "5.x"}})
+        assert bad.status_code == 400 and bad.json()["field"] == "filter.code", bad.text
+
+
 @pytest.mark.both_stores
 async def test_the_queue_pages_by_id_with_filters_and_every_recipient(relay_factory):
     """Keyset pages, through the API (small pages) and the console page (100 a page, its Next
