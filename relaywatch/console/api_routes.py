@@ -19,7 +19,10 @@ _QUEUE_FILTERS = (
     Param("sender", "query", {"type": "string"}, "Envelope sender, exact (case-insensitive); empty: <>"),
     Param("recipient", "query", {"type": "string"}, "A recipient address, exact (case-insensitive)"),
     Param("domain", "query", {"type": "string"}, "A recipient's domain"),
-    Param("code", "query", {"type": "string"}, "Code of the latest deferral, e.g. 4.4.316"),
+    Param("code", "query", {"type": "string", "minLength": 1},
+          "Code of the latest deferral: exact (4.4.316); a class, every code it starts (4: transient, "
+          "4.4: network/routing, 5.7: security/policy; 4.4.* is 4.4); or a catalog id (connect.refused: "
+          "its code). Anything else is a 400 naming code"),
     Param("older_than", "query", {"type": "string"}, "Received longer ago than this duration, e.g. 1h"),
     Param("route", "query", {"type": "string", "enum": list(ROUTE_KINDS)},
           "How it is routed: a local mailbox, a connector or the internet (MX)"),

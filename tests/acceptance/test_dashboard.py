@@ -205,6 +205,18 @@ async def test_the_queue_filters(relay_factory, tab_factory):
     await tab.page.wait_for_url("**/queue?*text=A1%40P*")
     assert await rows.count() == 1 and "a1@p.test" in await rows.first.inner_text()
     assert await tab.page.input_value("input[name=text]") == "A1@P"
+    # The code filter: a class or a catalog id, as well as an exact code (issue 11).
+    code = tab.page.locator("input[name=code]")
+    assert "4.4" in await code.get_attribute("placeholder") and "connect.refused" in await code.get_attribute("placeholder")
+    for typed, n in (("4.4", 3), ("connect.refused", 3), ("5.7", 0)):
+        await tab.goto("/queue")
+        await tab.page.fill("input[name=code]", typed)
+        await tab.page.click("form.filters button[type=submit]")
+        await tab.page.wait_for_url(f"**/queue?*code={typed}&*")
+        assert await rows.count() == n, typed
+        assert await tab.page.input_value("input[name=code]") == typed
+    await tab.goto("/queue?code=4.4.x")
+    assert "code must be an enhanced code (4.4.316), a class or prefix" in await tab.text(".error")
     await tab.goto("/queue?route=local")
     assert await rows.count() == 0
     await tab.goto("/queue?status=held")
