@@ -230,6 +230,9 @@ def run(messages: int, store: str, repeat: int, only: list[str] | None = None) -
             "queue": "/queue",
             "queue_deferred_on_connector": "/queue?status=deferred&connector=partner",
             "queue_code": f"/queue?code={CODES[2]}",
+            "queue_code_class": "/queue?code=4.7",                 # the class of CODES[2]
+            "queue_code_none": "/queue?code=5.7.1",                # none: every entry read, as for
+            "queue_code_class_none": "/queue?code=5.7",            # a class that none has
             "queue_held_on_connector": "/queue?status=held&connector=fabrikam",
             "queue_older_than": "/queue?older_than=20h",
             "queue_domain": "/queue?domain=d7.partner.test",          # none: d7 is always contoso's

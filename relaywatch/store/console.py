@@ -103,17 +103,31 @@ DOMAIN_IDS_MAX = 6400     # well under SQLite's 32,766 parameters of a statement
 def _pages(conn: Any, page: QueryPage, now: float, last_reply: str, fetch: Callable) -> list:
     """Up to ``page.limit`` of ``fetch(conn, where, args, limit)``'s rows (entries or ids) for
     ``page``'s filters, in id order."""
+    codes = _codes_now(conn, page.code) if page.code else ()
+    if page.code and not codes:
+        return []     # no entry has such a code: nothing to read
     if not page.domain:
-        where, args = _page_where(page, now, last_reply)
+        where, args = _page_where(page, now, last_reply, codes)
         return fetch(conn, where, args, page.limit)
     found: list = []
     rest = replace(page, domain=None, after=None)
     for ids in _by_domain(conn, page.domain, (page.after or "").upper()):
-        where, args = _page_where(rest, now, last_reply, in_ids=len(ids))
+        where, args = _page_where(rest, now, last_reply, codes, in_ids=len(ids))
         found += fetch(conn, where, [*args, *ids], page.limit - len(found))
         if len(found) == page.limit:
             break
     return found
+
+
+def _codes_now(conn: Any, code: str) -> list[str]:
+    """The codes the code filter ``code`` (exact, or a class "4.4.*") means among those the
+    queue's entries have now (queue_counts: a few rows, not the entries).  So a class is an
+    equality on a few codes (no LIKE per entry; a text range would follow PostgreSQL's
+    collation, which may skip punctuation), and a code or class no entry has reads no entry
+    at all.  An entry given a new code meanwhile is as one that came after the read."""
+    prefix = code[:-1] if code.endswith(".*") else None
+    return [c for (c,) in conn.execute(Q["codes_now"])
+            if c == code or (prefix is not None and c.startswith(prefix))]
 
 
 def _by_domain(conn: Any, domain: str, after: str):
@@ -143,9 +157,11 @@ def _like(text: str) -> str:
     return text.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
-def _page_where(page: QueryPage, now: float, last_reply: str, in_ids: int = 0) -> tuple[str, list]:
+def _page_where(page: QueryPage, now: float, last_reply: str, codes: tuple | list = (),
+                in_ids: int = 0) -> tuple[str, list]:
     """`` WHERE ...`` (or "") and its parameters for a QueryPage's filters; ``last_reply`` is
-    the dialect's SQL for a recipient's last reply (store/sqlite.py, store/postgres.py).
+    the dialect's SQL for a recipient's last reply (store/sqlite.py, store/postgres.py);
+    ``codes``: what the code filter means now (_codes_now).
     ``in_ids``: also among that many ids, the last parameters (the caller adds them)."""
     where, args = [], []
 
@@ -162,10 +178,9 @@ def _page_where(page: QueryPage, now: float, last_reply: str, in_ids: int = 0) -
         add("in_status_unleased", page.status, now)
     if page.sender is not None:
         add("sent_by", page.sender.lower())
-    if page.code and page.code.endswith(".*"):
-        add("last_code_in_class", page.code[:-1] + "%")
-    elif page.code:
-        add("last_code_is", page.code)
+    if page.code:
+        where.append(queries.in_list(Q["last_code_in"], len(codes)))
+        args.extend(codes)
     if page.older_than is not None:
         add("received_before", now - page.older_than)
     if page.recipient:

@@ -74,13 +74,13 @@ status = ? AND (lease_until IS NULL OR lease_until <= ?)
 -- sent_by --
 lower(sender) = ?
 
--- last_code_is --
-last_code = ?
+-- last_code_in --
+-- The code filter: the codes it means now (store/console.py _codes_now).
+last_code IN (?*)
 
--- last_code_in_class --
--- A class of codes ("4.4.%": digits and dots only, checked by console/api_input.py code_filter).
--- LIKE, not a range: a range on text follows PostgreSQL's collation, which may skip punctuation.
-last_code LIKE ?
+-- codes_now --
+-- The codes the queue's entries have now (from the counts: a few rows, whatever the queue holds).
+SELECT last_code FROM ({counted}) counted WHERE last_code <> '' GROUP BY last_code HAVING sum(n) > 0
 
 -- received_before --
 received_at < ?

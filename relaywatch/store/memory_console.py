@@ -25,7 +25,7 @@ def _has_text(r, text: str) -> bool:
 
 
 def _has_code(last_code: str | None, code: str) -> bool:
-    """As console.sql last_code_is, or last_code_in_class for a class "4.4.*"."""
+    """As store/console.py _codes_now: the exact code, or for a class "4.4.*" every code it starts."""
     if code.endswith(".*"):
         return last_code is not None and last_code.startswith(code[:-1])
     return last_code == code

@@ -98,6 +98,13 @@ async def test_queue_page_by_code_class(store):
     assert await page("2.*") == []
     assert await page("4.4.7") == [ids[1]]
     assert await page("4.4") == []        # a class is "4.4.*" (console/api_input.py code_filter)
+    # The codes come from the counts: held (status changes, code stays), then gone.
+    await store.hold(ids[4])
+    assert await page("5.7.*") == [ids[4]]
+    await store.delete(ids[4])
+    assert await page("5.*") == [] and await page("5.7.1") == []
+    await defer(store, ids[5], "c5@x.test", "5.7.26", now)
+    assert await page("5.*") == [ids[5]]
 
 
 async def test_queue_page_by_text_and_route(store):
