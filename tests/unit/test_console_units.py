@@ -153,6 +153,23 @@ def test_queue_filters_parse():
     assert (page.status, page.older_than, page.limit, page.after, page.sender) == ("deferred", 7200, 5, "1a2b", "")
 
 
+@pytest.mark.parametrize("given, code", [
+    ("4.4.316", "4.4.316"), ("5.7.1", "5.7.1"), ("4.4", "4.4.*"), ("4.4.*", "4.4.*"), ("4", "4.*"), ("4.*", "4.*"),
+    ("5.7", "5.7.*"), (" 4.4 ", "4.4.*"), ("connect.refused", "4.4.316"), ("tls.dane", "4.7.320"),
+])
+def test_the_code_filter_is_a_code_or_a_class(given, code):
+    assert queue_page({"code": given}).code == code
+
+
+@pytest.mark.parametrize("given", ["4.4.x", "4.", "4..4", "9", "3.1.1", "4.4.316.*", "4.4.3166", "watch.cert_expiring",
+                                   "connect", "4.4%", "4_4", " "])
+def test_a_code_filter_of_anything_else_says_what_it_takes(given):
+    with pytest.raises(BadInput) as exc:
+        queue_page({"code": given})
+    assert exc.value.field == "code" and exc.value.status == 400
+    assert given.strip() == "" or all(x in exc.value.message for x in ("4.4.316", "4.4.*", "connect.refused"))
+
+
 @pytest.mark.parametrize("checks, status, reasons", [
     ({"store": None, "smtp": None}, 200, None),
     ({"store": "down", "smtp": None}, 503, ["store: down"]),
