@@ -111,3 +111,13 @@ def test_the_console_domain_filter_seeks_recipients_domain_on_sqlite():
     found = plan(CONSOLE["page_ids"].replace("{where}", where), (*args, "A", "B", "C", 50))
     assert "SEARCH entries USING" in found and "(id=?)" in found and "SCAN entries" not in found, found
     assert named.in_list(CONSOLE["in_ids"], 2) == "entries.id IN (?,?)"
+
+
+def test_the_console_code_filter_reads_its_codes_from_the_counts_not_the_entries():
+    """What a code or class means now comes from queue_counts (a few rows at 1M queued); a class
+    none has then reads no entry (store/console.py _codes_now, bench/README.md)."""
+    from relaywatch.store.console import Q as CONSOLE
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(schema.render("sqlite"))
+    found = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + CONSOLE["codes_now"]))
+    assert "queue_counts" in found and "entries" not in found, found
