@@ -73,10 +73,9 @@ class RelaywatchPg(Relaywatch):
     def prepare(self) -> None:
         super().prepare()
         path = self.dir / "relaywatch.toml"
-        # Nodes side by side: each its own console port (the default, 8025, would collide).
+        # (Nodes side by side: each has a console port of its own, as Relaywatch.prepare gives.)
         path.write_text(path.read_text().replace(
-            "[server]\n", f'[server]\nstore = "{self.store}"\nnode_name = "{self.node}"\n', 1).replace(
-            "[queue]\n", f'[http]\nlisten = "{HOST}:0"\n[queue]\n', 1))
+            "[server]\n", f'[server]\nstore = "{self.store}"\nnode_name = "{self.node}"\n', 1))
 
     def queue_size(self) -> int:
         with _psycopg().connect(self.store) as conn:

@@ -261,7 +261,10 @@ domains = ["sink.test"]
 smart_hosts = ["{HOST}:{self.sink_port}"]
 tls = "none"
 {self.extra_connectors}
-""")
+""" + ("" if "[http]" in self.extra else
+       # The console stays on, as by default, but on a port of its own: the default 8025 may be
+       # held by another relay on this machine (a test's, an admin's), and the bench would not start.
+       f'[http]\nlisten = "{HOST}:0"\n'))
 
     def launch(self) -> None:
         self.log = open(self.dir / "relaywatch.log", "wb")
