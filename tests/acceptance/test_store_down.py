@@ -192,6 +192,10 @@ async def test_a_store_that_is_down_is_one_condition_one_incident_recorded_when_
                         "refusing every message with 451 4.3.0 until it can")
     assert lines[1].startswith("the queue can be written again after ") and "3 message(s) were refused" in lines[1]
     assert not any(r.exc_info for r in caplog.records)
+    # The all-clear's outcomes are recorded once both channels were tried: after the webhook had
+    # its POST and the sink its mail, not before.
+    await eventually(lambda: any(r.getMessage().startswith("recorded incident ") for r in caplog.records),
+                     what="the incident recorded with its notifications")
     [inc] = (await relay.cli_json("incidents", "list", "--all"))["incidents"]
     assert (inc["kind"], inc["state"], inc["refused"]) == ("store", "resolved", 3)
     shown = (await relay.cli("incidents", "show", str(inc["id"]))).output
