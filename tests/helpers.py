@@ -61,6 +61,15 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: 
         await asyncio.sleep(0.02)
 
 
+async def clear_of_utc_midnight(margin: float = 60.0) -> None:
+    """For a test about one UTC day (TLS-RPT's day of sessions, "failed today"): if midnight
+    UTC is less than ``margin`` seconds away, wait until it has passed, so that the whole
+    test runs within one day on the relay's wall clock."""
+    midnight = (time.time() // 86400 + 1) * 86400
+    if midnight - time.time() < margin:
+        await eventually(lambda: time.time() >= midnight, timeout=margin + 5, what="midnight UTC to pass")
+
+
 class FakeClock:
     """relaywatch/clock.py's ``Clock`` that moves only when the test says: ``advance(seconds)``.
 

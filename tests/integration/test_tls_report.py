@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trustme
 
-from helpers import LOOPBACK, DnsServer, FakeClock, Sink, eventually, free_port, message
+from helpers import LOOPBACK, DnsServer, FakeClock, Sink, clear_of_utc_midnight, eventually, free_port, message
 from tests.integration.test_mta_sts import DOMAIN, MX, World, policy_text, server_context
 from relaywatch.classify.observation import Observation, Outcome, Phase
 from relaywatch.deliver.tls_report import TlsTally, opportunistic_result, utc_day
@@ -156,6 +156,8 @@ def ca(tmp_path):
 
 @pytest.fixture
 async def world(tmp_path, ca, relay_factory):
+    # Each test here counts (or reports) the sessions of one UTC day on the real clock.
+    await clear_of_utc_midnight()
     w = World(tmp_path, ca, relay_factory)
     yield w
     await w.stop()
