@@ -236,8 +236,10 @@ def refused(port: int) -> bool:
     return False
 
 
-def serve(path: Path, timeout: float = 15) -> subprocess.CompletedProcess:
-    """`relaywatch serve` as a process; one that starts (when it should not) is stopped and fails."""
+def serve(path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`relaywatch serve` as a process; one that starts (when it should not) is stopped and fails.
+    Refusing takes the interpreter's start and the imports: 7 s was seen on a loaded machine,
+    hence the long deadline (a refusing serve ends long before it; only a bad one waits it out)."""
     proc = subprocess.Popen([*RELAYWATCH, "serve", "-c", str(path)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
