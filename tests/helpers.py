@@ -46,6 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LOOPBACK = "127.0.0.1"
 
+# How long a `relaywatch serve` process may take to listen: the interpreter, the imports, the
+# store's schema check.  About a second alone; several on a loaded machine.  A start that fails
+# ends the wait at once (the process exits), so a long deadline costs nothing.
+STARTUP = 60.0
+
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 15.0, what: str | Callable[[], str] = "condition"):
     """Wait for ``predicate()`` (sync or async) to be truthy; fail after ``timeout``."""
@@ -873,7 +878,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.log = None
 
-    async def start(self, timeout: float = 15.0) -> "Server":
+    async def start(self, timeout: float = STARTUP) -> "Server":
         if self.log is not None:
             self.log.close()
         self.log = open(self.log_path, "ab")

@@ -28,12 +28,11 @@ import time
 
 import pytest
 
-from helpers import LOOPBACK, CountingSink, Load, Server, Sink, eventually, every_acknowledged_delivered
+from helpers import LOOPBACK, STARTUP, CountingSink, Load, Server, Sink, eventually, every_acknowledged_delivered
 
 LONG = os.environ.get("RELAYWATCH_LONG_TESTS") == "1"
 CONCURRENCY = 4
 IN_FLIGHT_PER_KILL = CONCURRENCY * 4
-STARTUP = 60.0     # a start on a busy machine: imports, the schema check, the first heartbeat
 _POSSIBLE = re.compile(r"possible duplicate: message (\S+) .*? by node (\S+)[ ,]")
 
 

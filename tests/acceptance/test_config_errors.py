@@ -14,7 +14,7 @@ import pytest
 import trustme
 from click.testing import CliRunner
 
-from helpers import LOOPBACK, eventually, free_port, to_toml
+from helpers import LOOPBACK, STARTUP, eventually, free_port, to_toml
 from relaywatch.app import Relaywatch, Role
 from relaywatch.cli import main
 from relaywatch.config import load_config, parse_config
@@ -341,7 +341,7 @@ async def test_config_check_while_serve_runs_does_not_blame_it(tmp_path):
                                                 stderr=asyncio.subprocess.DEVNULL)
     try:
         await eventually(lambda: (tmp_path / "data" / "relaywatch.pid").exists() and not refused(port),
-                         what="serve listening")
+                         timeout=STARTUP, what="serve listening")
         check = await asyncio.to_thread(CliRunner().invoke, main, ["config", "check", "-c", str(path)])
         assert check.exit_code == 0, check.output
         second = await asyncio.to_thread(serve, path)

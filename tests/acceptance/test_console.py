@@ -17,7 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import LOOPBACK, Sink, SinkHandler, base_config, eventually, free_port, https_files, message, to_toml
+from helpers import (LOOPBACK, STARTUP, Sink, SinkHandler, base_config, eventually, free_port, https_files, message,
+                     to_toml)
 from relaywatch.console.api_routes import ROUTES
 
 pytestmark = pytest.mark.both_loops
@@ -496,7 +497,7 @@ async def test_serve_counts_deliveries_wherever_they_happen(tmp_path, split):
                     return (await http.get("/readyz")).status_code == 200
                 except httpx.TransportError:
                     return False
-            await eventually(ready, what="serve to be ready")
+            await eventually(ready, timeout=STARTUP, what="serve to be ready")
             await asyncio.to_thread(_send, smtp_port)
 
             async def delivered():

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (LOOPBACK, CountingSink, Load, Sink, base_config, eventually, every_acknowledged_delivered,
+from helpers import (LOOPBACK, STARTUP, CountingSink, Load, Sink, base_config, eventually, every_acknowledged_delivered,
                      free_port, to_toml)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +59,7 @@ class Serve:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "relaywatch", "serve", "-c", str(self.config_path)],
                                      stdout=self.log, stderr=self.log, env=self.env)
-        await eventually(self._listening, timeout=30, what="the server to listen")
+        await eventually(self._listening, timeout=STARTUP, what="the server to listen")
         await eventually(self.child, what="the delivery process")
 
     def _listening(self) -> bool:
