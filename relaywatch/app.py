@@ -349,10 +349,17 @@ class Relaywatch:
         except BaseException:
             await self.stop()   # the delivery process, the queue: nothing outlives a failed start
             raise
-        if self.role.receives:
-            control.write_pid_file(self.config.server.data_dir)
         failed: str | None = None
         try:
+            if self.role.receives:
+                try:
+                    control.write_pid_file(self.config.server.data_dir)
+                except OSError as exc:
+                    # The port is open and mail flows: a disk that filled up just now must not
+                    # end that (it gets 452s); only the commands that signal us cannot find us.
+                    log.error("cannot write the pid file %s: %s; relaywatch reload and node drain will not "
+                              "find this server (signal pid %d instead)",
+                              control.pid_file(self.config.server.data_dir), exc.strerror or exc, os.getpid())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait({stopping, self._group}, return_when=asyncio.FIRST_COMPLETED)
             stopping.cancel()

@@ -131,3 +131,22 @@ async def test_the_port_opens_only_once_the_delivery_process_is_ready(tmp_path):
         assert str(tmp_path / "data" / "queue.sqlite3") in opened, opened
     finally:
         await server.stop()
+
+
+async def test_a_pid_file_that_cannot_be_written_leaves_the_server_serving(tmp_path, sink):
+    """serve writes its pid file once the port is open.  A write that fails then (a disk that
+    fills up at that moment, as the full-disk test's did on a loaded machine) ended
+    serve_forever outside its stop: the loop tore down under the mail in flight (451) and the
+    process hung on SIGTERM.  Here the pid file's path is a directory, so the write fails."""
+    server = Server(tmp_path, connectors=[{"name": "onprem", "type": "on_premises", "domains": ["fabrikam.test"],
+                                           "smart_hosts": [f"{LOOPBACK}:{sink.port}"], "tls": "none"}])
+    (server.data_dir / "relaywatch.pid").mkdir(parents=True)
+    await server.start()
+    try:
+        await eventually(lambda: "cannot write the pid file" in server.log_path.read_text(),
+                         what="the pid file's error")
+        await asyncio.to_thread(_send, server.port)
+        await eventually(lambda: sink.messages, what="delivery with no pid file")
+    finally:
+        assert await server.stop() == 0
+    assert "Traceback" not in server.log_path.read_text()
