@@ -17,7 +17,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from helpers import LOOPBACK, Relay, Scripted, Sink, base_config, eventually, free_port, https_files, message
+from helpers import (LOOPBACK, Relay, Scripted, Sink, base_config, clear_of_utc_midnight, eventually, free_port,
+                     https_files, message)
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -457,6 +458,7 @@ async def test_the_tls_reports_page_shows_a_day_of_policy_sessions_and_the_repor
     import trustme
     from tests.integration.test_mta_sts import DOMAIN, MX, World, policy_text
     from relaywatch.deliver.tls_report import utc_day
+    await clear_of_utc_midnight()    # "yesterday" and "today" below must stay the days they were
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     world = await World(tmp_path, ca, relay_factory).start(policy=policy_text())
