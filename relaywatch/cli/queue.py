@@ -21,7 +21,7 @@ from relaywatch.console.api_input import ROUTE_KINDS, BadInput, queue_page as ap
 from relaywatch.dsn_params import mail_params, rcpt_params
 from relaywatch.idn import address_to_unicode, domain_both_ways, to_unicode
 from relaywatch.model import Entry, dest_label, iso
-from relaywatch.store.base import QueueQuery, Selector
+from relaywatch.store.base import QueryPage, QueueQuery, Selector
 
 STATUSES = ("queued", "deferred", "held", "active")
 
@@ -31,35 +31,64 @@ def queue():
     """Inspect and act on queued mail."""
 
 
+def filter_options(fn):
+    """The queue's filters, as GET /api/v1/queue takes them (and the same checks: console/api_input.py)."""
+    for option in reversed((
+            click.option("--connector", help="Only this connector (or local / internet)."),
+            click.option("--status", help=f"Only entries in this status: {', '.join(STATUSES)}."),
+            click.option("--route", help=f"Only mail routed this way: {', '.join(ROUTE_KINDS)} (MX)."),
+            click.option("--code", help="The latest deferral's code: exact (4.4.316), a class (4, 4.4, 4.4.*) or a "
+                                        "catalog id (connect.refused)."),
+            click.option("--sender", help="The envelope sender, exact (any case); \"\": the null sender <>."),
+            click.option("--recipient", help="A recipient address, exact (any case)."),
+            click.option("--domain", help="A recipient's domain."),
+            click.option("--older-than", "older_than", metavar="DURATION", help="Received longer ago than this (1h, 2d)."),
+            click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply; "
+                                        "<id@host>, in angle brackets: that Message-ID."))):
+        fn = option(fn)
+    return fn
+
+
+FILTERS = ("connector", "status", "route", "code", "sender", "recipient", "domain", "older_than", "text")
+
+
+def _filter(kwargs: dict) -> dict[str, str]:
+    """The filter options given, as the API's filter object ({"older_than": "1h", ...})."""
+    return {name: kwargs.pop(name) for name in FILTERS if kwargs.get(name) is not None}
+
+
+def _page(args: dict[str, str]) -> QueryPage:
+    """``args`` checked by the API's own parser; a problem names the option (--older-than: ...)."""
+    try:
+        return api_queue_page(args)
+    except BadInput as exc:
+        fail(f"--{exc.field.replace('_', '-')}: {exc.message}")
+
+
 @queue.command("list")
 @config_option
-@click.option("--connector", help="Only this connector (or local / internet).")
-@click.option("--status", type=click.Choice(STATUSES))
-@click.option("--route", type=click.Choice(ROUTE_KINDS), help="Only mail routed this way (local, connector, MX).")
-@click.option("--code", help="The latest deferral's code: exact (4.4.316), a class (4, 4.4, 4.4.*) or a catalog id "
-                    "(connect.refused).")
-@click.option("--text", help="A substring (any case) of the sender, a recipient or a recipient's last reply; "
-                    "<id@host>, in angle brackets: that Message-ID.")
+@filter_options
+@click.option("--after", metavar="ID", help="The next page: entries after this id (the previous page's next_after).")
 @click.option("--limit", default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/json.md).")
-def queue_list(config_path, connector, status, route, code, text, limit, as_json):
+def queue_list(config_path, after, limit, as_json, **kwargs):
     """List queued messages, oldest first."""
     config = read_config(config_path)
-    if route or code is not None or text:   # the console's filters (GET /api/v1/queue), in id order
-        try:
-            page = api_queue_page({k: v for k, v in (("connector", connector), ("status", status), ("route", route),
-                                                    ("code", code), ("text", text), ("limit", str(limit)))
-                                   if v is not None})
-        except BadInput as exc:
-            fail(f"--{exc.field}: {exc.message}")
+    args = _filter(kwargs)
+    if set(args) - {"connector", "status"} or after is not None:   # the API's filters and pages, in id order
+        page = _page(dict(args, limit=str(limit), **({"after": after} if after is not None else {})))
         entries = with_store(config, lambda s: s.queue_page(page, time.time()))
     else:
-        entries = with_store(config, lambda s: s.list(QueueQuery(connector, status, limit)))
+        if args.get("status") not in (None, *STATUSES):
+            _page(args)                                            # the API's words for a bad status
+        entries = with_store(config, lambda s: s.list(QueueQuery(args.get("connector"), args.get("status"), limit)))
+    # Ids start with the time received, so "oldest first" is id order and a full page's last id the next cursor.
+    next_after = entries[-1].id if entries and len(entries) == limit else None
     if as_json:
-        echo_json(views.message_list_json(entries))
+        echo_json(dict(views.message_list_json(entries), next_after=next_after))
         return
     if not entries:
-        click.echo("The queue is empty." if not (connector or status or route or code or text) else "No messages match.")
+        click.echo("The queue is empty." if not args and after is None else "No messages match.")
         return
     now = time.time()
     console, Table = rich()
@@ -79,6 +108,8 @@ def queue_list(config_path, connector, status, route, code, text, limit, as_json
     console.print(table)
     click.echo(f"{len(entries)} message(s); `relaywatch queue show ID` explains an error, "
                f"`relaywatch errors CODE` what to do about it")
+    if next_after:
+        click.echo(f"More: the next page is --after {next_after}")
 
 
 @queue.command("show")
@@ -231,13 +262,6 @@ def _print_entry(e: Entry, config: Config) -> None:
             click.echo(f"      also tried {dest_label(f.get('destination'))}: {f['code']} {f['detail']}")
 
 
-def _selector(ids, connector, all_) -> Selector:
-    chosen = sum(bool(x) for x in (ids, connector, all_))
-    if chosen != 1:
-        fail("name message ids, or --connector NAME, or --all (exactly one of them)")
-    return Selector(ids=tuple(ids), connector=connector, all=all_)
-
-
 def with_queue(config: Config, fn):
     """Run ``fn(QueueActions)`` against the store: the CLI changes the queue
     the way every other caller does (deliver/queue_actions.py)."""
@@ -245,15 +269,79 @@ def with_queue(config: Config, fn):
     return with_store(config, lambda store: fn(QueueActions(store, lambda: config)))
 
 
+def _bulk(config: Config, action: str, args: dict[str, str], dry_run: bool, reason: str | None) -> None:
+    """``queue ACTION --FILTER...``: what POST /api/v1/queue/actions does, run here to the end: the
+    ids matching now, one audit record starting the job, then the job's batches (console/jobs.py)."""
+    from relaywatch.console.jobs import BATCH, Job, begin_bulk, matching_ids, run_bulk
+    page = _page(args)
+    if not dry_run and not (reason and reason.strip()):
+        fail("--reason is required with filter options or --all: say why (kept in the audit log)")
+
+    def progress(job: Job) -> None:
+        click.echo(f"{action}: {job.done + job.skipped + job.failed}/{job.matched}", err=True)
+
+    async def run(store):
+        now = time.time()
+        ids = await matching_ids(store, page, now)
+        if dry_run:
+            return len(ids), ids[:10], None
+        who = operator_name()
+        job = Job(await begin_bulk(store, who, action, args, len(ids), reason.strip(), now), action, args, who,
+                  reason.strip(), matched=len(ids))
+        await run_bulk(job, store, config, ids, progress if len(ids) > BATCH else None)
+        return len(ids), ids[:10], job
+    matched, sample, job = with_store(config, run)
+    if job is None:
+        click.echo(f"{matched} message(s) match" + (f" ({', '.join(sample)}{', ...' if matched > 10 else ''})"
+                                                   if sample else "") + "; nothing changed (--dry-run)")
+        return
+    if action in ("retry", "release") and job.done:
+        wake_server(config)
+    click.echo(f"job {job.id}: {action} {matched} matched, {job.done} done, {job.skipped} skipped, "
+               f"{job.failed} failed ({job.state})")
+    for error in job.errors:
+        click.echo(f"  {error}", err=True)
+    if job.state != "done" or job.failed:
+        sys.exit(1)
+
+
+def _by_filter(ids, args: dict, all_: bool, dry_run: bool) -> bool:
+    """Whether the command acts by filter (or --all); refuses ids mixed with filters, and nothing at all."""
+    if ids and (args or all_):
+        fail("name message ids, or filter options (or --all), not both")
+    if not ids and not args and not all_:
+        fail("name message ids, or filter options, or --all for every queued message")
+    if ids and dry_run:
+        fail("--dry-run counts what filter options match; with message ids there is nothing to count")
+    return not ids
+
+
+def _bulk_options(fn):
+    for option in reversed((
+            click.option("--all", "all_", is_flag=True, help="Every queued message (with no filter option)."),
+            click.option("--dry-run", is_flag=True, help="Only say how many messages match; change nothing."),
+            click.option("--reason", help="Why (kept in the audit log); required with filter options or --all."))):
+        fn = option(fn)
+    return fn
+
+
 @queue.command("retry")
 @config_option
 @click.argument("ids", nargs=-1)
-@click.option("--connector")
-@click.option("--all", "all_", is_flag=True)
-def queue_retry(config_path, ids, connector, all_):
-    """Make messages due now (the server tries them within a second)."""
+@filter_options
+@_bulk_options
+def queue_retry(config_path, ids, all_, dry_run, reason, **kwargs):
+    """Make messages due now (the server tries them within a second).
+
+    IDs, or filter options with --reason (audited, as the API's bulk action); `--connector NAME` or
+    `--all` alone, without --reason, just makes them due now."""
     config = read_config(config_path)
-    sel = _selector(ids, connector, all_)
+    args = _filter(kwargs)
+    by_filter = _by_filter(ids, args, all_, dry_run)
+    if by_filter and (dry_run or reason is not None or set(args) - {"connector"} or (all_ and args)):
+        _bulk(config, "retry", args, dry_run, reason)
+        return
+    sel = Selector(ids=tuple(ids), connector=args.get("connector"), all=all_)
     n = with_queue(config, lambda q: q.retry_now(sel))
     wake_server(config)
     click.echo(f"{n} message(s) will be tried now")
@@ -261,24 +349,36 @@ def queue_retry(config_path, ids, connector, all_):
         sys.exit(1)
 
 
-def _one_message_command(action: str, help_text: str, wake: bool = False) -> click.Command:
-    """``queue ACTION ID``: the same code (and audit record) as the HTTP API's POST /api/v1/queue/ID/ACTION."""
-    @queue.command(action, help=help_text)
+def _message_command(action: str, help_text: str, wake: bool = False) -> click.Command:
+    """``queue ACTION ID...``: the same code (and audit record) as the HTTP API's POST /api/v1/queue/ID/ACTION;
+    ``queue ACTION --FILTER... --reason R``: its POST /api/v1/queue/actions."""
+    @queue.command(action, help=help_text + " IDs, or filter options (--dry-run first) with --reason.")
     @config_option
-    @click.argument("entry_id")
-    def command(config_path, entry_id):
+    @click.argument("ids", nargs=-1)
+    @filter_options
+    @_bulk_options
+    def command(config_path, ids, all_, dry_run, reason, **kwargs):
         from relaywatch.actions import queue_action
         config = read_config(config_path)
-        result = with_store(config, lambda s: queue_action(s, config, action, entry_id, operator_name(), None))
-        if not result.done:
-            fail(result.text)
+        args = _filter(kwargs)
+        if _by_filter(ids, args, all_, dry_run):
+            _bulk(config, action, args, dry_run, reason)
+            return
+        async def each(store):
+            return [await queue_action(store, config, action, entry_id, operator_name(),
+                                       reason.strip() if reason else None) for entry_id in ids]
+        results = with_store(config, each)
+        for result in results:
+            click.echo(result.text if result.done else f"relaywatch: {result.text}", err=not result.done)
+        failed = not all(r.done for r in results)
         if wake:
             wake_server(config)
-        click.echo(result.text)
+        if failed:
+            sys.exit(1)
     return command
 
 
-queue_hold = _one_message_command("hold", "Stop delivery attempts for a message until released.")
-queue_release = _one_message_command("release", "Release a held message; it is tried at once.", wake=True)
-queue_delete = _one_message_command("delete", "Remove a message without telling the sender.")
-queue_bounce = _one_message_command("bounce", "Give up on a message now: NDR to the sender, then remove it.")
+queue_hold = _message_command("hold", "Stop delivery attempts for messages until released.")
+queue_release = _message_command("release", "Release held messages; they are tried at once.", wake=True)
+queue_delete = _message_command("delete", "Remove messages without telling the sender.")
+queue_bounce = _message_command("bounce", "Give up on messages now: NDR to the sender, then remove them.")

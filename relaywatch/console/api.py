@@ -25,7 +25,7 @@ from relaywatch.console.api_input import (ENTRY_ID, MAX_LIMIT, MAX_TRACES, BadIn
                                           query_args, queue_page, reason_of)
 from relaywatch.console.api_routes import BULK_FILTERS
 from relaywatch.console.http import Request, Response, error_response, json_response
-from relaywatch.console.jobs import Jobs, matching_ids
+from relaywatch.console.jobs import Jobs, begin_bulk, matching_ids
 from relaywatch.console.router import Route
 
 
@@ -123,10 +123,7 @@ class Api:
                "sample": ids[:10], "job": None}
         if out["dry_run"]:
             return json_response(200, out)
-        # Audited before anything is touched: what, by whom, why, how many.
-        audit_id = await self.store.apply_fix(who, f"queue bulk {action}", None,
-                                              {"filter": filter_, "matched": len(ids), "reason": body["reason"]},
-                                              {}, (), now)
+        audit_id = await begin_bulk(self.store, who, action, filter_, len(ids), body["reason"], now)
         job = self.jobs.start(self.store, self.app.config, audit_id, action, filter_, ids, who, body["reason"])
         out["job"] = job.to_dict()
         return json_response(202, out, headers=(("Location", f"/api/v1/jobs/{job.id}"),))

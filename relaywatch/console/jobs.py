@@ -70,6 +70,48 @@ async def matching_ids(store, page: QueryPage, now: float, cap: int = MAX_MATCH)
     return ids[:cap]
 
 
+async def begin_bulk(store, who: str, action: str, filter_: dict, matched: int, reason: str, now: float) -> int:
+    """The audit record that starts a bulk action, written before anything is touched: what,
+    by whom, why, how many.  Its id is the job's.  The API's jobs and ``relaywatch queue
+    ACTION --FILTER`` both start here."""
+    return await store.apply_fix(who, f"queue bulk {action}", None,
+                                 {"filter": filter_, "matched": matched, "reason": reason}, {}, (), now)
+
+
+async def run_bulk(job: Job, store, config, ids: list[str], progress=None) -> None:
+    """Apply ``job.action`` to ``ids`` in batches, counting into ``job``; ``progress(job)``
+    after each batch (the CLI prints it on stderr)."""
+    async def one(entry_id: str) -> bool:
+        try:
+            result = await queue_action(store, config, job.action, entry_id, job.who, job.reason, audit=False)
+        except RelaywatchError as exc:
+            job.failed += 1
+            if len(job.errors) < 10:
+                job.errors.append(f"{entry_id}: {exc}")
+            return False
+        if result.done:
+            job.done += 1
+        else:
+            job.skipped += 1
+        return result.done
+    try:
+        for start in range(0, len(ids), BATCH):
+            batch = ids[start:start + BATCH]
+            done = [i for i, ok in zip(batch, await asyncio.gather(*(one(i) for i in batch))) if ok]
+            if done:
+                await store.apply_fix(job.who, f"queue {job.action}", None,
+                                      {"ids": done, "job": job.id, "reason": job.reason}, {}, (), time.time())
+            if progress is not None:
+                progress(job)
+        job.state = "done"
+    except Exception as exc:   # the job fails, never the console
+        log.exception("bulk %s (job %d) failed", job.action, job.id)
+        job.state = "failed"
+        job.errors.append(f"stopped: {exc}")
+    finally:
+        job.finished_at = time.time()
+
+
 class Jobs:
     def __init__(self):
         self.jobs: dict[int, Job] = {}
@@ -83,39 +125,10 @@ class Jobs:
         for old in sorted(self.jobs)[:-KEEP]:
             if self.jobs[old].state != "running":
                 del self.jobs[old]
-        task = asyncio.get_running_loop().create_task(self._run(job, store, config, ids), name=f"job {job.id}")
+        task = asyncio.get_running_loop().create_task(run_bulk(job, store, config, ids), name=f"job {job.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
-
-    async def _run(self, job: Job, store, config, ids: list[str]) -> None:
-        async def one(entry_id: str) -> bool:
-            try:
-                result = await queue_action(store, config, job.action, entry_id, job.who, job.reason, audit=False)
-            except RelaywatchError as exc:
-                job.failed += 1
-                if len(job.errors) < 10:
-                    job.errors.append(f"{entry_id}: {exc}")
-                return False
-            if result.done:
-                job.done += 1
-            else:
-                job.skipped += 1
-            return result.done
-        try:
-            for start in range(0, len(ids), BATCH):
-                batch = ids[start:start + BATCH]
-                done = [i for i, ok in zip(batch, await asyncio.gather(*(one(i) for i in batch))) if ok]
-                if done:
-                    await store.apply_fix(job.who, f"queue {job.action}", None,
-                                          {"ids": done, "job": job.id, "reason": job.reason}, {}, (), time.time())
-            job.state = "done"
-        except Exception as exc:   # the job fails, never the console
-            log.exception("bulk %s (job %d) failed", job.action, job.id)
-            job.state = "failed"
-            job.errors.append(f"stopped: {exc}")
-        finally:
-            job.finished_at = time.time()
 
     async def stop(self) -> None:
         for task in list(self._tasks):
