@@ -842,3 +842,86 @@ async def test_the_overview_streams_its_live_part_and_stops_with_the_session(rel
                 async for _ in stream_lines:
                     pass
             await asyncio.wait_for(to_the_end(), 10)     # the server ended it
+
+
+# -- the CLI has the API's filters, pages and bulk actions (issue 11: nothing in one surface only) --
+
+async def test_cli_queue_list_takes_the_apis_filters_and_pages(relay_factory):
+    port = free_port()
+    relay = await relay_factory(connectors=partner(port), queue={"retry_intervals": ["1h"]})
+    for i in range(4):
+        await relay.send("alice@contoso.test", [f"u{i}@partner.test"], message(f"m{i}"))
+    await relay.send("bob@contoso.test", ["v@partner.test", "w@partner.test"], message("from bob"))
+    listed = await deferred(relay, 5)
+    ids = sorted(m["id"] for m in listed)
+    async with client(relay) as http:
+        for options in ({"sender": "alice@contoso.test"}, {"sender": "BOB@contoso.test"}, {"sender": ""},
+                        {"recipient": "U2@partner.test"}, {"recipient": "w@partner.test"},
+                        {"domain": "partner.test"}, {"domain": "other.test"},
+                        {"older_than": "0s"}, {"older_than": "1h"},
+                        {"sender": "alice@contoso.test", "recipient": "u1@partner.test", "older_than": "0s",
+                         "status": "deferred", "connector": "p"}):
+            api = (await http.get("/api/v1/queue", params=options)).json()
+            argv = [x for name, value in options.items() for x in (f"--{name.replace('_', '-')}", value)]
+            cli = await relay.cli_json("queue", "list", *argv)
+            assert cli == api, options
+        assert [m["id"] for m in (await relay.cli_json("queue", "list", "--sender", "bob@contoso.test"))
+                ["messages"]] == [m["id"] for m in listed if m["sender"] == "bob@contoso.test"]
+    seen, after, pages = [], None, 0
+    while True:
+        page = await relay.cli_json("queue", "list", "--limit", "2", *(("--after", after) if after else ()))
+        seen += [m["id"] for m in page["messages"]]
+        pages, after = pages + 1, page["next_after"]
+        if after is None:
+            break
+    assert seen == ids and pages == 3
+    text = (await relay.cli("queue", "list", "--limit", "2", "--after", ids[0])).output
+    assert ids[1] in text and ids[2] in text and ids[0] not in text
+    assert f"the next page is --after {ids[2]}" in text
+    assert "--after" not in (await relay.cli("queue", "list", "--after", ids[2])).output.splitlines()[-1]
+    for argv, expected in ((("--older-than", "soon"), "--older-than: older_than:"),
+                           (("--after", "zz"), "--after: after must be a queue id"),
+                           (("--status", "stuck"), "--status: status must be one of queued, deferred"),
+                           (("--status", "stuck", "--domain", "partner.test"), "--status: status must be one of"),
+                           (("--route", "mx"), "--route: route must be one of local, connector, internet"),
+                           (("--recipient", " "), "--recipient: recipient must not be empty"),
+                           (("--limit", "1001", "--domain", "partner.test"), "--limit: limit must be a whole number")):
+        failed = await relay.cli("queue", "list", *argv, expect=1)
+        assert expected in failed.output, (argv, failed.output)
+
+
+async def test_cli_bulk_hold_by_filter_with_a_dry_run_first(relay_factory):
+    relay = await relay_factory(connectors=partner(free_port()), queue={"retry_intervals": ["1h"]})
+    await seed_deferred(relay, 150)                   # more than a batch: progress on stderr
+    await relay.send("alice@contoso.test", ["alice@contoso.test"], message())   # local: not matched
+    dry = await relay.cli("queue", "hold", "--connector", "p", "--status", "deferred", "--dry-run")
+    assert "150 message(s) match" in dry.output and "nothing changed" in dry.output
+    assert await relay.store.audit_log() == []
+    assert not [m for m in await relay.queue() if m["status"] == "held"]
+    no_reason = await relay.cli("queue", "hold", "--connector", "p", expect=1)
+    assert "--reason is required" in no_reason.output
+    for argv in ((), ("--reason", "everything?")):
+        refused = await relay.cli("queue", "hold", *argv, expect=1)
+        assert "--all" in refused.output, refused.output
+    mixed = await relay.cli("queue", "hold", "0123456789ABCDEF", "--connector", "p", "--reason", "r", expect=1)
+    assert "not both" in mixed.output
+    bad = await relay.cli("queue", "hold", "--older-than", "soon", "--reason", "r", expect=1)
+    assert "--older-than: older_than:" in bad.output
+    done = await relay.cli("queue", "hold", "--connector", "p", "--status", "deferred", "--reason", "partner down")
+    assert "hold 150 matched, 150 done, 0 skipped, 0 failed (done)" in done.output, done.output
+    assert "hold: 100/150" in done.output and "hold: 150/150" in done.output     # CliRunner mixes in stderr
+    queue = await relay.queue()
+    assert sorted(m["status"] for m in queue if m["connector"] == "p") == ["held"] * 150
+    assert all(m["status"] != "held" for m in queue if m["connector"] != "p")
+    *batches, record = await relay.store.audit_log(limit=1000)
+    who = os.environ.get("SUDO_USER") or os.environ.get("USER") or f"uid {os.getuid()}"
+    assert (record.action, record.who, record.detail) == (
+        "queue bulk hold", who, {"filter": {"connector": "p", "status": "deferred"}, "matched": 150,
+                                 "reason": "partner down"})
+    assert {b.action for b in batches} == {"queue hold"} and {b.detail["job"] for b in batches} == {record.id}
+    assert f"job {record.id}:" in done.output
+    held = next(m for m in queue if m["connector"] == "p")
+    [event] = [e for e in (await relay.cli_json("queue", "trace", held["id"]))["events"] if e["event"] == "action"]
+    assert (event["action"], event["who"], event["job"], event["reason"]) == ("hold", who, record.id, "partner down")
+    released = await relay.cli("queue", "release", "--status", "held", "--reason", "partner back")
+    assert "release 150 matched, 150 done" in released.output
