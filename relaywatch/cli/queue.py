@@ -23,6 +23,10 @@ from relaywatch.idn import address_to_unicode, domain_both_ways, to_unicode
 from relaywatch.model import Entry, dest_label, iso
 from relaywatch.store.base import QueryPage, QueueQuery, Selector
 
+# A command line that cannot be run exits 2, as click itself does for what it checks (an unknown
+# option, a missing argument); 1 means the command ran and something failed.
+USAGE = 2
+
 STATUSES = ("queued", "deferred", "held", "active")
 
 
@@ -62,7 +66,7 @@ def _page(args: dict[str, str]) -> QueryPage:
     try:
         return api_queue_page(args)
     except BadInput as exc:
-        fail(f"--{exc.field.replace('_', '-')}: {exc.message}")
+        fail(f"--{exc.field.replace('_', '-')}: {exc.message}", USAGE)
 
 
 @queue.command("list")
@@ -275,7 +279,7 @@ def _bulk(config: Config, action: str, args: dict[str, str], dry_run: bool, reas
     from relaywatch.console.jobs import BATCH, Job, begin_bulk, matching_ids, run_bulk
     page = _page(args)
     if not dry_run and not (reason and reason.strip()):
-        fail("--reason is required with filter options or --all: say why (kept in the audit log)")
+        fail("--reason is required with filter options or --all: say why (kept in the audit log)", USAGE)
 
     def progress(job: Job) -> None:
         click.echo(f"{action}: {job.done + job.skipped + job.failed}/{job.matched}", err=True)
@@ -308,11 +312,11 @@ def _bulk(config: Config, action: str, args: dict[str, str], dry_run: bool, reas
 def _by_filter(ids, args: dict, all_: bool, dry_run: bool) -> bool:
     """Whether the command acts by filter (or --all); refuses ids mixed with filters, and nothing at all."""
     if ids and (args or all_):
-        fail("name message ids, or filter options (or --all), not both")
+        fail("name message ids, or filter options (or --all), not both", USAGE)
     if not ids and not args and not all_:
-        fail("name message ids, or filter options, or --all for every queued message")
+        fail("name message ids, or filter options, or --all for every queued message", USAGE)
     if ids and dry_run:
-        fail("--dry-run counts what filter options match; with message ids there is nothing to count")
+        fail("--dry-run counts what filter options match; with message ids there is nothing to count", USAGE)
     return not ids
 
 

@@ -157,7 +157,7 @@ async def test_the_code_filter_takes_a_code_a_class_or_a_catalog_id(relay_factor
             r = await http.get("/api/v1/queue", params={"code": code})
             assert r.status_code == 400 and r.json()["field"] == "code", (code, r.text)
             assert "4.4.316" in r.json()["error"] and "4.4.*" in r.json()["error"], r.text
-            failed = await relay.cli("queue", "list", "--code", code, expect=1)
+            failed = await relay.cli("queue", "list", "--code", code, expect=2)
             assert "--code: code must be an enhanced code (4.4.316)" in failed.output, failed.output
         bulk = {"action": "hold", "reason": "partner down", "dry_run": True}
         dry = await http.post("/api/v1/queue/actions", json={**bulk, "filter": {"code": "4.4"}})
@@ -886,7 +886,7 @@ async def test_cli_queue_list_takes_the_apis_filters_and_pages(relay_factory):
                            (("--route", "mx"), "--route: route must be one of local, connector, internet"),
                            (("--recipient", " "), "--recipient: recipient must not be empty"),
                            (("--limit", "1001", "--domain", "partner.test"), "--limit: limit must be a whole number")):
-        failed = await relay.cli("queue", "list", *argv, expect=1)
+        failed = await relay.cli("queue", "list", *argv, expect=2)
         assert expected in failed.output, (argv, failed.output)
 
 
@@ -898,14 +898,14 @@ async def test_cli_bulk_hold_by_filter_with_a_dry_run_first(relay_factory):
     assert "150 message(s) match" in dry.output and "nothing changed" in dry.output
     assert await relay.store.audit_log() == []
     assert not [m for m in await relay.queue() if m["status"] == "held"]
-    no_reason = await relay.cli("queue", "hold", "--connector", "p", expect=1)
+    no_reason = await relay.cli("queue", "hold", "--connector", "p", expect=2)
     assert "--reason is required" in no_reason.output
     for argv in ((), ("--reason", "everything?")):
-        refused = await relay.cli("queue", "hold", *argv, expect=1)
+        refused = await relay.cli("queue", "hold", *argv, expect=2)
         assert "--all" in refused.output, refused.output
-    mixed = await relay.cli("queue", "hold", "0123456789ABCDEF", "--connector", "p", "--reason", "r", expect=1)
+    mixed = await relay.cli("queue", "hold", "0123456789ABCDEF", "--connector", "p", "--reason", "r", expect=2)
     assert "not both" in mixed.output
-    bad = await relay.cli("queue", "hold", "--older-than", "soon", "--reason", "r", expect=1)
+    bad = await relay.cli("queue", "hold", "--older-than", "soon", "--reason", "r", expect=2)
     assert "--older-than: older_than:" in bad.output
     done = await relay.cli("queue", "hold", "--connector", "p", "--status", "deferred", "--reason", "partner down")
     assert "hold 150 matched, 150 done, 0 skipped, 0 failed (done)" in done.output, done.output
