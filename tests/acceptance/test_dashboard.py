@@ -457,6 +457,7 @@ async def test_the_tls_reports_page_shows_a_day_of_policy_sessions_and_the_repor
     import time
     import trustme
     from tests.integration.test_mta_sts import DOMAIN, MX, World, policy_text
+    from tests.integration.test_tls_report import start_reporting_relay
     from relaywatch.deliver.tls_report import utc_day
     await clear_of_utc_midnight()    # "yesterday" and "today" below must stay the days they were
     ca = trustme.CA()
@@ -465,12 +466,7 @@ async def test_the_tls_reports_page_shows_a_day_of_policy_sessions_and_the_repor
     world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = ['"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test"']
     reports = await Sink().start()
     try:
-        relay = await world.start_relay(
-            alerts={"evaluate_interval": "0.1s"},
-            tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
-                           "submitter": "relay.contoso.test"},
-            connectors=[{"name": "reports", "type": "partner", "domains": ["reports.test"],
-                         "smart_hosts": [f"{LOOPBACK}:{reports.port}"], "tls": "none"}])
+        relay = await start_reporting_relay(world, reports)
         monitor = relay.app.monitor     # the sessions happen yesterday (UTC), so that its report goes out now
         relay.app.routes.mta_sts.clock = monitor.tls_reports.clock = lambda: time.time() - 86400
         day = utc_day(time.time() - 86400)

@@ -27,6 +27,17 @@ from relaywatch.notify.tls_report import parse_tlsrpt, policies, report
 from relaywatch.watch.tls_report import TlsReporter
 
 MX2 = "mx2.partner.test"
+REPORTING = {"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
+             "submitter": "relay.contoso.test"}
+
+
+async def start_reporting_relay(world, reports: Sink | None = None):
+    """The world's relay with TLS reporting on; report mail to reports.test goes to ``reports``."""
+    sections = {"connectors": [{"name": "reports", "type": "partner", "domains": ["reports.test"],
+                                "smart_hosts": [f"{LOOPBACK}:{reports.port}"], "tls": "none"}]} if reports else {}
+    return await world.start_relay(alerts={"evaluate_interval": "0.1s"}, tls_reporting=REPORTING, **sections)
+
+
 _LINES = ("version: STSv1", "mode: enforce", f"mx: {MX}", "max_age: 86400")
 
 
@@ -174,12 +185,7 @@ async def test_a_day_of_sessions_under_a_policy_is_reported_by_mail_and_https(wo
         f'"v=TLSRPTv1; rua=mailto:tlsrpt@reports.test,https://tlsrpt.partner.test:{receiver.port}/v1/"']
     world.dns.zone[("tlsrpt.partner.test", "A")] = [LOOPBACK]
     try:
-        relay = await world.start_relay(
-            alerts={"evaluate_interval": "0.1s"},
-            tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
-                           "submitter": "relay.contoso.test"},
-            connectors=[{"name": "reports", "type": "partner", "domains": ["reports.test"],
-                         "smart_hosts": [f"{LOOPBACK}:{reports.port}"], "tls": "none"}])
+        relay = await start_reporting_relay(world, reports)
         # The clock of the test: the sessions happen yesterday, and the reporter lives
         # yesterday too until the test moves it past midnight.
         monitor = relay.app.monitor
@@ -270,10 +276,7 @@ async def test_the_report_reaches_a_domain_whose_policy_fails_and_is_not_counted
     # whose only MX shows a certificate for another name under an enforced policy.
     await world.start(policy=policy_text(), mx_cert="other.partner.test")
     world.dns.zone[(f"_smtp._tls.{DOMAIN}", "TXT")] = [f'"v=TLSRPTv1; rua=mailto:tlsrpt@{DOMAIN}"']
-    relay = await world.start_relay(
-        alerts={"evaluate_interval": "0.1s"},
-        tls_reporting={"enabled": True, "organization_name": "Contoso Ltd", "contact_info": "tls@contoso.test",
-                       "submitter": "relay.contoso.test"})
+    relay = await start_reporting_relay(world)
     monitor = relay.app.monitor
     relay.app.routes.mta_sts.clock = monitor.tls_reports.clock = lambda: time.time() - 86400
     await relay.send("alice@contoso.test", [f"bob@{DOMAIN}"], message("one"))
