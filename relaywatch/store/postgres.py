@@ -70,8 +70,13 @@ def connection_params(dsn: str, statement_timeout: float | None) -> dict:
     startup ``options`` (appended to any the DSN has, such as a search_path),
     so it holds from the first statement; ``tcp_user_timeout`` ends a
     connection whose packets go unanswered as long (a cut link, not a slow
-    query).  ``None`` or 0 leaves both to the server's settings (for a pooler
-    that refuses startup options)."""
+    query).  ``idle_in_transaction_session_timeout`` gets the same bound: every
+    connection is autocommit and its transactions run statement after statement
+    with nothing to wait for in between, so a session idle inside one that long
+    is a node that stopped there (SIGSTOP, a paused VM) — PostgreSQL ends it and
+    its row locks go, instead of the other nodes' leases and a leader takeover
+    waiting until it runs again (docs/cluster.md).  ``None`` or 0 leaves all
+    three to the server's settings (for a pooler that refuses startup options)."""
     given = conninfo_to_dict(dsn)
     params: dict = {}
     if "connect_timeout" not in given:
@@ -80,7 +85,8 @@ def connection_params(dsn: str, statement_timeout: float | None) -> dict:
         params.update(keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
     if statement_timeout:
         ms = max(1, round(statement_timeout * 1000))
-        params["options"] = f"{given.get('options', '')} -c statement_timeout={ms}".strip()
+        params["options"] = (f"{given.get('options', '')} -c statement_timeout={ms}"
+                             f" -c idle_in_transaction_session_timeout={ms}").strip()
         if "tcp_user_timeout" not in given:
             params["tcp_user_timeout"] = ms
     return params

@@ -365,10 +365,52 @@ async def test_a_stalled_postgresql_fails_the_write_at_the_statement_timeout_ins
         await store.close()
 
 
+_STALLED_NODE = """
+import sys, psycopg
+from relaywatch.store.postgres import connection_params
+dsn = sys.argv[1]
+conn = psycopg.connect(dsn, autocommit=True, **connection_params(dsn, float(sys.argv[2])))
+conn.execute("BEGIN")
+conn.execute("SELECT id FROM node_locks WHERE id = 1 FOR UPDATE")
+print("locked", flush=True)
+sys.stdin.read()      # stands still inside the transaction until the test lets it go
+"""
+
+
+def test_a_node_stopped_inside_a_transaction_loses_its_row_locks_after_the_statement_timeout(pg_dsn):
+    """A node stopped (SIGSTOP) between two statements of a transaction holds
+    its row locks; PostgreSQL ends that session after
+    server.store_statement_timeout, so the other nodes get the rows back."""
+    psycopg = pytest.importorskip("psycopg")
+    import signal
+    import subprocess
+    import sys
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute("CREATE TABLE node_locks (id INTEGER PRIMARY KEY)")
+        admin.execute("INSERT INTO node_locks VALUES (1)")
+    node = subprocess.Popen([sys.executable, "-c", _STALLED_NODE, pg_dsn, "1.0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout.readline().strip() == "locked"
+        node.send_signal(signal.SIGSTOP)
+        with psycopg.connect(pg_dsn, autocommit=True) as other:
+            other.execute("SET lock_timeout = '20s'")     # bounded: without the fix this fails after 20 s
+            started = time.monotonic()
+            other.execute("BEGIN")
+            assert other.execute("SELECT id FROM node_locks WHERE id = 1 FOR UPDATE").fetchone() == (1,)
+            other.execute("COMMIT")
+            print(f"\nthe row was free after {time.monotonic() - started:.2f} s (timeout 1 s)")
+    finally:
+        node.send_signal(signal.SIGCONT)
+        node.kill()
+        node.wait(10)
+
+
 def test_the_statement_timeout_goes_on_every_postgresql_connection_beside_the_dsn_options():
     from relaywatch.store.postgres import connection_params
     p = connection_params("postgresql://u@h/db?options=-csearch_path%3Ds1", 30)
-    assert p["options"] == "-csearch_path=s1 -c statement_timeout=30000"
+    assert p["options"] == ("-csearch_path=s1 -c statement_timeout=30000"
+                            " -c idle_in_transaction_session_timeout=30000")
     assert p["connect_timeout"] == 5 and p["keepalives"] == 1 and p["tcp_user_timeout"] == 30000
     p = connection_params("postgresql://u@h/db?connect_timeout=9&tcp_user_timeout=1000", None)
     assert "options" not in p and "connect_timeout" not in p and "tcp_user_timeout" not in p
