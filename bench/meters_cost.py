@@ -10,7 +10,7 @@ def per_message():
     for reply in replies:            # receive/session.py _flush: one check per reply
         if reply.startswith(("4", "5")):
             meters.refused(reply)
-    meters.commit_seconds.observe(0.0021)   # store/engine.py: one batch (worst case: one message a batch)
+    meters.commit_seconds.observe(0.0021)   # store/batch.py: one batch (worst case: one message a batch)
     meters.observe_attempt("partner", 0.083)  # deliver/scheduler.py _finish
     meters.session_closed("smtp")
 

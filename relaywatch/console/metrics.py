@@ -21,7 +21,7 @@ What counts where, honestly:
 
 - The meters (relaywatch/meters.py): delivery attempt durations by
   connector (scheduler), SMTP sessions by listener kind and refusals by reply
-  code (receive/session.py), store commit latency per batch (store/engine.py)
+  code (receive/session.py), store commit latency per batch (store/batch.py)
   and notification failures by channel (watch/alerts.py).  The delivery
   process exports its attempt durations, commit latencies and notification
   failures in the same file, under ``meters`` (older readers ignore the key).

@@ -218,7 +218,7 @@ class PostgresDialect:
         return re.sub(r"([?&]password=)[^&]*", r"\1***", re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.dsn))
 
     def _connect(self) -> _Connection:
-        # autocommit: transactions are explicit (BEGIN ... COMMIT in GroupCommitEngine._run_batch);
+        # autocommit: transactions are explicit (BEGIN ... COMMIT in store/batch.py BatchRunner.run);
         # prepare_threshold=None keeps it usable behind pgbouncer in transaction mode.
         return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, **self.params))
 

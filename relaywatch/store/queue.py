@@ -1,7 +1,7 @@
 """The queue's operations on SQL: receive (enqueue), deliver (lease, record) and the operator's.
 
 They run on a GroupCommitEngine (store/engine.py): each write is one function
-of the connection, run in its own savepoint of the writer's next batch.
+of the connection, run in the writer's next batch (store/batch.py).
 
 Leasing moves ``next_attempt_at`` to the lease's end, so an entry whose worker
 died simply becomes due again: there is no separate reclaim pass.

@@ -269,7 +269,7 @@ async def test_a_full_disk_answers_452_logs_each_change_once_and_alerts(tmp_path
         assert (opened["kind"], opened["code"], opened["reply"]) == ("store", "4.3.1", "452 4.3.1")
 
         filler.unlink()                              # space again
-        # The queue's writer reconnects with a short back-off (at most 1 s, store/engine.py):
+        # The queue's writer reconnects with a short back-off (at most 1 s, store/writer.py):
         # until then a message is still refused as before, never accepted half-way.
         refused, deadline = 6, time.monotonic() + 10
         while True:

@@ -1,4 +1,4 @@
-"""The group commit's batches (store/engine.py): one transaction, no savepoint unless an op fails.
+"""The group commit's batches (store/batch.py): one transaction, no savepoint unless an op fails.
 
 A batch runs its ops straight in its transaction; when one fails, the others run
 again each in a savepoint and the failed one keeps its error.  The ops here are

@@ -1,5 +1,5 @@
 """Deadlocks on PostgreSQL (issue 12): the lock order of the nodes' transactions, and the one
-place a deadlock that still happens is retried (store/engine.py ``_run_ops``).
+place a deadlock that still happens is retried (store/batch.py ``_run_ops``).
 
 Each test builds the cycle the soak logged as ``deadlock detected`` with real stores (one
 engine and connection each, as nodes have) on one schema, and checks that no caller sees it:
