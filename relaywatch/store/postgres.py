@@ -282,6 +282,21 @@ class PostgresDialect:
             conn.conn.execute("SET LOCAL statement_timeout = 0")
             conn.conn.execute(SCHEMA)
             conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
+        PostgresDialect._autovacuum_settings(conn)
+
+    @staticmethod
+    def _autovacuum_settings(conn: _Connection) -> None:
+        """schema.AUTOVACUUM for each queue table that has no autovacuum settings yet.  ALTER TABLE
+        SET waits for a vacuum running on the table (not for writers): then it is left to a later start."""
+        for (table,) in conn.conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                "AND relname = ANY(%s) AND NOT EXISTS (SELECT 1 FROM unnest(reloptions) o "
+                "WHERE o LIKE 'autovacuum%%')", (list(schema.AUTOVACUUM),)).fetchall():
+            try:
+                with conn.conn.transaction():
+                    conn.conn.execute(f"ALTER TABLE {table} SET ({schema.AUTOVACUUM[table]})")
+            except psycopg.errors.LockNotAvailable:
+                log.info("autovacuum settings of %s left for a later start: the table is being vacuumed", table)
 
     def connect_reader(self) -> _Connection:
         return self._connect()

@@ -290,6 +290,20 @@ COUNTS_BACKFILL = ("INSERT INTO queue_counts SELECT route_name, status, COALESCE
                    "AND NOT EXISTS (SELECT 1 FROM queue_count_deltas) "
                    "GROUP BY route_name, status, COALESCE(last_code, '');")
 
+# PostgreSQL's autovacuum settings for the tables a queue churns (every message inserts, updates
+# and deletes rows in them): vacuum after a fixed, small number of dead rows rather than 20 % of the
+# live ones (200,000 with a million queued), unthrottled; analyze after 2 % changed.  Set by the
+# node that opens a table without autovacuum settings of its own (an operator's stay); see
+# docs/cluster.md, *Autovacuum of the queue tables*.
+_CHURN = "autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_cost_delay = 0"
+AUTOVACUUM = {
+    "entries": f"{_CHURN}, autovacuum_analyze_scale_factor = 0.02",
+    "recipients": f"{_CHURN}, autovacuum_analyze_scale_factor = 0.02",
+    # Bodies over about 2 KB live in its TOAST table, which has settings of its own.
+    "bodies": f"{_CHURN}, toast.autovacuum_vacuum_scale_factor = 0.01, toast.autovacuum_vacuum_threshold = 1000",
+    "attempts": _CHURN,
+}
+
 # Added after the first release: (table, column, its definition, how to fill it in for existing rows).
 _NOTHING = "SELECT 1 WHERE 1 = 0"    # NULL is right for every existing row
 MIGRATIONS = [

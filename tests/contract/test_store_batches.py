@@ -105,3 +105,47 @@ async def test_opening_a_postgres_queue_that_exists_waits_for_no_writer(pg_dsn):
         writer.execute("ROLLBACK")   # lets a blocked open go on, so that it can be closed
         writer.close()
         await second.close()
+
+
+async def test_a_postgres_queue_gets_autovacuum_settings_for_its_churn_and_keeps_an_operators(pg_dsn):
+    """The queue tables vacuum after 1,000 dead rows, not 20 % of the live ones (docs/cluster.md); a
+    table with settings of its own keeps them, and a table being vacuumed (its SHARE UPDATE EXCLUSIVE
+    lock held) is left for a later start instead of holding the open up."""
+    import psycopg
+
+    from relaywatch.store.postgres import PostgresStore
+    from relaywatch.store.schema import AUTOVACUUM
+
+    def options() -> dict[str, list[str]]:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            return {name: sorted(opts or []) for name, opts in conn.execute(
+                "SELECT relname, reloptions FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                "AND relname = ANY(%s)", (list(AUTOVACUUM),))}
+
+    async def open_once() -> None:
+        store = PostgresStore(pg_dsn)
+        await store.open()
+        await store.close()
+
+    await open_once()
+    made = options()
+    assert set(made) == set(AUTOVACUUM)
+    assert all("autovacuum_vacuum_threshold=1000" in opts for opts in made.values()), made
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE recipients RESET (autovacuum_vacuum_threshold, autovacuum_vacuum_cost_delay, "
+                     "autovacuum_analyze_scale_factor, autovacuum_vacuum_scale_factor)")
+        conn.execute("ALTER TABLE recipients SET (autovacuum_vacuum_scale_factor = 0.5)")   # the operator's
+        conn.execute("ALTER TABLE entries RESET (autovacuum_vacuum_threshold, autovacuum_vacuum_cost_delay, "
+                     "autovacuum_analyze_scale_factor, autovacuum_vacuum_scale_factor)")
+    vacuum = psycopg.connect(pg_dsn, autocommit=True)
+    try:
+        vacuum.execute("BEGIN")
+        vacuum.execute("LOCK TABLE entries IN SHARE UPDATE EXCLUSIVE MODE")   # what a running vacuum holds
+        await asyncio.wait_for(open_once(), 20)
+        assert options()["entries"] == []
+    finally:
+        vacuum.execute("ROLLBACK")
+        vacuum.close()
+    assert options()["recipients"] == ["autovacuum_vacuum_scale_factor=0.5"]
+    await open_once()
+    assert options()["entries"] == made["entries"]
