@@ -16,7 +16,6 @@ from relaywatch.classify.catalog import CATALOG
 from relaywatch.cli.common import (age, config_option, echo_json, fail, operator_name, read_config, rich, wake_server,
                                    with_store)
 from relaywatch.config import Config
-from relaywatch.console.api import trace_search as api_trace_search
 from relaywatch.console.api_input import ROUTE_KINDS, BadInput, queue_page as api_queue_page
 from relaywatch.dsn_params import mail_params, rcpt_params
 from relaywatch.idn import address_to_unicode, domain_both_ways, to_unicode
@@ -146,7 +145,8 @@ def queue_trace(config_path, entry_id, message_id, as_json):
         fail("give a queue id or --message-id (one of them)")
     config = read_config(config_path)
     if message_id is not None:
-        found = with_store(config, lambda s: api_trace_search(s, message_id))
+        from relaywatch.console.api import trace_search   # the console's imports: only for this
+        found = with_store(config, lambda s: trace_search(s, message_id))
         if as_json:
             echo_json(found)
             return
