@@ -287,7 +287,8 @@ class PostgresDialect:
     @staticmethod
     def _autovacuum_settings(conn: _Connection) -> None:
         """schema.AUTOVACUUM for each queue table that has no autovacuum settings yet.  ALTER TABLE
-        SET waits for a vacuum running on the table (not for writers): then it is left to a later start."""
+        SET waits for a vacuum running on the table (not for writers): then it is left to a later
+        start; and only the table's owner may: a role that was given the tables goes without."""
         for (table,) in conn.conn.execute(
                 "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
                 "AND relname = ANY(%s) AND NOT EXISTS (SELECT 1 FROM unnest(reloptions) o "
@@ -297,6 +298,9 @@ class PostgresDialect:
                     conn.conn.execute(f"ALTER TABLE {table} SET ({schema.AUTOVACUUM[table]})")
             except psycopg.errors.LockNotAvailable:
                 log.info("autovacuum settings of %s left for a later start: the table is being vacuumed", table)
+            except psycopg.errors.InsufficientPrivilege:
+                log.warning("autovacuum settings of %s not set: this role does not own it (docs/cluster.md, "
+                            "Autovacuum of the queue tables)", table)
 
     def connect_reader(self) -> _Connection:
         return self._connect()
