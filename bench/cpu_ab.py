@@ -9,8 +9,9 @@ scenario (smtp-source -> relaywatch -> smtp-sink, every message checked through)
 tree, in turn (A, B, A, B ...), with relaywatch imported from that tree (PYTHONPATH), and
 reads utime + stime of the receiving process (`serve`) and of the delivering one (`serve
 --role deliver`) from /proc before the load starts and once the queue is empty.
-Prints per tree: msg/s end to end and the CPU in ms per message of each process,
-median and range over the rounds, with the load average.
+Prints per tree: msg/s end to end and the CPU in ms per message of each process (and how
+much of it was the kernel's: stime), median and range over the rounds, with the load average.
+``--size`` sets the message size (``--size 51200``: throughput_50k's messages).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from run import throughput  # noqa: E402
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime (fields 14 and 15 of stat): the process's own work and the kernel's for it."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK     # utime, stime (fields 14 and 15 of stat)
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def roles(root_pid: int) -> dict[str, int]:
@@ -84,7 +86,11 @@ def watch_cpu(relay) -> callable:
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
-        return {f"cpu_{role}_s": cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+        out = {}
+        for role, pid in pids.items():
+            (user, sys_), (user0, sys0) = cpu_seconds(pid), before[role]
+            out[f"cpu_{role}_s"], out[f"cpu_{role}_sys_s"] = user + sys_ - user0 - sys0, sys_ - sys0
+        return out
     return after
 
 
@@ -120,7 +126,8 @@ def main() -> None:
             runs[label].append(r)
             print(f"round {n + 1} {label}: {r['end_to_end_per_s']:.0f} msg/s, receive "
                   f"{r['cpu_receive_s'] / a.messages * 1e3:.3f} ms/msg, deliver "
-                  f"{r['cpu_deliver_s'] / a.messages * 1e3:.3f} ms/msg, load {load:.1f}", flush=True)
+                  f"{r['cpu_deliver_s'] / a.messages * 1e3:.3f} ms/msg (kernel {r['cpu_receive_sys_s'] / a.messages * 1e3:.3f}"
+                  f" / {r['cpu_deliver_sys_s'] / a.messages * 1e3:.3f}), load {load:.1f}", flush=True)
     print(f"\n{a.messages} x {a.size} B, {a.sessions} sessions, {a.rounds} rounds alternating: median (range)")
     for label, rs in runs.items():
         def col(key, scale=1.0):
@@ -128,7 +135,8 @@ def main() -> None:
             return f"{statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f})"
         ms = 1e3 / a.messages
         print(f"{label}: msg/s {col('end_to_end_per_s')}; receive ms/msg {col('cpu_receive_s', ms)}; "
-              f"deliver ms/msg {col('cpu_deliver_s', ms)}; load {col('load')}")
+              f"deliver ms/msg {col('cpu_deliver_s', ms)}; of which the kernel's: receive "
+              f"{col('cpu_receive_sys_s', ms)}, deliver {col('cpu_deliver_sys_s', ms)}; load {col('load')}")
 
 
 if __name__ == "__main__":

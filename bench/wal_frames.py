@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/wal_frames.py                 # the schema as it is
     .venv/bin/python bench/wal_frames.py base notrace drop:traces_message_id notriggers
+    .venv/bin/python bench/wal_frames.py --size 51200 --messages 1000     # 50 KB bodies
 
 Through the store API, as store_write_cost.py: N messages enqueued (20 at a time),
 leased in batches of 100, recorded delivered (20 at a time), each with a random
@@ -25,6 +26,13 @@ from relaywatch.model import Attempt, Destination, NewMessage, RecipientOutcome,
     StoredBody
 
 BODY = b"Subject: x\r\n\r\n" + b"x" * 1000 + b"\r\n"
+
+
+def body_of(size: int) -> bytes:
+    """A message of ``size`` bytes in lines of 78 (as smtp-source's ``-l``)."""
+    head = b"Subject: x\r\n\r\n"
+    lines = (b"x" * 76 + b"\r\n") * (size // 78 + 1)
+    return head + lines[:max(size - len(head) - 2, 0)] + b"\r\n"
 ROUTE = Route(RouteKind.CONNECTOR, "sink")
 
 
@@ -76,13 +84,17 @@ async def frames(variant: str, n: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    global BODY
     ap = argparse.ArgumentParser()
     ap.add_argument("variant", nargs="*", default=["base"])
     ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--size", type=int, default=len(BODY), help="bytes per body (default 1 KB)")
     a = ap.parse_args()
+    BODY = body_of(a.size) if a.size != len(BODY) else BODY
     for variant in a.variant:
         per_msg, per_commit = asyncio.run(frames(variant, a.messages))
-        print(f"{variant}: {per_msg:.2f} WAL frames per message ({per_commit:.1f} messages per commit)")
+        print(f"{variant}: {per_msg:.2f} WAL frames per message ({per_commit:.1f} messages per commit), "
+              f"{len(BODY)} B bodies")
 
 
 if __name__ == "__main__":

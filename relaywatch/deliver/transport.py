@@ -115,11 +115,16 @@ class SmtpConnection:
     def _gone(self) -> bool:
         return self.writer is not None and self.writer.transport.is_closing()
 
-    async def _write(self, phase: Phase, data: bytes, timeout: float, writing: bool = False) -> None:
+    async def _write(self, phase: Phase, data: bytes | tuple[bytes, ...], timeout: float,
+                     writing: bool = False) -> None:
+        """``data``: bytes, or a tuple of them sent in one system call (uvloop: writev)."""
         with self.phase(phase, writing=writing):
             # uvloop raises RuntimeError here once the peer has reset the
             # connection; asyncio drops the data and lets drain() raise.
-            self.writer.write(data)
+            if type(data) is tuple:
+                self.writer.writelines(data)
+            else:
+                self.writer.write(data)
             transport = self.writer.transport
             if transport.get_write_buffer_size() == 0 and not transport.is_closing():
                 return   # all of it is in the kernel already: nothing to wait for
@@ -273,9 +278,10 @@ class SmtpConnection:
         conv = self.conversation
         stall = self.timeouts.data_timeout
         if body.data is not None and len(body.data) <= _CHUNK:
-            # The common case: the whole message and the final dot in one write.
+            # The common case: the whole message and the final dot in one write
+            # (a writev: the body is not copied to append the dot).
             await self._fence(still_held)
-            await self._write(Phase.DATA, conv.send(Body(body.data)) + conv.send(END_OF_BODY), stall, writing=True)
+            await self._write(Phase.DATA, (conv.send(Body(body.data)), conv.send(END_OF_BODY)), stall, writing=True)
             return
         if body.data is not None:
             view = memoryview(body.data)

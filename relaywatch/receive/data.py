@@ -58,12 +58,24 @@ class DataParser:
         # A block of whole lines, whose first one may be the rest of a long line.
         block, self._pending = buf[:cut + 2], buf[cut + 2:]
         at_start, self._line_start = self._line_start, True
-        if at_start and block.startswith(b".\r\n"):
-            end = 0
+        # The end line and stuffed lines both start with a dot: one pass over the
+        # block finds the first such line (most blocks have none, and most
+        # messages none but the end), instead of one pass for the end and another
+        # to unstuff (each ~30-50 us for 50 KB).
+        if at_start and block[:1] == b".":
+            dot = 0
         else:
-            end = block.find(b"\r\n.\r\n")
-            if end >= 0:
-                end += 2          # the end line starts after that CRLF
+            dot = block.find(b"\r\n.")
+            dot = dot + 2 if dot >= 0 else -1
+        end, stuffed = -1, False
+        if dot >= 0:
+            if block.startswith(b".\r\n", dot):
+                end = dot
+            else:
+                stuffed = True
+                end = block.find(b"\r\n.\r\n", dot)
+                if end >= 0:
+                    end += 2      # the end line starts after that CRLF
         if end >= 0:
             self.done = True
             self.leftover = block[end + 3:] + self._pending
@@ -74,6 +86,8 @@ class DataParser:
             self.problem = self.problem or BARE_CR_LF
         if b"\0" in block:
             self.problem = self.problem or NUL
+        if not stuffed:
+            return self._keep(block)
         content = block.replace(b"\r\n.", b"\r\n")
         if at_start and content[:1] == b".":   # a stuffed dot on the block's first line
             content = content[1:]

@@ -127,8 +127,8 @@ class DotStuffer:
             chunk = b"." + chunk
         elif chunk[:2] == b"\n." and self._tail.endswith(b"\r"):
             chunk = b"\n." + chunk[1:]
-        out = chunk.replace(b"\r\n.", b"\r\n..")
-        self._tail = (self._tail + chunk)[-2:]
+        out = chunk.replace(b"\r\n.", b"\r\n..")   # the chunk itself when no line starts with a dot
+        self._tail = (self._tail + chunk[-2:])[-2:]    # not a copy of the whole chunk
         return out
 
     def end(self) -> bytes:
