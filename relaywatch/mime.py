@@ -96,6 +96,31 @@ def has_long_line(data: bytes, limit: int = LINE_LIMIT, end: int | None = None) 
     return False
 
 
+_DOTS_ONE_BY_ONE = 16    # dots visited one at a time before one substring search does the rest
+
+
+def dot_line(data: bytes, start: int = 0) -> int:
+    """Where the first line of ``data[start:]`` starting with a dot begins: the index of
+    its ``CRLF .`` (-1 if there is none).  SMTP's transparency (RFC 5321 4.5.2) cares
+    about exactly those lines: the receiver ends at ``.`` and unstuffs ``..``, the
+    sender stuffs them.
+
+    ``data.find(b"\r\n.")`` costs ~50 us for 50 KB here, whatever the answer, since
+    its first two bytes match at every line end; a single byte is found with memchr at
+    memory speed.  Most dots sit inside lines (a header's domains, a sentence's end)
+    and base64 has none, so the dots are visited one by one, and only a text with more
+    of them than ``_DOTS_ONE_BY_ONE`` falls back to the substring search."""
+    i = start
+    for _ in range(_DOTS_ONE_BY_ONE):
+        i = data.find(b".", i)
+        if i < 0:
+            return -1
+        if i >= start + 2 and data.startswith(b"\r\n", i - 2):
+            return i - 2
+        i += 1
+    return data.find(b"\r\n.", max(start, i - 2))
+
+
 def needs_change(message: bytes, *, eight_bit_ok: bool) -> bool:
     """Whether ``downgrade`` would have anything to do (the fast path's test)."""
     return (not eight_bit_ok and not message.isascii()) or has_long_line(message)

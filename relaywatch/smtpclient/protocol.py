@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from relaywatch.dsn_params import MessageDsn, RecipientDsn, mail_params, rcpt_params
 from relaywatch.errors import RemoteProtocolError
 from relaywatch.idn import address_to_unicode
+from relaywatch.mime import dot_line
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s|$)")
 MAX_REPLY_LINES = 100
@@ -127,7 +128,7 @@ class DotStuffer:
             chunk = b"." + chunk
         elif chunk[:2] == b"\n." and self._tail.endswith(b"\r"):
             chunk = b"\n." + chunk[1:]
-        out = chunk.replace(b"\r\n.", b"\r\n..")   # the chunk itself when no line starts with a dot
+        out = chunk if dot_line(chunk) < 0 else chunk.replace(b"\r\n.", b"\r\n..")
         self._tail = (self._tail + chunk[-2:])[-2:]    # not a copy of the whole chunk
         return out
 

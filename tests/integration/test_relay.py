@@ -31,6 +31,28 @@ async def test_relays_to_a_healthy_smart_host(relay_factory, sink):
     await eventually(lambda: relay.queue() if False else _empty(relay), what="queue to empty")
 
 
+async def test_50_kb_bodies_arrive_byte_exact_whatever_their_dots(relay_factory, sink):
+    """The receiver finds the end and the stuffed lines, and the sender the lines to stuff,
+    by visiting dots one by one and searching only past many of them (mime.dot_line):
+    bodies with no dot, with many dots inside lines before a line that starts with one,
+    and with dotted lines throughout, each come out at the sink as they went in."""
+    relay = await relay_factory(connectors=[connector("fabrikam", sink.port, ["fabrikam.test"])])
+    base64_like = "TWFu" * 19 + "\r\n"
+    sentence = "The quick brown fox. Jumps over the lazy dog, again and again. Yes.\r\n"
+    bodies = [
+        base64_like * 670,                                                        # no dot at all
+        sentence * 300 + ".a line starting with a dot\r\n" + sentence * 400 + "..\r\n.\r\n" + "x" * 70 + "\r\n",
+        (sentence * 5 + ".\r\n..\r\n. dotted\r\n") * 140 + "end.\r\n",
+    ]
+    for i, body in enumerate(bodies):
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"m{i}", body))
+    await eventually(lambda: len(sink.messages) == len(bodies), what="every message at the sink")
+    got = {m.content.split(b"Subject: ", 1)[1][:2]: m.content for m in sink.messages}
+    for i, body in enumerate(bodies):
+        content = got[f"m{i}".encode()]
+        assert content.split(b"\r\n\r\n", 1)[1] == body.encode(), f"message {i}"
+
+
 async def _empty(relay):
     return (await relay.store.counts()) == {}
 

@@ -247,6 +247,27 @@ def test_a_long_line_however_it_is_split(split):
     assert p.leftover == b"QUIT\r\n"
 
 
+@pytest.mark.parametrize("data", [
+    b"", b".", b"\r\n.", b".\r\n.\r\n", b"a.b\r\n.c", b"x" * 100,
+    b"a.b." * 40 + b"\r\n.x",                    # more dots inside lines than are visited one by one
+    (b"a.b." * 40 + b"\r\n") * 3 + b"\r\n..\r\n",
+    b"\r\n" + b"." * 50,
+])
+def test_dot_line_is_the_first_line_starting_with_a_dot(data):
+    from relaywatch.mime import dot_line
+    for start in range(min(len(data), 10)):
+        assert dot_line(data, start) == data.find(b"\r\n.", start)
+    assert dot_line(data, len(data)) == -1
+
+
+def test_many_dots_inside_lines_before_a_stuffed_one_and_the_end():
+    body = (b"a.b.c." * 30 + b"\r\n") * 4 + b"..stuffed\r\n" + b"x.y\r\n" * 20
+    p, out = parse([body + b".\r\nQUIT\r\n"])
+    assert p.done and out == body.replace(b"\r\n..", b"\r\n.") and p.leftover == b"QUIT\r\n"
+    s = DotStuffer()
+    assert s.stuff(out) + s.end() == body + b".\r\n"
+
+
 def test_an_endless_line_is_bounded_by_the_message_size():
     p = DataParser(100_000)
     for _ in range(40):
