@@ -27,7 +27,7 @@ class SqlCluster:
         def op(conn: Any, cleanup: list) -> int:
             conn.execute(Q["heartbeat"], (beat.name, beat.instance, beat.address, beat.role, beat.version,
                                           beat.state.value, beat.started_at, beat.at, beat.leases, beat.received,
-                                          beat.delivered))
+                                          beat.delivered, beat.instance))
             if self.dialect.counts_by_delta:   # every few seconds on every node: the deltas stay few
                 conn.execute(Q["fold_counts"])
             if not first:

@@ -3,13 +3,14 @@
 -- at once, SQLite from the processes of one box (its write lock).
 
 -- heartbeat --
--- A node's row, made or brought up to date.
+-- A node's row, made or brought up to date; message_ids_by says this start reads message_ids
+-- (schema.py RETIRED_INDEXES: a node of the previous version leaves it, so it differs from its instance).
 INSERT INTO nodes (name, instance, address, role, version, state, started_at, heartbeat_at, leases,
-received, delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+received, delivered, message_ids_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, address = excluded.address,
 role = excluded.role, version = excluded.version, state = excluded.state,
 started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, leases = excluded.leases,
-received = excluded.received, delivered = excluded.delivered
+received = excluded.received, delivered = excluded.delivered, message_ids_by = excluded.message_ids_by
 
 -- release_earlier_instances --
 -- At a node's start: what an earlier start of the same node had leased is due again at once

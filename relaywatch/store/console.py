@@ -88,12 +88,10 @@ class SqlConsole:
         return await self.engine.read(q)
 
     async def trace_ids(self, message_id: str) -> list[str]:
-        forms = traces.message_id_forms(message_id)
-
-        def q(conn: Any) -> list[str]:
-            live = {i for (i,) in conn.execute(traces.Q["live_ids_of_message"], forms)}
-            return sorted(live | {i for (i,) in conn.execute(traces.Q["kept_ids_of_message"], forms)})
-        return await self.engine.read(q)
+        key = traces.lookup_key(message_id)
+        if not key:
+            return []
+        return await self.engine.read(lambda conn: [i for (i,) in conn.execute(traces.Q["ids_of_message"], (key,))])
 
 
 DOMAIN_IDS = 400          # a domain's recipients read at a time at first (doubling, up to DOMAIN_IDS_MAX)
@@ -191,7 +189,7 @@ def _page_where(page: QueryPage, now: float, last_reply: str, codes: tuple | lis
         add("routed_as", page.route)
     message_id = traces.message_id_of(page.text) if page.text else None
     if message_id is not None:
-        add("has_message_id", *message_id)
+        add("has_message_id", message_id)
     elif page.text:
         where.append(Q["has_text"].replace("{last_reply}", last_reply))
         args.extend(["%" + _like(page.text) + "%"] * 3)

@@ -107,8 +107,9 @@ entries.id IN (?*)
 route_kind = ?
 
 -- has_message_id --
--- The text filter given a Message-ID in angle brackets: its two forms (store/trace.py message_id_of).
-message_id IN (?, ?)
+-- The text filter given a Message-ID in angle brackets: its key (store/trace.py message_id_of), one
+-- seek of message_ids, then entries by id.
+id IN (SELECT entry_id FROM message_ids WHERE message_id = ?)
 
 -- has_text --
 -- A substring of the sender, a recipient or a recipient's last reply; the three parameters are

@@ -17,7 +17,7 @@ def _has_text(r, text: str) -> bool:
     a Message-ID in angle brackets, has_message_id: that Message-ID."""
     message_id = traces.message_id_of(text)
     if message_id is not None:
-        return r.message_id in message_id
+        return traces.message_id_key(r.message_id) == message_id
     text = text.lower()
     return text in r.sender.lower() or any(
         text in x.address.lower() or (x.last_error is not None and text in (x.last_error.reply or "").lower())
@@ -98,6 +98,10 @@ class MemoryConsole:
 
     async def trace_ids(self, message_id: str) -> list[str]:
         self._check()
-        forms = traces.message_id_forms(message_id)
-        live = {r.id for r in self._entries.values() if r.message_id in forms}
-        return sorted(live | {i for i, t in self._traces.items() if t["entry"]["message_id"] in forms})
+        # As the SQL stores' message_ids: by the key, of the entries queued and the traces kept.
+        key = traces.lookup_key(message_id)
+        if not key:
+            return []
+        live = {r.id for r in self._entries.values() if traces.message_id_key(r.message_id) == key}
+        kept = {i for i, t in self._traces.items() if traces.message_id_key(t["entry"]["message_id"]) == key}
+        return sorted(live | kept)

@@ -47,7 +47,11 @@ SCHEMA = schema.render("postgres")
 # IF NOT EXISTS takes a SHARE lock on its table before it looks, so every CLI command
 # (queue list ...) and node start waited for the writers' transactions and held new ones up.
 SCHEMA_RELATIONS = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
-COUNT_TRIGGER_NAMES = ("entries_counted", "entries_counted_update")   # schema.COUNT_TRIGGERS["postgres"]
+# schema.COUNT_TRIGGERS["postgres"] and schema.MESSAGE_ID_TRIGGERS["postgres"]
+TRIGGER_NAMES = ("entries_counted", "entries_counted_update", *schema.MESSAGE_ID_TRIGGER_NAMES)
+# A node whose heartbeat is older than this is gone, for retire_indexes (longer than any server.node_lapse
+# worth having: a node of the previous version taken for gone too early would only scan, never fail).
+RETIRE_AFTER = 300.0
 SCHEMA_LOCK = 0x7277_0001   # pg_advisory_xact_lock key: "rw", the schema
 SCHEMA_LOCK_TIMEOUT_MS = 500   # the schema's DDL waits this long for a table lock, then gives way
 SCHEMA_TRIES = 20
@@ -90,6 +94,27 @@ def connection_params(dsn: str, statement_timeout: float | None) -> dict:
         if "tcp_user_timeout" not in given:
             params["tcp_user_timeout"] = ms
     return params
+
+
+def retire_indexes(conn: psycopg.Connection, now: float) -> None:
+    """Drop the indexes message_ids replaced (schema.RETIRED_INDEXES) once no node of the previous
+    version runs: one would look Message-IDs up through them, and scan entries and traces without.
+    A node's row says it reads message_ids when its message_ids_by is its instance (this start's
+    heartbeat, store/cluster.sql); an earlier version's heartbeat leaves that column as it was.
+    Run at a node's start, so the first node started once every other runs this version drops them;
+    until then every write keeps them too, as before.  A node of the previous version started
+    after makes them again (its own schema check), and the next start of this one drops them."""
+    (left,) = conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
+                           "AND relname = ANY(%s)", (list(schema.RETIRED_INDEXES),)).fetchone()
+    if not left:
+        return
+    (older,) = conn.execute("SELECT count(*) FROM nodes WHERE state <> 'stopped' AND heartbeat_at >= %s "
+                            "AND message_ids_by IS DISTINCT FROM instance", (now - RETIRE_AFTER,)).fetchone()
+    if older:
+        log.info("keeping the Message-ID indexes of the previous version: %d node(s) of it still run", older)
+        return
+    for name in schema.RETIRED_INDEXES:
+        conn.execute(f"DROP INDEX IF EXISTS {name}")
 
 
 def _translate(sql: str) -> str:
@@ -274,14 +299,17 @@ class PostgresDialect:
         (triggers,) = conn.conn.execute(
             "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
             "WHERE c.relnamespace = current_schema()::regnamespace AND t.tgname = ANY(%s)",
-            (list(COUNT_TRIGGER_NAMES),)).fetchone()
-        if present != set(SCHEMA_RELATIONS) or triggers != len(COUNT_TRIGGER_NAMES):
-            # A big queue from an earlier version gets new indexes and is counted once
-            # (queue_counts): longer than a statement may take, once.  An existing, complete
-            # schema runs no DDL, which would wait for every open writer (and block new ones).
+            (list(TRIGGER_NAMES),)).fetchone()
+        if present != set(SCHEMA_RELATIONS) or triggers != len(TRIGGER_NAMES):
+            # A big queue from an earlier version gets new indexes, is counted once (queue_counts)
+            # and has its Message-IDs filled in (message_ids): longer than a statement may take, once.
+            # An existing, complete schema runs no DDL, which would wait for every open writer (and
+            # block new ones).
             conn.conn.execute("SET LOCAL statement_timeout = 0")
             conn.conn.execute(SCHEMA)
             conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
+            conn.conn.execute(schema.message_ids("postgres"))
+        retire_indexes(conn.conn, time.time())
         PostgresDialect._autovacuum_settings(conn)
 
     @staticmethod

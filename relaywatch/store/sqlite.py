@@ -78,8 +78,11 @@ class SqliteDialect:
             self._lock_fd = self._open_lock()
         conn = _connect(self.path)
         _migrate(conn)
-        # One transaction: queue_counts' triggers and the count they start from (schema.counting).
-        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{schema.counting('sqlite')}\nCOMMIT;")
+        # One transaction: queue_counts' triggers and the count they start from (schema.counting),
+        # message_ids' and its fill (schema.message_ids).  One node: the indexes message_ids replaced go.
+        retired = "".join(f"DROP INDEX IF EXISTS {name};\n" for name in schema.RETIRED_INDEXES)
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{schema.counting('sqlite')}\n{schema.message_ids('sqlite')}\n"
+                           f"{retired}COMMIT;")
         self._configure_writer(conn)
         return conn
 

@@ -74,17 +74,23 @@ def final_event(statuses: Sequence[str]) -> str:
     return "bounced" if "failed" in statuses else "expired" if "expired" in statuses else "delivered"
 
 
-def message_id_forms(message_id: str) -> tuple[str, str]:
-    """A Message-ID with and without its angle brackets (the header keeps them; people often do not)."""
-    bare = message_id.strip().strip("<>")
-    return f"<{bare}>", bare
+def message_id_key(message_id: str) -> str:
+    """What message_ids keeps a Message-ID by: without spaces around it, then without its angle
+    brackets (the header keeps them; people often do not), as schema.py's triggers compute it
+    (SQL's trim: spaces only).  "" (no Message-ID) is kept by none."""
+    return message_id.strip(" ").strip("<>")
 
 
-def message_id_of(text: str) -> tuple[str, str] | None:
-    """``message_id_forms`` of ``text`` when it is written as a Message-ID is in the header,
+def lookup_key(message_id: str) -> str:
+    """message_id_key of what someone typed (any whitespace around it)."""
+    return message_id_key(message_id.strip())
+
+
+def message_id_of(text: str) -> str | None:
+    """The lookup_key of ``text`` when it is written as a Message-ID is in the header,
     ``<left@right>`` without spaces, else None: the queue's text filter then looks for that
-    Message-ID (an index seek), not for a substring of every sender, recipient and reply."""
+    Message-ID (a seek of message_ids), not for a substring of every sender, recipient and reply."""
     text = text.strip()
     if len(text) > 3 and text[0] == "<" and text[-1] == ">" and "@" in text and not any(c.isspace() for c in text):
-        return message_id_forms(text)
+        return lookup_key(text)
     return None

@@ -10,12 +10,10 @@ DELETE FROM traces WHERE ended_at < ?
 -- trace_of --
 SELECT data FROM traces WHERE entry_id = ?
 
--- live_ids_of_message --
--- The queued entries of a Message-ID: two seeks of entries_message_id.
-SELECT id FROM entries WHERE message_id IN (?, ?) ORDER BY id
-
--- kept_ids_of_message --
-SELECT entry_id FROM traces WHERE message_id IN (?, ?) ORDER BY entry_id
+-- ids_of_message --
+-- The entries of a Message-ID (its key, trace.message_id_key), queued or kept as a trace: one seek of
+-- message_ids (schema.py), which keeps a row exactly as long as the entry or its trace.
+SELECT entry_id FROM message_ids WHERE message_id = ? ORDER BY entry_id
 
 -- audit_of_entry --
 -- Queue actions on one entry: their detail names its id (hex digits, so LIKE needs no escapes).

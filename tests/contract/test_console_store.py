@@ -311,41 +311,119 @@ async def test_the_text_filter_given_a_message_id_in_brackets_finds_that_message
     assert await store.trace_ids("id1@client.test") == sorted([one, bare])
 
 
-async def test_a_message_id_is_a_seek_of_its_index_also_in_a_queue_from_before_it(sql_store, tmp_path, request):
-    """The trace by Message-ID and the text filter given one read entries_message_id, not every
-    entry; a queue made before the index gets it when it is next opened."""
-    from relaywatch.store import trace as traces
-    from relaywatch.store.console import Q as CONSOLE, _page_where
-    await sql_store.enqueue(msg([("u@x.test", A)]))
-    await sql_store.close()
+def _raw(sql_store, tmp_path, request):
+    """A connection of our own to ``sql_store``'s queue (SQL as someone else writes it)."""
     if sql_store.backend == "sqlite":
         import sqlite3
-        conn = sqlite3.connect(tmp_path / "q.sqlite3")
-    else:
-        import psycopg
-        conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
-    conn.execute("DROP INDEX entries_message_id")
-    if sql_store.backend == "sqlite":
-        conn.commit()
-    conn.close()
+        return sqlite3.connect(tmp_path / "q.sqlite3", isolation_level=None)
+    import psycopg
+    return psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
+
+
+def _message_ids(conn) -> list[tuple[str, str]]:
+    return sorted(tuple(r) for r in conn.execute("SELECT message_id, entry_id FROM message_ids").fetchall())
+
+
+def _relations(conn, pg: bool, *names: str) -> list[str]:
+    """Those of ``names`` that the queue's schema has."""
+    sql = ("SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace AND relname = ANY(%s)"
+           if pg else f"SELECT name FROM sqlite_master WHERE name IN ({','.join('?' * len(names))})")
+    return sorted(r[0] for r in conn.execute(sql, [list(names)] if pg else names).fetchall())
+
+
+PREVIOUS_VERSION = (   # what the previous version had in message_ids' place
+    "DROP TRIGGER entries_message_ids{on_entries}", "DROP TRIGGER entries_message_ids_gone{on_entries}",
+    "DROP TRIGGER traces_message_ids_gone{on_traces}", "DROP TABLE message_ids",
+    "CREATE INDEX entries_message_id ON entries (message_id)", "CREATE INDEX traces_message_id ON traces (message_id)")
+
+
+async def test_a_message_id_is_a_seek_of_message_ids_also_in_a_queue_from_before_it(sql_store, tmp_path, request):
+    """The trace by Message-ID and the text filter given one read message_ids, not every entry; a
+    queue made before it has its entries and traces filled in when it is next opened, and loses the
+    indexes message_ids replaced (PostgreSQL: no node of the previous version runs)."""
+    from relaywatch.store import trace as traces
+    from relaywatch.store.console import Q as CONSOLE, _page_where
+    [queued] = await sql_store.enqueue(msg([("u@x.test", A)]))
+    [gone] = await sql_store.enqueue(msg([("v@x.test", A)]))
+    assert await sql_store.delete(gone)
+    await sql_store.close()
+    conn = _raw(sql_store, tmp_path, request)
+    pg = sql_store.backend == "postgres"
+    for sql in PREVIOUS_VERSION:
+        conn.execute(sql.format(on_entries=" ON entries" if pg else "", on_traces=" ON traces" if pg else ""))
     await sql_store.open()
+    assert _message_ids(conn) == sorted([("m@x", gone), ("m@x", queued)])
+    assert not _relations(conn, pg, "entries_message_id", "traces_message_id")
+    conn.close()
     where, args = _page_where(QueryPage(text="<m@x>"), 1.0, sql_store.dialect.last_reply)
     page_ids = CONSOLE["page_ids"].replace("{where}", where)
 
     def plans(c):
-        if sql_store.backend == "postgres":
-            # A tiny table, read whole or in id order (entries_pkey, with a filter): show what
-            # the condition allows when neither is taken.
+        if pg:
+            # Tiny tables, read whole: show what the conditions allow when that is not taken.
             c.execute("SET enable_seqscan = off")
-            c.execute("SET enable_indexscan = off")
         try:
-            return [" ".join(str(row[-1]) for row in c.execute("EXPLAIN " + ("QUERY PLAN " if sql_store.backend
-                                                                            == "sqlite" else "") + sql, params))
-                    for sql, params in ((traces.Q["live_ids_of_message"], ("<m@x>", "m@x")), (page_ids, (*args, 50)))]
+            return [" ".join(str(row[-1]) for row in c.execute("EXPLAIN " + ("" if pg else "QUERY PLAN ") + sql, params))
+                    for sql, params in ((traces.Q["ids_of_message"], ("m@x",)), (page_ids, (*args, 50)))]
         finally:
-            if sql_store.backend == "postgres":
+            if pg:
                 c.execute("RESET enable_seqscan")
-                c.execute("RESET enable_indexscan")
     for plan in await sql_store._read(plans):
-        assert "entries_message_id" in plan, plan
-    assert len(await sql_store.trace_ids("<m@x>")) == 1
+        assert "message_ids" in plan and ("message_ids_pkey" in plan if pg else "PRIMARY KEY" in plan), plan
+        assert "Seq Scan" not in plan and "SCAN message_ids" not in plan, plan
+    assert await sql_store.trace_ids("<m@x>") == sorted([queued, gone])
+    assert [e.id for e in await sql_store.queue_page(QueryPage(text="<m@x>"), time.time())] == [queued]
+
+
+async def test_message_ids_follow_entries_and_traces_whoever_writes_them(sql_store, tmp_path, request):
+    """message_ids is kept by triggers: an entry inserted by other SQL (a node of the previous
+    version) is in it; an entry removed with no trace kept leaves it, one with a trace leaves it
+    with the trace's prune."""
+    from dataclasses import replace
+    conn = _raw(sql_store, tmp_path, request)
+    now = time.time()
+    conn.execute("INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, route_kind, route_name, "
+                 "size, message_id) VALUES ('0000000000100000', 'B', 's@x', ?, ?, 'held', 'connector', 'a', 1, "
+                 "' <old@x> ')".replace("?", "%s" if sql_store.backend == "postgres" else "?"), (now, now + 60))
+    assert await sql_store.trace_ids("old@x") == ["0000000000100000"]
+    assert [e.id for e in await sql_store.queue_page(QueryPage(text="<old@x>"), now)] == ["0000000000100000"]
+    [kept] = await sql_store.enqueue(msg([("u@x.test", A)]))
+    [untraced] = await sql_store.enqueue(msg([("v@x.test", A)]))
+    [no_id] = await sql_store.enqueue(replace(msg([("w@x.test", A)]), message_id="<>"))
+    assert _message_ids(conn) == [("m@x", kept), ("m@x", untraced), ("old@x", "0000000000100000")]
+    assert await sql_store.delete(kept)
+    sql_store.trace_retention = 0
+    assert await sql_store.delete(untraced)
+    assert await sql_store.delete(no_id)
+    assert _message_ids(conn) == [("m@x", kept), ("old@x", "0000000000100000")]
+    assert await sql_store.trace_ids("<m@x>") == [kept] and await sql_store.trace_ids("") == []
+    conn.execute("DELETE FROM traces")     # as the prune does
+    assert _message_ids(conn) == [("old@x", "0000000000100000")]
+    conn.close()
+
+
+async def test_postgresql_keeps_the_indexes_message_ids_replaced_while_a_node_of_the_previous_version_runs(
+        sql_store, tmp_path, request):
+    """A node of the previous version looks Message-IDs up through entries_message_id and
+    traces_message_id: a node starting beside it keeps them; once every running node's heartbeat
+    says it reads message_ids (or the old one stopped), the next start drops them."""
+    if sql_store.backend != "postgres":
+        pytest.skip("SQLite is one node: it drops them when it opens the queue")
+    from relaywatch.cluster.model import NodeBeat, NodeState
+    await sql_store.heartbeat(NodeBeat("new", "new:1:a", "", "all", "0", time.time(), time.time(), 0, 0, 0,
+                                       NodeState.RUNNING))
+    await sql_store.close()
+    conn = _raw(sql_store, tmp_path, request)
+    conn.execute("CREATE INDEX entries_message_id ON entries (message_id)")
+    conn.execute("CREATE INDEX traces_message_id ON traces (message_id)")
+    # The previous version's heartbeat names no message_ids_by (its row's is left as it was).
+    conn.execute("INSERT INTO nodes (name, instance, address, role, version, state, started_at, heartbeat_at) "
+                 "VALUES ('old', 'old:1:b', '', 'all', '0', 'running', %s, %s)", (time.time(), time.time()))
+    both = ["entries_message_id", "traces_message_id"]
+    await sql_store.open()
+    assert _relations(conn, True, *both) == both
+    await sql_store.close()
+    conn.execute("UPDATE nodes SET state = 'stopped' WHERE name = 'old'")
+    await sql_store.open()
+    assert _relations(conn, True, *both) == []
+    conn.close()
