@@ -240,6 +240,9 @@ def run(messages: int, store: str, repeat: int, only: list[str] | None = None) -
             "incident": f"/incidents/{incidents[0]['id']}",
             "message": f"/queue/{first}",
             "api_queue": "/api/v1/queue",
+            # A Message-ID (message_ids): the queue's text filter given one, the trace page by it.
+            "queue_message_id": f"/queue?text=<{messages // 2}@client.test>",
+            "trace_message_id": f"/trace?q=<{messages // 2}@client.test>",
         }
         for name, url in paths.items():
             if only and name not in only:

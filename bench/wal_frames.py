@@ -1,7 +1,7 @@
 """WAL frames (4 KB pages written) per message on the mail path, and what each table or index adds.
 
     .venv/bin/python bench/wal_frames.py                 # the schema as it is
-    .venv/bin/python bench/wal_frames.py base notrace drop:traces_message_id notriggers
+    .venv/bin/python bench/wal_frames.py base notrace prune drop:traces_ended notriggers
     .venv/bin/python bench/wal_frames.py --size 51200 --messages 1000     # 50 KB bodies
 
 Through the store API, as store_write_cost.py: N messages enqueued (20 at a time),
@@ -9,7 +9,9 @@ leased in batches of 100, recorded delivered (20 at a time), each with a random
 Message-ID.  No checkpoint runs meanwhile, so the WAL holds every frame those commits
 wrote; the frames are counted from the WAL file itself.  Unlike CPU time, the count
 does not depend on the machine's load.  Variants: ``notrace`` (queue.trace_retention
-off), ``notriggers`` (queue_counts' triggers dropped), ``drop:INDEX``.
+off), ``notriggers`` (queue_counts' triggers dropped), ``drop:INDEX``, and ``prune``: not the
+mail path but the frames of the traces' prune (store/trace.py) that then deletes every trace
+kept, per trace, with what goes with them (before message_ids: traces_message_id; now message_ids).
 """
 
 import argparse
@@ -73,6 +75,10 @@ async def frames(variant: str, n: int) -> tuple[float, float]:
     wal = path.with_name(path.name + "-wal")
     start = wal.stat().st_size
     await one_round(store, n)
+    if "prune" in variant.split(","):
+        start = wal.stat().st_size
+        n = await store.engine.write(lambda conn, cleanup: conn.execute("DELETE FROM traces WHERE ended_at < ?",
+                                                                        (time.time() + 86400,)).rowcount)
     data = wal.read_bytes()
     await store.close()
     page = struct.unpack(">I", data[8:12])[0]

@@ -101,7 +101,8 @@ def retire_indexes(conn: psycopg.Connection, now: float) -> None:
     version runs: one would look Message-IDs up through them, and scan entries and traces without.
     A node's row says it reads message_ids when its message_ids_by is its instance (this start's
     heartbeat, store/cluster.sql); an earlier version's heartbeat leaves that column as it was.
-    Run at a node's start, so the first node started once every other runs this version drops them;
+    Run at a node's start, so the first node started once every other runs this version drops them
+    (unless the running nodes hold the tables past the schema's lock wait: then a later start);
     until then every write keeps them too, as before.  A node of the previous version started
     after makes them again (its own schema check), and the next start of this one drops them."""
     (left,) = conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
@@ -113,8 +114,14 @@ def retire_indexes(conn: psycopg.Connection, now: float) -> None:
     if older:
         log.info("keeping the Message-ID indexes of the previous version: %d node(s) of it still run", older)
         return
-    for name in schema.RETIRED_INDEXES:
-        conn.execute(f"DROP INDEX IF EXISTS {name}")
+    try:
+        with conn.transaction():   # a savepoint: a start that cannot have the tables now still starts
+            for name in schema.RETIRED_INDEXES:
+                conn.execute(f"DROP INDEX IF EXISTS {name}")
+    except psycopg.Error as exc:
+        if not is_conflict(exc):
+            raise
+        log.info("the Message-ID indexes of the previous version are left for a later start (%s)", first_line(exc))
 
 
 def _translate(sql: str) -> str:

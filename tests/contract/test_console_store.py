@@ -1,5 +1,6 @@
 """The store reads the console adds (store/base.py ConsoleStore), over memory, SQLite and PostgreSQL."""
 
+import asyncio
 import time
 
 import pytest
@@ -427,3 +428,27 @@ async def test_postgresql_keeps_the_indexes_message_ids_replaced_while_a_node_of
     await sql_store.open()
     assert _relations(conn, True, *both) == []
     conn.close()
+
+
+async def test_postgresql_starts_when_running_nodes_hold_the_tables_the_retired_indexes_are_on(
+        sql_store, tmp_path, request):
+    """Dropping entries_message_id waits for every open transaction on entries: a start that cannot
+    have the table within the schema's lock wait leaves the indexes for a later start, and starts."""
+    if sql_store.backend != "postgres":
+        pytest.skip("PostgreSQL's retire_indexes")
+    import psycopg
+    await sql_store.close()
+    conn = _raw(sql_store, tmp_path, request)
+    conn.execute("CREATE INDEX entries_message_id ON entries (message_id)")
+    running = psycopg.connect(request.getfixturevalue("pg_dsn"))     # a running node's batch, mid-way
+    try:
+        running.execute("LOCK TABLE entries IN ROW EXCLUSIVE MODE")
+        await asyncio.wait_for(sql_store.open(), 60)
+        assert _relations(conn, True, "entries_message_id") == ["entries_message_id"]
+        running.commit()
+        await sql_store.close()
+        await sql_store.open()
+        assert _relations(conn, True, "entries_message_id") == []
+    finally:
+        running.close()
+        conn.close()
