@@ -8,7 +8,9 @@ status, its last TRACE_ATTEMPTS attempts, how it ended).  Rows are kept for
 ``queue.trace_retention`` and pruned by the writer that adds one, at most once
 a minute; a retention of 0 keeps nothing and costs the delivery path nothing.
 A message still queued is traced from its own rows (store/queue.py keeps them,
-store/console.py reads both).  The events themselves are shaped in relaywatch/views.py (``trace_json``).
+store/console.py reads both).  Both are found by Message-ID through ``message_ids``
+(store/schema.py: a row per entry, by ``message_id_key``, kept by triggers: written when
+the entry is inserted, gone with the trace's prune, or with the entry if no trace is kept).  The events themselves are shaped in relaywatch/views.py (``trace_json``).
 """
 
 from __future__ import annotations
