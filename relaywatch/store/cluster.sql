@@ -4,7 +4,7 @@
 
 -- heartbeat --
 -- A node's row, made or brought up to date; message_ids_by says this start reads message_ids
--- (schema.py RETIRED_INDEXES: a node of the previous version leaves it, so it differs from its instance).
+-- (message_ids.py RETIRED_INDEXES: a node of the previous version leaves it, so it differs from its instance).
 INSERT INTO nodes (name, instance, address, role, version, state, started_at, heartbeat_at, leases,
 received, delivered, message_ids_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET instance = excluded.instance, address = excluded.address,

@@ -37,7 +37,7 @@ from typing import Callable
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from relaywatch.store import schema
+from relaywatch.store import message_ids, schema
 from relaywatch.store.backoff import Backoff
 from relaywatch.store.driver_errors import first_line, is_conflict
 from relaywatch.store.sql import SqlStore
@@ -47,8 +47,8 @@ SCHEMA = schema.render("postgres")
 # IF NOT EXISTS takes a SHARE lock on its table before it looks, so every CLI command
 # (queue list ...) and node start waited for the writers' transactions and held new ones up.
 SCHEMA_RELATIONS = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
-# schema.COUNT_TRIGGERS["postgres"] and schema.MESSAGE_ID_TRIGGERS["postgres"]
-TRIGGER_NAMES = ("entries_counted", "entries_counted_update", *schema.MESSAGE_ID_TRIGGER_NAMES)
+# schema.COUNT_TRIGGERS["postgres"] and message_ids.MESSAGE_ID_TRIGGERS["postgres"]
+TRIGGER_NAMES = ("entries_counted", "entries_counted_update", *message_ids.MESSAGE_ID_TRIGGER_NAMES)
 # A node whose heartbeat is older than this is gone, for retire_indexes (longer than any server.node_lapse
 # worth having: a node of the previous version taken for gone too early would only scan, never fail).
 RETIRE_AFTER = 300.0
@@ -97,7 +97,7 @@ def connection_params(dsn: str, statement_timeout: float | None) -> dict:
 
 
 def retire_indexes(conn: psycopg.Connection, now: float) -> None:
-    """Drop the indexes message_ids replaced (schema.RETIRED_INDEXES) once no node of the previous
+    """Drop the indexes message_ids replaced (message_ids.RETIRED_INDEXES) once no node of the previous
     version runs: one would look Message-IDs up through them, and scan entries and traces without.
     A node's row says it reads message_ids when its message_ids_by is its instance (this start's
     heartbeat, store/cluster.sql); an earlier version's heartbeat leaves that column as it was.
@@ -106,7 +106,7 @@ def retire_indexes(conn: psycopg.Connection, now: float) -> None:
     until then every write keeps them too, as before.  A node of the previous version started
     after makes them again (its own schema check), and the next start of this one drops them."""
     (left,) = conn.execute("SELECT count(*) FROM pg_class WHERE relnamespace = current_schema()::regnamespace "
-                           "AND relname = ANY(%s)", (list(schema.RETIRED_INDEXES),)).fetchone()
+                           "AND relname = ANY(%s)", (list(message_ids.RETIRED_INDEXES),)).fetchone()
     if not left:
         return
     (older,) = conn.execute("SELECT count(*) FROM nodes WHERE state <> 'stopped' AND heartbeat_at >= %s "
@@ -116,7 +116,7 @@ def retire_indexes(conn: psycopg.Connection, now: float) -> None:
         return
     try:
         with conn.transaction():   # a savepoint: a start that cannot have the tables now still starts
-            for name in schema.RETIRED_INDEXES:
+            for name in message_ids.RETIRED_INDEXES:
                 conn.execute(f"DROP INDEX IF EXISTS {name}")
     except psycopg.Error as exc:
         if not is_conflict(exc):
@@ -315,7 +315,7 @@ class PostgresDialect:
             conn.conn.execute("SET LOCAL statement_timeout = 0")
             conn.conn.execute(SCHEMA)
             conn.conn.execute(schema.counting("postgres"))   # queue_counts' triggers, and a count from before them
-            conn.conn.execute(schema.message_ids("postgres"))
+            conn.conn.execute(message_ids.triggers("postgres"))
         retire_indexes(conn.conn, time.time())
         PostgresDialect._autovacuum_settings(conn)
 

@@ -85,10 +85,10 @@ CREATE INDEX IF NOT EXISTS entries_received ON entries (received_at);
 -- The entries (queued, or kept as a trace) of each Message-ID, by its bare form (store/trace.py
 -- message_id_key): the trace by Message-ID and the queue's text filter given one in angle brackets
 -- are one seek here, then entries or traces by id.  Written once per entry, by a trigger in the
--- transaction that inserts it (MESSAGE_ID_TRIGGERS), whoever writes; its key is random, so it dirties
--- a page of its own per message, where the indexes of entries.message_id and traces.message_id it
--- replaced (RETIRED_INDEXES) cost three: at enqueue, at the removal, at the trace's insert.  A row goes
--- with its trace (pruned after queue.trace_retention), or with its entry if none is kept.
+-- transaction that inserts it (store/message_ids.py), whoever writes; its key is random, so it
+-- dirties a page of its own per message, where the indexes of entries.message_id and
+-- traces.message_id it replaced (message_ids.py RETIRED_INDEXES) cost three: at enqueue, at the
+-- removal, at the trace's insert.  A row goes with its trace, or with its entry if none is kept.
 CREATE TABLE IF NOT EXISTS message_ids (
     message_id TEXT NOT NULL,
     entry_id   TEXT NOT NULL,
@@ -192,7 +192,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     leases       INTEGER NOT NULL DEFAULT 0,
     received     {BIGINT} NOT NULL DEFAULT 0,
     delivered    {BIGINT} NOT NULL DEFAULT 0,
-    message_ids_by TEXT             -- = instance if that start reads message_ids (RETIRED_INDEXES)
+    message_ids_by TEXT             -- = instance if that start reads message_ids (message_ids.py)
 );
 -- The leader lease: one row; term grows by one whenever another instance takes it (fencing).
 CREATE TABLE IF NOT EXISTS leader (
@@ -312,73 +312,6 @@ AUTOVACUUM = {
     "attempts": _CHURN,
 }
 
-# message_ids' triggers, per dialect: a row for each entry inserted (a Message-ID's bare form: spaces,
-# then angle brackets trimmed, as store/trace.py message_id_key; none for an empty one); gone with
-# the entry if no trace of it was kept (the trace is inserted first, store/queue.py), else with the
-# trace.  Made with the table, in one transaction with the fill of a queue made before it
-# (MESSAGE_IDS_BACKFILL), so that no entry falls between.  Nodes of the previous version (on one
-# PostgreSQL) keep it too, through the triggers, while they still look Message-IDs up in their own
-# indexes: see RETIRED_INDEXES.
-_SQLITE_KEY = "trim(trim({row}.message_id), '<>')"
-_PG_KEY = "btrim(btrim({row}.message_id), '<>')"
-MESSAGE_ID_TRIGGERS = {
-    "sqlite": f"""
-CREATE TRIGGER IF NOT EXISTS entries_message_ids AFTER INSERT ON entries WHEN {_SQLITE_KEY.format(row="NEW")} <> ''
-BEGIN
-INSERT OR IGNORE INTO message_ids VALUES ({_SQLITE_KEY.format(row="NEW")}, NEW.id);
-END;
-CREATE TRIGGER IF NOT EXISTS entries_message_ids_gone AFTER DELETE ON entries
-WHEN {_SQLITE_KEY.format(row="OLD")} <> '' AND NOT EXISTS (SELECT 1 FROM traces WHERE entry_id = OLD.id)
-BEGIN
-DELETE FROM message_ids WHERE message_id = {_SQLITE_KEY.format(row="OLD")} AND entry_id = OLD.id;
-END;
-CREATE TRIGGER IF NOT EXISTS traces_message_ids_gone AFTER DELETE ON traces WHEN {_SQLITE_KEY.format(row="OLD")} <> ''
-BEGIN
-DELETE FROM message_ids WHERE message_id = {_SQLITE_KEY.format(row="OLD")} AND entry_id = OLD.entry_id;
-END;
-""",
-    # The traces' prune deletes a minute's traces in one statement: one call with them all.
-    "postgres": f"""
-CREATE OR REPLACE FUNCTION message_ids_add() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO message_ids VALUES ({_PG_KEY.format(row="NEW")}, NEW.id) ON CONFLICT DO NOTHING;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION message_ids_gone() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM traces WHERE entry_id = OLD.id) THEN
-        DELETE FROM message_ids WHERE message_id = {_PG_KEY.format(row="OLD")} AND entry_id = OLD.id;
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE FUNCTION message_ids_pruned() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM message_ids m USING pruned p
-    WHERE m.message_id = {_PG_KEY.format(row="p")} AND m.entry_id = p.entry_id;
-    RETURN NULL;
-END $$;
-CREATE OR REPLACE TRIGGER entries_message_ids AFTER INSERT ON entries
-    FOR EACH ROW WHEN ({_PG_KEY.format(row="NEW")} <> '') EXECUTE FUNCTION message_ids_add();
-CREATE OR REPLACE TRIGGER entries_message_ids_gone AFTER DELETE ON entries
-    FOR EACH ROW WHEN ({_PG_KEY.format(row="OLD")} <> '') EXECUTE FUNCTION message_ids_gone();
-CREATE OR REPLACE TRIGGER traces_message_ids_gone AFTER DELETE ON traces REFERENCING OLD TABLE AS pruned
-    FOR EACH STATEMENT EXECUTE FUNCTION message_ids_pruned();
-""",
-}
-MESSAGE_ID_TRIGGER_NAMES = ("entries_message_ids", "entries_message_ids_gone", "traces_message_ids_gone")
-# A queue made before message_ids: its entries and traces, once, in the transaction that makes the
-# triggers.  An empty message_ids beside entries with a Message-ID is only ever that case.
-MESSAGE_IDS_BACKFILL = {dialect: (
-    f"INSERT INTO message_ids SELECT {key.format(row='e')}, e.id FROM entries e "
-    f"WHERE NOT EXISTS (SELECT 1 FROM message_ids) AND {key.format(row='e')} <> '' "
-    f"UNION SELECT {key.format(row='t')}, t.entry_id FROM traces t "
-    f"WHERE NOT EXISTS (SELECT 1 FROM message_ids) AND {key.format(row='t')} <> '' ON CONFLICT DO NOTHING;")
-    for dialect, key in (("sqlite", _SQLITE_KEY), ("postgres", _PG_KEY))}
-# What message_ids replaced.  SQLite (one node) drops them when it opens the queue; a PostgreSQL node
-# only once every live node looks Message-IDs up in message_ids (store/postgres.py retire_indexes):
-# a node of the previous version would scan entries and traces without them.
-RETIRED_INDEXES = ("entries_message_id", "traces_message_id")
-
 # Added after the first release: (table, column, its definition, how to fill it in for existing rows).
 _NOTHING = "SELECT 1 WHERE 1 = 0"    # NULL is right for every existing row
 MIGRATIONS = [
@@ -404,8 +337,9 @@ MIGRATIONS = [
      "lower(substr(address, length(rtrim(address, replace(address, '@', ''))) + 1))"),
     # A node of the previous version adds counts without it: '' until a newer node's tick sets it.
     ("tls_counts", "detail", "TEXT NOT NULL DEFAULT ''", _NOTHING),
-    # The instance of the start whose heartbeat wrote the row, if it reads message_ids (store/cluster.sql
-    # heartbeat); a node of the previous version leaves it as it was, so it differs from its instance.
+    # The instance of the start whose heartbeat wrote the row, if it reads message_ids (cluster.sql
+    # heartbeat, message_ids.py RETIRED_INDEXES); a node of the previous version's heartbeat leaves it
+    # as it was, so it differs from its instance.
     ("nodes", "message_ids_by", "TEXT", _NOTHING),
 ]
 MIGRATED_TABLES = ("entries", "recipients", "tls_counts", "nodes")
@@ -424,12 +358,6 @@ def counting(dialect: str) -> str:
     """queue_counts' triggers and the count of a queue made before them; run in the transaction
     that makes the schema, after it."""
     return COUNT_TRIGGERS[dialect] + COUNTS_BACKFILL
-
-
-def message_ids(dialect: str) -> str:
-    """message_ids' triggers and its fill from a queue made before it; run in the transaction that
-    makes the schema, after it."""
-    return MESSAGE_ID_TRIGGERS[dialect] + MESSAGE_IDS_BACKFILL[dialect]
 
 
 def missing_columns(present: dict[str, set[str]]) -> list[tuple[str, str, str, str]]:

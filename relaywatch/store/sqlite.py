@@ -17,7 +17,7 @@ from typing import Callable
 from pathlib import Path
 
 from relaywatch.errors import StoreError
-from relaywatch.store import schema
+from relaywatch.store import message_ids, schema
 from relaywatch.store.sql import SqlStore
 
 _LOCK_WAIT_LIMIT = 30.0
@@ -79,9 +79,9 @@ class SqliteDialect:
         conn = _connect(self.path)
         _migrate(conn)
         # One transaction: queue_counts' triggers and the count they start from (schema.counting),
-        # message_ids' and its fill (schema.message_ids).  One node: the indexes message_ids replaced go.
-        retired = "".join(f"DROP INDEX IF EXISTS {name};\n" for name in schema.RETIRED_INDEXES)
-        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{schema.counting('sqlite')}\n{schema.message_ids('sqlite')}\n"
+        # message_ids' and its fill (store/message_ids.py).  One node: the indexes message_ids replaced go.
+        retired = "".join(f"DROP INDEX IF EXISTS {name};\n" for name in message_ids.RETIRED_INDEXES)
+        conn.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{schema.counting('sqlite')}\n{message_ids.triggers('sqlite')}\n"
                            f"{retired}COMMIT;")
         self._configure_writer(conn)
         return conn
