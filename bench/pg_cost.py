@@ -5,7 +5,7 @@ index writes per message, read from the server's own counters in a database of i
 (pg_stat_database) and from the WAL the run wrote (pg_walinspect, filtered to that database's
 blocks and its transactions' commit records); statements and round-trips counted client-side.
 
-    .venv/bin/python bench/pg_cost.py [--messages 1000] [--sessions 1 --sessions 16]
+    .venv/bin/python bench/pg_cost.py [--messages 1000] [--sessions 1 --sessions 16] [--message-ids]
 
 ``--sessions``: concurrent receivers and recorders (1: every message its own batch, the worst
 case; more: what group commit can merge).  Needs a superuser (CREATE DATABASE, pg_walinspect).
@@ -17,9 +17,11 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import os
 import re
 import time
+import uuid
 
 import psycopg
 
@@ -97,6 +99,9 @@ def wal(conn, start: str, end: str, db_oid: int) -> dict:
     return out
 
 
+MESSAGE_IDS = False     # --message-ids: each message with a Message-ID of its own, as mail has
+
+
 async def run(n: int, sessions: int) -> None:
     store = PostgresStore(DSN)
     await store.open()
@@ -107,7 +112,8 @@ async def run(n: int, sessions: int) -> None:
 
     async def receive():
         async with sem:
-            await store.enqueue(msg)
+            await store.enqueue(dataclasses.replace(msg, message_id=f"<{uuid.uuid4().hex}@example.com>")
+                                if MESSAGE_IDS else msg)
 
     await asyncio.gather(*(receive() for _ in range(n)))
     dest = Destination(host="mx.example.net", ip="127.0.0.1", port=25)
@@ -152,7 +158,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--sessions", type=int, action="append")
+    ap.add_argument("--message-ids", action="store_true", help="a Message-ID per message (default: none)")
     args = ap.parse_args()
+    global MESSAGE_IDS
+    MESSAGE_IDS = args.message_ids
     with psycopg.connect(ADMIN, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DB}")
         conn.execute(f"CREATE DATABASE {DB}")
