@@ -118,6 +118,9 @@ def retire_indexes(conn: psycopg.Connection, now: float) -> None:
         with conn.transaction():   # a savepoint: a start that cannot have the tables now still starts
             for name in message_ids.RETIRED_INDEXES:
                 conn.execute(f"DROP INDEX IF EXISTS {name}")
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning("the Message-ID indexes of the previous version (%s) are left: only the tables' owner may "
+                    "drop them", ", ".join(message_ids.RETIRED_INDEXES))
     except psycopg.Error as exc:
         if not is_conflict(exc):
             raise
