@@ -27,9 +27,10 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote
 
-from relays import HOST, ROOT, Relaywatch
+from relays import HOST, ROOT, Relaywatch, process_tree
 
 SCENARIOS = ("throughput_1k_pg", "cluster_nodes", "big_queue_pg")
 PG_URL = os.environ.get("RELAYWATCH_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/relaywatch_bench")
@@ -81,11 +82,45 @@ class RelaywatchPg(Relaywatch):
             return conn.execute("SELECT count(*) FROM entries").fetchone()[0]
 
 
-class PgCounters:
-    """The bench database's counters before and after a run, and a lock-wait sampler."""
+def _cpu_ticks(pids) -> int:
+    """utime + stime of ``pids`` (clock ticks), those still running."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total
 
-    def __init__(self, store: str):
+
+def _postgres_pids() -> list[int]:
+    """Every process of the PostgreSQL server (its backends, WAL writer, checkpointer ...)."""
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("postgres", "postmaster"):
+                pids.append(int(comm.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return pids
+
+
+TABLE_COUNTERS = ("seq_scan", "seq_tup_read", "idx_scan", "idx_tup_fetch", "n_tup_ins", "n_tup_upd",
+                  "n_tup_hot_upd", "n_tup_del")
+
+
+class PgCounters:
+    """The bench database's counters before and after a run, and a lock-wait sampler.
+
+    ``relays``: the relaywatch processes whose CPU time is counted (their process trees),
+    beside every process of the PostgreSQL server's (the server is shared: what other
+    sessions' backends used meanwhile is in ``pg_cpu_ms_per_msg`` too; ``pg_run_cpu_ms_per_msg``
+    is this database's backends alone, those alive at the end)."""
+
+    def __init__(self, store: str, relays=()):
         self.store = store
+        self.relays = list(relays)
         self.conn = _psycopg().connect(store, autocommit=True)
         self.samples = self.waiting = self.any_waiting = 0
         self._stop = threading.Event()
@@ -99,6 +134,14 @@ class PgCounters:
             "tup_deleted, deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()
         out = dict(zip(("xact_commit", "xact_rollback", "tup_returned", "tup_fetched", "tup_inserted",
                         "tup_updated", "tup_deleted", "deadlocks"), map(int, row)))
+        for relname, *values in self.conn.execute(
+                f"SELECT relname, {', '.join(f'coalesce({c}, 0)' for c in TABLE_COUNTERS)} "
+                "FROM pg_stat_user_tables WHERE schemaname = current_schema()"):
+            out.update({f"{relname}.{c}": int(v) for c, v in zip(TABLE_COUNTERS, values)})
+        out["cpu.relaywatch"] = _cpu_ticks(p for r in self.relays for p in process_tree(r.proc.pid))
+        out["cpu.postgres"] = _cpu_ticks(_postgres_pids())
+        self.backends = {pid: _cpu_ticks([pid]) for (pid,) in self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")}
         try:
             out["statements"] = int(self.conn.execute(
                 "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
@@ -109,6 +152,7 @@ class PgCounters:
 
     def start(self) -> "PgCounters":
         self.before = self.snapshot()
+        self.backends_before = self.backends
         self._thread.start()
         return self
 
@@ -127,6 +171,9 @@ class PgCounters:
         after = self.snapshot()
         self.conn.close()
         d = {k: after[k] - self.before.get(k, 0) for k in after}
+        # The run's backends alive at the end, against the start (one opened since: from 0).
+        d["cpu.run_backends"] = sum(t - self.backends_before.get(pid, 0) for pid, t in self.backends.items())
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
         out = {"xact_per_msg": d["xact_commit"] / messages, "rollbacks": d["xact_rollback"],
                "rows_read_per_msg": (d["tup_returned"] + d["tup_fetched"]) / messages,
                "rows_written_per_msg": (d["tup_inserted"] + d["tup_updated"] + d["tup_deleted"]) / messages,
@@ -135,6 +182,12 @@ class PgCounters:
                "lock_waiters_mean": self.waiting / self.samples if self.samples else 0.0}
         if "statements" in d:
             out["statements_per_msg"] = d["statements"] / messages
+        out["relaywatch_cpu_ms_per_msg"] = d["cpu.relaywatch"] * tick_ms / messages
+        out["pg_cpu_ms_per_msg"] = d["cpu.postgres"] * tick_ms / messages
+        out["pg_run_cpu_ms_per_msg"] = d["cpu.run_backends"] * tick_ms / messages
+        out["cpu_ms_per_msg"] = out["relaywatch_cpu_ms_per_msg"] + out["pg_cpu_ms_per_msg"]
+        out["tables_per_msg"] = {k: round(v / messages, 2) for k, v in sorted(d.items())
+                                 if "." in k and not k.startswith("cpu.") and v}
         return out
 
 
@@ -150,7 +203,7 @@ def throughput_pg(run, relay_cls, messages: int, sessions: int, size: int) -> di
         counters: dict = {}
 
         def watch(relay):
-            counters["pg"] = PgCounters(store).start()
+            counters["pg"] = PgCounters(store, [relay]).start()
             return lambda: counters["pg"].per_message(messages)
         pg = run.throughput(lambda port: RelaywatchPg(port, store), messages, sessions, size, watch=watch)
     return {**pg, "sqlite_end_to_end_per_s": sqlite["end_to_end_per_s"],
@@ -172,7 +225,7 @@ def cluster_nodes(run, relay_cls, messages: int, sessions: int, size: int, count
             try:
                 for i in range(n):
                     nodes.append(RelaywatchPg(sink.port, store, node=f"bench{i + 1}").start())
-                counters = PgCounters(store).start()
+                counters = PgCounters(store, nodes).start()
                 share = messages // n
                 t0 = time.monotonic()
                 threads = [threading.Thread(target=run.smtp_source,
