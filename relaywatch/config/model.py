@@ -40,6 +40,10 @@ class ServerConfig:
     delivery_restart_reset: float = 300.0   # a delivery process that ran this long restarts at once
     store: str = "sqlite"                    # or a postgresql:// URL (store/postgres.py)
     store_statement_timeout: float | None = 30.0   # PostgreSQL: longest statement; None: the server's
+    store_prepared_statements: bool = True   # PostgreSQL: off for a pooler without them (pgbouncer < 1.21)
+    # The delivering process's commits (leases, outcomes) wait for the disk too; off: a crash
+    # may forget a delivery just made, which is then made again (a duplicate, never a loss).
+    delivery_sync_commits: bool = False
     # Several nodes on one queue (relaywatch/cluster/): this node's name (by default
     # the machine's host name), how often it beats, and how old a heartbeat makes it dead.
     node_name: str = field(default_factory=lambda: default_node_name())

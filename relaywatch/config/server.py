@@ -18,7 +18,7 @@ from relaywatch.config.model import AlertsConfig, Domain, ServerConfig
 from relaywatch.config.pem import key_pair_problems, pem_problem
 from relaywatch.config.users_file import UsersFileError, load_users
 from relaywatch.config.values import (
-    Reader, auto_bool, choice, duration_or_off, file_keys, format_hostport, host_name, hostport_list,
+    Reader, auto_bool, boolean, choice, duration_or_off, file_keys, format_hostport, host_name, hostport_list,
     network_list, non_negative_int, parse_domain, parse_duration, parse_size, positive_duration, positive_int,
     string)
 
@@ -65,6 +65,9 @@ def parse_server(r: Reader, s: dict, base_dir: Path, rel) -> ServerConfig:
         store=r.get(s, "store", "server", _store_url, d.store),
         store_statement_timeout=r.get(s, "store_statement_timeout", "server", duration_or_off,
                                       d.store_statement_timeout),
+        store_prepared_statements=r.get(s, "store_prepared_statements", "server", boolean,
+                                        d.store_prepared_statements),
+        delivery_sync_commits=r.get(s, "delivery_sync_commits", "server", boolean, d.delivery_sync_commits),
         submission_listen=r.get(s, "submission_listen", "server", hostport_list(587, allow_zero=True),
                                 d.submission_listen),
         submissions_listen=r.get(s, "submissions_listen", "server", hostport_list(465, allow_zero=True),

@@ -16,10 +16,13 @@ def open_store(config: Config, on_work=None, sync_commits: bool = True, checkpoi
     ``sync_commits=False``: the caller only leases and records outcomes (the
     delivering process); ``checkpoints``: the caller keeps SQLite's WAL short
     (one process of a running relay); see SqliteStore.  ``clock``: the time of
-    operations called without a ``now`` (relaywatch/clock.py's ``now``)."""
+    operations called without a ``now`` (relaywatch/clock.py's ``now``); ``server.delivery_sync_commits``
+    makes the delivering process's commits wait for the disk as well."""
+    sync_commits = sync_commits or config.server.delivery_sync_commits
     if config.server.store.startswith(("postgresql://", "postgres://")):
         from relaywatch.store.postgres import PostgresStore
         store = PostgresStore(config.server.store, on_work, statement_timeout=config.server.store_statement_timeout,
+                              sync_commits=sync_commits, prepare=config.server.store_prepared_statements,
                               clock=clock)
     else:
         from relaywatch.store.sqlite import SqliteStore

@@ -26,6 +26,7 @@ for ever.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -62,6 +63,7 @@ CHANNEL = "relaywatch_work"
 _PLACEHOLDER = re.compile(r"\?")
 
 
+PREPARE_THRESHOLD = 5          # psycopg's default
 CONNECT_TIMEOUT = 5            # seconds (libpq's connect_timeout; it counts whole seconds, at least 2)
 LISTEN_RECONNECT_CAP = 2.0
 LISTEN_IDLE = 5.0              # seconds the listener sleeps between looks at its stop flag, at most
@@ -127,6 +129,7 @@ def retire_indexes(conn: psycopg.Connection, now: float) -> None:
         log.info("the Message-ID indexes of the previous version are left for a later start (%s)", first_line(exc))
 
 
+@functools.lru_cache(maxsize=512)
 def _translate(sql: str) -> str:
     # The shared SQL has no literal '?' and its only '%' are LIKE patterns.
     return _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
@@ -154,13 +157,25 @@ class _Connection:
         self.conn.close()
 
 
-def _durable_commits(writer: _Connection) -> _Connection:
+def _durable_commits(writer: _Connection, sync_commits: bool = True) -> _Connection:
     """The writer commits with ``synchronous_commit`` on, whatever the server or role says.
 
     relaywatch answers 250 once COMMIT returns; with ``synchronous_commit = off``
     COMMIT returns before the WAL is on disk, and a PostgreSQL crash loses mail
     that was acknowledged.  The other values (local, remote_write, on,
-    remote_apply) all wait for the local flush and are left as they are."""
+    remote_apply) all wait for the local flush and are left as they are.
+
+    ``sync_commits=False`` (the delivering process, which receives nothing: see
+    store/__init__.py open_store) sets it off for the session instead, as the SQLite
+    store's delivering process commits with ``synchronous=NORMAL``: what it commits
+    (leases, outcomes, the notices that go with a failure) reaches the disk within
+    ``wal_writer_delay`` (x 3), and a crash before that forgets a suffix of them,
+    whole transactions in order: a delivery made again (a duplicate), a lease that
+    lapses, never a message lost.  The receiving process's commits stay synchronous,
+    and each flushes every WAL record before its own."""
+    if not sync_commits:
+        writer.conn.execute("SET synchronous_commit = off")
+        return writer
     if writer.conn.execute("SHOW synchronous_commit").fetchone()[0] == "off":
         writer.conn.execute("SET synchronous_commit = on")
         log.warning("PostgreSQL has synchronous_commit = off: relaywatch's writer sets it on for its own "
@@ -172,8 +187,8 @@ class PostgresStore(SqlStore):
     """A queue several nodes share; ``statement_timeout``: server.store_statement_timeout."""
 
     def __init__(self, dsn: str, on_work=None, statement_timeout: float | None = 30.0,
-                 clock: Callable[[], float] = time.time):
-        super().__init__(PostgresDialect(dsn, statement_timeout), on_work, clock)
+                 clock: Callable[[], float] = time.time, sync_commits: bool = True, prepare: bool = True):
+        super().__init__(PostgresDialect(dsn, statement_timeout, sync_commits, prepare), on_work, clock)
         self.dsn = dsn
 
 
@@ -189,9 +204,14 @@ class PostgresDialect:
     counts_by_delta = True
     announce = f"NOTIFY {CHANNEL}"
 
-    def __init__(self, dsn: str, statement_timeout: float | None = 30.0):
+    def __init__(self, dsn: str, statement_timeout: float | None = 30.0, sync_commits: bool = True,
+                 prepare: bool = True):
         self.dsn = dsn
         self.params = connection_params(dsn, statement_timeout)
+        self.sync_commits = sync_commits
+        # psycopg's default: a statement run a fifth time on a connection is prepared
+        # there (parsed and planned once); None never prepares (a pooler without them).
+        self.prepare_threshold = PREPARE_THRESHOLD if prepare else None
         self._listener: threading.Thread | None = None
         self._stop_listening = threading.Event()
         # Written to by stop(): the listener waits on its connection and this pipe
@@ -253,12 +273,14 @@ class PostgresDialect:
         return re.sub(r"([?&]password=)[^&]*", r"\1***", re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", self.dsn))
 
     def _connect(self) -> _Connection:
-        # autocommit: transactions are explicit (BEGIN ... COMMIT in store/batch.py BatchRunner.run);
-        # prepare_threshold=None keeps it usable behind pgbouncer in transaction mode.
-        return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None, **self.params))
+        # autocommit: transactions are explicit (BEGIN ... COMMIT in store/batch.py BatchRunner.run).
+        # Prepared statements (server.store_prepared_statements) need a pooler that keeps them
+        # in transaction mode (pgbouncer 1.21 and later, max_prepared_statements > 0).
+        return _Connection(psycopg.connect(self.dsn, autocommit=True, prepare_threshold=self.prepare_threshold,
+                                           **self.params))
 
     def reconnect_writer(self) -> _Connection:
-        return _durable_commits(self._connect())
+        return _durable_commits(self._connect(), self.sync_commits)
 
     def broken(self, conn: _Connection) -> bool:
         return conn.conn.closed or conn.conn.broken
@@ -280,7 +302,7 @@ class PostgresDialect:
                 log.info("creating or migrating the schema waited for the running nodes (%s); trying again",
                          first_line(exc))
                 time.sleep(SCHEMA_RETRY_PAUSE * attempt)
-        return _durable_commits(conn)
+        return _durable_commits(conn, self.sync_commits)
 
     @staticmethod
     def _make_schema(conn: _Connection) -> None:
