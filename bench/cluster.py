@@ -115,8 +115,9 @@ class PgCounters:
 
     ``relays``: the relaywatch processes whose CPU time is counted (their process trees),
     beside every process of the PostgreSQL server's (the server is shared: what other
-    sessions' backends used meanwhile is in ``pg_cpu_ms_per_msg`` too; ``pg_run_cpu_ms_per_msg``
-    is this database's backends alone, those alive at the end)."""
+    sessions' backends used meanwhile is in ``pg_cpu_ms_per_msg`` too, those alive at the end;
+    ``pg_run_cpu_ms_per_msg`` is this database's backends alone, and ``cpu_ms_per_msg`` that and
+    relaywatch's: the server's WAL writer and checkpointer are left out of it, other sessions too)."""
 
     def __init__(self, store: str, relays=()):
         self.store = store
@@ -138,10 +139,13 @@ class PgCounters:
                 f"SELECT relname, {', '.join(f'coalesce({c}, 0)' for c in TABLE_COUNTERS)} "
                 "FROM pg_stat_user_tables WHERE schemaname = current_schema()"):
             out.update({f"{relname}.{c}": int(v) for c, v in zip(TABLE_COUNTERS, values)})
-        out["cpu.relaywatch"] = _cpu_ticks(p for r in self.relays for p in process_tree(r.proc.pid))
-        out["cpu.postgres"] = _cpu_ticks(_postgres_pids())
-        self.backends = {pid: _cpu_ticks([pid]) for (pid,) in self.conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")}
+        # CPU by process, so that one which ended meanwhile (another session's backend) takes
+        # nothing away: a delta is a process's ticks since the start, or since its own start.
+        self.cpu = {"relaywatch": {p: _cpu_ticks([p]) for r in self.relays for p in process_tree(r.proc.pid)},
+                    "postgres": {p: _cpu_ticks([p]) for p in _postgres_pids()},
+                    "run_backends": {p: _cpu_ticks([p]) for (p,) in self.conn.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()")}}
         try:
             out["statements"] = int(self.conn.execute(
                 "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements WHERE dbid = "
@@ -152,7 +156,7 @@ class PgCounters:
 
     def start(self) -> "PgCounters":
         self.before = self.snapshot()
-        self.backends_before = self.backends
+        self.cpu_before = self.cpu
         self._thread.start()
         return self
 
@@ -171,8 +175,8 @@ class PgCounters:
         after = self.snapshot()
         self.conn.close()
         d = {k: after[k] - self.before.get(k, 0) for k in after}
-        # The run's backends alive at the end, against the start (one opened since: from 0).
-        d["cpu.run_backends"] = sum(t - self.backends_before.get(pid, 0) for pid, t in self.backends.items())
+        for kind, ticks in self.cpu.items():
+            d[f"cpu.{kind}"] = sum(t - self.cpu_before[kind].get(pid, 0) for pid, t in ticks.items())
         tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
         out = {"xact_per_msg": d["xact_commit"] / messages, "rollbacks": d["xact_rollback"],
                "rows_read_per_msg": (d["tup_returned"] + d["tup_fetched"]) / messages,
@@ -185,7 +189,7 @@ class PgCounters:
         out["relaywatch_cpu_ms_per_msg"] = d["cpu.relaywatch"] * tick_ms / messages
         out["pg_cpu_ms_per_msg"] = d["cpu.postgres"] * tick_ms / messages
         out["pg_run_cpu_ms_per_msg"] = d["cpu.run_backends"] * tick_ms / messages
-        out["cpu_ms_per_msg"] = out["relaywatch_cpu_ms_per_msg"] + out["pg_cpu_ms_per_msg"]
+        out["cpu_ms_per_msg"] = out["relaywatch_cpu_ms_per_msg"] + out["pg_run_cpu_ms_per_msg"]
         out["tables_per_msg"] = {k: round(v / messages, 2) for k, v in sorted(d.items())
                                  if "." in k and not k.startswith("cpu.") and v}
         return out
