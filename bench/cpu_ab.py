@@ -54,6 +54,10 @@ def relay_class(tree: Path, queue_extra: str = ""):
         def __init__(self, sink_port: int):
             super().__init__(sink_port)
             self.queue_extra += "\n" + queue_extra
+            if not (tree / "relaywatch" / "console").is_dir():
+                # a tree from before the console (2026-11-27) refuses an [http] section; prepare()
+                # adds one only when self.extra does not mention it
+                self.extra += "\n# [http]: none in this tree"
     return TreeRelaywatch
 
 

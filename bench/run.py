@@ -519,7 +519,7 @@ SCENARIOS = {
     "big_queue": lambda cls, a: big_queue(cls, a.big_queue if not a.smoke else 2000, max(a.messages // 4, 10),
                                           a.sessions),
     "big_messages": lambda cls, a: big_messages(cls, 10 if not a.smoke else 2, 35_000_000 if not a.smoke else 1_000_000),
-    "latency": lambda cls, a: latency(cls, 200, 11 if not a.smoke else 2),
+    "latency": lambda cls, a: latency(cls, a.latency_rate, 11 if not a.smoke else 2),
     "throughput_console": lambda cls, a: throughput_console(cls, a.messages, a.sessions, 1024),
     # PostgreSQL (bench/cluster.py): relaywatch and Postfix; relaywatch alone
     "throughput_1k_pg": lambda cls, a: cluster.throughput_pg(sys.modules[__name__], cls, a.messages, a.sessions,
@@ -603,6 +603,8 @@ def main() -> None:
                          "(default 500, smoke: 100)")
     ap.add_argument("--exim-queue-per-connection", type=int, default=Exim.queue_per_connection,
                     help="Exim's smtp_accept_queue_per_connection (Exim's default: 10; see bench/README.md)")
+    ap.add_argument("--latency-rate", type=int, default=500,
+                    help="messages/s the latency scenario offers (500; 200 until 2026-12-01)")
     ap.add_argument("--big-queue", type=int, default=1_000_000, help="deferred messages for big_queue")
     ap.add_argument("--backlog", type=int, default=20_000, help="deferred messages for the backlog scenarios")
     a = ap.parse_args()
@@ -623,7 +625,7 @@ def main() -> None:
                                  "kernel": platform.release()},
                      "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "params": {"messages": a.messages, "sessions": a.sessions, "repeat": a.repeat, "backlog": a.backlog,
-                                "big_queue": a.big_queue,
+                                "big_queue": a.big_queue, "latency_rate": a.latency_rate,
                                 "smoke": a.smoke}, "scenarios": {}, "skipped": skipped, "delivery_check": {}}
     failed = []
     if any(s not in RELAYWATCH_ONLY for s in scenarios):
@@ -697,7 +699,7 @@ def render(results: dict) -> str:
                  "backlog_default": p.get("backlog", p["messages"] // 4) if not p.get("smoke") else 20,
                  "big_queue": f"{max(p['messages'] // 4, 10)} "
                               f"(+{p.get('big_queue', 1_000_000) if not p.get('smoke') else 2000} queued)",
-                 "big_messages": 10 if not p.get("smoke") else 2, "latency": "200/s",
+                 "big_messages": 10 if not p.get("smoke") else 2, "latency": f"{p.get('latency_rate', 200)}/s",
                  "big_queue_pg": f"{max(p['messages'] // 4, 10)} "
                                  f"(+{p.get('big_queue', 1_000_000) if not p.get('smoke') else 2000} queued)",
                  }.get(name, p["messages"])
