@@ -8,6 +8,7 @@ first block of the header section for the mail log.
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 
 from relaywatch.receive.conversation import Conversation
@@ -27,9 +28,15 @@ def received_header(conv: Conversation, client_ip: str, hostname: str, now: floa
         proto = "UTF8" + proto[1:]    # RFC 6531 4.3: UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA
     who = f"\r\n\t(Authenticated sender: {conv.user})" if conv.user is not None else ""
     rcpt = f"\r\n\tfor <{conv.recipients[0][0]}>" if len(conv.recipients) == 1 else ""
-    stamp = email.utils.formatdate(now, localtime=False)
+    stamp = _date(int(now))
     return (f"Received: from {conv.helo or 'unknown'} ([{client_ip}]){who}\r\n\tby {hostname} (relaywatch) "
             f"with {proto}{rcpt}; {stamp}\r\n").encode("utf-8" if conv.smtputf8 else "ascii", "replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    """RFC 5322's date of a second, made once per second (formatdate was 4% of the receiver)."""
+    return email.utils.formatdate(second, localtime=False)
 
 
 def message_id(header_block: bytes) -> str:

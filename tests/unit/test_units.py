@@ -312,3 +312,26 @@ def test_an_empty_last_line_before_the_end_is_kept_when_the_block_starts_with_it
     assert p.done and p.problem is None
     assert out == b"Subject: x\r\n\r\nbody\r\n\r\n"
     assert p.leftover == b"QUIT\r\n"
+
+
+import asyncio  # noqa: E402
+import email.utils  # noqa: E402
+
+from relaywatch.clock import SYSTEM_CLOCK  # noqa: E402
+from relaywatch.receive.message import _date  # noqa: E402
+
+
+def test_the_system_clock_waits_for_an_event_or_its_timeout():
+    async def run():
+        event = asyncio.Event()
+        assert await SYSTEM_CLOCK.wait(event, 0) is False          # not set, no time at all
+        assert await SYSTEM_CLOCK.wait(event, 0.01) is False
+        asyncio.get_running_loop().call_soon(event.set)
+        assert await SYSTEM_CLOCK.wait(event, 60) is True          # set while waiting
+        assert await SYSTEM_CLOCK.wait(event, 0) is True           # set already
+    asyncio.run(run())
+
+
+def test_the_received_date_is_rfc5322s_of_that_second():
+    assert _date(0) == "Thu, 01 Jan 1970 00:00:00 -0000"
+    assert _date(1_800_000_000) == email.utils.formatdate(1_800_000_000.9, localtime=False)
