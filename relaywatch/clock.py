@@ -39,6 +39,8 @@ class SystemClock:
         await asyncio.sleep(seconds)
 
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
+        if event.is_set():
+            return True    # wait_for with no time left says False even for an event already set
         try:
             await asyncio.wait_for(event.wait(), timeout)
             return True
