@@ -75,21 +75,25 @@ class SqlQueue:
     _traces_pruned_at: float = 0.0
 
     def _keep_trace(self, conn: Any, entry_id: str, end: dict, outcomes: Sequence[RecipientOutcome] = (),
-                    attempt: dict | None = None, first_try: Entry | None = None) -> None:
+                    attempt: dict | None = None, entry: Entry | None = None, first_try: bool = False) -> None:
         """What is kept of an entry that leaves the queue now (store/trace.py), in the
         transaction that removes it; pruned at most every trace_prune_every seconds by each writer.
-        ``attempt``: the attempt not stored yet, as Attempt.to_dict().
-        ``first_try``: the entry as the caller read it, with no attempt yet and its recipients
-        attached, so nothing is read again (the delivery path's common case)."""
+        ``attempt``: the attempt not stored yet, as Attempt.to_dict().  ``entry``: its row as
+        the caller read it (else read here).  ``first_try``: no attempt stored yet and the
+        recipients attached (the delivery path's common case), so nothing more is read.
+        Otherwise the recipients' statuses and the stored attempts' JSON text are read (not
+        the recipients' failures: the trace does not keep them)."""
         if self.trace_retention <= 0:
             return
-        if first_try is not None:
-            entry = first_try
-        else:
-            entry = read_entry(conn, entry_id, end["at"])
-        attempts = [*entry.history, attempt] if attempt is not None else entry.history
-        record = traces.trace_record(entry, attempts, end, outcomes)
-        self._insert_trace(conn, entry.id, entry.message_id, end["at"], traces.to_json(record))
+        if entry is None:
+            entry = entry_from_row(conn.execute(Q["entry"], (entry_id,)).fetchone(), end["at"])
+        stored: list[str] = []
+        if not first_try:
+            entry.recipients = [Recipient(address, RecipientStatus(status), position=position) for
+                                position, address, status in sorted(conn.execute(Q["recipient_statuses"], (entry.id,)))]
+            stored = [data for (data,) in conn.execute(Q["attempts_of"], (entry.id,))]
+        self._insert_trace(conn, entry.id, entry.message_id, end["at"],
+                           traces.trace_json(entry, stored, attempt, end, outcomes))
 
     def _insert_trace(self, conn: Any, entry_id: str, message_id: str, ended_at: float, data: str) -> None:
         conn.execute(traces.Q["insert_trace"], (entry_id, message_id, ended_at, data))
@@ -182,7 +186,7 @@ class SqlQueue:
                             if attempts == 0:
                                 entry.recipients = [Recipient(a, position=i) for i, (a,) in enumerate(waiting)]
                             self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt_data,
-                                             first_try=entry if attempts == 0 else None)
+                                             entry=entry, first_try=attempts == 0)
                         _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
             failed_now = False
@@ -202,7 +206,7 @@ class SqlQueue:
                 conn.execute(Q["insert_attempt"], (entry_id, attempts, json.dumps(data, separators=(",", ":"))))
             pending = conn.execute(Q["count_waiting"], (entry_id,)).fetchone()[0]
             if pending == 0 and held_notice is None:
-                self._keep_trace(conn, entry_id, traces.end_of(notice_ids, now))
+                self._keep_trace(conn, entry_id, traces.end_of(notice_ids, now), entry=entry)
                 _remove(conn, entry_id, body_id, cleanup)
                 return True
             # Still here: recipients wait, or only a notice that could not be built

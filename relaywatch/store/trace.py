@@ -16,6 +16,7 @@ the entry is inserted, gone with the trace's prune, or with the entry if no trac
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Sequence
 
 from relaywatch.model import Entry, RecipientOutcome
@@ -36,6 +37,35 @@ def trace_record(entry: Entry, attempts: Sequence[dict], end: dict | None,
     """The trace of ``entry`` (times as epoch seconds): ``end`` None while it is queued,
     else {"at", "event", ...} saying how it left.  ``outcomes``: statuses recorded in
     the same transaction that the entry's rows do not show yet."""
+    head, end = _head(entry, len(attempts), end, outcomes)
+    return {**head, "attempts": [_compact(a) for a in attempts[-TRACE_ATTEMPTS:]], "end": end}
+
+
+def trace_json(entry: Entry, stored: Sequence[str], attempt: dict | None, end: dict | None,
+               outcomes: Sequence[RecipientOutcome] = ()) -> str:
+    """``to_json(trace_record(...))`` of ``entry`` whose earlier attempts are ``stored``, as the
+    attempts table keeps them (JSON text, oldest first), and ``attempt`` the one not stored yet.
+
+    A stored attempt whose replies are all within REPLY_CHARS goes into the trace as it is,
+    not decoded and encoded again: a backlog delivered once its destination is back records
+    thousands of these at once, each with the failures it had.  The test is on the JSON
+    text, whose characters are never fewer than a string's own (escapes are longer)."""
+    count = len(stored) + (attempt is not None)
+    parts = [text if _LONG_REPLY.search(text) is None else to_json(_compact(json.loads(text)))
+             for text in stored[max(0, count - TRACE_ATTEMPTS):]]
+    if attempt is not None:
+        parts.append(to_json(_compact(attempt)))
+    head, end = _head(entry, count, end, outcomes)
+    return f'{to_json(head)[:-1]},"attempts":[{",".join(parts)}],"end":{to_json(end)}}}'
+
+
+# A "reply" string longer than REPLY_CHARS in an attempt's JSON text (each escape counts as one).
+_LONG_REPLY = re.compile(r'"reply"\s*:\s*"(?:[^"\\]|\\.){%d}' % (REPLY_CHARS + 1))
+
+
+def _head(entry: Entry, attempts: int, end: dict | None,
+          outcomes: Sequence[RecipientOutcome]) -> tuple[dict[str, Any], dict | None]:
+    """The trace's entry and recipients, and its end with the event the statuses give."""
     now_status = {o.address: o.status.value for o in outcomes}
     recipients = [{"address": r.address, "status": now_status.get(r.address, r.status.value)}
                   for r in entry.recipients]
@@ -46,11 +76,9 @@ def trace_record(entry: Entry, attempts: Sequence[dict], end: dict | None,
                   "received_at": entry.received_at, "expires_at": entry.expires_at, "size": entry.size,
                   "route": entry.route.kind.value, "connector": entry.route.name, "domain": entry.route.domain,
                   "client": entry.client, "helo": entry.helo, "auth_user": entry.auth_user, "is_dsn": entry.is_dsn,
-                  "status": entry.status.value, "attempts": len(attempts)},
+                  "status": entry.status.value, "attempts": attempts},
         "recipients": recipients,
-        "attempts": [_compact(a) for a in attempts[-TRACE_ATTEMPTS:]],
-        "end": end,
-    }
+    }, end
 
 
 def _compact(attempt: dict) -> dict:

@@ -154,3 +154,26 @@ async def test_traces_are_pruned_after_the_retention_and_off_keeps_none(store):
     [third] = await store.enqueue(msg("1@a.test", message_id="<p3@x>"))
     assert await store.delete(third)
     assert await store.trace(third) is None and await store.trace_ids("<p3@x>") == []
+
+
+async def test_a_message_delivered_after_deferrals_keeps_each_attempt_with_long_replies_cut(store):
+    # A released backlog: each message was deferred before and is delivered now; the SQL store
+    # puts the stored attempts into the trace as they are unless a reply must be cut.
+    [entry_id] = await store.enqueue(msg("1@a.test", "2@a.test"))
+    for reply in ("421 4.3.2 " + "é" * 2000, "421 4.3.2 try again later"):
+        entry = await leased(store, entry_id)
+        await store.record(entry.id, "w", attempt(("1@a.test", DEFERRED), ("2@a.test", DEFERRED), reply=reply),
+                           [RecipientOutcome("1@a.test", DEFERRED), RecipientOutcome("2@a.test", DEFERRED)],
+                           time.time(), leased=entry)
+    entry = await leased(store, entry_id)
+    await store.record(entry.id, "w", attempt(("1@a.test", DELIVERED), ("2@a.test", DELIVERED)),
+                       [RecipientOutcome("1@a.test", DELIVERED), RecipientOutcome("2@a.test", DELIVERED)], None,
+                       leased=entry)
+    trace = await store.trace(entry_id)
+    assert trace["entry"]["attempts"] == 3 and trace["end"]["event"] == "delivered"
+    assert trace["recipients"] == [{"address": "1@a.test", "status": "delivered"},
+                                   {"address": "2@a.test", "status": "delivered"}]
+    assert [[r["reply"] for r in a["recipients"]] for a in trace["attempts"]] == [
+        [("421 4.3.2 " + "é" * 2000)[:REPLY_CHARS]] * 2, ["421 4.3.2 try again later"] * 2,
+        ["250 2.0.0 queued as ABC"] * 2]
+    assert [a["recipients"][0]["status"] for a in trace["attempts"]] == ["deferred", "deferred", "delivered"]
