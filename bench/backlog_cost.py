@@ -81,7 +81,7 @@ def one_run(tree: Path, messages: int, sessions: int, profile: str | None, label
                                     "-o", f"{profile}/{label}-deliver.txt"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(1.0)
-        before_cpu = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        before_cpu = {role: sum(cpu_seconds(pid)) for role, pid in pids.items()}
         before = metrics(http_port)
         load = os.getloadavg()
         watch = LogWatch(relay.dir / "relaywatch.log")
@@ -92,7 +92,7 @@ def one_run(tree: Path, messages: int, sessions: int, profile: str | None, label
         t0 = time.monotonic()
         first = sink.wait_for(1, timeout=600)
         done = sink.wait_for(messages, timeout=600)
-        after_cpu = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        after_cpu = {role: sum(cpu_seconds(pid)) for role, pid in pids.items()}
         time.sleep(0.3)     # the last outcomes' commits
         after = metrics(http_port)
         n = messages
