@@ -74,6 +74,9 @@ async def test_reopened_waits_for_the_next_heartbeat_or_gives_up():
     assert not waiting.done()
     fence.beat(clock.monotonic(), clock.monotonic(), LAPSE, INTERVAL)
     assert await waiting is True
+    # The first wait's timer is cancelled a loop turn later: counted as waiting until then, it would
+    # let the advance below run before the second wait has parked (which would then never end).
+    await eventually(lambda: clock.waiting == 0, what="the first wait's timer to go")
     fence2 = beaten((clock.monotonic() - 30.0, clock.monotonic() - 29.9))
     giving_up = asyncio.ensure_future(fence2.reopened(clock, 10.0))
     await eventually(lambda: clock.waiting, what="the wait to park on the clock")
