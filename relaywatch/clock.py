@@ -40,7 +40,11 @@ class SystemClock:
 
     async def wait(self, event: asyncio.Event, timeout: float) -> bool:
         if event.is_set():
-            return True    # wait_for with no time left says False even for an event already set
+            # wait_for with no time left says False even for an event already set.  Still one turn
+            # of the loop, as a wait always was: callers wait in loops (scheduler.py's wait for more
+            # of a destination's mail), and one that never yields starves every other task.
+            await asyncio.sleep(0)
+            return True
         try:
             await asyncio.wait_for(event.wait(), timeout)
             return True

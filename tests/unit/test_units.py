@@ -332,6 +332,20 @@ def test_the_system_clock_waits_for_an_event_or_its_timeout():
     asyncio.run(run())
 
 
+def test_a_wait_for_an_event_already_set_still_lets_the_other_tasks_run():
+    """Callers wait in loops (the scheduler's wait for more of a destination's mail): a wait that
+    returned without a turn of the loop starved every other task (the PostgreSQL cut test hung)."""
+    async def run():
+        event = asyncio.Event()
+        event.set()
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, "other")
+        for _ in range(3):
+            assert await SYSTEM_CLOCK.wait(event, 0) is True
+        assert ran == ["other"]
+    asyncio.run(run())
+
+
 def test_the_received_date_is_rfc5322s_of_that_second():
     assert _date(0) == "Thu, 01 Jan 1970 00:00:00 -0000"
     assert _date(1_800_000_000) == email.utils.formatdate(1_800_000_000.9, localtime=False)
