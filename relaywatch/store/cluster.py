@@ -30,6 +30,7 @@ class SqlCluster:
                                           beat.delivered, beat.instance))
             if self.dialect.counts_by_delta:   # every few seconds on every node: the deltas stay few
                 conn.execute(Q["fold_counts"])
+                conn.execute(Q["fold_waiting"])
             if not first:
                 return 0
             return conn.execute(self._skipping("release_earlier_instances"), (beat.at, beat.at, beat.name,

@@ -18,9 +18,10 @@ received = excluded.received, delivered = excluded.delivered, message_ids_by = e
 -- Params (now, now, name, name, name, instance): owners are "name:pid:random".
 -- {skip_locked} (PostgreSQL): a row another transaction holds is being returned or leased by it
 -- already; waiting for it is how two such statements, locking rows in different orders, deadlocked.
+-- lease_until IS NOT NULL (a lease sets it with lease_owner): the leased few through entries_leased.
 UPDATE entries SET lease_owner = NULL, lease_until = NULL,
 next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END
-WHERE id IN (SELECT id FROM entries WHERE lease_owner IS NOT NULL AND substr(lease_owner, 1, length(?) + 1) = ? || ':'
+WHERE id IN (SELECT id FROM entries WHERE lease_until IS NOT NULL AND substr(lease_owner, 1, length(?) + 1) = ? || ':'
 AND lease_owner <> ?{skip_locked})
 
 -- nodes --
@@ -36,10 +37,11 @@ FROM nodes ORDER BY name
 -- and the node is not returned; one being written now is skipped: the node beats.  On the
 -- entries: a row another transaction holds is being recorded or leased; the next round returns
 -- it if it is still the dead node's.  So this statement never waits, and the leader's
--- transaction (which holds the leader row) cannot close a cycle of lock waits.
+-- transaction (which holds the leader row) cannot close a cycle of lock waits.  Through
+-- entries_leased (lease_until IS NOT NULL), not a scan of every entry at every heartbeat.
 UPDATE entries SET lease_owner = NULL, lease_until = NULL,
 next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END
-WHERE id IN (SELECT id FROM entries WHERE lease_owner IN (SELECT instance FROM nodes WHERE heartbeat_at < ?{skip_locked}){skip_locked})
+WHERE id IN (SELECT id FROM entries WHERE lease_until IS NOT NULL AND lease_owner IN (SELECT instance FROM nodes WHERE heartbeat_at < ?{skip_locked}){skip_locked})
 
 -- acquire_leader --
 -- Take the leader lease if it is free or lapsed, or renew our own; the term we hold, no row if
@@ -72,3 +74,10 @@ WITH folded AS (DELETE FROM queue_count_deltas RETURNING route_name, status, las
 INSERT INTO queue_counts (route_name, status, last_code, n)
 SELECT route_name, status, last_code, sum(delta) FROM folded GROUP BY route_name, status, last_code
 ON CONFLICT (route_name, status, last_code) DO UPDATE SET n = queue_counts.n + excluded.n
+
+-- fold_waiting --
+-- The same for the recipients waiting (queue_waiting).
+WITH folded AS (DELETE FROM queue_waiting_deltas RETURNING route_name, status, last_code, delta)
+INSERT INTO queue_waiting (route_name, status, last_code, n)
+SELECT route_name, status, last_code, sum(delta) FROM folded GROUP BY route_name, status, last_code
+ON CONFLICT (route_name, status, last_code) DO UPDATE SET n = queue_waiting.n + excluded.n

@@ -49,7 +49,8 @@ SCHEMA = schema.render("postgres")
 # (queue list ...) and node start waited for the writers' transactions and held new ones up.
 SCHEMA_RELATIONS = re.findall(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)", SCHEMA)
 # schema.COUNT_TRIGGERS["postgres"] and message_ids.MESSAGE_ID_TRIGGERS["postgres"]
-TRIGGER_NAMES = ("entries_counted", "entries_counted_update", *message_ids.MESSAGE_ID_TRIGGER_NAMES)
+TRIGGER_NAMES = ("entries_counted", "entries_counted_update", "entries_waiting", "entries_waiting_update",
+                 *message_ids.MESSAGE_ID_TRIGGER_NAMES)
 # A node whose heartbeat is older than this is gone, for retire_indexes (longer than any server.node_lapse
 # worth having: a node of the previous version taken for gone too early would only scan, never fail).
 RETIRE_AFTER = 300.0

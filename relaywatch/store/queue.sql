@@ -112,10 +112,12 @@ UPDATE entries SET lease_owner = NULL, lease_until = NULL,
 next_attempt_at = CASE WHEN next_attempt_at < ? THEN next_attempt_at ELSE ? END WHERE {where}
 
 -- leased_by --
-lease_owner = ?
+-- Through entries_leased (a lease sets lease_until with lease_owner), not a scan of every entry:
+-- serve returns what a previous run leased when it starts, also with ten million queued.
+lease_until IS NOT NULL AND lease_owner = ?
 
 -- leased --
-lease_owner IS NOT NULL
+lease_until IS NOT NULL
 
 -- id_not_in --
 id NOT IN (?*)

@@ -35,6 +35,8 @@ class SqlWatch:
             out = []
             for connector, code, messages, recipients, oldest, first_expiry, first_failure in conn.execute(
                     Q["deferred_by_cause"]).fetchall():
+                if oldest is None:   # counted, but gone from the snapshot the seeks read (PostgreSQL)
+                    continue
                 errors = [json.loads(x) for (x,) in conn.execute(Q["latest_errors"], (connector, code))]
                 out.append(summary(connector, code, messages, recipients, oldest, first_expiry, first_failure,
                                    errors))

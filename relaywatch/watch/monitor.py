@@ -115,11 +115,11 @@ class Monitor:
                 log.error("watch: store unavailable: %s", exc)
             except Exception:
                 log.exception("watch: evaluation failed; trying again at the next interval")
-            # The summary reads an index of every deferred message (0.5 s with a
-            # million deferred, bench big_queue). The watch spends at most a
-            # twentieth of its time on it so that delivery never waits for it; a
-            # queue that large changes slowly anyway.  (Only the query counts:
-            # sending alerts may wait on the network without costing anything.)
+            # The summary reads a few rows and seeks per (connector, code), whatever
+            # the queue holds (store/watch.sql deferred_by_cause).  Should it ever
+            # be slow (a store under load), the watch spends at most a twentieth of
+            # its time on it, so that delivery never waits for it.  (Only the query
+            # counts: sending alerts may wait on the network without costing anything.)
             await self.clock.sleep(max(self.config_ref().alerts.evaluate_interval, self._summary_cost * _WATCH_DUTY))
 
     def stop(self) -> None:

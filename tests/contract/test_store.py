@@ -238,17 +238,25 @@ async def test_a_queue_from_before_the_waiting_column_is_migrated(sql_store, tmp
     if sql_store.backend == "sqlite":
         import sqlite3
         conn = sqlite3.connect(tmp_path / "q.sqlite3")
-        conn.execute("DROP INDEX entries_deferred")
-        conn.execute("ALTER TABLE entries DROP COLUMN waiting")
+        # What came after the column and reads it: queue_waiting and its triggers.
+        for sql in ("DROP TRIGGER entries_waiting_insert", "DROP TRIGGER entries_waiting_delete",
+                    "DROP TRIGGER entries_waiting_update", "DROP TABLE queue_waiting", "DROP TABLE queue_waiting_deltas",
+                    "ALTER TABLE entries DROP COLUMN waiting"):
+            conn.execute(sql)
         conn.commit()
     else:
         import psycopg
         conn = psycopg.connect(request.getfixturevalue("pg_dsn"), autocommit=True)
-        conn.execute("ALTER TABLE entries DROP COLUMN waiting")   # its index goes with it
+        conn.execute("DROP TABLE queue_waiting, queue_waiting_deltas")
+        conn.execute("DROP FUNCTION queue_waiting_track CASCADE")   # its triggers go with it
+        conn.execute("ALTER TABLE entries DROP COLUMN waiting")
     conn.close()
     await sql_store.open()
     summary_source = await sql_store._read(lambda c: c.execute("SELECT waiting FROM entries").fetchall())
     assert [tuple(r) for r in summary_source] == [(2,)]
+    waiting = await sql_store._read(lambda c: c.execute(
+        "SELECT sum(n) FROM (SELECT n FROM queue_waiting UNION ALL SELECT delta FROM queue_waiting_deltas) w").fetchall())
+    assert [tuple(r) for r in waiting] == [(2,)]
 
 
 async def test_tls_counts_from_before_the_detail_column_are_migrated_and_read_without_one(sql_store, tmp_path,

@@ -73,11 +73,26 @@ def test_the_lease_and_the_watch_use_their_partial_indexes_on_sqlite():
     def plan(sql, params):
         return " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
     assert "USING INDEX entries_due" in plan(lease_sql(), ("w", 1.0, 1.0, 1.0, 10))
-    assert "entries_deferred" in plan(WATCH["deferred_by_cause"], ())
+    summary = plan(WATCH["deferred_by_cause"], ())
+    assert {"entries_group_age", "entries_deferred_expiry", "entries_deferred_failure"} <= set(summary.split()), summary
+    assert "SCAN e " not in summary + " " and "SCAN entries" not in summary, "a seek per group, never every entry"
     assert "entries_notice" in plan(WATCH["held_notices"], ())
     # The same lease with the statuses as parameters scans the table.
     bound = QUEUE["lease"].replace("'queued', 'deferred'", "?, ?").replace("{row_lock}", "")
     assert "USING INDEX entries_due" not in plan(bound, ("w", 1.0, 1.0, "queued", "deferred", 1.0, 10))
+
+
+def test_what_serve_reads_at_start_is_a_few_rows_through_partial_indexes_on_sqlite():
+    """The spooled bodies (the orphan sweep) and the leases a previous run left: not a scan of ten million."""
+    from relaywatch.store.queue import Q as QUEUE
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(schema.render("sqlite"))
+    def plan(sql, params=()):
+        return " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+    assert "bodies_spooled" in plan(QUEUE["spool_paths"])
+    release = QUEUE["release_leases"]
+    assert "entries_leased" in plan(release.replace("{where}", QUEUE["leased"]), (1.0, 1.0))
+    assert "entries_leased" in plan(release.replace("{where}", QUEUE["leased_by"]), (1.0, 1.0, "n:1:x"))
 
 
 def test_one_schema_renders_for_both_databases():
