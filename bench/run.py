@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import big_queue as big_queue_file
 import cluster
 from relays import (HOST, PEER_CLASSES, RELAY_CLASSES, ROOT, WORK, Exim, Postfix, Relay, Relaywatch, free_port,
                     private_dir, proc_status, wait_port)
@@ -313,43 +314,6 @@ def queue_list_times(config: Path) -> dict:
     return out
 
 
-def fill_deferred(db: Path, count: int, connector: str) -> float:
-    """Put `count` deferred messages straight into a relaywatch queue (as a long
-    outage would leave them); returns seconds taken."""
-    import sqlite3
-    sys.path.insert(0, str(ROOT))
-    from relaywatch.store.sqlite import SCHEMA
-    started = time.monotonic()
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.executescript(SCHEMA)
-    now = time.time()
-    body = b"Subject: backlog\r\n\r\n" + b"x" * 1000 + b"\r\n"
-    error = json.dumps({"code": "4.4.316", "smtp_code": 450, "title": "Connection refused", "subtype": "refused",
-                        "detail": "refused", "phase": "connect", "permanent": False, "at": now,
-                        "kind": "connect.refused", "destination": {"host": HOST, "ip": HOST, "port": 1,
-                                                                   "index": 1, "count": 1},
-                        "reply": None, "errno": "ECONNREFUSED", "dns": None, "tls": None})
-    batch = 20000
-    for start in range(0, count, batch):
-        n = min(batch, count - start)
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO bodies (id, data, path, size, refs) VALUES (?, ?, NULL, ?, 1)",
-                         ((f"B{start + i:011d}", body, len(body)) for i in range(n)))
-        conn.executemany(
-            "INSERT INTO entries (id, body_id, sender, received_at, expires_at, status, attempts, next_attempt_at, "
-            "route_kind, route_name, route_domain, size, message_id, first_failure_at, last_code) "
-            "VALUES (?, ?, 'bench@client.test', ?, ?, 'deferred', 1, ?, 'connector', ?, '', ?, '', ?, '4.4.316')",
-            ((f"E{start + i:011d}", f"B{start + i:011d}", now - 3600 + (start + i) / count, now + 80000,
-              now + 80000, connector, len(body), now - 3600) for i in range(n)))
-        conn.executemany("INSERT INTO recipients (entry_id, position, address, status, last_error) "
-                         "VALUES (?, 0, 'rcpt@backlog.test', 'deferred', ?)",
-                         ((f"E{start + i:011d}", error) for i in range(n)))
-        conn.execute("COMMIT")
-    conn.close()
-    return time.monotonic() - started
-
-
 # A connector whose destination refuses (port 1): what the big queues are deferred on.
 BACKLOG_CONNECTOR = f"""
 [[connectors]]
@@ -361,20 +325,27 @@ tls = "none"
 """
 
 
-def big_queue(relay_cls, size: int, probe_messages: int, sessions: int) -> dict:
-    """A queue holding `size` deferred messages: server memory, `queue list`
-    latency, and the enqueue rate compared with an empty queue."""
+def big_queue(relay_cls, size: int, probe_messages: int, sessions: int, keep: bool = False) -> dict:
+    """A queue holding `size` deferred messages (bench/big_queue.py fills it, or a fill kept
+    from before): server start, memory, `queue list` latency, and the enqueue rate compared
+    with an empty queue.  `keep`: leave the filled queue in bench/work for the next run."""
     if relay_cls is not Relaywatch:
         return {}
     out: dict = {}
+    cache = big_queue_file.cached(size)
     for label, fill in (("empty", 0), ("full", size)):
         sink = SmtpSink().start()
         relay = Relaywatch(sink.port, extra_connectors=BACKLOG_CONNECTOR, queue_extra='retry_intervals = ["24h"]')
         relay.prepare()
+        queue_file = relay.dir / "data" / "queue.sqlite3"
         if fill:
-            out["fill_s"] = fill_deferred(relay.dir / "data" / "queue.sqlite3", fill, "backlog")
-        relay.launch()
+            if not cache.exists():
+                out["fill_s"] = big_queue_file.fill(size)
+            cache.rename(queue_file)     # and back below: one fill serves several runs
+        started = time.monotonic()
         try:
+            relay.launch()
+            out[f"start_s_{label}"] = time.monotonic() - started
             time.sleep(2)
             t0 = time.monotonic()
             inject = smtp_source(relay.port, probe_messages, sessions, 1024)
@@ -387,10 +358,17 @@ def big_queue(relay_cls, size: int, probe_messages: int, sessions: int) -> dict:
                 pids = [relay.proc.pid] + [int(p) for p in subprocess.run(
                     ["pgrep", "-P", str(relay.proc.pid)], capture_output=True, text=True).stdout.split()]
                 out["peak_rss_mb"] = max(proc_status(p, "VmHWM") for p in pids) / 1024
-                out["due_query_plan"] = _due_plan(relay.dir / "data" / "queue.sqlite3")
+                out["due_query_plan"] = _due_plan(queue_file)
         finally:
             relay.stop()
             sink.stop()
+            if fill:
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(f"{queue_file}{suffix}").exists():
+                        Path(f"{queue_file}{suffix}").rename(f"{cache}{suffix}")
+    if not keep:
+        big_queue_file.remove(size)
+    out["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     out["enqueue_ratio_full_over_empty"] = out["inject_per_s_full"] / out["inject_per_s_empty"]
     return out
 
@@ -517,7 +495,7 @@ SCENARIOS = {
     "backlog_flush": lambda cls, a: backlog(cls, a.backlog if not a.smoke else 20, a.sessions, flush=True),
     "backlog_default": lambda cls, a: backlog_default(cls, a.backlog if not a.smoke else 20, a.sessions),
     "big_queue": lambda cls, a: big_queue(cls, a.big_queue if not a.smoke else 2000, max(a.messages // 4, 10),
-                                          a.sessions),
+                                          a.sessions, keep=a.big_queue_keep),
     "big_messages": lambda cls, a: big_messages(cls, 10 if not a.smoke else 2, 35_000_000 if not a.smoke else 1_000_000),
     "latency": lambda cls, a: latency(cls, a.latency_rate, 11 if not a.smoke else 2),
     "throughput_console": lambda cls, a: throughput_console(cls, a.messages, a.sessions, 1024),
@@ -606,6 +584,9 @@ def main() -> None:
     ap.add_argument("--latency-rate", type=int, default=500,
                     help="messages/s the latency scenario offers (500; 200 until 2026-12-01)")
     ap.add_argument("--big-queue", type=int, default=1_000_000, help="deferred messages for big_queue")
+    ap.add_argument("--big-queue-keep", action="store_true",
+                    help="keep big_queue's filled queue (bench/work/big_queue-N.sqlite3, GBs) for the next run; "
+                         "a kept one is used instead of filling (bench/big_queue.py)")
     ap.add_argument("--backlog", type=int, default=20_000, help="deferred messages for the backlog scenarios")
     a = ap.parse_args()
     Exim.queue_per_connection = a.exim_queue_per_connection
