@@ -32,7 +32,7 @@ from pathlib import Path
 import big_queue as big_queue_file
 import cluster
 from relays import (HOST, PEER_CLASSES, RELAY_CLASSES, ROOT, WORK, Exim, Postfix, Relay, Relaywatch, free_port,
-                    private_dir, proc_status, wait_port)
+                    private_dir, proc_status, stop_tree, wait_port)
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -360,12 +360,14 @@ def big_queue(relay_cls, size: int, probe_messages: int, sessions: int, keep: bo
                 out["peak_rss_mb"] = max(proc_status(p, "VmHWM") for p in pids) / 1024
                 out["due_query_plan"] = _due_plan(queue_file)
         finally:
-            relay.stop()
-            sink.stop()
+            if fill and relay.proc:
+                stop_tree(relay.proc)    # stopped before its queue goes back: relay.stop() removes its directory
             if fill:
                 for suffix in ("", "-wal", "-shm"):
                     if Path(f"{queue_file}{suffix}").exists():
                         Path(f"{queue_file}{suffix}").rename(f"{cache}{suffix}")
+            relay.stop()
+            sink.stop()
     if not keep:
         big_queue_file.remove(size)
     out["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
