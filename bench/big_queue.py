@@ -4,6 +4,7 @@ running on it does every few seconds, statement by statement.
     flock /tmp/bench.lock .venv/bin/python bench/big_queue.py fill 10000000     # once (minutes)
     flock /tmp/bench.lock .venv/bin/python bench/run.py --scenario big_queue --big-queue 10000000 --repeat 1
     flock /tmp/bench.lock .venv/bin/python bench/big_queue.py periodic 10000000  # EXPLAIN + time each
+    flock /tmp/bench.lock .venv/bin/python bench/big_queue.py upgrade 10000000   # a previous version's queue, opened
     .venv/bin/python bench/big_queue.py remove 10000000                          # the file is GBs
 
 The fill is SQL (a recursive CTE, no Python per row), into a file kept as
@@ -118,6 +119,24 @@ async def _open(path: Path) -> None:
     Path(f"{path}-writelock").unlink(missing_ok=True)
 
 
+def upgrade(size: int) -> dict:
+    """The first start of this version on a big queue of the previous one (which had entries_deferred
+    and no queue_waiting, bodies_spooled, entries_deferred_expiry or _failure): the queue made to
+    look like that, then opened, timed.  It ends as it was."""
+    path = cached(size)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("DROP TRIGGER entries_waiting_insert; DROP TRIGGER entries_waiting_delete; "
+                       "DROP TRIGGER entries_waiting_update; DROP TABLE queue_waiting; DROP TABLE queue_waiting_deltas; "
+                       "DROP INDEX bodies_spooled; DROP INDEX entries_deferred_expiry; "
+                       "DROP INDEX entries_deferred_failure; CREATE INDEX entries_deferred ON entries "
+                       "(route_name, last_code, received_at, expires_at, first_failure_at, waiting) "
+                       "WHERE status = 'deferred' AND last_code IS NOT NULL;")
+    conn.close()
+    started = time.monotonic()
+    asyncio.run(_open(path))
+    return {"upgrade_open_s": time.monotonic() - started, "loadavg": os.getloadavg()}
+
+
 def remove(size: int) -> None:
     for suffix in ("", "-wal", "-shm", "-writelock", ".filling"):
         Path(f"{cached(size)}{suffix}").unlink(missing_ok=True)
@@ -125,12 +144,14 @@ def remove(size: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("action", choices=("fill", "periodic", "remove"))
+    ap.add_argument("action", choices=("fill", "periodic", "upgrade", "remove"))
     ap.add_argument("size", type=int)
     a = ap.parse_args()
     if a.action == "fill":
         print(json.dumps({"fill_s": fill(a.size), "bytes": cached(a.size).stat().st_size,
                           "loadavg": os.getloadavg()}))
+    elif a.action == "upgrade":
+        print(json.dumps(upgrade(a.size)))
     elif a.action == "remove":
         remove(a.size)
     else:

@@ -352,8 +352,10 @@ def big_queue(relay_cls, size: int, probe_messages: int, sessions: int, keep: bo
             sink.wait_for(probe_messages, timeout=600)
             out[f"inject_per_s_{label}"] = probe_messages / inject
             out[f"end_to_end_per_s_{label}"] = probe_messages / (time.monotonic() - t0)
+            # Empty too: most of the command is Python's start-up and imports, the same for both.
+            times = queue_list_times(relay.dir / "relaywatch.toml")
+            out.update({key + ("" if fill else "_empty"): value for key, value in times.items()})
             if fill:
-                out.update(queue_list_times(relay.dir / "relaywatch.toml"))
                 time.sleep(6)    # at least one watch evaluation over the whole queue
                 pids = [relay.proc.pid] + [int(p) for p in subprocess.run(
                     ["pgrep", "-P", str(relay.proc.pid)], capture_output=True, text=True).stdout.split()]
