@@ -325,10 +325,10 @@ tls = "none"
 """
 
 
-def big_queue(relay_cls, size: int, probe_messages: int, sessions: int, keep: bool = False) -> dict:
+def big_queue(relay_cls, size: int, probe_messages: int, sessions: int) -> dict:
     """A queue holding `size` deferred messages (bench/big_queue.py fills it, or a fill kept
-    from before): server start, memory, `queue list` latency, and the enqueue rate compared
-    with an empty queue.  `keep`: leave the filled queue in bench/work for the next run."""
+    from before, which main() deletes after the last repeat unless --big-queue-keep): server
+    start, memory, `queue list` latency, and the enqueue rate compared with an empty queue."""
     if relay_cls is not Relaywatch:
         return {}
     out: dict = {}
@@ -370,8 +370,6 @@ def big_queue(relay_cls, size: int, probe_messages: int, sessions: int, keep: bo
                         Path(f"{queue_file}{suffix}").rename(f"{cache}{suffix}")
             relay.stop()
             sink.stop()
-    if not keep:
-        big_queue_file.remove(size)
     out["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     out["enqueue_ratio_full_over_empty"] = out["inject_per_s_full"] / out["inject_per_s_empty"]
     return out
@@ -498,8 +496,7 @@ SCENARIOS = {
     "single_session": lambda cls, a: throughput(cls, single_session_messages(a.smoke, a.messages), 1, 1024),
     "backlog_flush": lambda cls, a: backlog(cls, a.backlog if not a.smoke else 20, a.sessions, flush=True),
     "backlog_default": lambda cls, a: backlog_default(cls, a.backlog if not a.smoke else 20, a.sessions),
-    "big_queue": lambda cls, a: big_queue(cls, a.big_queue if not a.smoke else 2000, max(a.messages // 4, 10),
-                                          a.sessions, keep=a.big_queue_keep),
+    "big_queue": lambda cls, a: big_queue(cls, big_queue_size(a), max(a.messages // 4, 10), a.sessions),
     "big_messages": lambda cls, a: big_messages(cls, 10 if not a.smoke else 2, 35_000_000 if not a.smoke else 1_000_000),
     "latency": lambda cls, a: latency(cls, a.latency_rate, 11 if not a.smoke else 2),
     "throughput_console": lambda cls, a: throughput_console(cls, a.messages, a.sessions, 1024),
@@ -512,6 +509,10 @@ SCENARIOS = {
                                                         max(a.messages // 4, 10), a.sessions,
                                                         settle=60.0 if not a.smoke else 2.0),
 }
+
+def big_queue_size(a) -> int:
+    return a.big_queue if not a.smoke else 2000
+
 
 def single_session_messages(smoke: bool, messages: int) -> int:
     """5,000, a quarter of the default count (one session is slower); smoke: the smoke count."""
@@ -649,6 +650,8 @@ def main() -> None:
         entry["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         entry["params"] = dict(results["params"])
         results["scenarios"][name] = entry
+    if not a.big_queue_keep:
+        big_queue_file.remove(big_queue_size(a))   # GBs at ten million
     out = RESULTS / ("smoke.json" if a.smoke else "latest.json")
     if out.exists():
         # A run updates the scenarios it ran and keeps the others' last results.
