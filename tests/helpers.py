@@ -1024,3 +1024,36 @@ async def insert_stored_incident(store, stored: dict) -> int:
     return await store.engine.write(lambda conn, cleanup: conn.execute(Q["insert_incident"], (
         stored["connector"], stored["code"], stored["state"], stored["opened_at"], stored.get("resolved_at"),
         data)).fetchone()[0])
+
+
+async def open_as_a_role_granted_the_tables(pg_dsn: str, prepare=None) -> None:
+    """The queue made by its owner, then opened by a role granted its tables by that owner (a DBA's
+    set-up): ``prepare(conn)`` runs as the owner first.  The second store must open and count."""
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from relaywatch.store.postgres import PostgresStore
+    first = PostgresStore(pg_dsn)
+    await first.open()
+    await first.close()
+    role = f"rw_test_user_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        schema_name = conn.execute("SELECT current_schema()").fetchone()[0]
+        if prepare is not None:
+            prepare(conn)
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema_name} TO {role}")
+        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA {schema_name} TO {role}")
+    try:
+        other = PostgresStore(make_conninfo(**dict(conninfo_to_dict(pg_dsn), user=role)))
+        await asyncio.wait_for(other.open(), 20)
+        try:
+            assert await other.counts() == {}
+        finally:
+            await other.close()
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

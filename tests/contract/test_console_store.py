@@ -456,32 +456,10 @@ async def test_postgresql_starts_when_running_nodes_hold_the_tables_the_retired_
 
 async def test_postgresql_a_role_that_does_not_own_the_tables_leaves_the_retired_indexes_and_opens(pg_dsn):
     """Only an owner may drop an index: a role granted the tables by another opens the queue as before."""
-    import uuid
-
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from relaywatch.store.postgres import PostgresStore
-    first = PostgresStore(pg_dsn)
-    await first.open()
-    await first.close()
-    role = f"rw_test_user_{uuid.uuid4().hex[:8]}"
+    from helpers import open_as_a_role_granted_the_tables
+    await open_as_a_role_granted_the_tables(
+        pg_dsn, lambda conn: conn.execute("CREATE INDEX entries_message_id ON entries (message_id)"))
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        schema_name = conn.execute("SELECT current_schema()").fetchone()[0]
-        conn.execute("CREATE INDEX entries_message_id ON entries (message_id)")
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"GRANT USAGE ON SCHEMA {schema_name} TO {role}")
-        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA {schema_name} TO {role}")
-    try:
-        other = PostgresStore(make_conninfo(**dict(conninfo_to_dict(pg_dsn), user=role)))
-        await asyncio.wait_for(other.open(), 20)
-        try:
-            assert await other.counts() == {}
-        finally:
-            await other.close()
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert _relations(conn, True, "entries_message_id") == ["entries_message_id"]
-    finally:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
+        assert _relations(conn, True, "entries_message_id") == ["entries_message_id"]

@@ -154,33 +154,11 @@ async def test_a_postgres_queue_gets_autovacuum_settings_for_its_churn_and_keeps
 async def test_a_role_that_does_not_own_the_queue_tables_opens_them_without_their_autovacuum_settings(pg_dsn):
     """Tables made by another role (a DBA's) and granted to relaywatch's: only an owner may ALTER
     TABLE SET, so the settings are left out and the store opens as before."""
-    import uuid
-
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from relaywatch.store.postgres import PostgresStore
+    from helpers import open_as_a_role_granted_the_tables
     from relaywatch.store.schema import AUTOVACUUM
-
-    first = PostgresStore(pg_dsn)
-    await first.open()
-    await first.close()
-    role = f"rw_test_user_{uuid.uuid4().hex[:8]}"
+    options = ", ".join(o.split("=")[0].strip() for o in AUTOVACUUM["entries"].split(","))
+    await open_as_a_role_granted_the_tables(pg_dsn, lambda conn: conn.execute(f"ALTER TABLE entries RESET ({options})"))
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute(f"ALTER TABLE entries RESET ({', '.join(o.split('=')[0].strip() for o in AUTOVACUUM['entries'].split(','))})")
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"GRANT USAGE ON SCHEMA {conn.execute('SELECT current_schema()').fetchone()[0]} TO {role}")
-        conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA {conn.execute('SELECT current_schema()').fetchone()[0]} TO {role}")
-    try:
-        other = PostgresStore(make_conninfo(**dict(conninfo_to_dict(pg_dsn), user=role)))
-        await asyncio.wait_for(other.open(), 20)
-        try:
-            assert await other.counts() == {}
-        finally:
-            await other.close()
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            assert conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'entries'::regclass").fetchone()[0] is None
-    finally:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute(f"DROP OWNED BY {role}")
-            conn.execute(f"DROP ROLE {role}")
+        assert conn.execute("SELECT reloptions FROM pg_class WHERE oid = 'entries'::regclass").fetchone()[0] is None
