@@ -27,6 +27,7 @@ from relaywatch.cluster.fence import Grant, LeaseFence
 from relaywatch.clock import SYSTEM_CLOCK, Clock
 from relaywatch.config import Config
 from relaywatch.deliver.connector import Connector, DeliveryResult, Session, connector_for_route
+from relaywatch.deliver.idle_watch import IdleWatch
 from relaywatch.deliver.handover import JOURNAL_NAME as HANDOVER_NAME, HandoverJournal
 from relaywatch.deliver.queue_actions import QueueActions
 from relaywatch.deliver.record import classify_result, record_attempt
@@ -215,24 +216,26 @@ class Scheduler:
             self._workers.add(task)
             task.add_done_callback(self._workers.discard)
 
-    async def _next_entry(self, dq: DestinationQueue) -> Entry | None:
-        idle = self.config_ref().delivery.connection_idle
-        deadline = self.clock.monotonic() + idle
-        while not dq.entries:
-            if self._stopping:
-                return None
-            dq.more.clear()
-            remaining = deadline - self.clock.monotonic()
-            if remaining <= 0 or not await self.clock.wait(dq.more, remaining):
-                return None
+    async def _next_entry(self, dq: DestinationQueue, idle: IdleWatch) -> Entry | None:
+        if not dq.entries:
+            idle.begin(self.config_ref().delivery.connection_idle)
+            try:
+                while not dq.entries:
+                    if self._stopping or idle.expired:
+                        return None
+                    dq.more.clear()
+                    await dq.more.wait()      # no timer per wait: the watch ends a wait that is too long
+            finally:
+                idle.end()
         return dq.entries.popleft()
 
     async def _worker(self, dq: DestinationQueue) -> None:
         session = dq.connector.session()
+        idle = IdleWatch(self.clock, dq.more)
         try:
             async with self._connections:
                 while True:
-                    entry = await self._next_entry(dq)
+                    entry = await self._next_entry(dq, idle)
                     if entry is None:
                         return
                     try:
@@ -255,6 +258,7 @@ class Scheduler:
                         self.handover.ended(entry.id)
         finally:
             dq.workers -= 1
+            await idle.close()
             await session.close()
             if not dq.entries and dq.workers == 0 and self.destinations.get(dq.key) is dq:
                 del self.destinations[dq.key]

@@ -7,7 +7,8 @@ import smtplib
 import pytest
 from flufl.bounce import scan_message
 
-from helpers import LOOPBACK, FakeClock, RawClient, Sink, SinkHandler, advance, eventually, free_port, message
+from helpers import (LOOPBACK, FakeClock, RawClient, Scripted, Sink, SinkHandler, advance, eventually, free_port, message,
+                     settle)
 
 
 pytestmark = [pytest.mark.both_loops, pytest.mark.both_stores]
@@ -132,6 +133,46 @@ def _deferred(relay):
         q = await relay.queue()
         return q[0] if q and q[0]["status"] == "deferred" else None
     return check
+
+
+async def test_a_worker_keeps_its_connection_for_connection_idle_after_each_message(relay_factory):
+    # On the test's clock: the idle time counts from the worker's latest wait, not its first
+    # (deliver/idle_watch.py wakes once per idle period, not once per message).
+    clock, delivered, quits = FakeClock(), [], []
+
+    async def destination(c):
+        await c.greet_and_ehlo()
+        while True:
+            command = (await c.hear()).upper()
+            if command == "QUIT":
+                quits.append(clock.monotonic())
+                await c.say("221 bye")
+                return
+            await c.say("250 2.0.0 OK")
+            if command.startswith("MAIL"):
+                await c.until_data()
+                await c.read_body()
+                delivered.append(clock.monotonic())
+                await c.say("250 2.0.0 queued")
+    dest = await Scripted(destination).start()
+    try:
+        relay = await relay_factory(clock=clock, delivery={"connection_idle": "10s"},
+                                    connectors=[connector("onprem", dest.port, ["fabrikam.test"])])
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("first"))
+        await eventually(lambda: delivered, what="the first message")
+        await settle(clock, relay)
+        await advance(clock, relay, 9)
+        await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message("second"))
+        await eventually(lambda: len(delivered) == 2, what="the second message")
+        await settle(clock, relay)
+        assert dest.connections == 1 and quits == []        # the connection was kept for the second
+        await advance(clock, relay, 9)                      # 18 s after the first wait, 9 after the second
+        assert quits == []
+        await advance(clock, relay, 1)
+        await eventually(lambda: quits, what="the idle connection to be closed")
+        assert quits[0] - delivered[1] == pytest.approx(10)
+    finally:
+        await dest.stop()
 
 
 async def test_expiry_sends_exactly_one_rfc3464_ndr(relay_factory):
