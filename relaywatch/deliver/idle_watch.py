@@ -1,10 +1,10 @@
 """When a destination's worker has waited ``delivery.connection_idle`` for more mail: it stops.
 
 A worker (deliver/scheduler.py) keeps its connection between entries and waits for the
-next one on its destination's ``more`` event.  With one message in flight it waits once
-per message; a clock wait with a deadline per wait cost a task and a timer each
-(``asyncio.wait_for``: ~8% of the delivering process's CPU at one in flight).  Instead the
-worker waits on the event alone, and this watch, one per worker, sleeps on the clock
+next one on a future of its own (``DestinationQueue.wake_one`` resolves it).  With one
+message in flight it waits once per message; a clock wait with a deadline per wait cost a
+task and a timer each (``asyncio.wait_for``).  Instead the worker waits on its future
+alone, and this watch, one per worker, sleeps on the clock
 until the deadline of the worker's latest wait: it wakes once per idle period, not once
 per message, and when the worker has been waiting past its deadline it wakes the worker
 to stop.  The deadline is the one the wait began with (``connection_idle`` then), as it
@@ -21,9 +21,9 @@ FOREVER = float("inf")
 
 
 class IdleWatch:
-    def __init__(self, clock: Clock, more: asyncio.Event):
+    def __init__(self, clock: Clock):
         self.clock = clock
-        self.more = more
+        self.waiter: asyncio.Future | None = None   # what the worker awaits now: resolved to wake it
         self.expired = False               # the worker's current wait ran past its deadline
         self._deadline: float | None = None   # clock.monotonic() the current wait ends at; None: busy
         self._armed = FOREVER              # the deadline the watch sleeps toward
@@ -61,7 +61,8 @@ class IdleWatch:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 self.expired = True
-                self.more.set()            # the worker looks, sees expired, and stops
+                if self.waiter is not None and not self.waiter.done():
+                    self.waiter.set_result(None)   # the worker looks, sees expired, and stops
                 return
             self._armed = deadline
             await self.clock.wait(self._rearm, remaining)

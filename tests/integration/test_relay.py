@@ -175,6 +175,48 @@ async def test_a_worker_keeps_its_connection_for_connection_idle_after_each_mess
         await dest.stop()
 
 
+async def test_mail_one_at_a_time_after_a_burst_goes_over_one_connection(relay_factory):
+    # A burst opens several connections; mail that then comes one message at a time wakes one
+    # worker per message, the one idle last, so the burst's other workers stay idle and close
+    # after connection_idle (with every worker woken per message they took turns, kept every
+    # connection open and each message woke them all).
+    clock, hold, delivered, quits = FakeClock(), asyncio.Event(), [], []
+
+    async def destination(c):
+        await c.greet_and_ehlo()
+        while True:
+            command = (await c.hear()).upper()
+            if command == "QUIT":
+                quits.append(clock.monotonic())
+                await c.say("221 bye")
+                return
+            await c.say("250 2.0.0 OK")
+            if command.startswith("MAIL"):
+                await c.until_data()
+                await c.read_body()
+                await hold.wait()
+                delivered.append(clock.monotonic())
+                await c.say("250 2.0.0 queued")
+    dest = await Scripted(destination).start()
+    try:
+        relay = await relay_factory(clock=clock, delivery={"connection_idle": "10s"},
+                                    connectors=[connector("onprem", dest.port, ["fabrikam.test"])])
+        for i in range(4):    # while the destination holds the first: queued behind it, more workers start
+            await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"burst {i}"))
+        await eventually(lambda: dest.connections == 3, what="the burst's three connections")
+        hold.set()
+        await eventually(lambda: len(delivered) == 4, what="the burst")
+        await settle(clock, relay)
+        for i in range(12):   # one at a time, a second apart: past the idle time of the burst's workers
+            await relay.send("alice@contoso.test", ["bob@fabrikam.test"], message(f"one {i}"))
+            await eventually(lambda: len(delivered) == 5 + i, what=f"message {i} on its own")
+            await advance(clock, relay, 1)
+        await eventually(lambda: len(quits) == 2, what="the burst's two idle connections to close")
+        assert dest.connections == 3 and len(quits) == 2     # the one in use stays open
+    finally:
+        await dest.stop()
+
+
 async def test_expiry_sends_exactly_one_rfc3464_ndr(relay_factory):
     # On the test's clock: two attempts a second apart, the second at the expiry.
     port, clock = free_port(), FakeClock()
