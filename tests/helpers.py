@@ -136,8 +136,9 @@ async def settle(clock: FakeClock, relay: "Relay") -> None:
     every loop parked on the clock again and nothing being delivered or recorded.
     What has not happened then does not happen until the clock moves.
 
-    A destination's worker that delivered keeps its connection and waits on the clock too, for
-    more of that destination's mail (scheduler.py _next_entry): it is counted beside the loops,
+    A destination's worker that delivered keeps its connection and, while it waits for more of
+    that destination's mail, its idle watch waits on the clock (deliver/idle_watch.py, one per
+    worker): it is counted beside the loops,
     or its wait would stand in for the scheduler's own while that is still leasing (seen on
     PostgreSQL, whose lease takes longer: the next attempt was found after settle returned)."""
     scheduler = relay.app.scheduler
