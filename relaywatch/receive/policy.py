@@ -24,6 +24,7 @@ from relaywatch.route import Refusal, decide, normalize, sender_routing, split_a
 from relaywatch.store.base import Store
 
 MAX_RECIPIENTS = 1000
+_TRUSTED_CACHE = 4096      # client addresses whose is_trusted answer is kept
 
 
 class ReceivePolicy:
@@ -36,16 +37,31 @@ class ReceivePolicy:
         self.clock = clock
         self.verifier = RecipientVerifier(callout) if callout is not None else None
         self._background: set[asyncio.Task] = set()
+        # is_trusted's answers for the trusted_networks they were found in: asked at admission,
+        # for every recipient and at the commit, each time a parse of the address and a walk of
+        # the networks (~4 µs) for what stays the same until the config changes.
+        self._trusted_networks: tuple = ()
+        self._trusted: dict[str, bool] = {}
 
     def is_trusted(self, ip: str, user: str | None = None) -> bool:
         """May relay and gets signed: an authenticated ``user``, or a client in trusted_networks."""
         if user is not None:
             return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.config_ref().server.trusted_networks)
+        networks = self.config_ref().server.trusted_networks
+        if networks is not self._trusted_networks:
+            self._trusted_networks, self._trusted = networks, {}
+        trusted = self._trusted.get(ip)
+        if trusted is None:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                trusted = False
+            else:
+                trusted = any(addr in net for net in networks)
+            if len(self._trusted) >= _TRUSTED_CACHE:
+                self._trusted.clear()     # many clients (a botnet's): bounded, not a leak
+            self._trusted[ip] = trusted
+        return trusted
 
     def recipient(self, conv: Conversation, client_ip: str, address: str,
                   source_route: str = "") -> tuple[str, str, Route | None]:

@@ -72,6 +72,9 @@ class SmtpSession(asyncio.Protocol):
         self._eof = False           # the client has shut down its sending side
         self._phase = Phase.PRE_MAIL
         self._committing = False    # from the final dot until its reply: still in the transaction
+        # The loop, kept: on Python 3.11 each get_running_loop() is a getpid() system call, and
+        # a message asked for it nine times here (every block read, every reply's progress report).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio callbacks ---------------------------------------------------------
 
@@ -95,7 +98,7 @@ class SmtpSession(asyncio.Protocol):
                                  tls_active=self.kind == SUBMISSIONS, auth_available=users,
                                  auth_required=self.kind != SMTP)
         self._idle_timeout = config.server.idle_timeout
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._last_input = loop.time()
         self._idle_timer = loop.call_later(self._idle_timeout, self._check_idle)
         if self.kind == SUBMISSIONS:
@@ -105,7 +108,7 @@ class SmtpSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.conv is None:
             return
-        self._last_input = asyncio.get_running_loop().time()
+        self._last_input = self._loop.time()
         self.conv.receive(data)
         if not self._busy:
             self._advance()
@@ -227,7 +230,7 @@ class SmtpSession(asyncio.Protocol):
     def _start(self, coro) -> None:
         self._busy = True
         self._flush()
-        asyncio.get_running_loop().create_task(coro)
+        self._loop.create_task(coro)
 
     async def _commit(self, end: MessageEnd, spool: BodySpool, header_block: bytes) -> None:
         try:
@@ -306,7 +309,7 @@ class SmtpSession(asyncio.Protocol):
         if not commands_completed and phase is self._phase:
             return      # body data: nothing to tell (this runs for every block of an upload)
         table = self.receiver.limiter
-        now = asyncio.get_running_loop().time()
+        now = self._loop.time()
         if commands_completed:
             table.command_completed(self, now)
         if phase is not self._phase:
