@@ -8,7 +8,10 @@ relay's PYTHONPATH gives the receiving process (not ``--role deliver``) a SIGUSR
 starts a cProfile of the main thread (the event loop) and, on the second SIGUSR2, stops it
 and writes the stats; the two signals go ``--start`` s into the run and ``--window`` s apart,
 so start-up and the last messages are outside. Messages in the window are the calls of
-``Committer.commit``; prints the functions with the most calls per message.
+``received_header`` (one per message); prints the functions with the most calls per message.
+The store's writer thread is profiled from its start (a thread can only profile itself) to the
+second signal, per batch; and each thread's utime and stime over the run come from
+/proc/PID/task/TID/stat (the main thread is the event loop).
 """
 
 from __future__ import annotations
@@ -139,8 +142,8 @@ def main() -> None:
     show(st, n, a.top)
     writer = Path(f"{out}.writer")
     if writer.exists():
-        # profiled from the writer thread's start to the second signal: per message of that span,
-        # counted as the batches' runs of the receiver's own enqueue
+        # The writer thread, from its start to the second signal: per batch (with one message
+        # in flight, one batch is one message's commit).
         st = pstats.Stats(str(writer))
         runs = max([v[1] for k, v in st.stats.items() if k[2] == "_run_ops"] or [1])
         total = sum(v[1] for v in st.stats.values())
@@ -152,6 +155,7 @@ def show(st: pstats.Stats, n: int, top: int) -> None:
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][1])[:top]
     for (file, line, name), (cc, nc, tt, ct, _) in rows:
         print(f"{nc / n:8.2f}  {Path(file).name}:{line} {name}")
+
 
 if __name__ == "__main__":
     main()
