@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -113,6 +114,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.profile:
         Path(a.profile).mkdir(parents=True, exist_ok=True)
+        if shutil.which(a.py_spy) is None:   # before any relay starts: a spy that fails to start left them running
+            sys.exit(f"cpu_ab: no py-spy at {a.py_spy!r} (--py-spy PATH)")
         PROFILE.update(dir=a.profile, py_spy=a.py_spy)
     if a.strace:
         Path(a.strace).mkdir(parents=True, exist_ok=True)
