@@ -3,6 +3,7 @@
     .venv/bin/python bench/wal_frames.py                 # the schema as it is
     .venv/bin/python bench/wal_frames.py base notrace prune drop:traces_ended notriggers
     .venv/bin/python bench/wal_frames.py --size 51200 --messages 1000     # 50 KB bodies
+    .venv/bin/python bench/wal_frames.py --one --messages 300             # one message per transaction
 
 Through the store API, as store_write_cost.py: N messages enqueued (20 at a time),
 leased in batches of 100, recorded delivered (20 at a time), each with a random
@@ -89,14 +90,53 @@ async def frames(variant: str, n: int) -> tuple[float, float]:
     return count / n, n / commits
 
 
+async def frames_one_at_a_time(n: int) -> dict[str, float]:
+    """Frames per message when every enqueue, lease and record is a transaction of its own (one
+    message in flight: nothing shares the pages a commit writes), by phase."""
+    sqlite_store._WAL_SAFETY_PAGES = 10 ** 9
+    path = Path(tempfile.mkdtemp()) / "q.sqlite3"
+    store = sqlite_store.SqliteStore(path)
+    await store.open()
+    await one_round(store, 200)
+    wal = path.with_name(path.name + "-wal")
+    page = struct.unpack(">I", wal.read_bytes()[8:12])[0]
+    totals = {"enqueue": 0, "lease": 0, "record": 0}
+    dest = Destination("127.0.0.1", "127.0.0.1", 25)
+
+    def grew(before: int) -> int:
+        return (wal.stat().st_size - before) // (24 + page)
+    for _ in range(n):
+        now = time.time()
+        size = wal.stat().st_size
+        await store.enqueue(NewMessage(sender="s@client.test", recipients=(("rcpt@sink.test", ROUTE),),
+                                       body=StoredBody(len(BODY), BODY), received_at=now, expires_at=now + 86400,
+                                       message_id=f"<{uuid.uuid4().hex}@client.test>"))
+        totals["enqueue"] += grew(size)
+        size = wal.stat().st_size
+        (entry,) = await store.lease("bench", 1, ttl=600, now=now + 1)
+        totals["lease"] += grew(size)
+        size = wal.stat().st_size
+        o = RecipientOutcome(entry.recipients[0].address, RecipientStatus.DELIVERED, None, "250 2.0.0 Ok")
+        await store.record(entry.id, "bench", Attempt(now, 0.01, dest, (o,)), [o], None, leased=entry)
+        totals["record"] += grew(size)
+    await store.close()
+    return {phase: frames / n for phase, frames in totals.items()}
+
+
 def main() -> None:
     global BODY
     ap = argparse.ArgumentParser()
     ap.add_argument("variant", nargs="*", default=["base"])
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--size", type=int, default=len(BODY), help="bytes per body (default 1 KB)")
+    ap.add_argument("--one", action="store_true", help="one message per transaction (one in flight), by phase")
     a = ap.parse_args()
     BODY = body_of(a.size) if a.size != len(BODY) else BODY
+    if a.one:
+        by_phase = asyncio.run(frames_one_at_a_time(a.messages))
+        print(", ".join(f"{phase} {f:.1f}" for phase, f in by_phase.items()),
+              f"= {sum(by_phase.values()):.1f} WAL frames per message, one per transaction, {len(BODY)} B bodies")
+        return
     for variant in a.variant:
         per_msg, per_commit = asyncio.run(frames(variant, a.messages))
         print(f"{variant}: {per_msg:.2f} WAL frames per message ({per_commit:.1f} messages per commit), "
