@@ -6,13 +6,21 @@ makes the schema, after it.
 from __future__ import annotations
 
 # The triggers that keep queue_counts, per dialect; made with the table (see COUNTS_BACKFILL).
+# SQLite's add with INSERT OR IGNORE then UPDATE, not an upsert: a statement whose triggers may
+# abort (an upsert's NOT NULL checks; a function call, see message_ids.py) keeps a statement
+# journal, a copy of every page it changes, and the DELETE of a delivered entry changes about 16
+# (the table, eight indexes, the counts): past 64 KiB SQLite writes that journal to a temp file,
+# most of that DELETE's cost (bench/README.md, backlog_default).  Those columns are NOT NULL in
+# entries, so OR IGNORE never ignores a row.  Dropped first: a queue opened before has the upserts.
 _SQLITE_COUNT = """
-CREATE TRIGGER IF NOT EXISTS {name} AFTER {event} ON entries{when}
+DROP TRIGGER IF EXISTS {name};
+CREATE TRIGGER {name} AFTER {event} ON entries{when}
 BEGIN
 {statements}END;
 """
-_SQLITE_ADD = ("INSERT INTO {table} VALUES ({row}.route_name, {row}.status, COALESCE({row}.last_code, ''), "
-               "{delta}) ON CONFLICT (route_name, status, last_code) DO UPDATE SET n = n + {delta};\n")
+_SQLITE_ADD = ("INSERT OR IGNORE INTO {table} VALUES ({row}.route_name, {row}.status, COALESCE({row}.last_code, ''), "
+               "0);\nUPDATE OR IGNORE {table} SET n = n + {delta} WHERE route_name = {row}.route_name "
+               "AND status = {row}.status AND last_code = COALESCE({row}.last_code, '');\n")
 _CHANGED = ("OLD.route_name IS NOT NEW.route_name OR OLD.status IS NOT NEW.status "
             "OR OLD.last_code IS NOT NEW.last_code")
 

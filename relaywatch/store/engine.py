@@ -46,6 +46,7 @@ class Dialect(Protocol):
     single_node: bool           # one delivering process owns the queue (leases of a dead run are stale)
     inline_bodies: bool         # bodies always in the database (no node-local spool files)
     counts_by_delta: bool       # queue_counts' triggers append deltas, which heartbeats fold (store/schema.py)
+    forget_message_id: str | None   # drops an entry's message_ids row when no trace is kept (None: a trigger does)
 
     @property
     def where(self) -> str: ...             # the database, for messages (never a password)

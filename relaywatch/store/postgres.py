@@ -203,6 +203,7 @@ class PostgresDialect:
     single_node = False
     inline_bodies = True
     counts_by_delta = True
+    forget_message_id = None     # its trigger on entries does (store/message_ids.py)
     announce = f"NOTIFY {CHANNEL}"
 
     def __init__(self, dsn: str, statement_timeout: float | None = 30.0, sync_commits: bool = True,

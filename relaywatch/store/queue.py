@@ -82,8 +82,11 @@ class SqlQueue:
         the caller read it (else read here).  ``first_try``: no attempt stored yet and the
         recipients attached (the delivery path's common case), so nothing more is read.
         Otherwise the recipients' statuses and the stored attempts' JSON text are read (not
-        the recipients' failures: the trace does not keep them)."""
+        the recipients' failures: the trace does not keep them).  None kept: the entry's
+        message_ids row goes (SQLite; PostgreSQL's trigger does it)."""
         if self.trace_retention <= 0:
+            if self.dialect.forget_message_id is not None:
+                conn.execute(self.dialect.forget_message_id, (entry_id, entry_id))
             return
         if entry is None:
             entry = entry_from_row(conn.execute(Q["entry"], (entry_id,)).fetchone(), end["at"])

@@ -50,6 +50,7 @@ class SqliteDialect:
     inline_bodies = False
     counts_by_delta = False
     announce = None
+    forget_message_id = message_ids.SQLITE_FORGET
 
     def __init__(self, path: str | os.PathLike, sync_commits: bool = True, checkpoints: bool = False):
         self.path = Path(path)

@@ -333,7 +333,7 @@ def _relations(conn, pg: bool, *names: str) -> list[str]:
 
 
 PREVIOUS_VERSION = (   # what the previous version had in message_ids' place
-    "DROP TRIGGER entries_message_ids{on_entries}", "DROP TRIGGER entries_message_ids_gone{on_entries}",
+    "DROP TRIGGER entries_message_ids{on_entries}", "DROP TRIGGER IF EXISTS entries_message_ids_gone{on_entries}",
     "DROP TRIGGER traces_message_ids_gone{on_traces}", "DROP TABLE message_ids",
     "CREATE INDEX entries_message_id ON entries (message_id)", "CREATE INDEX traces_message_id ON traces (message_id)")
 
