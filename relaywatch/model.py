@@ -154,11 +154,33 @@ _FAILURE_NEUTRAL: dict[str, Any] = {"code": "4.0.0", "smtp_code": 451, "title": 
                                     "at": 0.0, "kind": "unknown"}
 
 
+class _StoredFailure:
+    """Recipient.last_error: a Failure, or its stored JSON text (Failure.to_json), read into a
+    Failure when first asked for.  The queue's reads (store/entry_rows.py) hand it the text: a
+    lease of a backlog took 13 µs per recipient to parse failures the delivery never reads (only
+    an expiry's DSN, the queue's views and the trace do)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Failure | None:
+        if obj is None:
+            return None          # the dataclass field's default
+        value = obj.__dict__[self.slot]
+        if isinstance(value, str):
+            value = Failure.from_dict(json.loads(value))
+            obj.__dict__[self.slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: Failure | str | None) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclass(frozen=True)
 class Recipient:
     address: str
     status: RecipientStatus = RecipientStatus.PENDING
-    last_error: Failure | None = None
+    last_error: Failure | None = _StoredFailure()   # type: ignore[assignment]  # also its stored text
     position: int = 0
     dsn: RecipientDsn = NO_RECIPIENT_DSN     # NOTIFY and ORCPT as the client gave them (RFC 3461)
 

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from relaywatch.dsn_params import NO_MESSAGE_DSN, MessageDsn, RecipientDsn
-from relaywatch.model import Entry, EntryStatus, Failure, Recipient, RecipientStatus, Route, RouteKind, StoredBody
+from relaywatch.model import Entry, EntryStatus, Recipient, RecipientStatus, Route, RouteKind, StoredBody
 from relaywatch.store import queries
 
 Q = queries.load("queue.sql")
@@ -58,10 +58,10 @@ def attach_recipients(conn: Any, entries: list[Entry], include_final: bool = Fal
 
 def recipient_from_row(position: int, address: str, status: str, last_error: str | None, notify: str | None,
                        orcpt: str | None) -> Recipient:
-    """A ``recipients`` row (``recipient_columns`` of queue.sql, without its entry_id)."""
+    """A ``recipients`` row (``recipient_columns`` of queue.sql, without its entry_id); its last
+    error is parsed when first read (model.py _StoredFailure)."""
     return Recipient(address=address, status=RecipientStatus(status), position=position,
-                     last_error=Failure.from_dict(json.loads(last_error)) if last_error else None,
-                     dsn=RecipientDsn.from_stored(notify, orcpt))
+                     last_error=last_error or None, dsn=RecipientDsn.from_stored(notify, orcpt))
 
 
 def attach_bodies(conn: Any, entries: list[Entry]) -> None:

@@ -405,3 +405,31 @@ async def test_an_unusable_lock_file_is_a_store_error_naming_it(tmp_path):
     store = SqliteStore(tmp_path / "q.sqlite3")
     with pytest.raises(StoreError, match="lock file .*q.sqlite3-writelock"):
         await store.open()
+
+
+async def test_a_stored_failure_of_a_shape_this_version_cannot_read_still_leases_and_delivers(sql_store):
+    """Recipients' last failures are read into Failures only when asked for (model.py _StoredFailure),
+    not at lease: a backlog's lease parsed failures its delivery never reads, and one written by a
+    newer version in a shape this one cannot read stopped the whole lease batch."""
+    from relaywatch.model import Failure
+    [odd, newer] = [(await sql_store.enqueue(msg([(address, A)])))[0] for address in ("1@a", "2@a")]
+    now = time.time()
+    assert len(await sql_store.lease("w", 10, 30, now)) == 2
+    stored = {odd: '["a failure", "as a newer version keeps it"]',
+              newer: '{"v": 9, "code": "4.4.316", "destination": "mx.a", "hops": [1, 2]}'}
+    for entry_id, outcome in ((odd, RecipientOutcome("1@a", RecipientStatus.DEFERRED)),
+                              (newer, RecipientOutcome("2@a", RecipientStatus.DEFERRED))):
+        await sql_store.record(entry_id, "w", Attempt(now, 0.1, None, (outcome,)), [outcome], now + 1)
+        await sql_store.engine.write(lambda conn, cleanup, entry_id=entry_id: conn.execute(
+            f"UPDATE recipients SET last_error = '{stored[entry_id]}' WHERE entry_id = '{entry_id}'"))
+    leased = {e.id: e for e in await sql_store.lease("w", 10, 30, now + 2)}
+    assert sorted(leased) == sorted([odd, newer])
+    assert leased[newer].recipients[0].last_error == Failure.from_dict(
+        {"code": "4.4.316", "destination": "mx.a"})     # what this version reads of it, once asked
+    for entry in leased.values():
+        [r] = entry.recipients
+        delivered = RecipientOutcome(r.address, RecipientStatus.DELIVERED)
+        assert await sql_store.record(entry.id, "w", Attempt(now + 2, 0.1, None, (delivered,)), [delivered], None,
+                                      leased=entry)
+    assert await sql_store.get(odd) is None and await sql_store.get(newer) is None
+    assert (await sql_store.trace(odd))["end"]["event"] == "delivered"
