@@ -75,14 +75,16 @@ class SqlQueue:
     _traces_pruned_at: float = 0.0
 
     def _keep_trace(self, conn: Any, entry_id: str, end: dict, outcomes: Sequence[RecipientOutcome] = (),
-                    attempt: dict | None = None, entry: Entry | None = None, first_try: bool = False) -> None:
+                    attempt: dict | None = None, entry: Entry | None = None, first_try: bool = False,
+                    statuses: list | None = None) -> None:
         """What is kept of an entry that leaves the queue now (store/trace.py), in the
         transaction that removes it; pruned at most every trace_prune_every seconds by each writer.
         ``attempt``: the attempt not stored yet, as Attempt.to_dict().  ``entry``: its row as
         the caller read it (else read here).  ``first_try``: no attempt stored yet and the
         recipients attached (the delivery path's common case), so nothing more is read.
         Otherwise the recipients' statuses and the stored attempts' JSON text are read (not
-        the recipients' failures: the trace does not keep them).  None kept: the entry's
+        the recipients' failures: the trace does not keep them); ``statuses``: those
+        (position, address, status) rows, sorted, if the caller has read them.  None kept: the entry's
         message_ids row goes (SQLite; PostgreSQL's trigger does it)."""
         if self.trace_retention <= 0:
             if self.dialect.forget_message_id is not None:
@@ -92,8 +94,10 @@ class SqlQueue:
             entry = entry_from_row(conn.execute(Q["entry"], (entry_id,)).fetchone(), end["at"])
         stored: list[str] = []
         if not first_try:
-            entry.recipients = [Recipient(address, RecipientStatus(status), position=position) for
-                                position, address, status in sorted(conn.execute(Q["recipient_statuses"], (entry.id,)))]
+            if statuses is None:
+                statuses = sorted(conn.execute(Q["recipient_statuses"], (entry.id,)))
+            entry.recipients = [Recipient(address, RecipientStatus(status), position=position)
+                                for position, address, status in statuses]
             stored = [data for (data,) in conn.execute(Q["attempts_of"], (entry.id,))]
         self._insert_trace(conn, entry.id, entry.message_id, end["at"],
                            traces.trace_json(entry, stored, attempt, end, outcomes))
@@ -180,16 +184,24 @@ class SqlQueue:
             if not notices and held_notice is None and delivered_all:
                 # The common case, delivered to everyone still waiting: the entry goes
                 # at once, without first recording statuses and an attempt it drops.
-                waiting = conn.execute(Q["waiting_addresses"], (entry_id,)).fetchall()
-                if all(address in by_address for (address,) in waiting):
+                if attempts == 0:
+                    statuses = None
+                    waiting = [a for (a,) in conn.execute(Q["waiting_addresses"], (entry_id,)).fetchall()]
+                else:
+                    # Tried before: every recipient's status, read once for this test and the trace.
+                    statuses = sorted(conn.execute(Q["recipient_statuses"], (entry_id,)).fetchall())
+                    waiting = [a for _p, a, status in statuses if not RecipientStatus(status).is_final]
+                if all(address in by_address for address in waiting):
                     with queries.together(conn):   # 2 round-trips, not 4 or 5
-                        if first_trace is not None and attempts == 0 and first_trace[0] == [a for (a,) in waiting]:
+                        if first_trace is not None and attempts == 0 and first_trace[0] == waiting:
                             self._insert_trace(conn, entry.id, entry.message_id, first_trace[1], first_trace[2])
-                        else:
-                            if attempts == 0:
-                                entry.recipients = [Recipient(a, position=i) for i, (a,) in enumerate(waiting)]
+                        elif statuses is None:
+                            entry.recipients = [Recipient(a, position=i) for i, a in enumerate(waiting)]
                             self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt_data,
-                                             entry=entry, first_try=attempts == 0)
+                                             entry=entry, first_try=True)
+                        else:
+                            self._keep_trace(conn, entry_id, traces.end_of((), now), outcomes, attempt_data,
+                                             entry=entry, statuses=statuses)
                         _remove(conn, entry_id, body_id, cleanup, had_attempts=attempts > 0)
                     return True
             failed_now = False
