@@ -135,11 +135,9 @@ def _deferred(relay):
     return check
 
 
-async def test_a_worker_keeps_its_connection_for_connection_idle_after_each_message(relay_factory):
-    # On the test's clock: the idle time counts from the worker's latest wait, not its first
-    # (deliver/idle_watch.py wakes once per idle period, not once per message).
-    clock, delivered, quits = FakeClock(), [], []
-
+def timed_destination(clock: FakeClock, delivered: list, quits: list, hold: asyncio.Event | None = None):
+    """A destination that notes on ``clock`` when each message is accepted and each QUIT comes;
+    with ``hold``, every message's 250 waits for it."""
     async def destination(c):
         await c.greet_and_ehlo()
         while True:
@@ -152,9 +150,18 @@ async def test_a_worker_keeps_its_connection_for_connection_idle_after_each_mess
             if command.startswith("MAIL"):
                 await c.until_data()
                 await c.read_body()
+                if hold is not None:
+                    await hold.wait()
                 delivered.append(clock.monotonic())
                 await c.say("250 2.0.0 queued")
-    dest = await Scripted(destination).start()
+    return destination
+
+
+async def test_a_worker_keeps_its_connection_for_connection_idle_after_each_message(relay_factory):
+    # On the test's clock: the idle time counts from the worker's latest wait, not its first
+    # (deliver/idle_watch.py wakes once per idle period, not once per message).
+    clock, delivered, quits = FakeClock(), [], []
+    dest = await Scripted(timed_destination(clock, delivered, quits)).start()
     try:
         relay = await relay_factory(clock=clock, delivery={"connection_idle": "10s"},
                                     connectors=[connector("onprem", dest.port, ["fabrikam.test"])])
@@ -181,23 +188,7 @@ async def test_mail_one_at_a_time_after_a_burst_goes_over_one_connection(relay_f
     # after connection_idle (with every worker woken per message they took turns, kept every
     # connection open and each message woke them all).
     clock, hold, delivered, quits = FakeClock(), asyncio.Event(), [], []
-
-    async def destination(c):
-        await c.greet_and_ehlo()
-        while True:
-            command = (await c.hear()).upper()
-            if command == "QUIT":
-                quits.append(clock.monotonic())
-                await c.say("221 bye")
-                return
-            await c.say("250 2.0.0 OK")
-            if command.startswith("MAIL"):
-                await c.until_data()
-                await c.read_body()
-                await hold.wait()
-                delivered.append(clock.monotonic())
-                await c.say("250 2.0.0 queued")
-    dest = await Scripted(destination).start()
+    dest = await Scripted(timed_destination(clock, delivered, quits, hold)).start()
     try:
         relay = await relay_factory(clock=clock, delivery={"connection_idle": "10s"},
                                     connectors=[connector("onprem", dest.port, ["fabrikam.test"])])
